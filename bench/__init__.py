@@ -1,0 +1,1 @@
+"""Benchmarks: each prints its figures beside the reference measured in the same run."""

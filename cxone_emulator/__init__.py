@@ -1,0 +1,1 @@
+"""A local stand-in for NICE CXone: authentication, segment membership, faults, counters."""

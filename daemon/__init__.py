@@ -1,0 +1,1 @@
+"""segmapd: the daemon process (config, CXone client, stores, HTTP app, CLI, lifecycle)."""

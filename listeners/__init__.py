@@ -1,0 +1,1 @@
+"""Inbound webhook adapters: signature checks and payload to MappingRequest."""

@@ -1,0 +1,1 @@
+"""The mapping engine: assignments, coalescing buffer, flusher, retry policy, poller."""
