@@ -79,7 +79,7 @@ class RateLimited(UpstreamError):
 
 
 class TransientError(UpstreamError):
-    """5xx, timeout, connection reset or `IdempotencyKeyInProgress`: resend the same body and key."""
+    """5xx, timeout, reset or `IdempotencyKeyInProgress`: resend the same body and key."""
 
 
 class PermanentError(UpstreamError):

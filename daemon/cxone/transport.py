@@ -1,0 +1,130 @@
+"""One HTTP exchange with CXone: send, time, read the body, map transport failures."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import aiohttp
+import orjson
+from multidict import CIMultiDictProxy
+from yarl import URL
+
+from scheduler.upstream import PermanentError, TransientError
+
+logger = logging.getLogger(__name__)
+
+ResponseHook = Callable[[str, int, float], None]
+"""Called after every exchange as `(endpoint_class, status, elapsed_s)`; status 0 = no answer."""
+
+DEFAULT_RETRY_AFTER_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """A complete HTTP answer: status, headers and the whole body."""
+
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+
+    def json(self) -> Any:
+        """Return the body as JSON, or None when it is empty or not JSON."""
+        if not self.body:
+            return None
+        try:
+            return orjson.loads(self.body)
+        except orjson.JSONDecodeError:
+            return None
+
+
+def parse_retry_after(value: str | None, default: float = DEFAULT_RETRY_AFTER_S) -> float:
+    """Seconds to wait from a `Retry-After` value (delta-seconds or HTTP-date), else `default`."""
+    if value is None or not value.strip():
+        return default
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(text)
+        except (TypeError, ValueError):
+            return default
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    if not math.isfinite(seconds) or seconds < 0:
+        return default
+    return seconds
+
+
+def _notify(hook: ResponseHook | None, endpoint: str, status: int, elapsed_s: float) -> None:
+    if hook is None:
+        return
+    try:
+        hook(endpoint, status, elapsed_s)
+    except Exception:
+        # Counting is a side concern: a broken hook must not turn a good answer into an error.
+        logger.exception("on_response hook failed for %s %d", endpoint, status)
+
+
+async def send(
+    session: aiohttp.ClientSession,
+    endpoint: str,
+    method: str,
+    url: str,
+    *,
+    headers: Mapping[str, str],
+    timeout_s: float,
+    data: bytes | None = None,
+    hook: ResponseHook | None = None,
+) -> Response:
+    """Make exactly one request and read the whole answer.
+
+    Timeouts and connection failures raise `TransientError` (the request may or may not have
+    been applied, so the caller resends the same body and key); a malformed URL, a configuration
+    mistake, raises `PermanentError`. Any HTTP status is returned, never raised.
+    """
+    started = time.monotonic()
+    try:
+        # encoded=True: ids were quoted by us; yarl must not re-quote or normalise them.
+        target = URL(url, encoded=True)
+        async with session.request(
+            method,
+            target,
+            headers=dict(headers),
+            data=data,
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
+            allow_redirects=False,
+        ) as answer:
+            body = await answer.read()
+            response = Response(answer.status, answer.headers, body)
+    except TimeoutError as exc:  # asyncio.TimeoutError is this class on 3.11
+        elapsed = time.monotonic() - started
+        _notify(hook, endpoint, 0, elapsed)
+        logger.debug("%s %s: no answer within %.3f s", endpoint, method, timeout_s)
+        raise TransientError(
+            f"no answer within {timeout_s:g} s", error="Timeout", details={"endpoint": endpoint}
+        ) from exc
+    except aiohttp.InvalidURL as exc:
+        _notify(hook, endpoint, 0, time.monotonic() - started)
+        raise PermanentError(
+            f"invalid URL for {endpoint}", error="InvalidURL", details={"endpoint": endpoint}
+        ) from exc
+    except aiohttp.ClientError as exc:
+        # Connection refused/reset, server disconnected, truncated payload: all transport-level.
+        _notify(hook, endpoint, 0, time.monotonic() - started)
+        logger.debug("%s %s: transport error %s", endpoint, method, type(exc).__name__)
+        raise TransientError(
+            f"transport error: {type(exc).__name__}",
+            error=type(exc).__name__,
+            details={"endpoint": endpoint},
+        ) from exc
+    _notify(hook, endpoint, response.status, time.monotonic() - started)
+    return response

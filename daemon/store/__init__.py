@@ -1,0 +1,1 @@
+"""Journal backends behind scheduler.store.Store, chosen by `store.url`."""

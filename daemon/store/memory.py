@@ -1,0 +1,55 @@
+"""An in-memory Store: nothing survives the process. For tests and `store.url = "memory://"`."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+from scheduler.model import Assignment, AssignmentKey, State
+from scheduler.store import BatchRecord
+
+
+class MemoryStore:
+    """Keeps the latest snapshot of every assignment and the in-flight batches in dictionaries."""
+
+    def __init__(self) -> None:
+        self._assignments: dict[AssignmentKey, Assignment] = {}
+        self._by_contact: dict[str, dict[str, Assignment]] = {}
+        self._batches: dict[str, BatchRecord] = {}
+
+    def record(self, assignment: Assignment) -> None:
+        """Keep a copy of the assignment as it is now."""
+        snapshot = dataclasses.replace(assignment, history=list(assignment.history))
+        self._assignments[assignment.key] = snapshot
+        self._by_contact.setdefault(assignment.contact_id, {})[assignment.segment_id] = snapshot
+
+    async def flush(self) -> None:
+        """Nothing to wait for: records are applied at once."""
+
+    async def save_batch(self, batch: BatchRecord) -> None:
+        """Remember the batch until it is dropped."""
+        self._batches[batch.batch_id] = batch
+
+    async def drop_batch(self, batch_id: str) -> None:
+        """Forget the batch."""
+        self._batches.pop(batch_id, None)
+
+    async def contact(self, contact_id: str) -> list[Assignment]:
+        """The contact's assignments, by segment id."""
+        found = self._by_contact.get(contact_id, {})
+        return [found[segment] for segment in sorted(found)]
+
+    async def failed(self, limit: int = 1000) -> list[Assignment]:
+        """Failed assignments, oldest failure first."""
+        failed = [a for a in self._assignments.values() if a.state is State.FAILED]
+        failed.sort(key=lambda a: a.updated_at)
+        return failed[:limit]
+
+    async def counts(self) -> dict[str, int]:
+        """Assignments per state."""
+        return dict(Counter(str(a.state) for a in self._assignments.values()))
+
+    @property
+    def batches(self) -> list[BatchRecord]:
+        """In-flight batches (for tests and recovery)."""
+        return list(self._batches.values())

@@ -1,0 +1,163 @@
+"""Coalescing: per-segment sets of contact ids waiting to be written, and the per-contact limit."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class _SegmentQueue:
+    # Ids whose retry backoff has passed: due at once, sent before fresh ids.
+    retry: dict[str, None] = field(default_factory=dict)
+    # Fresh ids in arrival order -> monotonic time they arrived (insertion order = age order).
+    fresh: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.retry) + len(self.fresh)
+
+    def oldest(self) -> float:
+        """Arrival time of the oldest fresh id (retry ids count as infinitely old)."""
+        if self.retry:
+            return float("-inf")
+        return next(iter(self.fresh.values()))
+
+
+class CoalescingBuffer:
+    """Per segment, an insertion-ordered set of contact ids; decides which batch goes next.
+
+    A segment is due when it holds a full batch, when its oldest id has waited `linger_s`, or
+    when it holds retry ids whose backoff has passed. When the writer has spare capacity, a
+    segment holding at least `min_size` ids is due as well: sending it costs nothing then, and
+    waiting would only add latency. Among due segments the one with the oldest id goes first, so
+    a hot segment cannot starve the others.
+    """
+
+    def __init__(self, *, min_size: int, max_size: int, linger_s: float) -> None:
+        if not 1 <= min_size <= max_size:
+            raise ValueError(f"need 1 <= min_size ({min_size}) <= max_size ({max_size})")
+        self.min_size = min_size
+        self.max_size = max_size
+        self.linger_s = linger_s
+        self._segments: dict[str, _SegmentQueue] = {}
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        contact_id, segment_id = key
+        queue = self._segments.get(segment_id)
+        return queue is not None and (contact_id in queue.fresh or contact_id in queue.retry)
+
+    def add(self, segment_id: str, contact_id: str, now: float) -> bool:
+        """Queue a fresh id; False if it is already queued for that segment (coalesced)."""
+        queue = self._segments.setdefault(segment_id, _SegmentQueue())
+        if contact_id in queue.fresh or contact_id in queue.retry:
+            return False
+        queue.fresh[contact_id] = now
+        self._size += 1
+        return True
+
+    def add_retry(self, segment_id: str, contact_ids: list[str]) -> None:
+        """Queue ids whose backoff has passed, to go out with the segment's next batch."""
+        queue = self._segments.setdefault(segment_id, _SegmentQueue())
+        for contact_id in contact_ids:
+            if contact_id in queue.fresh or contact_id in queue.retry:
+                continue
+            queue.retry[contact_id] = None
+            self._size += 1
+
+    def pick(self, now: float, *, spare_capacity: bool) -> str | None:
+        """The segment whose batch should go out now, or None if none is due."""
+        chosen: str | None = None
+        chosen_age = float("inf")
+        for segment_id, queue in self._segments.items():
+            size = len(queue)
+            oldest = queue.oldest()
+            due = (
+                size >= self.max_size
+                or oldest + self.linger_s <= now
+                or (spare_capacity and size >= self.min_size)
+            )
+            if due and oldest < chosen_age:
+                chosen, chosen_age = segment_id, oldest
+        return chosen
+
+    def next_deadline(self) -> float | None:
+        """Monotonic time at which the earliest lingering segment becomes due, if any."""
+        if not self._segments:
+            return None
+        return min(queue.oldest() for queue in self._segments.values()) + self.linger_s
+
+    def take(self, segment_id: str) -> list[str]:
+        """Remove and return up to `max_size` ids of the segment: retries first, then oldest."""
+        queue = self._segments.get(segment_id)
+        if queue is None:
+            return []
+        batch: list[str] = []
+        for source in (queue.retry, queue.fresh):
+            while source and len(batch) < self.max_size:
+                contact_id = next(iter(source))
+                del source[contact_id]
+                batch.append(contact_id)
+        self._size -= len(batch)
+        if not queue:
+            del self._segments[segment_id]
+        return batch
+
+    def drain_all(self) -> dict[str, list[str]]:
+        """Remove everything (shutdown bookkeeping); returns segment -> ids."""
+        drained = {seg: [*q.retry, *q.fresh] for seg, q in self._segments.items()}
+        self._segments.clear()
+        self._size = 0
+        return drained
+
+
+class ContactGate:
+    """At most `limit` segment assignments of one contact in flight; the rest wait their turn.
+
+    CXone's guidance is to keep no more than three segment writes of one contact in flight, to
+    avoid cross-segment index locking. "In flight" spans buffer, send and retry: until the write
+    is known to hold or has failed.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("the per-contact in-flight limit must be at least 1")
+        self.limit = limit
+        self._inflight: dict[str, int] = {}
+        self._waiting: dict[str, deque[str]] = {}
+
+    def admit(self, contact_id: str, segment_id: str) -> bool:
+        """Take a slot for the assignment, or park it and return False."""
+        count = self._inflight.get(contact_id, 0)
+        if count < self.limit:
+            self._inflight[contact_id] = count + 1
+            return True
+        self._waiting.setdefault(contact_id, deque()).append(segment_id)
+        return False
+
+    def release(self, contact_id: str) -> str | None:
+        """Free a slot; returns the next parked segment of that contact, which takes the slot."""
+        waiting = self._waiting.get(contact_id)
+        if waiting:
+            segment_id = waiting.popleft()
+            if not waiting:
+                del self._waiting[contact_id]
+            return segment_id
+        count = self._inflight.get(contact_id, 0) - 1
+        if count > 0:
+            self._inflight[contact_id] = count
+        else:
+            self._inflight.pop(contact_id, None)
+        return None
+
+    def inflight(self, contact_id: str) -> int:
+        """Slots the contact holds."""
+        return self._inflight.get(contact_id, 0)
+
+    @property
+    def parked(self) -> int:
+        """Assignments waiting for a slot."""
+        return sum(len(q) for q in self._waiting.values())

@@ -1,0 +1,471 @@
+"""The engine: takes mapping requests, coalesces them, writes them, and tracks every assignment."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from scheduler.buffer import CoalescingBuffer, ContactGate
+from scheduler.flusher import BatchSender, Gate
+from scheduler.model import (
+    WRITE_PENDING_STATES,
+    Assignment,
+    AssignmentKey,
+    FailureReason,
+    MappingRequest,
+    State,
+)
+from scheduler.observer import EngineObserver
+from scheduler.retry import RetryPolicy
+from scheduler.store import Store
+from scheduler.upstream import CXoneClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingPolicy:
+    """How writes are grouped (defaults from the CXone guidance)."""
+
+    min_size: int = 50
+    max_size: int = 200
+    linger_s: float = 1.0
+    max_inflight_per_contact: int = 3
+    high_water: int = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitResult:
+    """What a request added: new assignments, ones already in progress, ones already active."""
+
+    queued: int = 0
+    joined: int = 0
+    cached: int = 0
+
+
+class EngineOverloaded(Exception):
+    """More assignments wait to be written than the high-water mark allows; try again later."""
+
+    def __init__(self, pending: int, high_water: int, retry_after_s: float) -> None:
+        super().__init__(f"{pending} assignments pending (high-water mark {high_water})")
+        self.retry_after_s = retry_after_s
+
+
+class EngineClosed(Exception):
+    """The engine is draining or stopped and takes no new work."""
+
+
+class Verifier(Protocol):
+    """Confirms written memberships (the validation poller)."""
+
+    def watch(self, assignments: list[Assignment]) -> None:
+        """Start confirming these written assignments; report back through the engine."""
+        ...
+
+    def confirmed(self, contact_id: str, segment_id: str) -> bool:
+        """Whether the pair is known active within the validation cache TTL."""
+        ...
+
+
+class Engine:
+    """Assignment state, coalescing buffer, per-contact limit and flusher, as one component.
+
+    Without a verifier an assignment's journey ends at `written`; with one, `written` hands it to
+    the verifier, which moves it on to `active` or `failed` through `confirm()` / `fail()`.
+    """
+
+    def __init__(
+        self,
+        *,
+        client: CXoneClient,
+        store: Store,
+        write_gate: Gate,
+        single_gate: Gate,
+        batching: BatchingPolicy | None = None,
+        retry: RetryPolicy | None = None,
+        observer: EngineObserver | None = None,
+        rng: random.Random | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.batching = batching or BatchingPolicy()
+        self.retry = retry or RetryPolicy()
+        self._store = store
+        self._write_gate = write_gate
+        self._observer = observer or EngineObserver()
+        self._rng = rng or random.Random()
+        self._wall = wall_clock
+        self._clock = clock
+        self._verifier: Verifier | None = None
+        self._live: dict[AssignmentKey, Assignment] = {}
+        self._pending_writes = 0
+        self._buffer = CoalescingBuffer(
+            min_size=self.batching.min_size,
+            max_size=self.batching.max_size,
+            linger_s=self.batching.linger_s,
+        )
+        self._gate = ContactGate(self.batching.max_inflight_per_contact)
+        self._waiters: dict[AssignmentKey, list[asyncio.Future[Assignment]]] = {}
+        self._sender = BatchSender(
+            client=client,
+            store=store,
+            ledger=self,
+            write_gate=write_gate,
+            single_gate=single_gate,
+            retry=self.retry,
+            rng=self._rng,
+            observer=self._observer,
+            sleep=asyncio.sleep,
+        )
+        self._wakeup = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._flusher: asyncio.Task[None] | None = None
+        self._accepting = False
+        self._draining = False
+        self._failure: BaseException | None = None
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    def set_verifier(self, verifier: Verifier) -> None:
+        """Attach the component that confirms written memberships (before start)."""
+        self._verifier = verifier
+
+    async def start(self) -> None:
+        """Start the flusher; the engine takes requests from now on."""
+        if self._flusher is not None:
+            return
+        self._accepting = True
+        self._flusher = asyncio.create_task(self._flush_loop(), name="segmap-flusher")
+        self._flusher.add_done_callback(self._on_flusher_done)
+
+    async def stop(self, budget_s: float = 10.0) -> None:
+        """Refuse new work, send what is buffered, wait for in-flight sends, then cancel the rest.
+
+        Idempotent. Assignments still waiting for a backoff keep their `retrying` state in the
+        store, which is where a durable store's recovery picks them up.
+        """
+        if not self._accepting and self._flusher is None:
+            return
+        self._accepting = False
+        self._draining = True
+        self._wakeup.set()
+        deadline = self._clock() + budget_s
+        if self._flusher is not None:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(
+                    asyncio.shield(self._flusher), max(0.0, deadline - self._clock())
+                )
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=max(0.0, deadline - self._clock()))
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        leftovers = [t for t in [self._flusher, *self._tasks] if t is not None and not t.done()]
+        for task in leftovers:
+            task.cancel()
+        if leftovers:
+            await asyncio.gather(*leftovers, return_exceptions=True)
+            log.warning("engine stop: cancelled %d tasks past the budget", len(leftovers))
+        self._flusher = None
+        await self._store.flush()
+        log.info(
+            "engine stopped: %d assignments still pending, %d buffered",
+            self._pending_writes,
+            len(self._buffer),
+        )
+
+    def _on_flusher_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        # The loop catches per-iteration errors; reaching here means it is dead. Fail every waiter
+        # loudly instead of letting callers hang on a engine that no longer moves.
+        self._failure = task.exception()
+        log.critical("flusher died: %r", self._failure)
+        self._accepting = False
+        for futures in self._waiters.values():
+            for future in futures:
+                if not future.done():
+                    future.set_exception(RuntimeError(f"engine failed: {self._failure!r}"))
+        self._waiters.clear()
+
+    # ---- intake --------------------------------------------------------------------------
+
+    @property
+    def pending_writes(self) -> int:
+        """Assignments queued, sending or waiting to retry."""
+        return self._pending_writes
+
+    @property
+    def buffered(self) -> int:
+        """Ids waiting in the coalescing buffer."""
+        return len(self._buffer)
+
+    @property
+    def overloaded(self) -> bool:
+        """Whether new work would be refused for the high-water mark."""
+        return self._pending_writes >= self.batching.high_water
+
+    @property
+    def healthy(self) -> bool:
+        """False once the flusher has died."""
+        return self._failure is None
+
+    def submit(self, request: MappingRequest) -> SubmitResult:
+        """Take a request: queue new assignments, join ones in progress, skip confirmed ones."""
+        if not self._accepting:
+            raise EngineClosed("the engine is not accepting work")
+        if self.overloaded:
+            raise EngineOverloaded(
+                self._pending_writes, self.batching.high_water, self._suggested_retry_after()
+            )
+        queued = joined = cached = 0
+        now = self._wall()
+        for segment_id in dict.fromkeys(request.segment_ids):
+            key = (request.contact_id, segment_id)
+            live = self._live.get(key)
+            if live is not None:
+                joined += 1
+                continue
+            if self._verifier is not None and self._verifier.confirmed(*key):
+                cached += 1
+                continue
+            assignment = Assignment(
+                contact_id=request.contact_id,
+                segment_id=segment_id,
+                received_at=now,
+                updated_at=now,
+                history=[(State.QUEUED, now)],
+            )
+            self._live[key] = assignment
+            self._pending_writes += 1
+            self._store.record(assignment)
+            self._observer.transitioned(assignment, State.QUEUED)
+            queued += 1
+            if self._gate.admit(request.contact_id, segment_id):
+                self._enqueue(segment_id, request.contact_id)
+        return SubmitResult(queued=queued, joined=joined, cached=cached)
+
+    def _suggested_retry_after(self) -> float:
+        # Time for the writer to take the queue back below the mark at its configured rate.
+        rate = getattr(self._write_gate, "rate_per_s", 10.0)
+        excess = self._pending_writes - self.batching.high_water + self.batching.max_size
+        return max(1.0, excess / (rate * self.batching.max_size))
+
+    def _enqueue(self, segment_id: str, contact_id: str) -> None:
+        if self._buffer.add(segment_id, contact_id, self._clock()):
+            self._wakeup.set()
+
+    # ---- queries and waiting ---------------------------------------------------------------
+
+    def live(self, contact_id: str, segment_id: str) -> Assignment | None:
+        """The in-progress assignment for the pair, if any."""
+        return self._live.get((contact_id, segment_id))
+
+    async def wait(
+        self, contact_id: str, segment_ids: Iterable[str], timeout_s: float
+    ) -> list[Assignment]:
+        """Wait up to `timeout_s` for the assignments to end; returns their latest states.
+
+        An assignment ends when it is active or failed (or written, when no verifier is set).
+        """
+        keys = [(contact_id, s) for s in dict.fromkeys(segment_ids)]
+        futures: list[asyncio.Future[Assignment]] = []
+        loop = asyncio.get_running_loop()
+        for key in keys:
+            if key in self._live:
+                future: asyncio.Future[Assignment] = loop.create_future()
+                self._waiters.setdefault(key, []).append(future)
+                futures.append(future)
+        if futures:
+            await asyncio.wait(futures, timeout=timeout_s)
+            for key, future in zip([k for k in keys if k in self._waiters], futures, strict=False):
+                if not future.done():
+                    future.cancel()
+                    waiting = self._waiters.get(key)
+                    if waiting is not None and future in waiting:
+                        waiting.remove(future)
+                        if not waiting:
+                            del self._waiters[key]
+        stored = {a.segment_id: a for a in await self._store.contact(contact_id)}
+        result: list[Assignment] = []
+        for _, segment_id in keys:
+            live = self._live.get((contact_id, segment_id))
+            current = live if live is not None else stored.get(segment_id)
+            if current is not None:
+                result.append(current)
+        return result
+
+    # ---- the flusher ---------------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        while True:
+            if self._draining and not self._buffer:
+                return
+            try:
+                await self._flush_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # One bad iteration must not stop the writer; log it and go on.
+                log.exception("flusher iteration failed")
+                await asyncio.sleep(0.1)
+
+    async def _flush_once(self) -> None:
+        now = self._clock()
+        segment_id = self._buffer.pick(
+            now, spare_capacity=self._draining or self._write_gate.has_capacity()
+        )
+        if segment_id is None:
+            deadline = self._buffer.next_deadline()
+            timeout = None if deadline is None else max(0.001, deadline - now)
+            self._wakeup.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            return
+        await self._write_gate.acquire()
+        # Choose again now that a request may go: under backlog the wait for the token is where
+        # batches fill up, so the batch sent is the fullest the limit allows.
+        segment_id = self._buffer.pick(self._clock(), spare_capacity=True) or segment_id
+        contact_ids = self._buffer.take(segment_id)
+        if not contact_ids:
+            return
+        batch = self._sender.new_batch(segment_id, contact_ids)
+        self.spawn(lambda: self._sender.send(batch, token_held=True), f"send {segment_id}")
+
+    # ---- the ledger (called by the sender) -------------------------------------------------
+
+    def spawn(self, coro_factory: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
+        """Run a background task that is kept referenced and whose failure is logged."""
+        task = asyncio.create_task(coro_factory(), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    def attempts(self, segment_id: str, contact_id: str) -> int:
+        """Attempts made so far for the live assignment (0 if none)."""
+        assignment = self._live.get((contact_id, segment_id))
+        return assignment.attempts if assignment is not None else 0
+
+    def mark_sending(
+        self, segment_id: str, contact_ids: list[str], *, new_attempt: bool = True
+    ) -> None:
+        """The ids are about to be sent."""
+        for assignment in self._assignments(segment_id, contact_ids):
+            if new_attempt:
+                assignment.attempts += 1
+            self._move(assignment, State.SENDING)
+
+    def mark_retrying(self, segment_id: str, contact_ids: list[str]) -> None:
+        """The ids wait for a backoff."""
+        for assignment in self._assignments(segment_id, contact_ids):
+            self._move(assignment, State.RETRYING)
+
+    def mark_written(self, segment_id: str, contact_ids: list[str]) -> None:
+        """CXone holds these memberships (maybe not yet indexed)."""
+        written = []
+        for assignment in self._assignments(segment_id, contact_ids):
+            self._move(assignment, State.WRITTEN)
+            self._release_contact(assignment.contact_id)
+            written.append(assignment)
+        if self._verifier is not None:
+            self._verifier.watch(written)
+        else:
+            for assignment in written:
+                self._finish(assignment)
+
+    def mark_failed(
+        self, segment_id: str, contact_ids: list[str], reason: FailureReason, message: str
+    ) -> None:
+        """These assignments end failed (dead letters)."""
+        for assignment in self._assignments(segment_id, contact_ids):
+            was_pending = assignment.state in WRITE_PENDING_STATES
+            self._move(assignment, State.FAILED, reason=reason, message=message)
+            if was_pending:
+                self._release_contact(assignment.contact_id)
+            self._finish(assignment)
+
+    def requeue_later(self, segment_id: str, contact_ids: list[str], delay_s: float) -> None:
+        """After the backoff the ids rejoin their segment's buffer, ahead of fresh ids."""
+        loop = asyncio.get_running_loop()
+        handle: asyncio.TimerHandle | None = None
+
+        def requeue() -> None:
+            if handle is not None:
+                self._timers.discard(handle)
+            still = [c for c in contact_ids if (c, segment_id) in self._live]
+            if still:
+                self._buffer.add_retry(segment_id, still)
+                self._wakeup.set()
+
+        handle = loop.call_later(delay_s, requeue)
+        self._timers.add(handle)
+
+    # ---- called by the verifier ------------------------------------------------------------
+
+    def confirm(self, assignments: Iterable[Assignment]) -> None:
+        """The verifier saw these memberships indexed: they are active."""
+        for assignment in assignments:
+            self._move(assignment, State.ACTIVE)
+            self._finish(assignment)
+
+    def verifying(self, assignments: Iterable[Assignment]) -> None:
+        """The verifier started checking these."""
+        for assignment in assignments:
+            if assignment.state is State.WRITTEN:
+                self._move(assignment, State.VERIFYING)
+
+    def fail(self, assignments: Iterable[Assignment], reason: FailureReason, message: str) -> None:
+        """The verifier gave up on these."""
+        for assignment in assignments:
+            self._move(assignment, State.FAILED, reason=reason, message=message)
+            self._finish(assignment)
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    def _assignments(self, segment_id: str, contact_ids: list[str]) -> list[Assignment]:
+        found = []
+        for contact_id in contact_ids:
+            assignment = self._live.get((contact_id, segment_id))
+            if assignment is not None:
+                found.append(assignment)
+        return found
+
+    def _move(
+        self,
+        assignment: Assignment,
+        state: State,
+        *,
+        reason: FailureReason | None = None,
+        message: str = "",
+    ) -> None:
+        previous = assignment.state
+        was_pending = previous in WRITE_PENDING_STATES
+        assignment.transition(state, self._wall(), reason=reason, message=message)
+        is_pending = state in WRITE_PENDING_STATES
+        self._pending_writes += int(is_pending) - int(was_pending)
+        self._store.record(assignment)
+        self._observer.transitioned(assignment, previous)
+
+    def _release_contact(self, contact_id: str) -> None:
+        next_segment = self._gate.release(contact_id)
+        if next_segment is not None:
+            self._enqueue(next_segment, contact_id)
+
+    def _finish(self, assignment: Assignment) -> None:
+        """The engine is done with the assignment: drop it from memory, release its waiters."""
+        self._live.pop(assignment.key, None)
+        for future in self._waiters.pop(assignment.key, []):
+            if not future.done():
+                future.set_result(assignment)

@@ -1,0 +1,106 @@
+"""The unit of work (an assignment of one contact to one segment) and its state machine."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class State(enum.StrEnum):
+    """Where an assignment stands; `active` and `failed` are terminal."""
+
+    QUEUED = "queued"
+    SENDING = "sending"
+    RETRYING = "retrying"
+    WRITTEN = "written"
+    VERIFYING = "verifying"
+    ACTIVE = "active"
+    FAILED = "failed"
+
+
+TERMINAL_STATES = frozenset({State.ACTIVE, State.FAILED})
+# States in which the write itself is still pending: these count against the queue's high-water
+# mark and against the per-contact in-flight limit.
+WRITE_PENDING_STATES = frozenset({State.QUEUED, State.SENDING, State.RETRYING})
+
+# Which transitions the engine may make. A terminal assignment may start over (a new request for
+# it after the validation cache expired, or a dead-letter replay).
+ALLOWED_TRANSITIONS: dict[State, frozenset[State]] = {
+    State.QUEUED: frozenset({State.SENDING, State.FAILED}),
+    State.SENDING: frozenset({State.WRITTEN, State.RETRYING, State.SENDING, State.FAILED}),
+    State.RETRYING: frozenset({State.SENDING, State.FAILED}),
+    State.WRITTEN: frozenset({State.VERIFYING, State.ACTIVE, State.FAILED}),
+    State.VERIFYING: frozenset({State.ACTIVE, State.FAILED, State.VERIFYING}),
+    State.ACTIVE: frozenset({State.QUEUED}),
+    State.FAILED: frozenset({State.QUEUED}),
+}
+
+
+class FailureReason(enum.StrEnum):
+    """Why an assignment ended `failed`."""
+
+    CONTACT_NOT_FOUND = "contact_not_found"
+    INVALID_CONTACT_ID = "invalid_contact_id"
+    SEGMENT_NOT_FOUND = "segment_not_found"
+    RETRIES_EXHAUSTED = "retries_exhausted"
+    NOT_INDEXED = "not_indexed"
+
+
+class InvalidTransition(RuntimeError):
+    """The engine tried a transition the state machine does not allow (a bug, never input)."""
+
+
+AssignmentKey = tuple[str, str]
+"""(contact_id, segment_id)."""
+
+
+@dataclass(slots=True)
+class Assignment:
+    """One (contact, segment) membership the CRM asked for, with its full history."""
+
+    contact_id: str
+    segment_id: str
+    state: State = State.QUEUED
+    reason: FailureReason | None = None
+    message: str = ""
+    attempts: int = 0
+    received_at: float = 0.0
+    updated_at: float = 0.0
+    history: list[tuple[State, float]] = field(default_factory=list)
+
+    @property
+    def key(self) -> AssignmentKey:
+        """The assignment's identity."""
+        return (self.contact_id, self.segment_id)
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the assignment has ended (active or failed)."""
+        return self.state in TERMINAL_STATES
+
+    def transition(
+        self,
+        state: State,
+        at: float,
+        *,
+        reason: FailureReason | None = None,
+        message: str = "",
+    ) -> None:
+        """Move to `state` at wall-clock time `at`, recording it in the history."""
+        if state not in ALLOWED_TRANSITIONS[self.state] and state != self.state:
+            raise InvalidTransition(
+                f"{self.contact_id}/{self.segment_id}: {self.state} -> {state} is not allowed"
+            )
+        self.state = state
+        self.reason = reason
+        self.message = message
+        self.updated_at = at
+        self.history.append((state, at))
+
+
+@dataclass(frozen=True, slots=True)
+class MappingRequest:
+    """A CRM's statement: this contact belongs in these segments."""
+
+    contact_id: str
+    segment_ids: tuple[str, ...]

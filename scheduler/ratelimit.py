@@ -1,0 +1,63 @@
+"""Per-endpoint-class admission: an aiolimiter bucket plus a shared pause for 429 Retry-After."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from aiolimiter import AsyncLimiter
+
+
+class RateGate:
+    """Admits requests of one endpoint class at `rate_per_s`, smoothly, and pauses on a 429.
+
+    The bucket holds a single token (one request every 1/rate seconds) instead of a burst of
+    `rate`: CXone's own bucket allows a burst, so pacing evenly leaves its burst free to absorb
+    network jitter, which is what keeps the 429 count at zero when both rates are equal.
+    A 429 anywhere pauses every request of the class until its Retry-After has passed, because
+    the limit is per tenant, not per request.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        rate_per_s: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if rate_per_s <= 0:
+            raise ValueError(f"{name}: rate must be positive, got {rate_per_s}")
+        self.name = name
+        self.rate_per_s = rate_per_s
+        self._limiter = AsyncLimiter(1, 1.0 / rate_per_s)
+        self._clock = clock
+        self._paused_until = 0.0
+        self.waited_s = 0.0  # total time callers spent waiting here (for metrics)
+
+    @property
+    def paused_for(self) -> float:
+        """Seconds left of the current 429 pause (0 when not paused)."""
+        return max(0.0, self._paused_until - self._clock())
+
+    def pause(self, seconds: float) -> None:
+        """Hold every request of this class for `seconds` (a 429's Retry-After)."""
+        self._paused_until = max(self._paused_until, self._clock() + seconds)
+
+    async def acquire(self) -> None:
+        """Wait until a request of this class may be sent."""
+        started = self._clock()
+        while True:
+            pause = self.paused_for
+            if pause > 0:
+                await asyncio.sleep(pause)
+            await self._limiter.acquire()
+            # A 429 seen by another request while this one waited for its token must still hold
+            # this one back; the token is simply lost, which errs on the side of fewer requests.
+            if self.paused_for <= 0:
+                break
+        self.waited_s += self._clock() - started
+
+    def has_capacity(self) -> bool:
+        """Whether a request could be sent right now without waiting."""
+        return self.paused_for <= 0 and self._limiter.has_capacity()

@@ -1,0 +1,56 @@
+"""The journal the engine writes through: every transition, every in-flight batch.
+
+The engine keeps live assignments in memory and records each change here; implementations
+(in-memory, SQLite, Redis) decide how and when it becomes durable. Queries serve the status API
+for everything retained, including assignments the engine has finished with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from scheduler.model import Assignment
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRecord:
+    """A bulk request as it was (or is about to be) sent: resending it must be byte-identical."""
+
+    batch_id: str
+    segment_id: str
+    contact_ids: tuple[str, ...]
+    idempotency_key: str
+    attempt: int
+
+
+class Store(Protocol):
+    """Persistence for assignments and in-flight batches."""
+
+    def record(self, assignment: Assignment) -> None:
+        """Queue a snapshot of the assignment's current state; must not block the event loop."""
+        ...
+
+    async def flush(self) -> None:
+        """Return once everything recorded so far is as durable as the store makes it."""
+        ...
+
+    async def save_batch(self, batch: BatchRecord) -> None:
+        """Make the batch durable before it is sent (a resend after a crash reuses its key)."""
+        ...
+
+    async def drop_batch(self, batch_id: str) -> None:
+        """Forget a batch whose outcome has been recorded."""
+        ...
+
+    async def contact(self, contact_id: str) -> list[Assignment]:
+        """Every retained assignment of one contact, newest state."""
+        ...
+
+    async def failed(self, limit: int = 1000) -> list[Assignment]:
+        """Failed (dead-lettered) assignments, oldest first."""
+        ...
+
+    async def counts(self) -> dict[str, int]:
+        """Number of retained assignments per state."""
+        ...

@@ -1,0 +1,72 @@
+"""Fixtures for the CXone client tests: real clients against the session's emulator process."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from daemon.cxone import HttpCXoneClient
+from daemon.cxone.settings import CXoneSettings
+from daemon.secrets import Secret
+from tests.support.emulator import EmulatorControl
+from tests.support.processes import ManagedProcess
+
+CLIENT_SECRET = "segmapd-secret"
+ACCESS_KEY_SECRET = "emulator-secret="
+TENANT_ID = "11111111-2222-3333-4444-555555555555"
+
+MakeClient = Callable[..., Awaitable[HttpCXoneClient]]
+
+
+def emulator_settings(url: str, **overrides: Any) -> CXoneSettings:
+    """Settings for the emulator's default credentials, with configured URLs (no discovery)."""
+    values: dict[str, Any] = {
+        "issuer": url,
+        "api_base": url,
+        "token_url": f"{url}/auth/token",
+        "grant": "client_credentials",
+        "client_id": "segmapd",
+        "client_secret": Secret(CLIENT_SECRET),
+        "access_key_id": "emulator-key",
+        "access_key_secret": Secret(ACCESS_KEY_SECRET),
+        "timeout_s": 5.0,
+    }
+    values.update(overrides)
+    return CXoneSettings(**values)
+
+
+class Recorder:
+    """An `on_response` hook that keeps every (endpoint_class, status)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, float]] = []
+
+    def __call__(self, endpoint: str, status: int, elapsed_s: float) -> None:
+        self.calls.append((endpoint, status, elapsed_s))
+
+    def statuses(self, endpoint: str) -> list[int]:
+        return [status for name, status, _ in self.calls if name == endpoint]
+
+
+@pytest.fixture
+async def make_client(
+    emulator: EmulatorControl, emulator_proc: ManagedProcess
+) -> AsyncIterator[MakeClient]:
+    """Build started clients for the emulator (settings overrides as keywords); closes them."""
+    clients: list[HttpCXoneClient] = []
+
+    async def factory(
+        *, on_response: Recorder | None = None, **overrides: Any
+    ) -> HttpCXoneClient:
+        client = HttpCXoneClient(
+            emulator_settings(emulator_proc.url, **overrides), on_response=on_response
+        )
+        await client.start()
+        clients.append(client)
+        return client
+
+    yield factory
+    for client in clients:
+        await client.close()

@@ -1,0 +1,1 @@
+"""Contract tests of the CXone emulator, over real HTTP against the emulator process."""
