@@ -1,0 +1,80 @@
+from scheduler.buffer import CoalescingBuffer, ContactGate
+
+
+def make(min_size=3, max_size=5, linger_s=1.0):
+    return CoalescingBuffer(min_size=min_size, max_size=max_size, linger_s=linger_s)
+
+
+def test_same_contact_twice_in_a_segment_is_sent_once():
+    buffer = make()
+    assert buffer.add("seg", "c1", 0.0)
+    assert not buffer.add("seg", "c1", 0.1)
+    assert buffer.add("other", "c1", 0.1)
+    assert len(buffer) == 2
+    assert buffer.take("seg") == ["c1"]
+
+
+def test_full_batch_is_due_at_once_and_capped_at_max_size():
+    buffer = make()
+    for i in range(7):
+        buffer.add("seg", f"c{i}", 0.0)
+    assert buffer.pick(0.0, spare_capacity=False) == "seg"
+    assert buffer.take("seg") == [f"c{i}" for i in range(5)]
+    # Two left: not due until the linger passes.
+    assert buffer.pick(0.5, spare_capacity=False) is None
+    assert buffer.pick(1.0, spare_capacity=False) == "seg"
+    assert buffer.take("seg") == ["c5", "c6"]
+    assert len(buffer) == 0
+
+
+def test_small_batch_waits_for_linger_unless_capacity_is_spare():
+    buffer = make()
+    for i in range(3):
+        buffer.add("seg", f"c{i}", 0.0)
+    assert buffer.pick(0.1, spare_capacity=False) is None
+    assert buffer.pick(0.1, spare_capacity=True) == "seg"  # min_size reached, writer idle
+    buffer.take("seg")
+    buffer.add("seg", "x", 0.2)
+    assert buffer.pick(0.3, spare_capacity=True) is None  # below min_size: linger applies
+    assert buffer.next_deadline() == 1.2
+    assert buffer.pick(1.2, spare_capacity=False) == "seg"
+
+
+def test_oldest_segment_goes_first_so_a_hot_segment_cannot_starve_others():
+    buffer = make()
+    buffer.add("quiet", "q1", 0.0)
+    for i in range(20):
+        buffer.add("hot", f"h{i}", 0.5)
+    assert buffer.pick(0.6, spare_capacity=False) == "hot"  # only hot is due (full)
+    assert buffer.pick(1.0, spare_capacity=False) == "quiet"  # quiet's linger expired: older
+
+
+def test_retry_ids_are_due_at_once_and_go_before_fresh_ids():
+    buffer = make()
+    buffer.add("seg", "fresh", 10.0)
+    buffer.add_retry("seg", ["r1", "r2", "fresh"])
+    assert len(buffer) == 3
+    assert buffer.pick(10.0, spare_capacity=False) == "seg"
+    assert buffer.take("seg") == ["r1", "r2", "fresh"]
+
+
+def test_contact_gate_limits_in_flight_segments_per_contact():
+    gate = ContactGate(3)
+    assert [gate.admit("c", s) for s in ("s1", "s2", "s3", "s4", "s5")] == [
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]
+    assert gate.admit("other", "s1")
+    assert gate.inflight("c") == 3
+    assert gate.parked == 2
+    assert gate.release("c") == "s4"
+    assert gate.inflight("c") == 3
+    assert gate.release("c") == "s5"
+    assert gate.release("c") is None
+    assert gate.inflight("c") == 2
+    assert gate.release("c") is None
+    assert gate.release("c") is None
+    assert gate.inflight("c") == 0
