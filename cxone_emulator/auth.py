@@ -179,7 +179,10 @@ class Tokens:
                 raise TokenError(401, "invalid_client", "malformed Basic credentials") from None
             client_id, _, client_secret = decoded.partition(":")
             # RFC 6749 §2.3.1 form-encodes both parts before base64; most clients do not.
-            candidates = ((client_id, client_secret), (unquote_plus(client_id), unquote_plus(client_secret)))
+            candidates: tuple[tuple[str, str], ...] = (
+                (client_id, client_secret),
+                (unquote_plus(client_id), unquote_plus(client_secret)),
+            )
         else:
             candidates = ((form.get("client_id", ""), form.get("client_secret", "")),)
         for given_id, given_secret in candidates:

@@ -54,8 +54,7 @@ class PeakWindow:
         horizon = now - 1.0
         while times[0] <= horizon:
             times.popleft()
-        if len(times) > self.peak:
-            self.peak = len(times)
+        self.peak = max(self.peak, len(times))
 
 
 class Counters:

@@ -1,4 +1,4 @@
-"""What the emulated CXone remembers: segments, their members, missing contacts, idempotency keys."""
+"""What the emulated CXone remembers: segments, members, missing contacts, idempotency keys."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class Segment:
     members: dict[str, Member] = field(default_factory=dict)
 
     def refresh(self, now: float, delay_s: float) -> int:
-        """Make every pending membership visible by `now + delay_s`; return how many were pending."""
+        """Make pending memberships visible by `now + delay_s`; return how many were pending."""
         deadline = now + delay_s
         pending = 0
         for member in self.members.values():

@@ -17,13 +17,21 @@ def _build_parser() -> argparse.ArgumentParser:
     emulator = commands.add_parser(
         "emulator", help="serve the local CXone emulator (tests, benchmarks, make run)"
     )
-    emulator.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     emulator.add_argument(
-        "--port", type=int, default=8081, help="port to bind, 0 for any free one (default: %(default)s)"
+        "--host", default="127.0.0.1", help="address to bind (default: %(default)s)"
+    )
+    emulator.add_argument(
+        "--port",
+        type=int,
+        default=8081,
+        help="port to bind, 0 for any free one (default: %(default)s)",
     )
     emulator.add_argument("--config", default=None, help="JSON file with emulator settings")
     emulator.add_argument(
-        "--seed", type=int, default=None, help="seed for indexing delays and faults (reproducible runs)"
+        "--seed",
+        type=int,
+        default=None,
+        help="seed for indexing delays and faults (reproducible runs)",
     )
     return parser
 

@@ -68,15 +68,19 @@ class CoalescingBuffer:
             queue.retry[contact_id] = None
             self._size += 1
 
-    def pick(self, now: float, *, spare_capacity: bool) -> str | None:
-        """The segment whose batch should go out now, or None if none is due."""
+    def pick(self, now: float, *, spare_capacity: bool, draining: bool = False) -> str | None:
+        """The segment whose batch should go out now, or None if none is due.
+
+        While draining (shutdown) every non-empty segment is due: nothing may be left behind.
+        """
         chosen: str | None = None
         chosen_age = float("inf")
         for segment_id, queue in self._segments.items():
             size = len(queue)
             oldest = queue.oldest()
             due = (
-                size >= self.max_size
+                draining
+                or size >= self.max_size
                 or oldest + self.linger_s <= now
                 or (spare_capacity and size >= self.min_size)
             )

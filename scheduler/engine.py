@@ -321,7 +321,7 @@ class Engine:
     async def _flush_once(self) -> None:
         now = self._clock()
         segment_id = self._buffer.pick(
-            now, spare_capacity=self._draining or self._write_gate.has_capacity()
+            now, spare_capacity=self._write_gate.has_capacity(), draining=self._draining
         )
         if segment_id is None:
             deadline = self._buffer.next_deadline()
@@ -333,7 +333,10 @@ class Engine:
         await self._write_gate.acquire()
         # Choose again now that a request may go: under backlog the wait for the token is where
         # batches fill up, so the batch sent is the fullest the limit allows.
-        segment_id = self._buffer.pick(self._clock(), spare_capacity=True) or segment_id
+        segment_id = (
+            self._buffer.pick(self._clock(), spare_capacity=True, draining=self._draining)
+            or segment_id
+        )
         contact_ids = self._buffer.take(segment_id)
         if not contact_ids:
             return

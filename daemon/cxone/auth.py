@@ -99,8 +99,10 @@ class TokenManager:
         self._api_base = settings.api_base
         self._lock = asyncio.Lock()
         self._discovery_lock = asyncio.Lock()
-        # No token request before this time (the token endpoint said 429, or a refresh failed).
+        # No token request before this time: the token endpoint answered 429 with Retry-After.
         self._not_before = 0.0
+        # No early refresh before this time, after one failed while the current token is good.
+        self._soft_retry_at = 0.0
 
     def __repr__(self) -> str:
         state = "none" if self._token is None else "held"
@@ -122,6 +124,8 @@ class TokenManager:
             if token is not None and now < token.refresh_at:
                 return token.access
             usable = token is not None and now < token.expires_at - MIN_REMAINING_S
+            if token is not None and usable and now < self._soft_retry_at:
+                return token.access
             if now < self._not_before:
                 if token is not None and usable:
                     return token.access
@@ -138,7 +142,7 @@ class TokenManager:
                 if token is None or not usable:
                     raise
                 # Refreshing early is a courtesy: keep the current token while it lasts.
-                self._not_before = max(self._not_before, now + REFRESH_BACKOFF_S)
+                self._soft_retry_at = now + REFRESH_BACKOFF_S
                 logger.warning("token refresh failed (%s); using the current token meanwhile", exc)
                 return token.access
             return self._token.access
@@ -149,8 +153,6 @@ class TokenManager:
         if token is not None and token.access == access_token:
             token.refresh_at = float("-inf")
             token.expires_at = float("-inf")
-            # A 401 means the token is dead: a new one is wanted now, not after a backoff.
-            self._not_before = 0.0
 
     async def api_base(self) -> str:
         """Return the API base URL: configured, or discovered from the id_token's `tenantId`."""
@@ -313,7 +315,6 @@ class TokenManager:
         if tenant is None and self._token is not None:
             tenant = self._token.tenant_id  # refresh answers may omit the id_token
         lifetime = float(expires_in)
-        self._not_before = 0.0
         logger.debug("token obtained via %s grant, expires in %.0f s", grant_type, lifetime)
         return _Token(
             access=access,

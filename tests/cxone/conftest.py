@@ -57,9 +57,7 @@ async def make_client(
     """Build started clients for the emulator (settings overrides as keywords); closes them."""
     clients: list[HttpCXoneClient] = []
 
-    async def factory(
-        *, on_response: Recorder | None = None, **overrides: Any
-    ) -> HttpCXoneClient:
+    async def factory(*, on_response: Recorder | None = None, **overrides: Any) -> HttpCXoneClient:
         client = HttpCXoneClient(
             emulator_settings(emulator_proc.url, **overrides), on_response=on_response
         )

@@ -32,9 +32,7 @@ async def test_password_grant_with_openid_and_api_base_discovery(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="daemon.cxone")
     recorder = Recorder()
-    client = await make_client(
-        grant="password", token_url="", api_base="", on_response=recorder
-    )
+    client = await make_client(grant="password", token_url="", api_base="", on_response=recorder)
     assert await client.authenticate() == emulator_proc.url
     result = await client.bulk_add("seg_pw", ["c1", "c2"], "key-pw-1")
     assert (result.success_count, result.failure_count) == (2, 0)

@@ -201,7 +201,7 @@ class Api:
         raw: bytes | None = None,
         content_type: str | None = "application/json",
         accept: str | None = "application/json",
-        token: str | None | _Own = OWN_TOKEN,
+        token: str | _Own | None = OWN_TOKEN,
         key: str | None = None,
         timeout_s: float | None = None,
         base: str | None = None,
@@ -247,9 +247,7 @@ class Api:
 
     async def membership(self, segment: str, contact_id: str, **kwargs: Any) -> Reply:
         """The membership check of one contact."""
-        return await self.call(
-            "GET", f"/api/v2/segments/{segment}/contacts/{contact_id}", **kwargs
-        )
+        return await self.call("GET", f"/api/v2/segments/{segment}/contacts/{contact_id}", **kwargs)
 
     async def refresh(self, segment: str, **kwargs: Any) -> Reply:
         """Ask for a segment refresh."""

@@ -117,6 +117,9 @@ async def test_wrong_credentials_get_401(
     assert reply.status == 401, reply.text
     assert reply.error == error
     assert "access_token" not in reply.json
+    # Secrets are never echoed back in errors.
+    for secret in (client_secret, key_secret):
+        assert secret not in reply.text
 
 
 async def test_missing_client_auth_gets_401(

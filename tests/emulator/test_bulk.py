@@ -330,15 +330,22 @@ async def test_dynamic_segment_accepts_but_ignores_writes(
 
 async def test_order_of_checks_auth_before_everything(api: Api, seg: str) -> None:
     reply = await api.call(
-        "POST", f"/api/v2/segments/{seg}/contacts", raw=b"junk", content_type="text/plain",
-        accept="text/html", token=None,
+        "POST",
+        f"/api/v2/segments/{seg}/contacts",
+        raw=b"junk",
+        content_type="text/plain",
+        accept="text/html",
+        token=None,
     )
     assert reply.status == 401
 
 
 async def test_order_of_checks_accept_before_content_type(api: Api, seg: str) -> None:
     reply = await api.call(
-        "POST", f"/api/v2/segments/{seg}/contacts", raw=b"junk", content_type="text/plain",
+        "POST",
+        f"/api/v2/segments/{seg}/contacts",
+        raw=b"junk",
+        content_type="text/plain",
         accept="text/html",
     )
     assert reply.status == 406

@@ -78,3 +78,10 @@ def test_contact_gate_limits_in_flight_segments_per_contact():
     assert gate.release("c") is None
     assert gate.release("c") is None
     assert gate.inflight("c") == 0
+
+
+def test_draining_makes_every_segment_due():
+    buffer = make(linger_s=60.0)
+    buffer.add("seg", "c1", 0.0)
+    assert buffer.pick(1.0, spare_capacity=True) is None
+    assert buffer.pick(1.0, spare_capacity=False, draining=True) == "seg"

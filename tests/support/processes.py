@@ -38,7 +38,9 @@ class ManagedProcess:
         buffered = b""
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.argv!r} exited with {self.proc.returncode} before listening")
+                raise RuntimeError(
+                    f"{self.argv!r} exited with {self.proc.returncode} before listening"
+                )
             ready, _, _ = select.select([self.proc.stdout], [], [], 0.1)
             if not ready:
                 continue

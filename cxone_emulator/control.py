@@ -1,0 +1,166 @@
+"""The test control API under `/_emulator/`: config, reset, segments, members, counters."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from cxone_emulator.config import ConfigError, merged
+from cxone_emulator.keys import EMULATOR
+from cxone_emulator.state import is_valid_id
+
+logger = logging.getLogger(__name__)
+
+_PREFIX = "/_emulator"
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+def _bad(error: str, message: str, status: int = 400) -> web.Response:
+    return _json({"error": error, "message": message}, status)
+
+
+async def _body(request: web.Request) -> Any:
+    """The JSON body, `None` when empty; raises `ValueError` when it is not JSON."""
+    raw = await request.read()
+    if not raw.strip():
+        return None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        raise ValueError(f"body is not valid JSON: {error}") from None
+
+
+async def get_config(request: web.Request) -> web.Response:
+    """`GET /_emulator/config`."""
+    return _json(request.app[EMULATOR].config.to_json())
+
+
+async def patch_config(request: web.Request) -> web.Response:
+    """`PATCH /_emulator/config`: deep-merge a partial config."""
+    emulator = request.app[EMULATOR]
+    try:
+        patch = await _body(request)
+        config = merged(emulator.config, {} if patch is None else patch)
+    except (ValueError, ConfigError) as error:
+        return _bad("InvalidConfig", str(error))
+    emulator.configure(config)
+    logger.info("config changed")
+    return _json(config.to_json())
+
+
+async def reset(request: web.Request) -> web.Response:
+    """`POST /_emulator/reset`: forget state and counters (`{"config": true}`: config too)."""
+    emulator = request.app[EMULATOR]
+    try:
+        body = await _body(request)
+    except ValueError as error:
+        return _bad("MalformedPayload", str(error))
+    restore = isinstance(body, dict) and body.get("config") is True
+    emulator.reset(restore_config=restore)
+    return _json({"reset": True, "config_restored": restore})
+
+
+async def put_segment(request: web.Request) -> web.Response:
+    """`PUT /_emulator/segments/{segmentId}`: declare a static or dynamic segment."""
+    emulator = request.app[EMULATOR]
+    segment_id = request.match_info["segmentId"]
+    if not is_valid_id(segment_id):
+        return _bad("InvalidSegmentId", "segment id must be 1-128 characters of [A-Za-z0-9_.:-]")
+    try:
+        body = await _body(request)
+    except ValueError as error:
+        return _bad("MalformedPayload", str(error))
+    kind = body.get("kind", "static") if isinstance(body, dict) else "static"
+    if kind == "static":
+        segment = emulator.directory.declare(segment_id, "static")
+    elif kind == "dynamic":
+        segment = emulator.directory.declare(segment_id, "dynamic")
+    else:
+        return _bad("MalformedPayload", 'kind must be "static" or "dynamic"')
+    return _json({"segmentId": segment_id, "kind": segment.kind, "members": len(segment.members)})
+
+
+async def delete_segment(request: web.Request) -> web.Response:
+    """`DELETE /_emulator/segments/{segmentId}`: forget a segment."""
+    segment_id = request.match_info["segmentId"]
+    existed = request.app[EMULATOR].directory.delete(segment_id)
+    return _json({"segmentId": segment_id, "deleted": existed})
+
+
+async def list_segments(request: web.Request) -> web.Response:
+    """`GET /_emulator/segments`."""
+    segments = request.app[EMULATOR].directory.segments.values()
+    return _json(
+        {
+            "segments": [
+                {"segmentId": s.segment_id, "kind": s.kind, "members": len(s.members)}
+                for s in segments
+            ]
+        }
+    )
+
+
+async def list_members(request: web.Request) -> web.Response:
+    """`GET /_emulator/segments/{segmentId}/members`: members, indexed or not."""
+    segment_id = request.match_info["segmentId"]
+    segment = request.app[EMULATOR].directory.segments.get(segment_id)
+    if segment is None:
+        return _bad("SegmentNotFound", f"segment {segment_id} not found", 404)
+    now = time.monotonic()
+    members = [
+        {
+            "contactId": contact_id,
+            "addedAt": member.added_at,
+            "indexed": member.visible(now),
+            "stalled": member.stalled,
+            "applied": member.applied,
+        }
+        for contact_id, member in segment.members.items()
+    ]
+    return _json({"segmentId": segment_id, "kind": segment.kind, "members": members})
+
+
+async def put_missing(request: web.Request) -> web.Response:
+    """`PUT /_emulator/contacts/missing`: the ids that answer ContactNotFound (replaces the set)."""
+    try:
+        body = await _body(request)
+    except ValueError as error:
+        return _bad("MalformedPayload", str(error))
+    ids = body.get("contactIds") if isinstance(body, dict) else None
+    if not isinstance(ids, list) or not all(isinstance(item, str) for item in ids):
+        return _bad("MalformedPayload", 'body must be {"contactIds": [string, ...]}')
+    emulator = request.app[EMULATOR]
+    emulator.directory.missing = frozenset(ids)
+    return _json({"contactIds": sorted(emulator.directory.missing)})
+
+
+async def expire_tokens(request: web.Request) -> web.Response:
+    """`POST /_emulator/tokens/expire`: every issued access token is expired from now on."""
+    return _json({"expired": request.app[EMULATOR].tokens.expire_all()})
+
+
+async def counters(request: web.Request) -> web.Response:
+    """`GET /_emulator/counters`."""
+    return _json(request.app[EMULATOR].counters.snapshot())
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the control API on `app`."""
+    router = app.router
+    router.add_get(f"{_PREFIX}/config", get_config, allow_head=False)
+    router.add_patch(f"{_PREFIX}/config", patch_config)
+    router.add_post(f"{_PREFIX}/reset", reset)
+    router.add_get(f"{_PREFIX}/segments", list_segments, allow_head=False)
+    router.add_put(f"{_PREFIX}/segments/{{segmentId}}", put_segment)
+    router.add_delete(f"{_PREFIX}/segments/{{segmentId}}", delete_segment)
+    router.add_get(f"{_PREFIX}/segments/{{segmentId}}/members", list_members, allow_head=False)
+    router.add_put(f"{_PREFIX}/contacts/missing", put_missing)
+    router.add_post(f"{_PREFIX}/tokens/expire", expire_tokens)
+    router.add_get(f"{_PREFIX}/counters", counters, allow_head=False)

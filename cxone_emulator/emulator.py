@@ -1,0 +1,194 @@
+"""The emulator's state and rules, independent of HTTP: one object per running emulator."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from cxone_emulator.auth import Tokens
+from cxone_emulator.config import EmulatorConfig, Faults
+from cxone_emulator.counters import Counters
+from cxone_emulator.faults import FaultInjector
+from cxone_emulator.indexing import IndexingModel
+from cxone_emulator.ratelimit import RateLimiter
+from cxone_emulator.state import ID_PATTERN, Directory, IdempotencyStore, Member, Segment
+
+_ITEM_MESSAGES = {
+    "InvalidContactId": "contact id must be 1-128 characters of [A-Za-z0-9_.:-]",
+    "DuplicateContactInBatch": "contact id appears more than once in the request",
+    "ContactNotFound": "contact not found in the customer database",
+    "IndexBusy": "index busy, retry later",
+    "ContactAlreadyInSegment": "contact is already a member of the segment",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The answer a processed write produced: HTTP status and JSON body."""
+
+    status: int
+    body: bytes
+
+
+class Emulator:
+    """Everything an emulator instance knows: config, segments, tokens, limits and counters."""
+
+    def __init__(self, config: EmulatorConfig, rng: random.Random) -> None:
+        self.startup_config = config
+        self.config = config
+        self.rng = rng
+        self.directory = Directory()
+        self.idempotency = IdempotencyStore(config.idempotency_ttl_s)
+        self.tokens = Tokens()
+        self.limiter = RateLimiter(config.limits)
+        self.indexing = IndexingModel(config.indexing, rng)
+        self.injector = FaultInjector(rng)
+        self.counters = Counters()
+        self._stamp_second = -1
+        self._stamp_text = ""
+
+    def configure(self, config: EmulatorConfig) -> None:
+        """Switch to a new config; rate buckets restart full only when the limits changed."""
+        previous = self.config
+        self.config = config
+        if config.limits != previous.limits:
+            self.limiter.configure(config.limits)
+        self.indexing.configure(config.indexing)
+        self.idempotency.ttl_s = config.idempotency_ttl_s
+
+    def reset(self, restore_config: bool) -> None:
+        """Forget all state and counters, optionally also restoring the start-up config."""
+        if restore_config:
+            self.config = self.startup_config
+        self.directory.reset()
+        self.idempotency.reset()
+        self.idempotency.ttl_s = self.config.idempotency_ttl_s
+        self.tokens.reset()
+        self.limiter.configure(self.config.limits)
+        self.indexing.configure(self.config.indexing)
+        self.counters.reset()
+
+    def timestamp(self) -> str:
+        """The current time in RFC 3339 (UTC, whole seconds), formatted once per second."""
+        wall = int(time.time())
+        if wall != self._stamp_second:
+            self._stamp_second = wall
+            self._stamp_text = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))
+        return self._stamp_text
+
+    def _add(self, segment: Segment, contact_id: str, now: float, added_at: str) -> None:
+        delay = self.indexing.draw()
+        segment.members[contact_id] = Member(added_at, now + delay, math.isinf(delay))
+        self.counters.items["added"] += 1
+
+    def _again(self, member: Member) -> None:
+        member.applied += 1
+        if member.applied == 2:
+            self.counters.applied_twice += 1
+
+    def bulk(self, segment: Segment, ids: list[str], faults: Faults, now: float) -> Outcome:
+        """Apply a bulk write of `ids` (strings) to `segment` and build the 200 answer."""
+        counters = self.counters
+        items = counters.items
+        unique = set(ids)
+        duplicates: set[str] = set()
+        if len(unique) != len(ids):
+            seen: set[str] = set()
+            for contact_id in ids:
+                if contact_id in seen:
+                    duplicates.add(contact_id)
+                seen.add(contact_id)
+        counters.bulk_request(len(ids), bool(duplicates))
+        missing = self.directory.missing
+        members = segment.members
+        dynamic = segment.kind == "dynamic"
+        busy_rate = faults.index_busy_rate
+        random_ = self.rng.random
+        fullmatch = ID_PATTERN.fullmatch
+        added_at = self.timestamp()
+        shown_limit = self.config.chunk_size
+        failed: list[dict[str, Any]] = []
+        failure_count = 0
+        for position, contact_id in enumerate(ids):
+            code = 0
+            error = ""
+            if fullmatch(contact_id) is None:
+                code, error = 400, "InvalidContactId"
+            elif contact_id in duplicates:
+                code, error = 400, "DuplicateContactInBatch"
+            elif contact_id in missing:
+                code, error = 404, "ContactNotFound"
+            elif busy_rate > 0 and random_() < busy_rate:
+                code, error = 503, "IndexBusy"
+            elif dynamic:
+                items["ignored_dynamic"] += 1
+                continue
+            else:
+                member = members.get(contact_id)
+                if member is None:
+                    self._add(segment, contact_id, now, added_at)
+                    continue
+                self._again(member)
+                code, error = 409, "ContactAlreadyInSegment"
+            items[error] += 1
+            failure_count += 1
+            # CXone processes large batches in chunks and reports only the first chunk's failures.
+            if position < shown_limit:
+                failed.append(
+                    {
+                        "contactId": contact_id,
+                        "code": code,
+                        "error": error,
+                        "message": _ITEM_MESSAGES[error],
+                    }
+                )
+        body = {
+            "segmentId": segment.segment_id,
+            "successCount": len(ids) - failure_count,
+            "failureCount": failure_count,
+            "failedContacts": failed,
+        }
+        return Outcome(200, orjson.dumps(body))
+
+    def single(self, segment: Segment, contact_id: str, faults: Faults, now: float) -> Outcome:
+        """Apply a single-contact write: 201, or the item error as the whole answer."""
+        items = self.counters.items
+        error = ""
+        status = 201
+        if ID_PATTERN.fullmatch(contact_id) is None:
+            status, error = 400, "InvalidContactId"
+        elif contact_id in self.directory.missing:
+            status, error = 404, "ContactNotFound"
+        elif self.injector.index_busy(faults):
+            status, error = 503, "IndexBusy"
+        elif segment.kind == "dynamic":
+            items["ignored_dynamic"] += 1
+        else:
+            member = segment.members.get(contact_id)
+            if member is None:
+                self._add(segment, contact_id, now, self.timestamp())
+            else:
+                self._again(member)
+                status, error = 409, "ContactAlreadyInSegment"
+        if error:
+            items[error] += 1
+            return Outcome(status, orjson.dumps({"error": error, "message": _ITEM_MESSAGES[error]}))
+        body = {"contactId": contact_id, "segmentId": segment.segment_id, "status": "added"}
+        return Outcome(201, orjson.dumps(body))
+
+    def refresh_wait(self, segment_id: str, now: float) -> float:
+        """Seconds until `segment_id` may be refreshed again (0 = now)."""
+        last = self.directory.refreshed_at.get(segment_id)
+        if last is None:
+            return 0.0
+        return max(0.0, last + self.config.refresh_min_interval_s - now)
+
+    def refresh(self, segment: Segment, now: float) -> None:
+        """Refresh a segment: every pending write becomes visible within 1 s."""
+        self.directory.refreshed_at[segment.segment_id] = now
+        segment.refresh(now, self.indexing.after_refresh())

@@ -1,0 +1,123 @@
+"""Engines wired to a real HTTP client and the session's emulator process."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from daemon.cxone import HttpCXoneClient
+from daemon.store.memory import MemoryStore
+from scheduler.engine import BatchingPolicy, Engine
+from scheduler.model import Assignment, State
+from scheduler.observer import EngineObserver
+from scheduler.ratelimit import RateGate
+from scheduler.retry import RetryPolicy
+from tests.support.cxone import emulator_settings
+from tests.support.emulator import EmulatorControl
+from tests.support.processes import ManagedProcess
+
+# Fast timings so integration tests finish in seconds; the policy's shape is what is tested.
+FAST_RETRY = RetryPolicy(initial_s=0.2, multiplier=1.5, max_s=1.0, jitter_ms=100, attempts=5)
+FAST_BATCHING = BatchingPolicy(min_size=50, max_size=200, linger_s=0.2)
+
+
+class RecordingObserver(EngineObserver):
+    """Keeps what the engine reports, and checks the per-contact in-flight limit as it goes."""
+
+    def __init__(self) -> None:
+        self.retries: list[tuple[str, int, float]] = []
+        self.bulk_sizes: list[int] = []
+        self.outcomes: list[tuple[str, str]] = []
+        self.states: dict[tuple[str, str], State] = {}
+        self.max_inflight_per_contact = 0
+        self._inflight: dict[str, int] = {}
+
+    def transitioned(self, assignment: Assignment, previous: State) -> None:
+        in_flight = {State.SENDING, State.RETRYING}
+        was = previous in in_flight
+        now = assignment.state in in_flight
+        contact = assignment.contact_id
+        if now and not was:
+            self._inflight[contact] = self._inflight.get(contact, 0) + 1
+        elif was and not now:
+            self._inflight[contact] -= 1
+        self.max_inflight_per_contact = max(
+            self.max_inflight_per_contact, self._inflight.get(contact, 0)
+        )
+        self.states[assignment.key] = assignment.state
+
+    def bulk_sent(self, segment_id: str, ids: int, attempt: int) -> None:
+        self.bulk_sizes.append(ids)
+
+    def upstream_outcome(self, endpoint: str, outcome: str, elapsed_s: float) -> None:
+        self.outcomes.append((endpoint, outcome))
+
+    def retry_scheduled(self, segment_id: str, ids: int, delay_s: float) -> None:
+        self.retries.append((segment_id, ids, delay_s))
+
+
+class EngineHarness:
+    """An engine, its client, store and observer, against the emulator."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        client: HttpCXoneClient,
+        store: MemoryStore,
+        observer: RecordingObserver,
+    ) -> None:
+        self.engine = engine
+        self.client = client
+        self.store = store
+        self.observer = observer
+
+    async def states(self, contact_id: str) -> dict[str, Assignment]:
+        return {a.segment_id: a for a in await self.store.contact(contact_id)}
+
+
+MakeEngine = Callable[..., Awaitable[EngineHarness]]
+
+
+@pytest.fixture
+async def make_engine(
+    emulator: EmulatorControl, emulator_proc: ManagedProcess
+) -> AsyncIterator[MakeEngine]:
+    """Build and start engines against the emulator; stops them after the test."""
+    built: list[EngineHarness] = []
+
+    async def factory(
+        *,
+        write_rps: float = 50.0,
+        single_write_rps: float = 20.0,
+        batching: BatchingPolicy = FAST_BATCHING,
+        retry: RetryPolicy = FAST_RETRY,
+        seed: int = 42,
+        **settings: Any,
+    ) -> EngineHarness:
+        settings.setdefault("timeout_s", 2.0)
+        client = HttpCXoneClient(emulator_settings(emulator_proc.url, **settings))
+        await client.start()
+        store = MemoryStore()
+        observer = RecordingObserver()
+        engine = Engine(
+            client=client,
+            store=store,
+            write_gate=RateGate("bulk", write_rps),
+            single_gate=RateGate("single", single_write_rps),
+            batching=batching,
+            retry=retry,
+            observer=observer,
+            rng=random.Random(seed),
+        )
+        await engine.start()
+        harness = EngineHarness(engine, client, store, observer)
+        built.append(harness)
+        return harness
+
+    yield factory
+    for harness in built:
+        await harness.engine.stop(budget_s=5.0)
+        await harness.client.close()
