@@ -27,7 +27,7 @@ EXIT_BAD_CONFIG = 2
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     try:
-        import uvloop  # noqa: PLC0415 - optional: not installed on Windows
+        import uvloop  # optional: not installed on Windows
     except ImportError:  # pragma: no cover
         return None
     return uvloop.new_event_loop
