@@ -43,6 +43,10 @@ def _start_emulator(port: int) -> tuple[subprocess.Popen[bytes], str]:
     raise SystemExit(f"the emulator exited ({process.wait()}) before it was listening")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Start the emulator on loopback, say how to reach it, and run until interrupted."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -50,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--daemon-port", type=int, default=8080)
     args = parser.parse_args(argv)
 
+    # SIGTERM (a supervisor, `timeout`) must clean up like Ctrl-C does: no orphaned children.
+    signal.signal(signal.SIGTERM, _interrupt)
     emulator, url = _start_emulator(args.emulator_port)
     creds = "\n".join(f"    {name:<18} {value}" for name, value in DEFAULT_CREDENTIALS.items())
     print(
