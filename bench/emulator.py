@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import itertools
 import json
-import os
-import select
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -27,6 +25,8 @@ import aiohttp
 import orjson
 import uvloop
 from aiohttp import web
+
+from tests.support.processes import ManagedProcess, emulator_process
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -44,59 +44,12 @@ JSON_HEADERS = {"Accept": "application/json", "Content-Type": "application/json"
 # --- processes --------------------------------------------------------------------------------
 
 
-class Server:
-    """A child process that prints a `{"event": "listening", "url": ...}` line when ready."""
-
-    def __init__(self, argv: list[str]) -> None:
-        self.argv = argv
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = ""
-
-    def start(self, timeout_s: float = 20.0) -> str:
-        self.proc = subprocess.Popen(self.argv, cwd=REPO_ROOT, stdout=subprocess.PIPE)
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout_s
-        buffered = b""
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.argv!r} exited with {self.proc.returncode}")
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.1)
-            if not ready:
-                continue
-            buffered += os.read(self.proc.stdout.fileno(), 65536)
-            while b"\n" in buffered:
-                line, buffered = buffered.split(b"\n", 1)
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue
-                if event.get("event") == "listening":
-                    self.url = str(event["url"])
-                    return self.url
-        self.stop()
-        raise RuntimeError(f"{self.argv!r} did not report listening within {timeout_s} s")
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+def emulator_server() -> ManagedProcess:
+    return emulator_process(seed=1)
 
 
-def emulator_server() -> Server:
-    argv = [sys.executable, "-m", "daemon.cli", "emulator", "--host", HOST, "--port", "0"]
-    return Server([*argv, "--seed", "1"])
-
-
-def reference_server() -> Server:
-    return Server([sys.executable, "-m", "bench.emulator", "--reference-server"])
+def reference_server() -> ManagedProcess:
+    return ManagedProcess([sys.executable, "-m", "bench.emulator", "--reference-server"])
 
 
 def serve_reference() -> None:
@@ -183,7 +136,9 @@ async def bench(emulator_url: str, reference_url: str) -> dict[str, float]:
             async with session.post(
                 f"{emulator_url}/auth/token",
                 data={"grant_type": "client_credentials"},
-                auth=aiohttp.BasicAuth("segmapd", "segmapd-secret"),
+                headers={
+                    "Authorization": "Basic " + base64.b64encode(b"segmapd:segmapd-secret").decode()
+                },
             ) as response:
                 assert response.status == 200, await response.text()
                 headers["Authorization"] = f"Bearer {(await response.json())['access_token']}"

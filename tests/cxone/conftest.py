@@ -9,13 +9,9 @@ import pytest
 
 from daemon.cxone import HttpCXoneClient
 from daemon.cxone.settings import CXoneSettings
-from daemon.secrets import Secret
+from tests.support.cxone import emulator_settings as support_settings
 from tests.support.emulator import EmulatorControl
 from tests.support.processes import ManagedProcess
-
-CLIENT_SECRET = "segmapd-secret"
-ACCESS_KEY_SECRET = "emulator-secret="
-TENANT_ID = "11111111-2222-3333-4444-555555555555"
 
 MakeClient = Callable[..., Awaitable[HttpCXoneClient]]
 
@@ -23,18 +19,12 @@ MakeClient = Callable[..., Awaitable[HttpCXoneClient]]
 def emulator_settings(url: str, **overrides: Any) -> CXoneSettings:
     """Settings for the emulator's default credentials, with configured URLs (no discovery)."""
     values: dict[str, Any] = {
-        "issuer": url,
         "api_base": url,
         "token_url": f"{url}/auth/token",
         "grant": "client_credentials",
-        "client_id": "segmapd",
-        "client_secret": Secret(CLIENT_SECRET),
-        "access_key_id": "emulator-key",
-        "access_key_secret": Secret(ACCESS_KEY_SECRET),
-        "timeout_s": 5.0,
     }
     values.update(overrides)
-    return CXoneSettings(**values)
+    return support_settings(url, **values)
 
 
 class Recorder:
