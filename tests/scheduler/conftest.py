@@ -15,6 +15,7 @@ from scheduler.model import Assignment, State
 from scheduler.observer import EngineObserver
 from scheduler.ratelimit import RateGate
 from scheduler.retry import RetryPolicy
+from scheduler.upstream import BulkResult, MembershipResult, RefreshResult, SingleResult
 from tests.support.cxone import emulator_settings
 from tests.support.emulator import EmulatorControl
 from tests.support.processes import ManagedProcess
@@ -59,13 +60,45 @@ class RecordingObserver(EngineObserver):
         self.retries.append((segment_id, ids, delay_s))
 
 
+class KeyLog:
+    """Wraps the real client and keeps every bulk request's (segment, ids, idempotency key)."""
+
+    def __init__(self, client: HttpCXoneClient) -> None:
+        self.client = client
+        self.bulk_calls: list[tuple[str, tuple[str, ...], str]] = []
+
+    async def bulk_add(
+        self, segment_id: str, contact_ids: list[str], idempotency_key: str
+    ) -> BulkResult:
+        self.bulk_calls.append((segment_id, tuple(contact_ids), idempotency_key))
+        return await self.client.bulk_add(segment_id, contact_ids, idempotency_key)
+
+    async def single_add(
+        self, segment_id: str, contact_id: str, idempotency_key: str
+    ) -> SingleResult:
+        return await self.client.single_add(segment_id, contact_id, idempotency_key)
+
+    async def is_member(self, segment_id: str, contact_id: str) -> MembershipResult:
+        return await self.client.is_member(segment_id, contact_id)
+
+    async def refresh(self, segment_id: str) -> RefreshResult:
+        return await self.client.refresh(segment_id)
+
+    def assert_keys_consistent(self) -> None:
+        """One key, one body: a key is reused only for a byte-identical resend."""
+        bodies: dict[str, tuple[str, tuple[str, ...]]] = {}
+        for segment_id, ids, key in self.bulk_calls:
+            first = bodies.setdefault(key, (segment_id, ids))
+            assert first == (segment_id, ids), f"key {key} reused for another body"
+
+
 class EngineHarness:
     """An engine, its client, store and observer, against the emulator."""
 
     def __init__(
         self,
         engine: Engine,
-        client: HttpCXoneClient,
+        client: KeyLog,
         store: MemoryStore,
         observer: RecordingObserver,
     ) -> None:
@@ -98,8 +131,9 @@ async def make_engine(
         **settings: Any,
     ) -> EngineHarness:
         settings.setdefault("timeout_s", 2.0)
-        client = HttpCXoneClient(emulator_settings(emulator_proc.url, **settings))
-        await client.start()
+        http_client = HttpCXoneClient(emulator_settings(emulator_proc.url, **settings))
+        await http_client.start()
+        client = KeyLog(http_client)
         store = MemoryStore()
         observer = RecordingObserver()
         engine = Engine(
@@ -120,4 +154,4 @@ async def make_engine(
     yield factory
     for harness in built:
         await harness.engine.stop(budget_s=5.0)
-        await harness.client.close()
+        await harness.client.client.close()

@@ -10,7 +10,7 @@ import pytest
 from scheduler.engine import BatchingPolicy, EngineClosed, EngineOverloaded
 from scheduler.model import Assignment, FailureReason, MappingRequest, State
 from scheduler.retry import RetryPolicy
-from tests.scheduler.conftest import FAST_BATCHING, EngineHarness, MakeEngine
+from tests.scheduler.conftest import EngineHarness, MakeEngine
 from tests.support.emulator import EmulatorControl
 
 
@@ -224,7 +224,11 @@ async def test_every_assignment_converges_under_faults_without_double_writes(
     # already-applied id again) out of this test, so any double write is the engine's fault.
     retry = RetryPolicy(initial_s=0.2, multiplier=1.5, max_s=1.0, jitter_ms=200, attempts=12)
     harness = await make_engine(
-        write_rps=30, retry=retry, batching=FAST_BATCHING, timeout_s=0.75, seed=3
+        write_rps=30,
+        retry=retry,
+        batching=BatchingPolicy(min_size=10, max_size=25, linger_s=0.2),
+        timeout_s=0.75,
+        seed=3,
     )
     pairs = []
     for i in range(1500):
@@ -240,14 +244,18 @@ async def test_every_assignment_converges_under_faults_without_double_writes(
     states = await final_states(harness, pairs)
     assert {a.state for a in states.values()} == {State.WRITTEN}
     counters = await emulator.counters()
-    assert counters["bulk_ids"]["max"] <= 200
+    assert counters["bulk_ids"]["max"] <= 25
     assert counters["duplicate_ids_in_request"] == 0
     assert counters["idempotency_conflicts"]["IdempotencyKeyReused"] == 0
     # Failures after the write was applied were resent under the same key and replayed:
     assert counters["idempotent_replays"] > 0
     # ...so no membership was ever written twice, and every pair is a member.
     assert counters["applied_twice"] == 0
-    assert counters["rate_limited"]["bulk"] > 0  # the storm happened
+    # The storm happened, and a 429 held back the whole class rather than one request: far fewer
+    # 429s than admitted requests although the engine's own limit is several times CXone's.
+    assert 0 < counters["rate_limited"]["bulk"] < counters["requests"]["bulk"]["200"] / 2
+    assert counters["faults"]["hang"] > 0
+    harness.client.assert_keys_consistent()
     assert counters["faults"]["error"] > 0 and counters["faults"]["reset"] > 0
     members = set()
     for s in range(7):
