@@ -469,6 +469,8 @@ class Engine:
     def _finish(self, assignment: Assignment) -> None:
         """The engine is done with the assignment: drop it from memory, release its waiters."""
         self._live.pop(assignment.key, None)
+        if assignment.terminal:
+            self._observer.finished(assignment)
         for future in self._waiters.pop(assignment.key, []):
             if not future.done():
                 future.set_result(assignment)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -16,6 +17,8 @@ from scheduler.observer import EngineObserver
 from scheduler.ratelimit import RateGate
 from scheduler.retry import RetryPolicy
 from scheduler.upstream import BulkResult, MembershipResult, RefreshResult, SingleResult
+from scheduler.validation import MembershipPoller, ValidationPolicy
+from scheduler.validation_state import MemoryConfirmationCache, MemoryRefreshBudget
 from tests.support.cxone import emulator_settings
 from tests.support.emulator import EmulatorControl
 from tests.support.processes import ManagedProcess
@@ -66,6 +69,8 @@ class KeyLog:
     def __init__(self, client: HttpCXoneClient) -> None:
         self.client = client
         self.bulk_calls: list[tuple[str, tuple[str, ...], str]] = []
+        self.reads: list[tuple[str, str, float]] = []
+        self.refreshes: list[str] = []
 
     async def bulk_add(
         self, segment_id: str, contact_ids: list[str], idempotency_key: str
@@ -79,9 +84,11 @@ class KeyLog:
         return await self.client.single_add(segment_id, contact_id, idempotency_key)
 
     async def is_member(self, segment_id: str, contact_id: str) -> MembershipResult:
+        self.reads.append((segment_id, contact_id, time.monotonic()))
         return await self.client.is_member(segment_id, contact_id)
 
     async def refresh(self, segment_id: str) -> RefreshResult:
+        self.refreshes.append(segment_id)
         return await self.client.refresh(segment_id)
 
     def assert_keys_consistent(self) -> None:
@@ -101,8 +108,12 @@ class EngineHarness:
         client: KeyLog,
         store: MemoryStore,
         observer: RecordingObserver,
+        poller: MembershipPoller | None,
+        budget: MemoryRefreshBudget,
     ) -> None:
         self.engine = engine
+        self.poller = poller
+        self.budget = budget
         self.client = client
         self.store = store
         self.observer = observer
@@ -128,6 +139,8 @@ async def make_engine(
         batching: BatchingPolicy = FAST_BATCHING,
         retry: RetryPolicy = FAST_RETRY,
         seed: int = 42,
+        validation: ValidationPolicy | None = None,
+        read_rps: float = 200.0,
         **settings: Any,
     ) -> EngineHarness:
         settings.setdefault("timeout_s", 2.0)
@@ -146,12 +159,30 @@ async def make_engine(
             observer=observer,
             rng=random.Random(seed),
         )
+        budget = MemoryRefreshBudget()
+        poller = None
+        if validation is not None:
+            poller = MembershipPoller(
+                client=client,
+                read_gate=RateGate("read", read_rps),
+                sink=engine,
+                cache=MemoryConfirmationCache(validation.cache_ttl_s),
+                budget=budget,
+                policy=validation,
+                retry=retry,
+                observer=observer,
+                rng=random.Random(seed),
+            )
+            engine.set_verifier(poller)
+            await poller.start()
         await engine.start()
-        harness = EngineHarness(engine, client, store, observer)
+        harness = EngineHarness(engine, client, store, observer, poller, budget)
         built.append(harness)
         return harness
 
     yield factory
     for harness in built:
         await harness.engine.stop(budget_s=5.0)
+        if harness.poller is not None:
+            await harness.poller.stop()
         await harness.client.client.close()

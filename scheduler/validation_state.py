@@ -1,0 +1,83 @@
+"""What validation remembers between polls: confirmed pairs (a TTL cache) and refresh budgets.
+
+Both are small interfaces so a durable store (SQLite) or a shared one (Redis) can stand in for
+the in-memory versions here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Protocol
+
+
+class ConfirmationCache(Protocol):
+    """Pairs CXone confirmed as members, remembered for a TTL."""
+
+    def confirmed(self, contact_id: str, segment_id: str) -> bool:
+        """Whether the pair was confirmed within the TTL."""
+        ...
+
+    def remember(self, contact_id: str, segment_id: str) -> None:
+        """Record a confirmation made now."""
+        ...
+
+
+class RefreshBudget(Protocol):
+    """When each segment may be refreshed next (CXone allows one refresh per segment per hour)."""
+
+    def next_allowed(self, segment_id: str) -> float:
+        """Wall-clock time from which a refresh of the segment is allowed (0 if never spent)."""
+        ...
+
+    def spend(self, segment_id: str, at: float, next_allowed: float) -> None:
+        """Record a refresh sent at `at`; the next one is allowed from `next_allowed`."""
+        ...
+
+
+class MemoryConfirmationCache:
+    """An in-process TTL cache; entries expire in insertion order, so pruning is cheap."""
+
+    def __init__(self, ttl_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._entries: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def confirmed(self, contact_id: str, segment_id: str) -> bool:
+        """Whether the pair was confirmed less than `ttl_s` ago."""
+        self._prune()
+        return (contact_id, segment_id) in self._entries
+
+    def remember(self, contact_id: str, segment_id: str) -> None:
+        """Record a confirmation made now (moves the pair to the young end)."""
+        key = (contact_id, segment_id)
+        self._entries.pop(key, None)
+        self._entries[key] = self._clock()
+        self._prune()
+
+    def _prune(self) -> None:
+        horizon = self._clock() - self.ttl_s
+        while self._entries:
+            key, at = next(iter(self._entries.items()))
+            if at > horizon:
+                break
+            del self._entries[key]
+
+
+class MemoryRefreshBudget:
+    """Refresh budgets in a dictionary of wall-clock times."""
+
+    def __init__(self) -> None:
+        self._next: dict[str, float] = {}
+
+    def next_allowed(self, segment_id: str) -> float:
+        """Wall-clock time from which a refresh is allowed."""
+        return self._next.get(segment_id, 0.0)
+
+    def spend(self, segment_id: str, at: float, next_allowed: float) -> None:
+        """Record a refresh and when the next one is allowed."""
+        self._next[segment_id] = next_allowed

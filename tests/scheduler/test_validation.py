@@ -1,0 +1,219 @@
+"""Validation against the emulator process: polling, refresh budget, activation, cache."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+
+from scheduler.engine import BatchingPolicy
+from scheduler.model import FailureReason, MappingRequest, State
+from scheduler.validation import ValidationPolicy
+from tests.scheduler.conftest import EngineHarness, MakeEngine
+from tests.support.emulator import EmulatorControl
+
+FAST_BATCHES = BatchingPolicy(linger_s=0.1)
+
+
+def fast_policy(**overrides: float) -> ValidationPolicy:
+    values = {
+        "interval_s": 0.4,
+        "window_s": 2.0,
+        "cache_ttl_s": 60.0,
+        "refresh_min_interval_s": 3.0,
+        "deadline_s": 20.0,
+    }
+    values.update(overrides)
+    return ValidationPolicy(**values)
+
+
+async def indexing(emulator: EmulatorControl, median: float, p99: float, stall: float) -> None:
+    await emulator.configure(
+        {"indexing": {"median_s": median, "p99_s": p99, "stall_fraction": stall}}
+    )
+
+
+async def wait_states(
+    harness: EngineHarness, pairs: list[tuple[str, str]], timeout_s: float
+) -> dict[tuple[str, str], State]:
+    by_contact: dict[str, list[str]] = defaultdict(list)
+    for contact, segment in pairs:
+        by_contact[contact].append(segment)
+    results = await asyncio.gather(
+        *(harness.engine.wait(c, s, timeout_s) for c, s in by_contact.items())
+    )
+    return {(a.contact_id, a.segment_id): a.state for group in results for a in group}
+
+
+def assert_reads_spaced(harness: EngineHarness, interval_s: float) -> None:
+    """A (segment, contact) pair is never read twice within one polling interval."""
+    last: dict[tuple[str, str], float] = {}
+    for segment, contact, at in harness.client.reads:
+        previous = last.get((segment, contact))
+        if previous is not None:
+            assert at - previous >= interval_s * 0.85, f"{segment}/{contact} read twice"
+        last[(segment, contact)] = at
+
+
+async def test_written_memberships_become_active_once_indexed(
+    make_engine: MakeEngine, emulator: EmulatorControl
+):
+    await indexing(emulator, 0.6, 1.5, 0.0)
+    await emulator.configure({"limits": {"read": {"rate": 500, "burst": 500}}})
+    policy = fast_policy(window_s=5.0)
+    harness = await make_engine(validation=policy, batching=FAST_BATCHES, read_rps=500)
+    pairs = []
+    for i in range(300):
+        segments = (f"seg-{i % 3}", f"seg-{(i + 1) % 3}")
+        harness.engine.submit(MappingRequest(f"c{i}", segments))
+        pairs += [(f"c{i}", s) for s in segments]
+    states = await wait_states(harness, pairs, 30)
+    assert set(states.values()) == {State.ACTIVE}
+    for contact, segment in pairs[:20]:
+        [member] = [m for m in await emulator.members(segment) if m["contactId"] == contact]
+        assert member["indexed"]
+    # Each pair was read about once per interval until it showed, never twice at once.
+    assert_reads_spaced(harness, policy.interval_s)
+    reads = len(harness.client.reads)
+    # p99 1.5 s at 0.4 s intervals: at most 1 + ceil(1.5 / 0.4) = 5 reads for nearly every pair.
+    assert reads <= len(pairs) * 5
+    counters = await emulator.counters()
+    assert counters["rate_limited"]["read"] == 0
+    assert counters["requests"]["refresh"] == {}
+
+
+async def test_a_confirmed_pair_asked_again_costs_no_call(
+    make_engine: MakeEngine, emulator: EmulatorControl
+):
+    await indexing(emulator, 0.2, 0.4, 0.0)
+    harness = await make_engine(validation=fast_policy(cache_ttl_s=1.5), batching=FAST_BATCHES)
+    harness.engine.submit(MappingRequest("c1", ("seg",)))
+    [first] = await harness.engine.wait("c1", ["seg"], 10)
+    assert first.state is State.ACTIVE
+    before = await emulator.counters()
+
+    again = harness.engine.submit(MappingRequest("c1", ("seg",)))
+    assert (again.queued, again.cached) == (0, 1)
+    [cached] = await harness.engine.wait("c1", ["seg"], 1)
+    assert cached.state is State.ACTIVE
+    after = await emulator.counters()
+    assert after["requests"] == before["requests"]
+
+    # Past the TTL the pair is written (and confirmed) again.
+    await asyncio.sleep(1.6)
+    assert harness.engine.submit(MappingRequest("c1", ("seg",))).queued == 1
+    [renewed] = await harness.engine.wait("c1", ["seg"], 10)
+    assert renewed.state is State.ACTIVE
+    assert (await emulator.counters())["items"]["ContactAlreadyInSegment"] == 1
+
+
+async def test_stalled_writes_are_released_by_one_refresh_per_budget(
+    make_engine: MakeEngine, emulator: EmulatorControl
+):
+    await indexing(emulator, 0.2, 0.4, 1.0)  # every write stalls until a refresh
+    await emulator.configure({"refresh_min_interval_s": 3})
+    policy = fast_policy(window_s=1.0, refresh_min_interval_s=3.0)
+    harness = await make_engine(validation=policy, batching=FAST_BATCHES)
+    pairs = []
+    # Several batches of one segment, spread out: their windows end at different times, and
+    # the later ones need a second refresh after the first has spent the budget.
+    for wave in range(4):
+        for i in range(25):
+            contact = f"w{wave}-{i}"
+            harness.engine.submit(MappingRequest(contact, ("stalled",)))
+            pairs.append((contact, "stalled"))
+        await asyncio.sleep(0.7)
+    states = await wait_states(harness, pairs, 30)
+    assert set(states.values()) == {State.ACTIVE}
+    counters = await emulator.counters()
+    assert counters["requests"]["refresh"].get("429", 0) == 0
+    accepted = counters["requests"]["refresh"]["202"]
+    assert accepted >= 1
+    assert accepted == len(harness.client.refreshes)
+    assert_reads_spaced(harness, policy.interval_s)
+
+
+async def test_a_spent_budget_schedules_the_refresh_and_pauses_polling(
+    make_engine: MakeEngine, emulator: EmulatorControl, http
+):
+    await indexing(emulator, 0.2, 0.4, 1.0)
+    await emulator.configure({"refresh_min_interval_s": 4})
+    # The window outlasts the second that a refresh takes to show the write.
+    policy = fast_policy(window_s=1.5, refresh_min_interval_s=4.0)
+    harness = await make_engine(validation=policy, batching=FAST_BATCHES)
+    # This instance refreshed the segment a moment ago (as a restart would remember it).
+    await harness.client.refresh("seg")
+    harness.client.refreshes.clear()
+    harness.budget.spend("seg", time.time(), time.time() + 4.0)
+
+    started = time.monotonic()
+    harness.engine.submit(MappingRequest("c1", ("seg",)))
+    [result] = await harness.engine.wait("c1", ["seg"], 20)
+    assert result.state is State.ACTIVE
+    assert time.monotonic() - started >= 3.0  # it had to wait for the budget
+    counters = await emulator.counters()
+    assert counters["requests"]["refresh"] == {"202": 2}
+    # While the refresh was pending, the pair was not polled: reads only in the first window and
+    # after the refresh.
+    reads = harness.client.reads
+    first_window_end = reads[0][2] + policy.window_s
+    waiting = [r for r in reads if first_window_end + 0.5 < r[2] < started + 3.0]
+    assert waiting == []
+
+
+async def test_a_budget_spent_elsewhere_costs_one_429_then_waits_for_retry_after(
+    make_engine: MakeEngine, emulator: EmulatorControl
+):
+    await indexing(emulator, 0.2, 0.4, 1.0)
+    await emulator.configure({"refresh_min_interval_s": 3})
+    harness = await make_engine(
+        validation=fast_policy(window_s=1.5, refresh_min_interval_s=3.0), batching=FAST_BATCHES
+    )
+    await harness.client.client.refresh("seg")  # another tool refreshed it, unknown to us
+    harness.engine.submit(MappingRequest("c1", ("seg",)))
+    [result] = await harness.engine.wait("c1", ["seg"], 20)
+    assert result.state is State.ACTIVE
+    counters = await emulator.counters()
+    assert counters["requests"]["refresh"] == {"202": 2, "429": 1}
+
+
+async def test_dynamic_segments_end_not_indexed_with_a_clear_reason(
+    make_engine: MakeEngine, emulator: EmulatorControl
+):
+    await indexing(emulator, 0.2, 0.4, 0.0)
+    await emulator.declare_segment("dyn", "dynamic")
+    await emulator.configure({"refresh_min_interval_s": 1})
+    policy = fast_policy(window_s=0.8, refresh_min_interval_s=1.0, deadline_s=3.0)
+    harness = await make_engine(validation=policy, batching=FAST_BATCHES)
+    harness.engine.submit(MappingRequest("c1", ("dyn", "static")))
+    results = {a.segment_id: a for a in await harness.engine.wait("c1", ["dyn", "static"], 20)}
+    assert results["static"].state is State.ACTIVE
+    dyn = results["dyn"]
+    assert (dyn.state, dyn.reason) == (State.FAILED, FailureReason.NOT_INDEXED)
+    assert "dynamic" in dyn.message
+    assert [a.segment_id for a in await harness.store.failed()] == ["dyn"]
+
+
+async def test_read_429s_and_5xx_are_ridden_out(make_engine: MakeEngine, emulator: EmulatorControl):
+    await indexing(emulator, 0.3, 0.8, 0.0)
+    await emulator.configure(
+        {
+            "limits": {"read": {"rate": 20, "burst": 20}},
+            "faults": {"read": {"error_rate": 0.3}},
+        }
+    )
+    policy = fast_policy(interval_s=0.3, window_s=10.0)
+    harness = await make_engine(validation=policy, batching=FAST_BATCHES, read_rps=200)
+    pairs = [(f"c{i}", "seg") for i in range(60)]
+    for contact, segment in pairs:
+        harness.engine.submit(MappingRequest(contact, (segment,)))
+    states = await wait_states(harness, pairs, 60)
+    assert set(states.values()) == {State.ACTIVE}
+    counters = await emulator.counters()
+    assert counters["faults"]["error"] > 0
+    limited = counters["rate_limited"]["read"]
+    assert limited > 0
+    # A 429 pauses every read, so they stay a small share of the reads that got through.
+    answered = sum(v for k, v in counters["requests"]["read"].items() if k != "429")
+    assert limited < answered / 2
+    assert_reads_spaced(harness, policy.interval_s)
