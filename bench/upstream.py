@@ -12,22 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import math
-import random
 import statistics
 import sys
 import time
-from typing import Any
 
 import aiohttp
 
-from daemon.cxone import HttpCXoneClient
-from daemon.cxone.settings import CXoneSettings
-from daemon.secrets import Secret
-from daemon.store.memory import MemoryStore
-from scheduler.engine import BatchingPolicy, Engine
+from bench._common import build_rig, control, percentile
+from scheduler.engine import BatchingPolicy
 from scheduler.model import Assignment, MappingRequest, State
 from scheduler.observer import EngineObserver
-from scheduler.ratelimit import RateGate
 from tests.support.processes import emulator_process
 
 RATE = 20.0
@@ -61,44 +55,9 @@ class Timings(EngineObserver):
             self.first_send = time.time()
 
 
-def _settings(url: str) -> CXoneSettings:
-    return CXoneSettings(
-        issuer=url,
-        grant="password",
-        client_id="segmapd",
-        client_secret=Secret("segmapd-secret"),
-        access_key_id="emulator-key",
-        access_key_secret=Secret("emulator-secret="),
-    )
-
-
-async def _control(
-    session: aiohttp.ClientSession, url: str, method: str, path: str, body: Any = None
-) -> Any:
-    async with session.request(method, url + path, json=body) as response:
-        response.raise_for_status()
-        return await response.json()
-
-
-async def _engine(url: str, observer: EngineObserver) -> tuple[Engine, HttpCXoneClient]:
-    client = HttpCXoneClient(_settings(url))
-    await client.start()
-    engine = Engine(
-        client=client,
-        store=MemoryStore(),
-        write_gate=RateGate("bulk", RATE),
-        single_gate=RateGate("single", 2.0),
-        batching=BatchingPolicy(linger_s=LINGER_S),
-        observer=observer,
-        rng=random.Random(1),
-    )
-    await engine.start()
-    return engine, client
-
-
 async def _backlog(url: str, session: aiohttp.ClientSession) -> dict[str, float]:
-    await _control(session, url, "POST", "/_emulator/reset", {"config": True})
-    await _control(
+    await control(session, url, "POST", "/_emulator/reset", {"config": True})
+    await control(
         session,
         url,
         "PATCH",
@@ -106,8 +65,8 @@ async def _backlog(url: str, session: aiohttp.ClientSession) -> dict[str, float]
         {"limits": {"bulk": {"rate": RATE, "burst": RATE}}},
     )
     observer = Timings(ASSIGNMENTS)
-    engine, client = await _engine(url, observer)
-    await client.authenticate()  # token and discovery before the clock starts
+    rig = await build_rig(url, observer, write_rps=RATE, batching=BatchingPolicy(linger_s=LINGER_S))
+    engine = rig.engine
     per_segment: dict[str, int] = {}
     started = time.time()
     for i in range(ASSIGNMENTS):
@@ -119,9 +78,8 @@ async def _backlog(url: str, session: aiohttp.ClientSession) -> dict[str, float]
     elapsed = observer.last_written - started
     assert observer.first_send is not None
     sending = observer.last_written - observer.first_send
-    await engine.stop()
-    await client.close()
-    counters = await _control(session, url, "GET", "/_emulator/counters")
+    await rig.close()
+    counters = await control(session, url, "GET", "/_emulator/counters")
     requests = counters["bulk_ids"]["requests"]
     minimum = sum(math.ceil(n / 200) for n in per_segment.values()) / RATE
     return {
@@ -136,22 +94,16 @@ async def _backlog(url: str, session: aiohttp.ClientSession) -> dict[str, float]
 
 
 async def _trickle(url: str, session: aiohttp.ClientSession) -> list[float]:
-    await _control(session, url, "POST", "/_emulator/reset", {"config": True})
+    await control(session, url, "POST", "/_emulator/reset", {"config": True})
     observer = Timings(TRICKLE)
-    engine, client = await _engine(url, observer)
-    await client.authenticate()
+    rig = await build_rig(url, observer, write_rps=RATE, batching=BatchingPolicy(linger_s=LINGER_S))
+    engine = rig.engine
     for i in range(TRICKLE):
         engine.submit(MappingRequest(f"trickle-{i}", ("seg-t",)))
         await asyncio.sleep(1.0)
     await observer.done.wait()
-    await engine.stop()
-    await client.close()
+    await rig.close()
     return observer.written
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
 
 
 async def _run() -> None:
@@ -182,10 +134,10 @@ async def _run() -> None:
     )
     print(f"upstream trickle: 1 assignment/s x {TRICKLE}, linger {LINGER_S * 1000:.0f} ms")
     print(
-        f"  received -> written p50  {_percentile(latencies, 0.5) * 1000:.0f} ms   "
+        f"  received -> written p50  {percentile(latencies, 0.5) * 1000:.0f} ms   "
         f"(target <= linger + 50 ms = {LINGER_S * 1000 + 50:.0f} ms)"
     )
-    print(f"  received -> written p99  {_percentile(latencies, 0.99) * 1000:.0f} ms")
+    print(f"  received -> written p99  {percentile(latencies, 0.99) * 1000:.0f} ms")
 
 
 def main() -> None:

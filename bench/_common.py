@@ -1,0 +1,90 @@
+"""Pieces the engine benchmarks share: emulator control, an engine wired to it, percentiles."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from daemon.cxone import HttpCXoneClient
+from daemon.store.memory import MemoryStore
+from scheduler.engine import BatchingPolicy, Engine
+from scheduler.observer import EngineObserver
+from scheduler.ratelimit import RateGate
+from scheduler.validation import MembershipPoller, ValidationPolicy
+from scheduler.validation_state import MemoryConfirmationCache, MemoryRefreshBudget
+from tests.support.cxone import emulator_settings
+
+
+async def control(
+    session: aiohttp.ClientSession, url: str, method: str, path: str, body: Any = None
+) -> Any:
+    """Call the emulator's control API and return its JSON answer."""
+    async with session.request(method, url + path, json=body) as response:
+        response.raise_for_status()
+        return await response.json()
+
+
+@dataclass
+class Rig:
+    """An engine (and optionally its poller) against the emulator."""
+
+    engine: Engine
+    client: HttpCXoneClient
+    poller: MembershipPoller | None
+
+    async def close(self) -> None:
+        """Stop everything the rig started."""
+        await self.engine.stop()
+        if self.poller is not None:
+            await self.poller.stop()
+        await self.client.close()
+
+
+async def build_rig(
+    url: str,
+    observer: EngineObserver,
+    *,
+    write_rps: float,
+    read_rps: float = 50.0,
+    batching: BatchingPolicy | None = None,
+    validation: ValidationPolicy | None = None,
+) -> Rig:
+    """Start a client, an engine and (with `validation`) a poller; authenticate up front."""
+    client = HttpCXoneClient(emulator_settings(url))
+    await client.start()
+    await client.authenticate()  # token and discovery before any clock starts
+    engine = Engine(
+        client=client,
+        store=MemoryStore(),
+        write_gate=RateGate("bulk", write_rps),
+        single_gate=RateGate("single", 2.0),
+        batching=batching,
+        observer=observer,
+        rng=random.Random(1),
+    )
+    poller = None
+    if validation is not None:
+        poller = MembershipPoller(
+            client=client,
+            read_gate=RateGate("read", read_rps),
+            sink=engine,
+            cache=MemoryConfirmationCache(validation.cache_ttl_s),
+            budget=MemoryRefreshBudget(),
+            policy=validation,
+            observer=observer,
+            rng=random.Random(2),
+        )
+        engine.set_verifier(poller)
+        await poller.start()
+    await engine.start()
+    return Rig(engine, client, poller)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (nearest rank) of the values."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]

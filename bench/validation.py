@@ -1,0 +1,180 @@
+"""Validation benchmark: membership reads per assignment and time to `active`.
+
+The emulator indexes writes after a log-normal delay (median 3 s, p99 12 s, 2 % stalled until a
+refresh), as CXone's guidance describes. Reported against references from the same run and the
+design's targets: reads per assignment (<= 1 + ceil(median delay / 2 s) on average), and
+written -> active and received -> active p50/p99 (p50 <= median delay + 2.2 s).
+
+Two loads: single assignments (one at a time per segment) and 10,000 at once over 50 segments.
+For the latter the read limit is raised on both sides to 2,000/s: at CXone's default 50/s,
+10,000 first reads alone take 200 s, which would measure the limit, not the poller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import sys
+import time
+
+import aiohttp
+
+from bench._common import build_rig, control, percentile
+from scheduler.engine import BatchingPolicy
+from scheduler.model import Assignment, MappingRequest, State
+from scheduler.observer import EngineObserver
+from scheduler.validation import ValidationPolicy
+from tests.support.processes import emulator_process
+
+MEDIAN_DELAY_S = 3.0
+SINGLES = 30
+BULK = 10_000
+BULK_SEGMENTS = 50
+BULK_READ_RPS = 2000.0
+
+
+class ActiveTimes(EngineObserver):
+    """Written and active times per assignment."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.done = asyncio.Event()
+        self.written_at: dict[tuple[str, str], float] = {}
+        self.received_to_active: list[float] = []
+        self.written_to_active: list[float] = []
+        self.failed = 0
+
+    def transitioned(self, assignment: Assignment, previous: State) -> None:
+        now = time.time()
+        if assignment.state is State.WRITTEN:
+            self.written_at[assignment.key] = now
+        elif assignment.state is State.ACTIVE:
+            self.received_to_active.append(now - assignment.received_at)
+            self.written_to_active.append(now - self.written_at[assignment.key])
+        elif assignment.state is State.FAILED:
+            self.failed += 1
+        if len(self.received_to_active) + self.failed >= self.expected:
+            self.done.set()
+
+
+async def _measure(
+    url: str,
+    session: aiohttp.ClientSession,
+    *,
+    count: int,
+    segments: int,
+    read_rps: float,
+    write_rps: float,
+    spacing_s: float,
+) -> dict[str, float]:
+    await control(session, url, "POST", "/_emulator/reset", {"config": True})
+    await control(
+        session,
+        url,
+        "PATCH",
+        "/_emulator/config",
+        {
+            "indexing": {"median_s": MEDIAN_DELAY_S, "p99_s": 12.0, "stall_fraction": 0.02},
+            "limits": {
+                "read": {"rate": read_rps, "burst": read_rps},
+                "bulk": {"rate": write_rps, "burst": write_rps},
+            },
+        },
+    )
+    observer = ActiveTimes(count)
+    rig = await build_rig(
+        url,
+        observer,
+        write_rps=write_rps,
+        read_rps=read_rps,
+        batching=BatchingPolicy(linger_s=0.05 if spacing_s else 1.0),
+        validation=ValidationPolicy(),
+    )
+    for i in range(count):
+        rig.engine.submit(MappingRequest(f"{200000000000 + i}", (f"seg-{i % segments}",)))
+        if spacing_s:
+            await asyncio.sleep(spacing_s)
+    await asyncio.wait_for(observer.done.wait(), 600)
+    await rig.close()
+    counters = await control(session, url, "GET", "/_emulator/counters")
+    reads = sum(counters["requests"]["read"].values())
+    refreshes = counters["requests"]["refresh"]
+    return {
+        "reads_per_assignment": reads / count,
+        "w2a_p50": percentile(observer.written_to_active, 0.5),
+        "w2a_p99": percentile(observer.written_to_active, 0.99),
+        "r2a_p50": percentile(observer.received_to_active, 0.5),
+        "r2a_p99": percentile(observer.received_to_active, 0.99),
+        "failed": float(observer.failed),
+        "refreshes": float(refreshes.get("202", 0)),
+        "refresh_429": float(refreshes.get("429", 0)),
+        "read_429": float(counters["rate_limited"]["read"]),
+    }
+
+
+def _report(title: str, figures: dict[str, float]) -> None:
+    target_reads = 1 + math.ceil(MEDIAN_DELAY_S / 2.0)
+    print(title)
+    print(
+        f"  membership reads per assignment  {figures['reads_per_assignment']:.2f}   "
+        f"(target <= 1 + ceil({MEDIAN_DELAY_S:g} s / 2 s) = {target_reads})"
+    )
+    print(
+        f"  written -> active   p50 {figures['w2a_p50']:.2f} s   p99 {figures['w2a_p99']:.2f} s   "
+        f"(target p50 <= {MEDIAN_DELAY_S:g} s delay + 2.2 s = {MEDIAN_DELAY_S + 2.2:.1f} s)"
+    )
+    print(f"  received -> active  p50 {figures['r2a_p50']:.2f} s   p99 {figures['r2a_p99']:.2f} s")
+    print(
+        f"  refreshes {figures['refreshes']:.0f} (429s {figures['refresh_429']:.0f}), "
+        f"read 429s {figures['read_429']:.0f}, failed {figures['failed']:.0f}"
+    )
+
+
+async def _run() -> None:
+    emulator = emulator_process()
+    url = emulator.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            singles = await _measure(
+                url,
+                session,
+                count=SINGLES,
+                segments=SINGLES,
+                read_rps=50.0,
+                write_rps=10.0,
+                spacing_s=0.5,
+            )
+            bulk = await _measure(
+                url,
+                session,
+                count=BULK,
+                segments=BULK_SEGMENTS,
+                read_rps=BULK_READ_RPS,
+                write_rps=10.0,
+                spacing_s=0.0,
+            )
+    finally:
+        emulator.stop()
+    _report(
+        f"validation, single assignments: {SINGLES}, each alone in its segment, 0.5 s apart; "
+        "CXone default limits (reads 50/s, writes 10/s)",
+        singles,
+    )
+    _report(
+        f"validation, {BULK} assignments at once over {BULK_SEGMENTS} segments; "
+        f"reads {BULK_READ_RPS:g}/s, writes 10/s",
+        bulk,
+    )
+
+
+def main() -> None:
+    """Run the validation benchmark and print its figures."""
+    if sys.platform != "win32":
+        import uvloop
+
+        uvloop.install()
+    asyncio.run(_run())
+
+
+if __name__ == "__main__":
+    main()
