@@ -1,0 +1,314 @@
+"""segmapd's configuration: one TOML file, `SEGMAPD_<SECTION>__<KEY>` overrides, `*_file` secrets.
+
+Validated once, at start-up, with pydantic; every error names the key and the problem. Unknown
+keys (in the file or in the environment) are errors too: a typo must not silently fall back to
+a default.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+ENV_PREFIX = "SEGMAPD_"
+ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names every offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Section):
+    """`[server]`: the HTTP listener and its admin API."""
+
+    listen: str = "127.0.0.1:8080"
+    admin_tokens: list[SecretStr] = Field(default_factory=list)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
+    high_water: int = Field(default=1_000_000, ge=1)
+    drain_budget_s: float = Field(default=20.0, gt=0)
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8080")
+        return value
+
+    @property
+    def host(self) -> str:
+        """The host part of `listen` (IPv6 brackets removed)."""
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        """The port part of `listen`."""
+        return int(self.listen.rpartition(":")[2])
+
+
+class PathsConfig(_Section):
+    """`[cxone.paths]`: segment API paths (CXone documents none publicly)."""
+
+    bulk: str = "/api/v2/segments/{segmentId}/contacts"
+    member: str = "/api/v2/segments/{segmentId}/contacts/{contactId}"
+    refresh: str = "/api/v2/segments/{segmentId}/refresh"
+
+
+class CXoneConfig(_Section):
+    """`[cxone]`: where CXone is and how to authenticate."""
+
+    issuer: str = "https://cxone.niceincontact.com"
+    api_base: str = ""
+    token_url: str = ""
+    grant: Literal["password", "client_credentials"] = "password"
+    client_id: str = ""
+    client_secret: SecretStr = SecretStr("")
+    access_key_id: str = ""
+    access_key_secret: SecretStr = SecretStr("")
+    scopes: list[str] = Field(default_factory=list)
+    timeout_s: float = Field(default=10.0, gt=0)
+    paths: PathsConfig = Field(default_factory=PathsConfig)
+
+
+class LimitsConfig(_Section):
+    """`[limits]`: request rates per endpoint class (match your tenant's limits)."""
+
+    write_rps: float = Field(default=10.0, gt=0)
+    single_write_rps: float = Field(default=2.0, gt=0)
+    read_rps: float = Field(default=50.0, gt=0)
+
+
+class BatchingConfig(_Section):
+    """`[batching]`: how writes are grouped."""
+
+    min_size: int = Field(default=50, ge=1, le=200)
+    max_size: int = Field(default=200, ge=1, le=200)
+    linger_ms: int = Field(default=1000, ge=0, le=60_000)
+    max_inflight_per_contact: int = Field(default=3, ge=1)
+
+
+class RetryConfig(_Section):
+    """`[retry]`: backoff of failed writes."""
+
+    initial_s: float = Field(default=2.0, gt=0)
+    multiplier: float = Field(default=1.5, ge=1)
+    max_s: float = Field(default=30.0, gt=0)
+    jitter_ms: float = Field(default=1000.0, ge=0)
+    attempts: int = Field(default=5, ge=1, le=100)
+
+
+class ValidationConfig(_Section):
+    """`[validation]`: confirming memberships are indexed."""
+
+    interval_s: float = Field(default=2.0, gt=0)
+    window_s: float = Field(default=30.0, gt=0)
+    cache_ttl_s: float = Field(default=60.0, ge=0)
+    refresh_min_interval_s: float = Field(default=3600.0, ge=0)
+    deadline_s: float = Field(default=7200.0, gt=0)
+
+
+class StoreConfig(_Section):
+    """`[store]`: the journal."""
+
+    url: str = "sqlite:///var/lib/segmapd/journal.db"
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        scheme = value.partition("://")[0]
+        if scheme not in {"sqlite", "redis", "rediss", "memory"}:
+            raise ValueError("must start with sqlite://, redis://, rediss:// or memory://")
+        return value
+
+
+class SourceConfig(_Section):
+    """`[sources.NAME]`: one webhook source; NAME is its URL segment."""
+
+    kind: Literal["standard", "hubspot", "salesforce"] = "standard"
+    secret: SecretStr = SecretStr("")
+    tolerance_s: int = Field(default=300, ge=1, le=86_400)
+
+
+class NotifyConfig(_Section):
+    """`[notify]`: optional signed outbound events `mapping.active` / `mapping.failed`."""
+
+    url: str = ""
+    secret: SecretStr = SecretStr("")
+    timeout_s: float = Field(default=10.0, gt=0)
+
+
+class LogConfig(_Section):
+    """`[log]`: logging."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(_Section):
+    """The whole configuration."""
+
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    cxone: CXoneConfig = Field(default_factory=CXoneConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    sources: dict[str, SourceConfig] = Field(default_factory=dict)
+    notify: NotifyConfig = Field(default_factory=NotifyConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+
+def load_config(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read the TOML file (if any), apply environment overrides and `*_file` secrets, validate."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as handle:
+                raw = tomllib.load(handle)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    errors: list[str] = []
+    _apply_environment(raw, environ, errors)
+    _read_secret_files(raw, environ.get("CREDENTIALS_DIRECTORY"), (), errors)
+    if errors:
+        raise ConfigError("; ".join(errors))
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    _check_consistency(config, errors)
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return config
+
+
+def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str], errors: list[str]) -> None:
+    for name, value in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        if len(parts) < 2 or not all(parts):
+            errors.append(f"{name}: expected {ENV_PREFIX}<SECTION>__<KEY>")
+            continue
+        if parts[0] == "sources" and len(parts) == 3:
+            pass  # SEGMAPD_SOURCES__CRM__SECRET: the source name is free
+        elif not _known_path(parts):
+            errors.append(f"{name}: no such setting {'.'.join(parts)}")
+            continue
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                errors.append(f"{name}: {part} is not a table")
+                break
+            node = child
+        else:
+            node[parts[-1]] = _parse_env_value(value)
+
+
+def _known_path(parts: list[str]) -> bool:
+    model: type[BaseModel] = Config
+    for index, part in enumerate(parts):
+        key = part[: -len("_file")] if part.endswith("_file") and index == len(parts) - 1 else part
+        field = model.model_fields.get(key)
+        if field is None:
+            return False
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        elif index != len(parts) - 1:
+            return False
+    return True
+
+
+def _parse_env_value(value: str) -> Any:
+    # TOML syntax lets lists, numbers and booleans through (SEGMAPD_CXONE__SCOPES='["a", "b"]');
+    # anything that is not a TOML value is taken as a plain string.
+    try:
+        return tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return value
+
+
+def _read_secret_files(
+    node: dict[str, Any], credentials_dir: str | None, where: tuple[str, ...], errors: list[str]
+) -> None:
+    for key in list(node):
+        value = node[key]
+        if isinstance(value, dict):
+            _read_secret_files(value, credentials_dir, (*where, key), errors)
+            continue
+        if not key.endswith("_file"):
+            continue
+        target = key[: -len("_file")]
+        dotted = ".".join((*where, key))
+        if target in node:
+            errors.append(f"{dotted}: set either {target} or {key}, not both")
+            continue
+        if not isinstance(value, str) or not value:
+            errors.append(f"{dotted}: must be a file name")
+            continue
+        path = Path(value)
+        if not path.is_absolute() and credentials_dir:
+            path = Path(credentials_dir) / path
+        try:
+            secret = path.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            errors.append(f"{dotted}: cannot read {path}: {exc.strerror}")
+            continue
+        del node[key]
+        if target == "admin_tokens":
+            node[target] = [line.strip() for line in secret.splitlines() if line.strip()]
+        else:
+            node[target] = secret
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        location = ".".join(str(part) for part in error["loc"])
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        problems.append(f"{location}: {message}")
+    return "; ".join(problems)
+
+
+def _check_consistency(config: Config, errors: list[str]) -> None:
+    if config.batching.min_size > config.batching.max_size:
+        errors.append("batching.min_size: must not exceed batching.max_size")
+    if config.retry.initial_s > config.retry.max_s:
+        errors.append("retry.initial_s: must not exceed retry.max_s")
+    for name, source in config.sources.items():
+        if not _valid_source_name(name):
+            errors.append(f"sources.{name}: the name must be 1-64 of [a-z0-9_-]")
+        if not source.secret.get_secret_value():
+            errors.append(f"sources.{name}.secret: required (or secret_file)")
+    if config.notify.url and not config.notify.secret.get_secret_value():
+        errors.append("notify.secret: required when notify.url is set")
+    if not config.cxone.client_id:
+        errors.append("cxone.client_id: required")
+    if not config.cxone.client_secret.get_secret_value():
+        errors.append("cxone.client_secret: required (or client_secret_file)")
+    if config.cxone.grant == "password" and not (
+        config.cxone.access_key_id and config.cxone.access_key_secret.get_secret_value()
+    ):
+        errors.append(
+            'cxone.access_key_id / cxone.access_key_secret: required for grant = "password"'
+        )
+
+
+def _valid_source_name(name: str) -> bool:
+    return 1 <= len(name) <= 64 and all(c.isdigit() or c in "-_" or "a" <= c <= "z" for c in name)
