@@ -28,3 +28,45 @@ class EngineObserver:
 
     def retry_scheduled(self, segment_id: str, ids: int, delay_s: float) -> None:
         """Ids of a segment will be retried after `delay_s`."""
+
+
+class CompositeObserver(EngineObserver):
+    """Forwards every hook to several observers (metrics, notifications, ...)."""
+
+    def __init__(self, observers: list[EngineObserver]) -> None:
+        self._observers = list(observers)
+
+    def transitioned(self, assignment: Assignment, previous: State) -> None:
+        """Forward."""
+        for observer in self._observers:
+            observer.transitioned(assignment, previous)
+
+    def bulk_sent(self, segment_id: str, ids: int, attempt: int) -> None:
+        """Forward."""
+        for observer in self._observers:
+            observer.bulk_sent(segment_id, ids, attempt)
+
+    def upstream_outcome(self, endpoint: str, outcome: str, elapsed_s: float) -> None:
+        """Forward."""
+        for observer in self._observers:
+            observer.upstream_outcome(endpoint, outcome, elapsed_s)
+
+    def membership_read(self, segment_id: str, is_member: bool) -> None:
+        """Forward."""
+        for observer in self._observers:
+            observer.membership_read(segment_id, is_member)
+
+    def segment_refreshed(self, segment_id: str) -> None:
+        """Forward."""
+        for observer in self._observers:
+            observer.segment_refreshed(segment_id)
+
+    def finished(self, assignment: Assignment) -> None:
+        """Forward."""
+        for observer in self._observers:
+            observer.finished(assignment)
+
+    def retry_scheduled(self, segment_id: str, ids: int, delay_s: float) -> None:
+        """Forward."""
+        for observer in self._observers:
+            observer.retry_scheduled(segment_id, ids, delay_s)

@@ -54,3 +54,19 @@ class Store(Protocol):
     async def counts(self) -> dict[str, int]:
         """Number of retained assignments per state."""
         ...
+
+    async def delivery(self, source: str, delivery_id: str) -> bytes | None:
+        """The answer given to an earlier delivery with this id, if it is remembered."""
+        ...
+
+    async def remember_delivery(self, source: str, delivery_id: str, answer: bytes) -> None:
+        """Remember the answer to a delivery, so a redelivery gets it again and adds no work."""
+        ...
+
+    async def check_writable(self) -> None:
+        """Raise if the store cannot take writes now (readiness probe)."""
+        ...
+
+    async def close(self) -> None:
+        """Release the store's resources; idempotent."""
+        ...

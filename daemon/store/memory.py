@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
+from collections import Counter, OrderedDict
 
 from scheduler.model import Assignment, AssignmentKey, State
 from scheduler.store import BatchRecord
+
+# Redelivery memory is bounded: a webhook sender retries within hours, not forever.
+MAX_DELIVERIES = 1_000_000
 
 
 class MemoryStore:
@@ -16,6 +19,7 @@ class MemoryStore:
         self._assignments: dict[AssignmentKey, Assignment] = {}
         self._by_contact: dict[str, dict[str, Assignment]] = {}
         self._batches: dict[str, BatchRecord] = {}
+        self._deliveries: OrderedDict[tuple[str, str], bytes] = OrderedDict()
 
     def record(self, assignment: Assignment) -> None:
         """Keep a copy of the assignment as it is now."""
@@ -48,6 +52,22 @@ class MemoryStore:
     async def counts(self) -> dict[str, int]:
         """Assignments per state."""
         return dict(Counter(str(a.state) for a in self._assignments.values()))
+
+    async def delivery(self, source: str, delivery_id: str) -> bytes | None:
+        """The remembered answer, if any."""
+        return self._deliveries.get((source, delivery_id))
+
+    async def remember_delivery(self, source: str, delivery_id: str, answer: bytes) -> None:
+        """Remember the answer; the oldest are forgotten past MAX_DELIVERIES."""
+        self._deliveries[(source, delivery_id)] = answer
+        while len(self._deliveries) > MAX_DELIVERIES:
+            self._deliveries.popitem(last=False)
+
+    async def check_writable(self) -> None:
+        """Memory is always writable."""
+
+    async def close(self) -> None:
+        """Nothing to release."""
 
     @property
     def batches(self) -> list[BatchRecord]:

@@ -1,0 +1,401 @@
+"""The HTTP interface: webhooks in, the admin API, probes, metrics and the OpenAPI document.
+
+The app only says what to serve; the process (daemon/runner.py) owns its lifecycle. Bad input
+always gets a specific 4xx naming the problem; a 500 means a bug in segmapd, never bad input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from daemon.openapi import OPENAPI_DOCUMENT
+from daemon.service import Service
+from listeners import WebhookRejected, parse_events
+from scheduler.engine import EngineClosed, EngineOverloaded, SubmitResult
+from scheduler.model import Assignment, MappingRequest
+
+log = logging.getLogger(__name__)
+
+SERVICE: web.AppKey[Service] = web.AppKey("service", Service)
+MAX_WAIT_S = 300.0
+# When draining or overloaded, how long a sender should wait before retrying.
+DRAIN_RETRY_AFTER_S = 5
+
+
+def json_response(
+    body: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    """A JSON response encoded with orjson."""
+    return web.Response(
+        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+def problem(status: int, message: str, *, field: str | None = None, **extra: Any) -> web.Response:
+    """An error response: `{"error": <reason phrase>, "message": ..., "field": ...}`."""
+    body: dict[str, Any] = {"error": _REASONS.get(status, "Error"), "message": message}
+    if field is not None:
+        body["field"] = field
+    body.update(extra)
+    headers = None
+    if "retryAfter" in extra:
+        headers = {"Retry-After": str(math.ceil(extra["retryAfter"]))}
+    return json_response(body, status, headers)
+
+
+_REASONS = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    413: "PayloadTooLarge",
+    415: "UnsupportedMediaType",
+    422: "UnprocessableEntity",
+    500: "InternalError",
+    503: "ServiceUnavailable",
+}
+
+
+def iso(ts: float) -> str:
+    """RFC 3339 UTC with milliseconds."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def assignment_view(a: Assignment) -> dict[str, Any]:
+    """The public JSON shape of one assignment."""
+    return {
+        "segmentId": a.segment_id,
+        "state": str(a.state),
+        "reason": str(a.reason) if a.reason is not None else None,
+        "message": a.message or None,
+        "attempts": a.attempts,
+        "receivedAt": iso(a.received_at),
+        "updatedAt": iso(a.updated_at),
+    }
+
+
+# ---- middleware ------------------------------------------------------------------------------
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Turn aiohttp's HTTP errors into JSON problems, and bugs into a logged 500."""
+    try:
+        return await handler(request)
+    except web.HTTPRequestEntityTooLarge as exc:
+        return problem(413, f"body larger than {exc.max_size} bytes (server.max_body_bytes)")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return problem(exc.status, exc.reason)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return problem(500, "internal error; see the segmapd log")
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The body, refused with 413 past the limit: aiohttp stops reading there, never truncates."""
+    service = request.app[SERVICE]
+    limit = service.config.server.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    return await request.read()
+
+
+def require_admin(request: web.Request) -> web.Response | None:
+    """None if the request carries a configured admin bearer token, else a 401 response."""
+    tokens = request.app[SERVICE].config.server.admin_tokens
+    header = request.headers.get("Authorization", "")
+    scheme, _, presented = header.partition(" ")
+    if scheme.lower() != "bearer" or not presented:
+        return problem(401, "admin API: send Authorization: Bearer <server.admin_tokens entry>")
+    # Compare against every token, without stopping at a match, in constant time each.
+    matched = False
+    for token in tokens:
+        matched |= hmac.compare_digest(token.get_secret_value().encode(), presented.encode())
+    if not matched:
+        return problem(401, "admin API: token not accepted")
+    return None
+
+
+def refuse_if_busy(service: Service, assignments: int) -> web.Response | None:
+    """503 + Retry-After when draining or when the work would cross the high-water mark."""
+    if service.draining:
+        return problem(503, "segmapd is shutting down", retryAfter=DRAIN_RETRY_AFTER_S)
+    engine = service.engine
+    if engine.pending_writes + assignments > engine.batching.high_water:
+        retry_after = max(1.0, assignments / (service.config.limits.write_rps * 200))
+        return problem(
+            503,
+            f"{engine.pending_writes} assignments pending (server.high_water "
+            f"{engine.batching.high_water}); retry later",
+            retryAfter=retry_after,
+        )
+    return None
+
+
+def submit_all(service: Service, events: list[MappingRequest]) -> SubmitResult:
+    """Hand every event to the engine; returns the totals."""
+    queued = joined = cached = 0
+    for event in events:
+        result = service.engine.submit(event)
+        queued += result.queued
+        joined += result.joined
+        cached += result.cached
+    if cached:
+        service.metrics.record_cache_hit(cached)
+    return SubmitResult(queued=queued, joined=joined, cached=cached)
+
+
+def accepted_body(result: SubmitResult) -> dict[str, int]:
+    """`{"accepted": assignments in the request, "duplicates": those already pending or active}`."""
+    duplicates = result.joined + result.cached
+    return {"accepted": result.queued + duplicates, "duplicates": duplicates}
+
+
+# ---- routes ------------------------------------------------------------------------------------
+
+
+async def webhook(request: web.Request) -> web.Response:
+    """POST /v1/webhooks/{source}: a signed delivery of one event or an array of events."""
+    service = request.app[SERVICE]
+    source = request.match_info["source"]
+    response = await _webhook(request, service, source)
+    service.metrics.record_webhook(source, response.status)
+    return response
+
+
+async def _webhook(request: web.Request, service: Service, source: str) -> web.Response:
+    verifier = service.verifiers.get(source)
+    if verifier is None:
+        return problem(404, f"no webhook source named {source!r} (configure [sources.{source}])")
+    try:
+        body = await read_body(request)
+    except web.HTTPRequestEntityTooLarge as exc:
+        return problem(413, f"body larger than {exc.max_size} bytes (server.max_body_bytes)")
+    try:
+        delivery_id = verifier.verify(request.headers, body)
+    except WebhookRejected as exc:
+        return problem(exc.status, exc.message, field=exc.field)
+    earlier = await service.store.delivery(source, delivery_id)
+    if earlier is not None:
+        # A redelivery: the same answer, no new work.
+        return web.Response(body=earlier, status=200, content_type="application/json")
+    try:
+        events = parse_events(body)
+    except WebhookRejected as exc:
+        return problem(exc.status, exc.message, field=exc.field)
+    assignments = sum(len(e.segment_ids) for e in events)
+    busy = refuse_if_busy(service, assignments)
+    if busy is not None:
+        return busy
+    try:
+        result = submit_all(service, events)
+    except (EngineClosed, EngineOverloaded):
+        return problem(503, "segmapd is not taking work now", retryAfter=DRAIN_RETRY_AFTER_S)
+    answer = accepted_body(result)
+    service.metrics.record_accepted(source, answer["accepted"], answer["duplicates"])
+    encoded = orjson.dumps(answer)
+    await service.store.remember_delivery(source, delivery_id, encoded)
+    await service.store.flush()
+    return web.Response(body=encoded, status=202, content_type="application/json")
+
+
+async def mappings(request: web.Request) -> web.Response:
+    """POST /v1/mappings[?wait=SECONDS]: a webhook body, with an admin token, not a signature."""
+    service = request.app[SERVICE]
+    denied = require_admin(request)
+    if denied is not None:
+        return denied
+    wait_s = 0.0
+    if "wait" in request.query:
+        try:
+            wait_s = float(request.query["wait"])
+        except ValueError:
+            return problem(400, "wait: must be a number of seconds", field="wait")
+        if not 0 <= wait_s <= MAX_WAIT_S or math.isnan(wait_s):
+            return problem(400, f"wait: must be between 0 and {MAX_WAIT_S:g}", field="wait")
+    body = await read_body(request)
+    try:
+        events = parse_events(body)
+    except WebhookRejected as exc:
+        return problem(exc.status, exc.message, field=exc.field)
+    busy = refuse_if_busy(service, sum(len(e.segment_ids) for e in events))
+    if busy is not None:
+        return busy
+    try:
+        result = submit_all(service, events)
+    except (EngineClosed, EngineOverloaded):
+        return problem(503, "segmapd is not taking work now", retryAfter=DRAIN_RETRY_AFTER_S)
+    answer: dict[str, Any] = dict(accepted_body(result))
+    await service.store.flush()
+    if not wait_s:
+        return json_response(answer, 202)
+    deadline = time.monotonic() + wait_s
+    results = []
+    all_done = True
+    for event in events:
+        remaining = max(0.0, deadline - time.monotonic())
+        states = await service.engine.wait(event.contact_id, event.segment_ids, remaining)
+        all_done &= all(a.terminal for a in states) and len(states) == len(event.segment_ids)
+        results.append(
+            {"contactId": event.contact_id, "segments": [assignment_view(a) for a in states]}
+        )
+    answer["complete"] = all_done
+    answer["results"] = results
+    return json_response(answer, 200 if all_done else 202)
+
+
+async def contact(request: web.Request) -> web.Response:
+    """GET /v1/contacts/{contactId}: every retained assignment of a contact."""
+    service = request.app[SERVICE]
+    denied = require_admin(request)
+    if denied is not None:
+        return denied
+    contact_id = request.match_info["contactId"]
+    assignments = await service.store.contact(contact_id)
+    if not assignments:
+        return problem(404, f"no assignments for contact {contact_id!r}", field="contactId")
+    return json_response(
+        {"contactId": contact_id, "segments": [assignment_view(a) for a in assignments]}
+    )
+
+
+async def dead_letters(request: web.Request) -> web.Response:
+    """GET /v1/dead-letters[?limit=N]: failed assignments, oldest first."""
+    service = request.app[SERVICE]
+    denied = require_admin(request)
+    if denied is not None:
+        return denied
+    try:
+        limit = int(request.query.get("limit", "1000"))
+    except ValueError:
+        return problem(400, "limit: must be an integer", field="limit")
+    if not 1 <= limit <= 100_000:
+        return problem(400, "limit: must be between 1 and 100000", field="limit")
+    failed = await service.store.failed(limit)
+    return json_response(
+        {"deadLetters": [{"contactId": a.contact_id, **assignment_view(a)} for a in failed]}
+    )
+
+
+async def replay_dead_letters(request: web.Request) -> web.Response:
+    """POST /v1/dead-letters/replay: put failed assignments back in the queue.
+
+    Body (optional): `{"contactIds": [...]}` to replay only those contacts; empty or `{}` replays
+    every dead letter.
+    """
+    service = request.app[SERVICE]
+    denied = require_admin(request)
+    if denied is not None:
+        return denied
+    body = await read_body(request)
+    only: set[str] | None = None
+    if body.strip():
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            return problem(400, f"body: not JSON ({exc})")
+        if not isinstance(parsed, dict) or set(parsed) - {"contactIds"}:
+            return problem(400, 'body: expected {"contactIds": [...]} or nothing')
+        ids = parsed.get("contactIds")
+        if ids is not None:
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                return problem(400, "contactIds: must be a list of strings", field="contactIds")
+            only = set(ids)
+    failed = await service.store.failed(100_000)
+    chosen = [a for a in failed if only is None or a.contact_id in only]
+    busy = refuse_if_busy(service, len(chosen))
+    if busy is not None:
+        return busy
+    replayed = 0
+    for assignment in chosen:
+        result = service.engine.submit(
+            MappingRequest(assignment.contact_id, (assignment.segment_id,))
+        )
+        replayed += result.queued
+    log.info("replayed %d dead letters", replayed)
+    return json_response({"replayed": replayed}, 202)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """GET /healthz: the event loop answers and the engine's writer is alive."""
+    service = request.app[SERVICE]
+    if not service.engine.healthy:
+        return json_response({"status": "failing", "reason": "the writer task died"}, 503)
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """GET /readyz: store writable, CXone token obtainable, not draining, below high-water."""
+    service = request.app[SERVICE]
+    checks: dict[str, str] = {}
+    checks["draining"] = "no" if not service.draining else "yes"
+    engine = service.engine
+    checks["queue"] = (
+        "ok" if not engine.overloaded else f"above high-water mark ({engine.pending_writes})"
+    )
+    try:
+        await service.store.check_writable()
+        checks["store"] = "ok"
+    except Exception as exc:  # any failure is a not-ready reason, reported as such
+        checks["store"] = f"not writable: {exc}"
+    token_ok, token_error = await service.token_ready()
+    checks["cxone_token"] = "ok" if token_ok else token_error
+    ready = (
+        not service.draining
+        and not engine.overloaded
+        and checks["store"] == "ok"
+        and token_ok
+        and engine.healthy
+    )
+    return json_response({"ready": ready, "checks": checks}, 200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus text exposition."""
+    body, content_type = request.app[SERVICE].metrics.render()
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = content_type
+    return response
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """GET /openapi.json: the OpenAPI 3.1 description of this API."""
+    return json_response(OPENAPI_DOCUMENT)
+
+
+def build_app(service: Service) -> web.Application:
+    """The aiohttp application serving `service`."""
+    app = web.Application(
+        middlewares=[error_middleware],
+        client_max_size=service.config.server.max_body_bytes,
+    )
+    app[SERVICE] = service
+    app.router.add_post("/v1/webhooks/{source}", webhook)
+    app.router.add_post("/v1/mappings", mappings)
+    app.router.add_get("/v1/contacts/{contactId}", contact)
+    app.router.add_get("/v1/dead-letters", dead_letters)
+    app.router.add_post("/v1/dead-letters/replay", replay_dead_letters)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
+    return app

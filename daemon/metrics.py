@@ -1,0 +1,350 @@
+"""Prometheus metrics for segmapd: an `EngineObserver` that owns its own registry.
+
+Labels only ever carry bounded values chosen by the daemon (state, outcome, endpoint class,
+status code, configured source name). Contact ids, segment ids, tokens and secrets are never
+labels: they would blow up the number of series and leak into every scrape.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from scheduler.model import TERMINAL_STATES, Assignment, FailureReason, State
+from scheduler.observer import EngineObserver
+
+logger = logging.getLogger(__name__)
+
+BULK_IDS_BUCKETS = (1.0, 10.0, 25.0, 50.0, 100.0, 150.0, 195.0, 200.0)
+"""Ids per bulk request; 195 and 200 show how close batches run to CXone's cap."""
+
+UPSTREAM_DURATION_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+"""Seconds per CXone HTTP exchange."""
+
+ACTIVE_LATENCY_BUCKETS = (
+    0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0,
+)  # fmt: skip
+"""Seconds from a webhook's receipt to the assignment being confirmed active (0.5 s to 2 h)."""
+
+NO_STATUS = "none"
+"""The `code` label of an upstream exchange that got no HTTP answer (status 0)."""
+
+NO_REASON = "none"
+"""The `reason` label of a finished assignment that has no failure reason (an active one)."""
+
+ENGINE_GAUGES: dict[str, tuple[str, str]] = {
+    "buffered": ("segmapd_buffer_depth", "Contact ids waiting in the batching buffer."),
+    "pending_writes": (
+        "segmapd_pending_writes",
+        "Assignments whose write to CXone is still pending (queued, sending or retrying).",
+    ),
+    "pending_validation": (
+        "segmapd_pending_validations",
+        "Assignments written and waiting for their membership to be confirmed.",
+    ),
+}
+"""Scrape-time gauges fed by `Metrics.bind_engine`: binding key -> (name, help)."""
+
+
+def _safe_call(name: str, fn: Callable[[], float]) -> float:
+    """Evaluate a scrape-time callback; a failing one yields NaN instead of breaking the scrape."""
+    try:
+        return float(fn())
+    except Exception:
+        logger.exception("metrics callback %s failed", name)
+        return math.nan
+
+
+class _CallbackCollector(Collector):
+    """Values read at scrape time from callables bound once the engine and gates exist."""
+
+    def __init__(self) -> None:
+        self.engine: dict[str, Callable[[], float]] = {}
+        self.gates: dict[str, Callable[[], float]] = {}
+
+    def _families(self) -> tuple[dict[str, GaugeMetricFamily], CounterMetricFamily]:
+        gauges = {
+            key: GaugeMetricFamily(name, help_text)
+            for key, (name, help_text) in ENGINE_GAUGES.items()
+        }
+        wait = CounterMetricFamily(
+            "segmapd_ratelimit_wait_seconds",
+            "Seconds requests spent waiting for the rate limiter, by endpoint class.",
+            labels=["endpoint"],
+        )
+        return gauges, wait
+
+    def describe(self) -> Iterable[Metric]:
+        """The families this collector yields (so the registry can detect name clashes)."""
+        gauges, wait = self._families()
+        return [*gauges.values(), wait]
+
+    def collect(self) -> Iterable[Metric]:
+        """Evaluate every bound callable now."""
+        gauges, wait = self._families()
+        for key, family in gauges.items():
+            fn = self.engine.get(key)
+            # Before the engine is bound there is nothing buffered: report 0 rather than a gap.
+            family.add_metric([], _safe_call(key, fn) if fn is not None else 0.0)
+        for endpoint, fn in sorted(self.gates.items()):
+            wait.add_metric([endpoint], _safe_call(f"gate {endpoint}", fn))
+        return [*gauges.values(), wait]
+
+
+class Metrics(EngineObserver):
+    """Every segmapd metric, in a registry of its own; also the engine's metrics observer.
+
+    `source` labels must be configured source names (a bounded set), never raw request input.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+
+        # Intake.
+        self.webhooks = Counter(
+            "segmapd_webhooks_received_total",
+            "Webhook requests received, by source and HTTP status answered.",
+            ["source", "code"],
+            registry=r,
+        )
+        self.events_accepted = Counter(
+            "segmapd_events_accepted_total",
+            "Webhook events accepted, by source.",
+            ["source"],
+            registry=r,
+        )
+        self.assignments_accepted = Counter(
+            "segmapd_assignments_accepted_total",
+            "Assignments accepted from webhook events, by source.",
+            ["source"],
+            registry=r,
+        )
+        self.assignments_duplicate = Counter(
+            "segmapd_assignments_duplicate_total",
+            "Assignments in accepted events that were already known, by source.",
+            ["source"],
+            registry=r,
+        )
+
+        # Assignment lifecycle.
+        self.assignments = Gauge(
+            "segmapd_assignments",
+            "Assignments the engine currently holds, by state (terminal ones leave on finishing).",
+            ["state"],
+            registry=r,
+        )
+        self.transitions = Counter(
+            "segmapd_assignment_transitions_total",
+            "Assignment state transitions, by the state entered.",
+            ["state"],
+            registry=r,
+        )
+        self.finished_total = Counter(
+            "segmapd_assignments_finished_total",
+            "Assignments that reached a terminal state, by outcome and failure reason.",
+            ["outcome", "reason"],
+            registry=r,
+        )
+        self.active_latency = Histogram(
+            "segmapd_assignment_active_latency_seconds",
+            "Seconds from receipt of an assignment to its confirmation as active.",
+            buckets=ACTIVE_LATENCY_BUCKETS,
+            registry=r,
+        )
+        for state in State:
+            self.assignments.labels(state=state.value)
+            self.transitions.labels(state=state.value)
+        self.finished_total.labels(outcome=State.ACTIVE.value, reason=NO_REASON)
+        for reason in FailureReason:
+            self.finished_total.labels(outcome=State.FAILED.value, reason=reason.value)
+
+        # Writes.
+        self.bulk_ids = Histogram(
+            "segmapd_bulk_request_ids",
+            "Contact ids per bulk request.",
+            buckets=BULK_IDS_BUCKETS,
+            registry=r,
+        )
+        self.bulk_requests = Counter(
+            "segmapd_bulk_requests_total",
+            "Bulk requests about to be sent, by attempt kind (first or resend).",
+            ["attempt"],
+            registry=r,
+        )
+        for kind in ("first", "resend"):
+            self.bulk_requests.labels(attempt=kind)
+        self.retries = Counter(
+            "segmapd_retries_scheduled_total",
+            "Contact ids scheduled for a retry after a backoff.",
+            registry=r,
+        )
+
+        # Upstream (CXone).
+        self.upstream_requests = Counter(
+            "segmapd_upstream_requests_total",
+            "CXone HTTP exchanges, by endpoint class and status code (none: no answer).",
+            ["endpoint", "code"],
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "segmapd_upstream_request_duration_seconds",
+            "Seconds per CXone HTTP exchange, by endpoint class.",
+            ["endpoint"],
+            buckets=UPSTREAM_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.upstream_outcomes = Counter(
+            "segmapd_upstream_outcomes_total",
+            "CXone calls by endpoint class and outcome "
+            "(ok, rate_limited, transient, permanent, auth).",
+            ["endpoint", "outcome"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "segmapd_upstream_rate_limited_total",
+            "CXone answers with status 429, by endpoint class.",
+            ["endpoint"],
+            registry=r,
+        )
+
+        # Validation and notifications.
+        self.validation_reads = Counter(
+            "segmapd_validation_reads_total",
+            "Membership reads answered, by result (member or not_member).",
+            ["result"],
+            registry=r,
+        )
+        for result in ("member", "not_member"):
+            self.validation_reads.labels(result=result)
+        self.cache_hits = Counter(
+            "segmapd_validation_cache_hits_total",
+            "Assignments confirmed from the validation cache without a read.",
+            registry=r,
+        )
+        self.segment_refreshes = Counter(
+            "segmapd_segment_refreshes_total",
+            "Segment refreshes accepted by CXone.",
+            registry=r,
+        )
+        self.notifications = Counter(
+            "segmapd_notifications_total",
+            "Outbound notifications, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+
+        self._callbacks = _CallbackCollector()
+        r.register(self._callbacks)
+
+    # --- bindings ---------------------------------------------------------------------------
+
+    def bind_engine(
+        self,
+        buffered: Callable[[], int],
+        pending_writes: Callable[[], int],
+        pending_validation: Callable[[], int],
+    ) -> None:
+        """Read buffer depth and pending counts from these callables at every scrape."""
+        self._callbacks.engine = {
+            "buffered": buffered,
+            "pending_writes": pending_writes,
+            "pending_validation": pending_validation,
+        }
+
+    def bind_gates(self, waited: Mapping[str, Callable[[], float]]) -> None:
+        """Export each endpoint class's total limiter wait (`RateGate.waited_s`) at scrape."""
+        self._callbacks.gates = dict(waited)
+
+    # --- recorders called by the daemon -----------------------------------------------------
+
+    def record_webhook(self, source: str, status: int) -> None:
+        """A webhook request for configured `source` was answered with `status`."""
+        self.webhooks.labels(source=source, code=str(status)).inc()
+
+    def record_accepted(self, source: str, assignments: int, duplicates: int) -> None:
+        """One event from `source` was accepted, holding `assignments` (`duplicates` known)."""
+        self.events_accepted.labels(source=source).inc()
+        self.assignments_accepted.labels(source=source).inc(max(assignments, 0))
+        self.assignments_duplicate.labels(source=source).inc(max(duplicates, 0))
+
+    def record_cache_hit(self, n: int = 1) -> None:
+        """`n` assignments were confirmed from the validation cache."""
+        self.cache_hits.inc(max(n, 0))
+
+    def record_notification(self, outcome: str) -> None:
+        """An outbound notification ended with `outcome` (a small fixed set of words)."""
+        self.notifications.labels(outcome=outcome).inc()
+
+    def on_response(self, endpoint: str, status: int, elapsed_s: float) -> None:
+        """The CXone client's response hook: one HTTP exchange ended (status 0: no answer)."""
+        code = str(status) if status else NO_STATUS
+        self.upstream_requests.labels(endpoint=endpoint, code=code).inc()
+        self.upstream_duration.labels(endpoint=endpoint).observe(max(elapsed_s, 0.0))
+        if status == 429:
+            self.rate_limited.labels(endpoint=endpoint).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition body and its content type, for `/metrics`."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    # --- EngineObserver ---------------------------------------------------------------------
+
+    def transitioned(self, assignment: Assignment, previous: State) -> None:
+        """Move one assignment between the per-state gauges and count the transition."""
+        state = assignment.state.value
+        # A new assignment is reported with previous == its own state (queued) and a single
+        # history entry: nothing to take away then. A terminal previous state was already taken
+        # away by `finished`, when the engine let go of the assignment.
+        if len(assignment.history) > 1 and previous not in TERMINAL_STATES:
+            self.assignments.labels(state=previous.value).dec()
+        self.assignments.labels(state=state).inc()
+        self.transitions.labels(state=state).inc()
+
+    def bulk_sent(self, segment_id: str, ids: int, attempt: int) -> None:
+        """Count a bulk request and its size; attempt 1 is the first send."""
+        self.bulk_ids.observe(ids)
+        self.bulk_requests.labels(attempt="first" if attempt <= 1 else "resend").inc()
+
+    def upstream_outcome(self, endpoint: str, outcome: str, elapsed_s: float) -> None:
+        """Count the outcome of one CXone call (durations come from `on_response`)."""
+        self.upstream_outcomes.labels(endpoint=endpoint, outcome=outcome).inc()
+
+    def membership_read(self, segment_id: str, is_member: bool) -> None:
+        """Count a membership read by its answer."""
+        self.validation_reads.labels(result="member" if is_member else "not_member").inc()
+
+    def segment_refreshed(self, segment_id: str) -> None:
+        """Count an accepted segment refresh."""
+        self.segment_refreshes.inc()
+
+    def finished(self, assignment: Assignment) -> None:
+        """Count a terminal assignment; for an active one, observe its receipt-to-active time."""
+        reason = assignment.reason.value if assignment.reason is not None else NO_REASON
+        self.finished_total.labels(outcome=assignment.state.value, reason=reason).inc()
+        # The engine drops a finished assignment, so it no longer counts as held in any state;
+        # without this the terminal series would only ever grow.
+        if assignment.state in TERMINAL_STATES:
+            self.assignments.labels(state=assignment.state.value).dec()
+        # received_at 0 means unknown (e.g. a replayed record); its "latency" would be decades.
+        if assignment.state is State.ACTIVE and assignment.received_at > 0:
+            latency = assignment.updated_at - assignment.received_at
+            if latency >= 0:
+                self.active_latency.observe(latency)
+
+    def retry_scheduled(self, segment_id: str, ids: int, delay_s: float) -> None:
+        """Count ids scheduled for retry."""
+        self.retries.inc(max(ids, 0))

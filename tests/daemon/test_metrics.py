@@ -1,0 +1,287 @@
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from daemon.metrics import Metrics
+from scheduler.model import Assignment, FailureReason, State
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+PROMTOOL_HINT = (
+    "promtool is required in CI: apt-get update && "
+    "apt-get install -y --no-install-recommends prometheus"
+)
+
+
+def samples(metrics: Metrics) -> list[Sample]:
+    body, _ = metrics.render()
+    return [s for f in text_string_to_metric_families(body.decode()) for s in f.samples]
+
+
+def value(metrics: Metrics, name: str, **labels: str) -> float:
+    found = [s.value for s in samples(metrics) if s.name == name and s.labels == labels]
+    assert len(found) == 1, f"{name}{labels}: {len(found)} samples"
+    return found[0]
+
+
+def new_assignment(metrics: Metrics, contact: str, at: float = 1000.0) -> Assignment:
+    """What the engine does on submit: a queued assignment, reported with previous == queued."""
+    a = Assignment(contact, "seg-1", received_at=at, updated_at=at, history=[(State.QUEUED, at)])
+    metrics.transitioned(a, State.QUEUED)
+    return a
+
+
+def move(metrics: Metrics, a: Assignment, state: State, at: float, **kw) -> None:
+    """What the engine's `_move` (and `_finish` for terminal states) does."""
+    previous = a.state
+    a.transition(state, at, **kw)
+    metrics.transitioned(a, previous)
+    if a.terminal:
+        metrics.finished(a)
+
+
+def by_state(metrics: Metrics) -> dict[str, float]:
+    return {
+        s.labels["state"]: s.value for s in samples(metrics) if s.name == "segmapd_assignments"
+    }
+
+
+def test_assignments_move_through_states_and_gauges_stay_right():
+    m = Metrics()
+    a = new_assignment(m, "c1")
+    b = new_assignment(m, "c2")
+    c = new_assignment(m, "c3")
+    assert by_state(m)["queued"] == 3
+    for x in (a, b, c):
+        move(m, x, State.SENDING, 1001.0)
+    move(m, b, State.RETRYING, 1002.0)
+    move(m, b, State.SENDING, 1003.0)
+    move(m, b, State.SENDING, 1004.0)  # a resend is a self-transition
+    move(m, a, State.WRITTEN, 1005.0)
+    move(m, a, State.VERIFYING, 1006.0)
+    assert by_state(m) == {
+        "queued": 0,
+        "sending": 2,
+        "retrying": 0,
+        "written": 0,
+        "verifying": 1,
+        "active": 0,
+        "failed": 0,
+    }
+    move(m, a, State.ACTIVE, 1010.0)
+    move(m, b, State.FAILED, 1011.0, reason=FailureReason.CONTACT_NOT_FOUND)
+    # Finished assignments leave the engine, so they no longer count as held in any state.
+    gauges = by_state(m)
+    assert gauges["sending"] == 1
+    assert all(v >= 0 for v in gauges.values())
+    assert gauges["active"] == gauges["failed"] == 0
+
+    # A later request for the same pair is a brand-new assignment, counted once.
+    again = new_assignment(m, "c2", at=2000.0)
+    assert by_state(m)["queued"] == 1
+    move(m, again, State.FAILED, 2001.0, reason=FailureReason.INVALID_CONTACT_ID)
+    assert by_state(m)["queued"] == 0
+
+    assert value(m, "segmapd_assignment_transitions_total", state="queued") == 4
+    assert value(m, "segmapd_assignment_transitions_total", state="sending") == 5
+    assert value(m, "segmapd_assignment_transitions_total", state="failed") == 2
+    assert value(m, "segmapd_assignments_finished_total", outcome="active", reason="none") == 1
+    assert (
+        value(
+            m, "segmapd_assignments_finished_total", outcome="failed", reason="contact_not_found"
+        )
+        == 1
+    )
+    assert value(m, "segmapd_assignment_active_latency_seconds_count") == 1
+    assert value(m, "segmapd_assignment_active_latency_seconds_sum") == pytest.approx(10.0)
+    assert value(m, "segmapd_assignment_active_latency_seconds_bucket", le="5.0") == 0
+    assert value(m, "segmapd_assignment_active_latency_seconds_bucket", le="10.0") == 1
+    assert value(m, "segmapd_assignment_active_latency_seconds_bucket", le="7200.0") == 1
+
+
+def test_terminal_restart_of_the_same_object_does_not_go_negative():
+    m = Metrics()
+    a = new_assignment(m, "c1")
+    move(m, a, State.FAILED, 1001.0, reason=FailureReason.RETRIES_EXHAUSTED)
+    move(m, a, State.QUEUED, 1002.0)
+    assert by_state(m)["queued"] == 1
+    assert by_state(m)["failed"] == 0
+
+
+def test_active_without_receipt_time_is_not_observed():
+    m = Metrics()
+    a = Assignment("c1", "s1", history=[(State.QUEUED, 0.0)])
+    m.transitioned(a, State.QUEUED)
+    for state in (State.SENDING, State.WRITTEN, State.ACTIVE):
+        move(m, a, state, 1_700_000_000.0)
+    assert value(m, "segmapd_assignment_active_latency_seconds_count") == 0
+
+
+def test_intake_counters():
+    m = Metrics()
+    m.record_webhook("crm", 202)
+    m.record_webhook("crm", 202)
+    m.record_webhook("crm", 401)
+    m.record_accepted("crm", assignments=3, duplicates=1)
+    m.record_accepted("crm", assignments=2, duplicates=0)
+    assert value(m, "segmapd_webhooks_received_total", source="crm", code="202") == 2
+    assert value(m, "segmapd_webhooks_received_total", source="crm", code="401") == 1
+    assert value(m, "segmapd_events_accepted_total", source="crm") == 2
+    assert value(m, "segmapd_assignments_accepted_total", source="crm") == 5
+    assert value(m, "segmapd_assignments_duplicate_total", source="crm") == 1
+
+
+def test_bulk_and_upstream_metrics():
+    m = Metrics()
+    m.bulk_sent("seg-1", 200, 1)
+    m.bulk_sent("seg-1", 42, 1)
+    m.bulk_sent("seg-1", 1, 2)
+    assert value(m, "segmapd_bulk_requests_total", attempt="first") == 2
+    assert value(m, "segmapd_bulk_requests_total", attempt="resend") == 1
+    assert value(m, "segmapd_bulk_request_ids_bucket", le="1.0") == 1
+    assert value(m, "segmapd_bulk_request_ids_bucket", le="50.0") == 2
+    assert value(m, "segmapd_bulk_request_ids_bucket", le="195.0") == 2
+    assert value(m, "segmapd_bulk_request_ids_bucket", le="200.0") == 3
+    assert value(m, "segmapd_bulk_request_ids_sum") == 243
+
+    m.on_response("bulk", 200, 0.12)
+    m.on_response("bulk", 429, 0.01)
+    m.on_response("bulk", 429, 0.01)
+    m.on_response("read", 0, 30.0)
+    m.upstream_outcome("bulk", "ok", 0.12)
+    m.upstream_outcome("bulk", "rate_limited", 0.01)
+    m.upstream_outcome("read", "transient", 30.0)
+    assert value(m, "segmapd_upstream_requests_total", endpoint="bulk", code="200") == 1
+    assert value(m, "segmapd_upstream_requests_total", endpoint="bulk", code="429") == 2
+    assert value(m, "segmapd_upstream_requests_total", endpoint="read", code="none") == 1
+    assert value(m, "segmapd_upstream_rate_limited_total", endpoint="bulk") == 2
+    assert value(m, "segmapd_upstream_request_duration_seconds_count", endpoint="bulk") == 3
+    assert value(
+        m, "segmapd_upstream_request_duration_seconds_sum", endpoint="read"
+    ) == pytest.approx(30.0)
+    assert value(m, "segmapd_upstream_outcomes_total", endpoint="bulk", outcome="ok") == 1
+    assert (
+        value(m, "segmapd_upstream_outcomes_total", endpoint="bulk", outcome="rate_limited") == 1
+    )
+    assert value(m, "segmapd_upstream_outcomes_total", endpoint="read", outcome="transient") == 1
+
+
+def test_validation_retry_and_notification_counters():
+    m = Metrics()
+    m.membership_read("seg-1", True)
+    m.membership_read("seg-1", True)
+    m.membership_read("seg-1", False)
+    m.record_cache_hit(3)
+    m.record_cache_hit()
+    m.segment_refreshed("seg-1")
+    m.retry_scheduled("seg-1", 17, 2.5)
+    m.record_notification("delivered")
+    m.record_notification("failed")
+    assert value(m, "segmapd_validation_reads_total", result="member") == 2
+    assert value(m, "segmapd_validation_reads_total", result="not_member") == 1
+    assert value(m, "segmapd_validation_cache_hits_total") == 4
+    assert value(m, "segmapd_segment_refreshes_total") == 1
+    assert value(m, "segmapd_retries_scheduled_total") == 17
+    assert value(m, "segmapd_notifications_total", outcome="delivered") == 1
+    assert value(m, "segmapd_notifications_total", outcome="failed") == 1
+
+
+def test_bound_callables_are_read_at_scrape_time():
+    m = Metrics()
+    assert value(m, "segmapd_buffer_depth") == 0
+    state = {"buffered": 5, "writes": 7, "validation": 2, "bulk": 1.5}
+    m.bind_engine(
+        buffered=lambda: state["buffered"],
+        pending_writes=lambda: state["writes"],
+        pending_validation=lambda: state["validation"],
+    )
+    m.bind_gates({"bulk": lambda: state["bulk"], "read": lambda: 0.0})
+    assert value(m, "segmapd_buffer_depth") == 5
+    assert value(m, "segmapd_pending_writes") == 7
+    assert value(m, "segmapd_pending_validations") == 2
+    assert value(m, "segmapd_ratelimit_wait_seconds_total", endpoint="bulk") == 1.5
+    state["buffered"] = 9
+    state["bulk"] = 4.0
+    assert value(m, "segmapd_buffer_depth") == 9
+    assert value(m, "segmapd_ratelimit_wait_seconds_total", endpoint="bulk") == 4.0
+    assert value(m, "segmapd_ratelimit_wait_seconds_total", endpoint="read") == 0.0
+
+
+def test_a_failing_callable_does_not_break_the_scrape(caplog):
+    m = Metrics()
+
+    def broken() -> int:
+        raise RuntimeError("engine gone")
+
+    m.bind_engine(buffered=broken, pending_writes=lambda: 1, pending_validation=lambda: 0)
+    assert math.isnan(value(m, "segmapd_buffer_depth"))
+    assert value(m, "segmapd_pending_writes") == 1
+    assert "metrics callback buffered failed" in caplog.text
+
+
+def test_registries_are_independent_and_exposition_is_well_formed():
+    one, two = Metrics(), Metrics()
+    one.record_webhook("crm", 202)
+    assert value(one, "segmapd_webhooks_received_total", source="crm", code="202") == 1
+    assert not [s for s in samples(two) if s.name == "segmapd_webhooks_received_total"]
+    body, content_type = one.render()
+    assert content_type.startswith("text/plain")
+    families = list(text_string_to_metric_families(body.decode()))
+    names = {f.name for f in families}
+    assert all(n.startswith("segmapd_") for n in names)
+    assert all(f.documentation for f in families)
+    counters = [f for f in families if f.type == "counter"]
+    assert counters
+    assert all(s.name.endswith(("_total", "_created")) for f in counters for s in f.samples)
+
+
+def test_no_ids_or_secrets_in_labels():
+    m = Metrics()
+    a = new_assignment(m, "contact-secret-id")
+    move(m, a, State.SENDING, 1001.0)
+    m.bulk_sent("segment-xyz", 10, 1)
+    m.membership_read("segment-xyz", True)
+    m.segment_refreshed("segment-xyz")
+    m.retry_scheduled("segment-xyz", 1, 1.0)
+    body, _ = m.render()
+    assert b"contact-secret-id" not in body
+    assert b"segment-xyz" not in body
+
+
+def exercised() -> Metrics:
+    m = Metrics()
+    m.bind_engine(lambda: 3, lambda: 2, lambda: 1)
+    m.bind_gates({"bulk": lambda: 0.5, "single": lambda: 0.0, "read": lambda: 1.25})
+    m.record_webhook("crm", 202)
+    m.record_accepted("crm", 2, 0)
+    a = new_assignment(m, "c1")
+    for state in (State.SENDING, State.WRITTEN, State.VERIFYING, State.ACTIVE):
+        move(m, a, state, 1003.0)
+    m.bulk_sent("s", 2, 1)
+    m.on_response("bulk", 200, 0.2)
+    m.on_response("single", 0, 10.0)
+    m.upstream_outcome("bulk", "ok", 0.2)
+    m.membership_read("s", True)
+    m.record_notification("delivered")
+    return m
+
+
+def test_promtool_check_metrics_is_clean():
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if IN_CI:
+            pytest.fail(PROMTOOL_HINT)
+        pytest.skip("promtool not on PATH (" + PROMTOOL_HINT + ")")
+    body, _ = exercised().render()
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=body, capture_output=True, timeout=30, check=False
+    )
+    report = (result.stdout + result.stderr).decode()
+    assert result.returncode == 0, report
+    assert report.strip() == "", report
