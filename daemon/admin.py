@@ -7,6 +7,7 @@ import asyncio
 import csv
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -284,7 +285,7 @@ async def send_example(session: aiohttp.ClientSession, args: argparse.Namespace)
         return 0 if resp.status in (200, 202) else 1
 
 
-def _print_table(rows: list[tuple[str, ...]]) -> None:
+def _print_table(rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))

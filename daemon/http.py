@@ -94,8 +94,9 @@ async def error_middleware(
     """Turn aiohttp's HTTP errors into JSON problems, and bugs into a logged 500."""
     try:
         return await handler(request)
-    except web.HTTPRequestEntityTooLarge as exc:
-        return problem(413, f"body larger than {exc.max_size} bytes (server.max_body_bytes)")
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[SERVICE].config.server.max_body_bytes
+        return problem(413, f"body larger than {limit} bytes (server.max_body_bytes)")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -188,8 +189,9 @@ async def _webhook(request: web.Request, service: Service, source: str) -> web.R
         return problem(404, f"no webhook source named {source!r} (configure [sources.{source}])")
     try:
         body = await read_body(request)
-    except web.HTTPRequestEntityTooLarge as exc:
-        return problem(413, f"body larger than {exc.max_size} bytes (server.max_body_bytes)")
+    except web.HTTPRequestEntityTooLarge:
+        limit = service.config.server.max_body_bytes
+        return problem(413, f"body larger than {limit} bytes (server.max_body_bytes)")
     try:
         delivery_id = verifier.verify(request.headers, body)
     except WebhookRejected as exc:

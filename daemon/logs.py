@@ -86,12 +86,12 @@ class JsonFormatter(logging.Formatter):
             if _SECRET_KEY.search(key):
                 entry[key] = REDACTED
                 continue
-            value = _redact_value(value)
+            clean = _redact_value(value)
             try:
-                orjson.dumps(value)
+                orjson.dumps(clean)
             except TypeError:
                 continue  # not JSON-serialisable: dropped rather than stringified
-            entry[key] = value
+            entry[key] = clean
         entry["ts"] = _timestamp(record)
         entry["level"] = record.levelname.lower()
         entry["logger"] = record.name

@@ -80,7 +80,7 @@ def _json(description: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-ADMIN = [{"adminToken": []}]
+ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
 
 OPENAPI_DOCUMENT: dict[str, Any] = {
     "openapi": "3.1.0",

@@ -1,4 +1,4 @@
-"""The one error every listener raises: a delivery segmapd refuses, with the HTTP status to answer."""
+"""The one error every listener raises: a refused delivery, with the HTTP status to answer."""
 
 from __future__ import annotations
 

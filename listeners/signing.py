@@ -1,8 +1,9 @@
 """Standard Webhooks signatures: the secret, the HMAC, and the three headers a sender sets.
 
-Per https://www.standardwebhooks.com/ the signed content is `{webhook-id}.{webhook-timestamp}.{body}`
-(the body as the exact bytes sent), the MAC is HMAC-SHA256 keyed with the base64-decoded secret
-(its `whsec_` prefix removed), and `webhook-signature` carries it as `v1,<base64>`.
+Per https://www.standardwebhooks.com/ the signed content is
+`{webhook-id}.{webhook-timestamp}.{body}` (the body as the exact bytes sent), the MAC is
+HMAC-SHA256 keyed with the base64-decoded secret (its `whsec_` prefix removed), and
+`webhook-signature` carries it as `v1,<base64>`.
 
 Why not `standardwebhooks.Webhook` for this: its `sign()` takes the body as `str`, so a body that
 is not UTF-8 cannot be checked byte for byte, and it decodes the secret with non-strict base64,
@@ -18,7 +19,7 @@ import hashlib
 import hmac
 import re
 
-SECRET_PREFIX = "whsec_"
+SECRET_PREFIX = "whsec_"  # noqa: S105 (a format marker, not a secret)
 SIGNATURE_VERSION = "v1"
 # The specification recommends 24-64 byte keys. Shorter keys are refused below 128 bits, where
 # the value is more likely a placeholder (`whsec_test`) than a key anyone generated.

@@ -47,9 +47,7 @@ def move(metrics: Metrics, a: Assignment, state: State, at: float, **kw) -> None
 
 
 def by_state(metrics: Metrics) -> dict[str, float]:
-    return {
-        s.labels["state"]: s.value for s in samples(metrics) if s.name == "segmapd_assignments"
-    }
+    return {s.labels["state"]: s.value for s in samples(metrics) if s.name == "segmapd_assignments"}
 
 
 def test_assignments_move_through_states_and_gauges_stay_right():
@@ -93,9 +91,7 @@ def test_assignments_move_through_states_and_gauges_stay_right():
     assert value(m, "segmapd_assignment_transitions_total", state="failed") == 2
     assert value(m, "segmapd_assignments_finished_total", outcome="active", reason="none") == 1
     assert (
-        value(
-            m, "segmapd_assignments_finished_total", outcome="failed", reason="contact_not_found"
-        )
+        value(m, "segmapd_assignments_finished_total", outcome="failed", reason="contact_not_found")
         == 1
     )
     assert value(m, "segmapd_assignment_active_latency_seconds_count") == 1
@@ -166,9 +162,7 @@ def test_bulk_and_upstream_metrics():
         m, "segmapd_upstream_request_duration_seconds_sum", endpoint="read"
     ) == pytest.approx(30.0)
     assert value(m, "segmapd_upstream_outcomes_total", endpoint="bulk", outcome="ok") == 1
-    assert (
-        value(m, "segmapd_upstream_outcomes_total", endpoint="bulk", outcome="rate_limited") == 1
-    )
+    assert value(m, "segmapd_upstream_outcomes_total", endpoint="bulk", outcome="rate_limited") == 1
     assert value(m, "segmapd_upstream_outcomes_total", endpoint="read", outcome="transient") == 1
 
 
@@ -195,19 +189,20 @@ def test_validation_retry_and_notification_counters():
 def test_bound_callables_are_read_at_scrape_time():
     m = Metrics()
     assert value(m, "segmapd_buffer_depth") == 0
-    state = {"buffered": 5, "writes": 7, "validation": 2, "bulk": 1.5}
+    counts = {"buffered": 5, "writes": 7, "validation": 2}
+    waited = {"bulk": 1.5}
     m.bind_engine(
-        buffered=lambda: state["buffered"],
-        pending_writes=lambda: state["writes"],
-        pending_validation=lambda: state["validation"],
+        buffered=lambda: counts["buffered"],
+        pending_writes=lambda: counts["writes"],
+        pending_validation=lambda: counts["validation"],
     )
-    m.bind_gates({"bulk": lambda: state["bulk"], "read": lambda: 0.0})
+    m.bind_gates({"bulk": lambda: waited["bulk"], "read": lambda: 0.0})
     assert value(m, "segmapd_buffer_depth") == 5
     assert value(m, "segmapd_pending_writes") == 7
     assert value(m, "segmapd_pending_validations") == 2
     assert value(m, "segmapd_ratelimit_wait_seconds_total", endpoint="bulk") == 1.5
-    state["buffered"] = 9
-    state["bulk"] = 4.0
+    counts["buffered"] = 9
+    waited["bulk"] = 4.0
     assert value(m, "segmapd_buffer_depth") == 9
     assert value(m, "segmapd_ratelimit_wait_seconds_total", endpoint="bulk") == 4.0
     assert value(m, "segmapd_ratelimit_wait_seconds_total", endpoint="read") == 0.0

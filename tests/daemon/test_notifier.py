@@ -300,9 +300,7 @@ async def test_max_attempts_gives_up(receiver: Receiver, make_notifier: MakeNoti
     assert notifier.journal.pending() == []
 
 
-async def test_timeouts_and_refused_connections_are_retried(
-    receiver: Receiver, make_notifier: MakeNotifier
-) -> None:
+async def test_a_timeout_is_retried(receiver: Receiver, make_notifier: MakeNotifier) -> None:
     async def slow_once(request: Received, index: int) -> web.Response:
         if index == 0:
             await asyncio.sleep(1.0)
@@ -346,7 +344,7 @@ def test_enqueue_is_a_plain_function_and_never_waits() -> None:
     # No event loop running: enqueue cannot await anything, and the queue has no bound.
     notifier = Notifier("http://127.0.0.1:9/hooks", SECRET, journal=journal)
     for index in range(10_000):
-        assert notifier.enqueue(finished(f"c{index}")) is None
+        notifier.enqueue(finished(f"c{index}"))
     assert notifier.pending == 10_000
     assert len(journal) == 10_000
     notifier.enqueue(finished("c0"))  # the same transition reported twice: one event

@@ -7,7 +7,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -163,6 +163,13 @@ def test_no_watchdog_interval_without_a_socket() -> None:
     assert notifier.watchdog_interval_s is None
 
 
+async def until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Wait for `predicate()` without blocking the loop (the code under test runs on it)."""
+    async with asyncio.timeout(timeout_s):
+        while not predicate():
+            await asyncio.sleep(0.002)
+
+
 async def test_watchdog_loop_pings_only_while_healthy(
     receiver: tuple[socket.socket, str],
 ) -> None:
@@ -170,23 +177,34 @@ async def test_watchdog_loop_pings_only_while_healthy(
     # WATCHDOG_USEC of 20 ms: a ping every 10 ms.
     notifier = SdNotifier.from_environment({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "20000"})
     assert notifier.watchdog_interval_s == 0.01
-    health = {"ok": True}
-    task = asyncio.create_task(watchdog_loop(notifier, lambda: health["ok"]))
-    try:
-        await asyncio.sleep(0.1)
-        healthy_pings = pending(sock)
-        assert len(healthy_pings) >= 3
-        assert set(healthy_pings) == {"WATCHDOG=1"}
+    state = {"healthy": True, "checks": 0}
 
-        health["ok"] = False
-        await asyncio.sleep(0.03)  # let an iteration that was mid-sleep finish
-        pending(sock)
-        await asyncio.sleep(0.1)
+    def healthy() -> bool:
+        state["checks"] += 1
+        return bool(state["healthy"])
+
+    received: list[str] = []
+
+    def three_pings() -> bool:
+        received.extend(pending(sock))
+        return len(received) >= 3
+
+    task = asyncio.create_task(watchdog_loop(notifier, healthy))
+    try:
+        await until(three_pings)
+        assert set(received) == {"WATCHDOG=1"}
+
+        # Counting health checks instead of sleeping keeps this exact on a slow machine: once a
+        # check has said "unhealthy", no ping may follow until one says "healthy" again.
+        state["healthy"] = False
+        checks = state["checks"]
+        await until(lambda: state["checks"] > checks)
+        pending(sock)  # a ping from the last healthy iteration may still be queued
+        await until(lambda: state["checks"] > checks + 3)
         assert pending(sock) == []
 
-        health["ok"] = True
-        await asyncio.sleep(0.1)
-        assert pending(sock)
+        state["healthy"] = True
+        await until(lambda: bool(pending(sock)))
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -199,13 +217,16 @@ async def test_watchdog_loop_treats_a_raising_check_as_unhealthy(
 ) -> None:
     sock, path = receiver
     notifier = SdNotifier.from_environment({"NOTIFY_SOCKET": path})
+    calls = 0
 
     def broken() -> bool:
+        nonlocal calls
+        calls += 1
         raise RuntimeError("engine gone")
 
     task = asyncio.create_task(watchdog_loop(notifier, broken, interval_s=0.01))
     try:
-        await asyncio.sleep(0.05)
+        await until(lambda: calls >= 3)
         assert pending(sock) == []
         assert "engine gone" in caplog.text
     finally:

@@ -1,0 +1,118 @@
+"""The segmapd command line against the real daemon process."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from tests.e2e.conftest import Daemon, StartDaemon
+from tests.support.emulator import EmulatorControl
+
+
+async def segmapd(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "daemon.cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+def admin_args(daemon: Daemon) -> list[str]:
+    return ["--url", daemon.url, "--token", daemon.admin_token]
+
+
+async def test_status_dead_letters_and_replay(
+    start_daemon: StartDaemon,
+    emulator: EmulatorControl,
+    http: aiohttp.ClientSession,
+    cli_env: dict[str, str],
+):
+    await emulator.set_missing_contacts(["ghost"])
+    daemon = await start_daemon()
+    await daemon.webhook(
+        http,
+        [
+            {"contactId": "100000000123", "segmentIds": ["VIP", "Spanish"]},
+            {"contactId": "ghost", "segmentIds": ["VIP"]},
+        ],
+    )
+    await daemon.wait_states(http, "100000000123", {"active"}, 30)
+    await daemon.wait_states(http, "ghost", {"failed"}, 30)
+
+    code, out, _ = await segmapd("status", "100000000123", *admin_args(daemon), env=cli_env)
+    assert code == 0
+    assert "VIP" in out and "Spanish" in out and out.count("active") == 2
+
+    code, out, _ = await segmapd("dlq", "list", *admin_args(daemon), env=cli_env)
+    assert code == 0 and "ghost" in out and "contact_not_found" in out
+
+    # The CRM fixes the contact; a replay then succeeds.
+    await emulator.set_missing_contacts([])
+    code, out, _ = await segmapd("dlq", "replay", "ghost", *admin_args(daemon), env=cli_env)
+    assert code == 0 and "replayed 1" in out
+    await daemon.wait_states(http, "ghost", {"active"}, 30)
+    code, out, _ = await segmapd("dlq", "list", *admin_args(daemon), env=cli_env)
+    assert "no dead letters" in out
+
+    code, _, err = await segmapd(
+        "status", "100000000123", "--url", daemon.url, "--token", "no", env=cli_env
+    )
+    assert code == 1 and "401" in err
+
+
+async def test_import_backfills_a_csv_and_reports_bad_rows(
+    start_daemon: StartDaemon,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    cli_env: dict[str, str],
+):
+    daemon = await start_daemon()
+    rows = ["contactId,segmentId"]
+    rows += [f"{300000000000 + i},IMP1,IMP2" for i in range(120)]
+    rows.insert(50, "bad id!,IMP1")
+    rows.insert(70, "lonely")
+    csv_file = tmp_path / "backfill.csv"
+    csv_file.write_text("\n".join(rows) + "\n")
+    code, out, err = await segmapd(
+        "import", str(csv_file), "--batch", "25", *admin_args(daemon), env=cli_env
+    )
+    assert code == 1  # some rows were rejected
+    assert "imported 120 of 122 rows: 240 assignments accepted" in out
+    assert "line 51" in out and "line 71" in out
+    assert "120/121" in err or "121/121" in err  # the progress bar reached the end
+    await daemon.wait_states(http, "300000000119", {"active"}, 30)
+
+
+async def test_healthcheck_and_check_config(
+    start_daemon: StartDaemon, tmp_path: Path, cli_env: dict[str, str]
+):
+    daemon = await start_daemon()
+    code, _, _ = await segmapd("healthcheck", "--url", daemon.url, env=cli_env)
+    assert code == 0
+    code, _, _ = await segmapd("healthcheck", "--live", "--url", daemon.url, env=cli_env)
+    assert code == 0
+    code, _, err = await segmapd("healthcheck", "--url", "http://127.0.0.1:9", env=cli_env)
+    assert code == 1 and "not reachable" in err
+
+    code, out, _ = await segmapd("check-config", "--config", str(daemon.config), env=cli_env)
+    assert code == 0 and "configuration OK" in out
+    broken = tmp_path / "broken.toml"
+    broken.write_text(daemon.config.read_text() + "\n[batching]\nmax_sise = 10\n")
+    code, _, err = await segmapd("check-config", "--config", str(broken), env=cli_env)
+    assert code == 2
+    # The duplicate [batching] table is a TOML error; either way the message names the problem.
+    assert "batching" in err
+    env = {**cli_env, "SEGMAPD_LIMITS__WRITE_RPSS": "5"}
+    code, _, err = await segmapd("check-config", "--config", str(daemon.config), env=env)
+    assert code == 2 and "SEGMAPD_LIMITS__WRITE_RPSS" in err
+    assert daemon.secret not in err and daemon.admin_token not in err

@@ -1,0 +1,306 @@
+"""parse_events: shapes, id rule, numbers, caps, dedup, unknown keys and where errors point."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from listeners import MAX_EVENTS, MAX_SEGMENTS_PER_EVENT, WebhookRejected, parse_events
+from scheduler.model import MappingRequest
+
+ID_RULE = "must be 1-128 characters of A-Z a-z 0-9 _ . : -"
+
+
+def body(document: Any) -> bytes:
+    return orjson.dumps(document)
+
+
+def event(contact: Any = "c1", segments: Any = ("s1",)) -> dict[str, Any]:
+    return {"contactId": contact, "segmentIds": list(segments)}
+
+
+def refused(raw: bytes) -> WebhookRejected:
+    with pytest.raises(WebhookRejected) as caught:
+        parse_events(raw)
+    error = caught.value
+    assert error.field is not None
+    assert error.message.startswith(error.field.split(".")[0])
+    return error
+
+
+def test_one_event() -> None:
+    assert parse_events(b'{"contactId": "c1", "segmentIds": ["s1", "s2"]}') == [
+        MappingRequest("c1", ("s1", "s2"))
+    ]
+
+
+def test_an_array_of_events_keeps_order_and_repeated_contacts() -> None:
+    events = [event("c2", ["b"]), event("c1", ["a"]), event("c2", ["c"])]
+    assert parse_events(body(events)) == [
+        MappingRequest("c2", ("b",)),
+        MappingRequest("c1", ("a",)),
+        MappingRequest("c2", ("c",)),
+    ]
+
+
+def test_every_character_the_id_rule_allows() -> None:
+    ident = "AZaz09_.:-"
+    assert parse_events(body(event(ident, [ident]))) == [MappingRequest(ident, (ident,))]
+
+
+def test_contact_uuid_style_ids() -> None:
+    contact = "contact_3f2b9c1e-8d4a-4e7b-9a61-0c5d2e7f8a90"
+    assert parse_events(body(event(contact)))[0].contact_id == contact
+
+
+@pytest.mark.parametrize(
+    ("number", "text"),
+    [
+        (0, "0"),
+        (42, "42"),
+        (9_223_372_036_854_775_807, "9223372036854775807"),
+        (18_446_744_073_709_551_615, "18446744073709551615"),  # the largest 64-bit integer
+        (-7, "-7"),  # "-7" passes the id rule as text, so it does as a number
+    ],
+)
+def test_integer_ids_become_their_decimal_text(number: int, text: str) -> None:
+    [request] = parse_events(body(event(number, [number, "x"])))
+    assert request == MappingRequest(text, (text, "x"))
+
+
+def test_a_number_and_its_text_are_the_same_id() -> None:
+    [request] = parse_events(body(event("c1", [5, "5", 6])))
+    assert request.segment_ids == ("5", "6")
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "detail"),
+    [
+        (b'{"contactId": true, "segmentIds": ["s"]}', "body.contactId", "not a boolean"),
+        (b'{"contactId": "c", "segmentIds": [false]}', "body.segmentIds[0]", "not a boolean"),
+        (b'{"contactId": null, "segmentIds": ["s"]}', "body.contactId", "not null"),
+        (b'{"contactId": "c", "segmentIds": ["s", ["t"]]}', "body.segmentIds[1]", "not an array"),
+        (b'{"contactId": {"id": 1}, "segmentIds": ["s"]}', "body.contactId", "not an object"),
+        (b'{"contactId": 1.0, "segmentIds": ["s"]}', "body.contactId", "not a fraction"),
+        (b'{"contactId": "c", "segmentIds": [2.5]}', "body.segmentIds[0]", "not a fraction"),
+        (b'{"contactId": 1e3, "segmentIds": ["s"]}', "body.contactId", "not a fraction"),
+        # Beyond 64 bits the parser yields a float: refused rather than rounded to another id.
+        (
+            b'{"contactId": 18446744073709551616, "segmentIds": ["s"]}',
+            "body.contactId",
+            "send such ids as strings",
+        ),
+    ],
+)
+def test_ids_of_the_wrong_type_are_422(raw: bytes, field: str, detail: str) -> None:
+    error = refused(raw)
+    assert (error.status, error.field) == (422, field)
+    assert error.message.startswith(f"{field}: must be a string or an integer")
+    assert detail in error.message
+
+
+def test_the_field_path_names_the_event_and_the_entry() -> None:
+    events = [event(), event(), event("c3", ["ok", "bad id"])]
+    error = refused(body(events))
+    assert error.status == 422
+    assert error.field == "body[2].segmentIds[1]"
+    assert error.message == f"body[2].segmentIds[1]: {ID_RULE} (got ' ' at index 3)"
+
+
+def test_the_briefs_example_message() -> None:
+    events = [event(), event(), event("c3", ["x" * 129])]
+    error = refused(body(events))
+    assert error.message == f"body[2].segmentIds[0]: {ID_RULE} (got 129 characters)"
+
+
+@pytest.mark.parametrize(
+    ("ident", "detail"),
+    [
+        ("", "got an empty string"),
+        ("x" * 129, "got 129 characters"),
+        ("a/b", "got '/' at index 1"),
+        ("contact 1", "got ' ' at index 7"),
+        ("caf\u00e9", "got '\u00e9' at index 3"),
+        ("c1\n", "got '\\n' at index 2"),  # a regex with `$` would let this through
+        ("a\x00", "got '\\x00' at index 1"),
+        ("a,b", "got ',' at index 1"),
+        ("seg#1", "got '#' at index 3"),
+        ("\u0661", "got '\u0661' at index 0"),  # a digit, but not an ASCII one
+    ],
+)
+def test_ids_failing_the_rule_are_422_with_what_is_wrong(ident: str, detail: str) -> None:
+    contact = refused(body(event(ident)))
+    assert (contact.status, contact.field) == (422, "body.contactId")
+    assert contact.message == f"body.contactId: {ID_RULE} ({detail})"
+    segment = refused(body([event("c1", ["s0", "s1", ident])]))
+    assert (segment.status, segment.field) == (422, "body[0].segmentIds[2]")
+    assert segment.message == f"body[0].segmentIds[2]: {ID_RULE} ({detail})"
+
+
+def test_a_128_character_id_is_accepted() -> None:
+    ident = "x" * 128
+    assert parse_events(body(event(ident, [ident]))) == [MappingRequest(ident, (ident,))]
+
+
+def test_duplicate_segments_are_dropped_keeping_first_occurrences() -> None:
+    [request] = parse_events(body(event("c1", ["b", "a", "b", "c", "a", "b"])))
+    assert request.segment_ids == ("b", "a", "c")
+
+
+def test_an_empty_segment_list_is_422() -> None:
+    error = refused(body([event(), event("c2", [])]))
+    assert (error.status, error.field) == (422, "body[1].segmentIds")
+    assert error.message == "body[1].segmentIds: must list at least one segment id"
+
+
+@pytest.mark.parametrize(
+    ("segments", "shown"),
+    [("s1", "a string"), ({"s1": True}, "an object"), (None, "null"), (3, "a number")],
+)
+def test_segment_ids_that_are_not_an_array_are_400(segments: Any, shown: str) -> None:
+    error = refused(body({"contactId": "c1", "segmentIds": segments}))
+    assert (error.status, error.field) == (400, "body.segmentIds")
+    assert error.message == f"body.segmentIds: must be an array of segment ids, not {shown}"
+
+
+@pytest.mark.parametrize("missing", ["contactId", "segmentIds"])
+def test_a_missing_key_is_400(missing: str) -> None:
+    document = event()
+    del document[missing]
+    error = refused(body([event(), document]))
+    assert (error.status, error.field) == (400, f"body[1].{missing}")
+    assert error.message == f"body[1].{missing}: required"
+
+
+def test_an_empty_object_names_the_first_missing_key() -> None:
+    error = refused(b"{}")
+    assert (error.status, error.field, error.message) == (
+        400,
+        "body.contactId",
+        "body.contactId: required",
+    )
+
+
+def test_a_case_typo_key_is_400_with_a_suggestion() -> None:
+    error = refused(b'{"contactId": "c1", "segmentIDs": ["s1"]}')
+    assert (error.status, error.field) == (400, "body.segmentIDs")
+    assert error.message == (
+        "body: unknown key 'segmentIDs' (did you mean 'segmentIds'?); "
+        "an event has only contactId and segmentIds"
+    )
+
+
+def test_an_extra_key_beside_valid_ones_is_400() -> None:
+    document = {**event(), "priority": "high"}
+    error = refused(body([document]))
+    assert (error.status, error.field) == (400, "body[0].priority")
+    assert "unknown key 'priority'" in error.message
+
+
+def test_many_long_unknown_keys_are_quoted_briefly() -> None:
+    document = {**event(), **{f"{'k' * 100}{n}": n for n in range(8)}}
+    error = refused(body(document))
+    assert error.status == 400
+    assert "unknown keys" in error.message
+    assert "and 3 more" in error.message
+    assert "k" * 41 not in error.message
+    assert len(error.message) < 400
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"{",
+        b'{"contactId": "c1",}',
+        b"nul",
+        b"[1e400]",
+        b"{'contactId': 'c1'}",
+        b"\xef\xbb\xbf{}",
+    ],
+)
+def test_malformed_json_is_400(raw: bytes) -> None:
+    error = refused(raw)
+    assert (error.status, error.field) == (400, "body")
+    assert error.message.startswith("body: not valid")
+
+
+def test_a_non_utf8_body_is_400_pointing_at_the_byte() -> None:
+    error = refused(b'{"contactId": "caf\xe9", "segmentIds": ["s1"]}')
+    assert (error.status, error.field) == (400, "body")
+    assert error.message == "body: not valid UTF-8 (byte 18); JSON must be UTF-8"
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [(b'"c1"', "a string"), (b"42", "a number"), (b"null", "null"), (b"true", "a boolean")],
+)
+def test_a_body_that_is_neither_object_nor_array_is_400(raw: bytes, shown: str) -> None:
+    error = refused(raw)
+    assert (error.status, error.field) == (400, "body")
+    assert error.message == (
+        f"body: must be an event object or an array of event objects, not {shown}"
+    )
+
+
+@pytest.mark.parametrize(("element", "shown"), [("c1", "a string"), ([], "an array")])
+def test_an_array_element_that_is_not_an_object_is_400(element: Any, shown: str) -> None:
+    error = refused(body([event(), element]))
+    assert (error.status, error.field) == (400, "body[1]")
+    assert error.message == f"body[1]: must be an object with contactId and segmentIds, not {shown}"
+
+
+def test_an_empty_array_is_400() -> None:
+    error = refused(b"[]")
+    assert (error.status, error.field, error.message) == (
+        400,
+        "body",
+        "body: empty array; send at least one event",
+    )
+
+
+def test_the_event_cap_is_inclusive() -> None:
+    events = [event(f"c{n}") for n in range(MAX_EVENTS)]
+    assert len(parse_events(body(events))) == MAX_EVENTS == 1000
+
+
+def test_one_event_over_the_cap_refuses_the_delivery() -> None:
+    events = [event(f"c{n}") for n in range(MAX_EVENTS + 1)]
+    error = refused(body(events))
+    assert (error.status, error.field) == (422, "body")
+    assert error.message == "body: 1001 events; at most 1000 per delivery"
+
+
+def test_the_segment_cap_is_inclusive() -> None:
+    segments = [f"s{n}" for n in range(MAX_SEGMENTS_PER_EVENT)]
+    [request] = parse_events(body(event("c1", segments)))
+    assert len(request.segment_ids) == MAX_SEGMENTS_PER_EVENT == 100
+
+
+def test_one_segment_over_the_cap_refuses_the_delivery() -> None:
+    segments = [f"s{n}" for n in range(MAX_SEGMENTS_PER_EVENT + 1)]
+    error = refused(body([event(), event("c2", segments)]))
+    assert (error.status, error.field) == (422, "body[1].segmentIds")
+    assert error.message == "body[1].segmentIds: 101 segment ids; at most 100 per event"
+
+
+def test_the_segment_cap_counts_entries_before_dedup() -> None:
+    # Documented: the cap bounds the work of reading the list, so duplicates count.
+    error = refused(body(event("c1", ["s1"] * (MAX_SEGMENTS_PER_EVENT + 1))))
+    assert (error.status, error.field) == (422, "body.segmentIds")
+
+
+def test_the_first_problem_refuses_everything() -> None:
+    # All or nothing: a valid first event is not returned beside the error.
+    with pytest.raises(WebhookRejected):
+        parse_events(body([event("c1"), event("bad id")]))
+
+
+def test_rejection_statuses_are_limited() -> None:
+    with pytest.raises(ValueError, match="status"):
+        WebhookRejected(500, "internal")
+    error = WebhookRejected(413, "body: too large", "body")
+    assert (error.status, str(error), error.field) == (413, "body: too large", "body")
+    assert repr(error) == "WebhookRejected(413, 'body: too large', field='body')"
