@@ -120,6 +120,8 @@ class StoreConfig(_Section):
     """`[store]`: the journal."""
 
     url: str = "sqlite:///var/lib/segmapd/journal.db"
+    synchronous: Literal["NORMAL", "FULL", "EXTRA"] = "FULL"
+    retention_days: float = Field(default=7.0, gt=0)
 
     @field_validator("url")
     @classmethod

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from daemon.openapi import OPENAPI_DOCUMENT
 from daemon.service import Service
+from daemon.store.sqlite import StoreUnavailable
 from listeners import WebhookRejected, parse_events
 from scheduler.engine import EngineClosed, EngineOverloaded, SubmitResult
 from scheduler.model import Assignment, MappingRequest
@@ -30,6 +31,7 @@ SERVICE: web.AppKey[Service] = web.AppKey("service", Service)
 MAX_WAIT_S = 300.0
 # When draining or overloaded, how long a sender should wait before retrying.
 DRAIN_RETRY_AFTER_S = 5
+JOURNAL_RETRY_AFTER_S = 10
 
 
 def json_response(
@@ -216,7 +218,11 @@ async def _webhook(request: web.Request, service: Service, source: str) -> web.R
     service.metrics.record_accepted(source, answer["accepted"], answer["duplicates"])
     encoded = orjson.dumps(answer)
     await service.store.remember_delivery(source, delivery_id, encoded)
-    await service.store.flush()
+    try:
+        # 202 means "this will happen even if the process dies now": only once it is committed.
+        await service.store.flush()
+    except StoreUnavailable as exc:
+        return problem(503, f"the journal cannot commit: {exc}", retryAfter=JOURNAL_RETRY_AFTER_S)
     return web.Response(body=encoded, status=202, content_type="application/json")
 
 
@@ -247,7 +253,10 @@ async def mappings(request: web.Request) -> web.Response:
     except (EngineClosed, EngineOverloaded):
         return problem(503, "segmapd is not taking work now", retryAfter=DRAIN_RETRY_AFTER_S)
     answer: dict[str, Any] = dict(accepted_body(result))
-    await service.store.flush()
+    try:
+        await service.store.flush()
+    except StoreUnavailable as exc:
+        return problem(503, f"the journal cannot commit: {exc}", retryAfter=JOURNAL_RETRY_AFTER_S)
     if not wait_s:
         return json_response(answer, 202)
     deadline = time.monotonic() + wait_s

@@ -1,93 +1,216 @@
-"""The OpenAPI 3.1 document served at /openapi.json (a test keeps it true to the live API)."""
+"""The OpenAPI 3.1 document served at /openapi.json.
+
+tests/e2e/test_openapi.py fuzzes the live daemon against the document it serves: every answer
+must be a documented status with a documented content type, body and headers. Response schemas
+are closed (`additionalProperties: false`) where the shape is ours, so a field added to a handler
+but not here fails that test instead of drifting silently.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-ID = {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,128}$"}
-ID_OR_NUMBER = {"oneOf": [ID, {"type": "integer", "minimum": 0}]}
+Schema = dict[str, Any]
 
-EVENT = {
+# CONTRACT.md's id rule. A number id is taken as its decimal text, so it passes the rule too; the
+# bounds are the JSON integers the parser keeps exact (larger ones would be rounded, so are
+# refused with 422).
+ID: Schema = {
+    "type": "string",
+    "pattern": "^[A-Za-z0-9_.:-]{1,128}$",
+    "description": "1-128 characters of A-Z a-z 0-9 _ . : -",
+}
+NUMBER_ID: Schema = {
+    "type": "integer",
+    "minimum": -(2**63),
+    "maximum": 2**64 - 1,
+    "description": "A JSON integer, taken as its decimal text. It must be written as an "
+    "integer: a number with a fraction or an exponent (`2.0`, `2e3`) is refused with 422 even "
+    "when its value is whole, because ids beyond 2^53 do not survive as floats.",
+}
+ID_OR_NUMBER: Schema = {"oneOf": [ID, NUMBER_ID]}
+
+EVENT: Schema = {
     "type": "object",
     "required": ["contactId", "segmentIds"],
     "additionalProperties": False,
     "properties": {
         "contactId": ID_OR_NUMBER,
-        "segmentIds": {"type": "array", "minItems": 1, "maxItems": 100, "items": ID_OR_NUMBER},
+        "segmentIds": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 100,
+            "items": ID_OR_NUMBER,
+            "description": "Duplicates are dropped, keeping first occurrences in order.",
+        },
     },
 }
-EVENTS = {
+EVENTS: Schema = {
     "oneOf": [EVENT, {"type": "array", "minItems": 1, "maxItems": 1000, "items": EVENT}],
 }
+EVENTS_EXAMPLES: Schema = {
+    "one": {"value": {"contactId": 100000000123, "segmentIds": ["VIP", "Spanish"]}},
+    "several": {
+        "value": [
+            {"contactId": "contact_8f3a9c2e-1b4d", "segmentIds": ["VIP"]},
+            {"contactId": 100000000124, "segmentIds": ["ChurnRisk", "VIP"]},
+        ]
+    },
+}
 
-PROBLEM = {
+PROBLEM: Schema = {
     "type": "object",
     "required": ["error", "message"],
+    "additionalProperties": False,
     "properties": {
-        "error": {"type": "string"},
-        "message": {"type": "string"},
-        "field": {"type": ["string", "null"]},
-        "retryAfter": {"type": "number"},
+        "error": {"type": "string", "description": "The status's reason, e.g. `BadRequest`."},
+        "message": {"type": "string", "description": "What is wrong and where."},
+        "field": {
+            "type": ["string", "null"],
+            "description": "The location alone: a header name or a JSON path such as "
+            "`body[2].segmentIds[0]`.",
+        },
+        "retryAfter": {
+            "type": "number",
+            "description": "On 503: seconds to wait, as in the Retry-After header.",
+        },
     },
 }
+RETRY_AFTER: Schema = {
+    "Retry-After": {
+        "required": True,
+        "description": "Whole seconds to wait before sending again.",
+        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+    }
+}
 
-ACCEPTED = {
+COUNT: Schema = {"type": "integer", "minimum": 0}
+ACCEPTED_PROPERTIES: Schema = {
+    "accepted": {**COUNT, "description": "Assignments (contact, segment) in the request."},
+    "duplicates": {
+        **COUNT,
+        "description": "Of those, how many were already pending or confirmed: no new work.",
+    },
+}
+ACCEPTED: Schema = {
     "type": "object",
     "required": ["accepted", "duplicates"],
-    "properties": {
-        "accepted": {
-            "type": "integer",
-            "description": "Assignments (contact, segment) in the request.",
-        },
-        "duplicates": {
-            "type": "integer",
-            "description": "Of those, how many were already pending or confirmed: no new work.",
-        },
-    },
+    "additionalProperties": False,
+    "properties": ACCEPTED_PROPERTIES,
 }
 
-ASSIGNMENT = {
+TIMESTAMP: Schema = {"type": "string", "format": "date-time"}
+ASSIGNMENT_PROPERTIES: Schema = {
+    "segmentId": {"type": "string"},
+    "state": {
+        "enum": ["queued", "sending", "retrying", "written", "verifying", "active", "failed"],
+        "description": "`active` and `failed` are final.",
+    },
+    "reason": {
+        "enum": [
+            None,
+            "contact_not_found",
+            "invalid_contact_id",
+            "segment_not_found",
+            "retries_exhausted",
+            "not_indexed",
+        ],
+        "description": "Why it failed; null unless `state` is `failed`.",
+    },
+    "message": {"type": ["string", "null"]},
+    "attempts": COUNT,
+    "receivedAt": TIMESTAMP,
+    "updatedAt": TIMESTAMP,
+}
+ASSIGNMENT: Schema = {
     "type": "object",
-    "required": ["segmentId", "state", "reason", "attempts", "updatedAt"],
+    "required": list(ASSIGNMENT_PROPERTIES),
+    "additionalProperties": False,
+    "properties": ASSIGNMENT_PROPERTIES,
+}
+CONTACT: Schema = {
+    "type": "object",
+    "required": ["contactId", "segments"],
+    "additionalProperties": False,
     "properties": {
-        "segmentId": {"type": "string"},
-        "state": {
-            "enum": ["queued", "sending", "retrying", "written", "verifying", "active", "failed"]
-        },
-        "reason": {
-            "enum": [
-                None,
-                "contact_not_found",
-                "invalid_contact_id",
-                "segment_not_found",
-                "retries_exhausted",
-                "not_indexed",
-            ]
-        },
-        "message": {"type": ["string", "null"]},
-        "attempts": {"type": "integer"},
-        "receivedAt": {"type": "string", "format": "date-time"},
-        "updatedAt": {"type": "string", "format": "date-time"},
+        "contactId": {"type": "string"},
+        "segments": {"type": "array", "items": ASSIGNMENT},
     },
+}
+DEAD_LETTER: Schema = {
+    "type": "object",
+    "required": ["contactId", *ASSIGNMENT_PROPERTIES],
+    "additionalProperties": False,
+    "properties": {"contactId": {"type": "string"}, **ASSIGNMENT_PROPERTIES},
 }
 
 
-def _problem(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": PROBLEM}}}
+def _waited(complete: Schema) -> Schema:
+    """A /v1/mappings answer after waiting: the counts, whether all ended, and where each is."""
+    return {
+        "type": "object",
+        "required": ["accepted", "duplicates", "complete", "results"],
+        "additionalProperties": False,
+        "properties": {
+            **ACCEPTED_PROPERTIES,
+            "complete": complete,
+            "results": {
+                "type": "array",
+                "description": "One entry per event, in request order.",
+                "items": CONTACT,
+            },
+        },
+    }
 
 
-def _json(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+def _readiness(*, ready: bool) -> Schema:
+    """A /readyz answer: the verdict and each check, `ok` (or `no` for draining) or why not."""
+    checks = ["draining", "queue", "store", "cxone_token"]
+    return {
+        "type": "object",
+        "required": ["ready", "checks"],
+        "additionalProperties": False,
+        "properties": {
+            "ready": {"const": ready},
+            "checks": {
+                "type": "object",
+                "required": checks,
+                "additionalProperties": False,
+                "properties": {name: {"type": "string"} for name in checks},
+            },
+        },
+    }
+
+
+def _problem(description: str, headers: Schema | None = None) -> Schema:
+    response: Schema = {
+        "description": description,
+        "content": {"application/json": {"schema": PROBLEM}},
+    }
+    if headers is not None:
+        response["headers"] = headers
+    return response
+
+
+def _json(description: str, schema: Schema) -> Schema:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
+def _busy(description: str) -> Schema:
+    return _problem(description, RETRY_AFTER)
 
-OPENAPI_DOCUMENT: dict[str, Any] = {
+
+ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
+UNAUTHORIZED = _problem("No or wrong admin token")
+
+OPENAPI_DOCUMENT: Schema = {
     "openapi": "3.1.0",
     "info": {
         "title": "segmapd",
         "version": "0.1.0",
-        "description": "Keeps NICE CXone static-segment memberships in step with a CRM.",
+        "description": "Keeps NICE CXone static-segment memberships in step with a CRM. Bad "
+        "input always gets a specific 4xx naming the problem; a 5xx other than a documented 503 "
+        "is a bug in segmapd.",
     },
     "components": {
         "securitySchemes": {
@@ -105,13 +228,24 @@ OPENAPI_DOCUMENT: dict[str, Any] = {
         "/v1/webhooks/{source}": {
             "post": {
                 "summary": "A signed delivery of one event or an array of events",
+                "description": "Validated all or nothing: the first problem refuses the whole "
+                "delivery. A redelivery (same webhook-id) gets the first answer again, with 200.",
                 "security": [{"standardWebhooks": []}],
                 "parameters": [
-                    {"name": "source", "in": "path", "required": True, "schema": {"type": "string"}}
+                    {
+                        "name": "source",
+                        "in": "path",
+                        "required": True,
+                        "description": "A configured `[sources.NAME]`.",
+                        "schema": {"type": "string"},
+                        "example": "crm",
+                    }
                 ],
                 "requestBody": {
                     "required": True,
-                    "content": {"application/json": {"schema": EVENTS}},
+                    "content": {
+                        "application/json": {"schema": EVENTS, "examples": EVENTS_EXAMPLES}
+                    },
                 },
                 "responses": {
                     "200": _json("A redelivery: the answer given the first time", ACCEPTED),
@@ -120,45 +254,46 @@ OPENAPI_DOCUMENT: dict[str, Any] = {
                     "401": _problem("Missing or bad signature, or timestamp out of tolerance"),
                     "404": _problem("Unknown source"),
                     "413": _problem("Body larger than server.max_body_bytes"),
-                    "422": _problem("An invalid id; `field` names it"),
-                    "503": _problem("Draining or above the high-water mark; see Retry-After"),
+                    "422": _problem("An invalid id or a cap exceeded; `field` names it"),
+                    "503": _busy("Draining or above the high-water mark; see Retry-After"),
                 },
             }
         },
         "/v1/mappings": {
             "post": {
                 "summary": "Queue mappings (admin); optionally wait for them to finish",
+                "description": "The body is a webhook body; the admin token replaces the "
+                "signature. With `wait`, answers once every assignment ended or the wait ran out.",
                 "security": ADMIN,
                 "parameters": [
                     {
                         "name": "wait",
                         "in": "query",
                         "required": False,
+                        "description": "Seconds to wait for the assignments to end.",
                         "schema": {"type": "number", "minimum": 0, "maximum": 300},
                     }
                 ],
                 "requestBody": {
                     "required": True,
-                    "content": {"application/json": {"schema": EVENTS}},
+                    "content": {
+                        "application/json": {"schema": EVENTS, "examples": EVENTS_EXAMPLES}
+                    },
                 },
                 "responses": {
                     "200": _json(
-                        "Every assignment ended (active or failed) within the wait",
-                        {
-                            **ACCEPTED,
-                            "properties": {
-                                **ACCEPTED["properties"],  # type: ignore[dict-item]
-                                "complete": {"type": "boolean"},
-                                "results": {"type": "array"},
-                            },
-                        },
+                        "Waited, and every assignment ended (active or failed)",
+                        _waited({"const": True}),
                     ),
-                    "202": _json("Queued (or still in progress when the wait ended)", ACCEPTED),
-                    "400": _problem("Malformed body or bad `wait`"),
-                    "401": _problem("No or wrong admin token"),
-                    "413": _problem("Body too large"),
-                    "422": _problem("An invalid id"),
-                    "503": _problem("Draining or above the high-water mark"),
+                    "202": _json(
+                        "Queued; with `wait`, some assignments had not ended when it ran out",
+                        {"oneOf": [ACCEPTED, _waited({"const": False})]},
+                    ),
+                    "400": _problem("Malformed body or bad `wait`; `field` names it"),
+                    "401": UNAUTHORIZED,
+                    "413": _problem("Body larger than server.max_body_bytes"),
+                    "422": _problem("An invalid id or a cap exceeded; `field` names it"),
+                    "503": _busy("Draining or above the high-water mark; see Retry-After"),
                 },
             }
         },
@@ -175,18 +310,8 @@ OPENAPI_DOCUMENT: dict[str, Any] = {
                     }
                 ],
                 "responses": {
-                    "200": _json(
-                        "The contact's assignments",
-                        {
-                            "type": "object",
-                            "required": ["contactId", "segments"],
-                            "properties": {
-                                "contactId": {"type": "string"},
-                                "segments": {"type": "array", "items": ASSIGNMENT},
-                            },
-                        },
-                    ),
-                    "401": _problem("No or wrong admin token"),
+                    "200": _json("The contact's assignments", CONTACT),
+                    "401": UNAUTHORIZED,
                     "404": _problem("No assignments for that contact"),
                 },
             }
@@ -200,6 +325,7 @@ OPENAPI_DOCUMENT: dict[str, Any] = {
                         "name": "limit",
                         "in": "query",
                         "required": False,
+                        "description": "At most this many (default 1000).",
                         "schema": {"type": "integer", "minimum": 1, "maximum": 100000},
                     }
                 ],
@@ -209,17 +335,19 @@ OPENAPI_DOCUMENT: dict[str, Any] = {
                         {
                             "type": "object",
                             "required": ["deadLetters"],
-                            "properties": {"deadLetters": {"type": "array"}},
+                            "additionalProperties": False,
+                            "properties": {"deadLetters": {"type": "array", "items": DEAD_LETTER}},
                         },
                     ),
-                    "400": _problem("Bad limit"),
-                    "401": _problem("No or wrong admin token"),
+                    "400": _problem("Bad `limit`"),
+                    "401": UNAUTHORIZED,
                 },
             }
         },
         "/v1/dead-letters/replay": {
             "post": {
                 "summary": "Queue failed assignments again (all, or only some contacts')",
+                "description": "An empty body or `{}` replays every dead letter.",
                 "security": ADMIN,
                 "requestBody": {
                     "required": False,
@@ -241,21 +369,42 @@ OPENAPI_DOCUMENT: dict[str, Any] = {
                         {
                             "type": "object",
                             "required": ["replayed"],
-                            "properties": {"replayed": {"type": "integer"}},
+                            "additionalProperties": False,
+                            "properties": {"replayed": COUNT},
                         },
                     ),
                     "400": _problem("Malformed body"),
-                    "401": _problem("No or wrong admin token"),
-                    "503": _problem("Draining or above the high-water mark"),
+                    "401": UNAUTHORIZED,
+                    "413": _problem("Body larger than server.max_body_bytes"),
+                    "503": _busy("Draining or above the high-water mark; see Retry-After"),
                 },
             }
         },
         "/healthz": {
             "get": {
-                "summary": "Liveness",
+                "summary": "Liveness: the event loop answers and the writer task is alive",
                 "responses": {
-                    "200": _json("Alive", {"type": "object"}),
-                    "503": _json("The writer died", {"type": "object"}),
+                    "200": _json(
+                        "Alive",
+                        {
+                            "type": "object",
+                            "required": ["status"],
+                            "additionalProperties": False,
+                            "properties": {"status": {"const": "ok"}},
+                        },
+                    ),
+                    "503": _json(
+                        "The writer died",
+                        {
+                            "type": "object",
+                            "required": ["status", "reason"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "status": {"const": "failing"},
+                                "reason": {"type": "string"},
+                            },
+                        },
+                    ),
                 },
             }
         },
@@ -263,8 +412,8 @@ OPENAPI_DOCUMENT: dict[str, Any] = {
             "get": {
                 "summary": "Readiness: store writable, CXone token obtainable, not draining",
                 "responses": {
-                    "200": _json("Ready", {"type": "object"}),
-                    "503": _json("Not ready; `checks` says why", {"type": "object"}),
+                    "200": _json("Ready", _readiness(ready=True)),
+                    "503": _json("Not ready; `checks` says why", _readiness(ready=False)),
                 },
             }
         },
@@ -282,7 +431,16 @@ OPENAPI_DOCUMENT: dict[str, Any] = {
         "/openapi.json": {
             "get": {
                 "summary": "This document",
-                "responses": {"200": _json("OpenAPI 3.1", {"type": "object"})},
+                "responses": {
+                    "200": _json(
+                        "OpenAPI 3.1",
+                        {
+                            "type": "object",
+                            "required": ["openapi", "info", "paths"],
+                            "properties": {"openapi": {"const": "3.1.0"}},
+                        },
+                    )
+                },
             }
         },
     },

@@ -21,6 +21,7 @@ from daemon.config import Config
 from daemon.http import build_app
 from daemon.sdnotify import SdNotifier, watchdog_loop
 from daemon.service import Service
+from daemon.store.sqlite import StoreFileError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,11 @@ async def serve(config: Config, *, announce: bool = True) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, signals.handle, signum)
 
-    await service.start()
+    try:
+        await service.start()
+    except StoreFileError as exc:
+        log.critical("cannot use the journal: %s", exc)
+        return 2
     runner = web.AppRunner(build_app(service), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)

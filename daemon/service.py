@@ -13,21 +13,25 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from daemon.config import Config
+from daemon.config import Config, StoreConfig
 from daemon.cxone import CXonePaths, CXoneSettings, HttpCXoneClient
 from daemon.metrics import Metrics
 from daemon.notifier import Notifier
 from daemon.secrets import Secret
 from daemon.store.memory import MemoryStore
+from daemon.store.sqlite import SqliteStore
 from listeners import make_verifier
 from scheduler.engine import BatchingPolicy, Engine
 from scheduler.model import Assignment
 from scheduler.observer import CompositeObserver, EngineObserver
 from scheduler.ratelimit import RateGate
 from scheduler.retry import RetryPolicy
-from scheduler.store import Store
 from scheduler.validation import MembershipPoller, ValidationPolicy
-from scheduler.validation_state import MemoryConfirmationCache, MemoryRefreshBudget
+from scheduler.validation_state import (
+    MemoryConfirmationCache,
+    MemoryRefreshBudget,
+    RefreshBudget,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +62,35 @@ def cxone_settings(config: Config) -> CXoneSettings:
     )
 
 
-def open_store(url: str) -> Store:
-    """The store named by `store.url`."""
-    scheme = url.partition("://")[0]
+def open_store(config: StoreConfig) -> MemoryStore | SqliteStore:
+    """The store named by `store.url`: `sqlite:///abs/path`, `sqlite://rel/path`, `memory://`."""
+    scheme, _, rest = config.url.partition("://")
     if scheme == "memory":
         return MemoryStore()
+    if scheme == "sqlite":
+        if not rest:
+            raise ValueError("store.url: sqlite:// needs a file path")
+        return SqliteStore(
+            rest,
+            synchronous=config.synchronous,
+            retention_s=config.retention_days * 86_400,
+        )
     raise NotImplementedError(
-        f"store.url {scheme}:// is not available in this version; use memory://"
+        f"store.url {scheme}:// is not available in this version; use sqlite:// or memory://"
     )
+
+
+class JournaledConfirmations(MemoryConfirmationCache):
+    """The validation cache, written through to the journal so it survives a restart."""
+
+    def __init__(self, ttl_s: float, store: SqliteStore) -> None:
+        super().__init__(ttl_s)
+        self._store = store
+
+    def remember(self, contact_id: str, segment_id: str) -> None:
+        """Cache now and journal it."""
+        super().remember(contact_id, segment_id)
+        self._store.remember_confirmation(contact_id, segment_id, time.time())
 
 
 @dataclass
@@ -78,7 +103,7 @@ class Service:
 
     def __post_init__(self) -> None:
         config = self.config
-        self.store = open_store(config.store.url)
+        self.store = open_store(config.store)
         self.client = HttpCXoneClient(cxone_settings(config), on_response=self.metrics.on_response)
         self.write_gate = RateGate("bulk", config.limits.write_rps)
         self.single_gate = RateGate("single", config.limits.single_write_rps)
@@ -91,6 +116,7 @@ class Service:
                 config.notify.secret.get_secret_value(),
                 timeout_s=config.notify.timeout_s,
                 on_outcome=self.metrics.record_notification,
+                journal=self.store if isinstance(self.store, SqliteStore) else None,
             )
             observers.append(_NotifyOnFinish(self.notifier))
         observer = CompositeObserver(observers)
@@ -118,13 +144,20 @@ class Service:
             rng=random.Random(),
         )
         validation = config.validation
-        self.cache = MemoryConfirmationCache(validation.cache_ttl_s)
+        self.cache: MemoryConfirmationCache
+        budget: RefreshBudget
+        if isinstance(self.store, SqliteStore):
+            self.cache = JournaledConfirmations(validation.cache_ttl_s, self.store)
+            budget = self.store
+        else:
+            self.cache = MemoryConfirmationCache(validation.cache_ttl_s)
+            budget = MemoryRefreshBudget()
         self.poller = MembershipPoller(
             client=self.client,
             read_gate=self.read_gate,
             sink=self.engine,
             cache=self.cache,
-            budget=MemoryRefreshBudget(),
+            budget=budget,
             policy=ValidationPolicy(
                 interval_s=validation.interval_s,
                 window_s=validation.window_s,
@@ -156,7 +189,11 @@ class Service:
         self.started_at = time.time()
 
     async def start(self) -> None:
-        """Start every component (the HTTP server is started by the caller)."""
+        """Open the journal, take back unfinished work, start every component."""
+        if isinstance(self.store, SqliteStore):
+            recovered = await self.store.open()
+            self.cache.restore(recovered.confirmations, time.time())
+            self.engine.restore(recovered.assignments, recovered.batches)
         await self.client.start()
         await self.poller.start()
         await self.engine.start()

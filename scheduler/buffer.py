@@ -142,6 +142,10 @@ class ContactGate:
         self._waiting.setdefault(contact_id, deque()).append(segment_id)
         return False
 
+    def force(self, contact_id: str) -> None:
+        """Take a slot even past the limit (work recovered mid-flight is already in flight)."""
+        self._inflight[contact_id] = self._inflight.get(contact_id, 0) + 1
+
     def release(self, contact_id: str) -> str | None:
         """Free a slot; returns the next parked segment of that contact, which takes the slot."""
         waiting = self._waiting.get(contact_id)

@@ -9,6 +9,7 @@ import random
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 from scheduler.buffer import CoalescingBuffer, ContactGate
@@ -23,7 +24,7 @@ from scheduler.model import (
 )
 from scheduler.observer import EngineObserver
 from scheduler.retry import RetryPolicy
-from scheduler.store import Store
+from scheduler.store import BatchRecord, Store
 from scheduler.upstream import CXoneClient
 
 log = logging.getLogger(__name__)
@@ -130,12 +131,53 @@ class Engine:
         self._accepting = False
         self._draining = False
         self._failure: BaseException | None = None
+        self._recovered_batches: list[BatchRecord] = []
+        self._recovered_written: list[Assignment] = []
 
     # ---- lifecycle -----------------------------------------------------------------------
 
     def set_verifier(self, verifier: Verifier) -> None:
         """Attach the component that confirms written memberships (before start)."""
         self._verifier = verifier
+
+    def restore(self, assignments: Iterable[Assignment], batches: Iterable[BatchRecord]) -> None:
+        """Take back unfinished work from the journal; call before `start()`.
+
+        In-flight batches are resent as they were (same ids, same idempotency key), so CXone
+        replays a write that had landed instead of applying it twice. Queued and retrying
+        assignments go back to the buffer; written and verifying ones back to the verifier.
+        """
+        batch_of: dict[AssignmentKey, BatchRecord] = {}
+        for record in batches:
+            for contact_id in record.contact_ids:
+                batch_of[(contact_id, record.segment_id)] = record
+        resend: dict[str, BatchRecord] = {}
+        for assignment in assignments:
+            key = assignment.key
+            self._live[key] = assignment
+            if assignment.state not in WRITE_PENDING_STATES:
+                self._recovered_written.append(assignment)
+                continue
+            self._pending_writes += 1
+            batch = batch_of.get(key)
+            if batch is not None:
+                self._gate.force(assignment.contact_id)
+                resend[batch.batch_id] = batch
+            elif self._gate.admit(assignment.contact_id, assignment.segment_id):
+                if assignment.state is State.QUEUED:
+                    self._buffer.add(assignment.segment_id, assignment.contact_id, self._clock())
+                else:
+                    self._buffer.add_retry(assignment.segment_id, [assignment.contact_id])
+        self._recovered_batches.extend(resend.values())
+        log.info(
+            "restored %d assignments: %d pending writes (%d in %d in-flight batches), "
+            "%d to validate",
+            len(self._live),
+            self._pending_writes,
+            sum(len(b.contact_ids) for b in resend.values()),
+            len(resend),
+            len(self._recovered_written),
+        )
 
     async def start(self) -> None:
         """Start the flusher; the engine takes requests from now on."""
@@ -144,6 +186,19 @@ class Engine:
         self._accepting = True
         self._flusher = asyncio.create_task(self._flush_loop(), name="segmap-flusher")
         self._flusher.add_done_callback(self._on_flusher_done)
+        for batch in self._recovered_batches:
+            self.spawn(
+                partial(self._sender.send, batch, token_held=False),
+                f"resend {batch.segment_id}",
+            )
+        self._recovered_batches.clear()
+        if self._recovered_written:
+            if self._verifier is not None:
+                self._verifier.watch(self._recovered_written)
+            else:
+                for assignment in self._recovered_written:
+                    self._finish(assignment)
+            self._recovered_written = []
 
     async def stop(self, budget_s: float = 10.0) -> None:
         """Refuse new work, send what is buffered, wait for in-flight sends, then cancel the rest.
@@ -438,10 +493,12 @@ class Engine:
     # ---- internals ---------------------------------------------------------------------------
 
     def _assignments(self, segment_id: str, contact_ids: list[str]) -> list[Assignment]:
+        # Only assignments whose write is pending: an answer replayed for a batch recovered
+        # after a crash may name ids that have moved on since.
         found = []
         for contact_id in contact_ids:
             assignment = self._live.get((contact_id, segment_id))
-            if assignment is not None:
+            if assignment is not None and assignment.state in WRITE_PENDING_STATES:
                 found.append(assignment)
         return found
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from scheduler.model import Assignment, FailureReason
+from scheduler.model import Assignment, FailureReason, State
 from scheduler.observer import EngineObserver
 from scheduler.ratelimit import RateGate
 from scheduler.retry import RetryPolicy
@@ -129,13 +129,16 @@ class MembershipPoller:
         """Start validating written assignments."""
         if not assignments:
             return
-        self._sink.verifying(assignments)
         now = self._clock()
-        for assignment in assignments:
+        wall_now = self._wall()
+        # The deadline runs from the write, also for assignments recovered after a restart.
+        written_at = [now - max(0.0, wall_now - _written_wall(a)) for a in assignments]
+        self._sink.verifying(assignments)
+        for assignment, written in zip(assignments, written_at, strict=True):
             watch = self._watches.get(assignment.segment_id)
             if watch is None:
                 watch = self._watches[assignment.segment_id] = _SegmentWatch()
-            watch.pairs[assignment.contact_id] = _Pair(assignment, now, now)
+            watch.pairs[assignment.contact_id] = _Pair(assignment, written, now)
             watch.wake.set()
             if self._running and (watch.task is None or watch.task.done()):
                 watch.task = asyncio.create_task(
@@ -356,6 +359,13 @@ class MembershipPoller:
         watch.pairs.clear()
         watch.wake.set()
         self._sink.fail([p.assignment for p in pairs], reason, message)
+
+
+def _written_wall(assignment: Assignment) -> float:
+    for state, at in reversed(assignment.history):
+        if state is State.WRITTEN:
+            return at
+    return assignment.updated_at
 
 
 def _since(started: float) -> float:

@@ -59,6 +59,13 @@ class MemoryConfirmationCache:
         self._entries[key] = self._clock()
         self._prune()
 
+    def restore(self, entries: list[tuple[str, str, float]], wall_now: float) -> None:
+        """Take back confirmations made before a restart (wall-clock times), oldest first."""
+        now = self._clock()
+        for contact_id, segment_id, at in sorted(entries, key=lambda e: e[2]):
+            self._entries[(contact_id, segment_id)] = now - max(0.0, wall_now - at)
+        self._prune()
+
     def _prune(self) -> None:
         horizon = self._clock() - self.ttl_s
         while self._entries:

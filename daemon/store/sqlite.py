@@ -1,0 +1,650 @@
+"""The durable journal: one SQLite file in WAL mode, written by one thread with group commit.
+
+Every change the engine records goes into an in-memory queue at once (no I/O on the event
+loop). A writer thread takes everything queued, applies it in one transaction and commits;
+`flush()` returns once everything recorded before it is committed, so concurrent webhooks share
+one fsync. When a commit fails (disk full, read-only file system), nothing is dropped: the
+changes stay queued and are retried, `flush()` raises `StoreUnavailable` meanwhile, and the
+store recovers by itself when the disk does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+
+from scheduler.model import Assignment, FailureReason, State
+from scheduler.store import BatchRecord
+
+log = logging.getLogger(__name__)
+
+# "SGMP": marks the file as ours, so a foreign SQLite file is refused instead of altered.
+APPLICATION_ID = 0x53474D50
+RETRY_AFTER_FAILURE_S = 1.0
+
+Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
+
+MIGRATIONS: list[str] = [
+    # 1: the initial schema.
+    """
+    CREATE TABLE assignments (
+        contact_id  TEXT NOT NULL,
+        segment_id  TEXT NOT NULL,
+        state       TEXT NOT NULL,
+        reason      TEXT,
+        message     TEXT NOT NULL DEFAULT '',
+        attempts    INTEGER NOT NULL DEFAULT 0,
+        received_at REAL NOT NULL,
+        updated_at  REAL NOT NULL,
+        history     TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (contact_id, segment_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX assignments_by_state ON assignments (state, updated_at);
+    CREATE TABLE batches (
+        batch_id        TEXT PRIMARY KEY,
+        segment_id      TEXT NOT NULL,
+        contact_ids     TEXT NOT NULL,
+        idempotency_key TEXT NOT NULL,
+        attempt         INTEGER NOT NULL,
+        saved_at        REAL NOT NULL
+    );
+    CREATE TABLE deliveries (
+        source      TEXT NOT NULL,
+        delivery_id TEXT NOT NULL,
+        answer      BLOB NOT NULL,
+        received_at REAL NOT NULL,
+        PRIMARY KEY (source, delivery_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX deliveries_by_time ON deliveries (received_at);
+    CREATE TABLE refresh_budget (
+        segment_id   TEXT PRIMARY KEY,
+        next_allowed REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE confirmations (
+        contact_id   TEXT NOT NULL,
+        segment_id   TEXT NOT NULL,
+        confirmed_at REAL NOT NULL,
+        PRIMARY KEY (contact_id, segment_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE notifications (
+        event_id TEXT PRIMARY KEY,
+        body     BLOB NOT NULL,
+        added_at REAL NOT NULL
+    );
+    """,
+    # 2: who made the file and when, for `segmapd` diagnostics and support.
+    """
+    CREATE TABLE journal_info (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    ) WITHOUT ROWID;
+    INSERT INTO journal_info VALUES ('created_at', strftime('%Y-%m-%dT%H:%M:%fZ', 'now'));
+    """,
+]
+
+
+class StoreUnavailable(Exception):
+    """The journal cannot commit right now (disk full, read-only); nothing recorded is lost."""
+
+
+class StoreFileError(Exception):
+    """The journal file cannot be used: corrupt, foreign, or from a newer segmapd."""
+
+
+@dataclass
+class Recovered:
+    """What the journal held at start-up that is not finished."""
+
+    assignments: list[Assignment] = field(default_factory=list)
+    batches: list[BatchRecord] = field(default_factory=list)
+    refresh_budget: dict[str, float] = field(default_factory=dict)
+    confirmations: list[tuple[str, str, float]] = field(default_factory=list)
+    notifications: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+# ---- file level -------------------------------------------------------------------------------
+
+
+def connect(path: str, synchronous: Synchronous) -> sqlite3.Connection:
+    """Open (creating if needed) and migrate the journal; raises StoreFileError if unusable."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        connection.execute("PRAGMA busy_timeout = 5000")
+        journal_mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(journal_mode).lower() != "wal":
+            log.warning("journal %s: WAL mode refused (%s)", path, journal_mode)
+        connection.execute(f"PRAGMA synchronous = {synchronous}")
+        _migrate(connection, path)
+    except sqlite3.DatabaseError as exc:
+        connection.close()
+        raise StoreFileError(f"{path}: not a usable segmapd journal ({exc})") from None
+    except StoreFileError:
+        connection.close()
+        raise
+    return connection
+
+
+def _migrate(connection: sqlite3.Connection, path: str) -> None:
+    application_id = connection.execute("PRAGMA application_id").fetchone()[0]
+    version = connection.execute("PRAGMA user_version").fetchone()[0]
+    tables = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    if application_id != APPLICATION_ID:
+        if application_id != 0 or tables:
+            raise StoreFileError(
+                f"{path}: an SQLite file that is not a segmapd journal; refusing to touch it"
+            )
+        connection.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    if version > len(MIGRATIONS):
+        raise StoreFileError(
+            f"{path}: journal schema {version} is newer than this segmapd knows "
+            f"({len(MIGRATIONS)}); upgrade segmapd"
+        )
+    for number in range(version + 1, len(MIGRATIONS) + 1):
+        log.info("journal %s: migrating schema %d -> %d", path, number - 1, number)
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in MIGRATIONS[number - 1].split(";"):
+                if statement.strip():
+                    connection.execute(statement)
+            connection.execute(f"PRAGMA user_version = {number}")
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+
+
+# ---- the writer thread --------------------------------------------------------------------------
+
+_AssignmentRow = tuple[str, str, str, str | None, str, int, float, float]
+
+
+@dataclass
+class _Pending:
+    """Changes queued for the next transaction, coalesced per key where that is safe."""
+
+    assignments: dict[tuple[str, str], _AssignmentRow] = field(default_factory=dict)
+    history: dict[tuple[str, str], list[tuple[str, float]]] = field(default_factory=dict)
+    batches_saved: dict[str, BatchRecord] = field(default_factory=dict)
+    batches_dropped: set[str] = field(default_factory=set)
+    deliveries: list[tuple[str, str, bytes, float]] = field(default_factory=list)
+    budget: dict[str, float] = field(default_factory=dict)
+    confirmations: dict[tuple[str, str], float] = field(default_factory=dict)
+    notifications_added: dict[str, tuple[bytes, float]] = field(default_factory=dict)
+    notifications_done: set[str] = field(default_factory=set)
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+
+    def empty(self) -> bool:
+        return not (
+            self.assignments
+            or self.batches_saved
+            or self.batches_dropped
+            or self.deliveries
+            or self.budget
+            or self.confirmations
+            or self.notifications_added
+            or self.notifications_done
+        )
+
+    def absorb(self, later: _Pending) -> None:
+        """Add changes made after these (used when a failed transaction is retried)."""
+        for key, row in later.assignments.items():
+            self.assignments[key] = row
+        for key, steps in later.history.items():
+            self.history.setdefault(key, []).extend(steps)
+        for batch_id, batch in later.batches_saved.items():
+            self.batches_saved[batch_id] = batch
+            self.batches_dropped.discard(batch_id)
+        for batch_id in later.batches_dropped:
+            self.batches_saved.pop(batch_id, None)
+            self.batches_dropped.add(batch_id)
+        self.deliveries.extend(later.deliveries)
+        self.budget.update(later.budget)
+        self.confirmations.update(later.confirmations)
+        for event_id, value in later.notifications_added.items():
+            self.notifications_added[event_id] = value
+            self.notifications_done.discard(event_id)
+        for event_id in later.notifications_done:
+            self.notifications_added.pop(event_id, None)
+            self.notifications_done.add(event_id)
+        self.waiters.extend(later.waiters)
+
+
+class SqliteStore:
+    """The journal behind `store.url = "sqlite:///path"`."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        synchronous: Synchronous = "FULL",
+        retention_s: float = 7 * 86_400,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self.retention_s = retention_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._pending = _Pending()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-read")
+        self.last_error: str = ""
+        self.commits = 0
+        self._last_prune = 0.0
+        self._refresh: dict[str, float] = {}
+        self._notifications: OrderedDict[str, bytes] = OrderedDict()
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({self.path!r}, synchronous={self.synchronous})"
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    async def open(self) -> Recovered:
+        """Open and migrate the file, start the writer, and return what is unfinished."""
+        self._loop = asyncio.get_running_loop()
+        self._writer = await asyncio.to_thread(connect, self.path, self.synchronous)
+        self._reader = await self._read(lambda: connect(self.path, self.synchronous))
+        recovered: Recovered = await self._read(self._load_recovery)
+        self._refresh = dict(recovered.refresh_budget)
+        self._notifications = OrderedDict(recovered.notifications)
+        self._thread = threading.Thread(target=self._write_loop, name="journal-writer", daemon=True)
+        self._thread.start()
+        log.info(
+            "journal %s: %d unfinished assignments, %d in-flight batches, %d notifications",
+            self.path,
+            len(recovered.assignments),
+            len(recovered.batches),
+            len(recovered.notifications),
+        )
+        return recovered
+
+    async def close(self) -> None:
+        """Commit what is queued (if the disk allows), stop the writer, close the file."""
+        if self._thread is None:
+            return
+        with contextlib.suppress(StoreUnavailable):
+            await asyncio.wait_for(self.flush(), 10.0)
+        with self._lock:
+            self._closing = True
+            self._wake.notify()
+        await asyncio.to_thread(self._thread.join, 15.0)
+        self._thread = None
+        if self._reader is not None:
+            reader = self._reader
+            await self._read(reader.close)
+            self._reader = None
+        self._reads.shutdown(wait=True)
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    # ---- writes (Store protocol) -----------------------------------------------------------
+
+    def record(self, assignment: Assignment) -> None:
+        """Queue the assignment's current state and its latest transition."""
+        key = assignment.key
+        row: _AssignmentRow = (
+            assignment.contact_id,
+            assignment.segment_id,
+            str(assignment.state),
+            str(assignment.reason) if assignment.reason is not None else None,
+            assignment.message,
+            assignment.attempts,
+            assignment.received_at,
+            assignment.updated_at,
+        )
+        with self._lock:
+            self._pending.assignments[key] = row
+            self._pending.history.setdefault(key, []).append(
+                (str(assignment.state), assignment.updated_at)
+            )
+            self._wake.notify()
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is committed; StoreUnavailable if it cannot be."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            if self._thread is None:
+                raise StoreUnavailable("the journal is not open")
+            self._pending.waiters.append(future)
+            self._wake.notify()
+        await future
+
+    async def save_batch(self, batch: BatchRecord) -> None:
+        """Commit the batch (with its key and body) before it is sent."""
+        with self._lock:
+            self._pending.batches_saved[batch.batch_id] = batch
+            self._pending.batches_dropped.discard(batch.batch_id)
+        await self.flush()
+
+    async def drop_batch(self, batch_id: str) -> None:
+        """Forget the batch (its outcome is recorded); committed with the next transaction."""
+        with self._lock:
+            if self._pending.batches_saved.pop(batch_id, None) is None:
+                self._pending.batches_dropped.add(batch_id)
+            self._wake.notify()
+
+    async def remember_delivery(self, source: str, delivery_id: str, answer: bytes) -> None:
+        """Queue the delivery's answer; committed with the webhook's flush."""
+        with self._lock:
+            self._pending.deliveries.append((source, delivery_id, answer, self._clock()))
+            self._wake.notify()
+
+    async def check_writable(self) -> None:
+        """Raise StoreUnavailable while commits fail."""
+        if self.last_error:
+            raise StoreUnavailable(self.last_error)
+        await asyncio.wait_for(self.flush(), 5.0)
+
+    # ---- reads ---------------------------------------------------------------------------
+
+    async def _read(self, function: Callable[[], Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._reads, function)
+
+    def _query(self, sql: str, parameters: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        assert self._reader is not None
+        return self._reader.execute(sql, tuple(parameters)).fetchall()
+
+    async def contact(self, contact_id: str) -> list[Assignment]:
+        """The contact's committed assignments (at most a few ms behind the engine)."""
+        rows = await self._read(
+            lambda: self._query(
+                "SELECT * FROM assignments WHERE contact_id = ? ORDER BY segment_id", (contact_id,)
+            )
+        )
+        return [_assignment(row) for row in rows]
+
+    async def failed(self, limit: int = 1000) -> list[Assignment]:
+        """Dead letters, oldest first."""
+        rows = await self._read(
+            lambda: self._query(
+                "SELECT * FROM assignments WHERE state = 'failed' ORDER BY updated_at LIMIT ?",
+                (limit,),
+            )
+        )
+        return [_assignment(row) for row in rows]
+
+    async def counts(self) -> dict[str, int]:
+        """Retained assignments per state."""
+        rows = await self._read(
+            lambda: self._query("SELECT state, count(*) FROM assignments GROUP BY state")
+        )
+        return {str(state): int(count) for state, count in rows}
+
+    async def delivery(self, source: str, delivery_id: str) -> bytes | None:
+        """The answer to an earlier delivery, if retained (queued ones count too)."""
+        with self._lock:
+            for queued in reversed(self._pending.deliveries):
+                if queued[0] == source and queued[1] == delivery_id:
+                    return queued[2]
+        rows = await self._read(
+            lambda: self._query(
+                "SELECT answer FROM deliveries WHERE source = ? AND delivery_id = ?",
+                (source, delivery_id),
+            )
+        )
+        return bytes(rows[0][0]) if rows else None
+
+    # ---- validation state and notifications, write-through ------------------------------------
+
+    def next_allowed(self, segment_id: str) -> float:
+        """RefreshBudget: when the segment may be refreshed next."""
+        return self._refresh.get(segment_id, 0.0)
+
+    def spend(self, segment_id: str, at: float, next_allowed: float) -> None:
+        """RefreshBudget: record a refresh; survives restarts."""
+        self._refresh[segment_id] = next_allowed
+        with self._lock:
+            self._pending.budget[segment_id] = next_allowed
+            self._wake.notify()
+
+    def remember_confirmation(self, contact_id: str, segment_id: str, at: float) -> None:
+        """Persist a validation-cache entry (wall-clock time of the confirmation)."""
+        with self._lock:
+            self._pending.confirmations[(contact_id, segment_id)] = at
+            self._wake.notify()
+
+    def add(self, event_id: str, body: bytes) -> None:
+        """NotificationJournal: an event to deliver."""
+        self._notifications[event_id] = body
+        with self._lock:
+            self._pending.notifications_added[event_id] = (body, self._clock())
+            self._pending.notifications_done.discard(event_id)
+            self._wake.notify()
+
+    def done(self, event_id: str) -> None:
+        """NotificationJournal: the event was delivered (or dropped for good)."""
+        self._notifications.pop(event_id, None)
+        with self._lock:
+            if self._pending.notifications_added.pop(event_id, None) is None:
+                self._pending.notifications_done.add(event_id)
+            self._wake.notify()
+
+    def pending(self) -> list[tuple[str, bytes]]:
+        """NotificationJournal: events not yet delivered."""
+        return list(self._notifications.items())
+
+    # ---- the writer thread --------------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        carry = _Pending()  # changes of a failed transaction, retried first
+        while True:
+            with self._lock:
+                while self._pending.empty() and not self._pending.waiters and carry.empty():
+                    if self._closing:
+                        return
+                    if not self._wake.wait(timeout=60.0):
+                        break  # idle for a minute: a chance to prune
+                work, self._pending = self._pending, _Pending()
+                closing = self._closing
+            carry.absorb(work)
+            work, carry = carry, _Pending()
+            try:
+                self._commit(work)
+            except sqlite3.Error as exc:
+                self._failed(work, exc)
+                work.waiters = []
+                carry = work
+                if closing:
+                    log.error(
+                        "journal %s: closing with %d uncommitted changes",
+                        self.path,
+                        len(work.assignments),
+                    )
+                    return
+                time.sleep(RETRY_AFTER_FAILURE_S)
+                continue
+            if self.last_error:
+                log.warning("journal %s: commits work again", self.path)
+                self.last_error = ""
+            self._resolve(work.waiters, None)
+            self._maybe_prune()
+
+    def _commit(self, work: _Pending) -> None:
+        connection = self._writer
+        assert connection is not None
+        if work.empty():
+            return
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            self._apply(connection, work)
+            connection.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                connection.execute("ROLLBACK")
+            raise
+        self.commits += 1
+
+    def _apply(self, connection: sqlite3.Connection, work: _Pending) -> None:
+        if work.assignments:
+            # History is text, "state:time;" per transition, so that appending the transitions
+            # of this transaction is a plain concatenation; a fresh start (queued) replaces it.
+            rows = [
+                (*row, "".join(f"{state}:{at!r};" for state, at in work.history.get(key, [])))
+                for key, row in work.assignments.items()
+            ]
+            connection.executemany(
+                """
+                INSERT INTO assignments (contact_id, segment_id, state, reason, message,
+                                         attempts, received_at, updated_at, history)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                ON CONFLICT (contact_id, segment_id) DO UPDATE SET
+                    state = excluded.state, reason = excluded.reason,
+                    message = excluded.message, attempts = excluded.attempts,
+                    received_at = excluded.received_at, updated_at = excluded.updated_at,
+                    history = CASE
+                        WHEN excluded.history LIKE 'queued:%' THEN excluded.history
+                        ELSE assignments.history || excluded.history
+                    END
+                """,
+                rows,
+            )
+        if work.batches_saved:
+            connection.executemany(
+                "INSERT OR REPLACE INTO batches VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        b.batch_id,
+                        b.segment_id,
+                        orjson.dumps(list(b.contact_ids)).decode(),
+                        b.idempotency_key,
+                        b.attempt,
+                        self._clock(),
+                    )
+                    for b in work.batches_saved.values()
+                ],
+            )
+        if work.batches_dropped:
+            connection.executemany(
+                "DELETE FROM batches WHERE batch_id = ?", [(b,) for b in work.batches_dropped]
+            )
+        if work.deliveries:
+            connection.executemany(
+                "INSERT OR IGNORE INTO deliveries VALUES (?, ?, ?, ?)", work.deliveries
+            )
+        if work.budget:
+            connection.executemany(
+                "INSERT OR REPLACE INTO refresh_budget VALUES (?, ?)", list(work.budget.items())
+            )
+        if work.confirmations:
+            connection.executemany(
+                "INSERT OR REPLACE INTO confirmations VALUES (?, ?, ?)",
+                [(c, s, at) for (c, s), at in work.confirmations.items()],
+            )
+        if work.notifications_added:
+            connection.executemany(
+                "INSERT OR REPLACE INTO notifications VALUES (?, ?, ?)",
+                [(e, body, at) for e, (body, at) in work.notifications_added.items()],
+            )
+        if work.notifications_done:
+            connection.executemany(
+                "DELETE FROM notifications WHERE event_id = ?",
+                [(e,) for e in work.notifications_done],
+            )
+
+    def _failed(self, work: _Pending, exc: sqlite3.Error) -> None:
+        message = f"journal {self.path}: commit failed: {exc}"
+        if message != self.last_error:
+            log.error("%s; keeping %d changes queued and retrying", message, len(work.assignments))
+        self.last_error = message
+        self._resolve(work.waiters, StoreUnavailable(str(exc)))
+
+    def _resolve(self, waiters: list[asyncio.Future[None]], error: Exception | None) -> None:
+        loop = self._loop
+        if loop is None or not waiters or loop.is_closed():
+            return
+
+        def settle() -> None:
+            for waiter in waiters:
+                if waiter.done():
+                    continue
+                if error is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(error)
+
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(settle)
+
+    def _maybe_prune(self) -> None:
+        now = self._clock()
+        if now - self._last_prune < 3600:
+            return
+        self._last_prune = now
+        horizon = now - self.retention_s
+        connection = self._writer
+        assert connection is not None
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            pruned = connection.execute(
+                "DELETE FROM assignments WHERE state IN ('active', 'failed') AND updated_at < ?",
+                (horizon,),
+            ).rowcount
+            connection.execute("DELETE FROM deliveries WHERE received_at < ?", (horizon,))
+            connection.execute("DELETE FROM confirmations WHERE confirmed_at < ?", (horizon,))
+            connection.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                connection.execute("ROLLBACK")
+            log.warning("journal %s: pruning failed: %s", self.path, exc)
+            return
+        if pruned:
+            log.info("journal %s: pruned %d finished assignments past retention", self.path, pruned)
+
+    # ---- recovery -------------------------------------------------------------------------------
+
+    def _load_recovery(self) -> Recovered:
+        recovered = Recovered()
+        for row in self._query("SELECT * FROM assignments WHERE state NOT IN ('active', 'failed')"):
+            recovered.assignments.append(_assignment(row))
+        for batch_id, segment_id, ids, key, attempt, _ in self._query("SELECT * FROM batches"):
+            recovered.batches.append(
+                BatchRecord(batch_id, segment_id, tuple(orjson.loads(ids)), key, attempt)
+            )
+        recovered.refresh_budget = dict(self._query("SELECT * FROM refresh_budget"))
+        recovered.confirmations = [
+            (str(c), str(s), float(at)) for c, s, at in self._query("SELECT * FROM confirmations")
+        ]
+        recovered.notifications = [
+            (str(e), bytes(body))
+            for e, body, _ in self._query("SELECT * FROM notifications ORDER BY added_at")
+        ]
+        return recovered
+
+
+def _assignment(row: tuple[Any, ...]) -> Assignment:
+    contact_id, segment_id, state, reason, message, attempts, received, updated, history = row
+    return Assignment(
+        contact_id=contact_id,
+        segment_id=segment_id,
+        state=State(state),
+        reason=FailureReason(reason) if reason else None,
+        message=message,
+        attempts=attempts,
+        received_at=received,
+        updated_at=updated,
+        history=[
+            (State(state_name), float(at))
+            for state_name, _, at in (step.partition(":") for step in history.split(";") if step)
+        ],
+    )

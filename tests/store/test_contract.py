@@ -1,0 +1,130 @@
+"""One contract, every Store implementation: what the engine and the API rely on."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from daemon.store.memory import MemoryStore
+from daemon.store.sqlite import SqliteStore
+from scheduler.model import Assignment, FailureReason, State
+from scheduler.store import BatchRecord
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[object]:
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    sqlite = SqliteStore(str(tmp_path / "journal.db"))
+    await sqlite.open()
+    yield sqlite
+    await sqlite.close()
+
+
+# Recent times: a durable store prunes finished assignments older than its retention.
+NOW = time.time()
+
+
+def new(contact: str, segment: str, at: float = 1000.0) -> Assignment:
+    at = NOW + at
+    return Assignment(contact, segment, received_at=at, updated_at=at, history=[(State.QUEUED, at)])
+
+
+async def test_latest_state_and_history_are_kept(store):
+    a = new("c1", "s1")
+    store.record(a)
+    for t, state in enumerate([State.SENDING, State.RETRYING, State.SENDING, State.WRITTEN], 1):
+        if state is State.SENDING:
+            a.attempts += 1
+        a.transition(state, NOW + 1000.0 + t)
+        store.record(a)
+        if t == 2:
+            await store.flush()  # history spans several transactions
+    a.transition(State.FAILED, NOW + 1010.0, reason=FailureReason.NOT_INDEXED, message="dynamic?")
+    store.record(a)
+    await store.flush()
+    [saved] = await store.contact("c1")
+    assert (saved.state, saved.reason, saved.message, saved.attempts) == (
+        State.FAILED,
+        FailureReason.NOT_INDEXED,
+        "dynamic?",
+        2,
+    )
+    assert [s for s, _ in saved.history] == [
+        "queued",
+        "sending",
+        "retrying",
+        "sending",
+        "written",
+        "failed",
+    ]
+    assert saved.history[-1][1] == NOW + 1010.0
+    assert await store.contact("nobody") == []
+
+
+async def test_failed_are_listed_oldest_first_and_counted(store):
+    for i, at in enumerate([30.0, 10.0, 20.0]):
+        a = new(f"c{i}", "s", at)
+        store.record(a)
+        a.transition(State.FAILED, NOW + at + 1, reason=FailureReason.CONTACT_NOT_FOUND)
+        store.record(a)
+    store.record(new("ok", "s"))
+    await store.flush()
+    assert [a.contact_id for a in await store.failed()] == ["c1", "c2", "c0"]
+    assert [a.contact_id for a in await store.failed(limit=1)] == ["c1"]
+    assert await store.counts() == {"failed": 3, "queued": 1}
+
+
+async def test_a_restart_begins_a_new_history(store):
+    a = new("c", "s")
+    store.record(a)
+    a.transition(State.FAILED, NOW + 1001.0, reason=FailureReason.RETRIES_EXHAUSTED)
+    store.record(a)
+    await store.flush()
+    again = new("c", "s", 2000.0)
+    store.record(again)
+    await store.flush()
+    [saved] = await store.contact("c")
+    assert saved.state is State.QUEUED and saved.reason is None
+    assert [s for s, _ in saved.history] == ["queued"]
+
+
+async def test_deliveries_are_remembered(store):
+    assert await store.delivery("crm", "msg_1") is None
+    await store.remember_delivery("crm", "msg_1", b'{"accepted":1}')
+    assert await store.delivery("crm", "msg_1") == b'{"accepted":1}'  # before the commit too
+    await store.flush()
+    assert await store.delivery("crm", "msg_1") == b'{"accepted":1}'
+    assert await store.delivery("other", "msg_1") is None
+
+
+async def test_batches_and_writability(store):
+    batch = BatchRecord("b1", "s", ("c1", "c2"), "s:key", 1)
+    await store.save_batch(batch)
+    await store.drop_batch("b1")
+    await store.flush()
+    await store.check_writable()
+
+
+async def test_concurrent_flushes_share_commits(tmp_path: Path):
+    sqlite = SqliteStore(str(tmp_path / "journal.db"))
+    await sqlite.open()
+    try:
+
+        async def one(i: int) -> None:
+            sqlite.record(new(f"c{i}", "s"))
+            await sqlite.flush()
+
+        before = sqlite.commits
+        await asyncio.gather(*(one(i) for i in range(500)))
+        commits = sqlite.commits - before
+        # Group commit: far fewer transactions (fsyncs) than flushes.
+        assert 1 <= commits < 100
+        assert (await sqlite.counts()) == {"queued": 500}
+    finally:
+        await sqlite.close()

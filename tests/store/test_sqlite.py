@@ -1,0 +1,214 @@
+"""The SQLite journal on real files: recovery, migrations, bad files, pruning, a full disk."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from daemon.store.sqlite import MIGRATIONS, SqliteStore, StoreFileError, StoreUnavailable
+from scheduler.model import Assignment, State
+from scheduler.store import BatchRecord
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def assignment(contact: str, segment: str, *states: State) -> Assignment:
+    now = time.time()
+    a = Assignment(contact, segment, received_at=now, updated_at=now, history=[(State.QUEUED, now)])
+    for state in states:
+        a.transition(state, time.time())
+    return a
+
+
+async def test_unfinished_work_of_every_kind_survives_a_restart(tmp_path: Path):
+    path = str(tmp_path / "journal.db")
+    store = SqliteStore(path)
+    await store.open()
+    states = {
+        "queued": (),
+        "sending": (State.SENDING,),
+        "retrying": (State.SENDING, State.RETRYING),
+        "written": (State.SENDING, State.WRITTEN),
+        "verifying": (State.SENDING, State.WRITTEN, State.VERIFYING),
+        "active": (State.SENDING, State.WRITTEN, State.VERIFYING, State.ACTIVE),
+    }
+    for name, steps in states.items():
+        # As the engine does: one record per transition.
+        a = assignment(f"c-{name}", "s")
+        store.record(a)
+        for step in steps:
+            a.transition(step, time.time())
+            store.record(a)
+    await store.save_batch(BatchRecord("b1", "s", ("c-sending",), "s:k1", 2))
+    store.spend("s", time.time(), time.time() + 3600)
+    store.remember_confirmation("c-active", "s", time.time())
+    store.add("evt-1", b'{"type":"mapping.active"}')
+    store.add("evt-2", b"{}")
+    store.done("evt-2")
+    await store.close()
+
+    again = SqliteStore(path)
+    recovered = await again.open()
+    try:
+        assert sorted(a.contact_id for a in recovered.assignments) == [
+            "c-queued",
+            "c-retrying",
+            "c-sending",
+            "c-verifying",
+            "c-written",
+        ]
+        by_id = {a.contact_id: a for a in recovered.assignments}
+        assert by_id["c-retrying"].state is State.RETRYING
+        assert [s for s, _ in by_id["c-verifying"].history] == [
+            "queued",
+            "sending",
+            "written",
+            "verifying",
+        ]
+        assert recovered.batches == [BatchRecord("b1", "s", ("c-sending",), "s:k1", 2)]
+        assert again.next_allowed("s") > time.time() + 3500
+        assert [(c, s) for c, s, _ in recovered.confirmations] == [("c-active", "s")]
+        assert recovered.notifications == [("evt-1", b'{"type":"mapping.active"}')]
+        assert again.pending() == [("evt-1", b'{"type":"mapping.active"}')]
+    finally:
+        await again.close()
+
+
+async def test_an_old_schema_is_migrated_and_keeps_its_data(tmp_path: Path):
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.execute("PRAGMA application_id = 1397181776")
+    old.executescript(MIGRATIONS[0])
+    old.execute("PRAGMA user_version = 1")
+    old.execute(
+        "INSERT INTO assignments VALUES ('c', 's', 'queued', NULL, '', 0, ?, ?, 'queued:1.0;')",
+        (time.time(), time.time()),
+    )
+    old.commit()
+    old.close()
+    store = SqliteStore(str(path))
+    recovered = await store.open()
+    await store.close()
+    assert [a.contact_id for a in recovered.assignments] == ["c"]
+    check = sqlite3.connect(path)
+    assert check.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    assert check.execute("SELECT count(*) FROM journal_info").fetchone()[0] == 1
+    check.close()
+
+
+async def test_corrupt_foreign_and_newer_files_are_refused_clearly(tmp_path: Path):
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(b"this is not an SQLite database, just bytes" * 100)
+    with pytest.raises(StoreFileError, match="not a usable segmapd journal"):
+        await SqliteStore(str(corrupt)).open()
+
+    foreign = tmp_path / "foreign.db"
+    other = sqlite3.connect(foreign)
+    other.execute("CREATE TABLE customers (id INTEGER)")
+    other.commit()
+    other.close()
+    with pytest.raises(StoreFileError, match="not a segmapd journal"):
+        await SqliteStore(str(foreign)).open()
+    # ...and it was left exactly as it was.
+    other = sqlite3.connect(foreign)
+    assert other.execute("PRAGMA application_id").fetchone()[0] == 0
+    other.close()
+
+    newer = tmp_path / "newer.db"
+    store = SqliteStore(str(newer))
+    await store.open()
+    await store.close()
+    bump = sqlite3.connect(newer)
+    bump.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    bump.commit()
+    bump.close()
+    with pytest.raises(StoreFileError, match="newer"):
+        await SqliteStore(str(newer)).open()
+
+
+async def test_finished_assignments_past_retention_are_pruned(tmp_path: Path):
+    store = SqliteStore(str(tmp_path / "journal.db"), retention_s=3600)
+    await store.open()
+    try:
+        old = assignment("old", "s", State.SENDING, State.WRITTEN, State.VERIFYING, State.ACTIVE)
+        old.updated_at = time.time() - 7200
+        store.record(old)
+        stale_pending = assignment("pending", "s")
+        stale_pending.updated_at = time.time() - 7200
+        store.record(stale_pending)
+        store.record(
+            assignment("fresh", "s", State.SENDING, State.WRITTEN, State.VERIFYING, State.ACTIVE)
+        )
+        store._last_prune = 0.0  # let the next commit prune
+        await store.flush()
+        store.record(assignment("trigger", "s"))
+        await store.flush()
+        assert await store.contact("old") == []
+        assert [a.state for a in await store.contact("pending")] == [State.QUEUED]
+        assert [a.state for a in await store.contact("fresh")] == [State.ACTIVE]
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs: a real file system that really fills up."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        if IN_CI:
+            pytest.fail(f"cannot mount a tmpfs for the disk-full test: {result.stderr}")
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+async def test_a_full_disk_refuses_commits_loses_nothing_and_recovers(small_disk: Path):
+    store = SqliteStore(str(small_disk / "journal.db"))
+    await store.open()
+    filler = small_disk / "filler"
+    try:
+        store.record(assignment("before", "s"))
+        await store.flush()
+        # Fill the disk to the last byte.
+        with open(filler, "wb") as handle:
+            try:
+                while True:
+                    handle.write(b"\0" * 65536)
+                    handle.flush()
+            except OSError:
+                pass
+        for i in range(2000):
+            store.record(assignment(f"during-{i}", "segment-with-a-long-name-" * 3))
+        with pytest.raises(StoreUnavailable):
+            await store.flush()
+        with pytest.raises(StoreUnavailable):
+            await store.check_writable()
+        # Space returns: the queued changes are committed, none lost.
+        filler.unlink()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                await store.flush()
+                break
+            except StoreUnavailable:
+                assert time.monotonic() < deadline, "the journal did not recover"
+        await store.check_writable()
+        counts = await store.counts()
+        assert counts == {"queued": 2001}
+    finally:
+        await store.close()
