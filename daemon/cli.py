@@ -114,6 +114,15 @@ def _run_or_check(command: str, config_path: str | None) -> int:
         print(f"segmapd: configuration error: {exc}", file=sys.stderr)
         return 2
     if command == "check-config":
+        # Build every component (no I/O): secrets, source kinds and URLs are checked as `run`
+        # would check them.
+        from daemon.service import Service
+
+        try:
+            Service(config)
+        except (ValueError, NotImplementedError) as exc:
+            print(f"segmapd: configuration error: {exc}", file=sys.stderr)
+            return 2
         sources = ", ".join(sorted(config.sources)) or "none"
         print(
             f"configuration OK: listen {config.server.listen}, store {config.store.url}, "

@@ -16,6 +16,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 ENV_PREFIX = "SEGMAPD_"
+# Variables of the same prefix that belong to the CLI's client commands, not to the config.
+CLIENT_VARIABLES = frozenset(
+    {"SEGMAPD_CONFIG", "SEGMAPD_URL", "SEGMAPD_ADMIN_TOKEN", "SEGMAPD_EXAMPLE_SECRET"}
+)
 ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 
 
@@ -198,7 +202,7 @@ def load_config(path: str | Path | None, environ: Mapping[str, str] | None = Non
 
 def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str], errors: list[str]) -> None:
     for name, value in sorted(environ.items()):
-        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+        if not name.startswith(ENV_PREFIX) or name in CLIENT_VARIABLES:
             continue
         parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
         if len(parts) < 2 or not all(parts):

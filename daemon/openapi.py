@@ -272,6 +272,7 @@ OPENAPI_DOCUMENT: Schema = {
                         "required": False,
                         "description": "Seconds to wait for the assignments to end.",
                         "schema": {"type": "number", "minimum": 0, "maximum": 300},
+                        "example": 5,
                     }
                 ],
                 "requestBody": {

@@ -37,7 +37,7 @@ class SignalState:
         self._force_exit = force_exit
 
     def handle(self, signum: int) -> None:
-        """First SIGTERM/SIGINT: drain. Second: exit at once (status 130 + nothing flushed)."""
+        """First SIGTERM/SIGINT: drain. Second: exit at once with status 1, without draining."""
         self.received += 1
         if self.received == 1:
             log.info("received %s: draining", signal.Signals(signum).name)
@@ -49,7 +49,11 @@ class SignalState:
 
 async def serve(config: Config, *, announce: bool = True) -> int:
     """Run the daemon until a signal; returns the exit status."""
-    service = Service(config)
+    try:
+        service = Service(config)
+    except (ValueError, NotImplementedError) as exc:
+        log.critical("configuration error: %s", exc)
+        return 2
     notifier = SdNotifier.from_environment()
     stop = asyncio.Event()
     signals = SignalState(stop)

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 # A resend that finds its key still being processed by CXone has not failed: the original request
 # is still running. Such answers wait like a backoff but do not use up attempts, within this cap.
 MAX_IN_PROGRESS_WAITS = 20
+# A batch whose record the journal could not commit goes back to the buffer for this long.
+JOURNAL_RETRY_S = 1.0
 
 # Item error codes (CONTRACT.md section 2) and what they mean for the assignment.
 ITEM_WRITTEN = frozenset({"ContactAlreadyInSegment"})
@@ -142,7 +144,17 @@ class BatchSender:
         ids = list(batch.contact_ids)
         in_progress_waits = 0
         need_token = not token_held
-        await self._store.save_batch(batch)
+        try:
+            await self._store.save_batch(batch)
+        except Exception as exc:  # the journal cannot commit: do not send what it cannot track
+            log.warning(
+                "segment %s: journal unavailable (%s); %d ids wait in the buffer",
+                segment_id,
+                exc,
+                len(ids),
+            )
+            self._ledger.requeue_later(segment_id, ids, JOURNAL_RETRY_S)
+            return
         self._ledger.mark_sending(segment_id, ids)
         try:
             while True:

@@ -25,14 +25,34 @@ class Daemon:
     """A running segmapd process and what a test needs to talk to it."""
 
     def __init__(
-        self, process: ManagedProcess, url: str, admin_token: str, secret: str, config: Path
+        self,
+        process: ManagedProcess,
+        url: str,
+        admin_token: str,
+        secret: str,
+        config: Path,
+        env: dict[str, str] | None = None,
+        on_restart: Callable[[ManagedProcess], None] = lambda _: None,
     ) -> None:
+        self._env = env
+        self._on_restart = on_restart
         self.process = process
         self.url = url
         self.admin_token = admin_token
         self.secret = secret
         self.config = config
         self._sequence = 0
+
+    def restart(self) -> None:
+        """Start the process again on the same port with the same config (after a crash)."""
+        port = self.url.rsplit(":", 1)[1]
+        text = self.config.read_text().replace(
+            'listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"'
+        )
+        self.config.write_text(text)
+        self.process = ManagedProcess(self.process.argv, env=self._env)
+        self.process.start()
+        self._on_restart(self.process)
 
     def signed_headers(self, body: bytes, *, msg_id: str | None = None) -> dict[str, str]:
         self._sequence += 1
@@ -147,7 +167,7 @@ async def start_daemon(emulator: EmulatorControl, tmp_path: Path) -> AsyncIterat
         )
         url = process.start()
         started.append(process)
-        return Daemon(process, url, admin_token, secret, config)
+        return Daemon(process, url, admin_token, secret, config, env, started.append)
 
     yield factory
     for process in started:

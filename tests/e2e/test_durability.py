@@ -1,0 +1,236 @@
+"""Nothing lost: the SQLite journal under SIGKILL and on a full disk."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from tests.e2e.conftest import Daemon, StartDaemon
+from tests.support.emulator import EmulatorControl
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+SEGMENTS = [f"crash-{i}" for i in range(10)]
+
+
+async def send_until_answered(
+    daemon: Daemon,
+    http: aiohttp.ClientSession,
+    event: dict[str, Any],
+    msg_id: str,
+    deadline: float,
+) -> int:
+    """Deliver one webhook as a CRM does: the same webhook-id until an answer, or give up."""
+    body = orjson.dumps(event)
+    while time.monotonic() < deadline:
+        try:
+            async with http.post(
+                f"{daemon.url}/v1/webhooks/crm",
+                data=body,
+                headers=daemon.signed_headers(body, msg_id=msg_id),
+                timeout=aiohttp.ClientTimeout(total=5),
+            ) as response:
+                await response.read()
+                if response.status < 500:
+                    return response.status
+        except (aiohttp.ClientError, TimeoutError):
+            pass
+        await asyncio.sleep(0.2)
+    return 0
+
+
+@pytest.mark.timeout(600)
+async def test_crash_loop_loses_no_accepted_webhook_and_writes_nothing_twice(
+    start_daemon: StartDaemon,
+    emulator: EmulatorControl,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+):
+    await emulator.configure(
+        {"limits": {"bulk": {"rate": 40, "burst": 40}, "read": {"rate": 2000, "burst": 2000}}}
+    )
+    daemon = await start_daemon(
+        store={"url": f"sqlite://{tmp_path}/journal.db"},
+        limits={"write_rps": 40.0, "read_rps": 2000.0},
+        batching={"linger_ms": 200},
+    )
+    rng = random.Random(20)
+    total = 20_000
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(total):
+        queue.put_nowait(i)
+    answered: dict[int, int] = {}
+    deadline = time.monotonic() + 300
+
+    def event_of(i: int) -> dict[str, Any]:
+        first = i % len(SEGMENTS)
+        return {
+            "contactId": f"{400000000000 + i}",
+            "segmentIds": [SEGMENTS[first], SEGMENTS[(first + 3) % len(SEGMENTS)]],
+        }
+
+    async def sender() -> None:
+        while not queue.empty():
+            i = queue.get_nowait()
+            answered[i] = await send_until_answered(
+                daemon, http, event_of(i), f"msg_crash_{i}", deadline
+            )
+
+    kills = 0
+
+    async def killer() -> None:
+        nonlocal kills
+        while kills < 6 and not queue.empty():
+            await asyncio.sleep(rng.uniform(1.0, 3.0))
+            daemon.process.kill()  # SIGKILL: no drain, no flush
+            kills += 1
+            await asyncio.to_thread(daemon.restart)
+
+    await asyncio.gather(killer(), *(sender() for _ in range(40)))
+    assert kills >= 5
+    accepted = [i for i, status in answered.items() if status in (200, 202)]
+    assert len(accepted) > total * 0.9, f"only {len(accepted)} of {total} were answered"
+
+    # Every accepted webhook ends active, in the API and in CXone.
+    members: dict[str, set[str]] = {}
+    end = time.monotonic() + 240
+    while True:
+        members = {
+            s: {m["contactId"] for m in await emulator.members(s) if m["indexed"]} for s in SEGMENTS
+        }
+        missing = [
+            i
+            for i in accepted
+            if any(f"{400000000000 + i}" not in members[s] for s in event_of(i)["segmentIds"])
+        ]
+        if not missing or time.monotonic() > end:
+            break
+        await asyncio.sleep(1.0)
+    assert not missing, f"{len(missing)} accepted webhooks not in CXone, e.g. {missing[:5]}"
+
+    semaphore = asyncio.Semaphore(32)
+
+    async def state_of(i: int) -> tuple[int, set[str]]:
+        async with semaphore:
+            for _ in range(200):
+                status, body = await daemon.contact(http, f"{400000000000 + i}")
+                states = {s["state"] for s in body.get("segments", [])} if status == 200 else set()
+                if states == {"active"} and len(body["segments"]) == 2:
+                    return i, states
+                await asyncio.sleep(0.25)
+            return i, states
+
+    results = await asyncio.gather(*(state_of(i) for i in accepted))
+    not_active = [i for i, states in results if states != {"active"}]
+    assert not not_active, f"{len(not_active)} not active in the API, e.g. {not_active[:5]}"
+
+    counters = await emulator.counters()
+    assert counters["idempotency_conflicts"]["IdempotencyKeyReused"] == 0
+    assert counters["applied_twice"] == 0
+    assert counters["duplicate_ids_in_request"] == 0
+    assert counters["bulk_ids"]["max"] <= 200
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs for the journal: a real file system that really fills up."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        if IN_CI:
+            pytest.fail(f"cannot mount a tmpfs for the disk-full test: {result.stderr}")
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+async def test_a_full_disk_refuses_work_and_recovers(
+    start_daemon: StartDaemon,
+    emulator: EmulatorControl,
+    http: aiohttp.ClientSession,
+    small_disk: Path,
+):
+    daemon = await start_daemon(store={"url": f"sqlite://{small_disk}/journal.db"})
+    status, _ = await daemon.webhook(http, {"contactId": "before", "segmentIds": ["D1", "D2"]})
+    assert status == 202
+
+    filler = small_disk / "filler"
+    with open(filler, "wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+        except OSError:
+            pass
+    refused = None
+    for i in range(200):
+        events = [{"contactId": f"full-{i}-{j}", "segmentIds": ["D1"]} for j in range(50)]
+        status, answer = await daemon.webhook(http, events)
+        if status == 503:
+            refused = answer
+            break
+        assert status == 202
+    assert refused is not None and "journal" in refused["message"]
+    async with http.get(f"{daemon.url}/readyz") as response:
+        assert response.status == 503
+        assert "store" in (await response.json())["checks"]
+    async with http.post(f"{daemon.url}/v1/webhooks/crm", data=b"{}") as response:
+        assert response.status == 401  # unsigned: refused on its own terms, not a 500
+
+    filler.unlink()
+    await asyncio.sleep(1.5)
+    async with http.get(f"{daemon.url}/readyz") as response:
+        assert response.status == 200, await response.text()
+    status, _ = await daemon.webhook(http, {"contactId": "after", "segmentIds": ["D1"]})
+    assert status == 202
+
+    for contact in ("before", "after"):
+        await daemon.wait_states(http, contact, {"active"}, 30)
+
+
+async def test_sigkill_with_writes_in_flight_replays_instead_of_writing_twice(
+    start_daemon: StartDaemon,
+    emulator: EmulatorControl,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+):
+    # Every bulk write is applied, then hangs: the daemon dies not knowing it landed.
+    await emulator.configure(
+        {"faults": {"bulk": {"hang_rate": 1.0, "hang_s": 2.0, "after_apply_fraction": 1.0}}}
+    )
+    daemon = await start_daemon(
+        store={"url": f"sqlite://{tmp_path}/journal.db"}, cxone={"timeout_s": 10.0}
+    )
+    events = [{"contactId": f"k{i}", "segmentIds": ["K1", "K2"]} for i in range(100)]
+    status, _ = await daemon.webhook(http, events)
+    assert status == 202
+    await asyncio.sleep(1.0)  # batches sent and hanging
+    daemon.process.signal(signal.SIGKILL)
+    await asyncio.to_thread(daemon.process.wait, 10)
+    await emulator.configure({"faults": {"bulk": {"hang_rate": 0.0}}})
+    await asyncio.sleep(2.5)  # the hung requests finish on the emulator's side
+    await asyncio.to_thread(daemon.restart)
+    for i in (0, 50, 99):
+        await daemon.wait_states(http, f"k{i}", {"active"}, 30)
+    counters = await emulator.counters()
+    assert counters["idempotent_replays"] >= 2  # the recovered batches were replayed
+    assert counters["applied_twice"] == 0
+    assert len(await emulator.members("K1")) == 100
