@@ -63,9 +63,11 @@ async def test_crash_loop_loses_no_accepted_webhook_and_writes_nothing_twice(
         store={"url": f"sqlite://{tmp_path}/journal.db"},
         limits={"write_rps": 40.0, "read_rps": 2000.0},
         batching={"linger_ms": 200},
+        # Under this load validation lags; the deadline must not turn lag into failures.
+        validation={"deadline_s": 900.0, "window_s": 30.0},
     )
     rng = random.Random(20)
-    total = 20_000
+    total = int(os.environ.get("CRASH_LOOP_WEBHOOKS", "20000"))
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(total):
         queue.put_nowait(i)
@@ -73,11 +75,12 @@ async def test_crash_loop_loses_no_accepted_webhook_and_writes_nothing_twice(
     deadline = time.monotonic() + 300
 
     def event_of(i: int) -> dict[str, Any]:
+        # Every tenth webhook names two segments, the others one: 22,000 assignments in all.
         first = i % len(SEGMENTS)
-        return {
-            "contactId": f"{400000000000 + i}",
-            "segmentIds": [SEGMENTS[first], SEGMENTS[(first + 3) % len(SEGMENTS)]],
-        }
+        segments = [SEGMENTS[first]]
+        if i % 10 == 0:
+            segments.append(SEGMENTS[(first + 3) % len(SEGMENTS)])
+        return {"contactId": f"{400000000000 + i}", "segmentIds": segments}
 
     async def sender() -> None:
         while not queue.empty():
@@ -90,7 +93,7 @@ async def test_crash_loop_loses_no_accepted_webhook_and_writes_nothing_twice(
 
     async def killer() -> None:
         nonlocal kills
-        while kills < 6 and not queue.empty():
+        while kills < 6:
             await asyncio.sleep(rng.uniform(1.0, 3.0))
             daemon.process.kill()  # SIGKILL: no drain, no flush
             kills += 1
@@ -125,7 +128,7 @@ async def test_crash_loop_loses_no_accepted_webhook_and_writes_nothing_twice(
             for _ in range(200):
                 status, body = await daemon.contact(http, f"{400000000000 + i}")
                 states = {s["state"] for s in body.get("segments", [])} if status == 200 else set()
-                if states == {"active"} and len(body["segments"]) == 2:
+                if states == {"active"} and len(body["segments"]) == len(event_of(i)["segmentIds"]):
                     return i, states
                 await asyncio.sleep(0.25)
             return i, states
