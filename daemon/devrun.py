@@ -36,7 +36,9 @@ def _start(
     raise SystemExit(f"{argv[3]} exited ({process.wait()}) before it was listening")
 
 
-def _config(emulator_url: str, port: int, webhook_secret: str, admin_token: str) -> str:
+def _config(
+    emulator_url: str, port: int, webhook_secret: str, admin_token: str, journal: Path
+) -> str:
     return f"""# Written by `make run`: segmapd against the local CXone emulator.
 [server]
 listen = "127.0.0.1:{port}"
@@ -51,7 +53,7 @@ access_key_id = "emulator-key"
 access_key_secret = "emulator-secret="
 
 [store]
-url = "memory://"
+url = "sqlite://{journal}"
 
 [sources.crm]
 kind = "standard"
@@ -76,6 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         children.append(emulator)
         RUN_DIR.mkdir(exist_ok=True)
+        # The emulator forgets everything between runs, so the journal starts empty too.
+        for leftover in RUN_DIR.glob("journal.db*"):
+            leftover.unlink()
         # Fresh secrets per run: the config file is the only place they live.
         webhook_secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
         admin_token = secrets.token_urlsafe(18)
@@ -83,7 +88,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Created 0600 from the start: it holds the secrets.
         fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
-            handle.write(_config(emulator_url, args.daemon_port, webhook_secret, admin_token))
+            handle.write(
+                _config(
+                    emulator_url,
+                    args.daemon_port,
+                    webhook_secret,
+                    admin_token,
+                    (RUN_DIR / "journal.db").resolve(),
+                )
+            )
         env = {k: v for k, v in os.environ.items() if not k.startswith("SEGMAPD_")}
         daemon, daemon_url = _start(
             [python, "-m", "daemon.cli", "run", "--config", str(config_path)], env=env

@@ -1,0 +1,181 @@
+"""Pieces the process benchmarks share: emulator and daemon processes, configs, RSS, readiness.
+
+Also runnable as `python -m bench._daemon bare`: the ingest benchmark's reference, a bare
+aiohttp handler on uvloop that reads the body and answers 202 with a tiny JSON, announcing its
+URL with the same JSON `listening` line as the daemon.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tests.support.processes import ManagedProcess, emulator_process
+
+ADMIN_TOKEN = "bench-admin-" + "x" * 16
+# The emulator's default credentials (tests/support/cxone.py).
+CXONE = {
+    "grant": "password",
+    "client_id": "segmapd",
+    "client_secret": "segmapd-secret",
+    "access_key_id": "emulator-key",
+    "access_key_secret": "emulator-secret=",
+    "timeout_s": 5.0,
+}
+# Every endpoint class unthrottled: the emulator must never be what limits a benchmark.
+UNLIMITED = {
+    "limits": {
+        "bulk": {"rate": 0, "burst": 1},
+        "single": {"rate": 0, "burst": 1},
+        "read": {"rate": 0, "burst": 1},
+        "token": {"rate": 0, "burst": 1},
+    },
+    "indexing": {"median_s": 0.3, "p99_s": 0.8, "stall_fraction": 0.0},
+}
+
+
+def new_secret() -> str:
+    """A fresh Standard Webhooks secret."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
+def start_emulator(workdir: Path, settings: dict[str, Any]) -> ManagedProcess:
+    """An emulator process started with `settings` (merged onto its defaults)."""
+    path = workdir / "emulator.json"
+    path.write_text(json.dumps(settings))
+    process = emulator_process(str(path))
+    process.start()
+    return process
+
+
+def daemon_config(emulator_url: str, sections: dict[str, dict[str, Any]]) -> str:
+    """TOML for a daemon against the emulator; `sections` override or add keys per section."""
+    merged: dict[str, dict[str, Any]] = {
+        "server": {"listen": "127.0.0.1:0", "admin_tokens": [ADMIN_TOKEN]},
+        "cxone": {"issuer": emulator_url, **CXONE},
+        "log": {"level": "warning"},
+    }
+    for name, values in sections.items():
+        merged.setdefault(name, {}).update(values)
+    lines = []
+    for name, values in merged.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{key} = {_toml(value)}" for key, value in values.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def daemon_process(config: Path) -> ManagedProcess:
+    """A `segmapd run` process (not started yet)."""
+    return ManagedProcess([sys.executable, "-m", "daemon.cli", "run", "--config", str(config)])
+
+
+def bare_process() -> ManagedProcess:
+    """The ingest reference server as a process (not started yet)."""
+    return ManagedProcess([sys.executable, "-m", "bench._daemon", "bare"])
+
+
+def http(
+    method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
+    """A blocking HTTP call (benchmark plumbing, never on a measured path's event loop)."""
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return int(response.status), response.read()
+    except urllib.error.HTTPError as error:
+        return int(error.code), error.read()
+
+
+def wait_ready(url: str, timeout_s: float = 30.0, interval_s: float = 0.01) -> float:
+    """Poll `/readyz` until it answers 200; returns the monotonic time it did."""
+    deadline = time.monotonic() + timeout_s
+    last: tuple[int, bytes] = (0, b"")
+    while time.monotonic() < deadline:
+        try:
+            last = http("GET", url + "/readyz")
+        except OSError:
+            last = (0, b"connection failed")
+        if last[0] == 200:
+            return time.monotonic()
+        time.sleep(interval_s)
+    raise RuntimeError(f"{url}/readyz not 200 within {timeout_s} s: {last!r}")
+
+
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """A memory figure of a process from /proc/PID/status (VmRSS, VmHWM), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/{pid}/status")
+
+
+def pid_of(process: ManagedProcess) -> int:
+    """The pid of a started process."""
+    assert process.proc is not None
+    return process.proc.pid
+
+
+def workdir(prefix: str) -> tempfile.TemporaryDirectory[str]:
+    """A temporary directory for configs and journals, removed afterwards."""
+    return tempfile.TemporaryDirectory(prefix=f"segmapd-{prefix}-")
+
+
+# ---- the bare reference server ------------------------------------------------------------------
+
+
+def _serve_bare() -> None:
+    import asyncio
+
+    import uvloop
+    from aiohttp import web
+
+    answer = b'{"accepted":3,"duplicates":0}'
+
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=answer, status=202, content_type="application/json")
+
+    async def serve() -> None:
+        app = web.Application()
+        app.router.add_post("/v1/webhooks/{source}", handle)
+        runner = web.AppRunner(app, access_log=None, handle_signals=True)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        print(json.dumps({"event": "listening", "url": f"http://{host}:{port}"}), flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    try:
+        uvloop.run(serve())
+    except (KeyboardInterrupt, SystemExit):
+        pass
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["bare"]:
+        _serve_bare()
+    else:
+        sys.exit("usage: python -m bench._daemon bare")

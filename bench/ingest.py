@@ -1,0 +1,316 @@
+"""Ingest benchmark: signed webhooks accepted per second by the real daemon, journal on.
+
+The daemon (`segmapd run`, SQLite journal with `synchronous = FULL`, a `[sources.crm]` standard
+source, CXone = an emulator process with every limit lifted, `server.high_water` far above the
+run) and the reference, a bare aiohttp handler on uvloop answering 202 with a tiny JSON (also a
+subprocess), take the same requests from the same native load generator, `wrk`, with the same
+settings, in the same run. Each request is one event with 3 segments, carries a valid Standard
+Webhooks signature and a webhook-id used nowhere else (a repeated id would be a cheap
+redelivery): the requests are signed here beforehand and a Lua script makes wrk cycle through
+them, each wrk thread through its own share.
+
+A run is valid only if wrk saw no non-2xx answer and no socket error, no request was sent twice,
+and after the daemon drained, the journal holds every accepted delivery and the 3 assignments of
+each one. Target (DESIGN.md): daemon req/s >= 0.7 x bare req/s.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from bench._daemon import (
+    UNLIMITED,
+    bare_process,
+    daemon_config,
+    daemon_process,
+    new_secret,
+    start_emulator,
+    wait_ready,
+    workdir,
+)
+from listeners import sign
+
+RUNS = 3
+THREADS = 2
+CONNECTIONS = 64
+DURATION_S = 5
+# Requests signed per run; wrk must not get through them all against the daemon (the bare server
+# may: it does not care about ids). The run reports a wrap-around, which makes it invalid.
+POOL = 60_000
+SEGMENTS_PER_EVENT = 3
+SEGMENT_POOL = 30
+TARGET = 0.7
+
+LUA = r"""
+local counter = 0
+local threads = {}
+
+function setup(thread)
+  thread:set("tid", counter)
+  counter = counter + 1
+  table.insert(threads, thread)
+end
+
+function init(args)
+  pool = {}
+  local host = wrk.headers["Host"]
+  for line in io.lines(args[1] .. "." .. tid) do
+    local id, stamp, signature, body = line:match("^([^\t]+)\t([^\t]+)\t([^\t]+)\t(.*)$")
+    pool[#pool + 1] = wrk.format("POST", "/v1/webhooks/crm", {
+      ["Host"] = host,
+      ["Content-Type"] = "application/json",
+      ["webhook-id"] = id,
+      ["webhook-timestamp"] = stamp,
+      ["webhook-signature"] = signature,
+    }, body)
+  end
+  position = 0
+  wraps = 0
+end
+
+function request()
+  position = position + 1
+  if position > #pool then
+    position = 1
+    wraps = wraps + 1
+  end
+  return pool[position]
+end
+
+function done(summary, latency, requests)
+  local wrapped = 0
+  for _, thread in ipairs(threads) do
+    wrapped = wrapped + (thread:get("wraps") or 0)
+  end
+  local e = summary.errors
+  io.write(string.format(
+    'BENCHJSON {"requests":%d,"duration_us":%d,"non2xx":%d,"connect":%d,"read":%d,' ..
+    '"write":%d,"timeout":%d,"wraps":%d,"p50_us":%d,"p99_us":%d}\n',
+    summary.requests, summary.duration, e.status, e.connect, e.read, e.write, e.timeout,
+    wrapped, latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+@dataclass
+class WrkResult:
+    """What one wrk run measured."""
+
+    requests: int
+    duration_s: float
+    non2xx: int
+    socket_errors: int
+    wraps: int
+    p50_ms: float
+    p99_ms: float
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.duration_s
+
+    @property
+    def ok(self) -> int:
+        return self.requests - self.non2xx
+
+
+def contact_of(index: int) -> str:
+    return str(100_000_000_000 + index)
+
+
+def write_pool(secret: str, prefix: Path, run: int) -> None:
+    """Sign POOL requests, split over one file per wrk thread (`prefix.0`, `prefix.1`, ...)."""
+    stamp = int(time.time())
+    files = [open(f"{prefix}.{t}", "w") for t in range(THREADS)]  # noqa: SIM115
+    try:
+        for i in range(POOL):
+            index = run * POOL + i
+            segments = [
+                f"seg-{(index + 7 * k) % SEGMENT_POOL}" for k in range(SEGMENTS_PER_EVENT)
+            ]
+            body = orjson.dumps({"contactId": contact_of(index), "segmentIds": segments})
+            headers = sign(secret, f"bench-{index}", stamp, body)
+            files[i % THREADS].write(
+                f"{headers['webhook-id']}\t{headers['webhook-timestamp']}\t"
+                f"{headers['webhook-signature']}\t{body.decode()}\n"
+            )
+    finally:
+        for handle in files:
+            handle.close()
+
+
+def run_wrk(url: str, script: Path, prefix: Path) -> WrkResult:
+    argv = [
+        "wrk",
+        f"-t{THREADS}",
+        f"-c{CONNECTIONS}",
+        f"-d{DURATION_S}s",
+        "-s",
+        str(script),
+        url,
+        "--",
+        str(prefix),
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=DURATION_S + 60)
+    for line in done.stdout.splitlines():
+        if line.startswith("BENCHJSON "):
+            data = json.loads(line.removeprefix("BENCHJSON "))
+            return WrkResult(
+                requests=data["requests"],
+                duration_s=data["duration_us"] / 1e6,
+                non2xx=data["non2xx"],
+                socket_errors=data["connect"] + data["read"] + data["write"] + data["timeout"],
+                wraps=data["wraps"],
+                p50_ms=data["p50_us"] / 1000,
+                p99_ms=data["p99_us"] / 1000,
+            )
+    raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout}\n{done.stderr}")
+
+
+@dataclass
+class Journal:
+    """What the journal file held after the daemon drained."""
+
+    deliveries: int
+    assignments: int
+    incomplete: int  # deliveries whose contact has not all of its assignments journaled
+
+
+def read_journal(path: Path) -> Journal:
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        ids = [row[0] for row in connection.execute("SELECT delivery_id FROM deliveries")]
+        per_contact = dict(
+            connection.execute("SELECT contact_id, count(*) FROM assignments GROUP BY contact_id")
+        )
+        assignments = sum(per_contact.values())
+    finally:
+        connection.close()
+    incomplete = sum(
+        1
+        for delivery_id in ids
+        if per_contact.get(contact_of(int(delivery_id.removeprefix("bench-"))), 0)
+        != SEGMENTS_PER_EVENT
+    )
+    return Journal(len(ids), assignments, incomplete)
+
+
+def daemon_run(
+    emulator_url: str, secret: str, root: Path, script: Path, prefix: Path, run: int
+) -> tuple[WrkResult, Journal, float]:
+    """Start a daemon on a fresh journal, load it, drain it; returns wrk's and the journal's view."""
+    directory = root / f"run-{run}"
+    directory.mkdir()
+    journal = directory / "journal.db"
+    config = directory / "segmapd.toml"
+    config.write_text(
+        daemon_config(
+            emulator_url,
+            {
+                "server": {"high_water": 50_000_000, "drain_budget_s": 3.0},
+                "store": {"url": f"sqlite://{journal}", "synchronous": "FULL"},
+                "sources.crm": {"kind": "standard", "secret": secret, "tolerance_s": 3600},
+            },
+        )
+    )
+    daemon = daemon_process(config)
+    url = daemon.start()
+    try:
+        wait_ready(url)
+        result = run_wrk(url, script, prefix)
+    finally:
+        stopped = time.monotonic()
+        status = daemon.stop(timeout_s=60)
+        drain_s = time.monotonic() - stopped
+    if status != 0:
+        raise RuntimeError(f"the daemon exited with {status} after the load")
+    return result, read_journal(journal), drain_s
+
+
+def main() -> int:
+    """Run the ingest benchmark and print its figures."""
+    if shutil.which("wrk") is None:
+        print(
+            "ingest: skipped: the native load generator `wrk` is not installed "
+            "(Debian/Ubuntu: apt-get install -y wrk)"
+        )
+        return 0
+    secret = new_secret()
+    with workdir("ingest") as tmp:
+        root = Path(tmp)
+        script = root / "webhooks.lua"
+        script.write_text(LUA)
+        emulator = start_emulator(root, UNLIMITED)
+        bare = bare_process()
+        try:
+            bare_url = bare.start()
+            daemon_results: list[WrkResult] = []
+            bare_results: list[WrkResult] = []
+            journals: list[Journal] = []
+            for run in range(RUNS):
+                prefix = root / f"requests-{run}"
+                write_pool(secret, prefix, run)
+                bare_results.append(run_wrk(bare_url, script, prefix))
+                result, journal, drain_s = daemon_run(
+                    emulator.url, secret, root, script, prefix, run
+                )
+                daemon_results.append(result)
+                journals.append(journal)
+                print(
+                    f"  run {run + 1}: daemon {result.rps:8.0f} req/s "
+                    f"(p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms), "
+                    f"bare {bare_results[-1].rps:8.0f} req/s; journal: "
+                    f"{journal.deliveries} deliveries, {journal.assignments} assignments, "
+                    f"drained in {drain_s:.1f} s",
+                    flush=True,
+                )
+        finally:
+            bare.stop()
+            emulator.stop()
+
+    daemon_rps = statistics.median(r.rps for r in daemon_results)
+    bare_rps = statistics.median(r.rps for r in bare_results)
+    ratio = daemon_rps / bare_rps
+    total = sum(r.requests for r in daemon_results)
+    non2xx = sum(r.non2xx for r in daemon_results)
+    problems = []
+    for run, (result, journal) in enumerate(zip(daemon_results, journals, strict=True), 1):
+        if result.non2xx or result.socket_errors:
+            problems.append(f"run {run}: {result.non2xx} non-2xx, {result.socket_errors} errors")
+        if result.wraps:
+            problems.append(f"run {run}: wrk went through all {POOL} signed requests (raise POOL)")
+        if journal.deliveries < result.ok:
+            problems.append(
+                f"run {run}: {result.ok} webhooks answered 2xx, only "
+                f"{journal.deliveries} deliveries journaled"
+            )
+        if journal.incomplete:
+            problems.append(f"run {run}: {journal.incomplete} deliveries lack assignments")
+    print(
+        f"ingest: wrk -t{THREADS} -c{CONNECTIONS} -d{DURATION_S}s, signed webhooks "
+        f"(1 event x {SEGMENTS_PER_EVENT} segments, unique webhook-id), SQLite journal "
+        f"synchronous=FULL; median of {RUNS} runs"
+    )
+    print(f"  daemon                   {daemon_rps:.0f} req/s")
+    print(f"  bare aiohttp + uvloop    {bare_rps:.0f} req/s   (reference, same run)")
+    print(f"  ratio                    {ratio:.3f}   (target >= {TARGET})")
+    print(f"  non-2xx answers          {non2xx / max(total, 1):.2%} of {total}   (must be 0)")
+    print(
+        "  journal check            "
+        + ("every accepted delivery and its assignments journaled" if not problems else "FAILED")
+    )
+    for problem in problems:
+        print(f"    INVALID: {problem}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
