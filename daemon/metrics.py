@@ -306,10 +306,11 @@ class Metrics(EngineObserver):
     def transitioned(self, assignment: Assignment, previous: State) -> None:
         """Move one assignment between the per-state gauges and count the transition."""
         state = assignment.state.value
-        # A new assignment is reported with previous == its own state (queued) and a single
-        # history entry: nothing to take away then. A terminal previous state was already taken
-        # away by `finished`, when the engine let go of the assignment.
-        if len(assignment.history) > 1 and previous not in TERMINAL_STATES:
+        # A new assignment is reported as queued -> queued (no other transition is): nothing to
+        # take away then. A terminal previous state was already taken away by `finished`, when
+        # the engine let go of the assignment.
+        new = previous is State.QUEUED and assignment.state is State.QUEUED
+        if not new and previous not in TERMINAL_STATES:
             self.assignments.labels(state=previous.value).dec()
         self.assignments.labels(state=state).inc()
         self.transitions.labels(state=state).inc()

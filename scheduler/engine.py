@@ -297,7 +297,6 @@ class Engine:
                 segment_id=segment_id,
                 received_at=now,
                 updated_at=now,
-                history=[(State.QUEUED, now)],
             )
             self._live[key] = assignment
             self._pending_writes += 1

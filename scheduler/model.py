@@ -56,7 +56,12 @@ AssignmentKey = tuple[str, str]
 
 @dataclass(slots=True)
 class Assignment:
-    """One (contact, segment) membership the CRM asked for, with its full history."""
+    """One (contact, segment) membership the CRM asked for.
+
+    `history` is kept only where someone needs it (stores, status views); the engine's live
+    assignments leave it at None, because a million pending assignments would otherwise carry a
+    million lists.
+    """
 
     contact_id: str
     segment_id: str
@@ -66,7 +71,7 @@ class Assignment:
     attempts: int = 0
     received_at: float = 0.0
     updated_at: float = 0.0
-    history: list[tuple[State, float]] = field(default_factory=list)
+    history: list[tuple[State, float]] | None = field(default=None)
 
     @property
     def key(self) -> AssignmentKey:
@@ -95,7 +100,8 @@ class Assignment:
         self.reason = reason
         self.message = message
         self.updated_at = at
-        self.history.append((state, at))
+        if self.history is not None:
+            self.history.append((state, at))
 
 
 @dataclass(frozen=True, slots=True)

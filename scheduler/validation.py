@@ -327,6 +327,10 @@ class MembershipPoller:
             )
             return
         self._observer.upstream_outcome("refresh", "ok", _since(started))
+        # CXone's hour starts when it processed the refresh, somewhere before its answer reached
+        # us: count ours from the answer, so the next refresh can never arrive early.
+        answered = self._wall()
+        self._budget.spend(segment_id, answered, answered + self.policy.refresh_min_interval_s)
         self._observer.segment_refreshed(segment_id)
         log.info("segment %s refreshed for %d pending memberships", segment_id, len(watch.pairs))
         watch.refresh_at = None
@@ -362,7 +366,7 @@ class MembershipPoller:
 
 
 def _written_wall(assignment: Assignment) -> float:
-    for state, at in reversed(assignment.history):
+    for state, at in reversed(assignment.history or ()):
         if state is State.WRITTEN:
             return at
     return assignment.updated_at

@@ -23,8 +23,15 @@ class MemoryStore:
 
     def record(self, assignment: Assignment) -> None:
         """Keep a copy of the assignment as it is now."""
-        snapshot = dataclasses.replace(assignment, history=list(assignment.history))
-        self._assignments[assignment.key] = snapshot
+        key = assignment.key
+        previous = self._assignments.get(key)
+        # The store keeps the history: one step per record, a fresh start (queued) begins anew.
+        if previous is None or previous.history is None or assignment.state is State.QUEUED:
+            history = [(assignment.state, assignment.updated_at)]
+        else:
+            history = [*previous.history, (assignment.state, assignment.updated_at)]
+        snapshot = dataclasses.replace(assignment, history=history)
+        self._assignments[key] = snapshot
         self._by_contact.setdefault(assignment.contact_id, {})[assignment.segment_id] = snapshot
 
     async def flush(self) -> None:

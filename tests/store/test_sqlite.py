@@ -65,7 +65,7 @@ async def test_unfinished_work_of_every_kind_survives_a_restart(tmp_path: Path):
         ]
         by_id = {a.contact_id: a for a in recovered.assignments}
         assert by_id["c-retrying"].state is State.RETRYING
-        assert [s for s, _ in by_id["c-verifying"].history] == [
+        assert [s for s, _ in by_id["c-verifying"].history or []] == [
             "queued",
             "sending",
             "written",
