@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 class _SegmentQueue:
     # Ids whose retry backoff has passed: due at once, sent before fresh ids.
     retry: dict[str, None] = field(default_factory=dict)
-    # Fresh ids in arrival order -> monotonic time they arrived (insertion order = age order).
+    # Fresh ids in arrival order -> the time they were received (insertion order = age order).
+    # The time doubles as the assignment's received_at, so a queued assignment needs no object.
     fresh: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -96,15 +97,21 @@ class CoalescingBuffer:
 
     def take(self, segment_id: str) -> list[str]:
         """Remove and return up to `max_size` ids of the segment: retries first, then oldest."""
+        return [contact_id for contact_id, _ in self.take_entries(segment_id)]
+
+    def take_entries(self, segment_id: str) -> list[tuple[str, float | None]]:
+        """Like `take`, with each fresh id's time (None for retry ids)."""
         queue = self._segments.get(segment_id)
         if queue is None:
             return []
-        batch: list[str] = []
-        for source in (queue.retry, queue.fresh):
-            while source and len(batch) < self.max_size:
-                contact_id = next(iter(source))
-                del source[contact_id]
-                batch.append(contact_id)
+        batch: list[tuple[str, float | None]] = []
+        while queue.retry and len(batch) < self.max_size:
+            contact_id = next(iter(queue.retry))
+            del queue.retry[contact_id]
+            batch.append((contact_id, None))
+        while queue.fresh and len(batch) < self.max_size:
+            contact_id = next(iter(queue.fresh))
+            batch.append((contact_id, queue.fresh.pop(contact_id)))
         self._size -= len(batch)
         if not queue:
             del self._segments[segment_id]
@@ -131,29 +138,34 @@ class ContactGate:
             raise ValueError("the per-contact in-flight limit must be at least 1")
         self.limit = limit
         self._inflight: dict[str, int] = {}
-        self._waiting: dict[str, deque[str]] = {}
+        self._waiting: dict[str, deque[tuple[str, float]]] = {}
 
-    def admit(self, contact_id: str, segment_id: str) -> bool:
-        """Take a slot for the assignment, or park it and return False."""
+    def admit(self, contact_id: str, segment_id: str, received_at: float = 0.0) -> bool:
+        """Take a slot for the assignment, or park it (with its time) and return False."""
         count = self._inflight.get(contact_id, 0)
         if count < self.limit:
             self._inflight[contact_id] = count + 1
             return True
-        self._waiting.setdefault(contact_id, deque()).append(segment_id)
+        self._waiting.setdefault(contact_id, deque()).append((segment_id, received_at))
         return False
+
+    def is_parked(self, contact_id: str, segment_id: str) -> bool:
+        """Whether the assignment waits for a slot."""
+        waiting = self._waiting.get(contact_id)
+        return waiting is not None and any(s == segment_id for s, _ in waiting)
 
     def force(self, contact_id: str) -> None:
         """Take a slot even past the limit (work recovered mid-flight is already in flight)."""
         self._inflight[contact_id] = self._inflight.get(contact_id, 0) + 1
 
-    def release(self, contact_id: str) -> str | None:
-        """Free a slot; returns the next parked segment of that contact, which takes the slot."""
+    def release(self, contact_id: str) -> tuple[str, float] | None:
+        """Free a slot; returns the next parked (segment, time) of that contact, which takes it."""
         waiting = self._waiting.get(contact_id)
         if waiting:
-            segment_id = waiting.popleft()
+            parked = waiting.popleft()
             if not waiting:
                 del self._waiting[contact_id]
-            return segment_id
+            return parked
         count = self._inflight.get(contact_id, 0) - 1
         if count > 0:
             self._inflight[contact_id] = count

@@ -152,27 +152,37 @@ class Engine:
             for contact_id in record.contact_ids:
                 batch_of[(contact_id, record.segment_id)] = record
         resend: dict[str, BatchRecord] = {}
+        restored = 0
         for assignment in assignments:
             key = assignment.key
-            self._live[key] = assignment
+            restored += 1
             if assignment.state not in WRITE_PENDING_STATES:
+                self._live[key] = assignment
                 self._recovered_written.append(assignment)
                 continue
             self._pending_writes += 1
             batch = batch_of.get(key)
             if batch is not None:
+                self._live[key] = assignment
                 self._gate.force(assignment.contact_id)
                 resend[batch.batch_id] = batch
-            elif self._gate.admit(assignment.contact_id, assignment.segment_id):
-                if assignment.state is State.QUEUED:
-                    self._buffer.add(assignment.segment_id, assignment.contact_id, self._clock())
-                else:
+            elif assignment.state is State.QUEUED:
+                # Queued work lives in the buffer only (see `submit`).
+                if self._gate.admit(
+                    assignment.contact_id, assignment.segment_id, assignment.received_at
+                ):
+                    self._buffer.add(
+                        assignment.segment_id, assignment.contact_id, assignment.received_at
+                    )
+            else:
+                self._live[key] = assignment
+                if self._gate.admit(assignment.contact_id, assignment.segment_id):
                     self._buffer.add_retry(assignment.segment_id, [assignment.contact_id])
         self._recovered_batches.extend(resend.values())
         log.info(
             "restored %d assignments: %d pending writes (%d in %d in-flight batches), "
             "%d to validate",
-            len(self._live),
+            restored,
             self._pending_writes,
             sum(len(b.contact_ids) for b in resend.values()),
             len(resend),
@@ -283,28 +293,26 @@ class Engine:
             )
         queued = joined = cached = 0
         now = self._wall()
+        contact_id = request.contact_id
         for segment_id in dict.fromkeys(request.segment_ids):
-            key = (request.contact_id, segment_id)
-            live = self._live.get(key)
-            if live is not None:
+            if self._pending(contact_id, segment_id):
                 joined += 1
                 continue
-            if self._verifier is not None and self._verifier.confirmed(*key):
+            if self._verifier is not None and self._verifier.confirmed(contact_id, segment_id):
                 cached += 1
                 continue
+            # A queued assignment is only an entry in the buffer (or a parked one in the
+            # contact gate) carrying its received time; its object is made when it is sent.
+            # A million queued assignments then cost a buffer entry each, not an object each.
             assignment = Assignment(
-                contact_id=request.contact_id,
-                segment_id=segment_id,
-                received_at=now,
-                updated_at=now,
+                contact_id=contact_id, segment_id=segment_id, received_at=now, updated_at=now
             )
-            self._live[key] = assignment
             self._pending_writes += 1
             self._store.record(assignment)
             self._observer.transitioned(assignment, State.QUEUED)
             queued += 1
-            if self._gate.admit(request.contact_id, segment_id):
-                self._enqueue(segment_id, request.contact_id)
+            if self._gate.admit(contact_id, segment_id, now):
+                self._enqueue(segment_id, contact_id, now)
         return SubmitResult(queued=queued, joined=joined, cached=cached)
 
     def _suggested_retry_after(self) -> float:
@@ -313,14 +321,22 @@ class Engine:
         excess = self._pending_writes - self.batching.high_water + self.batching.max_size
         return max(1.0, excess / (rate * self.batching.max_size))
 
-    def _enqueue(self, segment_id: str, contact_id: str) -> None:
-        if self._buffer.add(segment_id, contact_id, self._clock()):
+    def _enqueue(self, segment_id: str, contact_id: str, received_at: float) -> None:
+        if self._buffer.add(segment_id, contact_id, received_at):
             self._wakeup.set()
+
+    def _pending(self, contact_id: str, segment_id: str) -> bool:
+        """Whether the pair is in progress: live, buffered or parked."""
+        return (
+            (contact_id, segment_id) in self._live
+            or (contact_id, segment_id) in self._buffer
+            or self._gate.is_parked(contact_id, segment_id)
+        )
 
     # ---- queries and waiting ---------------------------------------------------------------
 
     def live(self, contact_id: str, segment_id: str) -> Assignment | None:
-        """The in-progress assignment for the pair, if any."""
+        """The assignment being written or validated for the pair, if any (not queued ones)."""
         return self._live.get((contact_id, segment_id))
 
     async def wait(
@@ -331,28 +347,39 @@ class Engine:
         An assignment ends when it is active or failed (or written, when no verifier is set).
         """
         keys = [(contact_id, s) for s in dict.fromkeys(segment_ids)]
-        futures: list[asyncio.Future[Assignment]] = []
+        waiting: list[tuple[AssignmentKey, asyncio.Future[Assignment]]] = []
         loop = asyncio.get_running_loop()
         for key in keys:
-            if key in self._live:
+            if self._pending(*key):
                 future: asyncio.Future[Assignment] = loop.create_future()
                 self._waiters.setdefault(key, []).append(future)
-                futures.append(future)
-        if futures:
-            await asyncio.wait(futures, timeout=timeout_s)
-            for key, future in zip([k for k in keys if k in self._waiters], futures, strict=False):
-                if not future.done():
-                    future.cancel()
-                    waiting = self._waiters.get(key)
-                    if waiting is not None and future in waiting:
-                        waiting.remove(future)
-                        if not waiting:
-                            del self._waiters[key]
+                waiting.append((key, future))
+        if waiting:
+            await asyncio.wait([f for _, f in waiting], timeout=timeout_s)
+            for key, future in waiting:
+                if future.done():
+                    continue
+                future.cancel()
+                listeners = self._waiters.get(key)
+                if listeners is not None and future in listeners:
+                    listeners.remove(future)
+                    if not listeners:
+                        del self._waiters[key]
+        # Newest first: an outcome just delivered, then live state, then the store (which may
+        # be a commit behind the engine).
+        ended = {
+            key[1]: future.result()
+            for key, future in waiting
+            if future.done() and not future.cancelled()
+        }
         stored = {a.segment_id: a for a in await self._store.contact(contact_id)}
         result: list[Assignment] = []
         for _, segment_id in keys:
-            live = self._live.get((contact_id, segment_id))
-            current = live if live is not None else stored.get(segment_id)
+            current = (
+                ended.get(segment_id)
+                or self._live.get((contact_id, segment_id))
+                or stored.get(segment_id)
+            )
             if current is not None:
                 result.append(current)
         return result
@@ -373,7 +400,8 @@ class Engine:
                 await asyncio.sleep(0.1)
 
     async def _flush_once(self) -> None:
-        now = self._clock()
+        # The buffer keeps received (wall-clock) times, so linger is measured on that clock.
+        now = self._wall()
         segment_id = self._buffer.pick(
             now, spare_capacity=self._write_gate.has_capacity(), draining=self._draining
         )
@@ -388,12 +416,21 @@ class Engine:
         # Choose again now that a request may go: under backlog the wait for the token is where
         # batches fill up, so the batch sent is the fullest the limit allows.
         segment_id = (
-            self._buffer.pick(self._clock(), spare_capacity=True, draining=self._draining)
+            self._buffer.pick(self._wall(), spare_capacity=True, draining=self._draining)
             or segment_id
         )
-        contact_ids = self._buffer.take(segment_id)
-        if not contact_ids:
+        entries = self._buffer.take_entries(segment_id)
+        if not entries:
             return
+        contact_ids = []
+        for contact_id, received_at in entries:
+            key = (contact_id, segment_id)
+            if key not in self._live:
+                at = received_at if received_at is not None else self._wall()
+                self._live[key] = Assignment(
+                    contact_id=contact_id, segment_id=segment_id, received_at=at, updated_at=at
+                )
+            contact_ids.append(contact_id)
         batch = self._sender.new_batch(segment_id, contact_ids)
         self.spawn(lambda: self._sender.send(batch, token_held=True), f"send {segment_id}")
 
@@ -518,9 +555,10 @@ class Engine:
         self._observer.transitioned(assignment, previous)
 
     def _release_contact(self, contact_id: str) -> None:
-        next_segment = self._gate.release(contact_id)
-        if next_segment is not None:
-            self._enqueue(next_segment, contact_id)
+        parked = self._gate.release(contact_id)
+        if parked is not None:
+            segment_id, received_at = parked
+            self._enqueue(segment_id, contact_id, received_at)
 
     def _finish(self, assignment: Assignment) -> None:
         """The engine is done with the assignment: drop it from memory, release its waiters."""

@@ -70,9 +70,10 @@ def test_contact_gate_limits_in_flight_segments_per_contact():
     assert gate.admit("other", "s1")
     assert gate.inflight("c") == 3
     assert gate.parked == 2
-    assert gate.release("c") == "s4"
+    assert gate.is_parked("c", "s4") and not gate.is_parked("c", "s1")
+    assert gate.release("c") == ("s4", 0.0)
     assert gate.inflight("c") == 3
-    assert gate.release("c") == "s5"
+    assert gate.release("c") == ("s5", 0.0)
     assert gate.release("c") is None
     assert gate.inflight("c") == 2
     assert gate.release("c") is None
@@ -85,3 +86,11 @@ def test_draining_makes_every_segment_due():
     buffer.add("seg", "c1", 0.0)
     assert buffer.pick(1.0, spare_capacity=True) is None
     assert buffer.pick(1.0, spare_capacity=False, draining=True) == "seg"
+
+
+def test_fresh_ids_keep_their_time_and_retries_have_none():
+    buffer = make()
+    buffer.add("seg", "a", 5.0)
+    buffer.add("seg", "b", 6.0)
+    buffer.add_retry("seg", ["r"])
+    assert buffer.take_entries("seg") == [("r", None), ("a", 5.0), ("b", 6.0)]

@@ -11,7 +11,13 @@ def test_happy_path_is_recorded_with_timestamps():
     ):
         a.transition(state, float(t))
     assert a.terminal
-    assert [s for s, _ in a.history or []] == ["queued", "sending", "written", "verifying", "active"]
+    assert [s for s, _ in a.history or []] == [
+        "queued",
+        "sending",
+        "written",
+        "verifying",
+        "active",
+    ]
     assert a.updated_at == 5.0
 
 
