@@ -6,7 +6,6 @@ import asyncio
 import os
 import random
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ import orjson
 import pytest
 
 from tests.e2e.conftest import Daemon, StartDaemon
+from tests.support.disks import fill, small_tmpfs
 from tests.support.emulator import EmulatorControl
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -146,23 +146,9 @@ async def test_crash_loop_loses_no_accepted_webhook_and_writes_nothing_twice(
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs for the journal: a real file system that really fills up."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        if IN_CI:
-            pytest.fail(f"cannot mount a tmpfs for the disk-full test: {result.stderr}")
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-    try:
+    """A 4 MiB tmpfs for the journal."""
+    with small_tmpfs(tmp_path / "disk", "4m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 async def test_a_full_disk_refuses_work_and_recovers(
@@ -175,14 +161,7 @@ async def test_a_full_disk_refuses_work_and_recovers(
     status, _ = await daemon.webhook(http, {"contactId": "before", "segmentIds": ["D1", "D2"]})
     assert status == 202
 
-    filler = small_disk / "filler"
-    with open(filler, "wb") as handle:
-        try:
-            while True:
-                handle.write(b"\0" * 65536)
-                handle.flush()
-        except OSError:
-            pass
+    filler = fill(small_disk)
     refused = None
     for i in range(200):
         events = [{"contactId": f"full-{i}-{j}", "segmentIds": ["D1"]} for j in range(50)]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 from daemon.store.sqlite import MIGRATIONS, SqliteStore, StoreFileError, StoreUnavailable
 from scheduler.model import Assignment, State
 from scheduler.store import BatchRecord
+from tests.support.disks import fill, small_tmpfs
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -158,23 +158,9 @@ async def test_finished_assignments_past_retention_are_pruned(tmp_path: Path):
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs: a real file system that really fills up."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        if IN_CI:
-            pytest.fail(f"cannot mount a tmpfs for the disk-full test: {result.stderr}")
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-    try:
+    """A 2 MiB tmpfs for the journal."""
+    with small_tmpfs(tmp_path / "disk", "2m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 async def test_a_full_disk_refuses_commits_loses_nothing_and_recovers(small_disk: Path):
@@ -184,14 +170,7 @@ async def test_a_full_disk_refuses_commits_loses_nothing_and_recovers(small_disk
     try:
         store.record(assignment("before", "s"))
         await store.flush()
-        # Fill the disk to the last byte.
-        with open(filler, "wb") as handle:
-            try:
-                while True:
-                    handle.write(b"\0" * 65536)
-                    handle.flush()
-            except OSError:
-                pass
+        fill(small_disk)  # to the last byte
         for i in range(2000):
             store.record(assignment(f"during-{i}", "segment-with-a-long-name-" * 3))
         with pytest.raises(StoreUnavailable):
