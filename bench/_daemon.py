@@ -8,6 +8,7 @@ URL with the same JSON `listening` line as the daemon.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import secrets
 import sys
@@ -168,10 +169,8 @@ def _serve_bare() -> None:
         finally:
             await runner.cleanup()
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt, SystemExit):
         uvloop.run(serve())
-    except (KeyboardInterrupt, SystemExit):
-        pass
 
 
 if __name__ == "__main__":

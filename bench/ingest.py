@@ -133,9 +133,7 @@ def write_pool(secret: str, prefix: Path, run: int) -> None:
     try:
         for i in range(POOL):
             index = run * POOL + i
-            segments = [
-                f"seg-{(index + 7 * k) % SEGMENT_POOL}" for k in range(SEGMENTS_PER_EVENT)
-            ]
+            segments = [f"seg-{(index + 7 * k) % SEGMENT_POOL}" for k in range(SEGMENTS_PER_EVENT)]
             body = orjson.dumps({"contactId": contact_of(index), "segmentIds": segments})
             headers = sign(secret, f"bench-{index}", stamp, body)
             files[i % THREADS].write(
@@ -159,7 +157,9 @@ def run_wrk(url: str, script: Path, prefix: Path) -> WrkResult:
         "--",
         str(prefix),
     ]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=DURATION_S + 60)
+    done = subprocess.run(
+        argv, check=False, capture_output=True, text=True, timeout=DURATION_S + 60
+    )
     for line in done.stdout.splitlines():
         if line.startswith("BENCHJSON "):
             data = json.loads(line.removeprefix("BENCHJSON "))
@@ -206,7 +206,7 @@ def read_journal(path: Path) -> Journal:
 def daemon_run(
     emulator_url: str, secret: str, root: Path, script: Path, prefix: Path, run: int
 ) -> tuple[WrkResult, Journal, float]:
-    """Start a daemon on a fresh journal, load it, drain it; returns wrk's and the journal's view."""
+    """Start a daemon on a fresh journal, load it, drain it; wrk's and the journal's view."""
     directory = root / f"run-{run}"
     directory.mkdir()
     journal = directory / "journal.db"
