@@ -193,7 +193,7 @@ class Service:
         if isinstance(self.store, SqliteStore):
             recovered = await self.store.open()
             self.cache.restore(recovered.confirmations, time.time())
-            self.engine.restore(recovered.assignments, recovered.batches)
+            self.engine.restore(recovered.assignments, recovered.batches, recovered.queued)
         await self.client.start()
         await self.poller.start()
         await self.engine.start()

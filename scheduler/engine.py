@@ -140,12 +140,18 @@ class Engine:
         """Attach the component that confirms written memberships (before start)."""
         self._verifier = verifier
 
-    def restore(self, assignments: Iterable[Assignment], batches: Iterable[BatchRecord]) -> None:
+    def restore(
+        self,
+        assignments: Iterable[Assignment],
+        batches: Iterable[BatchRecord],
+        queued: Iterable[tuple[str, str, float]] = (),
+    ) -> None:
         """Take back unfinished work from the journal; call before `start()`.
 
         In-flight batches are resent as they were (same ids, same idempotency key), so CXone
         replays a write that had landed instead of applying it twice. Queued and retrying
         assignments go back to the buffer; written and verifying ones back to the verifier.
+        `queued` lists queued assignments as (contact_id, segment_id, received_at) tuples.
         """
         batch_of: dict[AssignmentKey, BatchRecord] = {}
         for record in batches:
@@ -178,6 +184,22 @@ class Engine:
                 self._live[key] = assignment
                 if self._gate.admit(assignment.contact_id, assignment.segment_id):
                     self._buffer.add_retry(assignment.segment_id, [assignment.contact_id])
+        # The backlog: usually nearly all of it, so kept to a dictionary lookup and two inserts.
+        admit = self._gate.admit
+        add = self._buffer.add
+        before = self._pending_writes
+        for contact_id, segment_id, received_at in queued:
+            self._pending_writes += 1
+            batch = batch_of.get((contact_id, segment_id)) if batch_of else None
+            if batch is not None:
+                self._live[(contact_id, segment_id)] = Assignment(
+                    contact_id, segment_id, received_at=received_at, updated_at=received_at
+                )
+                self._gate.force(contact_id)
+                resend[batch.batch_id] = batch
+            elif admit(contact_id, segment_id, received_at):
+                add(segment_id, contact_id, received_at)
+        restored += self._pending_writes - before
         self._recovered_batches.extend(resend.values())
         log.info(
             "restored %d assignments: %d pending writes (%d in %d in-flight batches), "

@@ -108,6 +108,9 @@ class Recovered:
     """What the journal held at start-up that is not finished."""
 
     assignments: list[Assignment] = field(default_factory=list)
+    # Queued assignments as (contact_id, segment_id, received_at): the bulk of a backlog, and
+    # the engine keeps them as buffer entries, not objects.
+    queued: list[tuple[str, str, float]] = field(default_factory=list)
     batches: list[BatchRecord] = field(default_factory=list)
     refresh_budget: dict[str, float] = field(default_factory=dict)
     confirmations: list[tuple[str, str, float]] = field(default_factory=list)
@@ -270,7 +273,7 @@ class SqliteStore:
         log.info(
             "journal %s: %d unfinished assignments, %d in-flight batches, %d notifications",
             self.path,
-            len(recovered.assignments),
+            len(recovered.assignments) + len(recovered.queued),
             len(recovered.batches),
             len(recovered.notifications),
         )
@@ -615,8 +618,17 @@ class SqliteStore:
 
     def _load_recovery(self) -> Recovered:
         recovered = Recovered()
-        for row in self._query("SELECT * FROM assignments WHERE state NOT IN ('active', 'failed')"):
-            recovered.assignments.append(_assignment(row))
+        # Already (str, str, float) as stored: no per-row conversion for the biggest list.
+        recovered.queued = self._query(
+            "SELECT contact_id, segment_id, received_at FROM assignments WHERE state = 'queued'"
+        )
+        recovered.assignments = [
+            _assignment(row)
+            for row in self._query(
+                "SELECT * FROM assignments "
+                "WHERE state IN ('sending', 'retrying', 'written', 'verifying')"
+            )
+        ]
         for batch_id, segment_id, ids, key, attempt, _ in self._query("SELECT * FROM batches"):
             recovered.batches.append(
                 BatchRecord(batch_id, segment_id, tuple(orjson.loads(ids)), key, attempt)
@@ -632,19 +644,22 @@ class SqliteStore:
         return recovered
 
 
+_STATES = {state.value: state for state in State}
+
+
 def _assignment(row: tuple[Any, ...]) -> Assignment:
     contact_id, segment_id, state, reason, message, attempts, received, updated, history = row
     return Assignment(
         contact_id=contact_id,
         segment_id=segment_id,
-        state=State(state),
+        state=_STATES[state],
         reason=FailureReason(reason) if reason else None,
         message=message,
         attempts=attempts,
         received_at=received,
         updated_at=updated,
         history=[
-            (State(state_name), float(at))
+            (_STATES[state_name], float(at))
             for state_name, _, at in (step.partition(":") for step in history.split(";") if step)
         ],
     )
