@@ -165,9 +165,11 @@ class Metrics(EngineObserver):
             buckets=ACTIVE_LATENCY_BUCKETS,
             registry=r,
         )
-        for state in State:
-            self.assignments.labels(state=state.value)
-            self.transitions.labels(state=state.value)
+        self._accepted_children: dict[str, tuple[Counter, Counter, Counter]] = {}
+        self._state_gauges = {state: self.assignments.labels(state=state.value) for state in State}
+        self._state_transitions = {
+            state: self.transitions.labels(state=state.value) for state in State
+        }
         self.finished_total.labels(outcome=State.ACTIVE.value, reason=NO_REASON)
         for reason in FailureReason:
             self.finished_total.labels(outcome=State.FAILED.value, reason=reason.value)
@@ -277,9 +279,18 @@ class Metrics(EngineObserver):
 
     def record_accepted(self, source: str, assignments: int, duplicates: int) -> None:
         """One event from `source` was accepted, holding `assignments` (`duplicates` known)."""
-        self.events_accepted.labels(source=source).inc()
-        self.assignments_accepted.labels(source=source).inc(max(assignments, 0))
-        self.assignments_duplicate.labels(source=source).inc(max(duplicates, 0))
+        children = self._accepted_children.get(source)
+        if children is None:
+            # Sources are the configured few, so caching their children is bounded.
+            children = self._accepted_children[source] = (
+                self.events_accepted.labels(source=source),
+                self.assignments_accepted.labels(source=source),
+                self.assignments_duplicate.labels(source=source),
+            )
+        events, accepted, duplicate = children
+        events.inc()
+        accepted.inc(max(assignments, 0))
+        duplicate.inc(max(duplicates, 0))
 
     def record_cache_hit(self, n: int = 1) -> None:
         """`n` assignments were confirmed from the validation cache."""
@@ -305,15 +316,17 @@ class Metrics(EngineObserver):
 
     def transitioned(self, assignment: Assignment, previous: State) -> None:
         """Move one assignment between the per-state gauges and count the transition."""
-        state = assignment.state.value
         # A new assignment is reported as queued -> queued (no other transition is): nothing to
         # take away then. A terminal previous state was already taken away by `finished`, when
         # the engine let go of the assignment.
         new = previous is State.QUEUED and assignment.state is State.QUEUED
+        # Children looked up once per state: this hook runs for every transition of every
+        # assignment, and `labels()` costs more than the increment itself.
+        gauges, counters = self._state_gauges, self._state_transitions
         if not new and previous not in TERMINAL_STATES:
-            self.assignments.labels(state=previous.value).dec()
-        self.assignments.labels(state=state).inc()
-        self.transitions.labels(state=state).inc()
+            gauges[previous].dec()
+        gauges[assignment.state].inc()
+        counters[assignment.state].inc()
 
     def bulk_sent(self, segment_id: str, ids: int, attempt: int) -> None:
         """Count a bulk request and its size; attempt 1 is the first send."""
