@@ -114,6 +114,11 @@ def _shape_error(endpoint: str, response: Response, what: str) -> PermanentError
     )
 
 
+# Enough for every read allowed in flight at 50/s with 10 s timeouts several times over, well
+# under the file-descriptor limit of the systemd unit.
+MAX_CONNECTIONS = 1024
+
+
 class HttpCXoneClient:
     """The CXone segment API over one shared `aiohttp.ClientSession`.
 
@@ -153,7 +158,13 @@ class HttpCXoneClient:
         if self._tokens is not None:
             return
         if self._session is None:
-            self._session = aiohttp.ClientSession(raise_for_status=False)
+            # The rate gates, not the pool, bound the request rate. aiohttp's default pool of
+            # 100 connections would add a hidden queue in front of them (and its wait counts
+            # against each request's timeout) once answers slow down or writes hang.
+            self._session = aiohttp.ClientSession(
+                raise_for_status=False,
+                connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS, limit_per_host=0),
+            )
         self._tokens = TokenManager(self._settings, self._session, on_response=self._hook)
 
     async def close(self) -> None:
