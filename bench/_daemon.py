@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.processes import ManagedProcess, emulator_process
+from tests.support.toml import render_toml
 
 ADMIN_TOKEN = "bench-admin-" + "x" * 16
 # The emulator's default credentials (tests/support/cxone.py).
@@ -66,22 +67,7 @@ def daemon_config(emulator_url: str, sections: dict[str, dict[str, Any]]) -> str
     }
     for name, values in sections.items():
         merged.setdefault(name, {}).update(values)
-    lines = []
-    for name, values in merged.items():
-        lines.append(f"[{name}]")
-        lines.extend(f"{key} = {_toml(value)}" for key, value in values.items())
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return json.dumps(str(value))
+    return render_toml(merged)
 
 
 def daemon_process(config: Path) -> ManagedProcess:

@@ -19,6 +19,7 @@ import pytest
 from listeners import sign
 from tests.support.emulator import EmulatorControl
 from tests.support.processes import ManagedProcess
+from tests.support.toml import render_toml
 
 
 class Daemon:
@@ -127,23 +128,7 @@ def daemon_config(
     }
     for name, values in overrides.items():
         sections.setdefault(name, {}).update(values)
-    lines = []
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        for key, value in values.items():
-            lines.append(f"{key} = {_toml(value)}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return orjson.dumps(str(value)).decode()
+    return render_toml(sections)
 
 
 StartDaemon = Callable[..., Awaitable[Daemon]]
