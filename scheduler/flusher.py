@@ -10,6 +10,7 @@ a new key, because the body is different.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -142,8 +143,6 @@ class BatchSender:
         """Send the batch until every id has an outcome or has been handed to a retry."""
         segment_id = batch.segment_id
         ids = list(batch.contact_ids)
-        in_progress_waits = 0
-        need_token = not token_held
         try:
             await self._store.save_batch(batch)
         except Exception as exc:  # the journal cannot commit: do not send what it cannot track
@@ -157,44 +156,61 @@ class BatchSender:
             return
         self._ledger.mark_sending(segment_id, ids)
         try:
-            while True:
-                if need_token:
-                    await self._write_gate.acquire()
-                need_token = True
-                self._observer.bulk_sent(segment_id, len(ids), batch.attempt)
-                started = time.monotonic()
-                try:
-                    result = await self._client.bulk_add(segment_id, ids, batch.idempotency_key)
-                except RateLimited as exc:
-                    self._observer.upstream_outcome("bulk", "rate_limited", _since(started))
-                    self._write_gate.pause(exc.retry_after_s)
-                    continue
-                except SegmentNotFound as exc:
-                    self._observer.upstream_outcome("bulk", "permanent", _since(started))
-                    self._ledger.mark_failed(
-                        segment_id, ids, FailureReason.SEGMENT_NOT_FOUND, str(exc)
-                    )
-                    return
-                except UpstreamError as exc:
-                    self._observer.upstream_outcome("bulk", _outcome_of(exc), _since(started))
-                    if exc.error == "IdempotencyKeyInProgress" and (
-                        in_progress_waits < MAX_IN_PROGRESS_WAITS
-                    ):
-                        in_progress_waits += 1
-                        self._ledger.mark_retrying(segment_id, ids)
-                        await self._sleep(self._retry.delay(1, self._rng, exc.retry_after_s))
-                        self._ledger.mark_sending(segment_id, ids, new_attempt=False)
-                        continue
-                    resend = await self._after_request_failure(batch, ids, exc)
-                    if resend is None:
-                        return
-                    batch = resend
-                    continue
-                self._observer.upstream_outcome("bulk", "ok", _since(started))
-                self._apply(segment_id, ids, result)
+            await self._send_until_settled(batch, ids, token_held=token_held)
+        except asyncio.CancelledError:
+            # Stopped mid-request (the drain budget ran out): whether CXone applied it is
+            # unknown, so the batch stays in the journal and the next start resends it under
+            # the same key, to be replayed rather than applied twice.
+            raise
+        except Exception:
+            log.exception(
+                "segment %s: sending a batch failed unexpectedly; ids retried", segment_id
+            )
+            self._ledger.mark_retrying(segment_id, ids)
+            self._ledger.requeue_later(segment_id, ids, JOURNAL_RETRY_S)
+        await self._store.drop_batch(batch.batch_id)
+
+    async def _send_until_settled(
+        self, batch: BatchRecord, ids: list[str], *, token_held: bool
+    ) -> None:
+        """Send (and resend) until the ids have outcomes or were handed to retries."""
+        segment_id = batch.segment_id
+        in_progress_waits = 0
+        need_token = not token_held
+        while True:
+            if need_token:
+                await self._write_gate.acquire()
+            need_token = True
+            self._observer.bulk_sent(segment_id, len(ids), batch.attempt)
+            started = time.monotonic()
+            try:
+                result = await self._client.bulk_add(segment_id, ids, batch.idempotency_key)
+            except RateLimited as exc:
+                self._observer.upstream_outcome("bulk", "rate_limited", _since(started))
+                self._write_gate.pause(exc.retry_after_s)
+                continue
+            except SegmentNotFound as exc:
+                self._observer.upstream_outcome("bulk", "permanent", _since(started))
+                self._ledger.mark_failed(segment_id, ids, FailureReason.SEGMENT_NOT_FOUND, str(exc))
                 return
-        finally:
-            await self._store.drop_batch(batch.batch_id)
+            except UpstreamError as exc:
+                self._observer.upstream_outcome("bulk", _outcome_of(exc), _since(started))
+                if exc.error == "IdempotencyKeyInProgress" and (
+                    in_progress_waits < MAX_IN_PROGRESS_WAITS
+                ):
+                    in_progress_waits += 1
+                    self._ledger.mark_retrying(segment_id, ids)
+                    await self._sleep(self._retry.delay(1, self._rng, exc.retry_after_s))
+                    self._ledger.mark_sending(segment_id, ids, new_attempt=False)
+                    continue
+                resend = await self._after_request_failure(batch, ids, exc)
+                if resend is None:
+                    return
+                batch = resend
+                continue
+            self._observer.upstream_outcome("bulk", "ok", _since(started))
+            self._apply(segment_id, ids, result)
+            return
 
     async def _after_request_failure(
         self, batch: BatchRecord, ids: list[str], exc: UpstreamError

@@ -216,3 +216,34 @@ async def test_sigkill_with_writes_in_flight_replays_instead_of_writing_twice(
     assert counters["idempotent_replays"] >= 2  # the recovered batches were replayed
     assert counters["applied_twice"] == 0
     assert len(await emulator.members("K1")) == 100
+
+
+async def test_a_drain_that_runs_out_of_time_keeps_in_flight_batches_for_the_next_start(
+    start_daemon: StartDaemon,
+    emulator: EmulatorControl,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+):
+    # Writes are applied, then hang past the drain budget: SIGTERM must not forget them.
+    await emulator.configure(
+        {"faults": {"bulk": {"hang_rate": 1.0, "hang_s": 4.0, "after_apply_fraction": 1.0}}}
+    )
+    daemon = await start_daemon(
+        store={"url": f"sqlite://{tmp_path}/journal.db"},
+        server={"drain_budget_s": 1.0},
+        cxone={"timeout_s": 10.0},
+    )
+    events = [{"contactId": f"d{i}", "segmentIds": ["DR"]} for i in range(50)]
+    status, _ = await daemon.webhook(http, events)
+    assert status == 202
+    await asyncio.sleep(1.0)  # the batch is sent and hanging
+    daemon.process.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(daemon.process.wait, 20) == 0
+    await emulator.configure({"faults": {"bulk": {"hang_rate": 0.0}}})
+    await asyncio.sleep(3.5)  # the hung request completes on the emulator's side
+    await asyncio.to_thread(daemon.restart)
+    await daemon.wait_states(http, "d0", {"active"}, 30)
+    await daemon.wait_states(http, "d49", {"active"}, 30)
+    counters = await emulator.counters()
+    assert counters["idempotent_replays"] >= 1  # resent under its key, replayed
+    assert counters["applied_twice"] == 0
