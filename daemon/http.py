@@ -200,7 +200,14 @@ async def _webhook(request: web.Request, service: Service, source: str) -> web.R
         return problem(exc.status, exc.message, field=exc.field)
     earlier = await service.store.delivery(source, delivery_id)
     if earlier is not None:
-        # A redelivery: the same answer, no new work.
+        # A redelivery: the same answer, no new work -- but only once the first delivery is
+        # committed (it may still be queued behind a full disk).
+        try:
+            await service.store.flush()
+        except StoreUnavailable as exc:
+            return problem(
+                503, f"the journal cannot commit: {exc}", retryAfter=JOURNAL_RETRY_AFTER_S
+            )
         return web.Response(body=earlier, status=200, content_type="application/json")
     try:
         events = parse_events(body)

@@ -171,6 +171,15 @@ async def test_a_full_disk_refuses_work_and_recovers(
             break
         assert status == 202
     assert refused is not None and "journal" in refused["message"]
+    # A redelivery of an uncommitted delivery is not acknowledged either.
+    status, _ = await daemon.webhook(
+        http, {"contactId": "again", "segmentIds": ["D1"]}, msg_id="msg_during_full"
+    )
+    assert status == 503
+    status, _ = await daemon.webhook(
+        http, {"contactId": "again", "segmentIds": ["D1"]}, msg_id="msg_during_full"
+    )
+    assert status == 503
     async with http.get(f"{daemon.url}/readyz") as response:
         assert response.status == 503
         assert "store" in (await response.json())["checks"]
@@ -184,7 +193,12 @@ async def test_a_full_disk_refuses_work_and_recovers(
     status, _ = await daemon.webhook(http, {"contactId": "after", "segmentIds": ["D1"]})
     assert status == 202
 
-    for contact in ("before", "after"):
+    # Once space is back, the redelivery is answered as the first delivery was.
+    status, _ = await daemon.webhook(
+        http, {"contactId": "again", "segmentIds": ["D1"]}, msg_id="msg_during_full"
+    )
+    assert status == 200
+    for contact in ("before", "after", "again"):
         await daemon.wait_states(http, contact, {"active"}, 30)
 
 
