@@ -143,15 +143,39 @@ def refuse_if_busy(service: Service, assignments: int) -> web.Response | None:
     if service.draining:
         return problem(503, "segmapd is shutting down", retryAfter=DRAIN_RETRY_AFTER_S)
     engine = service.engine
-    if engine.pending_writes + assignments > engine.batching.high_water:
-        retry_after = max(1.0, assignments / (service.config.limits.write_rps * 200))
+    wait_s = engine.admission_wait(assignments)
+    if wait_s is not None:
         return problem(
             503,
             f"{engine.pending_writes} assignments pending (server.high_water "
             f"{engine.batching.high_water}); retry later",
-            retryAfter=retry_after,
+            retryAfter=wait_s,
         )
     return None
+
+
+async def commit(service: Service) -> web.Response | None:
+    """None once everything taken so far is journaled; else the 503 to answer instead."""
+    try:
+        await service.store.flush()
+    except StoreUnavailable as exc:
+        return problem(503, f"the journal cannot commit: {exc}", retryAfter=JOURNAL_RETRY_AFTER_S)
+    return None
+
+
+def take(service: Service, body: bytes) -> tuple[list[MappingRequest], SubmitResult] | web.Response:
+    """Parse a body of events and hand them to the engine; or the error response to answer."""
+    try:
+        events = parse_events(body)
+    except WebhookRejected as exc:
+        return problem(exc.status, exc.message, field=exc.field)
+    busy = refuse_if_busy(service, sum(len(e.segment_ids) for e in events))
+    if busy is not None:
+        return busy
+    try:
+        return events, submit_all(service, events)
+    except (EngineClosed, EngineOverloaded):
+        return problem(503, "segmapd is not taking work now", retryAfter=DRAIN_RETRY_AFTER_S)
 
 
 def submit_all(service: Service, events: list[MappingRequest]) -> SubmitResult:
@@ -202,34 +226,22 @@ async def _webhook(request: web.Request, service: Service, source: str) -> web.R
     if earlier is not None:
         # A redelivery: the same answer, no new work -- but only once the first delivery is
         # committed (it may still be queued behind a full disk).
-        try:
-            await service.store.flush()
-        except StoreUnavailable as exc:
-            return problem(
-                503, f"the journal cannot commit: {exc}", retryAfter=JOURNAL_RETRY_AFTER_S
-            )
+        refused = await commit(service)
+        if refused is not None:
+            return refused
         return web.Response(body=earlier, status=200, content_type="application/json")
-    try:
-        events = parse_events(body)
-    except WebhookRejected as exc:
-        return problem(exc.status, exc.message, field=exc.field)
-    assignments = sum(len(e.segment_ids) for e in events)
-    busy = refuse_if_busy(service, assignments)
-    if busy is not None:
-        return busy
-    try:
-        result = submit_all(service, events)
-    except (EngineClosed, EngineOverloaded):
-        return problem(503, "segmapd is not taking work now", retryAfter=DRAIN_RETRY_AFTER_S)
+    taken = take(service, body)
+    if isinstance(taken, web.Response):
+        return taken
+    _, result = taken
     answer = accepted_body(result)
     service.metrics.record_accepted(source, answer["accepted"], answer["duplicates"])
     encoded = orjson.dumps(answer)
     await service.store.remember_delivery(source, delivery_id, encoded)
-    try:
-        # 202 means "this will happen even if the process dies now": only once it is committed.
-        await service.store.flush()
-    except StoreUnavailable as exc:
-        return problem(503, f"the journal cannot commit: {exc}", retryAfter=JOURNAL_RETRY_AFTER_S)
+    # 202 means "this will happen even if the process dies now": only once it is committed.
+    refused = await commit(service)
+    if refused is not None:
+        return refused
     return web.Response(body=encoded, status=202, content_type="application/json")
 
 
@@ -247,23 +259,14 @@ async def mappings(request: web.Request) -> web.Response:
             return problem(400, "wait: must be a number of seconds", field="wait")
         if not 0 <= wait_s <= MAX_WAIT_S or math.isnan(wait_s):
             return problem(400, f"wait: must be between 0 and {MAX_WAIT_S:g}", field="wait")
-    body = await read_body(request)
-    try:
-        events = parse_events(body)
-    except WebhookRejected as exc:
-        return problem(exc.status, exc.message, field=exc.field)
-    busy = refuse_if_busy(service, sum(len(e.segment_ids) for e in events))
-    if busy is not None:
-        return busy
-    try:
-        result = submit_all(service, events)
-    except (EngineClosed, EngineOverloaded):
-        return problem(503, "segmapd is not taking work now", retryAfter=DRAIN_RETRY_AFTER_S)
+    taken = take(service, await read_body(request))
+    if isinstance(taken, web.Response):
+        return taken
+    events, result = taken
     answer: dict[str, Any] = dict(accepted_body(result))
-    try:
-        await service.store.flush()
-    except StoreUnavailable as exc:
-        return problem(503, f"the journal cannot commit: {exc}", retryAfter=JOURNAL_RETRY_AFTER_S)
+    refused = await commit(service)
+    if refused is not None:
+        return refused
     if not wait_s:
         return json_response(answer, 202)
     deadline = time.monotonic() + wait_s

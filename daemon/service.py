@@ -186,7 +186,6 @@ class Service:
         self._token_ok = False
         self._token_error = ""
         self._token_lock = asyncio.Lock()
-        self.started_at = time.time()
 
     async def start(self) -> None:
         """Open the journal, take back unfinished work, start every component."""

@@ -117,13 +117,6 @@ class CoalescingBuffer:
             del self._segments[segment_id]
         return batch
 
-    def drain_all(self) -> dict[str, list[str]]:
-        """Remove everything (shutdown bookkeeping); returns segment -> ids."""
-        drained = {seg: [*q.retry, *q.fresh] for seg, q in self._segments.items()}
-        self._segments.clear()
-        self._size = 0
-        return drained
-
 
 class ContactGate:
     """At most `limit` segment assignments of one contact in flight; the rest wait their turn.

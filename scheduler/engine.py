@@ -309,10 +309,9 @@ class Engine:
         """Take a request: queue new assignments, join ones in progress, skip confirmed ones."""
         if not self._accepting:
             raise EngineClosed("the engine is not accepting work")
-        if self.overloaded:
-            raise EngineOverloaded(
-                self._pending_writes, self.batching.high_water, self._suggested_retry_after()
-            )
+        wait_s = self.admission_wait(1)
+        if wait_s is not None:
+            raise EngineOverloaded(self._pending_writes, self.batching.high_water, wait_s)
         queued = joined = cached = 0
         now = self._wall()
         contact_id = request.contact_id
@@ -337,11 +336,17 @@ class Engine:
                 self._enqueue(segment_id, contact_id, now)
         return SubmitResult(queued=queued, joined=joined, cached=cached)
 
-    def _suggested_retry_after(self) -> float:
-        # Time for the writer to take the queue back below the mark at its configured rate.
-        rate = getattr(self._write_gate, "rate_per_s", 10.0)
-        excess = self._pending_writes - self.batching.high_water + self.batching.max_size
-        return max(1.0, excess / (rate * self.batching.max_size))
+    def admission_wait(self, assignments: int) -> float | None:
+        """None if `assignments` more fit below the high-water mark; else seconds to wait.
+
+        The wait is how long the writer, at its configured rate of full batches, needs to take
+        the queue back below the mark (at least one second).
+        """
+        excess = self._pending_writes + assignments - self.batching.high_water
+        if excess <= 0:
+            return None
+        per_second = self._write_gate.rate_per_s * self.batching.max_size
+        return max(1.0, excess / per_second)
 
     def _enqueue(self, segment_id: str, contact_id: str, received_at: float) -> None:
         if self._buffer.add(segment_id, contact_id, received_at):
@@ -356,10 +361,6 @@ class Engine:
         )
 
     # ---- queries and waiting ---------------------------------------------------------------
-
-    def live(self, contact_id: str, segment_id: str) -> Assignment | None:
-        """The assignment being written or validated for the pair, if any (not queued ones)."""
-        return self._live.get((contact_id, segment_id))
 
     async def wait(
         self, contact_id: str, segment_ids: Iterable[str], timeout_s: float

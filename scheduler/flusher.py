@@ -90,6 +90,8 @@ class Ledger(Protocol):
 class Gate(Protocol):
     """Admission for one endpoint class (see scheduler.ratelimit.RateGate)."""
 
+    rate_per_s: float
+
     async def acquire(self) -> None:
         """Wait until a request may be sent."""
         ...

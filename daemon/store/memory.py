@@ -75,8 +75,3 @@ class MemoryStore:
 
     async def close(self) -> None:
         """Nothing to release."""
-
-    @property
-    def batches(self) -> list[BatchRecord]:
-        """In-flight batches (for tests and recovery)."""
-        return list(self._batches.values())
