@@ -4,6 +4,13 @@ Polling is coalesced per segment: one sweep per segment per `interval_s` covers 
 contact of that segment, and a (segment, contact) pair is read at most once per interval and
 never twice at the same time. Reads pass the `read` rate gate, whose 429 pauses every read.
 
+Sweeps do not read themselves: they put their pairs on one read queue, which a single reader
+task drains through the gate, earliest-due first. A pair is due at its sweep, but never sooner
+than `_READ_SLACK` of an interval after its previous read. So when reads lag behind their
+sweeps (the gate is saturated), a pair waits in the queue for the rest of its spacing instead of
+missing the whole sweep, and it is still read at every sweep; and only reads that are being
+sent hold a task, not the thousands that wait for the gate.
+
 A pair still not visible after `window_s` of polling calls for a refresh of its segment, which
 CXone allows once per segment per `refresh_min_interval_s`. The budget is checked before every
 refresh, so many batches of one segment share one refresh; when it is spent, the refresh is
@@ -15,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 import random
 import time
@@ -73,8 +82,12 @@ class _Pair:
     assignment: Assignment
     written_at: float  # monotonic
     window_start: float  # monotonic start of the current polling window
-    last_read: float = float("-inf")
-    reading: bool = False
+    last_read: float = float("-inf")  # when the gate last let a read of this pair through
+    reading: bool = False  # queued for a read or being read
+
+
+#: A queued read: (due time, order of queueing, segment id, pair, its segment's watch).
+_QueuedRead = tuple[float, int, str, "_Pair", "_SegmentWatch"]
 
 
 @dataclass(slots=True)
@@ -117,6 +130,11 @@ class MembershipPoller:
         self._wall = wall_clock
         self._watches: dict[str, _SegmentWatch] = {}
         self._reads: set[asyncio.Task[None]] = set()
+        # Reads due, earliest first; the counter keeps a sweep's pairs in their order.
+        self._queue: list[_QueuedRead] = []
+        self._queue_order = itertools.count()
+        self._queue_changed = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
         self._running = False
 
     # ---- the Verifier interface the engine calls -------------------------------------------
@@ -156,6 +174,8 @@ class MembershipPoller:
     async def start(self) -> None:
         """Start polling (also for assignments handed over before start)."""
         self._running = True
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.create_task(self._run_reader(), name="validation reads")
         for segment_id, watch in self._watches.items():
             if watch.pairs and (watch.task is None or watch.task.done()):
                 watch.task = asyncio.create_task(
@@ -167,10 +187,14 @@ class MembershipPoller:
         self._running = False
         tasks = [w.task for w in self._watches.values() if w.task is not None]
         tasks += list(self._reads)
+        if self._reader is not None:
+            tasks.append(self._reader)
+            self._reader = None
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        self._queue.clear()
         for watch in self._watches.values():
             watch.task = None
             for pair in watch.pairs.values():
@@ -238,52 +262,98 @@ class MembershipPoller:
         if refresh_due:
             await self._refresh(segment_id, watch)
         now = self._clock()
-        for contact_id, pair in list(watch.pairs.items()):
+        spacing = policy.interval_s * _READ_SLACK
+        queue = self._queue
+        order = self._queue_order
+        queued = False
+        for pair in watch.pairs.values():
             if pair.reading or self._awaiting_refresh(watch, pair):
                 continue
-            if now - pair.last_read < policy.interval_s * _READ_SLACK:
-                continue
-            if now - pair.written_at < policy.interval_s * _READ_SLACK:
+            if now - pair.written_at < spacing:
                 continue  # indexing takes seconds: a read right after the write is wasted
+            # Due now, but never sooner than one spacing after this pair's previous read: a read
+            # that the gate let through late in the last sweep waits for the rest of it here.
             pair.reading = True
-            task = asyncio.create_task(self._read(segment_id, contact_id, pair, watch))
+            due = max(now, pair.last_read + spacing)
+            heapq.heappush(queue, (due, next(order), segment_id, pair, watch))
+            queued = True
+        if queued:
+            self._queue_changed.set()
+
+    async def _run_reader(self) -> None:
+        """Send queued reads through the gate, earliest due first, each in its own task."""
+        queue = self._queue
+        changed = self._queue_changed
+        while True:
+            # Pairs confirmed, given up or failed while queued need no read and no token.
+            while queue and not _still_watched(queue[0]):
+                heapq.heappop(queue)[3].reading = False
+            if not queue:
+                changed.clear()
+                await changed.wait()
+                continue
+            wait = queue[0][0] - self._clock()
+            if wait > 0:
+                # An earlier-due read queued meanwhile wakes us to look again.
+                changed.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(changed.wait(), wait)
+                continue
+            await self._read_gate.acquire()
+            if not queue:
+                continue  # a failed segment emptied the queue meanwhile; the token is lost
+            _, _, segment_id, pair, watch = heapq.heappop(queue)
+            if not _still_watched((0.0, 0, segment_id, pair, watch)):
+                pair.reading = False  # dropped while we waited for the gate; the token is lost
+                continue
+            pair.last_read = self._clock()
+            task = asyncio.create_task(
+                self._read(segment_id, pair.assignment.contact_id, pair, watch)
+            )
             self._reads.add(task)
             task.add_done_callback(self._reads.discard)
 
     async def _read(
         self, segment_id: str, contact_id: str, pair: _Pair, watch: _SegmentWatch
     ) -> None:
+        """One membership read the gate let through; the pair is `reading` until it ends."""
+        requeued = False
+        started = time.monotonic()
         try:
-            while True:
-                await self._read_gate.acquire()
-                pair.last_read = self._clock()
-                started = time.monotonic()
-                try:
-                    result = await self._client.is_member(segment_id, contact_id)
-                except RateLimited as exc:
-                    self._observer.upstream_outcome("read", "rate_limited", _since(started))
-                    self._read_gate.pause(exc.retry_after_s)
-                    continue  # nothing was read; wait with every other read and ask again
-                except SegmentNotFound as exc:
-                    self._observer.upstream_outcome("read", "permanent", _since(started))
-                    self._fail_segment(segment_id, watch, FailureReason.SEGMENT_NOT_FOUND, str(exc))
-                    return
-                except UpstreamError as exc:
-                    # 5xx, timeouts: the next sweep reads this pair again.
-                    self._observer.upstream_outcome("read", "transient", _since(started))
-                    log.info("membership read %s/%s failed: %s", segment_id, contact_id, exc)
-                    return
-                self._observer.upstream_outcome("read", "ok", _since(started))
-                self._observer.membership_read(segment_id, result.is_member)
-                if result.is_member and watch.pairs.get(contact_id) is pair:
-                    del watch.pairs[contact_id]
-                    self._cache.remember(contact_id, segment_id)
-                    self._sink.confirm([pair.assignment])
-                    if not watch.pairs:
-                        watch.wake.set()
+            try:
+                result = await self._client.is_member(segment_id, contact_id)
+            except RateLimited as exc:
+                self._observer.upstream_outcome("read", "rate_limited", _since(started))
+                self._read_gate.pause(exc.retry_after_s)
+                # Nothing was read: queue it again, to go with every other read after the pause.
+                if self._running and watch.pairs.get(contact_id) is pair:
+                    due = max(self._clock(), pair.last_read + self.policy.interval_s * _READ_SLACK)
+                    heapq.heappush(
+                        self._queue, (due, next(self._queue_order), segment_id, pair, watch)
+                    )
+                    self._queue_changed.set()
+                    requeued = True
                 return
+            except SegmentNotFound as exc:
+                self._observer.upstream_outcome("read", "permanent", _since(started))
+                self._fail_segment(segment_id, watch, FailureReason.SEGMENT_NOT_FOUND, str(exc))
+                return
+            except UpstreamError as exc:
+                # 5xx, timeouts: the next sweep reads this pair again.
+                self._observer.upstream_outcome("read", "transient", _since(started))
+                log.info("membership read %s/%s failed: %s", segment_id, contact_id, exc)
+                return
+            self._observer.upstream_outcome("read", "ok", _since(started))
+            self._observer.membership_read(segment_id, result.is_member)
+            if result.is_member and watch.pairs.get(contact_id) is pair:
+                del watch.pairs[contact_id]
+                self._cache.remember(contact_id, segment_id)
+                self._sink.confirm([pair.assignment])
+                if not watch.pairs:
+                    watch.wake.set()
         finally:
-            pair.reading = False
+            if not requeued:
+                pair.reading = False
 
     async def _refresh(self, segment_id: str, watch: _SegmentWatch) -> None:
         wall_now = self._wall()
@@ -336,9 +406,10 @@ class MembershipPoller:
         watch.refresh_at = None
         watch.refreshed = True
         now = self._clock()
+        # Visible within a second: every pair is read again from this sweep on, each still one
+        # spacing after its previous read.
         for pair in watch.pairs.values():
             pair.window_start = now
-            pair.last_read = float("-inf")  # visible within a second: read at the next sweep
 
     def _give_up(self, segment_id: str, watch: _SegmentWatch, pairs: list[_Pair]) -> None:
         for pair in pairs:
@@ -363,6 +434,12 @@ class MembershipPoller:
         watch.pairs.clear()
         watch.wake.set()
         self._sink.fail([p.assignment for p in pairs], reason, message)
+
+
+def _still_watched(entry: _QueuedRead) -> bool:
+    """Whether a queued read's pair is still waiting for confirmation."""
+    pair, watch = entry[3], entry[4]
+    return watch.pairs.get(pair.assignment.contact_id) is pair
 
 
 def _written_wall(assignment: Assignment) -> float:
