@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -64,6 +65,12 @@ def parse_retry_after(value: str | None, default: float = DEFAULT_RETRY_AFTER_S)
     return seconds
 
 
+@functools.lru_cache(maxsize=16)
+def _timeout(total_s: float) -> aiohttp.ClientTimeout:
+    """The (immutable) timeout object for `total_s`, made once rather than per request."""
+    return aiohttp.ClientTimeout(total=total_s)
+
+
 def _notify(hook: ResponseHook | None, endpoint: str, status: int, elapsed_s: float) -> None:
     if hook is None:
         return
@@ -95,12 +102,13 @@ async def send(
     try:
         # encoded=True: ids were quoted by us; yarl must not re-quote or normalise them.
         target = URL(url, encoded=True)
+        # aiohttp copies `headers` into its own multidict, so no copy is made here.
         async with session.request(
             method,
             target,
-            headers=dict(headers),
+            headers=headers,
             data=data,
-            timeout=aiohttp.ClientTimeout(total=timeout_s),
+            timeout=_timeout(timeout_s),
             allow_redirects=False,
         ) as answer:
             body = await answer.read()
