@@ -173,6 +173,8 @@ async def _run() -> None:
         f"reads {BULK_READ_RPS:g}/s, writes 10/s; median of {BULK_RUNS} runs "
         f"(written -> active p50 per run: "
         + ", ".join(f"{run['w2a_p50']:.2f} s" for run in bulk_runs)
+        + "; received -> active p50 per run: "
+        + ", ".join(f"{run['r2a_p50']:.2f} s" for run in bulk_runs)
         + ")",
         bulk,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import defaultdict
 
@@ -80,6 +81,30 @@ async def test_written_memberships_become_active_once_indexed(
     counters = await emulator.counters()
     assert counters["rate_limited"]["read"] == 0
     assert counters["requests"]["refresh"] == {}
+
+
+async def test_a_pair_read_late_by_the_gate_is_still_read_at_every_sweep(
+    make_engine: MakeEngine, emulator: EmulatorControl
+):
+    # Nothing is indexed until a refresh, and the window outlasts the test: pure polling.
+    await indexing(emulator, 0.2, 0.4, 1.0)
+    await emulator.configure({"limits": {"read": {"rate": 0, "burst": 1}}})
+    policy = fast_policy(interval_s=0.4, window_s=60.0)
+    # 60 reads per sweep at 200/s take 0.3 s: most pairs are read well after their sweep.
+    harness = await make_engine(validation=policy, batching=FAST_BATCHES, read_rps=200)
+    contacts = [f"late-{i}" for i in range(60)]
+    for contact in contacts:
+        harness.engine.submit(MappingRequest(contact, ("slow-gate",)))
+    await asyncio.sleep(4.0)
+    assert_reads_spaced(harness, policy.interval_s)
+    per_pair: dict[str, list[float]] = defaultdict(list)
+    for _, contact, at in harness.client.reads:
+        per_pair[contact].append(at)
+    assert set(per_pair) == set(contacts)
+    for contact, times in per_pair.items():
+        gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+        # Read at every sweep: a late read does not make the pair sit out the next sweep.
+        assert max(gaps) < policy.interval_s * 1.5, f"{contact} missed a sweep: {gaps}"
 
 
 async def test_a_confirmed_pair_asked_again_costs_no_call(
