@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import sqlite3
 import threading
 import time
@@ -24,7 +25,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import orjson
+from rbloom import Bloom
 
+from daemon.store.delivery_filter import (
+    MIN_CAPACITY,
+    DeliveryFilter,
+    DeliveryKey,
+    capacity_for,
+    new_bloom,
+)
 from scheduler.model import Assignment, FailureReason, State
 from scheduler.store import BatchRecord
 
@@ -33,6 +42,10 @@ log = logging.getLogger(__name__)
 # "SGMP": marks the file as ours, so a foreign SQLite file is refused instead of altered.
 APPLICATION_ID = 0x53474D50
 RETRY_AFTER_FAILURE_S = 1.0
+# The writer hands SQLite a transaction's rows as one JSON array, read with ->> (3.38+).
+MIN_SQLITE = (3, 38, 0)
+# After a failed build of the delivery filter, lookups go to SQLite for this long before retrying.
+FILTER_RETRY_S = 60.0
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
@@ -122,6 +135,11 @@ class Recovered:
 
 def connect(path: str, synchronous: Synchronous) -> sqlite3.Connection:
     """Open (creating if needed) and migrate the journal; raises StoreFileError if unusable."""
+    if sqlite3.sqlite_version_info < MIN_SQLITE:
+        raise StoreFileError(
+            f"{path}: the journal needs SQLite {'.'.join(map(str, MIN_SQLITE))} or newer "
+            f"(its JSON operators); this Python has SQLite {sqlite3.sqlite_version}"
+        )
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
@@ -172,6 +190,28 @@ def _migrate(connection: sqlite3.Connection, path: str) -> None:
 # ---- the writer thread --------------------------------------------------------------------------
 
 _AssignmentRow = tuple[str, str, str, str | None, str, int, float, float]
+
+
+_UPSERT_ASSIGNMENTS = """
+    INSERT INTO assignments (contact_id, segment_id, state, reason, message,
+                             attempts, received_at, updated_at, history)
+    SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4,
+           value ->> 5, value ->> 6, value ->> 7, value ->> 8
+    FROM json_each(?1) WHERE true
+    ON CONFLICT (contact_id, segment_id) DO UPDATE SET
+        state = excluded.state, reason = excluded.reason,
+        message = excluded.message, attempts = excluded.attempts,
+        received_at = excluded.received_at, updated_at = excluded.updated_at,
+        history = CASE
+            WHEN excluded.history LIKE 'queued:%' THEN excluded.history
+            ELSE assignments.history || excluded.history
+        END
+"""
+# Answers are stored as BLOBs, as the deliveries' bodies were.
+_INSERT_DELIVERIES = """
+    INSERT OR IGNORE INTO deliveries (source, delivery_id, answer, received_at)
+    SELECT value ->> 0, value ->> 1, CAST(value ->> 2 AS BLOB), value ->> 3 FROM json_each(?1)
+"""
 
 
 @dataclass
@@ -235,6 +275,7 @@ class SqliteStore:
         synchronous: Synchronous = "FULL",
         retention_s: float = 7 * 86_400,
         clock: Callable[[], float] = time.time,
+        delivery_filter_capacity: int = MIN_CAPACITY,
     ) -> None:
         self.path = path
         self.synchronous = synchronous
@@ -254,6 +295,13 @@ class SqliteStore:
         self._last_prune = 0.0
         self._refresh: dict[str, float] = {}
         self._notifications: OrderedDict[str, bytes] = OrderedDict()
+        # Deliveries remembered but not yet committed (their answers), and a filter of the rest.
+        self._unconfirmed: dict[DeliveryKey, bytes] = {}
+        self._seen = DeliveryFilter()
+        self._filter_task: asyncio.Task[None] | None = None
+        self._filter_failed_at = -math.inf
+        self._filter_min_capacity = delivery_filter_capacity
+        self.journal_reads = 0  # reads sent to the read thread, for tests and diagnostics
 
     def __repr__(self) -> str:
         return f"SqliteStore({self.path!r}, synchronous={self.synchronous})"
@@ -270,6 +318,7 @@ class SqliteStore:
         self._notifications = OrderedDict(recovered.notifications)
         self._thread = threading.Thread(target=self._write_loop, name="journal-writer", daemon=True)
         self._thread.start()
+        self._build_filter()
         log.info(
             "journal %s: %d unfinished assignments, %d in-flight batches, %d notifications",
             self.path,
@@ -285,6 +334,10 @@ class SqliteStore:
             return
         with contextlib.suppress(StoreUnavailable):
             await asyncio.wait_for(self.flush(), 10.0)
+        if self._filter_task is not None:
+            self._filter_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._filter_task
         with self._lock:
             self._closing = True
             self._wake.notify()
@@ -348,9 +401,14 @@ class SqliteStore:
 
     async def remember_delivery(self, source: str, delivery_id: str, answer: bytes) -> None:
         """Queue the delivery's answer; committed with the webhook's flush."""
+        key = (source, delivery_id)
+        self._unconfirmed[key] = answer
+        self._seen.add(key)
         with self._lock:
             self._pending.deliveries.append((source, delivery_id, answer, self._clock()))
             self._wake.notify()
+        if self._seen.needs_build() and time.monotonic() - self._filter_failed_at > FILTER_RETRY_S:
+            self._build_filter()
 
     async def check_writable(self) -> None:
         """Raise StoreUnavailable while commits fail."""
@@ -360,7 +418,13 @@ class SqliteStore:
 
     # ---- reads ---------------------------------------------------------------------------
 
+    @property
+    def delivery_filter(self) -> DeliveryFilter:
+        """The in-memory filter that spares most webhooks a journal read."""
+        return self._seen
+
     async def _read(self, function: Callable[[], Any]) -> Any:
+        self.journal_reads += 1
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._reads, function)
 
@@ -395,11 +459,17 @@ class SqliteStore:
         return {str(state): int(count) for state, count in rows}
 
     async def delivery(self, source: str, delivery_id: str) -> bytes | None:
-        """The answer to an earlier delivery, if retained (queued ones count too)."""
-        with self._lock:
-            for queued in reversed(self._pending.deliveries):
-                if queued[0] == source and queued[1] == delivery_id:
-                    return queued[2]
+        """The answer to an earlier delivery, if retained (queued ones count too).
+
+        A new delivery is almost always told apart in memory, by the delivery filter; only
+        a key the filter may hold costs a read of the journal.
+        """
+        key = (source, delivery_id)
+        answer = self._unconfirmed.get(key)
+        if answer is not None:
+            return answer
+        if not self._seen.may_contain(key):
+            return None
         rows = await self._read(
             lambda: self._query(
                 "SELECT answer FROM deliveries WHERE source = ? AND delivery_id = ?",
@@ -407,6 +477,43 @@ class SqliteStore:
             )
         )
         return bytes(rows[0][0]) if rows else None
+
+    # ---- the delivery filter -------------------------------------------------------------------
+
+    def _build_filter(self) -> None:
+        """Start building the delivery filter from the journal, in the background."""
+        # Keys not committed yet are missing from the snapshot the build reads: collect them.
+        self._seen.begin_build(self._unconfirmed)
+        self._filter_task = asyncio.get_running_loop().create_task(self._run_filter_build())
+
+    async def _run_filter_build(self) -> None:
+        try:
+            built, capacity, journaled = await self._read(self._load_delivery_keys)
+        except asyncio.CancelledError:
+            self._seen.abandon_build()
+            raise
+        except (sqlite3.Error, MemoryError) as exc:
+            self._seen.abandon_build()
+            self._filter_failed_at = time.monotonic()
+            log.warning(
+                "journal %s: delivery filter not built (%s); redeliveries are looked up in "
+                "the journal meanwhile",
+                self.path,
+                exc,
+            )
+            return
+        self._seen.finish_build(built, capacity, journaled)
+        log.debug("journal %s: delivery filter built from %d deliveries", self.path, journaled)
+
+    def _load_delivery_keys(self) -> tuple[Bloom, int, int]:
+        """Read thread: a filter of every journaled delivery key, its capacity and key count."""
+        journaled = self._query("SELECT count(*) FROM deliveries")[0][0]
+        capacity = capacity_for(journaled, self._filter_min_capacity)
+        bloom = new_bloom(capacity)
+        assert self._reader is not None
+        # Rows are (source, delivery_id) tuples: the same keys (and hashes) as DeliveryKey.
+        bloom.update(self._reader.execute("SELECT source, delivery_id FROM deliveries"))
+        return bloom, capacity, journaled
 
     # ---- validation state and notifications, write-through ------------------------------------
 
@@ -480,7 +587,7 @@ class SqliteStore:
             if self.last_error:
                 log.warning("journal %s: commits work again", self.path)
                 self.last_error = ""
-            self._resolve(work.waiters, None)
+            self._resolve(work.waiters, None, [(d[0], d[1]) for d in work.deliveries])
             self._maybe_prune()
 
     def _commit(self, work: _Pending) -> None:
@@ -506,22 +613,10 @@ class SqliteStore:
                 (*row, "".join(f"{state}:{at!r};" for state, at in work.history.get(key, [])))
                 for key, row in work.assignments.items()
             ]
-            connection.executemany(
-                """
-                INSERT INTO assignments (contact_id, segment_id, state, reason, message,
-                                         attempts, received_at, updated_at, history)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-                ON CONFLICT (contact_id, segment_id) DO UPDATE SET
-                    state = excluded.state, reason = excluded.reason,
-                    message = excluded.message, attempts = excluded.attempts,
-                    received_at = excluded.received_at, updated_at = excluded.updated_at,
-                    history = CASE
-                        WHEN excluded.history LIKE 'queued:%' THEN excluded.history
-                        ELSE assignments.history || excluded.history
-                    END
-                """,
-                rows,
-            )
+            # All rows go in as one JSON parameter of one statement: SQLite then inserts them
+            # without the GIL, where executemany() would give it up and wait to get it back
+            # from the busy event loop once per row.
+            connection.execute(_UPSERT_ASSIGNMENTS, (orjson.dumps(rows),))
         if work.batches_saved:
             connection.executemany(
                 "INSERT OR REPLACE INTO batches VALUES (?, ?, ?, ?, ?, ?)",
@@ -542,8 +637,9 @@ class SqliteStore:
                 "DELETE FROM batches WHERE batch_id = ?", [(b,) for b in work.batches_dropped]
             )
         if work.deliveries:
-            connection.executemany(
-                "INSERT OR IGNORE INTO deliveries VALUES (?, ?, ?, ?)", work.deliveries
+            connection.execute(
+                _INSERT_DELIVERIES,
+                (orjson.dumps([(s, d, a.decode(), at) for s, d, a, at in work.deliveries]),),
             )
         if work.budget:
             connection.executemany(
@@ -572,12 +668,20 @@ class SqliteStore:
         self.last_error = message
         self._resolve(work.waiters, StoreUnavailable(str(exc)))
 
-    def _resolve(self, waiters: list[asyncio.Future[None]], error: Exception | None) -> None:
+    def _resolve(
+        self,
+        waiters: list[asyncio.Future[None]],
+        error: Exception | None,
+        committed_deliveries: list[DeliveryKey] | None = None,
+    ) -> None:
+        """On the loop: settle the waiters; forget the answers of deliveries now committed."""
         loop = self._loop
-        if loop is None or not waiters or loop.is_closed():
+        if loop is None or not (waiters or committed_deliveries) or loop.is_closed():
             return
 
         def settle() -> None:
+            for key in committed_deliveries or ():
+                self._unconfirmed.pop(key, None)
             for waiter in waiters:
                 if waiter.done():
                     continue

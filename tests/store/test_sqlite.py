@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import time
@@ -189,5 +190,85 @@ async def test_a_full_disk_refuses_commits_loses_nothing_and_recovers(small_disk
         await store.check_writable()
         counts = await store.counts()
         assert counts == {"queued": 2001}
+    finally:
+        await store.close()
+
+
+async def _filter_built(store: SqliteStore, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not store.delivery_filter.ready or store.delivery_filter.builds_running:
+        assert time.monotonic() < deadline, "the delivery filter was never built"
+        await asyncio.sleep(0.01)
+
+
+async def test_new_deliveries_are_told_apart_in_memory_and_redeliveries_still_found(
+    tmp_path: Path,
+):
+    path = str(tmp_path / "journal.db")
+    store = SqliteStore(path)
+    await store.open()
+    for i in range(2000):
+        await store.remember_delivery("crm", f"old-{i}", f'{{"n":{i}}}'.encode())
+    await store.flush()
+    await store.close()
+
+    again = SqliteStore(path)
+    await again.open()
+    try:
+        # Before the filter is built every lookup reads the journal, and finds the old ones.
+        assert await again.delivery("crm", "old-7") == b'{"n":7}'
+        await _filter_built(again)
+        reads = again.journal_reads
+        for i in range(2000):
+            assert await again.delivery("crm", f"old-{i}") == f'{{"n":{i}}}'.encode()
+        assert again.journal_reads - reads == 2000  # every "maybe" is checked in the journal
+        reads = again.journal_reads
+        for i in range(2000):
+            assert await again.delivery("crm", f"new-{i}") is None
+            assert await again.delivery("erp", f"old-{i}") is None  # keys are per source
+        # At a 1 % false-positive rate, about 40 of these 4,000 lookups read the journal.
+        assert again.journal_reads - reads < 150
+    finally:
+        await again.close()
+
+
+async def test_keys_remembered_while_the_filter_builds_or_outgrows_it_are_never_missed(
+    tmp_path: Path,
+):
+    path = str(tmp_path / "journal.db")
+    with sqlite3.connect(path) as connection:  # a big journal, so that the build takes a while
+        store = SqliteStore(path)
+        await store.open()
+        await store.close()
+        connection.executemany(
+            "INSERT INTO deliveries VALUES ('crm', ?, x'7b7d', ?)",
+            ((f"bulk-{i}", time.time()) for i in range(200_000)),
+        )
+    store = SqliteStore(path, delivery_filter_capacity=1000)
+    await store.open()
+    try:
+        assert store.delivery_filter.builds_running
+        # Remembered during the first build: some committed before its snapshot, some after.
+        for i in range(300):
+            await store.remember_delivery("crm", f"during-{i}", b"{}")
+            if i % 50 == 0:
+                await store.flush()
+        await store.flush()
+        await _filter_built(store)
+        first_capacity = store.delivery_filter.capacity
+        assert first_capacity == 400_000
+        # Far more keys than the filter was sized for: it is rebuilt, bigger, and misses none.
+        for i in range(first_capacity + 10):
+            await store.remember_delivery("crm", f"late-{i}", b"{}")
+            if i % 5000 == 0:
+                await store.flush()
+        await store.flush()
+        await _filter_built(store)
+        assert store.delivery_filter.capacity > first_capacity
+        seen = store.delivery_filter
+        assert all(seen.may_contain(("crm", f"during-{i}")) for i in range(300))
+        assert all(seen.may_contain(("crm", f"late-{i}")) for i in range(first_capacity + 10))
+        assert all(seen.may_contain(("crm", f"bulk-{i}")) for i in range(200_000))
+        assert await store.delivery("crm", "during-17") == b"{}"
     finally:
         await store.close()
