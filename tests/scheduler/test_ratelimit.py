@@ -33,6 +33,32 @@ async def test_pace_never_exceeds_the_rate_beyond_the_burst():
     assert time.monotonic() - started >= 0.19
 
 
+async def test_a_high_rate_is_not_capped_by_the_timer_tick():
+    # Timers fire in 1 ms steps: a bucket of 2 tokens admitted at most ~2,000/s, so half a
+    # second at 5,000/s gave about 1,000. The default bucket now holds 4 ms of tokens (20).
+    gate = RateGate("read", 5000.0)
+    assert gate.burst == 20
+    admitted = 0
+
+    async def take() -> None:
+        nonlocal admitted
+        while True:
+            await gate.acquire()
+            admitted += 1
+
+    task = asyncio.create_task(take())
+    await asyncio.sleep(0.5)
+    task.cancel()
+    # Nominally 2,500; the bound leaves room for a slow machine, not for the old cap.
+    assert admitted > 1600
+
+
+def test_low_rates_keep_a_burst_of_two():
+    assert RateGate("bulk", 10.0).burst == 2
+    assert RateGate("read", 50.0).burst == 2
+    assert RateGate("read", 1000.0).burst == 4
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="rate"):
         RateGate("bulk", 0)
