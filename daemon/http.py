@@ -32,6 +32,8 @@ MAX_WAIT_S = 300.0
 # When draining or overloaded, how long a sender should wait before retrying.
 DRAIN_RETRY_AFTER_S = 5
 JOURNAL_RETRY_AFTER_S = 10
+# The metrics label of webhooks sent to a source name that is not configured.
+UNCONFIGURED_SOURCE = "_unconfigured"
 
 
 def json_response(
@@ -205,7 +207,9 @@ async def webhook(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     source = request.match_info["source"]
     response = await _webhook(request, service, source)
-    service.metrics.record_webhook(source, response.status)
+    # Only configured sources get their own series: any path may arrive here.
+    label = source if source in service.verifiers else UNCONFIGURED_SOURCE
+    service.metrics.record_webhook(label, response.status)
     return response
 
 

@@ -166,6 +166,7 @@ class Metrics(EngineObserver):
             registry=r,
         )
         self._accepted_children: dict[str, tuple[Counter, Counter, Counter]] = {}
+        self._webhook_children: dict[tuple[str, int], Counter] = {}
         self._state_gauges = {state: self.assignments.labels(state=state.value) for state in State}
         self._state_transitions = {
             state: self.transitions.labels(state=state.value) for state in State
@@ -275,7 +276,13 @@ class Metrics(EngineObserver):
 
     def record_webhook(self, source: str, status: int) -> None:
         """A webhook request for configured `source` was answered with `status`."""
-        self.webhooks.labels(source=source, code=str(status)).inc()
+        child = self._webhook_children.get((source, status))
+        if child is None:
+            # Configured sources times the few statuses segmapd answers: a bounded cache.
+            child = self._webhook_children[(source, status)] = self.webhooks.labels(
+                source=source, code=str(status)
+            )
+        child.inc()
 
     def record_accepted(self, source: str, assignments: int, duplicates: int) -> None:
         """One event from `source` was accepted, holding `assignments` (`duplicates` known)."""

@@ -131,6 +131,13 @@ async def test_every_error_status_names_the_problem(
         good, daemon.signed_headers(good), f"{daemon.url}/v1/webhooks/nope"
     )
     assert status == 404 and "nope" in problem["message"]
+    # Unconfigured source names share one metrics series: the path cannot grow the label set.
+    for name in ("nope-1", "nope-2"):
+        await post(good, daemon.signed_headers(good), f"{daemon.url}/v1/webhooks/{name}")
+    async with http.get(f"{daemon.url}/metrics") as response:
+        exposition = await response.text()
+    assert 'segmapd_webhooks_received_total{code="404",source="_unconfigured"} 3.0' in exposition
+    assert "nope" not in exposition
 
     headers = daemon.signed_headers(good)
     status, problem = await post(good + b" ", headers)  # body changed after signing
