@@ -102,6 +102,9 @@ async def serve(config: Config, *, announce: bool = True) -> int:
         task.cancel()
     await asyncio.gather(*background, return_exceptions=True)
     await runner.cleanup()
+    if service.journal_failed:
+        log.error("stopped, with the journal unable to commit the last changes")
+        return 1
     log.info("stopped")
     return 0
 

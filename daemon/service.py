@@ -26,6 +26,7 @@ from scheduler.model import Assignment
 from scheduler.observer import CompositeObserver, EngineObserver
 from scheduler.ratelimit import RateGate
 from scheduler.retry import RetryPolicy
+from scheduler.store import StoreUnavailable
 from scheduler.validation import MembershipPoller, ValidationPolicy
 from scheduler.validation_state import (
     MemoryConfirmationCache,
@@ -100,6 +101,8 @@ class Service:
     config: Config
     metrics: Metrics = field(default_factory=Metrics)
     draining: bool = False
+    # Set when the last commit at shutdown failed (disk full, read-only): the exit is not clean.
+    journal_failed: bool = False
 
     def __post_init__(self) -> None:
         config = self.config
@@ -226,7 +229,11 @@ class Service:
             remaining = max(1.0, budget - (time.monotonic() - started))
             await self.notifier.stop(budget_s=remaining * 0.8)
         await self.client.close()
-        await self.store.flush()
+        try:
+            await self.store.flush()
+        except StoreUnavailable as exc:
+            self.journal_failed = True
+            log.error("drain: the journal cannot commit (%s); stopping with it as it is", exc)
         await self.store.close()
         log.info("drain complete in %.1f s", time.monotonic() - started)
 

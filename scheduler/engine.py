@@ -24,7 +24,7 @@ from scheduler.model import (
 )
 from scheduler.observer import EngineObserver
 from scheduler.retry import RetryPolicy
-from scheduler.store import BatchRecord, Store
+from scheduler.store import BatchRecord, Store, StoreUnavailable
 from scheduler.upstream import CXoneClient
 
 log = logging.getLogger(__name__)
@@ -262,7 +262,16 @@ class Engine:
             await asyncio.gather(*leftovers, return_exceptions=True)
             log.warning("engine stop: cancelled %d tasks past the budget", len(leftovers))
         self._flusher = None
-        await self._store.flush()
+        try:
+            await self._store.flush()
+        except StoreUnavailable as exc:
+            # Nothing is lost: the journal keeps what it committed, and the batches it holds
+            # are replayed under their keys at the next start.
+            log.error(
+                "engine stop: the journal cannot commit (%s); changes since its last commit "
+                "are redone from it at the next start",
+                exc,
+            )
         log.info(
             "engine stopped: %d assignments still pending, %d buffered",
             self._pending_writes,

@@ -13,6 +13,10 @@ from typing import Protocol
 from scheduler.model import Assignment
 
 
+class StoreUnavailable(Exception):
+    """The journal cannot commit right now (disk full, read-only); nothing recorded is lost."""
+
+
 @dataclass(frozen=True, slots=True)
 class BatchRecord:
     """A bulk request as it was (or is about to be) sent: resending it must be byte-identical."""
@@ -32,7 +36,10 @@ class Store(Protocol):
         ...
 
     async def flush(self) -> None:
-        """Return once everything recorded so far is as durable as the store makes it."""
+        """Return once everything recorded so far is as durable as the store makes it.
+
+        Raises StoreUnavailable while the journal cannot commit; the changes stay queued.
+        """
         ...
 
     async def save_batch(self, batch: BatchRecord) -> None:

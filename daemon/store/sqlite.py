@@ -35,9 +35,11 @@ from daemon.store.delivery_filter import (
     new_bloom,
 )
 from scheduler.model import Assignment, FailureReason, State
-from scheduler.store import BatchRecord
+from scheduler.store import BatchRecord, StoreUnavailable
 
 log = logging.getLogger(__name__)
+
+__all__ = ["SqliteStore", "StoreFileError", "StoreUnavailable", "connect"]
 
 # "SGMP": marks the file as ours, so a foreign SQLite file is refused instead of altered.
 APPLICATION_ID = 0x53474D50
@@ -108,10 +110,6 @@ MIGRATIONS: list[str] = [
 ]
 
 
-class StoreUnavailable(Exception):
-    """The journal cannot commit right now (disk full, read-only); nothing recorded is lost."""
-
-
 class StoreFileError(Exception):
     """The journal file cannot be used: corrupt, foreign, or from a newer segmapd."""
 
@@ -140,8 +138,11 @@ def connect(path: str, synchronous: Synchronous) -> sqlite3.Connection:
             f"{path}: the journal needs SQLite {'.'.join(map(str, MIN_SQLITE))} or newer "
             f"(its JSON operators); this Python has SQLite {sqlite3.sqlite_version}"
         )
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    except (OSError, sqlite3.Error) as exc:
+        raise StoreFileError(f"{path}: cannot open the journal ({exc})") from None
     try:
         connection.execute("PRAGMA busy_timeout = 5000")
         journal_mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]

@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from tests.e2e.conftest import Daemon, StartDaemon
-from tests.support.disks import fill, small_tmpfs
+from tests.support.disks import ext4_image, fill, small_tmpfs
 from tests.support.emulator import EmulatorControl
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -261,3 +261,49 @@ async def test_a_drain_that_runs_out_of_time_keeps_in_flight_batches_for_the_nex
     counters = await emulator.counters()
     assert counters["idempotent_replays"] >= 1  # resent under its key, replayed
     assert counters["applied_twice"] == 0
+
+
+async def test_a_journal_gone_read_only_refuses_work_and_keeps_what_it_accepted(
+    start_daemon: StartDaemon,
+    emulator: EmulatorControl,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+):
+    # Writes stay slow so that accepted work is still unfinished when the disk goes read-only.
+    await emulator.configure({"limits": {"bulk": {"rate": 1, "burst": 1}}})
+    with ext4_image(tmp_path / "ro") as disk:
+        daemon = await start_daemon(
+            store={"url": f"sqlite://{disk.mount}/journal.db"},
+            limits={"write_rps": 1.0},
+            batching={"linger_ms": 50},
+        )
+        accepted = [f"ro-{i}" for i in range(30)]
+        for contact in accepted:
+            status, _ = await daemon.webhook(http, {"contactId": contact, "segmentIds": ["R1"]})
+            assert status == 202
+
+        disk.make_read_only()
+        assert disk.is_read_only()
+        status, answer = await daemon.webhook(http, {"contactId": "late", "segmentIds": ["R1"]})
+        assert status == 503 and "journal" in answer["message"]
+        late = orjson.dumps({"contactId": "late", "segmentIds": ["R1"]})
+        async with http.post(
+            f"{daemon.url}/v1/webhooks/crm", data=late, headers=daemon.signed_headers(late)
+        ) as response:
+            assert response.status == 503
+            assert int(response.headers["Retry-After"]) > 0
+        async with http.get(f"{daemon.url}/readyz") as response:
+            assert response.status == 503
+            assert "store" in (await response.json())["checks"]
+
+        # The operator stops segmapd (which says the journal failed it), repairs the file
+        # system and starts segmapd again.
+        assert daemon.process.stop(timeout_s=30) == 1
+        disk.repair()
+        await emulator.configure({"limits": {"bulk": {"rate": 10, "burst": 10}}})
+        daemon.restart()
+        for contact in accepted:
+            await daemon.wait_states(http, contact, {"active"}, 60)
+        members = {m["contactId"] for m in await emulator.members("R1")}
+        assert set(accepted) <= members
+        assert daemon.process.stop(timeout_s=30) == 0  # before the file system goes away
