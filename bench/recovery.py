@@ -2,8 +2,9 @@
 
 The journal is built directly in the schema of `daemon.store.sqlite` (its `connect()` creates
 and migrates the file; 1,000,000 `queued` rows, 500,000 contacts x 2 segments, each with its
-`queued:<time>;` history, are inserted in one transaction), then copied afresh for each start,
-since a started daemon begins to work the queue off. Each start times `segmapd run` from process
+`queued:<time>;` history, and the 500,000 webhook deliveries that brought them, are inserted in
+one transaction), then copied afresh for each start, since a started daemon begins to work the
+queue off. Each start times `segmapd run` from process
 start to the first 200 from `/readyz` (which also obtains a CXone token: the emulator). The
 daemon is then stopped with a short drain budget; the copy is thrown away. Reference in the same
 run: the same daemon starting on an empty journal. Median of 3 starts each.
@@ -54,6 +55,14 @@ def build_journal(path: Path) -> int:
             "INSERT INTO assignments (contact_id, segment_id, state, reason, message, attempts, "
             "received_at, updated_at, history) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows(),
+        )
+        # The deliveries that brought them: the daemon builds its delivery filter from these.
+        connection.executemany(
+            "INSERT INTO deliveries (source, delivery_id, answer, received_at) VALUES (?, ?, ?, ?)",
+            (
+                ("crm", f"msg_{i}", b'{"accepted":2,"duplicates":0}', now - 60)
+                for i in range(CONTACTS)
+            ),
         )
         connection.execute("COMMIT")
         count = int(connection.execute("SELECT count(*) FROM assignments").fetchone()[0])
