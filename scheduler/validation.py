@@ -281,6 +281,17 @@ class MembershipPoller:
             self._queue_changed.set()
 
     async def _run_reader(self) -> None:
+        """Keep the read queue drained: one failed iteration must not stop every read."""
+        while True:
+            try:
+                await self._drain_reads()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("validation reads failed; going on")
+                await asyncio.sleep(0.1)
+
+    async def _drain_reads(self) -> None:
         """Send queued reads through the gate, earliest due first, each in its own task."""
         queue = self._queue
         changed = self._queue_changed
