@@ -12,12 +12,12 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from daemon.notifier import rfc3339
 from daemon.openapi import OPENAPI_DOCUMENT
 from daemon.service import Service
 from daemon.store.sqlite import StoreUnavailable
@@ -70,11 +70,6 @@ _REASONS = {
 }
 
 
-def iso(ts: float) -> str:
-    """RFC 3339 UTC with milliseconds."""
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def assignment_view(a: Assignment) -> dict[str, Any]:
     """The public JSON shape of one assignment."""
     return {
@@ -83,8 +78,8 @@ def assignment_view(a: Assignment) -> dict[str, Any]:
         "reason": str(a.reason) if a.reason is not None else None,
         "message": a.message or None,
         "attempts": a.attempts,
-        "receivedAt": iso(a.received_at),
-        "updatedAt": iso(a.updated_at),
+        "receivedAt": rfc3339(a.received_at),
+        "updatedAt": rfc3339(a.updated_at),
     }
 
 
@@ -261,7 +256,7 @@ async def mappings(request: web.Request) -> web.Response:
             wait_s = float(request.query["wait"])
         except ValueError:
             return problem(400, "wait: must be a number of seconds", field="wait")
-        if not 0 <= wait_s <= MAX_WAIT_S or math.isnan(wait_s):
+        if not 0 <= wait_s <= MAX_WAIT_S:  # NaN fails the comparison too
             return problem(400, f"wait: must be between 0 and {MAX_WAIT_S:g}", field="wait")
     taken = take(service, await read_body(request))
     if isinstance(taken, web.Response):

@@ -12,11 +12,13 @@ waits, so a slow or dead receiver can never slow the engine down.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import heapq
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,10 +26,10 @@ from typing import Final, Protocol
 
 import aiohttp
 import orjson
-from standardwebhooks import Webhook
 from yarl import URL
 
 from daemon.cxone.transport import parse_retry_after
+from listeners.signing import SIGNATURE_VERSION, compute_signature, decode_secret
 from scheduler.model import TERMINAL_STATES, Assignment
 from scheduler.retry import RetryPolicy
 
@@ -101,7 +103,8 @@ class InMemoryJournal:
         return len(self._events)
 
 
-def _rfc3339(timestamp: float) -> str:
+def rfc3339(timestamp: float) -> str:
+    """Unix time as RFC 3339 UTC with milliseconds, e.g. 2026-11-27T18:14:21.000Z."""
     return (
         datetime.fromtimestamp(timestamp, UTC)
         .isoformat(timespec="milliseconds")
@@ -126,7 +129,7 @@ def build_event(assignment: Assignment) -> tuple[str, bytes]:
     body = orjson.dumps(
         {
             "type": f"mapping.{state}",
-            "timestamp": _rfc3339(assignment.updated_at),
+            "timestamp": rfc3339(assignment.updated_at),
             "data": {
                 "contactId": assignment.contact_id,
                 "segmentId": assignment.segment_id,
@@ -134,8 +137,8 @@ def build_event(assignment: Assignment) -> tuple[str, bytes]:
                 "reason": str(assignment.reason) if assignment.reason is not None else None,
                 "message": assignment.message,
                 "attempts": assignment.attempts,
-                "receivedAt": _rfc3339(assignment.received_at),
-                "updatedAt": _rfc3339(assignment.updated_at),
+                "receivedAt": rfc3339(assignment.received_at),
+                "updatedAt": rfc3339(assignment.updated_at),
             },
         }
     )
@@ -204,8 +207,8 @@ class Notifier:
             raise ValueError("max_attempts must be at least 1 (or None: never give up)")
         self._url = target
         self._display = _display_url(target)
-        # Only the Webhook keeps the (decoded) key; it raises here on an empty or malformed one.
-        self._signer = Webhook(secret)
+        # Decoded (and checked) once: a malformed secret is a ValueError here, at start-up.
+        self._key = decode_secret(secret)
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._retry = retry or DEFAULT_RETRY
         self._max_attempts = max_attempts
@@ -408,12 +411,13 @@ class Notifier:
     async def _post(self, event: _Event) -> tuple[int | None, float]:
         """Make one attempt; return the status (None: no answer) and any Retry-After seconds."""
         assert self._session is not None
-        sent_at = datetime.now(UTC)
+        stamp = str(int(time.time()))
+        digest = compute_signature(self._key, event.event_id, stamp, event.body)
         headers = {
             "Content-Type": "application/json",
             "webhook-id": event.event_id,
-            "webhook-timestamp": str(int(sent_at.timestamp())),
-            "webhook-signature": self._signer.sign(event.event_id, sent_at, event.body.decode()),
+            "webhook-timestamp": stamp,
+            "webhook-signature": f"{SIGNATURE_VERSION},{base64.b64encode(digest).decode()}",
         }
         try:
             async with self._session.post(

@@ -116,3 +116,11 @@ async def test_healthcheck_and_check_config(
     code, _, err = await segmapd("check-config", "--config", str(daemon.config), env=env)
     assert code == 2 and "SEGMAPD_LIMITS__WRITE_RPSS" in err
     assert daemon.secret not in err and daemon.admin_token not in err
+    # A malformed notification secret is a configuration error, not a traceback.
+    env = {
+        **cli_env,
+        "SEGMAPD_NOTIFY__URL": "http://127.0.0.1:9/hook",
+        "SEGMAPD_NOTIFY__SECRET": "whsec_!!!",
+    }
+    code, _, err = await segmapd("check-config", "--config", str(daemon.config), env=env)
+    assert code == 2 and "base64" in err and "Traceback" not in err
