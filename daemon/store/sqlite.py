@@ -477,7 +477,11 @@ class SqliteStore:
                 (source, delivery_id),
             )
         )
-        return bytes(rows[0][0]) if rows else None
+        if rows:
+            return bytes(rows[0][0])
+        # The same delivery may have been taken while we read: its answer is the one that
+        # will be journaled (the caller remembers its own without another wait).
+        return self._unconfirmed.get(key)
 
     # ---- the delivery filter -------------------------------------------------------------------
 
@@ -489,7 +493,9 @@ class SqliteStore:
 
     async def _run_filter_build(self) -> None:
         try:
-            built, capacity, journaled = await self._read(self._load_delivery_keys)
+            # On a thread and connection of its own: a scan of millions of keys must not hold
+            # up the lookups and status reads queued on the read thread meanwhile.
+            built, capacity, journaled = await asyncio.to_thread(self._load_delivery_keys)
         except asyncio.CancelledError:
             self._seen.abandon_build()
             raise
@@ -507,13 +513,17 @@ class SqliteStore:
         log.debug("journal %s: delivery filter built from %d deliveries", self.path, journaled)
 
     def _load_delivery_keys(self) -> tuple[Bloom, int, int]:
-        """Read thread: a filter of every journaled delivery key, its capacity and key count."""
-        journaled = self._query("SELECT count(*) FROM deliveries")[0][0]
-        capacity = capacity_for(journaled, self._filter_min_capacity)
-        bloom = new_bloom(capacity)
-        assert self._reader is not None
-        # Rows are (source, delivery_id) tuples: the same keys (and hashes) as DeliveryKey.
-        bloom.update(self._reader.execute("SELECT source, delivery_id FROM deliveries"))
+        """Worker thread: a filter of every journaled delivery key, its capacity and key count."""
+        connection = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            connection.execute("BEGIN")  # one snapshot for the count and the keys
+            journaled = connection.execute("SELECT count(*) FROM deliveries").fetchone()[0]
+            capacity = capacity_for(journaled, self._filter_min_capacity)
+            bloom = new_bloom(capacity)
+            # Rows are (source, delivery_id) tuples: the same keys (and hashes) as DeliveryKey.
+            bloom.update(connection.execute("SELECT source, delivery_id FROM deliveries"))
+        finally:
+            connection.close()
         return bloom, capacity, journaled
 
     # ---- validation state and notifications, write-through ------------------------------------
@@ -568,8 +578,10 @@ class SqliteStore:
                         break  # idle for a minute: a chance to prune
                 work, self._pending = self._pending, _Pending()
                 closing = self._closing
-            carry.absorb(work)
-            work, carry = carry, _Pending()
+            if not carry.empty():
+                # A failed transaction's changes go first; later ones are merged onto them.
+                carry.absorb(work)
+                work, carry = carry, _Pending()
             try:
                 self._commit(work)
             except sqlite3.Error as exc:
