@@ -420,7 +420,9 @@ class Engine:
 
     async def _flush_loop(self) -> None:
         while True:
-            if self._draining and not self._buffer:
+            # While draining, sends still running may put work back in the buffer (a contact's
+            # parked segment released, ids failed for a retry): stop only once none is left.
+            if self._draining and not self._buffer and not self._tasks:
                 return
             try:
                 await self._flush_once()
@@ -476,6 +478,8 @@ class Engine:
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        if self._draining:
+            self._wakeup.set()  # the flusher may be waiting for the last send to end
         if not task.cancelled() and task.exception() is not None:
             log.error("task %s failed", task.get_name(), exc_info=task.exception())
 

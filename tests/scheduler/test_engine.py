@@ -200,6 +200,21 @@ async def test_stop_flushes_the_buffer_and_then_refuses_work(
         harness.engine.submit(MappingRequest("late", ("seg",)))
 
 
+async def test_stop_also_writes_what_finishing_sends_release(
+    make_engine: MakeEngine, emulator: EmulatorControl
+):
+    # Four segments of one contact: three go in flight, the fourth waits for one of them to end
+    # (at most 3 per contact) and only then reaches the buffer. The drain must still write it.
+    # Slow answers: the three writes are all sent before the first one ends.
+    await emulator.configure({"faults": {"bulk": {"latency_ms": 300}}})
+    harness = await make_engine(batching=BatchingPolicy(linger_s=60.0))
+    segments = ("p1", "p2", "p3", "p4")
+    harness.engine.submit(MappingRequest("c-four", segments))
+    await harness.engine.stop(budget_s=10.0)
+    for segment in segments:
+        assert [m["contactId"] for m in await emulator.members(segment)] == ["c-four"], segment
+
+
 @pytest.mark.timeout(240)
 async def test_every_assignment_converges_under_faults_without_double_writes(
     make_engine: MakeEngine, emulator: EmulatorControl
