@@ -51,9 +51,16 @@ class CoalescingBuffer:
         queue = self._segments.get(segment_id)
         return queue is not None and (contact_id in queue.fresh or contact_id in queue.retry)
 
+    def _queue(self, segment_id: str) -> _SegmentQueue:
+        # get() first: setdefault() would build a queue (two dicts) on every add.
+        queue = self._segments.get(segment_id)
+        if queue is None:
+            queue = self._segments[segment_id] = _SegmentQueue()
+        return queue
+
     def add(self, segment_id: str, contact_id: str, now: float) -> bool:
         """Queue a fresh id; False if it is already queued for that segment (coalesced)."""
-        queue = self._segments.setdefault(segment_id, _SegmentQueue())
+        queue = self._queue(segment_id)
         if contact_id in queue.fresh or contact_id in queue.retry:
             return False
         queue.fresh[contact_id] = now
@@ -62,7 +69,7 @@ class CoalescingBuffer:
 
     def add_retry(self, segment_id: str, contact_ids: list[str]) -> None:
         """Queue ids whose backoff has passed, to go out with the segment's next batch."""
-        queue = self._segments.setdefault(segment_id, _SegmentQueue())
+        queue = self._queue(segment_id)
         for contact_id in contact_ids:
             if contact_id in queue.fresh or contact_id in queue.retry:
                 continue

@@ -25,14 +25,13 @@ from scheduler.observer import EngineObserver
 from scheduler.retry import RetryPolicy
 from scheduler.store import BatchRecord, Store
 from scheduler.upstream import (
-    AuthError,
     BulkResult,
     CXoneClient,
-    PermanentError,
     RateLimited,
     SegmentNotFound,
-    TransientError,
     UpstreamError,
+    outcome_of,
+    seconds_since,
 )
 
 log = logging.getLogger(__name__)
@@ -188,15 +187,15 @@ class BatchSender:
             try:
                 result = await self._client.bulk_add(segment_id, ids, batch.idempotency_key)
             except RateLimited as exc:
-                self._observer.upstream_outcome("bulk", "rate_limited", _since(started))
+                self._observer.upstream_outcome("bulk", "rate_limited", seconds_since(started))
                 self._write_gate.pause(exc.retry_after_s)
                 continue
             except SegmentNotFound as exc:
-                self._observer.upstream_outcome("bulk", "permanent", _since(started))
+                self._observer.upstream_outcome("bulk", "permanent", seconds_since(started))
                 self._ledger.mark_failed(segment_id, ids, FailureReason.SEGMENT_NOT_FOUND, str(exc))
                 return
             except UpstreamError as exc:
-                self._observer.upstream_outcome("bulk", _outcome_of(exc), _since(started))
+                self._observer.upstream_outcome("bulk", outcome_of(exc), seconds_since(started))
                 if exc.error == "IdempotencyKeyInProgress" and (
                     in_progress_waits < MAX_IN_PROGRESS_WAITS
                 ):
@@ -210,7 +209,7 @@ class BatchSender:
                     return
                 batch = resend
                 continue
-            self._observer.upstream_outcome("bulk", "ok", _since(started))
+            self._observer.upstream_outcome("bulk", "ok", seconds_since(started))
             self._apply(segment_id, ids, result)
             return
 
@@ -331,17 +330,17 @@ class BatchSender:
             try:
                 result = await self._client.single_add(segment_id, contact_id, key)
             except RateLimited as exc:
-                self._observer.upstream_outcome("single", "rate_limited", _since(started))
+                self._observer.upstream_outcome("single", "rate_limited", seconds_since(started))
                 self._single_gate.pause(exc.retry_after_s)
                 continue
             except SegmentNotFound as exc:
-                self._observer.upstream_outcome("single", "permanent", _since(started))
+                self._observer.upstream_outcome("single", "permanent", seconds_since(started))
                 self._ledger.mark_failed(
                     segment_id, [contact_id], FailureReason.SEGMENT_NOT_FOUND, str(exc)
                 )
                 return
             except UpstreamError as exc:
-                self._observer.upstream_outcome("single", _outcome_of(exc), _since(started))
+                self._observer.upstream_outcome("single", outcome_of(exc), seconds_since(started))
                 log.error(
                     "single write of contact %s to segment %s failed: %s; dead-lettered",
                     contact_id,
@@ -355,7 +354,7 @@ class BatchSender:
                     f"bulk: {last_error}; single write: {exc}",
                 )
                 return
-            self._observer.upstream_outcome("single", "ok", _since(started))
+            self._observer.upstream_outcome("single", "ok", seconds_since(started))
             break
         if result.error is None or result.error in ITEM_WRITTEN:
             log.error("single write of contact %s to segment %s succeeded", contact_id, segment_id)
@@ -370,17 +369,3 @@ class BatchSender:
             message,
         )
         self._ledger.mark_failed(segment_id, [contact_id], reason, message)
-
-
-def _since(started: float) -> float:
-    return time.monotonic() - started
-
-
-def _outcome_of(exc: UpstreamError) -> str:
-    if isinstance(exc, TransientError):
-        return "transient"
-    if isinstance(exc, AuthError):
-        return "auth"
-    if isinstance(exc, PermanentError):
-        return "permanent"
-    return "error"

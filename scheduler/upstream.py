@@ -7,6 +7,7 @@ as a result or as one of the errors below, never retrying on its own.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -92,6 +93,22 @@ class SegmentNotFound(PermanentError):
 
 class AuthError(UpstreamError):
     """Credentials were refused (the token endpoint said no, or a fresh token still got 401)."""
+
+
+def outcome_of(exc: UpstreamError) -> str:
+    """The metrics outcome of a failed call: transient, auth, permanent or error."""
+    if isinstance(exc, TransientError):
+        return "transient"
+    if isinstance(exc, AuthError):
+        return "auth"
+    if isinstance(exc, PermanentError):
+        return "permanent"
+    return "error"
+
+
+def seconds_since(started: float) -> float:
+    """Monotonic seconds since `started` (a `time.monotonic()` reading)."""
+    return time.monotonic() - started
 
 
 class CXoneClient(Protocol):

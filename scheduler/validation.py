@@ -40,6 +40,8 @@ from scheduler.upstream import (
     RateLimited,
     SegmentNotFound,
     UpstreamError,
+    outcome_of,
+    seconds_since,
 )
 from scheduler.validation_state import ConfirmationCache, RefreshBudget
 
@@ -334,7 +336,7 @@ class MembershipPoller:
             try:
                 result = await self._client.is_member(segment_id, contact_id)
             except RateLimited as exc:
-                self._observer.upstream_outcome("read", "rate_limited", _since(started))
+                self._observer.upstream_outcome("read", "rate_limited", seconds_since(started))
                 self._read_gate.pause(exc.retry_after_s)
                 # Nothing was read: queue it again, to go with every other read after the pause.
                 if self._running and watch.pairs.get(contact_id) is pair:
@@ -346,15 +348,15 @@ class MembershipPoller:
                     requeued = True
                 return
             except SegmentNotFound as exc:
-                self._observer.upstream_outcome("read", "permanent", _since(started))
+                self._observer.upstream_outcome("read", "permanent", seconds_since(started))
                 self._fail_segment(segment_id, watch, FailureReason.SEGMENT_NOT_FOUND, str(exc))
                 return
             except UpstreamError as exc:
                 # 5xx, timeouts: the next sweep reads this pair again.
-                self._observer.upstream_outcome("read", "transient", _since(started))
+                self._observer.upstream_outcome("read", outcome_of(exc), seconds_since(started))
                 log.info("membership read %s/%s failed: %s", segment_id, contact_id, exc)
                 return
-            self._observer.upstream_outcome("read", "ok", _since(started))
+            self._observer.upstream_outcome("read", "ok", seconds_since(started))
             self._observer.membership_read(segment_id, result.is_member)
             if result.is_member and watch.pairs.get(contact_id) is pair:
                 del watch.pairs[contact_id]
@@ -383,13 +385,13 @@ class MembershipPoller:
         try:
             result = await self._client.refresh(segment_id)
         except SegmentNotFound as exc:
-            self._observer.upstream_outcome("refresh", "permanent", _since(started))
+            self._observer.upstream_outcome("refresh", "permanent", seconds_since(started))
             self._fail_segment(segment_id, watch, FailureReason.SEGMENT_NOT_FOUND, str(exc))
             return
         except UpstreamError as exc:
             # Unknown whether it was applied. Try again after a backoff: if it was, CXone says 429
             # with the time left, which is then recorded; the budget is never guessed past.
-            self._observer.upstream_outcome("refresh", "transient", _since(started))
+            self._observer.upstream_outcome("refresh", outcome_of(exc), seconds_since(started))
             delay = self._retry.delay(1, self._rng, exc.retry_after_s)
             self._budget.spend(segment_id, wall_now, wall_now + delay)
             watch.refresh_at = self._clock() + delay
@@ -398,7 +400,7 @@ class MembershipPoller:
             )
             return
         if not result.accepted:
-            self._observer.upstream_outcome("refresh", "rate_limited", _since(started))
+            self._observer.upstream_outcome("refresh", "rate_limited", seconds_since(started))
             self._budget.spend(segment_id, wall_now, wall_now + result.retry_after_s)
             watch.refresh_at = self._clock() + result.retry_after_s
             log.warning(
@@ -407,7 +409,7 @@ class MembershipPoller:
                 result.retry_after_s,
             )
             return
-        self._observer.upstream_outcome("refresh", "ok", _since(started))
+        self._observer.upstream_outcome("refresh", "ok", seconds_since(started))
         # CXone's hour starts when it processed the refresh, somewhere before its answer reached
         # us: count ours from the answer, so the next refresh can never arrive early.
         answered = self._wall()
@@ -458,7 +460,3 @@ def _written_wall(assignment: Assignment) -> float:
         if state is State.WRITTEN:
             return at
     return assignment.updated_at
-
-
-def _since(started: float) -> float:
-    return time.monotonic() - started
