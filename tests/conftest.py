@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
@@ -10,8 +9,6 @@ import pytest
 
 from tests.support.emulator import EmulatorControl
 from tests.support.processes import ManagedProcess, emulator_process
-
-IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import subprocess
 
@@ -11,8 +10,8 @@ from prometheus_client.samples import Sample
 
 from daemon.metrics import Metrics
 from scheduler.model import Assignment, FailureReason, State
+from tests.support.ci import IN_CI
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
 PROMTOOL_HINT = (
     "promtool is required in CI: apt-get update && "
     "apt-get install -y --no-install-recommends prometheus"

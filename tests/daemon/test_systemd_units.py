@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from daemon.config import load_config
+from tests.support.ci import IN_CI
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SYSTEMD_DIR = REPO_ROOT / "systemd"
@@ -20,7 +21,6 @@ UNIT = SYSTEMD_DIR / "segmapd.service"
 EXAMPLE_CONFIG = SYSTEMD_DIR / "segmapd.toml.example"
 EXAMPLE_ENV = SYSTEMD_DIR / "segmapd.env.example"
 MAX_EXPOSURE = 2.0
-IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
 def unit_settings() -> dict[str, list[str]]:

@@ -223,6 +223,9 @@ class Api:
             data = json.dumps(body).encode()
         if data is not None and content_type is not None:
             headers["Content-Type"] = content_type
+        elif content_type is None:
+            # Otherwise aiohttp adds application/octet-stream to a bytes body.
+            skip = (*skip, "Content-Type")
         return await send(
             self.session,
             method,
