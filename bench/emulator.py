@@ -19,7 +19,6 @@ import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import aiohttp
 import orjson
@@ -28,7 +27,6 @@ from aiohttp import web
 
 from tests.support.processes import ManagedProcess, emulator_process
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 CONCURRENCY = 32
 DURATION_S = 3.0

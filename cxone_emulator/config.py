@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -16,10 +16,6 @@ Positive = Annotated[float, Field(gt=0.0)]
 
 #: Endpoint classes that have a token bucket (refresh has its own per-segment limit instead).
 LIMITED_CLASSES: tuple[str, ...] = ("bulk", "single", "read", "token")
-#: Endpoint classes that take injected faults.
-FAULT_CLASSES: tuple[str, ...] = ("bulk", "single", "read", "refresh", "token")
-
-FaultClass = Literal["bulk", "single", "read", "refresh", "token"]
 
 
 class ConfigError(ValueError):
@@ -74,11 +70,6 @@ class FaultsByClass(_Model):
     read: Faults = Field(default_factory=Faults)
     refresh: Faults = Field(default_factory=Faults)
     token: Faults = Field(default_factory=Faults)
-
-    def of(self, cls: FaultClass) -> Faults:
-        """The faults of one class."""
-        faults: Faults = getattr(self, cls)
-        return faults
 
 
 class Indexing(_Model):

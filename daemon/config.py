@@ -20,7 +20,6 @@ ENV_PREFIX = "SEGMAPD_"
 CLIENT_VARIABLES = frozenset(
     {"SEGMAPD_CONFIG", "SEGMAPD_URL", "SEGMAPD_ADMIN_TOKEN", "SEGMAPD_EXAMPLE_SECRET"}
 )
-ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 
 
 class ConfigError(Exception):

@@ -95,8 +95,7 @@ async def serve(config: Config, *, announce: bool = True) -> int:
 
     notifier.stopping()
     notifier.status("draining: " + service.status_line())
-    # Intake stops first: webhooks get 503 while the engine drains.
-    service.draining = True
+    # Intake stops first (drain() marks the service draining): webhooks get 503 meanwhile.
     await service.drain()
     for task in background:
         task.cancel()
