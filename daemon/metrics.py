@@ -335,6 +335,11 @@ class Metrics(EngineObserver):
         gauges[assignment.state].inc()
         counters[assignment.state].inc()
 
+    def restored(self, counts: Mapping[State, int]) -> None:
+        """Assignments taken back from the journal join the per-state gauges (not counters)."""
+        for state, count in counts.items():
+            self._state_gauges[state].inc(count)
+
     def bulk_sent(self, segment_id: str, ids: int, attempt: int) -> None:
         """Count a bulk request and its size; attempt 1 is the first send."""
         self.bulk_ids.observe(ids)

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -158,10 +159,10 @@ class Engine:
             for contact_id in record.contact_ids:
                 batch_of[(contact_id, record.segment_id)] = record
         resend: dict[str, BatchRecord] = {}
-        restored = 0
+        by_state: Counter[State] = Counter()
         for assignment in assignments:
             key = assignment.key
-            restored += 1
+            by_state[assignment.state] += 1
             if assignment.state not in WRITE_PENDING_STATES:
                 self._live[key] = assignment
                 self._recovered_written.append(assignment)
@@ -199,7 +200,9 @@ class Engine:
                 resend[batch.batch_id] = batch
             elif admit(contact_id, segment_id, received_at):
                 add(segment_id, contact_id, received_at)
-        restored += self._pending_writes - before
+        by_state[State.QUEUED] += self._pending_writes - before
+        restored = sum(by_state.values())
+        self._observer.restored(by_state)
         self._recovered_batches.extend(resend.values())
         log.info(
             "restored %d assignments: %d pending writes (%d in %d in-flight batches), "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from scheduler.model import Assignment, State
 
 
@@ -10,6 +12,9 @@ class EngineObserver:
 
     def transitioned(self, assignment: Assignment, previous: State) -> None:
         """An assignment changed state."""
+
+    def restored(self, counts: Mapping[State, int]) -> None:
+        """Unfinished assignments taken back from the journal at start, by state."""
 
     def bulk_sent(self, segment_id: str, ids: int, attempt: int) -> None:
         """A bulk request with `ids` ids is about to be sent."""
@@ -40,6 +45,11 @@ class CompositeObserver(EngineObserver):
         """Forward."""
         for observer in self._observers:
             observer.transitioned(assignment, previous)
+
+    def restored(self, counts: Mapping[State, int]) -> None:
+        """Forward."""
+        for observer in self._observers:
+            observer.restored(counts)
 
     def bulk_sent(self, segment_id: str, ids: int, attempt: int) -> None:
         """Forward."""

@@ -8,9 +8,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from daemon.cxone import HttpCXoneClient
 from daemon.metrics import Metrics
+from daemon.store.memory import MemoryStore
+from scheduler.engine import Engine
 from scheduler.model import Assignment, FailureReason, State
+from scheduler.ratelimit import RateGate
 from tests.support.ci import IN_CI
+from tests.support.cxone import emulator_settings
 
 PROMTOOL_HINT = (
     "promtool is required in CI: apt-get update && "
@@ -279,3 +284,22 @@ def test_promtool_check_metrics_is_clean():
     report = (result.stdout + result.stderr).decode()
     assert result.returncode == 0, report
     assert report.strip() == "", report
+
+
+def test_work_taken_back_from_the_journal_is_in_the_state_gauges():
+    # After a restart the gauges must count what recovery took back, or the first transitions
+    # of that work would drive them below zero.
+    m = Metrics()
+    engine = Engine(
+        client=HttpCXoneClient(emulator_settings("http://127.0.0.1:9")),  # never called
+        store=MemoryStore(),
+        write_gate=RateGate("bulk", 10.0),
+        single_gate=RateGate("single", 2.0),
+        observer=m,
+    )
+    written = Assignment("c3", "s", state=State.WRITTEN, received_at=1.0, updated_at=2.0)
+    engine.restore([written], [], queued=[("c1", "s", 1.0), ("c2", "s", 1.0)])
+    assert by_state(m)["queued"] == 2
+    assert by_state(m)["written"] == 1
+    move(m, written, State.VERIFYING, 3.0)
+    assert by_state(m)["written"] == 0 and by_state(m)["verifying"] == 1
