@@ -107,6 +107,21 @@ def wait_ready(url: str, timeout_s: float = 30.0, interval_s: float = 0.01) -> f
     raise RuntimeError(f"{url}/readyz not 200 within {timeout_s} s: {last!r}")
 
 
+def metric_total(url: str, name: str) -> float:
+    """The sum of every sample of metric `name` (all label sets) on the daemon's /metrics."""
+    status, body = http("GET", url + "/metrics")
+    if status != 200:
+        raise RuntimeError(f"{url}/metrics answered {status}")
+    total, seen = 0.0, False
+    for line in body.decode().splitlines():
+        if line.startswith((name + " ", name + "{")):
+            total += float(line.rsplit(" ", 1)[1])
+            seen = True
+    if not seen:
+        raise RuntimeError(f"no {name} in {url}/metrics")
+    return total
+
+
 def rss_mb(pid: int, field: str = "VmRSS") -> float:
     """A memory figure of a process from /proc/PID/status (VmRSS, VmHWM), in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

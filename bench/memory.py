@@ -26,6 +26,7 @@ from bench._daemon import (
     UNLIMITED,
     daemon_config,
     daemon_process,
+    metric_total,
     new_secret,
     pid_of,
     rss_mb,
@@ -84,15 +85,6 @@ async def load(url: str, payloads: list[bytes]) -> int:
     return accepted
 
 
-async def pending_writes(url: str) -> int:
-    async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as response:
-        text = await response.text()
-    for line in text.splitlines():
-        if line.startswith("segmapd_pending_writes "):
-            return int(float(line.split()[1]))
-    raise RuntimeError("no segmapd_pending_writes in /metrics")
-
-
 def main() -> int:
     """Run the memory benchmark and print its figures."""
     total = CONTACTS * SEGMENTS_PER_CONTACT
@@ -133,7 +125,7 @@ def main() -> int:
             time.sleep(SETTLE_S)
             loaded = rss_mb(pid)
             peak = rss_mb(pid, "VmHWM")
-            pending = asyncio.run(pending_writes(url))
+            pending = int(metric_total(url, "segmapd_pending_writes"))
         finally:
             daemon.stop(timeout_s=30)
             emulator.stop()

@@ -22,6 +22,7 @@ from bench._daemon import (
     UNLIMITED,
     daemon_config,
     daemon_process,
+    metric_total,
     new_secret,
     start_emulator,
     wait_ready,
@@ -72,8 +73,9 @@ def build_journal(path: Path) -> int:
     return count
 
 
-def start_once(emulator_url: str, root: Path, pristine: Path | None, run: str) -> float:
-    """Seconds from `segmapd run` starting to /readyz answering 200, on a copy of `pristine`."""
+def start_once(emulator_url: str, root: Path, pristine: Path | None, run: str) -> tuple[float, int]:
+    """Seconds from `segmapd run` starting to /readyz answering 200, on a copy of `pristine`;
+    and how many assignments the ready daemon knows (in any state, or finished since)."""
     directory = root / run
     directory.mkdir()
     journal = directory / "journal.db"
@@ -98,10 +100,13 @@ def start_once(emulator_url: str, root: Path, pristine: Path | None, run: str) -
     try:
         url = daemon.start(timeout_s=120)
         ready = wait_ready(url, timeout_s=120)
+        known = metric_total(url, "segmapd_assignments") + metric_total(
+            url, "segmapd_assignments_finished_total"
+        )
     finally:
         daemon.stop(timeout_s=30)
     shutil.rmtree(directory, ignore_errors=True)
-    return ready - started
+    return ready - started, int(known)
 
 
 def main() -> int:
@@ -115,10 +120,12 @@ def main() -> int:
         size_mb = pristine.stat().st_size / 1_048_576
         emulator = start_emulator(root, UNLIMITED)
         try:
-            empty = [start_once(emulator.url, root, None, f"empty-{i}") for i in range(RUNS)]
-            full = [start_once(emulator.url, root, pristine, f"full-{i}") for i in range(RUNS)]
+            empty_runs = [start_once(emulator.url, root, None, f"empty-{i}") for i in range(RUNS)]
+            full_runs = [start_once(emulator.url, root, pristine, f"full-{i}") for i in range(RUNS)]
         finally:
             emulator.stop()
+    empty = [seconds for seconds, _ in empty_runs]
+    full = [seconds for seconds, _ in full_runs]
     print(
         f"recovery: segmapd run on a journal of {count:,} queued assignments ({size_mb:.0f} MB, "
         f"built in {build_s:.1f} s), process start -> first /readyz 200; median of {RUNS}"
@@ -133,6 +140,12 @@ def main() -> int:
         + ", ".join(f"{s:.2f}" for s in full)
         + ")"
     )
+    # A start that did not load the journal would be fast for the wrong reason.
+    loaded = [known for _, known in full_runs]
+    if any(known != count for known in loaded):
+        print(f"  INVALID: the ready daemon knew {loaded} assignments, the journal holds {count:,}")
+        return 1
+    print(f"  journal check            all {count:,} assignments known to each ready daemon")
     return 0
 
 
