@@ -123,7 +123,6 @@ def daemon_config(
             "refresh_min_interval_s": 2.0,
             "deadline_s": 20.0,
         },
-        "store": {"url": "memory://"},
         "sources.crm": {"kind": "standard", "secret": secret},
     }
     for name, values in overrides.items():
@@ -145,6 +144,8 @@ async def start_daemon(emulator: EmulatorControl, tmp_path: Path) -> AsyncIterat
         admin_token = secrets.token_urlsafe(16)
         secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
         config = tmp_path / f"segmapd-{len(started)}.toml"
+        # The production default: a SQLite journal, one per daemon (a restart reuses it).
+        overrides.setdefault("store", {"url": f"sqlite://{tmp_path}/journal-{len(started)}.db"})
         config.write_text(daemon_config(emulator.url, admin_token, secret, overrides))
         process = ManagedProcess(
             [sys.executable, "-m", "daemon.cli", "run", "--config", str(config)],
