@@ -83,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             leftover.unlink()
         # Fresh secrets per run: the config file is the only place they live.
         webhook_secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+        # Printed as --token=VALUE: a URL-safe token may start with "-", which argparse
+        # would take for an option if it stood alone.
         admin_token = secrets.token_urlsafe(18)
         config_path = RUN_DIR / "segmapd.toml"
         # Created 0600 from the start: it holds the secrets.
@@ -113,7 +115,7 @@ Send a signed webhook, as a CRM would:
       --secret '{webhook_secret}' --contact 100000000123 VIP Spanish ChurnRisk
 
 Watch it become active (CXone indexes writes in a few seconds):
-  {segmapd} status 100000000123 --url {daemon_url} --token {admin_token}
+  {segmapd} status 100000000123 --url {daemon_url} --token={admin_token}
 
 Probes and metrics: {daemon_url}/readyz  {daemon_url}/metrics
 Ctrl-C stops both.""",
