@@ -15,7 +15,6 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
-    Gauge,
     Histogram,
     generate_latest,
 )
@@ -104,6 +103,67 @@ class _CallbackCollector(Collector):
         return [*gauges.values(), wait]
 
 
+class _HotCounts(Collector):
+    """The counts bumped on every webhook and every state transition, kept as plain ints.
+
+    A prometheus_client child takes a lock per increment, and these run several times per
+    webhook: on the intake path that cost as much as the signature check. Every update and every
+    scrape (the /metrics handler) happens on the event loop's thread, so plain ints need no lock.
+    """
+
+    def __init__(self) -> None:
+        self.webhooks: dict[tuple[str, int], int] = {}
+        # Per source: events, assignments, duplicate assignments.
+        self.accepted: dict[str, list[int]] = {}
+        self.held: dict[State, int] = dict.fromkeys(State, 0)
+        self.entered: dict[State, int] = dict.fromkeys(State, 0)
+
+    def describe(self) -> Iterable[Metric]:
+        """The families this collector yields (so the registry can detect name clashes)."""
+        return self.collect()
+
+    def collect(self) -> Iterable[Metric]:
+        """The current counts as metric families."""
+        webhooks = CounterMetricFamily(
+            "segmapd_webhooks_received",
+            "Webhook requests received, by source and HTTP status answered.",
+            labels=["source", "code"],
+        )
+        for (source, status), count in sorted(self.webhooks.items()):
+            webhooks.add_metric([source, str(status)], count)
+        accepted = [
+            CounterMetricFamily(name, help_text, labels=["source"])
+            for name, help_text in (
+                ("segmapd_events_accepted", "Webhook events accepted, by source."),
+                (
+                    "segmapd_assignments_accepted",
+                    "Assignments accepted from webhook events, by source.",
+                ),
+                (
+                    "segmapd_assignments_duplicate",
+                    "Assignments in accepted events that were already known, by source.",
+                ),
+            )
+        ]
+        for source, counts in sorted(self.accepted.items()):
+            for family, count in zip(accepted, counts, strict=True):
+                family.add_metric([source], count)
+        held = GaugeMetricFamily(
+            "segmapd_assignments",
+            "Assignments the engine currently holds, by state (terminal ones leave on finishing).",
+            labels=["state"],
+        )
+        entered = CounterMetricFamily(
+            "segmapd_assignment_transitions",
+            "Assignment state transitions, by the state entered.",
+            labels=["state"],
+        )
+        for state in State:
+            held.add_metric([state.value], self.held[state])
+            entered.add_metric([state.value], self.entered[state])
+        return [webhooks, *accepted, held, entered]
+
+
 class Metrics(EngineObserver):
     """Every segmapd metric, in a registry of its own; also the engine's metrics observer.
 
@@ -114,45 +174,6 @@ class Metrics(EngineObserver):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
 
-        # Intake.
-        self.webhooks = Counter(
-            "segmapd_webhooks_received_total",
-            "Webhook requests received, by source and HTTP status answered.",
-            ["source", "code"],
-            registry=r,
-        )
-        self.events_accepted = Counter(
-            "segmapd_events_accepted_total",
-            "Webhook events accepted, by source.",
-            ["source"],
-            registry=r,
-        )
-        self.assignments_accepted = Counter(
-            "segmapd_assignments_accepted_total",
-            "Assignments accepted from webhook events, by source.",
-            ["source"],
-            registry=r,
-        )
-        self.assignments_duplicate = Counter(
-            "segmapd_assignments_duplicate_total",
-            "Assignments in accepted events that were already known, by source.",
-            ["source"],
-            registry=r,
-        )
-
-        # Assignment lifecycle.
-        self.assignments = Gauge(
-            "segmapd_assignments",
-            "Assignments the engine currently holds, by state (terminal ones leave on finishing).",
-            ["state"],
-            registry=r,
-        )
-        self.transitions = Counter(
-            "segmapd_assignment_transitions_total",
-            "Assignment state transitions, by the state entered.",
-            ["state"],
-            registry=r,
-        )
         self.finished_total = Counter(
             "segmapd_assignments_finished_total",
             "Assignments that reached a terminal state, by outcome and failure reason.",
@@ -165,12 +186,9 @@ class Metrics(EngineObserver):
             buckets=ACTIVE_LATENCY_BUCKETS,
             registry=r,
         )
-        self._accepted_children: dict[str, tuple[Counter, Counter, Counter]] = {}
-        self._webhook_children: dict[tuple[str, int], Counter] = {}
-        self._state_gauges = {state: self.assignments.labels(state=state.value) for state in State}
-        self._state_transitions = {
-            state: self.transitions.labels(state=state.value) for state in State
-        }
+        # Intake and lifecycle counts change several times per webhook: plain ints, see below.
+        self._hot = _HotCounts()
+        r.register(self._hot)
         self.finished_total.labels(outcome=State.ACTIVE.value, reason=NO_REASON)
         for reason in FailureReason:
             self.finished_total.labels(outcome=State.FAILED.value, reason=reason.value)
@@ -276,28 +294,19 @@ class Metrics(EngineObserver):
 
     def record_webhook(self, source: str, status: int) -> None:
         """A webhook request for configured `source` was answered with `status`."""
-        child = self._webhook_children.get((source, status))
-        if child is None:
-            # Configured sources times the few statuses segmapd answers: a bounded cache.
-            child = self._webhook_children[(source, status)] = self.webhooks.labels(
-                source=source, code=str(status)
-            )
-        child.inc()
+        # Configured sources times the few statuses segmapd answers: a bounded set of series.
+        key = (source, status)
+        webhooks = self._hot.webhooks
+        webhooks[key] = webhooks.get(key, 0) + 1
 
     def record_accepted(self, source: str, assignments: int, duplicates: int) -> None:
         """One event from `source` was accepted, holding `assignments` (`duplicates` known)."""
-        children = self._accepted_children.get(source)
-        if children is None:
-            # Sources are the configured few, so caching their children is bounded.
-            children = self._accepted_children[source] = (
-                self.events_accepted.labels(source=source),
-                self.assignments_accepted.labels(source=source),
-                self.assignments_duplicate.labels(source=source),
-            )
-        events, accepted, duplicate = children
-        events.inc()
-        accepted.inc(max(assignments, 0))
-        duplicate.inc(max(duplicates, 0))
+        counts = self._hot.accepted.get(source)
+        if counts is None:
+            counts = self._hot.accepted[source] = [0, 0, 0]
+        counts[0] += 1
+        counts[1] += max(assignments, 0)
+        counts[2] += max(duplicates, 0)
 
     def record_cache_hit(self, n: int = 1) -> None:
         """`n` assignments were confirmed from the validation cache."""
@@ -327,18 +336,17 @@ class Metrics(EngineObserver):
         # take away then. A terminal previous state was already taken away by `finished`, when
         # the engine let go of the assignment.
         new = previous is State.QUEUED and assignment.state is State.QUEUED
-        # Children looked up once per state: this hook runs for every transition of every
-        # assignment, and `labels()` costs more than the increment itself.
-        gauges, counters = self._state_gauges, self._state_transitions
+        held, entered = self._hot.held, self._hot.entered
+        state = assignment.state
         if not new and previous not in TERMINAL_STATES:
-            gauges[previous].dec()
-        gauges[assignment.state].inc()
-        counters[assignment.state].inc()
+            held[previous] -= 1
+        held[state] += 1
+        entered[state] += 1
 
     def restored(self, counts: Mapping[State, int]) -> None:
         """Assignments taken back from the journal join the per-state gauges (not counters)."""
         for state, count in counts.items():
-            self._state_gauges[state].inc(count)
+            self._hot.held[state] += count
 
     def bulk_sent(self, segment_id: str, ids: int, attempt: int) -> None:
         """Count a bulk request and its size; attempt 1 is the first send."""
@@ -364,7 +372,7 @@ class Metrics(EngineObserver):
         # The engine drops a finished assignment, so it no longer counts as held in any state;
         # without this the terminal series would only ever grow.
         if assignment.state in TERMINAL_STATES:
-            self.assignments.labels(state=assignment.state.value).dec()
+            self._hot.held[assignment.state] -= 1
         # received_at 0 means unknown (e.g. a replayed record); its "latency" would be decades.
         if assignment.state is State.ACTIVE and assignment.received_at > 0:
             latency = assignment.updated_at - assignment.received_at

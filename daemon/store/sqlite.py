@@ -284,6 +284,9 @@ class SqliteStore:
         self._clock = clock
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
+        # Whether the writer sleeps on `_wake`: only then is a change worth a notify(), which
+        # is Python code, where a change arriving while it commits is picked up anyway.
+        self._writer_idle = False
         self._pending = _Pending()
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -341,6 +344,7 @@ class SqliteStore:
                 await self._filter_task
         with self._lock:
             self._closing = True
+            self._writer_idle = False
             self._wake.notify()
         await asyncio.to_thread(self._thread.join, 15.0)
         self._thread = None
@@ -373,7 +377,7 @@ class SqliteStore:
             self._pending.history.setdefault(key, []).append(
                 (str(assignment.state), assignment.updated_at)
             )
-            self._wake.notify()
+            self._nudge()
 
     async def flush(self) -> None:
         """Wait until everything queued so far is committed; StoreUnavailable if it cannot be."""
@@ -383,7 +387,7 @@ class SqliteStore:
             if self._thread is None:
                 raise StoreUnavailable("the journal is not open")
             self._pending.waiters.append(future)
-            self._wake.notify()
+            self._nudge()
         await future
 
     async def save_batch(self, batch: BatchRecord) -> None:
@@ -398,7 +402,7 @@ class SqliteStore:
         with self._lock:
             if self._pending.batches_saved.pop(batch_id, None) is None:
                 self._pending.batches_dropped.add(batch_id)
-            self._wake.notify()
+            self._nudge()
 
     async def remember_delivery(self, source: str, delivery_id: str, answer: bytes) -> None:
         """Queue the delivery's answer; committed with the webhook's flush."""
@@ -407,7 +411,7 @@ class SqliteStore:
         self._seen.add(key)
         with self._lock:
             self._pending.deliveries.append((source, delivery_id, answer, self._clock()))
-            self._wake.notify()
+            self._nudge()
         if self._seen.needs_build() and time.monotonic() - self._filter_failed_at > FILTER_RETRY_S:
             self._build_filter()
 
@@ -537,13 +541,13 @@ class SqliteStore:
         self._refresh[segment_id] = next_allowed
         with self._lock:
             self._pending.budget[segment_id] = next_allowed
-            self._wake.notify()
+            self._nudge()
 
     def remember_confirmation(self, contact_id: str, segment_id: str, at: float) -> None:
         """Persist a validation-cache entry (wall-clock time of the confirmation)."""
         with self._lock:
             self._pending.confirmations[(contact_id, segment_id)] = at
-            self._wake.notify()
+            self._nudge()
 
     def add(self, event_id: str, body: bytes) -> None:
         """NotificationJournal: an event to deliver."""
@@ -551,7 +555,7 @@ class SqliteStore:
         with self._lock:
             self._pending.notifications_added[event_id] = (body, self._clock())
             self._pending.notifications_done.discard(event_id)
-            self._wake.notify()
+            self._nudge()
 
     def done(self, event_id: str) -> None:
         """NotificationJournal: the event was delivered (or dropped for good)."""
@@ -559,13 +563,19 @@ class SqliteStore:
         with self._lock:
             if self._pending.notifications_added.pop(event_id, None) is None:
                 self._pending.notifications_done.add(event_id)
-            self._wake.notify()
+            self._nudge()
 
     def pending(self) -> list[tuple[str, bytes]]:
         """NotificationJournal: events not yet delivered."""
         return list(self._notifications.items())
 
     # ---- the writer thread --------------------------------------------------------------------
+
+    def _nudge(self) -> None:
+        """Wake the writer if it sleeps; the caller holds the lock and has queued a change."""
+        if self._writer_idle:
+            self._writer_idle = False
+            self._wake.notify()
 
     def _write_loop(self) -> None:
         carry = _Pending()  # changes of a failed transaction, retried first
@@ -574,7 +584,10 @@ class SqliteStore:
                 while self._pending.empty() and not self._pending.waiters and carry.empty():
                     if self._closing:
                         return
-                    if not self._wake.wait(timeout=60.0):
+                    self._writer_idle = True
+                    woken = self._wake.wait(timeout=60.0)
+                    self._writer_idle = False
+                    if not woken:
                         break  # idle for a minute: a chance to prune
                 work, self._pending = self._pending, _Pending()
                 closing = self._closing
