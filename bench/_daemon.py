@@ -2,7 +2,10 @@
 
 Also runnable as `python -m bench._daemon bare`: the ingest benchmark's reference, a bare
 aiohttp handler on uvloop that reads the body and answers 202 with a tiny JSON, announcing its
-URL with the same JSON `listening` line as the daemon.
+URL with the same JSON `listening` line as the daemon. `python -m bench._daemon checked` is the
+same handler plus what any webhook receiver must do before answering -- check the Standard
+Webhooks signature (secret in `BENCH_WEBHOOK_SECRET`) and parse the body -- with segmapd's own
+code, and nothing else: no redelivery lookup, no journal, no scheduling.
 """
 
 from __future__ import annotations
@@ -80,6 +83,14 @@ def bare_process() -> ManagedProcess:
     return ManagedProcess([sys.executable, "-m", "bench._daemon", "bare"])
 
 
+def checked_process(secret: str) -> ManagedProcess:
+    """The bare server plus signature check and body parsing (not started yet)."""
+    # The secret goes in the environment, not argv, where any user could read it with ps.
+    return ManagedProcess(
+        [sys.executable, "-m", "bench._daemon", "checked"], env={SECRET_ENV: secret}
+    )
+
+
 def http(
     method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None
 ) -> tuple[int, bytes]:
@@ -144,16 +155,28 @@ def workdir(prefix: str) -> tempfile.TemporaryDirectory[str]:
 # ---- the bare reference server ------------------------------------------------------------------
 
 
-def _serve_bare() -> None:
+SECRET_ENV = "BENCH_WEBHOOK_SECRET"
+
+
+def _serve_bare(checked: bool) -> None:
     import asyncio
+    import os
 
     import uvloop
     from aiohttp import web
 
+    from listeners.payload import parse_events
+    from listeners.standard import StandardWebhookVerifier
+
     answer = b'{"accepted":3,"duplicates":0}'
+    verifier = StandardWebhookVerifier(os.environ[SECRET_ENV], 3600) if checked else None
 
     async def handle(request: web.Request) -> web.Response:
-        await request.read()
+        body = await request.read()
+        if verifier is not None:
+            # A refused request would show in wrk's non-2xx count and void the run.
+            verifier.verify(request.headers, body)
+            parse_events(body)
         return web.Response(body=answer, status=202, content_type="application/json")
 
     async def serve() -> None:
@@ -175,7 +198,7 @@ def _serve_bare() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["bare"]:
-        _serve_bare()
+    if sys.argv[1:] in (["bare"], ["checked"]):
+        _serve_bare(checked=sys.argv[1] == "checked")
     else:
-        sys.exit("usage: python -m bench._daemon bare")
+        sys.exit("usage: python -m bench._daemon bare|checked")

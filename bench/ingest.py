@@ -9,6 +9,10 @@ Webhooks signature and a webhook-id used nowhere else (a repeated id would be a 
 redelivery): the requests are signed here beforehand and a Lua script makes wrk cycle through
 them, each wrk thread through its own share.
 
+A third server, measured the same way, shows how much of the gap no journal design can close:
+the bare handler plus the Standard Webhooks signature check and the body parsing (segmapd's own
+code for both), which any receiver must do before it answers, and nothing else.
+
 A run is valid only if wrk saw no non-2xx answer and no socket error, no request was sent twice,
 and after the daemon drained, the journal holds every accepted delivery and the 3 assignments of
 each one. Target (DESIGN.md): daemon req/s >= 0.7 x bare req/s.
@@ -35,6 +39,7 @@ import orjson
 
 from bench._daemon import (
     bare_process,
+    checked_process,
     daemon_config,
     daemon_process,
     new_secret,
@@ -255,15 +260,19 @@ def main() -> int:
         script.write_text(LUA)
         emulator = start_emulator(root, {})  # CXone's default limits
         bare = bare_process()
+        checked = checked_process(secret)
         try:
             bare_url = bare.start()
+            checked_url = checked.start()
             daemon_results: list[WrkResult] = []
             bare_results: list[WrkResult] = []
+            checked_results: list[WrkResult] = []
             journals: list[Journal] = []
             for run in range(RUNS):
                 prefix = root / f"requests-{run}"
                 write_pool(secret, prefix, run)
                 bare_results.append(run_wrk(bare_url, script, prefix))
+                checked_results.append(run_wrk(checked_url, script, prefix))
                 result, journal, drain_s = daemon_run(
                     emulator.url, secret, root, script, prefix, run
                 )
@@ -272,24 +281,29 @@ def main() -> int:
                 print(
                     f"  run {run + 1}: daemon {result.rps:8.0f} req/s "
                     f"(p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms), "
-                    f"bare {bare_results[-1].rps:8.0f} req/s; journal: "
+                    f"bare {bare_results[-1].rps:8.0f} req/s, "
+                    f"checked {checked_results[-1].rps:8.0f} req/s; journal: "
                     f"{journal.deliveries} deliveries, {journal.assignments} assignments, "
                     f"drained in {drain_s:.1f} s",
                     flush=True,
                 )
         finally:
             bare.stop()
+            checked.stop()
             emulator.stop()
 
     daemon_rps = statistics.median(r.rps for r in daemon_results)
     bare_rps = statistics.median(r.rps for r in bare_results)
     ratio = daemon_rps / bare_rps
+    checked_rps = statistics.median(r.rps for r in checked_results)
     total = sum(r.requests for r in daemon_results)
     non2xx = sum(r.non2xx for r in daemon_results)
     problems = []
     for run, (result, journal) in enumerate(zip(daemon_results, journals, strict=True), 1):
         if result.non2xx or result.socket_errors:
             problems.append(f"run {run}: {result.non2xx} non-2xx, {result.socket_errors} errors")
+        if checked_results[run - 1].non2xx or checked_results[run - 1].socket_errors:
+            problems.append(f"run {run}: the signature + parse server refused requests")
         if result.wraps:
             problems.append(f"run {run}: wrk went through all {POOL} signed requests (raise POOL)")
         if journal.deliveries < result.ok:
@@ -307,6 +321,10 @@ def main() -> int:
     print(f"  daemon                   {daemon_rps:.0f} req/s")
     print(f"  bare aiohttp + uvloop    {bare_rps:.0f} req/s   (reference, same run)")
     print(f"  ratio                    {ratio:.3f}   (target >= {TARGET})")
+    print(
+        f"  signature + parse only   {checked_rps:.0f} req/s = {checked_rps / bare_rps:.3f} of bare"
+        "   (the same handler checking the signature and parsing the body, no journal)"
+    )
     print(f"  non-2xx answers          {non2xx / max(total, 1):.2%} of {total}   (must be 0)")
     print(
         "  journal check            "
