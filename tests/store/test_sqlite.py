@@ -284,3 +284,36 @@ async def test_a_delivery_taken_while_its_lookup_reads_the_journal_is_found(tmp_
         assert await lookup == b'{"accepted":1}'
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("rows", [1, 127, 128, 129, 300])
+async def test_one_transaction_of_any_size_journals_every_row_as_given(tmp_path: Path, rows: int):
+    # A transaction's rows go to SQLite in statements of up to 128 rows: the sizes around that
+    # boundary, and several statements' worth, must all land, values intact.
+    path = str(tmp_path / "journal.db")
+    store = SqliteStore(path)
+    await store.open()
+    expected = {}
+    for i in range(rows):
+        a = assignment(f"c-{i}", f"s-{i % 7}")
+        if i % 2:
+            a.transition(State.SENDING, a.updated_at + 1.5)
+        store.record(a)
+        expected[(a.contact_id, a.segment_id)] = (str(a.state), a.received_at, a.updated_at)
+        await store.remember_delivery("crm", f"d-{i}", b'{"accepted":1,"n":%d}' % i)
+    await store.flush()
+    await store.close()
+
+    connection = sqlite3.connect(path)
+    try:
+        journaled = {
+            (c, s): (state, received, updated)
+            for c, s, state, received, updated in connection.execute(
+                "SELECT contact_id, segment_id, state, received_at, updated_at FROM assignments"
+            )
+        }
+        answers = dict(connection.execute("SELECT delivery_id, answer FROM deliveries"))
+    finally:
+        connection.close()
+    assert journaled == expected
+    assert answers == {f"d-{i}": b'{"accepted":1,"n":%d}' % i for i in range(rows)}
