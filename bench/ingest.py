@@ -332,7 +332,9 @@ def main() -> int:
     )
     for problem in problems:
         print(f"    INVALID: {problem}")
-    return 1 if problems else 0
+    if ratio < TARGET:
+        print(f"  MISSED the target: {ratio:.3f} < {TARGET}")
+    return 1 if problems or ratio < TARGET else 0
 
 
 if __name__ == "__main__":

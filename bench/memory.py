@@ -148,6 +148,9 @@ def main() -> int:
     if accepted != total or pending != total:
         print(f"  INVALID: expected {total:,} accepted and pending")
         return 1
+    if increase > TARGET_MB:
+        print(f"  MISSED the target: {increase:.0f} MB > {TARGET_MB:.0f} MB")
+        return 1
     return 0
 
 

@@ -146,6 +146,9 @@ def main() -> int:
         print(f"  INVALID: the ready daemon knew {loaded} assignments, the journal holds {count:,}")
         return 1
     print(f"  journal check            all {count:,} assignments known to each ready daemon")
+    if statistics.median(full) > TARGET_S:
+        print(f"  MISSED the target: {statistics.median(full):.2f} s > {TARGET_S:g} s")
+        return 1
     return 0
 
 

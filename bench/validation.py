@@ -121,7 +121,8 @@ async def _measure(
     }
 
 
-def _report(title: str, figures: dict[str, float]) -> None:
+def _report(title: str, figures: dict[str, float]) -> bool:
+    """Print one case's figures; whether it met the targets (reads, written -> active, 0 failed)."""
     target_reads = 1 + math.ceil(MEDIAN_DELAY_S / 2.0)
     print(title)
     print(
@@ -137,9 +138,17 @@ def _report(title: str, figures: dict[str, float]) -> None:
         f"  refreshes {figures['refreshes']:.0f} (429s {figures['refresh_429']:.0f}), "
         f"read 429s {figures['read_429']:.0f}, failed {figures['failed']:.0f}"
     )
+    met = (
+        figures["reads_per_assignment"] <= target_reads
+        and figures["w2a_p50"] <= MEDIAN_DELAY_S + 2.2
+        and figures["failed"] == 0
+    )
+    if not met:
+        print("  MISSED a target above")
+    return met
 
 
-async def _run() -> None:
+async def _run() -> bool:
     emulator = emulator_process()
     url = emulator.start()
     try:
@@ -170,14 +179,14 @@ async def _run() -> None:
             }
     finally:
         emulator.stop()
-    _report(
+    met = _report(
         f"validation, single assignments: {SINGLES}, each alone in its segment, 0.5 s apart; "
         "CXone default limits (reads 50/s, writes 10/s)",
         singles,
     )
     for write_rps, runs in bulk_runs.items():
         bulk = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-        _report(
+        met &= _report(
             f"validation, {BULK} assignments at once over {BULK_SEGMENTS} segments; "
             f"reads {BULK_READ_RPS:g}/s, writes {write_rps:g}/s; median of {BULK_RUNS} runs "
             f"(written -> active p50 per run: "
@@ -187,16 +196,17 @@ async def _run() -> None:
             + ")",
             bulk,
         )
+    return met
 
 
-def main() -> None:
-    """Run the validation benchmark and print its figures."""
+def main() -> int:
+    """Run the validation benchmark and print its figures; 1 if a target was missed."""
     if sys.platform != "win32":
         import uvloop
 
         uvloop.install()
-    asyncio.run(_run())
+    return 0 if asyncio.run(_run()) else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
