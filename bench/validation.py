@@ -19,12 +19,11 @@ from __future__ import annotations
 import asyncio
 import math
 import statistics
-import sys
 import time
 
 import aiohttp
 
-from bench._common import build_rig, control, percentile
+from bench._common import build_rig, control, percentile, run_on_uvloop
 from scheduler.engine import BatchingPolicy
 from scheduler.model import Assignment, MappingRequest, State
 from scheduler.observer import EngineObserver
@@ -201,11 +200,7 @@ async def _run() -> bool:
 
 def main() -> int:
     """Run the validation benchmark and print its figures; 1 if a target was missed."""
-    if sys.platform != "win32":
-        import uvloop
-
-        uvloop.install()
-    return 0 if asyncio.run(_run()) else 1
+    return run_on_uvloop(_run)
 
 
 if __name__ == "__main__":
