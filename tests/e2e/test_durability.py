@@ -312,3 +312,49 @@ async def test_a_journal_gone_read_only_refuses_work_and_keeps_what_it_accepted(
         members = {m["contactId"] for m in await emulator.members("R1")}
         assert set(accepted) <= members
         assert daemon.process.stop(timeout_s=30) == 0  # before the file system goes away
+
+
+async def test_the_validation_cache_and_refresh_budget_survive_a_restart(
+    start_daemon: StartDaemon,
+    emulator: EmulatorControl,
+    http: aiohttp.ClientSession,
+):
+    # Every write stalls until its segment is refreshed, and a segment may be refreshed once an
+    # hour (CXone's rule, and the daemon's setting): a daemon that forgot its budget over a
+    # restart would refresh again and meet a 429.
+    await emulator.configure({"indexing": {"stall_fraction": 1.0}})
+    daemon = await start_daemon(
+        validation={
+            "interval_s": 0.2,
+            "window_s": 1.0,
+            "cache_ttl_s": 600.0,
+            "refresh_min_interval_s": 3600.0,
+            "deadline_s": 60.0,
+        }
+    )
+    status, answer = await daemon.webhook(http, {"contactId": "kept-1", "segmentIds": ["KEPT"]})
+    assert (status, answer) == (202, {"accepted": 1, "duplicates": 0})
+    await daemon.wait_states(http, "kept-1", {"active"}, 20)  # active through one refresh
+    before = await emulator.counters()
+    assert sum(before["requests"]["refresh"].values()) == 1
+
+    daemon.process.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(daemon.process.wait, 20) == 0
+    await asyncio.to_thread(daemon.restart)
+
+    # The confirmation was kept: asking again costs no write and no read.
+    status, answer = await daemon.webhook(http, {"contactId": "kept-1", "segmentIds": ["KEPT"]})
+    assert (status, answer) == (202, {"accepted": 1, "duplicates": 1})
+    # The budget was kept: a new write to the segment stalls past the window, unrefreshed.
+    status, _ = await daemon.webhook(http, {"contactId": "kept-2", "segmentIds": ["KEPT"]})
+    assert status == 202
+    await daemon.wait_states(http, "kept-2", {"verifying"}, 10)
+    await asyncio.sleep(2.5)  # past window_s, many polls: when a refresh would have gone out
+    after = await emulator.counters()
+    assert sum(after["requests"]["refresh"].values()) == 1
+    assert sum(after["requests"]["bulk"].values()) == sum(before["requests"]["bulk"].values()) + 1
+    members = {m["contactId"]: m for m in await emulator.members("KEPT")}
+    assert set(members) == {"kept-1", "kept-2"}
+    assert members["kept-2"]["stalled"] and not members["kept-2"]["indexed"]
+    _, view = await daemon.contact(http, "kept-2")
+    assert [s["state"] for s in view["segments"]] == ["verifying"]
