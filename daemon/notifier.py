@@ -29,7 +29,7 @@ import orjson
 from yarl import URL
 
 from daemon.cxone.transport import parse_retry_after
-from listeners.signing import SIGNATURE_VERSION, compute_signature, decode_secret
+from listeners.signing import SIGNATURE_VERSION, SigningKey, decode_secret
 from scheduler.model import TERMINAL_STATES, Assignment
 from scheduler.retry import RetryPolicy
 
@@ -208,7 +208,7 @@ class Notifier:
         self._url = target
         self._display = _display_url(target)
         # Decoded (and checked) once: a malformed secret is a ValueError here, at start-up.
-        self._key = decode_secret(secret)
+        self._key = SigningKey(decode_secret(secret))
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._retry = retry or DEFAULT_RETRY
         self._max_attempts = max_attempts
@@ -412,7 +412,7 @@ class Notifier:
         """Make one attempt; return the status (None: no answer) and any Retry-After seconds."""
         assert self._session is not None
         stamp = str(int(time.time()))
-        digest = compute_signature(self._key, event.event_id, stamp, event.body)
+        digest = self._key.signature(event.event_id, stamp, event.body)
         headers = {
             "Content-Type": "application/json",
             "webhook-id": event.event_id,

@@ -21,7 +21,7 @@ from listeners.signing import (
     SIGNATURE_HEADER,
     SIGNATURE_VERSION,
     TIMESTAMP_HEADER,
-    compute_signature,
+    SigningKey,
     decode_secret,
 )
 
@@ -42,7 +42,7 @@ class StandardWebhookVerifier:
     def __init__(self, secret: str, tolerance_s: int) -> None:
         if type(tolerance_s) is not int or tolerance_s < 1:
             raise ValueError("tolerance_s must be a positive whole number of seconds")
-        self._key = decode_secret(secret)
+        self._key = SigningKey(decode_secret(secret))
         self._tolerance_s = tolerance_s
 
     def __repr__(self) -> str:
@@ -82,7 +82,7 @@ class StandardWebhookVerifier:
                 TIMESTAMP_HEADER,
             )
         offered = _header(headers, SIGNATURE_HEADER)
-        expected = compute_signature(self._key, msg_id, stamp, body)
+        expected = self._key.signature(msg_id, stamp, body)
         for entry in offered.split():
             version, comma, encoded = entry.partition(",")
             if not comma or version != SIGNATURE_VERSION:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
+import secrets
 from datetime import UTC, datetime
 
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from listeners.signing import MIN_SECRET_BYTES, decode_secret, sign
+from listeners.signing import MIN_SECRET_BYTES, SigningKey, decode_secret, sign
 
 # The specification's published vector (standard-webhooks libraries/python/tests/test_webhooks.py
 # `test_sign_function`), recomputed independently with hmac/hashlib before being written here.
@@ -112,3 +115,14 @@ def test_sign_refuses_timestamps_that_are_not_unix_seconds(timestamp: object) ->
 def test_sign_refuses_a_bad_secret() -> None:
     with pytest.raises(ValueError, match="base64"):
         sign("whsec_???", "msg_1", VECTOR_TIMESTAMP, b"{}")
+
+
+def test_a_signing_key_reused_for_many_messages_signs_each_as_a_fresh_hmac() -> None:
+    key = secrets.token_bytes(32)
+    signing_key = SigningKey(key)
+    # Copies of one keyed HMAC must not carry one message's bytes into the next signature.
+    for body in (b"", b"{}", b"x" * 5000, b"{}"):
+        expected = hmac.new(key, b"id-1.1700000000." + body, hashlib.sha256).digest()
+        assert signing_key.signature("id-1", "1700000000", body) == expected
+    assert key.hex() not in repr(signing_key)
+    assert repr(key) not in repr(signing_key)
