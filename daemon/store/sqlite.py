@@ -47,7 +47,8 @@ APPLICATION_ID = 0x53474D50
 RETRY_AFTER_FAILURE_S = 1.0
 # The writer's upserts (INSERT ... ON CONFLICT DO UPDATE) need 3.24.
 MIN_SQLITE = (3, 24, 0)
-# Rows per INSERT statement (9 columns: far below SQLite's 32,766 parameters per statement).
+# Rows per INSERT statement at most; fewer where the SQLite build allows fewer parameters per
+# statement (999 by default before 3.32, 32,766 since).
 ROWS_PER_STATEMENT = 128
 # After a failed build of the delivery filter, lookups go to SQLite for this long before retrying.
 FILTER_RETRY_S = 60.0
@@ -143,14 +144,7 @@ def connect(path: str, synchronous: Synchronous) -> sqlite3.Connection:
         )
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        # Room for the writer's statements: one text per row count up to ROWS_PER_STATEMENT,
-        # for assignments and for deliveries, beside the fixed ones.
-        connection = sqlite3.connect(
-            path,
-            isolation_level=None,
-            check_same_thread=False,
-            cached_statements=4 * ROWS_PER_STATEMENT,
-        )
+        connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     except (OSError, sqlite3.Error) as exc:
         raise StoreFileError(f"{path}: cannot open the journal ({exc})") from None
     try:
@@ -204,31 +198,46 @@ _AssignmentRow = tuple[str, str, str, str | None, str, int, float, float]
 
 
 class _MultiRowInsert:
-    """An INSERT of many rows as one `VALUES (...), (...)` statement per ROWS_PER_STATEMENT rows.
+    """An INSERT of many rows as a few `VALUES (...), (...)` statements.
 
     Why not executemany(): the sqlite3 module gives up the GIL around every row's step and must
     win it back from the busy event loop each time; one statement gives it up once for all its
     rows. Why not one JSON parameter read with json_each(): SQLite then parses the JSON and
     extracts every value, which cost about a third more CPU than binding the values directly.
-    The statement text depends on the row count, so texts are cached per count (and SQLite's
-    prepared statements by the connection's statement cache).
+
+    Statements hold a multiple of 8 rows (up to ROWS_PER_STATEMENT) and one last statement the
+    remaining 1-7, so that a few dozen statement texts serve every transaction: each distinct
+    text is prepared once and kept in the connection's statement cache (128 by default), where
+    one text per row count would fill it and cost megabytes.
     """
 
     def __init__(self, head: str, columns: int, tail: str = "") -> None:
         self._head = head
         self._tail = tail
+        self._columns = columns
         self._row = "(" + ", ".join("?" * columns) + ")"
         self._texts: dict[int, str] = {}
 
+    def _text(self, rows: int) -> str:
+        text = self._texts.get(rows)
+        if text is None:
+            values = ", ".join([self._row] * rows)
+            text = self._texts[rows] = f"{self._head} VALUES {values} {self._tail}"
+        return text
+
     def run(self, connection: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
         """Insert `rows` (each with the statement's columns, in order)."""
-        for start in range(0, len(rows), ROWS_PER_STATEMENT):
-            chunk = rows[start : start + ROWS_PER_STATEMENT]
-            text = self._texts.get(len(chunk))
-            if text is None:
-                values = ", ".join([self._row] * len(chunk))
-                text = self._texts[len(chunk)] = f"{self._head} VALUES {values} {self._tail}"
-            connection.execute(text, list(itertools.chain.from_iterable(chunk)))
+        allowed = connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // self._columns
+        most = min(ROWS_PER_STATEMENT, allowed)
+        if most >= 8:
+            most -= most % 8
+        start = 0
+        while start < len(rows):
+            left = len(rows) - start
+            size = min(most, left - left % 8) or min(left, most)
+            chunk = rows[start : start + size]
+            connection.execute(self._text(size), list(itertools.chain.from_iterable(chunk)))
+            start += size
 
 
 _UPSERT_ASSIGNMENTS = _MultiRowInsert(
@@ -371,7 +380,8 @@ class SqliteStore:
         """Commit what is queued (if the disk allows), stop the writer, close the file."""
         if self._thread is None:
             return
-        with contextlib.suppress(StoreUnavailable):
+        # A writer that cannot commit (or has died) must not keep the file open: close anyway.
+        with contextlib.suppress(StoreUnavailable, TimeoutError):
             await asyncio.wait_for(self.flush(), 10.0)
         if self._filter_task is not None:
             self._filter_task.cancel()

@@ -342,7 +342,7 @@ async def test_the_validation_cache_and_refresh_budget_survive_a_restart(
     assert await asyncio.to_thread(daemon.process.wait, 20) == 0
     await asyncio.to_thread(daemon.restart)
 
-    # The confirmation was kept: asking again costs no write and no read.
+    # The confirmation was kept: asking again is answered from the cache, with no write.
     status, answer = await daemon.webhook(http, {"contactId": "kept-1", "segmentIds": ["KEPT"]})
     assert (status, answer) == (202, {"accepted": 1, "duplicates": 1})
     # The budget was kept: a new write to the segment stalls past the window, unrefreshed.
