@@ -50,6 +50,8 @@ MIN_SQLITE = (3, 24, 0)
 # Rows per INSERT statement at most; fewer where the SQLite build allows fewer parameters per
 # statement (999 by default before 3.32, 32,766 since).
 ROWS_PER_STATEMENT = 128
+# Journal reads at most for one redelivery lookup (see `SqliteStore.delivery`).
+LOOKUP_READS = 4
 # After a failed build of the delivery filter, lookups go to SQLite for this long before retrying.
 FILTER_RETRY_S = 60.0
 
@@ -345,6 +347,9 @@ class SqliteStore:
         self._notifications: OrderedDict[str, bytes] = OrderedDict()
         # Deliveries remembered but not yet committed (their answers), and a filter of the rest.
         self._unconfirmed: dict[DeliveryKey, bytes] = {}
+        # Commits whose deliveries left `_unconfirmed`: a lookup whose read overlapped one reads
+        # again, since its snapshot may predate the commit.
+        self._deliveries_settled = 0
         self._seen = DeliveryFilter()
         self._filter_task: asyncio.Task[None] | None = None
         self._filter_failed_at = -math.inf
@@ -520,16 +525,27 @@ class SqliteStore:
             return answer
         if not self._seen.may_contain(key):
             return None
-        rows = await self._read(
-            lambda: self._query(
-                "SELECT answer FROM deliveries WHERE source = ? AND delivery_id = ?",
-                (source, delivery_id),
+        for _ in range(LOOKUP_READS):
+            settled = self._deliveries_settled
+            rows = await self._read(
+                lambda: self._query(
+                    "SELECT answer FROM deliveries WHERE source = ? AND delivery_id = ?",
+                    (source, delivery_id),
+                )
             )
-        )
-        if rows:
-            return bytes(rows[0][0])
-        # The same delivery may have been taken while we read: its answer is the one that
-        # will be journaled (the caller remembers its own without another wait).
+            if rows:
+                return bytes(rows[0][0])
+            # The same delivery may have been taken while we read: its answer is the one that
+            # will be journaled (the caller remembers its own without another wait).
+            answer = self._unconfirmed.get(key)
+            if answer is not None or self._deliveries_settled == settled:
+                return answer
+            # Deliveries were committed while we read, and left `_unconfirmed`: this one may be
+            # among them, committed after our read's snapshot. A new read sees it.
+        # Commits overlapped every read (a slow disk under load). The second read already began
+        # after any commit the first one missed, so only a delivery taken since our first check
+        # can still hide: then the sender gets a fresh answer, and its assignments join those
+        # already pending, so no write is doubled.
         return self._unconfirmed.get(key)
 
     # ---- the delivery filter -------------------------------------------------------------------
@@ -745,6 +761,8 @@ class SqliteStore:
             return
 
         def settle() -> None:
+            if committed_deliveries:
+                self._deliveries_settled += 1
             for key in committed_deliveries or ():
                 self._unconfirmed.pop(key, None)
             for waiter in waiters:

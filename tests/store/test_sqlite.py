@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -283,6 +285,37 @@ async def test_a_delivery_taken_while_its_lookup_reads_the_journal_is_found(tmp_
         await store.remember_delivery("crm", "msg_twice", b'{"accepted":1}')
         assert await lookup == b'{"accepted":1}'
     finally:
+        await store.close()
+
+
+async def test_a_delivery_committed_while_its_lookup_reads_the_journal_is_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # The lookup's read takes its snapshot, empty; then the same delivery is taken, committed,
+    # and leaves the in-memory answers before the read returns. The lookup must read again.
+    store = SqliteStore(str(tmp_path / "journal.db"))
+    await store.open()
+    snapshot_taken, release = threading.Event(), threading.Event()
+    query = store._query
+
+    def held_query(sql: str, parameters: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        # The real read; only its return is held back (on the read thread), to fix the order.
+        rows = query(sql, parameters)
+        if sql.startswith("SELECT answer FROM deliveries") and not release.is_set():
+            snapshot_taken.set()
+            release.wait(10)
+        return rows
+
+    monkeypatch.setattr(store, "_query", held_query)
+    try:
+        lookup = asyncio.create_task(store.delivery("crm", "msg_late"))
+        assert await asyncio.to_thread(snapshot_taken.wait, 10)
+        await store.remember_delivery("crm", "msg_late", b'{"accepted":2}')
+        await store.flush()  # committed, and no longer among the unconfirmed answers
+        release.set()
+        assert await lookup == b'{"accepted":2}'
+    finally:
+        release.set()
         await store.close()
 
 
