@@ -20,10 +20,10 @@ from aiohttp import web
 from daemon.notifier import rfc3339
 from daemon.openapi import OPENAPI_DOCUMENT
 from daemon.service import Service
-from daemon.store.sqlite import StoreUnavailable
 from listeners import WebhookRejected, parse_events
 from scheduler.engine import EngineClosed, EngineOverloaded, SubmitResult
 from scheduler.model import Assignment, MappingRequest
+from scheduler.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -80,11 +80,6 @@ class SigningKey:
         return mac.digest()
 
 
-def compute_signature(key: bytes, msg_id: str, timestamp: str, body: bytes) -> bytes:
-    """The raw HMAC-SHA256 of `{msg_id}.{timestamp}.{body}` under `key` (see `SigningKey`)."""
-    return SigningKey(key).signature(msg_id, timestamp, body)
-
-
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
     """The `webhook-id`, `webhook-timestamp` and `webhook-signature` headers for `body`.
 
@@ -96,7 +91,7 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> dict[str, str
     if type(timestamp) is not int or timestamp < 0:
         raise ValueError("timestamp must be a non-negative integer (Unix seconds)")
     stamp = str(timestamp)
-    digest = compute_signature(decode_secret(secret), msg_id, stamp, body)
+    digest = SigningKey(decode_secret(secret)).signature(msg_id, stamp, body)
     return {
         ID_HEADER: msg_id,
         TIMESTAMP_HEADER: stamp,

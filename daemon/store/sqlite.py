@@ -330,8 +330,8 @@ class SqliteStore:
         self._clock = clock
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        # Whether the writer sleeps on `_wake`: only then is a change worth a notify(), which
-        # is Python code, where a change arriving while it commits is picked up anyway.
+        # Whether the writer sleeps on `_wake`. Only then does a change need a notify() (Python
+        # code, on the hot path): a change queued while the writer commits is seen when it loops.
         self._writer_idle = False
         self._pending = _Pending()
         self._closing = False
