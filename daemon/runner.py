@@ -18,6 +18,7 @@ import orjson
 from aiohttp import web
 
 from daemon.config import Config
+from daemon.connections import build_runner, start_site
 from daemon.http import build_app
 from daemon.sdnotify import SdNotifier, watchdog_loop
 from daemon.service import Service
@@ -66,11 +67,10 @@ async def serve(config: Config, *, announce: bool = True) -> int:
     except StoreFileError as exc:
         log.critical("cannot use the journal: %s", exc)
         return 2
-    runner = web.AppRunner(build_app(service), access_log=None, handle_signals=False)
+    runner = build_runner(build_app(service), config)
     await runner.setup()
-    site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
     try:
-        await site.start()
+        await start_site(runner, config)
     except OSError as exc:
         log.critical("cannot listen on %s: %s", config.server.listen, exc.strerror)
         await service.drain()
