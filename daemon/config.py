@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from yarl import URL
 
 ENV_PREFIX = "SEGMAPD_"
 # Variables of the same prefix that belong to the CLI's client commands, not to the config.
@@ -26,8 +27,31 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message names every offending key."""
 
 
+def display_url(value: str) -> str:
+    """`value` as `scheme://host[:port]/path` when it is a URL: userinfo, query, fragment dropped.
+
+    URLs in the config (notify.url, store.url, cxone.*) may carry credentials in their userinfo
+    or query (`https://user:pass@host/?token=...`); this is the form logs and repr() show.
+    """
+    if "://" not in value:
+        return value
+    try:
+        url = URL(value)
+        if url.host is None:
+            # No authority (sqlite:///path), so no userinfo; yarl would also drop a slash.
+            return value.partition("?")[0].partition("#")[0]
+        return str(url.with_user(None).with_query(None).with_fragment(None))
+    except ValueError:
+        return "[unparseable URL]"
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def __repr_args__(self) -> Any:
+        # pydantic builds both repr() and str() from these pairs; SecretStr already masks itself.
+        for name, value in super().__repr_args__():
+            yield name, display_url(value) if isinstance(value, str) else value
 
 
 class ServerConfig(_Section):
