@@ -1,7 +1,7 @@
 """`segmapd run`: the process lifecycle -- serve, report to systemd, drain on a signal, exit.
 
 One owner for signals: the handlers only set an event (the first signal) or force an exit (the
-second); everything else happens here, in order, with budgets.
+second); everything else happens here and in `Service.drain()`, in order, with budgets.
 """
 
 from __future__ import annotations
@@ -21,12 +21,70 @@ from daemon.config import Config
 from daemon.connections import build_runner, start_site
 from daemon.http import build_app
 from daemon.sdnotify import SdNotifier, watchdog_loop
-from daemon.service import Service
+from daemon.service import CannotListen, Service
 from daemon.store.sqlite import StoreFileError
 
 log = logging.getLogger(__name__)
 
 STATUS_INTERVAL_S = 5.0
+# How long open requests get to finish once the drain stops the HTTP server. By then open
+# `?wait=` requests have been answered and intake refused for the whole drain, so what is left
+# is a request being read or written: seconds at most. aiohttp's own default would be 60 s to
+# finish plus 60 s to cancel, past systemd's TimeoutStopSec.
+HTTP_STOP_TIMEOUT_S = 5.0
+
+
+class HttpListener:
+    """The admin and webhook HTTP server, as a component the service starts and stops."""
+
+    def __init__(
+        self, service: Service, config: Config, *, stop_timeout_s: float = HTTP_STOP_TIMEOUT_S
+    ) -> None:
+        self._service = service
+        self._config = config
+        self._stop_timeout_s = stop_timeout_s
+        self._runner: web.AppRunner | None = None
+        self._closed = False
+        self.url = ""
+
+    async def prepare(self) -> None:
+        """Build the app and its runner; nothing is accepted until `open()`."""
+        self._runner = build_runner(build_app(self._service), self._config)
+        await self._runner.setup()
+
+    async def open(self) -> None:
+        """Bind `server.listen`; raises CannotListen when the address is unusable."""
+        assert self._runner is not None, "prepare() first"
+        try:
+            await start_site(self._runner, self._config)
+        except OSError as exc:
+            raise CannotListen(
+                f"cannot listen on {self._config.server.listen}: {exc.strerror}"
+            ) from exc
+        host, port = _bound_address(self._runner, self._config)
+        self.url = f"http://{host}:{port}"
+
+    async def close(self) -> None:
+        """Stop accepting; give open requests `stop_timeout_s`, then close them. Idempotent."""
+        if self._closed or self._runner is None:
+            return
+        self._closed = True
+        server = self._runner.server
+        open_connections = len(server.connections) if server is not None else 0
+        try:
+            await asyncio.wait_for(self._runner.cleanup(), self._stop_timeout_s)
+        except TimeoutError:
+            still = len(server.connections) if server is not None else 0
+            log.warning(
+                "drain: HTTP server stopped with %d requests unfinished after %.1f s",
+                still,
+                self._stop_timeout_s,
+            )
+            if server is not None:
+                for connection in server.connections:
+                    connection.force_close()
+        else:
+            log.info("drain: HTTP server stopped, %d connections closed", open_connections)
 
 
 class SignalState:
@@ -62,26 +120,19 @@ async def serve(config: Config, *, announce: bool = True) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, signals.handle, signum)
 
+    listener = HttpListener(service, config)
     try:
-        await service.start()
+        await service.start(listener)
     except StoreFileError as exc:
         log.critical("cannot use the journal: %s", exc)
         return 2
-    runner = build_runner(build_app(service), config)
-    await runner.setup()
-    try:
-        await start_site(runner, config)
-    except OSError as exc:
-        log.critical("cannot listen on %s: %s", config.server.listen, exc.strerror)
-        await service.drain()
-        await runner.cleanup()
+    except CannotListen as exc:
+        log.critical("%s", exc)
         return 1
-    host, port = _bound_address(runner, config)
-    url = f"http://{host}:{port}"
-    log.info("listening on %s", url)
+    log.info("listening on %s", listener.url)
     if announce:
         # Tests and `make run` read this line to learn the port (server.listen may say :0).
-        sys.stdout.write(orjson.dumps({"event": "listening", "url": url}).decode() + "\n")
+        sys.stdout.write(orjson.dumps({"event": "listening", "url": listener.url}).decode() + "\n")
         sys.stdout.flush()
     notifier.ready()
     background = [asyncio.create_task(_status_loop(service, notifier), name="sd-status")]
@@ -91,16 +142,16 @@ async def serve(config: Config, *, announce: bool = True) -> int:
                 watchdog_loop(notifier, lambda: service.engine.healthy), name="sd-watchdog"
             )
         )
-    await stop.wait()
-
-    notifier.stopping()
-    notifier.status("draining: " + service.status_line())
-    # Intake stops first (drain() marks the service draining): webhooks get 503 meanwhile.
-    await service.drain()
-    for task in background:
-        task.cancel()
-    await asyncio.gather(*background, return_exceptions=True)
-    await runner.cleanup()
+    try:
+        await stop.wait()
+        notifier.stopping()
+        notifier.status("draining: " + service.status_line())
+        await service.drain()
+    finally:
+        # Status and watchdog go on during the drain: systemd sees it progress, not hang.
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
     if service.journal_failed:
         log.error("stopped, with the journal unable to commit the last changes")
         return 1

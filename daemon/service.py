@@ -1,17 +1,22 @@
 """The daemon's components, built from the config and started and stopped in order.
 
-Start: store -> CXone client -> poller -> engine -> notifier. Stop (drain) runs in reverse with
-budgets: the engine flushes its buffer and waits for in-flight writes, then the poller stops,
-then the notifier gets a last chance to deliver, then the store closes.
+Start: store -> CXone client -> HTTP handlers (not yet listening) -> notifier -> poller ->
+engine -> listening. One `AsyncExitStack` records each component as it starts, so the drain
+runs the same list in reverse and a start that fails half-way undoes only what had started:
+stop intake (503 + Retry-After) -> answer open `?wait=` requests -> final flush of the engine ->
+stop the poller -> the notifier's last chance -> stop the HTTP server (bounded) -> close the
+CXone client -> flush and close the store, last, once no request can touch it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from daemon.config import Config, StoreConfig
 from daemon.cxone import CXonePaths, CXoneSettings, HttpCXoneClient
@@ -92,6 +97,26 @@ class JournaledConfirmations(MemoryConfirmationCache):
         """Cache now and journal it."""
         super().remember(contact_id, segment_id)
         self._store.remember_confirmation(contact_id, segment_id, time.time())
+
+
+class CannotListen(Exception):
+    """The listener could not bind its address; the message names it and says why."""
+
+
+class Listener(Protocol):
+    """The HTTP server as the service starts and stops it (daemon/runner.py implements it)."""
+
+    async def prepare(self) -> None:
+        """Build the server; it accepts nothing yet."""
+        ...
+
+    async def open(self) -> None:
+        """Bind and accept connections; raises CannotListen."""
+        ...
+
+    async def close(self) -> None:
+        """Stop accepting, finish open requests within a bound, close the rest. Idempotent."""
+        ...
 
 
 @dataclass
@@ -189,18 +214,42 @@ class Service:
         self._token_ok = False
         self._token_error = ""
         self._token_lock = asyncio.Lock()
+        # What has started, in order: `drain()` undoes exactly that, in reverse.
+        self._stack = contextlib.AsyncExitStack()
+        self._drain_started: float | None = None
+        self._drain_task: asyncio.Future[None] | None = None
 
-    async def start(self) -> None:
-        """Open the journal, take back unfinished work, start every component."""
-        if isinstance(self.store, SqliteStore):
-            recovered = await self.store.open()
-            self.cache.restore(recovered.confirmations, time.time())
-            self.engine.restore(recovered.assignments, recovered.batches, recovered.queued)
-        await self.client.start()
-        await self.poller.start()
-        await self.engine.start()
-        if self.notifier is not None:
-            await self.notifier.start()
+    async def start(self, listener: Listener | None = None) -> None:
+        """Open the journal, take back unfinished work, start every component, then listen.
+
+        If a step fails, what had started is stopped again (in reverse) before the error
+        propagates.
+        """
+        async with contextlib.AsyncExitStack() as stack:
+            if isinstance(self.store, SqliteStore):
+                recovered = await self.store.open()
+                self.cache.restore(recovered.confirmations, time.time())
+                self.engine.restore(recovered.assignments, recovered.batches, recovered.queued)
+            stack.push_async_callback(self._close_store)
+            await self.client.start()
+            stack.push_async_callback(self._close_client)
+            if listener is not None:
+                await listener.prepare()
+                stack.push_async_callback(self._close_listener, listener)
+            # The notifier starts before the engine so that it stops after it: the engine's
+            # final flush finishes assignments whose notifications deserve a last chance.
+            if self.notifier is not None:
+                await self.notifier.start()
+                stack.push_async_callback(self._stop_notifier)
+            await self.poller.start()
+            stack.push_async_callback(self._stop_poller)
+            await self.engine.start()
+            stack.push_async_callback(self._stop_engine)
+            stack.callback(self._release_waiters)
+            stack.callback(self._stop_intake)
+            if listener is not None:
+                await listener.open()
+            self._stack = stack.pop_all()
         log.info(
             "segmapd started: %d webhook sources, store %s",
             len(self.verifiers),
@@ -208,34 +257,85 @@ class Service:
         )
 
     async def drain(self) -> None:
-        """Stop taking work, write what was accepted, stop everything; within the budget."""
+        """Stop taking work, write what was accepted, stop everything; within the budget.
+
+        Idempotent: a second call (also while the first runs) waits for the same drain.
+        """
+        if self._drain_task is None:
+            self._drain_task = asyncio.ensure_future(self._drain())
+        await asyncio.shield(self._drain_task)
+
+    async def stop(self) -> None:
+        """The component interface's name for `drain()`."""
+        await self.drain()
+
+    async def _drain(self) -> None:
+        started = self._drain_clock()
+        await self._stack.aclose()
+        log.info("drain complete in %.1f s", time.monotonic() - started)
+
+    # ---- the drain's steps, in the order they run (the reverse of `start`) ----------------
+
+    def _drain_clock(self) -> float:
+        """When the drain began; the budget of every step is counted from there."""
+        if self._drain_started is None:
+            self._drain_started = time.monotonic()
+        return self._drain_started
+
+    def _remaining_s(self) -> float:
+        return self.config.server.drain_budget_s - (time.monotonic() - self._drain_clock())
+
+    def _stop_intake(self) -> None:
+        self._drain_clock()
         self.draining = True
-        budget = self.config.server.drain_budget_s
-        started = time.monotonic()
         log.info(
-            "draining: %d buffered, %d pending writes, %d awaiting validation",
+            "drain: intake stopped (503 + Retry-After); %d buffered, %d pending writes, "
+            "%d awaiting validation",
             self.engine.buffered,
             self.engine.pending_writes,
             self.poller.pending,
         )
-        await self.engine.stop(budget_s=budget * 0.7)
+
+    def _release_waiters(self) -> None:
+        released = self.engine.release_waiters()
+        log.info("drain: answered %d open waits with their states so far", released)
+
+    async def _stop_engine(self) -> None:
+        await self.engine.stop(budget_s=self.config.server.drain_budget_s * 0.7)
         log.info(
-            "drain: engine stopped after %.1f s, %d writes still pending",
-            time.monotonic() - started,
+            "drain: engine stopped after %.1f s, %d writes still pending (resent at next start)",
+            time.monotonic() - self._drain_clock(),
             self.engine.pending_writes,
         )
+
+    async def _stop_poller(self) -> None:
+        pending = self.poller.pending
         await self.poller.stop()
-        if self.notifier is not None:
-            remaining = max(1.0, budget - (time.monotonic() - started))
-            await self.notifier.stop(budget_s=remaining * 0.8)
+        log.info("drain: poller stopped, %d assignments left to validate at next start", pending)
+
+    async def _stop_notifier(self) -> None:
+        assert self.notifier is not None
+        await self.notifier.stop(budget_s=max(1.0, self._remaining_s()) * 0.8)
+        log.info(
+            "drain: notifier stopped, %d notifications kept for the next start",
+            self.notifier.pending,
+        )
+
+    async def _close_listener(self, listener: Listener) -> None:
+        await listener.close()
+
+    async def _close_client(self) -> None:
         await self.client.close()
+        log.info("drain: CXone client closed")
+
+    async def _close_store(self) -> None:
         try:
             await self.store.flush()
         except StoreUnavailable as exc:
             self.journal_failed = True
             log.error("drain: the journal cannot commit (%s); stopping with it as it is", exc)
         await self.store.close()
-        log.info("drain complete in %.1f s", time.monotonic() - started)
+        log.info("drain: journal closed")
 
     async def token_ready(self) -> tuple[bool, str]:
         """Whether a CXone token can be had; checked at most every 10 s (token calls are scarce)."""

@@ -114,6 +114,8 @@ class Engine:
         )
         self._gate = ContactGate(self.batching.max_inflight_per_contact)
         self._waiters: dict[AssignmentKey, list[asyncio.Future[Assignment]]] = {}
+        # Set by `release_waiters()`: a draining process answers waits at once, with states so far.
+        self._waiters_released = False
         self._sender = BatchSender(
             client=client,
             store=store,
@@ -380,12 +382,13 @@ class Engine:
         """Wait up to `timeout_s` for the assignments to end; returns their latest states.
 
         An assignment ends when it is active or failed (or written, when no verifier is set).
+        After `release_waiters()` it returns at once, with the states reached so far.
         """
         keys = [(contact_id, s) for s in dict.fromkeys(segment_ids)]
         waiting: list[tuple[AssignmentKey, asyncio.Future[Assignment]]] = []
         loop = asyncio.get_running_loop()
         for key in keys:
-            if self._pending(*key):
+            if self._pending(*key) and not self._waiters_released:
                 future: asyncio.Future[Assignment] = loop.create_future()
                 self._waiters.setdefault(key, []).append(future)
                 waiting.append((key, future))
@@ -418,6 +421,24 @@ class Engine:
             if current is not None:
                 result.append(current)
         return result
+
+    def release_waiters(self) -> int:
+        """End every `wait()` now, and any later one at once; returns how many were waiting.
+
+        For the drain: a caller waiting minutes for indexing must get its answer (the states so
+        far) before the process stops, not hold the HTTP server open past the stop timeout.
+        Idempotent.
+        """
+        self._waiters_released = True
+        released = 0
+        for futures in self._waiters.values():
+            for future in futures:
+                if not future.done():
+                    # Cancelled, not resolved: `wait()` then reports the live or stored state.
+                    future.cancel()
+                    released += 1
+        self._waiters.clear()
+        return released
 
     # ---- the flusher ---------------------------------------------------------------------
 

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import signal
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import pytest
 
-from tests.e2e.conftest import StartDaemon
+from daemon.config import load_config
+from daemon.runner import HttpListener
+from daemon.service import Service
+from tests.e2e.conftest import Daemon, StartDaemon, daemon_config
 from tests.support.emulator import EmulatorControl
 
 
@@ -84,3 +90,94 @@ async def test_sd_notify_ready_status_watchdog_and_stopping(
         assert await asyncio.to_thread(daemon.process.wait, 20) == 0
     finally:
         sock.close()
+
+
+# ---- open `?wait=` requests at shutdown ------------------------------------------------------
+
+# Indexing that takes minutes and a validation window that never asks for a refresh during the
+# test: the assignments stay `verifying`, so every `?wait=` request is still open at SIGTERM.
+SLOW_INDEXING = {"indexing": {"median_s": 120.0, "p99_s": 240.0, "stall_fraction": 0.0}}
+NO_REFRESH = {"window_s": 600.0, "deadline_s": 1200.0}
+
+
+async def open_wait(
+    daemon: Daemon, http: aiohttp.ClientSession, events: Any, wait_s: float
+) -> tuple[int, Any]:
+    async with http.post(
+        f"{daemon.url}/v1/mappings?wait={wait_s:g}", json=events, headers=daemon.admin
+    ) as response:
+        return response.status, await response.json(content_type=None)
+
+
+@pytest.mark.parametrize("wait_s", [300, 25])
+async def test_sigterm_answers_open_waits_at_once_then_exits_0_and_keeps_the_work(
+    start_daemon: StartDaemon, emulator: EmulatorControl, http: aiohttp.ClientSession, wait_s
+):
+    await emulator.configure(SLOW_INDEXING)
+    daemon = await start_daemon(validation=NO_REFRESH)
+    requests: list[list[dict[str, Any]]] = [
+        [{"contactId": f"w{n}", "segmentIds": ["A", "B"]}] for n in range(3)
+    ] + [[{"contactId": "w3", "segmentIds": ["A"]}, {"contactId": "w4", "segmentIds": ["B"]}]]
+    contacts: dict[str, list[str]] = {e["contactId"]: e["segmentIds"] for r in requests for e in r}
+    waits = [asyncio.create_task(open_wait(daemon, http, r, wait_s)) for r in requests]
+    try:
+        # Written and waiting for indexing: what a caller of ?wait= usually waits for.
+        for contact_id in contacts:
+            await daemon.wait_states(http, contact_id, {"verifying"}, timeout_s=15)
+        assert not any(w.done() for w in waits)
+        daemon.process.signal(signal.SIGTERM)
+        # Bounded well below systemd's TimeoutStopSec=45 (and far below aiohttp's 2 x 60 s).
+        answers = await asyncio.wait_for(asyncio.gather(*waits), 20)
+        code = await asyncio.to_thread(daemon.process.wait, 20)
+    finally:
+        for w in waits:
+            w.cancel()
+    assert code == 0
+    for request, (status, body) in zip(requests, answers, strict=True):
+        assert status == 202, body
+        assert body["complete"] is False
+        assert [r["contactId"] for r in body["results"]] == [e["contactId"] for e in request]
+        for event, result in zip(request, body["results"], strict=True):
+            states = {s["segmentId"]: s["state"] for s in result["segments"]}
+            assert states == {s: "verifying" for s in event["segmentIds"]}, body
+
+    # The journal kept the work: after a restart (now allowed to refresh) it all ends active.
+    text = daemon.config.read_text()
+    assert "window_s = 600.0" in text
+    daemon.config.write_text(text.replace("window_s = 600.0", "window_s = 1.0"))
+    daemon.restart()
+    for contact_id, segments in contacts.items():
+        states = await daemon.wait_states(http, contact_id, {"active"}, timeout_s=30)
+        assert set(states) == set(segments)
+
+
+async def test_drain_and_stop_are_idempotent(emulator: EmulatorControl, tmp_path: Path):
+    config_path = tmp_path / "segmapd.toml"
+    config_path.write_text(
+        daemon_config(
+            emulator.url,
+            "admin-token-idempotent",
+            "whsec_" + base64.b64encode(b"x" * 24).decode(),
+            {"store": {"url": f"sqlite://{tmp_path}/journal.db"}},
+        )
+    )
+    config = load_config(config_path, environ={})
+    service = Service(config)
+    listener = HttpListener(service, config)
+    await service.start(listener)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{listener.url}/healthz") as response:
+            assert response.status == 200
+        # Concurrent and repeated calls all wait for the one drain; none fails.
+        await asyncio.gather(service.drain(), service.drain(), service.stop())
+        await service.drain()
+        await service.stop()
+        await listener.close()
+        assert service.draining and not service.journal_failed
+        with pytest.raises(aiohttp.ClientConnectionError):
+            async with session.get(f"{listener.url}/healthz"):
+                pass
+    # The journal was closed: a second process may open it.
+    reopened = Service(config)
+    await reopened.start()
+    await reopened.stop()
