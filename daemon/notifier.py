@@ -115,15 +115,21 @@ def rfc3339(timestamp: float) -> str:
 def build_event(assignment: Assignment) -> tuple[str, bytes]:
     """Return `(webhook_id, body)` of the event announcing a finished assignment.
 
-    The id is derived from what the event says (contact, segment, state and the time it got
-    there), not drawn at random: if we crash after sending and before forgetting the event, or
-    the engine reports the same transition twice, the resend carries the same id and the
-    receiver can drop it as a duplicate. The event's `timestamp` is when the assignment got
-    there, for the same reason: the body of a resend is byte-for-byte the same.
+    The id is derived from what identifies the news, not drawn at random: the contact, the
+    segment, the outcome (the event type), and the change that led to it, known by the time it
+    was received (`received_at`, journaled with the assignment before it is ever sent). Not by
+    the time the outcome was reached: a restart between the confirmation and the journal's
+    commit redoes the confirmation later, and the same news must keep its id so the receiver
+    can drop the resend as a duplicate. A later change of the same pair (a new request, a
+    replayed dead letter) is received anew and so gets a new id.
+
+    The event's `timestamp` is when the assignment got there, so the body of an event resent
+    from the journal is byte-for-byte the same; only a redone confirmation may carry a later
+    timestamp under the same id.
     """
     state = str(assignment.state)
     identity = orjson.dumps(
-        [assignment.contact_id, assignment.segment_id, state, repr(assignment.updated_at)]
+        [assignment.contact_id, assignment.segment_id, state, repr(assignment.received_at)]
     )
     event_id = "msg_" + hashlib.sha256(identity).hexdigest()[:32]
     body = orjson.dumps(

@@ -11,6 +11,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -20,6 +21,7 @@ from aiohttp import web
 from standardwebhooks import Webhook
 
 from daemon.notifier import InMemoryJournal, Notifier, build_event
+from daemon.store.sqlite import SqliteStore
 from scheduler.model import Assignment, FailureReason, State
 from scheduler.retry import RetryPolicy
 
@@ -132,6 +134,7 @@ def finished(
     segment: str = "s1",
     state: State = State.ACTIVE,
     *,
+    received_at: float = T0,
     updated_at: float = T0 + 2.5,
     reason: FailureReason | None = None,
     message: str = "",
@@ -143,7 +146,7 @@ def finished(
         reason=reason,
         message=message,
         attempts=2,
-        received_at=T0,
+        received_at=received_at,
         updated_at=updated_at,
     )
 
@@ -214,9 +217,44 @@ def test_event_id_is_deterministic_and_distinct() -> None:
     again_id, again_body = build_event(finished())
     assert (first_id, first_body) == (again_id, again_body)
     assert first_id.startswith("msg_")
-    assert build_event(finished(updated_at=T0 + 3))[0] != first_id
+    # The same change confirmed later (as a restart redoes it) is the same news: the same id.
+    assert build_event(finished(updated_at=T0 + 30))[0] == first_id
+    # Another change of the pair, another outcome or another pair: another id.
+    assert build_event(finished(received_at=T0 + 1))[0] != first_id
     assert build_event(finished(state=State.FAILED))[0] != first_id
     assert build_event(finished(segment="s2"))[0] != first_id
+    assert build_event(finished(contact="c2"))[0] != first_id
+
+
+async def test_a_confirmation_redone_after_a_restart_keeps_the_webhook_id(tmp_path: Path) -> None:
+    # The journal holds the assignment as verifying; the daemon confirms it, notifies, and
+    # dies before the journal's commit. The restarted daemon confirms it again, later.
+    path = str(tmp_path / "journal.db")
+    store = SqliteStore(path)
+    await store.open()
+    journaled = Assignment("c1", "s1", received_at=T0, updated_at=T0)
+    for state in (State.SENDING, State.WRITTEN, State.VERIFYING):
+        journaled.transition(state, T0 + 1)
+        store.record(journaled)
+    await store.close()
+    journaled.transition(State.ACTIVE, T0 + 4)
+    first_id, _ = build_event(journaled)
+
+    again = SqliteStore(path)
+    recovered = await again.open()
+    try:
+        (redone,) = recovered.assignments
+        redone.transition(State.ACTIVE, T0 + 600)
+        assert build_event(redone)[0] == first_id
+
+        # The pair's next change, received after the restart, is different news.
+        newer = Assignment("c1", "s1", received_at=T0 + 700, updated_at=T0 + 700)
+        newer.transition(State.SENDING, T0 + 701)
+        newer.transition(State.WRITTEN, T0 + 702)
+        newer.transition(State.ACTIVE, T0 + 705)
+        assert build_event(newer)[0] != first_id
+    finally:
+        await again.close()
 
 
 async def test_retries_after_500_with_the_same_id_and_a_fresh_signature(
