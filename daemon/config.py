@@ -62,6 +62,11 @@ class ServerConfig(_Section):
     max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
     high_water: int = Field(default=1_000_000, ge=1)
     drain_budget_s: float = Field(default=20.0, gt=0)
+    # Per-connection bounds against slow or idle clients (slowloris); see daemon/connections.py.
+    max_connections: int = Field(default=1000, ge=1, le=1_000_000)
+    header_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    body_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    keepalive_timeout_s: float = Field(default=30.0, gt=0, le=3600)
 
     @field_validator("listen")
     @classmethod

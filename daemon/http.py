@@ -10,12 +10,16 @@ import asyncio
 import hmac
 import logging
 import math
+import os
+import resource
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from daemon.notifier import rfc3339
 from daemon.openapi import OPENAPI_DOCUMENT
@@ -62,9 +66,12 @@ _REASONS = {
     401: "Unauthorized",
     404: "NotFound",
     405: "MethodNotAllowed",
+    408: "RequestTimeout",
     413: "PayloadTooLarge",
+    414: "URITooLong",
     415: "UnsupportedMediaType",
     422: "UnprocessableEntity",
+    431: "RequestHeaderFieldsTooLarge",
     500: "InternalError",
     503: "ServiceUnavailable",
 }
@@ -96,12 +103,24 @@ async def error_middleware(
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[SERVICE].config.server.max_body_bytes
         return problem(413, f"body larger than {limit} bytes (server.max_body_bytes)")
+    except web.HTTPRequestTimeout:
+        timeout_s = request.app[SERVICE].config.server.body_timeout_s
+        response = problem(408, f"body not received within {timeout_s:g} s (server.body_timeout_s)")
+        response.force_close()  # the rest of the body may still trickle in
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         return problem(exc.status, exc.reason)
     except asyncio.CancelledError:
         raise
+    except (HttpProcessingError, RequestPayloadError, ConnectionResetError) as exc:
+        # A malformed or abandoned body (bad chunking, short Content-Length, a dropped client):
+        # the sender's doing, which anyone can repeat, so no traceback and no error line.
+        log.debug("malformed body on %s %s: %s", request.method, request.path, type(exc).__name__)
+        response = problem(400, "malformed or incomplete request body")
+        response.force_close()
+        return response
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return problem(500, "internal error; see the segmapd log")
@@ -116,7 +135,12 @@ async def read_body(request: web.Request) -> bytes:
     limit = service.config.server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
-    return await request.read()
+    # aiohttp bounds no body read: a sender trickling bytes would hold a connection forever.
+    try:
+        async with asyncio.timeout(service.config.server.body_timeout_s):
+            return await request.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout() from None
 
 
 def require_admin(request: web.Request) -> web.Response | None:
@@ -192,6 +216,29 @@ def accepted_body(result: SubmitResult) -> dict[str, int]:
     """`{"accepted": assignments in the request, "duplicates": those already pending or active}`."""
     duplicates = result.joined + result.cached
     return {"accepted": result.queued + duplicates, "duplicates": duplicates}
+
+
+# Readiness fails when fewer descriptors than this are left (see daemon/connections.py).
+FD_LOW_WATER = 32
+
+
+def fd_usage() -> tuple[int, int] | None:
+    """(descriptors open, soft limit) of this process, or None where /proc is not available."""
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return None
+    return in_use, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def fd_check(usage: tuple[int, int] | None) -> str:
+    """The readiness verdict on descriptors: "ok", "unknown", or "exhausted: N of M in use"."""
+    if usage is None:
+        return "unknown"
+    in_use, limit = usage
+    if limit - in_use < FD_LOW_WATER:
+        return f"exhausted: {in_use} of {limit} in use"
+    return "ok"
 
 
 # ---- routes ------------------------------------------------------------------------------------
@@ -379,8 +426,10 @@ async def readyz(request: web.Request) -> web.Response:
         checks["store"] = f"not writable: {exc}"
     token_ok, token_error = await service.token_ready()
     checks["cxone_token"] = "ok" if token_ok else token_error
+    checks["fds"] = fd_check(fd_usage())
     ready = (
-        not service.draining
+        not checks["fds"].startswith("exhausted")
+        and not service.draining
         and not engine.overloaded
         and checks["store"] == "ok"
         and token_ok

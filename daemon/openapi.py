@@ -165,7 +165,7 @@ def _waited(complete: Schema) -> Schema:
 
 def _readiness(*, ready: bool) -> Schema:
     """A /readyz answer: the verdict and each check, `ok` (or `no` for draining) or why not."""
-    checks = ["draining", "queue", "store", "cxone_token"]
+    checks = ["draining", "queue", "store", "cxone_token", "fds"]
     return {
         "type": "object",
         "required": ["ready", "checks"],
@@ -210,7 +210,9 @@ OPENAPI_DOCUMENT: Schema = {
         "version": "0.1.0",
         "description": "Keeps NICE CXone static-segment memberships in step with a CRM. Bad "
         "input always gets a specific 4xx naming the problem; a 5xx other than a documented 503 "
-        "is a bug in segmapd.",
+        "is a bug in segmapd. Any request may also be answered 503 with Retry-After when more "
+        "than server.max_connections connections are open, 408 when its body does not arrive "
+        "within server.body_timeout_s, and 400/414/431 when it is not well-formed HTTP.",
     },
     "components": {
         "securitySchemes": {
