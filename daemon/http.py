@@ -25,6 +25,7 @@ from daemon.notifier import rfc3339
 from daemon.openapi import OPENAPI_DOCUMENT
 from daemon.service import Service
 from listeners import WebhookRejected, parse_events
+from listeners.payload import loads_unique
 from scheduler.engine import EngineClosed, EngineOverloaded, SubmitResult
 from scheduler.model import Assignment, MappingRequest
 from scheduler.store import StoreUnavailable
@@ -377,9 +378,10 @@ async def replay_dead_letters(request: web.Request) -> web.Response:
     only: set[str] | None = None
     if body.strip():
         try:
-            parsed = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            return problem(400, f"body: not JSON ({exc})")
+            # Small and rare: the exact check for repeated keys costs nothing here.
+            parsed = loads_unique(body)
+        except WebhookRejected as exc:
+            return problem(exc.status, exc.message, field=exc.field)
         if not isinstance(parsed, dict) or set(parsed) - {"contactIds"}:
             return problem(400, 'body: expected {"contactIds": [...]} or nothing')
         ids = parsed.get("contactIds")

@@ -17,13 +17,15 @@ Statuses, with the location in both `message` and `field`:
 Unknown keys are refused: a typo such as `segmentIDs` must not pass as a lighter request. The
 first problem refuses the whole delivery, so nothing is journaled from a body the sender has to
 correct and send again. Duplicate segment ids within an event are dropped, keeping first
-occurrences in order.
+occurrences in order. A key repeated within one object is refused (400), never "last one wins":
+the sender and segmapd would disagree about what was asked.
 """
 
 from __future__ import annotations
 
+import json
 import re
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import orjson
 
@@ -55,6 +57,8 @@ def parse_events(body: bytes) -> list[MappingRequest]:
     except orjson.JSONDecodeError as exc:
         raise WebhookRejected(400, f"body: {_json_problem(exc, body)}", "body") from None
     if type(document) is dict:
+        if _may_repeat_keys(body, 1):
+            reject_duplicate_keys(body)
         return [_event(document, "body")]
     if type(document) is not list:
         raise WebhookRejected(
@@ -69,7 +73,71 @@ def parse_events(body: bytes) -> list[MappingRequest]:
         raise WebhookRejected(
             422, f"body: {len(document)} events; at most {MAX_EVENTS} per delivery", "body"
         )
+    if _may_repeat_keys(body, len(document)):
+        reject_duplicate_keys(body)
     return [_event(event, f"body[{index}]") for index, event in enumerate(document)]
+
+
+def _may_repeat_keys(body: bytes, events: int) -> bool:
+    """False only when no event object of `body` can hold a key twice; a cheap scan.
+
+    orjson keeps the last of repeated keys without saying so. Any other key is refused as
+    unknown anyway, so only `contactId` and `segmentIds` can repeat unnoticed; without a
+    backslash (ids never contain one) every occurrence of those keys is spelled literally, and
+    `events` of each means one per event. A value spelled like a key only costs the exact check.
+    """
+    return (
+        body.count(b'"contactId"') > events or body.count(b'"segmentIds"') > events or b"\\" in body
+    )
+
+
+class _Unique(dict[str, Any]):
+    """A decoded JSON object that remembers the first key it saw twice."""
+
+    repeated: str | None = None
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> _Unique:
+    decoded = _Unique(pairs)
+    if len(decoded) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                decoded.repeated = key
+                break
+            seen.add(key)
+    return decoded
+
+
+def loads_unique(body: bytes) -> Any:
+    """`body` decoded as JSON, refused (400) when any object in it repeats a key."""
+    try:
+        document = json.loads(body, object_pairs_hook=_unique_pairs)
+    except RecursionError:
+        raise WebhookRejected(400, "body: nested too deeply", "body") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise WebhookRejected(400, f"body: not valid JSON: {exc}", "body") from None
+    # Iteratively (the document may be deep): the first object in document order that repeats.
+    stack: list[tuple[Any, str]] = [(document, "body")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, _Unique):
+            if node.repeated is not None:
+                key = node.repeated[:_QUOTED_KEY_CHARS]
+                raise WebhookRejected(
+                    400,
+                    f"{path}: key {key!r} appears more than once; send each key once",
+                    f"{path}.{key}",
+                )
+            stack.extend((value, f"{path}.{key}") for key, value in reversed(node.items()))
+        elif isinstance(node, list):
+            stack.extend((value, f"{path}[{i}]") for i, value in reversed(list(enumerate(node))))
+    return document
+
+
+def reject_duplicate_keys(body: bytes) -> None:
+    """Raise `WebhookRejected` (400, naming the key and its path) if an object repeats a key."""
+    loads_unique(body)
 
 
 def _event(event: object, path: str) -> MappingRequest:
