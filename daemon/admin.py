@@ -190,28 +190,40 @@ async def import_csv(
     session: aiohttp.ClientSession, headers: dict[str, str], path: str, batch: int
 ) -> int:
     """Send `contactId,segmentId[,segmentId...]` rows in batches; print progress and a summary."""
+    if batch < 1:
+        raise CommandError(f"--batch must be at least 1, got {batch}")
     try:
-        rows = await asyncio.to_thread(_read_rows, path)
+        records = await asyncio.to_thread(_read_records, path)
     except OSError as exc:
         raise CommandError(f"cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise CommandError(f"{path}: not UTF-8 text") from None
     summary = ImportSummary()
     events: list[tuple[int, dict[str, Any]]] = []
-    for number, row in enumerate(rows, start=1):
-        cells = [c.strip() for c in row if c.strip()]
+    first = True
+    for record in records:
+        if record.error is not None:
+            summary.rows += 1
+            summary.rejected.append(f"line {record.line}: {record.error}")
+            first = False
+            continue
+        cells = [c.strip() for c in record.cells if c.strip()]
         if not cells:
             continue
-        if number == 1 and cells[0].lower() in ("contactid", "contact_id", "contact"):
+        if first and cells[0].lower() in HEADER_NAMES:
+            first = False
             continue  # a header row
+        first = False
         summary.rows += 1
         if len(cells) < 2:
-            summary.rejected.append(f"line {number}: needs a contact id and at least one segment")
+            summary.rejected.append(
+                f"line {record.line}: needs a contact id and at least one segment"
+            )
             continue
-        events.append((number, {"contactId": cells[0], "segmentIds": cells[1:]}))
+        events.append((record.line, {"contactId": cells[0], "segmentIds": cells[1:]}))
     started = time.monotonic()
     total = len(events)
-    for start in range(0, total, max(1, batch)):
+    for start in range(0, total, batch):
         chunk = events[start : start + batch]
         await _import_chunk(session, headers, chunk, summary)
         done = min(start + batch, total)
@@ -244,21 +256,58 @@ async def _import_chunk(
         summary.accepted += payload["accepted"]
         summary.duplicates += payload["duplicates"]
         return
+    if code == 413 and len(chunk) > 1:
+        # The body is over the daemon's max_body_bytes: halves fit sooner, and only a row that
+        # is too large on its own is lost.
+        middle = len(chunk) // 2
+        await _import_chunk(session, headers, chunk[:middle], summary)
+        await _import_chunk(session, headers, chunk[middle:], summary)
+        return
     if code in (400, 422) and len(chunk) > 1:
         # One bad row must not sink its neighbours: send the rows one by one to find it.
         for item in chunk:
             await _import_chunk(session, headers, [item], summary)
         return
-    if code in (400, 422):
+    if code in (400, 413, 422):
         message = payload.get("message", payload) if isinstance(payload, dict) else payload
         summary.rejected.append(f"line {chunk[0][0]}: {message}")
         return
     raise _fail(code, payload)
 
 
-def _read_rows(path: str) -> list[list[str]]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        return list(csv.reader(handle))
+HEADER_NAMES = frozenset({"contactid", "contact_id", "contact"})
+
+
+@dataclass(frozen=True, slots=True)
+class CsvRecord:
+    """One CSV record and the physical line it starts on, or why it could not be read."""
+
+    line: int
+    cells: list[str]
+    error: str | None = None
+
+
+def _read_records(path: str) -> list[CsvRecord]:
+    # utf-8-sig: Excel's "CSV UTF-8" starts with a byte order mark, which would otherwise stick
+    # to the first header cell and make the header look like a data row.
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        records: list[CsvRecord] = []
+        # line_num counts physical lines read so far; a quoted field may span several, so a
+        # record starts on the line after the previous record ended.
+        ended = 0
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return records
+            except csv.Error as exc:
+                # A field over the csv module's limit (128 KiB: far beyond any id), a NUL byte:
+                # the reader goes on with the next line, so only this row is lost.
+                records.append(CsvRecord(ended + 1, [], f"unreadable CSV ({exc})"))
+            else:
+                records.append(CsvRecord(ended + 1, cells))
+            ended = reader.line_num
 
 
 def _progress(done: int, total: int, started: float) -> None:

@@ -71,7 +71,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "import", help="backfill a CSV of contactId,segmentId[,segmentId...] through the daemon"
     )
     imp.add_argument("file", metavar="FILE.csv")
-    imp.add_argument("--batch", type=int, default=500, help="events per request (%(default)s)")
+    imp.add_argument(
+        "--batch", type=_positive_int, default=500, help="events per request (%(default)s)"
+    )
     client_options(imp)
 
     health = commands.add_parser("healthcheck", help="exit 0 if the daemon is ready, 1 if not")
@@ -90,9 +92,39 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (an error message otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+# Options whose value may begin with "-": admin tokens are random URL-safe text (one in 64
+# starts with "-"), and argparse would take such a value for an option and exit with status 2.
+_FREE_VALUE_OPTIONS = ("--token",)
+
+
+def _attach_free_values(argv: Sequence[str]) -> list[str]:
+    """Rewrite `--token VALUE` as `--token=VALUE`, which argparse never mistakes for an option."""
+    joined: list[str] = []
+    items = iter(argv)
+    for item in items:
+        if item in _FREE_VALUE_OPTIONS:
+            value = next(items, None)
+            joined.append(item if value is None else f"{item}={value}")
+        else:
+            joined.append(item)
+    return joined
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command named on the command line and return its exit status."""
-    args = _build_parser().parse_args(argv)
+    raw = sys.argv[1:] if argv is None else argv
+    args = _build_parser().parse_args(_attach_free_values(raw))
     if args.command == "emulator":
         from cxone_emulator.server import serve
 

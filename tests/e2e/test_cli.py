@@ -124,3 +124,97 @@ async def test_healthcheck_and_check_config(
     }
     code, _, err = await segmapd("check-config", "--config", str(daemon.config), env=env)
     assert code == 2 and "base64" in err and "Traceback" not in err
+
+
+async def test_import_reads_excel_csv_with_a_bom_and_multiline_fields(
+    start_daemon: StartDaemon,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    cli_env: dict[str, str],
+):
+    daemon = await start_daemon()
+    csv_file = tmp_path / "excel.csv"
+    # Excel's "CSV UTF-8": a byte order mark, CRLF line ends, a quoted cell with a line break.
+    lines = [
+        "contactId,segmentId",
+        "310000000001,BOM1",
+        '"bad\nid",BOM1',  # starts on line 3, ends on line 4
+        "lonely",  # line 5
+        "310000000002,BOM1",
+    ]
+    csv_file.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    code, out, err = await segmapd("import", str(csv_file), *admin_args(daemon), env=cli_env)
+    assert code == 1, err
+    # The header is recognised despite the BOM, so it is neither imported nor rejected.
+    assert "imported 2 of 4 rows: 2 assignments accepted" in out
+    assert "line 3:" in out and "line 5:" in out
+    assert "line 1" not in out and "line 4" not in out
+    await daemon.wait_states(http, "310000000002", {"active"}, 30)
+
+
+async def test_import_splits_a_chunk_the_daemon_finds_too_large(
+    start_daemon: StartDaemon,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    cli_env: dict[str, str],
+):
+    daemon = await start_daemon(server={"max_body_bytes": 4096})
+    segments = ",".join(f"SPLIT{n}" for n in range(4))
+    rows = [f"{320000000000 + i},{segments}" for i in range(100)]
+    # One row too large for any request on its own (but within the csv module's field limit).
+    rows.insert(40, f"320000009999,{'S' * 5000}")
+    csv_file = tmp_path / "large.csv"
+    csv_file.write_text("\n".join(rows) + "\n")
+    code, out, err = await segmapd(
+        "import", str(csv_file), "--batch", "100", *admin_args(daemon), env=cli_env
+    )
+    assert code == 1, err
+    assert "imported 100 of 101 rows: 400 assignments accepted" in out
+    assert "line 41:" in out and "max_body_bytes" in out
+    assert "Traceback" not in err
+    await daemon.wait_states(http, "320000000099", {"active"}, 30)
+
+
+async def test_import_rejects_an_oversized_field_and_a_bad_batch_without_a_traceback(
+    start_daemon: StartDaemon,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    cli_env: dict[str, str],
+):
+    daemon = await start_daemon()
+    csv_file = tmp_path / "huge.csv"
+    rows = ["330000000001,HUGE1", f"330000000002,{'H' * 200_000}", "330000000003,HUGE1"]
+    csv_file.write_text("\n".join(rows) + "\n")
+    code, out, err = await segmapd("import", str(csv_file), *admin_args(daemon), env=cli_env)
+    assert code == 1, err
+    assert "imported 2 of 3 rows: 2 assignments accepted" in out
+    assert "line 2: unreadable CSV (field larger than field limit" in out
+    assert "Traceback" not in err
+    await daemon.wait_states(http, "330000000003", {"active"}, 30)
+
+    for batch in ("0", "-1", "many"):
+        code, _, err = await segmapd(
+            "import", str(csv_file), "--batch", batch, *admin_args(daemon), env=cli_env
+        )
+        assert code == 2
+        assert "argument --batch" in err and "Traceback" not in err
+
+
+async def test_an_admin_token_starting_with_a_dash_is_taken_as_the_token(
+    start_daemon: StartDaemon, tmp_path: Path, cli_env: dict[str, str]
+):
+    # The fixture's tokens are random URL-safe text: one in 64 starts with "-", which argparse
+    # took for an option (exit 2): that was the import test's occasional failure.
+    token = "-dash-" + "t" * 16
+    daemon = await start_daemon(server={"admin_tokens": [token]})
+    csv_file = tmp_path / "one.csv"
+    csv_file.write_text("340000000001,DASH1\n")
+    code, out, err = await segmapd(
+        "import", str(csv_file), "--url", daemon.url, "--token", token, env=cli_env
+    )
+    assert code == 0 and "imported 1 of 1 rows" in out, err
+    # A wrong token that looks like an option is still a token, refused by the daemon.
+    code, _, err = await segmapd(
+        "status", "340000000001", "--url", daemon.url, "--token", "--nope", env=cli_env
+    )
+    assert code == 1 and "401" in err, err
