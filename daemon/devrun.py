@@ -1,39 +1,135 @@
-"""`make run`: the CXone emulator and segmapd on loopback, wired together, for trying it out."""
+"""`make run`: the CXone emulator and segmapd on loopback, wired together, for trying it out.
+
+Stopping (Ctrl-C, SIGTERM, or the end of either child): segmapd drains first, while the emulator
+still answers, then the emulator stops. Ctrl-C reaches every process of the terminal's
+foreground group at once, so each child runs in its own session and hears only from this
+process; and a child dies with this process if it is killed outright (Linux), so none is ever
+left running.
+"""
 
 from __future__ import annotations
 
 import argparse
 import base64
+import ctypes
+import ctypes.util
 import json
 import os
 import secrets
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
 
 RUN_DIR = Path(".run")
+# segmapd drains within server.drain_budget_s (20 s by default) plus its store close.
+DAEMON_STOP_TIMEOUT_S = 40.0
+EMULATOR_STOP_TIMEOUT_S = 10.0
+_PR_SET_PDEATHSIG = 1
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+class _Children:
+    """The processes started so far, stopped newest first: segmapd before the emulator."""
 
+    def __init__(self) -> None:
+        self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.stopping = False
 
-def _start(
-    argv: list[str], env: dict[str, str] | None = None
-) -> tuple[subprocess.Popen[bytes], str]:
-    """Start a child that prints a JSON `listening` line; return it and its URL."""
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, env=env)
-    assert process.stdout is not None
-    for raw in process.stdout:
+    def start(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None
+    ) -> tuple[subprocess.Popen[bytes], str]:
+        """Start a child that prints a JSON `listening` line; return it and its URL."""
+        # Held off until the child is recorded, so that a Ctrl-C never leaves one unknown.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
-            event = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(event, dict) and event.get("event") == "listening":
-            return process, str(event["url"])
-    raise SystemExit(f"{argv[3]} exited ({process.wait()}) before it was listening")
+            process = subprocess.Popen(
+                argv,
+                stdout=subprocess.PIPE,
+                env=env,
+                # Not in the terminal's process group: Ctrl-C is ours to turn into an ordered
+                # stop, segmapd first.
+                start_new_session=True,
+                preexec_fn=_child_setup(os.getpid()),  # noqa: PLW1509 - one thread here
+            )
+            self.processes.append((name, process))
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        assert process.stdout is not None
+        for raw in process.stdout:
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and event.get("event") == "listening":
+                return process, str(event["url"])
+        raise SystemExit(f"{name} exited ({process.wait()}) before it was listening")
+
+    def stop(self) -> None:
+        """SIGTERM each child, newest first, and wait for it to exit; SIGKILL past its bound."""
+        self.stopping = True
+        for name, process in reversed(self.processes):
+            if process.poll() is None:
+                print(f"stopping {name} (pid {process.pid})", file=sys.stderr, flush=True)
+                process.send_signal(signal.SIGTERM)
+                timeout = DAEMON_STOP_TIMEOUT_S if name == "segmapd" else EMULATOR_STOP_TIMEOUT_S
+                try:
+                    process.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    print(f"{name} did not stop in {timeout:g} s: killing it", file=sys.stderr)
+                    process.kill()
+                    process.wait()
+                print(f"{name} stopped ({process.returncode})", file=sys.stderr, flush=True)
+            if process.stdout is not None:
+                process.stdout.close()
+
+    def kill(self) -> None:
+        """SIGKILL every child still running (a second Ctrl-C: the user will not wait)."""
+        for _, process in self.processes:
+            if process.poll() is None:
+                process.kill()
+
+
+def _child_setup(parent: int) -> Callable[[], None]:
+    """The child's pre-exec hook: stop signals unblocked, and a SIGTERM when `parent` dies.
+
+    The signal mask survives exec, so the block held while starting must be lifted here. A
+    child in its own session outlives a parent that is SIGKILLed; on Linux the kernel is asked
+    to SIGTERM it then, so that it stops (segmapd drains) instead of running on unseen.
+    """
+    prctl = None
+    if sys.platform.startswith("linux"):
+        prctl = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl
+
+    def hook() -> None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+            if os.getppid() != parent:  # the parent died before the request was made
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    return hook
+
+
+def _install_signal_handlers(children: _Children) -> None:
+    """Ctrl-C and SIGTERM stop in order; a second one kills the children at once.
+
+    Installed explicitly, whatever was inherited: a background job starts with SIGINT ignored,
+    and this process would then never stop for it. Handled signals are reset to their default
+    in a child at exec, so the children start with SIGINT and SIGTERM at their defaults too.
+    """
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        if not children.stopping:
+            children.stopping = True
+            raise KeyboardInterrupt
+        print(f"{signal.Signals(signum).name} again: killing the children", file=sys.stderr)
+        children.kill()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handle)
 
 
 def _config(
@@ -67,16 +163,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--emulator-port", type=int, default=8081)
     parser.add_argument("--daemon-port", type=int, default=8080)
     args = parser.parse_args(argv)
-    # SIGTERM (a supervisor, `timeout`) must clean up like Ctrl-C does: no orphaned children.
-    signal.signal(signal.SIGTERM, _interrupt)
+    children = _Children()
+    _install_signal_handlers(children)
 
     python = sys.executable
-    children: list[subprocess.Popen[bytes]] = []
     try:
-        emulator, emulator_url = _start(
-            [python, "-m", "daemon.cli", "emulator", "--port", str(args.emulator_port)]
+        _, emulator_url = children.start(
+            "emulator", [python, "-m", "daemon.cli", "emulator", "--port", str(args.emulator_port)]
         )
-        children.append(emulator)
         RUN_DIR.mkdir(exist_ok=True)
         # The emulator forgets everything between runs, so the journal starts empty too.
         for leftover in RUN_DIR.glob("journal.db*"):
@@ -100,10 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             )
         env = {k: v for k, v in os.environ.items() if not k.startswith("SEGMAPD_")}
-        daemon, daemon_url = _start(
-            [python, "-m", "daemon.cli", "run", "--config", str(config_path)], env=env
+        daemon, daemon_url = children.start(
+            "segmapd", [python, "-m", "daemon.cli", "run", "--config", str(config_path)], env=env
         )
-        children.append(daemon)
         segmapd = Path(python).with_name("segmapd")
         print(
             f"""
@@ -125,15 +218,7 @@ Ctrl-C stops both.""",
     except KeyboardInterrupt:
         return 0
     finally:
-        for child in reversed(children):
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-                try:
-                    child.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    child.kill()
-            if child.stdout is not None:
-                child.stdout.close()
+        children.stop()
 
 
 if __name__ == "__main__":
