@@ -1,27 +1,36 @@
 """Validation: a written membership becomes `active` only once CXone answers `isMember: true`.
 
-Polling is coalesced per segment: one sweep per segment per `interval_s` covers every pending
-contact of that segment, and a (segment, contact) pair is read at most once per interval and
-never twice at the same time. Reads pass the `read` rate gate, whose 429 pauses every read.
+Reads are the scarce budget: CXone takes about 2,000 written ids a second but answers only 50
+membership reads, one pair each. So every decision here rests on reads that really happened,
+never on wall time alone, and a long read queue is never a failure.
 
-Sweeps do not read themselves: they put their pairs on one read queue, which a single reader
-task drains through the gate, earliest-due first. A pair is due at its sweep, but never sooner
-than `_READ_SLACK` of an interval after its previous read. So when reads lag behind their
-sweeps (the gate is saturated), a pair waits in the queue for the rest of its spacing instead of
-missing the whole sweep, and it is still read at every sweep; and only reads that are being
-sent hold a task, not the thousands that wait for the gate.
-
-A pair still not visible after `window_s` of polling calls for a refresh of its segment, which
-CXone allows once per segment per `refresh_min_interval_s`. The budget is checked before every
-refresh, so many batches of one segment share one refresh; when it is spent, the refresh is
-scheduled for when it is allowed and the segment is not polled meanwhile. A pair still not
-visible `deadline_s` after it was written fails with `not_indexed`.
+- **One read queue, earliest due first.** A pair is first due one `interval_s` after its write
+  (indexing takes seconds), and again one interval after each read that did not show it. A
+  single reader takes due pairs through the `read` rate gate (whose 429 pauses every read) and
+  starts each read in its own task, so only reads being sent hold a task. Under a backlog the
+  queue's own wait spaces the reads: a pair not yet visible goes behind every pair due before
+  it, so pairs are read earliest-written first, none starves, and by the time most pairs are
+  read their indexing is done — reads per assignment approach 1.
+- **A pair is read at most once per interval and never twice at once.**
+- **Refresh on evidence.** A pair calls for a refresh of its segment only when a read sent at
+  least `window_s` after its write (or after the segment's last refresh) still did not show
+  it. CXone allows one refresh per segment per `refresh_min_interval_s`; the budget is spent
+  and committed before the refresh is sent. While a refresh is scheduled (budget spent), the
+  pairs that called for it wait without reads; every other pair of the segment goes on being
+  read. A refresh whose answer was lost (timeout, reset, 5xx) may have been applied: its pairs
+  are read again first, and only if they still do not show is the refresh tried again — so a
+  lost answer costs a read, not a 429.
+- **Fail only on evidence.** A pair fails `not_indexed` only when a read sent at least
+  `deadline_s` after the write did not show it, after at least `MIN_READS_TO_FAIL` such reads
+  and a read after a successful refresh of its segment (or after refreshes kept failing).
+  Every outcome is decided where a read's answer arrives, so an answer is always used.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import heapq
 import itertools
 import logging
@@ -35,6 +44,7 @@ from scheduler.model import Assignment, FailureReason, State
 from scheduler.observer import EngineObserver
 from scheduler.ratelimit import RateGate
 from scheduler.retry import RetryPolicy
+from scheduler.store import StoreUnavailable
 from scheduler.upstream import (
     CXoneClient,
     RateLimited,
@@ -47,9 +57,12 @@ from scheduler.validation_state import ConfirmationCache, RefreshBudget
 
 log = logging.getLogger(__name__)
 
-# A pair joins a sweep if its last read is at least this share of the interval old: sweeps and
-# reads drift by scheduling noise, and a read 1.95 s ago should not wait for another sweep.
-_READ_SLACK = 0.9
+#: Reads that must have failed to show a pair before it may fail `not_indexed`.
+MIN_READS_TO_FAIL = 3
+#: CXone shows a refreshed segment's pending writes within 1 s; read a little after that.
+REFRESH_SETTLE_S = 1.2
+#: Consecutive failed refresh attempts after which a pair past its deadline may fail anyway.
+REFRESH_ATTEMPTS_BEFORE_GIVING_UP = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,30 +92,63 @@ class VerificationSink(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class ReadBacklog:
+    """How far confirmation lags: pairs waiting for a read and how long the oldest has waited."""
+
+    waiting: int  # queued for a read (due now or within an interval)
+    oldest_wait_s: float  # how long the longest-overdue queued read has been due
+    awaiting_refresh: int  # not read until their segment's scheduled refresh
+    reading: int  # reads being sent
+
+
+@dataclass(frozen=True, slots=True)
+class PairProgress:
+    """What validation has observed of one pair so far (wall-clock times)."""
+
+    reads: int  # answered reads that did not show the membership
+    last_read_at: float | None
+    next_read_at: float | None  # None while reading or waiting for a refresh
+    awaiting_refresh: bool
+
+
+class _Stage(enum.Enum):
+    QUEUED = "queued"  # in the read queue
+    READING = "reading"  # the gate let its read through; the answer is awaited
+    AWAITING_REFRESH = "awaiting_refresh"  # not read until its segment's refresh
+    IDLE = "idle"  # between stop() and start()
+
+
 @dataclass(slots=True)
 class _Pair:
     assignment: Assignment
     written_at: float  # monotonic
-    window_start: float  # monotonic start of the current polling window
-    last_read: float = float("-inf")  # when the gate last let a read of this pair through
-    reading: bool = False  # queued for a read or being read
+    window_start: float  # monotonic: the write, or the segment's latest refresh after it
+    stage: _Stage = _Stage.IDLE
+    ticket: int = -1  # the order number of its live queue entry
+    due: float = 0.0
+    reads: int = 0  # answered reads that did not show it
+    first_read_sent: float | None = None  # monotonic send time of the first of those
+    last_read_sent: float = float("-inf")  # when the gate last let a read of it through
+    read_after_refresh: bool = False  # one of those reads came after a refresh had settled
 
 
-#: A queued read: (due time, order of queueing, segment id, pair, its segment's watch).
-_QueuedRead = tuple[float, int, str, "_Pair", "_SegmentWatch"]
+#: A queued read: (due time, ticket, pair, its segment's watch).
+_QueuedRead = tuple[float, int, _Pair, "_SegmentWatch"]
 
 
 @dataclass(slots=True)
 class _SegmentWatch:
+    segment_id: str
     pairs: dict[str, _Pair] = field(default_factory=dict)
-    refresh_at: float | None = None  # monotonic time of a scheduled refresh
-    refreshed: bool = False  # a refresh was made since the oldest pending write
-    task: asyncio.Task[None] | None = None
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    refresh_task: asyncio.Task[None] | None = None  # scheduled or being sent
+    refreshed_at: float | None = None  # monotonic time of the latest successful refresh answer
+    refreshes: int = 0  # successful refreshes while this watch lived
+    refresh_failures: int = 0  # consecutive failed refresh attempts
 
 
 class MembershipPoller:
-    """Confirms written assignments by polling CXone; refreshes segments within their budget."""
+    """Confirms written assignments by reading CXone; refreshes segments within their budget."""
 
     def __init__(
         self,
@@ -118,6 +164,7 @@ class MembershipPoller:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        refresh_timeout_s: float = 10.0,
     ) -> None:
         self.policy = policy or ValidationPolicy()
         self._client = client
@@ -130,14 +177,17 @@ class MembershipPoller:
         self._rng = rng or random.Random()
         self._clock = clock
         self._wall = wall_clock
+        # CXone starts a segment's hour when it processes the refresh, at the latest when our
+        # request times out: the spend made before sending reaches that far.
+        self._refresh_timeout_s = refresh_timeout_s
         self._watches: dict[str, _SegmentWatch] = {}
         self._reads: set[asyncio.Task[None]] = set()
-        # Reads due, earliest first; the counter keeps a sweep's pairs in their order.
         self._queue: list[_QueuedRead] = []
-        self._queue_order = itertools.count()
+        self._tickets = itertools.count()
         self._queue_changed = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
         self._running = False
+        self._counts = dict.fromkeys(_Stage, 0)
 
     # ---- the Verifier interface the engine calls -------------------------------------------
 
@@ -151,43 +201,77 @@ class MembershipPoller:
             return
         now = self._clock()
         wall_now = self._wall()
-        # The deadline runs from the write, also for assignments recovered after a restart.
-        written_at = [now - max(0.0, wall_now - _written_wall(a)) for a in assignments]
         self._sink.verifying(assignments)
-        for assignment, written in zip(assignments, written_at, strict=True):
+        for assignment in assignments:
+            # The deadline runs from the write, also for assignments recovered after a restart.
+            written = now - max(0.0, wall_now - _written_wall(assignment))
             watch = self._watches.get(assignment.segment_id)
             if watch is None:
-                watch = self._watches[assignment.segment_id] = _SegmentWatch()
-            watch.pairs[assignment.contact_id] = _Pair(assignment, written, now)
-            watch.wake.set()
-            if self._running and (watch.task is None or watch.task.done()):
-                watch.task = asyncio.create_task(
-                    self._run_segment(assignment.segment_id, watch),
-                    name=f"validate {assignment.segment_id}",
-                )
+                watch = self._watches[assignment.segment_id] = _SegmentWatch(assignment.segment_id)
+            replaced = watch.pairs.get(assignment.contact_id)
+            if replaced is not None:
+                # Written again: the old pair's queue entry and any read in flight go stale.
+                self._counts[replaced.stage] -= 1
+                replaced.stage, replaced.ticket = _Stage.IDLE, -1
+            window_start = written
+            if watch.refreshed_at is not None:
+                window_start = max(written, watch.refreshed_at)
+            pair = _Pair(assignment, written, window_start)
+            watch.pairs[assignment.contact_id] = pair
+            self._counts[_Stage.IDLE] += 1
+            if self._running:
+                self._enqueue(pair, watch, written + self.policy.interval_s)
 
     @property
     def pending(self) -> int:
         """Assignments waiting for confirmation."""
         return sum(len(w.pairs) for w in self._watches.values())
 
+    def backlog(self) -> ReadBacklog:
+        """The read backlog now: how many pairs wait for a read, and for how long."""
+        oldest = 0.0
+        top = self._live_top()
+        if top is not None:
+            oldest = max(0.0, self._clock() - top[0])
+        return ReadBacklog(
+            waiting=self._counts[_Stage.QUEUED],
+            oldest_wait_s=oldest,
+            awaiting_refresh=self._counts[_Stage.AWAITING_REFRESH],
+            reading=self._counts[_Stage.READING],
+        )
+
+    def progress(self, contact_id: str, segment_id: str) -> PairProgress | None:
+        """What has been observed of a pair under validation; None if it is not watched."""
+        watch = self._watches.get(segment_id)
+        pair = watch.pairs.get(contact_id) if watch is not None else None
+        if pair is None:
+            return None
+        to_wall = self._wall() - self._clock()
+        last = pair.last_read_sent + to_wall if pair.last_read_sent > float("-inf") else None
+        return PairProgress(
+            reads=pair.reads,
+            last_read_at=last,
+            next_read_at=pair.due + to_wall if pair.stage is _Stage.QUEUED else None,
+            awaiting_refresh=pair.stage is _Stage.AWAITING_REFRESH,
+        )
+
     # ---- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start polling (also for assignments handed over before start)."""
+        """Start reading (also for assignments handed over before start)."""
         self._running = True
         if self._reader is None or self._reader.done():
             self._reader = asyncio.create_task(self._run_reader(), name="validation reads")
-        for segment_id, watch in self._watches.items():
-            if watch.pairs and (watch.task is None or watch.task.done()):
-                watch.task = asyncio.create_task(
-                    self._run_segment(segment_id, watch), name=f"validate {segment_id}"
-                )
+        for watch in self._watches.values():
+            for pair in watch.pairs.values():
+                if pair.stage is _Stage.IDLE:
+                    due = max(pair.written_at, pair.last_read_sent) + self.policy.interval_s
+                    self._enqueue(pair, watch, due)
 
     async def stop(self) -> None:
-        """Stop polling; pending assignments stay `verifying` for a later start. Idempotent."""
+        """Stop reading; pending assignments stay `verifying` for a later start. Idempotent."""
         self._running = False
-        tasks = [w.task for w in self._watches.values() if w.task is not None]
+        tasks = [w.refresh_task for w in self._watches.values() if w.refresh_task is not None]
         tasks += list(self._reads)
         if self._reader is not None:
             tasks.append(self._reader)
@@ -198,89 +282,50 @@ class MembershipPoller:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._queue.clear()
         for watch in self._watches.values():
-            watch.task = None
+            watch.refresh_task = None
             for pair in watch.pairs.values():
-                pair.reading = False
+                self._set_stage(pair, _Stage.IDLE)
 
-    # ---- one segment -------------------------------------------------------------------------
+    # ---- the read queue ----------------------------------------------------------------------
 
-    async def _run_segment(self, segment_id: str, watch: _SegmentWatch) -> None:
-        # The first sweep comes one interval after the first write: indexing takes seconds.
-        last_sweep = self._clock()
-        try:
-            while watch.pairs:
-                wait = self._until_next(watch, last_sweep)
-                if wait > 0:
-                    # A new write wakes us early only to recompute the wait, never to sweep
-                    # sooner than once per interval.
-                    await self._sleep(watch, wait)
-                    continue
-                last_sweep = self._clock()
-                try:
-                    await self._sweep(segment_id, watch)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("validation sweep of segment %s failed", segment_id)
-        finally:
-            if not watch.pairs and self._watches.get(segment_id) is watch:
-                del self._watches[segment_id]
+    def _set_stage(self, pair: _Pair, stage: _Stage) -> None:
+        self._counts[pair.stage] -= 1
+        self._counts[stage] += 1
+        pair.stage = stage
 
-    def _until_next(self, watch: _SegmentWatch, last_sweep: float) -> float:
-        next_sweep = last_sweep + self.policy.interval_s
-        polling = any(not self._awaiting_refresh(watch, p) for p in watch.pairs.values())
-        if not polling and watch.refresh_at is not None:
-            # Nothing to poll until the scheduled refresh: sleep until it (or a deadline).
-            oldest = min(p.written_at for p in watch.pairs.values())
-            next_sweep = max(next_sweep, min(watch.refresh_at, oldest + self.policy.deadline_s))
-        return next_sweep - self._clock()
+    def _enqueue(self, pair: _Pair, watch: _SegmentWatch, due: float) -> None:
+        # Never sooner than one interval after its previous read.
+        due = max(due, pair.last_read_sent + self.policy.interval_s)
+        pair.ticket = next(self._tickets)
+        pair.due = due
+        self._set_stage(pair, _Stage.QUEUED)
+        heapq.heappush(self._queue, (due, pair.ticket, pair, watch))
+        self._queue_changed.set()
 
-    async def _sleep(self, watch: _SegmentWatch, seconds: float) -> None:
-        watch.wake.clear()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(watch.wake.wait(), seconds)
-
-    def _awaiting_refresh(self, watch: _SegmentWatch, pair: _Pair) -> bool:
-        return (
-            watch.refresh_at is not None
-            and self._clock() - pair.window_start >= self.policy.window_s
-        )
-
-    async def _sweep(self, segment_id: str, watch: _SegmentWatch) -> None:
-        now = self._clock()
-        policy = self.policy
-        # Deadline first: these will never be polled again.
-        expired = [p for p in watch.pairs.values() if now - p.written_at >= policy.deadline_s]
-        if expired:
-            self._give_up(segment_id, watch, expired)
+    def _forget(self, watch: _SegmentWatch, pair: _Pair) -> None:
+        """Stop watching a pair (confirmed or failed); its queue entry, if any, goes stale."""
+        if watch.pairs.get(pair.assignment.contact_id) is pair:
+            del watch.pairs[pair.assignment.contact_id]
+        self._counts[pair.stage] -= 1
+        pair.stage = _Stage.IDLE
+        pair.ticket = -1
         if not watch.pairs:
-            return
-        # A refresh is due when its scheduled time has come or, if none is scheduled, when a
-        # polling window ran out (the budget decides whether it can be sent now).
-        if watch.refresh_at is not None:
-            refresh_due = now >= watch.refresh_at
-        else:
-            refresh_due = any(now - p.window_start >= policy.window_s for p in watch.pairs.values())
-        if refresh_due:
-            await self._refresh(segment_id, watch)
-        now = self._clock()
-        spacing = policy.interval_s * _READ_SLACK
+            task = watch.refresh_task
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()  # nothing left for a scheduled refresh to release
+            watch.refresh_task = None
+            if self._watches.get(watch.segment_id) is watch:
+                del self._watches[watch.segment_id]
+
+    def _live_top(self) -> _QueuedRead | None:
         queue = self._queue
-        order = self._queue_order
-        queued = False
-        for pair in watch.pairs.values():
-            if pair.reading or self._awaiting_refresh(watch, pair):
-                continue
-            if now - pair.written_at < spacing:
-                continue  # indexing takes seconds: a read right after the write is wasted
-            # Due now, but never sooner than one spacing after this pair's previous read: a read
-            # that the gate let through late in the last sweep waits for the rest of it here.
-            pair.reading = True
-            due = max(now, pair.last_read + spacing)
-            heapq.heappush(queue, (due, next(order), segment_id, pair, watch))
-            queued = True
-        if queued:
-            self._queue_changed.set()
+        while queue:
+            entry = queue[0]
+            pair = entry[2]
+            if pair.stage is _Stage.QUEUED and pair.ticket == entry[1]:
+                return entry
+            heapq.heappop(queue)  # confirmed, failed or queued again meanwhile
+        return None
 
     async def _run_reader(self) -> None:
         """Keep the read queue drained: one failed iteration must not stop every read."""
@@ -294,18 +339,15 @@ class MembershipPoller:
                 await asyncio.sleep(0.1)
 
     async def _drain_reads(self) -> None:
-        """Send queued reads through the gate, earliest due first, each in its own task."""
-        queue = self._queue
+        """Send due reads through the gate, earliest due first, each in its own task."""
         changed = self._queue_changed
         while True:
-            # Pairs confirmed, given up or failed while queued need no read and no token.
-            while queue and not _still_watched(queue[0]):
-                heapq.heappop(queue)[3].reading = False
-            if not queue:
+            top = self._live_top()
+            if top is None:
                 changed.clear()
                 await changed.wait()
                 continue
-            wait = queue[0][0] - self._clock()
+            wait = top[0] - self._clock()
             if wait > 0:
                 # An earlier-due read queued meanwhile wakes us to look again.
                 changed.clear()
@@ -313,101 +355,183 @@ class MembershipPoller:
                     await asyncio.wait_for(changed.wait(), wait)
                 continue
             await self._read_gate.acquire()
-            if not queue:
-                continue  # a failed segment emptied the queue meanwhile; the token is lost
-            _, _, segment_id, pair, watch = heapq.heappop(queue)
-            if not _still_watched((0.0, 0, segment_id, pair, watch)):
-                pair.reading = False  # dropped while we waited for the gate; the token is lost
-                continue
-            pair.last_read = self._clock()
-            task = asyncio.create_task(
-                self._read(segment_id, pair.assignment.contact_id, pair, watch)
-            )
+            # The earliest due read may have changed while we waited for the gate.
+            top = self._live_top()
+            if top is None:
+                continue  # every queued pair went meanwhile; the token is lost
+            heapq.heappop(self._queue)
+            _, _, pair, watch = top
+            self._set_stage(pair, _Stage.READING)
+            pair.last_read_sent = self._clock()
+            task = asyncio.create_task(self._read(pair, watch))
             self._reads.add(task)
             task.add_done_callback(self._reads.discard)
 
-    async def _read(
-        self, segment_id: str, contact_id: str, pair: _Pair, watch: _SegmentWatch
-    ) -> None:
-        """One membership read the gate let through; the pair is `reading` until it ends."""
-        requeued = False
+    # ---- one read ----------------------------------------------------------------------------
+
+    async def _read(self, pair: _Pair, watch: _SegmentWatch) -> None:
+        """One membership read the gate let through; decides what the answer means."""
+        segment_id = watch.segment_id
+        contact_id = pair.assignment.contact_id
+        sent = pair.last_read_sent
         started = time.monotonic()
         try:
-            try:
-                result = await self._client.is_member(segment_id, contact_id)
-            except RateLimited as exc:
-                self._observer.upstream_outcome("read", "rate_limited", seconds_since(started))
-                self._read_gate.pause(exc.retry_after_s)
-                # Nothing was read: queue it again, to go with every other read after the pause.
-                if self._running and watch.pairs.get(contact_id) is pair:
-                    due = max(self._clock(), pair.last_read + self.policy.interval_s * _READ_SLACK)
-                    heapq.heappush(
-                        self._queue, (due, next(self._queue_order), segment_id, pair, watch)
-                    )
-                    self._queue_changed.set()
-                    requeued = True
-                return
-            except SegmentNotFound as exc:
-                self._observer.upstream_outcome("read", "permanent", seconds_since(started))
-                self._fail_segment(segment_id, watch, FailureReason.SEGMENT_NOT_FOUND, str(exc))
-                return
-            except UpstreamError as exc:
-                # 5xx, timeouts: the next sweep reads this pair again.
-                self._observer.upstream_outcome("read", outcome_of(exc), seconds_since(started))
-                log.info("membership read %s/%s failed: %s", segment_id, contact_id, exc)
-                return
-            self._observer.upstream_outcome("read", "ok", seconds_since(started))
-            self._observer.membership_read(segment_id, result.is_member)
-            if result.is_member and watch.pairs.get(contact_id) is pair:
-                del watch.pairs[contact_id]
-                self._cache.remember(contact_id, segment_id)
-                self._sink.confirm([pair.assignment])
-                if not watch.pairs:
-                    watch.wake.set()
-        finally:
-            if not requeued:
-                pair.reading = False
-
-    async def _refresh(self, segment_id: str, watch: _SegmentWatch) -> None:
-        wall_now = self._wall()
-        allowed = self._budget.next_allowed(segment_id)
-        if allowed > wall_now:
-            watch.refresh_at = self._clock() + (allowed - wall_now)
-            log.info(
-                "segment %s: refresh budget spent; next refresh in %.0f s, polling paused",
-                segment_id,
-                allowed - wall_now,
-            )
+            result = await self._client.is_member(segment_id, contact_id)
+        except RateLimited as exc:
+            self._observer.upstream_outcome("read", "rate_limited", seconds_since(started))
+            self._read_gate.pause(exc.retry_after_s)
+            # Nothing was read: again, with every other read, after the pause.
+            self._again(pair, watch, self._clock())
             return
-        # Spend the budget before sending: a crash mid-request must not lead to a second refresh.
-        self._budget.spend(segment_id, wall_now, wall_now + self.policy.refresh_min_interval_s)
+        except SegmentNotFound as exc:
+            self._observer.upstream_outcome("read", "permanent", seconds_since(started))
+            self._fail_segment(watch, FailureReason.SEGMENT_NOT_FOUND, str(exc))
+            return
+        except UpstreamError as exc:
+            # 5xx, timeouts, resets: nothing was learned; read again after an interval.
+            self._observer.upstream_outcome("read", outcome_of(exc), seconds_since(started))
+            log.info("membership read %s/%s failed: %s", segment_id, contact_id, exc)
+            self._again(pair, watch, self._clock() + self.policy.interval_s)
+            return
+        except BaseException:
+            if pair.stage is _Stage.READING:
+                self._set_stage(pair, _Stage.IDLE)  # cancelled by stop(): start() reads again
+            raise
+        self._observer.upstream_outcome("read", "ok", seconds_since(started))
+        self._observer.membership_read(segment_id, result.is_member)
+        if watch.pairs.get(contact_id) is not pair:
+            return  # replaced or failed with its segment while the read was out
+        if result.is_member:
+            self._forget(watch, pair)
+            self._cache.remember(contact_id, segment_id)
+            self._sink.confirm([pair.assignment])
+            return
+        self._not_shown(pair, watch, sent)
+
+    def _again(self, pair: _Pair, watch: _SegmentWatch, due: float) -> None:
+        """Queue the pair for another read (unless it went, or reading stopped, meanwhile)."""
+        if watch.pairs.get(pair.assignment.contact_id) is not pair:
+            return
+        if not self._running:
+            self._set_stage(pair, _Stage.IDLE)
+            return
+        self._enqueue(pair, watch, due)
+
+    def _not_shown(self, pair: _Pair, watch: _SegmentWatch, sent: float) -> None:
+        """A read sent at `sent` answered `isMember: false`."""
+        policy = self.policy
+        pair.reads += 1
+        if pair.first_read_sent is None:
+            pair.first_read_sent = sent
+        if watch.refreshed_at is not None and sent >= watch.refreshed_at + REFRESH_SETTLE_S:
+            pair.read_after_refresh = pair.read_after_refresh or (
+                watch.refreshed_at > pair.written_at
+            )
+        if sent - pair.written_at >= policy.deadline_s and self._may_fail(pair, watch):
+            self._give_up(watch, pair, sent)
+            return
+        if sent - pair.window_start >= policy.window_s:
+            # Read after it had a whole window to show, and still missing: needs a refresh.
+            self._set_stage(pair, _Stage.AWAITING_REFRESH)
+            self._request_refresh(watch)
+            return
+        self._again(pair, watch, sent + policy.interval_s)
+
+    def _may_fail(self, pair: _Pair, watch: _SegmentWatch) -> bool:
+        if pair.reads < MIN_READS_TO_FAIL:
+            return False
+        if pair.read_after_refresh:
+            return True
+        # No refresh shown to it: fail only if refreshes keep failing or cannot come in time.
+        return (
+            watch.refresh_failures >= REFRESH_ATTEMPTS_BEFORE_GIVING_UP
+            or self.policy.refresh_min_interval_s > self.policy.deadline_s
+        )
+
+    # ---- refreshes ---------------------------------------------------------------------------
+
+    def _request_refresh(self, watch: _SegmentWatch) -> None:
+        if not self._running:
+            return
+        if watch.refresh_task is None or watch.refresh_task.done():
+            watch.refresh_task = asyncio.create_task(
+                self._refresh_when_allowed(watch), name=f"refresh {watch.segment_id}"
+            )
+
+    async def _refresh_when_allowed(self, watch: _SegmentWatch) -> None:
+        """Refresh the segment as soon as its budget allows, then release its waiting pairs."""
+        segment_id = watch.segment_id
+        try:
+            while watch.pairs:
+                wall_now = self._wall()
+                reach = wall_now + self.policy.refresh_min_interval_s + self._refresh_timeout_s
+                try:
+                    allowed = await self._budget.try_spend(segment_id, wall_now, reach)
+                except StoreUnavailable as exc:
+                    log.warning(
+                        "segment %s: refresh postponed, journal unavailable (%s)", segment_id, exc
+                    )
+                    await asyncio.sleep(self._retry.delay(1, self._rng))
+                    continue
+                if allowed > wall_now:
+                    log.info(
+                        "segment %s: refresh budget spent; next refresh in %.0f s, "
+                        "%d memberships wait for it",
+                        segment_id,
+                        allowed - wall_now,
+                        sum(p.stage is _Stage.AWAITING_REFRESH for p in watch.pairs.values()),
+                    )
+                    await asyncio.sleep(allowed - wall_now)
+                    continue
+                await self._send_refresh(watch)
+                return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("refresh of segment %s failed unexpectedly", segment_id)
+            self._release_awaiting(watch, self._clock() + self.policy.interval_s)
+
+    async def _send_refresh(self, watch: _SegmentWatch) -> None:
+        """Send one refresh (its budget already spent) and act on its answer."""
+        segment_id = watch.segment_id
         started = time.monotonic()
         try:
             result = await self._client.refresh(segment_id)
         except SegmentNotFound as exc:
             self._observer.upstream_outcome("refresh", "permanent", seconds_since(started))
-            self._fail_segment(segment_id, watch, FailureReason.SEGMENT_NOT_FOUND, str(exc))
+            self._fail_segment(watch, FailureReason.SEGMENT_NOT_FOUND, str(exc))
             return
         except UpstreamError as exc:
-            # Unknown whether it was applied. Try again after a backoff: if it was, CXone says 429
-            # with the time left, which is then recorded; the budget is never guessed past.
+            # It may have been applied, even after our timeout (a lost answer). Its pairs are
+            # read for a whole window again first: if it was applied they show, and a second
+            # refresh would only earn a 429. If they still do not show, they call for a refresh
+            # again, allowed by then (after a backoff).
             self._observer.upstream_outcome("refresh", outcome_of(exc), seconds_since(started))
-            delay = self._retry.delay(1, self._rng, exc.retry_after_s)
-            self._budget.spend(segment_id, wall_now, wall_now + delay)
-            watch.refresh_at = self._clock() + delay
+            watch.refresh_failures += 1
+            delay = self._retry.delay(watch.refresh_failures, self._rng, exc.retry_after_s)
+            self._budget.spend(segment_id, self._wall(), self._wall() + delay)
             log.warning(
-                "refresh of segment %s failed (%s); again in %.1f s", segment_id, exc, delay
+                "refresh of segment %s failed (%s); reading its memberships again, "
+                "refresh allowed again in %.1f s",
+                segment_id,
+                exc,
+                delay,
             )
+            self._release_awaiting(watch, self._clock() + REFRESH_SETTLE_S, new_window=True)
             return
         if not result.accepted:
+            # Refreshed within the hour -- by another tool, or by a refresh of ours whose answer
+            # was lost. CXone says when we may; meanwhile, one more read each shows whether that
+            # refresh covered these pairs, and those it did not wait for the allowed time.
             self._observer.upstream_outcome("refresh", "rate_limited", seconds_since(started))
+            wall_now = self._wall()
             self._budget.spend(segment_id, wall_now, wall_now + result.retry_after_s)
-            watch.refresh_at = self._clock() + result.retry_after_s
             log.warning(
-                "segment %s: refresh refused for %.0f s more; scheduled",
+                "segment %s: refresh refused for %.0f s more; reading once more, then waiting",
                 segment_id,
                 result.retry_after_s,
             )
+            self._release_awaiting(watch, self._clock())
             return
         self._observer.upstream_outcome("refresh", "ok", seconds_since(started))
         # CXone's hour starts when it processed the refresh, somewhere before its answer reached
@@ -415,44 +539,56 @@ class MembershipPoller:
         answered = self._wall()
         self._budget.spend(segment_id, answered, answered + self.policy.refresh_min_interval_s)
         self._observer.segment_refreshed(segment_id)
-        log.info("segment %s refreshed for %d pending memberships", segment_id, len(watch.pairs))
-        watch.refresh_at = None
-        watch.refreshed = True
         now = self._clock()
-        # Visible within a second: every pair is read again from this sweep on, each still one
-        # spacing after its previous read.
+        watch.refreshed_at = now
+        watch.refreshes += 1
+        watch.refresh_failures = 0
         for pair in watch.pairs.values():
-            pair.window_start = now
+            pair.window_start = max(pair.window_start, now)
+        log.info("segment %s refreshed for %d pending memberships", segment_id, len(watch.pairs))
+        self._release_awaiting(watch, now + REFRESH_SETTLE_S)
+        return
 
-    def _give_up(self, segment_id: str, watch: _SegmentWatch, pairs: list[_Pair]) -> None:
-        for pair in pairs:
-            watch.pairs.pop(pair.assignment.contact_id, None)
-        cause = (
-            "even after a segment refresh; the segment is probably dynamic (dynamic segments "
-            "accept direct writes and ignore them) or the membership was removed"
-            if watch.refreshed
-            else "and no refresh was possible in that time"
-        )
-        message = (
-            f"CXone did not show the membership {self.policy.deadline_s:.0f} s after the write, "
-            f"{cause}"
-        )
-        log.warning("segment %s: %d memberships not indexed: %s", segment_id, len(pairs), message)
-        self._sink.fail([p.assignment for p in pairs], FailureReason.NOT_INDEXED, message)
-
-    def _fail_segment(
-        self, segment_id: str, watch: _SegmentWatch, reason: FailureReason, message: str
+    def _release_awaiting(
+        self, watch: _SegmentWatch, due: float, *, new_window: bool = False
     ) -> None:
+        """Queue the pairs waiting for a refresh for a read; optionally with a fresh window."""
+        for pair in list(watch.pairs.values()):
+            if pair.stage is _Stage.AWAITING_REFRESH:
+                if new_window:
+                    pair.window_start = self._clock()
+                self._enqueue(pair, watch, due)
+
+    # ---- giving up ---------------------------------------------------------------------------
+
+    def _give_up(self, watch: _SegmentWatch, pair: _Pair, sent: float) -> None:
+        age = sent - pair.written_at
+        first = (pair.first_read_sent or sent) - pair.written_at
+        if pair.read_after_refresh:
+            refreshed = "including after a refresh of the segment"
+        else:
+            refreshed = (
+                f"with no successful refresh of the segment ({watch.refresh_failures} failed)"
+            )
+        message = (
+            f"CXone did not show the membership in {pair.reads} reads from {first:.0f} s to "
+            f"{age:.0f} s after the write, {refreshed}; possible causes: a dynamic segment "
+            "(it accepts direct writes and ignores them), or the membership was removed in CXone"
+        )
+        log.warning(
+            "segment %s: membership of %s not indexed: %s",
+            watch.segment_id,
+            pair.assignment.contact_id,
+            message,
+        )
+        self._forget(watch, pair)
+        self._sink.fail([pair.assignment], FailureReason.NOT_INDEXED, message)
+
+    def _fail_segment(self, watch: _SegmentWatch, reason: FailureReason, message: str) -> None:
         pairs = list(watch.pairs.values())
-        watch.pairs.clear()
-        watch.wake.set()
+        for pair in pairs:
+            self._forget(watch, pair)
         self._sink.fail([p.assignment for p in pairs], reason, message)
-
-
-def _still_watched(entry: _QueuedRead) -> bool:
-    """Whether a queued read's pair is still waiting for confirmation."""
-    pair, watch = entry[3], entry[4]
-    return watch.pairs.get(pair.assignment.contact_id) is pair
 
 
 def _written_wall(assignment: Assignment) -> float:

@@ -32,7 +32,16 @@ class RefreshBudget(Protocol):
         ...
 
     def spend(self, segment_id: str, at: float, next_allowed: float) -> None:
-        """Record a refresh sent at `at`; the next one is allowed from `next_allowed`."""
+        """Record that the next refresh is allowed from `next_allowed` (made durable lazily)."""
+        ...
+
+    async def try_spend(self, segment_id: str, now: float, next_allowed: float) -> float:
+        """Spend the budget if it allows a refresh at `now`, durably, before returning.
+
+        Returns 0.0 when spent (the caller may send the refresh: a crash from here on cannot
+        lead to a second one), else the wall-clock time from which a refresh is allowed.
+        Check and spend are one call so that a shared store can make them one atomic step.
+        """
         ...
 
 
@@ -86,5 +95,13 @@ class MemoryRefreshBudget:
         return self._next.get(segment_id, 0.0)
 
     def spend(self, segment_id: str, at: float, next_allowed: float) -> None:
-        """Record a refresh and when the next one is allowed."""
+        """Record when the next refresh is allowed."""
         self._next[segment_id] = next_allowed
+
+    async def try_spend(self, segment_id: str, now: float, next_allowed: float) -> float:
+        """Spend the budget if it allows a refresh now; 0.0, or when it will allow one."""
+        allowed = self._next.get(segment_id, 0.0)
+        if allowed > now:
+            return allowed
+        self._next[segment_id] = next_allowed
+        return 0.0

@@ -598,11 +598,24 @@ class SqliteStore:
         return self._refresh.get(segment_id, 0.0)
 
     def spend(self, segment_id: str, at: float, next_allowed: float) -> None:
-        """RefreshBudget: record a refresh; survives restarts."""
+        """RefreshBudget: record when the next refresh is allowed; committed with the next flush."""
         self._refresh[segment_id] = next_allowed
         with self._lock:
             self._pending.budget[segment_id] = next_allowed
             self._nudge()
+
+    async def try_spend(self, segment_id: str, now: float, next_allowed: float) -> float:
+        """RefreshBudget: spend and commit before the refresh is sent; 0.0, or when allowed.
+
+        A refresh sent with its spend only queued, then a crash, would be sent again after the
+        restart and answered 429. StoreUnavailable (the commit failed) means: do not send.
+        """
+        allowed = self._refresh.get(segment_id, 0.0)
+        if allowed > now:
+            return allowed
+        self.spend(segment_id, now, next_allowed)
+        await self.flush()
+        return 0.0
 
     def remember_confirmation(self, contact_id: str, segment_id: str, at: float) -> None:
         """Persist a validation-cache entry (wall-clock time of the confirmation)."""

@@ -242,3 +242,128 @@ async def test_read_429s_and_5xx_are_ridden_out(make_engine: MakeEngine, emulato
     answered = sum(v for k, v in counters["requests"]["read"].items() if k != "429")
     assert limited < answered / 2
     assert_reads_spaced(harness, policy.interval_s)
+
+
+# ---- reads are the scarce budget: decisions rest on reads that happened ----------------------
+
+
+def reads_per_pair(harness: EngineHarness) -> dict[tuple[str, str], int]:
+    counts: dict[tuple[str, str], int] = defaultdict(int)
+    for segment, contact, _ in harness.client.reads:
+        counts[(contact, segment)] += 1
+    return counts
+
+
+async def test_a_read_limited_backlog_fails_nothing_and_reads_each_pair_about_once(
+    make_engine: MakeEngine, emulator: EmulatorControl
+):
+    # 300 pairs at 20 reads/s take 15 s to read once: far past the 3 s deadline. None was
+    # read in time, so none may fail, and each is read about once (indexed by then).
+    await indexing(emulator, 0.2, 0.4, 0.0)
+    await emulator.configure({"limits": {"read": {"rate": 20, "burst": 20}}})
+    policy = fast_policy(window_s=2.0, deadline_s=3.0)
+    harness = await make_engine(validation=policy, batching=FAST_BATCHES, read_rps=20)
+    pairs = [(f"backlog-{i}", f"seg-{i % 3}") for i in range(300)]
+    for contact, segment in pairs:
+        harness.engine.submit(MappingRequest(contact, (segment,)))
+    states = await wait_states(harness, pairs, 40)
+    assert set(states.values()) == {State.ACTIVE}
+    assert await harness.store.failed() == []
+    assert len(harness.client.reads) <= len(pairs) * 1.2
+    counters = await emulator.counters()
+    assert counters["rate_limited"]["read"] == 0
+    assert counters["requests"]["refresh"] == {}  # a long read queue calls for no refresh
+
+
+async def test_read_faults_never_fail_a_pair_that_was_not_read(
+    make_engine: MakeEngine, emulator: EmulatorControl
+):
+    await indexing(emulator, 0.2, 0.4, 0.0)
+    await emulator.configure({"faults": {"read": {"error_rate": 0.6, "reset_rate": 0.2}}})
+    policy = fast_policy(interval_s=0.3, window_s=60.0, deadline_s=1.0)
+    harness = await make_engine(validation=policy, batching=FAST_BATCHES, read_rps=200)
+    pairs = [(f"faulty-{i}", "seg") for i in range(40)]
+    for contact, segment in pairs:
+        harness.engine.submit(MappingRequest(contact, (segment,)))
+    states = await wait_states(harness, pairs, 40)
+    assert set(states.values()) == {State.ACTIVE}
+    counters = await emulator.counters()
+    assert counters["faults"]["error"] + counters["faults"]["reset"] > 40
+
+
+async def test_an_answer_arriving_after_the_deadline_is_used(
+    make_engine: MakeEngine, emulator: EmulatorControl
+):
+    # Each read takes 1.5 s to answer; the deadline passes while the first one is out.
+    await indexing(emulator, 0.1, 0.2, 0.0)
+    await emulator.configure({"faults": {"read": {"latency_ms": 1500}}})
+    policy = fast_policy(interval_s=0.4, window_s=60.0, deadline_s=1.0)
+    harness = await make_engine(validation=policy, batching=FAST_BATCHES)
+    harness.engine.submit(MappingRequest("late-answer", ("seg",)))
+    [result] = await harness.engine.wait("late-answer", ["seg"], 15)
+    assert result.state is State.ACTIVE
+
+
+async def test_pairs_first_read_after_their_window_are_not_held_for_the_hourly_refresh(
+    make_engine: MakeEngine, emulator: EmulatorControl
+):
+    # The segment's refresh budget is spent for an hour, reads are slow enough that most
+    # windows run out before the pair's first read, and some reads fail. Indexed pairs must
+    # still be read and confirmed; only a pair read and missing may wait for a refresh.
+    await indexing(emulator, 0.1, 0.2, 0.0)
+    await emulator.configure(
+        {"limits": {"read": {"rate": 10, "burst": 10}}, "faults": {"read": {"error_rate": 0.3}}}
+    )
+    policy = fast_policy(window_s=1.0, refresh_min_interval_s=3600.0)
+    harness = await make_engine(validation=policy, batching=FAST_BATCHES, read_rps=10)
+    harness.budget.spend("held", time.time(), time.time() + 3600)
+    pairs = [(f"held-{i}", "held") for i in range(60)]
+    for contact, segment in pairs:
+        harness.engine.submit(MappingRequest(contact, (segment,)))
+    states = await wait_states(harness, pairs, 30)
+    assert set(states.values()) == {State.ACTIVE}
+    counters = await emulator.counters()
+    assert counters["faults"]["error"] > 0
+    assert counters["requests"]["refresh"] == {}
+
+
+async def test_a_refresh_whose_answer_was_lost_is_not_sent_again_blindly(
+    make_engine: MakeEngine, emulator: EmulatorControl
+):
+    # The refresh is applied, but its answer comes after the client's 2 s timeout. Sending it
+    # again would only earn a 429: the pairs are read again first, and they show.
+    await indexing(emulator, 0.1, 0.2, 1.0)
+    await emulator.configure(
+        {"refresh_min_interval_s": 600, "faults": {"refresh": {"latency_ms": 2500}}}
+    )
+    policy = fast_policy(window_s=2.0, refresh_min_interval_s=600.0)
+    harness = await make_engine(validation=policy, batching=FAST_BATCHES)
+    pairs = [(f"lost-{i}", "lost-answer") for i in range(10)]
+    for contact, segment in pairs:
+        harness.engine.submit(MappingRequest(contact, (segment,)))
+    states = await wait_states(harness, pairs, 20)
+    assert set(states.values()) == {State.ACTIVE}
+    counters = await emulator.counters()
+    assert counters["requests"]["refresh"] == {"202": 1}
+
+
+async def test_not_indexed_reports_what_was_observed(
+    make_engine: MakeEngine, emulator: EmulatorControl
+):
+    await indexing(emulator, 0.2, 0.4, 0.0)
+    await emulator.declare_segment("dyn-observed", "dynamic")
+    await emulator.configure({"refresh_min_interval_s": 1})
+    policy = fast_policy(window_s=0.8, refresh_min_interval_s=1.0, deadline_s=2.0)
+    harness = await make_engine(validation=policy, batching=FAST_BATCHES)
+    harness.engine.submit(MappingRequest("c-observed", ("dyn-observed",)))
+    [failed] = await harness.engine.wait("c-observed", ["dyn-observed"], 20)
+    assert (failed.state, failed.reason) == (State.FAILED, FailureReason.NOT_INDEXED)
+    reads = reads_per_pair(harness)[("c-observed", "dyn-observed")]
+    assert reads >= 3
+    assert f"in {reads} reads" in failed.message
+    assert "after a refresh" in failed.message
+    assert "possible causes" in failed.message and "dynamic" in failed.message
+    # The last read that decided it came after the deadline.
+    written = min(at for s, c, at in harness.client.reads if c == "c-observed")
+    last = max(at for s, c, at in harness.client.reads if c == "c-observed")
+    assert last - written >= policy.deadline_s - policy.interval_s

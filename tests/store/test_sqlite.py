@@ -359,3 +359,23 @@ async def test_one_transaction_of_any_size_journals_every_row_as_given(
         connection.close()
     assert journaled == expected
     assert answers == {f"d-{i}": b'{"accepted":1,"n":%d}' % i for i in range(rows)}
+
+
+async def test_a_spent_refresh_budget_is_committed_before_try_spend_returns(tmp_path: Path):
+    # The refresh is sent right after try_spend returns: a SIGKILL from then on must find the
+    # spend in the file, or the restarted daemon refreshes again and earns a 429.
+    path = tmp_path / "journal.db"
+    store = SqliteStore(str(path))
+    await store.open()
+    try:
+        now = time.time()
+        assert await store.try_spend("seg", now, now + 3600) == 0.0
+        # Read by another connection at once, as a restarted process would.
+        with sqlite3.connect(path) as reader:
+            rows = reader.execute("SELECT * FROM refresh_budget").fetchall()
+        assert rows == [("seg", now + 3600)]
+        # Spent: the next try answers when a refresh is allowed, and spends nothing.
+        assert await store.try_spend("seg", now + 1, now + 7200) == now + 3600
+        assert store.next_allowed("seg") == now + 3600
+    finally:
+        await store.close()
