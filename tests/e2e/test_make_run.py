@@ -186,3 +186,16 @@ async def test_ctrl_c_drains_segmapd_before_the_emulator_stops(
     assert "drain complete" in daemon_log, daemon_log
     failed_reads = [line for line in daemon_log.splitlines() if "membership read" in line]
     assert not failed_reads, failed_reads
+
+
+async def test_children_stop_when_make_run_itself_is_killed(
+    tmp_path: Path, env: dict[str, str], make_run: list[ProcessTree]
+):
+    tree, _ = start(make_run, devrun_argv(), tmp_path, env)
+    children = children_by_name(tree)
+    assert tree.proc is not None
+    tree.proc.kill()  # no chance to clean up: the kernel must tell the children
+    deadline = time.monotonic() + 30
+    while any(p.alive() for p in children.values()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert not [name for name, p in children.items() if p.alive()]
