@@ -27,6 +27,7 @@ from scheduler.store import BatchRecord, Store
 from scheduler.upstream import (
     BulkResult,
     CXoneClient,
+    LocalResourceError,
     RateLimited,
     SegmentNotFound,
     UpstreamError,
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 MAX_IN_PROGRESS_WAITS = 20
 # A batch whose record the journal could not commit goes back to the buffer for this long.
 JOURNAL_RETRY_S = 1.0
+# A request that could not leave this process (no file descriptor) is tried again after this,
+# spending no attempt: nothing reached CXone.
+LOCAL_RESOURCE_WAIT_S = 1.0
 
 # Item error codes (CONTRACT.md section 2) and what they mean for the assignment.
 ITEM_WRITTEN = frozenset({"ContactAlreadyInSegment"})
@@ -186,6 +190,16 @@ class BatchSender:
             started = time.monotonic()
             try:
                 result = await self._client.bulk_add(segment_id, ids, batch.idempotency_key)
+            except LocalResourceError as exc:
+                self._observer.upstream_outcome("bulk", "local", seconds_since(started))
+                log.warning(
+                    "segment %s: %s; sending again in %.0f s",
+                    segment_id,
+                    exc,
+                    LOCAL_RESOURCE_WAIT_S,
+                )
+                await self._sleep(LOCAL_RESOURCE_WAIT_S)
+                continue
             except RateLimited as exc:
                 self._observer.upstream_outcome("bulk", "rate_limited", seconds_since(started))
                 self._write_gate.pause(exc.retry_after_s)
@@ -329,6 +343,11 @@ class BatchSender:
             started = time.monotonic()
             try:
                 result = await self._client.single_add(segment_id, contact_id, key)
+            except LocalResourceError as exc:
+                self._observer.upstream_outcome("single", "local", seconds_since(started))
+                log.warning("contact %s: %s; sending again", contact_id, exc)
+                await self._sleep(LOCAL_RESOURCE_WAIT_S)
+                continue
             except RateLimited as exc:
                 self._observer.upstream_outcome("single", "rate_limited", seconds_since(started))
                 self._single_gate.pause(exc.retry_after_s)

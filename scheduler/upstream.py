@@ -83,6 +83,14 @@ class TransientError(UpstreamError):
     """5xx, timeout, reset or `IdempotencyKeyInProgress`: resend the same body and key."""
 
 
+class LocalResourceError(TransientError):
+    """The process ran out of something local (file descriptors: EMFILE, ENFILE); nothing was sent.
+
+    Not CXone's answer and not the request's fault, so it spends no attempt: the caller waits
+    and sends again. Treating it as an ordinary failure turned accepted work into dead letters.
+    """
+
+
 class PermanentError(UpstreamError):
     """A request CXone will never accept as sent (400, 403, 413, 415, `IdempotencyKeyReused`)."""
 
@@ -96,7 +104,9 @@ class AuthError(UpstreamError):
 
 
 def outcome_of(exc: UpstreamError) -> str:
-    """The metrics outcome of a failed call: transient, auth, permanent or error."""
+    """The metrics outcome of a failed call: local, transient, auth, permanent or error."""
+    if isinstance(exc, LocalResourceError):
+        return "local"
     if isinstance(exc, TransientError):
         return "transient"
     if isinstance(exc, AuthError):

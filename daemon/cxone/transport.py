@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import math
@@ -17,7 +18,7 @@ import orjson
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from scheduler.upstream import PermanentError, TransientError
+from scheduler.upstream import LocalResourceError, PermanentError, TransientError
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,22 @@ ResponseHook = Callable[[str, int, float], None]
 """Called after every exchange as `(endpoint_class, status, elapsed_s)`; status 0 = no answer."""
 
 DEFAULT_RETRY_AFTER_S = 1.0
+_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
+
+
+def _out_of_descriptors(exc: BaseException) -> bool:
+    """Whether `exc` (or what it wraps) is EMFILE/ENFILE: a local shortage, not a CXone fault."""
+    seen: BaseException | None = exc
+    for _ in range(5):  # aiohttp wraps the OSError once or twice; bound the walk anyway
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in _OUT_OF_DESCRIPTORS:
+            return True
+        os_error = getattr(seen, "os_error", None)  # aiohttp.ClientConnectorError
+        if isinstance(os_error, OSError) and os_error.errno in _OUT_OF_DESCRIPTORS:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,9 +156,16 @@ async def send(
         raise PermanentError(
             f"invalid URL for {endpoint}", error="InvalidURL", details={"endpoint": endpoint}
         ) from exc
-    except aiohttp.ClientError as exc:
-        # Connection refused/reset, server disconnected, truncated payload: all transport-level.
+    except (aiohttp.ClientError, OSError) as exc:
         _notify(hook, endpoint, 0, time.monotonic() - started)
+        if _out_of_descriptors(exc):
+            logger.warning("%s %s: no file descriptor for the connection", endpoint, method)
+            raise LocalResourceError(
+                "no file descriptor left for a connection (EMFILE/ENFILE)",
+                error="OutOfFileDescriptors",
+                details={"endpoint": endpoint},
+            ) from exc
+        # Connection refused/reset, server disconnected, truncated payload: all transport-level.
         logger.debug("%s %s: transport error %s", endpoint, method, type(exc).__name__)
         raise TransientError(
             f"transport error: {type(exc).__name__}",
