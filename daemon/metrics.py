@@ -54,6 +54,20 @@ ENGINE_GAUGES: dict[str, tuple[str, str]] = {
         "segmapd_pending_validations",
         "Assignments written and waiting for their membership to be confirmed.",
     ),
+    "reads_waiting": (
+        "segmapd_validation_reads_waiting",
+        "Assignments queued for a membership read (due now or within one polling interval).",
+    ),
+    "read_backlog_s": (
+        "segmapd_validation_read_backlog_seconds",
+        "How long the most overdue queued membership read has been due: how far confirmation "
+        "lags behind the read limit (not a failure).",
+    ),
+    "awaiting_refresh": (
+        "segmapd_validation_awaiting_refresh",
+        "Assignments read and still not shown after their window, waiting for their segment's "
+        "refresh.",
+    ),
 }
 """Scrape-time gauges fed by `Metrics.bind_engine`: binding key -> (name, help)."""
 
@@ -278,13 +292,21 @@ class Metrics(EngineObserver):
         buffered: Callable[[], int],
         pending_writes: Callable[[], int],
         pending_validation: Callable[[], int],
+        *,
+        reads_waiting: Callable[[], float] | None = None,
+        read_backlog_s: Callable[[], float] | None = None,
+        awaiting_refresh: Callable[[], float] | None = None,
     ) -> None:
-        """Read buffer depth and pending counts from these callables at every scrape."""
-        self._callbacks.engine = {
+        """Read buffer depth, pending counts and the read backlog from these at every scrape."""
+        bound: dict[str, Callable[[], float] | None] = {
             "buffered": buffered,
             "pending_writes": pending_writes,
             "pending_validation": pending_validation,
+            "reads_waiting": reads_waiting,
+            "read_backlog_s": read_backlog_s,
+            "awaiting_refresh": awaiting_refresh,
         }
+        self._callbacks.engine = {key: fn for key, fn in bound.items() if fn is not None}
 
     def bind_gates(self, waited: Mapping[str, Callable[[], float]]) -> None:
         """Export each endpoint class's total limiter wait (`RateGate.waited_s`) at scrape."""
