@@ -66,7 +66,7 @@ class ServerConfig(_Section):
     max_connections: int = Field(default=1000, ge=1, le=1_000_000)
     header_timeout_s: float = Field(default=10.0, gt=0, le=3600)
     body_timeout_s: float = Field(default=30.0, gt=0, le=3600)
-    keepalive_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    keepalive_timeout_s: float = Field(default=75.0, gt=0, le=3600)
 
     @field_validator("listen")
     @classmethod
