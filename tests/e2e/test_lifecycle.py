@@ -13,9 +13,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from daemon.config import load_config
+from daemon.config import Config, load_config
 from daemon.runner import HttpListener
-from daemon.service import Service
+from daemon.service import CannotListen, Service
+from scheduler.store import StoreUnavailable
 from tests.e2e.conftest import Daemon, StartDaemon, daemon_config
 from tests.support.emulator import EmulatorControl
 
@@ -151,17 +152,21 @@ async def test_sigterm_answers_open_waits_at_once_then_exits_0_and_keeps_the_wor
         assert set(states) == set(segments)
 
 
-async def test_drain_and_stop_are_idempotent(emulator: EmulatorControl, tmp_path: Path):
+def in_process_config(emulator: EmulatorControl, tmp_path: Path, listen: str) -> Config:
     config_path = tmp_path / "segmapd.toml"
     config_path.write_text(
         daemon_config(
             emulator.url,
-            "admin-token-idempotent",
+            "admin-token-in-process",
             "whsec_" + base64.b64encode(b"x" * 24).decode(),
-            {"store": {"url": f"sqlite://{tmp_path}/journal.db"}},
+            {"store": {"url": f"sqlite://{tmp_path}/journal.db"}, "server": {"listen": listen}},
         )
     )
-    config = load_config(config_path, environ={})
+    return load_config(config_path, environ={})
+
+
+async def test_drain_and_stop_are_idempotent(emulator: EmulatorControl, tmp_path: Path):
+    config = in_process_config(emulator, tmp_path, "127.0.0.1:0")
     service = Service(config)
     listener = HttpListener(service, config)
     await service.start(listener)
@@ -181,3 +186,23 @@ async def test_drain_and_stop_are_idempotent(emulator: EmulatorControl, tmp_path
     reopened = Service(config)
     await reopened.start()
     await reopened.stop()
+
+
+async def test_a_start_that_cannot_listen_undoes_what_had_started(
+    emulator: EmulatorControl, tmp_path: Path
+):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = in_process_config(emulator, tmp_path, f"127.0.0.1:{port}")
+        service = Service(config)
+        with pytest.raises(CannotListen, match=f"127.0.0.1:{port}"):
+            await service.start(HttpListener(service, config))
+    # Stopped in reverse: intake refused, the client closed, the journal closed.
+    assert service.draining
+    with pytest.raises(RuntimeError, match="closed"):
+        await service.client.start()
+    with pytest.raises(StoreUnavailable, match="not open"):
+        await service.store.flush()
+    await service.drain()  # nothing left to undo
