@@ -131,7 +131,33 @@ async def status(session: aiohttp.ClientSession, headers: dict[str, str], contac
         )
     print(f"contact {payload['contactId']}")
     _print_table(rows)
+    _print_validation(payload)
     return 0
+
+
+def _print_validation(payload: dict[str, Any]) -> None:
+    """What validation has seen of the pairs still being confirmed, and the read backlog."""
+    for segment in payload["segments"]:
+        seen = segment.get("validation")
+        if seen is None:
+            continue
+        if seen["awaitingRefresh"]:
+            waiting = "waiting for the segment's refresh"
+        elif seen["nextReadAt"]:
+            waiting = f"next read due {seen['nextReadAt']}"
+        else:
+            waiting = "being read"
+        print(f"{segment['segmentId']}: {seen['reads']} reads without the membership; {waiting}")
+    backlog = payload.get("validation")
+    if backlog is not None:
+        drain = backlog.get("estimatedDrainS")
+        print(
+            f"read backlog: {backlog['readsWaiting']} memberships wait for a read "
+            f"(the oldest due {backlog['oldestWaitS']:g} s ago"
+            + (f", about {drain:g} s of reads at the read limit" if drain is not None else "")
+            + f"), {backlog['awaitingRefresh']} wait for a segment refresh; "
+            "waiting is not a failure"
+        )
 
 
 async def dlq_list(session: aiohttp.ClientSession, headers: dict[str, str], limit: int) -> int:

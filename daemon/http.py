@@ -29,6 +29,7 @@ from listeners.payload import loads_unique
 from scheduler.engine import EngineClosed, EngineOverloaded, SubmitResult
 from scheduler.model import Assignment, MappingRequest
 from scheduler.store import StoreUnavailable
+from scheduler.validation import PairProgress, ReadBacklog
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,9 @@ _REASONS = {
 }
 
 
-def assignment_view(a: Assignment) -> dict[str, Any]:
-    """The public JSON shape of one assignment."""
-    return {
+def assignment_view(a: Assignment, progress: PairProgress | None = None) -> dict[str, Any]:
+    """The public JSON shape of one assignment (with what validation saw, while it runs)."""
+    view: dict[str, Any] = {
         "segmentId": a.segment_id,
         "state": str(a.state),
         "reason": str(a.reason) if a.reason is not None else None,
@@ -88,6 +89,25 @@ def assignment_view(a: Assignment) -> dict[str, Any]:
         "attempts": a.attempts,
         "receivedAt": rfc3339(a.received_at),
         "updatedAt": rfc3339(a.updated_at),
+    }
+    if progress is not None:
+        view["validation"] = {
+            "reads": progress.reads,
+            "lastReadAt": rfc3339(progress.last_read_at) if progress.last_read_at else None,
+            "nextReadAt": rfc3339(progress.next_read_at) if progress.next_read_at else None,
+            "awaitingRefresh": progress.awaiting_refresh,
+        }
+    return view
+
+
+def read_backlog_view(backlog: ReadBacklog, read_rps: float) -> dict[str, Any]:
+    """The read backlog as the contact API shows it beside a pair that waits for a read."""
+    return {
+        "readsWaiting": backlog.waiting,
+        "oldestWaitS": round(backlog.oldest_wait_s, 1),
+        "awaitingRefresh": backlog.awaiting_refresh,
+        # Every queued pair ahead is one read at the read limit.
+        "estimatedDrainS": round(backlog.waiting / read_rps, 1) if read_rps > 0 else None,
     }
 
 
@@ -341,9 +361,17 @@ async def contact(request: web.Request) -> web.Response:
     assignments = await service.store.contact(contact_id)
     if not assignments:
         return problem(404, f"no assignments for contact {contact_id!r}", field="contactId")
-    return json_response(
-        {"contactId": contact_id, "segments": [assignment_view(a) for a in assignments]}
-    )
+    poller = service.poller
+    segments = []
+    validating = False
+    for a in assignments:
+        progress = poller.progress(a.contact_id, a.segment_id) if not a.terminal else None
+        validating |= progress is not None
+        segments.append(assignment_view(a, progress))
+    body: dict[str, Any] = {"contactId": contact_id, "segments": segments}
+    if validating:
+        body["validation"] = read_backlog_view(poller.backlog(), service.config.limits.read_rps)
+    return json_response(body)
 
 
 async def dead_letters(request: web.Request) -> web.Response:
@@ -429,6 +457,13 @@ async def readyz(request: web.Request) -> web.Response:
     token_ok, token_error = await service.token_ready()
     checks["cxone_token"] = "ok" if token_ok else token_error
     checks["fds"] = fd_check(fd_usage())
+    # Informational only: a read backlog delays confirmation but is no reason to stop traffic.
+    backlog = service.poller.backlog()
+    checks["validation"] = (
+        f"{backlog.waiting} reads waiting, the oldest due {backlog.oldest_wait_s:.0f} s ago"
+        if backlog.waiting
+        else "ok"
+    )
     ready = (
         not checks["fds"].startswith("exhausted")
         and not service.draining

@@ -122,11 +122,39 @@ ASSIGNMENT_PROPERTIES: Schema = {
     "receivedAt": TIMESTAMP,
     "updatedAt": TIMESTAMP,
 }
+NULLABLE_TIMESTAMP: Schema = {"type": ["string", "null"], "format": "date-time"}
+VALIDATION_PROGRESS: Schema = {
+    "type": "object",
+    "description": "While the membership is being confirmed: what the reads have shown so far.",
+    "required": ["reads", "lastReadAt", "nextReadAt", "awaitingRefresh"],
+    "additionalProperties": False,
+    "properties": {
+        "reads": {**COUNT, "description": "Answered reads that did not show the membership."},
+        "lastReadAt": NULLABLE_TIMESTAMP,
+        "nextReadAt": {
+            **NULLABLE_TIMESTAMP,
+            "description": "When its next read is due; later when the read queue is long.",
+        },
+        "awaitingRefresh": {"type": "boolean"},
+    },
+}
+READ_BACKLOG: Schema = {
+    "type": "object",
+    "description": "How far confirmation lags behind the read limit (waiting is not a failure).",
+    "required": ["readsWaiting", "oldestWaitS", "awaitingRefresh", "estimatedDrainS"],
+    "additionalProperties": False,
+    "properties": {
+        "readsWaiting": COUNT,
+        "oldestWaitS": {"type": "number", "minimum": 0},
+        "awaitingRefresh": COUNT,
+        "estimatedDrainS": {"type": ["number", "null"], "minimum": 0},
+    },
+}
 ASSIGNMENT: Schema = {
     "type": "object",
     "required": list(ASSIGNMENT_PROPERTIES),
     "additionalProperties": False,
-    "properties": ASSIGNMENT_PROPERTIES,
+    "properties": {**ASSIGNMENT_PROPERTIES, "validation": VALIDATION_PROGRESS},
 }
 CONTACT: Schema = {
     "type": "object",
@@ -135,6 +163,7 @@ CONTACT: Schema = {
     "properties": {
         "contactId": {"type": "string"},
         "segments": {"type": "array", "items": ASSIGNMENT},
+        "validation": READ_BACKLOG,
     },
 }
 DEAD_LETTER: Schema = {
@@ -165,7 +194,7 @@ def _waited(complete: Schema) -> Schema:
 
 def _readiness(*, ready: bool) -> Schema:
     """A /readyz answer: the verdict and each check, `ok` (or `no` for draining) or why not."""
-    checks = ["draining", "queue", "store", "cxone_token", "fds"]
+    checks = ["draining", "queue", "store", "cxone_token", "fds", "validation"]
     return {
         "type": "object",
         "required": ["ready", "checks"],

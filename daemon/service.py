@@ -195,6 +195,7 @@ class Service:
             ),
             retry=retry,
             observer=observer,
+            refresh_timeout_s=config.cxone.timeout_s,
         )
         self.engine.set_verifier(self.poller)
         self.verifiers = {name: make_verifier(source) for name, source in config.sources.items()}
@@ -202,6 +203,9 @@ class Service:
             buffered=lambda: self.engine.buffered,
             pending_writes=lambda: self.engine.pending_writes,
             pending_validation=lambda: self.poller.pending,
+            reads_waiting=lambda: self.poller.backlog().waiting,
+            read_backlog_s=lambda: self.poller.backlog().oldest_wait_s,
+            awaiting_refresh=lambda: self.poller.backlog().awaiting_refresh,
         )
         self.metrics.bind_gates(
             {
