@@ -41,6 +41,9 @@ from scheduler.validation_state import (
 
 log = logging.getLogger(__name__)
 
+#: The drain's last commit may take this long (a hung disk must not outlive TimeoutStopSec).
+STORE_FLUSH_TIMEOUT_S = 10.0
+
 
 class _NotifyOnFinish(EngineObserver):
     def __init__(self, notifier: Notifier) -> None:
@@ -334,10 +337,13 @@ class Service:
 
     async def _close_store(self) -> None:
         try:
-            await self.store.flush()
-        except StoreUnavailable as exc:
+            await asyncio.wait_for(self.store.flush(), STORE_FLUSH_TIMEOUT_S)
+        except (StoreUnavailable, TimeoutError) as exc:
             self.journal_failed = True
-            log.error("drain: the journal cannot commit (%s); stopping with it as it is", exc)
+            log.error(
+                "drain: the journal cannot commit (%s); stopping with it as it is",
+                exc or f"no commit within {STORE_FLUSH_TIMEOUT_S:g} s",
+            )
         await self.store.close()
         log.info("drain: journal closed")
 

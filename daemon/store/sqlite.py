@@ -40,6 +40,10 @@ from scheduler.store import BatchRecord, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
+#: How long close() waits for its last commit before closing the file anyway (a hung disk must
+#: not hold the process past systemd's TimeoutStopSec).
+CLOSE_FLUSH_TIMEOUT_S = 5.0
+
 __all__ = ["SqliteStore", "StoreFileError", "StoreUnavailable", "connect"]
 
 # "SGMP": marks the file as ours, so a foreign SQLite file is refused instead of altered.
@@ -387,7 +391,7 @@ class SqliteStore:
             return
         # A writer that cannot commit (or has died) must not keep the file open: close anyway.
         with contextlib.suppress(StoreUnavailable, TimeoutError):
-            await asyncio.wait_for(self.flush(), 10.0)
+            await asyncio.wait_for(self.flush(), CLOSE_FLUSH_TIMEOUT_S)
         if self._filter_task is not None:
             self._filter_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
