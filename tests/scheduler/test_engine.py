@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import resource
 
 import pytest
 
@@ -278,3 +280,33 @@ async def test_every_assignment_converges_under_faults_without_double_writes(
     assert set(pairs) <= members
     # The token expired mid-run and was replaced.
     assert "401" in counters["requests"]["bulk"]
+
+
+async def test_running_out_of_file_descriptors_spends_no_attempt(
+    make_engine: MakeEngine, emulator: EmulatorControl
+):
+    # A real EMFILE: the process may open no new descriptor, so every connection to CXone beyond
+    # the pooled one fails in the kernel (slow answers make the writes need several at once).
+    # With one attempt allowed, counting such a failure would dead-letter the work.
+    await emulator.configure({"faults": {"bulk": {"latency_ms": 300}}})
+    harness = await make_engine(
+        retry=RetryPolicy(initial_s=0.1, multiplier=1.0, max_s=0.1, jitter_ms=0, attempts=1),
+        batching=BatchingPolicy(linger_s=0.05),
+    )
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd"))
+    loop = asyncio.get_running_loop()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (in_use, hard))
+    restore = loop.call_later(2.5, resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+    segments = [f"fd-seg-{i}" for i in range(4)]
+    try:
+        harness.engine.submit(MappingRequest("fd-short", tuple(segments)))
+        await asyncio.sleep(1.5)
+        waiting = await harness.engine.wait("fd-short", segments, 0)
+        assert all(a.state is not State.FAILED for a in waiting)
+    finally:
+        restore.cancel()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    done = await harness.engine.wait("fd-short", segments, 15)
+    assert [(a.state, a.attempts) for a in done] == [(State.WRITTEN, 1)] * len(segments)
+    assert ("bulk", "local") in harness.observer.outcomes
