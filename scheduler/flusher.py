@@ -25,6 +25,7 @@ from scheduler.observer import EngineObserver
 from scheduler.retry import RetryPolicy
 from scheduler.store import BatchRecord, Store
 from scheduler.upstream import (
+    LOCAL_RESOURCE_WAIT_S,
     BulkResult,
     CXoneClient,
     LocalResourceError,
@@ -42,9 +43,6 @@ log = logging.getLogger(__name__)
 MAX_IN_PROGRESS_WAITS = 20
 # A batch whose record the journal could not commit goes back to the buffer for this long.
 JOURNAL_RETRY_S = 1.0
-# A request that could not leave this process (no file descriptor) is tried again after this,
-# spending no attempt: nothing reached CXone.
-LOCAL_RESOURCE_WAIT_S = 1.0
 
 # Item error codes (CONTRACT.md section 2) and what they mean for the assignment.
 ITEM_WRITTEN = frozenset({"ContactAlreadyInSegment"})

@@ -83,6 +83,11 @@ class TransientError(UpstreamError):
     """5xx, timeout, reset or `IdempotencyKeyInProgress`: resend the same body and key."""
 
 
+#: A request that could not leave this process (no file descriptor) is tried again after this,
+#: spending no attempt: nothing reached CXone.
+LOCAL_RESOURCE_WAIT_S = 1.0
+
+
 class LocalResourceError(TransientError):
     """The process ran out of something local (file descriptors: EMFILE, ENFILE); nothing was sent.
 

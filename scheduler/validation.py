@@ -46,7 +46,9 @@ from scheduler.ratelimit import RateGate
 from scheduler.retry import RetryPolicy
 from scheduler.store import StoreUnavailable
 from scheduler.upstream import (
+    LOCAL_RESOURCE_WAIT_S,
     CXoneClient,
+    LocalResourceError,
     RateLimited,
     SegmentNotFound,
     UpstreamError,
@@ -187,6 +189,7 @@ class MembershipPoller:
         self._queue_changed = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
         self._running = False
+        self._generation = 0  # start() and stop() each begin a new one
         self._counts = dict.fromkeys(_Stage, 0)
 
     # ---- the Verifier interface the engine calls -------------------------------------------
@@ -209,14 +212,16 @@ class MembershipPoller:
             if watch is None:
                 watch = self._watches[assignment.segment_id] = _SegmentWatch(assignment.segment_id)
             replaced = watch.pairs.get(assignment.contact_id)
-            if replaced is not None:
-                # Written again: the old pair's queue entry and any read in flight go stale.
-                self._counts[replaced.stage] -= 1
-                replaced.stage, replaced.ticket = _Stage.IDLE, -1
             window_start = written
             if watch.refreshed_at is not None:
                 window_start = max(written, watch.refreshed_at)
             pair = _Pair(assignment, written, window_start)
+            if replaced is not None:
+                # Written again: the old pair's queue entry and any read in flight go stale,
+                # and the new one keeps the old one's spacing from its last read.
+                self._counts[replaced.stage] -= 1
+                replaced.stage, replaced.ticket = _Stage.IDLE, -1
+                pair.last_read_sent = replaced.last_read_sent
             watch.pairs[assignment.contact_id] = pair
             self._counts[_Stage.IDLE] += 1
             if self._running:
@@ -260,6 +265,7 @@ class MembershipPoller:
     async def start(self) -> None:
         """Start reading (also for assignments handed over before start)."""
         self._running = True
+        self._generation += 1
         if self._reader is None or self._reader.done():
             self._reader = asyncio.create_task(self._run_reader(), name="validation reads")
         for watch in self._watches.values():
@@ -271,6 +277,8 @@ class MembershipPoller:
     async def stop(self) -> None:
         """Stop reading; pending assignments stay `verifying` for a later start. Idempotent."""
         self._running = False
+        self._generation += 1
+        generation = self._generation
         tasks = [w.refresh_task for w in self._watches.values() if w.refresh_task is not None]
         tasks += list(self._reads)
         if self._reader is not None:
@@ -280,6 +288,8 @@ class MembershipPoller:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        if self._running or generation != self._generation:
+            return  # started (or stopped) again meanwhile: that call owns the queue now
         self._queue.clear()
         for watch in self._watches.values():
             watch.refresh_task = None
@@ -355,10 +365,11 @@ class MembershipPoller:
                     await asyncio.wait_for(changed.wait(), wait)
                 continue
             await self._read_gate.acquire()
-            # The earliest due read may have changed while we waited for the gate.
+            # The earliest due read may have changed while we waited for the gate; one that is
+            # not due yet waits for its time (the token is lost, which only slows reads).
             top = self._live_top()
-            if top is None:
-                continue  # every queued pair went meanwhile; the token is lost
+            if top is None or top[0] > self._clock():
+                continue
             heapq.heappop(self._queue)
             _, _, pair, watch = top
             self._set_stage(pair, _Stage.READING)
@@ -388,15 +399,24 @@ class MembershipPoller:
             self._fail_segment(watch, FailureReason.SEGMENT_NOT_FOUND, str(exc))
             return
         except UpstreamError as exc:
-            # 5xx, timeouts, resets: nothing was learned; read again after an interval.
-            self._observer.upstream_outcome("read", outcome_of(exc), seconds_since(started))
-            log.info("membership read %s/%s failed: %s", segment_id, contact_id, exc)
+            # 5xx, timeouts, resets, no descriptor: nothing was learned; read again later.
+            outcome = outcome_of(exc)
+            self._observer.upstream_outcome("read", outcome, seconds_since(started))
+            # A refused read (403: a missing scope, 401) repeats until someone fixes it: say so
+            # where operators look, not at info level.
+            level = logging.WARNING if outcome in ("permanent", "auth") else logging.INFO
+            log.log(level, "membership read %s/%s failed: %s", segment_id, contact_id, exc)
             self._again(pair, watch, self._clock() + self.policy.interval_s)
             return
-        except BaseException:
+        except asyncio.CancelledError:
             if pair.stage is _Stage.READING:
                 self._set_stage(pair, _Stage.IDLE)  # cancelled by stop(): start() reads again
             raise
+        except Exception:
+            # A bug in a client must not leave the pair verifying forever with no read queued.
+            log.exception("membership read %s/%s failed unexpectedly", segment_id, contact_id)
+            self._again(pair, watch, self._clock() + self.policy.interval_s)
+            return
         self._observer.upstream_outcome("read", "ok", seconds_since(started))
         self._observer.membership_read(segment_id, result.is_member)
         if watch.pairs.get(contact_id) is not pair:
@@ -483,24 +503,39 @@ class MembershipPoller:
                     )
                     await asyncio.sleep(allowed - wall_now)
                     continue
-                await self._send_refresh(watch)
-                return
+                if await self._send_refresh(watch):
+                    return
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("refresh of segment %s failed unexpectedly", segment_id)
             self._release_awaiting(watch, self._clock() + self.policy.interval_s)
 
-    async def _send_refresh(self, watch: _SegmentWatch) -> None:
-        """Send one refresh (its budget already spent) and act on its answer."""
+    async def _send_refresh(self, watch: _SegmentWatch) -> bool:
+        """Send one refresh (its budget already spent) and act on its answer.
+
+        False when nothing was sent (no file descriptor): the caller tries again.
+        """
         segment_id = watch.segment_id
         started = time.monotonic()
         try:
             result = await self._client.refresh(segment_id)
+        except LocalResourceError as exc:
+            # Nothing was sent: no failure to count and no budget to guess; try again shortly.
+            self._observer.upstream_outcome("refresh", "local", seconds_since(started))
+            log.warning(
+                "refresh of segment %s not sent (%s); again in %.0f s",
+                segment_id,
+                exc,
+                LOCAL_RESOURCE_WAIT_S,
+            )
+            self._budget.spend(segment_id, self._wall(), 0.0)  # give back what try_spend took
+            await asyncio.sleep(LOCAL_RESOURCE_WAIT_S)
+            return False
         except SegmentNotFound as exc:
             self._observer.upstream_outcome("refresh", "permanent", seconds_since(started))
             self._fail_segment(watch, FailureReason.SEGMENT_NOT_FOUND, str(exc))
-            return
+            return True
         except UpstreamError as exc:
             # It may have been applied, even after our timeout (a lost answer). Its pairs are
             # read for a whole window again first: if it was applied they show, and a second
@@ -518,7 +553,7 @@ class MembershipPoller:
                 delay,
             )
             self._release_awaiting(watch, self._clock() + REFRESH_SETTLE_S, new_window=True)
-            return
+            return True
         if not result.accepted:
             # Refreshed within the hour -- by another tool, or by a refresh of ours whose answer
             # was lost. CXone says when we may; meanwhile, one more read each shows whether that
@@ -532,7 +567,7 @@ class MembershipPoller:
                 result.retry_after_s,
             )
             self._release_awaiting(watch, self._clock())
-            return
+            return True
         self._observer.upstream_outcome("refresh", "ok", seconds_since(started))
         # CXone's hour starts when it processed the refresh, somewhere before its answer reached
         # us: count ours from the answer, so the next refresh can never arrive early.
@@ -547,6 +582,7 @@ class MembershipPoller:
             pair.window_start = max(pair.window_start, now)
         log.info("segment %s refreshed for %d pending memberships", segment_id, len(watch.pairs))
         self._release_awaiting(watch, now + REFRESH_SETTLE_S)
+        return True
         return
 
     def _release_awaiting(

@@ -9,6 +9,7 @@ from collections import defaultdict
 
 from scheduler.engine import BatchingPolicy
 from scheduler.model import FailureReason, MappingRequest, State
+from scheduler.upstream import LocalResourceError, MembershipResult, RefreshResult
 from scheduler.validation import ValidationPolicy
 from tests.scheduler.conftest import EngineHarness, MakeEngine
 from tests.support.emulator import EmulatorControl
@@ -367,3 +368,50 @@ async def test_not_indexed_reports_what_was_observed(
     written = min(at for s, c, at in harness.client.reads if c == "c-observed")
     last = max(at for s, c, at in harness.client.reads if c == "c-observed")
     assert last - written >= policy.deadline_s - policy.interval_s
+
+
+async def test_an_unexpected_error_in_a_read_leaves_the_pair_read_again(
+    make_engine: MakeEngine, emulator: EmulatorControl
+):
+    await indexing(emulator, 0.1, 0.2, 0.0)
+    harness = await make_engine(validation=fast_policy(), batching=FAST_BATCHES)
+    real_is_member = harness.client.is_member
+    failures: list[str] = []
+
+    async def broken_once(segment_id: str, contact_id: str) -> MembershipResult:
+        if not failures:
+            failures.append(contact_id)
+            raise RuntimeError("a bug in a client")
+        return await real_is_member(segment_id, contact_id)
+
+    harness.client.is_member = broken_once  # type: ignore[method-assign]
+    harness.engine.submit(MappingRequest("bug-once", ("seg",)))
+    [result] = await harness.engine.wait("bug-once", ["seg"], 10)
+    assert failures == ["bug-once"]
+    assert result.state is State.ACTIVE
+
+
+async def test_a_refresh_that_could_not_leave_the_process_fails_nothing(
+    make_engine: MakeEngine, emulator: EmulatorControl
+):
+    # No file descriptor for the refresh, three times: nothing reached CXone, so nothing may
+    # count as a failed refresh, and the pair must not fail past its deadline for it.
+    await indexing(emulator, 0.1, 0.2, 1.0)
+    await emulator.configure({"refresh_min_interval_s": 600})
+    policy = fast_policy(window_s=0.8, refresh_min_interval_s=600.0, deadline_s=1.5)
+    harness = await make_engine(validation=policy, batching=FAST_BATCHES)
+    real_refresh = harness.client.refresh
+    refused: list[str] = []
+
+    async def no_descriptor(segment_id: str) -> RefreshResult:
+        if len(refused) < 3:
+            refused.append(segment_id)
+            raise LocalResourceError("no file descriptor left", error="OutOfFileDescriptors")
+        return await real_refresh(segment_id)
+
+    harness.client.refresh = no_descriptor  # type: ignore[method-assign]
+    harness.engine.submit(MappingRequest("fd-refresh", ("fd-refresh-seg",)))
+    [result] = await harness.engine.wait("fd-refresh", ["fd-refresh-seg"], 20)
+    assert len(refused) == 3
+    assert result.state is State.ACTIVE
+    assert (await emulator.counters())["requests"]["refresh"] == {"202": 1}
