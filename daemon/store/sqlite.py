@@ -618,7 +618,13 @@ class SqliteStore:
         if allowed > now:
             return allowed
         self.spend(segment_id, now, next_allowed)
-        await self.flush()
+        try:
+            await self.flush()
+        except StoreUnavailable:
+            # Not sent, so not spent: a journal blip must not cost the segment its refresh for
+            # an hour. The pending value is put back too, in case it is committed later.
+            self.spend(segment_id, now, allowed)
+            raise
         return 0.0
 
     def remember_confirmation(self, contact_id: str, segment_id: str, at: float) -> None:

@@ -379,3 +379,31 @@ async def test_a_spent_refresh_budget_is_committed_before_try_spend_returns(tmp_
         assert store.next_allowed("seg") == now + 3600
     finally:
         await store.close()
+
+
+async def test_a_refresh_spend_that_cannot_be_committed_is_given_back(small_disk: Path):
+    store = SqliteStore(str(small_disk / "journal.db"))
+    await store.open()
+    filler = small_disk / "filler"
+    try:
+        fill(small_disk)
+        for i in range(2000):  # enough queued that the commit needs pages the disk lacks
+            store.record(assignment(f"blip-{i}", "segment-with-a-long-name-" * 3))
+        now = time.time()
+        with pytest.raises(StoreUnavailable):
+            await store.try_spend("seg", now, now + 3600)
+        # Not sent, so not spent: the refresh is still allowed now, once the journal commits.
+        assert store.next_allowed("seg") == 0.0
+        filler.unlink()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert await store.try_spend("seg", now + 1, now + 3601) == 0.0
+                break
+            except StoreUnavailable:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+        assert store.next_allowed("seg") == now + 3601
+    finally:
+        filler.unlink(missing_ok=True)
+        await store.close()
