@@ -39,8 +39,8 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from daemon.config import Config
-from daemon.cxone.client import MAX_CONNECTIONS as CXONE_POOL
 from daemon.http import problem
+from daemon.service import cxone_pool
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,9 @@ MIN_CONNECTIONS = 8
 # How long a connection refused for capacity may take to send the head its 503 answers.
 REFUSAL_HEADER_TIMEOUT_S = 2.0
 RETRY_AFTER_FULL_S = 1
+# Open requests get this long at shutdown before their handlers are cancelled (the lifecycle's
+# own stop timeout is the backstop around it, a second longer).
+HANDLER_SHUTDOWN_TIMEOUT_S = 4.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +101,8 @@ def raise_descriptor_limit() -> int:
 
 def plan_descriptors(config: Config, limit: int) -> DescriptorPlan:
     """Fit `server.max_connections` beside the outbound reserve within `limit` descriptors."""
-    reserved = BASE_FDS + CXONE_POOL + ACCEPT_BATCH + (NOTIFIER_POOL if config.notify.url else 0)
+    notifier = NOTIFIER_POOL if config.notify.url else 0
+    reserved = BASE_FDS + cxone_pool(config) + ACCEPT_BATCH + notifier
     server = config.server
     wanted = server.max_connections
     available = limit - reserved
@@ -281,7 +285,15 @@ def build_runner(app: web.Application, config: Config) -> web.AppRunner:
             plan.limit,
             plan.reserved,
         )
-    return BoundedAppRunner(app, plan, access_log=None, handle_signals=False)
+    return BoundedAppRunner(
+        app,
+        plan,
+        access_log=None,
+        handle_signals=False,
+        # aiohttp's own grace for open requests at shutdown, after which it cancels their
+        # handlers: without it a handler could run on after the journal is closed.
+        shutdown_timeout=HANDLER_SHUTDOWN_TIMEOUT_S,
+    )
 
 
 async def start_site(runner: web.AppRunner, config: Config) -> web.BaseSite:

@@ -7,6 +7,7 @@ always gets a specific 4xx naming the problem; a 500 means a bug in segmapd, nev
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import logging
 import math
@@ -245,11 +246,14 @@ FD_LOW_WATER = 32
 
 def fd_usage() -> tuple[int, int] | None:
     """(descriptors open, soft limit) of this process, or None where /proc is not available."""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     try:
         in_use = len(os.listdir("/proc/self/fd"))
-    except OSError:
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            return limit, limit  # reading /proc needs a descriptor itself: none is left
         return None
-    return in_use, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return in_use, limit
 
 
 def fd_check(usage: tuple[int, int] | None) -> str:

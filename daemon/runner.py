@@ -18,7 +18,7 @@ import orjson
 from aiohttp import web
 
 from daemon.config import Config
-from daemon.connections import build_runner, start_site
+from daemon.connections import HANDLER_SHUTDOWN_TIMEOUT_S, build_runner, start_site
 from daemon.http import build_app
 from daemon.sdnotify import SdNotifier, watchdog_loop
 from daemon.service import CannotListen, Service
@@ -31,7 +31,7 @@ STATUS_INTERVAL_S = 5.0
 # `?wait=` requests have been answered and intake refused for the whole drain, so what is left
 # is a request being read or written: seconds at most. aiohttp's own default would be 60 s to
 # finish plus 60 s to cancel, past systemd's TimeoutStopSec.
-HTTP_STOP_TIMEOUT_S = 5.0
+HTTP_STOP_TIMEOUT_S = HANDLER_SHUTDOWN_TIMEOUT_S + 1.0
 
 
 class HttpListener:

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from daemon.config import Config, StoreConfig
 from daemon.cxone import CXonePaths, CXoneSettings, HttpCXoneClient
+from daemon.cxone.client import pool_size
 from daemon.metrics import Metrics
 from daemon.notifier import Notifier
 from daemon.secrets import Secret
@@ -51,6 +52,13 @@ class _NotifyOnFinish(EngineObserver):
 
     def finished(self, assignment: Assignment) -> None:
         self._notifier.enqueue(assignment)
+
+
+def cxone_pool(config: Config) -> int:
+    """The CXone client's connection pool for the configured limits (see `pool_size`)."""
+    limits = config.limits
+    rate = limits.write_rps + limits.single_write_rps + limits.read_rps
+    return pool_size(rate, config.cxone.timeout_s)
 
 
 def cxone_settings(config: Config) -> CXoneSettings:
@@ -135,7 +143,11 @@ class Service:
     def __post_init__(self) -> None:
         config = self.config
         self.store = open_store(config.store)
-        self.client = HttpCXoneClient(cxone_settings(config), on_response=self.metrics.on_response)
+        self.client = HttpCXoneClient(
+            cxone_settings(config),
+            on_response=self.metrics.on_response,
+            max_connections=cxone_pool(config),
+        )
         self.write_gate = RateGate("bulk", config.limits.write_rps)
         self.single_gate = RateGate("single", config.limits.single_write_rps)
         self.read_gate = RateGate("read", config.limits.read_rps)

@@ -7,6 +7,7 @@ into a result or a classified `UpstreamError`; retries and rate limiting belong 
 from __future__ import annotations
 
 import logging
+import math
 from types import TracebackType
 from typing import Any, Self
 
@@ -114,9 +115,20 @@ def _shape_error(endpoint: str, response: Response, what: str) -> PermanentError
     )
 
 
-# Enough for every read allowed in flight at 50/s with 10 s timeouts several times over, well
-# under the file-descriptor limit of the systemd unit.
+# The most connections the client opens, whatever the limits say (well under the systemd unit's
+# file-descriptor limit), and the fewest (token, discovery and refresh calls beside the rest).
 MAX_CONNECTIONS = 1024
+MIN_CONNECTIONS = 32
+
+
+def pool_size(requests_per_s: float, timeout_s: float) -> int:
+    """Connections CXone calls may hold at once, within [MIN_CONNECTIONS, MAX_CONNECTIONS].
+
+    Every request the rate limits allow within one timeout (the longest a request can hold its
+    connection), plus a few for token, discovery and refresh calls.
+    """
+    in_flight = math.ceil(requests_per_s * timeout_s) + 8
+    return max(MIN_CONNECTIONS, min(MAX_CONNECTIONS, in_flight))
 
 
 class HttpCXoneClient:
@@ -134,8 +146,10 @@ class HttpCXoneClient:
         *,
         session: aiohttp.ClientSession | None = None,
         on_response: ResponseHook | None = None,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self._settings = settings
+        self._max_connections = max_connections
         self._session = session
         self._owns_session = session is None
         self._hook = on_response
@@ -163,7 +177,7 @@ class HttpCXoneClient:
             # against each request's timeout) once answers slow down or writes hang.
             self._session = aiohttp.ClientSession(
                 raise_for_status=False,
-                connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS, limit_per_host=0),
+                connector=aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0),
             )
         self._tokens = TokenManager(self._settings, self._session, on_response=self._hook)
 
