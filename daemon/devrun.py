@@ -19,6 +19,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
@@ -113,6 +114,32 @@ def _child_setup(parent: int) -> Callable[[], None]:
     return hook
 
 
+def _stop_with_parent() -> None:
+    """On Linux, have the kernel send this process SIGTERM when its parent (make) dies.
+
+    Killing `make` alone would otherwise leave this process, and with it both children, running
+    unseen; SIGTERM makes it stop them in order, as Ctrl-C does.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    prctl = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl
+    prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _until_one_exits(processes: dict[str, subprocess.Popen[bytes]]) -> int:
+    """Wait until either child exits; its status (an emulator that stopped is a failure)."""
+    while True:
+        for name, process in processes.items():
+            code = process.poll()
+            if code is not None:
+                print(f"{name} exited ({code}); stopping", file=sys.stderr, flush=True)
+                return code if name == "segmapd" else (code or 1)
+        time.sleep(0.2)
+
+
 def _install_signal_handlers(children: _Children) -> None:
     """Ctrl-C and SIGTERM stop in order; a second one kills the children at once.
 
@@ -165,10 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     children = _Children()
     _install_signal_handlers(children)
+    _stop_with_parent()
 
     python = sys.executable
     try:
-        _, emulator_url = children.start(
+        emulator, emulator_url = children.start(
             "emulator", [python, "-m", "daemon.cli", "emulator", "--port", str(args.emulator_port)]
         )
         RUN_DIR.mkdir(exist_ok=True)
@@ -214,7 +242,7 @@ Probes and metrics: {daemon_url}/readyz  {daemon_url}/metrics
 Ctrl-C stops both.""",
             flush=True,
         )
-        return daemon.wait()
+        return _until_one_exits({"segmapd": daemon, "emulator": emulator})
     except KeyboardInterrupt:
         return 0
     finally:

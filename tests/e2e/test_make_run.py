@@ -199,3 +199,20 @@ async def test_children_stop_when_make_run_itself_is_killed(
     while any(p.alive() for p in children.values()) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert not [name for name, p in children.items() if p.alive()]
+
+
+async def test_everything_stops_when_the_parent_of_make_run_is_killed(
+    tmp_path: Path, env: dict[str, str], make_run: list[ProcessTree]
+):
+    # `make run` is a child of make; SIGKILL make (here a shell that forks, as make does) and
+    # devrun must still stop both children, in order, and exit.
+    shell = ["sh", "-c", shlex.join(devrun_argv()) + "; true"]
+    tree, _ = start(make_run, shell, tmp_path, env)
+    everything = tree.track()
+    assert len(everything) >= 3  # devrun, the emulator and segmapd
+    assert tree.proc is not None
+    tree.proc.kill()
+    deadline = time.monotonic() + 40
+    while any(p.alive() for p in everything) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert not [p for p in everything if p.alive()]

@@ -219,6 +219,9 @@ class ProcessTree:
                 self._buffered += chunk
         end = self._buffered.index(b"\n", self._buffered.index(wanted)) + 1
         text, self._buffered = self._buffered[:end], self._buffered[end:]
+        # What the command printed came after it started its children: remember them now, so
+        # they are stopped (and checked) even if the command itself exits first.
+        self.track()
         return text.decode()
 
     def wait(self, timeout_s: float) -> int | None:
