@@ -28,10 +28,11 @@ class ConfigError(Exception):
 
 
 def display_url(value: str) -> str:
-    """`value` as `scheme://host[:port]/path` when it is a URL: userinfo, query, fragment dropped.
+    """`value` as `scheme://host[:port]/…` when it is a URL: userinfo, path, query dropped.
 
-    URLs in the config (notify.url, store.url, cxone.*) may carry credentials in their userinfo
-    or query (`https://user:pass@host/?token=...`); this is the form logs and repr() show.
+    URLs in the config (notify.url, store.url, cxone.*) may carry credentials in their userinfo,
+    query or path (`https://user:pass@host/?token=...`, a chat hook's `/services/T0/B0/secret`);
+    this is the form logs and repr() show. A file path (sqlite:///path) has none and is kept.
     """
     if "://" not in value:
         return value
@@ -40,7 +41,8 @@ def display_url(value: str) -> str:
         if url.host is None:
             # No authority (sqlite:///path), so no userinfo; yarl would also drop a slash.
             return value.partition("?")[0].partition("#")[0]
-        return str(url.with_user(None).with_query(None).with_fragment(None))
+        shown = url.with_user(None).with_path("").with_query(None).with_fragment(None)
+        return str(shown) + ("/…" if url.path not in ("", "/") else "")
     except ValueError:
         return "[unparseable URL]"
 

@@ -20,7 +20,8 @@ def test_the_notify_url_is_shown_without_userinfo_or_query(render: object) -> No
     for shown in (render(config), render(config.notify)):  # type: ignore[operator]
         assert "hook-pass" not in shown and "hook-user" not in shown
         assert "qs-secret" not in shown and "frag" not in shown
-        assert "https://hooks.example.com:8443/segmapd/in" in shown
+        assert "https://hooks.example.com:8443/…" in shown
+        assert "segmapd/in" not in shown  # a path may hold a secret too (chat hooks)
     # The value itself is untouched: only its display is redacted.
     assert config.notify.url == SECRET_URL
 
@@ -32,8 +33,8 @@ def test_every_url_valued_key_is_redacted_alike() -> None:
     )
     shown = repr(config)
     assert "redis-pass" not in shown and ":p@" not in shown and "k=v" not in shown
-    assert "https://api.example.com/base" in shown
-    assert "redis://cache.internal:6379/0" in shown
+    assert "https://api.example.com/…" in shown
+    assert "redis://cache.internal:6379/…" in shown
 
 
 @pytest.mark.parametrize(
@@ -41,7 +42,9 @@ def test_every_url_valued_key_is_redacted_alike() -> None:
     [
         ("", ""),
         ("sqlite:///var/lib/segmapd/journal.db", "sqlite:///var/lib/segmapd/journal.db"),
-        ("http://a:b@[::1]:9/x?y=z", "http://[::1]:9/x"),
+        ("http://a:b@[::1]:9/x?y=z", "http://[::1]:9/…"),
+        ("https://hooks.example.com/services/T0/B0/secret", "https://hooks.example.com/…"),
+        ("https://cxone.example.com", "https://cxone.example.com"),
         ("not a url", "not a url"),
     ],
 )
