@@ -20,7 +20,7 @@ import aiohttp
 
 from bench._common import build_rig, control, percentile, run_on_uvloop
 from scheduler.engine import BatchingPolicy
-from scheduler.model import Assignment, MappingRequest, State
+from scheduler.model import Assignment, MembershipChange, State
 from scheduler.observer import EngineObserver
 from tests.support.processes import emulator_process
 
@@ -72,7 +72,7 @@ async def _backlog(url: str, session: aiohttp.ClientSession) -> dict[str, float]
     for i in range(ASSIGNMENTS):
         segment = f"seg-{i % SEGMENTS}"
         per_segment[segment] = per_segment.get(segment, 0) + 1
-        engine.submit(MappingRequest(f"{100000000000 + i}", (segment,)))
+        engine.submit(MembershipChange(f"{100000000000 + i}", (segment,)))
     submitted = time.time()
     await observer.done.wait()
     elapsed = observer.last_written - started
@@ -99,7 +99,7 @@ async def _trickle(url: str, session: aiohttp.ClientSession) -> list[float]:
     rig = await build_rig(url, observer, write_rps=RATE, batching=BatchingPolicy(linger_s=LINGER_S))
     engine = rig.engine
     for i in range(TRICKLE):
-        engine.submit(MappingRequest(f"trickle-{i}", ("seg-t",)))
+        engine.submit(MembershipChange(f"trickle-{i}", ("seg-t",)))
         await asyncio.sleep(1.0)
     await observer.done.wait()
     await rig.close()

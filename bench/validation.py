@@ -33,7 +33,7 @@ import aiohttp
 
 from bench._common import build_rig, control, percentile, run_on_uvloop
 from scheduler.engine import BatchingPolicy
-from scheduler.model import Assignment, MappingRequest, State
+from scheduler.model import Assignment, MembershipChange, State
 from scheduler.observer import EngineObserver
 from scheduler.validation import ValidationPolicy
 from tests.support.processes import emulator_process
@@ -114,7 +114,7 @@ async def _measure(
         validation=ValidationPolicy(),
     )
     for i in range(count):
-        rig.engine.submit(MappingRequest(f"{200000000000 + i}", (f"seg-{i % segments}",)))
+        rig.engine.submit(MembershipChange(f"{200000000000 + i}", (f"seg-{i % segments}",)))
         if spacing_s:
             await asyncio.sleep(spacing_s)
     await asyncio.wait_for(observer.done.wait(), 600 + count / read_rps * 2)

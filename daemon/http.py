@@ -28,7 +28,7 @@ from daemon.service import Service
 from listeners import WebhookRejected, parse_events
 from listeners.payload import loads_unique
 from scheduler.engine import EngineClosed, EngineOverloaded, SubmitResult
-from scheduler.model import Assignment, MappingRequest
+from scheduler.model import Assignment, MembershipChange
 from scheduler.store import StoreUnavailable
 from scheduler.validation import PairProgress, ReadBacklog
 
@@ -206,7 +206,9 @@ async def commit(service: Service) -> web.Response | None:
     return None
 
 
-def take(service: Service, body: bytes) -> tuple[list[MappingRequest], SubmitResult] | web.Response:
+def take(
+    service: Service, body: bytes
+) -> tuple[list[MembershipChange], SubmitResult] | web.Response:
     """Parse a body of events and hand them to the engine; or the error response to answer."""
     try:
         events = parse_events(body)
@@ -221,7 +223,7 @@ def take(service: Service, body: bytes) -> tuple[list[MappingRequest], SubmitRes
         return problem(503, "segmapd is not taking work now", retryAfter=DRAIN_RETRY_AFTER_S)
 
 
-def submit_all(service: Service, events: list[MappingRequest]) -> SubmitResult:
+def submit_all(service: Service, events: list[MembershipChange]) -> SubmitResult:
     """Hand every event to the engine; returns the totals."""
     queued = joined = cached = 0
     for event in events:
@@ -429,7 +431,7 @@ async def replay_dead_letters(request: web.Request) -> web.Response:
     replayed = 0
     for assignment in chosen:
         result = service.engine.submit(
-            MappingRequest(assignment.contact_id, (assignment.segment_id,))
+            MembershipChange(assignment.contact_id, (assignment.segment_id,))
         )
         replayed += result.queued
     log.info("replayed %d dead letters", replayed)

@@ -1,4 +1,4 @@
-"""Inbound webhook adapters: signature checks and payload to MappingRequest."""
+"""Inbound webhook adapters: signature checks and payload to MembershipChange."""
 
 from __future__ import annotations
 

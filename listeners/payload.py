@@ -1,4 +1,4 @@
-"""Webhook bodies to `MappingRequest`s, validated all or nothing.
+"""Webhook bodies to `MembershipChange`s, validated all or nothing.
 
 A body is one event `{"contactId": ID, "segmentIds": [ID, ...]}` or a JSON array of them. An ID
 is a JSON string, or a JSON integer taken as its decimal text (CXone contact ids are 64-bit
@@ -30,7 +30,7 @@ from typing import Any, NoReturn
 import orjson
 
 from listeners.errors import WebhookRejected
-from scheduler.model import MappingRequest
+from scheduler.model import MembershipChange
 
 MAX_EVENTS = 1000
 """Events per delivery. More is refused (422), never truncated."""
@@ -50,7 +50,7 @@ _QUOTED_KEYS = 5
 _QUOTED_KEY_CHARS = 40
 
 
-def parse_events(body: bytes) -> list[MappingRequest]:
+def parse_events(body: bytes) -> list[MembershipChange]:
     """The events of a webhook or `/v1/mappings` body, in order; raises `WebhookRejected`."""
     try:
         document = orjson.loads(body)
@@ -140,7 +140,7 @@ def reject_duplicate_keys(body: bytes) -> None:
     loads_unique(body)
 
 
-def _event(event: object, path: str) -> MappingRequest:
+def _event(event: object, path: str) -> MembershipChange:
     if type(event) is not dict:
         raise WebhookRejected(
             400,
@@ -165,7 +165,7 @@ def _event(event: object, path: str) -> MappingRequest:
             where,
         )
     segment_ids = [_id(value, path, _SEGMENTS, index) for index, value in enumerate(raw)]
-    return MappingRequest(contact_id, tuple(dict.fromkeys(segment_ids)))
+    return MembershipChange(contact_id, tuple(dict.fromkeys(segment_ids)))
 
 
 def _id(value: object, path: str, key: str, index: int | None) -> str:

@@ -20,7 +20,7 @@ from scheduler.model import (
     Assignment,
     AssignmentKey,
     FailureReason,
-    MappingRequest,
+    MembershipChange,
     State,
 )
 from scheduler.observer import EngineObserver
@@ -319,7 +319,7 @@ class Engine:
         """False once the flusher has died."""
         return self._failure is None
 
-    def submit(self, request: MappingRequest) -> SubmitResult:
+    def submit(self, request: MembershipChange) -> SubmitResult:
         """Take a request: queue new assignments, join ones in progress, skip confirmed ones."""
         if not self._accepting:
             raise EngineClosed("the engine is not accepting work")
@@ -329,7 +329,7 @@ class Engine:
         queued = joined = cached = 0
         now = self._wall()
         contact_id = request.contact_id
-        for segment_id in dict.fromkeys(request.segment_ids):
+        for segment_id in dict.fromkeys(request.add):
             if self._pending(contact_id, segment_id):
                 joined += 1
                 continue

@@ -105,8 +105,22 @@ class Assignment:
 
 
 @dataclass(frozen=True, slots=True)
-class MappingRequest:
-    """A CRM's statement: this contact belongs in these segments."""
+class MembershipChange:
+    """What a CRM says about one contact's segments (one event).
+
+    `add` lists segments the contact is now in; `remove` those it is no longer in; `mirror`
+    (the body's `set`), when given, is the complete list among the segments segmapd tracks for
+    the contact. `occurred_at` is the CRM's event time (epoch seconds), None for "as it
+    arrives".
+    """
 
     contact_id: str
-    segment_ids: tuple[str, ...]
+    add: tuple[str, ...] = ()
+    remove: tuple[str, ...] = ()
+    mirror: tuple[str, ...] | None = None
+    occurred_at: float | None = None
+
+    @property
+    def segment_ids(self) -> tuple[str, ...]:
+        """Every segment the change names, each once, adds first."""
+        return tuple(dict.fromkeys((*self.add, *self.remove, *(self.mirror or ()))))

@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from listeners import MAX_EVENTS, MAX_SEGMENTS_PER_EVENT, WebhookRejected, parse_events
-from scheduler.model import MappingRequest
+from scheduler.model import MembershipChange
 
 ID_RULE = "must be 1-128 characters of A-Z a-z 0-9 _ . : -"
 
@@ -32,22 +32,22 @@ def refused(raw: bytes) -> WebhookRejected:
 
 def test_one_event() -> None:
     assert parse_events(b'{"contactId": "c1", "segmentIds": ["s1", "s2"]}') == [
-        MappingRequest("c1", ("s1", "s2"))
+        MembershipChange("c1", ("s1", "s2"))
     ]
 
 
 def test_an_array_of_events_keeps_order_and_repeated_contacts() -> None:
     events = [event("c2", ["b"]), event("c1", ["a"]), event("c2", ["c"])]
     assert parse_events(body(events)) == [
-        MappingRequest("c2", ("b",)),
-        MappingRequest("c1", ("a",)),
-        MappingRequest("c2", ("c",)),
+        MembershipChange("c2", ("b",)),
+        MembershipChange("c1", ("a",)),
+        MembershipChange("c2", ("c",)),
     ]
 
 
 def test_every_character_the_id_rule_allows() -> None:
     ident = "AZaz09_.:-"
-    assert parse_events(body(event(ident, [ident]))) == [MappingRequest(ident, (ident,))]
+    assert parse_events(body(event(ident, [ident]))) == [MembershipChange(ident, (ident,))]
 
 
 def test_contact_uuid_style_ids() -> None:
@@ -67,7 +67,7 @@ def test_contact_uuid_style_ids() -> None:
 )
 def test_integer_ids_become_their_decimal_text(number: int, text: str) -> None:
     [request] = parse_events(body(event(number, [number, "x"])))
-    assert request == MappingRequest(text, (text, "x"))
+    assert request == MembershipChange(text, (text, "x"))
 
 
 def test_a_number_and_its_text_are_the_same_id() -> None:
@@ -141,7 +141,7 @@ def test_ids_failing_the_rule_are_422_with_what_is_wrong(ident: str, detail: str
 
 def test_a_128_character_id_is_accepted() -> None:
     ident = "x" * 128
-    assert parse_events(body(event(ident, [ident]))) == [MappingRequest(ident, (ident,))]
+    assert parse_events(body(event(ident, [ident]))) == [MembershipChange(ident, (ident,))]
 
 
 def test_duplicate_segments_are_dropped_keeping_first_occurrences() -> None:

@@ -10,7 +10,7 @@ import resource
 import pytest
 
 from scheduler.engine import BatchingPolicy, EngineClosed, EngineOverloaded
-from scheduler.model import Assignment, FailureReason, MappingRequest, State
+from scheduler.model import Assignment, FailureReason, MembershipChange, State
 from scheduler.retry import RetryPolicy
 from tests.scheduler.conftest import EngineHarness, MakeEngine
 from tests.support.emulator import EmulatorControl
@@ -49,10 +49,10 @@ async def test_requests_become_written_memberships_in_full_deduplicated_batches(
     for i in range(1000):
         contact = f"{100000000000 + i}"
         segments = [f"seg-{i % 5}", f"seg-{(i + 1) % 5}"]
-        harness.engine.submit(MappingRequest(contact, tuple(segments)))
+        harness.engine.submit(MembershipChange(contact, tuple(segments)))
         pairs += [(contact, s) for s in segments]
     # The same request again while in progress joins it instead of adding work.
-    again = harness.engine.submit(MappingRequest("100000000000", ("seg-0", "seg-1")))
+    again = harness.engine.submit(MembershipChange("100000000000", ("seg-0", "seg-1")))
     assert again.joined == 2 and again.queued == 0
     await wait_all(harness, pairs, 60)
 
@@ -74,7 +74,7 @@ async def test_a_trickle_goes_out_after_the_linger_without_waiting_for_min_size(
     make_engine: MakeEngine, emulator: EmulatorControl
 ):
     harness = await make_engine()
-    harness.engine.submit(MappingRequest("c-1", ("seg-a",)))
+    harness.engine.submit(MembershipChange("c-1", ("seg-a",)))
     [result] = await harness.engine.wait("c-1", ["seg-a"], 10)
     assert result.state is State.WRITTEN
     assert harness.observer.bulk_sizes == [1]
@@ -88,9 +88,9 @@ async def test_permanent_item_errors_fail_at_once_with_their_reason(
     await emulator.configure({"auto_create_segments": False})
     await emulator.declare_segment("real", "static")
     harness = await make_engine()
-    harness.engine.submit(MappingRequest("ghost", ("real",)))
-    harness.engine.submit(MappingRequest("bad id!", ("real",)))
-    harness.engine.submit(MappingRequest("ok-1", ("real", "dyn", "nowhere")))
+    harness.engine.submit(MembershipChange("ghost", ("real",)))
+    harness.engine.submit(MembershipChange("bad id!", ("real",)))
+    harness.engine.submit(MembershipChange("ok-1", ("real", "dyn", "nowhere")))
     pairs = [
         ("ghost", "real"),
         ("bad id!", "real"),
@@ -136,7 +136,7 @@ async def test_item_retries_follow_the_policy_then_fall_back_to_one_single_write
     await emulator.configure({"faults": {"bulk": {"index_busy_rate": 1.0}}})
     retry = RetryPolicy(initial_s=0.3, multiplier=1.5, max_s=1.0, jitter_ms=200, attempts=3)
     harness = await make_engine(retry=retry, seed=7)
-    harness.engine.submit(MappingRequest("c-1", ("seg",)))
+    harness.engine.submit(MembershipChange("c-1", ("seg",)))
     [result] = await harness.engine.wait("c-1", ["seg"], 20)
 
     # Three bulk attempts, each failing with IndexBusy; the two backoffs are exactly the policy's
@@ -160,7 +160,7 @@ async def test_fallback_failure_dead_letters_with_retries_exhausted(
     )
     retry = RetryPolicy(initial_s=0.1, multiplier=1.0, max_s=0.1, jitter_ms=0, attempts=2)
     harness = await make_engine(retry=retry)
-    harness.engine.submit(MappingRequest("c-1", ("seg",)))
+    harness.engine.submit(MembershipChange("c-1", ("seg",)))
     [result] = await harness.engine.wait("c-1", ["seg"], 20)
     assert result.state is State.FAILED
     assert result.reason is FailureReason.RETRIES_EXHAUSTED
@@ -174,7 +174,7 @@ async def test_no_more_than_three_segments_of_a_contact_in_flight(
     await emulator.configure({"faults": {"bulk": {"latency_ms": 150}}})
     harness = await make_engine(write_rps=100, batching=BatchingPolicy(linger_s=0.01))
     segments = tuple(f"seg-{i}" for i in range(10))
-    harness.engine.submit(MappingRequest("busy", segments))
+    harness.engine.submit(MembershipChange("busy", segments))
     results = await harness.engine.wait("busy", segments, 30)
     assert [r.state for r in results] == [State.WRITTEN] * 10
     assert harness.observer.max_inflight_per_contact == 3
@@ -183,10 +183,10 @@ async def test_no_more_than_three_segments_of_a_contact_in_flight(
 async def test_high_water_mark_refuses_new_work_with_a_retry_hint(make_engine: MakeEngine):
     harness = await make_engine(batching=BatchingPolicy(linger_s=5.0, high_water=10))
     for i in range(10):
-        harness.engine.submit(MappingRequest(f"c{i}", ("seg",)))
+        harness.engine.submit(MembershipChange(f"c{i}", ("seg",)))
     assert harness.engine.overloaded
     with pytest.raises(EngineOverloaded) as refused:
-        harness.engine.submit(MappingRequest("one-more", ("seg",)))
+        harness.engine.submit(MembershipChange("one-more", ("seg",)))
     assert refused.value.retry_after_s >= 1.0
 
 
@@ -195,11 +195,11 @@ async def test_stop_flushes_the_buffer_and_then_refuses_work(
 ):
     harness = await make_engine(batching=BatchingPolicy(linger_s=60.0))
     for i in range(5):
-        harness.engine.submit(MappingRequest(f"c{i}", ("seg",)))
+        harness.engine.submit(MembershipChange(f"c{i}", ("seg",)))
     await harness.engine.stop(budget_s=5.0)
     assert len(await emulator.members("seg")) == 5
     with pytest.raises(EngineClosed):
-        harness.engine.submit(MappingRequest("late", ("seg",)))
+        harness.engine.submit(MembershipChange("late", ("seg",)))
 
 
 async def test_stop_also_writes_what_finishing_sends_release(
@@ -211,7 +211,7 @@ async def test_stop_also_writes_what_finishing_sends_release(
     await emulator.configure({"faults": {"bulk": {"latency_ms": 300}}})
     harness = await make_engine(batching=BatchingPolicy(linger_s=60.0))
     segments = ("p1", "p2", "p3", "p4")
-    harness.engine.submit(MappingRequest("c-four", segments))
+    harness.engine.submit(MembershipChange("c-four", segments))
     await harness.engine.stop(budget_s=10.0)
     for segment in segments:
         assert [m["contactId"] for m in await emulator.members(segment)] == ["c-four"], segment
@@ -251,7 +251,7 @@ async def test_every_assignment_converges_under_faults_without_double_writes(
     for i in range(1500):
         contact = f"contact_{i:05d}"
         segments = (f"seg-{i % 7}", f"seg-{(i * 3 + 1) % 7}")
-        harness.engine.submit(MappingRequest(contact, segments))
+        harness.engine.submit(MembershipChange(contact, segments))
         pairs += [(contact, s) for s in dict.fromkeys(segments)]
         if i == 750:
             await asyncio.sleep(0.5)
@@ -300,7 +300,7 @@ async def test_running_out_of_file_descriptors_spends_no_attempt(
     restore = loop.call_later(2.5, resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
     segments = [f"fd-seg-{i}" for i in range(4)]
     try:
-        harness.engine.submit(MappingRequest("fd-short", tuple(segments)))
+        harness.engine.submit(MembershipChange("fd-short", tuple(segments)))
         await asyncio.sleep(1.5)
         waiting = await harness.engine.wait("fd-short", segments, 0)
         assert all(a.state is not State.FAILED for a in waiting)

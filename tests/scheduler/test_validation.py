@@ -8,7 +8,7 @@ import time
 from collections import defaultdict
 
 from scheduler.engine import BatchingPolicy
-from scheduler.model import FailureReason, MappingRequest, State
+from scheduler.model import FailureReason, MembershipChange, State
 from scheduler.upstream import LocalResourceError, MembershipResult, RefreshResult
 from scheduler.validation import ValidationPolicy
 from tests.scheduler.conftest import EngineHarness, MakeEngine
@@ -67,7 +67,7 @@ async def test_written_memberships_become_active_once_indexed(
     pairs = []
     for i in range(300):
         segments = (f"seg-{i % 3}", f"seg-{(i + 1) % 3}")
-        harness.engine.submit(MappingRequest(f"c{i}", segments))
+        harness.engine.submit(MembershipChange(f"c{i}", segments))
         pairs += [(f"c{i}", s) for s in segments]
     states = await wait_states(harness, pairs, 30)
     assert set(states.values()) == {State.ACTIVE}
@@ -95,7 +95,7 @@ async def test_a_pair_read_late_by_the_gate_is_still_read_at_every_sweep(
     harness = await make_engine(validation=policy, batching=FAST_BATCHES, read_rps=200)
     contacts = [f"late-{i}" for i in range(60)]
     for contact in contacts:
-        harness.engine.submit(MappingRequest(contact, ("slow-gate",)))
+        harness.engine.submit(MembershipChange(contact, ("slow-gate",)))
     await asyncio.sleep(4.0)
     assert_reads_spaced(harness, policy.interval_s)
     per_pair: dict[str, list[float]] = defaultdict(list)
@@ -113,12 +113,12 @@ async def test_a_confirmed_pair_asked_again_costs_no_call(
 ):
     await indexing(emulator, 0.2, 0.4, 0.0)
     harness = await make_engine(validation=fast_policy(cache_ttl_s=1.5), batching=FAST_BATCHES)
-    harness.engine.submit(MappingRequest("c1", ("seg",)))
+    harness.engine.submit(MembershipChange("c1", ("seg",)))
     [first] = await harness.engine.wait("c1", ["seg"], 10)
     assert first.state is State.ACTIVE
     before = await emulator.counters()
 
-    again = harness.engine.submit(MappingRequest("c1", ("seg",)))
+    again = harness.engine.submit(MembershipChange("c1", ("seg",)))
     assert (again.queued, again.cached) == (0, 1)
     [cached] = await harness.engine.wait("c1", ["seg"], 1)
     assert cached.state is State.ACTIVE
@@ -127,7 +127,7 @@ async def test_a_confirmed_pair_asked_again_costs_no_call(
 
     # Past the TTL the pair is written (and confirmed) again.
     await asyncio.sleep(1.6)
-    assert harness.engine.submit(MappingRequest("c1", ("seg",))).queued == 1
+    assert harness.engine.submit(MembershipChange("c1", ("seg",))).queued == 1
     [renewed] = await harness.engine.wait("c1", ["seg"], 10)
     assert renewed.state is State.ACTIVE
     assert (await emulator.counters())["items"]["ContactAlreadyInSegment"] == 1
@@ -146,7 +146,7 @@ async def test_stalled_writes_are_released_by_one_refresh_per_budget(
     for wave in range(4):
         for i in range(25):
             contact = f"w{wave}-{i}"
-            harness.engine.submit(MappingRequest(contact, ("stalled",)))
+            harness.engine.submit(MembershipChange(contact, ("stalled",)))
             pairs.append((contact, "stalled"))
         await asyncio.sleep(0.7)
     states = await wait_states(harness, pairs, 30)
@@ -173,7 +173,7 @@ async def test_a_spent_budget_schedules_the_refresh_and_pauses_polling(
     harness.budget.spend("seg", time.time(), time.time() + 4.0)
 
     started = time.monotonic()
-    harness.engine.submit(MappingRequest("c1", ("seg",)))
+    harness.engine.submit(MembershipChange("c1", ("seg",)))
     [result] = await harness.engine.wait("c1", ["seg"], 20)
     assert result.state is State.ACTIVE
     assert time.monotonic() - started >= 3.0  # it had to wait for the budget
@@ -196,7 +196,7 @@ async def test_a_budget_spent_elsewhere_costs_one_429_then_waits_for_retry_after
         validation=fast_policy(window_s=1.5, refresh_min_interval_s=3.0), batching=FAST_BATCHES
     )
     await harness.client.client.refresh("seg")  # another tool refreshed it, unknown to us
-    harness.engine.submit(MappingRequest("c1", ("seg",)))
+    harness.engine.submit(MembershipChange("c1", ("seg",)))
     [result] = await harness.engine.wait("c1", ["seg"], 20)
     assert result.state is State.ACTIVE
     counters = await emulator.counters()
@@ -211,7 +211,7 @@ async def test_dynamic_segments_end_not_indexed_with_a_clear_reason(
     await emulator.configure({"refresh_min_interval_s": 1})
     policy = fast_policy(window_s=0.8, refresh_min_interval_s=1.0, deadline_s=3.0)
     harness = await make_engine(validation=policy, batching=FAST_BATCHES)
-    harness.engine.submit(MappingRequest("c1", ("dyn", "static")))
+    harness.engine.submit(MembershipChange("c1", ("dyn", "static")))
     results = {a.segment_id: a for a in await harness.engine.wait("c1", ["dyn", "static"], 20)}
     assert results["static"].state is State.ACTIVE
     dyn = results["dyn"]
@@ -232,7 +232,7 @@ async def test_read_429s_and_5xx_are_ridden_out(make_engine: MakeEngine, emulato
     harness = await make_engine(validation=policy, batching=FAST_BATCHES, read_rps=200)
     pairs = [(f"c{i}", "seg") for i in range(60)]
     for contact, segment in pairs:
-        harness.engine.submit(MappingRequest(contact, (segment,)))
+        harness.engine.submit(MembershipChange(contact, (segment,)))
     states = await wait_states(harness, pairs, 60)
     assert set(states.values()) == {State.ACTIVE}
     counters = await emulator.counters()
@@ -266,7 +266,7 @@ async def test_a_read_limited_backlog_fails_nothing_and_reads_each_pair_about_on
     harness = await make_engine(validation=policy, batching=FAST_BATCHES, read_rps=20)
     pairs = [(f"backlog-{i}", f"seg-{i % 3}") for i in range(300)]
     for contact, segment in pairs:
-        harness.engine.submit(MappingRequest(contact, (segment,)))
+        harness.engine.submit(MembershipChange(contact, (segment,)))
     states = await wait_states(harness, pairs, 40)
     assert set(states.values()) == {State.ACTIVE}
     assert await harness.store.failed() == []
@@ -285,7 +285,7 @@ async def test_read_faults_never_fail_a_pair_that_was_not_read(
     harness = await make_engine(validation=policy, batching=FAST_BATCHES, read_rps=200)
     pairs = [(f"faulty-{i}", "seg") for i in range(40)]
     for contact, segment in pairs:
-        harness.engine.submit(MappingRequest(contact, (segment,)))
+        harness.engine.submit(MembershipChange(contact, (segment,)))
     states = await wait_states(harness, pairs, 40)
     assert set(states.values()) == {State.ACTIVE}
     counters = await emulator.counters()
@@ -300,7 +300,7 @@ async def test_an_answer_arriving_after_the_deadline_is_used(
     await emulator.configure({"faults": {"read": {"latency_ms": 1500}}})
     policy = fast_policy(interval_s=0.4, window_s=60.0, deadline_s=1.0)
     harness = await make_engine(validation=policy, batching=FAST_BATCHES)
-    harness.engine.submit(MappingRequest("late-answer", ("seg",)))
+    harness.engine.submit(MembershipChange("late-answer", ("seg",)))
     [result] = await harness.engine.wait("late-answer", ["seg"], 15)
     assert result.state is State.ACTIVE
 
@@ -320,7 +320,7 @@ async def test_pairs_first_read_after_their_window_are_not_held_for_the_hourly_r
     harness.budget.spend("held", time.time(), time.time() + 3600)
     pairs = [(f"held-{i}", "held") for i in range(60)]
     for contact, segment in pairs:
-        harness.engine.submit(MappingRequest(contact, (segment,)))
+        harness.engine.submit(MembershipChange(contact, (segment,)))
     states = await wait_states(harness, pairs, 30)
     assert set(states.values()) == {State.ACTIVE}
     counters = await emulator.counters()
@@ -341,7 +341,7 @@ async def test_a_refresh_whose_answer_was_lost_is_not_sent_again_blindly(
     harness = await make_engine(validation=policy, batching=FAST_BATCHES)
     pairs = [(f"lost-{i}", "lost-answer") for i in range(10)]
     for contact, segment in pairs:
-        harness.engine.submit(MappingRequest(contact, (segment,)))
+        harness.engine.submit(MembershipChange(contact, (segment,)))
     states = await wait_states(harness, pairs, 20)
     assert set(states.values()) == {State.ACTIVE}
     counters = await emulator.counters()
@@ -356,7 +356,7 @@ async def test_not_indexed_reports_what_was_observed(
     await emulator.configure({"refresh_min_interval_s": 1})
     policy = fast_policy(window_s=0.8, refresh_min_interval_s=1.0, deadline_s=2.0)
     harness = await make_engine(validation=policy, batching=FAST_BATCHES)
-    harness.engine.submit(MappingRequest("c-observed", ("dyn-observed",)))
+    harness.engine.submit(MembershipChange("c-observed", ("dyn-observed",)))
     [failed] = await harness.engine.wait("c-observed", ["dyn-observed"], 20)
     assert (failed.state, failed.reason) == (State.FAILED, FailureReason.NOT_INDEXED)
     reads = reads_per_pair(harness)[("c-observed", "dyn-observed")]
@@ -385,7 +385,7 @@ async def test_an_unexpected_error_in_a_read_leaves_the_pair_read_again(
         return await real_is_member(segment_id, contact_id)
 
     harness.client.is_member = broken_once  # type: ignore[method-assign]
-    harness.engine.submit(MappingRequest("bug-once", ("seg",)))
+    harness.engine.submit(MembershipChange("bug-once", ("seg",)))
     [result] = await harness.engine.wait("bug-once", ["seg"], 10)
     assert failures == ["bug-once"]
     assert result.state is State.ACTIVE
@@ -410,7 +410,7 @@ async def test_a_refresh_that_could_not_leave_the_process_fails_nothing(
         return await real_refresh(segment_id)
 
     harness.client.refresh = no_descriptor  # type: ignore[method-assign]
-    harness.engine.submit(MappingRequest("fd-refresh", ("fd-refresh-seg",)))
+    harness.engine.submit(MembershipChange("fd-refresh", ("fd-refresh-seg",)))
     [result] = await harness.engine.wait("fd-refresh", ["fd-refresh-seg"], 20)
     assert len(refused) == 3
     assert result.state is State.ACTIVE
