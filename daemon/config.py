@@ -95,6 +95,8 @@ class PathsConfig(_Section):
     bulk: str = "/api/v2/segments/{segmentId}/contacts"
     member: str = "/api/v2/segments/{segmentId}/contacts/{contactId}"
     refresh: str = "/api/v2/segments/{segmentId}/refresh"
+    bulk_remove: str = "/api/v2/segments/{segmentId}/contacts"
+    member_remove: str = "/api/v2/segments/{segmentId}/contacts/{contactId}"
 
 
 class CXoneConfig(_Section):

@@ -75,7 +75,13 @@ def cxone_settings(config: Config) -> CXoneSettings:
         access_key_secret=Secret(cx.access_key_secret.get_secret_value()),
         scopes=tuple(cx.scopes),
         timeout_s=cx.timeout_s,
-        paths=CXonePaths(bulk=cx.paths.bulk, member=cx.paths.member, refresh=cx.paths.refresh),
+        paths=CXonePaths(
+            bulk=cx.paths.bulk,
+            member=cx.paths.member,
+            refresh=cx.paths.refresh,
+            bulk_remove=cx.paths.bulk_remove,
+            member_remove=cx.paths.member_remove,
+        ),
     )
 
 

@@ -141,6 +141,22 @@ class CXoneClient(Protocol):
         """POST one `{"contactId"}` object; item errors come back in the result, not raised."""
         ...
 
+    async def bulk_remove(
+        self, segment_id: str, contact_ids: list[str], idempotency_key: str
+    ) -> BulkResult:
+        """DELETE a JSON array of ids from the segment's contacts (at most 200, no duplicates).
+
+        The answer has the bulk write's shape; `ContactNotInSegment` (409) items mean the
+        absence already holds.
+        """
+        ...
+
+    async def single_remove(
+        self, segment_id: str, contact_id: str, idempotency_key: str
+    ) -> SingleResult:
+        """DELETE one contact from the segment; item errors come back in the result."""
+        ...
+
     async def is_member(self, segment_id: str, contact_id: str) -> MembershipResult:
         """GET the membership of one contact in one segment."""
         ...

@@ -41,6 +41,7 @@ JSON = "application/json"
 ITEM_ERRORS = frozenset(
     {
         "ContactAlreadyInSegment",
+        "ContactNotInSegment",
         "ContactNotFound",
         "InvalidContactId",
         "DuplicateContactInBatch",
@@ -214,8 +215,41 @@ class HttpCXoneClient:
     ) -> BulkResult:
         """POST a JSON array of ids; per-item failures are in the result, not raised."""
         path = self._settings.paths.bulk_path(segment_id)
+        return await self._bulk("POST", path, segment_id, contact_ids, idempotency_key)
+
+    async def bulk_remove(
+        self, segment_id: str, contact_ids: list[str], idempotency_key: str
+    ) -> BulkResult:
+        """DELETE a JSON array of ids; per-item failures (`ContactNotInSegment` too) are results."""
+        path = self._settings.paths.bulk_remove_path(segment_id)
+        return await self._bulk("DELETE", path, segment_id, contact_ids, idempotency_key)
+
+    async def single_add(
+        self, segment_id: str, contact_id: str, idempotency_key: str
+    ) -> SingleResult:
+        """POST one `{"contactId"}`; item errors (409, 404, 400, 503 by code) are results."""
+        path = self._settings.paths.bulk_path(segment_id)
+        body = orjson.dumps({"contactId": contact_id})
+        return await self._single("POST", path, body, idempotency_key)
+
+    async def single_remove(
+        self, segment_id: str, contact_id: str, idempotency_key: str
+    ) -> SingleResult:
+        """DELETE one member; item errors (409 `ContactNotInSegment` too) are results."""
+        path = self._settings.paths.member_remove_path(segment_id, contact_id)
+        return await self._single("DELETE", path, None, idempotency_key)
+
+    async def _bulk(
+        self,
+        method: str,
+        path: str,
+        segment_id: str,
+        contact_ids: list[str],
+        idempotency_key: str,
+    ) -> BulkResult:
+        """Send one bulk write or removal and parse the shared answer shape."""
         response = await self._call(
-            "bulk", "POST", path, orjson.dumps(contact_ids), idempotency_key
+            "bulk", method, path, orjson.dumps(contact_ids), idempotency_key
         )
         if response.status != 200:
             raise classify("bulk", response)
@@ -245,7 +279,11 @@ class HttpCXoneClient:
         if len(failed) < failure:
             # CXone lists only the first 200-id chunk's failures; the engine never sends more.
             logger.warning(
-                "bulk %s: failureCount %d but %d failures listed", segment_id, failure, len(failed)
+                "bulk %s %s: failureCount %d but %d failures listed",
+                method,
+                segment_id,
+                failure,
+                len(failed),
             )
         returned_segment = payload.get("segmentId")
         return BulkResult(
@@ -256,17 +294,16 @@ class HttpCXoneClient:
             replayed=_replayed(response, self._settings.replayed_header),
         )
 
-    async def single_add(
-        self, segment_id: str, contact_id: str, idempotency_key: str
+    async def _single(
+        self, method: str, path: str, body: bytes | None, idempotency_key: str
     ) -> SingleResult:
-        """POST one `{"contactId"}`; item errors (409, 404, 400, 503 by code) are results."""
-        path = self._settings.paths.bulk_path(segment_id)
-        body = orjson.dumps({"contactId": contact_id})
-        response = await self._call("single", "POST", path, body, idempotency_key)
+        """Send one single-contact write or removal; an item error as the status is a result."""
+        response = await self._call("single", method, path, body, idempotency_key)
         replayed = _replayed(response, self._settings.replayed_header)
+        what = "single write" if method == "POST" else "single removal"
         if 200 <= response.status < 300:
             if response.json() is None and response.body:
-                raise _shape_error("single", response, "single write")
+                raise _shape_error("single", response, what)
             return SingleResult(status=response.status, replayed=replayed)
         _, error, message = _fields(response)
         if error in ITEM_ERRORS:

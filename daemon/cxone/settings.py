@@ -27,6 +27,14 @@ def quote_id(value: str) -> str:
     return quoted
 
 
+def _pair_path(template: str, segment_id: str, contact_id: str) -> str:
+    # Substitute both from the template in one pass, so an id cannot inject a placeholder.
+    parts = template.split("{contactId}")
+    return quote_id(contact_id).join(
+        part.replace("{segmentId}", quote_id(segment_id)) for part in parts
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class CXonePaths:
     """Path templates of the segment API (`[cxone.paths]`), relative to the API base.
@@ -38,12 +46,16 @@ class CXonePaths:
     bulk: str = "/api/v2/segments/{segmentId}/contacts"
     member: str = "/api/v2/segments/{segmentId}/contacts/{contactId}"
     refresh: str = "/api/v2/segments/{segmentId}/refresh"
+    bulk_remove: str = "/api/v2/segments/{segmentId}/contacts"
+    member_remove: str = "/api/v2/segments/{segmentId}/contacts/{contactId}"
 
     def __post_init__(self) -> None:
         for name, needed in (
             ("bulk", ("{segmentId}",)),
             ("member", ("{segmentId}", "{contactId}")),
             ("refresh", ("{segmentId}",)),
+            ("bulk_remove", ("{segmentId}",)),
+            ("member_remove", ("{segmentId}", "{contactId}")),
         ):
             template: str = getattr(self, name)
             if not template.startswith("/"):
@@ -58,11 +70,15 @@ class CXonePaths:
 
     def member_path(self, segment_id: str, contact_id: str) -> str:
         """Return the membership check path of one contact in one segment."""
-        # Substitute both from the template in one pass, so an id cannot inject a placeholder.
-        parts = self.member.split("{contactId}")
-        return quote_id(contact_id).join(
-            part.replace("{segmentId}", quote_id(segment_id)) for part in parts
-        )
+        return _pair_path(self.member, segment_id, contact_id)
+
+    def bulk_remove_path(self, segment_id: str) -> str:
+        """Return the bulk removal path of a segment."""
+        return self.bulk_remove.replace("{segmentId}", quote_id(segment_id))
+
+    def member_remove_path(self, segment_id: str, contact_id: str) -> str:
+        """Return the single-contact removal path of one contact in one segment."""
+        return _pair_path(self.member_remove, segment_id, contact_id)
 
     def refresh_path(self, segment_id: str) -> str:
         """Return the refresh path of a segment."""

@@ -64,11 +64,15 @@ class RecordingObserver(EngineObserver):
 
 
 class KeyLog:
-    """Wraps the real client and keeps every bulk request's (segment, ids, idempotency key)."""
+    """Wraps the real client and keeps every bulk request's (segment, ids, idempotency key).
+
+    Bulk writes go to `bulk_calls`, bulk removals to `remove_calls`.
+    """
 
     def __init__(self, client: HttpCXoneClient) -> None:
         self.client = client
         self.bulk_calls: list[tuple[str, tuple[str, ...], str]] = []
+        self.remove_calls: list[tuple[str, tuple[str, ...], str]] = []
         self.reads: list[tuple[str, str, float]] = []
         self.refreshes: list[str] = []
 
@@ -83,6 +87,17 @@ class KeyLog:
     ) -> SingleResult:
         return await self.client.single_add(segment_id, contact_id, idempotency_key)
 
+    async def bulk_remove(
+        self, segment_id: str, contact_ids: list[str], idempotency_key: str
+    ) -> BulkResult:
+        self.remove_calls.append((segment_id, tuple(contact_ids), idempotency_key))
+        return await self.client.bulk_remove(segment_id, contact_ids, idempotency_key)
+
+    async def single_remove(
+        self, segment_id: str, contact_id: str, idempotency_key: str
+    ) -> SingleResult:
+        return await self.client.single_remove(segment_id, contact_id, idempotency_key)
+
     async def is_member(self, segment_id: str, contact_id: str) -> MembershipResult:
         self.reads.append((segment_id, contact_id, time.monotonic()))
         return await self.client.is_member(segment_id, contact_id)
@@ -94,7 +109,7 @@ class KeyLog:
     def assert_keys_consistent(self) -> None:
         """One key, one body: a key is reused only for a byte-identical resend."""
         bodies: dict[str, tuple[str, tuple[str, ...]]] = {}
-        for segment_id, ids, key in self.bulk_calls:
+        for segment_id, ids, key in self.bulk_calls + self.remove_calls:
             first = bodies.setdefault(key, (segment_id, ids))
             assert first == (segment_id, ids), f"key {key} reused for another body"
 
