@@ -28,7 +28,7 @@ from daemon.service import Service
 from listeners import WebhookRejected, parse_events
 from listeners.payload import loads_unique
 from scheduler.engine import EngineClosed, EngineOverloaded, SubmitResult
-from scheduler.model import Assignment, MembershipChange
+from scheduler.model import Assignment, Intent, MembershipChange
 from scheduler.store import StoreUnavailable
 from scheduler.validation import PairProgress, ReadBacklog
 
@@ -84,6 +84,7 @@ def assignment_view(a: Assignment, progress: PairProgress | None = None) -> dict
     """The public JSON shape of one assignment (with what validation saw, while it runs)."""
     view: dict[str, Any] = {
         "segmentId": a.segment_id,
+        "intent": str(a.intent),
         "state": str(a.state),
         "reason": str(a.reason) if a.reason is not None else None,
         "message": a.message or None,
@@ -206,10 +207,13 @@ async def commit(service: Service) -> web.Response | None:
     return None
 
 
-def take(
+async def take(
     service: Service, body: bytes
-) -> tuple[list[MembershipChange], SubmitResult] | web.Response:
-    """Parse a body of events and hand them to the engine; or the error response to answer."""
+) -> tuple[list[MembershipChange], list[SubmitResult], SubmitResult] | web.Response:
+    """Parse a body of events and hand them to the engine; or the error response to answer.
+
+    Returns the events, each one's result, and their totals.
+    """
     try:
         events = parse_events(body)
     except WebhookRejected as exc:
@@ -217,29 +221,45 @@ def take(
     busy = refuse_if_busy(service, sum(len(e.segment_ids) for e in events))
     if busy is not None:
         return busy
+    histories = [await history_for(service, event) for event in events]
     try:
-        return events, submit_all(service, events)
+        results = [
+            service.engine.submit(event, history)
+            for event, history in zip(events, histories, strict=True)
+        ]
     except (EngineClosed, EngineOverloaded):
         return problem(503, "segmapd is not taking work now", retryAfter=DRAIN_RETRY_AFTER_S)
+    total = sum(results, SubmitResult())
+    if total.cached:
+        service.metrics.record_cache_hit(total.cached)
+    return events, results, total
 
 
-def submit_all(service: Service, events: list[MembershipChange]) -> SubmitResult:
-    """Hand every event to the engine; returns the totals."""
-    queued = joined = cached = 0
-    for event in events:
-        result = service.engine.submit(event)
-        queued += result.queued
-        joined += result.joined
-        cached += result.cached
-    if cached:
-        service.metrics.record_cache_hit(cached)
-    return SubmitResult(queued=queued, joined=joined, cached=cached)
+async def history_for(service: Service, event: MembershipChange) -> dict[str, Assignment] | None:
+    """The contact's journaled assignments, where the change needs them; else None.
+
+    A mirror (`set`) compares with the memberships segmapd made, and a change with its own
+    time may be older than what was confirmed before. A change with neither is the newest by
+    arrival, and costs no journal read.
+    """
+    if event.mirror is None and event.occurred_at is None:
+        return None
+    return {a.segment_id: a for a in await service.store.contact(event.contact_id)}
 
 
 def accepted_body(result: SubmitResult) -> dict[str, int]:
-    """`{"accepted": assignments in the request, "duplicates": those already pending or active}`."""
+    """The answer: assignments the request named, those already pending or done, stale ones.
+
+    `accepted` counts every assignment taken (new, duplicate or stale); `duplicates` those that
+    joined work in progress or were already confirmed as asked; `stale` those older than what
+    segmapd already works towards or has confirmed, ignored without any call.
+    """
     duplicates = result.joined + result.cached
-    return {"accepted": result.queued + duplicates, "duplicates": duplicates}
+    return {
+        "accepted": result.queued + duplicates + result.stale,
+        "duplicates": duplicates,
+        "stale": result.stale,
+    }
 
 
 # Readiness fails when fewer descriptors than this are left (see daemon/connections.py).
@@ -303,10 +323,10 @@ async def _webhook(request: web.Request, service: Service, source: str) -> web.R
         if refused is not None:
             return refused
         return web.Response(body=earlier, status=200, content_type="application/json")
-    taken = take(service, body)
+    taken = await take(service, body)
     if isinstance(taken, web.Response):
         return taken
-    _, result = taken
+    _, _, result = taken
     answer = accepted_body(result)
     service.metrics.record_accepted(source, answer["accepted"], answer["duplicates"])
     encoded = orjson.dumps(answer)
@@ -332,10 +352,10 @@ async def mappings(request: web.Request) -> web.Response:
             return problem(400, "wait: must be a number of seconds", field="wait")
         if not 0 <= wait_s <= MAX_WAIT_S:  # NaN fails the comparison too
             return problem(400, f"wait: must be between 0 and {MAX_WAIT_S:g}", field="wait")
-    taken = take(service, await read_body(request))
+    taken = await take(service, await read_body(request))
     if isinstance(taken, web.Response):
         return taken
-    events, result = taken
+    events, per_event, result = taken
     answer: dict[str, Any] = dict(accepted_body(result))
     refused = await commit(service)
     if refused is not None:
@@ -345,10 +365,12 @@ async def mappings(request: web.Request) -> web.Response:
     deadline = time.monotonic() + wait_s
     results = []
     all_done = True
-    for event in events:
+    for event, outcome in zip(events, per_event, strict=True):
         remaining = max(0.0, deadline - time.monotonic())
-        states = await service.engine.wait(event.contact_id, event.segment_ids, remaining)
-        all_done &= all(a.terminal for a in states) and len(states) == len(event.segment_ids)
+        # Every segment the change touched: a mirror's removals too, which it does not name.
+        segments = outcome.segments
+        states = await service.engine.wait(event.contact_id, segments, remaining)
+        all_done &= all(a.terminal for a in states) and len(states) == len(segments)
         results.append(
             {"contactId": event.contact_id, "segments": [assignment_view(a) for a in states]}
         )
@@ -430,9 +452,12 @@ async def replay_dead_letters(request: web.Request) -> web.Response:
         return busy
     replayed = 0
     for assignment in chosen:
-        result = service.engine.submit(
-            MembershipChange(assignment.contact_id, (assignment.segment_id,))
-        )
+        # A dead letter is replayed as what it was: an add, or a removal.
+        if assignment.intent is Intent.ADD:
+            replay = MembershipChange(assignment.contact_id, add=(assignment.segment_id,))
+        else:
+            replay = MembershipChange(assignment.contact_id, remove=(assignment.segment_id,))
+        result = service.engine.submit(replay)
         replayed += result.queued
     log.info("replayed %d dead letters", replayed)
     return json_response({"replayed": replayed}, 202)

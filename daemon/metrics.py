@@ -22,7 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from scheduler.model import TERMINAL_STATES, Assignment, FailureReason, State
+from scheduler.model import TERMINAL_STATES, Assignment, FailureReason, Intent, State
 from scheduler.observer import EngineObserver
 
 logger = logging.getLogger(__name__)
@@ -190,8 +190,20 @@ class Metrics(EngineObserver):
 
         self.finished_total = Counter(
             "segmapd_assignments_finished_total",
-            "Assignments that reached a terminal state, by outcome and failure reason.",
-            ["outcome", "reason"],
+            "Assignments that reached a terminal state, by outcome, failure reason and intent.",
+            ["outcome", "reason", "intent"],
+            registry=r,
+        )
+        self.stale_total = Counter(
+            "segmapd_stale_changes_total",
+            "Changes older than what segmapd already works towards or confirmed: ignored, no call.",
+            ["intent"],
+            registry=r,
+        )
+        self.superseded_total = Counter(
+            "segmapd_superseded_total",
+            "Work in progress replaced by a newer change of the other intent, by the new intent.",
+            ["intent"],
             registry=r,
         )
         self.active_latency = Histogram(
@@ -203,9 +215,15 @@ class Metrics(EngineObserver):
         # Intake and lifecycle counts change several times per webhook: plain ints, see below.
         self._hot = _HotCounts()
         r.register(self._hot)
-        self.finished_total.labels(outcome=State.ACTIVE.value, reason=NO_REASON)
-        for reason in FailureReason:
-            self.finished_total.labels(outcome=State.FAILED.value, reason=reason.value)
+        self.finished_total.labels(outcome=State.ACTIVE.value, reason=NO_REASON, intent="add")
+        self.finished_total.labels(outcome=State.REMOVED.value, reason=NO_REASON, intent="remove")
+        for intent in Intent:
+            self.stale_total.labels(intent=intent.value)
+            self.superseded_total.labels(intent=intent.value)
+            for reason in FailureReason:
+                self.finished_total.labels(
+                    outcome=State.FAILED.value, reason=reason.value, intent=intent.value
+                )
 
         # Writes.
         self.bulk_ids = Histogram(
@@ -390,7 +408,9 @@ class Metrics(EngineObserver):
     def finished(self, assignment: Assignment) -> None:
         """Count a terminal assignment; for an active one, observe its receipt-to-active time."""
         reason = assignment.reason.value if assignment.reason is not None else NO_REASON
-        self.finished_total.labels(outcome=assignment.state.value, reason=reason).inc()
+        self.finished_total.labels(
+            outcome=assignment.state.value, reason=reason, intent=assignment.intent.value
+        ).inc()
         # The engine drops a finished assignment, so it no longer counts as held in any state;
         # without this the terminal series would only ever grow.
         if assignment.state in TERMINAL_STATES:
@@ -404,3 +424,11 @@ class Metrics(EngineObserver):
     def retry_scheduled(self, segment_id: str, ids: int, delay_s: float) -> None:
         """Count ids scheduled for retry."""
         self.retries.inc(max(ids, 0))
+
+    def stale_change(self, contact_id: str, segment_id: str, intent: Intent) -> None:
+        """Count a stale change."""
+        self.stale_total.labels(intent=intent.value).inc()
+
+    def superseded(self, assignment: Assignment, by: Intent) -> None:
+        """Count work in progress replaced by a newer change."""
+        self.superseded_total.labels(intent=by.value).inc()

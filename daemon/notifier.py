@@ -1,7 +1,8 @@
 """Outbound notifications: every finished assignment as a signed Standard Webhooks event.
 
-With `[notify] url` set, each assignment reaching `active` or `failed` is POSTed to the receiver
-as `mapping.active` / `mapping.failed`, signed per https://www.standardwebhooks.com/. Delivery is
+With `[notify] url` set, each assignment reaching `active`, `removed` or `failed` is POSTed to the
+receiver as `mapping.active` / `mapping.removed` / `mapping.failed`, signed per
+https://www.standardwebhooks.com/. Delivery is
 at-least-once: the event is journaled before it is queued, retried with backoff until the
 receiver takes it (2xx) or asks us to stop (410 Gone), and only then removed from the journal.
 
@@ -128,8 +129,9 @@ def build_event(assignment: Assignment) -> tuple[str, bytes]:
     timestamp under the same id.
     """
     state = str(assignment.state)
+    intent = str(assignment.intent)
     identity = orjson.dumps(
-        [assignment.contact_id, assignment.segment_id, state, repr(assignment.received_at)]
+        [assignment.contact_id, assignment.segment_id, intent, state, repr(assignment.received_at)]
     )
     event_id = "msg_" + hashlib.sha256(identity).hexdigest()[:32]
     body = orjson.dumps(
@@ -139,6 +141,7 @@ def build_event(assignment: Assignment) -> tuple[str, bytes]:
             "data": {
                 "contactId": assignment.contact_id,
                 "segmentId": assignment.segment_id,
+                "intent": intent,
                 "state": state,
                 "reason": str(assignment.reason) if assignment.reason is not None else None,
                 "message": assignment.message,

@@ -110,10 +110,10 @@ class JournaledConfirmations(MemoryConfirmationCache):
         super().__init__(ttl_s)
         self._store = store
 
-    def remember(self, contact_id: str, segment_id: str) -> None:
+    def remember(self, contact_id: str, segment_id: str, member: bool = True) -> None:
         """Cache now and journal it."""
-        super().remember(contact_id, segment_id)
-        self._store.remember_confirmation(contact_id, segment_id, time.time())
+        super().remember(contact_id, segment_id, member)
+        self._store.remember_confirmation(contact_id, segment_id, time.time(), member)
 
 
 class CannotListen(Exception):

@@ -1,9 +1,17 @@
-"""Coalescing: per-segment sets of contact ids waiting to be written, and the per-contact limit."""
+"""Coalescing: per-lane sets of contact ids waiting to be written, and the per-contact limit.
+
+A lane is whatever one batch may hold: the engine uses (segment, intent), so that a batch never
+mixes adds and removals. The buffer and the gate only need lanes to be hashable.
+"""
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass(slots=True)
@@ -24,8 +32,8 @@ class _SegmentQueue:
         return next(iter(self.fresh.values()))
 
 
-class CoalescingBuffer:
-    """Per segment, an insertion-ordered set of contact ids; decides which batch goes next.
+class CoalescingBuffer(Generic[K]):
+    """Per lane, an insertion-ordered set of contact ids; decides which batch goes next.
 
     A segment is due when it holds a full batch, when its oldest id has waited `linger_s`, or
     when it holds retry ids whose backoff has passed. When the writer has spare capacity, a
@@ -40,25 +48,47 @@ class CoalescingBuffer:
         self.min_size = min_size
         self.max_size = max_size
         self.linger_s = linger_s
-        self._segments: dict[str, _SegmentQueue] = {}
+        self._segments: dict[K, _SegmentQueue] = {}
         self._size = 0
 
     def __len__(self) -> int:
         return self._size
 
-    def __contains__(self, key: tuple[str, str]) -> bool:
+    def __contains__(self, key: tuple[str, K]) -> bool:
         contact_id, segment_id = key
         queue = self._segments.get(segment_id)
         return queue is not None and (contact_id in queue.fresh or contact_id in queue.retry)
 
-    def _queue(self, segment_id: str) -> _SegmentQueue:
+    def time_of(self, segment_id: K, contact_id: str) -> float | None:
+        """When a fresh queued id was received (None for a retry id or one not queued)."""
+        queue = self._segments.get(segment_id)
+        return queue.fresh.get(contact_id) if queue is not None else None
+
+    def discard(self, segment_id: K, contact_id: str) -> tuple[bool, float | None]:
+        """Take a queued id out again: (whether it was queued, its time; None for a retry id)."""
+        queue = self._segments.get(segment_id)
+        if queue is None:
+            return False, None
+        if contact_id in queue.retry:
+            del queue.retry[contact_id]
+            at = None
+        elif contact_id in queue.fresh:
+            at = queue.fresh.pop(contact_id)
+        else:
+            return False, None
+        self._size -= 1
+        if not queue:
+            del self._segments[segment_id]
+        return True, at
+
+    def _queue(self, segment_id: K) -> _SegmentQueue:
         # get() first: setdefault() would build a queue (two dicts) on every add.
         queue = self._segments.get(segment_id)
         if queue is None:
             queue = self._segments[segment_id] = _SegmentQueue()
         return queue
 
-    def add(self, segment_id: str, contact_id: str, now: float) -> bool:
+    def add(self, segment_id: K, contact_id: str, now: float) -> bool:
         """Queue a fresh id; False if it is already queued for that segment (coalesced)."""
         queue = self._queue(segment_id)
         if contact_id in queue.fresh or contact_id in queue.retry:
@@ -67,7 +97,7 @@ class CoalescingBuffer:
         self._size += 1
         return True
 
-    def add_retry(self, segment_id: str, contact_ids: list[str]) -> None:
+    def add_retry(self, segment_id: K, contact_ids: list[str]) -> None:
         """Queue ids whose backoff has passed, to go out with the segment's next batch."""
         queue = self._queue(segment_id)
         for contact_id in contact_ids:
@@ -76,12 +106,12 @@ class CoalescingBuffer:
             queue.retry[contact_id] = None
             self._size += 1
 
-    def pick(self, now: float, *, spare_capacity: bool, draining: bool = False) -> str | None:
+    def pick(self, now: float, *, spare_capacity: bool, draining: bool = False) -> K | None:
         """The segment whose batch should go out now, or None if none is due.
 
         While draining (shutdown) every non-empty segment is due: nothing may be left behind.
         """
-        chosen: str | None = None
+        chosen: K | None = None
         chosen_age = float("inf")
         for segment_id, queue in self._segments.items():
             size = len(queue)
@@ -102,11 +132,11 @@ class CoalescingBuffer:
             return None
         return min(queue.oldest() for queue in self._segments.values()) + self.linger_s
 
-    def take(self, segment_id: str) -> list[str]:
+    def take(self, segment_id: K) -> list[str]:
         """Remove and return up to `max_size` ids of the segment: retries first, then oldest."""
         return [contact_id for contact_id, _ in self.take_entries(segment_id)]
 
-    def take_entries(self, segment_id: str) -> list[tuple[str, float | None]]:
+    def take_entries(self, segment_id: K) -> list[tuple[str, float | None]]:
         """Like `take`, with each fresh id's time (None for retry ids)."""
         queue = self._segments.get(segment_id)
         if queue is None:
@@ -125,7 +155,7 @@ class CoalescingBuffer:
         return batch
 
 
-class ContactGate:
+class ContactGate(Generic[K]):
     """At most `limit` segment assignments of one contact in flight; the rest wait their turn.
 
     CXone's guidance is to keep no more than three segment writes of one contact in flight, to
@@ -138,9 +168,9 @@ class ContactGate:
             raise ValueError("the per-contact in-flight limit must be at least 1")
         self.limit = limit
         self._inflight: dict[str, int] = {}
-        self._waiting: dict[str, deque[tuple[str, float]]] = {}
+        self._waiting: dict[str, deque[tuple[K, float]]] = {}
 
-    def admit(self, contact_id: str, segment_id: str, received_at: float = 0.0) -> bool:
+    def admit(self, contact_id: str, segment_id: K, received_at: float = 0.0) -> bool:
         """Take a slot for the assignment, or park it (with its time) and return False."""
         count = self._inflight.get(contact_id, 0)
         if count < self.limit:
@@ -149,16 +179,34 @@ class ContactGate:
         self._waiting.setdefault(contact_id, deque()).append((segment_id, received_at))
         return False
 
-    def is_parked(self, contact_id: str, segment_id: str) -> bool:
+    def is_parked(self, contact_id: str, segment_id: K) -> bool:
         """Whether the assignment waits for a slot."""
         waiting = self._waiting.get(contact_id)
         return waiting is not None and any(s == segment_id for s, _ in waiting)
+
+    def parked_time(self, contact_id: str, segment_id: K) -> float | None:
+        """When a parked assignment was received, if it is parked."""
+        for key, at in self._waiting.get(contact_id, ()):
+            if key == segment_id:
+                return at
+        return None
+
+    def repark(self, contact_id: str, old: K, new: K, received_at: float) -> bool:
+        """Let a parked assignment wait on as `new` (a newer change), in its place in line."""
+        waiting = self._waiting.get(contact_id)
+        if waiting is None:
+            return False
+        for index, (key, _) in enumerate(waiting):
+            if key == old:
+                waiting[index] = (new, received_at)
+                return True
+        return False
 
     def force(self, contact_id: str) -> None:
         """Take a slot even past the limit (work recovered mid-flight is already in flight)."""
         self._inflight[contact_id] = self._inflight.get(contact_id, 0) + 1
 
-    def release(self, contact_id: str) -> tuple[str, float] | None:
+    def release(self, contact_id: str) -> tuple[K, float] | None:
         """Free a slot; returns the next parked (segment, time) of that contact, which takes it."""
         waiting = self._waiting.get(contact_id)
         if waiting:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
@@ -20,6 +21,8 @@ from scheduler.model import (
     Assignment,
     AssignmentKey,
     FailureReason,
+    Intent,
+    Lane,
     MembershipChange,
     State,
 )
@@ -44,11 +47,50 @@ class BatchingPolicy:
 
 @dataclass(frozen=True, slots=True)
 class SubmitResult:
-    """What a request added: new assignments, ones already in progress, ones already active."""
+    """What a request did: new work queued, work joined, pairs confirmed as asked, stale ones.
+
+    A stale change is older than what is in progress or confirmed for its pair: ignored.
+    """
 
     queued: int = 0
     joined: int = 0
     cached: int = 0
+    stale: int = 0
+    # The segments the change touched (a mirror's removals included), for `?wait=`.
+    segments: tuple[str, ...] = ()
+
+    def __add__(self, other: SubmitResult) -> SubmitResult:
+        return SubmitResult(
+            self.queued + other.queued,
+            self.joined + other.joined,
+            self.cached + other.cached,
+            self.stale + other.stale,
+            self.segments + other.segments,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Change:
+    """A newer change waiting for the pair's request in flight to have its outcome."""
+
+    intent: Intent
+    occurred_at: float  # 0.0: none given (the arrival orders it)
+    received_at: float
+
+    @property
+    def version(self) -> float:
+        return self.occurred_at or self.received_at
+
+
+@dataclass(frozen=True, slots=True)
+class _Current:
+    """Where a pair's newest change stands in the engine: its intent and time."""
+
+    intent: Intent
+    version: float
+
+
+_OPPOSITE = {Intent.ADD: Intent.REMOVE, Intent.REMOVE: Intent.ADD}
 
 
 class EngineOverloaded(Exception):
@@ -64,14 +106,18 @@ class EngineClosed(Exception):
 
 
 class Verifier(Protocol):
-    """Confirms written memberships (the validation poller)."""
+    """Confirms written memberships and removals (the validation poller)."""
 
     def watch(self, assignments: list[Assignment]) -> None:
         """Start confirming these written assignments; report back through the engine."""
         ...
 
-    def confirmed(self, contact_id: str, segment_id: str) -> bool:
-        """Whether the pair is known active within the validation cache TTL."""
+    def known(self, contact_id: str, segment_id: str) -> bool | None:
+        """The membership confirmed within the validation cache TTL (member or not), or None."""
+        ...
+
+    def forget(self, contact_id: str, segment_id: str) -> None:
+        """Stop confirming the pair and drop what is cached of it (a newer change is coming)."""
         ...
 
 
@@ -107,12 +153,17 @@ class Engine:
         self._verifier: Verifier | None = None
         self._live: dict[AssignmentKey, Assignment] = {}
         self._pending_writes = 0
-        self._buffer = CoalescingBuffer(
+        self._buffer: CoalescingBuffer[Lane] = CoalescingBuffer(
             min_size=self.batching.min_size,
             max_size=self.batching.max_size,
             linger_s=self.batching.linger_s,
         )
-        self._gate = ContactGate(self.batching.max_inflight_per_contact)
+        self._gate: ContactGate[Lane] = ContactGate(self.batching.max_inflight_per_contact)
+        # The CRM's time of a queued change, where it gave one (a queued change is a buffer
+        # entry, whose time is its arrival; most changes carry no other).
+        self._occurred: dict[AssignmentKey, float] = {}
+        # Newer changes waiting for the request in flight for their pair to have an outcome.
+        self._successors: dict[AssignmentKey, _Change] = {}
         self._waiters: dict[AssignmentKey, list[asyncio.Future[Assignment]]] = {}
         # Set by `release_waiters()`: a draining process answers waits at once, with states so far.
         self._waiters_released = False
@@ -147,14 +198,15 @@ class Engine:
         self,
         assignments: Iterable[Assignment],
         batches: Iterable[BatchRecord],
-        queued: Iterable[tuple[str, str, float]] = (),
+        queued: Iterable[tuple[str, str, float, str, float]] = (),
     ) -> None:
         """Take back unfinished work from the journal; call before `start()`.
 
-        In-flight batches are resent as they were (same ids, same idempotency key), so CXone
-        replays a write that had landed instead of applying it twice. Queued and retrying
-        assignments go back to the buffer; written and verifying ones back to the verifier.
-        `queued` lists queued assignments as (contact_id, segment_id, received_at) tuples.
+        In-flight batches are resent as they were (same ids, same intent, same idempotency
+        key), so CXone replays a write that had landed instead of applying it twice. Queued and
+        retrying assignments go back to their lane of the buffer; written and verifying ones
+        back to the verifier. `queued` lists queued assignments as (contact_id, segment_id,
+        received_at, intent, occurred_at) tuples.
         """
         batch_of: dict[AssignmentKey, BatchRecord] = {}
         for record in batches:
@@ -170,38 +222,47 @@ class Engine:
                 self._recovered_written.append(assignment)
                 continue
             self._pending_writes += 1
+            lane = (assignment.segment_id, assignment.intent)
             batch = batch_of.get(key)
-            if batch is not None:
+            if batch is not None and batch.intent is assignment.intent:
                 self._live[key] = assignment
                 self._gate.force(assignment.contact_id)
                 resend[batch.batch_id] = batch
             elif assignment.state is State.QUEUED:
                 # Queued work lives in the buffer only (see `submit`).
-                if self._gate.admit(
-                    assignment.contact_id, assignment.segment_id, assignment.received_at
-                ):
-                    self._buffer.add(
-                        assignment.segment_id, assignment.contact_id, assignment.received_at
-                    )
+                if assignment.occurred_at:
+                    self._occurred[key] = assignment.occurred_at
+                if self._gate.admit(assignment.contact_id, lane, assignment.received_at):
+                    self._buffer.add(lane, assignment.contact_id, assignment.received_at)
             else:
                 self._live[key] = assignment
-                if self._gate.admit(assignment.contact_id, assignment.segment_id):
-                    self._buffer.add_retry(assignment.segment_id, [assignment.contact_id])
+                if self._gate.admit(assignment.contact_id, lane):
+                    self._buffer.add_retry(lane, [assignment.contact_id])
         # The backlog: usually nearly all of it, so kept to a dictionary lookup and two inserts.
         admit = self._gate.admit
         add = self._buffer.add
+        intents = {intent.value: intent for intent in Intent}
         before = self._pending_writes
-        for contact_id, segment_id, received_at in queued:
+        for contact_id, segment_id, received_at, intent_name, occurred_at in queued:
             self._pending_writes += 1
+            intent = intents[intent_name]
+            lane = (segment_id, intent)
+            if occurred_at:
+                self._occurred[(contact_id, segment_id)] = occurred_at
             batch = batch_of.get((contact_id, segment_id)) if batch_of else None
-            if batch is not None:
+            if batch is not None and batch.intent is intent:
                 self._live[(contact_id, segment_id)] = Assignment(
-                    contact_id, segment_id, received_at=received_at, updated_at=received_at
+                    contact_id,
+                    segment_id,
+                    received_at=received_at,
+                    updated_at=received_at,
+                    intent=intent,
+                    occurred_at=occurred_at,
                 )
                 self._gate.force(contact_id)
                 resend[batch.batch_id] = batch
-            elif admit(contact_id, segment_id, received_at):
-                add(segment_id, contact_id, received_at)
+            elif admit(contact_id, lane, received_at):
+                add(lane, contact_id, received_at)
         by_state[State.QUEUED] += self._pending_writes - before
         restored = sum(by_state.values())
         self._observer.restored(by_state)
@@ -319,36 +380,220 @@ class Engine:
         """False once the flusher has died."""
         return self._failure is None
 
-    def submit(self, request: MembershipChange) -> SubmitResult:
-        """Take a request: queue new assignments, join ones in progress, skip confirmed ones."""
+    def submit(
+        self, change: MembershipChange, history: Mapping[str, Assignment] | None = None
+    ) -> SubmitResult:
+        """Take a change: queue new work, join or supersede work in progress, skip stale ones.
+
+        Per (contact, segment) the newest change wins, by `occurred_at` (the arrival time when
+        it has none), then by arrival. `history` is the contact's journaled assignments by
+        segment: the intake passes it for a mirror (`set`) and for changes that carry their own
+        time, which may be older than what was confirmed before.
+        """
         if not self._accepting:
             raise EngineClosed("the engine is not accepting work")
         wait_s = self.admission_wait(1)
         if wait_s is not None:
             raise EngineOverloaded(self._pending_writes, self.batching.high_water, wait_s)
-        queued = joined = cached = 0
         now = self._wall()
-        contact_id = request.contact_id
-        for segment_id in dict.fromkeys(request.add):
-            if self._pending(contact_id, segment_id):
-                joined += 1
-                continue
-            if self._verifier is not None and self._verifier.confirmed(contact_id, segment_id):
-                cached += 1
-                continue
-            # A queued assignment is only an entry in the buffer (or a parked one in the
-            # contact gate) carrying its received time; its object is made when it is sent.
-            # A million queued assignments then cost a buffer entry each, not an object each.
-            assignment = Assignment(
-                contact_id=contact_id, segment_id=segment_id, received_at=now, updated_at=now
+        contact_id = change.contact_id
+        past = history or {}
+        wanted: dict[str, Intent] = {}
+        if change.mirror is not None:
+            listed = dict.fromkeys(change.mirror)
+            for segment_id in self.tracked(contact_id, past):
+                if segment_id not in listed:
+                    wanted[segment_id] = Intent.REMOVE
+            for segment_id in listed:
+                wanted[segment_id] = Intent.ADD
+        else:
+            for segment_id in change.add:
+                wanted.setdefault(segment_id, Intent.ADD)
+            for segment_id in change.remove:
+                wanted.setdefault(segment_id, Intent.REMOVE)
+        occurred = change.occurred_at or 0.0
+        result = SubmitResult()
+        for segment_id, intent in wanted.items():
+            result += self._change_pair(
+                contact_id, segment_id, intent, occurred, now, past.get(segment_id)
             )
-            self._pending_writes += 1
-            self._store.record(assignment)
-            self._observer.transitioned(assignment, State.QUEUED)
-            queued += 1
-            if self._gate.admit(contact_id, segment_id, now):
-                self._enqueue(segment_id, contact_id, now)
-        return SubmitResult(queued=queued, joined=joined, cached=cached)
+        return dataclasses.replace(result, segments=tuple(wanted))
+
+    def tracked(self, contact_id: str, history: Mapping[str, Assignment]) -> list[str]:
+        """Segments whose newest change for the contact is an add (what a mirror compares with).
+
+        These are the memberships segmapd made or is making; `history` holds the journaled ones.
+        """
+        found = []
+        for segment_id, past in history.items():
+            current = self._current((contact_id, segment_id))
+            intent = current.intent if current is not None else past.intent
+            if intent is Intent.ADD and not (current is None and past.state is State.FAILED):
+                found.append(segment_id)
+        return found
+
+    def _change_pair(  # noqa: PLR0917 (one pair's whole change, called from one place)
+        self,
+        contact_id: str,
+        segment_id: str,
+        intent: Intent,
+        occurred_at: float,
+        now: float,
+        past: Assignment | None,
+    ) -> SubmitResult:
+        key = (contact_id, segment_id)
+        version = occurred_at or now
+        current = self._current(key)
+        newest = current.version if current is not None else (past.version if past else None)
+        if newest is not None and version < newest:
+            self._store.record_stale(contact_id, segment_id, str(intent), version, now)
+            self._observer.stale_change(contact_id, segment_id, intent)
+            return SubmitResult(stale=1)
+        if current is not None:
+            if current.intent is intent:
+                self._renew(key, intent, occurred_at)
+                return SubmitResult(joined=1)
+            self._supersede(key, intent, occurred_at, now)
+            return SubmitResult(queued=1)
+        known = self._verifier.known(contact_id, segment_id) if self._verifier else None
+        if known is not None and known is (intent is Intent.ADD):
+            # Confirmed as asked within the cache TTL: no call. Journaled with this change's
+            # time, so that an older change arriving later is found stale.
+            done = State.ACTIVE if intent is Intent.ADD else State.REMOVED
+            self._store.record(
+                Assignment(
+                    contact_id,
+                    segment_id,
+                    state=done,
+                    received_at=now,
+                    updated_at=now,
+                    intent=intent,
+                    occurred_at=occurred_at,
+                )
+            )
+            return SubmitResult(cached=1)
+        self._queue_new(contact_id, segment_id, intent, occurred_at, now)
+        return SubmitResult(queued=1)
+
+    def _queue_new(
+        self, contact_id: str, segment_id: str, intent: Intent, occurred_at: float, now: float
+    ) -> None:
+        # A queued assignment is only an entry in the buffer (or a parked one in the contact
+        # gate) carrying its received time; its object is made when it is sent. A million
+        # queued assignments then cost a buffer entry each, not an object each.
+        assignment = Assignment(
+            contact_id=contact_id,
+            segment_id=segment_id,
+            received_at=now,
+            updated_at=now,
+            intent=intent,
+            occurred_at=occurred_at,
+        )
+        self._pending_writes += 1
+        if occurred_at:
+            self._occurred[assignment.key] = occurred_at
+        self._store.record(assignment)
+        self._observer.transitioned(assignment, State.QUEUED)
+        lane = (segment_id, intent)
+        if self._gate.admit(contact_id, lane, now):
+            self._enqueue(lane, contact_id, now)
+
+    def _current(self, key: AssignmentKey) -> _Current | None:
+        """The newest change in progress for the pair: queued, parked, live or waiting."""
+        successor = self._successors.get(key)
+        if successor is not None:
+            return _Current(successor.intent, successor.version)
+        live = self._live.get(key)
+        if live is not None:
+            return _Current(live.intent, live.version)
+        contact_id, segment_id = key
+        for intent in Intent:
+            lane = (segment_id, intent)
+            if (contact_id, lane) in self._buffer or self._gate.is_parked(contact_id, lane):
+                at = self._buffer.time_of(lane, contact_id) or self._gate.parked_time(
+                    contact_id, lane
+                )
+                return _Current(intent, self._occurred.get(key) or at or 0.0)
+        return None
+
+    def _renew(self, key: AssignmentKey, intent: Intent, occurred_at: float) -> None:
+        """A newer change of the same intent joins the work in progress: it takes its time."""
+        if not occurred_at:
+            return
+        successor = self._successors.get(key)
+        if successor is not None:
+            self._successors[key] = _Change(intent, occurred_at, successor.received_at)
+            return
+        live = self._live.get(key)
+        if live is not None:
+            live.occurred_at = max(live.occurred_at, occurred_at)
+        elif key in self._occurred or occurred_at:
+            self._occurred[key] = max(self._occurred.get(key, 0.0), occurred_at)
+
+    def _supersede(
+        self, key: AssignmentKey, intent: Intent, occurred_at: float, now: float
+    ) -> None:
+        """A newer change of the other intent replaces the work in progress for the pair.
+
+        Queued (or parked) work is never sent: it moves to the other lane. Written or verifying
+        work leaves validation and its opposite is queued. A request in flight (sending, or
+        retrying: its outcome is unknown) finishes first, so that CXone applies the two in
+        order; the newer change follows its outcome.
+        """
+        contact_id, segment_id = key
+        change = _Change(intent, occurred_at, now)
+        successor = self._successors.get(key)
+        live = self._live.get(key)
+        if successor is not None:
+            if live is not None and live.intent is intent:
+                del self._successors[key]  # back to what is in flight: nothing more to send
+                live.occurred_at = max(live.occurred_at, occurred_at)
+            else:
+                self._successors[key] = change
+            return
+        if live is not None:
+            if live.state in (State.SENDING, State.RETRYING):
+                self._successors[key] = change
+                return
+            # Written or verifying: its confirmation no longer matters.
+            if self._verifier is not None:
+                self._verifier.forget(contact_id, segment_id)
+            self._observer.superseded(live, intent)
+            self._restart(live, change, hold_slot=False)
+            return
+        old_lane = (segment_id, _OPPOSITE[intent])
+        new_lane = (segment_id, intent)
+        self._occurred.pop(key, None)
+        replaced = Assignment(
+            contact_id, segment_id, received_at=now, updated_at=now, intent=intent,
+            occurred_at=occurred_at,
+        )  # fmt: skip
+        self._observer.superseded(replaced, intent)
+        if self._gate.repark(contact_id, old_lane, new_lane, now):
+            pass  # waits for a slot, as the other intent did
+        else:
+            self._buffer.discard(old_lane, contact_id)
+            self._enqueue(new_lane, contact_id, now)
+        if occurred_at:
+            self._occurred[key] = occurred_at
+        self._store.record(replaced)
+
+    def _restart(self, assignment: Assignment, change: _Change, *, hold_slot: bool) -> None:
+        """The pair starts over as `change`, queued in its lane (its old work is over)."""
+        key = assignment.key
+        self._live.pop(key, None)
+        assignment.intent = change.intent
+        assignment.occurred_at = change.occurred_at
+        assignment.received_at = change.received_at
+        assignment.attempts = 0
+        self._move(assignment, State.QUEUED)
+        if change.occurred_at:
+            self._occurred[key] = change.occurred_at
+        else:
+            self._occurred.pop(key, None)
+        lane = (assignment.segment_id, change.intent)
+        if hold_slot or self._gate.admit(assignment.contact_id, lane, change.received_at):
+            self._enqueue(lane, assignment.contact_id, change.received_at)
 
     def admission_wait(self, assignments: int) -> float | None:
         """None if `assignments` more fit below the high-water mark; else seconds to wait.
@@ -362,17 +607,13 @@ class Engine:
         per_second = self._write_gate.rate_per_s * self.batching.max_size
         return max(1.0, excess / per_second)
 
-    def _enqueue(self, segment_id: str, contact_id: str, received_at: float) -> None:
-        if self._buffer.add(segment_id, contact_id, received_at):
+    def _enqueue(self, lane: Lane, contact_id: str, received_at: float) -> None:
+        if self._buffer.add(lane, contact_id, received_at):
             self._wakeup.set()
 
     def _pending(self, contact_id: str, segment_id: str) -> bool:
-        """Whether the pair is in progress: live, buffered or parked."""
-        return (
-            (contact_id, segment_id) in self._live
-            or (contact_id, segment_id) in self._buffer
-            or self._gate.is_parked(contact_id, segment_id)
-        )
+        """Whether the pair is in progress: live, buffered, parked or waiting as a successor."""
+        return self._current((contact_id, segment_id)) is not None
 
     # ---- queries and waiting ---------------------------------------------------------------
 
@@ -460,10 +701,10 @@ class Engine:
     async def _flush_once(self) -> None:
         # The buffer keeps received (wall-clock) times, so linger is measured on that clock.
         now = self._wall()
-        segment_id = self._buffer.pick(
+        lane = self._buffer.pick(
             now, spare_capacity=self._write_gate.has_capacity(), draining=self._draining
         )
-        if segment_id is None:
+        if lane is None:
             deadline = self._buffer.next_deadline()
             timeout = None if deadline is None else max(0.001, deadline - now)
             self._wakeup.clear()
@@ -473,23 +714,26 @@ class Engine:
         await self._write_gate.acquire()
         # Choose again now that a request may go: under backlog the wait for the token is where
         # batches fill up, so the batch sent is the fullest the limit allows.
-        segment_id = (
-            self._buffer.pick(self._wall(), spare_capacity=True, draining=self._draining)
-            or segment_id
-        )
-        entries = self._buffer.take_entries(segment_id)
+        lane = self._buffer.pick(self._wall(), spare_capacity=True, draining=self._draining) or lane
+        entries = self._buffer.take_entries(lane)
         if not entries:
             return
+        segment_id, intent = lane
         contact_ids = []
         for contact_id, received_at in entries:
             key = (contact_id, segment_id)
             if key not in self._live:
                 at = received_at if received_at is not None else self._wall()
                 self._live[key] = Assignment(
-                    contact_id=contact_id, segment_id=segment_id, received_at=at, updated_at=at
+                    contact_id=contact_id,
+                    segment_id=segment_id,
+                    received_at=at,
+                    updated_at=at,
+                    intent=intent,
+                    occurred_at=self._occurred.pop(key, 0.0),
                 )
             contact_ids.append(contact_id)
-        batch = self._sender.new_batch(segment_id, contact_ids)
+        batch = self._sender.new_batch(lane, contact_ids)
         self.spawn(lambda: self._sender.send(batch, token_held=True), f"send {segment_id}")
 
     # ---- the ledger (called by the sender) -------------------------------------------------
@@ -507,30 +751,35 @@ class Engine:
         if not task.cancelled() and task.exception() is not None:
             log.error("task %s failed", task.get_name(), exc_info=task.exception())
 
-    def attempts(self, segment_id: str, contact_id: str) -> int:
+    def attempts(self, lane: Lane, contact_id: str) -> int:
         """Attempts made so far for the live assignment (0 if none)."""
-        assignment = self._live.get((contact_id, segment_id))
+        assignment = self._live.get((contact_id, lane[0]))
         return assignment.attempts if assignment is not None else 0
 
-    def mark_sending(
-        self, segment_id: str, contact_ids: list[str], *, new_attempt: bool = True
-    ) -> None:
+    def mark_sending(self, lane: Lane, contact_ids: list[str], *, new_attempt: bool = True) -> None:
         """The ids are about to be sent."""
-        for assignment in self._assignments(segment_id, contact_ids):
+        for assignment in self._assignments(lane, contact_ids):
             if new_attempt:
                 assignment.attempts += 1
             self._move(assignment, State.SENDING)
 
-    def mark_retrying(self, segment_id: str, contact_ids: list[str]) -> None:
+    def mark_retrying(self, lane: Lane, contact_ids: list[str]) -> None:
         """The ids wait for a backoff."""
-        for assignment in self._assignments(segment_id, contact_ids):
+        for assignment in self._assignments(lane, contact_ids):
             self._move(assignment, State.RETRYING)
 
-    def mark_written(self, segment_id: str, contact_ids: list[str]) -> None:
-        """CXone holds these memberships (maybe not yet indexed)."""
+    def mark_written(self, lane: Lane, contact_ids: list[str]) -> None:
+        """CXone holds these writes: memberships added or removed (maybe not yet indexed)."""
         written = []
-        for assignment in self._assignments(segment_id, contact_ids):
+        for assignment in self._assignments(lane, contact_ids):
             self._move(assignment, State.WRITTEN)
+            successor = self._successors.pop(assignment.key, None)
+            if successor is not None:
+                # Written, but a newer change of the other intent came meanwhile: that one
+                # follows now, in the same slot, instead of confirming this one.
+                self._observer.superseded(assignment, successor.intent)
+                self._restart(assignment, successor, hold_slot=True)
+                continue
             self._release_contact(assignment.contact_id)
             written.append(assignment)
         if self._verifier is not None:
@@ -540,27 +789,41 @@ class Engine:
                 self._finish(assignment)
 
     def mark_failed(
-        self, segment_id: str, contact_ids: list[str], reason: FailureReason, message: str
+        self, lane: Lane, contact_ids: list[str], reason: FailureReason, message: str
     ) -> None:
-        """These assignments end failed (dead letters)."""
-        for assignment in self._assignments(segment_id, contact_ids):
-            was_pending = assignment.state in WRITE_PENDING_STATES
+        """These assignments end failed (dead letters), unless a newer change follows them."""
+        for assignment in self._assignments(lane, contact_ids):
+            successor = self._successors.pop(assignment.key, None)
+            if successor is not None:
+                self._observer.superseded(assignment, successor.intent)
+                self._restart(assignment, successor, hold_slot=True)
+                continue
             self._move(assignment, State.FAILED, reason=reason, message=message)
-            if was_pending:
-                self._release_contact(assignment.contact_id)
+            self._release_contact(assignment.contact_id)
             self._finish(assignment)
 
-    def requeue_later(self, segment_id: str, contact_ids: list[str], delay_s: float) -> None:
-        """After the backoff the ids rejoin their segment's buffer, ahead of fresh ids."""
+    def requeue_later(self, lane: Lane, contact_ids: list[str], delay_s: float) -> None:
+        """After the backoff the ids rejoin their lane of the buffer, ahead of fresh ids."""
         loop = asyncio.get_running_loop()
         handle: asyncio.TimerHandle | None = None
+        segment_id, intent = lane
 
         def requeue() -> None:
             if handle is not None:
                 self._timers.discard(handle)
-            still = [c for c in contact_ids if (c, segment_id) in self._live]
+            still = []
+            for contact_id in contact_ids:
+                live = self._live.get((contact_id, segment_id))
+                # Still pending in this lane (retrying, or never sent when the journal could
+                # not save the batch), not started over as the other intent meanwhile.
+                if (
+                    live is not None
+                    and live.intent is intent
+                    and live.state in WRITE_PENDING_STATES
+                ):
+                    still.append(contact_id)
             if still:
-                self._buffer.add_retry(segment_id, still)
+                self._buffer.add_retry(lane, still)
                 self._wakeup.set()
 
         handle = loop.call_later(delay_s, requeue)
@@ -569,9 +832,10 @@ class Engine:
     # ---- called by the verifier ------------------------------------------------------------
 
     def confirm(self, assignments: Iterable[Assignment]) -> None:
-        """The verifier saw these memberships indexed: they are active."""
+        """The verifier saw these writes indexed: adds are active, removals removed."""
         for assignment in assignments:
-            self._move(assignment, State.ACTIVE)
+            done = State.ACTIVE if assignment.intent is Intent.ADD else State.REMOVED
+            self._move(assignment, done)
             self._finish(assignment)
 
     def verifying(self, assignments: Iterable[Assignment]) -> None:
@@ -588,13 +852,18 @@ class Engine:
 
     # ---- internals ---------------------------------------------------------------------------
 
-    def _assignments(self, segment_id: str, contact_ids: list[str]) -> list[Assignment]:
-        # Only assignments whose write is pending: an answer replayed for a batch recovered
-        # after a crash may name ids that have moved on since.
+    def _assignments(self, lane: Lane, contact_ids: list[str]) -> list[Assignment]:
+        # Only assignments of the lane's intent whose write is pending: an answer replayed for
+        # a batch recovered after a crash may name ids that have moved on since.
+        segment_id, intent = lane
         found = []
         for contact_id in contact_ids:
             assignment = self._live.get((contact_id, segment_id))
-            if assignment is not None and assignment.state in WRITE_PENDING_STATES:
+            if (
+                assignment is not None
+                and assignment.intent is intent
+                and assignment.state in WRITE_PENDING_STATES
+            ):
                 found.append(assignment)
         return found
 
@@ -617,8 +886,8 @@ class Engine:
     def _release_contact(self, contact_id: str) -> None:
         parked = self._gate.release(contact_id)
         if parked is not None:
-            segment_id, received_at = parked
-            self._enqueue(segment_id, contact_id, received_at)
+            lane, received_at = parked
+            self._enqueue(lane, contact_id, received_at)
 
     def _finish(self, assignment: Assignment) -> None:
         """The engine is done with the assignment: drop it from memory, release its waiters."""

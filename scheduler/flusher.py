@@ -20,7 +20,7 @@ from functools import partial
 from typing import Any, Protocol
 
 from scheduler.idempotency import new_batch_key, new_single_key
-from scheduler.model import FailureReason
+from scheduler.model import FailureReason, Intent, Lane
 from scheduler.observer import EngineObserver
 from scheduler.retry import RetryPolicy
 from scheduler.store import BatchRecord, Store
@@ -45,7 +45,12 @@ MAX_IN_PROGRESS_WAITS = 20
 JOURNAL_RETRY_S = 1.0
 
 # Item error codes (CONTRACT.md section 2) and what they mean for the assignment.
-ITEM_WRITTEN = frozenset({"ContactAlreadyInSegment"})
+# Per-item answers that mean the intent already holds: the membership is there (add), or is not
+# (removal).
+ITEM_WRITTEN = {
+    Intent.ADD: frozenset({"ContactAlreadyInSegment"}),
+    Intent.REMOVE: frozenset({"ContactNotInSegment"}),
+}
 ITEM_PERMANENT = {
     "ContactNotFound": FailureReason.CONTACT_NOT_FOUND,
     "InvalidContactId": FailureReason.INVALID_CONTACT_ID,
@@ -55,31 +60,29 @@ ITEM_PERMANENT = {
 class Ledger(Protocol):
     """The engine's side of a send: it owns assignment state."""
 
-    def mark_sending(
-        self, segment_id: str, contact_ids: list[str], *, new_attempt: bool = True
-    ) -> None:
+    def mark_sending(self, lane: Lane, contact_ids: list[str], *, new_attempt: bool = True) -> None:
         """The ids are about to be sent; `new_attempt` counts one more attempt for each."""
         ...
 
-    def mark_retrying(self, segment_id: str, contact_ids: list[str]) -> None:
+    def mark_retrying(self, lane: Lane, contact_ids: list[str]) -> None:
         """The ids wait for a backoff before their next attempt."""
         ...
 
-    def mark_written(self, segment_id: str, contact_ids: list[str]) -> None:
+    def mark_written(self, lane: Lane, contact_ids: list[str]) -> None:
         """CXone accepted the ids (or already had them)."""
         ...
 
     def mark_failed(
-        self, segment_id: str, contact_ids: list[str], reason: FailureReason, message: str
+        self, lane: Lane, contact_ids: list[str], reason: FailureReason, message: str
     ) -> None:
         """The ids cannot be written."""
         ...
 
-    def attempts(self, segment_id: str, contact_id: str) -> int:
+    def attempts(self, lane: Lane, contact_id: str) -> int:
         """Attempts made so far for one assignment."""
         ...
 
-    def requeue_later(self, segment_id: str, contact_ids: list[str], delay_s: float) -> None:
+    def requeue_later(self, lane: Lane, contact_ids: list[str], delay_s: float) -> None:
         """Put the ids back in the buffer as retry ids once `delay_s` has passed."""
         ...
 
@@ -132,19 +135,22 @@ class BatchSender:
         self._observer = observer
         self._sleep = sleep
 
-    def new_batch(self, segment_id: str, contact_ids: list[str]) -> BatchRecord:
+    def new_batch(self, lane: Lane, contact_ids: list[str]) -> BatchRecord:
         """A batch for ids never sent together before: a fresh idempotency key."""
+        segment_id, intent = lane
         return BatchRecord(
             batch_id=uuid.uuid4().hex,
             segment_id=segment_id,
             contact_ids=tuple(contact_ids),
             idempotency_key=new_batch_key(segment_id),
             attempt=1,
+            intent=intent,
         )
 
     async def send(self, batch: BatchRecord, *, token_held: bool) -> None:
         """Send the batch until every id has an outcome or has been handed to a retry."""
         segment_id = batch.segment_id
+        lane = (segment_id, batch.intent)
         ids = list(batch.contact_ids)
         try:
             await self._store.save_batch(batch)
@@ -155,9 +161,9 @@ class BatchSender:
                 exc,
                 len(ids),
             )
-            self._ledger.requeue_later(segment_id, ids, JOURNAL_RETRY_S)
+            self._ledger.requeue_later(lane, ids, JOURNAL_RETRY_S)
             return
-        self._ledger.mark_sending(segment_id, ids)
+        self._ledger.mark_sending(lane, ids)
         try:
             await self._send_until_settled(batch, ids, token_held=token_held)
         except asyncio.CancelledError:
@@ -169,8 +175,8 @@ class BatchSender:
             log.exception(
                 "segment %s: sending a batch failed unexpectedly; ids retried", segment_id
             )
-            self._ledger.mark_retrying(segment_id, ids)
-            self._ledger.requeue_later(segment_id, ids, JOURNAL_RETRY_S)
+            self._ledger.mark_retrying(lane, ids)
+            self._ledger.requeue_later(lane, ids, JOURNAL_RETRY_S)
         await self._store.drop_batch(batch.batch_id)
 
     async def _send_until_settled(
@@ -178,6 +184,10 @@ class BatchSender:
     ) -> None:
         """Send (and resend) until the ids have outcomes or were handed to retries."""
         segment_id = batch.segment_id
+        lane = (segment_id, batch.intent)
+        bulk_call = (
+            self._client.bulk_add if batch.intent is Intent.ADD else self._client.bulk_remove
+        )
         in_progress_waits = 0
         need_token = not token_held
         while True:
@@ -187,7 +197,7 @@ class BatchSender:
             self._observer.bulk_sent(segment_id, len(ids), batch.attempt)
             started = time.monotonic()
             try:
-                result = await self._client.bulk_add(segment_id, ids, batch.idempotency_key)
+                result = await bulk_call(segment_id, ids, batch.idempotency_key)
             except LocalResourceError as exc:
                 self._observer.upstream_outcome("bulk", "local", seconds_since(started))
                 log.warning(
@@ -204,7 +214,7 @@ class BatchSender:
                 continue
             except SegmentNotFound as exc:
                 self._observer.upstream_outcome("bulk", "permanent", seconds_since(started))
-                self._ledger.mark_failed(segment_id, ids, FailureReason.SEGMENT_NOT_FOUND, str(exc))
+                self._ledger.mark_failed(lane, ids, FailureReason.SEGMENT_NOT_FOUND, str(exc))
                 return
             except UpstreamError as exc:
                 self._observer.upstream_outcome("bulk", outcome_of(exc), seconds_since(started))
@@ -212,9 +222,9 @@ class BatchSender:
                     in_progress_waits < MAX_IN_PROGRESS_WAITS
                 ):
                     in_progress_waits += 1
-                    self._ledger.mark_retrying(segment_id, ids)
+                    self._ledger.mark_retrying(lane, ids)
                     await self._sleep(self._retry.delay(1, self._rng, exc.retry_after_s))
-                    self._ledger.mark_sending(segment_id, ids, new_attempt=False)
+                    self._ledger.mark_sending(lane, ids, new_attempt=False)
                     continue
                 resend = await self._after_request_failure(batch, ids, exc)
                 if resend is None:
@@ -222,7 +232,7 @@ class BatchSender:
                 batch = resend
                 continue
             self._observer.upstream_outcome("bulk", "ok", seconds_since(started))
-            self._apply(segment_id, ids, result)
+            self._apply(lane, ids, result)
             return
 
     async def _after_request_failure(
@@ -230,18 +240,19 @@ class BatchSender:
     ) -> BatchRecord | None:
         """Decide what follows a failed request; returns the batch to resend, or None."""
         segment_id = batch.segment_id
+        lane = (segment_id, batch.intent)
         if exc.error == "IdempotencyKeyReused":
             # Our own bug if it ever happens: never try to force the key, take a new one.
             log.error("idempotency key reused for segment %s; sending under a new key", segment_id)
-        exhausted = [c for c in ids if self._retry.exhausted(self._ledger.attempts(segment_id, c))]
+        exhausted = [c for c in ids if self._retry.exhausted(self._ledger.attempts(lane, c))]
         remaining = [c for c in ids if c not in set(exhausted)]
         for contact_id in exhausted:
             self._ledger.spawn(
-                partial(self.fallback, segment_id, contact_id, str(exc)), f"fallback {segment_id}"
+                partial(self.fallback, lane, contact_id, str(exc)), f"fallback {segment_id}"
             )
         if not remaining:
             return None
-        failed_attempts = max(self._ledger.attempts(segment_id, c) for c in remaining)
+        failed_attempts = max(self._ledger.attempts(lane, c) for c in remaining)
         delay = self._retry.delay(failed_attempts, self._rng, exc.retry_after_s)
         self._observer.retry_scheduled(segment_id, len(remaining), delay)
         log.warning(
@@ -253,10 +264,10 @@ class BatchSender:
         )
         if len(remaining) != len(ids) or exc.error == "IdempotencyKeyReused":
             # A different body needs a different key: the ids rejoin the buffer as retries.
-            self._ledger.mark_retrying(segment_id, remaining)
-            self._ledger.requeue_later(segment_id, remaining, delay)
+            self._ledger.mark_retrying(lane, remaining)
+            self._ledger.requeue_later(lane, remaining, delay)
             return None
-        self._ledger.mark_retrying(segment_id, ids)
+        self._ledger.mark_retrying(lane, ids)
         await self._sleep(delay)
         resend = BatchRecord(
             batch_id=batch.batch_id,
@@ -264,13 +275,16 @@ class BatchSender:
             contact_ids=batch.contact_ids,
             idempotency_key=batch.idempotency_key,
             attempt=batch.attempt + 1,
+            intent=batch.intent,
         )
         await self._store.save_batch(resend)
-        self._ledger.mark_sending(segment_id, ids)
+        self._ledger.mark_sending(lane, ids)
         return resend
 
-    def _apply(self, segment_id: str, ids: list[str], result: BulkResult) -> None:
+    def _apply(self, lane: Lane, ids: list[str], result: BulkResult) -> None:
         """Turn a 200 answer into per-id outcomes."""
+        segment_id, intent = lane
+        holds = ITEM_WRITTEN[intent]
         written_failures: list[str] = []
         retry: list[str] = []
         permanent: dict[FailureReason, list[str]] = {}
@@ -278,7 +292,7 @@ class BatchSender:
         listed: set[str] = set()
         for item in result.failed:
             listed.add(item.contact_id)
-            if item.error in ITEM_WRITTEN:
+            if item.error in holds:
                 written_failures.append(item.contact_id)
             elif item.error in ITEM_PERMANENT:
                 reason = ITEM_PERMANENT[item.error]
@@ -300,47 +314,52 @@ class BatchSender:
         written = [c for c in ids if c not in listed]
         written.extend(written_failures)
         if written:
-            self._ledger.mark_written(segment_id, written)
+            self._ledger.mark_written(lane, written)
         for reason, contact_ids in permanent.items():
-            self._ledger.mark_failed(segment_id, contact_ids, reason, messages[reason])
+            self._ledger.mark_failed(lane, contact_ids, reason, messages[reason])
         if retry:
-            self._retry_items(segment_id, retry)
+            self._retry_items(lane, retry)
 
-    def _retry_items(self, segment_id: str, contact_ids: list[str]) -> None:
+    def _retry_items(self, lane: Lane, contact_ids: list[str]) -> None:
         """Item failures: retry those ids only, or fall back once they are out of attempts."""
+        segment_id = lane[0]
         again: list[str] = []
         for contact_id in contact_ids:
-            if self._retry.exhausted(self._ledger.attempts(segment_id, contact_id)):
+            if self._retry.exhausted(self._ledger.attempts(lane, contact_id)):
                 self._ledger.spawn(
-                    partial(self.fallback, segment_id, contact_id, "item failed every attempt"),
+                    partial(self.fallback, lane, contact_id, "item failed every attempt"),
                     f"fallback {segment_id}",
                 )
             else:
                 again.append(contact_id)
         if not again:
             return
-        failed_attempts = max(self._ledger.attempts(segment_id, c) for c in again)
+        failed_attempts = max(self._ledger.attempts(lane, c) for c in again)
         delay = self._retry.delay(failed_attempts, self._rng)
         self._observer.retry_scheduled(segment_id, len(again), delay)
-        self._ledger.mark_retrying(segment_id, again)
-        self._ledger.requeue_later(segment_id, again, delay)
+        self._ledger.mark_retrying(lane, again)
+        self._ledger.requeue_later(lane, again, delay)
 
-    async def fallback(self, segment_id: str, contact_id: str, last_error: str) -> None:
+    async def fallback(self, lane: Lane, contact_id: str, last_error: str) -> None:
         """The last resort for an id that failed every bulk attempt: one single-contact write."""
+        segment_id, intent = lane
+        single_call = (
+            self._client.single_add if intent is Intent.ADD else self._client.single_remove
+        )
         log.error(
             "contact %s failed %d bulk writes to segment %s (last: %s); trying one single write",
             contact_id,
-            self._ledger.attempts(segment_id, contact_id),
+            self._ledger.attempts(lane, contact_id),
             segment_id,
             last_error,
         )
         key = new_single_key(segment_id, contact_id)
-        self._ledger.mark_sending(segment_id, [contact_id])
+        self._ledger.mark_sending(lane, [contact_id])
         while True:
             await self._single_gate.acquire()
             started = time.monotonic()
             try:
-                result = await self._client.single_add(segment_id, contact_id, key)
+                result = await single_call(segment_id, contact_id, key)
             except LocalResourceError as exc:
                 self._observer.upstream_outcome("single", "local", seconds_since(started))
                 log.warning("contact %s: %s; sending again", contact_id, exc)
@@ -353,7 +372,7 @@ class BatchSender:
             except SegmentNotFound as exc:
                 self._observer.upstream_outcome("single", "permanent", seconds_since(started))
                 self._ledger.mark_failed(
-                    segment_id, [contact_id], FailureReason.SEGMENT_NOT_FOUND, str(exc)
+                    lane, [contact_id], FailureReason.SEGMENT_NOT_FOUND, str(exc)
                 )
                 return
             except UpstreamError as exc:
@@ -365,7 +384,7 @@ class BatchSender:
                     exc,
                 )
                 self._ledger.mark_failed(
-                    segment_id,
+                    lane,
                     [contact_id],
                     FailureReason.RETRIES_EXHAUSTED,
                     f"bulk: {last_error}; single write: {exc}",
@@ -373,9 +392,9 @@ class BatchSender:
                 return
             self._observer.upstream_outcome("single", "ok", seconds_since(started))
             break
-        if result.error is None or result.error in ITEM_WRITTEN:
+        if result.error is None or result.error in ITEM_WRITTEN[intent]:
             log.error("single write of contact %s to segment %s succeeded", contact_id, segment_id)
-            self._ledger.mark_written(segment_id, [contact_id])
+            self._ledger.mark_written(lane, [contact_id])
             return
         reason = ITEM_PERMANENT.get(result.error, FailureReason.RETRIES_EXHAUSTED)
         message = f"single write: {result.status} {result.error} {result.message}".strip()
@@ -385,4 +404,4 @@ class BatchSender:
             segment_id,
             message,
         )
-        self._ledger.mark_failed(segment_id, [contact_id], reason, message)
+        self._ledger.mark_failed(lane, [contact_id], reason, message)

@@ -6,8 +6,18 @@ import enum
 from dataclasses import dataclass, field
 
 
+class Intent(enum.StrEnum):
+    """What an assignment works towards: the contact in the segment, or out of it."""
+
+    ADD = "add"
+    REMOVE = "remove"
+
+
 class State(enum.StrEnum):
-    """Where an assignment stands; `active` and `failed` are terminal."""
+    """Where an assignment stands; `active`, `removed` and `failed` are terminal.
+
+    An add ends `active` and a removal `removed`, each only once CXone's reads show it.
+    """
 
     QUEUED = "queued"
     SENDING = "sending"
@@ -15,23 +25,33 @@ class State(enum.StrEnum):
     WRITTEN = "written"
     VERIFYING = "verifying"
     ACTIVE = "active"
+    REMOVED = "removed"
     FAILED = "failed"
 
 
-TERMINAL_STATES = frozenset({State.ACTIVE, State.FAILED})
+TERMINAL_STATES = frozenset({State.ACTIVE, State.REMOVED, State.FAILED})
 # States in which the write itself is still pending: these count against the queue's high-water
 # mark and against the per-contact in-flight limit.
 WRITE_PENDING_STATES = frozenset({State.QUEUED, State.SENDING, State.RETRYING})
 
 # Which transitions the engine may make. A terminal assignment may start over (a new request for
-# it after the validation cache expired, or a dead-letter replay).
+# it after the validation cache expired, or a dead-letter replay). A newer change of the other
+# intent starts the pair over from where it is (a queued or retrying one at once, a written or
+# verifying one by leaving validation, one being sent once its request has an outcome).
 ALLOWED_TRANSITIONS: dict[State, frozenset[State]] = {
-    State.QUEUED: frozenset({State.SENDING, State.FAILED}),
-    State.SENDING: frozenset({State.WRITTEN, State.RETRYING, State.SENDING, State.FAILED}),
-    State.RETRYING: frozenset({State.SENDING, State.FAILED}),
-    State.WRITTEN: frozenset({State.VERIFYING, State.ACTIVE, State.FAILED}),
-    State.VERIFYING: frozenset({State.ACTIVE, State.FAILED, State.VERIFYING}),
+    State.QUEUED: frozenset({State.SENDING, State.FAILED, State.QUEUED}),
+    State.SENDING: frozenset(
+        {State.WRITTEN, State.RETRYING, State.SENDING, State.FAILED, State.QUEUED}
+    ),
+    State.RETRYING: frozenset({State.SENDING, State.FAILED, State.QUEUED}),
+    State.WRITTEN: frozenset(
+        {State.VERIFYING, State.ACTIVE, State.REMOVED, State.FAILED, State.QUEUED}
+    ),
+    State.VERIFYING: frozenset(
+        {State.ACTIVE, State.REMOVED, State.FAILED, State.VERIFYING, State.QUEUED}
+    ),
     State.ACTIVE: frozenset({State.QUEUED}),
+    State.REMOVED: frozenset({State.QUEUED}),
     State.FAILED: frozenset({State.QUEUED}),
 }
 
@@ -53,6 +73,9 @@ class InvalidTransition(RuntimeError):
 AssignmentKey = tuple[str, str]
 """(contact_id, segment_id)."""
 
+Lane = tuple[str, Intent]
+"""(segment_id, intent): what one batch may hold (a batch never mixes adds and removals)."""
+
 
 @dataclass(slots=True)
 class Assignment:
@@ -72,6 +95,15 @@ class Assignment:
     received_at: float = 0.0
     updated_at: float = 0.0
     history: list[tuple[State, float]] | None = field(default=None)
+    intent: Intent = Intent.ADD
+    # The CRM's time of the change this works towards (its occurredAt, else its arrival): a
+    # change older than this is stale.
+    occurred_at: float = 0.0
+
+    @property
+    def version(self) -> float:
+        """The time ordering compares: the change's occurredAt, or its arrival."""
+        return self.occurred_at or self.received_at
 
     @property
     def key(self) -> AssignmentKey:

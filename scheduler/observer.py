@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from scheduler.model import Assignment, State
+from scheduler.model import Assignment, Intent, State
 
 
 class EngineObserver:
@@ -33,6 +33,12 @@ class EngineObserver:
 
     def retry_scheduled(self, segment_id: str, ids: int, delay_s: float) -> None:
         """Ids of a segment will be retried after `delay_s`."""
+
+    def stale_change(self, contact_id: str, segment_id: str, intent: Intent) -> None:
+        """A change arrived older than the one in progress or confirmed: ignored, no call."""
+
+    def superseded(self, assignment: Assignment, by: Intent) -> None:
+        """Work in progress gave way to a newer change of the other intent."""
 
 
 class CompositeObserver(EngineObserver):
@@ -80,3 +86,13 @@ class CompositeObserver(EngineObserver):
         """Forward."""
         for observer in self._observers:
             observer.retry_scheduled(segment_id, ids, delay_s)
+
+    def stale_change(self, contact_id: str, segment_id: str, intent: Intent) -> None:
+        """Forward to every observer."""
+        for observer in self._observers:
+            observer.stale_change(contact_id, segment_id, intent)
+
+    def superseded(self, assignment: Assignment, by: Intent) -> None:
+        """Forward to every observer."""
+        for observer in self._observers:
+            observer.superseded(assignment, by)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from scheduler.model import Assignment
+from scheduler.model import Assignment, Intent
 
 
 class StoreUnavailable(Exception):
@@ -26,6 +26,7 @@ class BatchRecord:
     contact_ids: tuple[str, ...]
     idempotency_key: str
     attempt: int
+    intent: Intent = Intent.ADD
 
 
 class Store(Protocol):
@@ -33,6 +34,12 @@ class Store(Protocol):
 
     def record(self, assignment: Assignment) -> None:
         """Queue a snapshot of the assignment's current state; must not block the event loop."""
+        ...
+
+    def record_stale(
+        self, contact_id: str, segment_id: str, intent: str, occurred_at: float, at: float
+    ) -> None:
+        """Queue a note of a change that arrived stale (older than the pair's newest)."""
         ...
 
     async def flush(self) -> None:

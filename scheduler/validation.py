@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from scheduler.model import Assignment, FailureReason, State
+from scheduler.model import Assignment, FailureReason, Intent, State
 from scheduler.observer import EngineObserver
 from scheduler.ratelimit import RateGate
 from scheduler.retry import RetryPolicy
@@ -194,9 +194,17 @@ class MembershipPoller:
 
     # ---- the Verifier interface the engine calls -------------------------------------------
 
-    def confirmed(self, contact_id: str, segment_id: str) -> bool:
-        """Whether the pair is known to be a member within the cache TTL."""
-        return self._cache.confirmed(contact_id, segment_id)
+    def known(self, contact_id: str, segment_id: str) -> bool | None:
+        """The membership confirmed within the cache TTL (member or not), or None."""
+        return self._cache.known(contact_id, segment_id)
+
+    def forget(self, contact_id: str, segment_id: str) -> None:
+        """Stop confirming the pair (a newer change replaces it) and drop its cached value."""
+        self._cache.forget(contact_id, segment_id)
+        watch = self._watches.get(segment_id)
+        pair = watch.pairs.get(contact_id) if watch is not None else None
+        if watch is not None and pair is not None:
+            self._forget(watch, pair)
 
     def watch(self, assignments: list[Assignment]) -> None:
         """Start validating written assignments."""
@@ -421,9 +429,10 @@ class MembershipPoller:
         self._observer.membership_read(segment_id, result.is_member)
         if watch.pairs.get(contact_id) is not pair:
             return  # replaced or failed with its segment while the read was out
-        if result.is_member:
+        # An add is confirmed by the membership showing, a removal by its absence.
+        if result.is_member is (pair.assignment.intent is Intent.ADD):
             self._forget(watch, pair)
-            self._cache.remember(contact_id, segment_id)
+            self._cache.remember(contact_id, segment_id, result.is_member)
             self._sink.confirm([pair.assignment])
             return
         self._not_shown(pair, watch, sent)
@@ -606,14 +615,19 @@ class MembershipPoller:
             refreshed = (
                 f"with no successful refresh of the segment ({watch.refresh_failures} failed)"
             )
+        if pair.assignment.intent is Intent.ADD:
+            seen, other = "the membership", "the membership was removed in CXone meanwhile"
+        else:
+            seen, other = "the removal", "the contact was added back in CXone meanwhile"
         message = (
-            f"CXone did not show the membership in {pair.reads} reads from {first:.0f} s to "
+            f"CXone did not show {seen} in {pair.reads} reads from {first:.0f} s to "
             f"{age:.0f} s after the write, {refreshed}; possible causes: a dynamic segment "
-            "(it accepts direct writes and ignores them), or the membership was removed in CXone"
+            f"(it accepts direct writes and ignores them), or {other}"
         )
         log.warning(
-            "segment %s: membership of %s not indexed: %s",
+            "segment %s: %s of %s not indexed: %s",
             watch.segment_id,
+            pair.assignment.intent,
             pair.assignment.contact_id,
             message,
         )

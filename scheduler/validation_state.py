@@ -13,14 +13,18 @@ from typing import Protocol
 
 
 class ConfirmationCache(Protocol):
-    """Pairs CXone confirmed as members, remembered for a TTL."""
+    """What CXone confirmed of each pair (member or not), remembered for a TTL."""
 
-    def confirmed(self, contact_id: str, segment_id: str) -> bool:
-        """Whether the pair was confirmed within the TTL."""
+    def known(self, contact_id: str, segment_id: str) -> bool | None:
+        """The membership confirmed within the TTL (True: member, False: not), else None."""
         ...
 
-    def remember(self, contact_id: str, segment_id: str) -> None:
-        """Record a confirmation made now."""
+    def remember(self, contact_id: str, segment_id: str, member: bool = True) -> None:
+        """Record a confirmation made now: a membership shown, or a removal shown."""
+        ...
+
+    def forget(self, contact_id: str, segment_id: str) -> None:
+        """Drop what is known of the pair (its membership is being changed)."""
         ...
 
 
@@ -46,39 +50,48 @@ class RefreshBudget(Protocol):
 
 
 class MemoryConfirmationCache:
-    """An in-process TTL cache; entries expire in insertion order, so pruning is cheap."""
+    """An in-process TTL cache; entries expire in insertion order, so pruning is cheap.
+
+    It keeps the confirmed value, not only the fact of a confirmation: a re-add right after a
+    confirmed removal must find "not a member", never an older "member".
+    """
 
     def __init__(self, ttl_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl_s = ttl_s
         self._clock = clock
-        self._entries: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, str], tuple[float, bool]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def confirmed(self, contact_id: str, segment_id: str) -> bool:
-        """Whether the pair was confirmed less than `ttl_s` ago."""
+    def known(self, contact_id: str, segment_id: str) -> bool | None:
+        """The membership confirmed less than `ttl_s` ago, or None."""
         self._prune()
-        return (contact_id, segment_id) in self._entries
+        entry = self._entries.get((contact_id, segment_id))
+        return None if entry is None else entry[1]
 
-    def remember(self, contact_id: str, segment_id: str) -> None:
+    def remember(self, contact_id: str, segment_id: str, member: bool = True) -> None:
         """Record a confirmation made now (moves the pair to the young end)."""
         key = (contact_id, segment_id)
         self._entries.pop(key, None)
-        self._entries[key] = self._clock()
+        self._entries[key] = (self._clock(), member)
         self._prune()
 
-    def restore(self, entries: list[tuple[str, str, float]], wall_now: float) -> None:
+    def forget(self, contact_id: str, segment_id: str) -> None:
+        """Drop what is known of the pair (a newer change of the other intent is under way)."""
+        self._entries.pop((contact_id, segment_id), None)
+
+    def restore(self, entries: list[tuple[str, str, float, bool]], wall_now: float) -> None:
         """Take back confirmations made before a restart (wall-clock times), oldest first."""
         now = self._clock()
-        for contact_id, segment_id, at in sorted(entries, key=lambda e: e[2]):
-            self._entries[(contact_id, segment_id)] = now - max(0.0, wall_now - at)
+        for contact_id, segment_id, at, member in sorted(entries, key=lambda e: e[2]):
+            self._entries[(contact_id, segment_id)] = (now - max(0.0, wall_now - at), member)
         self._prune()
 
     def _prune(self) -> None:
         horizon = self._clock() - self.ttl_s
         while self._entries:
-            key, at = next(iter(self._entries.items()))
+            key, (at, _) = next(iter(self._entries.items()))
             if at > horizon:
                 break
             del self._entries[key]

@@ -10,6 +10,7 @@ from scheduler.store import BatchRecord
 
 # Redelivery memory is bounded: a webhook sender retries within hours, not forever.
 MAX_DELIVERIES = 1_000_000
+MAX_STALE = 10_000
 
 
 class MemoryStore:
@@ -20,6 +21,7 @@ class MemoryStore:
         self._by_contact: dict[str, dict[str, Assignment]] = {}
         self._batches: dict[str, BatchRecord] = {}
         self._deliveries: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self.stale: list[tuple[str, str, str, float, float]] = []
 
     def record(self, assignment: Assignment) -> None:
         """Keep a copy of the assignment as it is now."""
@@ -33,6 +35,13 @@ class MemoryStore:
         snapshot = dataclasses.replace(assignment, history=history)
         self._assignments[key] = snapshot
         self._by_contact.setdefault(assignment.contact_id, {})[assignment.segment_id] = snapshot
+
+    def record_stale(
+        self, contact_id: str, segment_id: str, intent: str, occurred_at: float, at: float
+    ) -> None:
+        """Keep the stale change (the most recent MAX_STALE)."""
+        self.stale.append((contact_id, segment_id, intent, occurred_at, at))
+        del self.stale[:-MAX_STALE]
 
     async def flush(self) -> None:
         """Nothing to wait for: records are applied at once."""

@@ -35,7 +35,7 @@ from daemon.store.delivery_filter import (
     capacity_for,
     new_bloom,
 )
-from scheduler.model import Assignment, FailureReason, State
+from scheduler.model import Assignment, FailureReason, Intent, State
 from scheduler.store import BatchRecord, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,32 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     INSERT INTO journal_info VALUES ('created_at', strftime('%Y-%m-%dT%H:%M:%fZ', 'now'));
     """,
+    # 3: removals and ordering. Every assignment and batch has an intent (all earlier ones were
+    # adds); an assignment keeps the CRM's time of the change it works towards (0: its arrival);
+    # a confirmation remembers what was confirmed (all earlier ones were memberships); changes
+    # that arrived older than what was in progress are kept as stale.
+    """
+    ALTER TABLE assignments ADD COLUMN intent TEXT NOT NULL DEFAULT 'add';
+    ALTER TABLE assignments ADD COLUMN occurred_at REAL NOT NULL DEFAULT 0;
+    ALTER TABLE batches ADD COLUMN intent TEXT NOT NULL DEFAULT 'add';
+    ALTER TABLE confirmations ADD COLUMN member INTEGER NOT NULL DEFAULT 1;
+    CREATE TABLE stale_changes (
+        contact_id  TEXT NOT NULL,
+        segment_id  TEXT NOT NULL,
+        intent      TEXT NOT NULL,
+        occurred_at REAL NOT NULL,
+        received_at REAL NOT NULL
+    );
+    CREATE INDEX stale_changes_by_time ON stale_changes (received_at);
+    """,
 ]
+
+# Assignment columns in the order `_assignment` reads them (SELECT * would follow the table's,
+# which ALTER TABLE appends to).
+_ASSIGNMENT_COLUMNS = (
+    "contact_id, segment_id, state, reason, message, attempts, received_at, updated_at, "
+    "history, intent, occurred_at"
+)
 
 
 class StoreFileError(Exception):
@@ -129,12 +154,13 @@ class Recovered:
     """What the journal held at start-up that is not finished."""
 
     assignments: list[Assignment] = field(default_factory=list)
-    # Queued assignments as (contact_id, segment_id, received_at): the bulk of a backlog, and
-    # the engine keeps them as buffer entries, not objects.
-    queued: list[tuple[str, str, float]] = field(default_factory=list)
+    # Queued assignments as (contact_id, segment_id, received_at, intent, occurred_at): the bulk
+    # of a backlog, and the engine keeps them as buffer entries, not objects.
+    queued: list[tuple[str, str, float, str, float]] = field(default_factory=list)
     batches: list[BatchRecord] = field(default_factory=list)
     refresh_budget: dict[str, float] = field(default_factory=dict)
-    confirmations: list[tuple[str, str, float]] = field(default_factory=list)
+    # (contact_id, segment_id, confirmed_at, member)
+    confirmations: list[tuple[str, str, float, bool]] = field(default_factory=list)
     notifications: list[tuple[str, bytes]] = field(default_factory=list)
 
 
@@ -200,7 +226,7 @@ def _migrate(connection: sqlite3.Connection, path: str) -> None:
 
 # ---- the writer thread --------------------------------------------------------------------------
 
-_AssignmentRow = tuple[str, str, str, str | None, str, int, float, float]
+_AssignmentRow = tuple[str, str, str, str | None, str, int, float, float, str, float]
 
 
 class _MultiRowInsert:
@@ -248,12 +274,13 @@ class _MultiRowInsert:
 
 _UPSERT_ASSIGNMENTS = _MultiRowInsert(
     """INSERT INTO assignments (contact_id, segment_id, state, reason, message,
-                                attempts, received_at, updated_at, history)""",
-    9,
+                                attempts, received_at, updated_at, intent, occurred_at, history)""",
+    11,
     """ON CONFLICT (contact_id, segment_id) DO UPDATE SET
         state = excluded.state, reason = excluded.reason,
         message = excluded.message, attempts = excluded.attempts,
         received_at = excluded.received_at, updated_at = excluded.updated_at,
+        intent = excluded.intent, occurred_at = excluded.occurred_at,
         history = CASE
             WHEN excluded.history LIKE 'queued:%' THEN excluded.history
             ELSE assignments.history || excluded.history
@@ -275,7 +302,8 @@ class _Pending:
     batches_dropped: set[str] = field(default_factory=set)
     deliveries: list[tuple[str, str, bytes, float]] = field(default_factory=list)
     budget: dict[str, float] = field(default_factory=dict)
-    confirmations: dict[tuple[str, str], float] = field(default_factory=dict)
+    confirmations: dict[tuple[str, str], tuple[float, bool]] = field(default_factory=dict)
+    stale: list[tuple[str, str, str, float, float]] = field(default_factory=list)
     notifications_added: dict[str, tuple[bytes, float]] = field(default_factory=dict)
     notifications_done: set[str] = field(default_factory=set)
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
@@ -288,6 +316,7 @@ class _Pending:
             or self.deliveries
             or self.budget
             or self.confirmations
+            or self.stale
             or self.notifications_added
             or self.notifications_done
         )
@@ -307,6 +336,7 @@ class _Pending:
         self.deliveries.extend(later.deliveries)
         self.budget.update(later.budget)
         self.confirmations.update(later.confirmations)
+        self.stale.extend(later.stale)
         for event_id, value in later.notifications_added.items():
             self.notifications_added[event_id] = value
             self.notifications_done.discard(event_id)
@@ -338,6 +368,9 @@ class SqliteStore:
         # code, on the hot path): a change queued while the writer commits is seen when it loops.
         self._writer_idle = False
         self._pending = _Pending()
+        # The transaction the writer is committing (or failed to, and will retry): its changes
+        # are in neither `_pending` nor the file yet.
+        self._in_flight: _Pending | None = None
         self._closing = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -425,6 +458,8 @@ class SqliteStore:
             assignment.attempts,
             assignment.received_at,
             assignment.updated_at,
+            str(assignment.intent),
+            assignment.occurred_at,
         )
         with self._lock:
             self._pending.assignments[key] = row
@@ -491,20 +526,43 @@ class SqliteStore:
         assert self._reader is not None
         return self._reader.execute(sql, tuple(parameters)).fetchall()
 
+    def _uncommitted(self, contact_id: str) -> dict[str, Assignment]:
+        """The contact's recorded changes not committed yet, by segment (newest wins)."""
+        found: dict[str, Assignment] = {}
+        with self._lock:
+            for work in (self._in_flight, self._pending):
+                if work is None or not work.assignments:
+                    continue
+                for (contact, segment), row in work.assignments.items():
+                    if contact == contact_id:
+                        found[segment] = _assignment((*row[:8], "", row[8], row[9]))
+        return found
+
     async def contact(self, contact_id: str) -> list[Assignment]:
-        """The contact's committed assignments (at most a few ms behind the engine)."""
+        """The contact's assignments as recorded, committed or not.
+
+        A mirror (`set`) compares with these: a change recorded a moment ago by a concurrent
+        request must be seen though its transaction has not committed yet.
+        """
+        before = self._uncommitted(contact_id)
         rows = await self._read(
             lambda: self._query(
-                "SELECT * FROM assignments WHERE contact_id = ? ORDER BY segment_id", (contact_id,)
+                f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments WHERE contact_id = ? "  # noqa: S608 (a constant)
+                "ORDER BY segment_id",
+                (contact_id,),
             )
         )
-        return [_assignment(row) for row in rows]
+        merged = {row[1]: _assignment(row) for row in rows}
+        merged.update(before)
+        merged.update(self._uncommitted(contact_id))
+        return [merged[segment] for segment in sorted(merged)]
 
     async def failed(self, limit: int = 1000) -> list[Assignment]:
         """Dead letters, oldest first."""
         rows = await self._read(
             lambda: self._query(
-                "SELECT * FROM assignments WHERE state = 'failed' ORDER BY updated_at LIMIT ?",
+                f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments WHERE state = 'failed' "  # noqa: S608
+                "ORDER BY updated_at LIMIT ?",
                 (limit,),
             )
         )
@@ -627,10 +685,20 @@ class SqliteStore:
             raise
         return 0.0
 
-    def remember_confirmation(self, contact_id: str, segment_id: str, at: float) -> None:
-        """Persist a validation-cache entry (wall-clock time of the confirmation)."""
+    def remember_confirmation(
+        self, contact_id: str, segment_id: str, at: float, member: bool = True
+    ) -> None:
+        """Persist a validation-cache entry: what was confirmed (member or not), and when."""
         with self._lock:
-            self._pending.confirmations[(contact_id, segment_id)] = at
+            self._pending.confirmations[(contact_id, segment_id)] = (at, member)
+            self._nudge()
+
+    def record_stale(
+        self, contact_id: str, segment_id: str, intent: str, occurred_at: float, at: float
+    ) -> None:
+        """Journal a change that arrived older than the one in progress (it costs no call)."""
+        with self._lock:
+            self._pending.stale.append((contact_id, segment_id, intent, occurred_at, at))
             self._nudge()
 
     def add(self, event_id: str, body: bytes) -> None:
@@ -679,6 +747,8 @@ class SqliteStore:
                 # A failed transaction's changes go first; later ones are merged onto them.
                 carry.absorb(work)
                 work, carry = carry, _Pending()
+            with self._lock:
+                self._in_flight = work
             try:
                 self._commit(work)
             except sqlite3.Error as exc:
@@ -694,6 +764,8 @@ class SqliteStore:
                     return
                 time.sleep(RETRY_AFTER_FAILURE_S)
                 continue
+            with self._lock:
+                self._in_flight = None
             if self.last_error:
                 log.warning("journal %s: commits work again", self.path)
                 self.last_error = ""
@@ -726,7 +798,8 @@ class SqliteStore:
             _UPSERT_ASSIGNMENTS.run(connection, rows)
         if work.batches_saved:
             connection.executemany(
-                "INSERT OR REPLACE INTO batches VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO batches (batch_id, segment_id, contact_ids, "
+                "idempotency_key, attempt, saved_at, intent) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         b.batch_id,
@@ -735,6 +808,7 @@ class SqliteStore:
                         b.idempotency_key,
                         b.attempt,
                         self._clock(),
+                        str(b.intent),
                     )
                     for b in work.batches_saved.values()
                 ],
@@ -751,9 +825,12 @@ class SqliteStore:
             )
         if work.confirmations:
             connection.executemany(
-                "INSERT OR REPLACE INTO confirmations VALUES (?, ?, ?)",
-                [(c, s, at) for (c, s), at in work.confirmations.items()],
+                "INSERT OR REPLACE INTO confirmations (contact_id, segment_id, confirmed_at, "
+                "member) VALUES (?, ?, ?, ?)",
+                [(c, s, at, int(m)) for (c, s), (at, m) in work.confirmations.items()],
             )
+        if work.stale:
+            connection.executemany("INSERT INTO stale_changes VALUES (?, ?, ?, ?, ?)", work.stale)
         if work.notifications_added:
             connection.executemany(
                 "INSERT OR REPLACE INTO notifications VALUES (?, ?, ?)",
@@ -809,10 +886,13 @@ class SqliteStore:
         assert connection is not None
         try:
             connection.execute("BEGIN IMMEDIATE")
+            # Active adds are the memberships segmapd made: a mirror (`set`) compares with them,
+            # so they are kept for as long as the membership exists, past any retention.
             pruned = connection.execute(
-                "DELETE FROM assignments WHERE state IN ('active', 'failed') AND updated_at < ?",
+                "DELETE FROM assignments WHERE state IN ('removed', 'failed') AND updated_at < ?",
                 (horizon,),
             ).rowcount
+            connection.execute("DELETE FROM stale_changes WHERE received_at < ?", (horizon,))
             connection.execute("DELETE FROM deliveries WHERE received_at < ?", (horizon,))
             connection.execute("DELETE FROM confirmations WHERE confirmed_at < ?", (horizon,))
             connection.execute("COMMIT")
@@ -830,22 +910,31 @@ class SqliteStore:
         recovered = Recovered()
         # Already (str, str, float) as stored: no per-row conversion for the biggest list.
         recovered.queued = self._query(
-            "SELECT contact_id, segment_id, received_at FROM assignments WHERE state = 'queued'"
+            "SELECT contact_id, segment_id, received_at, intent, occurred_at FROM assignments "
+            "WHERE state = 'queued'"
         )
         recovered.assignments = [
             _assignment(row)
             for row in self._query(
-                "SELECT * FROM assignments "
+                f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments "  # noqa: S608 (a constant)
                 "WHERE state IN ('sending', 'retrying', 'written', 'verifying')"
             )
         ]
-        for batch_id, segment_id, ids, key, attempt, _ in self._query("SELECT * FROM batches"):
+        for batch_id, segment_id, ids, key, attempt, intent in self._query(
+            "SELECT batch_id, segment_id, contact_ids, idempotency_key, attempt, intent "
+            "FROM batches"
+        ):
             recovered.batches.append(
-                BatchRecord(batch_id, segment_id, tuple(orjson.loads(ids)), key, attempt)
+                BatchRecord(
+                    batch_id, segment_id, tuple(orjson.loads(ids)), key, attempt, Intent(intent)
+                )
             )
         recovered.refresh_budget = dict(self._query("SELECT * FROM refresh_budget"))
         recovered.confirmations = [
-            (str(c), str(s), float(at)) for c, s, at in self._query("SELECT * FROM confirmations")
+            (str(c), str(s), float(at), bool(member))
+            for c, s, at, member in self._query(
+                "SELECT contact_id, segment_id, confirmed_at, member FROM confirmations"
+            )
         ]
         recovered.notifications = [
             (str(e), bytes(body))
@@ -855,10 +944,12 @@ class SqliteStore:
 
 
 _STATES = {state.value: state for state in State}
+_INTENTS = {intent.value: intent for intent in Intent}
 
 
 def _assignment(row: tuple[Any, ...]) -> Assignment:
-    contact_id, segment_id, state, reason, message, attempts, received, updated, history = row
+    (contact_id, segment_id, state, reason, message, attempts, received, updated, history,
+     intent, occurred_at) = row  # fmt: skip
     return Assignment(
         contact_id=contact_id,
         segment_id=segment_id,
@@ -872,4 +963,6 @@ def _assignment(row: tuple[Any, ...]) -> Assignment:
             (_STATES[state_name], float(at))
             for state_name, _, at in (step.partition(":") for step in history.split(";") if step)
         ],
+        intent=_INTENTS[intent],
+        occurred_at=occurred_at,
     )

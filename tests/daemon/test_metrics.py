@@ -74,6 +74,7 @@ def test_assignments_move_through_states_and_gauges_stay_right():
         "written": 0,
         "verifying": 1,
         "active": 0,
+        "removed": 0,
         "failed": 0,
     }
     move(m, a, State.ACTIVE, 1010.0)
@@ -93,9 +94,20 @@ def test_assignments_move_through_states_and_gauges_stay_right():
     assert value(m, "segmapd_assignment_transitions_total", state="queued") == 4
     assert value(m, "segmapd_assignment_transitions_total", state="sending") == 5
     assert value(m, "segmapd_assignment_transitions_total", state="failed") == 2
-    assert value(m, "segmapd_assignments_finished_total", outcome="active", reason="none") == 1
     assert (
-        value(m, "segmapd_assignments_finished_total", outcome="failed", reason="contact_not_found")
+        value(
+            m, "segmapd_assignments_finished_total", outcome="active", reason="none", intent="add"
+        )
+        == 1
+    )
+    assert (
+        value(
+            m,
+            "segmapd_assignments_finished_total",
+            outcome="failed",
+            reason="contact_not_found",
+            intent="add",
+        )
         == 1
     )
     assert value(m, "segmapd_assignment_active_latency_seconds_count") == 1
@@ -298,7 +310,9 @@ def test_work_taken_back_from_the_journal_is_in_the_state_gauges():
         observer=m,
     )
     written = Assignment("c3", "s", state=State.WRITTEN, received_at=1.0, updated_at=2.0)
-    engine.restore([written], [], queued=[("c1", "s", 1.0), ("c2", "s", 1.0)])
+    engine.restore(
+        [written], [], queued=[("c1", "s", 1.0, "add", 0.0), ("c2", "s", 1.0, "add", 0.0)]
+    )
     assert by_state(m)["queued"] == 2
     assert by_state(m)["written"] == 1
     move(m, written, State.VERIFYING, 3.0)

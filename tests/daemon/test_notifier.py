@@ -184,6 +184,7 @@ async def test_delivers_active_and_failed_events(
         "data": {
             "contactId": "c1",
             "segmentId": "s1",
+            "intent": "add",
             "state": "active",
             "reason": None,
             "message": "",
@@ -195,6 +196,7 @@ async def test_delivers_active_and_failed_events(
     assert by_type["mapping.failed"].payload["data"] == {
         "contactId": "c2",
         "segmentId": "s2",
+        "intent": "add",
         "state": "failed",
         "reason": "contact_not_found",
         "message": "no such contact",

@@ -333,7 +333,7 @@ async def test_the_validation_cache_and_refresh_budget_survive_a_restart(
         }
     )
     status, answer = await daemon.webhook(http, {"contactId": "kept-1", "segmentIds": ["KEPT"]})
-    assert (status, answer) == (202, {"accepted": 1, "duplicates": 0})
+    assert (status, answer) == (202, {"accepted": 1, "duplicates": 0, "stale": 0})
     await daemon.wait_states(http, "kept-1", {"active"}, 20)  # active through one refresh
     before = await emulator.counters()
     assert sum(before["requests"]["refresh"].values()) == 1
@@ -344,7 +344,7 @@ async def test_the_validation_cache_and_refresh_budget_survive_a_restart(
 
     # The confirmation was kept: asking again is answered from the cache, with no write.
     status, answer = await daemon.webhook(http, {"contactId": "kept-1", "segmentIds": ["KEPT"]})
-    assert (status, answer) == (202, {"accepted": 1, "duplicates": 1})
+    assert (status, answer) == (202, {"accepted": 1, "duplicates": 1, "stale": 0})
     # The budget was kept: a new write to the segment stalls past the window, unrefreshed.
     status, _ = await daemon.webhook(http, {"contactId": "kept-2", "segmentIds": ["KEPT"]})
     assert status == 202

@@ -67,7 +67,7 @@ async def test_signed_webhooks_end_active_with_a_signed_notification(
             ],
         )
         assert status == 202
-        assert answer == {"accepted": 4, "duplicates": 0}
+        assert answer == {"accepted": 4, "duplicates": 0, "stale": 0}
         states = await daemon.wait_states(http, "100000000123", {"active", "failed"}, 30)
         assert {s: v["state"] for s, v in states.items()} == {
             "VIP": "active",
@@ -103,13 +103,13 @@ async def test_a_redelivery_gets_the_same_answer_and_adds_no_work(
     daemon = await start_daemon()
     event = {"contactId": "c-1", "segmentIds": ["S1", "S2"]}
     first = await daemon.webhook(http, event, msg_id="msg_fixed_1")
-    assert first == (202, {"accepted": 2, "duplicates": 0})
+    assert first == (202, {"accepted": 2, "duplicates": 0, "stale": 0})
     again = await daemon.webhook(http, event, msg_id="msg_fixed_1")
-    assert again == (200, {"accepted": 2, "duplicates": 0})
+    assert again == (200, {"accepted": 2, "duplicates": 0, "stale": 0})
     await daemon.wait_states(http, "c-1", {"active"}, 30)
     # The same event under a new delivery id: accepted again, but all of it is a duplicate.
     third = await daemon.webhook(http, event, msg_id="msg_fixed_2")
-    assert third == (202, {"accepted": 2, "duplicates": 2})
+    assert third == (202, {"accepted": 2, "duplicates": 2, "stale": 0})
     counters = await emulator.counters()
     assert counters["bulk_ids"]["ids"] == 2  # each membership written once
 

@@ -59,7 +59,7 @@ def test_retry_ids_are_due_at_once_and_go_before_fresh_ids():
 
 
 def test_contact_gate_limits_in_flight_segments_per_contact():
-    gate = ContactGate(3)
+    gate: ContactGate[str] = ContactGate(3)
     assert [gate.admit("c", s) for s in ("s1", "s2", "s3", "s4", "s5")] == [
         True,
         True,

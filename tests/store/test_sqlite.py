@@ -12,8 +12,14 @@ from typing import Any
 
 import pytest
 
-from daemon.store.sqlite import MIGRATIONS, SqliteStore, StoreFileError, StoreUnavailable
-from scheduler.model import Assignment, State
+from daemon.store.sqlite import (
+    APPLICATION_ID,
+    MIGRATIONS,
+    SqliteStore,
+    StoreFileError,
+    StoreUnavailable,
+)
+from scheduler.model import Assignment, Intent, State
 from scheduler.store import BatchRecord
 from tests.support.disks import fill, small_tmpfs
 
@@ -56,7 +62,7 @@ async def test_unfinished_work_of_every_kind_survives_a_restart(tmp_path: Path):
     again = SqliteStore(path)
     recovered = await again.open()
     try:
-        assert [(c, s) for c, s, _ in recovered.queued] == [("c-queued", "s")]
+        assert [(c, s, i) for c, s, _, i, _ in recovered.queued] == [("c-queued", "s", "add")]
         assert sorted(a.contact_id for a in recovered.assignments) == [
             "c-retrying",
             "c-sending",
@@ -73,7 +79,7 @@ async def test_unfinished_work_of_every_kind_survives_a_restart(tmp_path: Path):
         ]
         assert recovered.batches == [BatchRecord("b1", "s", ("c-sending",), "s:k1", 2)]
         assert again.next_allowed("s") > time.time() + 3500
-        assert [(c, s) for c, s, _ in recovered.confirmations] == [("c-active", "s")]
+        assert [(c, s, m) for c, s, _, m in recovered.confirmations] == [("c-active", "s", True)]
         assert recovered.notifications == [("evt-1", b'{"type":"mapping.active"}')]
         assert again.pending() == [("evt-1", b'{"type":"mapping.active"}')]
     finally:
@@ -95,7 +101,7 @@ async def test_an_old_schema_is_migrated_and_keeps_its_data(tmp_path: Path):
     store = SqliteStore(str(path))
     recovered = await store.open()
     await store.close()
-    assert [c for c, _, _ in recovered.queued] == ["c"]
+    assert [c for c, *_ in recovered.queued] == ["c"]
     check = sqlite3.connect(path)
     assert check.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     assert check.execute("SELECT count(*) FROM journal_info").fetchone()[0] == 1
@@ -136,9 +142,20 @@ async def test_finished_assignments_past_retention_are_pruned(tmp_path: Path):
     store = SqliteStore(str(tmp_path / "journal.db"), retention_s=3600)
     await store.open()
     try:
-        old = assignment("old", "s", State.SENDING, State.WRITTEN, State.VERIFYING, State.ACTIVE)
+        # Finished long ago: a removal and a dead letter go; an active add is a membership
+        # segmapd made, which a mirror (`set`) compares with, so it stays past retention.
+        old = assignment("old", "s", State.SENDING, State.WRITTEN, State.VERIFYING, State.REMOVED)
+        old.intent = Intent.REMOVE
         old.updated_at = time.time() - 7200
         store.record(old)
+        dead = assignment("dead", "s", State.SENDING, State.FAILED)
+        dead.updated_at = time.time() - 7200
+        store.record(dead)
+        member = assignment(
+            "member", "s", State.SENDING, State.WRITTEN, State.VERIFYING, State.ACTIVE
+        )
+        member.updated_at = time.time() - 7200
+        store.record(member)
         stale_pending = assignment("pending", "s")
         stale_pending.updated_at = time.time() - 7200
         store.record(stale_pending)
@@ -150,6 +167,8 @@ async def test_finished_assignments_past_retention_are_pruned(tmp_path: Path):
         store.record(assignment("trigger", "s"))
         await store.flush()
         assert await store.contact("old") == []
+        assert await store.contact("dead") == []
+        assert [a.state for a in await store.contact("member")] == [State.ACTIVE]
         assert [a.state for a in await store.contact("pending")] == [State.QUEUED]
         assert [a.state for a in await store.contact("fresh")] == [State.ACTIVE]
     finally:
@@ -407,3 +426,46 @@ async def test_a_refresh_spend_that_cannot_be_committed_is_given_back(small_disk
     finally:
         filler.unlink(missing_ok=True)
         await store.close()
+
+
+async def test_a_journal_of_the_previous_release_is_upgraded_in_place(tmp_path: Path):
+    # Written as the release before removals left it: schema 2, every row an add.
+    path = tmp_path / "journal.db"
+    with sqlite3.connect(path) as old:
+        old.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        for number, script in enumerate(MIGRATIONS[:2], start=1):
+            old.executescript(script)
+            old.execute(f"PRAGMA user_version = {number}")
+        old.executemany(
+            "INSERT INTO assignments VALUES (?, ?, ?, NULL, '', ?, ?, ?, ?)",
+            [
+                ("c-q", "s", "queued", 0, 1.0, 1.0, "queued:1.0;"),
+                ("c-v", "s", "verifying", 1, 1.0, 2.0, "queued:1.0;sending:1.5;verifying:2.0;"),
+                ("c-s", "s", "sending", 1, 1.0, 1.5, "queued:1.0;sending:1.5;"),
+            ],
+        )
+        old.execute("INSERT INTO batches VALUES ('b1', 's', '[\"c-s\"]', 's:k1', 1, 1.5)")
+        old.execute("INSERT INTO confirmations VALUES ('c-a', 's', ?)", (time.time(),))
+    store = SqliteStore(str(path))
+    recovered = await store.open()
+    try:
+        assert recovered.queued == [("c-q", "s", 1.0, "add", 0.0)]
+        by_id = {a.contact_id: a for a in recovered.assignments}
+        assert {c: (a.state, a.intent) for c, a in by_id.items()} == {
+            "c-v": (State.VERIFYING, Intent.ADD),
+            "c-s": (State.SENDING, Intent.ADD),
+        }
+        assert [s for s, _ in by_id["c-v"].history or []] == ["queued", "sending", "verifying"]
+        assert recovered.batches == [BatchRecord("b1", "s", ("c-s",), "s:k1", 1, Intent.ADD)]
+        assert [(c, m) for c, _, _, m in recovered.confirmations] == [("c-a", True)]
+        # And the upgraded journal takes removals.
+        removal = assignment("c-r", "s")
+        removal.intent = Intent.REMOVE
+        store.record(removal)
+        await store.flush()
+        [stored] = await store.contact("c-r")
+        assert stored.intent is Intent.REMOVE
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as check:
+        assert check.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
