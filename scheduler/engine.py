@@ -451,7 +451,7 @@ class Engine:
             return SubmitResult(stale=1)
         if current is not None:
             if current.intent is intent:
-                self._renew(key, intent, occurred_at)
+                self._renew(key, intent, occurred_at, now)
                 return SubmitResult(joined=1)
             self._supersede(key, intent, occurred_at, now)
             return SubmitResult(queued=1)
@@ -516,19 +516,26 @@ class Engine:
                 return _Current(intent, self._occurred.get(key) or at or 0.0)
         return None
 
-    def _renew(self, key: AssignmentKey, intent: Intent, occurred_at: float) -> None:
-        """A newer change of the same intent joins the work in progress: it takes its time."""
-        if not occurred_at:
-            return
+    def _renew(self, key: AssignmentKey, intent: Intent, occurred_at: float, now: float) -> None:
+        """A newer change of the same intent joins the work in progress and dates it.
+
+        Its time (its occurredAt, else its arrival) becomes the pair's, so that a change older
+        than it, arriving later, is found stale.
+        """
+        version = occurred_at or now
         successor = self._successors.get(key)
         if successor is not None:
-            self._successors[key] = _Change(intent, occurred_at, successor.received_at)
+            if version > successor.version:
+                self._successors[key] = _Change(intent, version, successor.received_at)
             return
         live = self._live.get(key)
         if live is not None:
-            live.occurred_at = max(live.occurred_at, occurred_at)
-        elif key in self._occurred or occurred_at:
-            self._occurred[key] = max(self._occurred.get(key, 0.0), occurred_at)
+            if version > live.version:
+                live.occurred_at = version
+            return
+        at = self._occurred.get(key)
+        if at is None or version > at:
+            self._occurred[key] = version
 
     def _supersede(
         self, key: AssignmentKey, intent: Intent, occurred_at: float, now: float
