@@ -93,6 +93,19 @@ class _Current:
 _OPPOSITE = {Intent.ADD: Intent.REMOVE, Intent.REMOVE: Intent.ADD}
 
 
+def _waiting_row(assignment: Assignment, change: _Change) -> Assignment:
+    """What the journal keeps for a pair whose newer change waits for a request in flight."""
+    return Assignment(
+        assignment.contact_id,
+        assignment.segment_id,
+        state=State.QUEUED,
+        received_at=change.received_at,
+        updated_at=change.received_at,
+        intent=change.intent,
+        occurred_at=change.occurred_at,
+    )
+
+
 class EngineOverloaded(Exception):
     """More assignments wait to be written than the high-water mark allows; try again later."""
 
@@ -555,12 +568,16 @@ class Engine:
             if live is not None and live.intent is intent:
                 del self._successors[key]  # back to what is in flight: nothing more to send
                 live.occurred_at = max(live.occurred_at, occurred_at)
+                self._store.record(live)
             else:
                 self._successors[key] = change
+                if live is not None:
+                    self._store.record(_waiting_row(live, change))
             return
         if live is not None:
             if live.state in (State.SENDING, State.RETRYING):
                 self._successors[key] = change
+                self._store.record(_waiting_row(live, change))
                 return
             # Written or verifying: its confirmation no longer matters.
             if self._verifier is not None:
@@ -887,7 +904,10 @@ class Engine:
         assignment.transition(state, self._wall(), reason=reason, message=message)
         is_pending = state in WRITE_PENDING_STATES
         self._pending_writes += int(is_pending) - int(was_pending)
-        self._store.record(assignment)
+        successor = self._successors.get(assignment.key)
+        # While a newer change waits for this request's outcome, the journal holds that change:
+        # after a crash it is queued (the old batch is resent first), never lost.
+        self._store.record(assignment if successor is None else _waiting_row(assignment, successor))
         self._observer.transitioned(assignment, previous)
 
     def _release_contact(self, contact_id: str) -> None:
