@@ -91,10 +91,15 @@ ACCEPTED_PROPERTIES: Schema = {
         **COUNT,
         "description": "Of those, how many were already pending or confirmed: no new work.",
     },
+    "stale": {
+        **COUNT,
+        "description": "Of those, how many were older than what segmapd already works towards "
+        "or confirmed for their pair: ignored, no call.",
+    },
 }
 ACCEPTED: Schema = {
     "type": "object",
-    "required": ["accepted", "duplicates"],
+    "required": ["accepted", "duplicates", "stale"],
     "additionalProperties": False,
     "properties": ACCEPTED_PROPERTIES,
 }
@@ -102,9 +107,23 @@ ACCEPTED: Schema = {
 TIMESTAMP: Schema = {"type": "string", "format": "date-time"}
 ASSIGNMENT_PROPERTIES: Schema = {
     "segmentId": {"type": "string"},
+    "intent": {
+        "enum": ["add", "remove"],
+        "description": "What it works towards: the contact in the segment, or out of it.",
+    },
     "state": {
-        "enum": ["queued", "sending", "retrying", "written", "verifying", "active", "failed"],
-        "description": "`active` and `failed` are final.",
+        "enum": [
+            "queued",
+            "sending",
+            "retrying",
+            "written",
+            "verifying",
+            "active",
+            "removed",
+            "failed",
+        ],
+        "description": "`active` (an add CXone shows), `removed` (a removal CXone shows) and "
+        "`failed` are final.",
     },
     "reason": {
         "enum": [
