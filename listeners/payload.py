@@ -1,7 +1,16 @@
 """Webhook bodies to `MembershipChange`s, validated all or nothing.
 
-A body is one event `{"contactId": ID, "segmentIds": [ID, ...]}` or a JSON array of them. An ID
-is a JSON string, or a JSON integer taken as its decimal text (CXone contact ids are 64-bit
+A body is one event or a JSON array of them. An event names a contact and what changes:
+
+    {"contactId": ID, "segmentIds": [ID, ...]}              add (the original form)
+    {"contactId": ID, "add": [ID, ...], "remove": [ID, ...]}  either list, or both
+    {"contactId": ID, "set": [ID, ...]}                     mirror: the complete list; may be []
+
+plus, on any of them, an optional `"occurredAt"`: when the CRM made the change, an RFC 3339
+timestamp with an offset (`2026-12-01T10:00:00Z`, `2026-12-01T11:00:00.250+01:00`) or a JSON
+integer of epoch milliseconds. It orders changes to one (contact, segment): the newest wins.
+
+An ID is a JSON string, or a JSON integer taken as its decimal text (CXone contact ids are 64-bit
 integers and CRMs send them as numbers); either way it must pass CONTRACT.md's rule, 1-128
 characters of `A-Z a-z 0-9 _ . : -`. Booleans and fractions are not ids. Neither are integers
 beyond 64 bits: the JSON parser turns those into floats, and a rounded id would be another
@@ -10,13 +19,17 @@ contact, so they are refused, never rounded.
 Statuses, with the location in both `message` and `field`:
 
 - 400: not a usable document. Not UTF-8 JSON; neither an object nor an array of objects; an
-  empty array; a missing key; an unknown key; `segmentIds` not an array.
+  empty array; a missing key (`contactId`, or all of `segmentIds`, `add`, `remove` and `set`); an
+  unknown key; a repeated key; a segment list that is not an array.
 - 422: a well-formed document with an unacceptable value. An id of the wrong type or failing the
-  id rule; an empty `segmentIds`; a cap exceeded.
+  id rule; an event that changes nothing (its lists are empty; only `set` may be empty); `set`
+  beside another list; `segmentIds` beside `add`; one segment both added and removed; a cap
+  exceeded; an `occurredAt` that is not an offset RFC 3339 time or integer milliseconds, or is
+  outside the accepted range.
 
 Unknown keys are refused: a typo such as `segmentIDs` must not pass as a lighter request. The
 first problem refuses the whole delivery, so nothing is journaled from a body the sender has to
-correct and send again. Duplicate segment ids within an event are dropped, keeping first
+correct and send again. Duplicate segment ids within a list are dropped, keeping first
 occurrences in order. A key repeated within one object is refused (400), never "last one wins":
 the sender and segmapd would disagree about what was asked.
 """
@@ -25,6 +38,8 @@ from __future__ import annotations
 
 import json
 import re
+import time
+from datetime import datetime
 from typing import Any, NoReturn
 
 import orjson
@@ -36,7 +51,20 @@ MAX_EVENTS = 1000
 """Events per delivery. More is refused (422), never truncated."""
 
 MAX_SEGMENTS_PER_EVENT = 100
-"""Entries in one event's `segmentIds`, counted before duplicates are dropped (422 beyond)."""
+"""Segment ids one event names, all its lists together, counted before duplicates are dropped
+(422 beyond)."""
+
+EARLIEST_OCCURRED_AT_S = 946_684_800.0
+"""2000-01-01T00:00:00Z. Earlier is a unit mistake, not a CRM event: epoch seconds sent where
+milliseconds belong land in January 1970, and a placeholder 0 is 1970 too."""
+
+MAX_OCCURRED_AT_AHEAD_S = 900.0
+"""How far past segmapd's clock an `occurredAt` may be. The newest change to a pair wins, so a
+change stamped by a clock running ahead would make every honest change after it stale until the
+wall clock caught up: a day ahead would freeze a pair for a day. Fifteen minutes is far beyond
+the skew of any synchronised clock (and a standard source's signature already needs its clock
+within `tolerance_s`), yet refuses the usual mistake, a local time sent with a `Z` or the wrong
+offset, which is off by whole hours and would otherwise pass unnoticed."""
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 ID_RULE = "must be 1-128 characters of A-Z a-z 0-9 _ . : -"
@@ -44,7 +72,20 @@ _MAX_ID_LENGTH = 128
 
 _CONTACT = "contactId"
 _SEGMENTS = "segmentIds"
-_KEYS = (_CONTACT, _SEGMENTS)
+_ADD = "add"
+_REMOVE = "remove"
+_SET = "set"
+_OCCURRED_AT = "occurredAt"
+_KEYS = (_CONTACT, _SEGMENTS, _ADD, _REMOVE, _SET, _OCCURRED_AT)
+_KEY_SET = frozenset(_KEYS)
+_KEY_LIST = "contactId, segmentIds, add, remove, set and occurredAt"
+# RFC 3339 section 5.6 `date-time`, ASCII digits only; `datetime.fromisoformat` alone would also
+# take ISO 8601 forms RFC 3339 does not (week dates, no separators, no seconds).
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})?"
+)
+_MAX_TIMESTAMP_CHARS = 64
 # How many unknown keys, and how much of each, a message quotes: the body is untrusted.
 _QUOTED_KEYS = 5
 _QUOTED_KEY_CHARS = 40
@@ -57,38 +98,82 @@ def parse_events(body: bytes) -> list[MembershipChange]:
     except orjson.JSONDecodeError as exc:
         raise WebhookRejected(400, f"body: {_json_problem(exc, body)}", "body") from None
     if type(document) is dict:
-        if _may_repeat_keys(body, 1):
-            reject_duplicate_keys(body)
-        return [_event(document, "body")]
-    if type(document) is not list:
+        events: list[Any] = [document]
+    elif type(document) is list:
+        if not document:
+            raise WebhookRejected(400, "body: empty array; send at least one event", "body")
+        if len(document) > MAX_EVENTS:
+            raise WebhookRejected(
+                422, f"body: {len(document)} events; at most {MAX_EVENTS} per delivery", "body"
+            )
+        events = document
+    else:
         raise WebhookRejected(
             400,
             f"body: must be an event object or an array of event objects, "
             f"not {_json_type(document)}",
             "body",
         )
-    if not document:
-        raise WebhookRejected(400, "body: empty array; send at least one event", "body")
-    if len(document) > MAX_EVENTS:
-        raise WebhookRejected(
-            422, f"body: {len(document)} events; at most {MAX_EVENTS} per delivery", "body"
-        )
-    if _may_repeat_keys(body, len(document)):
+    try:
+        if events is document:
+            changes = [_event(event, f"body[{index}]") for index, event in enumerate(events)]
+        else:
+            changes = [_event(document, "body")]
+    except WebhookRejected:
+        # A repeated key is the first thing to correct: the refusal of a value may be about the
+        # copy of the key that orjson happened to keep.
+        if _may_repeat_keys(body, events):
+            reject_duplicate_keys(body)
+        raise
+    if _may_repeat_keys(body, events):
         reject_duplicate_keys(body)
-    return [_event(event, f"body[{index}]") for index, event in enumerate(document)]
+    return changes
 
 
-def _may_repeat_keys(body: bytes, events: int) -> bool:
-    """False only when no event object of `body` can hold a key twice; a cheap scan.
+def _may_repeat_keys(body: bytes, events: list[Any]) -> bool:
+    r"""False only when no object anywhere in `body` can hold a key twice; a cheap scan.
 
-    orjson keeps the last of repeated keys without saying so. Any other key is refused as
-    unknown anyway, so only `contactId` and `segmentIds` can repeat unnoticed; without a
-    backslash (ids never contain one) every occurrence of those keys is spelled literally, and
-    `events` of each means one per event. A value spelled like a key only costs the exact check.
+    orjson keeps the last of repeated keys without saying so, and the exact check (the stdlib
+    parser) costs several times the parse, so it runs only when a count says it may find
+    something. The count: every key of every object in a JSON document is followed by one
+    structural `:`, and the other colons are inside strings. So `body.count(b":")` is at least the
+    number of key occurrences, and a repeated key (in an event or in anything nested in one)
+    makes that exceed the number of distinct keys of the top-level event objects. The common
+    body, whose ids and values hold no colon, passes with one byte scan and a sum of lengths.
+
+    Colons inside values (`urn:crm:1`, every RFC 3339 time) are credited back only where they
+    are certainly literal bytes of the body: a string value of an event, or a string directly in
+    one of its lists, and only when the body has no backslash (`\u003a` decodes to a colon
+    without being one in the body). Crediting fewer colons than the strings hold only costs the
+    exact check, never soundness. Nested objects are not credited, so they always get the exact
+    check; they are refused anyway.
     """
-    return (
-        body.count(b'"contactId"') > events or body.count(b'"segmentIds"') > events or b"\\" in body
-    )
+    colons = body.count(b":")
+    keys = 0
+    for event in events:
+        if type(event) is dict:
+            keys += len(event)
+    if colons <= keys:
+        return False
+    if b"\\" in body:
+        return True
+    return colons > keys + _colons_in_values(events)
+
+
+def _colons_in_values(events: list[Any]) -> int:
+    """Colons in the string values of `events` and in strings directly in their lists."""
+    colons = 0
+    for event in events:
+        if type(event) is not dict:
+            continue
+        for value in event.values():
+            if type(value) is str:
+                colons += value.count(":")
+            elif type(value) is list:
+                for item in value:
+                    if type(item) is str:
+                        colons += item.count(":")
+    return colons
 
 
 class _Unique(dict[str, Any]):
@@ -143,29 +228,202 @@ def reject_duplicate_keys(body: bytes) -> None:
 def _event(event: object, path: str) -> MembershipChange:
     if type(event) is not dict:
         raise WebhookRejected(
-            400,
-            f"{path}: must be an object with {_CONTACT} and {_SEGMENTS}, not {_json_type(event)}",
-            path,
+            400, f"{path}: must be an event object, not {_json_type(event)}", path
         )
-    if len(event) != len(_KEYS) or _CONTACT not in event or _SEGMENTS not in event:
-        _refuse_keys(event, path)
+    # The original form, by far the most common, takes the shortest way.
+    if len(event) == 2 and _SEGMENTS in event and _CONTACT in event:
+        contact_id = _id(event[_CONTACT], path, _CONTACT, None)
+        raw = _list(event, path, _SEGMENTS)
+        if not raw:
+            where = f"{path}.{_SEGMENTS}"
+            raise WebhookRejected(422, f"{where}: must list at least one segment id", where)
+        _check_cap(path, _SEGMENTS, len(raw), len(raw))
+        return MembershipChange(contact_id, _ids(raw, path, _SEGMENTS))
+    return _general_event(event, path)
+
+
+def _general_event(event: dict[str, Any], path: str) -> MembershipChange:
+    if not _KEY_SET.issuperset(event):
+        _refuse_unknown([key for key in event if key not in _KEY_SET], path)
+    if _CONTACT not in event:
+        where = f"{path}.{_CONTACT}"
+        raise WebhookRejected(400, f"{where}: required", where)
+    if _SET in event:
+        return _mirror_event(event, path)
+    if _SEGMENTS in event:
+        if _ADD in event:
+            # Two spellings of the adds. Merging them would be harmless for the list, but a
+            # sender writing both most likely means something else by one of them (a mirror,
+            # say), so it is asked to choose rather than guessed for.
+            where = f"{path}.{_ADD}"
+            raise WebhookRejected(
+                422,
+                f"{where}: segmentIds and add both list segments to add; send them in one of "
+                f"the two (add with remove, or segmentIds alone as before)",
+                where,
+            )
+        add_key = _SEGMENTS
+    else:
+        add_key = _ADD
+    has_add = add_key in event
+    has_remove = _REMOVE in event
+    if not has_add and not has_remove:
+        where = f"{path}.{_SEGMENTS}"
+        raise WebhookRejected(
+            400, f"{where}: required (or add, remove or set: what the event changes)", where
+        )
+    raw_add = _list(event, path, add_key) if has_add else []
+    raw_remove = _list(event, path, _REMOVE) if has_remove else []
     contact_id = _id(event[_CONTACT], path, _CONTACT, None)
-    raw = event[_SEGMENTS]
-    where = f"{path}.{_SEGMENTS}"
+    _check_cap(path, add_key, len(raw_add), len(raw_add))
+    _check_cap(path, _REMOVE, len(raw_remove), len(raw_add) + len(raw_remove))
+    add = _ids(raw_add, path, add_key) if raw_add else ()
+    remove = _ids(raw_remove, path, _REMOVE) if raw_remove else ()
+    if not add and not remove:
+        where = f"{path}.{add_key if has_add else _REMOVE}"
+        detail = (
+            f"{add_key} and remove are both empty; an event must change something"
+            if has_add and has_remove
+            else "must list at least one segment id"
+        )
+        raise WebhookRejected(422, f"{where}: {detail}", where)
+    if add and remove and not set(add).isdisjoint(remove):
+        _refuse_overlap(add, raw_remove, path, add_key)
+    occurred_at = _occurred_at(event[_OCCURRED_AT], path) if _OCCURRED_AT in event else None
+    return MembershipChange(contact_id, add, remove, occurred_at=occurred_at)
+
+
+def _mirror_event(event: dict[str, Any], path: str) -> MembershipChange:
+    others = [key for key in (_SEGMENTS, _ADD, _REMOVE) if key in event]
+    if others:
+        # `set` is the whole truth about the contact; beside explicit changes one of the two
+        # would have to lose, and the sender would not know which.
+        where = f"{path}.{_SET}"
+        raise WebhookRejected(
+            422,
+            f"{where}: set is the complete list of segments and cannot be combined with "
+            f"{' and '.join(others)}; send set alone, or add and remove",
+            where,
+        )
+    raw = _list(event, path, _SET)
+    contact_id = _id(event[_CONTACT], path, _CONTACT, None)
+    _check_cap(path, _SET, len(raw), len(raw))
+    # An empty `set` is a statement too: the contact is in none of the tracked segments.
+    mirror = _ids(raw, path, _SET)
+    occurred_at = _occurred_at(event[_OCCURRED_AT], path) if _OCCURRED_AT in event else None
+    return MembershipChange(contact_id, mirror=mirror, occurred_at=occurred_at)
+
+
+def _refuse_overlap(
+    add: tuple[str, ...], raw_remove: list[Any], path: str, add_key: str
+) -> NoReturn:
+    added = set(add)
+    for index, value in enumerate(raw_remove):
+        # Only ids `_id` accepted reach here: an integer id is its decimal text.
+        text = value if type(value) is str else str(value)
+        if text in added:
+            where = f"{path}.{_REMOVE}[{index}]"
+            raise WebhookRejected(
+                422,
+                f"{where}: segment {text!r} is also in {add_key}; an event cannot both add and "
+                f"remove a segment",
+                where,
+            )
+    raise AssertionError("unreachable: the lists were found to overlap")
+
+
+def _list(event: dict[str, Any], path: str, key: str) -> list[Any]:
+    raw = event[key]
     if type(raw) is not list:
+        where = f"{path}.{key}"
         raise WebhookRejected(
             400, f"{where}: must be an array of segment ids, not {_json_type(raw)}", where
         )
-    if not raw:
-        raise WebhookRejected(422, f"{where}: must list at least one segment id", where)
-    if len(raw) > MAX_SEGMENTS_PER_EVENT:
+    return raw
+
+
+def _check_cap(path: str, key: str, entries: int, named: int) -> None:
+    # Entries count before duplicates are dropped: the cap bounds the work of reading lists.
+    if named <= MAX_SEGMENTS_PER_EVENT:
+        return
+    where = f"{path}.{key}"
+    total = "" if named == entries else f", {named} in this event's lists together"
+    raise WebhookRejected(
+        422,
+        f"{where}: {entries} segment ids{total}; at most {MAX_SEGMENTS_PER_EVENT} per event",
+        where,
+    )
+
+
+def _ids(raw: list[Any], path: str, key: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys([_id(value, path, key, index) for index, value in enumerate(raw)]))
+
+
+def _occurred_at(value: object, path: str) -> float:
+    """`occurredAt` as epoch seconds: RFC 3339 with an offset, or integer epoch milliseconds."""
+    if type(value) is int:
+        seconds = value / 1000
+    elif type(value) is str:
+        seconds = _rfc3339_seconds(value, path)
+    else:
+        where = f"{path}.{_OCCURRED_AT}"
+        if type(value) is float:
+            detail = "not a fraction: epoch milliseconds are an integer"
+        else:
+            detail = f"not {_json_type(value)}"
         raise WebhookRejected(
             422,
-            f"{where}: {len(raw)} segment ids; at most {MAX_SEGMENTS_PER_EVENT} per event",
+            f"{where}: must be an RFC 3339 time with an offset or integer epoch milliseconds, "
+            f"{detail}",
             where,
         )
-    segment_ids = [_id(value, path, _SEGMENTS, index) for index, value in enumerate(raw)]
-    return MembershipChange(contact_id, tuple(dict.fromkeys(segment_ids)))
+    if seconds < EARLIEST_OCCURRED_AT_S:
+        where = f"{path}.{_OCCURRED_AT}"
+        hint = " (epoch seconds? send milliseconds)" if type(value) is int else ""
+        raise WebhookRejected(
+            422, f"{where}: {_shown(value)} is before 2000-01-01T00:00:00Z{hint}", where
+        )
+    ahead = seconds - time.time()
+    if ahead > MAX_OCCURRED_AT_AHEAD_S:
+        where = f"{path}.{_OCCURRED_AT}"
+        raise WebhookRejected(
+            422,
+            f"{where}: {_shown(value)} is {ahead:.0f} s ahead of segmapd's clock (at most "
+            f"{MAX_OCCURRED_AT_AHEAD_S:.0f} s); check the sender's clock and time zone",
+            where,
+        )
+    return seconds
+
+
+def _shown(value: object) -> str:
+    if type(value) is int:
+        return f"{value} ms"
+    text = str(value)
+    return repr(text[:_MAX_TIMESTAMP_CHARS]) + ("..." if len(text) > _MAX_TIMESTAMP_CHARS else "")
+
+
+def _rfc3339_seconds(text: str, path: str) -> float:
+    matched = _RFC3339.fullmatch(text) if len(text) <= _MAX_TIMESTAMP_CHARS else None
+    if matched is None or matched.group(1) is None:
+        where = f"{path}.{_OCCURRED_AT}"
+        if matched is None:
+            problem = (
+                "must be an RFC 3339 time such as '2026-12-01T10:00:00Z' or integer epoch "
+                f"milliseconds, got {_shown(text)}"
+            )
+        else:
+            # Read as UTC or as segmapd's local time, it would be wrong by the sender's offset.
+            problem = f"{_shown(text)} has no UTC offset; add Z or +HH:MM"
+        raise WebhookRejected(422, f"{where}: {problem}", where)
+    try:
+        # fromisoformat takes only the upper-case T and Z that RFC 3339 lets be either case.
+        parsed = datetime.fromisoformat(text.upper())
+    except ValueError as exc:
+        where = f"{path}.{_OCCURRED_AT}"
+        raise WebhookRejected(
+            422, f"{where}: {_shown(text)} is not a valid time ({exc})", where
+        ) from None
+    return parsed.timestamp()
 
 
 def _id(value: object, path: str, key: str, index: int | None) -> str:
@@ -203,19 +461,15 @@ def _id_problem(text: str) -> str:
     return "invalid"  # unreachable: one of the checks above holds for any failing id
 
 
-def _refuse_keys(event: dict[str, object], path: str) -> NoReturn:
-    unknown = [key for key in event if key not in _KEYS]
-    if unknown:
-        quoted = ", ".join(_quote_key(key) for key in unknown[:_QUOTED_KEYS])
-        more = f" and {len(unknown) - _QUOTED_KEYS} more" if len(unknown) > _QUOTED_KEYS else ""
-        noun = "key" if len(unknown) == 1 else "keys"
-        raise WebhookRejected(
-            400,
-            f"{path}: unknown {noun} {quoted}{more}; an event has only {_CONTACT} and {_SEGMENTS}",
-            f"{path}.{unknown[0][:_QUOTED_KEY_CHARS]}",
-        )
-    missing = next(key for key in _KEYS if key not in event)
-    raise WebhookRejected(400, f"{path}.{missing}: required", f"{path}.{missing}")
+def _refuse_unknown(unknown: list[str], path: str) -> NoReturn:
+    quoted = ", ".join(_quote_key(key) for key in unknown[:_QUOTED_KEYS])
+    more = f" and {len(unknown) - _QUOTED_KEYS} more" if len(unknown) > _QUOTED_KEYS else ""
+    noun = "key" if len(unknown) == 1 else "keys"
+    raise WebhookRejected(
+        400,
+        f"{path}: unknown {noun} {quoted}{more}; an event has only {_KEY_LIST}",
+        f"{path}.{unknown[0][:_QUOTED_KEY_CHARS]}",
+    )
 
 
 def _quote_key(key: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Any
 
 import orjson
@@ -171,7 +173,7 @@ def test_a_missing_key_is_400(missing: str) -> None:
     del document[missing]
     error = refused(body([event(), document]))
     assert (error.status, error.field) == (400, f"body[1].{missing}")
-    assert error.message == f"body[1].{missing}: required"
+    assert error.message.startswith(f"body[1].{missing}: required")
 
 
 def test_an_empty_object_names_the_first_missing_key() -> None:
@@ -188,7 +190,7 @@ def test_a_case_typo_key_is_400_with_a_suggestion() -> None:
     assert (error.status, error.field) == (400, "body.segmentIDs")
     assert error.message == (
         "body: unknown key 'segmentIDs' (did you mean 'segmentIds'?); "
-        "an event has only contactId and segmentIds"
+        "an event has only contactId, segmentIds, add, remove, set and occurredAt"
     )
 
 
@@ -249,7 +251,7 @@ def test_a_body_that_is_neither_object_nor_array_is_400(raw: bytes, shown: str) 
 def test_an_array_element_that_is_not_an_object_is_400(element: Any, shown: str) -> None:
     error = refused(body([event(), element]))
     assert (error.status, error.field) == (400, "body[1]")
-    assert error.message == f"body[1]: must be an object with contactId and segmentIds, not {shown}"
+    assert error.message == f"body[1]: must be an event object, not {shown}"
 
 
 def test_an_empty_array_is_400() -> None:
@@ -304,3 +306,243 @@ def test_rejection_statuses_are_limited() -> None:
     error = WebhookRejected(413, "body: too large", "body")
     assert (error.status, str(error), error.field) == (413, "body: too large", "body")
     assert repr(error) == "WebhookRejected(413, 'body: too large', field='body')"
+
+
+# --- add, remove, set (mirror) and occurredAt -----------------------------------------------
+
+NOW_MS = int(time.time() * 1000)
+
+
+def one(document: Any) -> MembershipChange:
+    [change] = parse_events(body(document))
+    return change
+
+
+def test_segment_ids_stay_adds_with_nothing_else() -> None:
+    change = one(event("c1", ["a", "b"]))
+    assert (change.add, change.remove, change.mirror, change.occurred_at) == (
+        ("a", "b"),
+        (),
+        None,
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("document", "add", "remove"),
+    [
+        ({"contactId": "c1", "add": ["a", "b"]}, ("a", "b"), ()),
+        ({"contactId": "c1", "remove": ["a"]}, (), ("a",)),
+        ({"contactId": "c1", "add": ["a"], "remove": ["b", 7]}, ("a",), ("b", "7")),
+        # segmentIds is the add list, so it combines with remove as add does.
+        ({"contactId": "c1", "segmentIds": ["a"], "remove": ["b"]}, ("a",), ("b",)),
+        # An empty list beside a non-empty one: the event still changes something.
+        ({"contactId": "c1", "add": [], "remove": ["b"]}, (), ("b",)),
+        ({"contactId": "c1", "add": ["a"], "remove": []}, ("a",), ()),
+        ({"contactId": 5, "add": ["a", "a", "b", "a"], "remove": ["c", "c"]}, ("a", "b"), ("c",)),
+    ],
+)
+def test_add_and_remove(document: dict[str, Any], add: tuple[str, ...], remove: tuple[str, ...]):
+    change = one(document)
+    assert (change.add, change.remove, change.mirror) == (add, remove, None)
+
+
+@pytest.mark.parametrize(
+    ("listed", "mirror"),
+    [(["a", "b", "a"], ("a", "b")), ([], ()), ([3, "3"], ("3",))],
+)
+def test_set_is_the_mirror_and_may_be_empty(listed: list[Any], mirror: tuple[str, ...]) -> None:
+    change = one({"contactId": "c1", "set": listed})
+    assert (change.add, change.remove, change.mirror) == ((), (), mirror)
+
+
+def test_new_forms_mix_with_old_ones_in_one_array() -> None:
+    events = [
+        event("c1", ["a"]),
+        {"contactId": "c2", "remove": ["a"], "occurredAt": NOW_MS},
+        {"contactId": "c3", "set": []},
+    ]
+    assert parse_events(body(events)) == [
+        MembershipChange("c1", ("a",)),
+        MembershipChange("c2", remove=("a",), occurred_at=NOW_MS / 1000),
+        MembershipChange("c3", mirror=()),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("document", "field", "words"),
+    [
+        ({"contactId": "c", "set": ["a"], "add": ["b"]}, "body[0].set", "combined with add"),
+        ({"contactId": "c", "set": [], "remove": ["b"]}, "body[0].set", "combined with remove"),
+        (
+            {"contactId": "c", "segmentIds": ["a"], "set": ["b"]},
+            "body[0].set",
+            "combined with segmentIds",
+        ),
+        (
+            {"contactId": "c", "set": ["a"], "add": [], "remove": []},
+            "body[0].set",
+            "combined with add and remove",
+        ),
+        ({"contactId": "c", "segmentIds": ["a"], "add": ["b"]}, "body[0].add", "one of the two"),
+        # The overlap names the entry of `remove` (after ids become text: 5 is "5").
+        (
+            {"contactId": "c", "add": ["a", "5"], "remove": ["x", 5]},
+            "body[0].remove[1]",
+            "'5' is also in add",
+        ),
+        (
+            {"contactId": "c", "segmentIds": ["a"], "remove": ["a"]},
+            "body[0].remove[0]",
+            "'a' is also in segmentIds",
+        ),
+        ({"contactId": "c", "add": []}, "body[0].add", "must list at least one segment id"),
+        ({"contactId": "c", "remove": []}, "body[0].remove", "must list at least one segment id"),
+        (
+            {"contactId": "c", "add": [], "remove": []},
+            "body[0].add",
+            "add and remove are both empty",
+        ),
+    ],
+)
+def test_contradictions_and_empty_changes_are_422(
+    document: dict[str, Any], field: str, words: str
+) -> None:
+    error = refused(body([document]))
+    assert (error.status, error.field) == (422, field)
+    assert error.message.startswith(f"{field}: ")
+    assert words in error.message
+
+
+@pytest.mark.parametrize(
+    ("document", "field"),
+    [
+        ({"contactId": "c"}, "body.segmentIds"),
+        ({"contactId": "c", "occurredAt": NOW_MS}, "body.segmentIds"),
+        ({"add": ["a"]}, "body.contactId"),
+        ({"set": []}, "body.contactId"),
+        ({"contactId": "c", "add": "a"}, "body.add"),
+        ({"contactId": "c", "remove": {"a": 1}}, "body.remove"),
+        ({"contactId": "c", "set": None}, "body.set"),
+        ({"contactId": "c", "remove": ["a"], "Remove": ["b"]}, "body.Remove"),
+    ],
+)
+def test_missing_keys_wrong_shapes_and_unknown_keys_stay_400(
+    document: dict[str, Any], field: str
+) -> None:
+    error = refused(body(document))
+    assert (error.status, error.field) == (400, field)
+
+
+def test_a_case_typo_of_a_new_key_gets_a_suggestion() -> None:
+    error = refused(body({"contactId": "c", "remove": ["a"], "occurredat": NOW_MS}))
+    assert (error.status, error.field) == (400, "body.occurredat")
+    assert "did you mean 'occurredAt'?" in error.message
+
+
+@pytest.mark.parametrize("key", ["add", "remove", "set"])
+def test_ids_in_new_lists_follow_the_id_rule(key: str) -> None:
+    error = refused(body([{"contactId": "c", key: ["ok", "bad id"]}]))
+    assert (error.status, error.field) == (422, f"body[0].{key}[1]")
+    assert error.message == f"body[0].{key}[1]: {ID_RULE} (got ' ' at index 3)"
+
+
+@pytest.mark.parametrize("key", ["add", "remove", "set"])
+def test_the_segment_cap_applies_to_each_new_list(key: str) -> None:
+    ok = [f"s{n}" for n in range(MAX_SEGMENTS_PER_EVENT)]
+    assert len(one({"contactId": "c", key: ok}).segment_ids) == MAX_SEGMENTS_PER_EVENT
+    error = refused(body({"contactId": "c", key: [*ok, "one-more"]}))
+    assert (error.status, error.field) == (422, f"body.{key}")
+    assert error.message == f"body.{key}: 101 segment ids; at most 100 per event"
+
+
+def test_the_segment_cap_counts_all_lists_of_an_event_together() -> None:
+    adds = [f"a{n}" for n in range(60)]
+    removes = [f"r{n}" for n in range(40)]
+    change = one({"contactId": "c", "add": adds, "remove": removes})
+    assert len(change.segment_ids) == MAX_SEGMENTS_PER_EVENT
+    error = refused(body({"contactId": "c", "add": adds, "remove": [*removes, "r-extra"]}))
+    assert (error.status, error.field) == (422, "body.remove")
+    assert error.message == (
+        "body.remove: 41 segment ids, 101 in this event's lists together; at most 100 per event"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("2026-01-01T10:00:00Z", 1767261600.0),
+        ("2026-01-01t10:00:00z", 1767261600.0),  # RFC 3339 lets T and Z be lower case
+        ("2026-01-01T10:00:00.5Z", 1767261600.5),
+        ("2026-01-01T10:00:00.123456789Z", 1767261600.123456),  # microseconds are kept
+        ("2026-01-01T11:30:00+01:30", 1767261600.0),
+        ("2026-01-01T05:00:00-05:00", 1767261600.0),
+        ("2026-01-01T10:00:00-00:00", 1767261600.0),  # "offset unknown", the time is UTC
+        ("2000-01-01T00:00:00Z", 946684800.0),  # the earliest accepted
+    ],
+)
+def test_occurred_at_as_rfc3339(text: str, seconds: float) -> None:
+    change = one({"contactId": "c", "remove": ["a"], "occurredAt": text})
+    assert change.occurred_at == pytest.approx(seconds, abs=1e-6)
+
+
+@pytest.mark.parametrize("key", ["segmentIds", "add", "set"])
+def test_occurred_at_goes_with_every_form(key: str) -> None:
+    assert one({"contactId": "c", key: ["a"], "occurredAt": 1767261600250}).occurred_at == (
+        1767261600.25
+    )
+
+
+def test_occurred_at_as_epoch_milliseconds_up_to_the_clock_margin() -> None:
+    assert one({"contactId": "c", "add": ["a"], "occurredAt": 946684800000}).occurred_at == (
+        946684800.0
+    )
+    soon = NOW_MS + 60_000  # a minute of clock skew is fine
+    assert one({"contactId": "c", "add": ["a"], "occurredAt": soon}).occurred_at == soon / 1000
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        ("2026-01-01T10:00:00", "has no UTC offset; add Z or +HH:MM"),
+        ("2026-01-01T10:00:00.250", "has no UTC offset"),
+        ("2026-01-01", "must be an RFC 3339 time"),
+        ("2026-01-01 10:00:00Z", "must be an RFC 3339 time"),  # ISO 8601 allows it; we do not
+        ("20260101T100000Z", "must be an RFC 3339 time"),
+        ("2026-W01-1T10:00:00Z", "must be an RFC 3339 time"),
+        ("2026-01-01T10:00Z", "must be an RFC 3339 time"),
+        ("2026-01-01T10:00:00+0100", "must be an RFC 3339 time"),
+        ("\u0662026-01-01T10:00:00Z", "must be an RFC 3339 time"),  # a non-ASCII digit
+        ("1767261600000", "or integer epoch milliseconds"),  # a number in a string
+        ("", "must be an RFC 3339 time"),
+        ("2026-02-30T10:00:00Z", "is not a valid time"),
+        ("2026-01-01T24:00:00Z", "is not a valid time"),
+        ("2026-01-01T10:00:00+24:00", "is not a valid time"),
+        ("1999-12-31T23:59:59Z", "is before 2000-01-01T00:00:00Z"),
+        ("2999-01-01T00:00:00Z", "ahead of segmapd's clock"),
+        (1767261600, "before 2000-01-01T00:00:00Z (epoch seconds? send milliseconds)"),
+        (0, "before 2000"),
+        (-1, "before 2000"),
+        (NOW_MS + 3_600_000, "ahead of segmapd's clock"),
+        (1767261600000.0, "not a fraction"),
+        (1.5e12, "not a fraction"),
+        (True, "not a boolean"),
+        (None, "not null"),
+        ([1767261600000], "not an array"),
+        ({"ms": 1}, "not an object"),
+        (2**64, "not a fraction"),  # beyond 64 bits the parser yields a float
+    ],
+)
+def test_unacceptable_occurred_at_is_422_naming_it(value: Any, words: str) -> None:
+    events = [event(), event(), {"contactId": "c", "remove": ["a"], "occurredAt": value}]
+    # The stdlib writes integers orjson cannot (2**64) exactly as the sender would.
+    error = refused(json.dumps(events).encode())
+    assert (error.status, error.field) == (422, "body[2].occurredAt")
+    assert error.message.startswith("body[2].occurredAt: ")
+    assert words in error.message
+
+
+def test_a_long_occurred_at_is_quoted_briefly() -> None:
+    error = refused(body({"contactId": "c", "add": ["a"], "occurredAt": "9" * 10_000}))
+    assert (error.status, error.field) == (422, "body.occurredAt")
+    assert len(error.message) < 300
