@@ -30,21 +30,94 @@ NUMBER_ID: Schema = {
 }
 ID_OR_NUMBER: Schema = {"oneOf": [ID, NUMBER_ID]}
 
-EVENT: Schema = {
+SEGMENT_LIST: Schema = {
+    "type": "array",
+    "maxItems": 100,
+    "items": ID_OR_NUMBER,
+    "description": "Duplicates are dropped, keeping first occurrences in order. At most 100 "
+    "entries in one event's lists together.",
+}
+NON_EMPTY_SEGMENT_LIST: Schema = {**SEGMENT_LIST, "minItems": 1}
+OCCURRED_AT: Schema = {
+    "description": "When the CRM made the change; per (contact, segment) the newest change "
+    "wins, and an older one is counted as `stale` and ignored. Without it the change takes its "
+    "arrival time. Accepted from 2000-01-01T00:00:00Z to 15 minutes past segmapd's clock (a "
+    "sender's clock running ahead would make later changes stale); outside that, 422.",
+    "oneOf": [
+        {
+            "type": "string",
+            "format": "date-time",
+            "description": "RFC 3339 with `Z` or an offset; fractional seconds allowed. A time "
+            "without an offset is refused.",
+            "examples": ["2026-12-01T10:00:00Z", "2026-12-01T11:00:00.250+01:00"],
+        },
+        {
+            "type": "integer",
+            "minimum": 946_684_800_000,
+            "description": "Epoch milliseconds (not seconds).",
+            "examples": [1796119200000],
+        },
+    ],
+}
+# Three forms, told apart by their keys (so exactly one matches). Limits the schema cannot say,
+# each a 422 naming the field: one segment both in the adds and in `remove`; more than 100
+# segment ids in one event's lists together; `occurredAt` out of range.
+EVENT_ADD: Schema = {
+    "title": "segmentIds (add, the original form)",
     "type": "object",
     "required": ["contactId", "segmentIds"],
     "additionalProperties": False,
     "properties": {
         "contactId": ID_OR_NUMBER,
-        "segmentIds": {
-            "type": "array",
-            "minItems": 1,
-            "maxItems": 100,
-            "items": ID_OR_NUMBER,
-            "description": "Duplicates are dropped, keeping first occurrences in order.",
+        "segmentIds": {**SEGMENT_LIST, "description": "Segments to add (as `add`)."},
+        "remove": {**SEGMENT_LIST, "description": "Segments to remove."},
+        "occurredAt": OCCURRED_AT,
+    },
+    "anyOf": [
+        {"properties": {"segmentIds": {"minItems": 1}}},
+        {"required": ["remove"], "properties": {"remove": {"minItems": 1}}},
+    ],
+}
+EVENT_CHANGE: Schema = {
+    "title": "add and/or remove",
+    "type": "object",
+    "required": ["contactId"],
+    "additionalProperties": False,
+    "properties": {
+        "contactId": ID_OR_NUMBER,
+        "add": {**SEGMENT_LIST, "description": "Segments the contact is now in."},
+        "remove": {
+            **SEGMENT_LIST,
+            "description": "Segments the contact is no longer in. A segment segmapd never "
+            "added is removed too: the CRM said so.",
         },
+        "occurredAt": OCCURRED_AT,
+    },
+    "description": "At least one segment id in `add` or `remove`; `segmentIds` and `add` are "
+    "two spellings of the adds and cannot be combined.",
+    "anyOf": [
+        {"required": ["add"], "properties": {"add": {"minItems": 1}}},
+        {"required": ["remove"], "properties": {"remove": {"minItems": 1}}},
+    ],
+}
+EVENT_MIRROR: Schema = {
+    "title": "set (mirror)",
+    "type": "object",
+    "required": ["contactId", "set"],
+    "additionalProperties": False,
+    "properties": {
+        "contactId": ID_OR_NUMBER,
+        "set": {
+            **SEGMENT_LIST,
+            "description": "The complete list of segments the contact should be in, among "
+            "those segmapd tracks for it: tracked segments not listed are removed, a segment "
+            "segmapd never added is never touched. `[]` removes every tracked one. Cannot be "
+            "combined with `segmentIds`, `add` or `remove`.",
+        },
+        "occurredAt": OCCURRED_AT,
     },
 }
+EVENT: Schema = {"oneOf": [EVENT_ADD, EVENT_CHANGE, EVENT_MIRROR]}
 EVENTS: Schema = {
     "oneOf": [EVENT, {"type": "array", "minItems": 1, "maxItems": 1000, "items": EVENT}],
 }
@@ -54,6 +127,20 @@ EVENTS_EXAMPLES: Schema = {
         "value": [
             {"contactId": "contact_8f3a9c2e-1b4d", "segmentIds": ["VIP"]},
             {"contactId": 100000000124, "segmentIds": ["ChurnRisk", "VIP"]},
+        ]
+    },
+    "add and remove": {
+        "value": {
+            "contactId": 100000000125,
+            "add": ["VIP"],
+            "remove": ["ChurnRisk"],
+            "occurredAt": "2026-12-01T10:00:00Z",
+        }
+    },
+    "mirror": {
+        "value": [
+            {"contactId": 100000000126, "set": ["VIP", "Spanish"], "occurredAt": 1796119200000},
+            {"contactId": 100000000127, "set": []},
         ]
     },
 }
@@ -93,13 +180,15 @@ ACCEPTED_PROPERTIES: Schema = {
     },
     "stale": {
         **COUNT,
-        "description": "Of those, how many were older than what segmapd already works towards "
-        "or confirmed for their pair: ignored, no call.",
+        "description": "Of those, how many were older (by `occurredAt`, then arrival) than what "
+        "segmapd already works towards or has confirmed for that pair: ignored.",
     },
 }
+
+
 ACCEPTED: Schema = {
     "type": "object",
-    "required": ["accepted", "duplicates", "stale"],
+    "required": list(ACCEPTED_PROPERTIES),
     "additionalProperties": False,
     "properties": ACCEPTED_PROPERTIES,
 }
@@ -197,7 +286,7 @@ def _waited(complete: Schema) -> Schema:
     """A /v1/mappings answer after waiting: the counts, whether all ended, and where each is."""
     return {
         "type": "object",
-        "required": ["accepted", "duplicates", "complete", "results"],
+        "required": [*ACCEPTED_PROPERTIES, "complete", "results"],
         "additionalProperties": False,
         "properties": {
             **ACCEPTED_PROPERTIES,
@@ -304,7 +393,10 @@ OPENAPI_DOCUMENT: Schema = {
                     "401": _problem("Missing or bad signature, or timestamp out of tolerance"),
                     "404": _problem("Unknown source"),
                     "413": _problem("Body larger than server.max_body_bytes"),
-                    "422": _problem("An invalid id or a cap exceeded; `field` names it"),
+                    "422": _problem(
+                        "An invalid id or `occurredAt`, contradictory lists, an event that "
+                        "changes nothing, or a cap exceeded; `field` names it"
+                    ),
                     "503": _busy("Draining or above the high-water mark; see Retry-After"),
                 },
             }
@@ -333,7 +425,7 @@ OPENAPI_DOCUMENT: Schema = {
                 },
                 "responses": {
                     "200": _json(
-                        "Waited, and every assignment ended (active or failed)",
+                        "Waited, and every assignment ended (active, removed or failed)",
                         _waited({"const": True}),
                     ),
                     "202": _json(
@@ -343,7 +435,10 @@ OPENAPI_DOCUMENT: Schema = {
                     "400": _problem("Malformed body or bad `wait`; `field` names it"),
                     "401": UNAUTHORIZED,
                     "413": _problem("Body larger than server.max_body_bytes"),
-                    "422": _problem("An invalid id or a cap exceeded; `field` names it"),
+                    "422": _problem(
+                        "An invalid id or `occurredAt`, contradictory lists, an event that "
+                        "changes nothing, or a cap exceeded; `field` names it"
+                    ),
                     "503": _busy("Draining or above the high-water mark; see Retry-After"),
                 },
             }
@@ -398,7 +493,8 @@ OPENAPI_DOCUMENT: Schema = {
         "/v1/dead-letters/replay": {
             "post": {
                 "summary": "Queue failed assignments again (all, or only some contacts')",
-                "description": "An empty body or `{}` replays every dead letter.",
+                "description": "An empty body or `{}` replays every dead letter, each with its "
+                "intent (a failed removal is replayed as a removal).",
                 "security": ADMIN,
                 "requestBody": {
                     "required": False,
