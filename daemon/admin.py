@@ -118,11 +118,12 @@ async def status(session: aiohttp.ClientSession, headers: dict[str, str], contac
         return 1
     if code != 200:
         raise _fail(code, payload)
-    rows = [("SEGMENT", "STATE", "REASON", "ATTEMPTS", "UPDATED")]
+    rows = [("SEGMENT", "INTENT", "STATE", "REASON", "ATTEMPTS", "UPDATED")]
     for segment in payload["segments"]:
         rows.append(
             (
                 segment["segmentId"],
+                segment.get("intent", "add"),
                 segment["state"],
                 segment["reason"] or "-",
                 str(segment["attempts"]),
@@ -171,12 +172,13 @@ async def dlq_list(session: aiohttp.ClientSession, headers: dict[str, str], limi
     if not letters:
         print("no dead letters")
         return 0
-    rows = [("CONTACT", "SEGMENT", "REASON", "ATTEMPTS", "UPDATED", "MESSAGE")]
+    rows = [("CONTACT", "SEGMENT", "INTENT", "REASON", "ATTEMPTS", "UPDATED", "MESSAGE")]
     for letter in letters:
         rows.append(
             (
                 letter["contactId"],
                 letter["segmentId"],
+                letter.get("intent", "add"),
                 letter["reason"] or "-",
                 str(letter["attempts"]),
                 letter["updatedAt"],
@@ -212,10 +214,36 @@ class ImportSummary:
     rejected: list[str] = field(default_factory=list)
 
 
+def _import_event(contact_id: str, cells: list[str]) -> dict[str, Any]:
+    """One CSV row as an event: `VIP` or `+VIP` adds the contact, `-VIP` removes it.
+
+    `-` is a valid id character, so a segment id that starts with one is written with an
+    explicit `+` (`+-x` adds `-x`; `--x` removes it): `+` is never part of an id.
+    """
+    add: list[str] = []
+    remove: list[str] = []
+    for cell in cells:
+        if cell.startswith("+"):
+            add.append(cell[1:])
+        elif cell.startswith("-"):
+            remove.append(cell[1:])
+        else:
+            add.append(cell)
+    if not remove:
+        return {"contactId": contact_id, "segmentIds": add}  # as before: accepted everywhere
+    event: dict[str, Any] = {"contactId": contact_id, "remove": remove}
+    if add:
+        event["add"] = add
+    return event
+
+
 async def import_csv(
     session: aiohttp.ClientSession, headers: dict[str, str], path: str, batch: int
 ) -> int:
-    """Send `contactId,segmentId[,segmentId...]` rows in batches; print progress and a summary."""
+    """Send `contactId,segment[,segment...]` rows in batches; print progress and a summary.
+
+    A segment written `-segment` is removed rather than added (see `_import_event`).
+    """
     if batch < 1:
         raise CommandError(f"--batch must be at least 1, got {batch}")
     try:
@@ -246,7 +274,7 @@ async def import_csv(
                 f"line {record.line}: needs a contact id and at least one segment"
             )
             continue
-        events.append((record.line, {"contactId": cells[0], "segmentIds": cells[1:]}))
+        events.append((record.line, _import_event(cells[0], cells[1:])))
     started = time.monotonic()
     total = len(events)
     for start in range(0, total, batch):
