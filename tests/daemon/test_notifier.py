@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import inspect
 import logging
 import os
@@ -22,7 +23,7 @@ from standardwebhooks import Webhook
 
 from daemon.notifier import InMemoryJournal, Notifier, build_event
 from daemon.store.sqlite import SqliteStore
-from scheduler.model import Assignment, FailureReason, State
+from scheduler.model import Assignment, FailureReason, Intent, State
 from scheduler.retry import RetryPolicy
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(24)).decode()
@@ -495,3 +496,22 @@ async def test_secret_stays_out_of_repr_and_logs(
 def test_bad_settings_are_refused(url: str, secret: str) -> None:
     with pytest.raises(Exception):  # noqa: B017 (ValueError or the signer's own error)
         Notifier(url, secret)
+
+
+def test_a_confirmed_removal_is_announced_as_mapping_removed() -> None:
+    removal = Assignment(
+        "c9",
+        "s9",
+        state=State.REMOVED,
+        attempts=1,
+        received_at=1_700_000_000.0,
+        updated_at=1_700_000_004.0,
+        intent=Intent.REMOVE,
+    )
+    event_id, body = build_event(removal)
+    payload = orjson.loads(body)
+    assert payload["type"] == "mapping.removed"
+    assert (payload["data"]["intent"], payload["data"]["state"]) == ("remove", "removed")
+    # An add of the same pair received at the same moment is other news: another id.
+    added = dataclasses.replace(removal, state=State.ACTIVE, intent=Intent.ADD)
+    assert build_event(added)[0] != event_id
