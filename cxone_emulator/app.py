@@ -1,4 +1,4 @@
-"""The CXone-facing HTTP routes: discovery, token, segment membership writes, reads, refresh."""
+"""The CXone-facing HTTP routes: discovery, token, membership writes, removals, reads, refresh."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from cxone_emulator.emulator import Emulator, Outcome
 from cxone_emulator.faults import Fault, hang_then_close, reset_connection
 from cxone_emulator.keys import EMULATOR
 from cxone_emulator.ratelimit import retry_after
-from cxone_emulator.state import ID_PATTERN, IdempotencyEntry
+from cxone_emulator.state import ID_PATTERN, IdempotencyEntry, Segment
 
 logger = logging.getLogger(__name__)
 
@@ -176,8 +176,14 @@ async def token(request: web.Request) -> web.Response:
 # --- segment membership ---------------------------------------------------------------------
 
 
-def _parse_write(body: bytes, max_ids: int) -> tuple[list[str] | str, web.Response | None]:
-    """The ids of a bulk write (a list) or the id of a single write (a str), or an error."""
+def _parse_write(
+    body: bytes, max_ids: int, *, allow_single: bool = True
+) -> tuple[list[str] | str, web.Response | None]:
+    """The ids of a bulk write (a list) or the id of a single write (a str), or an error.
+
+    A bulk removal (`allow_single=False`) takes only the array: its single form is the member
+    path.
+    """
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -195,6 +201,8 @@ def _parse_write(body: bytes, max_ids: int) -> tuple[list[str] | str, web.Respon
                 413, "BatchTooLarge", f"a batch holds at most {max_ids} contact ids"
             )
         return payload, None
+    if not allow_single:
+        return [], error_response(400, "MalformedPayload", "body must be an array of contact ids")
     if isinstance(payload, dict):
         contact_id = payload.get("contactId")
         if isinstance(contact_id, str):
@@ -236,20 +244,77 @@ async def write(request: web.Request) -> web.Response:
     ids, malformed = _parse_write(body, config.max_bulk_ids)
     if malformed is not None:
         return _early(emulator, cls, malformed)
-    key = request.headers.get("Idempotency-Key")
-    if key is not None and not _valid_key(key):
-        return _early(
-            emulator,
-            cls,
-            error_response(
-                400, "InvalidIdempotencyKey", "Idempotency-Key must be 1-255 printable ASCII"
-            ),
-        )
+    key, refused = _key_refused(request)
+    if refused is not None:
+        return _early(emulator, cls, refused)
     wait_s = emulator.limiter.take(cls, now)
     if wait_s > 0:
         return _limited(emulator, cls, wait_s)
     counters.admit(cls, now)
     return await _write_admitted(emulator, request, cls, ids, body=body, key=key)
+
+
+def _key_refused(request: web.Request) -> tuple[str | None, web.Response | None]:
+    """The `Idempotency-Key` header, or the 400 for one that breaks the syntax."""
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not _valid_key(key):
+        return key, error_response(
+            400, "InvalidIdempotencyKey", "Idempotency-Key must be 1-255 printable ASCII"
+        )
+    return key, None
+
+
+async def remove_bulk(request: web.Request) -> web.Response:
+    """`DELETE /api/v2/segments/{segmentId}/contacts`: bulk removal of a JSON array of ids."""
+    emulator = request.app[EMULATOR]
+    counters = emulator.counters
+    body = await request.read()
+    now = monotonic()
+    cls = "bulk_remove"
+    counters.arrived(cls, now)
+    refused = _gate(emulator, request)
+    if refused is not None:
+        return _early(emulator, cls, refused)
+    if request.content_type != JSON:
+        return _early(
+            emulator,
+            cls,
+            error_response(415, "UnsupportedMediaType", "Content-Type must be application/json"),
+        )
+    ids, malformed = _parse_write(body, emulator.config.max_bulk_ids, allow_single=False)
+    if malformed is not None:
+        return _early(emulator, cls, malformed)
+    key, refused = _key_refused(request)
+    if refused is not None:
+        return _early(emulator, cls, refused)
+    # Removals take their tokens from the bulk-write bucket: CXone limits the resource.
+    wait_s = emulator.limiter.take("bulk", now)
+    if wait_s > 0:
+        return _limited(emulator, cls, wait_s)
+    counters.admit(cls, now)
+    return await _write_admitted(emulator, request, cls, ids, body=body, key=key)
+
+
+async def remove_single(request: web.Request) -> web.Response:
+    """`DELETE /api/v2/segments/{segmentId}/contacts/{contactId}`: remove one member."""
+    emulator = request.app[EMULATOR]
+    counters = emulator.counters
+    body = await request.read()
+    now = monotonic()
+    cls = "single_remove"
+    counters.arrived(cls, now)
+    refused = _gate(emulator, request)
+    if refused is not None:
+        return _early(emulator, cls, refused)
+    key, refused = _key_refused(request)
+    if refused is not None:
+        return _early(emulator, cls, refused)
+    wait_s = emulator.limiter.take("single", now)
+    if wait_s > 0:
+        return _limited(emulator, cls, wait_s)
+    counters.admit(cls, now)
+    contact_id = request.match_info["contactId"]
+    return await _write_admitted(emulator, request, cls, contact_id, body=body, key=key)
 
 
 async def _write_admitted(
@@ -261,10 +326,11 @@ async def _write_admitted(
     body: bytes,
     key: str | None,
 ) -> web.Response:
-    """A write past the rate limit: latency, fault, segment, idempotency, items."""
+    """A write or removal past the rate limit: latency, fault, segment, idempotency, items."""
     counters = emulator.counters
     store = emulator.idempotency
-    scope = f"POST {request.path}"
+    # The method is part of the scope: an add and a removal of one path never share a key.
+    scope = f"{request.method} {request.path}"
     body_hash = hashlib.sha256(body).digest() if key is not None else b""
     reserved: IdempotencyEntry | None = None
     busy_at_arrival = False
@@ -277,7 +343,9 @@ async def _write_admitted(
         else:
             busy_at_arrival = arrival_entry.answer is None
     try:
-        faults = emulator.config.faults.single if cls == "single" else emulator.config.faults.bulk
+        # Removals hit the same resources as writes, so they share the writes' fault settings.
+        by_class = emulator.config.faults
+        faults = by_class.single if cls in ("single", "single_remove") else by_class.bulk
         await _delay(faults)
         fault = emulator.injector.draw(faults, write=True)
         if fault is not None and not fault.after_apply:
@@ -296,14 +364,12 @@ async def _write_admitted(
                     reserved = store.reserve(key, scope, body_hash, monotonic())
                 else:
                     answer = _idempotent_answer(
-                        emulator, entry, scope, body_hash, busy=busy_at_arrival
+                        emulator, cls, entry, scope, body_hash, busy=busy_at_arrival
                     )
             if answer is not None:
                 outcome, headers = answer
-            elif isinstance(ids, str):
-                outcome = emulator.single(segment, ids, faults, monotonic())
             else:
-                outcome = emulator.bulk(segment, ids, faults, monotonic())
+                outcome = _apply(emulator, cls, segment, ids, faults)
         if reserved is not None and key is not None:
             if fault is not None and fault.kind == "hang":
                 # A gateway timeout after the commit: the key stays "in progress" meanwhile.
@@ -322,8 +388,28 @@ async def _write_admitted(
             store.release(key, reserved)
 
 
+def _apply(
+    emulator: Emulator, cls: str, segment: Segment, ids: list[str] | str, faults: Faults
+) -> Outcome:
+    """Apply the items of an admitted write or removal to its segment."""
+    now = monotonic()
+    if isinstance(ids, str):
+        if cls == "single_remove":
+            return emulator.single_remove(segment, ids, faults, now)
+        return emulator.single(segment, ids, faults, now)
+    if cls == "bulk_remove":
+        return emulator.bulk_remove(segment, ids, faults, now)
+    return emulator.bulk(segment, ids, faults, now)
+
+
 def _idempotent_answer(
-    emulator: Emulator, entry: IdempotencyEntry, scope: str, body_hash: bytes, *, busy: bool
+    emulator: Emulator,
+    cls: str,
+    entry: IdempotencyEntry,
+    scope: str,
+    body_hash: bytes,
+    *,
+    busy: bool,
 ) -> tuple[Outcome, dict[str, str] | None]:
     """The answer to a key seen before: in progress, reused elsewhere, or a replay."""
     conflicts = emulator.counters.idempotency_conflicts
@@ -338,10 +424,10 @@ def _idempotent_answer(
         conflicts["IdempotencyKeyReused"] += 1
         body = {
             "error": "IdempotencyKeyReused",
-            "message": "this Idempotency-Key was used with another path or body",
+            "message": "this Idempotency-Key was used with another method, path or body",
         }
         return Outcome(409, orjson.dumps(body)), None
-    emulator.counters.idempotent_replays += 1
+    emulator.counters.replayed(cls)
     return Outcome(entry.answer.status, entry.answer.body), {"Idempotent-Replayed": "true"}
 
 
@@ -375,12 +461,12 @@ async def membership(request: web.Request) -> web.Response:
         counters.answered("read", 400)
         return error_response(400, "InvalidContactId", "contact id fails the id rule")
     member = segment.members.get(contact_id)
-    visible = member is not None and member.visible(monotonic())
+    is_member, added_at = (False, None) if member is None else member.read(monotonic())
     body = {
         "contactId": contact_id,
         "segmentId": segment_id,
-        "isMember": visible,
-        "addedAt": member.added_at if visible and member is not None else None,
+        "isMember": is_member,
+        "addedAt": added_at,
     }
     counters.answered("read", 200)
     return json_response(200, body)
@@ -423,7 +509,9 @@ def create_app(config: EmulatorConfig, rng: random.Random) -> web.Application:
     router.add_get("/.well-known/cxone-configuration", cxone_discovery)
     router.add_post("/auth/token", token)
     router.add_post(f"{_SEGMENTS}/contacts", write)
+    router.add_delete(f"{_SEGMENTS}/contacts", remove_bulk)
     router.add_get(f"{_SEGMENTS}/contacts/{{contactId}}", membership, allow_head=False)
+    router.add_delete(f"{_SEGMENTS}/contacts/{{contactId}}", remove_single)
     router.add_post(f"{_SEGMENTS}/refresh", refresh)
     add_routes(app)
     return app

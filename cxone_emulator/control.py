@@ -84,7 +84,7 @@ async def put_segment(request: web.Request) -> web.Response:
         segment = emulator.directory.declare(segment_id, "dynamic")
     else:
         return _bad("MalformedPayload", 'kind must be "static" or "dynamic"')
-    return _json({"segmentId": segment_id, "kind": segment.kind, "members": len(segment.members)})
+    return _json({"segmentId": segment_id, "kind": segment.kind, "members": segment.written()})
 
 
 async def delete_segment(request: web.Request) -> web.Response:
@@ -100,7 +100,7 @@ async def list_segments(request: web.Request) -> web.Response:
     return _json(
         {
             "segments": [
-                {"segmentId": s.segment_id, "kind": s.kind, "members": len(s.members)}
+                {"segmentId": s.segment_id, "kind": s.kind, "members": s.written()}
                 for s in segments
             ]
         }
@@ -108,22 +108,37 @@ async def list_segments(request: web.Request) -> web.Response:
 
 
 async def list_members(request: web.Request) -> web.Response:
-    """`GET /_emulator/segments/{segmentId}/members`: members, indexed or not."""
+    """`GET /_emulator/segments/{segmentId}/members`: members, indexed or not.
+
+    A pair is listed while its latest write is an add, a read still says it is a member, or a
+    write of it is not indexed yet; `removal` describes a latest write that is a removal.
+    """
     segment_id = request.match_info["segmentId"]
     segment = request.app[EMULATOR].directory.segments.get(segment_id)
     if segment is None:
         return _bad("SegmentNotFound", f"segment {segment_id} not found", 404)
     now = time.monotonic()
-    members = [
-        {
-            "contactId": contact_id,
-            "addedAt": member.added_at,
-            "indexed": member.visible(now),
-            "stalled": member.stalled,
-            "applied": member.applied,
-        }
-        for contact_id, member in segment.members.items()
-    ]
+    members = []
+    for contact_id, member in segment.members.items():
+        if not member.listed(now):
+            # Removed, and reads say so too: nothing left to show.
+            continue
+        is_member, _ = member.read(now)
+        pending_removal = None
+        if not member.present:
+            pending_removal = {"removedAt": member.removed_at, "stalled": member.stalled}
+        members.append(
+            {
+                "contactId": contact_id,
+                "addedAt": member.added_at,
+                "indexed": member.visible(now),
+                "stalled": member.stalled,
+                "applied": member.applied,
+                "isMember": is_member,
+                "pendingWrites": member.pending(now),
+                "removal": pending_removal,
+            }
+        )
     return _json({"segmentId": segment_id, "kind": segment.kind, "members": members})
 
 

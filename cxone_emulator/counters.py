@@ -6,12 +6,42 @@ from collections import deque
 from typing import Any
 
 #: Classes whose requests are counted by status.
-REQUEST_CLASSES: tuple[str, ...] = ("bulk", "single", "read", "refresh", "token", "discovery")
+REQUEST_CLASSES: tuple[str, ...] = (
+    "bulk",
+    "single",
+    "bulk_remove",
+    "single_remove",
+    "read",
+    "refresh",
+    "token",
+    "discovery",
+)
 #: Classes with rate-limit and peak-rate counters.
-RATE_CLASSES: tuple[str, ...] = ("bulk", "single", "read", "refresh", "token")
+RATE_CLASSES: tuple[str, ...] = (
+    "bulk",
+    "single",
+    "bulk_remove",
+    "single_remove",
+    "read",
+    "refresh",
+    "token",
+)
+#: The rate bucket of each class that has none of its own: removals share the writes' buckets.
+BUCKET_OF: dict[str, str] = {"bulk_remove": "bulk", "single_remove": "single"}
+#: Classes whose requests carry idempotency keys.
+KEYED_CLASSES: tuple[str, ...] = ("bulk", "single", "bulk_remove", "single_remove")
 ITEM_OUTCOMES: tuple[str, ...] = (
     "added",
     "ContactAlreadyInSegment",
+    "ContactNotFound",
+    "InvalidContactId",
+    "DuplicateContactInBatch",
+    "IndexBusy",
+    "ignored_dynamic",
+)
+REMOVAL_OUTCOMES: tuple[str, ...] = (
+    "removed",
+    "ContactNotInSegment",
     "ContactNotFound",
     "InvalidContactId",
     "DuplicateContactInBatch",
@@ -57,6 +87,34 @@ class PeakWindow:
         self.peak = max(self.peak, len(times))
 
 
+class BulkSizes:
+    """Ids per bulk request: how many requests, ids, the largest and a histogram."""
+
+    __slots__ = ("histogram", "ids", "max", "requests")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.ids = 0
+        self.max = 0
+        self.histogram = dict.fromkeys((label for label, _, _ in BULK_BUCKETS), 0)
+
+    def record(self, size: int) -> None:
+        """Count one request of `size` ids."""
+        self.requests += 1
+        self.ids += size
+        self.max = max(self.max, size)
+        self.histogram[_bucket_of(size)] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """The JSON form."""
+        return {
+            "requests": self.requests,
+            "ids": self.ids,
+            "max": self.max,
+            "histogram": dict(self.histogram),
+        }
+
+
 class Counters:
     """Every counter of docs/emulator.md, reset by the control API."""
 
@@ -66,13 +124,13 @@ class Counters:
         self.admitted: dict[str, PeakWindow] = {}
         self.rate_limited: dict[str, int] = {}
         self.items: dict[str, int] = {}
+        self.removal_items: dict[str, int] = {}
         self.faults: dict[str, int] = {}
-        self.bulk_requests = 0
-        self.bulk_ids = 0
-        self.bulk_max = 0
-        self.bulk_histogram: dict[str, int] = {}
+        self.bulk_sizes = BulkSizes()
+        self.bulk_remove_sizes = BulkSizes()
         self.duplicate_ids_in_request = 0
         self.idempotent_replays = 0
+        self.replays_by_class: dict[str, int] = {}
         self.idempotency_conflicts: dict[str, int] = {}
         self.applied_twice = 0
         self.reset()
@@ -84,13 +142,13 @@ class Counters:
         self.admitted = {cls: PeakWindow() for cls in RATE_CLASSES}
         self.rate_limited = dict.fromkeys(RATE_CLASSES, 0)
         self.items = dict.fromkeys(ITEM_OUTCOMES, 0)
+        self.removal_items = dict.fromkeys(REMOVAL_OUTCOMES, 0)
         self.faults = {"error": 0, "reset": 0, "hang": 0}
-        self.bulk_requests = 0
-        self.bulk_ids = 0
-        self.bulk_max = 0
-        self.bulk_histogram = dict.fromkeys((label for label, _, _ in BULK_BUCKETS), 0)
+        self.bulk_sizes = BulkSizes()
+        self.bulk_remove_sizes = BulkSizes()
         self.duplicate_ids_in_request = 0
         self.idempotent_replays = 0
+        self.replays_by_class = dict.fromkeys(KEYED_CLASSES, 0)
         self.idempotency_conflicts = {"IdempotencyKeyReused": 0, "IdempotencyKeyInProgress": 0}
         self.applied_twice = 0
 
@@ -101,23 +159,37 @@ class Counters:
         by_status[key] = by_status.get(key, 0) + 1
 
     def arrived(self, cls: str, now: float) -> None:
-        """Count an arrival for the peak rate."""
+        """Count an arrival for the peak rate (of the shared bucket's class too)."""
         self.arrivals[cls].record(now)
+        bucket = BUCKET_OF.get(cls)
+        if bucket is not None:
+            self.arrivals[bucket].record(now)
 
     def admit(self, cls: str, now: float) -> None:
         """Count a request that was not refused with 429, for the peak admitted rate."""
         self.admitted[cls].record(now)
+        bucket = BUCKET_OF.get(cls)
+        if bucket is not None:
+            self.admitted[bucket].record(now)
+
+    def replayed(self, cls: str) -> None:
+        """Count an idempotent replay."""
+        self.idempotent_replays += 1
+        self.replays_by_class[cls] += 1
 
     def refused(self, cls: str) -> None:
         """Count a 429."""
         self.rate_limited[cls] += 1
 
     def bulk_request(self, size: int, had_duplicates: bool) -> None:
-        """Count a bulk request that reached its segment, by its number of ids."""
-        self.bulk_requests += 1
-        self.bulk_ids += size
-        self.bulk_max = max(self.bulk_max, size)
-        self.bulk_histogram[_bucket_of(size)] += 1
+        """Count a bulk write that reached its segment, by its number of ids."""
+        self.bulk_sizes.record(size)
+        if had_duplicates:
+            self.duplicate_ids_in_request += 1
+
+    def bulk_remove_request(self, size: int, had_duplicates: bool) -> None:
+        """Count a bulk removal that reached its segment, by its number of ids."""
+        self.bulk_remove_sizes.record(size)
         if had_duplicates:
             self.duplicate_ids_in_request += 1
 
@@ -125,19 +197,17 @@ class Counters:
         """The counters as the JSON of `GET /_emulator/counters`."""
         return {
             "requests": {cls: dict(by_status) for cls, by_status in self.requests.items()},
-            "bulk_ids": {
-                "requests": self.bulk_requests,
-                "ids": self.bulk_ids,
-                "max": self.bulk_max,
-                "histogram": dict(self.bulk_histogram),
-            },
+            "bulk_ids": self.bulk_sizes.snapshot(),
+            "bulk_remove_ids": self.bulk_remove_sizes.snapshot(),
             "duplicate_ids_in_request": self.duplicate_ids_in_request,
             "idempotent_replays": self.idempotent_replays,
+            "idempotent_replays_by_class": dict(self.replays_by_class),
             "idempotency_conflicts": dict(self.idempotency_conflicts),
             "rate_limited": dict(self.rate_limited),
             "peak_rps": {cls: window.peak for cls, window in self.arrivals.items()},
             "peak_admitted_rps": {cls: window.peak for cls, window in self.admitted.items()},
             "items": dict(self.items),
+            "removal_items": dict(self.removal_items),
             "applied_twice": self.applied_twice,
             "faults": dict(self.faults),
         }

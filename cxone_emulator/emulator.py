@@ -24,7 +24,21 @@ _ITEM_MESSAGES = {
     "ContactNotFound": "contact not found in the customer database",
     "IndexBusy": "index busy, retry later",
     "ContactAlreadyInSegment": "contact is already a member of the segment",
+    "ContactNotInSegment": "contact is not a member of the segment",
 }
+
+
+def _duplicates(ids: list[str]) -> set[str]:
+    """The ids present more than once in a payload."""
+    if len(set(ids)) == len(ids):
+        return set()
+    seen: set[str] = set()
+    duplicates: set[str] = set()
+    for contact_id in ids:
+        if contact_id in seen:
+            duplicates.add(contact_id)
+        seen.add(contact_id)
+    return duplicates
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,10 +95,28 @@ class Emulator:
             self._stamp_text = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))
         return self._stamp_text
 
-    def _add(self, segment: Segment, contact_id: str, now: float, added_at: str) -> None:
-        delay = self.indexing.draw()
-        segment.members[contact_id] = Member(added_at, now + delay, math.isinf(delay))
+    def _add(self, segment: Segment, contact_id: str, now: float, added_at: str) -> bool:
+        """Add a membership unless the latest write of the pair already is an add."""
+        member = segment.members.get(contact_id)
+        if member is None:
+            delay = self.indexing.draw()
+            segment.members[contact_id] = Member(added_at, now + delay, math.isinf(delay))
+        elif member.present:
+            self._again(member)
+            return False
+        else:
+            member.follow(True, added_at, now, self.indexing.draw())
         self.counters.items["added"] += 1
+        return True
+
+    def _remove(self, segment: Segment, contact_id: str, now: float, removed_at: str) -> bool:
+        """Remove a membership unless the latest write of the pair is not an add."""
+        member = segment.members.get(contact_id)
+        if member is None or not member.present:
+            return False
+        member.follow(False, removed_at, now, self.indexing.draw())
+        self.counters.removal_items["removed"] += 1
+        return True
 
     def _again(self, member: Member) -> None:
         member.applied += 1
@@ -95,14 +127,7 @@ class Emulator:
         """Apply a bulk write of `ids` (strings) to `segment` and build the 200 answer."""
         counters = self.counters
         items = counters.items
-        unique = set(ids)
-        duplicates: set[str] = set()
-        if len(unique) != len(ids):
-            seen: set[str] = set()
-            for contact_id in ids:
-                if contact_id in seen:
-                    duplicates.add(contact_id)
-                seen.add(contact_id)
+        duplicates = _duplicates(ids)
         counters.bulk_request(len(ids), bool(duplicates))
         missing = self.directory.missing
         members = segment.members
@@ -111,6 +136,8 @@ class Emulator:
         random_ = self.rng.random
         fullmatch = ID_PATTERN.fullmatch
         added_at = self.timestamp()
+        draw = self.indexing.draw
+        inf = math.inf
         shown_limit = self.config.chunk_size
         failed: list[dict[str, Any]] = []
         failure_count = 0
@@ -131,9 +158,13 @@ class Emulator:
             else:
                 member = members.get(contact_id)
                 if member is None:
-                    self._add(segment, contact_id, now, added_at)
+                    # The hot path of a bulk write: a pair never written before.
+                    delay = draw()
+                    members[contact_id] = Member(added_at, now + delay, delay == inf)
+                    items["added"] += 1
                     continue
-                self._again(member)
+                if self._add(segment, contact_id, now, added_at):
+                    continue
                 code, error = 409, "ContactAlreadyInSegment"
             items[error] += 1
             failure_count += 1
@@ -168,18 +199,84 @@ class Emulator:
             status, error = 503, "IndexBusy"
         elif segment.kind == "dynamic":
             items["ignored_dynamic"] += 1
-        else:
-            member = segment.members.get(contact_id)
-            if member is None:
-                self._add(segment, contact_id, now, self.timestamp())
-            else:
-                self._again(member)
-                status, error = 409, "ContactAlreadyInSegment"
+        elif not self._add(segment, contact_id, now, self.timestamp()):
+            status, error = 409, "ContactAlreadyInSegment"
         if error:
             items[error] += 1
             return Outcome(status, orjson.dumps({"error": error, "message": _ITEM_MESSAGES[error]}))
         body = {"contactId": contact_id, "segmentId": segment.segment_id, "status": "added"}
         return Outcome(201, orjson.dumps(body))
+
+    def bulk_remove(self, segment: Segment, ids: list[str], faults: Faults, now: float) -> Outcome:
+        """Apply a bulk removal of `ids` (strings) from `segment` and build the 200 answer."""
+        counters = self.counters
+        items = counters.removal_items
+        duplicates = _duplicates(ids)
+        counters.bulk_remove_request(len(ids), bool(duplicates))
+        missing = self.directory.missing
+        dynamic = segment.kind == "dynamic"
+        busy_rate = faults.index_busy_rate
+        removed_at = self.timestamp()
+        shown_limit = self.config.chunk_size
+        failed: list[dict[str, Any]] = []
+        failure_count = 0
+        for position, contact_id in enumerate(ids):
+            if ID_PATTERN.fullmatch(contact_id) is None:
+                code, error = 400, "InvalidContactId"
+            elif contact_id in duplicates:
+                code, error = 400, "DuplicateContactInBatch"
+            elif contact_id in missing:
+                code, error = 404, "ContactNotFound"
+            elif busy_rate > 0 and self.rng.random() < busy_rate:
+                code, error = 503, "IndexBusy"
+            elif dynamic:
+                items["ignored_dynamic"] += 1
+                continue
+            elif self._remove(segment, contact_id, now, removed_at):
+                continue
+            else:
+                code, error = 409, "ContactNotInSegment"
+            items[error] += 1
+            failure_count += 1
+            if position < shown_limit:
+                failed.append(
+                    {
+                        "contactId": contact_id,
+                        "code": code,
+                        "error": error,
+                        "message": _ITEM_MESSAGES[error],
+                    }
+                )
+        body = {
+            "segmentId": segment.segment_id,
+            "successCount": len(ids) - failure_count,
+            "failureCount": failure_count,
+            "failedContacts": failed,
+        }
+        return Outcome(200, orjson.dumps(body))
+
+    def single_remove(
+        self, segment: Segment, contact_id: str, faults: Faults, now: float
+    ) -> Outcome:
+        """Apply a single-contact removal: 200, or the item error as the whole answer."""
+        items = self.counters.removal_items
+        error = ""
+        status = 200
+        if ID_PATTERN.fullmatch(contact_id) is None:
+            status, error = 400, "InvalidContactId"
+        elif contact_id in self.directory.missing:
+            status, error = 404, "ContactNotFound"
+        elif self.injector.index_busy(faults):
+            status, error = 503, "IndexBusy"
+        elif segment.kind == "dynamic":
+            items["ignored_dynamic"] += 1
+        elif not self._remove(segment, contact_id, now, self.timestamp()):
+            status, error = 409, "ContactNotInSegment"
+        if error:
+            items[error] += 1
+            return Outcome(status, orjson.dumps({"error": error, "message": _ITEM_MESSAGES[error]}))
+        body = {"contactId": contact_id, "segmentId": segment.segment_id, "status": "removed"}
+        return Outcome(200, orjson.dumps(body))
 
     def refresh_wait(self, segment_id: str, now: float) -> float:
         """Seconds until `segment_id` may be refreshed again (0 = now)."""
@@ -189,6 +286,6 @@ class Emulator:
         return max(0.0, last + self.config.refresh_min_interval_s - now)
 
     def refresh(self, segment: Segment, now: float) -> None:
-        """Refresh a segment: every pending write becomes visible within 1 s."""
+        """Refresh a segment: every pending write (removals too) becomes visible within 1 s."""
         self.directory.refreshed_at[segment.segment_id] = now
         segment.refresh(now, self.indexing.after_refresh())

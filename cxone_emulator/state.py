@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -18,22 +19,102 @@ def is_valid_id(value: str) -> bool:
 
 
 @dataclass(slots=True)
+class Write:
+    """A write of a pair that reads do not see yet and that a later write follows."""
+
+    add: bool
+    added_at: str | None
+    visible_at: float
+
+
+@dataclass(slots=True)
 class Member:
-    """One recorded membership: when it was written and when reads can see it."""
+    """One (segment, contact) pair: its latest write, and what reads see of its writes.
+
+    The fields without a prefix describe the latest write (the write side: it decides
+    `ContactAlreadyInSegment` / `ContactNotInSegment` at once). Reads see the writes in the order
+    they were applied, each from its `visible_at` on: a write is never visible before an earlier
+    one, so `earlier` (oldest first) and then the latest write become visible one after another,
+    and `shown_*` is what reads answer before the first of them is visible.
+    """
 
     added_at: str
     visible_at: float
     stalled: bool
     applied: int = 1
+    present: bool = True
+    removed_at: str | None = None
+    earlier: list[Write] | None = None
+    shown_member: bool = False
+    shown_added_at: str | None = None
 
     def visible(self, now: float) -> bool:
-        """Whether reads see this membership at monotonic time `now`."""
+        """Whether reads see the latest write at monotonic time `now`."""
         return now >= self.visible_at
+
+    def read(self, now: float) -> tuple[bool, str | None]:
+        """What a read answers at `now`: (is a member, `addedAt` of the visible add)."""
+        if now >= self.visible_at:
+            self.earlier = None
+            self.shown_member = self.present
+            self.shown_added_at = self.added_at if self.present else None
+            return self.present, self.shown_added_at
+        earlier = self.earlier
+        while earlier and earlier[0].visible_at <= now:
+            write = earlier.pop(0)
+            self.shown_member = write.add
+            self.shown_added_at = write.added_at
+        return self.shown_member, self.shown_added_at
+
+    def pending(self, now: float) -> int:
+        """How many applied writes reads do not see yet at `now`."""
+        self.read(now)
+        if now >= self.visible_at:
+            return 0
+        return 1 + len(self.earlier or ())
+
+    def follow(self, add: bool, at: str, now: float, delay_s: float) -> None:
+        """Apply a new latest write (an add or a removal) indexed `delay_s` from `now`.
+
+        A write is indexed no earlier than the write before it, so reads never go back to an
+        older state after a newer one was visible; behind a stalled write it waits for a
+        refresh too.
+        """
+        self.read(now)
+        if now < self.visible_at:
+            if self.earlier is None:
+                self.earlier = []
+            self.earlier.append(
+                Write(self.present, self.added_at if self.present else None, self.visible_at)
+            )
+        visible_at = max(now + delay_s, self.visible_at)
+        self.visible_at = visible_at
+        self.stalled = math.isinf(visible_at)
+        self.present = add
+        if add:
+            self.added_at = at
+            self.applied = 1
+        else:
+            self.removed_at = at
+
+    def listed(self, now: float) -> bool:
+        """Whether the control API lists the pair: a member on either side, or a write pending."""
+        is_member, _ = self.read(now)
+        return self.present or is_member or now < self.visible_at
+
+    def refresh(self, deadline: float) -> bool:
+        """Index every pending write by `deadline`; return whether one was pending."""
+        if self.visible_at <= deadline:
+            return False
+        self.visible_at = deadline
+        for write in self.earlier or ():
+            write.visible_at = min(write.visible_at, deadline)
+        return True
 
 
 @dataclass(slots=True)
 class Segment:
-    """A segment: static segments record writes, dynamic ones accept and ignore them."""
+    """A segment: static segments record writes and removals, dynamic ones ignore both."""
 
     segment_id: str
     kind: SegmentKind
@@ -44,10 +125,13 @@ class Segment:
         deadline = now + delay_s
         pending = 0
         for member in self.members.values():
-            if member.visible_at > deadline:
-                member.visible_at = deadline
+            if member.refresh(deadline):
                 pending += 1
         return pending
+
+    def written(self) -> int:
+        """How many pairs are members on the write side (their latest write is an add)."""
+        return sum(1 for member in self.members.values() if member.present)
 
 
 class Directory:

@@ -76,6 +76,8 @@ def test_default_paths() -> None:
     assert paths.bulk_path("seg_1") == "/api/v2/segments/seg_1/contacts"
     assert paths.member_path("seg_1", "c:1") == "/api/v2/segments/seg_1/contacts/c%3A1"
     assert paths.refresh_path("seg_1") == "/api/v2/segments/seg_1/refresh"
+    assert paths.bulk_remove_path("seg_1") == "/api/v2/segments/seg_1/contacts"
+    assert paths.member_remove_path("seg_1", "c:1") == "/api/v2/segments/seg_1/contacts/c%3A1"
 
 
 def test_ids_are_quoted_as_one_path_segment() -> None:
@@ -102,6 +104,14 @@ def test_custom_paths_and_validation() -> None:
         CXonePaths(member="/api/{segmentId}")
     with pytest.raises(ValueError, match="start with"):
         CXonePaths(bulk="api/{segmentId}")
+    with pytest.raises(ValueError, match="member_remove must contain"):
+        CXonePaths(member_remove="/api/{segmentId}/contacts")
+    with pytest.raises(ValueError, match="bulk_remove must contain"):
+        CXonePaths(bulk_remove="/api/contacts")
+    # An id that looks like a placeholder is not substituted again on the removal path either.
+    assert CXonePaths().member_remove_path("{contactId}", "x") == (
+        "/api/v2/segments/%7BcontactId%7D/contacts/x"
+    )
 
 
 def test_parse_retry_after() -> None:

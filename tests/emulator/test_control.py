@@ -140,9 +140,19 @@ async def test_members_listing_shape(api: Api, emulator: EmulatorControl, seg: s
     contact = new_contact()
     await api.bulk(seg, [contact])
     member = (await members_by_id(emulator, seg))[contact]
-    assert set(member) == {"contactId", "addedAt", "indexed", "stalled", "applied"}
+    assert set(member) == {
+        "contactId",
+        "addedAt",
+        "indexed",
+        "stalled",
+        "applied",
+        "isMember",
+        "pendingWrites",
+        "removal",
+    }
     assert member["applied"] == 1
     assert member["stalled"] is False
+    assert member["removal"] is None
 
     async def indexed() -> bool:
         return bool((await members_by_id(emulator, seg))[contact]["indexed"])
