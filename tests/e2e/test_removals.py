@@ -8,7 +8,13 @@ from typing import Any
 
 import aiohttp
 
+from daemon.cxone import HttpCXoneClient
+from daemon.store.sqlite import SqliteStore
+from scheduler.model import Assignment, Intent, State
+from scheduler.store import BatchRecord
 from tests.e2e.conftest import Daemon, StartDaemon
+from tests.e2e.test_cli import admin_args, segmapd
+from tests.support.cxone import emulator_settings
 from tests.support.emulator import EmulatorControl
 
 
@@ -152,7 +158,6 @@ async def test_sigkill_during_a_removal_batch_replays_it_under_the_same_key(
 async def test_a_csv_import_removes_segments_written_with_a_minus(
     start_daemon: StartDaemon, http: aiohttp.ClientSession, tmp_path: Any
 ):
-    from tests.e2e.test_cli import admin_args, segmapd
 
     daemon = await start_daemon()
     contacts = [f"50000002{i:04d}" for i in range(30)]
@@ -178,11 +183,6 @@ async def test_a_csv_import_removes_segments_written_with_a_minus(
 async def test_removals_in_every_state_are_recovered_from_the_journal(
     start_daemon: StartDaemon, emulator: EmulatorControl, http: aiohttp.ClientSession, tmp_path: Any
 ):
-    from daemon.cxone import HttpCXoneClient
-    from daemon.store.sqlite import SqliteStore
-    from tests.support.cxone import emulator_settings
-    from scheduler.model import Assignment, Intent, State
-    from scheduler.store import BatchRecord
 
     daemon = await start_daemon()
     states_to_leave = [State.QUEUED, State.RETRYING, State.SENDING, State.WRITTEN, State.VERIFYING]
