@@ -248,6 +248,16 @@ class Api:
         """A single-contact write."""
         return await self.write(segment, {"contactId": contact_id}, **kwargs)
 
+    async def remove_bulk(self, segment: str, ids: Any, **kwargs: Any) -> Reply:
+        """DELETE a body (normally an array of ids) from a segment's contacts."""
+        return await self.call("DELETE", f"/api/v2/segments/{segment}/contacts", body=ids, **kwargs)
+
+    async def remove_single(self, segment: str, contact_id: str, **kwargs: Any) -> Reply:
+        """DELETE one contact from a segment (the member path)."""
+        return await self.call(
+            "DELETE", f"/api/v2/segments/{segment}/contacts/{contact_id}", **kwargs
+        )
+
     async def membership(self, segment: str, contact_id: str, **kwargs: Any) -> Reply:
         """The membership check of one contact."""
         return await self.call("GET", f"/api/v2/segments/{segment}/contacts/{contact_id}", **kwargs)
@@ -272,6 +282,18 @@ class Api:
             return await self.is_member(segment, contact_id)
 
         await poll_until(check, timeout_s, interval_s, what=f"{contact_id} visible in {segment}")
+        return time.monotonic() - started
+
+    async def wait_absent(
+        self, segment: str, contact_id: str, timeout_s: float, interval_s: float = 0.05
+    ) -> float:
+        """Poll until reads say the contact is not a member; return the seconds it took."""
+        started = time.monotonic()
+
+        async def check() -> bool:
+            return not await self.is_member(segment, contact_id)
+
+        await poll_until(check, timeout_s, interval_s, what=f"{contact_id} gone from {segment}")
         return time.monotonic() - started
 
 
