@@ -170,21 +170,8 @@ class Emulator:
             failure_count += 1
             # CXone processes large batches in chunks and reports only the first chunk's failures.
             if position < shown_limit:
-                failed.append(
-                    {
-                        "contactId": contact_id,
-                        "code": code,
-                        "error": error,
-                        "message": _ITEM_MESSAGES[error],
-                    }
-                )
-        body = {
-            "segmentId": segment.segment_id,
-            "successCount": len(ids) - failure_count,
-            "failureCount": failure_count,
-            "failedContacts": failed,
-        }
-        return Outcome(200, orjson.dumps(body))
+                failed.append(_failed_item(contact_id, code, error))
+        return _bulk_answer(segment.segment_id, len(ids), failure_count, failed)
 
     def single(self, segment: Segment, contact_id: str, faults: Faults, now: float) -> Outcome:
         """Apply a single-contact write: 201, or the item error as the whole answer."""
@@ -239,21 +226,8 @@ class Emulator:
             items[error] += 1
             failure_count += 1
             if position < shown_limit:
-                failed.append(
-                    {
-                        "contactId": contact_id,
-                        "code": code,
-                        "error": error,
-                        "message": _ITEM_MESSAGES[error],
-                    }
-                )
-        body = {
-            "segmentId": segment.segment_id,
-            "successCount": len(ids) - failure_count,
-            "failureCount": failure_count,
-            "failedContacts": failed,
-        }
-        return Outcome(200, orjson.dumps(body))
+                failed.append(_failed_item(contact_id, code, error))
+        return _bulk_answer(segment.segment_id, len(ids), failure_count, failed)
 
     def single_remove(
         self, segment: Segment, contact_id: str, faults: Faults, now: float
@@ -289,3 +263,21 @@ class Emulator:
         """Refresh a segment: every pending write (removals too) becomes visible within 1 s."""
         self.directory.refreshed_at[segment.segment_id] = now
         segment.refresh(now, self.indexing.after_refresh())
+
+
+def _failed_item(contact_id: str, code: int, error: str) -> dict[str, Any]:
+    """One entry of a bulk answer's `failedContacts`."""
+    return {"contactId": contact_id, "code": code, "error": error, "message": _ITEM_MESSAGES[error]}
+
+
+def _bulk_answer(
+    segment_id: str, ids: int, failure_count: int, failed: list[dict[str, Any]]
+) -> Outcome:
+    """The 200 answer of a bulk write or removal (only the first chunk's failures listed)."""
+    body = {
+        "segmentId": segment_id,
+        "successCount": ids - failure_count,
+        "failureCount": failure_count,
+        "failedContacts": failed,
+    }
+    return Outcome(200, orjson.dumps(body))
