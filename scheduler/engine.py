@@ -830,22 +830,13 @@ class Engine:
         """After the backoff the ids rejoin their lane of the buffer, ahead of fresh ids."""
         loop = asyncio.get_running_loop()
         handle: asyncio.TimerHandle | None = None
-        segment_id, intent = lane
 
         def requeue() -> None:
             if handle is not None:
                 self._timers.discard(handle)
-            still = []
-            for contact_id in contact_ids:
-                live = self._live.get((contact_id, segment_id))
-                # Still pending in this lane (retrying, or never sent when the journal could
-                # not save the batch), not started over as the other intent meanwhile.
-                if (
-                    live is not None
-                    and live.intent is intent
-                    and live.state in WRITE_PENDING_STATES
-                ):
-                    still.append(contact_id)
+            # Still pending in this lane (retrying, or never sent when the journal could not
+            # save the batch), not started over as the other intent meanwhile.
+            still = [a.contact_id for a in self._assignments(lane, contact_ids)]
             if still:
                 self._buffer.add_retry(lane, still)
                 self._wakeup.set()
