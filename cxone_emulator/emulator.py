@@ -176,18 +176,13 @@ class Emulator:
     def single(self, segment: Segment, contact_id: str, faults: Faults, now: float) -> Outcome:
         """Apply a single-contact write: 201, or the item error as the whole answer."""
         items = self.counters.items
-        error = ""
-        status = 201
-        if ID_PATTERN.fullmatch(contact_id) is None:
-            status, error = 400, "InvalidContactId"
-        elif contact_id in self.directory.missing:
-            status, error = 404, "ContactNotFound"
-        elif self.injector.index_busy(faults):
-            status, error = 503, "IndexBusy"
-        elif segment.kind == "dynamic":
-            items["ignored_dynamic"] += 1
-        elif not self._add(segment, contact_id, now, self.timestamp()):
-            status, error = 409, "ContactAlreadyInSegment"
+        refused = self._single_refusal(contact_id, faults)
+        status, error = refused or (201, "")
+        if refused is None:
+            if segment.kind == "dynamic":
+                items["ignored_dynamic"] += 1
+            elif not self._add(segment, contact_id, now, self.timestamp()):
+                status, error = 409, "ContactAlreadyInSegment"
         if error:
             items[error] += 1
             return Outcome(status, orjson.dumps({"error": error, "message": _ITEM_MESSAGES[error]}))
@@ -234,23 +229,31 @@ class Emulator:
     ) -> Outcome:
         """Apply a single-contact removal: 200, or the item error as the whole answer."""
         items = self.counters.removal_items
-        error = ""
-        status = 200
-        if ID_PATTERN.fullmatch(contact_id) is None:
-            status, error = 400, "InvalidContactId"
-        elif contact_id in self.directory.missing:
-            status, error = 404, "ContactNotFound"
-        elif self.injector.index_busy(faults):
-            status, error = 503, "IndexBusy"
-        elif segment.kind == "dynamic":
-            items["ignored_dynamic"] += 1
-        elif not self._remove(segment, contact_id, now, self.timestamp()):
-            status, error = 409, "ContactNotInSegment"
+        refused = self._single_refusal(contact_id, faults)
+        status, error = refused or (200, "")
+        if refused is None:
+            if segment.kind == "dynamic":
+                items["ignored_dynamic"] += 1
+            elif not self._remove(segment, contact_id, now, self.timestamp()):
+                status, error = 409, "ContactNotInSegment"
         if error:
             items[error] += 1
             return Outcome(status, orjson.dumps({"error": error, "message": _ITEM_MESSAGES[error]}))
         body = {"contactId": contact_id, "segmentId": segment.segment_id, "status": "removed"}
         return Outcome(200, orjson.dumps(body))
+
+    def _single_refusal(self, contact_id: str, faults: Faults) -> tuple[int, str] | None:
+        """The item error a single write or removal gets before its segment is looked at.
+
+        A bad id, a contact CXone does not know, or an injected IndexBusy; None otherwise.
+        """
+        if ID_PATTERN.fullmatch(contact_id) is None:
+            return 400, "InvalidContactId"
+        if contact_id in self.directory.missing:
+            return 404, "ContactNotFound"
+        if self.injector.index_busy(faults):
+            return 503, "IndexBusy"
+        return None
 
     def refresh_wait(self, segment_id: str, now: float) -> float:
         """Seconds until `segment_id` may be refreshed again (0 = now)."""
