@@ -274,6 +274,23 @@ class Engine:
                 )
                 self._gate.force(contact_id)
                 resend[batch.batch_id] = batch
+            elif batch is not None:
+                # The journal holds a newer change that waited for this batch's outcome: the
+                # batch is resent (under its key) and the change follows it, as it would have.
+                key = (contact_id, segment_id)
+                self._occurred.pop(key, None)
+                self._live[key] = Assignment(
+                    contact_id,
+                    segment_id,
+                    state=State.SENDING,
+                    attempts=batch.attempt,
+                    received_at=received_at,
+                    updated_at=received_at,
+                    intent=batch.intent,
+                )
+                self._successors[key] = _Change(intent, occurred_at, received_at)
+                self._gate.force(contact_id)
+                resend[batch.batch_id] = batch
             elif admit(contact_id, lane, received_at):
                 add(lane, contact_id, received_at)
         by_state[State.QUEUED] += self._pending_writes - before
@@ -575,7 +592,9 @@ class Engine:
                     self._store.record(_waiting_row(live, change))
             return
         if live is not None:
-            if live.state in (State.SENDING, State.RETRYING):
+            # Live and write-pending: in a batch (being saved, sent or resent) or waiting to
+            # retry one. That request's outcome comes first; restarting now would send both.
+            if live.state in WRITE_PENDING_STATES:
                 self._successors[key] = change
                 self._store.record(_waiting_row(live, change))
                 return
