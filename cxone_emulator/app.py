@@ -7,6 +7,7 @@ import hashlib
 import logging
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -15,6 +16,7 @@ from aiohttp import web
 from cxone_emulator.auth import TokenError, cxone_configuration, openid_configuration
 from cxone_emulator.config import EmulatorConfig, Faults
 from cxone_emulator.control import add_routes
+from cxone_emulator.counters import BUCKET_OF
 from cxone_emulator.emulator import Emulator, Outcome
 from cxone_emulator.faults import Fault, hang_then_close, reset_connection
 from cxone_emulator.keys import EMULATOR
@@ -224,12 +226,21 @@ def _segment_not_found(segment_id: str) -> Outcome:
 
 async def write(request: web.Request) -> web.Response:
     """`POST /api/v2/segments/{segmentId}/contacts`: bulk (array) or single (object) write."""
+    # The class decides the rate limit and counters, so it is known before any check answers.
+    return await _checked_write(
+        request, lambda body: "single" if body.lstrip()[:1] == b"{" else "bulk", allow_single=True
+    )
+
+
+async def _checked_write(
+    request: web.Request, class_of: Callable[[bytes], str], *, allow_single: bool
+) -> web.Response:
+    """A write or bulk removal through the checks CXone makes before applying anything."""
     emulator = request.app[EMULATOR]
     counters = emulator.counters
     body = await request.read()
     now = monotonic()
-    # The class decides the rate limit and counters, so it is known before any check answers.
-    cls = "single" if body.lstrip()[:1] == b"{" else "bulk"
+    cls = class_of(body)
     counters.arrived(cls, now)
     refused = _gate(emulator, request)
     if refused is not None:
@@ -240,14 +251,14 @@ async def write(request: web.Request) -> web.Response:
             cls,
             error_response(415, "UnsupportedMediaType", "Content-Type must be application/json"),
         )
-    config = emulator.config
-    ids, malformed = _parse_write(body, config.max_bulk_ids)
+    ids, malformed = _parse_write(body, emulator.config.max_bulk_ids, allow_single=allow_single)
     if malformed is not None:
         return _early(emulator, cls, malformed)
     key, refused = _key_refused(request)
     if refused is not None:
         return _early(emulator, cls, refused)
-    wait_s = emulator.limiter.take(cls, now)
+    # Removals take their tokens from the writes' buckets: CXone limits the resource.
+    wait_s = emulator.limiter.take(BUCKET_OF.get(cls, cls), now)
     if wait_s > 0:
         return _limited(emulator, cls, wait_s)
     counters.admit(cls, now)
@@ -266,33 +277,7 @@ def _key_refused(request: web.Request) -> tuple[str | None, web.Response | None]
 
 async def remove_bulk(request: web.Request) -> web.Response:
     """`DELETE /api/v2/segments/{segmentId}/contacts`: bulk removal of a JSON array of ids."""
-    emulator = request.app[EMULATOR]
-    counters = emulator.counters
-    body = await request.read()
-    now = monotonic()
-    cls = "bulk_remove"
-    counters.arrived(cls, now)
-    refused = _gate(emulator, request)
-    if refused is not None:
-        return _early(emulator, cls, refused)
-    if request.content_type != JSON:
-        return _early(
-            emulator,
-            cls,
-            error_response(415, "UnsupportedMediaType", "Content-Type must be application/json"),
-        )
-    ids, malformed = _parse_write(body, emulator.config.max_bulk_ids, allow_single=False)
-    if malformed is not None:
-        return _early(emulator, cls, malformed)
-    key, refused = _key_refused(request)
-    if refused is not None:
-        return _early(emulator, cls, refused)
-    # Removals take their tokens from the bulk-write bucket: CXone limits the resource.
-    wait_s = emulator.limiter.take("bulk", now)
-    if wait_s > 0:
-        return _limited(emulator, cls, wait_s)
-    counters.admit(cls, now)
-    return await _write_admitted(emulator, request, cls, ids, body=body, key=key)
+    return await _checked_write(request, lambda _: "bulk_remove", allow_single=False)
 
 
 async def remove_single(request: web.Request) -> web.Response:

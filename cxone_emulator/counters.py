@@ -17,15 +17,7 @@ REQUEST_CLASSES: tuple[str, ...] = (
     "discovery",
 )
 #: Classes with rate-limit and peak-rate counters.
-RATE_CLASSES: tuple[str, ...] = (
-    "bulk",
-    "single",
-    "bulk_remove",
-    "single_remove",
-    "read",
-    "refresh",
-    "token",
-)
+RATE_CLASSES: tuple[str, ...] = tuple(c for c in REQUEST_CLASSES if c != "discovery")
 #: The rate bucket of each class that has none of its own: removals share the writes' buckets.
 BUCKET_OF: dict[str, str] = {"bulk_remove": "bulk", "single_remove": "single"}
 #: Classes whose requests carry idempotency keys.
