@@ -330,7 +330,7 @@ def test_a_zendesk_redelivery_has_the_same_event_key() -> None:
     zendesk = adapter("zendesk")
     body = zendesk_body()
     first = zendesk.parse(request(zendesk_headers(body), body))
-    # Zendesk retries with a new signature timestamp; the event id stays.
+    # A retry may be signed again with a new timestamp; the event id stays.
     later = "2025-06-02T10:04:00Z"
     received = datetime.fromisoformat(later).timestamp()
     retried = request(zendesk_headers(body, later), body, received_at=received)
