@@ -1,4 +1,4 @@
-"""`kind = "json"`: any sender that can POST HMAC-signed JSON (Zendesk, GitHub-style senders, ...
+"""`kind = "json"`: any sender of HMAC-signed JSON (Zendesk, GitHub-style senders, iPaaS tools).
 
 The sender's own body is mapped to segmapd's event shape by JMESPath expressions
 (https://jmespath.org/), one per `[sources.NAME]` key: `events` finds the list of events in the
