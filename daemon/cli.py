@@ -155,7 +155,13 @@ def _run_or_check(command: str, config_path: str | None) -> int:
         except (ValueError, NotImplementedError) as exc:
             print(f"segmapd: configuration error: {exc}", file=sys.stderr)
             return 2
-        sources = ", ".join(sorted(config.sources)) or "none"
+        sources = (
+            ", ".join(
+                f"{name} ({getattr(config.sources[name], 'kind', '?')})"
+                for name in sorted(config.sources)
+            )
+            or "none"
+        )
         print(
             f"configuration OK: listen {config.server.listen}, store {config.store.url}, "
             f"sources: {sources}"

@@ -16,6 +16,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from yarl import URL
 
+from listeners import SOURCE_KINDS, SourceConfig
+
 ENV_PREFIX = "SEGMAPD_"
 # Variables of the same prefix that belong to the CLI's client commands, not to the config.
 CLIENT_VARIABLES = frozenset(
@@ -168,14 +170,6 @@ class StoreConfig(_Section):
         return value
 
 
-class SourceConfig(_Section):
-    """`[sources.NAME]`: one webhook source; NAME is its URL segment."""
-
-    kind: Literal["standard", "hubspot", "salesforce"] = "standard"
-    secret: SecretStr = SecretStr("")
-    tolerance_s: int = Field(default=300, ge=1, le=86_400)
-
-
 class NotifyConfig(_Section):
     """`[notify]`: optional signed outbound events `mapping.active` / `mapping.failed`."""
 
@@ -316,10 +310,16 @@ def _read_secret_files(
 def _describe(exc: ValidationError) -> str:
     problems = []
     for error in exc.errors():
-        location = ".".join(str(part) for part in error["loc"])
+        parts = list(error["loc"])
+        if len(parts) > 2 and parts[0] == "sources" and parts[2] in SOURCE_KINDS:
+            del parts[2]  # the union's tag: sources.NAME.KEY reads as the file does
+        location = ".".join(str(part) for part in parts)
         message = error["msg"]
         if error["type"] == "extra_forbidden":
             message = "unknown key"
+        elif error["type"] == "union_tag_invalid":
+            location += ".kind"
+            message = f"must be one of {', '.join(SOURCE_KINDS)}"
         problems.append(f"{location}: {message}")
     return "; ".join(problems)
 
@@ -332,8 +332,12 @@ def _check_consistency(config: Config, errors: list[str]) -> None:
     for name, source in config.sources.items():
         if not _valid_source_name(name):
             errors.append(f"sources.{name}: the name must be 1-64 of [a-z0-9_-]")
-        if not source.secret.get_secret_value():
-            errors.append(f"sources.{name}.secret: required (or secret_file)")
+        for key in getattr(source, "required_keys", ()):
+            value = getattr(source, key)
+            if isinstance(value, SecretStr) and not value.get_secret_value():
+                errors.append(f"sources.{name}.{key}: required (or {key}_file)")
+            elif not value:
+                errors.append(f"sources.{name}.{key}: required")
     if config.notify.url and not config.notify.secret.get_secret_value():
         errors.append("notify.secret: required when notify.url is set")
     if not config.cxone.client_id:

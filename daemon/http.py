@@ -22,23 +22,22 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
+from daemon import intake
+from daemon.intake import receive
 from daemon.notifier import rfc3339
 from daemon.openapi import OPENAPI_DOCUMENT
 from daemon.service import Service
-from listeners import WebhookRejected, parse_events
+from listeners import InboundRequest, WebhookRejected, parse_events
+from listeners.base import REASONS
 from listeners.payload import loads_unique
-from scheduler.engine import EngineClosed, EngineOverloaded, SubmitResult
+from scheduler.engine import SubmitResult
 from scheduler.model import Assignment, Intent, MembershipChange
-from scheduler.store import StoreUnavailable
 from scheduler.validation import PairProgress, ReadBacklog
 
 log = logging.getLogger(__name__)
 
 SERVICE: web.AppKey[Service] = web.AppKey("service", Service)
 MAX_WAIT_S = 300.0
-# When draining or overloaded, how long a sender should wait before retrying.
-DRAIN_RETRY_AFTER_S = 5
-JOURNAL_RETRY_AFTER_S = 10
 # The metrics label of webhooks sent to a source name that is not configured.
 UNCONFIGURED_SOURCE = "_unconfigured"
 
@@ -54,7 +53,7 @@ def json_response(
 
 def problem(status: int, message: str, *, field: str | None = None, **extra: Any) -> web.Response:
     """An error response: `{"error": <reason phrase>, "message": ..., "field": ...}`."""
-    body: dict[str, Any] = {"error": _REASONS.get(status, "Error"), "message": message}
+    body: dict[str, Any] = {"error": REASONS.get(status, "Error"), "message": message}
     if field is not None:
         body["field"] = field
     body.update(extra)
@@ -62,22 +61,6 @@ def problem(status: int, message: str, *, field: str | None = None, **extra: Any
     if "retryAfter" in extra:
         headers = {"Retry-After": str(math.ceil(extra["retryAfter"]))}
     return json_response(body, status, headers)
-
-
-_REASONS = {
-    400: "BadRequest",
-    401: "Unauthorized",
-    404: "NotFound",
-    405: "MethodNotAllowed",
-    408: "RequestTimeout",
-    413: "PayloadTooLarge",
-    414: "URITooLong",
-    415: "UnsupportedMediaType",
-    422: "UnprocessableEntity",
-    431: "RequestHeaderFieldsTooLarge",
-    500: "InternalError",
-    503: "ServiceUnavailable",
-}
 
 
 def assignment_view(a: Assignment, progress: PairProgress | None = None) -> dict[str, Any]:
@@ -184,26 +167,19 @@ def require_admin(request: web.Request) -> web.Response | None:
 
 def refuse_if_busy(service: Service, assignments: int) -> web.Response | None:
     """503 + Retry-After when draining or when the work would cross the high-water mark."""
-    if service.draining:
-        return problem(503, "segmapd is shutting down", retryAfter=DRAIN_RETRY_AFTER_S)
-    engine = service.engine
-    wait_s = engine.admission_wait(assignments)
-    if wait_s is not None:
-        return problem(
-            503,
-            f"{engine.pending_writes} assignments pending (server.high_water "
-            f"{engine.batching.high_water}); retry later",
-            retryAfter=wait_s,
-        )
+    try:
+        intake.refuse_if_busy(service, assignments)
+    except intake.Busy as busy:
+        return problem(503, busy.message, retryAfter=busy.retry_after_s)
     return None
 
 
 async def commit(service: Service) -> web.Response | None:
     """None once everything taken so far is journaled; else the 503 to answer instead."""
     try:
-        await service.store.flush()
-    except StoreUnavailable as exc:
-        return problem(503, f"the journal cannot commit: {exc}", retryAfter=JOURNAL_RETRY_AFTER_S)
+        await intake.commit(service)
+    except intake.Busy as busy:
+        return problem(503, busy.message, retryAfter=busy.retry_after_s)
     return None
 
 
@@ -221,30 +197,11 @@ async def take(
     busy = refuse_if_busy(service, sum(len(e.segment_ids) for e in events))
     if busy is not None:
         return busy
-    histories = [await history_for(service, event) for event in events]
     try:
-        results = [
-            service.engine.submit(event, history)
-            for event, history in zip(events, histories, strict=True)
-        ]
-    except (EngineClosed, EngineOverloaded):
-        return problem(503, "segmapd is not taking work now", retryAfter=DRAIN_RETRY_AFTER_S)
-    total = sum(results, SubmitResult())
-    if total.cached:
-        service.metrics.record_cache_hit(total.cached)
-    return events, results, total
-
-
-async def history_for(service: Service, event: MembershipChange) -> dict[str, Assignment] | None:
-    """The contact's journaled assignments, where the change needs them; else None.
-
-    A mirror (`set`) compares with the memberships segmapd made, and a change with its own
-    time may be older than what was confirmed before. A change with neither is the newest by
-    arrival, and costs no journal read.
-    """
-    if event.mirror is None and event.occurred_at is None:
-        return None
-    return {a.segment_id: a for a in await service.store.contact(event.contact_id)}
+        results = await intake.submit_each(service, events)
+    except intake.Busy as exc:
+        return problem(503, exc.message, retryAfter=exc.retry_after_s)
+    return events, results, sum(results, SubmitResult())
 
 
 def accepted_body(result: SubmitResult) -> dict[str, int]:
@@ -292,50 +249,41 @@ def fd_check(usage: tuple[int, int] | None) -> str:
 
 
 async def webhook(request: web.Request) -> web.Response:
-    """POST /v1/webhooks/{source}: a signed delivery of one event or an array of events."""
+    """POST /v1/webhooks/{source}: a delivery in the source kind's own format."""
     service = request.app[SERVICE]
     source = request.match_info["source"]
-    response = await _webhook(request, service, source)
-    # Only configured sources get their own series: any path may arrive here.
-    label = source if source in service.verifiers else UNCONFIGURED_SOURCE
-    service.metrics.record_webhook(label, response.status)
-    return response
-
-
-async def _webhook(request: web.Request, service: Service, source: str) -> web.Response:
-    verifier = service.verifiers.get(source)
-    if verifier is None:
-        return problem(404, f"no webhook source named {source!r} (configure [sources.{source}])")
+    adapter = service.sources.get(source)
+    if adapter is None:
+        # Only configured sources get their own series: any path may arrive here.
+        response = problem(
+            404, f"no webhook source named {source!r} (configure [sources.{source}])"
+        )
+        service.metrics.record_webhook(UNCONFIGURED_SOURCE, UNCONFIGURED_SOURCE, 404)
+        return response
     try:
         body = await read_body(request)
     except web.HTTPRequestEntityTooLarge:
         limit = service.config.server.max_body_bytes
-        return problem(413, f"body larger than {limit} bytes (server.max_body_bytes)")
-    try:
-        delivery_id = verifier.verify(request.headers, body)
-    except WebhookRejected as exc:
-        return problem(exc.status, exc.message, field=exc.field)
-    earlier = await service.store.delivery(source, delivery_id)
-    if earlier is not None:
-        # A redelivery: the same answer, no new work -- but only once the first delivery is
-        # committed (it may still be queued behind a full disk).
-        refused = await commit(service)
-        if refused is not None:
-            return refused
-        return web.Response(body=earlier, status=200, content_type="application/json")
-    taken = await take(service, body)
-    if isinstance(taken, web.Response):
-        return taken
-    _, _, result = taken
-    answer = accepted_body(result)
-    service.metrics.record_accepted(source, answer["accepted"], answer["duplicates"])
-    encoded = orjson.dumps(answer)
-    await service.store.remember_delivery(source, delivery_id, encoded)
-    # 202 means "this will happen even if the process dies now": only once it is committed.
-    refused = await commit(service)
-    if refused is not None:
-        return refused
-    return web.Response(body=encoded, status=202, content_type="application/json")
+        reply = adapter.refused(
+            WebhookRejected(413, f"body larger than {limit} bytes (server.max_body_bytes)")
+        )
+    else:
+        inbound = InboundRequest(
+            method=request.method,
+            path_qs=request.path_qs,
+            query_string=request.query_string,
+            headers=request.headers,
+            body=body,
+            peer=request.remote,
+            received_at=time.time(),
+        )
+        reply = await receive(service, source, adapter, inbound)
+    service.metrics.record_webhook(source, adapter.kind, reply.status)
+    return web.Response(
+        body=reply.body,
+        status=reply.status,
+        headers={"Content-Type": reply.content_type, **reply.headers},
+    )
 
 
 async def mappings(request: web.Request) -> web.Response:

@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from listeners.base import Outcome
 from scheduler.model import TERMINAL_STATES, Assignment, FailureReason, Intent, State
 from scheduler.observer import EngineObserver
 
@@ -117,6 +118,26 @@ class _CallbackCollector(Collector):
         return [*gauges.values(), wait]
 
 
+# The per-delivery counters, in the order `_HotCounts.accepted` keeps them.
+_DELIVERY_FAMILIES = (
+    ("segmapd_events_accepted", "Webhook events taken, by source and kind."),
+    ("segmapd_assignments_accepted", "Assignments accepted from webhook events."),
+    (
+        "segmapd_assignments_duplicate",
+        "Accepted assignments that joined work in progress or were already confirmed.",
+    ),
+    ("segmapd_assignments_stale", "Accepted assignments older than what segmapd already had."),
+    (
+        "segmapd_events_redelivered",
+        "Webhook events whose redelivery key was already journaled (no new work).",
+    ),
+    (
+        "segmapd_events_dead_lettered",
+        "Webhook events that can never succeed, acknowledged and dead-lettered.",
+    ),
+)
+
+
 class _HotCounts(Collector):
     """The counts bumped on every webhook and every state transition, kept as plain ints.
 
@@ -126,9 +147,10 @@ class _HotCounts(Collector):
     """
 
     def __init__(self) -> None:
-        self.webhooks: dict[tuple[str, int], int] = {}
-        # Per source: events, assignments, duplicate assignments.
-        self.accepted: dict[str, list[int]] = {}
+        self.webhooks: dict[tuple[str, str, int], int] = {}
+        # Per (source, kind): the counts of `_DELIVERY_FAMILIES`, in that order.
+        self.accepted: dict[tuple[str, str], list[int]] = {}
+        self.skipped: dict[tuple[str, str, str], int] = {}
         self.held: dict[State, int] = dict.fromkeys(State, 0)
         self.entered: dict[State, int] = dict.fromkeys(State, 0)
 
@@ -140,28 +162,25 @@ class _HotCounts(Collector):
         """The current counts as metric families."""
         webhooks = CounterMetricFamily(
             "segmapd_webhooks_received",
-            "Webhook requests received, by source and HTTP status answered.",
-            labels=["source", "code"],
+            "Webhook requests received, by source, source kind and HTTP status answered.",
+            labels=["source", "kind", "code"],
         )
-        for (source, status), count in sorted(self.webhooks.items()):
-            webhooks.add_metric([source, str(status)], count)
+        for (source, kind, status), count in sorted(self.webhooks.items()):
+            webhooks.add_metric([source, kind, str(status)], count)
         accepted = [
-            CounterMetricFamily(name, help_text, labels=["source"])
-            for name, help_text in (
-                ("segmapd_events_accepted", "Webhook events accepted, by source."),
-                (
-                    "segmapd_assignments_accepted",
-                    "Assignments accepted from webhook events, by source.",
-                ),
-                (
-                    "segmapd_assignments_duplicate",
-                    "Assignments in accepted events that were already known, by source.",
-                ),
-            )
+            CounterMetricFamily(name, help_text, labels=["source", "kind"])
+            for name, help_text in _DELIVERY_FAMILIES
         ]
-        for source, counts in sorted(self.accepted.items()):
+        for labels, counts in sorted(self.accepted.items()):
             for family, count in zip(accepted, counts, strict=True):
-                family.add_metric([source], count)
+                family.add_metric(list(labels), count)
+        skipped = CounterMetricFamily(
+            "segmapd_events_skipped",
+            "Webhook events deliberately not acted on (answered as success), by reason.",
+            labels=["source", "kind", "reason"],
+        )
+        for (source, kind, reason), count in sorted(self.skipped.items()):
+            skipped.add_metric([source, kind, reason], count)
         held = GaugeMetricFamily(
             "segmapd_assignments",
             "Assignments the engine currently holds, by state (terminal ones leave on finishing).",
@@ -175,7 +194,7 @@ class _HotCounts(Collector):
         for state in State:
             held.add_metric([state.value], self.held[state])
             entered.add_metric([state.value], self.entered[state])
-        return [webhooks, *accepted, held, entered]
+        return [webhooks, *accepted, skipped, held, entered]
 
 
 class Metrics(EngineObserver):
@@ -332,21 +351,29 @@ class Metrics(EngineObserver):
 
     # --- recorders called by the daemon -----------------------------------------------------
 
-    def record_webhook(self, source: str, status: int) -> None:
-        """A webhook request for configured `source` was answered with `status`."""
+    def record_webhook(self, source: str, kind: str, status: int) -> None:
+        """A webhook request for configured `source` of `kind` was answered with `status`."""
         # Configured sources times the few statuses segmapd answers: a bounded set of series.
-        key = (source, status)
+        key = (source, kind, status)
         webhooks = self._hot.webhooks
         webhooks[key] = webhooks.get(key, 0) + 1
 
-    def record_accepted(self, source: str, assignments: int, duplicates: int) -> None:
-        """One event from `source` was accepted, holding `assignments` (`duplicates` known)."""
-        counts = self._hot.accepted.get(source)
+    def record_delivery(self, source: str, kind: str, outcome: Outcome) -> None:
+        """A delivery from `source` was taken: count its events and assignments."""
+        counts = self._hot.accepted.get((source, kind))
         if counts is None:
-            counts = self._hot.accepted[source] = [0, 0, 0]
-        counts[0] += 1
-        counts[1] += max(assignments, 0)
-        counts[2] += max(duplicates, 0)
+            counts = self._hot.accepted[(source, kind)] = [0] * len(_DELIVERY_FAMILIES)
+        counts[0] += outcome.events
+        counts[1] += outcome.accepted
+        counts[2] += outcome.duplicates
+        counts[3] += outcome.stale
+        counts[4] += outcome.redelivered
+        counts[5] += outcome.dead_lettered
+
+    def record_skipped(self, source: str, kind: str, reason: str, events: int = 1) -> None:
+        """`events` events from `source` were skipped for `reason` (one of the kind's set)."""
+        key = (source, kind, reason)
+        self._hot.skipped[key] = self._hot.skipped.get(key, 0) + events
 
     def record_cache_hit(self, n: int = 1) -> None:
         """`n` assignments were confirmed from the validation cache."""

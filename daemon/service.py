@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from daemon.claims import Claims
 from daemon.config import Config, StoreConfig
 from daemon.cxone import CXonePaths, CXoneSettings, HttpCXoneClient
 from daemon.cxone.client import pool_size
@@ -26,7 +27,7 @@ from daemon.notifier import Notifier
 from daemon.secrets import Secret
 from daemon.store.memory import MemoryStore
 from daemon.store.sqlite import SqliteStore
-from listeners import make_verifier
+from listeners import SourceAdapter, make_adapter
 from scheduler.engine import BatchingPolicy, Engine
 from scheduler.model import Assignment
 from scheduler.observer import CompositeObserver, EngineObserver
@@ -219,7 +220,14 @@ class Service:
             refresh_timeout_s=config.cxone.timeout_s,
         )
         self.engine.set_verifier(self.poller)
-        self.verifiers = {name: make_verifier(source) for name, source in config.sources.items()}
+        self.sources: dict[str, SourceAdapter] = {}
+        for name, source in config.sources.items():
+            try:
+                self.sources[name] = make_adapter(source)
+            except ValueError as exc:
+                raise ValueError(f"sources.{name}: {exc}") from None
+        # Redelivery keys being taken right now (see daemon/intake.py).
+        self.claims = Claims()
         self.metrics.bind_engine(
             buffered=lambda: self.engine.buffered,
             pending_writes=lambda: self.engine.pending_writes,
@@ -277,7 +285,7 @@ class Service:
             self._stack = stack.pop_all()
         log.info(
             "segmapd started: %d webhook sources, store %s",
-            len(self.verifiers),
+            len(self.sources),
             self.config.store.url.partition("://")[0],
         )
 

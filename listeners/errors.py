@@ -4,15 +4,17 @@ from __future__ import annotations
 
 # 5xx is deliberately absent: a listener only ever judges the request, and an internal failure
 # answered with a 4xx would make the sender drop a delivery it should retry.
-REJECTION_STATUSES = frozenset({400, 401, 413, 422})
+REJECTION_STATUSES = frozenset({400, 401, 403, 413, 415, 422})
 
 
 class WebhookRejected(Exception):
     """A delivery refused before anything was journaled.
 
     `status` is the HTTP status to answer: 401 (not authenticated: a signature header is missing,
-    malformed, stale or does not match), 400 (the body is not a usable document), 413 (too
-    large), 422 (a well-formed document with an unacceptable value). `message` says what is wrong
+    malformed, stale or does not match), 403 (authenticated as, or sent from, someone this
+    source does not accept: another organisation, a network not allowed), 400 (the body is not a
+    usable document), 413 (too large), 415 (not the media type the kind takes), 422 (a
+    well-formed document with an unacceptable value). `message` says what is wrong
     and where; `field` is that location alone (a header name such as `webhook-signature`, or a
     JSON path such as `body[2].segmentIds[0]`), or None.
 

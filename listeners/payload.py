@@ -130,6 +130,15 @@ def parse_events(body: bytes) -> list[MembershipChange]:
     return changes
 
 
+def parse_event(event: object, path: str) -> MembershipChange:
+    """One already-decoded event object (segmapd's own keys), validated as `parse_events` does.
+
+    Adapters that map another format build this shape and hand it here, so every kind obeys
+    the same id, list, cap and time rules; `path` names the event in messages (`body[3]`).
+    """
+    return _event(event, path)
+
+
 def _may_repeat_keys(body: bytes, events: list[Any]) -> bool:
     r"""False only when no object anywhere in `body` can hold a key twice; a cheap scan.
 

@@ -12,8 +12,19 @@ import base64
 import hmac
 import time
 from collections.abc import Mapping
+from typing import ClassVar, Literal
 
+from pydantic import Field, SecretStr
+
+from listeners.base import (
+    InboundEvent,
+    InboundRequest,
+    JsonReplies,
+    ParsedDelivery,
+    SourceSettings,
+)
 from listeners.errors import WebhookRejected
+from listeners.payload import parse_events
 from listeners.signing import (
     ID_HEADER,
     MSG_ID_PATTERN,
@@ -27,6 +38,54 @@ from listeners.signing import (
 
 # Unix seconds have 10 digits until 2286; the bound only keeps int() away from huge inputs.
 _MAX_TIMESTAMP_DIGITS = 15
+
+
+class StandardSource(SourceSettings):
+    """`[sources.NAME]` with `kind = "standard"`: segmapd's own event body, Standard Webhooks.
+
+    `secret` is the `whsec_<base64>` signing secret (or `secret_file`); `tolerance_s` how far
+    `webhook-timestamp` may be from the receiver's clock, either way.
+    """
+
+    required_keys: ClassVar[tuple[str, ...]] = ("secret",)
+
+    kind: Literal["standard"] = "standard"
+    secret: SecretStr = SecretStr("")
+    tolerance_s: int = Field(default=300, ge=1, le=86_400)
+
+
+class StandardAdapter(JsonReplies):
+    """A `standard` source: one signed delivery of one event or an array of events.
+
+    The redelivery key is the delivery's `webhook-id`: a repeat is answered with the first
+    answer without being parsed again.
+    """
+
+    kind: ClassVar[str] = "standard"
+    skip_reasons: ClassVar[frozenset[str]] = frozenset()
+
+    __slots__ = ("_verifier",)
+
+    def __init__(self, settings: StandardSource) -> None:
+        self._verifier = StandardWebhookVerifier(
+            settings.secret.get_secret_value(), settings.tolerance_s
+        )
+
+    def __repr__(self) -> str:
+        return f"StandardAdapter({self._verifier!r})"
+
+    @property
+    def verifier(self) -> StandardWebhookVerifier:
+        """The signature check (the benchmark's reference handler uses it alone)."""
+        return self._verifier
+
+    def authenticate(self, request: InboundRequest) -> str | None:
+        """The delivery's `webhook-id`, once its signature and timestamp check out."""
+        return self._verifier.verify(request.headers, request.body, now=request.received_at)
+
+    def parse(self, request: InboundRequest) -> ParsedDelivery:
+        """The body's events (see `listeners.payload`), all or nothing."""
+        return ParsedDelivery(events=[InboundEvent(e) for e in parse_events(request.body)])
 
 
 class StandardWebhookVerifier:

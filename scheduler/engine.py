@@ -449,6 +449,44 @@ class Engine:
             )
         return dataclasses.replace(result, segments=tuple(wanted))
 
+    def dead_letter(self, change: MembershipChange, reason: FailureReason, message: str) -> int:
+        """Record the change's assignments as failed without sending anything; return how many.
+
+        For an event that can never succeed (its contact id fails the id rule, say) that a
+        source acknowledges anyway, so that its CRM stops retrying it: the dead letter keeps
+        what was asked, and why it was not done. Adds and a mirror's list become failed adds,
+        removals failed removals. A pair with live work is left alone: that work is newer
+        evidence than an event nobody can act on.
+        """
+        now = self._wall()
+        wanted: dict[str, Intent] = {}
+        for segment_id in (*change.add, *(change.mirror or ())):
+            wanted.setdefault(segment_id, Intent.ADD)
+        for segment_id in change.remove:
+            wanted.setdefault(segment_id, Intent.REMOVE)
+        recorded = 0
+        for segment_id, intent in wanted.items():
+            if (change.contact_id, segment_id) in self._live:
+                continue
+            assignment = Assignment(
+                change.contact_id,
+                segment_id,
+                state=State.FAILED,
+                reason=reason,
+                message=message,
+                received_at=now,
+                updated_at=now,
+                intent=intent,
+                occurred_at=change.occurred_at or now,
+            )
+            self._store.record(assignment)
+            # Born failed: reported as entering `failed` from nowhere (a terminal previous state
+            # is what observers take as "nothing held to move from").
+            self._observer.transitioned(assignment, State.FAILED)
+            self._observer.finished(assignment)
+            recorded += 1
+        return recorded
+
     def tracked(self, contact_id: str, history: Mapping[str, Assignment]) -> list[str]:
         """Segments whose newest change for the contact is an add (what a mirror compares with).
 

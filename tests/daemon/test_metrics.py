@@ -11,6 +11,7 @@ from prometheus_client.samples import Sample
 from daemon.cxone import HttpCXoneClient
 from daemon.metrics import Metrics
 from daemon.store.memory import MemoryStore
+from listeners.base import Outcome
 from scheduler.engine import Engine
 from scheduler.model import Assignment, FailureReason, State
 from scheduler.ratelimit import RateGate
@@ -137,16 +138,28 @@ def test_active_without_receipt_time_is_not_observed():
 
 def test_intake_counters():
     m = Metrics()
-    m.record_webhook("crm", 202)
-    m.record_webhook("crm", 202)
-    m.record_webhook("crm", 401)
-    m.record_accepted("crm", assignments=3, duplicates=1)
-    m.record_accepted("crm", assignments=2, duplicates=0)
-    assert value(m, "segmapd_webhooks_received_total", source="crm", code="202") == 2
-    assert value(m, "segmapd_webhooks_received_total", source="crm", code="401") == 1
-    assert value(m, "segmapd_events_accepted_total", source="crm") == 2
-    assert value(m, "segmapd_assignments_accepted_total", source="crm") == 5
-    assert value(m, "segmapd_assignments_duplicate_total", source="crm") == 1
+    m.record_webhook("crm", "standard", 202)
+    m.record_webhook("crm", "standard", 202)
+    m.record_webhook("crm", "standard", 401)
+    m.record_webhook("hs", "hubspot", 200)
+    m.record_delivery("crm", "standard", Outcome(accepted=3, duplicates=1, events=2))
+    m.record_delivery("crm", "standard", Outcome(accepted=2, stale=1, events=1))
+    m.record_delivery("hs", "hubspot", Outcome(events=3, redelivered=97, dead_lettered=1))
+    m.record_skipped("hs", "hubspot", "other_property")
+    m.record_skipped("hs", "hubspot", "other_property", 4)
+    crm = {"source": "crm", "kind": "standard"}
+    hs = {"source": "hs", "kind": "hubspot"}
+    assert value(m, "segmapd_webhooks_received_total", **crm, code="202") == 2
+    assert value(m, "segmapd_webhooks_received_total", **crm, code="401") == 1
+    assert value(m, "segmapd_webhooks_received_total", **hs, code="200") == 1
+    assert value(m, "segmapd_events_accepted_total", **crm) == 3
+    assert value(m, "segmapd_assignments_accepted_total", **crm) == 5
+    assert value(m, "segmapd_assignments_duplicate_total", **crm) == 1
+    assert value(m, "segmapd_assignments_stale_total", **crm) == 1
+    assert value(m, "segmapd_events_accepted_total", **hs) == 3
+    assert value(m, "segmapd_events_redelivered_total", **hs) == 97
+    assert value(m, "segmapd_events_dead_lettered_total", **hs) == 1
+    assert value(m, "segmapd_events_skipped_total", **hs, reason="other_property") == 5
 
 
 def test_bulk_and_upstream_metrics():
@@ -238,8 +251,11 @@ def test_a_failing_callable_does_not_break_the_scrape(caplog):
 
 def test_registries_are_independent_and_exposition_is_well_formed():
     one, two = Metrics(), Metrics()
-    one.record_webhook("crm", 202)
-    assert value(one, "segmapd_webhooks_received_total", source="crm", code="202") == 1
+    one.record_webhook("crm", "standard", 202)
+    assert (
+        value(one, "segmapd_webhooks_received_total", source="crm", kind="standard", code="202")
+        == 1
+    )
     assert not [s for s in samples(two) if s.name == "segmapd_webhooks_received_total"]
     body, content_type = one.render()
     assert content_type.startswith("text/plain")
@@ -269,8 +285,9 @@ def exercised() -> Metrics:
     m = Metrics()
     m.bind_engine(lambda: 3, lambda: 2, lambda: 1)
     m.bind_gates({"bulk": lambda: 0.5, "single": lambda: 0.0, "read": lambda: 1.25})
-    m.record_webhook("crm", 202)
-    m.record_accepted("crm", 2, 0)
+    m.record_webhook("crm", "standard", 202)
+    m.record_delivery("crm", "standard", Outcome(accepted=2, events=1))
+    m.record_skipped("crm", "hubspot", "other_property")
     a = new_assignment(m, "c1")
     for state in (State.SENDING, State.WRITTEN, State.VERIFYING, State.ACTIVE):
         move(m, a, state, 1003.0)

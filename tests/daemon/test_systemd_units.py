@@ -16,6 +16,7 @@ from daemon.config import load_config
 from daemon.runner import HTTP_STOP_TIMEOUT_S
 from daemon.service import STORE_FLUSH_TIMEOUT_S
 from daemon.store.sqlite import CLOSE_FLUSH_TIMEOUT_S
+from listeners import StandardSource
 from tests.support.ci import IN_CI
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -137,7 +138,9 @@ def test_example_config_loads_with_the_units_credentials(credentials: dict[str, 
     config = load_config(EXAMPLE_CONFIG, environ=credentials)
     assert config.cxone.client_secret.get_secret_value() == "test-client_secret"
     assert config.cxone.access_key_secret.get_secret_value() == "test-access_key_secret"
-    assert config.sources["crm"].secret.get_secret_value() == "test-webhook_secret"
+    crm = config.sources["crm"]
+    assert isinstance(crm, StandardSource)
+    assert crm.secret.get_secret_value() == "test-webhook_secret"
     assert [t.get_secret_value() for t in config.server.admin_tokens] == ["test-admin_tokens"]
     assert config.store.url == "sqlite:///var/lib/segmapd/journal.db"
     assert config.server.listen == "127.0.0.1:8080"

@@ -136,7 +136,11 @@ async def test_every_error_status_names_the_problem(
         await post(good, daemon.signed_headers(good), f"{daemon.url}/v1/webhooks/{name}")
     async with http.get(f"{daemon.url}/metrics") as response:
         exposition = await response.text()
-    assert 'segmapd_webhooks_received_total{code="404",source="_unconfigured"} 3.0' in exposition
+    assert (
+        'segmapd_webhooks_received_total{code="404",kind="_unconfigured",'
+        'source="_unconfigured"} 3.0'
+        in exposition
+    )
     assert "nope" not in exposition
 
     headers = daemon.signed_headers(good)

@@ -1,0 +1,230 @@
+"""One webhook delivery, through its source's adapter, into the engine and the journal.
+
+This is the whole intake of `POST /v1/webhooks/{source}` for every kind; it knows the adapter
+protocol (`listeners.base`), never a kind. The order is what makes the answers trustworthy:
+
+1. authenticate; a delivery the sender keys as a whole (`webhook-id`) that was seen before is
+   answered as it was the first time, once that first answer is committed;
+2. parse; events whose own keys were journaled before are redeliveries and add no work;
+3. refuse with the kind's "busy" answer while draining or above the high-water mark, before
+   anything is taken (a partial take of a batch would be redone anyway);
+4. hand the changes to the engine, dead-letter the events that can never succeed, journal every
+   key, and answer success only after the commit: a success means the work survives a crash.
+
+A delivery that reaches two connections at once (a sender's retry racing its first attempt) is
+one unit of work: keys being taken are claimed in memory, and the second waits for the first's
+commit before answering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from daemon.claims import ClaimKey, Claims
+from listeners.base import (
+    InboundEvent,
+    InboundRequest,
+    Outcome,
+    ParsedDelivery,
+    Reply,
+    SourceAdapter,
+)
+from listeners.errors import WebhookRejected
+from scheduler.engine import EngineClosed, EngineOverloaded, SubmitResult
+from scheduler.model import Assignment, MembershipChange
+from scheduler.store import StoreUnavailable
+
+if TYPE_CHECKING:
+    from daemon.service import Service
+
+log = logging.getLogger(__name__)
+
+# When draining or overloaded, how long a sender should wait before retrying.
+DRAIN_RETRY_AFTER_S = 5.0
+JOURNAL_RETRY_AFTER_S = 10.0
+# Answered on a per-event key when nothing needs remembering but that it was taken.
+_TAKEN = b"1"
+
+
+class Busy(Exception):
+    """segmapd cannot take the delivery now; the sender must retry after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+async def receive(
+    service: Service, source: str, adapter: SourceAdapter, request: InboundRequest
+) -> Reply:
+    """The answer to one delivery for configured `source`, in the adapter's protocol."""
+    try:
+        return await _receive(service, source, adapter, request)
+    except WebhookRejected as rejection:
+        return adapter.refused(rejection)
+    except Busy as busy:
+        return adapter.busy(busy.message, busy.retry_after_s)
+
+
+async def _receive(
+    service: Service, source: str, adapter: SourceAdapter, request: InboundRequest
+) -> Reply:
+    claims = service.claims
+    delivery_key = adapter.authenticate(request)
+    held: list[ClaimKey] = []
+    if delivery_key is not None:
+        earlier = await _earlier_answer(service, claims, (source, delivery_key))
+        if earlier is not None:
+            return adapter.replayed(earlier)
+        if claims.holder((source, delivery_key)) is not None:
+            # Another copy started while we looked; it answers once it has committed.
+            raise Busy("the same delivery is being taken now; retry", DRAIN_RETRY_AFTER_S)
+        held.append((source, delivery_key))
+    # The delivery's own key is held from here, before anything else can wait.
+    with claims.claim(held) as delivered:
+        parsed = adapter.parse(request)
+        while True:
+            fresh, redelivered = await _new_events(service, claims, source, parsed.events)
+            fresh_dead = [d for d in parsed.dead if not await _seen(service, claims, source, d.key)]
+            keys = [(source, e.key) for e in fresh if e.key is not None]
+            keys += [(source, d.key) for d in fresh_dead if d.key is not None]
+            # A copy of one of these events may have been claimed while we looked: look again.
+            if not any(claims.holder(key) is not None for key in keys):
+                break
+        with claims.claim(keys) as committed:
+            refuse_if_busy(service, sum(len(e.change.segment_ids) for e in fresh))
+            total = await _submit(service, [e.change for e in fresh])
+            for dead in fresh_dead:
+                service.engine.dead_letter(dead.change, dead.reason, dead.message)
+                log.warning(
+                    "source %s: event dead-lettered (%s): %s", source, dead.reason, dead.message
+                )
+            outcome = Outcome(
+                accepted=total.queued + total.joined + total.cached + total.stale,
+                duplicates=total.joined + total.cached,
+                stale=total.stale,
+                events=len(fresh),
+                redelivered=redelivered + len(parsed.dead) - len(fresh_dead),
+                skipped=len(parsed.skipped),
+                dead_lettered=len(fresh_dead),
+            )
+            reply = adapter.accepted(outcome)
+            store = service.store
+            for claimed_source, key in keys:
+                await store.remember_delivery(claimed_source, key, _TAKEN)
+            if delivery_key is not None:
+                await store.remember_delivery(source, delivery_key, reply.body)
+            await commit(service)
+            committed.set_result(True)
+            delivered.set_result(True)
+    _count(service, source, adapter, parsed, outcome)
+    return reply
+
+
+def _count(
+    service: Service, source: str, adapter: SourceAdapter, parsed: ParsedDelivery, outcome: Outcome
+) -> None:
+    metrics = service.metrics
+    metrics.record_delivery(source, adapter.kind, outcome)
+    for skipped in parsed.skipped:
+        metrics.record_skipped(source, adapter.kind, skipped.reason)
+        log.debug("source %s: event skipped (%s) %s", source, skipped.reason, skipped.detail)
+
+
+async def _earlier_answer(service: Service, claims: Claims, key: ClaimKey) -> bytes | None:
+    """The committed answer to an earlier delivery with this key, waiting for one in progress."""
+    holder = claims.holder(key)
+    if holder is not None:
+        await asyncio.shield(holder)
+    earlier = await service.store.delivery(*key)
+    if earlier is None:
+        return None
+    # The first delivery may still be queued behind a full disk: answer once it is committed.
+    await commit(service)
+    return earlier
+
+
+async def _seen(service: Service, claims: Claims, source: str, key: str | None) -> bool:
+    """Whether an event with this key was taken before (waiting for a taker in progress)."""
+    if key is None:
+        return False
+    holder = claims.holder((source, key))
+    if holder is not None and await asyncio.shield(holder):
+        return True
+    # No taker, or its taker failed to commit: then this copy takes it (or fails the same way).
+    return await service.store.delivery(source, key) is not None
+
+
+async def _new_events(
+    service: Service, claims: Claims, source: str, events: list[InboundEvent]
+) -> tuple[list[InboundEvent], int]:
+    """The events not taken before, and how many were (a key repeated in one delivery too)."""
+    fresh: list[InboundEvent] = []
+    within: set[str] = set()
+    repeated = 0
+    for event in events:
+        key = event.key
+        if key is not None:
+            if key in within or await _seen(service, claims, source, key):
+                repeated += 1
+                continue
+            within.add(key)
+        fresh.append(event)
+    return fresh, repeated
+
+
+def refuse_if_busy(service: Service, assignments: int) -> None:
+    """Raise `Busy` when draining, or when `assignments` more would cross the high-water mark."""
+    if service.draining:
+        raise Busy("segmapd is shutting down", DRAIN_RETRY_AFTER_S)
+    engine = service.engine
+    wait_s = engine.admission_wait(assignments)
+    if wait_s is not None:
+        raise Busy(
+            f"{engine.pending_writes} assignments pending (server.high_water "
+            f"{engine.batching.high_water}); retry later",
+            wait_s,
+        )
+
+
+async def _submit(service: Service, changes: list[MembershipChange]) -> SubmitResult:
+    return sum(await submit_each(service, changes), SubmitResult())
+
+
+async def submit_each(service: Service, changes: list[MembershipChange]) -> list[SubmitResult]:
+    """Hand `changes` to the engine, in order, each with the history it needs; `Busy` if closed."""
+    histories = [await history_for(service, change) for change in changes]
+    try:
+        results = [
+            service.engine.submit(change, history)
+            for change, history in zip(changes, histories, strict=True)
+        ]
+    except (EngineClosed, EngineOverloaded):
+        raise Busy("segmapd is not taking work now", DRAIN_RETRY_AFTER_S) from None
+    cached = sum(result.cached for result in results)
+    if cached:
+        service.metrics.record_cache_hit(cached)
+    return results
+
+
+async def history_for(service: Service, event: MembershipChange) -> dict[str, Assignment] | None:
+    """The contact's journaled assignments, where the change needs them; else None.
+
+    A mirror (`set`) compares with the memberships segmapd made, and a change with its own
+    time may be older than what was confirmed before. A change with neither is the newest by
+    arrival, and costs no journal read.
+    """
+    if event.mirror is None and event.occurred_at is None:
+        return None
+    return {a.segment_id: a for a in await service.store.contact(event.contact_id)}
+
+
+async def commit(service: Service) -> None:
+    """Return once everything taken so far is journaled; raise `Busy` while it cannot be."""
+    try:
+        await service.store.flush()
+    except StoreUnavailable as exc:
+        raise Busy(f"the journal cannot commit: {exc}", JOURNAL_RETRY_AFTER_S) from None
