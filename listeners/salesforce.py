@@ -18,9 +18,14 @@ published ranges); TLS with Salesforce's client certificate is for the reverse p
 Decisions, per notification (never for the whole message, which Salesforce would retry for a
 day without any chance of success):
 
-- a configured field absent from the sObject (not selected on the outbound message) is skipped
-  (`missing_field`), never read as empty: an empty mirror removes every tracked membership;
-- the segments field present but nil or empty is `set: []` (the picklist was cleared);
+- the segments field nil or empty is `set: []` (the picklist was cleared); absent from the
+  sObject it is `set: []` too by default (`absent_segments_field = "clear"`): Salesforce leaves
+  fields without a value out of the message, so a cleared picklist may arrive as no element at
+  all, and reading that as "nothing to say" would leave the contact in its segments for ever.
+  The price is that an outbound message that does not select the field clears every contact it
+  sends; `absent_segments_field = "skip"` skips such notifications (`missing_field`) instead;
+- the contact id field absent is skipped (`missing_field`); the time field absent (or nil)
+  leaves the change in arrival order;
 - a contact id that is empty or fails the id rule is dead-lettered (`invalid_contact_id`), and a
   segment value that fails the id rule or the per-event cap dead-letters the notification
   (`segment_not_found`); the other notifications of the message are still taken.
@@ -115,7 +120,9 @@ class SalesforceSource(SourceSettings):
     `X-Forwarded-For` is believed. `contact_id_field` is the sObject field holding the CXone
     contact id; `segments_field` the multi-select picklist (`;`-separated) listing the contact's
     segments; `occurred_at_field`, if set, an xsd:dateTime field (`LastModifiedDate`) that
-    orders changes, else they are ordered by arrival.
+    orders changes, else they are ordered by arrival. `absent_segments_field` says what a
+    notification without the segments field means: `clear` (out of every segment; Salesforce
+    omits empty fields) or `skip`.
     """
 
     required_keys: ClassVar[tuple[str, ...]] = ("organization_id",)
@@ -125,6 +132,7 @@ class SalesforceSource(SourceSettings):
     contact_id_field: str = "Id"
     segments_field: str = "CXone_Segments__c"
     occurred_at_field: str = ""
+    absent_segments_field: Literal["clear", "skip"] = "clear"
     allowed_networks: list[str] = []
     trusted_proxies: list[str] = []
 
@@ -227,6 +235,7 @@ class SalesforceAdapter:
         "_organization_id",
         "_proxies",
         "_segments_field",
+        "_skip_absent_segments",
     )
 
     def __init__(self, settings: SalesforceSource) -> None:
@@ -237,6 +246,7 @@ class SalesforceAdapter:
         self._organization_id = settings.organization_id[:15]
         self._contact_id_field = check_field_name(settings.contact_id_field)
         self._segments_field = check_field_name(settings.segments_field)
+        self._skip_absent_segments = settings.absent_segments_field == "skip"
         self._occurred_at_field = settings.occurred_at_field
         if self._occurred_at_field:
             check_field_name(self._occurred_at_field)
@@ -341,10 +351,12 @@ class SalesforceAdapter:
         if sobject is None:
             raise WebhookRejected(400, f"{path}.sObject: required", f"{path}.sObject")
         fields = _fields(sobject, f"{path}.sObject")
-        wanted = [self._contact_id_field, self._segments_field]
-        if self._occurred_at_field:
-            wanted.append(self._occurred_at_field)
-        missing = [name for name in wanted if name not in fields]
+        missing = [self._contact_id_field] if self._contact_id_field not in fields else []
+        if self._segments_field not in fields:
+            if self._skip_absent_segments:
+                missing.append(self._segments_field)
+            else:
+                fields[self._segments_field] = ""  # how Salesforce sends a cleared picklist
         if missing:
             delivery.skipped.append(
                 SkippedEvent(
@@ -359,9 +371,10 @@ class SalesforceAdapter:
         segments = [value.strip() for value in fields[self._segments_field].split(";")]
         segments = [value for value in segments if value]
         event: dict[str, object] = {"contactId": contact_id, "set": segments}
-        if self._occurred_at_field and fields[self._occurred_at_field].strip():
-            # A nil or empty time leaves the change in arrival order.
-            event["occurredAt"] = fields[self._occurred_at_field].strip()
+        occurred_at = fields.get(self._occurred_at_field, "").strip()
+        if self._occurred_at_field and occurred_at:
+            # An absent, nil or empty time leaves the change in arrival order.
+            event["occurredAt"] = occurred_at
         try:
             change = parse_event(event, path)
         except WebhookRejected as rejection:

@@ -190,15 +190,28 @@ def test_the_org_is_checked_before_the_notifications_are_read() -> None:
     assert refused(adapter(), message(too_many, org=OTHER_ORG)).status == 403
 
 
-def test_a_published_example_with_only_an_id_field_is_skipped_as_missing_field() -> None:
+def test_a_published_example_with_only_an_id_field_clears_by_default_or_is_skipped() -> None:
     # The shape of a documented message (OpportunityLineItem, only sf:Id selected).
     body = message([(NOTE_C, {"Id": "00k40000004PHXtAAO"})])
-    parsed = adapter().parse(request(body))
+    [event] = adapter().parse(request(body)).events
+    assert (event.change.contact_id, event.change.mirror, event.key) == (
+        "00k40000004PHXtAAO",
+        (),
+        NOTE_C,
+    )
+    parsed = adapter(absent_segments_field="skip").parse(request(body))
     assert parsed.events == [] and parsed.dead == []
     [skipped] = parsed.skipped
     assert skipped.reason == MISSING_FIELD
     assert skipped.key == NOTE_C
     assert "CXone_Segments__c" in skipped.detail
+
+
+def test_an_absent_contact_id_field_is_skipped() -> None:
+    body = message([(NOTE_C, {"CXone_Segments__c": "VIP"})])
+    [skipped] = adapter().parse(request(body)).skipped
+    assert (skipped.reason, skipped.key) == (MISSING_FIELD, NOTE_C)
+    assert "Id" in skipped.detail
 
 
 # --- hostile and malformed bodies -----------------------------------------------------------
@@ -339,8 +352,11 @@ def test_xsi_nil_wins_over_any_text_in_the_element() -> None:
     assert event.change.mirror == ()
 
 
-def test_an_absent_picklist_is_skipped_never_read_as_cleared() -> None:
-    parsed = adapter().parse(request(message([(NOTE_A, {"Id": CONTACT_A, "Name": "Ada"})])))
+def test_an_absent_picklist_is_cleared_as_salesforce_omits_empty_fields() -> None:
+    body = message([(NOTE_A, {"Id": CONTACT_A, "Name": "Ada"})])
+    [event] = adapter().parse(request(body)).events
+    assert event.change.mirror == ()
+    parsed = adapter(absent_segments_field="skip").parse(request(body))
     assert parsed.events == []
     [skipped] = parsed.skipped
     assert (skipped.reason, skipped.key) == (MISSING_FIELD, NOTE_A)
@@ -351,7 +367,7 @@ def test_a_field_in_another_namespace_does_not_count() -> None:
     body = message([(NOTE_A, {"Id": CONTACT_A})]).replace(
         b"</sObject>", b'<CXone_Segments__c xmlns="urn:other">VIP</CXone_Segments__c></sObject>'
     )
-    [skipped] = adapter().parse(request(body)).skipped
+    [skipped] = adapter(absent_segments_field="skip").parse(request(body)).skipped
     assert skipped.reason == MISSING_FIELD
 
 
@@ -445,10 +461,10 @@ def test_a_nil_occurred_at_leaves_arrival_order() -> None:
     assert event.change.occurred_at is None
 
 
-def test_an_absent_occurred_at_field_is_skipped() -> None:
+def test_an_absent_occurred_at_field_leaves_arrival_order() -> None:
     body = message([(NOTE_A, {"Id": CONTACT_A, "CXone_Segments__c": "VIP"})])
-    [skipped] = adapter(occurred_at_field="LastModifiedDate").parse(request(body)).skipped
-    assert skipped.reason == MISSING_FIELD and "LastModifiedDate" in skipped.detail
+    [event] = adapter(occurred_at_field="LastModifiedDate").parse(request(body)).events
+    assert event.change.occurred_at is None and event.change.mirror == ("VIP",)
 
 
 @pytest.mark.parametrize(
