@@ -19,11 +19,15 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tests.support.processes import ManagedProcess, emulator_process
 from tests.support.toml import render_toml
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 ADMIN_TOKEN = "bench-admin-" + "x" * 16
 # The emulator's default credentials (tests/support/cxone.py).
@@ -159,10 +163,8 @@ SECRET_ENV = "BENCH_WEBHOOK_SECRET"
 
 
 def _serve_bare(checked: bool) -> None:
-    import asyncio
     import os
 
-    import uvloop
     from aiohttp import web
 
     from listeners.payload import parse_events
@@ -178,6 +180,20 @@ def _serve_bare(checked: bool) -> None:
             verifier.verify(request.headers, body)
             parse_events(body)
         return web.Response(body=answer, status=202, content_type="application/json")
+
+    serve_webhooks(handle)
+
+
+def serve_webhooks(handle: Callable[[web.Request], Awaitable[web.Response]]) -> None:
+    """Serve `POST /v1/webhooks/{source}` with `handle` on uvloop until SIGTERM or SIGINT.
+
+    The URL is announced with the daemon's JSON `listening` line, so `ManagedProcess` can run
+    a reference server like the daemon. No access log: the daemon keeps none either.
+    """
+    import asyncio
+
+    import uvloop
+    from aiohttp import web
 
     async def serve() -> None:
         app = web.Application()

@@ -199,8 +199,8 @@ async def submit_each(service: Service, changes: list[MembershipChange]) -> list
     histories = [await history_for(service, change) for change in changes]
     try:
         results = [
-            service.engine.submit(change, history)
-            for change, history in zip(changes, histories, strict=True)
+            service.engine.submit(change, history, mirrored_at)
+            for change, (history, mirrored_at) in zip(changes, histories, strict=True)
         ]
     except (EngineClosed, EngineOverloaded):
         raise Busy("segmapd is not taking work now", DRAIN_RETRY_AFTER_S) from None
@@ -210,16 +210,20 @@ async def submit_each(service: Service, changes: list[MembershipChange]) -> list
     return results
 
 
-async def history_for(service: Service, event: MembershipChange) -> dict[str, Assignment] | None:
-    """The contact's journaled assignments, where the change needs them; else None.
+async def history_for(
+    service: Service, event: MembershipChange
+) -> tuple[dict[str, Assignment] | None, float]:
+    """The contact's journaled assignments and newest mirror time, where the change needs them.
 
     A mirror (`set`) compares with the memberships segmapd made, and a change with its own
-    time may be older than what was confirmed before. A change with neither is the newest by
-    arrival, and costs no journal read.
+    time may be older than what was confirmed, or than the last mirror, before. A change with
+    neither is the newest by arrival, and costs no journal read.
     """
     if event.mirror is None and event.occurred_at is None:
-        return None
-    return {a.segment_id: a for a in await service.store.contact(event.contact_id)}
+        return None, 0.0
+    store = service.store
+    history = {a.segment_id: a for a in await store.contact(event.contact_id)}
+    return history, await store.mirrored_at(event.contact_id)
 
 
 async def commit(service: Service) -> None:

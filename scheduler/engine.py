@@ -411,14 +411,20 @@ class Engine:
         return self._failure is None
 
     def submit(
-        self, change: MembershipChange, history: Mapping[str, Assignment] | None = None
+        self,
+        change: MembershipChange,
+        history: Mapping[str, Assignment] | None = None,
+        mirrored_at: float = 0.0,
     ) -> SubmitResult:
         """Take a change: queue new work, join or supersede work in progress, skip stale ones.
 
         Per (contact, segment) the newest change wins, by `occurred_at` (the arrival time when
         it has none), then by arrival. `history` is the contact's journaled assignments by
         segment: the intake passes it for a mirror (`set`) and for changes that carry their own
-        time, which may be older than what was confirmed before.
+        time, which may be older than what was confirmed before. `mirrored_at` is the time of
+        the newest mirror applied to the contact (the store's `mirrored_at`): that mirror said
+        the contact is in no segment it did not list, so for every segment a change older than
+        it is stale, whether or not segmapd has seen the segment before.
         """
         if not self._accepting:
             raise EngineClosed("the engine is not accepting work")
@@ -445,8 +451,10 @@ class Engine:
         result = SubmitResult()
         for segment_id, intent in wanted.items():
             result += self._change_pair(
-                contact_id, segment_id, intent, occurred, now, past.get(segment_id)
+                contact_id, segment_id, intent, occurred, now, past.get(segment_id), mirrored_at
             )
+        if change.mirror is not None and (occurred or now) > mirrored_at:
+            self._store.record_mirror(contact_id, occurred or now)
         return dataclasses.replace(result, segments=tuple(wanted))
 
     def dead_letter(self, change: MembershipChange, reason: FailureReason, message: str) -> int:
@@ -508,11 +516,14 @@ class Engine:
         occurred_at: float,
         now: float,
         past: Assignment | None,
+        mirrored_at: float = 0.0,
     ) -> SubmitResult:
         key = (contact_id, segment_id)
         version = occurred_at or now
         current = self._current(key)
         newest = current.version if current is not None else (past.version if past else None)
+        if mirrored_at and (newest is None or mirrored_at > newest):
+            newest = mirrored_at
         if newest is not None and version < newest:
             self._store.record_stale(contact_id, segment_id, str(intent), version, now)
             self._observer.stale_change(contact_id, segment_id, intent)

@@ -42,6 +42,18 @@ class Store(Protocol):
         """Queue a note of a change that arrived stale (older than the pair's newest)."""
         ...
 
+    def record_mirror(self, contact_id: str, occurred_at: float) -> None:
+        """Queue the time of a mirror (`set`) applied to the contact; the newest is kept.
+
+        A mirror lists every segment the contact is in, so it also says, as of its time, that
+        the contact is in no other: a change older than it, for any segment, is stale.
+        """
+        ...
+
+    async def mirrored_at(self, contact_id: str) -> float:
+        """The time of the newest mirror recorded for the contact (committed or not), else 0."""
+        ...
+
     async def flush(self) -> None:
         """Return once everything recorded so far is as durable as the store makes it.
 

@@ -22,6 +22,8 @@ class MemoryStore:
         self._batches: dict[str, BatchRecord] = {}
         self._deliveries: OrderedDict[tuple[str, str], bytes] = OrderedDict()
         self.stale: list[tuple[str, str, str, float, float]] = []
+        # Per contact, the time of the newest mirror (`set`) applied.
+        self._mirrors: dict[str, float] = {}
 
     def record(self, assignment: Assignment) -> None:
         """Keep a copy of the assignment as it is now."""
@@ -42,6 +44,15 @@ class MemoryStore:
         """Keep the stale change (the most recent MAX_STALE)."""
         self.stale.append((contact_id, segment_id, intent, occurred_at, at))
         del self.stale[:-MAX_STALE]
+
+    def record_mirror(self, contact_id: str, occurred_at: float) -> None:
+        """Keep the contact's newest mirror time."""
+        if occurred_at > self._mirrors.get(contact_id, 0.0):
+            self._mirrors[contact_id] = occurred_at
+
+    async def mirrored_at(self, contact_id: str) -> float:
+        """The contact's newest mirror time, or 0."""
+        return self._mirrors.get(contact_id, 0.0)
 
     async def flush(self) -> None:
         """Nothing to wait for: records are applied at once."""

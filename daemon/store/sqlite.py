@@ -135,6 +135,17 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX stale_changes_by_time ON stale_changes (received_at);
     """,
+    # 4: a mirror (`set`) says the contact is in no segment it does not list, as of its time:
+    # per contact, the time of the newest mirror applied, so that an older change for any
+    # segment, delivered late, is found stale.
+    """
+    CREATE TABLE mirrors (
+        contact_id  TEXT PRIMARY KEY,
+        occurred_at REAL NOT NULL,
+        updated_at  REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX mirrors_by_time ON mirrors (updated_at);
+    """,
 ]
 
 # Assignment columns in the order `_assignment` reads them (SELECT * would follow the table's,
@@ -304,6 +315,8 @@ class _Pending:
     budget: dict[str, float] = field(default_factory=dict)
     confirmations: dict[tuple[str, str], tuple[float, bool]] = field(default_factory=dict)
     stale: list[tuple[str, str, str, float, float]] = field(default_factory=list)
+    # contact id -> (newest mirror time, when recorded)
+    mirrors: dict[str, tuple[float, float]] = field(default_factory=dict)
     notifications_added: dict[str, tuple[bytes, float]] = field(default_factory=dict)
     notifications_done: set[str] = field(default_factory=set)
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
@@ -317,6 +330,7 @@ class _Pending:
             or self.budget
             or self.confirmations
             or self.stale
+            or self.mirrors
             or self.notifications_added
             or self.notifications_done
         )
@@ -337,6 +351,10 @@ class _Pending:
         self.budget.update(later.budget)
         self.confirmations.update(later.confirmations)
         self.stale.extend(later.stale)
+        for contact_id, (occurred_at, at) in later.mirrors.items():
+            earlier = self.mirrors.get(contact_id)
+            if earlier is None or occurred_at > earlier[0]:
+                self.mirrors[contact_id] = (occurred_at, at)
         for event_id, value in later.notifications_added.items():
             self.notifications_added[event_id] = value
             self.notifications_done.discard(event_id)
@@ -701,6 +719,33 @@ class SqliteStore:
             self._pending.stale.append((contact_id, segment_id, intent, occurred_at, at))
             self._nudge()
 
+    def record_mirror(self, contact_id: str, occurred_at: float) -> None:
+        """Journal the time of a mirror applied to the contact (the newest is kept)."""
+        with self._lock:
+            earlier = self._pending.mirrors.get(contact_id)
+            if earlier is None or occurred_at > earlier[0]:
+                self._pending.mirrors[contact_id] = (occurred_at, self._clock())
+            self._nudge()
+
+    async def mirrored_at(self, contact_id: str) -> float:
+        """The contact's newest mirror time, committed or not; 0 when none is retained."""
+        before = self._uncommitted_mirror(contact_id)
+        rows = await self._read(
+            lambda: self._query(
+                "SELECT occurred_at FROM mirrors WHERE contact_id = ?", (contact_id,)
+            )
+        )
+        committed = float(rows[0][0]) if rows else 0.0
+        return max(committed, before, self._uncommitted_mirror(contact_id))
+
+    def _uncommitted_mirror(self, contact_id: str) -> float:
+        newest = 0.0
+        with self._lock:
+            for work in (self._in_flight, self._pending):
+                if work is not None and contact_id in work.mirrors:
+                    newest = max(newest, work.mirrors[contact_id][0])
+        return newest
+
     def add(self, event_id: str, body: bytes) -> None:
         """NotificationJournal: an event to deliver."""
         self._notifications[event_id] = body
@@ -831,6 +876,13 @@ class SqliteStore:
             )
         if work.stale:
             connection.executemany("INSERT INTO stale_changes VALUES (?, ?, ?, ?, ?)", work.stale)
+        if work.mirrors:
+            connection.executemany(
+                "INSERT INTO mirrors VALUES (?, ?, ?) ON CONFLICT (contact_id) DO UPDATE SET "
+                "occurred_at = max(occurred_at, excluded.occurred_at), "
+                "updated_at = excluded.updated_at",
+                [(c, occurred, at) for c, (occurred, at) in work.mirrors.items()],
+            )
         if work.notifications_added:
             connection.executemany(
                 "INSERT OR REPLACE INTO notifications VALUES (?, ?, ?)",
@@ -893,6 +945,7 @@ class SqliteStore:
                 (horizon,),
             ).rowcount
             connection.execute("DELETE FROM stale_changes WHERE received_at < ?", (horizon,))
+            connection.execute("DELETE FROM mirrors WHERE updated_at < ?", (horizon,))
             connection.execute("DELETE FROM deliveries WHERE received_at < ?", (horizon,))
             connection.execute("DELETE FROM confirmations WHERE confirmed_at < ?", (horizon,))
             connection.execute("COMMIT")
