@@ -201,6 +201,34 @@ async def test_set_removes_only_tracked_segments_and_leaves_other_memberships_al
     assert all(segment != "outside" for segment, *_ in harness.client.remove_calls)
 
 
+async def test_a_late_older_mirror_adds_no_segment_the_newer_mirror_left_out(
+    make_engine: MakeEngine, emulator: EmulatorControl
+):
+    await quick_indexing(emulator)
+    harness = await make_engine(validation=FAST_VALIDATION, batching=FAST_BATCHES)
+    engine, store = harness.engine, harness.store
+    now = time.time()
+    # The CRM changed the list twice, VIP;Gold then VIP; the second arrives first.
+    newer = MembershipChange("c-late", mirror=("vip",), occurred_at=now - 5)
+    engine.submit(newer, await history(harness, "c-late"), await store.mirrored_at("c-late"))
+    await settle(harness, "c-late", ["vip"])
+    older = MembershipChange("c-late", mirror=("vip", "gold"), occurred_at=now - 10)
+    late = engine.submit(older, await history(harness, "c-late"), await store.mirrored_at("c-late"))
+    assert (late.stale, late.queued) == (2, 0)
+    # An explicit add older than the last mirror is stale too; a newer one is taken.
+    add = MembershipChange("c-late", add=("gold",), occurred_at=now - 7)
+    stale = engine.submit(add, await history(harness, "c-late"), await store.mirrored_at("c-late"))
+    assert stale.stale == 1
+    add = MembershipChange("c-late", add=("gold",), occurred_at=now - 1)
+    fresh = engine.submit(add, await history(harness, "c-late"), await store.mirrored_at("c-late"))
+    assert fresh.queued == 1
+    done = await settle(harness, "c-late", ["vip", "gold"])
+    assert {s: a.state for s, a in done.items()} == {"vip": State.ACTIVE, "gold": State.ACTIVE}
+    # Gold was written once: for the newer add, never for the late mirror.
+    gold = [key for segment, ids, key in harness.client.bulk_calls if segment == "gold"]
+    assert len(gold) == 1
+
+
 async def test_a_repeated_change_without_a_time_dates_the_pair_by_its_arrival(
     make_engine: MakeEngine, emulator: EmulatorControl
 ):

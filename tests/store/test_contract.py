@@ -103,6 +103,35 @@ async def test_deliveries_are_remembered(store):
     assert await store.delivery("other", "msg_1") is None
 
 
+async def test_the_newest_mirror_time_of_a_contact_is_kept(store):
+    assert await store.mirrored_at("c1") == 0.0
+    store.record_mirror("c1", NOW - 10)
+    assert await store.mirrored_at("c1") == NOW - 10  # before the commit too
+    store.record_mirror("c1", NOW - 20)  # an older one never lowers it
+    await store.flush()
+    store.record_mirror("c1", NOW - 30)
+    await store.flush()
+    assert await store.mirrored_at("c1") == NOW - 10
+    store.record_mirror("c1", NOW - 5)
+    assert await store.mirrored_at("c1") == NOW - 5
+    assert await store.mirrored_at("c2") == 0.0
+
+
+async def test_mirror_times_survive_a_restart(tmp_path: Path):
+    path = str(tmp_path / "journal.db")
+    first = SqliteStore(path)
+    await first.open()
+    first.record_mirror("c1", NOW - 10)
+    await first.flush()
+    await first.close()
+    second = SqliteStore(path)
+    await second.open()
+    try:
+        assert await second.mirrored_at("c1") == NOW - 10
+    finally:
+        await second.close()
+
+
 async def test_batches_and_writability(store):
     batch = BatchRecord("b1", "s", ("c1", "c2"), "s:key", 1)
     await store.save_batch(batch)
