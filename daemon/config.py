@@ -317,6 +317,8 @@ def _describe(exc: ValidationError) -> str:
         message = error["msg"]
         if error["type"] == "extra_forbidden":
             message = "unknown key"
+        elif error["type"] == "value_error":
+            message = message.removeprefix("Value error, ")
         elif error["type"] == "union_tag_invalid":
             location += ".kind"
             message = f"must be one of {', '.join(SOURCE_KINDS)}"

@@ -33,7 +33,7 @@ from listeners.base import (
 )
 from listeners.errors import WebhookRejected
 from scheduler.engine import EngineClosed, EngineOverloaded, SubmitResult
-from scheduler.model import Assignment, MembershipChange
+from scheduler.model import MembershipChange
 from scheduler.store import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -195,13 +195,30 @@ async def _submit(service: Service, changes: list[MembershipChange]) -> SubmitRe
 
 
 async def submit_each(service: Service, changes: list[MembershipChange]) -> list[SubmitResult]:
-    """Hand `changes` to the engine, in order, each with the history it needs; `Busy` if closed."""
-    histories = [await history_for(service, change) for change in changes]
+    """Hand `changes` to the engine, in order, each with the history it needs; `Busy` if closed.
+
+    The histories of a delivery's contacts are read in one go. A contact's second change in the
+    same delivery reads its history again after the first was taken, so it is compared with
+    what the first one did (a mirror after an add removes it, an older change is stale).
+    """
+    needed = [change.contact_id for change in changes if _needs_history(change)]
+    histories = await service.store.histories(needed) if needed else {}
+    taken: set[str] = set()
+    results = []
+    engine = service.engine
     try:
-        results = [
-            service.engine.submit(change, history, mirrored_at)
-            for change, (history, mirrored_at) in zip(changes, histories, strict=True)
-        ]
+        for change in changes:
+            contact_id = change.contact_id
+            if not _needs_history(change):
+                results.append(engine.submit(change))
+                taken.add(contact_id)
+                continue
+            if contact_id in taken:
+                history = (await service.store.histories([contact_id]))[contact_id]
+            else:
+                history = histories[contact_id]
+            results.append(engine.submit(change, history.assignments, history.mirrored_at))
+            taken.add(contact_id)
     except (EngineClosed, EngineOverloaded):
         raise Busy("segmapd is not taking work now", DRAIN_RETRY_AFTER_S) from None
     cached = sum(result.cached for result in results)
@@ -210,20 +227,14 @@ async def submit_each(service: Service, changes: list[MembershipChange]) -> list
     return results
 
 
-async def history_for(
-    service: Service, event: MembershipChange
-) -> tuple[dict[str, Assignment] | None, float]:
-    """The contact's journaled assignments and newest mirror time, where the change needs them.
+def _needs_history(change: MembershipChange) -> bool:
+    """Whether the change is compared with the contact's journaled history.
 
     A mirror (`set`) compares with the memberships segmapd made, and a change with its own
     time may be older than what was confirmed, or than the last mirror, before. A change with
     neither is the newest by arrival, and costs no journal read.
     """
-    if event.mirror is None and event.occurred_at is None:
-        return None, 0.0
-    store = service.store
-    history = {a.segment_id: a for a in await store.contact(event.contact_id)}
-    return history, await store.mirrored_at(event.contact_id)
+    return change.mirror is not None or change.occurred_at is not None
 
 
 async def commit(service: Service) -> None:

@@ -366,9 +366,18 @@ OPENAPI_DOCUMENT: Schema = {
     "paths": {
         "/v1/webhooks/{source}": {
             "post": {
-                "summary": "A signed delivery of one event or an array of events",
-                "description": "Validated all or nothing: the first problem refuses the whole "
-                "delivery. A redelivery (same webhook-id) gets the first answer again, with 200.",
+                "summary": "A delivery in the source kind's own format",
+                "description": "For `standard` sources (described here): a body of segmapd's "
+                "events signed per Standard Webhooks, validated all or nothing; a redelivery "
+                "(same webhook-id) gets the first answer again, with 200. Other kinds take their "
+                "sender's own format and answer in its protocol: `hubspot` a JSON array of "
+                "HubSpot webhook events signed with X-HubSpot-Signature-v3 (200 with the counts; "
+                "events already taken count as nothing new); `salesforce` a SOAP 1.1 Outbound "
+                "Message (`text/xml`; 200 with `notificationsResponse`/`Ack`, or a SOAP Fault "
+                "with the status below); `json` any JSON mapped by the source's JMESPath "
+                "expressions and signed by its HMAC settings. Events a kind deliberately "
+                "ignores, and events that can never succeed (dead-lettered), are answered as "
+                "taken so that the sender does not retry them.",
                 "security": [{"standardWebhooks": []}],
                 "parameters": [
                     {
@@ -391,6 +400,10 @@ OPENAPI_DOCUMENT: Schema = {
                     "202": _json("Accepted and journaled", ACCEPTED),
                     "400": _problem("Malformed JSON or wrong shape; `field` names it"),
                     "401": _problem("Missing or bad signature, or timestamp out of tolerance"),
+                    "403": _problem(
+                        "Authenticated as, or sent from, a sender the source does not accept "
+                        "(salesforce: another organization, or outside allowed_networks)"
+                    ),
                     "404": _problem("Unknown source"),
                     "413": _problem("Body larger than server.max_body_bytes"),
                     "422": _problem(

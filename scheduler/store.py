@@ -7,7 +7,8 @@ for everything retained, including assignments the engine has finished with.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from scheduler.model import Assignment, Intent
@@ -27,6 +28,18 @@ class BatchRecord:
     idempotency_key: str
     attempt: int
     intent: Intent = Intent.ADD
+
+
+@dataclass(slots=True)
+class ContactHistory:
+    """What the journal holds about one contact: what a new change is compared with.
+
+    `assignments` by segment, newest state; `mirrored_at` the time of the newest mirror
+    applied to the contact (0: none retained).
+    """
+
+    assignments: dict[str, Assignment] = field(default_factory=dict)
+    mirrored_at: float = 0.0
 
 
 class Store(Protocol):
@@ -71,6 +84,10 @@ class Store(Protocol):
 
     async def contact(self, contact_id: str) -> list[Assignment]:
         """Every retained assignment of one contact, newest state."""
+        ...
+
+    async def histories(self, contact_ids: Sequence[str]) -> dict[str, ContactHistory]:
+        """Every named contact's history (committed or not), in one read; each id once."""
         ...
 
     async def failed(self, limit: int = 1000) -> list[Assignment]:

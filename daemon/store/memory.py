@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter, OrderedDict
+from collections.abc import Sequence
 
 from scheduler.model import Assignment, AssignmentKey, State
-from scheduler.store import BatchRecord
+from scheduler.store import BatchRecord, ContactHistory
 
 # Redelivery memory is bounded: a webhook sender retries within hours, not forever.
 MAX_DELIVERIES = 1_000_000
@@ -49,6 +50,15 @@ class MemoryStore:
         """Keep the contact's newest mirror time."""
         if occurred_at > self._mirrors.get(contact_id, 0.0):
             self._mirrors[contact_id] = occurred_at
+
+    async def histories(self, contact_ids: Sequence[str]) -> dict[str, ContactHistory]:
+        """Each contact's assignments by segment and newest mirror time."""
+        return {
+            contact_id: ContactHistory(
+                dict(self._by_contact.get(contact_id, {})), self._mirrors.get(contact_id, 0.0)
+            )
+            for contact_id in dict.fromkeys(contact_ids)
+        }
 
     async def mirrored_at(self, contact_id: str) -> float:
         """The contact's newest mirror time, or 0."""

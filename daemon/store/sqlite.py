@@ -36,7 +36,7 @@ from daemon.store.delivery_filter import (
     new_bloom,
 )
 from scheduler.model import Assignment, FailureReason, Intent, State
-from scheduler.store import BatchRecord, StoreUnavailable
+from scheduler.store import BatchRecord, ContactHistory, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,8 @@ MIGRATIONS: list[str] = [
 
 # Assignment columns in the order `_assignment` reads them (SELECT * would follow the table's,
 # which ALTER TABLE appends to).
+# Contacts per `IN (...)` list: well below SQLite's default limit of 999 bound parameters.
+_IN_CHUNK = 500
 _ASSIGNMENT_COLUMNS = (
     "contact_id, segment_id, state, reason, message, attempts, received_at, updated_at, "
     "history, intent, occurred_at"
@@ -308,6 +310,8 @@ class _Pending:
     """Changes queued for the next transaction, coalesced per key where that is safe."""
 
     assignments: dict[tuple[str, str], _AssignmentRow] = field(default_factory=dict)
+    # contact id -> the segments of `assignments` recorded for it (lookups by contact).
+    contacts: dict[str, set[str]] = field(default_factory=dict)
     history: dict[tuple[str, str], list[tuple[str, float]]] = field(default_factory=dict)
     batches_saved: dict[str, BatchRecord] = field(default_factory=dict)
     batches_dropped: set[str] = field(default_factory=set)
@@ -339,6 +343,8 @@ class _Pending:
         """Add changes made after these (used when a failed transaction is retried)."""
         for key, row in later.assignments.items():
             self.assignments[key] = row
+        for contact_id, segments in later.contacts.items():
+            self.contacts.setdefault(contact_id, set()).update(segments)
         for key, steps in later.history.items():
             self.history.setdefault(key, []).extend(steps)
         for batch_id, batch in later.batches_saved.items():
@@ -481,6 +487,7 @@ class SqliteStore:
         )
         with self._lock:
             self._pending.assignments[key] = row
+            self._pending.contacts.setdefault(assignment.contact_id, set()).add(key[1])
             self._pending.history.setdefault(key, []).append(
                 (str(assignment.state), assignment.updated_at)
             )
@@ -549,11 +556,11 @@ class SqliteStore:
         found: dict[str, Assignment] = {}
         with self._lock:
             for work in (self._in_flight, self._pending):
-                if work is None or not work.assignments:
+                if work is None:
                     continue
-                for (contact, segment), row in work.assignments.items():
-                    if contact == contact_id:
-                        found[segment] = _assignment((*row[:8], "", row[8], row[9]))
+                for segment in work.contacts.get(contact_id, ()):
+                    row = work.assignments[(contact_id, segment)]
+                    found[segment] = _assignment((*row[:8], "", row[8], row[9]))
         return found
 
     async def contact(self, contact_id: str) -> list[Assignment]:
@@ -574,6 +581,50 @@ class SqliteStore:
         merged.update(before)
         merged.update(self._uncommitted(contact_id))
         return [merged[segment] for segment in sorted(merged)]
+
+    async def histories(self, contact_ids: Sequence[str]) -> dict[str, ContactHistory]:
+        """Each contact's assignments and newest mirror time, committed or not, in one read.
+
+        The intake of a batch (a HubSpot delivery holds 100 contacts) asks once for all of
+        them, rather than once per contact and per table.
+        """
+        wanted = list(dict.fromkeys(contact_ids))
+        before = {c: (self._uncommitted(c), self._uncommitted_mirror(c)) for c in wanted}
+
+        def read() -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+            rows: list[tuple[Any, ...]] = []
+            mirrors: list[tuple[Any, ...]] = []
+            for start in range(0, len(wanted), _IN_CHUNK):
+                chunk = wanted[start : start + _IN_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                rows += self._query(
+                    f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments "  # noqa: S608 (constants)
+                    f"WHERE contact_id IN ({marks})",
+                    chunk,
+                )
+                mirrors += self._query(
+                    f"SELECT contact_id, occurred_at FROM mirrors WHERE contact_id IN ({marks})",  # noqa: S608
+                    chunk,
+                )
+            return rows, mirrors
+
+        rows, mirrors = await self._read(read)
+        found = {c: ContactHistory({}, 0.0) for c in wanted}
+        for row in rows:
+            assignment = _assignment(row)
+            found[assignment.contact_id].assignments[assignment.segment_id] = assignment
+        committed_mirrors = {str(c): float(at) for c, at in mirrors}
+        for contact_id in wanted:
+            history = found[contact_id]
+            early, early_mirror = before[contact_id]
+            history.assignments.update(early)
+            history.assignments.update(self._uncommitted(contact_id))
+            history.mirrored_at = max(
+                committed_mirrors.get(contact_id, 0.0),
+                early_mirror,
+                self._uncommitted_mirror(contact_id),
+            )
+        return found
 
     async def failed(self, limit: int = 1000) -> list[Assignment]:
         """Dead letters, oldest first."""

@@ -50,3 +50,29 @@ def test_every_url_valued_key_is_redacted_alike() -> None:
 )
 def test_display_url(url: str, shown: str) -> None:
     assert display_url(url) == shown
+
+
+@pytest.mark.parametrize("render", [repr, str])
+def test_no_source_kind_shows_its_secret(render: object) -> None:
+    config = config_with(
+        sources={
+            "crm": {"secret": "whsec_c3RhbmRhcmQtc2VjcmV0LXZhbHVl"},
+            "hs": {
+                "kind": "hubspot",
+                "client_secret": "hubspot-client-secret-value",
+                "public_url": "https://segmapd.example.com/v1/webhooks/hs",
+            },
+            "sf": {"kind": "salesforce", "organization_id": "00D5e000000KQ2e"},
+            "zd": {
+                "kind": "json",
+                "secret": "json-signing-secret-value",
+                "signature_header": "X-Signature",
+                "contact_id": "id",
+                "set": "segments",
+            },
+        }
+    )
+    for shown in (render(config), *(render(s) for s in config.sources.values())):  # type: ignore[operator]
+        assert "c3RhbmRhcmQtc2VjcmV0LXZhbHVl" not in shown
+        assert "hubspot-client-secret-value" not in shown
+        assert "json-signing-secret-value" not in shown

@@ -16,7 +16,7 @@ from daemon.config import load_config
 from daemon.runner import HTTP_STOP_TIMEOUT_S
 from daemon.service import STORE_FLUSH_TIMEOUT_S
 from daemon.store.sqlite import CLOSE_FLUSH_TIMEOUT_S
-from listeners import StandardSource
+from listeners import StandardSource, make_adapter
 from tests.support.ci import IN_CI
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -183,3 +183,27 @@ def test_stop_timeout_exceeds_the_drain_budget(credentials: dict[str, str]) -> N
     assert timeout_stop_s >= worst_s + 2, (
         f"TimeoutStopSec={timeout_stop_s:g} is below the worst-case drain of {worst_s:g} s"
     )
+
+
+def test_every_source_kind_in_the_example_validates_once_uncommented(tmp_path: Path) -> None:
+    text = EXAMPLE_CONFIG.read_text()
+    tables = re.findall(r"^#\[sources\.(\w+)\]$", text, flags=re.MULTILINE)
+    assert set(tables) == {"hubspot", "salesforce", "zendesk"}
+    uncommented = re.sub(r"^#(?!#)(\[sources\.|[a-z_]+ = )", r"\1", text, flags=re.MULTILINE)
+    config_file = tmp_path / "segmapd.toml"
+    config_file.write_text(uncommented)
+    directory = tmp_path / "credentials"
+    directory.mkdir()
+    for name in [*credential_names(), "hubspot_client_secret", "zendesk_secret"]:
+        (directory / name).write_text(f"test-{name}\n")
+    config = load_config(config_file, environ={"CREDENTIALS_DIRECTORY": str(directory)})
+    kinds = {name: source.kind for name, source in config.sources.items()}
+    assert kinds == {
+        "crm": "standard",
+        "hubspot": "hubspot",
+        "salesforce": "salesforce",
+        "zendesk": "json",
+    }
+    for source in config.sources.values():
+        if source.kind != "standard":  # the test secret is no whsec_ key
+            make_adapter(source)

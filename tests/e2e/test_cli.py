@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
-from tests.e2e.conftest import Daemon, StartDaemon
+from tests.e2e.conftest import Daemon, StartDaemon, daemon_config
 from tests.support.emulator import EmulatorControl
 
 
@@ -25,6 +26,9 @@ async def segmapd(*args: str, env: dict[str, str] | None = None) -> tuple[int, s
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
+
+
+WHSEC = "whsec_" + "A" * 32
 
 
 def admin_args(daemon: Daemon) -> list[str]:
@@ -218,3 +222,60 @@ async def test_an_admin_token_starting_with_a_dash_is_taken_as_the_token(
         "status", "340000000001", "--url", daemon.url, "--token", "--nope", env=cli_env
     )
     assert code == 1 and "401" in err, err
+
+
+async def test_check_config_validates_each_source_kind_by_its_own_keys(
+    tmp_path: Path, cli_env: dict[str, str]
+):
+    hubspot = {
+        "kind": "hubspot",
+        "client_secret": "hubspot-app-secret-value",
+        "public_url": "https://segmapd.example.com/v1/webhooks/hubspot",
+    }
+    salesforce = {"kind": "salesforce", "organization_id": "00D5e000000KQ2e"}
+    zendesk = {
+        "kind": "json",
+        "secret": "zendesk-signing-secret",
+        "signature_header": "X-Zendesk-Webhook-Signature",
+        "contact_id": "detail.external_id",
+        "set": "event.current",
+    }
+
+    async def check(**sources: dict[str, Any]) -> tuple[int, str, str]:
+        overrides = {f"sources.{name}": table for name, table in sources.items()}
+        config = tmp_path / "segmapd.toml"
+        config.write_text(daemon_config("http://127.0.0.1:9", "token", WHSEC, overrides))
+        return await segmapd("check-config", "--config", str(config), env=cli_env)
+
+    code, out, err = await check(hubspot=hubspot, salesforce=salesforce, zendesk=zendesk)
+    assert code == 0, err
+    assert "crm (standard), hubspot (hubspot), salesforce (salesforce), zendesk (json)" in out
+    cases: dict[str, dict[str, dict[str, Any]]] = {
+        "sources.hubspot.segment_property: unknown key": {
+            "hubspot": {**hubspot, "segment_property": "x"}
+        },
+        "sources.hubspot.client_secret: required (or client_secret_file)": {
+            "hubspot": {k: v for k, v in hubspot.items() if k != "client_secret"}
+        },
+        "sources.hubspot.public_url": {"hubspot": {**hubspot, "public_url": "segmapd/hook"}},
+        # A key of another kind is unknown here.
+        "sources.salesforce.public_url: unknown key": {
+            "salesforce": {**salesforce, "public_url": "https://x.example"}
+        },
+        "sources.salesforce.organization_id": {
+            "salesforce": {**salesforce, "organization_id": "00D5e000"}
+        },
+        "sources.salesforce.allowed_networks": {
+            "salesforce": {**salesforce, "allowed_networks": ["10.0.0.300/8"]}
+        },
+        "sources.zendesk.contact_id": {"zendesk": {**zendesk, "contact_id": "detail.["}},
+        "sources.marketo.kind: must be one of standard, hubspot, salesforce, json": {
+            "marketo": {"kind": "marketo"}
+        },
+    }
+    for expected, sources in cases.items():
+        code, _, err = await check(**sources)
+        assert code == 2, expected
+        assert expected in err, err
+        assert "Traceback" not in err
+        assert "hubspot-app-secret-value" not in err and "zendesk-signing-secret" not in err

@@ -138,8 +138,7 @@ async def test_every_error_status_names_the_problem(
         exposition = await response.text()
     assert (
         'segmapd_webhooks_received_total{code="404",kind="_unconfigured",'
-        'source="_unconfigured"} 3.0'
-        in exposition
+        'source="_unconfigured"} 3.0' in exposition
     )
     assert "nope" not in exposition
 

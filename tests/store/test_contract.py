@@ -117,6 +117,21 @@ async def test_the_newest_mirror_time_of_a_contact_is_kept(store):
     assert await store.mirrored_at("c2") == 0.0
 
 
+async def test_histories_of_many_contacts_come_in_one_answer(store):
+    store.record(new("h1", "vip"))
+    store.record(new("h2", "gold"))
+    store.record_mirror("h2", NOW - 3)
+    await store.flush()
+    store.record(new("h1", "gold", at=1001.0))  # not committed yet: still part of the answer
+    found = await store.histories(["h1", "h2", "h3", "h1"])
+    assert set(found) == {"h1", "h2", "h3"}
+    assert sorted(found["h1"].assignments) == ["gold", "vip"]
+    assert list(found["h2"].assignments) == ["gold"] and found["h2"].mirrored_at == NOW - 3
+    assert found["h3"].assignments == {} and found["h3"].mirrored_at == 0.0
+    many = await store.histories([f"none-{i}" for i in range(1200)])  # beyond one IN list
+    assert len(many) == 1200
+
+
 async def test_mirror_times_survive_a_restart(tmp_path: Path):
     path = str(tmp_path / "journal.db")
     first = SqliteStore(path)
