@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import itertools
 import logging
 import math
+import os
+import socket
 import sqlite3
 import threading
 import time
@@ -178,6 +181,67 @@ class Recovered:
 
 
 # ---- file level -------------------------------------------------------------------------------
+
+
+class JournalLock:
+    """An exclusive OS lock on `<journal>.lock`, held for as long as a process uses the journal.
+
+    Two processes on one journal would both take the same deliveries and both send the same
+    batches. The lock is `flock()` on a file of its own, never on the database: SQLite's own
+    (POSIX) locks on the database are dropped when any descriptor of that file is closed in the
+    process. The kernel releases it when the holder exits, however it exits, so a crash never
+    leaves a stale lock behind; the file only says who holds it.
+    """
+
+    __slots__ = ("_fd", "path")
+
+    def __init__(self, journal: str) -> None:
+        self.path = f"{journal}.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise StoreFileError naming the journal and its holder."""
+        try:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StoreFileError(f"{self.path}: cannot open the journal's lock ({exc})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            journal = self.path.removesuffix(".lock")
+            raise StoreFileError(
+                f"{journal}: the journal is in use by another segmapd process ({holder}); "
+                "one journal serves one process: stop that one, or give this one its own "
+                "store.url"
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise StoreFileError(f"{self.path}: cannot lock the journal ({exc})") from None
+        holder = f"pid {os.getpid()} on {socket.gethostname()}, since {_utc_now()}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Let go of the lock (idempotent); the file stays, empty of meaning."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+    except OSError:
+        text = ""
+    return text or "holder unknown"
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def connect(path: str, synchronous: Synchronous) -> sqlite3.Connection:
@@ -395,6 +459,7 @@ class SqliteStore:
         # The transaction the writer is committing (or failed to, and will retry): its changes
         # are in neither `_pending` nor the file yet.
         self._in_flight: _Pending | None = None
+        self._file_lock = JournalLock(path)
         self._closing = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -425,8 +490,17 @@ class SqliteStore:
     async def open(self) -> Recovered:
         """Open and migrate the file, start the writer, and return what is unfinished."""
         self._loop = asyncio.get_running_loop()
-        self._writer = await asyncio.to_thread(connect, self.path, self.synchronous)
-        self._reader = await self._read(lambda: connect(self.path, self.synchronous))
+        # Before the file is touched: a second process must change nothing, not even migrate.
+        self._file_lock.acquire()
+        try:
+            self._writer = await asyncio.to_thread(connect, self.path, self.synchronous)
+            self._reader = await self._read(lambda: connect(self.path, self.synchronous))
+        except BaseException:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+            self._file_lock.release()
+            raise
         recovered: Recovered = await self._read(self._load_recovery)
         self._refresh = dict(recovered.refresh_budget)
         self._notifications = OrderedDict(recovered.notifications)
@@ -445,6 +519,7 @@ class SqliteStore:
     async def close(self) -> None:
         """Commit what is queued (if the disk allows), stop the writer, close the file."""
         if self._thread is None:
+            self._file_lock.release()  # an open() that failed part-way may hold it
             return
         # A writer that cannot commit (or has died) must not keep the file open: close anyway.
         with contextlib.suppress(StoreUnavailable, TimeoutError):
@@ -467,6 +542,7 @@ class SqliteStore:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        self._file_lock.release()
 
     # ---- writes (Store protocol) -----------------------------------------------------------
 

@@ -40,13 +40,14 @@ def small_tmpfs(mount: Path, size: str) -> Iterator[Path]:
 def fill(directory: Path) -> Path:
     """Write a file in `directory` until the file system is full; returns it."""
     filler = directory / "filler"
-    with open(filler, "wb") as handle:
-        try:
-            while True:
-                handle.write(b"\0" * 65536)
-                handle.flush()
-        except OSError:
-            pass
+    # Unbuffered, and in ever smaller pieces: to the last byte, whatever space is left.
+    with open(filler, "wb", buffering=0) as handle:
+        chunk = 65536
+        while chunk:
+            try:
+                handle.write(b"\0" * chunk)
+            except OSError:
+                chunk //= 2
     return filler
 
 
