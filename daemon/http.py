@@ -198,7 +198,7 @@ async def take(
     if busy is not None:
         return busy
     try:
-        results = await intake.submit_each(service, events)
+        results = await intake.submit_each(service, events, admitted=True)
     except intake.Busy as exc:
         return problem(503, exc.message, retryAfter=exc.retry_after_s)
     return events, results, sum(results, SubmitResult())
@@ -270,8 +270,9 @@ async def webhook(request: web.Request) -> web.Response:
     else:
         inbound = InboundRequest(
             method=request.method,
-            path_qs=request.path_qs,
-            query_string=request.query_string,
+            # As sent, percent-encodings and all: signatures cover the raw form.
+            path_qs=request.raw_path,
+            query_string=request.rel_url.raw_query_string,
             headers=request.headers,
             body=body,
             peer=request.remote,

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from daemon.claims import ClaimKey, Claims
 from listeners.base import (
+    DeadEvent,
     InboundEvent,
     InboundRequest,
     Outcome,
@@ -32,9 +34,9 @@ from listeners.base import (
     SourceAdapter,
 )
 from listeners.errors import WebhookRejected
-from scheduler.engine import EngineClosed, EngineOverloaded, SubmitResult
-from scheduler.model import MembershipChange
-from scheduler.store import StoreUnavailable
+from scheduler.engine import Engine, EngineClosed, EngineOverloaded, SubmitResult
+from scheduler.model import Assignment, MembershipChange
+from scheduler.store import ContactHistory, StoreUnavailable
 
 if TYPE_CHECKING:
     from daemon.service import Service
@@ -88,7 +90,7 @@ async def _receive(
         parsed = adapter.parse(request)
         while True:
             fresh, redelivered = await _new_events(service, claims, source, parsed.events)
-            fresh_dead = [d for d in parsed.dead if not await _seen(service, claims, source, d.key)]
+            fresh_dead = await _new_dead(service, claims, source, parsed.dead, fresh)
             keys = [(source, e.key) for e in fresh if e.key is not None]
             keys += [(source, d.key) for d in fresh_dead if d.key is not None]
             # A copy of one of these events may have been claimed while we looked: look again.
@@ -96,7 +98,11 @@ async def _receive(
                 break
         with claims.claim(keys) as committed:
             refuse_if_busy(service, sum(len(e.change.segment_ids) for e in fresh))
-            total = await _submit(service, [e.change for e in fresh])
+            # Admitted as a whole above: the delivery is taken whole, never in part.
+            total = sum(
+                await submit_each(service, [e.change for e in fresh], admitted=True),
+                SubmitResult(),
+            )
             for dead in fresh_dead:
                 service.engine.dead_letter(dead.change, dead.reason, dead.message)
                 log.warning(
@@ -176,6 +182,25 @@ async def _new_events(
     return fresh, repeated
 
 
+async def _new_dead(
+    service: Service,
+    claims: Claims,
+    source: str,
+    dead: list[DeadEvent],
+    fresh: list[InboundEvent],
+) -> list[DeadEvent]:
+    """The dead events not taken before; a key repeated in the delivery counts once."""
+    within = {event.key for event in fresh if event.key is not None}
+    found = []
+    for event in dead:
+        if event.key is not None:
+            if event.key in within or await _seen(service, claims, source, event.key):
+                continue
+            within.add(event.key)
+        found.append(event)
+    return found
+
+
 def refuse_if_busy(service: Service, assignments: int) -> None:
     """Raise `Busy` when draining, or when `assignments` more would cross the high-water mark."""
     if service.draining:
@@ -190,41 +215,58 @@ def refuse_if_busy(service: Service, assignments: int) -> None:
         )
 
 
-async def _submit(service: Service, changes: list[MembershipChange]) -> SubmitResult:
-    return sum(await submit_each(service, changes), SubmitResult())
-
-
-async def submit_each(service: Service, changes: list[MembershipChange]) -> list[SubmitResult]:
+async def submit_each(
+    service: Service, changes: list[MembershipChange], *, admitted: bool = False
+) -> list[SubmitResult]:
     """Hand `changes` to the engine, in order, each with the history it needs; `Busy` if closed.
 
-    The histories of a delivery's contacts are read in one go. A contact's second change in the
-    same delivery reads its history again after the first was taken, so it is compared with
-    what the first one did (a mirror after an add removes it, an older change is stale).
+    The histories of a delivery's contacts are read in one go, and the changes are then taken
+    without waiting for anything, so nothing another request records can come between a
+    contact's history and its change. A contact's second change in the same delivery is
+    compared with what its first one started: the pairs the first put to work join its history
+    (the engine knows their newest change; the history only has to name them). `admitted`: the
+    caller checked the high-water mark for all of `changes` (see `refuse_if_busy`).
     """
     needed = [change.contact_id for change in changes if _needs_history(change)]
-    histories = await service.store.histories(needed) if needed else {}
-    taken: set[str] = set()
+    try:
+        histories = await service.store.histories(needed) if needed else {}
+    except StoreUnavailable as exc:
+        raise Busy(f"the journal cannot be read: {exc}", JOURNAL_RETRY_AFTER_S) from None
     results = []
     engine = service.engine
     try:
         for change in changes:
-            contact_id = change.contact_id
             if not _needs_history(change):
-                results.append(engine.submit(change))
-                taken.add(contact_id)
+                results.append(engine.submit(change, admitted=admitted))
                 continue
-            if contact_id in taken:
-                history = (await service.store.histories([contact_id]))[contact_id]
-            else:
-                history = histories[contact_id]
-            results.append(engine.submit(change, history.assignments, history.mirrored_at))
-            taken.add(contact_id)
+            history = histories[change.contact_id]
+            result = engine.submit(
+                change, history.assignments, history.mirrored_at, admitted=admitted
+            )
+            results.append(result)
+            _note_taken(engine, history, change, result)
     except (EngineClosed, EngineOverloaded):
         raise Busy("segmapd is not taking work now", DRAIN_RETRY_AFTER_S) from None
     cached = sum(result.cached for result in results)
     if cached:
         service.metrics.record_cache_hit(cached)
     return results
+
+
+def _note_taken(
+    engine: Engine, history: ContactHistory, change: MembershipChange, result: SubmitResult
+) -> None:
+    """Make the history name the pairs `change` put to work, and date its mirror."""
+    contact_id = change.contact_id
+    now = time.time()
+    for segment_id in result.segments:
+        if segment_id not in history.assignments and engine.has_work(contact_id, segment_id):
+            # Only its presence counts: the engine answers for a pair with work in progress.
+            history.assignments[segment_id] = Assignment(
+                contact_id, segment_id, received_at=now, updated_at=now
+            )
+    if change.mirror is not None:
+        history.mirrored_at = max(history.mirrored_at, change.occurred_at or now)
 
 
 def _needs_history(change: MembershipChange) -> bool:

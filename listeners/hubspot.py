@@ -433,7 +433,9 @@ class HubSpotSignatureVerifier:
         else:
             content = self._secret + request.body
         expected = hashlib.sha256(content).hexdigest().encode()
-        if not hmac.compare_digest(expected, offered.strip().lower().encode("utf-8")):
+        # A header that is not ASCII (undecodable bytes arrive as surrogates) matches nothing.
+        presented = offered.strip().lower().encode("ascii", "replace")
+        if not hmac.compare_digest(expected, presented):
             hint = "client_secret and public_url" if version == "v2" else "client_secret"
             raise WebhookRejected(
                 401,

@@ -43,6 +43,7 @@ succeed once the setting is corrected, where acknowledging would lose the change
 from __future__ import annotations
 
 import contextlib
+import hmac
 import ipaddress
 import math
 import re
@@ -333,7 +334,9 @@ class SalesforceAdapter:
             raise WebhookRejected(
                 400, "notifications.OrganizationId: required", "notifications.OrganizationId"
             )
-        if len(sent) not in (15, 18) or sent[:15] != self._organization_id:
+        if len(sent) not in (15, 18) or not hmac.compare_digest(
+            sent[:15].encode("utf-8", "replace"), self._organization_id.encode()
+        ):
             # The expected id is not quoted: it is the one thing a forger would need.
             raise WebhookRejected(
                 403,

@@ -415,6 +415,8 @@ class Engine:
         change: MembershipChange,
         history: Mapping[str, Assignment] | None = None,
         mirrored_at: float = 0.0,
+        *,
+        admitted: bool = False,
     ) -> SubmitResult:
         """Take a change: queue new work, join or supersede work in progress, skip stale ones.
 
@@ -424,11 +426,13 @@ class Engine:
         time, which may be older than what was confirmed before. `mirrored_at` is the time of
         the newest mirror applied to the contact (the store's `mirrored_at`): that mirror said
         the contact is in no segment it did not list, so for every segment a change older than
-        it is stale, whether or not segmapd has seen the segment before.
+        it is stale, whether or not segmapd has seen the segment before. `admitted` says the
+        caller has checked the high-water mark for the whole delivery this change belongs to
+        (`admission_wait`), so that a delivery is taken whole or refused whole.
         """
         if not self._accepting:
             raise EngineClosed("the engine is not accepting work")
-        wait_s = self.admission_wait(1)
+        wait_s = None if admitted else self.admission_wait(1)
         if wait_s is not None:
             raise EngineOverloaded(self._pending_writes, self.batching.high_water, wait_s)
         now = self._wall()
@@ -456,6 +460,10 @@ class Engine:
         if change.mirror is not None and (occurred or now) > mirrored_at:
             self._store.record_mirror(contact_id, occurred or now)
         return dataclasses.replace(result, segments=tuple(wanted))
+
+    def has_work(self, contact_id: str, segment_id: str) -> bool:
+        """Whether a change to the pair is in progress (queued, parked, live or waiting)."""
+        return self._current((contact_id, segment_id)) is not None
 
     def dead_letter(self, change: MembershipChange, reason: FailureReason, message: str) -> int:
         """Record the change's assignments as failed without sending anything; return how many.

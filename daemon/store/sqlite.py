@@ -621,7 +621,11 @@ class SqliteStore:
     async def _read(self, function: Callable[[], Any]) -> Any:
         self.journal_reads += 1
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._reads, function)
+        try:
+            return await loop.run_in_executor(self._reads, function)
+        except sqlite3.Error as exc:
+            # A read that fails (an I/O error) is the journal being unavailable, not a bug.
+            raise StoreUnavailable(f"journal read failed: {exc}") from None
 
     def _query(self, sql: str, parameters: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
         assert self._reader is not None

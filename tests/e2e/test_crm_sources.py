@@ -229,6 +229,30 @@ async def test_hubspot_events_are_ordered_by_occurred_at_and_a_deletion_clears_t
     assert (await emulator.counters())["applied_twice"] == 0
 
 
+async def test_a_query_string_is_signed_as_sent_and_one_contact_twice_in_a_batch_ends_as_the_last(
+    start_daemon: StartDaemon, http: aiohttp.ClientSession
+):
+    daemon = await start(start_daemon)
+    now_ms = int(time.time() * 1000)
+    contact = 710000000020
+    # HubSpot changed the value twice within one batch: the second, newer, value wins.
+    batch = [
+        hubspot_event(contact, "VIP;Gold", now_ms - 2000),
+        hubspot_event(contact, "VIP", now_ms - 1000),
+    ]
+    body = orjson.dumps(batch)
+    query = "portal=62515&tag=a%20b%26c"  # encodings HubSpot leaves as they are
+    async with http.post(
+        f"{daemon.url}/v1/webhooks/hubspot?{query}",
+        data=body,
+        headers=hubspot_headers(body, url=f"{HUBSPOT_URL}?{query}"),
+    ) as response:
+        assert response.status == 200, await response.text()
+    found = await wait_terminal(http, daemon, [str(contact)])
+    assert found[str(contact)]["VIP"] == "active"
+    assert found[str(contact)].get("Gold", "removed") == "removed"
+
+
 async def test_one_hubspot_batch_sent_on_two_connections_at_once_is_one_unit_of_work(
     start_daemon: StartDaemon, emulator: EmulatorControl, http: aiohttp.ClientSession
 ):

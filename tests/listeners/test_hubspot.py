@@ -259,6 +259,14 @@ def test_v2_covers_the_url_and_query_and_v1_the_body() -> None:
     assert refused(source, inbound(body, missing)).field == "X-HubSpot-Signature"
 
 
+def test_a_legacy_signature_that_is_not_ascii_is_a_401_not_a_crash() -> None:
+    source = adapter(signature_versions=["v2", "v1"])
+    # Undecodable header bytes reach the adapter as surrogates (aiohttp decodes leniently).
+    for version in ("v1", "v2"):
+        headers = legacy_headers(version, "\udcff\udcfe" + "a" * 62)
+        assert refused(source, inbound(b"[]", headers)).status == 401
+
+
 def test_a_bad_v3_signature_is_not_rescued_by_a_good_v2_one() -> None:
     body = b"[]"
     headers = {
