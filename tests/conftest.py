@@ -1,4 +1,8 @@
-"""Shared fixtures: one real emulator process per session, reset before every test."""
+"""Shared fixtures: one real emulator process per session, reset before every test.
+
+And one private PostgreSQL server per session (started only by tests that ask for it), with a
+fresh database per test.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import aiohttp
 import pytest
 
 from tests.support.emulator import EmulatorControl
+from tests.support.postgres import PostgresServer, start_server
 from tests.support.processes import ManagedProcess, emulator_process
 
 
@@ -35,3 +40,19 @@ async def emulator(
     control = EmulatorControl(emulator_proc.url, http)
     await control.reset(config=True)
     yield control
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A private PostgreSQL server for the session; skipped (failed in CI) when not installed."""
+    server = start_server()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+async def postgres_url(postgres: PostgresServer) -> str:
+    """A new, empty database on the session's server: its URL (password: postgres.password)."""
+    return await postgres.create_database()
