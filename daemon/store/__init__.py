@@ -1,1 +1,48 @@
-"""Journal backends behind scheduler.store.Store, chosen by `store.url`."""
+"""Journal backends behind one interface (`daemon.store.base.JournalStore`), chosen by URL."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from daemon.store.base import JournalStore, Recovered, StoreOpenError
+
+if TYPE_CHECKING:
+    from daemon.config import StoreConfig
+
+__all__ = ["JournalStore", "Recovered", "StoreOpenError", "from_url"]
+
+
+def from_url(config: StoreConfig) -> JournalStore:
+    """The store `store.url` names: `memory://`, `sqlite://PATH` or `postgresql://...`.
+
+    `sqlite:///abs/path` (or `sqlite://rel/path`); `postgresql://user@host:port/database` (or
+    `postgres://`), with the role's password from store.password, never in the URL.
+
+    Each backend's module is imported only when it is used, so that a driver one backend
+    needs is not needed by the others. Raises ValueError for a URL that names no store.
+    """
+    scheme, _, rest = config.url.partition("://")
+    if scheme == "memory":
+        from daemon.store.memory import MemoryStore
+
+        return MemoryStore()
+    if scheme == "sqlite":
+        if not rest:
+            raise ValueError("store.url: sqlite:// needs a file path")
+        from daemon.store.sqlite import SqliteStore
+
+        return SqliteStore(
+            rest, synchronous=config.synchronous, retention_s=config.retention_days * 86_400
+        )
+    if scheme in ("postgresql", "postgres"):
+        if not rest:
+            raise ValueError("store.url: postgresql:// needs a host and database")
+        # Imported here: asyncpg (the `postgres` extra) is needed by this backend only.
+        from daemon.store.postgres import PostgresStore
+
+        return PostgresStore(
+            config.url,
+            password=config.password.get_secret_value(),
+            retention_s=config.retention_days * 86_400,
+        )
+    raise ValueError(f"store.url: {scheme}:// is not a store segmapd knows")

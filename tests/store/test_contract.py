@@ -4,26 +4,45 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
-from daemon.store.memory import MemoryStore
+from daemon.config import StoreConfig
+from daemon.store import JournalStore, Recovered, from_url
+from daemon.store.postgres import PostgresStore
 from daemon.store.sqlite import SqliteStore
 from scheduler.model import Assignment, FailureReason, State
 from scheduler.store import BatchRecord
+from tests.support.postgres import PostgresServer
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[object]:
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    sqlite = SqliteStore(str(tmp_path / "journal.db"))
-    await sqlite.open()
-    yield sqlite
-    await sqlite.close()
+async def store_config(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> StoreConfig:
+    """A `[store]` config for a new, empty store of the backend (PostgreSQL: a new database)."""
+    if backend == "memory":
+        return StoreConfig(url="memory://")
+    if backend == "sqlite":
+        return StoreConfig(url=f"sqlite://{tmp_path}/journal.db")
+    # Asked for only here: the other backends run where PostgreSQL is not installed.
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return StoreConfig(url=await server.create_database(), password=server.password)
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JournalStore]:
+    """Every backend, opened through the interface and `from_url` as the daemon opens it."""
+    opened = from_url(await store_config(request.param, request, tmp_path))
+    assert await opened.open() == Recovered()
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def durable(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], JournalStore]:
+    """The durable backends: a factory of stores on one journal, to close and open again."""
+    config = await store_config(request.param, request, tmp_path)
+    return lambda: from_url(config)
 
 
 # Recent times: a durable store prunes finished assignments older than its retention.
@@ -132,19 +151,64 @@ async def test_histories_of_many_contacts_come_in_one_answer(store):
     assert len(many) == 1200
 
 
-async def test_mirror_times_survive_a_restart(tmp_path: Path):
-    path = str(tmp_path / "journal.db")
-    first = SqliteStore(path)
+async def test_the_outbox_refresh_budget_and_confirmations_survive_a_restart(
+    durable: Callable[[], JournalStore],
+):
+    first = durable()
+    await first.open()
+    first.add("n-1", b"body")
+    await first.try_spend("vip", NOW, NOW + 3600)
+    first.remember_confirmation("c1", "vip", NOW, member=True)
+    await first.flush()
+    await first.close()
+    second = durable()
+    recovered = await second.open()
+    try:
+        assert recovered.notifications == [("n-1", b"body")]
+        assert recovered.refresh_budget == {"vip": NOW + 3600}
+        assert recovered.confirmations == [("c1", "vip", NOW, True)]
+    finally:
+        await second.close()
+
+
+async def test_mirror_times_survive_a_restart(durable: Callable[[], JournalStore]):
+    first = durable()
     await first.open()
     first.record_mirror("c1", NOW - 10)
     await first.flush()
     await first.close()
-    second = SqliteStore(path)
+    second = durable()
     await second.open()
     try:
         assert await second.mirrored_at("c1") == NOW - 10
     finally:
         await second.close()
+
+
+async def test_a_delivery_key_is_claimed_once(store):
+    assert await store.claim_delivery("crm", "d-1", b"first") is None
+    assert await store.claim_delivery("crm", "d-1", b"second") == b"first"
+    await store.flush()
+    assert await store.claim_delivery("crm", "d-1", b"third") == b"first"
+    assert await store.claim_delivery("other", "d-1", b"x") is None
+
+
+async def test_a_refresh_is_spent_once_until_it_is_allowed_again(store):
+    assert store.next_allowed("vip") == 0.0
+    assert await store.try_spend("vip", NOW, NOW + 3600) == 0.0
+    assert await store.try_spend("vip", NOW + 10, NOW + 3610) == NOW + 3600
+    assert store.next_allowed("vip") == NOW + 3600
+    assert await store.try_spend("vip", NOW + 3600, NOW + 7200) == 0.0
+    store.spend("gold", NOW, NOW + 60)
+    assert store.next_allowed("gold") == NOW + 60
+
+
+async def test_notifications_wait_in_the_outbox_until_done(store):
+    store.add("n-1", b'{"type":"mapping.active"}')
+    store.add("n-2", b'{"type":"mapping.removed"}')
+    store.done("n-1")
+    await store.flush()
+    assert store.pending() == [("n-2", b'{"type":"mapping.removed"}')]
 
 
 async def test_batches_and_writability(store):
@@ -155,20 +219,21 @@ async def test_batches_and_writability(store):
     await store.check_writable()
 
 
-async def test_concurrent_flushes_share_commits(tmp_path: Path):
-    sqlite = SqliteStore(str(tmp_path / "journal.db"))
-    await sqlite.open()
+async def test_concurrent_flushes_share_commits(durable: Callable[[], JournalStore]):
+    journal = durable()
+    assert isinstance(journal, SqliteStore | PostgresStore)  # both count their commits
+    await journal.open()
     try:
 
         async def one(i: int) -> None:
-            sqlite.record(new(f"c{i}", "s"))
-            await sqlite.flush()
+            journal.record(new(f"c{i}", "s"))
+            await journal.flush()
 
-        before = sqlite.commits
+        before = journal.commits
         await asyncio.gather(*(one(i) for i in range(500)))
-        commits = sqlite.commits - before
+        commits = journal.commits - before
         # Group commit: far fewer transactions (fsyncs) than flushes.
         assert 1 <= commits < 100
-        assert (await sqlite.counts()) == {"queued": 500}
+        assert (await journal.counts()) == {"queued": 500}
     finally:
-        await sqlite.close()
+        await journal.close()

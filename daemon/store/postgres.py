@@ -1,0 +1,1009 @@
+"""The journal on PostgreSQL (`store.url = "postgresql://user@host:port/db"`), with group commit.
+
+The same design as the SQLite journal: every change is queued in memory at once (no I/O in
+the caller), and one background task commits everything queued in ONE transaction, so that
+concurrent webhooks share a commit; `flush()` returns once what was queued before it is
+committed. While the database cannot commit (down, unreachable, restarting) nothing is dropped:
+the changes stay queued and are retried with backoff, `flush()` and `check_writable()` raise
+`StoreUnavailable` meanwhile, and the store carries on by itself when the database is back
+(the pool reconnects). Reads merge what is queued or being committed with what is committed.
+
+Commits are as durable as the server's `synchronous_commit` makes them (never overridden here;
+with synchronous replication a commit also waits for the standby).
+
+A delivery claim and a refresh spend are single atomic statements, committed before they
+return, so that several processes on one database never take the same key or refresh twice.
+Schema migrations run under a transaction-level advisory lock: instances that start together
+migrate once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias, TypeVar
+
+import asyncpg
+import orjson
+from asyncpg.pool import PoolConnectionProxy
+
+from daemon.config import display_url
+from daemon.store.base import JournalStore, Recovered, StoreOpenError
+from scheduler.model import Assignment, FailureReason, Intent, State
+from scheduler.store import BatchRecord, ContactHistory, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MIGRATIONS", "PostgresStore"]
+
+#: How long close() waits for its last commit before closing the pool anyway.
+CLOSE_FLUSH_TIMEOUT_S = 5.0
+#: Connecting (and authenticating) at most this long: an unreachable host must not hang start-up
+#: or a reconnect for the driver's default minute.
+CONNECT_TIMEOUT_S = 5.0
+#: A statement running longer fails (and is retried): a partitioned network must not hold a
+#: commit, and every webhook waiting on it, forever.
+COMMAND_TIMEOUT_S = 15.0
+#: Backoff between attempts to commit while the database fails: from the first to the last.
+RETRY_FIRST_S = 0.25
+RETRY_MOST_S = 2.0
+#: Connections per process: the writer's, and a few for concurrent reads and atomic steps.
+POOL_MAX = 6
+#: Journal reads at most for one redelivery lookup (see `PostgresStore.delivery`).
+LOOKUP_READS = 4
+#: An arbitrary constant, the key of the advisory lock migrations hold ("SGMP" in hex).
+MIGRATION_LOCK = 0x53474D50
+PRUNE_INTERVAL_S = 3600.0
+
+# Errors that mean "the database cannot serve this now", never a bug in the caller's data:
+# connection refused or lost, the server shutting down or starting, a timeout.
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
+
+MIGRATIONS: list[str] = [
+    # 1: the journal as the SQLite one has it after its migration 4 (same tables and columns).
+    """
+    CREATE TABLE assignments (
+        contact_id  TEXT NOT NULL,
+        segment_id  TEXT NOT NULL,
+        state       TEXT NOT NULL,
+        reason      TEXT,
+        message     TEXT NOT NULL DEFAULT '',
+        attempts    INTEGER NOT NULL DEFAULT 0,
+        received_at DOUBLE PRECISION NOT NULL,
+        updated_at  DOUBLE PRECISION NOT NULL,
+        history     TEXT NOT NULL DEFAULT '',
+        intent      TEXT NOT NULL DEFAULT 'add',
+        occurred_at DOUBLE PRECISION NOT NULL DEFAULT 0,
+        PRIMARY KEY (contact_id, segment_id)
+    );
+    CREATE INDEX assignments_by_state ON assignments (state, updated_at);
+    CREATE TABLE batches (
+        batch_id        TEXT PRIMARY KEY,
+        segment_id      TEXT NOT NULL,
+        contact_ids     TEXT NOT NULL,
+        idempotency_key TEXT NOT NULL,
+        attempt         INTEGER NOT NULL,
+        saved_at        DOUBLE PRECISION NOT NULL,
+        intent          TEXT NOT NULL DEFAULT 'add'
+    );
+    CREATE TABLE deliveries (
+        source      TEXT NOT NULL,
+        delivery_id TEXT NOT NULL,
+        answer      BYTEA NOT NULL,
+        received_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (source, delivery_id)
+    );
+    CREATE INDEX deliveries_by_time ON deliveries (received_at);
+    CREATE TABLE refresh_budget (
+        segment_id   TEXT PRIMARY KEY,
+        next_allowed DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE confirmations (
+        contact_id   TEXT NOT NULL,
+        segment_id   TEXT NOT NULL,
+        confirmed_at DOUBLE PRECISION NOT NULL,
+        member       BOOLEAN NOT NULL DEFAULT TRUE,
+        PRIMARY KEY (contact_id, segment_id)
+    );
+    CREATE INDEX confirmations_by_time ON confirmations (confirmed_at);
+    CREATE TABLE notifications (
+        event_id TEXT PRIMARY KEY,
+        body     BYTEA NOT NULL,
+        added_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE stale_changes (
+        contact_id  TEXT NOT NULL,
+        segment_id  TEXT NOT NULL,
+        intent      TEXT NOT NULL,
+        occurred_at DOUBLE PRECISION NOT NULL,
+        received_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX stale_changes_by_time ON stale_changes (received_at);
+    CREATE TABLE mirrors (
+        contact_id  TEXT PRIMARY KEY,
+        occurred_at DOUBLE PRECISION NOT NULL,
+        updated_at  DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX mirrors_by_time ON mirrors (updated_at);
+    CREATE TABLE journal_info (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    INSERT INTO journal_info VALUES
+        ('created_at', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'));
+    """,
+]
+
+# The version table: one row per migration applied, so that a migration applied twice (two
+# instances migrating at once without the lock) would fail on the primary key, not pass.
+_SCHEMA_TABLE = """
+    CREATE TABLE IF NOT EXISTS segmapd_schema (
+        version    INTEGER PRIMARY KEY,
+        applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+    )
+"""
+
+_ASSIGNMENT_COLUMNS = (
+    "contact_id, segment_id, state, reason, message, attempts, received_at, updated_at, "
+    "history, intent, occurred_at"
+)
+
+# One statement for every assignment of a transaction: the rows travel as one array per column.
+# History is text, "state:time;" per transition, so that appending a transaction's transitions
+# is a concatenation; a fresh start (queued) replaces it.
+_UPSERT_ASSIGNMENTS = """
+    INSERT INTO assignments (contact_id, segment_id, state, reason, message, attempts,
+                             received_at, updated_at, intent, occurred_at, history)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                         $6::int4[], $7::float8[], $8::float8[], $9::text[], $10::float8[],
+                         $11::text[])
+    ON CONFLICT (contact_id, segment_id) DO UPDATE SET
+        state = excluded.state, reason = excluded.reason,
+        message = excluded.message, attempts = excluded.attempts,
+        received_at = excluded.received_at, updated_at = excluded.updated_at,
+        intent = excluded.intent, occurred_at = excluded.occurred_at,
+        history = CASE
+            WHEN excluded.history LIKE 'queued:%' THEN excluded.history
+            ELSE assignments.history || excluded.history
+        END
+"""
+# The first answer to a key is the one kept (as SQLite's INSERT OR IGNORE).
+_INSERT_DELIVERIES = """
+    INSERT INTO deliveries (source, delivery_id, answer, received_at)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::float8[])
+    ON CONFLICT (source, delivery_id) DO NOTHING
+"""
+
+# What the pool lends (a proxy) and a plain connection: statements work the same on either.
+_Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
+_AssignmentRow = tuple[str, str, str, str | None, str, int, float, float, str, float]
+_T = TypeVar("_T")
+
+
+@dataclass
+class _Pending:
+    """Changes queued for the next transaction, coalesced per key where that is safe."""
+
+    assignments: dict[tuple[str, str], _AssignmentRow] = field(default_factory=dict)
+    # contact id -> the segments of `assignments` recorded for it (lookups by contact).
+    contacts: dict[str, set[str]] = field(default_factory=dict)
+    history: dict[tuple[str, str], list[tuple[str, float]]] = field(default_factory=dict)
+    batches_saved: dict[str, BatchRecord] = field(default_factory=dict)
+    batches_dropped: set[str] = field(default_factory=set)
+    # (source, delivery id) -> (answer, when); the first answer queued for a key is kept.
+    deliveries: dict[tuple[str, str], tuple[bytes, float]] = field(default_factory=dict)
+    budget: dict[str, float] = field(default_factory=dict)
+    confirmations: dict[tuple[str, str], tuple[float, bool]] = field(default_factory=dict)
+    stale: list[tuple[str, str, str, float, float]] = field(default_factory=list)
+    # contact id -> (newest mirror time, when recorded)
+    mirrors: dict[str, tuple[float, float]] = field(default_factory=dict)
+    notifications_added: dict[str, tuple[bytes, float]] = field(default_factory=dict)
+    notifications_done: set[str] = field(default_factory=set)
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+
+    def empty(self) -> bool:
+        """Whether there is nothing to write (waiters alone need no transaction)."""
+        return not (
+            self.assignments
+            or self.batches_saved
+            or self.batches_dropped
+            or self.deliveries
+            or self.budget
+            or self.confirmations
+            or self.stale
+            or self.mirrors
+            or self.notifications_added
+            or self.notifications_done
+        )
+
+    def absorb(self, later: _Pending) -> None:
+        """Add changes made after these (used when a failed transaction is retried)."""
+        self.assignments.update(later.assignments)
+        for contact_id, segments in later.contacts.items():
+            self.contacts.setdefault(contact_id, set()).update(segments)
+        for key, steps in later.history.items():
+            self.history.setdefault(key, []).extend(steps)
+        for batch_id, batch in later.batches_saved.items():
+            self.batches_saved[batch_id] = batch
+            self.batches_dropped.discard(batch_id)
+        for batch_id in later.batches_dropped:
+            self.batches_saved.pop(batch_id, None)
+            self.batches_dropped.add(batch_id)
+        for key, value in later.deliveries.items():
+            self.deliveries.setdefault(key, value)
+        self.budget.update(later.budget)
+        self.confirmations.update(later.confirmations)
+        self.stale.extend(later.stale)
+        for contact_id, (occurred_at, at) in later.mirrors.items():
+            earlier = self.mirrors.get(contact_id)
+            if earlier is None or occurred_at > earlier[0]:
+                self.mirrors[contact_id] = (occurred_at, at)
+        for event_id, value in later.notifications_added.items():
+            self.notifications_added[event_id] = value
+            self.notifications_done.discard(event_id)
+        for event_id in later.notifications_done:
+            self.notifications_added.pop(event_id, None)
+            self.notifications_done.add(event_id)
+        self.waiters.extend(later.waiters)
+
+
+class PostgresStore(JournalStore):
+    """The journal behind `store.url = "postgresql://user@host:port/database"`.
+
+    `password` is the role's (from `store.password` / `password_file`), kept out of the URL
+    and out of every repr, log line and error message: those show `display_url(url)`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        password: str = "",
+        retention_s: float = 7 * 86_400,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.url = url
+        self.retention_s = retention_s
+        self.shown = display_url(url)
+        self._password = password
+        self._clock = clock
+        self._pool: asyncpg.Pool | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._pending = _Pending()
+        # The transaction the writer is committing (or failed to, and will retry): its changes
+        # are in neither `_pending` nor the database yet.
+        self._in_flight: _Pending | None = None
+        self._closing = False
+        self._closed = False
+        self.last_error = ""
+        self.commits = 0
+        self._last_prune = 0.0
+        self._refresh: dict[str, float] = {}
+        self._notifications: OrderedDict[str, bytes] = OrderedDict()
+        # Deliveries remembered but not committed yet (their answers).
+        self._unconfirmed: dict[tuple[str, str], bytes] = {}
+        # Commits whose deliveries left `_unconfirmed`: a lookup whose read overlapped one reads
+        # again, since its snapshot may predate the commit.
+        self._deliveries_settled = 0
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self.shown!r})"
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    async def open(self) -> Recovered:
+        """Connect, migrate the schema (once, under a lock), start the writer, recover."""
+        if self._pool is not None:
+            raise StoreOpenError(f"{self.shown}: the journal is already open")
+        try:
+            pool = await asyncpg.create_pool(
+                self.url,
+                password=self._password or None,
+                min_size=1,
+                max_size=POOL_MAX,
+                timeout=CONNECT_TIMEOUT_S,
+                command_timeout=COMMAND_TIMEOUT_S,
+            )
+        except _UNAVAILABLE as exc:
+            raise StoreOpenError(
+                f"{self.shown}: cannot connect to PostgreSQL ({_describe(exc)}); check that the "
+                "server runs and accepts this role, and store.url / store.password"
+            ) from None
+        except ValueError as exc:  # a URL the driver cannot parse
+            raise StoreOpenError(f"{self.shown}: not a usable PostgreSQL URL ({exc})") from None
+        try:
+            async with pool.acquire() as connection:
+                await _migrate(connection, self.shown)
+                recovered = await _load_recovery(connection)
+        except StoreOpenError:
+            await _close_pool(pool)
+            raise
+        except _UNAVAILABLE as exc:
+            await _close_pool(pool)
+            raise StoreOpenError(
+                f"{self.shown}: cannot open the journal ({_describe(exc)})"
+            ) from None
+        except BaseException:
+            await _close_pool(pool)
+            raise
+        self._pool = pool
+        self._closing = self._closed = False
+        self._refresh = dict(recovered.refresh_budget)
+        self._notifications = OrderedDict(recovered.notifications)
+        self._writer = asyncio.get_running_loop().create_task(
+            self._write_loop(), name="journal-writer"
+        )
+        log.info(
+            "journal %s: %d unfinished assignments, %d in-flight batches, %d notifications",
+            self.shown,
+            len(recovered.assignments) + len(recovered.queued),
+            len(recovered.batches),
+            len(recovered.notifications),
+        )
+        return recovered
+
+    async def close(self) -> None:
+        """Commit what is queued (within a bound), stop the writer, close the pool; idempotent."""
+        if self._closed or self._pool is None:
+            self._closed = True
+            return
+        self._closed = True
+        with contextlib.suppress(StoreUnavailable, TimeoutError):
+            await asyncio.wait_for(self.flush(), CLOSE_FLUSH_TIMEOUT_S)
+        self._closing = True
+        self._wake.set()
+        writer = self._writer
+        self._writer = None
+        if writer is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(writer), CLOSE_FLUSH_TIMEOUT_S)
+            except TimeoutError:
+                writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await writer
+        left = self._pending
+        if self._in_flight is not None:
+            left = self._in_flight
+        if not left.empty():
+            log.error(
+                "journal %s: closing with %d uncommitted assignment changes",
+                self.shown,
+                len(left.assignments),
+            )
+        pool, self._pool = self._pool, None
+        await _close_pool(pool)
+
+    async def check_writable(self) -> None:
+        """Raise StoreUnavailable while commits fail (the readiness probe)."""
+        if self.last_error:
+            raise StoreUnavailable(self.last_error)
+        try:
+            await asyncio.wait_for(self.flush(), 5.0)
+        except TimeoutError:
+            raise StoreUnavailable(f"journal {self.shown}: no commit within 5 s") from None
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is committed; StoreUnavailable while it cannot be."""
+        if self._writer is None or self._closing:
+            raise StoreUnavailable("the journal is not open")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.waiters.append(future)
+        self._wake.set()
+        await future
+
+    # ---- writes -------------------------------------------------------------------------------
+
+    def record(self, assignment: Assignment) -> None:
+        """Queue the assignment's current state and its latest transition."""
+        key = assignment.key
+        pending = self._pending
+        pending.assignments[key] = (
+            assignment.contact_id,
+            assignment.segment_id,
+            str(assignment.state),
+            str(assignment.reason) if assignment.reason is not None else None,
+            assignment.message,
+            assignment.attempts,
+            assignment.received_at,
+            assignment.updated_at,
+            str(assignment.intent),
+            assignment.occurred_at,
+        )
+        pending.contacts.setdefault(assignment.contact_id, set()).add(key[1])
+        pending.history.setdefault(key, []).append((str(assignment.state), assignment.updated_at))
+        self._wake.set()
+
+    def record_stale(
+        self, contact_id: str, segment_id: str, intent: str, occurred_at: float, at: float
+    ) -> None:
+        """Queue a change that arrived older than the one in progress (it costs no call)."""
+        self._pending.stale.append((contact_id, segment_id, intent, occurred_at, at))
+        self._wake.set()
+
+    def record_mirror(self, contact_id: str, occurred_at: float) -> None:
+        """Queue the time of a mirror applied to the contact (the newest is kept)."""
+        earlier = self._pending.mirrors.get(contact_id)
+        if earlier is None or occurred_at > earlier[0]:
+            self._pending.mirrors[contact_id] = (occurred_at, self._clock())
+        self._wake.set()
+
+    async def save_batch(self, batch: BatchRecord) -> None:
+        """Commit the batch (with its key and contacts) before it is sent."""
+        self._pending.batches_saved[batch.batch_id] = batch
+        self._pending.batches_dropped.discard(batch.batch_id)
+        await self.flush()
+
+    async def drop_batch(self, batch_id: str) -> None:
+        """Forget the batch (its outcome is recorded); committed with the next transaction."""
+        if self._pending.batches_saved.pop(batch_id, None) is None:
+            self._pending.batches_dropped.add(batch_id)
+        self._wake.set()
+
+    async def remember_delivery(self, source: str, delivery_id: str, answer: bytes) -> None:
+        """Queue the delivery's answer; committed with the webhook's flush."""
+        key = (source, delivery_id)
+        self._unconfirmed.setdefault(key, answer)
+        self._pending.deliveries.setdefault(key, (answer, self._clock()))
+        self._wake.set()
+
+    async def claim_delivery(self, source: str, delivery_id: str, answer: bytes) -> bytes | None:
+        """Take the key with one atomic, committed INSERT, or return the answer given first.
+
+        Two processes claiming one key at once: the database's unique key lets one insert
+        win; the other reads the winner's answer. A key this process queued (not committed yet)
+        is answered from memory.
+        """
+        key = (source, delivery_id)
+        earlier = self._unconfirmed.get(key)
+        if earlier is not None:
+            return earlier
+
+        async def claim(connection: _Connection) -> bytes | None:
+            taken = await connection.fetchval(
+                "INSERT INTO deliveries (source, delivery_id, answer, received_at) "
+                "VALUES ($1, $2, $3, $4) ON CONFLICT (source, delivery_id) DO NOTHING "
+                "RETURNING true",
+                source,
+                delivery_id,
+                answer,
+                self._clock(),
+            )
+            if taken:
+                return None
+            # A statement of its own: its snapshot sees the winner, committed by now.
+            found: bytes | None = await connection.fetchval(
+                "SELECT answer FROM deliveries WHERE source = $1 AND delivery_id = $2",
+                source,
+                delivery_id,
+            )
+            # Pruned between the two statements (past retention): then nothing holds the key.
+            return bytes(found) if found is not None else None
+
+        return await self._with_connection(claim, "delivery claim")
+
+    def remember_confirmation(
+        self, contact_id: str, segment_id: str, at: float, member: bool = True
+    ) -> None:
+        """Queue a validation-cache entry: what was confirmed (member or not), and when."""
+        self._pending.confirmations[(contact_id, segment_id)] = (at, member)
+        self._wake.set()
+
+    def next_allowed(self, segment_id: str) -> float:
+        """RefreshBudget: when the segment may be refreshed next, as this process knows it."""
+        return self._refresh.get(segment_id, 0.0)
+
+    def spend(self, segment_id: str, at: float, next_allowed: float) -> None:
+        """RefreshBudget: record when the next refresh is allowed; committed with the next flush."""
+        self._refresh[segment_id] = next_allowed
+        self._pending.budget[segment_id] = next_allowed
+        self._wake.set()
+
+    async def try_spend(self, segment_id: str, now: float, next_allowed: float) -> float:
+        """RefreshBudget: take the refresh in one committed UPDATE if allowed; 0.0, or when.
+
+        StoreUnavailable (the database cannot commit) means: do not send.
+        """
+        in_flight = self._in_flight
+        if segment_id in self._pending.budget or (
+            in_flight is not None and segment_id in in_flight.budget
+        ):
+            # A spend (or a give-back) of this segment is queued: it goes first, in order.
+            await self.flush()
+
+        async def take(connection: _Connection) -> float:
+            taken = await connection.fetchval(
+                "INSERT INTO refresh_budget AS b (segment_id, next_allowed) VALUES ($1, $3) "
+                "ON CONFLICT (segment_id) DO UPDATE SET next_allowed = excluded.next_allowed "
+                "WHERE b.next_allowed <= $2 RETURNING true",
+                segment_id,
+                now,
+                next_allowed,
+            )
+            if taken:
+                return 0.0
+            allowed = await connection.fetchval(
+                "SELECT next_allowed FROM refresh_budget WHERE segment_id = $1", segment_id
+            )
+            return float(allowed) if allowed is not None else 0.0
+
+        allowed = await self._with_connection(take, "refresh budget")
+        self._refresh[segment_id] = next_allowed if allowed == 0.0 else allowed
+        return allowed
+
+    def add(self, event_id: str, body: bytes) -> None:
+        """NotificationJournal: an event to deliver."""
+        self._notifications[event_id] = body
+        self._pending.notifications_added[event_id] = (body, self._clock())
+        self._pending.notifications_done.discard(event_id)
+        self._wake.set()
+
+    def done(self, event_id: str) -> None:
+        """NotificationJournal: the event was delivered (or dropped for good)."""
+        self._notifications.pop(event_id, None)
+        if self._pending.notifications_added.pop(event_id, None) is None:
+            self._pending.notifications_done.add(event_id)
+        self._wake.set()
+
+    def pending(self) -> list[tuple[str, bytes]]:
+        """NotificationJournal: events not yet delivered, oldest first."""
+        return list(self._notifications.items())
+
+    # ---- reads --------------------------------------------------------------------------------
+
+    async def _with_connection(self, work: Callable[[_Connection], Awaitable[_T]], what: str) -> _T:
+        """Run `work` on a pooled connection; a database that cannot serve is StoreUnavailable."""
+        pool = self._pool
+        if pool is None:
+            raise StoreUnavailable("the journal is not open")
+        try:
+            async with pool.acquire(timeout=CONNECT_TIMEOUT_S) as connection:
+                return await work(connection)
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(
+                f"journal {self.shown}: {what} failed ({_describe(exc)})"
+            ) from None
+
+    async def _fetch(self, sql: str, *arguments: Any) -> list[asyncpg.Record]:
+        async def fetch(connection: _Connection) -> list[asyncpg.Record]:
+            return await connection.fetch(sql, *arguments)
+
+        return await self._with_connection(fetch, "read")
+
+    def _uncommitted(self, contact_id: str) -> dict[str, Assignment]:
+        """The contact's recorded changes not committed yet, by segment (newest wins)."""
+        found: dict[str, Assignment] = {}
+        for work in (self._in_flight, self._pending):
+            if work is None:
+                continue
+            for segment in work.contacts.get(contact_id, ()):
+                row = work.assignments[(contact_id, segment)]
+                found[segment] = _assignment((*row[:8], "", row[8], row[9]))
+        return found
+
+    def _uncommitted_mirror(self, contact_id: str) -> float:
+        newest = 0.0
+        for work in (self._in_flight, self._pending):
+            if work is not None and contact_id in work.mirrors:
+                newest = max(newest, work.mirrors[contact_id][0])
+        return newest
+
+    async def contact(self, contact_id: str) -> list[Assignment]:
+        """The contact's assignments as recorded, committed or not."""
+        # Taken before the read too: a change committed while the read runs may be missing from
+        # the read's snapshot and gone from the queue after it.
+        before = self._uncommitted(contact_id)
+        rows = await self._fetch(
+            f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments WHERE contact_id = $1",  # noqa: S608 (a constant)
+            contact_id,
+        )
+        merged = {row[1]: _assignment(tuple(row)) for row in rows}
+        merged.update(before)
+        merged.update(self._uncommitted(contact_id))
+        return [merged[segment] for segment in sorted(merged)]
+
+    async def histories(self, contact_ids: Sequence[str]) -> dict[str, ContactHistory]:
+        """Each contact's assignments and newest mirror time, committed or not, in one read."""
+        wanted = list(dict.fromkeys(contact_ids))
+        before = {c: (self._uncommitted(c), self._uncommitted_mirror(c)) for c in wanted}
+
+        async def read(
+            connection: _Connection,
+        ) -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
+            # One snapshot for both tables.
+            async with connection.transaction(isolation="repeatable_read", readonly=True):
+                rows = await connection.fetch(
+                    f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments "  # noqa: S608 (a constant)
+                    "WHERE contact_id = ANY($1::text[])",
+                    wanted,
+                )
+                mirrors = await connection.fetch(
+                    "SELECT contact_id, occurred_at FROM mirrors "
+                    "WHERE contact_id = ANY($1::text[])",
+                    wanted,
+                )
+            return rows, mirrors
+
+        rows, mirrors = await self._with_connection(read, "read")
+        found = {c: ContactHistory({}, 0.0) for c in wanted}
+        for row in rows:
+            assignment = _assignment(tuple(row))
+            found[assignment.contact_id].assignments[assignment.segment_id] = assignment
+        committed_mirrors = {str(c): float(at) for c, at in mirrors}
+        for contact_id in wanted:
+            history = found[contact_id]
+            early, early_mirror = before[contact_id]
+            history.assignments.update(early)
+            history.assignments.update(self._uncommitted(contact_id))
+            history.mirrored_at = max(
+                committed_mirrors.get(contact_id, 0.0),
+                early_mirror,
+                self._uncommitted_mirror(contact_id),
+            )
+        return found
+
+    async def mirrored_at(self, contact_id: str) -> float:
+        """The contact's newest mirror time, committed or not; 0 when none is retained."""
+        before = self._uncommitted_mirror(contact_id)
+        rows = await self._fetch(
+            "SELECT occurred_at FROM mirrors WHERE contact_id = $1", contact_id
+        )
+        committed = float(rows[0][0]) if rows else 0.0
+        return max(committed, before, self._uncommitted_mirror(contact_id))
+
+    async def failed(self, limit: int = 1000) -> list[Assignment]:
+        """Dead letters, oldest first."""
+        rows = await self._fetch(
+            f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments WHERE state = 'failed' "  # noqa: S608
+            "ORDER BY updated_at LIMIT $1",
+            limit,
+        )
+        return [_assignment(tuple(row)) for row in rows]
+
+    async def counts(self) -> dict[str, int]:
+        """Retained assignments per state."""
+        rows = await self._fetch("SELECT state, count(*) FROM assignments GROUP BY state")
+        return {str(state): int(count) for state, count in rows}
+
+    async def delivery(self, source: str, delivery_id: str) -> bytes | None:
+        """The answer to an earlier delivery, if retained (queued ones count too)."""
+        key = (source, delivery_id)
+        answer = self._unconfirmed.get(key)
+        if answer is not None:
+            return answer
+        for _ in range(LOOKUP_READS):
+            settled = self._deliveries_settled
+            rows = await self._fetch(
+                "SELECT answer FROM deliveries WHERE source = $1 AND delivery_id = $2",
+                source,
+                delivery_id,
+            )
+            if rows:
+                return bytes(rows[0][0])
+            answer = self._unconfirmed.get(key)
+            if answer is not None or self._deliveries_settled == settled:
+                return answer
+            # Deliveries were committed while we read and left `_unconfirmed`: this one may be
+            # among them, committed after the read's snapshot. A new read sees it.
+        return self._unconfirmed.get(key)
+
+    # ---- the writer task ----------------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        carry = _Pending()  # changes of a failed transaction, retried first
+        delay = RETRY_FIRST_S
+        while True:
+            pending = self._pending
+            if pending.empty() and not pending.waiters and carry.empty():
+                if self._closing:
+                    return
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), PRUNE_INTERVAL_S / 60)
+                except TimeoutError:
+                    await self._maybe_prune()  # idle: a chance to prune
+                continue
+            work, self._pending = self._pending, _Pending()
+            closing = self._closing
+            if not carry.empty():
+                # A failed transaction's changes go first; later ones are merged onto them.
+                carry.absorb(work)
+                work, carry = carry, _Pending()
+            self._in_flight = work
+            try:
+                await self._commit(work)
+            except Exception as exc:  # any failure: keep the changes, answer busy, retry
+                self._failed(work, exc)
+                work.waiters = []
+                carry = work
+                if closing:
+                    self._in_flight = None
+                    self._pending.absorb(carry)  # kept visible to close()'s report
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MOST_S)
+                continue
+            delay = RETRY_FIRST_S
+            self._in_flight = None
+            if self.last_error:
+                log.warning("journal %s: commits work again", self.shown)
+                self.last_error = ""
+            if work.deliveries:
+                self._deliveries_settled += 1
+                for key in work.deliveries:
+                    self._unconfirmed.pop(key, None)
+            for waiter in work.waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            await self._maybe_prune()
+
+    async def _commit(self, work: _Pending) -> None:
+        if work.empty():
+            return
+        pool = self._pool
+        assert pool is not None
+        async with (
+            pool.acquire(timeout=CONNECT_TIMEOUT_S) as connection,
+            connection.transaction(),
+        ):
+            await self._apply(connection, work)
+        self.commits += 1
+
+    async def _apply(self, connection: _Connection, work: _Pending) -> None:
+        if work.assignments:
+            rows = [
+                (*row, "".join(f"{state}:{at!r};" for state, at in work.history.get(key, [])))
+                for key, row in work.assignments.items()
+            ]
+            await connection.execute(
+                _UPSERT_ASSIGNMENTS, *(list(column) for column in zip(*rows, strict=True))
+            )
+        if work.batches_saved:
+            await connection.executemany(
+                "INSERT INTO batches (batch_id, segment_id, contact_ids, idempotency_key, "
+                "attempt, saved_at, intent) VALUES ($1, $2, $3, $4, $5, $6, $7) "
+                "ON CONFLICT (batch_id) DO UPDATE SET segment_id = excluded.segment_id, "
+                "contact_ids = excluded.contact_ids, idempotency_key = excluded.idempotency_key, "
+                "attempt = excluded.attempt, saved_at = excluded.saved_at, "
+                "intent = excluded.intent",
+                [
+                    (
+                        b.batch_id,
+                        b.segment_id,
+                        orjson.dumps(list(b.contact_ids)).decode(),
+                        b.idempotency_key,
+                        b.attempt,
+                        self._clock(),
+                        str(b.intent),
+                    )
+                    for b in work.batches_saved.values()
+                ],
+            )
+        if work.batches_dropped:
+            await connection.execute(
+                "DELETE FROM batches WHERE batch_id = ANY($1::text[])", list(work.batches_dropped)
+            )
+        if work.deliveries:
+            keys = list(work.deliveries)
+            values = [work.deliveries[key] for key in keys]
+            await connection.execute(
+                _INSERT_DELIVERIES,
+                [s for s, _ in keys],
+                [d for _, d in keys],
+                [answer for answer, _ in values],
+                [at for _, at in values],
+            )
+        if work.budget:
+            await connection.executemany(
+                "INSERT INTO refresh_budget (segment_id, next_allowed) VALUES ($1, $2) "
+                "ON CONFLICT (segment_id) DO UPDATE SET next_allowed = excluded.next_allowed",
+                list(work.budget.items()),
+            )
+        if work.confirmations:
+            await connection.executemany(
+                "INSERT INTO confirmations (contact_id, segment_id, confirmed_at, member) "
+                "VALUES ($1, $2, $3, $4) ON CONFLICT (contact_id, segment_id) DO UPDATE SET "
+                "confirmed_at = excluded.confirmed_at, member = excluded.member",
+                [(c, s, at, m) for (c, s), (at, m) in work.confirmations.items()],
+            )
+        if work.stale:
+            await connection.executemany(
+                "INSERT INTO stale_changes VALUES ($1, $2, $3, $4, $5)", work.stale
+            )
+        if work.mirrors:
+            await connection.executemany(
+                "INSERT INTO mirrors AS m VALUES ($1, $2, $3) ON CONFLICT (contact_id) DO UPDATE "
+                "SET occurred_at = greatest(m.occurred_at, excluded.occurred_at), "
+                "updated_at = excluded.updated_at",
+                [(c, occurred, at) for c, (occurred, at) in work.mirrors.items()],
+            )
+        if work.notifications_added:
+            await connection.executemany(
+                "INSERT INTO notifications VALUES ($1, $2, $3) ON CONFLICT (event_id) DO UPDATE "
+                "SET body = excluded.body, added_at = excluded.added_at",
+                [(e, body, at) for e, (body, at) in work.notifications_added.items()],
+            )
+        if work.notifications_done:
+            await connection.execute(
+                "DELETE FROM notifications WHERE event_id = ANY($1::text[])",
+                list(work.notifications_done),
+            )
+
+    def _failed(self, work: _Pending, exc: Exception) -> None:
+        message = f"journal {self.shown}: commit failed: {_describe(exc)}"
+        if message != self.last_error:
+            log.error("%s; keeping %d changes queued and retrying", message, len(work.assignments))
+        self.last_error = message
+        for waiter in work.waiters:
+            if not waiter.done():
+                waiter.set_exception(StoreUnavailable(message))
+
+    async def _maybe_prune(self) -> None:
+        now = self._clock()
+        if now - self._last_prune < PRUNE_INTERVAL_S or self._pool is None:
+            return
+        self._last_prune = now
+        horizon = now - self.retention_s
+
+        async def prune(connection: _Connection) -> str:
+            async with connection.transaction():
+                # Active adds are the memberships segmapd made: a mirror (`set`) compares with
+                # them, so they are kept for as long as the membership exists.
+                pruned: str = await connection.execute(
+                    "DELETE FROM assignments WHERE state IN ('removed', 'failed') "
+                    "AND updated_at < $1",
+                    horizon,
+                )
+                for table, column in (
+                    ("stale_changes", "received_at"),
+                    ("mirrors", "updated_at"),
+                    ("deliveries", "received_at"),
+                    ("confirmations", "confirmed_at"),
+                ):
+                    await connection.execute(
+                        f"DELETE FROM {table} WHERE {column} < $1",  # noqa: S608 (constants)
+                        horizon,
+                    )
+            return pruned
+
+        try:
+            status = await self._with_connection(prune, "pruning")
+        except StoreUnavailable as exc:
+            log.warning("%s", exc)
+            return
+        count = int(status.rpartition(" ")[2] or 0)
+        if count:
+            log.info("journal %s: pruned %d finished assignments past retention", self.shown, count)
+
+
+# ---- schema and recovery ------------------------------------------------------------------------
+
+
+async def _migrate(connection: _Connection, shown: str) -> None:
+    """Bring the schema to MIGRATIONS' version, once however many processes start together.
+
+    The advisory lock is held to the end of the transaction: a second instance waits for it,
+    then finds the schema current. A schema newer than this code is refused, untouched.
+    """
+    async with connection.transaction():
+        await connection.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        await connection.execute(_SCHEMA_TABLE)
+        version = int(
+            await connection.fetchval("SELECT coalesce(max(version), 0) FROM segmapd_schema")
+        )
+        if version > len(MIGRATIONS):
+            raise StoreOpenError(
+                f"{shown}: journal schema {version} is newer than this segmapd knows "
+                f"({len(MIGRATIONS)}); upgrade segmapd"
+            )
+        for number in range(version + 1, len(MIGRATIONS) + 1):
+            log.info("journal %s: migrating schema %d -> %d", shown, number - 1, number)
+            await connection.execute(MIGRATIONS[number - 1])
+            await connection.execute("INSERT INTO segmapd_schema (version) VALUES ($1)", number)
+
+
+async def _load_recovery(connection: _Connection) -> Recovered:
+    """What is unfinished, as SqliteStore recovers it, read in one snapshot."""
+    recovered = Recovered()
+    async with connection.transaction(isolation="repeatable_read", readonly=True):
+        recovered.queued = [
+            (str(c), str(s), float(received), str(intent), float(occurred))
+            for c, s, received, intent, occurred in await connection.fetch(
+                "SELECT contact_id, segment_id, received_at, intent, occurred_at "
+                "FROM assignments WHERE state = 'queued'"
+            )
+        ]
+        recovered.assignments = [
+            _assignment(tuple(row))
+            for row in await connection.fetch(
+                f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments "  # noqa: S608 (a constant)
+                "WHERE state IN ('sending', 'retrying', 'written', 'verifying')"
+            )
+        ]
+        recovered.batches = [
+            BatchRecord(
+                batch_id, segment_id, tuple(orjson.loads(ids)), key, attempt, Intent(intent)
+            )
+            for batch_id, segment_id, ids, key, attempt, intent in await connection.fetch(
+                "SELECT batch_id, segment_id, contact_ids, idempotency_key, attempt, intent "
+                "FROM batches ORDER BY saved_at, batch_id"
+            )
+        ]
+        recovered.refresh_budget = {
+            str(s): float(at)
+            for s, at in await connection.fetch(
+                "SELECT segment_id, next_allowed FROM refresh_budget"
+            )
+        }
+        recovered.confirmations = [
+            (str(c), str(s), float(at), bool(member))
+            for c, s, at, member in await connection.fetch(
+                "SELECT contact_id, segment_id, confirmed_at, member FROM confirmations"
+            )
+        ]
+        recovered.notifications = [
+            (str(e), bytes(body))
+            for e, body in await connection.fetch(
+                "SELECT event_id, body FROM notifications ORDER BY added_at, event_id"
+            )
+        ]
+    return recovered
+
+
+async def _close_pool(pool: asyncpg.Pool) -> None:
+    try:
+        await asyncio.wait_for(pool.close(), CLOSE_FLUSH_TIMEOUT_S)
+    except (TimeoutError, *_UNAVAILABLE):
+        pool.terminate()
+
+
+def _describe(exc: BaseException) -> str:
+    """A driver error as one line: its class and message (never a password: none is in them)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    name = type(exc).__name__
+    return f"{name}: {text}" if text else name
+
+
+_STATES = {state.value: state for state in State}
+_INTENTS = {intent.value: intent for intent in Intent}
+
+
+def _assignment(row: tuple[Any, ...]) -> Assignment:
+    (contact_id, segment_id, state, reason, message, attempts, received, updated, history,
+     intent, occurred_at) = row  # fmt: skip
+    steps: list[tuple[State, float]] = []
+    seen: set[tuple[State, float]] = set()
+    for step in history.split(";"):
+        if not step:
+            continue
+        name, _, at = step.partition(":")
+        entry = (_STATES[name], float(at))
+        # A commit whose acknowledgement was lost (the connection dropped at COMMIT) is retried
+        # and may have landed: its transitions are then appended again, the same states at the
+        # same times. No real history holds one state twice at one instant.
+        if entry not in seen:
+            seen.add(entry)
+            steps.append(entry)
+    return Assignment(
+        contact_id=contact_id,
+        segment_id=segment_id,
+        state=_STATES[state],
+        reason=FailureReason(reason) if reason else None,
+        message=message,
+        attempts=attempts,
+        received_at=received,
+        updated_at=updated,
+        history=steps,
+        intent=_INTENTS[intent],
+        occurred_at=occurred_at,
+    )
