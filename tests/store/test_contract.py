@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from daemon.config import StoreConfig
 from daemon.store import JournalStore, Recovered, from_url
@@ -26,7 +27,7 @@ async def store_config(backend: str, request: pytest.FixtureRequest, tmp_path: P
         return StoreConfig(url=f"sqlite://{tmp_path}/journal.db")
     # Asked for only here: the other backends run where PostgreSQL is not installed.
     server: PostgresServer = request.getfixturevalue("postgres")
-    return StoreConfig(url=await server.create_database(), password=server.password)
+    return StoreConfig(url=await server.create_database(), password=SecretStr(server.password))
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgresql"])

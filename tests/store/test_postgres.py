@@ -1,0 +1,254 @@
+"""The PostgreSQL journal beyond the contract: migrations, recovery, outages, shared keys."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+
+import asyncpg
+import pytest
+from pydantic import SecretStr
+
+from daemon.config import StoreConfig
+from daemon.store import StoreOpenError, from_url
+from daemon.store.postgres import MIGRATIONS, PostgresStore
+from scheduler.model import Assignment, Intent, State
+from scheduler.store import BatchRecord, StoreUnavailable
+from tests.support.postgres import PostgresServer
+
+NOW = time.time()
+
+
+def new(contact: str, segment: str, *path: State) -> Assignment:
+    """An assignment, queued, then moved along `path` a second per step."""
+    assignment = Assignment(contact, segment, received_at=NOW, updated_at=NOW)
+    assignment.history = [(State.QUEUED, NOW)]
+    for step, state in enumerate(path, 1):
+        assignment.transition(state, NOW + step)
+    return assignment
+
+
+@pytest.fixture
+def journal(postgres: PostgresServer, postgres_url: str) -> Callable[[], PostgresStore]:
+    """Stores on one fresh database, each made as the daemon makes it (`from_url`)."""
+
+    def make() -> PostgresStore:
+        store = from_url(StoreConfig(url=postgres_url, password=SecretStr(postgres.password)))
+        assert isinstance(store, PostgresStore)
+        return store
+
+    return make
+
+
+@pytest.fixture
+async def opened(journal: Callable[[], PostgresStore]) -> AsyncIterator[PostgresStore]:
+    """One open store on a fresh database."""
+    store = journal()
+    await store.open()
+    yield store
+    await store.close()
+
+
+async def test_instances_starting_together_migrate_once(
+    journal: Callable[[], PostgresStore], postgres: PostgresServer, postgres_url: str
+):
+    stores = [journal() for _ in range(3)]
+    try:
+        await asyncio.gather(*(store.open() for store in stores))
+        stores[0].record(new("c1", "s1"))
+        await stores[0].flush()
+        assert await stores[2].counts() == {"queued": 1}
+    finally:
+        await asyncio.gather(*(store.close() for store in stores))
+    connection = await asyncpg.connect(postgres_url, password=postgres.password)
+    try:
+        versions = [r[0] for r in await connection.fetch("SELECT version FROM segmapd_schema")]
+    finally:
+        await connection.close()
+    assert versions == list(range(1, len(MIGRATIONS) + 1))
+
+
+async def test_a_newer_schema_is_refused_untouched(
+    journal: Callable[[], PostgresStore], postgres: PostgresServer, postgres_url: str
+):
+    first = journal()
+    await first.open()
+    await first.close()
+    newer = len(MIGRATIONS) + 1
+    connection = await asyncpg.connect(postgres_url, password=postgres.password)
+    try:
+        await connection.execute("INSERT INTO segmapd_schema (version) VALUES ($1)", newer)
+        with pytest.raises(StoreOpenError) as refused:
+            await journal().open()
+        assert f"schema {newer} is newer than this segmapd knows ({len(MIGRATIONS)})" in str(
+            refused.value
+        )
+        assert await connection.fetchval("SELECT max(version) FROM segmapd_schema") == newer
+    finally:
+        await connection.close()
+
+
+async def test_what_is_unfinished_is_recovered_after_a_restart(
+    journal: Callable[[], PostgresStore],
+):
+    first = journal()
+    await first.open()
+    first.record(new("q1", "s1"))
+    first.record(new("q2", "s2"))
+    sending = new("w1", "s1")
+    first.record(sending)
+    sending.transition(State.SENDING, NOW + 1)
+    first.record(sending)  # each transition is recorded as it happens
+    first.record(new("done", "s1", State.SENDING, State.WRITTEN, State.ACTIVE))
+    await first.save_batch(BatchRecord("b1", "s1", ("w1", "x"), "s1:key-1", 2, Intent.REMOVE))
+    await first.save_batch(BatchRecord("b2", "s1", ("y",), "s1:key-2", 1))
+    await first.drop_batch("b2")
+    first.add("n-1", b'{"n":1}')
+    first.add("n-2", b'{"n":2}')
+    first.done("n-1")
+    assert await first.try_spend("vip", NOW, NOW + 3600) == 0.0
+    first.remember_confirmation("c1", "vip", NOW, member=False)
+    await first.close()  # flushes what is queued
+
+    second = journal()
+    recovered = await second.open()
+    try:
+        assert sorted(recovered.queued) == [
+            ("q1", "s1", NOW, "add", 0.0),
+            ("q2", "s2", NOW, "add", 0.0),
+        ]
+        [sending] = recovered.assignments
+        assert (sending.contact_id, sending.state) == ("w1", State.SENDING)
+        assert sending.history == [(State.QUEUED, NOW), (State.SENDING, NOW + 1)]
+        assert recovered.batches == [
+            BatchRecord("b1", "s1", ("w1", "x"), "s1:key-1", 2, Intent.REMOVE)
+        ]
+        assert recovered.notifications == [("n-2", b'{"n":2}')]
+        assert second.pending() == [("n-2", b'{"n":2}')]
+        assert recovered.refresh_budget == {"vip": NOW + 3600}
+        assert second.next_allowed("vip") == NOW + 3600
+        assert recovered.confirmations == [("c1", "vip", NOW, False)]
+    finally:
+        await second.close()
+
+
+async def test_a_database_restart_refuses_flushes_then_commits_everything_queued(
+    opened: PostgresStore, postgres: PostgresServer, caplog: pytest.LogCaptureFixture
+):
+    opened.record(new("before", "s1"))
+    await opened.flush()
+    with postgres.down():
+        for i in range(50):
+            opened.record(new(f"down-{i}", "s1"))
+        await opened.remember_delivery("crm", "d-down", b"answer")
+        opened.add("n-down", b"{}")
+        with pytest.raises(StoreUnavailable):
+            await opened.flush()
+        with pytest.raises(StoreUnavailable):
+            await opened.check_writable()
+        with pytest.raises(StoreUnavailable):
+            await opened.try_spend("vip", NOW, NOW + 3600)
+        with pytest.raises(StoreUnavailable):
+            await opened.counts()
+        # A redelivery of what is queued is still recognised, from memory.
+        assert await opened.delivery("crm", "d-down") == b"answer"
+        opened.record(new("late", "s1"))
+    # Back: the writer reconnects by itself; nothing queued was dropped.
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            await opened.flush()
+            break
+        except StoreUnavailable:
+            assert time.monotonic() < deadline, "no commit after the database came back"
+            await asyncio.sleep(0.2)
+    await opened.check_writable()
+    assert await opened.counts() == {"queued": 52}
+    assert await opened.delivery("crm", "d-down") == b"answer"
+    assert "commit failed" in caplog.text
+    assert any(r.levelno == logging.WARNING and "work again" in r.message for r in caplog.records)
+
+
+async def test_a_delivery_claimed_by_two_instances_at_once_has_one_winner(
+    journal: Callable[[], PostgresStore],
+):
+    first, second = journal(), journal()
+    await asyncio.gather(first.open(), second.open())
+    try:
+        keys = [f"d-{i}" for i in range(40)]
+        results = await asyncio.gather(
+            *(first.claim_delivery("crm", key, b"first") for key in keys),
+            *(second.claim_delivery("crm", key, b"second") for key in keys),
+        )
+        ours, theirs = results[: len(keys)], results[len(keys) :]
+        for key, mine, other in zip(keys, ours, theirs, strict=True):
+            assert (mine is None) != (other is None), key  # exactly one took it
+            assert (mine or other) in (b"first", b"second")
+            winner = b"first" if mine is None else b"second"
+            assert await first.delivery("crm", key) == winner
+            assert await second.delivery("crm", key) == winner
+    finally:
+        await asyncio.gather(first.close(), second.close())
+
+
+async def test_a_refresh_is_taken_by_one_instance_only(journal: Callable[[], PostgresStore]):
+    first, second = journal(), journal()
+    await asyncio.gather(first.open(), second.open())
+    try:
+        results = await asyncio.gather(
+            first.try_spend("vip", NOW, NOW + 3600), second.try_spend("vip", NOW, NOW + 3600)
+        )
+        assert sorted(results) == [0.0, NOW + 3600]
+    finally:
+        await asyncio.gather(first.close(), second.close())
+
+
+async def test_the_password_is_never_shown(
+    postgres: PostgresServer, postgres_url: str, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.DEBUG)
+    secret = postgres.password
+    right = from_url(StoreConfig(url=postgres_url, password=SecretStr(secret)))
+    assert secret not in repr(right) and secret not in str(right)
+    await right.open()
+    await right.close()
+    # The same password, wrong for the role named, and in the URL as some users write it.
+    in_url = postgres_url.replace("segmap_test@", f"nobody:{secret}@")
+    for config in (
+        StoreConfig(
+            url=postgres_url.replace("segmap_test@", "nobody@"), password=SecretStr(secret)
+        ),
+        StoreConfig(url=in_url),
+    ):
+        store = from_url(config)
+        assert secret not in repr(store)
+        with pytest.raises(StoreOpenError) as refused:
+            await store.open()
+        message = str(refused.value)
+        assert "cannot connect to PostgreSQL" in message and secret not in message
+        assert secret not in repr(refused.value)
+    assert secret not in caplog.text
+
+
+async def test_a_database_down_at_start_up_is_a_clear_open_error(postgres: PostgresServer):
+    store = from_url(
+        StoreConfig(
+            url=f"postgresql://segmap_test@127.0.0.1:{_closed_port()}/journal",
+            password=SecretStr(postgres.password),
+        )
+    )
+    started = time.monotonic()
+    with pytest.raises(StoreOpenError, match=r"127\.0\.0\.1:\d+/…: cannot connect to PostgreSQL"):
+        await store.open()
+    assert time.monotonic() - started < 10
+    await store.close()  # idempotent, also after a failed open
+    await store.close()
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
