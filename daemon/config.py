@@ -158,6 +158,8 @@ class StoreConfig(_Section):
     """`[store]`: the journal."""
 
     url: str = "sqlite:///var/lib/segmapd/journal.db"
+    # For postgresql://: the role's password (or password_file), kept out of the URL.
+    password: SecretStr = SecretStr("")
     synchronous: Literal["NORMAL", "FULL", "EXTRA"] = "FULL"
     retention_days: float = Field(default=7.0, gt=0)
 
@@ -165,8 +167,8 @@ class StoreConfig(_Section):
     @classmethod
     def _known_scheme(cls, value: str) -> str:
         scheme = value.partition("://")[0]
-        if scheme not in {"sqlite", "redis", "rediss", "memory"}:
-            raise ValueError("must start with sqlite://, redis://, rediss:// or memory://")
+        if scheme not in {"sqlite", "memory", "postgresql", "postgres"}:
+            raise ValueError("must start with sqlite://, postgresql:// or memory://")
         return value
 
 

@@ -22,7 +22,7 @@ from daemon.connections import HANDLER_SHUTDOWN_TIMEOUT_S, build_runner, start_s
 from daemon.http import build_app
 from daemon.sdnotify import SdNotifier, watchdog_loop
 from daemon.service import CannotListen, Service
-from daemon.store.sqlite import StoreFileError
+from daemon.store.base import StoreOpenError
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ async def serve(config: Config, *, announce: bool = True) -> int:
     listener = HttpListener(service, config)
     try:
         await service.start(listener)
-    except StoreFileError as exc:
+    except StoreOpenError as exc:
         log.critical("cannot use the journal: %s", exc)
         return 2
     except CannotListen as exc:

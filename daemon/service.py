@@ -19,14 +19,13 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from daemon.claims import Claims
-from daemon.config import Config, StoreConfig
+from daemon.config import Config
 from daemon.cxone import CXonePaths, CXoneSettings, HttpCXoneClient
 from daemon.cxone.client import pool_size
 from daemon.metrics import Metrics
 from daemon.notifier import Notifier
 from daemon.secrets import Secret
-from daemon.store.memory import MemoryStore
-from daemon.store.sqlite import SqliteStore
+from daemon.store import JournalStore, from_url
 from listeners import SourceAdapter, make_adapter
 from scheduler.engine import BatchingPolicy, Engine
 from scheduler.model import Assignment
@@ -37,7 +36,6 @@ from scheduler.store import StoreUnavailable
 from scheduler.validation import MembershipPoller, ValidationPolicy
 from scheduler.validation_state import (
     MemoryConfirmationCache,
-    MemoryRefreshBudget,
     RefreshBudget,
 )
 
@@ -86,28 +84,10 @@ def cxone_settings(config: Config) -> CXoneSettings:
     )
 
 
-def open_store(config: StoreConfig) -> MemoryStore | SqliteStore:
-    """The store named by `store.url`: `sqlite:///abs/path`, `sqlite://rel/path`, `memory://`."""
-    scheme, _, rest = config.url.partition("://")
-    if scheme == "memory":
-        return MemoryStore()
-    if scheme == "sqlite":
-        if not rest:
-            raise ValueError("store.url: sqlite:// needs a file path")
-        return SqliteStore(
-            rest,
-            synchronous=config.synchronous,
-            retention_s=config.retention_days * 86_400,
-        )
-    raise NotImplementedError(
-        f"store.url {scheme}:// is not available in this version; use sqlite:// or memory://"
-    )
-
-
 class JournaledConfirmations(MemoryConfirmationCache):
     """The validation cache, written through to the journal so it survives a restart."""
 
-    def __init__(self, ttl_s: float, store: SqliteStore) -> None:
+    def __init__(self, ttl_s: float, store: JournalStore) -> None:
         super().__init__(ttl_s)
         self._store = store
 
@@ -149,7 +129,7 @@ class Service:
 
     def __post_init__(self) -> None:
         config = self.config
-        self.store = open_store(config.store)
+        self.store = from_url(config.store)
         self.client = HttpCXoneClient(
             cxone_settings(config),
             on_response=self.metrics.on_response,
@@ -166,7 +146,7 @@ class Service:
                 config.notify.secret.get_secret_value(),
                 timeout_s=config.notify.timeout_s,
                 on_outcome=self.metrics.record_notification,
-                journal=self.store if isinstance(self.store, SqliteStore) else None,
+                journal=self.store,
             )
             observers.append(_NotifyOnFinish(self.notifier))
         observer = CompositeObserver(observers)
@@ -194,14 +174,8 @@ class Service:
             rng=random.Random(),
         )
         validation = config.validation
-        self.cache: MemoryConfirmationCache
-        budget: RefreshBudget
-        if isinstance(self.store, SqliteStore):
-            self.cache = JournaledConfirmations(validation.cache_ttl_s, self.store)
-            budget = self.store
-        else:
-            self.cache = MemoryConfirmationCache(validation.cache_ttl_s)
-            budget = MemoryRefreshBudget()
+        self.cache = JournaledConfirmations(validation.cache_ttl_s, self.store)
+        budget: RefreshBudget = self.store
         self.poller = MembershipPoller(
             client=self.client,
             read_gate=self.read_gate,
@@ -259,10 +233,9 @@ class Service:
         propagates.
         """
         async with contextlib.AsyncExitStack() as stack:
-            if isinstance(self.store, SqliteStore):
-                recovered = await self.store.open()
-                self.cache.restore(recovered.confirmations, time.time())
-                self.engine.restore(recovered.assignments, recovered.batches, recovered.queued)
+            recovered = await self.store.open()
+            self.cache.restore(recovered.confirmations, time.time())
+            self.engine.restore(recovered.assignments, recovered.batches, recovered.queued)
             stack.push_async_callback(self._close_store)
             await self.client.start()
             stack.push_async_callback(self._close_client)

@@ -6,6 +6,7 @@ import dataclasses
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 
+from daemon.store.base import JournalStore, Recovered
 from scheduler.model import Assignment, AssignmentKey, State
 from scheduler.store import BatchRecord, ContactHistory
 
@@ -14,7 +15,7 @@ MAX_DELIVERIES = 1_000_000
 MAX_STALE = 10_000
 
 
-class MemoryStore:
+class MemoryStore(JournalStore):
     """Keeps the latest snapshot of every assignment and the in-flight batches in dictionaries."""
 
     def __init__(self) -> None:
@@ -25,6 +26,12 @@ class MemoryStore:
         self.stale: list[tuple[str, str, str, float, float]] = []
         # Per contact, the time of the newest mirror (`set`) applied.
         self._mirrors: dict[str, float] = {}
+        self._refresh: dict[str, float] = {}
+        self._notifications: OrderedDict[str, bytes] = OrderedDict()
+
+    async def open(self) -> Recovered:
+        """Nothing survives a process: nothing to recover."""
+        return Recovered()
 
     def record(self, assignment: Assignment) -> None:
         """Keep a copy of the assignment as it is now."""
@@ -105,3 +112,36 @@ class MemoryStore:
 
     async def close(self) -> None:
         """Nothing to release."""
+
+    def remember_confirmation(
+        self, contact_id: str, segment_id: str, at: float, member: bool = True
+    ) -> None:
+        """Nothing to keep: the validation cache itself is the memory."""
+
+    def next_allowed(self, segment_id: str) -> float:
+        """Wall-clock time from which a refresh is allowed."""
+        return self._refresh.get(segment_id, 0.0)
+
+    def spend(self, segment_id: str, at: float, next_allowed: float) -> None:
+        """Record when the next refresh is allowed."""
+        self._refresh[segment_id] = next_allowed
+
+    async def try_spend(self, segment_id: str, now: float, next_allowed: float) -> float:
+        """Spend the budget if it allows a refresh now; 0.0, or when it will allow one."""
+        allowed = self._refresh.get(segment_id, 0.0)
+        if allowed > now:
+            return allowed
+        self._refresh[segment_id] = next_allowed
+        return 0.0
+
+    def add(self, event_id: str, body: bytes) -> None:
+        """Keep a notification to deliver."""
+        self._notifications[event_id] = body
+
+    def done(self, event_id: str) -> None:
+        """Forget a delivered notification."""
+        self._notifications.pop(event_id, None)
+
+    def pending(self) -> list[tuple[str, bytes]]:
+        """Notifications not yet delivered, oldest first."""
+        return list(self._notifications.items())

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import orjson
 from rbloom import Bloom
 
+from daemon.store.base import JournalStore, Recovered, StoreOpenError
 from daemon.store.delivery_filter import (
     MIN_CAPACITY,
     DeliveryFilter,
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 #: not hold the process past systemd's TimeoutStopSec).
 CLOSE_FLUSH_TIMEOUT_S = 5.0
 
-__all__ = ["SqliteStore", "StoreFileError", "StoreUnavailable", "connect"]
+__all__ = ["SqliteStore", "StoreOpenError", "StoreUnavailable", "connect"]
 
 # "SGMP": marks the file as ours, so a foreign SQLite file is refused instead of altered.
 APPLICATION_ID = 0x53474D50
@@ -161,25 +162,6 @@ _ASSIGNMENT_COLUMNS = (
 )
 
 
-class StoreFileError(Exception):
-    """The journal file cannot be used: corrupt, foreign, or from a newer segmapd."""
-
-
-@dataclass
-class Recovered:
-    """What the journal held at start-up that is not finished."""
-
-    assignments: list[Assignment] = field(default_factory=list)
-    # Queued assignments as (contact_id, segment_id, received_at, intent, occurred_at): the bulk
-    # of a backlog, and the engine keeps them as buffer entries, not objects.
-    queued: list[tuple[str, str, float, str, float]] = field(default_factory=list)
-    batches: list[BatchRecord] = field(default_factory=list)
-    refresh_budget: dict[str, float] = field(default_factory=dict)
-    # (contact_id, segment_id, confirmed_at, member)
-    confirmations: list[tuple[str, str, float, bool]] = field(default_factory=list)
-    notifications: list[tuple[str, bytes]] = field(default_factory=list)
-
-
 # ---- file level -------------------------------------------------------------------------------
 
 
@@ -200,26 +182,26 @@ class JournalLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        """Take the lock, or raise StoreFileError naming the journal and its holder."""
+        """Take the lock, or raise StoreOpenError naming the journal and its holder."""
         try:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise StoreFileError(f"{self.path}: cannot open the journal's lock ({exc})") from None
+            raise StoreOpenError(f"{self.path}: cannot open the journal's lock ({exc})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
             journal = self.path.removesuffix(".lock")
-            raise StoreFileError(
+            raise StoreOpenError(
                 f"{journal}: the journal is in use by another segmapd process ({holder}); "
                 "one journal serves one process: stop that one, or give this one its own "
                 "store.url"
             ) from None
         except OSError as exc:
             os.close(fd)
-            raise StoreFileError(f"{self.path}: cannot lock the journal ({exc})") from None
+            raise StoreOpenError(f"{self.path}: cannot lock the journal ({exc})") from None
         holder = f"pid {os.getpid()} on {socket.gethostname()}, since {_utc_now()}"
         os.ftruncate(fd, 0)
         os.pwrite(fd, holder.encode(), 0)
@@ -245,9 +227,9 @@ def _utc_now() -> str:
 
 
 def connect(path: str, synchronous: Synchronous) -> sqlite3.Connection:
-    """Open (creating if needed) and migrate the journal; raises StoreFileError if unusable."""
+    """Open (creating if needed) and migrate the journal; raises StoreOpenError if unusable."""
     if sqlite3.sqlite_version_info < MIN_SQLITE:
-        raise StoreFileError(
+        raise StoreOpenError(
             f"{path}: the journal needs SQLite {'.'.join(map(str, MIN_SQLITE))} or newer "
             f"(its upserts); this Python has SQLite {sqlite3.sqlite_version}"
         )
@@ -255,7 +237,7 @@ def connect(path: str, synchronous: Synchronous) -> sqlite3.Connection:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     except (OSError, sqlite3.Error) as exc:
-        raise StoreFileError(f"{path}: cannot open the journal ({exc})") from None
+        raise StoreOpenError(f"{path}: cannot open the journal ({exc})") from None
     try:
         connection.execute("PRAGMA busy_timeout = 5000")
         journal_mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -265,8 +247,8 @@ def connect(path: str, synchronous: Synchronous) -> sqlite3.Connection:
         _migrate(connection, path)
     except sqlite3.DatabaseError as exc:
         connection.close()
-        raise StoreFileError(f"{path}: not a usable segmapd journal ({exc})") from None
-    except StoreFileError:
+        raise StoreOpenError(f"{path}: not a usable segmapd journal ({exc})") from None
+    except StoreOpenError:
         connection.close()
         raise
     return connection
@@ -278,12 +260,12 @@ def _migrate(connection: sqlite3.Connection, path: str) -> None:
     tables = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
     if application_id != APPLICATION_ID:
         if application_id != 0 or tables:
-            raise StoreFileError(
+            raise StoreOpenError(
                 f"{path}: an SQLite file that is not a segmapd journal; refusing to touch it"
             )
         connection.execute(f"PRAGMA application_id = {APPLICATION_ID}")
     if version > len(MIGRATIONS):
-        raise StoreFileError(
+        raise StoreOpenError(
             f"{path}: journal schema {version} is newer than this segmapd knows "
             f"({len(MIGRATIONS)}); upgrade segmapd"
         )
@@ -434,7 +416,7 @@ class _Pending:
         self.waiters.extend(later.waiters)
 
 
-class SqliteStore:
+class SqliteStore(JournalStore):
     """The journal behind `store.url = "sqlite:///path"`."""
 
     def __init__(

@@ -29,12 +29,12 @@ def test_the_notify_url_is_shown_without_userinfo_or_query(render: object) -> No
 def test_every_url_valued_key_is_redacted_alike() -> None:
     config = config_with(
         cxone={**MINIMAL["cxone"], "api_base": "https://u:p@api.example.com/base?k=v"},
-        store={"url": "redis://:redis-pass@cache.internal:6379/0"},
+        store={"url": "postgresql://segmapd:db-pass@db.internal:5432/segmapd"},
     )
     shown = repr(config)
-    assert "redis-pass" not in shown and ":p@" not in shown and "k=v" not in shown
+    assert "db-pass" not in shown and ":p@" not in shown and "k=v" not in shown
     assert "https://api.example.com/…" in shown
-    assert "redis://cache.internal:6379/…" in shown
+    assert "postgresql://db.internal:5432/…" in shown
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from daemon.store.sqlite import (
     APPLICATION_ID,
     MIGRATIONS,
     SqliteStore,
-    StoreFileError,
+    StoreOpenError,
     StoreUnavailable,
 )
 from scheduler.model import Assignment, Intent, State
@@ -111,7 +111,7 @@ async def test_an_old_schema_is_migrated_and_keeps_its_data(tmp_path: Path):
 async def test_corrupt_foreign_and_newer_files_are_refused_clearly(tmp_path: Path):
     corrupt = tmp_path / "corrupt.db"
     corrupt.write_bytes(b"this is not an SQLite database, just bytes" * 100)
-    with pytest.raises(StoreFileError, match="not a usable segmapd journal"):
+    with pytest.raises(StoreOpenError, match="not a usable segmapd journal"):
         await SqliteStore(str(corrupt)).open()
 
     foreign = tmp_path / "foreign.db"
@@ -119,7 +119,7 @@ async def test_corrupt_foreign_and_newer_files_are_refused_clearly(tmp_path: Pat
     other.execute("CREATE TABLE customers (id INTEGER)")
     other.commit()
     other.close()
-    with pytest.raises(StoreFileError, match="not a segmapd journal"):
+    with pytest.raises(StoreOpenError, match="not a segmapd journal"):
         await SqliteStore(str(foreign)).open()
     # ...and it was left exactly as it was.
     other = sqlite3.connect(foreign)
@@ -134,7 +134,7 @@ async def test_corrupt_foreign_and_newer_files_are_refused_clearly(tmp_path: Pat
     bump.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
     bump.commit()
     bump.close()
-    with pytest.raises(StoreFileError, match="newer"):
+    with pytest.raises(StoreOpenError, match="newer"):
         await SqliteStore(str(newer)).open()
 
 

@@ -1,0 +1,186 @@
+"""The complete store interface, one class every backend implements, and `from_url`.
+
+A store is segmapd's journal: everything that must survive the process. The engine writes
+through `scheduler.store.Store` (a subset of this), the poller through `RefreshBudget`, the
+notifier through its `NotificationJournal`; the daemon opens, recovers and closes it. The
+backends are `memory://` (for trials: nothing survives), `sqlite://` (one process, one file)
+and, for several instances, `postgresql://`. Code outside this package knows only this class:
+it never asks which backend it has.
+
+Writes (`record`, `record_*`, `remember_*`, `add`, `done`, `spend`) are queued without
+blocking the event loop and become durable together; `flush()` returns once everything queued
+before it is durable, and a `202` is answered only after it. Reads see what was queued, whether
+committed yet or not.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from scheduler.model import Assignment
+from scheduler.store import BatchRecord, ContactHistory
+
+
+class StoreOpenError(Exception):
+    """The store cannot be used at all; the message names it and says why.
+
+    A file that is no journal, one another process holds, a database refusing the schema.
+    """
+
+
+@dataclass
+class Recovered:
+    """What the journal held at start-up that is not finished."""
+
+    assignments: list[Assignment] = field(default_factory=list)
+    # Queued assignments as (contact_id, segment_id, received_at, intent, occurred_at): the bulk
+    # of a backlog, and the engine keeps them as buffer entries, not objects.
+    queued: list[tuple[str, str, float, str, float]] = field(default_factory=list)
+    batches: list[BatchRecord] = field(default_factory=list)
+    refresh_budget: dict[str, float] = field(default_factory=dict)
+    # (contact_id, segment_id, confirmed_at, member)
+    confirmations: list[tuple[str, str, float, bool]] = field(default_factory=list)
+    notifications: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+class JournalStore(abc.ABC):
+    """Every operation segmapd needs from its journal (see the module docstring)."""
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def open(self) -> Recovered:
+        """Open (creating or migrating the schema if needed) and return what is unfinished.
+
+        Raises StoreOpenError when the store cannot be used.
+        """
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Commit what is queued if possible, then release every resource; idempotent."""
+
+    @abc.abstractmethod
+    async def check_writable(self) -> None:
+        """Raise StoreUnavailable if a commit cannot succeed now (the readiness probe)."""
+
+    @abc.abstractmethod
+    async def flush(self) -> None:
+        """Return once everything queued so far is durable; StoreUnavailable while it cannot be.
+
+        Nothing queued is dropped by a failed flush: it is committed when the store recovers.
+        """
+
+    # ---- assignments ---------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def record(self, assignment: Assignment) -> None:
+        """Queue a snapshot of the assignment's current state and its latest transition."""
+
+    @abc.abstractmethod
+    def record_stale(
+        self, contact_id: str, segment_id: str, intent: str, occurred_at: float, at: float
+    ) -> None:
+        """Queue a note of a change that arrived older than what the pair already had."""
+
+    @abc.abstractmethod
+    def record_mirror(self, contact_id: str, occurred_at: float) -> None:
+        """Queue the time of a mirror (`set`) applied to the contact; the newest is kept."""
+
+    @abc.abstractmethod
+    async def contact(self, contact_id: str) -> list[Assignment]:
+        """Every retained assignment of one contact, by segment id."""
+
+    @abc.abstractmethod
+    async def histories(self, contact_ids: Sequence[str]) -> dict[str, ContactHistory]:
+        """Each named contact's assignments and newest mirror time, in one read; ids once each.
+
+        The memberships a mirror compares with (the tracked ones) are the adds among them.
+        """
+
+    @abc.abstractmethod
+    async def mirrored_at(self, contact_id: str) -> float:
+        """The time of the contact's newest mirror, or 0."""
+
+    @abc.abstractmethod
+    async def failed(self, limit: int = 1000) -> list[Assignment]:
+        """Dead letters, oldest first."""
+
+    @abc.abstractmethod
+    async def counts(self) -> dict[str, int]:
+        """Retained assignments per state."""
+
+    # ---- batches in flight ---------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def save_batch(self, batch: BatchRecord) -> None:
+        """Make the batch durable before it is sent: a resend after a crash reuses its key."""
+
+    @abc.abstractmethod
+    async def drop_batch(self, batch_id: str) -> None:
+        """Forget a batch whose outcome has been recorded."""
+
+    # ---- deliveries ----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def delivery(self, source: str, delivery_id: str) -> bytes | None:
+        """The answer given to an earlier delivery with this key, if it is retained."""
+
+    @abc.abstractmethod
+    async def remember_delivery(self, source: str, delivery_id: str, answer: bytes) -> None:
+        """Queue the answer to a delivery: a redelivery gets it again and adds no work."""
+
+    async def claim_delivery(self, source: str, delivery_id: str, answer: bytes) -> bytes | None:
+        """Remember `answer` unless the key is known; None if this call took the key.
+
+        Otherwise the answer recorded first. Atomic against every process sharing the store.
+
+        One process is all that shares a file or memory store, and the daemon's intake already
+        serialises a key within the process (daemon/claims.py); a shared database makes this
+        one statement.
+        """
+        earlier = await self.delivery(source, delivery_id)
+        if earlier is not None:
+            return earlier
+        await self.remember_delivery(source, delivery_id, answer)
+        return None
+
+    # ---- validation: confirmation cache and refresh budget --------------------------------------
+
+    @abc.abstractmethod
+    def remember_confirmation(
+        self, contact_id: str, segment_id: str, at: float, member: bool = True
+    ) -> None:
+        """Queue a validation-cache entry: what was confirmed (member or not), and when."""
+
+    @abc.abstractmethod
+    def next_allowed(self, segment_id: str) -> float:
+        """Wall-clock time from which the segment may be refreshed again (0: now)."""
+
+    @abc.abstractmethod
+    def spend(self, segment_id: str, at: float, next_allowed: float) -> None:
+        """Record a refresh taken at `at`; the next is allowed from `next_allowed`."""
+
+    @abc.abstractmethod
+    async def try_spend(self, segment_id: str, now: float, next_allowed: float) -> float:
+        """Take the segment's refresh if allowed at `now`, durably, before it is sent.
+
+        Returns 0.0 when taken (a crash from here on cannot lead to a second one), else the
+        wall-clock time from which a refresh is allowed. Check and take are one call so that a
+        shared store makes them one atomic step.
+        """
+
+    # ---- notifications outbox ------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def add(self, event_id: str, body: bytes) -> None:
+        """Queue an outbound notification to deliver."""
+
+    @abc.abstractmethod
+    def done(self, event_id: str) -> None:
+        """The notification was delivered (or dropped for good)."""
+
+    @abc.abstractmethod
+    def pending(self) -> list[tuple[str, bytes]]:
+        """Notifications not yet delivered, oldest first."""
