@@ -249,7 +249,7 @@ def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str], errors: 
                 break
             node = child
         else:
-            node[parts[-1]] = _parse_env_value(value)
+            node[parts[-1]] = _parse_env_value(value, parts[-1])
 
 
 def _known_path(parts: list[str]) -> bool:
@@ -267,7 +267,17 @@ def _known_path(parts: list[str]) -> bool:
     return True
 
 
-def _parse_env_value(value: str) -> Any:
+# Keys whose values are text whatever they look like: a numeric secret stays a secret, and a
+# JMESPath expression such as 'x' (a literal) must not lose its quotes to TOML.
+_TEXT_KEYS = ("secret", "password", "url", "header", "prefix")
+_JMESPATH_KEYS = frozenset(
+    {"events", "when", "contact_id", "add", "remove", "set", "occurred_at", "dedup_key"}
+)
+
+
+def _parse_env_value(value: str, key: str = "") -> Any:
+    if key in _JMESPATH_KEYS or key.endswith(_TEXT_KEYS):
+        return value
     # TOML syntax lets lists, numbers and booleans through (SEGMAPD_CXONE__SCOPES='["a", "b"]');
     # anything that is not a TOML value is taken as a plain string.
     try:
