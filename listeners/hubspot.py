@@ -56,7 +56,7 @@ from listeners.base import (
     SourceSettings,
 )
 from listeners.errors import WebhookRejected
-from listeners.payload import ID_PATTERN, ID_RULE, MAX_EVENTS, parse_event
+from listeners.payload import ID_PATTERN, ID_RULE, MAX_EVENTS, json_type, parse_event
 from scheduler.model import FailureReason, MembershipChange
 
 SIGNATURE_V3_HEADER = "X-HubSpot-Signature-v3"
@@ -498,7 +498,7 @@ class _EventMapper:
         if type(document) is not list:
             raise WebhookRejected(
                 400,
-                f"body: must be a JSON array of HubSpot events, not {_json_type(document)}",
+                f"body: must be a JSON array of HubSpot events, not {json_type(document)}",
                 "body",
             )
         if not document:
@@ -517,7 +517,7 @@ class _EventMapper:
     def _take(self, raw: object, path: str, delivery: ParsedDelivery) -> None:
         if type(raw) is not dict:
             raise WebhookRejected(
-                400, f"{path}: must be an event object, not {_json_type(raw)}", path
+                400, f"{path}: must be an event object, not {json_type(raw)}", path
             )
         subscription_type = _subscription_type(raw, path)
         obj, dot, action = subscription_type.partition(".")
@@ -567,7 +567,7 @@ class _EventMapper:
         if value is not None and type(value) is not str:
             where = f"{event.path}.propertyValue"
             raise WebhookRejected(
-                422, f"{where}: must be a string or null, not {_json_type(value)}", where
+                422, f"{where}: must be a string or null, not {json_type(value)}", where
             )
         options = [part.strip() for part in (value or "").split(";")]
         segments: list[str] = []
@@ -683,7 +683,7 @@ def _read_event(raw: dict[str, Any], path: str, subscription_type: str, action: 
     if type(occurred) is not int:
         where = f"{path}.occurredAt"
         raise WebhookRejected(
-            422, f"{where}: must be integer epoch milliseconds, not {_json_type(occurred)}", where
+            422, f"{where}: must be integer epoch milliseconds, not {json_type(occurred)}", where
         )
     identity = [
         _integer(_required(raw, path, name, object), f"{path}.{name}")
@@ -703,7 +703,7 @@ def _subscription_type(raw: dict[str, Any], path: str) -> str:
         if value is not None and (type(value) is not str or not value):
             where = f"{path}.{name}"
             raise WebhookRejected(
-                422, f"{where}: must be a non-empty string, not {_json_type(value)}", where
+                422, f"{where}: must be a non-empty string, not {json_type(value)}", where
             )
     if subscription is None and event_type is None:
         where = f"{path}.subscriptionType"
@@ -726,13 +726,13 @@ def _required(raw: dict[str, Any], path: str, name: str, kind: type) -> Any:
     value = raw[name]
     if kind is not object and type(value) is not kind:
         noun = _NOUNS.get(kind, kind.__name__)
-        raise WebhookRejected(422, f"{place}: must be {noun}, not {_json_type(value)}", place)
+        raise WebhookRejected(422, f"{place}: must be {noun}, not {json_type(value)}", place)
     return value
 
 
 def _integer(value: object, where: str) -> int:
     if type(value) is not int:
-        shown = _json_type(value)
+        shown = json_type(value)
         if type(value) is float:
             shown = "a fraction or an integer beyond 64 bits"
         raise WebhookRejected(422, f"{where}: must be an integer, not {shown}", where)
@@ -747,17 +747,3 @@ def _change(contact_id: str, segments: list[str], occurred_at_ms: int) -> Member
 
 def _quoted(text: str) -> str:
     return repr(text[:_QUOTED_CHARS]) + ("..." if len(text) > _QUOTED_CHARS else "")
-
-
-def _json_type(value: object) -> str:
-    if value is None:
-        return "null"
-    if type(value) is bool:
-        return "a boolean"
-    if type(value) in (int, float):
-        return "a number"
-    if type(value) is str:
-        return "a string"
-    if type(value) is list:
-        return "an array"
-    return "an object"

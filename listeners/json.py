@@ -62,7 +62,7 @@ from listeners.base import (
     SourceSettings,
 )
 from listeners.errors import WebhookRejected
-from listeners.payload import MAX_EVENTS, parse_event, reject_duplicate_keys
+from listeners.payload import MAX_EVENTS, json_type, parse_event, reject_duplicate_keys
 from scheduler.model import FailureReason
 
 SKIP_FILTERED = "filtered"
@@ -389,7 +389,7 @@ class JsonAdapter(JsonReplies):
             raise WebhookRejected(
                 422,
                 f"body: the events expression {self._settings.events!r} gave "
-                f"{_json_type(found)}; it must give an array of events or one event object",
+                f"{json_type(found)}; it must give an array of events or one event object",
                 "body",
             )
         if len(found) > MAX_EVENTS:
@@ -453,7 +453,7 @@ class JsonAdapter(JsonReplies):
             raise WebhookRejected(
                 422,
                 f"{where}: the {config_key} expression {getattr(self._settings, config_key)!r} "
-                f"gave {_json_type(found)}; it must give an array of segment ids or a "
+                f"gave {json_type(found)}; it must give an array of segment ids or a "
                 f"{self._settings.list_separator!r}-separated string",
                 where,
             )
@@ -474,7 +474,7 @@ class JsonAdapter(JsonReplies):
         if type(found) is not str:
             raise WebhookRejected(
                 422,
-                f"{where}: the dedup_key expression {expression!r} gave {_json_type(found)}; "
+                f"{where}: the dedup_key expression {expression!r} gave {json_type(found)}; "
                 f"it must give a string or an integer",
                 where,
             )
@@ -574,17 +574,3 @@ def _truthy(value: Any) -> bool:
 def _shown_id(value: Any) -> str:
     text = value if type(value) is str else orjson.dumps(value).decode()
     return text[:_MAX_SHOWN_ID_CHARS]
-
-
-def _json_type(value: object) -> str:
-    if value is None:
-        return "null"
-    if type(value) is bool:
-        return "a boolean"
-    if type(value) in (int, float):
-        return "a number"
-    if type(value) is str:
-        return "a string"
-    if type(value) is list:
-        return "an array"
-    return "an object"

@@ -111,7 +111,7 @@ def parse_events(body: bytes) -> list[MembershipChange]:
         raise WebhookRejected(
             400,
             f"body: must be an event object or an array of event objects, "
-            f"not {_json_type(document)}",
+            f"not {json_type(document)}",
             "body",
         )
     try:
@@ -236,9 +236,7 @@ def reject_duplicate_keys(body: bytes) -> None:
 
 def _event(event: object, path: str) -> MembershipChange:
     if type(event) is not dict:
-        raise WebhookRejected(
-            400, f"{path}: must be an event object, not {_json_type(event)}", path
-        )
+        raise WebhookRejected(400, f"{path}: must be an event object, not {json_type(event)}", path)
     # The original form, by far the most common, takes the shortest way.
     if len(event) == 2 and _SEGMENTS in event and _CONTACT in event:
         contact_id = _id(event[_CONTACT], path, _CONTACT, None)
@@ -346,7 +344,7 @@ def _list(event: dict[str, Any], path: str, key: str) -> list[Any]:
     if type(raw) is not list:
         where = f"{path}.{key}"
         raise WebhookRejected(
-            400, f"{where}: must be an array of segment ids, not {_json_type(raw)}", where
+            400, f"{where}: must be an array of segment ids, not {json_type(raw)}", where
         )
     return raw
 
@@ -379,7 +377,7 @@ def _occurred_at(value: object, path: str) -> float:
         if type(value) is float:
             detail = "not a fraction: epoch milliseconds are an integer"
         else:
-            detail = f"not {_json_type(value)}"
+            detail = f"not {json_type(value)}"
         raise WebhookRejected(
             422,
             f"{where}: must be an RFC 3339 time with an offset or integer epoch milliseconds, "
@@ -447,7 +445,7 @@ def _id(value: object, path: str, key: str, index: int | None) -> str:
         if type(value) is float:
             detail = "not a fraction or an integer beyond 64 bits; send such ids as strings"
         else:
-            detail = f"not {_json_type(value)}"
+            detail = f"not {json_type(value)}"
         raise WebhookRejected(422, f"{where}: must be a string or an integer, {detail}", where)
     if ID_PATTERN.fullmatch(text) is None:
         where = _where(path, key, index)
@@ -500,7 +498,8 @@ def _json_problem(exc: orjson.JSONDecodeError, body: bytes) -> str:
     return f"not valid JSON: {exc}"
 
 
-def _json_type(value: object) -> str:
+def json_type(value: object) -> str:
+    """A decoded JSON value's type as messages name it: "null", "a string", "an array", ..."""
     if value is None:
         return "null"
     if type(value) is bool:
