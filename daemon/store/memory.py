@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from daemon.store.base import JournalStore, Recovered
 from scheduler.model import Assignment, AssignmentKey, State
 from scheduler.store import BatchRecord, ContactHistory
+from scheduler.validation_state import MemoryRefreshBudget
 
 # Redelivery memory is bounded: a webhook sender retries within hours, not forever.
 MAX_DELIVERIES = 1_000_000
@@ -26,7 +27,7 @@ class MemoryStore(JournalStore):
         self.stale: list[tuple[str, str, str, float, float]] = []
         # Per contact, the time of the newest mirror (`set`) applied.
         self._mirrors: dict[str, float] = {}
-        self._refresh: dict[str, float] = {}
+        self._refresh = MemoryRefreshBudget()
         self._notifications: OrderedDict[str, bytes] = OrderedDict()
 
     async def open(self) -> Recovered:
@@ -120,19 +121,15 @@ class MemoryStore(JournalStore):
 
     def next_allowed(self, segment_id: str) -> float:
         """Wall-clock time from which a refresh is allowed."""
-        return self._refresh.get(segment_id, 0.0)
+        return self._refresh.next_allowed(segment_id)
 
     def spend(self, segment_id: str, at: float, next_allowed: float) -> None:
         """Record when the next refresh is allowed."""
-        self._refresh[segment_id] = next_allowed
+        self._refresh.spend(segment_id, at, next_allowed)
 
     async def try_spend(self, segment_id: str, now: float, next_allowed: float) -> float:
         """Spend the budget if it allows a refresh now; 0.0, or when it will allow one."""
-        allowed = self._refresh.get(segment_id, 0.0)
-        if allowed > now:
-            return allowed
-        self._refresh[segment_id] = next_allowed
-        return 0.0
+        return await self._refresh.try_spend(segment_id, now, next_allowed)
 
     def add(self, event_id: str, body: bytes) -> None:
         """Keep a notification to deliver."""
