@@ -393,6 +393,13 @@ class PostgresStore(JournalStore):
         except TimeoutError:
             raise StoreUnavailable(f"journal {self.shown}: no commit within 5 s") from None
 
+        # With nothing queued a flush touches no database: ask the server itself, so that an
+        # idle instance is not ready while its database is down.
+        async def probe(connection: _Connection) -> None:
+            await connection.execute("SELECT 1", timeout=5.0)
+
+        await self._with_connection(probe, "readiness probe")
+
     async def flush(self) -> None:
         """Wait until everything queued so far is committed; StoreUnavailable while it cannot be."""
         if self._writer is None or self._closing:

@@ -252,3 +252,19 @@ def _closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+async def test_an_idle_store_is_not_writable_while_the_database_is_down(
+    opened: PostgresStore, postgres: PostgresServer
+):
+    await opened.check_writable()
+    with postgres.down(), pytest.raises(StoreUnavailable, match="readiness probe failed"):
+        await opened.check_writable()
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            await opened.check_writable()
+            break
+        except StoreUnavailable:
+            assert time.monotonic() < deadline, "not writable after the database came back"
+            await asyncio.sleep(0.2)
