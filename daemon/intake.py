@@ -145,12 +145,20 @@ async def _earlier_answer(service: Service, claims: Claims, key: ClaimKey) -> by
     holder = claims.holder(key)
     if holder is not None:
         await asyncio.shield(holder)
-    earlier = await service.store.delivery(*key)
+    earlier = await _lookup(service, key)
     if earlier is None:
         return None
     # The first delivery may still be queued behind a full disk: answer once it is committed.
     await commit(service)
     return earlier
+
+
+async def _lookup(service: Service, key: ClaimKey) -> bytes | None:
+    """The journaled answer for a key; `Busy` while the journal cannot be read."""
+    try:
+        return await service.store.delivery(*key)
+    except StoreUnavailable as exc:
+        raise Busy(f"the journal cannot be read: {exc}", JOURNAL_RETRY_AFTER_S) from None
 
 
 async def _seen(service: Service, claims: Claims, source: str, key: str | None) -> bool:
@@ -161,7 +169,7 @@ async def _seen(service: Service, claims: Claims, source: str, key: str | None) 
     if holder is not None and await asyncio.shield(holder):
         return True
     # No taker, or its taker failed to commit: then this copy takes it (or fails the same way).
-    return await service.store.delivery(source, key) is not None
+    return await _lookup(service, (source, key)) is not None
 
 
 async def _new_events(

@@ -22,7 +22,7 @@ from daemon.connections import HANDLER_SHUTDOWN_TIMEOUT_S, build_runner, start_s
 from daemon.http import build_app
 from daemon.sdnotify import SdNotifier, watchdog_loop
 from daemon.service import CannotListen, Service
-from daemon.store.base import StoreOpenError
+from daemon.store.base import StoreOpenError, StoreUnreachable
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,10 @@ async def serve(config: Config, *, announce: bool = True) -> int:
     listener = HttpListener(service, config)
     try:
         await service.start(listener)
+    except StoreUnreachable as exc:
+        # Exit 1, not 2: the supervisor starts segmapd again, by when the server may answer.
+        log.critical("cannot reach the journal: %s", exc)
+        return 1
     except StoreOpenError as exc:
         log.critical("cannot use the journal: %s", exc)
         return 2

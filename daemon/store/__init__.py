@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from daemon.store.base import JournalStore, Recovered, StoreOpenError
+from daemon.store.base import JournalStore, Recovered, StoreOpenError, StoreUnreachable
 
 if TYPE_CHECKING:
     from daemon.config import StoreConfig
 
-__all__ = ["JournalStore", "Recovered", "StoreOpenError", "from_url"]
+__all__ = ["JournalStore", "Recovered", "StoreOpenError", "StoreUnreachable", "from_url"]
 
 
 def from_url(config: StoreConfig) -> JournalStore:

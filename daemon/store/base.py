@@ -30,6 +30,15 @@ class StoreOpenError(Exception):
     """
 
 
+class StoreUnreachable(StoreOpenError):
+    """The store's server did not answer at start-up: worth starting again a little later.
+
+    A file that is no journal stays one however often segmapd starts; a database server that
+    is still starting (or briefly unreachable) answers soon: the daemon exits so that its
+    supervisor starts it again, with a status distinct from a configuration error.
+    """
+
+
 @dataclass
 class Recovered:
     """What the journal held at start-up that is not finished."""

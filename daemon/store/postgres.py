@@ -33,7 +33,7 @@ import orjson
 from asyncpg.pool import PoolConnectionProxy
 
 from daemon.config import display_url
-from daemon.store.base import JournalStore, Recovered, StoreOpenError
+from daemon.store.base import JournalStore, Recovered, StoreOpenError, StoreUnreachable
 from scheduler.model import Assignment, FailureReason, Intent, State
 from scheduler.store import BatchRecord, ContactHistory, StoreUnavailable
 
@@ -54,8 +54,8 @@ RETRY_FIRST_S = 0.25
 RETRY_MOST_S = 2.0
 #: Connections per process: the writer's, and a few for concurrent reads and atomic steps.
 POOL_MAX = 6
-#: Journal reads at most for one redelivery lookup (see `PostgresStore.delivery`).
-LOOKUP_READS = 4
+#: Delivery keys committed lately, kept in memory (see `PostgresStore.delivery`).
+RECENT_DELIVERIES = 200_000
 #: An arbitrary constant, the key of the advisory lock migrations hold ("SGMP" in hex).
 MIGRATION_LOCK = 0x53474D50
 PRUNE_INTERVAL_S = 3600.0
@@ -295,7 +295,9 @@ class PostgresStore(JournalStore):
         self._unconfirmed: dict[tuple[str, str], bytes] = {}
         # Commits whose deliveries left `_unconfirmed`: a lookup whose read overlapped one reads
         # again, since its snapshot may predate the commit.
-        self._deliveries_settled = 0
+        # Delivery keys committed lately, oldest first: a lookup that read before their commit
+        # finds them here.
+        self._recent: OrderedDict[tuple[str, str], bytes] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.shown!r})"
@@ -314,9 +316,10 @@ class PostgresStore(JournalStore):
                 max_size=POOL_MAX,
                 timeout=CONNECT_TIMEOUT_S,
                 command_timeout=COMMAND_TIMEOUT_S,
+                reset=_keep_session,
             )
         except _UNAVAILABLE as exc:
-            raise StoreOpenError(
+            raise StoreUnreachable(
                 f"{self.shown}: cannot connect to PostgreSQL ({_describe(exc)}); check that the "
                 "server runs and accepts this role, and store.url / store.password"
             ) from None
@@ -331,7 +334,7 @@ class PostgresStore(JournalStore):
             raise
         except _UNAVAILABLE as exc:
             await _close_pool(pool)
-            raise StoreOpenError(
+            raise StoreUnreachable(
                 f"{self.shown}: cannot open the journal ({_describe(exc)})"
             ) from None
         except BaseException:
@@ -688,21 +691,16 @@ class PostgresStore(JournalStore):
         answer = self._unconfirmed.get(key)
         if answer is not None:
             return answer
-        for _ in range(LOOKUP_READS):
-            settled = self._deliveries_settled
-            rows = await self._fetch(
-                "SELECT answer FROM deliveries WHERE source = $1 AND delivery_id = $2",
-                source,
-                delivery_id,
-            )
-            if rows:
-                return bytes(rows[0][0])
-            answer = self._unconfirmed.get(key)
-            if answer is not None or self._deliveries_settled == settled:
-                return answer
-            # Deliveries were committed while we read and left `_unconfirmed`: this one may be
-            # among them, committed after the read's snapshot. A new read sees it.
-        return self._unconfirmed.get(key)
+        rows = await self._fetch(
+            "SELECT answer FROM deliveries WHERE source = $1 AND delivery_id = $2",
+            source,
+            delivery_id,
+        )
+        if rows:
+            return bytes(rows[0][0])
+        # Committed while we read, after the read's snapshot: then it left `_unconfirmed` for
+        # `_recent` (re-reading instead cost up to four reads a webhook under load).
+        return self._unconfirmed.get(key) or self._recent.get(key)
 
     # ---- the writer task ----------------------------------------------------------------------
 
@@ -746,9 +744,13 @@ class PostgresStore(JournalStore):
                 log.warning("journal %s: commits work again", self.shown)
                 self.last_error = ""
             if work.deliveries:
-                self._deliveries_settled += 1
+                recent = self._recent
                 for key in work.deliveries:
-                    self._unconfirmed.pop(key, None)
+                    answer = self._unconfirmed.pop(key, None)
+                    if answer is not None:
+                        recent[key] = answer
+                while len(recent) > RECENT_DELIVERIES:
+                    recent.popitem(last=False)
             for waiter in work.waiters:
                 if not waiter.done():
                     waiter.set_result(None)
@@ -1014,3 +1016,10 @@ def _assignment(row: tuple[Any, ...]) -> Assignment:
         intent=_INTENTS[intent],
         occurred_at=occurred_at,
     )
+
+
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """The pool's reset on release, left out: a round trip per release, for nothing.
+
+    The store keeps no session state (no LISTEN, cursors, settings or session locks).
+    """

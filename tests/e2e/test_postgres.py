@@ -9,7 +9,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-import pytest
 
 from tests.e2e.conftest import Daemon, StartDaemon
 from tests.support.emulator import EmulatorControl
@@ -134,11 +133,6 @@ async def test_a_database_restarted_mid_run_refuses_work_then_resumes_by_itself(
     assert counters["idempotency_conflicts"]["IdempotencyKeyReused"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon/intake.py does not turn a failed delivery lookup (StoreUnavailable from "
-    "store.delivery() in _earlier_answer/_seen) into Busy: a 500 instead of 503 + Retry-After",
-)
 async def test_webhooks_are_answered_busy_while_the_database_is_down(
     start_daemon: StartDaemon,
     http: aiohttp.ClientSession,
