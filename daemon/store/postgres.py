@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -58,6 +60,8 @@ POOL_MAX = 6
 RECENT_DELIVERIES = 200_000
 #: An arbitrary constant, the key of the advisory lock migrations hold ("SGMP" in hex).
 MIGRATION_LOCK = 0x53474D50
+#: The key of the session lock the one writing instance holds ("SGMI" in hex).
+INSTANCE_LOCK = 0x53474D49
 PRUNE_INTERVAL_S = 3600.0
 
 # Errors that mean "the database cannot serve this now", never a bug in the caller's data:
@@ -141,6 +145,14 @@ MIGRATIONS: list[str] = [
     );
     INSERT INTO journal_info VALUES
         ('created_at', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'));
+    """,
+    # 2: who holds the instance lock (InstanceGuard), for the message a second instance gets.
+    """
+    CREATE TABLE segmapd_holder (
+        id     INTEGER PRIMARY KEY CHECK (id = 1),
+        holder TEXT NOT NULL,
+        since  TIMESTAMPTZ NOT NULL
+    );
     """,
 ]
 
@@ -271,8 +283,12 @@ class PostgresStore(JournalStore):
         password: str = "",
         retention_s: float = 7 * 86_400,
         clock: Callable[[], float] = time.time,
+        exclusive: bool = True,
     ) -> None:
         self.url = url
+        # One instance per database until segments are owned through shard leases: two engines
+        # on one journal would both recover, batch and send the same work (see InstanceGuard).
+        self._guard = InstanceGuard(url, password, display_url(url)) if exclusive else None
         self.retention_s = retention_s
         self.shown = display_url(url)
         self._password = password
@@ -293,8 +309,6 @@ class PostgresStore(JournalStore):
         self._notifications: OrderedDict[str, bytes] = OrderedDict()
         # Deliveries remembered but not committed yet (their answers).
         self._unconfirmed: dict[tuple[str, str], bytes] = {}
-        # Commits whose deliveries left `_unconfirmed`: a lookup whose read overlapped one reads
-        # again, since its snapshot may predate the commit.
         # Delivery keys committed lately, oldest first: a lookup that read before their commit
         # finds them here.
         self._recent: OrderedDict[tuple[str, str], bytes] = OrderedDict()
@@ -328,9 +342,13 @@ class PostgresStore(JournalStore):
         try:
             async with pool.acquire() as connection:
                 await _migrate(connection, self.shown)
+                if self._guard is not None:
+                    await self._guard.acquire()
                 recovered = await _load_recovery(connection)
         except StoreOpenError:
             await _close_pool(pool)
+            if self._guard is not None:
+                await self._guard.release()
             raise
         except _UNAVAILABLE as exc:
             await _close_pool(pool)
@@ -339,6 +357,8 @@ class PostgresStore(JournalStore):
             ) from None
         except BaseException:
             await _close_pool(pool)
+            if self._guard is not None:
+                await self._guard.release()
             raise
         self._pool = pool
         self._closing = self._closed = False
@@ -386,6 +406,8 @@ class PostgresStore(JournalStore):
             )
         pool, self._pool = self._pool, None
         await _close_pool(pool)
+        if self._guard is not None:
+            await self._guard.release()
 
     async def check_writable(self) -> None:
         """Raise StoreUnavailable while commits fail (the readiness probe)."""
@@ -761,6 +783,10 @@ class PostgresStore(JournalStore):
             return
         pool = self._pool
         assert pool is not None
+        if self._guard is not None:
+            # Lost with its connection (the database restarted): taken again before any write,
+            # or this instance writes nothing (and answers 503) while another one holds it.
+            await self._guard.ensure()
         async with (
             pool.acquire(timeout=CONNECT_TIMEOUT_S) as connection,
             connection.transaction(),
@@ -1016,6 +1042,106 @@ def _assignment(row: tuple[Any, ...]) -> Assignment:
         intent=_INTENTS[intent],
         occurred_at=occurred_at,
     )
+
+
+class InstanceGuard:
+    """A session advisory lock that makes one segmapd instance the only writer of a database.
+
+    Held on a connection of its own for the instance's lifetime; the server releases it when
+    that connection ends, however the instance ends. A second instance refuses to start, naming
+    the holder (kept in `segmapd_holder`). When the connection is lost (a database restart) the
+    lock is taken again before the next commit; if another instance took it meanwhile, commits
+    fail (`StoreUnavailable`) and this instance answers 503 rather than write beside it.
+    """
+
+    __slots__ = ("_connection", "_password", "_shown", "_url", "holder")
+
+    def __init__(self, url: str, password: str, shown: str) -> None:
+        self._url = url
+        self._password = password
+        self._shown = shown
+        self._connection: asyncpg.Connection | None = None
+        self.holder = f"pid {os.getpid()} on {socket.gethostname()}"
+
+    def __repr__(self) -> str:
+        return f"InstanceGuard({self._shown!r})"
+
+    async def acquire(self) -> None:
+        """Take the lock at start-up, or raise StoreOpenError naming the instance holding it."""
+        if not await self._take():
+            raise StoreOpenError(
+                f"{self._shown}: the journal is in use by another segmapd instance "
+                f"({await self._holder()}); one instance per database: stop that one, or give "
+                "this one its own database"
+            )
+
+    async def ensure(self) -> None:
+        """Hold the lock again if its connection was lost; StoreUnavailable if another has it."""
+        if self._connection is not None and not self._connection.is_closed():
+            return
+        if not await self._take():
+            raise StoreUnavailable(
+                f"journal {self._shown}: another segmapd instance holds it "
+                f"({await self._holder()}); this one writes nothing meanwhile"
+            )
+        log.warning("journal %s: instance lock taken again", self._shown)
+
+    async def release(self) -> None:
+        """Let go of the lock (idempotent)."""
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.is_closed():
+            with contextlib.suppress(*_UNAVAILABLE):
+                await connection.close(timeout=CLOSE_FLUSH_TIMEOUT_S)
+
+    async def _take(self) -> bool:
+        await self.release()
+        try:
+            connection = await asyncpg.connect(
+                self._url,
+                password=self._password or None,
+                timeout=CONNECT_TIMEOUT_S,
+                command_timeout=COMMAND_TIMEOUT_S,
+            )
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(
+                f"journal {self._shown}: cannot connect ({_describe(exc)})"
+            ) from None
+        try:
+            if not await connection.fetchval("SELECT pg_try_advisory_lock($1)", INSTANCE_LOCK):
+                await connection.close()
+                return False
+            await connection.execute(
+                "INSERT INTO segmapd_holder (id, holder, since) VALUES (1, $1, now()) "
+                "ON CONFLICT (id) DO UPDATE SET holder = excluded.holder, since = excluded.since",
+                self.holder,
+            )
+        except _UNAVAILABLE as exc:
+            with contextlib.suppress(*_UNAVAILABLE):
+                await connection.close()
+            raise StoreUnavailable(
+                f"journal {self._shown}: cannot take the instance lock ({_describe(exc)})"
+            ) from None
+        self._connection = connection
+        return True
+
+    async def _holder(self) -> str:
+        try:
+            connection = await asyncpg.connect(
+                self._url, password=self._password or None, timeout=CONNECT_TIMEOUT_S
+            )
+        except _UNAVAILABLE:
+            return "holder unknown"
+        try:
+            row = await connection.fetchrow(
+                "SELECT holder, to_char(since AT TIME ZONE 'UTC', "
+                '\'YYYY-MM-DD"T"HH24:MI:SS"Z"\') AS since FROM segmapd_holder WHERE id = 1'
+            )
+        except _UNAVAILABLE:
+            row = None
+        finally:
+            with contextlib.suppress(*_UNAVAILABLE):
+                await connection.close()
+        return f"{row['holder']}, since {row['since']}" if row else "holder unknown"
 
 
 async def _keep_session(connection: asyncpg.Connection) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -32,10 +33,13 @@ def new(contact: str, segment: str, *path: State) -> Assignment:
 
 
 @pytest.fixture
-def journal(postgres: PostgresServer, postgres_url: str) -> Callable[[], PostgresStore]:
-    """Stores on one fresh database, each made as the daemon makes it (`from_url`)."""
+def journal(postgres: PostgresServer, postgres_url: str) -> Callable[..., PostgresStore]:
+    """Stores on one fresh database, made as the daemon makes them (`from_url`); or, with
+    `exclusive=False`, without the instance lock, for the steps several instances share."""
 
-    def make() -> PostgresStore:
+    def make(*, exclusive: bool = True) -> PostgresStore:
+        if not exclusive:
+            return PostgresStore(postgres_url, password=postgres.password, exclusive=False)
         store = from_url(StoreConfig(url=postgres_url, password=SecretStr(postgres.password)))
         assert isinstance(store, PostgresStore)
         return store
@@ -44,7 +48,7 @@ def journal(postgres: PostgresServer, postgres_url: str) -> Callable[[], Postgre
 
 
 @pytest.fixture
-async def opened(journal: Callable[[], PostgresStore]) -> AsyncIterator[PostgresStore]:
+async def opened(journal: Callable[..., PostgresStore]) -> AsyncIterator[PostgresStore]:
     """One open store on a fresh database."""
     store = journal()
     await store.open()
@@ -53,9 +57,9 @@ async def opened(journal: Callable[[], PostgresStore]) -> AsyncIterator[Postgres
 
 
 async def test_instances_starting_together_migrate_once(
-    journal: Callable[[], PostgresStore], postgres: PostgresServer, postgres_url: str
+    journal: Callable[..., PostgresStore], postgres: PostgresServer, postgres_url: str
 ):
-    stores = [journal() for _ in range(3)]
+    stores = [journal(exclusive=False) for _ in range(3)]
     try:
         await asyncio.gather(*(store.open() for store in stores))
         stores[0].record(new("c1", "s1"))
@@ -72,7 +76,7 @@ async def test_instances_starting_together_migrate_once(
 
 
 async def test_a_newer_schema_is_refused_untouched(
-    journal: Callable[[], PostgresStore], postgres: PostgresServer, postgres_url: str
+    journal: Callable[..., PostgresStore], postgres: PostgresServer, postgres_url: str
 ):
     first = journal()
     await first.open()
@@ -92,7 +96,7 @@ async def test_a_newer_schema_is_refused_untouched(
 
 
 async def test_what_is_unfinished_is_recovered_after_a_restart(
-    journal: Callable[[], PostgresStore],
+    journal: Callable[..., PostgresStore],
 ):
     first = journal()
     await first.open()
@@ -173,9 +177,9 @@ async def test_a_database_restart_refuses_flushes_then_commits_everything_queued
 
 
 async def test_a_delivery_claimed_by_two_instances_at_once_has_one_winner(
-    journal: Callable[[], PostgresStore],
+    journal: Callable[..., PostgresStore],
 ):
-    first, second = journal(), journal()
+    first, second = journal(exclusive=False), journal(exclusive=False)
     await asyncio.gather(first.open(), second.open())
     try:
         keys = [f"d-{i}" for i in range(40)]
@@ -194,8 +198,8 @@ async def test_a_delivery_claimed_by_two_instances_at_once_has_one_winner(
         await asyncio.gather(first.close(), second.close())
 
 
-async def test_a_refresh_is_taken_by_one_instance_only(journal: Callable[[], PostgresStore]):
-    first, second = journal(), journal()
+async def test_a_refresh_is_taken_by_one_instance_only(journal: Callable[..., PostgresStore]):
+    first, second = journal(exclusive=False), journal(exclusive=False)
     await asyncio.gather(first.open(), second.open())
     try:
         results = await asyncio.gather(
@@ -268,3 +272,48 @@ async def test_an_idle_store_is_not_writable_while_the_database_is_down(
         except StoreUnavailable:
             assert time.monotonic() < deadline, "not writable after the database came back"
             await asyncio.sleep(0.2)
+
+
+async def test_a_second_instance_on_one_database_refuses_naming_the_holder(
+    journal: Callable[..., PostgresStore],
+):
+    first = journal()
+    await first.open()
+    try:
+        with pytest.raises(StoreOpenError) as refused:
+            await journal().open()
+        message = str(refused.value)
+        assert "the journal is in use by another segmapd instance" in message
+        assert f"pid {os.getpid()} on {socket.gethostname()}, since 20" in message
+        # The first instance is unaffected.
+        first.record(new("g1", "s1"))
+        await first.flush()
+    finally:
+        await first.close()
+    # Once it has stopped, the database takes another instance.
+    second = journal()
+    await second.open()
+    await second.close()
+
+
+async def test_after_a_database_restart_the_instance_takes_its_lock_again_or_writes_nothing(
+    journal: Callable[..., PostgresStore], postgres: PostgresServer
+):
+    first = journal()
+    await first.open()
+    try:
+        postgres.restart()  # the lock ends with its connection
+        deadline = time.monotonic() + 20
+        while True:
+            first.record(new("r1", "s1"))
+            try:
+                await first.flush()
+                break
+            except StoreUnavailable:
+                assert time.monotonic() < deadline, "no commit after the restart"
+                await asyncio.sleep(0.2)
+        # It holds the lock again: another instance is refused.
+        with pytest.raises(StoreOpenError, match="in use by another segmapd instance"):
+            await journal().open()
+    finally:
+        await first.close()
