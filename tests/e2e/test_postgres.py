@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 
 from tests.e2e.conftest import Daemon, StartDaemon
+from tests.e2e.test_cli import segmapd
 from tests.support.emulator import EmulatorControl
 from tests.support.postgres import PostgresServer
 
@@ -152,3 +155,36 @@ async def test_webhooks_are_answered_busy_while_the_database_is_down(
     while (status := (await webhook_status(daemon, http, "back"))[0]) != 202:
         assert status == 503 and time.monotonic() < deadline
         await asyncio.sleep(0.2)
+
+
+async def test_a_second_instance_or_an_unreachable_database_stops_it_with_a_clear_status(
+    start_daemon: StartDaemon,
+    postgres: PostgresServer,
+    postgres_url: str,
+    cli_env: dict[str, str],
+    tmp_path: Path,
+):
+    first = await start_daemon(store=on_postgres(postgres, postgres_url))
+    # The same database: refused (exit 2, not restarted by systemd), naming the holder.
+    code, _, err = await segmapd("run", "--config", str(first.config), env=cli_env)
+    assert code == 2
+    assert "the journal is in use by another segmapd instance" in err
+    assert first.process.proc is not None
+    assert f"pid {first.process.proc.pid} on " in err
+    assert postgres.password not in err
+    # A database nobody answers at: exit 1, which systemd restarts.
+    unreachable = tmp_path / "unreachable.toml"
+    unreachable.write_text(
+        first.config.read_text().replace(
+            postgres_url, f"postgresql://segmap_test@127.0.0.1:{free_port()}/segmapd"
+        )
+    )
+    code, _, err = await segmapd("run", "--config", str(unreachable), env=cli_env)
+    assert code == 1
+    assert "cannot reach the journal" in err and postgres.password not in err
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
