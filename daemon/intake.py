@@ -19,6 +19,7 @@ commit before answering.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -35,7 +36,7 @@ from listeners.base import (
 )
 from listeners.errors import WebhookRejected
 from scheduler.engine import Engine, EngineClosed, EngineOverloaded, SubmitResult
-from scheduler.model import Assignment, MembershipChange
+from scheduler.model import Assignment, MembershipChange, storable
 from scheduler.store import ContactHistory, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -76,6 +77,8 @@ async def _receive(
 ) -> Reply:
     claims = service.claims
     delivery_key = adapter.authenticate(request)
+    if delivery_key is not None:
+        delivery_key = storable(delivery_key)
     held: list[ClaimKey] = []
     if delivery_key is not None:
         earlier = await _earlier_answer(service, claims, (source, delivery_key))
@@ -87,7 +90,7 @@ async def _receive(
         held.append((source, delivery_key))
     # The delivery's own key is held from here, before anything else can wait.
     with claims.claim(held) as delivered:
-        parsed = adapter.parse(request)
+        parsed = _storable_keys(adapter.parse(request))
         while True:
             fresh, redelivered = await _new_events(service, claims, source, parsed.events)
             fresh_dead = await _new_dead(service, claims, source, parsed.dead, fresh)
@@ -128,6 +131,17 @@ async def _receive(
             delivered.set_result(True)
     _count(service, source, adapter, parsed, outcome)
     return reply
+
+
+def _storable_keys(parsed: ParsedDelivery) -> ParsedDelivery:
+    """The delivery with every event key as the journal can keep it (see `storable`)."""
+    for index, event in enumerate(parsed.events):
+        if event.key is not None and storable(event.key) != event.key:
+            parsed.events[index] = dataclasses.replace(event, key=storable(event.key))
+    for index, dead in enumerate(parsed.dead):
+        if dead.key is not None and storable(dead.key) != dead.key:
+            parsed.dead[index] = dataclasses.replace(dead, key=storable(dead.key))
+    return parsed
 
 
 def _count(

@@ -25,6 +25,7 @@ from scheduler.model import (
     Lane,
     MembershipChange,
     State,
+    storable,
 )
 from scheduler.observer import EngineObserver
 from scheduler.retry import RetryPolicy
@@ -477,19 +478,20 @@ class Engine:
         now = self._wall()
         wanted: dict[str, Intent] = {}
         for segment_id in (*change.add, *(change.mirror or ())):
-            wanted.setdefault(segment_id, Intent.ADD)
+            wanted.setdefault(storable(segment_id), Intent.ADD)
         for segment_id in change.remove:
-            wanted.setdefault(segment_id, Intent.REMOVE)
+            wanted.setdefault(storable(segment_id), Intent.REMOVE)
+        contact_id = storable(change.contact_id)
         recorded = 0
         for segment_id, intent in wanted.items():
-            if (change.contact_id, segment_id) in self._live:
+            if (contact_id, segment_id) in self._live:
                 continue
             assignment = Assignment(
-                change.contact_id,
+                contact_id,
                 segment_id,
                 state=State.FAILED,
                 reason=reason,
-                message=message,
+                message=storable(message),
                 received_at=now,
                 updated_at=now,
                 intent=intent,

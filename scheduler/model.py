@@ -156,3 +156,15 @@ class MembershipChange:
     def segment_ids(self) -> tuple[str, ...]:
         """Every segment the change names, each once, adds first."""
         return tuple(dict.fromkeys((*self.add, *self.remove, *(self.mirror or ()))))
+
+
+def storable(text: str) -> str:
+    """`text` as any journal can keep it: NUL and lone surrogates replaced.
+
+    Text from outside (a contact id dead-lettered as sent, an event's redelivery key, CXone's
+    error message) may hold either; PostgreSQL's text type takes neither, and no UTF-8 encoder
+    takes a lone surrogate: one such row would fail every commit it is part of.
+    """
+    if text.isascii() and "\x00" not in text:
+        return text
+    return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")

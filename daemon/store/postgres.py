@@ -36,7 +36,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from daemon.config import display_url
 from daemon.store.base import JournalStore, Recovered, StoreOpenError, StoreUnreachable
-from scheduler.model import Assignment, FailureReason, Intent, State
+from scheduler.model import Assignment, FailureReason, Intent, State, storable
 from scheduler.store import BatchRecord, ContactHistory, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -146,12 +146,15 @@ MIGRATIONS: list[str] = [
     INSERT INTO journal_info VALUES
         ('created_at', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'));
     """,
-    # 2: who holds the instance lock (InstanceGuard), for the message a second instance gets.
+    # 2: who holds the instance lock (InstanceGuard), for the message a second instance gets,
+    # and the epoch every commit checks, so that an instance that lost the lock without
+    # noticing (its connection dropped silently) can write nothing after another took it.
     """
     CREATE TABLE segmapd_holder (
         id     INTEGER PRIMARY KEY CHECK (id = 1),
         holder TEXT NOT NULL,
-        since  TIMESTAMPTZ NOT NULL
+        since  TIMESTAMPTZ NOT NULL,
+        epoch  BIGINT NOT NULL
     );
     """,
 ]
@@ -340,25 +343,25 @@ class PostgresStore(JournalStore):
         except ValueError as exc:  # a URL the driver cannot parse
             raise StoreOpenError(f"{self.shown}: not a usable PostgreSQL URL ({exc})") from None
         try:
+            # The lock first, as SQLite's: a second instance must change nothing, not even
+            # migrate the schema under the running one.
+            if self._guard is not None:
+                await self._guard.acquire()
             async with pool.acquire() as connection:
                 await _migrate(connection, self.shown)
                 if self._guard is not None:
-                    await self._guard.acquire()
+                    await self._guard.register()
                 recovered = await _load_recovery(connection)
         except StoreOpenError:
-            await _close_pool(pool)
-            if self._guard is not None:
-                await self._guard.release()
+            await self._abandon(pool)
             raise
-        except _UNAVAILABLE as exc:
-            await _close_pool(pool)
+        except (*_UNAVAILABLE, StoreUnavailable) as exc:
+            await self._abandon(pool)
             raise StoreUnreachable(
                 f"{self.shown}: cannot open the journal ({_describe(exc)})"
             ) from None
         except BaseException:
-            await _close_pool(pool)
-            if self._guard is not None:
-                await self._guard.release()
+            await self._abandon(pool)
             raise
         self._pool = pool
         self._closing = self._closed = False
@@ -375,6 +378,12 @@ class PostgresStore(JournalStore):
             len(recovered.notifications),
         )
         return recovered
+
+    async def _abandon(self, pool: asyncpg.Pool) -> None:
+        """Undo a failed open(): the pool closed, the lock let go."""
+        await _close_pool(pool)
+        if self._guard is not None:
+            await self._guard.release()
 
     async def close(self) -> None:
         """Commit what is queued (within a bound), stop the writer, close the pool; idempotent."""
@@ -429,6 +438,10 @@ class PostgresStore(JournalStore):
         """Wait until everything queued so far is committed; StoreUnavailable while it cannot be."""
         if self._writer is None or self._closing:
             raise StoreUnavailable("the journal is not open")
+        if self._writer.done():
+            # A writer that died (a bug) must not leave every webhook waiting for ever.
+            failure = None if self._writer.cancelled() else self._writer.exception()
+            raise StoreUnavailable(f"the journal writer stopped ({failure!r})")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.waiters.append(future)
         self._wake.set()
@@ -445,7 +458,7 @@ class PostgresStore(JournalStore):
             assignment.segment_id,
             str(assignment.state),
             str(assignment.reason) if assignment.reason is not None else None,
-            assignment.message,
+            storable(assignment.message),
             assignment.attempts,
             assignment.received_at,
             assignment.updated_at,
@@ -640,7 +653,7 @@ class PostgresStore(JournalStore):
             contact_id,
         )
         merged = {row[1]: _assignment(tuple(row)) for row in rows}
-        merged.update(before)
+        _merge_newer(merged, before)
         merged.update(self._uncommitted(contact_id))
         return [merged[segment] for segment in sorted(merged)]
 
@@ -675,7 +688,7 @@ class PostgresStore(JournalStore):
         for contact_id in wanted:
             history = found[contact_id]
             early, early_mirror = before[contact_id]
-            history.assignments.update(early)
+            _merge_newer(history.assignments, early)
             history.assignments.update(self._uncommitted(contact_id))
             history.mirrored_at = max(
                 committed_mirrors.get(contact_id, 0.0),
@@ -791,6 +804,8 @@ class PostgresStore(JournalStore):
             pool.acquire(timeout=CONNECT_TIMEOUT_S) as connection,
             connection.transaction(),
         ):
+            if self._guard is not None:
+                await self._guard.fence(connection)
             await self._apply(connection, work)
         self.commits += 1
 
@@ -1049,18 +1064,21 @@ class InstanceGuard:
 
     Held on a connection of its own for the instance's lifetime; the server releases it when
     that connection ends, however the instance ends. A second instance refuses to start, naming
-    the holder (kept in `segmapd_holder`). When the connection is lost (a database restart) the
-    lock is taken again before the next commit; if another instance took it meanwhile, commits
-    fail (`StoreUnavailable`) and this instance answers 503 rather than write beside it.
+    the holder (kept in `segmapd_holder`). Each taking of the lock raises the holder's epoch,
+    and every commit checks it in its own transaction (`fence`): an instance whose connection
+    dropped without it noticing, while another took the lock, commits nothing more. When the
+    connection is lost (a database restart) the lock is taken again before the next commit; if
+    another instance holds it, commits fail (`StoreUnavailable`) and this one answers 503.
     """
 
-    __slots__ = ("_connection", "_password", "_shown", "_url", "holder")
+    __slots__ = ("_connection", "_epoch", "_password", "_shown", "_url", "holder")
 
     def __init__(self, url: str, password: str, shown: str) -> None:
         self._url = url
         self._password = password
         self._shown = shown
         self._connection: asyncpg.Connection | None = None
+        self._epoch: int | None = None
         self.holder = f"pid {os.getpid()} on {socket.gethostname()}"
 
     def __repr__(self) -> str:
@@ -1075,6 +1093,18 @@ class InstanceGuard:
                 "this one its own database"
             )
 
+    async def register(self) -> None:
+        """Say who holds the lock, and start a new epoch (the schema exists by now)."""
+        connection = self._connection
+        if connection is None:
+            raise StoreUnavailable(f"journal {self._shown}: the instance lock is not held")
+        self._epoch = await connection.fetchval(
+            "INSERT INTO segmapd_holder (id, holder, since, epoch) VALUES (1, $1, now(), 1) "
+            "ON CONFLICT (id) DO UPDATE SET holder = excluded.holder, since = excluded.since, "
+            "epoch = segmapd_holder.epoch + 1 RETURNING epoch",
+            self.holder,
+        )
+
     async def ensure(self) -> None:
         """Hold the lock again if its connection was lost; StoreUnavailable if another has it."""
         if self._connection is not None and not self._connection.is_closed():
@@ -1084,7 +1114,30 @@ class InstanceGuard:
                 f"journal {self._shown}: another segmapd instance holds it "
                 f"({await self._holder()}); this one writes nothing meanwhile"
             )
+        try:
+            await self.register()
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(
+                f"journal {self._shown}: cannot register the instance lock ({_describe(exc)})"
+            ) from None
         log.warning("journal %s: instance lock taken again", self._shown)
+
+    async def fence(self, connection: _Connection) -> None:
+        """Within a commit's transaction: refuse it unless this instance's epoch is current.
+
+        The row is read `FOR SHARE`: another instance raising the epoch waits for this commit,
+        and every commit after that fails here.
+        """
+        current = await connection.fetchval(
+            "SELECT epoch FROM segmapd_holder WHERE id = 1 FOR SHARE"
+        )
+        if current != self._epoch:
+            # The connection is of no use any more: the next commit takes the lock anew.
+            await self.release()
+            raise StoreUnavailable(
+                f"journal {self._shown}: another segmapd instance took the journal "
+                f"({await self._holder()}); this one commits nothing"
+            )
 
     async def release(self) -> None:
         """Let go of the lock (idempotent)."""
@@ -1107,20 +1160,17 @@ class InstanceGuard:
                 f"journal {self._shown}: cannot connect ({_describe(exc)})"
             ) from None
         try:
-            if not await connection.fetchval("SELECT pg_try_advisory_lock($1)", INSTANCE_LOCK):
-                await connection.close()
-                return False
-            await connection.execute(
-                "INSERT INTO segmapd_holder (id, holder, since) VALUES (1, $1, now()) "
-                "ON CONFLICT (id) DO UPDATE SET holder = excluded.holder, since = excluded.since",
-                self.holder,
-            )
+            taken = await connection.fetchval("SELECT pg_try_advisory_lock($1)", INSTANCE_LOCK)
         except _UNAVAILABLE as exc:
             with contextlib.suppress(*_UNAVAILABLE):
                 await connection.close()
             raise StoreUnavailable(
                 f"journal {self._shown}: cannot take the instance lock ({_describe(exc)})"
             ) from None
+        if not taken:
+            with contextlib.suppress(*_UNAVAILABLE):
+                await connection.close()
+            return False
         self._connection = connection
         return True
 
@@ -1137,7 +1187,7 @@ class InstanceGuard:
                 '\'YYYY-MM-DD"T"HH24:MI:SS"Z"\') AS since FROM segmapd_holder WHERE id = 1'
             )
         except _UNAVAILABLE:
-            row = None
+            row = None  # no table yet: the holder is still migrating
         finally:
             with contextlib.suppress(*_UNAVAILABLE):
                 await connection.close()
@@ -1149,3 +1199,15 @@ async def _keep_session(connection: asyncpg.Connection) -> None:
 
     The store keeps no session state (no LISTEN, cursors, settings or session locks).
     """
+
+
+def _merge_newer(rows: dict[str, Assignment], queued: dict[str, Assignment]) -> None:
+    """Lay rows seen queued before a read over what the read found, unless the read's is newer.
+
+    A row queued before the read may have been committed, and overtaken by a newer one, while
+    the read waited: the read then holds the newer state, which the older copy must not undo.
+    """
+    for segment_id, assignment in queued.items():
+        found = rows.get(segment_id)
+        if found is None or assignment.updated_at >= found.updated_at:
+            rows[segment_id] = assignment

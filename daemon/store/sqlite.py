@@ -39,7 +39,7 @@ from daemon.store.delivery_filter import (
     capacity_for,
     new_bloom,
 )
-from scheduler.model import Assignment, FailureReason, Intent, State
+from scheduler.model import Assignment, FailureReason, Intent, State, storable
 from scheduler.store import BatchRecord, ContactHistory, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -536,7 +536,7 @@ class SqliteStore(JournalStore):
             assignment.segment_id,
             str(assignment.state),
             str(assignment.reason) if assignment.reason is not None else None,
-            assignment.message,
+            storable(assignment.message),
             assignment.attempts,
             assignment.received_at,
             assignment.updated_at,
@@ -640,7 +640,7 @@ class SqliteStore(JournalStore):
             )
         )
         merged = {row[1]: _assignment(row) for row in rows}
-        merged.update(before)
+        _merge_newer(merged, before)
         merged.update(self._uncommitted(contact_id))
         return [merged[segment] for segment in sorted(merged)]
 
@@ -679,7 +679,7 @@ class SqliteStore(JournalStore):
         for contact_id in wanted:
             history = found[contact_id]
             early, early_mirror = before[contact_id]
-            history.assignments.update(early)
+            _merge_newer(history.assignments, early)
             history.assignments.update(self._uncommitted(contact_id))
             history.mirrored_at = max(
                 committed_mirrors.get(contact_id, 0.0),
@@ -1132,3 +1132,15 @@ def _assignment(row: tuple[Any, ...]) -> Assignment:
         intent=_INTENTS[intent],
         occurred_at=occurred_at,
     )
+
+
+def _merge_newer(rows: dict[str, Assignment], queued: dict[str, Assignment]) -> None:
+    """Lay rows seen queued before a read over what the read found, unless the read's is newer.
+
+    A row queued before the read may have been committed, and overtaken by a newer one, while
+    the read waited: the read then holds the newer state, which the older copy must not undo.
+    """
+    for segment_id, assignment in queued.items():
+        found = rows.get(segment_id)
+        if found is None or assignment.updated_at >= found.updated_at:
+            rows[segment_id] = assignment

@@ -45,3 +45,13 @@ def test_keys_are_unique_per_body_and_never_shared_across_segments():
     single = new_single_key(long_id, "c" * 128)
     assert len(single) <= MAX_KEY_LENGTH
     assert all(33 <= ord(ch) < 127 for ch in single)
+
+
+def test_storable_text_replaces_only_what_no_journal_keeps() -> None:
+    from scheduler.model import storable
+
+    assert storable("100000000123") == "100000000123"
+    assert storable("Vérité") == "Vérité"
+    assert storable("a\x00b") == "a\ufffdb"
+    assert storable("lone \udcff surrogate") == "lone ? surrogate"
+    assert storable("lone \udcff surrogate").encode("utf-8")

@@ -15,7 +15,7 @@ from pydantic import SecretStr
 
 from daemon.config import StoreConfig
 from daemon.store import StoreOpenError, from_url
-from daemon.store.postgres import MIGRATIONS, PostgresStore
+from daemon.store.postgres import INSTANCE_LOCK, MIGRATIONS, PostgresStore
 from scheduler.model import Assignment, Intent, State
 from scheduler.store import BatchRecord, StoreUnavailable
 from tests.support.postgres import PostgresServer
@@ -317,3 +317,44 @@ async def test_after_a_database_restart_the_instance_takes_its_lock_again_or_wri
             await journal().open()
     finally:
         await first.close()
+
+
+async def test_an_instance_whose_lock_was_taken_over_commits_nothing(
+    journal: Callable[..., PostgresStore], postgres: PostgresServer, postgres_url: str
+):
+    first = journal()
+    await first.open()
+    try:
+        # Its lock connection dies without it noticing, and another instance takes over.
+        connection = await asyncpg.connect(postgres_url, password=postgres.password)
+        try:
+            await connection.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks "
+                "WHERE locktype = 'advisory' AND objid = $1 AND pid <> pg_backend_pid()",
+                INSTANCE_LOCK,
+            )
+        finally:
+            await connection.close()
+        second = journal()
+        await second.open()
+        try:
+            first.record(new("fenced", "s1"))
+            with pytest.raises(StoreUnavailable, match="another segmapd instance"):
+                await first.flush()
+            second.record(new("taken-over", "s1"))
+            await second.flush()
+            assert [a.contact_id for a in await second.contact("fenced")] == []
+        finally:
+            await second.close()
+    finally:
+        await first.close()
+
+
+async def test_text_no_journal_can_keep_is_kept_readably(opened: PostgresStore):
+    # What the engine hands the store is already storable (Engine.dead_letter); the message
+    # path is the store's own: a NUL in CXone's error text must not stop every commit.
+    opened.record(new("good", "s1"))
+    opened.record(Assignment("c1", "s1", message="CXone said \x00 and \udce9"))
+    await opened.flush()
+    [kept] = await opened.contact("c1")
+    assert kept.message == "CXone said \ufffd and ?"
