@@ -64,6 +64,14 @@ MIGRATION_LOCK = 0x53474D50
 INSTANCE_LOCK = 0x53474D49
 PRUNE_INTERVAL_S = 3600.0
 
+# Answers from a running server that a retry will not change: wrong role or password, no such
+# database, no privilege. At start-up they are configuration errors, not an outage.
+_REFUSED = (
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidCatalogNameError,
+    asyncpg.InsufficientPrivilegeError,
+)
+
 # Errors that mean "the database cannot serve this now", never a bug in the caller's data:
 # connection refused or lost, the server shutting down or starting, a timeout.
 _UNAVAILABLE = (
@@ -335,6 +343,12 @@ class PostgresStore(JournalStore):
                 command_timeout=COMMAND_TIMEOUT_S,
                 reset=_keep_session,
             )
+        except _REFUSED as exc:
+            # The server answered: no restart will change its mind (exit 2, not retried).
+            raise StoreOpenError(
+                f"{self.shown}: PostgreSQL refused the connection ({_describe(exc)}); check the "
+                "role, store.password, the database name and pg_hba.conf"
+            ) from None
         except _UNAVAILABLE as exc:
             raise StoreUnreachable(
                 f"{self.shown}: cannot connect to PostgreSQL ({_describe(exc)}); check that the "

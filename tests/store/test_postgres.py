@@ -14,7 +14,7 @@ import pytest
 from pydantic import SecretStr
 
 from daemon.config import StoreConfig
-from daemon.store import StoreOpenError, from_url
+from daemon.store import StoreOpenError, StoreUnreachable, from_url
 from daemon.store.postgres import INSTANCE_LOCK, MIGRATIONS, PostgresStore
 from scheduler.model import Assignment, Intent, State
 from scheduler.store import BatchRecord, StoreUnavailable
@@ -232,7 +232,9 @@ async def test_the_password_is_never_shown(
         with pytest.raises(StoreOpenError) as refused:
             await store.open()
         message = str(refused.value)
-        assert "cannot connect to PostgreSQL" in message and secret not in message
+        # The server answered: a configuration error (exit 2), not an outage to wait out.
+        assert not isinstance(refused.value, StoreUnreachable)
+        assert "PostgreSQL refused the connection" in message and secret not in message
         assert secret not in repr(refused.value)
     assert secret not in caplog.text
 
@@ -245,7 +247,7 @@ async def test_a_database_down_at_start_up_is_a_clear_open_error(postgres: Postg
         )
     )
     started = time.monotonic()
-    with pytest.raises(StoreOpenError, match=r"127\.0\.0\.1:\d+/…: cannot connect to PostgreSQL"):
+    with pytest.raises(StoreUnreachable, match=r"127\.0\.0\.1:\d+/…: cannot connect to PostgreSQL"):
         await store.open()
     assert time.monotonic() - started < 10
     await store.close()  # idempotent, also after a failed open
