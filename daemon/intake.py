@@ -175,28 +175,38 @@ async def _lookup(service: Service, key: ClaimKey) -> bytes | None:
         raise Busy(f"the journal cannot be read: {exc}", JOURNAL_RETRY_AFTER_S) from None
 
 
-async def _seen(service: Service, claims: Claims, source: str, key: str | None) -> bool:
-    """Whether an event with this key was taken before (waiting for a taker in progress)."""
-    if key is None:
-        return False
-    holder = claims.holder((source, key))
-    if holder is not None and await asyncio.shield(holder):
-        return True
-    # No taker, or its taker failed to commit: then this copy takes it (or fails the same way).
-    return await _lookup(service, (source, key)) is not None
+async def _seen_keys(service: Service, claims: Claims, source: str, keys: list[str]) -> set[str]:
+    """The keys taken before, waiting for a taker in progress; the rest in one journal read."""
+    seen: set[str] = set()
+    unknown: list[str] = []
+    for key in dict.fromkeys(keys):
+        holder = claims.holder((source, key))
+        if holder is not None and await asyncio.shield(holder):
+            seen.add(key)
+        else:
+            # No taker, or its taker failed to commit: this copy takes it (or fails alike).
+            unknown.append(key)
+    if unknown:
+        try:
+            seen |= await service.store.known_deliveries(source, unknown)
+        except StoreUnavailable as exc:
+            raise Busy(f"the journal cannot be read: {exc}", JOURNAL_RETRY_AFTER_S) from None
+    return seen
 
 
 async def _new_events(
     service: Service, claims: Claims, source: str, events: list[InboundEvent]
 ) -> tuple[list[InboundEvent], int]:
     """The events not taken before, and how many were (a key repeated in one delivery too)."""
+    keys = [event.key for event in events if event.key is not None]
+    seen = await _seen_keys(service, claims, source, keys) if keys else set()
     fresh: list[InboundEvent] = []
     within: set[str] = set()
     repeated = 0
     for event in events:
         key = event.key
         if key is not None:
-            if key in within or await _seen(service, claims, source, key):
+            if key in within or key in seen:
                 repeated += 1
                 continue
             within.add(key)
@@ -213,10 +223,12 @@ async def _new_dead(
 ) -> list[DeadEvent]:
     """The dead events not taken before; a key repeated in the delivery counts once."""
     within = {event.key for event in fresh if event.key is not None}
+    keys = [event.key for event in dead if event.key is not None and event.key not in within]
+    seen = await _seen_keys(service, claims, source, keys) if keys else set()
     found = []
     for event in dead:
         if event.key is not None:
-            if event.key in within or await _seen(service, claims, source, event.key):
+            if event.key in within or event.key in seen:
                 continue
             within.add(event.key)
         found.append(event)

@@ -140,6 +140,14 @@ class JournalStore(abc.ABC):
     async def remember_delivery(self, source: str, delivery_id: str, answer: bytes) -> None:
         """Queue the answer to a delivery: a redelivery gets it again and adds no work."""
 
+    async def known_deliveries(self, source: str, delivery_ids: Sequence[str]) -> set[str]:
+        """Which of these keys have a retained answer: a batched delivery's events at once.
+
+        A backend whose lookups cost a round trip each answers in one; this default asks one
+        key at a time.
+        """
+        return {key for key in delivery_ids if await self.delivery(source, key) is not None}
+
     async def claim_delivery(self, source: str, delivery_id: str, answer: bytes) -> bytes | None:
         """Remember `answer` unless the key is known; None if this call took the key.
 

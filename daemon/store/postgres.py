@@ -734,6 +734,26 @@ class PostgresStore(JournalStore):
         rows = await self._fetch("SELECT state, count(*) FROM assignments GROUP BY state")
         return {str(state): int(count) for state, count in rows}
 
+    async def known_deliveries(self, source: str, delivery_ids: Sequence[str]) -> set[str]:
+        """Which keys have an answer: those in memory, then the rest in one read."""
+        found = {
+            key
+            for key in delivery_ids
+            if (source, key) in self._unconfirmed or (source, key) in self._recent
+        }
+        rest = [key for key in dict.fromkeys(delivery_ids) if key not in found]
+        if rest:
+            rows = await self._fetch(
+                "SELECT delivery_id FROM deliveries WHERE source = $1 AND delivery_id = ANY($2)",
+                source,
+                rest,
+            )
+            found.update(str(row[0]) for row in rows)
+            # Committed while we read (see `delivery`): in `_recent` by now.
+            found.update(key for key in rest if (source, key) in self._recent)
+            found.update(key for key in rest if (source, key) in self._unconfirmed)
+        return found
+
     async def delivery(self, source: str, delivery_id: str) -> bytes | None:
         """The answer to an earlier delivery, if retained (queued ones count too)."""
         key = (source, delivery_id)

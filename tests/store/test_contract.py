@@ -186,6 +186,15 @@ async def test_mirror_times_survive_a_restart(durable: Callable[[], JournalStore
         await second.close()
 
 
+async def test_a_batch_of_delivery_keys_is_looked_up_at_once(store):
+    await store.remember_delivery("crm", "k-1", b"1")
+    await store.flush()
+    await store.remember_delivery("crm", "k-2", b"1")  # queued, not committed yet
+    known = await store.known_deliveries("crm", ["k-1", "k-2", "k-3", "k-1"])
+    assert known == {"k-1", "k-2"}
+    assert await store.known_deliveries("other", ["k-1"]) == set()
+
+
 async def test_a_delivery_key_is_claimed_once(store):
     assert await store.claim_delivery("crm", "d-1", b"first") is None
     assert await store.claim_delivery("crm", "d-1", b"second") == b"first"
