@@ -620,6 +620,30 @@ async def test_a_github_style_json_sender_adds_and_removes_and_redeliveries_repe
     }
     status, body = await post_github_style(http, daemon, removal, "d-3", "not the secret")
     assert status == 401 and body["field"] == "X-Hub-Signature-256"
+    # Delivered late, an older change (it re-added Spanish) is stale: the removal stands.
+    older = {
+        "changes": [
+            {
+                "contact": {"cxone_id": contact},
+                "segments_added": ["Spanish"],
+                "changed_at": iso(time.time() - 30),
+            }
+        ]
+    }
+    status, answer = await post_github_style(http, daemon, older, "d-4", GITHUB_SECRET)
+    assert (status, answer["stale"]) == (202, 1)
+    # A malformed body, correctly signed: 400 naming it, and nothing accepted before is lost.
+    bad = b'{"changes": [{"contact": '
+    signature = hmac.new(GITHUB_SECRET.encode(), bad, hashlib.sha256).hexdigest()
+    async with http.post(
+        f"{daemon.url}/v1/webhooks/github",
+        data=bad,
+        headers={"X-Hub-Signature-256": f"sha256={signature}", "X-GitHub-Delivery": "d-5"},
+    ) as response:
+        assert response.status == 400
+        assert (await response.json())["field"] == "body"
+    _, view = await daemon.contact(http, contact)
+    assert states(view) == {"Spanish": "removed", "VIP": "active"}
     counters = await emulator.counters()
     assert counters["bulk_ids"]["ids"] == 2 and counters["applied_twice"] == 0
 
