@@ -27,7 +27,6 @@ import socket
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
@@ -36,6 +35,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from daemon.config import display_url
 from daemon.store.base import JournalStore, Recovered, StoreOpenError, StoreUnreachable
+from daemon.store.pending import PendingWork
 from scheduler.model import Assignment, FailureReason, Intent, State, storable
 from scheduler.store import BatchRecord, ContactHistory, StoreUnavailable
 
@@ -213,75 +213,7 @@ _INSERT_DELIVERIES = """
 
 # What the pool lends (a proxy) and a plain connection: statements work the same on either.
 _Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
-_AssignmentRow = tuple[str, str, str, str | None, str, int, float, float, str, float]
 _T = TypeVar("_T")
-
-
-@dataclass
-class _Pending:
-    """Changes queued for the next transaction, coalesced per key where that is safe."""
-
-    assignments: dict[tuple[str, str], _AssignmentRow] = field(default_factory=dict)
-    # contact id -> the segments of `assignments` recorded for it (lookups by contact).
-    contacts: dict[str, set[str]] = field(default_factory=dict)
-    history: dict[tuple[str, str], list[tuple[str, float]]] = field(default_factory=dict)
-    batches_saved: dict[str, BatchRecord] = field(default_factory=dict)
-    batches_dropped: set[str] = field(default_factory=set)
-    # (source, delivery id) -> (answer, when); the first answer queued for a key is kept.
-    deliveries: dict[tuple[str, str], tuple[bytes, float]] = field(default_factory=dict)
-    budget: dict[str, float] = field(default_factory=dict)
-    confirmations: dict[tuple[str, str], tuple[float, bool]] = field(default_factory=dict)
-    stale: list[tuple[str, str, str, float, float]] = field(default_factory=list)
-    # contact id -> (newest mirror time, when recorded)
-    mirrors: dict[str, tuple[float, float]] = field(default_factory=dict)
-    notifications_added: dict[str, tuple[bytes, float]] = field(default_factory=dict)
-    notifications_done: set[str] = field(default_factory=set)
-    waiters: list[asyncio.Future[None]] = field(default_factory=list)
-
-    def empty(self) -> bool:
-        """Whether there is nothing to write (waiters alone need no transaction)."""
-        return not (
-            self.assignments
-            or self.batches_saved
-            or self.batches_dropped
-            or self.deliveries
-            or self.budget
-            or self.confirmations
-            or self.stale
-            or self.mirrors
-            or self.notifications_added
-            or self.notifications_done
-        )
-
-    def absorb(self, later: _Pending) -> None:
-        """Add changes made after these (used when a failed transaction is retried)."""
-        self.assignments.update(later.assignments)
-        for contact_id, segments in later.contacts.items():
-            self.contacts.setdefault(contact_id, set()).update(segments)
-        for key, steps in later.history.items():
-            self.history.setdefault(key, []).extend(steps)
-        for batch_id, batch in later.batches_saved.items():
-            self.batches_saved[batch_id] = batch
-            self.batches_dropped.discard(batch_id)
-        for batch_id in later.batches_dropped:
-            self.batches_saved.pop(batch_id, None)
-            self.batches_dropped.add(batch_id)
-        for key, value in later.deliveries.items():
-            self.deliveries.setdefault(key, value)
-        self.budget.update(later.budget)
-        self.confirmations.update(later.confirmations)
-        self.stale.extend(later.stale)
-        for contact_id, (occurred_at, at) in later.mirrors.items():
-            earlier = self.mirrors.get(contact_id)
-            if earlier is None or occurred_at > earlier[0]:
-                self.mirrors[contact_id] = (occurred_at, at)
-        for event_id, value in later.notifications_added.items():
-            self.notifications_added[event_id] = value
-            self.notifications_done.discard(event_id)
-        for event_id in later.notifications_done:
-            self.notifications_added.pop(event_id, None)
-            self.notifications_done.add(event_id)
-        self.waiters.extend(later.waiters)
 
 
 class PostgresStore(JournalStore):
@@ -311,10 +243,10 @@ class PostgresStore(JournalStore):
         self._pool: asyncpg.Pool | None = None
         self._writer: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        self._pending = _Pending()
+        self._pending = PendingWork()
         # The transaction the writer is committing (or failed to, and will retry): its changes
         # are in neither `_pending` nor the database yet.
-        self._in_flight: _Pending | None = None
+        self._in_flight: PendingWork | None = None
         self._closing = False
         self._closed = False
         self.last_error = ""
@@ -778,7 +710,7 @@ class PostgresStore(JournalStore):
     # ---- the writer task ----------------------------------------------------------------------
 
     async def _write_loop(self) -> None:
-        carry = _Pending()  # changes of a failed transaction, retried first
+        carry = PendingWork()  # changes of a failed transaction, retried first
         delay = RETRY_FIRST_S
         while True:
             pending = self._pending
@@ -791,12 +723,12 @@ class PostgresStore(JournalStore):
                 except TimeoutError:
                     await self._maybe_prune()  # idle: a chance to prune
                 continue
-            work, self._pending = self._pending, _Pending()
+            work, self._pending = self._pending, PendingWork()
             closing = self._closing
             if not carry.empty():
                 # A failed transaction's changes go first; later ones are merged onto them.
                 carry.absorb(work)
-                work, carry = carry, _Pending()
+                work, carry = carry, PendingWork()
             self._in_flight = work
             try:
                 await self._commit(work)
@@ -829,7 +761,7 @@ class PostgresStore(JournalStore):
                     waiter.set_result(None)
             await self._maybe_prune()
 
-    async def _commit(self, work: _Pending) -> None:
+    async def _commit(self, work: PendingWork) -> None:
         if work.empty():
             return
         pool = self._pool
@@ -856,7 +788,7 @@ class PostgresStore(JournalStore):
                 raise
         self.commits += 1
 
-    async def _apply(self, connection: _Connection, work: _Pending) -> None:
+    async def _apply(self, connection: _Connection, work: PendingWork) -> None:
         if work.assignments:
             rows = [
                 (*row, "".join(f"{state}:{at!r};" for state, at in work.history.get(key, [])))
@@ -936,7 +868,7 @@ class PostgresStore(JournalStore):
                 list(work.notifications_done),
             )
 
-    def _failed(self, work: _Pending, exc: Exception) -> None:
+    def _failed(self, work: PendingWork, exc: Exception) -> None:
         message = f"journal {self.shown}: commit failed: {_describe(exc)}"
         if message != self.last_error:
             log.error("%s; keeping %d changes queued and retrying", message, len(work.assignments))

@@ -24,7 +24,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +38,7 @@ from daemon.store.delivery_filter import (
     capacity_for,
     new_bloom,
 )
+from daemon.store.pending import AssignmentRow, PendingWork
 from scheduler.model import Assignment, FailureReason, Intent, State, storable
 from scheduler.store import BatchRecord, ContactHistory, StoreUnavailable
 
@@ -285,8 +285,6 @@ def _migrate(connection: sqlite3.Connection, path: str) -> None:
 
 # ---- the writer thread --------------------------------------------------------------------------
 
-_AssignmentRow = tuple[str, str, str, str | None, str, int, float, float, str, float]
-
 
 class _MultiRowInsert:
     """An INSERT of many rows as a few `VALUES (...), (...)` statements.
@@ -351,71 +349,6 @@ _INSERT_DELIVERIES = _MultiRowInsert(
 )
 
 
-@dataclass
-class _Pending:
-    """Changes queued for the next transaction, coalesced per key where that is safe."""
-
-    assignments: dict[tuple[str, str], _AssignmentRow] = field(default_factory=dict)
-    # contact id -> the segments of `assignments` recorded for it (lookups by contact).
-    contacts: dict[str, set[str]] = field(default_factory=dict)
-    history: dict[tuple[str, str], list[tuple[str, float]]] = field(default_factory=dict)
-    batches_saved: dict[str, BatchRecord] = field(default_factory=dict)
-    batches_dropped: set[str] = field(default_factory=set)
-    deliveries: list[tuple[str, str, bytes, float]] = field(default_factory=list)
-    budget: dict[str, float] = field(default_factory=dict)
-    confirmations: dict[tuple[str, str], tuple[float, bool]] = field(default_factory=dict)
-    stale: list[tuple[str, str, str, float, float]] = field(default_factory=list)
-    # contact id -> (newest mirror time, when recorded)
-    mirrors: dict[str, tuple[float, float]] = field(default_factory=dict)
-    notifications_added: dict[str, tuple[bytes, float]] = field(default_factory=dict)
-    notifications_done: set[str] = field(default_factory=set)
-    waiters: list[asyncio.Future[None]] = field(default_factory=list)
-
-    def empty(self) -> bool:
-        return not (
-            self.assignments
-            or self.batches_saved
-            or self.batches_dropped
-            or self.deliveries
-            or self.budget
-            or self.confirmations
-            or self.stale
-            or self.mirrors
-            or self.notifications_added
-            or self.notifications_done
-        )
-
-    def absorb(self, later: _Pending) -> None:
-        """Add changes made after these (used when a failed transaction is retried)."""
-        for key, row in later.assignments.items():
-            self.assignments[key] = row
-        for contact_id, segments in later.contacts.items():
-            self.contacts.setdefault(contact_id, set()).update(segments)
-        for key, steps in later.history.items():
-            self.history.setdefault(key, []).extend(steps)
-        for batch_id, batch in later.batches_saved.items():
-            self.batches_saved[batch_id] = batch
-            self.batches_dropped.discard(batch_id)
-        for batch_id in later.batches_dropped:
-            self.batches_saved.pop(batch_id, None)
-            self.batches_dropped.add(batch_id)
-        self.deliveries.extend(later.deliveries)
-        self.budget.update(later.budget)
-        self.confirmations.update(later.confirmations)
-        self.stale.extend(later.stale)
-        for contact_id, (occurred_at, at) in later.mirrors.items():
-            earlier = self.mirrors.get(contact_id)
-            if earlier is None or occurred_at > earlier[0]:
-                self.mirrors[contact_id] = (occurred_at, at)
-        for event_id, value in later.notifications_added.items():
-            self.notifications_added[event_id] = value
-            self.notifications_done.discard(event_id)
-        for event_id in later.notifications_done:
-            self.notifications_added.pop(event_id, None)
-            self.notifications_done.add(event_id)
-        self.waiters.extend(later.waiters)
-
-
 class SqliteStore(JournalStore):
     """The journal behind `store.url = "sqlite:///path"`."""
 
@@ -437,10 +370,10 @@ class SqliteStore(JournalStore):
         # Whether the writer sleeps on `_wake`. Only then does a change need a notify() (Python
         # code, on the hot path): a change queued while the writer commits is seen when it loops.
         self._writer_idle = False
-        self._pending = _Pending()
+        self._pending = PendingWork()
         # The transaction the writer is committing (or failed to, and will retry): its changes
         # are in neither `_pending` nor the file yet.
-        self._in_flight: _Pending | None = None
+        self._in_flight: PendingWork | None = None
         self._file_lock = JournalLock(path)
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -531,7 +464,7 @@ class SqliteStore(JournalStore):
     def record(self, assignment: Assignment) -> None:
         """Queue the assignment's current state and its latest transition."""
         key = assignment.key
-        row: _AssignmentRow = (
+        row: AssignmentRow = (
             assignment.contact_id,
             assignment.segment_id,
             str(assignment.state),
@@ -582,7 +515,7 @@ class SqliteStore(JournalStore):
         self._unconfirmed[key] = answer
         self._seen.add(key)
         with self._lock:
-            self._pending.deliveries.append((source, delivery_id, answer, self._clock()))
+            self._pending.deliveries.setdefault(key, (answer, self._clock()))
             self._nudge()
         if self._seen.needs_build() and time.monotonic() - self._filter_failed_at > FILTER_RETRY_S:
             self._build_filter()
@@ -888,7 +821,7 @@ class SqliteStore(JournalStore):
             self._wake.notify()
 
     def _write_loop(self) -> None:
-        carry = _Pending()  # changes of a failed transaction, retried first
+        carry = PendingWork()  # changes of a failed transaction, retried first
         while True:
             with self._lock:
                 while self._pending.empty() and not self._pending.waiters and carry.empty():
@@ -899,12 +832,12 @@ class SqliteStore(JournalStore):
                     self._writer_idle = False
                     if not woken:
                         break  # idle for a minute: a chance to prune
-                work, self._pending = self._pending, _Pending()
+                work, self._pending = self._pending, PendingWork()
                 closing = self._closing
             if not carry.empty():
                 # A failed transaction's changes go first; later ones are merged onto them.
                 carry.absorb(work)
-                work, carry = carry, _Pending()
+                work, carry = carry, PendingWork()
             with self._lock:
                 self._in_flight = work
             try:
@@ -927,10 +860,10 @@ class SqliteStore(JournalStore):
             if self.last_error:
                 log.warning("journal %s: commits work again", self.path)
                 self.last_error = ""
-            self._resolve(work.waiters, None, [(d[0], d[1]) for d in work.deliveries])
+            self._resolve(work.waiters, None, list(work.deliveries))
             self._maybe_prune()
 
-    def _commit(self, work: _Pending) -> None:
+    def _commit(self, work: PendingWork) -> None:
         connection = self._writer
         assert connection is not None
         if work.empty():
@@ -945,7 +878,7 @@ class SqliteStore(JournalStore):
             raise
         self.commits += 1
 
-    def _apply(self, connection: sqlite3.Connection, work: _Pending) -> None:
+    def _apply(self, connection: sqlite3.Connection, work: PendingWork) -> None:
         if work.assignments:
             # History is text, "state:time;" per transition, so that appending the transitions
             # of this transaction is a plain concatenation; a fresh start (queued) replaces it.
@@ -976,7 +909,7 @@ class SqliteStore(JournalStore):
                 "DELETE FROM batches WHERE batch_id = ?", [(b,) for b in work.batches_dropped]
             )
         if work.deliveries:
-            _INSERT_DELIVERIES.run(connection, work.deliveries)
+            _INSERT_DELIVERIES.run(connection, work.delivery_rows())
         if work.budget:
             connection.executemany(
                 "INSERT OR REPLACE INTO refresh_budget VALUES (?, ?)", list(work.budget.items())
@@ -1007,7 +940,7 @@ class SqliteStore(JournalStore):
                 [(e,) for e in work.notifications_done],
             )
 
-    def _failed(self, work: _Pending, exc: sqlite3.Error) -> None:
+    def _failed(self, work: PendingWork, exc: sqlite3.Error) -> None:
         message = f"journal {self.path}: commit failed: {exc}"
         if message != self.last_error:
             log.error("%s; keeping %d changes queued and retrying", message, len(work.assignments))

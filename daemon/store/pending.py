@@ -1,0 +1,88 @@
+"""What a durable journal has queued for its next transaction: shared by SQLite and PostgreSQL.
+
+Writes are queued here without blocking the event loop, coalesced per key where that is safe,
+and committed together by the backend's writer; a transaction that fails is retried with what
+was queued after it absorbed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from scheduler.store import BatchRecord
+
+AssignmentRow = tuple[str, str, str, str | None, str, int, float, float, str, float]
+"""contact, segment, state, reason, message, attempts, received_at, updated_at, intent,
+occurred_at: an assignment as both journals' `assignments` table holds it."""
+
+
+@dataclass
+class PendingWork:
+    """Changes queued for the next transaction, coalesced per key where that is safe."""
+
+    assignments: dict[tuple[str, str], AssignmentRow] = field(default_factory=dict)
+    # contact id -> the segments of `assignments` recorded for it (lookups by contact).
+    contacts: dict[str, set[str]] = field(default_factory=dict)
+    history: dict[tuple[str, str], list[tuple[str, float]]] = field(default_factory=dict)
+    batches_saved: dict[str, BatchRecord] = field(default_factory=dict)
+    batches_dropped: set[str] = field(default_factory=set)
+    # (source, delivery id) -> (answer, when); the first answer queued for a key is kept.
+    deliveries: dict[tuple[str, str], tuple[bytes, float]] = field(default_factory=dict)
+    budget: dict[str, float] = field(default_factory=dict)
+    confirmations: dict[tuple[str, str], tuple[float, bool]] = field(default_factory=dict)
+    stale: list[tuple[str, str, str, float, float]] = field(default_factory=list)
+    # contact id -> (newest mirror time, when recorded)
+    mirrors: dict[str, tuple[float, float]] = field(default_factory=dict)
+    notifications_added: dict[str, tuple[bytes, float]] = field(default_factory=dict)
+    notifications_done: set[str] = field(default_factory=set)
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+
+    def empty(self) -> bool:
+        """Whether there is nothing to write (waiters alone need no transaction)."""
+        return not (
+            self.assignments
+            or self.batches_saved
+            or self.batches_dropped
+            or self.deliveries
+            or self.budget
+            or self.confirmations
+            or self.stale
+            or self.mirrors
+            or self.notifications_added
+            or self.notifications_done
+        )
+
+    def absorb(self, later: PendingWork) -> None:
+        """Add changes made after these (used when a failed transaction is retried)."""
+        self.assignments.update(later.assignments)
+        for contact_id, segments in later.contacts.items():
+            self.contacts.setdefault(contact_id, set()).update(segments)
+        for key, steps in later.history.items():
+            self.history.setdefault(key, []).extend(steps)
+        for batch_id, batch in later.batches_saved.items():
+            self.batches_saved[batch_id] = batch
+            self.batches_dropped.discard(batch_id)
+        for batch_id in later.batches_dropped:
+            self.batches_saved.pop(batch_id, None)
+            self.batches_dropped.add(batch_id)
+        for key, value in later.deliveries.items():
+            self.deliveries.setdefault(key, value)
+        self.budget.update(later.budget)
+        self.confirmations.update(later.confirmations)
+        self.stale.extend(later.stale)
+        for contact_id, (occurred_at, at) in later.mirrors.items():
+            earlier = self.mirrors.get(contact_id)
+            if earlier is None or occurred_at > earlier[0]:
+                self.mirrors[contact_id] = (occurred_at, at)
+        for event_id, value in later.notifications_added.items():
+            self.notifications_added[event_id] = value
+            self.notifications_done.discard(event_id)
+        for event_id in later.notifications_done:
+            self.notifications_added.pop(event_id, None)
+            self.notifications_done.add(event_id)
+        self.waiters.extend(later.waiters)
+
+    def delivery_rows(self) -> list[tuple[str, str, bytes, float]]:
+        """The queued deliveries as (source, delivery id, answer, received_at)."""
+        return [(s, d, answer, at) for (s, d), (answer, at) in self.deliveries.items()]
