@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from scheduler.model import Assignment
 from scheduler.store import BatchRecord
 
 AssignmentRow = tuple[str, str, str, str | None, str, int, float, float, str, float]
@@ -86,3 +87,15 @@ class PendingWork:
     def delivery_rows(self) -> list[tuple[str, str, bytes, float]]:
         """The queued deliveries as (source, delivery id, answer, received_at)."""
         return [(s, d, answer, at) for (s, d), (answer, at) in self.deliveries.items()]
+
+
+def merge_newer(rows: dict[str, Assignment], queued: dict[str, Assignment]) -> None:
+    """Lay rows seen queued before a read over what the read found, unless the read's is newer.
+
+    A row queued before the read may have been committed, and overtaken by a newer one, while
+    the read waited: the read then holds the newer state, which the older copy must not undo.
+    """
+    for segment_id, assignment in queued.items():
+        found = rows.get(segment_id)
+        if found is None or assignment.updated_at >= found.updated_at:
+            rows[segment_id] = assignment

@@ -35,7 +35,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from daemon.config import display_url
 from daemon.store.base import JournalStore, Recovered, StoreOpenError, StoreUnreachable
-from daemon.store.pending import PendingWork
+from daemon.store.pending import PendingWork, merge_newer
 from scheduler.model import Assignment, FailureReason, Intent, State, storable
 from scheduler.store import BatchRecord, ContactHistory, StoreUnavailable
 
@@ -603,7 +603,7 @@ class PostgresStore(JournalStore):
             contact_id,
         )
         merged = {row[1]: _assignment(tuple(row)) for row in rows}
-        _merge_newer(merged, before)
+        merge_newer(merged, before)
         merged.update(self._uncommitted(contact_id))
         return [merged[segment] for segment in sorted(merged)]
 
@@ -638,7 +638,7 @@ class PostgresStore(JournalStore):
         for contact_id in wanted:
             history = found[contact_id]
             early, early_mirror = before[contact_id]
-            _merge_newer(history.assignments, early)
+            merge_newer(history.assignments, early)
             history.assignments.update(self._uncommitted(contact_id))
             history.mirrored_at = max(
                 committed_mirrors.get(contact_id, 0.0),
@@ -1187,18 +1187,6 @@ async def _keep_session(connection: asyncpg.Connection) -> None:
 
     The store keeps no session state (no LISTEN, cursors, settings or session locks).
     """
-
-
-def _merge_newer(rows: dict[str, Assignment], queued: dict[str, Assignment]) -> None:
-    """Lay rows seen queued before a read over what the read found, unless the read's is newer.
-
-    A row queued before the read may have been committed, and overtaken by a newer one, while
-    the read waited: the read then holds the newer state, which the older copy must not undo.
-    """
-    for segment_id, assignment in queued.items():
-        found = rows.get(segment_id)
-        if found is None or assignment.updated_at >= found.updated_at:
-            rows[segment_id] = assignment
 
 
 async def _rollback(connection: _Connection) -> None:

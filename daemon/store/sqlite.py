@@ -38,7 +38,7 @@ from daemon.store.delivery_filter import (
     capacity_for,
     new_bloom,
 )
-from daemon.store.pending import AssignmentRow, PendingWork
+from daemon.store.pending import AssignmentRow, PendingWork, merge_newer
 from scheduler.model import Assignment, FailureReason, Intent, State, storable
 from scheduler.store import BatchRecord, ContactHistory, StoreUnavailable
 
@@ -573,7 +573,7 @@ class SqliteStore(JournalStore):
             )
         )
         merged = {row[1]: _assignment(row) for row in rows}
-        _merge_newer(merged, before)
+        merge_newer(merged, before)
         merged.update(self._uncommitted(contact_id))
         return [merged[segment] for segment in sorted(merged)]
 
@@ -612,7 +612,7 @@ class SqliteStore(JournalStore):
         for contact_id in wanted:
             history = found[contact_id]
             early, early_mirror = before[contact_id]
-            _merge_newer(history.assignments, early)
+            merge_newer(history.assignments, early)
             history.assignments.update(self._uncommitted(contact_id))
             history.mirrored_at = max(
                 committed_mirrors.get(contact_id, 0.0),
@@ -1065,15 +1065,3 @@ def _assignment(row: tuple[Any, ...]) -> Assignment:
         intent=_INTENTS[intent],
         occurred_at=occurred_at,
     )
-
-
-def _merge_newer(rows: dict[str, Assignment], queued: dict[str, Assignment]) -> None:
-    """Lay rows seen queued before a read over what the read found, unless the read's is newer.
-
-    A row queued before the read may have been committed, and overtaken by a newer one, while
-    the read waited: the read then holds the newer state, which the older copy must not undo.
-    """
-    for segment_id, assignment in queued.items():
-        found = rows.get(segment_id)
-        if found is None or assignment.updated_at >= found.updated_at:
-            rows[segment_id] = assignment
