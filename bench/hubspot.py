@@ -37,12 +37,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import secrets
 import shutil
 import sqlite3
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -50,6 +48,7 @@ from pathlib import Path
 
 import orjson
 
+from bench import _wrk
 from bench._daemon import (
     daemon_config,
     daemon_process,
@@ -58,6 +57,7 @@ from bench._daemon import (
     wait_ready,
     workdir,
 )
+from bench._wrk import WrkResult, lua_script
 from tests.support.processes import ManagedProcess
 
 RUNS = 3
@@ -88,78 +88,7 @@ SUBSCRIPTION_ID = 1_234_567
 FIRST_OBJECT_ID = 100_000_000_000
 SECRET_ENV = "BENCH_HUBSPOT_CLIENT_SECRET"
 
-LUA = r"""
-local counter = 0
-local threads = {}
-
-function setup(thread)
-  thread:set("tid", counter)
-  counter = counter + 1
-  table.insert(threads, thread)
-end
-
-function init(args)
-  pool = {}
-  local host = wrk.headers["Host"]
-  for line in io.lines(args[1] .. "." .. tid) do
-    local stamp, signature, body = line:match("^([^\t]+)\t([^\t]+)\t(.*)$")
-    pool[#pool + 1] = wrk.format("POST", "/v1/webhooks/hubspot", {
-      ["Host"] = host,
-      ["Content-Type"] = "application/json",
-      ["X-HubSpot-Request-Timestamp"] = stamp,
-      ["X-HubSpot-Signature-v3"] = signature,
-    }, body)
-  end
-  position = 0
-  wraps = 0
-end
-
-function request()
-  position = position + 1
-  if position > #pool then
-    position = 1
-    wraps = wraps + 1
-  end
-  return pool[position]
-end
-
-function done(summary, latency, requests)
-  local wrapped = 0
-  for _, thread in ipairs(threads) do
-    wrapped = wrapped + (thread:get("wraps") or 0)
-  end
-  local e = summary.errors
-  io.write(string.format(
-    'BENCHJSON {"requests":%d,"duration_us":%d,"non2xx":%d,"connect":%d,"read":%d,' ..
-    '"write":%d,"timeout":%d,"wraps":%d,"p50_us":%d,"p99_us":%d,"max_us":%d}\n',
-    summary.requests, summary.duration, e.status, e.connect, e.read, e.write, e.timeout,
-    wrapped, latency:percentile(50), latency:percentile(99), latency.max))
-end
-"""
-
-
-@dataclass
-class WrkResult:
-    """What one wrk run measured."""
-
-    requests: int
-    duration_s: float
-    non2xx: int
-    socket_errors: int
-    wraps: int
-    p50_ms: float
-    p99_ms: float
-    max_ms: float
-
-    @property
-    def rps(self) -> float:
-        """Requests answered per second."""
-        return self.requests / self.duration_s
-
-    @property
-    def ok(self) -> int:
-        """Requests answered 2xx."""
-        return self.requests - self.non2xx
+LUA = lua_script("/v1/webhooks/hubspot", ("X-HubSpot-Request-Timestamp", "X-HubSpot-Signature-v3"))
 
 
 @dataclass
@@ -256,37 +185,16 @@ def run_wrk(
     duration_s: int = DURATION_S,
 ) -> WrkResult:
     """One wrk run against `url` through the signed requests under `prefix`."""
-    argv = [
-        "wrk",
-        f"-t{THREADS}",
-        f"-c{connections}",
-        f"-d{duration_s}s",
-        # Well past HubSpot's 5 s, so a slow answer is measured rather than cut off.
-        "--timeout",
-        "30s",
-        "-s",
-        str(script),
+    # A request timeout well past HubSpot's 5 s, so a slow answer is measured, not cut off.
+    return _wrk.run_wrk(
         url,
-        "--",
-        str(prefix),
-    ]
-    done = subprocess.run(
-        argv, check=False, capture_output=True, text=True, timeout=duration_s + 90
+        script,
+        prefix,
+        threads=THREADS,
+        connections=connections,
+        duration_s=duration_s,
+        timeout_s=30,
     )
-    for line in done.stdout.splitlines():
-        if line.startswith("BENCHJSON "):
-            data = json.loads(line.removeprefix("BENCHJSON "))
-            return WrkResult(
-                requests=data["requests"],
-                duration_s=data["duration_us"] / 1e6,
-                non2xx=data["non2xx"],
-                socket_errors=data["connect"] + data["read"] + data["write"] + data["timeout"],
-                wraps=data["wraps"],
-                p50_ms=data["p50_us"] / 1000,
-                p99_ms=data["p99_us"] / 1000,
-                max_ms=data["max_us"] / 1000,
-            )
-    raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout}\n{done.stderr}")
 
 
 def read_journal(path: Path) -> Journal:

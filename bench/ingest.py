@@ -26,17 +26,16 @@ accepts, and the figure would measure that rather than the intake.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sqlite3
 import statistics
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 
+from bench import _wrk
 from bench._daemon import (
     bare_process,
     checked_process,
@@ -47,6 +46,7 @@ from bench._daemon import (
     wait_ready,
     workdir,
 )
+from bench._wrk import WrkResult, lua_script
 from listeners import sign
 
 RUNS = 3
@@ -60,76 +60,7 @@ SEGMENTS_PER_EVENT = 3
 SEGMENT_POOL = 30
 TARGET = 0.7
 
-LUA = r"""
-local counter = 0
-local threads = {}
-
-function setup(thread)
-  thread:set("tid", counter)
-  counter = counter + 1
-  table.insert(threads, thread)
-end
-
-function init(args)
-  pool = {}
-  local host = wrk.headers["Host"]
-  for line in io.lines(args[1] .. "." .. tid) do
-    local id, stamp, signature, body = line:match("^([^\t]+)\t([^\t]+)\t([^\t]+)\t(.*)$")
-    pool[#pool + 1] = wrk.format("POST", "/v1/webhooks/crm", {
-      ["Host"] = host,
-      ["Content-Type"] = "application/json",
-      ["webhook-id"] = id,
-      ["webhook-timestamp"] = stamp,
-      ["webhook-signature"] = signature,
-    }, body)
-  end
-  position = 0
-  wraps = 0
-end
-
-function request()
-  position = position + 1
-  if position > #pool then
-    position = 1
-    wraps = wraps + 1
-  end
-  return pool[position]
-end
-
-function done(summary, latency, requests)
-  local wrapped = 0
-  for _, thread in ipairs(threads) do
-    wrapped = wrapped + (thread:get("wraps") or 0)
-  end
-  local e = summary.errors
-  io.write(string.format(
-    'BENCHJSON {"requests":%d,"duration_us":%d,"non2xx":%d,"connect":%d,"read":%d,' ..
-    '"write":%d,"timeout":%d,"wraps":%d,"p50_us":%d,"p99_us":%d}\n',
-    summary.requests, summary.duration, e.status, e.connect, e.read, e.write, e.timeout,
-    wrapped, latency:percentile(50), latency:percentile(99)))
-end
-"""
-
-
-@dataclass
-class WrkResult:
-    """What one wrk run measured."""
-
-    requests: int
-    duration_s: float
-    non2xx: int
-    socket_errors: int
-    wraps: int
-    p50_ms: float
-    p99_ms: float
-
-    @property
-    def rps(self) -> float:
-        return self.requests / self.duration_s
-
-    @property
-    def ok(self) -> int:
-        return self.requests - self.non2xx
+LUA = lua_script("/v1/webhooks/crm", ("webhook-id", "webhook-timestamp", "webhook-signature"))
 
 
 def contact_of(index: int) -> str:
@@ -156,33 +87,10 @@ def write_pool(secret: str, prefix: Path, run: int) -> None:
 
 
 def run_wrk(url: str, script: Path, prefix: Path) -> WrkResult:
-    argv = [
-        "wrk",
-        f"-t{THREADS}",
-        f"-c{CONNECTIONS}",
-        f"-d{DURATION_S}s",
-        "-s",
-        str(script),
-        url,
-        "--",
-        str(prefix),
-    ]
-    done = subprocess.run(
-        argv, check=False, capture_output=True, text=True, timeout=DURATION_S + 60
+    """One wrk run with this benchmark's settings."""
+    return _wrk.run_wrk(
+        url, script, prefix, threads=THREADS, connections=CONNECTIONS, duration_s=DURATION_S
     )
-    for line in done.stdout.splitlines():
-        if line.startswith("BENCHJSON "):
-            data = json.loads(line.removeprefix("BENCHJSON "))
-            return WrkResult(
-                requests=data["requests"],
-                duration_s=data["duration_us"] / 1e6,
-                non2xx=data["non2xx"],
-                socket_errors=data["connect"] + data["read"] + data["write"] + data["timeout"],
-                wraps=data["wraps"],
-                p50_ms=data["p50_us"] / 1000,
-                p99_ms=data["p99_us"] / 1000,
-            )
-    raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout}\n{done.stderr}")
 
 
 @dataclass

@@ -43,6 +43,7 @@ from bench._daemon import (
     wait_ready,
     workdir,
 )
+from bench._wrk import WrkResult
 from bench.ingest import (
     CONNECTIONS,
     DURATION_S,
@@ -52,7 +53,6 @@ from bench.ingest import (
     SEGMENTS_PER_EVENT,
     THREADS,
     Journal,
-    WrkResult,
     contact_of,
     read_journal,
     run_wrk,
