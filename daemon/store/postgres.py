@@ -83,6 +83,8 @@ _UNAVAILABLE = (
     TimeoutError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    # A connection left mid-operation by a lost server ("another operation is in progress").
+    asyncpg.InternalClientError,
 )
 
 MIGRATIONS: list[str] = [
@@ -252,6 +254,7 @@ class PostgresStore(JournalStore):
         self.last_error = ""
         self.commits = 0
         self._last_prune = 0.0
+        self._pruning: asyncio.Task[None] | None = None
         self._refresh: dict[str, float] = {}
         self._notifications: OrderedDict[str, bytes] = OrderedDict()
         # Deliveries remembered but not committed yet (their answers).
@@ -363,6 +366,11 @@ class PostgresStore(JournalStore):
                 self.shown,
                 len(left.assignments),
             )
+        pruning, self._pruning = self._pruning, None
+        if pruning is not None and not pruning.done():
+            pruning.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pruning
         pool, self._pool = self._pool, None
         await _close_pool(pool)
         if self._guard is not None:
@@ -721,7 +729,7 @@ class PostgresStore(JournalStore):
                 try:
                     await asyncio.wait_for(self._wake.wait(), PRUNE_INTERVAL_S / 60)
                 except TimeoutError:
-                    await self._maybe_prune()  # idle: a chance to prune
+                    self._schedule_prune()  # idle: a chance to prune
                 continue
             work, self._pending = self._pending, PendingWork()
             closing = self._closing
@@ -759,7 +767,7 @@ class PostgresStore(JournalStore):
             for waiter in work.waiters:
                 if not waiter.done():
                     waiter.set_result(None)
-            await self._maybe_prune()
+            self._schedule_prune()
 
     async def _commit(self, work: PendingWork) -> None:
         if work.empty():
@@ -877,11 +885,27 @@ class PostgresStore(JournalStore):
             if not waiter.done():
                 waiter.set_exception(StoreUnavailable(message))
 
-    async def _maybe_prune(self) -> None:
+    def _schedule_prune(self) -> None:
+        """Start a prune when one is due, on a task of its own: commits never wait for it."""
         now = self._clock()
-        if now - self._last_prune < PRUNE_INTERVAL_S or self._pool is None:
+        if now - self._last_prune < PRUNE_INTERVAL_S or self._pool is None or self._closing:
+            return
+        if self._pruning is not None and not self._pruning.done():
             return
         self._last_prune = now
+        self._pruning = asyncio.get_running_loop().create_task(
+            self._prune(now), name="journal-prune"
+        )
+
+    async def _prune(self, now: float) -> None:
+        try:
+            await self._maybe_prune(now)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a prune that fails is retried next time, never fatal
+            log.warning("journal %s: pruning failed (%s)", self.shown, _describe(exc))
+
+    async def _maybe_prune(self, now: float) -> None:
         horizon = now - self.retention_s
 
         async def prune(connection: _Connection) -> str:
