@@ -207,20 +207,22 @@ async def test_a_full_disk_refuses_work_and_recovers(
         await daemon.wait_states(http, contact, {"active"}, 30)
 
 
-async def test_sigkill_with_writes_in_flight_replays_instead_of_writing_twice(
+async def kill_with_writes_in_flight_then_restart(
     start_daemon: StartDaemon,
     emulator: EmulatorControl,
     http: aiohttp.ClientSession,
-    tmp_path: Path,
-):
+    store: dict[str, Any],
+    prefix: str,
+) -> None:
+    """SIGKILL a daemon whose bulk writes were applied but not answered, restart it, and check
+    that the recovered batches were resent under their keys: replayed, never applied twice."""
     # Every bulk write is applied, then hangs: the daemon dies not knowing it landed.
     await emulator.configure(
         {"faults": {"bulk": {"hang_rate": 1.0, "hang_s": 2.0, "after_apply_fraction": 1.0}}}
     )
-    daemon = await start_daemon(
-        store={"url": f"sqlite://{tmp_path}/journal.db"}, cxone={"timeout_s": 10.0}
-    )
-    events = [{"contactId": f"k{i}", "segmentIds": ["K1", "K2"]} for i in range(100)]
+    daemon = await start_daemon(store=store, cxone={"timeout_s": 10.0})
+    segments = [f"{prefix.upper()}1", f"{prefix.upper()}2"]
+    events = [{"contactId": f"{prefix}{i}", "segmentIds": segments} for i in range(100)]
     status, _ = await daemon.webhook(http, events)
     assert status == 202
     await asyncio.sleep(1.0)  # batches sent and hanging
@@ -230,11 +232,23 @@ async def test_sigkill_with_writes_in_flight_replays_instead_of_writing_twice(
     await asyncio.sleep(2.5)  # the hung requests finish on the emulator's side
     await asyncio.to_thread(daemon.restart)
     for i in (0, 50, 99):
-        await daemon.wait_states(http, f"k{i}", {"active"}, 30)
+        await daemon.wait_states(http, f"{prefix}{i}", {"active"}, 30)
     counters = await emulator.counters()
-    assert counters["idempotent_replays"] >= 2  # the recovered batches were replayed
+    assert counters["idempotent_replays"] >= 2  # the recovered batches were resent, replayed
+    assert counters["idempotency_conflicts"]["IdempotencyKeyReused"] == 0
     assert counters["applied_twice"] == 0
-    assert len(await emulator.members("K1")) == 100
+    for segment in segments:
+        assert len(await emulator.members(segment)) == 100
+
+
+async def test_sigkill_with_writes_in_flight_replays_instead_of_writing_twice(
+    start_daemon: StartDaemon,
+    emulator: EmulatorControl,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+):
+    store = {"url": f"sqlite://{tmp_path}/journal.db"}
+    await kill_with_writes_in_flight_then_restart(start_daemon, emulator, http, store, "k")
 
 
 async def test_a_drain_that_runs_out_of_time_keeps_in_flight_batches_for_the_next_start(

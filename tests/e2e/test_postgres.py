@@ -14,6 +14,7 @@ import orjson
 
 from tests.e2e.conftest import Daemon, StartDaemon
 from tests.e2e.test_cli import segmapd
+from tests.e2e.test_durability import kill_with_writes_in_flight_then_restart
 from tests.support.emulator import EmulatorControl
 from tests.support.postgres import PostgresServer
 
@@ -57,28 +58,8 @@ async def test_sigkill_with_writes_in_flight_replays_under_the_same_keys(
     postgres: PostgresServer,
     postgres_url: str,
 ):
-    # Every bulk write is applied, then hangs: the daemon dies not knowing it landed.
-    await emulator.configure(
-        {"faults": {"bulk": {"hang_rate": 1.0, "hang_s": 2.0, "after_apply_fraction": 1.0}}}
-    )
-    daemon = await start_daemon(store=on_postgres(postgres, postgres_url), cxone={"timeout_s": 10})
-    events = [{"contactId": f"pk{i}", "segmentIds": ["PK1", "PK2"]} for i in range(100)]
-    status, _ = await daemon.webhook(http, events)
-    assert status == 202
-    await asyncio.sleep(1.0)  # batches sent and hanging
-    daemon.process.signal(signal.SIGKILL)
-    await asyncio.to_thread(daemon.process.wait, 10)
-    await emulator.configure({"faults": {"bulk": {"hang_rate": 0.0}}})
-    await asyncio.sleep(2.5)  # the hung requests finish on the emulator's side
-    await asyncio.to_thread(daemon.restart)
-    for i in (0, 50, 99):
-        await daemon.wait_states(http, f"pk{i}", {"active"}, 30)
-    counters = await emulator.counters()
-    assert counters["idempotent_replays"] >= 2  # the recovered batches were resent, replayed
-    assert counters["idempotency_conflicts"]["IdempotencyKeyReused"] == 0
-    assert counters["applied_twice"] == 0
-    assert len(await emulator.members("PK1")) == 100
-    assert len(await emulator.members("PK2")) == 100
+    store = on_postgres(postgres, postgres_url)
+    await kill_with_writes_in_flight_then_restart(start_daemon, emulator, http, store, "pk")
 
 
 async def webhook_status(
