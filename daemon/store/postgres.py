@@ -35,7 +35,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from daemon.config import display_url
 from daemon.store.base import JournalStore, Recovered, StoreOpenError, StoreUnreachable
-from daemon.store.pending import PendingWork, merge_newer
+from daemon.store.pending import PendingWork, assemble_histories, merge_newer
 from scheduler.model import Assignment, FailureReason, Intent, State, storable
 from scheduler.store import BatchRecord, ContactHistory, StoreUnavailable
 
@@ -638,22 +638,13 @@ class PostgresStore(JournalStore):
             return rows, mirrors
 
         rows, mirrors = await self._with_connection(read, "read")
-        found = {c: ContactHistory({}, 0.0) for c in wanted}
-        for row in rows:
-            assignment = _assignment(tuple(row))
-            found[assignment.contact_id].assignments[assignment.segment_id] = assignment
-        committed_mirrors = {str(c): float(at) for c, at in mirrors}
-        for contact_id in wanted:
-            history = found[contact_id]
-            early, early_mirror = before[contact_id]
-            merge_newer(history.assignments, early)
-            history.assignments.update(self._uncommitted(contact_id))
-            history.mirrored_at = max(
-                committed_mirrors.get(contact_id, 0.0),
-                early_mirror,
-                self._uncommitted_mirror(contact_id),
-            )
-        return found
+        return assemble_histories(
+            wanted,
+            [_assignment(tuple(row)) for row in rows],
+            {str(c): float(at) for c, at in mirrors},
+            before,
+            lambda c: (self._uncommitted(c), self._uncommitted_mirror(c)),
+        )
 
     async def mirrored_at(self, contact_id: str) -> float:
         """The contact's newest mirror time, committed or not; 0 when none is retained."""

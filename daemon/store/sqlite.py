@@ -38,7 +38,7 @@ from daemon.store.delivery_filter import (
     capacity_for,
     new_bloom,
 )
-from daemon.store.pending import AssignmentRow, PendingWork, merge_newer
+from daemon.store.pending import AssignmentRow, PendingWork, assemble_histories, merge_newer
 from scheduler.model import Assignment, FailureReason, Intent, State, storable
 from scheduler.store import BatchRecord, ContactHistory, StoreUnavailable
 
@@ -604,22 +604,13 @@ class SqliteStore(JournalStore):
             return rows, mirrors
 
         rows, mirrors = await self._read(read)
-        found = {c: ContactHistory({}, 0.0) for c in wanted}
-        for row in rows:
-            assignment = _assignment(row)
-            found[assignment.contact_id].assignments[assignment.segment_id] = assignment
-        committed_mirrors = {str(c): float(at) for c, at in mirrors}
-        for contact_id in wanted:
-            history = found[contact_id]
-            early, early_mirror = before[contact_id]
-            merge_newer(history.assignments, early)
-            history.assignments.update(self._uncommitted(contact_id))
-            history.mirrored_at = max(
-                committed_mirrors.get(contact_id, 0.0),
-                early_mirror,
-                self._uncommitted_mirror(contact_id),
-            )
-        return found
+        return assemble_histories(
+            wanted,
+            [_assignment(row) for row in rows],
+            {str(c): float(at) for c, at in mirrors},
+            before,
+            lambda c: (self._uncommitted(c), self._uncommitted_mirror(c)),
+        )
 
     async def failed(self, limit: int = 1000) -> list[Assignment]:
         """Dead letters, oldest first."""
