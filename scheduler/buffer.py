@@ -7,7 +7,7 @@ mixes adds and removals. The buffer and the gate only need lanes to be hashable.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -106,14 +106,24 @@ class CoalescingBuffer(Generic[K]):
             queue.retry[contact_id] = None
             self._size += 1
 
-    def pick(self, now: float, *, spare_capacity: bool, draining: bool = False) -> K | None:
+    def pick(
+        self,
+        now: float,
+        *,
+        spare_capacity: bool,
+        draining: bool = False,
+        skip: Callable[[K], bool] | None = None,
+    ) -> K | None:
         """The segment whose batch should go out now, or None if none is due.
 
         While draining (shutdown) every non-empty segment is due: nothing may be left behind.
+        Lanes for which `skip` is true are never due (their segment is being handed over).
         """
         chosen: K | None = None
         chosen_age = float("inf")
         for segment_id, queue in self._segments.items():
+            if skip is not None and skip(segment_id):
+                continue
             size = len(queue)
             oldest = queue.oldest()
             due = (
@@ -126,11 +136,26 @@ class CoalescingBuffer(Generic[K]):
                 chosen, chosen_age = segment_id, oldest
         return chosen
 
-    def next_deadline(self) -> float | None:
+    def next_deadline(self, skip: Callable[[K], bool] | None = None) -> float | None:
         """Monotonic time at which the earliest lingering segment becomes due, if any."""
-        if not self._segments:
-            return None
-        return min(queue.oldest() for queue in self._segments.values()) + self.linger_s
+        oldest = [
+            queue.oldest()
+            for segment_id, queue in self._segments.items()
+            if skip is None or not skip(segment_id)
+        ]
+        return min(oldest) + self.linger_s if oldest else None
+
+    def lanes(self) -> list[K]:
+        """Every lane holding ids."""
+        return list(self._segments)
+
+    def drop_lane(self, segment_id: K) -> list[str]:
+        """Remove every id of the lane (retry and fresh); returns them."""
+        queue = self._segments.pop(segment_id, None)
+        if queue is None:
+            return []
+        self._size -= len(queue)
+        return [*queue.retry, *queue.fresh]
 
     def take(self, segment_id: K) -> list[str]:
         """Remove and return up to `max_size` ids of the segment: retries first, then oldest."""
@@ -220,6 +245,19 @@ class ContactGate(Generic[K]):
         else:
             self._inflight.pop(contact_id, None)
         return None
+
+    def drop_parked(self, dropped: Callable[[K], bool]) -> list[tuple[str, K]]:
+        """Remove the parked assignments of the lanes `dropped` selects; returns (contact, lane)."""
+        removed: list[tuple[str, K]] = []
+        for contact_id in list(self._waiting):
+            waiting = self._waiting[contact_id]
+            kept = deque(entry for entry in waiting if not dropped(entry[0]))
+            removed += [(contact_id, lane) for lane, _ in waiting if dropped(lane)]
+            if kept:
+                self._waiting[contact_id] = kept
+            else:
+                del self._waiting[contact_id]
+        return removed
 
     def inflight(self, contact_id: str) -> int:
         """Slots the contact holds."""

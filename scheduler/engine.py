@@ -28,6 +28,7 @@ from scheduler.model import (
     storable,
 )
 from scheduler.observer import EngineObserver
+from scheduler.ownership import ForwardedChange, Ownership, OwnEverything
 from scheduler.retry import RetryPolicy
 from scheduler.store import BatchRecord, Store, StoreUnavailable
 from scheduler.upstream import CXoneClient
@@ -107,6 +108,10 @@ def _waiting_row(assignment: Assignment, change: _Change) -> Assignment:
     )
 
 
+# How often `wait()` reads the journal again for a pair another process works on.
+WAIT_POLL_S = 0.25
+
+
 class EngineOverloaded(Exception):
     """More assignments wait to be written than the high-water mark allows; try again later."""
 
@@ -134,6 +139,10 @@ class Verifier(Protocol):
         """Stop confirming the pair and drop what is cached of it (a newer change is coming)."""
         ...
 
+    def release_segments(self, segments: set[str]) -> None:
+        """Stop confirming anything of these segments and drop their cache (handed over)."""
+        ...
+
 
 class Engine:
     """Assignment state, coalescing buffer, per-contact limit and flusher, as one component.
@@ -155,8 +164,14 @@ class Engine:
         rng: random.Random | None = None,
         wall_clock: Callable[[], float] = time.time,
         clock: Callable[[], float] = time.monotonic,
+        ownership: Ownership | None = None,
     ) -> None:
         self.batching = batching or BatchingPolicy()
+        self._ownership: Ownership = ownership or OwnEverything()
+        # Segments being handed over: nothing new is batched for them (see `release_segments`).
+        self._releasing: set[str] = set()
+        # Sends in flight per segment, so that a handover can wait for its segments' outcomes.
+        self._sending: dict[str, set[asyncio.Task[None]]] = {}
         self.retry = retry or RetryPolicy()
         self._store = store
         self._write_gate = write_gate
@@ -315,10 +330,30 @@ class Engine:
         self._accepting = True
         self._flusher = asyncio.create_task(self._flush_loop(), name="segmap-flusher")
         self._flusher.add_done_callback(self._on_flusher_done)
+        self._resume_recovered()
+
+    def adopt(
+        self,
+        assignments: Iterable[Assignment],
+        batches: Iterable[BatchRecord],
+        queued: Iterable[tuple[str, str, float, str, float]] = (),
+    ) -> None:
+        """Take over a running engine's segments from the journal (another process owned them).
+
+        Exactly as a restart recovers them (`restore`): saved batches resent under their keys,
+        queued and retrying work back to the buffer, written work back to the verifier.
+        """
+        self.restore(assignments, batches, queued)
+        if self._flusher is not None:
+            self._resume_recovered()
+            self._wakeup.set()
+
+    def _resume_recovered(self) -> None:
         for batch in self._recovered_batches:
             self.spawn(
                 partial(self._sender.send, batch, token_held=False),
                 f"resend {batch.segment_id}",
+                segment_id=batch.segment_id,
             )
         self._recovered_batches.clear()
         if self._recovered_written:
@@ -486,6 +521,20 @@ class Engine:
         for segment_id, intent in wanted.items():
             if (contact_id, segment_id) in self._live:
                 continue
+            if not self._ownership.owns(segment_id):
+                self._ownership.forward(
+                    ForwardedChange(
+                        contact_id,
+                        segment_id,
+                        intent,
+                        change.occurred_at or now,
+                        now,
+                        reason=reason,
+                        message=storable(message),
+                    )
+                )
+                recorded += 1
+                continue
             assignment = Assignment(
                 contact_id,
                 segment_id,
@@ -538,6 +587,13 @@ class Engine:
             self._store.record_stale(contact_id, segment_id, str(intent), version, now)
             self._observer.stale_change(contact_id, segment_id, intent)
             return SubmitResult(stale=1)
+        if not self._ownership.owns(segment_id):
+            # Its owner coalesces it with the segment's other work and compares it again with
+            # what it holds (newer than the journal this process read).
+            self._ownership.forward(
+                ForwardedChange(contact_id, segment_id, intent, occurred_at, now)
+            )
+            return SubmitResult(queued=1)
         if current is not None:
             if current.intent is intent:
                 self._renew(key, intent, occurred_at, now)
@@ -728,6 +784,7 @@ class Engine:
         After `release_waiters()` it returns at once, with the states reached so far.
         """
         keys = [(contact_id, s) for s in dict.fromkeys(segment_ids)]
+        deadline = self._clock() + timeout_s
         waiting: list[tuple[AssignmentKey, asyncio.Future[Assignment]]] = []
         loop = asyncio.get_running_loop()
         for key in keys:
@@ -753,17 +810,28 @@ class Engine:
             for key, future in waiting
             if future.done() and not future.cancelled()
         }
-        stored = {a.segment_id: a for a in await self._store.contact(contact_id)}
-        result: list[Assignment] = []
-        for _, segment_id in keys:
-            current = (
-                ended.get(segment_id)
-                or self._live.get((contact_id, segment_id))
-                or stored.get(segment_id)
-            )
-            if current is not None:
-                result.append(current)
-        return result
+        while True:
+            stored = {a.segment_id: a for a in await self._store.contact(contact_id)}
+            result: list[Assignment] = []
+            elsewhere = False  # a pair whose work goes on in another process
+            for _, segment_id in keys:
+                current = (
+                    ended.get(segment_id)
+                    or self._live.get((contact_id, segment_id))
+                    or stored.get(segment_id)
+                )
+                if current is not None:
+                    result.append(current)
+                    if segment_id not in ended and not self._ownership.owns(segment_id):
+                        elsewhere = elsewhere or not self._ended(current)
+            left = deadline - self._clock()
+            if not elsewhere or left <= 0 or self._waiters_released:
+                return result
+            # Its owner's commits are what this process can see of it: read them again.
+            await asyncio.sleep(min(WAIT_POLL_S, left))
+
+    def _ended(self, assignment: Assignment) -> bool:
+        return assignment.terminal or (self._verifier is None and assignment.state is State.WRITTEN)
 
     def release_waiters(self) -> int:
         """End every `wait()` now, and any later one at once; returns how many were waiting.
@@ -782,6 +850,119 @@ class Engine:
                     released += 1
         self._waiters.clear()
         return released
+
+    # ---- handing segments over (several processes on one journal) -------------------------
+
+    def _handed_over(self, lane: Lane) -> bool:
+        return lane[0] in self._releasing
+
+    async def release_segments(self, segments: set[str], budget_s: float) -> int:
+        """Stop working on `segments`: requests in flight end, the rest stays journaled.
+
+        Called while this process still holds them (`Ownership.holds`) but no longer owns them
+        for new work (`owns` is false: new changes are forwarded). Nothing new is batched for
+        them; requests in flight get their outcomes (within `budget_s`), recorded here; then
+        every trace of them leaves memory: buffered and parked ids, live assignments, changes
+        waiting for an outcome, validation. The journal keeps each of them as it stands (queued,
+        retrying, written, ...), and their next owner recovers them from it. Returns how many
+        assignments were let go.
+        """
+        if not segments:
+            return 0
+        self._releasing |= segments
+        try:
+            tasks = [t for s in segments for t in self._sending.get(s, ()) if not t.done()]
+            if tasks:
+                await asyncio.wait(tasks, timeout=budget_s)
+            for task in tasks:
+                if not task.done():
+                    # Past the budget: its outcome is the next owner's to learn (the batch is
+                    # journaled and resent under its key, which CXone replays).
+                    task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            return self._drop_segments(segments)
+        finally:
+            self._releasing -= segments
+
+    def _drop_segments(self, segments: set[str]) -> int:
+        def dropped(lane: Lane) -> bool:
+            return lane[0] in segments
+
+        let_go = 0
+        slots: list[str] = []
+        for contact_id, lane in self._gate.drop_parked(dropped):
+            self._pending_writes -= 1
+            self._occurred.pop((contact_id, lane[0]), None)
+            let_go += 1
+        for lane in self._buffer.lanes():
+            if not dropped(lane):
+                continue
+            for contact_id in self._buffer.drop_lane(lane):
+                key = (contact_id, lane[0])
+                self._occurred.pop(key, None)
+                if key not in self._live:  # a live one (a retry id) is counted below
+                    slots.append(contact_id)
+                    self._pending_writes -= 1
+                    let_go += 1
+        for key in [k for k in self._live if k[1] in segments]:
+            assignment = self._live.pop(key)
+            let_go += 1
+            if assignment.state in WRITE_PENDING_STATES:
+                # Each write-pending live pair holds one slot (a change waiting for it shares it).
+                self._pending_writes -= 1
+                slots.append(assignment.contact_id)
+        for key in [k for k in self._successors if k[1] in segments]:
+            del self._successors[key]
+        for key in [k for k in self._occurred if k[1] in segments]:
+            del self._occurred[key]
+        for key in [k for k in self._waiters if k[1] in segments]:
+            for future in self._waiters.pop(key):
+                if not future.done():
+                    future.cancel()  # `wait()` goes on reading the journal for it
+        if self._verifier is not None:
+            self._verifier.release_segments(segments)
+        for contact_id in slots:
+            self._release_contact(contact_id)
+        return let_go
+
+    def submit_forwarded(
+        self,
+        changes: Iterable[ForwardedChange],
+        histories: Mapping[str, tuple[Mapping[str, Assignment], float]],
+    ) -> SubmitResult:
+        """Take changes another process journaled for segments owned here.
+
+        `histories` maps each contact to (its journaled assignments by segment, its newest
+        mirror time), read after the changes were. Each change is compared again with what is
+        in progress here and in the journal, as if it had arrived here at its received time.
+        Changes for segments no longer owned are forwarded again.
+        """
+        result = SubmitResult()
+        for change in changes:
+            past, mirrored_at = histories.get(change.contact_id, ({}, 0.0))
+            if change.reason is not None:
+                self.dead_letter(
+                    MembershipChange(
+                        change.contact_id,
+                        add=(change.segment_id,) if change.intent is Intent.ADD else (),
+                        remove=(change.segment_id,) if change.intent is Intent.REMOVE else (),
+                        occurred_at=change.occurred_at or None,
+                    ),
+                    change.reason,
+                    change.message,
+                )
+                continue
+            result += self._change_pair(
+                change.contact_id,
+                change.segment_id,
+                change.intent,
+                change.occurred_at,
+                change.received_at,
+                past.get(change.segment_id),
+                mirrored_at,
+            )
+        return result
 
     # ---- the flusher ---------------------------------------------------------------------
 
@@ -803,11 +984,15 @@ class Engine:
     async def _flush_once(self) -> None:
         # The buffer keeps received (wall-clock) times, so linger is measured on that clock.
         now = self._wall()
+        skip = self._handed_over if self._releasing else None
         lane = self._buffer.pick(
-            now, spare_capacity=self._write_gate.has_capacity(), draining=self._draining
+            now,
+            spare_capacity=self._write_gate.has_capacity(),
+            draining=self._draining,
+            skip=skip,
         )
         if lane is None:
-            deadline = self._buffer.next_deadline()
+            deadline = self._buffer.next_deadline(skip)
             timeout = None if deadline is None else max(0.001, deadline - now)
             self._wakeup.clear()
             with contextlib.suppress(asyncio.TimeoutError):
@@ -816,7 +1001,13 @@ class Engine:
         await self._write_gate.acquire()
         # Choose again now that a request may go: under backlog the wait for the token is where
         # batches fill up, so the batch sent is the fullest the limit allows.
-        lane = self._buffer.pick(self._wall(), spare_capacity=True, draining=self._draining) or lane
+        skip = self._handed_over if self._releasing else None
+        lane = (
+            self._buffer.pick(self._wall(), spare_capacity=True, draining=self._draining, skip=skip)
+            or lane
+        )
+        if lane[0] in self._releasing:
+            return  # handed over while this send waited for its token: the token goes unused
         entries = self._buffer.take_entries(lane)
         if not entries:
             return
@@ -836,15 +1027,38 @@ class Engine:
                 )
             contact_ids.append(contact_id)
         batch = self._sender.new_batch(lane, contact_ids)
-        self.spawn(lambda: self._sender.send(batch, token_held=True), f"send {segment_id}")
+        self.spawn(
+            lambda: self._sender.send(batch, token_held=True),
+            f"send {segment_id}",
+            segment_id=segment_id,
+        )
 
     # ---- the ledger (called by the sender) -------------------------------------------------
 
-    def spawn(self, coro_factory: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
-        """Run a background task that is kept referenced and whose failure is logged."""
+    def spawn(
+        self,
+        coro_factory: Callable[[], Coroutine[Any, Any, None]],
+        name: str,
+        *,
+        segment_id: str | None = None,
+    ) -> None:
+        """Run a background task that is kept referenced and whose failure is logged.
+
+        `segment_id`: the task sends that segment's work (a handover waits for it).
+        """
         task = asyncio.create_task(coro_factory(), name=name)
         self._tasks.add(task)
+        if segment_id is not None:
+            self._sending.setdefault(segment_id, set()).add(task)
+            task.add_done_callback(partial(self._send_done, segment_id))
         task.add_done_callback(self._task_done)
+
+    def _send_done(self, segment_id: str, task: asyncio.Task[None]) -> None:
+        tasks = self._sending.get(segment_id)
+        if tasks is not None:
+            tasks.discard(task)
+            if not tasks:
+                del self._sending[segment_id]
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -968,6 +1182,10 @@ class Engine:
         reason: FailureReason | None = None,
         message: str = "",
     ) -> None:
+        if not self._ownership.holds(assignment.segment_id):
+            # Handed over (or taken over): its new owner has the journal's record of it, and
+            # a state recorded from here would overwrite that owner's.
+            return
         previous = assignment.state
         was_pending = previous in WRITE_PENDING_STATES
         assignment.transition(state, self._wall(), reason=reason, message=message)

@@ -206,6 +206,24 @@ class MembershipPoller:
         if watch is not None and pair is not None:
             self._forget(watch, pair)
 
+    def release_segments(self, segments: set[str]) -> None:
+        """Stop validating these segments and drop what is cached of them (handed over).
+
+        Reads in flight for them still end, but their outcomes are no longer recorded (the
+        engine holds nothing of them); the new owner validates them from the journal.
+        """
+        self._cache.forget_segments(segments)
+        for segment_id in segments:
+            watch = self._watches.get(segment_id)
+            if watch is None:
+                continue
+            for pair in list(watch.pairs.values()):
+                self._forget(watch, pair)
+            task = watch.refresh_task
+            if task is not None:
+                task.cancel()
+            self._watches.pop(segment_id, None)
+
     def watch(self, assignments: list[Assignment]) -> None:
         """Start validating written assignments."""
         if not assignments:

@@ -27,6 +27,10 @@ class ConfirmationCache(Protocol):
         """Drop what is known of the pair (its membership is being changed)."""
         ...
 
+    def forget_segments(self, segments: set[str]) -> None:
+        """Drop what is known of every pair of these segments (another process owns them)."""
+        ...
+
 
 class RefreshBudget(Protocol):
     """When each segment may be refreshed next (CXone allows one refresh per segment per hour)."""
@@ -80,6 +84,11 @@ class MemoryConfirmationCache:
     def forget(self, contact_id: str, segment_id: str) -> None:
         """Drop what is known of the pair (a newer change of the other intent is under way)."""
         self._entries.pop((contact_id, segment_id), None)
+
+    def forget_segments(self, segments: set[str]) -> None:
+        """Drop every pair of these segments: another process confirms them from now on."""
+        for key in [k for k in self._entries if k[1] in segments]:
+            del self._entries[key]
 
     def restore(self, entries: list[tuple[str, str, float, bool]], wall_now: float) -> None:
         """Take back confirmations made before a restart (wall-clock times), oldest first."""
