@@ -172,6 +172,16 @@ class StoreConfig(_Section):
         return value
 
 
+class ClusterConfig(_Section):
+    """`[cluster]`: several instances on one PostgreSQL journal (ignored for SQLite)."""
+
+    # An instance silent for this long is dead: its shards move to the others. Heartbeats go
+    # every third of it; a failover takes about this long plus one heartbeat.
+    lease_s: float = Field(default=10.0, ge=2.0, le=300.0)
+    # How this instance appears in logs and in `segmapd_instances` (default: host and pid).
+    name: str = ""
+
+
 class NotifyConfig(_Section):
     """`[notify]`: optional signed outbound events `mapping.active` / `mapping.failed`."""
 
@@ -198,6 +208,7 @@ class Config(_Section):
     store: StoreConfig = Field(default_factory=StoreConfig)
     sources: dict[str, SourceConfig] = Field(default_factory=dict)
     notify: NotifyConfig = Field(default_factory=NotifyConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
 

@@ -19,6 +19,7 @@ commit before answering.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -49,6 +50,11 @@ DRAIN_RETRY_AFTER_S = 5.0
 JOURNAL_RETRY_AFTER_S = 10.0
 # Answered on a per-event key when nothing needs remembering but that it was taken.
 _TAKEN = b"1"
+# A delivery another instance is taking (a shared journal): it is waited for this long, read
+# this often, and looked at this many times before the sender is asked to retry.
+CLAIM_WAIT_S = 5.0
+CLAIM_POLL_S = 0.05
+CLAIM_ROUNDS = 3
 
 
 class Busy(Exception):
@@ -60,16 +66,45 @@ class Busy(Exception):
         self.retry_after_s = retry_after_s
 
 
+class _HeldElsewhere(Exception):
+    """Another instance is taking some of the delivery's keys right now."""
+
+    def __init__(self, keys: set[ClaimKey]) -> None:
+        super().__init__(f"{len(keys)} keys held by another instance")
+        self.keys = keys
+
+
 async def receive(
     service: Service, source: str, adapter: SourceAdapter, request: InboundRequest
 ) -> Reply:
     """The answer to one delivery for configured `source`, in the adapter's protocol."""
     try:
-        return await _receive(service, source, adapter, request)
+        for _ in range(CLAIM_ROUNDS):
+            try:
+                return await _receive(service, source, adapter, request)
+            except _HeldElsewhere as held:
+                # Its taker answers once committed: then this copy is a redelivery of it.
+                await _await_answers(service, held.keys)
+        raise Busy("the same delivery is being taken by another instance; retry", 1.0)
     except WebhookRejected as rejection:
         return adapter.refused(rejection)
     except Busy as busy:
         return adapter.busy(busy.message, busy.retry_after_s)
+
+
+async def _await_answers(service: Service, keys: set[ClaimKey]) -> None:
+    """Wait (bounded) until every key has an answer committed by the instance taking it."""
+    deadline = time.monotonic() + CLAIM_WAIT_S
+    waiting = set(keys)
+    while waiting and time.monotonic() < deadline:
+        await asyncio.sleep(CLAIM_POLL_S)
+        for source in {s for s, _ in waiting}:
+            ids = [k for s, k in waiting if s == source]
+            try:
+                known = await service.store.known_deliveries(source, ids)
+            except StoreUnavailable as exc:
+                raise Busy(f"the journal cannot be read: {exc}", JOURNAL_RETRY_AFTER_S) from None
+            waiting -= {(source, k) for k in known}
 
 
 async def _receive(
@@ -101,6 +136,8 @@ async def _receive(
                 break
         with claims.claim(keys) as committed:
             refuse_if_busy(service, sum(len(e.change.segment_ids) for e in fresh))
+            everything = [*keys, (source, delivery_key)] if delivery_key is not None else keys
+            await _claim_across_instances(service, everything)
             # Admitted as a whole above: the delivery is taken whole, never in part.
             total = sum(
                 await submit_each(service, [e.change for e in fresh], admitted=True),
@@ -131,6 +168,28 @@ async def _receive(
             delivered.set_result(True)
     _count(service, source, adapter, parsed, outcome)
     return reply
+
+
+async def _claim_across_instances(service: Service, keys: list[ClaimKey]) -> None:
+    """Claim the keys in a shared journal; `_HeldElsewhere` if another instance has some.
+
+    Within one process the in-memory claims above are enough; instances sharing a database
+    claim there too, so that the same delivery sent to two of them at once is taken once. The
+    claim is replaced by the answer in the webhook's own commit; claims of a copy that backs
+    off are withdrawn at once.
+    """
+    if not keys:
+        return
+    store = service.store
+    try:
+        held = await store.claim_keys(keys)
+    except StoreUnavailable as exc:
+        raise Busy(f"the journal cannot be written: {exc}", JOURNAL_RETRY_AFTER_S) from None
+    if held:
+        mine = [key for key in keys if key not in held]
+        with contextlib.suppress(StoreUnavailable):  # else they lapse after the claim time
+            await store.unclaim_keys(mine)
+        raise _HeldElsewhere(held)
 
 
 def _storable_keys(parsed: ParsedDelivery) -> ParsedDelivery:

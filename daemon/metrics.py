@@ -15,6 +15,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -319,6 +320,36 @@ class Metrics(EngineObserver):
             registry=r,
         )
 
+        # Several instances on one PostgreSQL journal (daemon/cluster.py).
+        self.shards_owned = Gauge(
+            "segmapd_cluster_shards_owned",
+            "Shards (of 64) whose segments this instance batches, writes and validates.",
+            registry=r,
+        )
+        self.cluster_instances = Gauge(
+            "segmapd_cluster_instances",
+            "Live instances sharing the journal, as this instance last saw them.",
+            registry=r,
+        )
+        self.lease_changes = Counter(
+            "segmapd_cluster_lease_changes_total",
+            "Shard leases taken, released (handed over or left) and lost (declared dead).",
+            ["change"],
+            registry=r,
+        )
+        for change in ("taken", "released", "lost"):
+            self.lease_changes.labels(change=change)
+        self.forwarded = Counter(
+            "segmapd_cluster_forwarded_total",
+            "Assignment changes forwarded to the instance owning their segment.",
+            registry=r,
+        )
+        self.inbox_taken = Counter(
+            "segmapd_cluster_inbox_taken_total",
+            "Forwarded assignment changes taken into this instance's engine.",
+            registry=r,
+        )
+
         self._callbacks = _CallbackCollector()
         r.register(self._callbacks)
 
@@ -348,6 +379,24 @@ class Metrics(EngineObserver):
     def bind_gates(self, waited: Mapping[str, Callable[[], float]]) -> None:
         """Export each endpoint class's total limiter wait (`RateGate.waited_s`) at scrape."""
         self._callbacks.gates = dict(waited)
+
+    def bind_cluster(self, *, owned: Callable[[], int], instances: Callable[[], int]) -> None:
+        """Read the shards owned and the live instances from these at every scrape."""
+        self.shards_owned.set_function(owned)
+        self.cluster_instances.set_function(instances)
+
+    def record_lease_change(self, change: str, shards: int) -> None:
+        """`shards` leases were taken, released or lost."""
+        if shards:
+            self.lease_changes.labels(change=change).inc(shards)
+
+    def record_forwarded(self) -> None:
+        """One change went to its segment's owner through the journal."""
+        self.forwarded.inc()
+
+    def record_inbox_taken(self, changes: int) -> None:
+        """Forwarded changes were taken into this instance's engine."""
+        self.inbox_taken.inc(changes)
 
     # --- recorders called by the daemon -----------------------------------------------------
 

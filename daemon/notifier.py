@@ -279,6 +279,10 @@ class Notifier:
             return
         self._queue(_Event(event_id, body))
 
+    def resend(self, event_id: str, body: bytes) -> None:
+        """Deliver a journaled event another process left undelivered (it is already journaled)."""
+        self._queue(_Event(event_id, body))
+
     def _queue(self, event: _Event) -> None:
         if event.event_id in self._known:
             return

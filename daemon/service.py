@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from daemon.claims import Claims
+from daemon.cluster import Cluster
 from daemon.config import Config
 from daemon.cxone import CXonePaths, CXoneSettings, HttpCXoneClient
 from daemon.cxone.client import pool_size
@@ -30,7 +32,6 @@ from listeners import SourceAdapter, make_adapter
 from scheduler.engine import BatchingPolicy, Engine
 from scheduler.model import Assignment
 from scheduler.observer import CompositeObserver, EngineObserver
-from scheduler.ratelimit import RateGate
 from scheduler.retry import RetryPolicy
 from scheduler.store import StoreUnavailable
 from scheduler.validation import MembershipPoller, ValidationPolicy
@@ -135,9 +136,10 @@ class Service:
             on_response=self.metrics.on_response,
             max_connections=cxone_pool(config),
         )
-        self.write_gate = RateGate("bulk", config.limits.write_rps)
-        self.single_gate = RateGate("single", config.limits.single_write_rps)
-        self.read_gate = RateGate("read", config.limits.read_rps)
+        # One budget per endpoint class: this process's, or every instance's on a shared journal.
+        self.write_gate = self.store.rate_gate("bulk", config.limits.write_rps)
+        self.single_gate = self.store.rate_gate("single", config.limits.single_write_rps)
+        self.read_gate = self.store.rate_gate("read", config.limits.read_rps)
         self.notifier: Notifier | None = None
         observers: list[EngineObserver] = [self.metrics]
         if config.notify.url:
@@ -194,6 +196,22 @@ class Service:
             refresh_timeout_s=config.cxone.timeout_s,
         )
         self.engine.set_verifier(self.poller)
+        self.cluster: Cluster | None = None
+        shared = self.store.as_shared()
+        if shared is not None:
+            self.cluster = Cluster(
+                store=shared,
+                engine=self.engine,
+                cache=self.cache,
+                metrics=self.metrics,
+                lease_s=config.cluster.lease_s,
+                contact_limit=config.batching.max_inflight_per_contact,
+                handover_budget_s=config.cxone.timeout_s + 5.0,
+                on_fenced=self._fenced,
+                name=config.cluster.name,
+                notifier=self.notifier,
+            )
+            self.engine.set_ownership(self.cluster)
         self.sources: dict[str, SourceAdapter] = {}
         for name, source in config.sources.items():
             try:
@@ -249,8 +267,14 @@ class Service:
                 stack.push_async_callback(self._stop_notifier)
             await self.poller.start()
             stack.push_async_callback(self._stop_poller)
+            if self.cluster is not None:
+                # Left after the engine's final flush: the leases stay held while it drains.
+                stack.push_async_callback(self._leave_cluster)
             await self.engine.start()
             stack.push_async_callback(self._stop_engine)
+            if self.cluster is not None:
+                # Before listening: the first shards and their work are this instance's by then.
+                await self.cluster.start()
             stack.callback(self._release_waiters)
             stack.callback(self._stop_intake)
             if listener is not None:
@@ -326,6 +350,20 @@ class Service:
             "drain: notifier stopped, %d notifications kept for the next start",
             self.notifier.pending,
         )
+
+    async def _leave_cluster(self) -> None:
+        assert self.cluster is not None
+        await self.cluster.stop()
+
+    def _fenced(self) -> None:
+        """Declared dead by the other instances: nothing this one holds may be written any more.
+
+        Its state is dropped with the process: it exits at once (status 1, restarted by its
+        supervisor as a new member), as the drain would only try to commit what is refused.
+        """
+        self.journal_failed = True
+        logging.shutdown()
+        os._exit(1)
 
     async def _close_listener(self, listener: Listener) -> None:
         await listener.close()

@@ -259,6 +259,10 @@ class ContactGate(Generic[K]):
                 del self._waiting[contact_id]
         return removed
 
+    def parked_lanes(self) -> set[K]:
+        """The lanes of every parked assignment."""
+        return {lane for waiting in self._waiting.values() for lane, _ in waiting}
+
     def inflight(self, contact_id: str) -> int:
         """Slots the contact holds."""
         return self._inflight.get(contact_id, 0)

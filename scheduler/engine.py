@@ -219,6 +219,10 @@ class Engine:
 
     # ---- lifecycle -----------------------------------------------------------------------
 
+    def set_ownership(self, ownership: Ownership) -> None:
+        """Share the segments with other processes through `ownership` (before start)."""
+        self._ownership = ownership
+
     def set_verifier(self, verifier: Verifier) -> None:
         """Attach the component that confirms written memberships (before start)."""
         self._verifier = verifier
@@ -852,6 +856,26 @@ class Engine:
         return released
 
     # ---- handing segments over (several processes on one journal) -------------------------
+
+    @property
+    def accepting(self) -> bool:
+        """Whether the engine takes new work (started, not draining)."""
+        return self._accepting
+
+    def set_contact_limit(self, limit: int) -> None:
+        """Change the per-contact in-flight limit (its share when several processes split it).
+
+        Slots already taken are kept; the new limit applies to the next admissions.
+        """
+        self._gate.limit = max(1, limit)
+
+    def segments(self) -> set[str]:
+        """Every segment the engine holds anything of: buffered, parked, in flight, validating."""
+        found = {segment_id for _, segment_id in self._live}
+        found |= {lane[0] for lane in self._buffer.lanes()}
+        found |= {lane[0] for lane in self._gate.parked_lanes()}
+        found |= set(self._sending)
+        return found
 
     def _handed_over(self, lane: Lane) -> bool:
         return lane[0] in self._releasing

@@ -27,6 +27,7 @@ import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 # The gate may admit a request this much earlier than even pacing would, so that a wake-up that
 # came late (a busy event loop, the 1 ms timer tick) is made up by the next request instead of
@@ -41,6 +42,32 @@ MAX_TOLERANCE_S = 0.1
 def default_tolerance(rate_per_s: float) -> float:
     """The gate's tolerance: one emission interval, within [MIN_TOLERANCE_S, MAX_TOLERANCE_S]."""
     return min(MAX_TOLERANCE_S, max(MIN_TOLERANCE_S, 1.0 / rate_per_s))
+
+
+class AdmissionGate(Protocol):
+    """What the engine, the poller and the metrics use of a gate: `RateGate`, or a gate whose
+    budget several processes share (daemon/store/shared_gate.py)."""
+
+    name: str
+    rate_per_s: float
+    waited_s: float
+
+    @property
+    def paused_for(self) -> float:
+        """Seconds left of the current 429 pause (0 when not paused)."""
+        ...
+
+    def pause(self, seconds: float) -> None:
+        """Hold every request of this class for `seconds` (a 429's Retry-After)."""
+        ...
+
+    async def acquire(self) -> None:
+        """Wait until a request of this class may be sent."""
+        ...
+
+    def has_capacity(self) -> bool:
+        """Whether a request could be sent right now without waiting."""
+        ...
 
 
 class RateGate:

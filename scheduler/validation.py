@@ -42,7 +42,7 @@ from typing import Protocol
 
 from scheduler.model import Assignment, FailureReason, Intent, State
 from scheduler.observer import EngineObserver
-from scheduler.ratelimit import RateGate
+from scheduler.ratelimit import AdmissionGate
 from scheduler.retry import RetryPolicy
 from scheduler.store import StoreUnavailable
 from scheduler.upstream import (
@@ -156,7 +156,7 @@ class MembershipPoller:
         self,
         *,
         client: CXoneClient,
-        read_gate: RateGate,
+        read_gate: AdmissionGate,
         sink: VerificationSink,
         cache: ConfirmationCache,
         budget: RefreshBudget,

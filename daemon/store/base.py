@@ -16,10 +16,13 @@ committed yet or not.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from daemon.store.pending import InboxRow
 from scheduler.model import Assignment
+from scheduler.ownership import ForwardedChange
+from scheduler.ratelimit import AdmissionGate, RateGate
 from scheduler.store import BatchRecord, ContactHistory
 
 
@@ -56,6 +59,22 @@ class Recovered:
 
 class JournalStore(abc.ABC):
     """Every operation segmapd needs from its journal (see the module docstring)."""
+
+    @property
+    def shared(self) -> bool:
+        """Whether other processes may share this journal (then segments are leased).
+
+        A file or memory journal is one process's (a second process on a file is refused).
+        """
+        return False
+
+    def as_shared(self) -> SharedJournal | None:
+        """The journal as one several instances share, or None (see `shared`)."""
+        return None
+
+    def rate_gate(self, name: str, rate_per_s: float) -> AdmissionGate:
+        """The admission gate of an endpoint class: this process's own, unless shared."""
+        return RateGate(name, rate_per_s)
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -140,6 +159,19 @@ class JournalStore(abc.ABC):
     async def remember_delivery(self, source: str, delivery_id: str, answer: bytes) -> None:
         """Queue the answer to a delivery: a redelivery gets it again and adds no work."""
 
+    async def claim_keys(self, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Claim delivery keys for a delivery being taken now; returns those another one holds.
+
+        A store one process uses needs no claim beyond the intake's own (daemon/claims.py):
+        nothing else holds a key. A shared database claims them in one statement, so that the
+        same delivery sent to two instances at once is taken once.
+        """
+        return set()
+
+    async def unclaim_keys(self, keys: Sequence[tuple[str, str]]) -> None:
+        """Withdraw claims of keys whose delivery was not taken after all (see `claim_keys`)."""
+        return None  # nothing is claimed outside the process
+
     async def known_deliveries(self, source: str, delivery_ids: Sequence[str]) -> set[str]:
         """Which of these keys have a retained answer: a batched delivery's events at once.
 
@@ -201,3 +233,86 @@ class JournalStore(abc.ABC):
     @abc.abstractmethod
     def pending(self) -> list[tuple[str, bytes]]:
         """Notifications not yet delivered, oldest first."""
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """What one renewal of an instance's leases found."""
+
+    owned: frozenset[int]
+    live_instances: int
+
+
+class Leases(abc.ABC):
+    """An instance's membership of the cluster and its shard leases (daemon/cluster.py)."""
+
+    name: str
+    instance_id: int | None
+
+    @abc.abstractmethod
+    async def join(self) -> int:
+        """Become a member; every commit of the journal checks the membership from now on."""
+
+    @abc.abstractmethod
+    async def heartbeat(self) -> Heartbeat | None:
+        """Renew the membership and the leases; None if this instance was declared dead."""
+
+    @abc.abstractmethod
+    async def take(self, wanted: int) -> dict[int, int]:
+        """Declare silent members dead, then take up to `wanted` free shards: {shard: epoch}."""
+
+    @abc.abstractmethod
+    async def release(self, shards: Sequence[int]) -> None:
+        """Give shards up: their work is committed, another member may take them."""
+
+    @abc.abstractmethod
+    async def leave(self) -> None:
+        """Release every shard and end the membership."""
+
+    @abc.abstractmethod
+    async def members(self) -> list[tuple[int, str, int]]:
+        """Live members as (id, name, shards owned)."""
+
+    @abc.abstractmethod
+    async def listen(self, on_shard: Callable[[int], None]) -> bool:
+        """Call `on_shard` when work is forwarded to a shard; False if not possible now."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop listening."""
+
+
+class SharedJournal(JournalStore):
+    """A journal several instances share: what the cluster needs beyond `JournalStore`.
+
+    `holds(segment)` says whether this instance may still record the segment's states (rows of
+    segments it does not hold are left out of its commits); `on_fenced` is called when a commit
+    finds this instance declared dead.
+    """
+
+    holds: Callable[[str], bool] | None
+    on_fenced: Callable[[], None] | None
+
+    @abc.abstractmethod
+    def leases(self, lease_s: float, name: str) -> Leases:
+        """The instance's membership on the journal."""
+
+    @abc.abstractmethod
+    def forward(self, change: ForwardedChange) -> None:
+        """Queue a change for its segment's owner, committed with what is queued with it."""
+
+    @abc.abstractmethod
+    def consume_inbox(self, ids: Sequence[int]) -> None:
+        """Queue the deletion of forwarded changes taken into this instance's engine."""
+
+    @abc.abstractmethod
+    async def read_inbox(self, shards: Sequence[int], limit: int) -> list[tuple[int, InboxRow]]:
+        """Committed forwarded changes of these shards, oldest first."""
+
+    @abc.abstractmethod
+    async def load_segments(self, selected: Callable[[str], bool]) -> Recovered:
+        """The unfinished work and validation cache of the segments `selected` picks."""
+
+    @abc.abstractmethod
+    async def claim_notifications(self, limit: int) -> list[tuple[str, bytes]]:
+        """Notifications no live instance is delivering, claimed for this one."""

@@ -18,6 +18,10 @@ AssignmentRow = tuple[str, str, str, str | None, str, int, float, float, str, fl
 """contact, segment, state, reason, message, attempts, received_at, updated_at, intent,
 occurred_at: an assignment as both journals' `assignments` table holds it."""
 
+InboxRow = tuple[int, str, str, str, float, float, str | None, str]
+"""shard, contact, segment, intent, occurred_at, received_at, dead-letter reason, message: a
+change forwarded to the owner of its segment."""
+
 
 @dataclass
 class PendingWork:
@@ -38,6 +42,10 @@ class PendingWork:
     mirrors: dict[str, tuple[float, float]] = field(default_factory=dict)
     notifications_added: dict[str, tuple[bytes, float]] = field(default_factory=dict)
     notifications_done: set[str] = field(default_factory=set)
+    # Changes for segments another process owns (a shared journal only): rows of its inbox,
+    # and inbox rows this process has taken into its engine (deleted with what they became).
+    inbox: list[InboxRow] = field(default_factory=list)
+    inbox_done: set[int] = field(default_factory=set)
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
     def empty(self) -> bool:
@@ -53,6 +61,8 @@ class PendingWork:
             or self.mirrors
             or self.notifications_added
             or self.notifications_done
+            or self.inbox
+            or self.inbox_done
         )
 
     def absorb(self, later: PendingWork) -> None:
@@ -83,6 +93,8 @@ class PendingWork:
         for event_id in later.notifications_done:
             self.notifications_added.pop(event_id, None)
             self.notifications_done.add(event_id)
+        self.inbox.extend(later.inbox)
+        self.inbox_done |= later.inbox_done
         self.waiters.extend(later.waiters)
 
     def delivery_rows(self) -> list[tuple[str, str, bytes, float]]:

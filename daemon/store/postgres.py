@@ -22,8 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -34,9 +32,13 @@ import orjson
 from asyncpg.pool import PoolConnectionProxy
 
 from daemon.config import display_url
-from daemon.store.base import JournalStore, Recovered, StoreOpenError, StoreUnreachable
-from daemon.store.pending import PendingWork, assemble_histories, merge_newer
+from daemon.store.base import Leases, Recovered, SharedJournal, StoreOpenError, StoreUnreachable
+from daemon.store.pending import InboxRow, PendingWork, assemble_histories, merge_newer
+from daemon.store.shards import shard_of
+from daemon.store.shared_gate import SharedRateGate
 from scheduler.model import Assignment, FailureReason, Intent, State, storable
+from scheduler.ownership import ForwardedChange
+from scheduler.ratelimit import AdmissionGate
 from scheduler.store import BatchRecord, ContactHistory, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -60,12 +62,10 @@ POOL_MAX = 6
 RECENT_DELIVERIES = 200_000
 #: An arbitrary constant, the key of the advisory lock migrations hold ("SGMP" in hex).
 MIGRATION_LOCK = 0x53474D50
-#: The key of the session lock the one writing instance holds ("SGMI" in hex).
-INSTANCE_LOCK = 0x53474D49
-#: The key of the transaction lock commits share and a new epoch takes alone ("SGME").
+#: The key (with the instance id) of the lock commits share and a takeover takes alone ("SGME").
 EPOCH_LOCK = 0x53474D45
 #: The message of the exception a fenced commit raises in the database.
-FENCED = "segmapd: fenced by a newer instance epoch"
+FENCED = "segmapd: fenced: this instance was declared dead"
 PRUNE_INTERVAL_S = 3600.0
 
 # Answers from a running server that a retry will not change: wrong role or password, no such
@@ -171,6 +171,47 @@ MIGRATIONS: list[str] = [
         epoch  BIGINT NOT NULL
     );
     """,
+    # 3: several instances (daemon/cluster.py). Live instances and their heartbeats; the 64
+    # shards segments hash onto, each leased by one instance (epoch: raised at every change of
+    # owner); the inbox of changes forwarded to a shard's owner; the shared rate gates; who
+    # delivers each notification. The single-instance lock of migration 2 is replaced.
+    """
+    DROP TABLE segmapd_holder;
+    CREATE TABLE segmapd_instances (
+        id           BIGSERIAL PRIMARY KEY,
+        name         TEXT NOT NULL,
+        started_at   TIMESTAMPTZ NOT NULL DEFAULT now(),
+        heartbeat_at TIMESTAMPTZ NOT NULL DEFAULT now()
+    );
+    CREATE TABLE segmapd_shards (
+        shard       INTEGER PRIMARY KEY,
+        owner       BIGINT,
+        epoch       BIGINT NOT NULL DEFAULT 0,
+        lease_until TIMESTAMPTZ NOT NULL DEFAULT '-infinity'
+    );
+    INSERT INTO segmapd_shards (shard) SELECT generate_series(0, 63);
+    INSERT INTO journal_info VALUES ('shards', '64');
+    CREATE TABLE segmapd_inbox (
+        id          BIGSERIAL PRIMARY KEY,
+        shard       INTEGER NOT NULL,
+        contact_id  TEXT NOT NULL,
+        segment_id  TEXT NOT NULL,
+        intent      TEXT NOT NULL,
+        occurred_at DOUBLE PRECISION NOT NULL,
+        received_at DOUBLE PRECISION NOT NULL,
+        reason      TEXT,
+        message     TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX segmapd_inbox_by_shard ON segmapd_inbox (shard, id);
+    CREATE INDEX segmapd_inbox_by_contact ON segmapd_inbox (contact_id);
+    CREATE TABLE segmapd_gates (
+        name         TEXT PRIMARY KEY,
+        tat          DOUBLE PRECISION NOT NULL DEFAULT 0,
+        paused_until DOUBLE PRECISION NOT NULL DEFAULT 0
+    );
+    ALTER TABLE notifications ADD COLUMN claimed_until DOUBLE PRECISION NOT NULL DEFAULT 0;
+    ALTER TABLE notifications ADD COLUMN claimed_by BIGINT;
+    """,
 ]
 
 # The version table: one row per migration applied, so that a migration applied twice (two
@@ -206,19 +247,38 @@ _UPSERT_ASSIGNMENTS = """
             ELSE assignments.history || excluded.history
         END
 """
-# The first answer to a key is the one kept (as SQLite's INSERT OR IGNORE).
+# The first answer to a key is the one kept (as SQLite's INSERT OR IGNORE); an empty answer
+# is a claim in progress (`claim_keys`), which the answer replaces.
 _INSERT_DELIVERIES = """
     INSERT INTO deliveries (source, delivery_id, answer, received_at)
     SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::float8[])
-    ON CONFLICT (source, delivery_id) DO NOTHING
+    ON CONFLICT (source, delivery_id) DO UPDATE SET
+        answer = excluded.answer, received_at = excluded.received_at
+    WHERE deliveries.answer = ''::bytea
 """
+# Claims of keys by a delivery being taken now, before its work is journaled: another instance
+# finds the key claimed and waits for the answer. A claim its taker never answered (it died
+# between claim and commit) is taken over once it is CLAIM_TTL_S old. Returns the keys taken.
+_CLAIM_KEYS = """
+    INSERT INTO deliveries (source, delivery_id, answer, received_at)
+    SELECT k.source, k.delivery_id, ''::bytea, extract(epoch FROM clock_timestamp())
+    FROM unnest($1::text[], $2::text[]) AS k(source, delivery_id)
+    ON CONFLICT (source, delivery_id) DO UPDATE SET received_at = excluded.received_at
+    WHERE deliveries.answer = ''::bytea AND deliveries.received_at < excluded.received_at - $3
+    RETURNING source, delivery_id
+"""
+# A claim not answered within this long is its taker's failure: another delivery may take it.
+CLAIM_TTL_S = 30.0
+# A notification is its deliverer's for this long; then any instance may claim it (the
+# deliverer died, or is still retrying: delivery is at least once).
+NOTIFICATION_CLAIM_S = 120.0
 
 # What the pool lends (a proxy) and a plain connection: statements work the same on either.
 _Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
 _T = TypeVar("_T")
 
 
-class PostgresStore(JournalStore):
+class PostgresStore(SharedJournal):
     """The journal behind `store.url = "postgresql://user@host:port/database"`.
 
     `password` is the role's (from `store.password` / `password_file`), kept out of the URL
@@ -232,12 +292,8 @@ class PostgresStore(JournalStore):
         password: str = "",
         retention_s: float = 7 * 86_400,
         clock: Callable[[], float] = time.time,
-        exclusive: bool = True,
     ) -> None:
         self.url = url
-        # One instance per database until segments are owned through shard leases: two engines
-        # on one journal would both recover, batch and send the same work (see InstanceGuard).
-        self._guard = InstanceGuard(url, password, display_url(url)) if exclusive else None
         self.retention_s = retention_s
         self.shown = display_url(url)
         self._password = password
@@ -262,6 +318,44 @@ class PostgresStore(JournalStore):
         # Delivery keys committed lately, oldest first: a lookup that read before their commit
         # finds them here.
         self._recent: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        # Claims of delivery keys: committed without waiting for the WAL (see `claim_keys`).
+        self._claim_pool: asyncpg.Pool | None = None
+        # Set by the cluster membership (daemon/cluster.py) once this instance has joined: every
+        # commit then checks that the instance is still a member (`fence_sql`), and assignment
+        # rows of segments it no longer holds are left out (`holds`).
+        self.instance_id: int | None = None
+        self.holds: Callable[[str], bool] | None = None
+        self.on_fenced: Callable[[], None] | None = None
+
+    @property
+    def shared(self) -> bool:
+        """Several instances may share this journal: segments are owned through leases."""
+        return True
+
+    def as_shared(self) -> PostgresStore:
+        """The journal itself: several instances share it."""
+        return self
+
+    def leases(self, lease_s: float, name: str) -> Leases:
+        """The instance's membership and shard leases on the database."""
+        # Imported here: the leases module imports this one.
+        from daemon.store.leases import ShardLeases
+
+        return ShardLeases(self, lease_s, name)
+
+    def pool(self) -> asyncpg.Pool | None:
+        """The connection pool while the journal is open (for the cluster's own statements)."""
+        return None if self._closed else self._pool
+
+    async def connect(self) -> asyncpg.Connection:
+        """A connection of its own (not pooled), for a session that must last: LISTEN."""
+        return await asyncpg.connect(
+            self.url, password=self._password or None, timeout=CONNECT_TIMEOUT_S
+        )
+
+    def rate_gate(self, name: str, rate_per_s: float) -> AdmissionGate:
+        """The endpoint class's gate: one budget in the database for every instance."""
+        return SharedRateGate(name, rate_per_s, self.pool)
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.shown!r})"
@@ -281,6 +375,9 @@ class PostgresStore(JournalStore):
                 timeout=CONNECT_TIMEOUT_S,
                 command_timeout=COMMAND_TIMEOUT_S,
                 reset=_keep_session,
+                # A process paused in a transaction (SIGSTOP, a frozen VM) would hold its locks
+                # and block the instance taking its shards over: the server ends it instead.
+                server_settings={"idle_in_transaction_session_timeout": "5000"},
             )
         except _REFUSED as exc:
             # The server answered: no restart will change its mind (exit 2, not retried).
@@ -296,15 +393,21 @@ class PostgresStore(JournalStore):
         except ValueError as exc:  # a URL the driver cannot parse
             raise StoreOpenError(f"{self.shown}: not a usable PostgreSQL URL ({exc})") from None
         try:
-            # The lock first, as SQLite's: a second instance must change nothing, not even
-            # migrate the schema under the running one.
-            if self._guard is not None:
-                await self._guard.acquire()
             async with pool.acquire() as connection:
                 await _migrate(connection, self.shown)
-                if self._guard is not None:
-                    await self._guard.register()
-                recovered = await _load_recovery(connection)
+                recovered = await _load_shared_state(connection)
+            self._claim_pool = await asyncpg.create_pool(
+                self.url,
+                password=self._password or None,
+                min_size=1,
+                max_size=4,
+                timeout=CONNECT_TIMEOUT_S,
+                command_timeout=COMMAND_TIMEOUT_S,
+                reset=_keep_session,
+                # A claim lost in a crash is no loss: the answer that follows it is committed
+                # durably, in the webhook's own transaction, and replaces the claim.
+                server_settings={"synchronous_commit": "off"},
+            )
         except StoreOpenError:
             await self._abandon(pool)
             raise
@@ -319,24 +422,18 @@ class PostgresStore(JournalStore):
         self._pool = pool
         self._closing = self._closed = False
         self._refresh = dict(recovered.refresh_budget)
-        self._notifications = OrderedDict(recovered.notifications)
         self._writer = asyncio.get_running_loop().create_task(
             self._write_loop(), name="journal-writer"
         )
-        log.info(
-            "journal %s: %d unfinished assignments, %d in-flight batches, %d notifications",
-            self.shown,
-            len(recovered.assignments) + len(recovered.queued),
-            len(recovered.batches),
-            len(recovered.notifications),
-        )
+        log.info("journal %s: open (its work is recovered shard by shard)", self.shown)
         return recovered
 
     async def _abandon(self, pool: asyncpg.Pool) -> None:
-        """Undo a failed open(): the pool closed, the lock let go."""
+        """Undo a failed open(): the pools closed."""
         await _close_pool(pool)
-        if self._guard is not None:
-            await self._guard.release()
+        claim_pool, self._claim_pool = self._claim_pool, None
+        if claim_pool is not None:
+            await _close_pool(claim_pool)
 
     async def close(self) -> None:
         """Commit what is queued (within a bound), stop the writer, close the pool; idempotent."""
@@ -373,8 +470,9 @@ class PostgresStore(JournalStore):
                 await pruning
         pool, self._pool = self._pool, None
         await _close_pool(pool)
-        if self._guard is not None:
-            await self._guard.release()
+        claim_pool, self._claim_pool = self._claim_pool, None
+        if claim_pool is not None:
+            await _close_pool(claim_pool)
 
     async def check_writable(self) -> None:
         """Raise StoreUnavailable while commits fail (the readiness probe)."""
@@ -460,6 +558,124 @@ class PostgresStore(JournalStore):
         self._pending.deliveries.setdefault(key, (answer, self._clock()))
         self._wake.set()
 
+    def forward(self, change: ForwardedChange) -> None:
+        """Queue a change for the owner of its segment's shard (committed with the webhook)."""
+        self._pending.inbox.append(
+            (
+                shard_of(change.segment_id),
+                change.contact_id,
+                change.segment_id,
+                str(change.intent),
+                change.occurred_at,
+                change.received_at,
+                str(change.reason) if change.reason is not None else None,
+                change.message,
+            )
+        )
+        self._wake.set()
+
+    def consume_inbox(self, ids: Sequence[int]) -> None:
+        """Queue the deletion of inbox rows taken into this engine (with what they became)."""
+        self._pending.inbox_done.update(ids)
+        self._wake.set()
+
+    async def read_inbox(self, shards: Sequence[int], limit: int) -> list[tuple[int, InboxRow]]:
+        """Committed inbox rows of these shards, oldest first: (id, row)."""
+        rows = await self._fetch(
+            "SELECT id, shard, contact_id, segment_id, intent, occurred_at, received_at, reason, "
+            "message FROM segmapd_inbox WHERE shard = ANY($1::int4[]) ORDER BY id LIMIT $2",
+            list(shards),
+            limit,
+        )
+        return [
+            (int(r[0]), (int(r[1]), r[2], r[3], r[4], float(r[5]), float(r[6]), r[7], r[8]))
+            for r in rows
+        ]
+
+    async def claim_keys(self, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Claim delivery keys for a delivery being taken; returns those another one holds.
+
+        A key already answered, or claimed by a delivery still being taken (here or in another
+        instance), is not taken. The claim is committed at once without waiting for the disk,
+        so that another instance sees it; the answer, committed with the work, replaces it.
+        """
+        pool = self._claim_pool
+        if pool is None or not keys:
+            return set()
+        wanted = list(dict.fromkeys(keys))
+        try:
+            rows = await pool.fetch(
+                _CLAIM_KEYS,
+                [source for source, _ in wanted],
+                [key for _, key in wanted],
+                CLAIM_TTL_S,
+                timeout=CONNECT_TIMEOUT_S,
+            )
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(
+                f"journal {self.shown}: claiming a delivery failed ({_describe(exc)})"
+            ) from None
+        taken = {(str(row[0]), str(row[1])) for row in rows}
+        return {key for key in wanted if key not in taken}
+
+    async def unclaim_keys(self, keys: Sequence[tuple[str, str]]) -> None:
+        """Withdraw claims not answered (a copy that backs off for another instance's)."""
+        pool = self._claim_pool
+        if pool is None or not keys:
+            return
+        try:
+            await pool.execute(
+                "DELETE FROM deliveries d USING unnest($1::text[], $2::text[]) AS k(s, i) "
+                "WHERE d.source = k.s AND d.delivery_id = k.i AND d.answer = ''::bytea",
+                [source for source, _ in keys],
+                [key for _, key in keys],
+                timeout=CONNECT_TIMEOUT_S,
+            )
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(
+                f"journal {self.shown}: withdrawing claims failed ({_describe(exc)})"
+            ) from None
+
+    async def claim_notifications(self, limit: int) -> list[tuple[str, bytes]]:
+        """Notifications no instance is delivering (their deliverer died): claimed for this one.
+
+        `FOR UPDATE SKIP LOCKED`: instances claiming at once take different rows.
+        """
+        rows = await self._fetch(
+            "UPDATE notifications SET claimed_until = extract(epoch FROM clock_timestamp()) + $1, "
+            "claimed_by = $3::int8 WHERE event_id IN (SELECT event_id FROM notifications n "
+            "WHERE (n.claimed_until < extract(epoch FROM clock_timestamp()) OR NOT EXISTS "
+            "(SELECT 1 FROM segmapd_instances i WHERE i.id = n.claimed_by)) "
+            "AND ($3::int8 IS NULL OR n.claimed_by IS DISTINCT FROM $3::int8) "
+            "ORDER BY added_at LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING event_id, body",
+            NOTIFICATION_CLAIM_S,
+            limit,
+            self.instance_id,
+        )
+        found = [(str(e), bytes(body)) for e, body in rows]
+        for event_id, body in found:
+            self._notifications[event_id] = body
+        return found
+
+    async def load_segments(self, selected: Callable[[str], bool]) -> Recovered:
+        """The unfinished work and the validation cache of the segments `selected` picks.
+
+        What a shard's new owner takes back, exactly as a restart recovers the whole journal.
+        """
+
+        async def load(connection: _Connection) -> Recovered:
+            async with connection.transaction(isolation="repeatable_read", readonly=True):
+                names = await connection.fetch(
+                    "SELECT DISTINCT segment_id FROM assignments WHERE state IN "
+                    "('queued', 'sending', 'retrying', 'written', 'verifying') "
+                    "UNION SELECT DISTINCT segment_id FROM batches "
+                    "UNION SELECT DISTINCT segment_id FROM confirmations"
+                )
+                segments = [str(row[0]) for row in names if selected(str(row[0]))]
+                return await _load_recovery(connection, segments)
+
+        return await self._with_connection(load, "recovery")
+
     async def claim_delivery(self, source: str, delivery_id: str, answer: bytes) -> bytes | None:
         """Take the key with one atomic, committed INSERT, or return the answer given first.
 
@@ -486,7 +702,8 @@ class PostgresStore(JournalStore):
                 return None
             # A statement of its own: its snapshot sees the winner, committed by now.
             found: bytes | None = await connection.fetchval(
-                "SELECT answer FROM deliveries WHERE source = $1 AND delivery_id = $2",
+                "SELECT answer FROM deliveries WHERE source = $1 AND delivery_id = $2 "
+                "AND answer <> ''::bytea",
                 source,
                 delivery_id,
             )
@@ -613,6 +830,24 @@ class PostgresStore(JournalStore):
         merged = {row[1]: _assignment(tuple(row)) for row in rows}
         merge_newer(merged, before)
         merged.update(self._uncommitted(contact_id))
+        # Changes forwarded to their segment's owner and not taken yet: queued, as they are.
+        forwarded = await self._fetch(
+            "SELECT segment_id, intent, occurred_at, received_at FROM segmapd_inbox "
+            "WHERE contact_id = $1 AND reason IS NULL ORDER BY id",
+            contact_id,
+        )
+        for segment_id, intent, occurred_at, received_at in forwarded:
+            known = merged.get(segment_id)
+            version = occurred_at or received_at
+            if known is None or version > known.version:
+                merged[segment_id] = Assignment(
+                    contact_id,
+                    segment_id,
+                    received_at=received_at,
+                    updated_at=received_at,
+                    intent=_INTENTS[intent],
+                    occurred_at=occurred_at,
+                )
         return [merged[segment] for segment in sorted(merged)]
 
     async def histories(self, contact_ids: Sequence[str]) -> dict[str, ContactHistory]:
@@ -666,8 +901,15 @@ class PostgresStore(JournalStore):
 
     async def counts(self) -> dict[str, int]:
         """Retained assignments per state."""
-        rows = await self._fetch("SELECT state, count(*) FROM assignments GROUP BY state")
-        return {str(state): int(count) for state, count in rows}
+        rows = await self._fetch(
+            "SELECT state, count(*) FROM assignments GROUP BY state "
+            "UNION ALL SELECT 'queued', count(*) FROM segmapd_inbox WHERE reason IS NULL"
+        )
+        counts: dict[str, int] = {}
+        for state, count in rows:
+            if count:
+                counts[str(state)] = counts.get(str(state), 0) + int(count)
+        return counts
 
     async def known_deliveries(self, source: str, delivery_ids: Sequence[str]) -> set[str]:
         """Which keys have an answer: those in memory, then the rest in one read."""
@@ -679,7 +921,8 @@ class PostgresStore(JournalStore):
         rest = [key for key in dict.fromkeys(delivery_ids) if key not in found]
         if rest:
             rows = await self._fetch(
-                "SELECT delivery_id FROM deliveries WHERE source = $1 AND delivery_id = ANY($2)",
+                "SELECT delivery_id FROM deliveries WHERE source = $1 AND delivery_id = ANY($2) "
+                "AND answer <> ''::bytea",
                 source,
                 rest,
             )
@@ -696,7 +939,8 @@ class PostgresStore(JournalStore):
         if answer is not None:
             return answer
         rows = await self._fetch(
-            "SELECT answer FROM deliveries WHERE source = $1 AND delivery_id = $2",
+            "SELECT answer FROM deliveries WHERE source = $1 AND delivery_id = $2 "
+            "AND answer <> ''::bytea",
             source,
             delivery_id,
         )
@@ -765,29 +1009,61 @@ class PostgresStore(JournalStore):
             return
         pool = self._pool
         assert pool is not None
-        if self._guard is not None:
-            # Lost with its connection (the database restarted): taken again before any write,
-            # or this instance writes nothing (and answers 503) while another one holds it.
-            await self._guard.ensure()
+        self._leave_out_unheld(work)
         async with pool.acquire(timeout=CONNECT_TIMEOUT_S) as connection:
             # BEGIN and the fence travel together: the commit cycle is what bounds ingest, and
             # a round trip of its own for the fence cost a quarter of it.
-            begin = "BEGIN" if self._guard is None else f"BEGIN; {self._guard.fence_sql()}"
-            await connection.execute(begin)
+            instance = self.instance_id
+            begin = "BEGIN" if instance is None else f"BEGIN; {fence_sql(instance)}"
             try:
+                await connection.execute(begin)
                 await self._apply(connection, work)
                 await connection.execute("COMMIT")
             except asyncpg.RaiseError as exc:
                 await _rollback(connection)
-                if self._guard is not None and FENCED in str(exc):
-                    await self._guard.fenced()
+                if instance is not None and FENCED in str(exc):
+                    if self.on_fenced is not None:
+                        self.on_fenced()
+                    raise StoreUnavailable(
+                        f"journal {self.shown}: this instance was declared dead and its shards "
+                        "taken over; it commits nothing more"
+                    ) from None
                 raise
             except BaseException:
                 await _rollback(connection)
                 raise
         self.commits += 1
 
+    def _leave_out_unheld(self, work: PendingWork) -> None:
+        """Drop states of segments this instance no longer holds: their owner's are newer."""
+        holds = self.holds
+        if holds is None:
+            return
+        for key in [k for k in work.assignments if not holds(k[1])]:
+            del work.assignments[key]
+            work.history.pop(key, None)
+        for batch_id in [b for b, r in work.batches_saved.items() if not holds(r.segment_id)]:
+            del work.batches_saved[batch_id]
+        for key in [k for k in work.confirmations if not holds(k[1])]:
+            del work.confirmations[key]
+
     async def _apply(self, connection: _Connection, work: PendingWork) -> None:
+        if work.inbox:
+            await connection.execute(
+                "INSERT INTO segmapd_inbox (shard, contact_id, segment_id, intent, occurred_at, "
+                "received_at, reason, message) SELECT * FROM unnest($1::int4[], $2::text[], "
+                "$3::text[], $4::text[], $5::float8[], $6::float8[], $7::text[], $8::text[])",
+                *(list(column) for column in zip(*work.inbox, strict=True)),
+            )
+            # Delivered at commit, to the instances listening (the shards' owners).
+            await connection.execute(
+                "SELECT pg_notify('segmapd_inbox', s::text) FROM unnest($1::int4[]) AS s",
+                sorted({row[0] for row in work.inbox}),
+            )
+        if work.inbox_done:
+            await connection.execute(
+                "DELETE FROM segmapd_inbox WHERE id = ANY($1::int8[])", list(work.inbox_done)
+            )
         if work.assignments:
             rows = [
                 (*row, "".join(f"{state}:{at!r};" for state, at in work.history.get(key, [])))
@@ -857,9 +1133,15 @@ class PostgresStore(JournalStore):
             )
         if work.notifications_added:
             await connection.executemany(
-                "INSERT INTO notifications VALUES ($1, $2, $3) ON CONFLICT (event_id) DO UPDATE "
-                "SET body = excluded.body, added_at = excluded.added_at",
-                [(e, body, at) for e, (body, at) in work.notifications_added.items()],
+                "INSERT INTO notifications (event_id, body, added_at, claimed_until, claimed_by) "
+                "VALUES ($1, $2, $3, extract(epoch FROM clock_timestamp()) + $4, $5) "
+                "ON CONFLICT (event_id) DO UPDATE "
+                "SET body = excluded.body, added_at = excluded.added_at, "
+                "claimed_until = excluded.claimed_until, claimed_by = excluded.claimed_by",
+                [
+                    (e, body, at, NOTIFICATION_CLAIM_S, self.instance_id)
+                    for e, (body, at) in work.notifications_added.items()
+                ],
             )
         if work.notifications_done:
             await connection.execute(
@@ -956,51 +1238,52 @@ async def _migrate(connection: _Connection, shown: str) -> None:
             await connection.execute("INSERT INTO segmapd_schema (version) VALUES ($1)", number)
 
 
-async def _load_recovery(connection: _Connection) -> Recovered:
-    """What is unfinished, as SqliteStore recovers it, read in one snapshot."""
+async def _load_shared_state(connection: _Connection) -> Recovered:
+    """What the store itself keeps at hand: the refresh budgets (work is recovered per shard)."""
     recovered = Recovered()
-    async with connection.transaction(isolation="repeatable_read", readonly=True):
-        recovered.queued = [
-            (str(c), str(s), float(received), str(intent), float(occurred))
-            for c, s, received, intent, occurred in await connection.fetch(
-                "SELECT contact_id, segment_id, received_at, intent, occurred_at "
-                "FROM assignments WHERE state = 'queued'"
-            )
-        ]
-        recovered.assignments = [
-            _assignment(tuple(row))
-            for row in await connection.fetch(
-                f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments "  # noqa: S608 (a constant)
-                "WHERE state IN ('sending', 'retrying', 'written', 'verifying')"
-            )
-        ]
-        recovered.batches = [
-            BatchRecord(
-                batch_id, segment_id, tuple(orjson.loads(ids)), key, attempt, Intent(intent)
-            )
-            for batch_id, segment_id, ids, key, attempt, intent in await connection.fetch(
-                "SELECT batch_id, segment_id, contact_ids, idempotency_key, attempt, intent "
-                "FROM batches ORDER BY saved_at, batch_id"
-            )
-        ]
-        recovered.refresh_budget = {
-            str(s): float(at)
-            for s, at in await connection.fetch(
-                "SELECT segment_id, next_allowed FROM refresh_budget"
-            )
-        }
-        recovered.confirmations = [
-            (str(c), str(s), float(at), bool(member))
-            for c, s, at, member in await connection.fetch(
-                "SELECT contact_id, segment_id, confirmed_at, member FROM confirmations"
-            )
-        ]
-        recovered.notifications = [
-            (str(e), bytes(body))
-            for e, body in await connection.fetch(
-                "SELECT event_id, body FROM notifications ORDER BY added_at, event_id"
-            )
-        ]
+    recovered.refresh_budget = {
+        str(s): float(at)
+        for s, at in await connection.fetch("SELECT segment_id, next_allowed FROM refresh_budget")
+    }
+    return recovered
+
+
+async def _load_recovery(connection: _Connection, segments: list[str]) -> Recovered:
+    """What is unfinished in these segments, as SqliteStore recovers it (caller's snapshot)."""
+    recovered = Recovered()
+    recovered.queued = [
+        (str(c), str(s), float(received), str(intent), float(occurred))
+        for c, s, received, intent, occurred in await connection.fetch(
+            "SELECT contact_id, segment_id, received_at, intent, occurred_at "
+            "FROM assignments WHERE state = 'queued' AND segment_id = ANY($1::text[])",
+            segments,
+        )
+    ]
+    recovered.assignments = [
+        _assignment(tuple(row))
+        for row in await connection.fetch(
+            f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments "  # noqa: S608 (a constant)
+            "WHERE state IN ('sending', 'retrying', 'written', 'verifying') "
+            "AND segment_id = ANY($1::text[])",
+            segments,
+        )
+    ]
+    recovered.batches = [
+        BatchRecord(batch_id, segment_id, tuple(orjson.loads(ids)), key, attempt, Intent(intent))
+        for batch_id, segment_id, ids, key, attempt, intent in await connection.fetch(
+            "SELECT batch_id, segment_id, contact_ids, idempotency_key, attempt, intent "
+            "FROM batches WHERE segment_id = ANY($1::text[]) ORDER BY saved_at, batch_id",
+            segments,
+        )
+    ]
+    recovered.confirmations = [
+        (str(c), str(s), float(at), bool(member))
+        for c, s, at, member in await connection.fetch(
+            "SELECT contact_id, segment_id, confirmed_at, member FROM confirmations "
+            "WHERE segment_id = ANY($1::text[])",
+            segments,
+        )
+    ]
     return recovered
 
 
@@ -1053,148 +1336,21 @@ def _assignment(row: tuple[Any, ...]) -> Assignment:
     )
 
 
-class InstanceGuard:
-    """A session advisory lock that makes one segmapd instance the only writer of a database.
+def fence_sql(instance_id: int) -> str:
+    """The statement that opens every commit: refuse it unless this instance is still a member.
 
-    Held on a connection of its own for the instance's lifetime; the server releases it when
-    that connection ends, however the instance ends. A second instance refuses to start, naming
-    the holder (kept in `segmapd_holder`). Each taking of the lock raises the holder's epoch,
-    and every commit checks it in its own transaction (`fence`): an instance whose connection
-    dropped without it noticing, while another took the lock, commits nothing more. When the
-    connection is lost (a database restart) the lock is taken again before the next commit; if
-    another instance holds it, commits fail (`StoreUnavailable`) and this one answers 503.
+    An instance whose leases expired (it was paused, or cut off) is declared dead by the one
+    taking its shards, which deletes its row while holding `EPOCH_LOCK` for it exclusively;
+    every commit holds the same lock shared, so a commit still under way ends first and every
+    later one fails here. (Advisory locks live in memory; a row lock would cost a write on
+    every commit.)
     """
-
-    __slots__ = ("_connection", "_epoch", "_password", "_shown", "_url", "holder")
-
-    def __init__(self, url: str, password: str, shown: str) -> None:
-        self._url = url
-        self._password = password
-        self._shown = shown
-        self._connection: asyncpg.Connection | None = None
-        self._epoch: int | None = None
-        self.holder = f"pid {os.getpid()} on {socket.gethostname()}"
-
-    def __repr__(self) -> str:
-        return f"InstanceGuard({self._shown!r})"
-
-    async def acquire(self) -> None:
-        """Take the lock at start-up, or raise StoreOpenError naming the instance holding it."""
-        if not await self._take():
-            raise StoreOpenError(
-                f"{self._shown}: the journal is in use by another segmapd instance "
-                f"({await self._holder()}); one instance per database: stop that one, or give "
-                "this one its own database"
-            )
-
-    async def register(self) -> None:
-        """Say who holds the lock, and start a new epoch (the schema exists by now)."""
-        connection = self._connection
-        if connection is None:
-            raise StoreUnavailable(f"journal {self._shown}: the instance lock is not held")
-        async with connection.transaction():
-            # Exclusive against every commit's shared hold (`fence`): a commit of the previous
-            # holder still under way ends before the new epoch begins.
-            await connection.execute("SELECT pg_advisory_xact_lock($1)", EPOCH_LOCK)
-            self._epoch = await connection.fetchval(
-                "INSERT INTO segmapd_holder (id, holder, since, epoch) VALUES (1, $1, now(), 1) "
-                "ON CONFLICT (id) DO UPDATE SET holder = excluded.holder, "
-                "since = excluded.since, epoch = segmapd_holder.epoch + 1 RETURNING epoch",
-                self.holder,
-            )
-
-    async def ensure(self) -> None:
-        """Hold the lock again if its connection was lost; StoreUnavailable if another has it."""
-        if self._connection is not None and not self._connection.is_closed():
-            return
-        if not await self._take():
-            raise StoreUnavailable(
-                f"journal {self._shown}: another segmapd instance holds it "
-                f"({await self._holder()}); this one writes nothing meanwhile"
-            )
-        try:
-            await self.register()
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(
-                f"journal {self._shown}: cannot register the instance lock ({_describe(exc)})"
-            ) from None
-        log.warning("journal %s: instance lock taken again", self._shown)
-
-    def fence_sql(self) -> str:
-        """The statement that opens every commit: refuse it unless this epoch is current.
-
-        The commit holds a shared advisory lock that the epoch's raising takes exclusively:
-        another instance raising it waits for this commit, and every commit after that fails
-        here. (Advisory locks live in memory; a row lock would cost a write on every commit.)
-        """
-        epoch = int(self._epoch or 0)  # an integer of ours: safe to write into the statement
-        return (
-            f"DO $fence$ BEGIN PERFORM pg_advisory_xact_lock_shared({EPOCH_LOCK}); "  # noqa: S608 (integers and a constant of ours)
-            f"IF (SELECT epoch FROM segmapd_holder WHERE id = 1) IS DISTINCT FROM {epoch} "
-            f"THEN RAISE EXCEPTION '{FENCED}'; END IF; END $fence$"
-        )
-
-    async def fenced(self) -> None:
-        """A commit was refused by the fence: let the lock go, and say who holds the journal."""
-        await self.release()  # the next commit takes the lock anew, or fails
-        raise StoreUnavailable(
-            f"journal {self._shown}: another segmapd instance took the journal "
-            f"({await self._holder()}); this one commits nothing"
-        )
-
-    async def release(self) -> None:
-        """Let go of the lock (idempotent)."""
-        connection, self._connection = self._connection, None
-        if connection is not None and not connection.is_closed():
-            with contextlib.suppress(*_UNAVAILABLE):
-                await connection.close(timeout=CLOSE_FLUSH_TIMEOUT_S)
-
-    async def _take(self) -> bool:
-        await self.release()
-        try:
-            connection = await asyncpg.connect(
-                self._url,
-                password=self._password or None,
-                timeout=CONNECT_TIMEOUT_S,
-                command_timeout=COMMAND_TIMEOUT_S,
-            )
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(
-                f"journal {self._shown}: cannot connect ({_describe(exc)})"
-            ) from None
-        try:
-            taken = await connection.fetchval("SELECT pg_try_advisory_lock($1)", INSTANCE_LOCK)
-        except _UNAVAILABLE as exc:
-            with contextlib.suppress(*_UNAVAILABLE):
-                await connection.close()
-            raise StoreUnavailable(
-                f"journal {self._shown}: cannot take the instance lock ({_describe(exc)})"
-            ) from None
-        if not taken:
-            with contextlib.suppress(*_UNAVAILABLE):
-                await connection.close()
-            return False
-        self._connection = connection
-        return True
-
-    async def _holder(self) -> str:
-        try:
-            connection = await asyncpg.connect(
-                self._url, password=self._password or None, timeout=CONNECT_TIMEOUT_S
-            )
-        except _UNAVAILABLE:
-            return "holder unknown"
-        try:
-            row = await connection.fetchrow(
-                "SELECT holder, to_char(since AT TIME ZONE 'UTC', "
-                '\'YYYY-MM-DD"T"HH24:MI:SS"Z"\') AS since FROM segmapd_holder WHERE id = 1'
-            )
-        except _UNAVAILABLE:
-            row = None  # no table yet: the holder is still migrating
-        finally:
-            with contextlib.suppress(*_UNAVAILABLE):
-                await connection.close()
-        return f"{row['holder']}, since {row['since']}" if row else "holder unknown"
+    key = int(instance_id) % 2_147_483_647  # an integer of ours: safe to write into the text
+    return (
+        f"DO $fence$ BEGIN PERFORM pg_advisory_xact_lock_shared({EPOCH_LOCK}, {key}); "  # noqa: S608 (integers and a constant of ours)
+        f"IF NOT EXISTS (SELECT 1 FROM segmapd_instances WHERE id = {int(instance_id)}) "
+        f"THEN RAISE EXCEPTION '{FENCED}'; END IF; END $fence$"
+    )
 
 
 async def _keep_session(connection: asyncpg.Connection) -> None:

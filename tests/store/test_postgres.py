@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -15,8 +14,10 @@ from pydantic import SecretStr
 
 from daemon.config import StoreConfig
 from daemon.store import StoreOpenError, StoreUnreachable, from_url
-from daemon.store.postgres import INSTANCE_LOCK, MIGRATIONS, PostgresStore
+from daemon.store.postgres import MIGRATIONS, PostgresStore
+from daemon.store.shards import SHARDS
 from scheduler.model import Assignment, Intent, State
+from scheduler.ownership import ForwardedChange
 from scheduler.store import BatchRecord, StoreUnavailable
 from tests.support.postgres import PostgresServer
 
@@ -34,12 +35,9 @@ def new(contact: str, segment: str, *path: State) -> Assignment:
 
 @pytest.fixture
 def journal(postgres: PostgresServer, postgres_url: str) -> Callable[..., PostgresStore]:
-    """Stores on one fresh database, made as the daemon makes them (`from_url`); or, with
-    `exclusive=False`, without the instance lock, for the steps several instances share."""
+    """Stores on one fresh database, made as the daemon makes them (`from_url`)."""
 
-    def make(*, exclusive: bool = True) -> PostgresStore:
-        if not exclusive:
-            return PostgresStore(postgres_url, password=postgres.password, exclusive=False)
+    def make() -> PostgresStore:
         store = from_url(StoreConfig(url=postgres_url, password=SecretStr(postgres.password)))
         assert isinstance(store, PostgresStore)
         return store
@@ -59,7 +57,7 @@ async def opened(journal: Callable[..., PostgresStore]) -> AsyncIterator[Postgre
 async def test_instances_starting_together_migrate_once(
     journal: Callable[..., PostgresStore], postgres: PostgresServer, postgres_url: str
 ):
-    stores = [journal(exclusive=False) for _ in range(3)]
+    stores = [journal() for _ in range(3)]
     try:
         await asyncio.gather(*(store.open() for store in stores))
         stores[0].record(new("c1", "s1"))
@@ -118,8 +116,11 @@ async def test_what_is_unfinished_is_recovered_after_a_restart(
     await first.close()  # flushes what is queued
 
     second = journal()
-    recovered = await second.open()
+    opened = await second.open()
+    # Work is recovered shard by shard, by the instance taking the shard (daemon/cluster.py).
+    recovered = await second.load_segments(lambda segment: True)
     try:
+        assert opened.queued == opened.assignments == []
         assert sorted(recovered.queued) == [
             ("q1", "s1", NOW, "add", 0.0),
             ("q2", "s2", NOW, "add", 0.0),
@@ -130,9 +131,12 @@ async def test_what_is_unfinished_is_recovered_after_a_restart(
         assert recovered.batches == [
             BatchRecord("b1", "s1", ("w1", "x"), "s1:key-1", 2, Intent.REMOVE)
         ]
-        assert recovered.notifications == [("n-2", b'{"n":2}')]
+        # Its adder left: any member may claim it, and one does, once.
+        await second.leases(5.0, "second").join()
+        assert await second.claim_notifications(10) == [("n-2", b'{"n":2}')]
+        assert await second.claim_notifications(10) == []
         assert second.pending() == [("n-2", b'{"n":2}')]
-        assert recovered.refresh_budget == {"vip": NOW + 3600}
+        assert opened.refresh_budget == {"vip": NOW + 3600}
         assert second.next_allowed("vip") == NOW + 3600
         assert recovered.confirmations == [("c1", "vip", NOW, False)]
     finally:
@@ -179,7 +183,7 @@ async def test_a_database_restart_refuses_flushes_then_commits_everything_queued
 async def test_a_delivery_claimed_by_two_instances_at_once_has_one_winner(
     journal: Callable[..., PostgresStore],
 ):
-    first, second = journal(exclusive=False), journal(exclusive=False)
+    first, second = journal(), journal()
     await asyncio.gather(first.open(), second.open())
     try:
         keys = [f"d-{i}" for i in range(40)]
@@ -199,7 +203,7 @@ async def test_a_delivery_claimed_by_two_instances_at_once_has_one_winner(
 
 
 async def test_a_refresh_is_taken_by_one_instance_only(journal: Callable[..., PostgresStore]):
-    first, second = journal(exclusive=False), journal(exclusive=False)
+    first, second = journal(), journal()
     await asyncio.gather(first.open(), second.open())
     try:
         results = await asyncio.gather(
@@ -276,80 +280,130 @@ async def test_an_idle_store_is_not_writable_while_the_database_is_down(
             await asyncio.sleep(0.2)
 
 
-async def test_a_second_instance_on_one_database_refuses_naming_the_holder(
+async def _silence(postgres_url: str, password: str, instance: int, seconds: float) -> None:
+    """Make an instance's last heartbeat `seconds` old, as if it had been paused that long."""
+    connection = await asyncpg.connect(postgres_url, password=password)
+    try:
+        await connection.execute(
+            "UPDATE segmapd_instances SET heartbeat_at = now() - make_interval(secs => $2) "
+            "WHERE id = $1",
+            instance,
+            seconds,
+        )
+    finally:
+        await connection.close()
+
+
+async def test_shards_go_to_the_first_instance_and_free_ones_only_to_the_next(
     journal: Callable[..., PostgresStore],
 ):
-    first = journal()
-    await first.open()
+    first, second = journal(), journal()
+    await asyncio.gather(first.open(), second.open())
     try:
-        with pytest.raises(StoreOpenError) as refused:
-            await journal().open()
-        message = str(refused.value)
-        assert "the journal is in use by another segmapd instance" in message
-        assert f"pid {os.getpid()} on {socket.gethostname()}, since 20" in message
-        # The first instance is unaffected.
-        first.record(new("g1", "s1"))
-        await first.flush()
+        one, two = first.leases(5.0, "one"), second.leases(5.0, "two")
+        await one.join()
+        await two.join()
+        assert sorted(await one.take(SHARDS)) == list(range(SHARDS))
+        assert await two.take(SHARDS) == {}  # all held by a live instance
+        beat = await one.heartbeat()
+        assert beat is not None and beat.live_instances == 2 and len(beat.owned) == SHARDS
+        await one.release([0, 1, 2])
+        assert sorted(await two.take(10)) == [0, 1, 2]
+        assert [(name, owned) for _, name, owned in await one.members()] == [
+            ("one", SHARDS - 3),
+            ("two", 3),
+        ]
+        await one.leave()  # a clean stop frees everything at once
+        assert len(await two.take(SHARDS)) == SHARDS - 3
     finally:
-        await first.close()
-    # Once it has stopped, the database takes another instance.
-    second = journal()
-    await second.open()
-    await second.close()
+        await asyncio.gather(first.close(), second.close())
 
 
-async def test_after_a_database_restart_the_instance_takes_its_lock_again_or_writes_nothing(
-    journal: Callable[..., PostgresStore], postgres: PostgresServer
-):
-    first = journal()
-    await first.open()
-    try:
-        postgres.restart()  # the lock ends with its connection
-        deadline = time.monotonic() + 20
-        while True:
-            first.record(new("r1", "s1"))
-            try:
-                await first.flush()
-                break
-            except StoreUnavailable:
-                assert time.monotonic() < deadline, "no commit after the restart"
-                await asyncio.sleep(0.2)
-        # It holds the lock again: another instance is refused.
-        with pytest.raises(StoreOpenError, match="in use by another segmapd instance"):
-            await journal().open()
-    finally:
-        await first.close()
-
-
-async def test_an_instance_whose_lock_was_taken_over_commits_nothing(
+async def test_a_silent_instance_is_declared_dead_and_commits_nothing_more(
     journal: Callable[..., PostgresStore], postgres: PostgresServer, postgres_url: str
 ):
-    first = journal()
-    await first.open()
+    first, second = journal(), journal()
+    await asyncio.gather(first.open(), second.open())
+    fenced: list[bool] = []
+    first.on_fenced = lambda: fenced.append(True)
     try:
-        # Its lock connection dies without it noticing, and another instance takes over.
-        connection = await asyncpg.connect(postgres_url, password=postgres.password)
-        try:
-            await connection.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_locks "
-                "WHERE locktype = 'advisory' AND objid = $1 AND pid <> pg_backend_pid()",
-                INSTANCE_LOCK,
-            )
-        finally:
-            await connection.close()
-        second = journal()
-        await second.open()
-        try:
-            first.record(new("fenced", "s1"))
-            with pytest.raises(StoreUnavailable, match="another segmapd instance"):
-                await first.flush()
-            second.record(new("taken-over", "s1"))
-            await second.flush()
-            assert [a.contact_id for a in await second.contact("fenced")] == []
-        finally:
-            await second.close()
+        one, two = first.leases(5.0, "one"), second.leases(5.0, "two")
+        assert one.instance_id is None
+        me = await one.join()
+        await two.join()
+        await one.take(SHARDS)
+        first.record(new("before", "s1"))
+        await first.flush()
+        # Paused past its lease: the next instance to look declares it dead, takes its shards.
+        await _silence(postgres_url, postgres.password, me, 6.0)
+        taken = await two.take(SHARDS)
+        assert len(taken) == SHARDS and all(epoch == 2 for epoch in taken.values())
+        # It wakes: its commits are refused, it is told, and its heartbeat says so too.
+        first.record(new("after", "s1"))
+        with pytest.raises(StoreUnavailable, match="declared dead"):
+            await first.flush()
+        assert fenced == [True]
+        assert await one.heartbeat() is None
+        assert [a.contact_id for a in await second.contact("after")] == []
+        assert [a.contact_id for a in await second.contact("before")] == ["before"]
     finally:
-        await first.close()
+        first.instance_id = None  # its writer stops retrying the refused commit at close
+        await asyncio.gather(first.close(), second.close())
+
+
+async def test_rows_of_segments_the_instance_no_longer_holds_are_left_out(
+    opened: PostgresStore,
+):
+    opened.holds = lambda segment: segment != "gone"
+    opened.record(new("c1", "kept"))
+    opened.record(new("c1", "gone"))
+    await opened.save_batch(BatchRecord("b-gone", "gone", ("c1",), "gone:key", 1))
+    await opened.flush()
+    assert [a.segment_id for a in await opened.contact("c1")] == ["kept"]
+    recovered = await opened.load_segments(lambda segment: True)
+    assert recovered.batches == []
+
+
+async def test_forwarded_changes_reach_the_owner_once_and_show_as_queued(
+    journal: Callable[..., PostgresStore],
+):
+    first, second = journal(), journal()
+    await asyncio.gather(first.open(), second.open())
+    try:
+        first.forward(ForwardedChange("c9", "vip", Intent.ADD, NOW, NOW + 1))
+        first.forward(ForwardedChange("c9", "old", Intent.REMOVE, 0.0, NOW + 2))
+        await first.flush()
+        # Status from any instance shows them queued until their owner takes them.
+        [old, vip] = await second.contact("c9")
+        assert (vip.segment_id, vip.state, vip.intent) == ("vip", State.QUEUED, Intent.ADD)
+        assert (old.segment_id, old.intent) == ("old", Intent.REMOVE)
+        rows = await second.read_inbox(list(range(SHARDS)), 10)
+        assert [row[2] for _, row in rows] == ["vip", "old"]
+        second.consume_inbox([row_id for row_id, _ in rows])
+        await second.flush()
+        assert await first.read_inbox(list(range(SHARDS)), 10) == []
+    finally:
+        await asyncio.gather(first.close(), second.close())
+
+
+async def test_a_key_claimed_by_one_instance_is_not_taken_by_another_until_answered(
+    journal: Callable[..., PostgresStore],
+):
+    first, second = journal(), journal()
+    await asyncio.gather(first.open(), second.open())
+    try:
+        key = ("crm", "d-1")
+        assert await first.claim_keys([key]) == set()
+        assert await second.claim_keys([key, ("crm", "d-2")]) == {key}
+        await second.unclaim_keys([("crm", "d-2")])
+        assert await second.delivery(*key) is None  # a claim is no answer
+        await first.remember_delivery(*key, b"first answer")
+        await first.flush()
+        assert await second.delivery(*key) == b"first answer"
+        assert await second.claim_keys([key]) == {key}  # answered: never taken again
+        assert await first.claim_keys([("crm", "d-2")]) == set()  # withdrawn: free
+    finally:
+        await asyncio.gather(first.close(), second.close())
 
 
 async def test_text_no_journal_can_keep_is_kept_readably(opened: PostgresStore):

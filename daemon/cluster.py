@@ -1,0 +1,371 @@
+"""Several instances on one PostgreSQL journal: segment ownership, forwarded work, takeovers.
+
+Segments hash onto 64 shards (daemon/store/shards.py). Each live instance leases a fair share
+of them (daemon/store/leases.py) and is the only one to batch, write and validate their
+segments, so that one segment's work is coalesced in one place and batches stay full whichever
+instance the load balancer gave the webhooks to. A change for a segment owned elsewhere is
+forwarded through the journal's inbox, in the webhook's own transaction, and its owner, woken by
+LISTEN/NOTIFY (or by polling, every `INBOX_POLL_S`), takes it into its engine and deletes it in
+one transaction with what it became.
+
+Every third of the lease time an instance renews its heartbeat and leases, declares dead the
+instances whose heartbeats are older than the lease, and moves towards its fair share: it takes
+free shards (recovering their work from the journal exactly as a restart recovers it: saved
+batches resent under their keys, queued and retrying work buffered, written work validated) or
+hands shards over (its requests in flight for them end first; the rest stays journaled for the
+next owner). An instance found dead by the others (it was paused or cut off for longer than
+the lease) commits nothing more; when it notices, it stops with status 1 (`on_fenced`) and its
+supervisor starts it again as a new member, with nothing of its old state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+
+from daemon.metrics import Metrics
+from daemon.notifier import Notifier
+from daemon.store.base import SharedJournal
+from daemon.store.shards import SHARDS, shard_of
+from scheduler.engine import Engine
+from scheduler.model import FailureReason, Intent
+from scheduler.ownership import ForwardedChange
+from scheduler.store import StoreUnavailable
+from scheduler.validation_state import MemoryConfirmationCache
+
+log = logging.getLogger(__name__)
+
+#: The inbox is read this often even when no notification came (a lost LISTEN connection).
+INBOX_POLL_S = 1.0
+#: At most this many forwarded changes are taken into the engine per transaction.
+INBOX_BATCH = 5_000
+#: Orphaned notifications (their deliverer died) are looked for this often.
+NOTIFICATION_SWEEP_S = 10.0
+#: An instance below its fair share looks for free shards this often (joins settle fast).
+TAKE_RETRY_S = 1.0
+
+
+class Cluster:
+    """An instance's part of the cluster: the engine's `Ownership`, and the lease loop."""
+
+    def __init__(
+        self,
+        *,
+        store: SharedJournal,
+        engine: Engine,
+        cache: MemoryConfirmationCache,
+        metrics: Metrics,
+        lease_s: float,
+        contact_limit: int,
+        handover_budget_s: float,
+        on_fenced: Callable[[], None],
+        name: str = "",
+        notifier: Notifier | None = None,
+    ) -> None:
+        self._store = store
+        self._engine = engine
+        self._cache = cache
+        self._metrics = metrics
+        self._notifier = notifier
+        self._contact_limit = contact_limit
+        self._handover_budget_s = handover_budget_s
+        self._on_fenced = on_fenced
+        self.leases = store.leases(lease_s, name)
+        self.lease_s = lease_s
+        # Shards whose leases this instance holds; those being handed over are in both.
+        self._owned: set[int] = set()
+        self._releasing: set[int] = set()
+        self.live_instances = 1
+        self._inbox_wake = asyncio.Event()
+        self._taking: set[int] = set()  # inbox rows taken, their deletion not committed yet
+        self._tasks: list[asyncio.Task[None]] = []
+        self._handover: asyncio.Task[None] | None = None
+        self._fenced = False
+        self._stopping = False
+        store.holds = self.holds
+        store.on_fenced = self._fence
+        metrics.bind_cluster(
+            owned=lambda: len(self._owned),
+            instances=lambda: self.live_instances,
+        )
+
+    def __repr__(self) -> str:
+        return f"Cluster({self.leases!r}, {len(self._owned)} shards)"
+
+    # ---- the engine's Ownership -------------------------------------------------------------
+
+    def owns(self, segment_id: str) -> bool:
+        """Whether new work for the segment is batched here."""
+        shard = shard_of(segment_id)
+        return shard in self._owned and shard not in self._releasing
+
+    def holds(self, segment_id: str) -> bool:
+        """Whether this instance may still record the segment's states (owned or handing over)."""
+        return shard_of(segment_id) in self._owned
+
+    def forward(self, change: ForwardedChange) -> None:
+        """Journal the change for its segment's owner (committed with the webhook)."""
+        self._store.forward(change)
+        self._metrics.record_forwarded()
+
+    @property
+    def owned(self) -> frozenset[int]:
+        """The shards this instance holds now."""
+        return frozenset(self._owned)
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Join, take a fair share of the shards (recovering their work), start the loops."""
+        await self.leases.join()
+        log.info(
+            "cluster: joined as instance %d (%s), lease %g s",
+            self.leases.instance_id,
+            self.leases.name,
+            self.lease_s,
+        )
+        await self._round()
+        await self.leases.listen(self._notified)
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._lease_loop(), name="cluster-leases"),
+            loop.create_task(self._inbox_loop(), name="cluster-inbox"),
+        ]
+        if self._notifier is not None:
+            self._tasks.append(loop.create_task(self._sweep_loop(), name="cluster-notifications"))
+
+    async def stop(self) -> None:
+        """Stop the loops, release every shard and leave (after the engine's final flush)."""
+        self._stopping = True
+        tasks = [t for t in [*self._tasks, self._handover] if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks = []
+        self._handover = None
+        await self.leases.close()
+        if self._fenced or self.leases.instance_id is None:
+            return
+        try:
+            await self._store.flush()
+            await self.leases.leave()
+        except StoreUnavailable as exc:
+            # The leases expire by themselves: the others take the shards after lease_s.
+            log.error("cluster: could not leave cleanly (%s); the leases will expire", exc)
+            return
+        log.info("cluster: left, %d shards released", len(self._owned))
+        self._metrics.record_lease_change("released", len(self._owned))
+        self._owned.clear()
+
+    # ---- the lease loop ----------------------------------------------------------------------
+
+    async def _lease_loop(self) -> None:
+        interval = self.lease_s / 3
+        next_beat = time.monotonic() + interval
+        while True:
+            fair = self._fair_share()
+            wait = next_beat - time.monotonic()
+            if len(self._owned) < fair and self._engine.accepting:
+                wait = min(wait, TAKE_RETRY_S)
+            if wait > 0:
+                await asyncio.sleep(wait)
+            try:
+                beat = time.monotonic() >= next_beat
+                await self._round(heartbeat=beat)
+                if beat:
+                    next_beat = time.monotonic() + interval
+            except StoreUnavailable as exc:
+                # The database is away: nothing can be committed either, so nothing is done
+                # that the leases do not cover. Their expiry is the others' business.
+                log.warning("cluster: %s", exc)
+                next_beat = time.monotonic() + min(interval, TAKE_RETRY_S)
+
+    def _fair_share(self) -> int:
+        return math.ceil(SHARDS / max(1, self.live_instances))
+
+    async def _round(self, *, heartbeat: bool = True) -> None:
+        if heartbeat:
+            started = time.monotonic()
+            beat = await self.leases.heartbeat()
+            if beat is None:
+                self._fence()
+                return
+            lost = self._owned - beat.owned
+            if lost:
+                # Only a takeover moves a lease away from a live holder: this one was declared
+                # dead while it went on running (its heartbeat came too late).
+                log.critical("cluster: shards %s were taken over", sorted(lost))
+                self._fence()
+                return
+            if time.monotonic() - started > self.lease_s / 2:
+                log.warning("cluster: a heartbeat took %.1f s", time.monotonic() - started)
+            if beat.live_instances != self.live_instances:
+                log.info("cluster: %d live instances", beat.live_instances)
+            self.live_instances = beat.live_instances
+            # The per-contact in-flight limit is the tenant's: each instance keeps its share.
+            self._engine.set_contact_limit(self._contact_limit // beat.live_instances)
+        fair = self._fair_share()
+        if self._stopping or (not self._engine.accepting and self._owned):
+            await self.leases.take(0)  # still declare the dead dead: their shards free up
+            return
+        if len(self._owned) > fair:
+            if self._handover is None or self._handover.done():
+                extra = sorted(self._owned - self._releasing)[fair:]
+                self._handover = asyncio.get_running_loop().create_task(
+                    self._hand_over(set(extra)), name="cluster-handover"
+                )
+            return
+        taken = await self.leases.take(fair - len(self._owned))
+        if taken:
+            await self._adopt(set(taken))
+
+    async def _adopt(self, shards: set[int]) -> None:
+        started = time.monotonic()
+        try:
+            recovered = await self._store.load_segments(lambda s: shard_of(s) in shards)
+        except StoreUnavailable:
+            # Taken but not loaded: give them back, someone (maybe this one) takes them again.
+            with contextlib.suppress(StoreUnavailable):
+                await self.leases.release(sorted(shards))
+            raise
+        self._owned |= shards
+        self._cache.restore(recovered.confirmations, time.time())
+        self._engine.adopt(recovered.assignments, recovered.batches, recovered.queued)
+        self._metrics.record_lease_change("taken", len(shards))
+        self._inbox_wake.set()
+        log.info(
+            "cluster: took %d shards (%d now) in %.2f s: %d queued, %d in flight or validating, "
+            "%d saved batches",
+            len(shards),
+            len(self._owned),
+            time.monotonic() - started,
+            len(recovered.queued),
+            len(recovered.assignments),
+            len(recovered.batches),
+        )
+
+    async def _hand_over(self, shards: set[int]) -> None:
+        self._releasing |= shards
+        try:
+            segments = {s for s in self._engine.segments() if shard_of(s) in shards}
+            await self._engine.release_segments(segments, self._handover_budget_s)
+            await self._store.flush()
+            self._owned -= shards
+            await self.leases.release(sorted(shards))
+        except StoreUnavailable as exc:
+            log.warning("cluster: handing %d shards over failed (%s)", len(shards), exc)
+            self._owned -= shards  # not held any more; their lease expires with this process
+            return
+        finally:
+            self._releasing -= shards
+        self._metrics.record_lease_change("released", len(shards))
+        log.info("cluster: handed %d shards over (%d now)", len(shards), len(self._owned))
+
+    def _fence(self) -> None:
+        """Declared dead by the others: stop, so that the supervisor starts a new member."""
+        if self._fenced:
+            return
+        self._fenced = True
+        self._metrics.record_lease_change("lost", len(self._owned))
+        log.critical(
+            "cluster: this instance was declared dead (silent for more than %g s) and its "
+            "shards taken over; it commits nothing more and stops to start again",
+            self.lease_s,
+        )
+        self._on_fenced()
+
+    # ---- forwarded work ------------------------------------------------------------------------
+
+    def _notified(self, shard: int) -> None:
+        if shard in self._owned:
+            self._inbox_wake.set()
+
+    async def _inbox_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._inbox_wake.wait(), INBOX_POLL_S)
+            self._inbox_wake.clear()
+            try:
+                while await self._take_inbox():
+                    pass
+                await self.leases.listen(self._notified)
+            except StoreUnavailable as exc:
+                log.info("cluster: reading forwarded work failed (%s)", exc)
+
+    async def _take_inbox(self) -> bool:
+        """Take one batch of forwarded changes into the engine; whether there may be more."""
+        if not self._engine.accepting:
+            return False
+        shards = sorted(self._owned - self._releasing)
+        if not shards:
+            return False
+        rows = [
+            (row_id, row)
+            for row_id, row in await self._store.read_inbox(shards, INBOX_BATCH)
+            if row_id not in self._taking
+        ]
+        if not rows:
+            return False
+        histories = await self._store.histories(list({row[1] for _, row in rows}))
+        # The awaits above may have seen shards go: what is no longer owned waits for its owner.
+        mine = [
+            (i, row) for i, row in rows if row[0] in self._owned and row[0] not in self._releasing
+        ]
+        if not mine or not self._engine.accepting:
+            return False
+        changes = [
+            ForwardedChange(
+                contact_id=contact_id,
+                segment_id=segment_id,
+                intent=Intent(intent),
+                occurred_at=occurred_at,
+                received_at=received_at,
+                reason=FailureReason(reason) if reason else None,
+                message=message,
+            )
+            for _, (
+                _,
+                contact_id,
+                segment_id,
+                intent,
+                occurred_at,
+                received_at,
+                reason,
+                message,
+            ) in mine
+        ]
+        self._engine.submit_forwarded(
+            changes,
+            {c: (h.assignments, h.mirrored_at) for c, h in histories.items()},
+        )
+        ids = [i for i, _ in mine]
+        # In the same transaction as the states the changes became: taken exactly once.
+        self._store.consume_inbox(ids)
+        self._taking.update(ids)
+        self._metrics.record_inbox_taken(len(ids))
+        try:
+            await self._store.flush()
+        except StoreUnavailable:
+            return False  # committed when the journal returns; `_taking` keeps them out
+        self._taking.difference_update(ids)
+        return len(rows) >= INBOX_BATCH
+
+    # ---- notifications whose deliverer died ---------------------------------------------------
+
+    async def _sweep_loop(self) -> None:
+        assert self._notifier is not None
+        while True:
+            try:
+                found = await self._store.claim_notifications(100)
+            except StoreUnavailable as exc:
+                log.info("cluster: looking for undelivered notifications failed (%s)", exc)
+                continue
+            for event_id, body in found:
+                self._notifier.resend(event_id, body)
+            if found:
+                log.info("cluster: took %d undelivered notifications over", len(found))
+            await asyncio.sleep(NOTIFICATION_SWEEP_S)

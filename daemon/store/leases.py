@@ -1,0 +1,238 @@
+"""Shard leases in PostgreSQL: which live instance owns which shard, and who is dead.
+
+Every instance has a row in `segmapd_instances`, whose heartbeat it renews together with the
+leases of the shards it owns (`segmapd_shards.lease_until`). An instance whose heartbeat is
+older than the lease time is dead: the first live instance that sees it deletes its row, while
+holding its `EPOCH_LOCK` exclusively (every commit of that instance holds it shared and checks
+the row, see `fence_sql`), so nothing the dead one commits from then on lands, even if it was
+only paused. Its shards are then free, as are those released by an instance handing them over
+or leaving, and live instances take them up to their fair share (each change of owner raises
+the shard's epoch).
+
+The statements lock the instance row before any shard row, in every transaction, so that a
+heartbeat and a takeover never wait for each other in a cycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeAlias, TypeVar
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from daemon.store.base import Heartbeat, Leases
+from daemon.store.postgres import EPOCH_LOCK, PostgresStore
+from scheduler.store import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+INBOX_CHANNEL = "segmapd_inbox"
+CONNECT_TIMEOUT_S = 5.0
+
+_Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
+_T = TypeVar("_T")
+_UNAVAILABLE = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+
+
+class ShardLeases(Leases):
+    """One instance's membership and leases on the journal's database."""
+
+    def __init__(self, store: PostgresStore, lease_s: float, name: str = "") -> None:
+        self._store = store
+        self.lease_s = lease_s
+        self.name = name or f"{socket.gethostname()} pid {os.getpid()}"
+        self.instance_id: int | None = None
+        self._listener: asyncpg.Connection | None = None
+
+    def __repr__(self) -> str:
+        return f"ShardLeases({self.name!r}, instance {self.instance_id})"
+
+    def _pool(self) -> asyncpg.Pool:
+        pool = self._store.pool()
+        if pool is None:
+            raise StoreUnavailable("the journal is not open")
+        return pool
+
+    async def join(self) -> int:
+        """Become a member: a new instance id, which every commit of this store checks."""
+        row = await self._run(
+            lambda c: c.fetchval(
+                "INSERT INTO segmapd_instances (name) VALUES ($1) RETURNING id", self.name
+            ),
+            "joining",
+        )
+        self.instance_id = int(row)
+        self._store.instance_id = self.instance_id
+        return self.instance_id
+
+    async def heartbeat(self) -> Heartbeat | None:
+        """Renew this instance and its leases; None if it was declared dead (fenced)."""
+        me = self._me()
+
+        async def renew(connection: _Connection) -> Heartbeat | None:
+            async with connection.transaction():
+                alive = await connection.fetchval(
+                    "UPDATE segmapd_instances SET heartbeat_at = now() WHERE id = $1 RETURNING id",
+                    me,
+                )
+                if alive is None:
+                    return None
+                owned = await connection.fetch(
+                    "UPDATE segmapd_shards SET lease_until = now() + make_interval(secs => $2) "
+                    "WHERE owner = $1 RETURNING shard",
+                    me,
+                    self.lease_s,
+                )
+                live = await connection.fetchval(
+                    "SELECT count(*) FROM segmapd_instances "
+                    "WHERE heartbeat_at > now() - make_interval(secs => $1)",
+                    self.lease_s,
+                )
+            return Heartbeat(frozenset(int(r[0]) for r in owned), max(1, int(live)))
+
+        return await self._run(renew, "heartbeat")
+
+    async def take(self, wanted: int) -> dict[int, int]:
+        """Declare dead instances dead, then take up to `wanted` free shards: {shard: epoch}."""
+        me = self._me()
+
+        async def take(connection: _Connection) -> dict[int, int]:
+            async with connection.transaction():
+                dead = await connection.fetch(
+                    "SELECT id FROM segmapd_instances "
+                    "WHERE heartbeat_at < now() - make_interval(secs => $1) AND id <> $2",
+                    self.lease_s,
+                    me,
+                )
+                for (instance,) in dead:
+                    # Waits for a commit of that instance still under way; every later one of
+                    # its commits finds its row gone.
+                    await connection.execute(
+                        "SELECT pg_advisory_xact_lock($1, $2)",
+                        EPOCH_LOCK,
+                        int(instance) % 2_147_483_647,
+                    )
+                    gone = await connection.fetchval(
+                        "DELETE FROM segmapd_instances WHERE id = $1 "
+                        "AND heartbeat_at < now() - make_interval(secs => $2) RETURNING id",
+                        instance,
+                        self.lease_s,
+                    )
+                    if gone is not None:
+                        log.warning(
+                            "cluster: instance %d missed its heartbeats for %g s: declared "
+                            "dead, its shards are free",
+                            instance,
+                            self.lease_s,
+                        )
+                if wanted <= 0:
+                    return {}
+                rows = await connection.fetch(
+                    "UPDATE segmapd_shards SET owner = $1, epoch = epoch + 1, "
+                    "lease_until = now() + make_interval(secs => $2) WHERE shard IN ("
+                    "SELECT shard FROM segmapd_shards s WHERE s.owner IS NULL OR NOT EXISTS "
+                    "(SELECT 1 FROM segmapd_instances i WHERE i.id = s.owner) "
+                    "ORDER BY shard LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING shard, epoch",
+                    me,
+                    self.lease_s,
+                    wanted,
+                )
+            return {int(shard): int(epoch) for shard, epoch in rows}
+
+        return await self._run(take, "taking shards")
+
+    async def release(self, shards: Sequence[int]) -> None:
+        """Give shards up (their work is committed): another instance may take them at once."""
+        me = self._me()
+        await self._run(
+            lambda c: c.execute(
+                "UPDATE segmapd_shards SET owner = NULL, lease_until = '-infinity' "
+                "WHERE owner = $1 AND shard = ANY($2::int4[])",
+                me,
+                list(shards),
+            ),
+            "releasing shards",
+        )
+
+    async def leave(self) -> None:
+        """Release every shard and end the membership (a clean stop)."""
+        me = self.instance_id
+        if me is None:
+            return
+
+        async def leave(connection: _Connection) -> None:
+            async with connection.transaction():
+                await connection.execute("DELETE FROM segmapd_instances WHERE id = $1", me)
+                await connection.execute(
+                    "UPDATE segmapd_shards SET owner = NULL, lease_until = '-infinity' "
+                    "WHERE owner = $1",
+                    me,
+                )
+
+        await self._run(leave, "leaving")
+        self._store.instance_id = None
+        self.instance_id = None
+
+    async def members(self) -> list[tuple[int, str, int]]:
+        """Live members as (id, name, shards owned), for the status of the cluster."""
+        rows = await self._run(
+            lambda c: c.fetch(
+                "SELECT i.id, i.name, count(s.shard) FROM segmapd_instances i "
+                "LEFT JOIN segmapd_shards s ON s.owner = i.id "
+                "WHERE i.heartbeat_at > now() - make_interval(secs => $1) "
+                "GROUP BY i.id, i.name ORDER BY i.id",
+                self.lease_s,
+            ),
+            "reading members",
+        )
+        return [(int(i), str(n), int(c)) for i, n, c in rows]
+
+    async def listen(self, on_shard: Callable[[int], None]) -> bool:
+        """Be woken when changes are forwarded to a shard (LISTEN); False if it cannot now.
+
+        Polling covers what a lost connection misses: a notification is a hint, the inbox table
+        is the truth.
+        """
+        if self._listener is not None and not self._listener.is_closed():
+            return True
+
+        def notified(_connection: object, _pid: int, _channel: str, payload: object) -> None:
+            with contextlib.suppress(ValueError, TypeError):
+                on_shard(int(str(payload)))
+
+        try:
+            connection = await self._store.connect()
+            await connection.add_listener(INBOX_CHANNEL, notified)
+        except _UNAVAILABLE as exc:
+            log.info("cluster: cannot listen for forwarded work (%s); polling", type(exc).__name__)
+            return False
+        self._listener = connection
+        return True
+
+    async def close(self) -> None:
+        """Stop listening."""
+        listener, self._listener = self._listener, None
+        if listener is not None and not listener.is_closed():
+            with contextlib.suppress(*_UNAVAILABLE):
+                await asyncio.wait_for(listener.close(), CONNECT_TIMEOUT_S)
+
+    def _me(self) -> int:
+        if self.instance_id is None:
+            raise StoreUnavailable("this instance has not joined")
+        return self.instance_id
+
+    async def _run(self, work: Callable[[_Connection], Awaitable[_T]], what: str) -> _T:
+        pool = self._pool()
+        try:
+            async with pool.acquire(timeout=CONNECT_TIMEOUT_S) as connection:
+                return await work(connection)
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(
+                f"cluster: {what} failed ({type(exc).__name__}: {str(exc).strip()[:200]})"
+            ) from None
