@@ -45,8 +45,10 @@ def default_tolerance(rate_per_s: float) -> float:
 
 
 class AdmissionGate(Protocol):
-    """What the engine, the poller and the metrics use of a gate: `RateGate`, or a gate whose
-    budget several processes share (daemon/store/shared_gate.py)."""
+    """What the engine, the poller and the metrics use of a gate.
+
+    `RateGate`, or a gate whose budget several processes share (daemon/store/shared_gate.py).
+    """
 
     name: str
     rate_per_s: float
