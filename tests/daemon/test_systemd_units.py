@@ -1,10 +1,12 @@
-"""The files in systemd/ stay valid: the unit verifies, its exposure stays <= 2.0, and the example
-config and environment load with the real config loader."""
+"""The files in systemd/ stay valid: the units verify, their exposure stays <= 2.0, the template
+differs from the single unit only where it names the instance, and the example config and
+environment load with the real config loader."""
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import load_config
+from daemon.config import ClusterConfig, load_config
 from daemon.runner import HTTP_STOP_TIMEOUT_S
 from daemon.service import STORE_FLUSH_TIMEOUT_S
 from daemon.store.sqlite import CLOSE_FLUSH_TIMEOUT_S
@@ -22,25 +24,31 @@ from tests.support.ci import IN_CI
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SYSTEMD_DIR = REPO_ROOT / "systemd"
 UNIT = SYSTEMD_DIR / "segmapd.service"
+TEMPLATE = SYSTEMD_DIR / "segmapd@.service"
 EXAMPLE_CONFIG = SYSTEMD_DIR / "segmapd.toml.example"
 EXAMPLE_ENV = SYSTEMD_DIR / "segmapd.env.example"
 MAX_EXPOSURE = 2.0
 
 
-def unit_settings() -> dict[str, list[str]]:
-    """The unit's `[Service]` settings; a key given several times keeps every value."""
+def unit_sections(unit: Path) -> dict[str, dict[str, list[str]]]:
+    """Every section of a unit file; a key given several times keeps every value, in order."""
+    sections: dict[str, dict[str, list[str]]] = {}
     settings: dict[str, list[str]] = {}
-    section = ""
-    for raw in UNIT.read_text().splitlines():
+    for raw in unit.read_text().splitlines():
         line = raw.strip()
         if not line or line.startswith(("#", ";")):
             continue
         if line.startswith("["):
-            section = line.strip("[]")
-        elif section == "Service":
+            settings = sections.setdefault(line.strip("[]"), {})
+        else:
             key, _, value = line.partition("=")
             settings.setdefault(key.strip(), []).append(value.strip())
-    return settings
+    return sections
+
+
+def unit_settings(unit: Path = UNIT) -> dict[str, list[str]]:
+    """A unit's `[Service]` settings; a key given several times keeps every value."""
+    return unit_sections(unit)["Service"]
 
 
 def seconds(value: str) -> float:
@@ -51,8 +59,22 @@ def seconds(value: str) -> float:
     return sum(float(number) * units[unit] for number, unit in parts)
 
 
-def credential_names() -> list[str]:
-    return [value.partition(":")[0] for value in unit_settings().get("LoadCredential", [])]
+def credential_names(unit: Path = UNIT) -> list[str]:
+    """The names of the credentials a unit loads (LoadCredential=NAME:PATH), in order."""
+    return [value.partition(":")[0] for value in unit_settings(unit).get("LoadCredential", [])]
+
+
+def instance_of(unit: Path, instance: str = "a") -> str:
+    """The unit name systemd loads: `segmapd@a.service` for the template, else the file's name."""
+    return unit.name.replace("@.", f"@{instance}.")
+
+
+def write_credentials(directory: Path, names: list[str]) -> dict[str, str]:
+    """Files standing in for the LoadCredential= copies; the environment that points at them."""
+    directory.mkdir()
+    for name in names:
+        (directory / name).write_text(f"test-{name}\n")
+    return {"CREDENTIALS_DIRECTORY": str(directory)}
 
 
 @pytest.fixture
@@ -67,9 +89,17 @@ def systemd_analyze() -> str:
     return found
 
 
+@pytest.fixture(params=[UNIT, TEMPLATE], ids=lambda unit: unit.name)
+def unit(request: pytest.FixtureRequest) -> Path:
+    """Each unit file in systemd/: the single instance and the template."""
+    path: Path = request.param
+    return path
+
+
 @pytest.fixture
-def runnable_unit(tmp_path: Path) -> Path:
-    """The unit with ExecStart pointing at an executable that exists here.
+def runnable_unit(unit: Path, tmp_path: Path) -> Path:
+    """The unit with ExecStart pointing at an executable that exists here; for the template, the
+    path of an instance of it (`segmapd@a.service`), which systemd loads from the template.
 
     `systemd-analyze verify` fails when the binary is missing, and /usr/bin/segmapd is only
     there on an installed host; the venv's console script (or the interpreter) stands in.
@@ -77,12 +107,12 @@ def runnable_unit(tmp_path: Path) -> Path:
     script = Path(sys.executable).with_name("segmapd")
     binary = script if os.access(script, os.X_OK) else Path(sys.executable)
     text, count = re.subn(
-        r"^ExecStart=\S+", f"ExecStart={binary}", UNIT.read_text(), flags=re.MULTILINE
+        r"^ExecStart=\S+", f"ExecStart={binary}", unit.read_text(), flags=re.MULTILINE
     )
     assert count == 1, "expected exactly one ExecStart= line"
-    copy = tmp_path / UNIT.name  # same name: verify derives the unit name from the file name
+    copy = tmp_path / unit.name  # same name: verify derives the unit name from the file name
     copy.write_text(text)
-    return copy
+    return tmp_path / instance_of(unit)
 
 
 def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -103,8 +133,9 @@ def test_unit_verifies_cleanly(systemd_analyze: str, runnable_unit: Path) -> Non
     assert complaints == [], output
 
 
-def test_unit_exposure_is_at_most_2(systemd_analyze: str, tmp_path: Path) -> None:
-    result = run([systemd_analyze, "security", "--offline=true", str(UNIT)], tmp_path)
+def test_unit_exposure_is_at_most_2(systemd_analyze: str, unit: Path, tmp_path: Path) -> None:
+    # Given the template itself, systemd-analyze rates an instance of it (segmapd@i.service).
+    result = run([systemd_analyze, "security", "--offline=true", str(unit)], tmp_path)
     output = result.stdout + result.stderr
     if "--offline" in output and "unrecognized" in output:
         pytest.fail(f"this systemd-analyze has no --offline (needs systemd >= 250):\n{output}")
@@ -124,14 +155,89 @@ def test_unit_essentials() -> None:
     assert {"client_secret", "access_key_secret", "webhook_secret"} <= set(credential_names())
 
 
+def test_restart_policy(unit: Path) -> None:
+    settings = unit_settings(unit)
+    # Exit 1 (the database down at start, an instance the others declared dead) is restarted;
+    # exit 2 (a configuration or journal error) is not: a restart would not cure it.
+    assert settings["Restart"] == ["on-failure"]
+    assert settings["RestartPreventExitStatus"] == ["2"]
+
+
+# Settings of the template that name its instance, and so differ from segmapd.service's.
+INSTANCE_SETTINGS = {
+    "Unit": {"Description"},
+    "Service": {"ExecStart", "Environment", "EnvironmentFile", "StateDirectory"},
+    "Install": set(),
+}
+# What only the template loads: it is meant for PostgreSQL, whose password is a credential.
+TEMPLATE_ONLY_CREDENTIALS = ["store_password"]
+
+
+def test_template_is_the_unit_apart_from_the_instance() -> None:
+    single, template = unit_sections(UNIT), unit_sections(TEMPLATE)
+    assert set(template) == set(single) == set(INSTANCE_SETTINGS)
+    for section, differing in INSTANCE_SETTINGS.items():
+        ignored = {*differing, "LoadCredential"}
+        # Every hardening, lifecycle and limit setting is the same, read from segmapd.service:
+        # one changed there and not here (or the reverse) fails this test.
+        same = {key: values for key, values in template[section].items() if key not in ignored}
+        expected = {key: values for key, values in single[section].items() if key not in ignored}
+        assert same == expected, f"[{section}] of {TEMPLATE.name} drifted from {UNIT.name}"
+    single_credentials = single["Service"]["LoadCredential"]
+    template_credentials = template["Service"]["LoadCredential"]
+    shared = [
+        c for c in template_credentials if c.partition(":")[0] not in TEMPLATE_ONLY_CREDENTIALS
+    ]
+    assert shared == single_credentials
+    assert credential_names(TEMPLATE) == [*credential_names(UNIT), *TEMPLATE_ONLY_CREDENTIALS]
+
+
+def template_environment(host: str, instance: str) -> dict[str, str]:
+    """The template's Environment= assignments as systemd passes them to one instance."""
+    specifiers = {"%H": host, "%i": instance, "%%": "%"}
+    environment: dict[str, str] = {}
+    for line in unit_settings(TEMPLATE).get("Environment", []):
+        # One line may hold several assignments, quoted as a shell would (systemd.exec(5)).
+        for assignment in shlex.split(line):
+            resolved = re.sub(r"%.", lambda m: specifiers[m.group(0)], assignment)
+            key, _, value = resolved.partition("=")
+            environment[key] = value
+    return environment
+
+
+def test_template_names_its_instance() -> None:
+    single, template = unit_settings(UNIT), unit_settings(TEMPLATE)
+    binary, _, arguments = template["ExecStart"][0].partition(" ")
+    assert binary == single["ExecStart"][0].partition(" ")[0]
+    assert arguments == "run --config /etc/segmapd/%i.toml"
+    assert template["EnvironmentFile"] == ["-/etc/segmapd/%i.env"]
+    # Per instance, so that one given SQLite anyway cannot write another's journal.
+    assert template["StateDirectory"] == ["segmapd/%i"]
+    assert "%i" in unit_sections(TEMPLATE)["Unit"]["Description"][0]
+    assert template_environment("db-1", "a")["SEGMAPD_CLUSTER__NAME"] == "db-1-a"
+
+
+def test_template_instances_load_the_example_on_postgresql(tmp_path: Path) -> None:
+    # The README's setup: the example config, store.url on PostgreSQL, the password from the
+    # credential only the template loads, and the name the template gives each instance.
+    names = set()
+    for instance in ("a", "b"):
+        environ = {
+            **write_credentials(tmp_path / instance, credential_names(TEMPLATE)),
+            **template_environment("db-1", instance),
+            "SEGMAPD_STORE__URL": "postgresql://segmapd@db.example:5432/segmapd",
+            "SEGMAPD_STORE__PASSWORD_FILE": "store_password",
+        }
+        config = load_config(EXAMPLE_CONFIG, environ=environ)
+        assert config.store.password.get_secret_value() == "test-store_password"
+        names.add(config.cluster.name)
+    assert names == {"db-1-a", "db-1-b"}
+
+
 @pytest.fixture
 def credentials(tmp_path: Path) -> dict[str, str]:
     """An environment whose $CREDENTIALS_DIRECTORY holds every credential the unit loads."""
-    directory = tmp_path / "credentials"
-    directory.mkdir()
-    for name in credential_names():
-        (directory / name).write_text(f"test-{name}\n")
-    return {"CREDENTIALS_DIRECTORY": str(directory)}
+    return write_credentials(tmp_path / "credentials", credential_names())
 
 
 def test_example_config_loads_with_the_units_credentials(credentials: dict[str, str]) -> None:
@@ -185,18 +291,17 @@ def test_stop_timeout_exceeds_the_drain_budget(credentials: dict[str, str]) -> N
     )
 
 
-def test_every_source_kind_in_the_example_validates_once_uncommented(tmp_path: Path) -> None:
+def test_every_commented_table_in_the_example_validates_once_uncommented(tmp_path: Path) -> None:
     text = EXAMPLE_CONFIG.read_text()
-    tables = re.findall(r"^#\[sources\.(\w+)\]$", text, flags=re.MULTILINE)
-    assert set(tables) == {"hubspot", "salesforce", "zendesk"}
-    uncommented = re.sub(r"^#(?!#)(\[sources\.|[a-z_]+ = )", r"\1", text, flags=re.MULTILINE)
+    tables = re.findall(r"^#\[([\w.]+)\]$", text, flags=re.MULTILINE)
+    assert set(tables) == {"sources.hubspot", "sources.salesforce", "sources.zendesk", "cluster"}
+    uncommented = re.sub(r"^#(?!#)(\[[\w.]+\]$|[a-z_]+ = )", r"\1", text, flags=re.MULTILINE)
     config_file = tmp_path / "segmapd.toml"
     config_file.write_text(uncommented)
-    directory = tmp_path / "credentials"
-    directory.mkdir()
-    for name in [*credential_names(), "hubspot_client_secret", "zendesk_secret"]:
-        (directory / name).write_text(f"test-{name}\n")
-    config = load_config(config_file, environ={"CREDENTIALS_DIRECTORY": str(directory)})
+    names = [*credential_names(), "hubspot_client_secret", "zendesk_secret"]
+    config = load_config(config_file, environ=write_credentials(tmp_path / "credentials", names))
+    # The example shows the defaults of [cluster]: uncommenting it changes nothing.
+    assert config.cluster == ClusterConfig()
     kinds = {name: source.kind for name, source in config.sources.items()}
     assert kinds == {
         "crm": "standard",
