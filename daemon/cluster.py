@@ -147,16 +147,17 @@ class Cluster:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks = []
         self._handover = None
-        await self.leases.close()
-        if self._fenced or self.leases.instance_id is None:
-            return
         try:
+            if self._fenced or self.leases.instance_id is None:
+                return
             await self._store.flush()
             await self.leases.leave()
         except StoreUnavailable as exc:
             # The leases expire by themselves: the others take the shards after lease_s.
             log.error("cluster: could not leave cleanly (%s); the leases will expire", exc)
             return
+        finally:
+            await self.leases.close()
         log.info("cluster: left, %d shards released", len(self._owned))
         self._metrics.record_lease_change("released", len(self._owned))
         self._owned.clear()

@@ -123,6 +123,8 @@ class LimitsConfig(_Section):
     write_rps: float = Field(default=10.0, gt=0)
     single_write_rps: float = Field(default=2.0, gt=0)
     read_rps: float = Field(default=50.0, gt=0)
+    # Token requests (CXone: 1/s): several instances starting together share it.
+    token_rps: float = Field(default=1.0, gt=0)
 
 
 class BatchingConfig(_Section):

@@ -22,6 +22,7 @@ import orjson
 
 from daemon.cxone.settings import CXoneSettings
 from daemon.cxone.transport import Response, ResponseHook, parse_retry_after, send
+from scheduler.ratelimit import AdmissionGate
 from scheduler.upstream import AuthError, PermanentError, RateLimited, TransientError
 
 logger = logging.getLogger(__name__)
@@ -89,8 +90,12 @@ class TokenManager:
         *,
         on_response: ResponseHook | None = None,
         clock: Callable[[], float] = time.monotonic,
+        gate: AdmissionGate | None = None,
     ) -> None:
         self._settings = settings
+        # The token endpoint's own budget (shared by instances on one journal): a fetch waits
+        # for it rather than drawing a 429 when several instances start at once.
+        self._gate = gate
         self._session = session
         self._hook = on_response
         self._clock = clock
@@ -137,6 +142,8 @@ class TokenManager:
                     details={"endpoint": "token"},
                 )
             try:
+                if self._gate is not None:
+                    await self._gate.acquire()
                 self._token = await self._obtain(token)
             except (TransientError, RateLimited) as exc:
                 if token is None or not usable:

@@ -17,6 +17,7 @@ import orjson
 from daemon.cxone.auth import TokenManager
 from daemon.cxone.settings import CXoneSettings
 from daemon.cxone.transport import Response, ResponseHook, parse_retry_after, send
+from scheduler.ratelimit import AdmissionGate
 from scheduler.upstream import (
     AuthError,
     BulkResult,
@@ -148,8 +149,10 @@ class HttpCXoneClient:
         session: aiohttp.ClientSession | None = None,
         on_response: ResponseHook | None = None,
         max_connections: int = MAX_CONNECTIONS,
+        token_gate: AdmissionGate | None = None,
     ) -> None:
         self._settings = settings
+        self._token_gate = token_gate
         self._max_connections = max_connections
         self._session = session
         self._owns_session = session is None
@@ -180,7 +183,9 @@ class HttpCXoneClient:
                 raise_for_status=False,
                 connector=aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0),
             )
-        self._tokens = TokenManager(self._settings, self._session, on_response=self._hook)
+        self._tokens = TokenManager(
+            self._settings, self._session, on_response=self._hook, gate=self._token_gate
+        )
 
     async def close(self) -> None:
         """Close the session if the client made it. Idempotent."""

@@ -72,9 +72,11 @@ class JournalStore(abc.ABC):
         """The journal as one several instances share, or None (see `shared`)."""
         return None
 
-    def rate_gate(self, name: str, rate_per_s: float) -> AdmissionGate:
+    def rate_gate(
+        self, name: str, rate_per_s: float, *, tolerance_s: float | None = None
+    ) -> AdmissionGate:
         """The admission gate of an endpoint class: this process's own, unless shared."""
-        return RateGate(name, rate_per_s)
+        return RateGate(name, rate_per_s, tolerance_s=tolerance_s)
 
     # ---- lifecycle -----------------------------------------------------------------------------
 

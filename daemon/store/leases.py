@@ -49,15 +49,11 @@ class ShardLeases(Leases):
         self.name = name or f"{socket.gethostname()} pid {os.getpid()}"
         self.instance_id: int | None = None
         self._listener: asyncpg.Connection | None = None
+        self._connection: asyncpg.Connection | None = None
+        self._lock = asyncio.Lock()  # one statement at a time on the connection
 
     def __repr__(self) -> str:
         return f"ShardLeases({self.name!r}, instance {self.instance_id})"
-
-    def _pool(self) -> asyncpg.Pool:
-        pool = self._store.pool()
-        if pool is None:
-            raise StoreUnavailable("the journal is not open")
-        return pool
 
     async def join(self) -> int:
         """Become a member: a new instance id, which every commit of this store checks."""
@@ -216,7 +212,11 @@ class ShardLeases(Leases):
         return True
 
     async def close(self) -> None:
-        """Stop listening."""
+        """Stop listening and close the lease connection."""
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.is_closed():
+            with contextlib.suppress(*_UNAVAILABLE):
+                await asyncio.wait_for(connection.close(), CONNECT_TIMEOUT_S)
         listener, self._listener = self._listener, None
         if listener is not None and not listener.is_closed():
             with contextlib.suppress(*_UNAVAILABLE):
@@ -228,11 +228,18 @@ class ShardLeases(Leases):
         return self.instance_id
 
     async def _run(self, work: Callable[[_Connection], Awaitable[_T]], what: str) -> _T:
-        pool = self._pool()
+        # A connection of its own: a heartbeat must not queue behind the journal's commits and
+        # reads for a pooled one (a late heartbeat gets an instance declared dead).
         try:
-            async with pool.acquire(timeout=CONNECT_TIMEOUT_S) as connection:
-                return await work(connection)
-        except _UNAVAILABLE as exc:
+            connection = self._connection
+            if connection is None or connection.is_closed():
+                self._connection = connection = await self._store.connect()
+            async with self._lock:
+                return await asyncio.wait_for(work(connection), self.lease_s)
+        except (*_UNAVAILABLE, StoreUnavailable) as exc:
+            broken, self._connection = self._connection, None
+            if broken is not None and not broken.is_closed():
+                broken.terminate()
             raise StoreUnavailable(
                 f"cluster: {what} failed ({type(exc).__name__}: {str(exc).strip()[:200]})"
             ) from None

@@ -353,9 +353,11 @@ class PostgresStore(SharedJournal):
             self.url, password=self._password or None, timeout=CONNECT_TIMEOUT_S
         )
 
-    def rate_gate(self, name: str, rate_per_s: float) -> AdmissionGate:
+    def rate_gate(
+        self, name: str, rate_per_s: float, *, tolerance_s: float | None = None
+    ) -> AdmissionGate:
         """The endpoint class's gate: one budget in the database for every instance."""
-        return SharedRateGate(name, rate_per_s, self.pool)
+        return SharedRateGate(name, rate_per_s, self.pool, tolerance_s=tolerance_s)
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.shown!r})"

@@ -1,0 +1,322 @@
+"""Several real daemons on one PostgreSQL journal, with the emulator: one cluster, one budget.
+
+Short leases (5 s) keep takeovers quick; every process is a real `segmapd run`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import random
+import secrets
+import signal
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+
+from tests.e2e.conftest import Daemon, StartDaemon
+from tests.support.emulator import EmulatorControl
+from tests.support.postgres import PostgresServer
+
+LEASE_S = 5.0
+
+
+async def start_cluster(
+    start_daemon: StartDaemon,
+    postgres: PostgresServer,
+    url: str,
+    count: int,
+    **overrides: dict[str, Any],
+) -> list[Daemon]:
+    """`count` daemons on one database, answering one webhook secret and one admin token."""
+    token = secrets.token_urlsafe(16)
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+    sections: dict[str, dict[str, Any]] = {
+        "store": {"url": url, "password": postgres.password},
+        "cluster": {"lease_s": LEASE_S},
+        "server": {"admin_tokens": [token]},
+        "sources.crm": {"kind": "standard", "secret": secret},
+    }
+    for name, values in overrides.items():
+        sections.setdefault(name, {}).update(values)
+    daemons = list(await asyncio.gather(*(start_daemon(**sections) for _ in range(count))))
+    for daemon in daemons:
+        daemon.secret, daemon.admin_token = secret, token
+    await settled(daemons)
+    return daemons
+
+
+async def metric(http: aiohttp.ClientSession, daemon: Daemon, name: str) -> float:
+    """One unlabelled sample of the daemon's /metrics."""
+    async with http.get(f"{daemon.url}/metrics") as response:
+        text = await response.text()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+async def settled(daemons: list[Daemon], timeout_s: float = 20.0) -> None:
+    """Wait until the live daemons hold all 64 shards between them, none more than its share."""
+    share = -(-64 // len(daemons))
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as http:
+        while True:
+            owned = [await metric(http, d, "segmapd_cluster_shards_owned") for d in daemons]
+            if sum(owned) == 64 and max(owned) <= share:
+                return
+            assert time.monotonic() < deadline, f"shards never settled: {owned}"
+            await asyncio.sleep(0.2)
+
+
+def events(prefix: str, start: int, stop: int, segments: list[str]) -> list[dict[str, Any]]:
+    return [{"contactId": f"{prefix}{i}", "segmentIds": segments} for i in range(start, stop)]
+
+
+async def test_three_instances_share_the_work_one_owner_batches_each_segment(
+    start_daemon: StartDaemon,
+    emulator: EmulatorControl,
+    http: aiohttp.ClientSession,
+    postgres: PostgresServer,
+    postgres_url: str,
+):
+    daemons = await start_cluster(start_daemon, postgres, postgres_url, 3)
+    segments = ["CL1", "CL2", "CL3", "CL4"]
+    # Each instance receives a third of the contacts, for every segment.
+    answers = await asyncio.gather(
+        *(
+            d.webhook(http, events("cl", 50 * n, 50 * (n + 1), segments))
+            for n, d in enumerate(daemons)
+        )
+    )
+    assert [status for status, _ in answers] == [202, 202, 202]
+    for i in (0, 75, 149):
+        await daemons[i % 3].wait_states(http, f"cl{i}", {"active"}, 30)
+    for segment in segments:
+        assert {m["contactId"] for m in await emulator.members(segment)} == {
+            f"cl{i}" for i in range(150)
+        }
+    counters = await emulator.counters()
+    # One owner per segment coalesced what three instances took: about one batch a segment,
+    # where three instances each writing their own share would have sent three.
+    assert counters["bulk_ids"]["requests"] <= 2 * len(segments), counters["bulk_ids"]
+    assert counters["bulk_ids"]["ids"] == 150 * len(segments)
+    forwarded = [await metric(http, d, "segmapd_cluster_forwarded_total") for d in daemons]
+    assert sum(forwarded) > 0
+    # The same status from every instance.
+    views = [await d.contact(http, "cl42") for d in daemons]
+    assert all(view == views[0] for view in views), views
+    assert {s["state"] for s in views[0][1]["segments"]} == {"active"}
+
+    # One delivery sent to two instances at once is one unit of work: one 202, one 200.
+    body = events("dup", 0, 20, ["CL1"])
+    first, second = await asyncio.gather(
+        daemons[0].webhook(http, body, msg_id="msg_cluster_dup"),
+        daemons[1].webhook(http, body, msg_id="msg_cluster_dup"),
+    )
+    assert sorted([first[0], second[0]]) == [200, 202]
+    assert first[1] == second[1] and first[1]["accepted"] == 20
+
+    # `?wait=` is answered by whichever instance holds the request.
+    waits = await asyncio.gather(
+        *(
+            http.post(
+                f"{d.url}/v1/mappings?wait=20",
+                data=orjson.dumps([{"contactId": f"w{n}", "segmentIds": segments}]),
+                headers={**d.admin, "Content-Type": "application/json"},
+            )
+            for n, d in enumerate(daemons)
+        )
+    )
+    for response in waits:
+        answer = await response.json()
+        assert response.status == 200, answer
+        assert answer["complete"] is True
+        assert {s["state"] for s in answer["results"][0]["segments"]} == {"active"}
+        response.release()
+
+
+async def test_sigkill_of_instances_under_load_loses_and_doubles_nothing(
+    start_daemon: StartDaemon,
+    emulator: EmulatorControl,
+    http: aiohttp.ClientSession,
+    postgres: PostgresServer,
+    postgres_url: str,
+):
+    daemons = await start_cluster(start_daemon, postgres, postgres_url, 3)
+    segments = ["KL1", "KL2"]
+    acknowledged: list[str] = []
+    rng = random.Random(7)
+    stop = asyncio.Event()
+
+    async def load() -> None:
+        sent = 0
+        while not stop.is_set():
+            daemon = daemons[sent % 3]
+            body = events("kl", sent * 3, sent * 3 + 3, segments)
+            sent += 1
+            try:
+                status, _ = await daemon.webhook(http, body)
+            except aiohttp.ClientError:
+                continue  # that instance is down: the sender tries another
+            if status == 202:
+                acknowledged.extend(e["contactId"] for e in body)
+            else:
+                assert status == 503, status
+            # Each pair costs a membership read, and the reads are shared at 50/s.
+            await asyncio.sleep(0.1)
+
+    loader = asyncio.create_task(load())
+    try:
+        for _ in range(3):
+            await asyncio.sleep(rng.uniform(0.5, 3.0))
+            victim = daemons[rng.randrange(3)]
+            victim.process.signal(signal.SIGKILL)
+            await asyncio.to_thread(victim.process.wait, 10)
+            await asyncio.sleep(rng.uniform(0.0, 1.0))
+            await asyncio.to_thread(victim.restart)
+    finally:
+        stop.set()
+        await loader
+    assert len(acknowledged) > 100
+    assert [d.process.proc.poll() for d in daemons if d.process.proc] == [None] * 3
+    for contact_id in acknowledged[:: max(1, len(acknowledged) // 20)] + acknowledged[-1:]:
+        await daemons[0].wait_states(http, contact_id, {"active"}, 60)
+    for segment in segments:
+        members = {m["contactId"] for m in await emulator.members(segment)}
+        assert set(acknowledged) <= members
+    counters = await emulator.counters()
+    assert counters["idempotency_conflicts"].get("IdempotencyKeyReused", 0) == 0
+    assert counters["applied_twice"] == 0
+    assert sum(counters["rate_limited"].values()) == 0
+
+
+async def test_a_paused_owner_is_fenced_and_never_writes_after_it_wakes(
+    start_daemon: StartDaemon,
+    emulator: EmulatorControl,
+    http: aiohttp.ClientSession,
+    postgres: PostgresServer,
+    postgres_url: str,
+):
+    # Writes are applied but answered slowly: the paused owner has requests in flight.
+    daemons = await start_cluster(start_daemon, postgres, postgres_url, 2)
+    paused, other = daemons
+    segments = [f"PZ{n}" for n in range(6)]
+    status, _ = await paused.webhook(http, events("pz", 0, 100, segments))
+    assert status == 202
+    paused.process.signal(signal.SIGSTOP)
+    try:
+        # Four lease times: declared dead, its shards taken and their work redone by the other.
+        await asyncio.sleep(4 * LEASE_S)
+        for i in (0, 50, 99):
+            await other.wait_states(http, f"pz{i}", {"active"}, 30)
+        before = await emulator.counters()
+    finally:
+        paused.process.signal(signal.SIGCONT)
+    # It wakes, finds it was declared dead, and stops (status 1) having written nothing.
+    assert await asyncio.to_thread(paused.process.wait, 15) == 1
+    after = await emulator.counters()
+    assert after["bulk_ids"]["requests"] == before["bulk_ids"]["requests"]
+    assert after["idempotency_conflicts"].get("IdempotencyKeyReused", 0) == 0
+    assert after["applied_twice"] == 0
+    assert sum(after["rate_limited"].values()) == 0
+    for segment in segments:
+        assert len(await emulator.members(segment)) == 100
+    status, view = await other.contact(http, "pz7")
+    assert {s["state"] for s in view["segments"]} == {"active"}
+    # Restarted by its supervisor, it joins again as a new member.
+    await asyncio.to_thread(paused.restart)
+    await settled([paused, other])
+
+
+async def test_a_rolling_restart_answers_only_2xx_or_503_with_retry_after(
+    start_daemon: StartDaemon,
+    emulator: EmulatorControl,
+    http: aiohttp.ClientSession,
+    postgres: PostgresServer,
+    postgres_url: str,
+):
+    daemons = await start_cluster(start_daemon, postgres, postgres_url, 3)
+    segments = ["RR1", "RR2"]
+    restarting: set[int] = set()
+    answers: list[tuple[int, str | None]] = []
+    acknowledged: list[str] = []
+    stop = asyncio.Event()
+
+    async def load() -> None:
+        sent = 0
+        while not stop.is_set():
+            sent += 1
+            # The load balancer sends only to instances it has not taken out for a restart.
+            n = next(n for n in ((sent + k) % 3 for k in range(3)) if n not in restarting)
+            body = events("rr", sent * 3, sent * 3 + 3, segments)
+            try:
+                async with http.post(
+                    f"{daemons[n].url}/v1/webhooks/crm",
+                    data=orjson.dumps(body),
+                    headers=daemons[n].signed_headers(orjson.dumps(body)),
+                ) as response:
+                    answers.append((response.status, response.headers.get("Retry-After")))
+                    if response.status == 202:
+                        acknowledged.extend(e["contactId"] for e in body)
+            except aiohttp.ClientError:
+                pass  # taken out while the request was open: a balancer retries elsewhere
+            await asyncio.sleep(0.05)
+
+    loader = asyncio.create_task(load())
+    try:
+        for n, daemon in enumerate(daemons):
+            await asyncio.sleep(0.5)
+            restarting.add(n)
+            daemon.process.signal(signal.SIGTERM)
+            assert await asyncio.to_thread(daemon.process.wait, 30) == 0
+            await asyncio.to_thread(daemon.restart)  # returns once it listens: it is ready
+            restarting.discard(n)
+    finally:
+        stop.set()
+        await loader
+    await settled(daemons)
+    refused = [(status, retry) for status, retry in answers if status >= 300]
+    assert all(status == 503 and retry for status, retry in refused), refused
+    assert len(acknowledged) > 100
+    for contact_id in (acknowledged[0], acknowledged[len(acknowledged) // 2], acknowledged[-1]):
+        await daemons[0].wait_states(http, contact_id, {"active"}, 30)
+    for segment in segments:
+        assert set(acknowledged) <= {m["contactId"] for m in await emulator.members(segment)}
+
+
+async def test_the_database_restarted_under_three_instances_loses_nothing(
+    start_daemon: StartDaemon,
+    emulator: EmulatorControl,
+    http: aiohttp.ClientSession,
+    postgres: PostgresServer,
+    postgres_url: str,
+):
+    daemons = await start_cluster(start_daemon, postgres, postgres_url, 3)
+    segments = ["DB1", "DB2"]
+    acknowledged: list[str] = []
+    for n, daemon in enumerate(daemons):
+        status, _ = await daemon.webhook(http, events("db", 20 * n, 20 * (n + 1), segments))
+        assert status == 202
+        acknowledged += [f"db{i}" for i in range(20 * n, 20 * (n + 1))]
+    await asyncio.to_thread(postgres.restart)
+    # Each instance answers 503 + Retry-After until it commits again, then takes work.
+    for n, daemon in enumerate(daemons):
+        deadline = time.monotonic() + 30
+        while True:
+            body = events("after", 10 * n, 10 * (n + 1), segments)
+            status, _ = await daemon.webhook(http, body)
+            if status == 202:
+                acknowledged += [e["contactId"] for e in body]
+                break
+            assert status == 503 and time.monotonic() < deadline
+            await asyncio.sleep(0.3)
+    for contact_id in acknowledged[::7] + acknowledged[-1:]:
+        await daemons[1].wait_states(http, contact_id, {"active"}, 40)
+    for segment in segments:
+        assert set(acknowledged) <= {m["contactId"] for m in await emulator.members(segment)}
+    counters = await emulator.counters()
+    assert counters["idempotency_conflicts"].get("IdempotencyKeyReused", 0) == 0
+    assert counters["applied_twice"] == 0
