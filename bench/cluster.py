@@ -339,6 +339,7 @@ class Run:
     victim_shards: int = 0
     heartbeat_age_s: float = 0.0
     takeovers: list[str] = field(default_factory=list)
+    segment_times: dict[str, float | None] = field(default_factory=dict)
     seen_dead_s: float | None = None
     taken_s: float | None = None
     moving_s: float | None = None  # every unfinished segment of the victim written again
@@ -443,6 +444,8 @@ async def failover(
         while True:
             counts = await written(session, emulator_url)
             moved = [s for s, before in baseline.items() if counts.get(s, 0) > before]
+            for segment in moved:
+                mark(segment)
             if moved:
                 mark("first")
             if len(moved) == len(baseline):
@@ -474,6 +477,11 @@ async def failover(
     measured.moving_s = marks.get("moving")
     measured.first_s = marks.get("first")
     measured.takeovers = takeovers(survivors, killed_wall)
+    # Who took each of the victim's segments, and when it was written again.
+    leased = await owners(server, database_url)
+    measured.segment_times = {
+        f"{s} ({leased.get(shard_of(s), '?')})": marks.get(s) for s in sorted(baseline)
+    }
 
 
 def takeovers(survivors: list[Instance], since: float) -> list[str]:
@@ -591,7 +599,9 @@ def describe(measured: Run, args: argparse.Namespace) -> str:
         + ("; ".join(measured.takeovers) or "no takeover logged")
         + f"; all {SHARDS} shards held at {seconds(measured.taken_s)}; its first segment "
         f"written again at {seconds(measured.first_s)}, all of them at "
-        f"{seconds(measured.moving_s)}\n"
+        f"{seconds(measured.moving_s)} ("
+        + ", ".join(f"{name} {seconds(at)}" for name, at in measured.segment_times.items())
+        + ")\n"
         f"    check: {measured.members:,} of {measured.acknowledged:,} acknowledged assignments "
         "are members"
     )

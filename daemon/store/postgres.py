@@ -326,6 +326,7 @@ class PostgresStore(SharedJournal):
         self.instance_id: int | None = None
         self.holds: Callable[[str], bool] | None = None
         self.on_fenced: Callable[[], None] | None = None
+        self._leases: list[Leases] = []
 
     @property
     def shared(self) -> bool:
@@ -341,7 +342,9 @@ class PostgresStore(SharedJournal):
         # Imported here: the leases module imports this one.
         from daemon.store.leases import ShardLeases
 
-        return ShardLeases(self, lease_s, name)
+        leases = ShardLeases(self, lease_s, name)
+        self._leases.append(leases)  # their connections close with the journal
+        return leases
 
     def pool(self) -> asyncpg.Pool | None:
         """The connection pool while the journal is open (for the cluster's own statements)."""
@@ -470,6 +473,8 @@ class PostgresStore(SharedJournal):
             pruning.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await pruning
+        for leases in self._leases:
+            await leases.close()
         pool, self._pool = self._pool, None
         await _close_pool(pool)
         claim_pool, self._claim_pool = self._claim_pool, None

@@ -414,3 +414,32 @@ async def test_text_no_journal_can_keep_is_kept_readably(opened: PostgresStore):
     await opened.flush()
     [kept] = await opened.contact("c1")
     assert kept.message == "CXone said \ufffd and ?"
+
+
+async def test_notifications_left_by_a_dead_member_are_claimed_once_between_members(
+    journal: Callable[..., PostgresStore], postgres: PostgresServer, postgres_url: str
+):
+    stores = [journal() for _ in range(3)]
+    await asyncio.gather(*(store.open() for store in stores))
+    try:
+        adder, *takers = stores
+        leases = [store.leases(5.0, f"member-{n}") for n, store in enumerate(stores)]
+        dead = await leases[0].join()
+        for n in range(40):
+            adder.add(f"n-{n}", b"{}")
+        await adder.flush()
+        for member in leases[1:]:
+            await member.join()
+        # While their deliverer lives, nobody else takes them.
+        assert await takers[0].claim_notifications(100) == []
+        await _silence(postgres_url, postgres.password, dead, 6.0)
+        await leases[1].take(0)  # declared dead
+        first, second = await asyncio.gather(
+            takers[0].claim_notifications(25), takers[1].claim_notifications(25)
+        )
+        claimed = [event for event, _ in first + second]
+        assert len(claimed) == 40 and len(set(claimed)) == 40  # SKIP LOCKED: none twice
+    finally:
+        adder.instance_id = None
+        await asyncio.gather(*(member.close() for member in leases))
+        await asyncio.gather(*(store.close() for store in stores))
