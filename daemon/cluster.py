@@ -87,6 +87,7 @@ class Cluster:
         self._fenced = False
         self._stopping = False
         store.holds = self.holds
+        store.holds_shard = self._owned.__contains__
         store.on_fenced = self._fence
         metrics.bind_cluster(
             owned=lambda: len(self._owned),
@@ -151,6 +152,9 @@ class Cluster:
             if self._fenced or self.leases.instance_id is None:
                 return
             await self._store.flush()
+            # Nothing of the shards is recorded from here: their next owner's states win.
+            left = len(self._owned)
+            self._owned.clear()
             await self.leases.leave()
         except StoreUnavailable as exc:
             # The leases expire by themselves: the others take the shards after lease_s.
@@ -158,9 +162,8 @@ class Cluster:
             return
         finally:
             await self.leases.close()
-        log.info("cluster: left, %d shards released", len(self._owned))
-        self._metrics.record_lease_change("released", len(self._owned))
-        self._owned.clear()
+        log.info("cluster: left, %d shards released", left)
+        self._metrics.record_lease_change("released", left)
 
     # ---- the lease loop ----------------------------------------------------------------------
 
@@ -183,6 +186,9 @@ class Cluster:
                 # The database is away: nothing can be committed either, so nothing is done
                 # that the leases do not cover. Their expiry is the others' business.
                 log.warning("cluster: %s", exc)
+                next_beat = time.monotonic() + min(interval, TAKE_RETRY_S)
+            except Exception:  # a bug must not end the heartbeats: the others would take over
+                log.exception("cluster: lease round failed")
                 next_beat = time.monotonic() + min(interval, TAKE_RETRY_S)
 
     def _fair_share(self) -> int:
@@ -254,13 +260,19 @@ class Cluster:
         try:
             segments = {s for s in self._engine.segments() if shard_of(s) in shards}
             await self._engine.release_segments(segments, self._handover_budget_s)
-            await self._store.flush()
-            self._owned -= shards
-            await self.leases.release(sorted(shards))
-        except StoreUnavailable as exc:
-            log.warning("cluster: handing %d shards over failed (%s)", len(shards), exc)
-            self._owned -= shards  # not held any more; their lease expires with this process
-            return
+            delay = 0.25
+            while True:
+                # Until the database takes both steps: a shard dropped here but still leased
+                # in the database would be worked by nobody.
+                try:
+                    await self._store.flush()
+                    self._owned -= shards  # nothing more of them is recorded from here
+                    await self.leases.release(sorted(shards))
+                    break
+                except StoreUnavailable as exc:
+                    log.warning("cluster: handing %d shards over: %s; retrying", len(shards), exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, TAKE_RETRY_S * 5)
         finally:
             self._releasing -= shards
         self._metrics.record_lease_change("released", len(shards))
@@ -296,10 +308,13 @@ class Cluster:
                 await self.leases.listen(self._notified)
             except StoreUnavailable as exc:
                 log.info("cluster: reading forwarded work failed (%s)", exc)
+            except Exception:  # a bug must not end the intake of forwarded work
+                log.exception("cluster: taking forwarded work failed")
 
     async def _take_inbox(self) -> bool:
         """Take one batch of forwarded changes into the engine; whether there may be more."""
-        if not self._engine.accepting:
+        if not self._engine.accepting or self._engine.overloaded:
+            # Above the high-water mark the inbox holds the backlog, durably, not memory.
             return False
         shards = sorted(self._owned - self._releasing)
         if not shards:
@@ -345,7 +360,7 @@ class Cluster:
         )
         ids = [i for i, _ in mine]
         # In the same transaction as the states the changes became: taken exactly once.
-        self._store.consume_inbox(ids)
+        self._store.consume_inbox([(i, row[0]) for i, row in mine])
         self._taking.update(ids)
         self._metrics.record_inbox_taken(len(ids))
         try:
@@ -364,6 +379,11 @@ class Cluster:
                 found = await self._store.claim_notifications(100)
             except StoreUnavailable as exc:
                 log.info("cluster: looking for undelivered notifications failed (%s)", exc)
+                await asyncio.sleep(NOTIFICATION_SWEEP_S)
+                continue
+            except Exception:
+                log.exception("cluster: looking for undelivered notifications failed")
+                await asyncio.sleep(NOTIFICATION_SWEEP_S)
                 continue
             for event_id, body in found:
                 self._notifier.resend(event_id, body)

@@ -138,34 +138,45 @@ async def _receive(
             refuse_if_busy(service, sum(len(e.change.segment_ids) for e in fresh))
             everything = [*keys, (source, delivery_key)] if delivery_key is not None else keys
             await _claim_across_instances(service, everything)
-            # Admitted as a whole above: the delivery is taken whole, never in part.
-            total = sum(
-                await submit_each(service, [e.change for e in fresh], admitted=True),
-                SubmitResult(),
-            )
-            for dead in fresh_dead:
-                service.engine.dead_letter(dead.change, dead.reason, dead.message)
-                log.warning(
-                    "source %s: event dead-lettered (%s): %s", source, dead.reason, dead.message
+            queued = False  # whether work of the delivery is queued in the journal
+            try:
+                # Admitted as a whole above: the delivery is taken whole, never in part.
+                total = sum(
+                    await submit_each(service, [e.change for e in fresh], admitted=True),
+                    SubmitResult(),
                 )
-            outcome = Outcome(
-                accepted=total.queued + total.joined + total.cached + total.stale,
-                duplicates=total.joined + total.cached,
-                stale=total.stale,
-                events=len(fresh),
-                redelivered=redelivered + len(parsed.dead) - len(fresh_dead),
-                skipped=len(parsed.skipped),
-                dead_lettered=len(fresh_dead),
-            )
-            reply = adapter.accepted(outcome)
-            store = service.store
-            for claimed_source, key in keys:
-                await store.remember_delivery(claimed_source, key, _TAKEN)
-            if delivery_key is not None:
-                await store.remember_delivery(source, delivery_key, reply.body)
-            await commit(service)
-            committed.set_result(True)
-            delivered.set_result(True)
+                queued = True
+                for dead in fresh_dead:
+                    service.engine.dead_letter(dead.change, dead.reason, dead.message)
+                    log.warning(
+                        "source %s: event dead-lettered (%s): %s", source, dead.reason, dead.message
+                    )
+                outcome = Outcome(
+                    accepted=total.queued + total.joined + total.cached + total.stale,
+                    duplicates=total.joined + total.cached,
+                    stale=total.stale,
+                    events=len(fresh),
+                    redelivered=redelivered + len(parsed.dead) - len(fresh_dead),
+                    skipped=len(parsed.skipped),
+                    dead_lettered=len(fresh_dead),
+                )
+                reply = adapter.accepted(outcome)
+                store = service.store
+                for claimed_source, key in keys:
+                    await store.remember_delivery(claimed_source, key, _TAKEN)
+                if delivery_key is not None:
+                    await store.remember_delivery(source, delivery_key, reply.body)
+                await commit(service)
+                committed.set_result(True)
+                delivered.set_result(True)
+            except BaseException:
+                # Nothing taken: the claims go at once, so that a retry (here or elsewhere) is
+                # not held up for the claim time. Work queued stays claimed: it is committed,
+                # with its answers, once the journal can.
+                if not queued:
+                    with contextlib.suppress(StoreUnavailable):
+                        await service.store.unclaim_keys(everything)
+                raise
     _count(service, source, adapter, parsed, outcome)
     return reply
 

@@ -826,7 +826,9 @@ class Engine:
                 )
                 if current is not None:
                     result.append(current)
-                    if segment_id not in ended and not self._ownership.owns(segment_id):
+                    # Not ended, and no outcome will be handed over here (its work goes on in
+                    # another process, or moved here meanwhile): only the journal tells.
+                    if segment_id not in ended and not self._pending(contact_id, segment_id):
                         elsewhere = elsewhere or not self._ended(current)
             left = deadline - self._clock()
             if not elsewhere or left <= 0 or self._waiters_released:
@@ -915,9 +917,14 @@ class Engine:
 
         let_go = 0
         slots: list[str] = []
+        parked_live: set[AssignmentKey] = set()  # recovered retrying pairs waiting for a slot
         for contact_id, lane in self._gate.drop_parked(dropped):
+            key = (contact_id, lane[0])
+            if key in self._live:
+                parked_live.add(key)  # counted with the live ones; it holds no slot
+                continue
             self._pending_writes -= 1
-            self._occurred.pop((contact_id, lane[0]), None)
+            self._occurred.pop(key, None)
             let_go += 1
         for lane in self._buffer.lanes():
             if not dropped(lane):
@@ -933,9 +940,11 @@ class Engine:
             assignment = self._live.pop(key)
             let_go += 1
             if assignment.state in WRITE_PENDING_STATES:
-                # Each write-pending live pair holds one slot (a change waiting for it shares it).
+                # Each write-pending live pair holds one slot (a change waiting for it shares it),
+                # unless it was parked waiting for one.
                 self._pending_writes -= 1
-                slots.append(assignment.contact_id)
+                if key not in parked_live:
+                    slots.append(assignment.contact_id)
         for key in [k for k in self._successors if k[1] in segments]:
             del self._successors[key]
         for key in [k for k in self._occurred if k[1] in segments]:

@@ -86,8 +86,14 @@ class Ledger(Protocol):
         """Put the ids back in the buffer as retry ids once `delay_s` has passed."""
         ...
 
-    def spawn(self, coro_factory: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
-        """Run a supervised background task."""
+    def spawn(
+        self,
+        coro_factory: Callable[[], Coroutine[Any, Any, None]],
+        name: str,
+        *,
+        segment_id: str | None = None,
+    ) -> None:
+        """Run a supervised background task (`segment_id`: it sends that segment's work)."""
         ...
 
 
@@ -248,7 +254,9 @@ class BatchSender:
         remaining = [c for c in ids if c not in set(exhausted)]
         for contact_id in exhausted:
             self._ledger.spawn(
-                partial(self.fallback, lane, contact_id, str(exc)), f"fallback {segment_id}"
+                partial(self.fallback, lane, contact_id, str(exc)),
+                f"fallback {segment_id}",
+                segment_id=segment_id,
             )
         if not remaining:
             return None
@@ -329,6 +337,7 @@ class BatchSender:
                 self._ledger.spawn(
                     partial(self.fallback, lane, contact_id, "item failed every attempt"),
                     f"fallback {segment_id}",
+                    segment_id=segment_id,
                 )
             else:
                 again.append(contact_id)

@@ -72,7 +72,11 @@ class MemoryConfirmationCache:
         """The membership confirmed less than `ttl_s` ago, or None."""
         self._prune()
         entry = self._entries.get((contact_id, segment_id))
-        return None if entry is None else entry[1]
+        # Entries restored later may be older than ones behind them (pruning stops at the first
+        # young one): the age is checked here too.
+        if entry is None or entry[0] <= self._clock() - self.ttl_s:
+            return None
+        return entry[1]
 
     def remember(self, contact_id: str, segment_id: str, member: bool = True) -> None:
         """Record a confirmation made now (moves the pair to the young end)."""

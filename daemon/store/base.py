@@ -293,6 +293,7 @@ class SharedJournal(JournalStore):
     """
 
     holds: Callable[[str], bool] | None
+    holds_shard: Callable[[int], bool]
     on_fenced: Callable[[], None] | None
 
     @abc.abstractmethod
@@ -304,8 +305,8 @@ class SharedJournal(JournalStore):
         """Queue a change for its segment's owner, committed with what is queued with it."""
 
     @abc.abstractmethod
-    def consume_inbox(self, ids: Sequence[int]) -> None:
-        """Queue the deletion of forwarded changes taken into this instance's engine."""
+    def consume_inbox(self, rows: Sequence[tuple[int, int]]) -> None:
+        """Queue the deletion of forwarded changes, (id, shard), taken into this engine."""
 
     @abc.abstractmethod
     async def read_inbox(self, shards: Sequence[int], limit: int) -> list[tuple[int, InboxRow]]:

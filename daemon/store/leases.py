@@ -100,9 +100,11 @@ class ShardLeases(Leases):
 
         async def take(connection: _Connection) -> dict[int, int]:
             async with connection.transaction():
+                # In id order: two instances declaring the same two dead lock them alike.
                 dead = await connection.fetch(
                     "SELECT id FROM segmapd_instances "
-                    "WHERE heartbeat_at < now() - make_interval(secs => $1) AND id <> $2",
+                    "WHERE heartbeat_at < now() - make_interval(secs => $1) AND id <> $2 "
+                    "ORDER BY id",
                     self.lease_s,
                     me,
                 )
@@ -231,10 +233,10 @@ class ShardLeases(Leases):
         # A connection of its own: a heartbeat must not queue behind the journal's commits and
         # reads for a pooled one (a late heartbeat gets an instance declared dead).
         try:
-            connection = self._connection
-            if connection is None or connection.is_closed():
-                self._connection = connection = await self._store.connect()
             async with self._lock:
+                connection = self._connection
+                if connection is None or connection.is_closed():
+                    self._connection = connection = await self._store.connect()
                 return await asyncio.wait_for(work(connection), self.lease_s)
         except (*_UNAVAILABLE, StoreUnavailable) as exc:
             broken, self._connection = self._connection, None

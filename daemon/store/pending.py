@@ -45,7 +45,7 @@ class PendingWork:
     # Changes for segments another process owns (a shared journal only): rows of its inbox,
     # and inbox rows this process has taken into its engine (deleted with what they became).
     inbox: list[InboxRow] = field(default_factory=list)
-    inbox_done: set[int] = field(default_factory=set)
+    inbox_done: dict[int, int] = field(default_factory=dict)  # inbox row id -> its shard
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
     def empty(self) -> bool:
@@ -94,7 +94,7 @@ class PendingWork:
             self.notifications_added.pop(event_id, None)
             self.notifications_done.add(event_id)
         self.inbox.extend(later.inbox)
-        self.inbox_done |= later.inbox_done
+        self.inbox_done.update(later.inbox_done)
         self.waiters.extend(later.waiters)
 
     def delivery_rows(self) -> list[tuple[str, str, bytes, float]]:

@@ -325,6 +325,7 @@ class PostgresStore(SharedJournal):
         # rows of segments it no longer holds are left out (`holds`).
         self.instance_id: int | None = None
         self.holds: Callable[[str], bool] | None = None
+        self.holds_shard: Callable[[int], bool] = lambda shard: True
         self.on_fenced: Callable[[], None] | None = None
         self._leases: list[Leases] = []
 
@@ -353,7 +354,11 @@ class PostgresStore(SharedJournal):
     async def connect(self) -> asyncpg.Connection:
         """A connection of its own (not pooled), for a session that must last: LISTEN."""
         return await asyncpg.connect(
-            self.url, password=self._password or None, timeout=CONNECT_TIMEOUT_S
+            self.url,
+            password=self._password or None,
+            timeout=CONNECT_TIMEOUT_S,
+            # As the pool's: a process paused in a transaction must not hold its locks.
+            server_settings={"idle_in_transaction_session_timeout": "5000"},
         )
 
     def rate_gate(
@@ -581,9 +586,12 @@ class PostgresStore(SharedJournal):
         )
         self._wake.set()
 
-    def consume_inbox(self, ids: Sequence[int]) -> None:
-        """Queue the deletion of inbox rows taken into this engine (with what they became)."""
-        self._pending.inbox_done.update(ids)
+    def consume_inbox(self, rows: Sequence[tuple[int, int]]) -> None:
+        """Queue the deletion of inbox rows, (id, shard), taken into this engine.
+
+        Committed with the states they became, and only while their shard is held.
+        """
+        self._pending.inbox_done.update(rows)
         self._wake.set()
 
     async def read_inbox(self, shards: Sequence[int], limit: int) -> list[tuple[int, InboxRow]]:
@@ -830,6 +838,13 @@ class PostgresStore(SharedJournal):
         # Taken before the read too: a change committed while the read runs may be missing from
         # the read's snapshot and gone from the queue after it.
         before = self._uncommitted(contact_id)
+        # Changes forwarded to their segment's owner and not taken yet: queued, as they are.
+        # Read first: one taken meanwhile is in the assignments read after it (what it became).
+        forwarded = await self._fetch(
+            "SELECT segment_id, intent, occurred_at, received_at FROM segmapd_inbox "
+            "WHERE contact_id = $1 AND reason IS NULL ORDER BY id",
+            contact_id,
+        )
         rows = await self._fetch(
             f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments WHERE contact_id = $1",  # noqa: S608 (a constant)
             contact_id,
@@ -837,12 +852,6 @@ class PostgresStore(SharedJournal):
         merged = {row[1]: _assignment(tuple(row)) for row in rows}
         merge_newer(merged, before)
         merged.update(self._uncommitted(contact_id))
-        # Changes forwarded to their segment's owner and not taken yet: queued, as they are.
-        forwarded = await self._fetch(
-            "SELECT segment_id, intent, occurred_at, received_at FROM segmapd_inbox "
-            "WHERE contact_id = $1 AND reason IS NULL ORDER BY id",
-            contact_id,
-        )
         for segment_id, intent, occurred_at, received_at in forwarded:
             known = merged.get(segment_id)
             version = occurred_at or received_at
@@ -1049,6 +1058,15 @@ class PostgresStore(SharedJournal):
         for key in [k for k in work.assignments if not holds(k[1])]:
             del work.assignments[key]
             work.history.pop(key, None)
+            segments = work.contacts.get(key[0])
+            if segments is not None:
+                segments.discard(key[1])
+                if not segments:
+                    del work.contacts[key[0]]
+        # A forwarded change taken into the engine is deleted from the inbox only with the
+        # states it became: those left out, it stays for the shard's owner.
+        for row_id in [i for i, shard in work.inbox_done.items() if not self.holds_shard(shard)]:
+            del work.inbox_done[row_id]
         for batch_id in [b for b, r in work.batches_saved.items() if not holds(r.segment_id)]:
             del work.batches_saved[batch_id]
         for key in [k for k in work.confirmations if not holds(k[1])]:
