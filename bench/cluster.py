@@ -26,7 +26,9 @@ inbox. Once every delivery is acknowledged (the backlog exists), two figures:
 
 Check: when the backlog is written, every contact acknowledged (202) is a member of its segment
 on the emulator's write side, and the emulator saw no reused idempotency key and nothing
-applied twice. Figures are medians of `--runs` runs (default 3, about a minute each).
+applied twice. Figures are medians of `--runs` runs (default 3, about 45 s each). The daemons
+log to files of the run (read back for the takeovers and for an instance that exits uncleanly),
+not to the terminal.
 """
 
 from __future__ import annotations
@@ -451,6 +453,12 @@ async def failover(
     counts = await written(session, emulator_url)
     # A segment the victim finished before it died has nothing left to move.
     baseline = {s: counts.get(s, 0) for s in segments if counts.get(s, 0) < args.contacts}
+    if not baseline:
+        measured.problems.append(
+            f"run {measured.number}: {victim.name} finished its segments before it died "
+            "(raise --contacts or shorten --window)"
+        )
+        return
 
     marks: dict[str, float] = {}
     owned: dict[str, float] = {}
