@@ -47,6 +47,8 @@ INBOX_BATCH = 5_000
 NOTIFICATION_SWEEP_S = 10.0
 #: An instance below its fair share looks for free shards this often (joins settle fast).
 TAKE_RETRY_S = 1.0
+#: Heartbeats go every third of the lease, and at least this often.
+HEARTBEAT_MAX_S = 1.0
 
 
 class Cluster:
@@ -168,7 +170,9 @@ class Cluster:
     # ---- the lease loop ----------------------------------------------------------------------
 
     async def _lease_loop(self) -> None:
-        interval = self.lease_s / 3
+        # At least every second: a death is seen (and the shards moved) within about
+        # lease_s + 1 s by every survivor, not one heartbeat phase after another.
+        interval = min(self.lease_s / 3, HEARTBEAT_MAX_S)
         next_beat = time.monotonic() + interval
         while True:
             fair = self._fair_share()

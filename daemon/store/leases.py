@@ -49,8 +49,8 @@ class ShardLeases(Leases):
         self.name = name or f"{socket.gethostname()} pid {os.getpid()}"
         self.instance_id: int | None = None
         self._listener: asyncpg.Connection | None = None
-        self._connection: asyncpg.Connection | None = None
-        self._lock = asyncio.Lock()  # one statement at a time on the connection
+        self._beat = _Session()
+        self._takeover = _Session()
 
     def __repr__(self) -> str:
         return f"ShardLeases({self.name!r}, instance {self.instance_id})"
@@ -109,12 +109,21 @@ class ShardLeases(Leases):
                     me,
                 )
                 for (instance,) in dead:
-                    # Waits for a commit of that instance still under way; every later one of
-                    # its commits finds its row gone.
+                    key = int(instance) % 2_147_483_647
+                    # A commit of that instance still under way holds the lock shared: if the
+                    # instance is paused mid-commit (even mid-message, where the server cannot
+                    # tell it idle), it would hold it for as long as it is paused. It is
+                    # declared dead: its sessions are ended, and the commit with them.
                     await connection.execute(
-                        "SELECT pg_advisory_xact_lock($1, $2)",
+                        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE "
+                        "locktype = 'advisory' AND classid = $1 AND objid = $2 "
+                        "AND objsubid = 2 AND granted AND pid <> pg_backend_pid()",
                         EPOCH_LOCK,
-                        int(instance) % 2_147_483_647,
+                        key,
+                    )
+                    # Every later commit of it finds its row gone.
+                    await connection.execute(
+                        "SELECT pg_advisory_xact_lock($1, $2)", EPOCH_LOCK, key
                     )
                     gone = await connection.fetchval(
                         "DELETE FROM segmapd_instances WHERE id = $1 "
@@ -143,7 +152,7 @@ class ShardLeases(Leases):
                 )
             return {int(shard): int(epoch) for shard, epoch in rows}
 
-        return await self._run(take, "taking shards")
+        return await self._run(take, "taking shards", takeover=True)
 
     async def release(self, shards: Sequence[int]) -> None:
         """Give shards up (their work is committed): another instance may take them at once."""
@@ -156,6 +165,7 @@ class ShardLeases(Leases):
                 list(shards),
             ),
             "releasing shards",
+            takeover=True,
         )
 
     async def leave(self) -> None:
@@ -163,6 +173,9 @@ class ShardLeases(Leases):
         me = self.instance_id
         if me is None:
             return
+        # Commits from here are unfenced: they carry no state of a shard (the cluster holds
+        # none by now), and one racing the deletion must not find itself declared dead.
+        self._store.instance_id = None
 
         async def leave(connection: _Connection) -> None:
             async with connection.transaction():
@@ -173,8 +186,11 @@ class ShardLeases(Leases):
                     me,
                 )
 
-        await self._run(leave, "leaving")
-        self._store.instance_id = None
+        try:
+            await self._run(leave, "leaving")
+        except StoreUnavailable:
+            self._store.instance_id = me
+            raise
         self.instance_id = None
 
     async def members(self) -> list[tuple[int, str, int]]:
@@ -215,10 +231,11 @@ class ShardLeases(Leases):
 
     async def close(self) -> None:
         """Stop listening and close the lease connection."""
-        connection, self._connection = self._connection, None
-        if connection is not None and not connection.is_closed():
-            with contextlib.suppress(*_UNAVAILABLE):
-                await asyncio.wait_for(connection.close(), CONNECT_TIMEOUT_S)
+        for session in (self._beat, self._takeover):
+            connection, session.connection = session.connection, None
+            if connection is not None and not connection.is_closed():
+                with contextlib.suppress(*_UNAVAILABLE):
+                    await asyncio.wait_for(connection.close(), CONNECT_TIMEOUT_S)
         listener, self._listener = self._listener, None
         if listener is not None and not listener.is_closed():
             with contextlib.suppress(*_UNAVAILABLE):
@@ -229,19 +246,39 @@ class ShardLeases(Leases):
             raise StoreUnavailable("this instance has not joined")
         return self.instance_id
 
-    async def _run(self, work: Callable[[_Connection], Awaitable[_T]], what: str) -> _T:
-        # A connection of its own: a heartbeat must not queue behind the journal's commits and
-        # reads for a pooled one (a late heartbeat gets an instance declared dead).
+    async def _run(
+        self,
+        work: Callable[[_Connection], Awaitable[_T]],
+        what: str,
+        *,
+        takeover: bool = False,
+    ) -> _T:
+        # Connections of their own: a heartbeat must not queue behind the journal's commits
+        # and reads for a pooled one, nor behind a takeover waiting for a dead instance's last
+        # commit (a late heartbeat gets an instance declared dead).
+        session = self._takeover if takeover else self._beat
+        # A takeover may wait for the server to end a paused instance's transaction.
+        timeout = self.lease_s * 2 if takeover else self.lease_s
         try:
-            async with self._lock:
-                connection = self._connection
+            async with session.lock:
+                connection = session.connection
                 if connection is None or connection.is_closed():
-                    self._connection = connection = await self._store.connect()
-                return await asyncio.wait_for(work(connection), self.lease_s)
+                    session.connection = connection = await self._store.connect()
+                return await asyncio.wait_for(work(connection), timeout)
         except (*_UNAVAILABLE, StoreUnavailable) as exc:
-            broken, self._connection = self._connection, None
+            broken, session.connection = session.connection, None
             if broken is not None and not broken.is_closed():
                 broken.terminate()
             raise StoreUnavailable(
-                f"cluster: {what} failed ({type(exc).__name__}: {str(exc).strip()[:200]})"
+                f"{what} failed ({type(exc).__name__}: {str(exc).strip()[:200]})"
             ) from None
+
+
+class _Session:
+    """A connection of the leases' own, and the lock that gives it one statement at a time."""
+
+    __slots__ = ("connection", "lock")
+
+    def __init__(self) -> None:
+        self.connection: asyncpg.Connection | None = None
+        self.lock = asyncio.Lock()

@@ -67,6 +67,10 @@ EPOCH_LOCK = 0x53474D45
 #: The message of the exception a fenced commit raises in the database.
 FENCED = "segmapd: fenced: this instance was declared dead"
 PRUNE_INTERVAL_S = 3600.0
+#: A session idle inside a transaction this long is ended by the server: a process paused
+#: mid-commit (SIGSTOP, a frozen VM) must not block the instance taking its shards over. A
+#: live commit never idles between its statements; one ended anyway is retried.
+IDLE_IN_TRANSACTION_MS = "3000"
 
 # Answers from a running server that a retry will not change: wrong role or password, no such
 # database, no privilege. At start-up they are configuration errors, not an outage.
@@ -358,7 +362,7 @@ class PostgresStore(SharedJournal):
             password=self._password or None,
             timeout=CONNECT_TIMEOUT_S,
             # As the pool's: a process paused in a transaction must not hold its locks.
-            server_settings={"idle_in_transaction_session_timeout": "5000"},
+            server_settings={"idle_in_transaction_session_timeout": IDLE_IN_TRANSACTION_MS},
         )
 
     def rate_gate(
@@ -387,7 +391,7 @@ class PostgresStore(SharedJournal):
                 reset=_keep_session,
                 # A process paused in a transaction (SIGSTOP, a frozen VM) would hold its locks
                 # and block the instance taking its shards over: the server ends it instead.
-                server_settings={"idle_in_transaction_session_timeout": "5000"},
+                server_settings={"idle_in_transaction_session_timeout": IDLE_IN_TRANSACTION_MS},
             )
         except _REFUSED as exc:
             # The server answered: no restart will change its mind (exit 2, not retried).
@@ -1097,26 +1101,33 @@ class PostgresStore(SharedJournal):
             await connection.execute(
                 _UPSERT_ASSIGNMENTS, *(list(column) for column in zip(*rows, strict=True))
             )
+        # Every statement is one array-valued statement: a transaction never waits for the
+        # client in the middle of one (as executemany's pipeline does), so that a process
+        # paused mid-commit is seen idle in its transaction, and ended by the server.
         if work.batches_saved:
-            await connection.executemany(
+            await connection.execute(
                 "INSERT INTO batches (batch_id, segment_id, contact_ids, idempotency_key, "
-                "attempt, saved_at, intent) VALUES ($1, $2, $3, $4, $5, $6, $7) "
+                "attempt, saved_at, intent) SELECT * FROM unnest($1::text[], $2::text[], "
+                "$3::text[], $4::text[], $5::int4[], $6::float8[], $7::text[]) "
                 "ON CONFLICT (batch_id) DO UPDATE SET segment_id = excluded.segment_id, "
                 "contact_ids = excluded.contact_ids, idempotency_key = excluded.idempotency_key, "
                 "attempt = excluded.attempt, saved_at = excluded.saved_at, "
                 "intent = excluded.intent",
-                [
-                    (
-                        b.batch_id,
-                        b.segment_id,
-                        orjson.dumps(list(b.contact_ids)).decode(),
-                        b.idempotency_key,
-                        b.attempt,
-                        self._clock(),
-                        str(b.intent),
-                    )
-                    for b in work.batches_saved.values()
-                ],
+                *_columns(
+                    [
+                        (
+                            b.batch_id,
+                            b.segment_id,
+                            orjson.dumps(list(b.contact_ids)).decode(),
+                            b.idempotency_key,
+                            b.attempt,
+                            self._clock(),
+                            str(b.intent),
+                        )
+                        for b in work.batches_saved.values()
+                    ],
+                    7,
+                ),
             )
         if work.batches_dropped:
             await connection.execute(
@@ -1133,40 +1144,45 @@ class PostgresStore(SharedJournal):
                 [at for _, at in values],
             )
         if work.budget:
-            await connection.executemany(
-                "INSERT INTO refresh_budget (segment_id, next_allowed) VALUES ($1, $2) "
+            await connection.execute(
+                "INSERT INTO refresh_budget (segment_id, next_allowed) "
+                "SELECT * FROM unnest($1::text[], $2::float8[]) "
                 "ON CONFLICT (segment_id) DO UPDATE SET next_allowed = excluded.next_allowed",
-                list(work.budget.items()),
+                *_columns(list(work.budget.items()), 2),
             )
         if work.confirmations:
-            await connection.executemany(
+            await connection.execute(
                 "INSERT INTO confirmations (contact_id, segment_id, confirmed_at, member) "
-                "VALUES ($1, $2, $3, $4) ON CONFLICT (contact_id, segment_id) DO UPDATE SET "
+                "SELECT * FROM unnest($1::text[], $2::text[], $3::float8[], $4::bool[]) "
+                "ON CONFLICT (contact_id, segment_id) DO UPDATE SET "
                 "confirmed_at = excluded.confirmed_at, member = excluded.member",
-                [(c, s, at, m) for (c, s), (at, m) in work.confirmations.items()],
+                *_columns([(c, s, at, m) for (c, s), (at, m) in work.confirmations.items()], 4),
             )
         if work.stale:
-            await connection.executemany(
-                "INSERT INTO stale_changes VALUES ($1, $2, $3, $4, $5)", work.stale
+            await connection.execute(
+                "INSERT INTO stale_changes SELECT * FROM unnest($1::text[], $2::text[], "
+                "$3::text[], $4::float8[], $5::float8[])",
+                *_columns(work.stale, 5),
             )
         if work.mirrors:
-            await connection.executemany(
-                "INSERT INTO mirrors AS m VALUES ($1, $2, $3) ON CONFLICT (contact_id) DO UPDATE "
+            await connection.execute(
+                "INSERT INTO mirrors AS m SELECT * FROM unnest($1::text[], $2::float8[], "
+                "$3::float8[]) ON CONFLICT (contact_id) DO UPDATE "
                 "SET occurred_at = greatest(m.occurred_at, excluded.occurred_at), "
                 "updated_at = excluded.updated_at",
-                [(c, occurred, at) for c, (occurred, at) in work.mirrors.items()],
+                *_columns([(c, occurred, at) for c, (occurred, at) in work.mirrors.items()], 3),
             )
         if work.notifications_added:
-            await connection.executemany(
+            await connection.execute(
                 "INSERT INTO notifications (event_id, body, added_at, claimed_until, claimed_by) "
-                "VALUES ($1, $2, $3, extract(epoch FROM clock_timestamp()) + $4, $5) "
+                "SELECT e, b, a, extract(epoch FROM clock_timestamp()) + $4, $5::int8 "
+                "FROM unnest($1::text[], $2::bytea[], $3::float8[]) AS n(e, b, a) "
                 "ON CONFLICT (event_id) DO UPDATE "
                 "SET body = excluded.body, added_at = excluded.added_at, "
                 "claimed_until = excluded.claimed_until, claimed_by = excluded.claimed_by",
-                [
-                    (e, body, at, NOTIFICATION_CLAIM_S, self.instance_id)
-                    for e, (body, at) in work.notifications_added.items()
-                ],
+                *_columns([(e, body, at) for e, (body, at) in work.notifications_added.items()], 3),
+                NOTIFICATION_CLAIM_S,
+                self.instance_id,
             )
         if work.notifications_done:
             await connection.execute(
@@ -1280,7 +1296,9 @@ async def _load_recovery(connection: _Connection, segments: list[str]) -> Recove
         (str(c), str(s), float(received), str(intent), float(occurred))
         for c, s, received, intent, occurred in await connection.fetch(
             "SELECT contact_id, segment_id, received_at, intent, occurred_at "
-            "FROM assignments WHERE state = 'queued' AND segment_id = ANY($1::text[])",
+            # Oldest first: the buffer takes insertion order for age (which batch goes next).
+            "FROM assignments WHERE state = 'queued' AND segment_id = ANY($1::text[]) "
+            "ORDER BY received_at",
             segments,
         )
     ]
@@ -1317,6 +1335,11 @@ async def _close_pool(pool: asyncpg.Pool) -> None:
         await asyncio.wait_for(pool.close(), CLOSE_FLUSH_TIMEOUT_S)
     except (TimeoutError, *_UNAVAILABLE):
         pool.terminate()
+
+
+def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows as one list per column: the arrays of an `unnest` statement."""
+    return [list(column) for column in zip(*rows, strict=True)] if rows else [[]] * width
 
 
 def _describe(exc: BaseException) -> str:
