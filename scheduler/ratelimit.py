@@ -44,6 +44,17 @@ def default_tolerance(rate_per_s: float) -> float:
     return min(MAX_TOLERANCE_S, max(MIN_TOLERANCE_S, 1.0 / rate_per_s))
 
 
+def gcra_parameters(name: str, rate_per_s: float, tolerance_s: float | None) -> tuple[float, float]:
+    """(tolerance, emission interval) of a gate, checked: a clear error names a bad limit."""
+    if not rate_per_s > 0 or math.isinf(rate_per_s):
+        raise ValueError(f"{name}: rate must be positive and finite, got {rate_per_s}")
+    if tolerance_s is None:
+        tolerance_s = default_tolerance(rate_per_s)
+    if not 0 <= tolerance_s < math.inf:
+        raise ValueError(f"{name}: tolerance must be 0 or more seconds, got {tolerance_s}")
+    return tolerance_s, 1.0 / rate_per_s
+
+
 class AdmissionGate(Protocol):
     """What the engine, the poller and the metrics use of a gate.
 
@@ -92,16 +103,9 @@ class RateGate:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     ) -> None:
-        if not rate_per_s > 0 or math.isinf(rate_per_s):
-            raise ValueError(f"{name}: rate must be positive and finite, got {rate_per_s}")
-        if tolerance_s is None:
-            tolerance_s = default_tolerance(rate_per_s)
-        if not 0 <= tolerance_s < math.inf:
-            raise ValueError(f"{name}: tolerance must be 0 or more seconds, got {tolerance_s}")
         self.name = name
         self.rate_per_s = rate_per_s
-        self.tolerance_s = tolerance_s
-        self._interval = 1.0 / rate_per_s
+        self.tolerance_s, self._interval = gcra_parameters(name, rate_per_s, tolerance_s)
         self._clock = clock
         self._sleep = sleep
         # The theoretical arrival time of the next request; in the past means "admit now".

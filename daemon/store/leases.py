@@ -27,6 +27,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from daemon.store.base import Heartbeat, Leases
+from daemon.store.pg_errors import UNAVAILABLE
 from daemon.store.postgres import EPOCH_LOCK, PostgresStore
 from scheduler.store import StoreUnavailable
 
@@ -37,7 +38,7 @@ CONNECT_TIMEOUT_S = 5.0
 
 _Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
 _T = TypeVar("_T")
-_UNAVAILABLE = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+_UNAVAILABLE = UNAVAILABLE
 
 
 class ShardLeases(Leases):

@@ -34,6 +34,7 @@ from asyncpg.pool import PoolConnectionProxy
 from daemon.config import display_url
 from daemon.store.base import Leases, Recovered, SharedJournal, StoreOpenError, StoreUnreachable
 from daemon.store.pending import InboxRow, PendingWork, assemble_histories, merge_newer
+from daemon.store.pg_errors import UNAVAILABLE
 from daemon.store.shards import shard_of
 from daemon.store.shared_gate import SharedRateGate
 from scheduler.model import Assignment, FailureReason, Intent, State, storable
@@ -80,16 +81,7 @@ _REFUSED = (
     asyncpg.InsufficientPrivilegeError,
 )
 
-# Errors that mean "the database cannot serve this now", never a bug in the caller's data:
-# connection refused or lost, the server shutting down or starting, a timeout.
-_UNAVAILABLE = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    # A connection left mid-operation by a lost server ("another operation is in progress").
-    asyncpg.InternalClientError,
-)
+_UNAVAILABLE = UNAVAILABLE
 
 MIGRATIONS: list[str] = [
     # 1: the journal as the SQLite one has it after its migration 4 (same tables and columns).

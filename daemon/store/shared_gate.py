@@ -49,7 +49,8 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
-from scheduler.ratelimit import default_tolerance
+from daemon.store.pg_errors import UNAVAILABLE
+from scheduler.ratelimit import gcra_parameters
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +75,8 @@ BACKOFF_MAX_S = 1.0
 # How long one connection checkout or one statement may take before it counts as an outage.
 STATEMENT_TIMEOUT_S = 5.0
 
-# Errors that mean "the database cannot answer now": connection refused or lost, a timeout, a
-# pool closing, the server shutting down. All of them are retried; none admits a request.
-_UNAVAILABLE = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-)
+# Every one of them is retried; none admits a request.
+_UNAVAILABLE = UNAVAILABLE
 
 # The row lock is taken first; the database clock is read in a CTE that depends on the locked
 # row, so it is read after any wait for the lock. MATERIALIZED keeps each step evaluated once.
@@ -147,16 +141,9 @@ class SharedRateGate:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     ) -> None:
-        if not rate_per_s > 0 or math.isinf(rate_per_s):
-            raise ValueError(f"{name}: rate must be positive and finite, got {rate_per_s}")
-        if tolerance_s is None:
-            tolerance_s = default_tolerance(rate_per_s)
-        if not 0 <= tolerance_s < math.inf:
-            raise ValueError(f"{name}: tolerance must be 0 or more seconds, got {tolerance_s}")
         self.name = name
         self.rate_per_s = rate_per_s
-        self.tolerance_s = tolerance_s
-        self._interval = 1.0 / rate_per_s
+        self.tolerance_s, self._interval = gcra_parameters(name, rate_per_s, tolerance_s)
         self._pool = pool
         self._clock = clock
         self._sleep = sleep
