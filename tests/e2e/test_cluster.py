@@ -87,22 +87,22 @@ async def test_three_instances_share_the_work_one_owner_batches_each_segment(
     # Each instance receives a third of the contacts, for every segment.
     answers = await asyncio.gather(
         *(
-            d.webhook(http, events("cl", 50 * n, 50 * (n + 1), segments))
+            d.webhook(http, events("cl", 30 * n, 30 * (n + 1), segments))
             for n, d in enumerate(daemons)
         )
     )
     assert [status for status, _ in answers] == [202, 202, 202]
-    for i in (0, 75, 149):
+    for i in (0, 45, 89):
         await daemons[i % 3].wait_states(http, f"cl{i}", {"active"}, 30)
     for segment in segments:
         assert {m["contactId"] for m in await emulator.members(segment)} == {
-            f"cl{i}" for i in range(150)
+            f"cl{i}" for i in range(90)
         }
     counters = await emulator.counters()
     # One owner per segment coalesced what three instances took: about one batch a segment,
     # where three instances each writing their own share would have sent three.
     assert counters["bulk_ids"]["requests"] < 3 * len(segments), counters["bulk_ids"]
-    assert counters["bulk_ids"]["ids"] == 150 * len(segments)
+    assert counters["bulk_ids"]["ids"] == 90 * len(segments)
     forwarded = [await metric(http, d, "segmapd_cluster_forwarded_total") for d in daemons]
     assert sum(forwarded) > 0
     # The same status from every instance.
@@ -208,12 +208,18 @@ async def test_a_paused_owner_is_fenced_and_never_writes_after_it_wakes(
     status, _ = await paused.webhook(http, events("pz", 0, 100, segments))
     assert status == 202
     paused.process.signal(signal.SIGSTOP)
+    stopped = time.monotonic()
     try:
-        # Four lease times: declared dead, its shards taken and their work redone by the other.
-        await asyncio.sleep(4 * LEASE_S)
+        # Declared dead after its lease: its shards taken and their work redone by the other.
+        async with aiohttp.ClientSession() as probe:
+            while await metric(probe, other, "segmapd_cluster_shards_owned") < 64:
+                assert time.monotonic() - stopped < 30, "the shards were never taken over"
+                await asyncio.sleep(0.2)
         for i in (0, 50, 99):
             await other.wait_states(http, f"pz{i}", {"active"}, 30)
         before = await emulator.counters()
+        # Paused well past its lease (at least three of them) before it wakes.
+        await asyncio.sleep(max(0.0, 3 * LEASE_S - (time.monotonic() - stopped)))
     finally:
         paused.process.signal(signal.SIGCONT)
     # It wakes, finds it was declared dead, and stops (status 1) having written nothing.
@@ -264,7 +270,7 @@ async def test_a_rolling_restart_answers_only_2xx_or_503_with_retry_after(
                         acknowledged.extend(e["contactId"] for e in body)
             except aiohttp.ClientError:
                 pass  # taken out while the request was open: a balancer retries elsewhere
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.1)
 
     loader = asyncio.create_task(load())
     try:
@@ -281,7 +287,7 @@ async def test_a_rolling_restart_answers_only_2xx_or_503_with_retry_after(
     await settled(daemons)
     refused = [(status, retry) for status, retry in answers if status >= 300]
     assert all(status == 503 and retry for status, retry in refused), refused
-    assert len(acknowledged) > 100
+    assert len(acknowledged) > 60
     for contact_id in (acknowledged[0], acknowledged[len(acknowledged) // 2], acknowledged[-1]):
         await daemons[0].wait_states(http, contact_id, {"active"}, 30)
     for segment in segments:
