@@ -11,6 +11,8 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import orjson
+
 from scheduler.model import Assignment
 from scheduler.store import BatchRecord, ContactHistory
 
@@ -100,6 +102,19 @@ class PendingWork:
     def delivery_rows(self) -> list[tuple[str, str, bytes, float]]:
         """The queued deliveries as (source, delivery id, answer, received_at)."""
         return [(s, d, answer, at) for (s, d), (answer, at) in self.deliveries.items()]
+
+
+def batch_row(batch: BatchRecord, saved_at: float) -> tuple[str, str, str, str, int, float, str]:
+    """A batch as both journals' `batches` table holds it (its ids as a JSON array)."""
+    return (
+        batch.batch_id,
+        batch.segment_id,
+        orjson.dumps(list(batch.contact_ids)).decode(),
+        batch.idempotency_key,
+        batch.attempt,
+        saved_at,
+        str(batch.intent),
+    )
 
 
 def merge_newer(rows: dict[str, Assignment], queued: dict[str, Assignment]) -> None:

@@ -33,7 +33,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from daemon.config import display_url
 from daemon.store.base import Leases, Recovered, SharedJournal, StoreOpenError, StoreUnreachable
-from daemon.store.pending import InboxRow, PendingWork, assemble_histories, merge_newer
+from daemon.store.pending import InboxRow, PendingWork, assemble_histories, batch_row, merge_newer
 from daemon.store.pg_errors import UNAVAILABLE
 from daemon.store.shards import shard_of
 from daemon.store.shared_gate import SharedRateGate
@@ -1137,18 +1137,7 @@ class PostgresStore(SharedJournal):
                 "attempt = excluded.attempt, saved_at = excluded.saved_at, "
                 "intent = excluded.intent",
                 *_columns(
-                    [
-                        (
-                            b.batch_id,
-                            b.segment_id,
-                            orjson.dumps(list(b.contact_ids)).decode(),
-                            b.idempotency_key,
-                            b.attempt,
-                            self._clock(),
-                            str(b.intent),
-                        )
-                        for b in work.batches_saved.values()
-                    ],
+                    [batch_row(b, self._clock()) for b in work.batches_saved.values()],
                     7,
                 ),
             )

@@ -38,7 +38,13 @@ from daemon.store.delivery_filter import (
     capacity_for,
     new_bloom,
 )
-from daemon.store.pending import AssignmentRow, PendingWork, assemble_histories, merge_newer
+from daemon.store.pending import (
+    AssignmentRow,
+    PendingWork,
+    assemble_histories,
+    batch_row,
+    merge_newer,
+)
 from scheduler.model import Assignment, FailureReason, Intent, State, storable
 from scheduler.store import BatchRecord, ContactHistory, StoreUnavailable
 
@@ -882,18 +888,7 @@ class SqliteStore(JournalStore):
             connection.executemany(
                 "INSERT OR REPLACE INTO batches (batch_id, segment_id, contact_ids, "
                 "idempotency_key, attempt, saved_at, intent) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        b.batch_id,
-                        b.segment_id,
-                        orjson.dumps(list(b.contact_ids)).decode(),
-                        b.idempotency_key,
-                        b.attempt,
-                        self._clock(),
-                        str(b.intent),
-                    )
-                    for b in work.batches_saved.values()
-                ],
+                [batch_row(b, self._clock()) for b in work.batches_saved.values()],
             )
         if work.batches_dropped:
             connection.executemany(
