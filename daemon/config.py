@@ -178,7 +178,7 @@ class ClusterConfig(_Section):
     """`[cluster]`: several instances on one PostgreSQL journal (ignored for SQLite)."""
 
     # An instance silent for this long is dead: its shards move to the others. Heartbeats go
-    # every third of it; a failover takes about this long plus one heartbeat.
+    # every half second; a failover takes about this long plus half a second.
     lease_s: float = Field(default=10.0, ge=2.0, le=300.0)
     # How this instance appears in logs and in `segmapd_instances` (default: host and pid).
     name: str = ""
