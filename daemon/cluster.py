@@ -116,11 +116,6 @@ class Cluster:
         self._store.forward(change)
         self._metrics.record_forwarded()
 
-    @property
-    def owned(self) -> frozenset[int]:
-        """The shards this instance holds now."""
-        return frozenset(self._owned)
-
     # ---- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:

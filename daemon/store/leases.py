@@ -38,7 +38,6 @@ CONNECT_TIMEOUT_S = 5.0
 
 _Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
 _T = TypeVar("_T")
-_UNAVAILABLE = UNAVAILABLE
 
 
 class ShardLeases(Leases):
@@ -224,7 +223,7 @@ class ShardLeases(Leases):
         try:
             connection = await self._store.connect()
             await connection.add_listener(INBOX_CHANNEL, notified)
-        except _UNAVAILABLE as exc:
+        except UNAVAILABLE as exc:
             log.info("cluster: cannot listen for forwarded work (%s); polling", type(exc).__name__)
             return False
         self._listener = connection
@@ -235,11 +234,11 @@ class ShardLeases(Leases):
         for session in (self._beat, self._takeover):
             connection, session.connection = session.connection, None
             if connection is not None and not connection.is_closed():
-                with contextlib.suppress(*_UNAVAILABLE):
+                with contextlib.suppress(*UNAVAILABLE):
                     await asyncio.wait_for(connection.close(), CONNECT_TIMEOUT_S)
         listener, self._listener = self._listener, None
         if listener is not None and not listener.is_closed():
-            with contextlib.suppress(*_UNAVAILABLE):
+            with contextlib.suppress(*UNAVAILABLE):
                 await asyncio.wait_for(listener.close(), CONNECT_TIMEOUT_S)
 
     def _me(self) -> int:
@@ -266,7 +265,7 @@ class ShardLeases(Leases):
                 if connection is None or connection.is_closed():
                     session.connection = connection = await self._store.connect()
                 return await asyncio.wait_for(work(connection), timeout)
-        except (*_UNAVAILABLE, StoreUnavailable) as exc:
+        except (*UNAVAILABLE, StoreUnavailable) as exc:
             broken, session.connection = session.connection, None
             if broken is not None and not broken.is_closed():
                 broken.terminate()

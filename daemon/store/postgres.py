@@ -81,7 +81,6 @@ _REFUSED = (
     asyncpg.InsufficientPrivilegeError,
 )
 
-_UNAVAILABLE = UNAVAILABLE
 
 MIGRATIONS: list[str] = [
     # 1: the journal as the SQLite one has it after its migration 4 (same tables and columns).
@@ -395,7 +394,7 @@ class PostgresStore(SharedJournal):
                 f"{self.shown}: PostgreSQL refused the connection ({_describe(exc)}); check the "
                 "role, store.password, the database name and pg_hba.conf"
             ) from None
-        except _UNAVAILABLE as exc:
+        except UNAVAILABLE as exc:
             raise StoreUnreachable(
                 f"{self.shown}: cannot connect to PostgreSQL ({_describe(exc)}); check that the "
                 "server runs and accepts this role, and store.url / store.password"
@@ -421,7 +420,7 @@ class PostgresStore(SharedJournal):
         except StoreOpenError:
             await self._abandon(pool)
             raise
-        except (*_UNAVAILABLE, StoreUnavailable) as exc:
+        except (*UNAVAILABLE, StoreUnavailable) as exc:
             await self._abandon(pool)
             raise StoreUnreachable(
                 f"{self.shown}: cannot open the journal ({_describe(exc)})"
@@ -645,7 +644,7 @@ class PostgresStore(SharedJournal):
                     CLAIM_TTL_S,
                     timeout=CONNECT_TIMEOUT_S,
                 )
-            except (*_UNAVAILABLE, StoreUnavailable) as exc:
+            except (*UNAVAILABLE, StoreUnavailable) as exc:
                 failure = StoreUnavailable(
                     f"journal {self.shown}: claiming a delivery failed ({_describe(exc)})"
                 )
@@ -673,7 +672,7 @@ class PostgresStore(SharedJournal):
                 [key for _, key in keys],
                 timeout=CONNECT_TIMEOUT_S,
             )
-        except _UNAVAILABLE as exc:
+        except UNAVAILABLE as exc:
             raise StoreUnavailable(
                 f"journal {self.shown}: withdrawing claims failed ({_describe(exc)})"
             ) from None
@@ -831,7 +830,7 @@ class PostgresStore(SharedJournal):
         try:
             async with pool.acquire(timeout=CONNECT_TIMEOUT_S) as connection:
                 return await work(connection)
-        except _UNAVAILABLE as exc:
+        except UNAVAILABLE as exc:
             raise StoreUnavailable(
                 f"journal {self.shown}: {what} failed ({_describe(exc)})"
             ) from None
@@ -1345,7 +1344,7 @@ async def _load_recovery(connection: _Connection, segments: list[str]) -> Recove
 async def _close_pool(pool: asyncpg.Pool) -> None:
     try:
         await asyncio.wait_for(pool.close(), CLOSE_FLUSH_TIMEOUT_S)
-    except (TimeoutError, *_UNAVAILABLE):
+    except (TimeoutError, *UNAVAILABLE):
         pool.terminate()
 
 
@@ -1422,5 +1421,5 @@ async def _keep_session(connection: asyncpg.Connection) -> None:
 
 async def _rollback(connection: _Connection) -> None:
     """End a failed transaction; a connection that cannot is closed by the pool anyway."""
-    with contextlib.suppress(*_UNAVAILABLE):
+    with contextlib.suppress(*UNAVAILABLE):
         await connection.execute("ROLLBACK")

@@ -8,11 +8,14 @@ more instances than a tenant's write limit (10 bulk requests/s) could ever keep 
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 SHARDS = 64
 
 
+# Asked at every state change of an assignment, of a few hundred segment ids at most.
+@functools.lru_cache(maxsize=65_536)
 def shard_of(segment_id: str) -> int:
     """The shard a segment belongs to, in [0, SHARDS)."""
     return zlib.crc32(segment_id.encode("utf-8", "surrogatepass")) % SHARDS

@@ -75,8 +75,6 @@ BACKOFF_MAX_S = 1.0
 # How long one connection checkout or one statement may take before it counts as an outage.
 STATEMENT_TIMEOUT_S = 5.0
 
-# Every one of them is retried; none admits a request.
-_UNAVAILABLE = UNAVAILABLE
 
 # The row lock is taken first; the database clock is read in a CTE that depends on the locked
 # row, so it is read after any wait for the lock. MATERIALIZED keeps each step evaluated once.
@@ -261,7 +259,7 @@ class SharedRateGate:
         while True:
             try:
                 row = await self._fetch_reservation()
-            except (_PoolNotOpen, *_UNAVAILABLE) as exc:
+            except (_PoolNotOpen, *UNAVAILABLE) as exc:
                 self._outage(exc)
                 await self._sleep(backoff * random.uniform(0.5, 1.0))
                 backoff = min(BACKOFF_MAX_S, backoff * 2)
@@ -304,7 +302,7 @@ class SharedRateGate:
                         await connection.execute(
                             _RECORD_PAUSE, self.name, remaining, timeout=STATEMENT_TIMEOUT_S
                         )
-                except (_PoolNotOpen, *_UNAVAILABLE) as exc:
+                except (_PoolNotOpen, *UNAVAILABLE) as exc:
                     self._outage(exc)
                     await self._sleep(backoff * random.uniform(0.5, 1.0))
                     backoff = min(BACKOFF_MAX_S, backoff * 2)
