@@ -70,10 +70,19 @@ class InboundRequest:
 
 @dataclass(frozen=True, slots=True)
 class InboundEvent:
-    """One change to take. `key` is its redelivery key in a batched format, else None."""
+    """One change to take. `key` is its redelivery key in a batched format, else None.
+
+    `invalid` is the part of the same event that can never succeed (a segment value that is
+    no CXone id, an option missing from a mapping), dead-lettered when the event is taken: only
+    what is invalid is dead-lettered, and the valid rest is taken as usual. For a mirror, the
+    valid part lists the valid values only, so the contact leaves every tracked segment the
+    CRM no longer names, exactly as if the invalid values were absent. It shares the event's
+    key (its `key` is None): the two are taken, or recognised as redelivered, together.
+    """
 
     change: MembershipChange
     key: str | None = None
+    invalid: DeadEvent | None = None
 
 
 @dataclass(frozen=True, slots=True)
