@@ -12,6 +12,7 @@ import hmac
 import logging
 import math
 import os
+import re
 import resource
 import time
 from collections.abc import Awaitable, Callable
@@ -31,13 +32,14 @@ from listeners import InboundRequest, WebhookRejected, parse_events
 from listeners.base import REASONS
 from listeners.payload import loads_unique
 from scheduler.engine import SubmitResult
-from scheduler.model import Assignment, Intent, MembershipChange
+from scheduler.model import Assignment, MembershipChange
 from scheduler.validation import PairProgress, ReadBacklog
 
 log = logging.getLogger(__name__)
 
 SERVICE: web.AppKey[Service] = web.AppKey("service", Service)
 MAX_WAIT_S = 300.0
+WAIT_FORMAT = re.compile(r"[0-9]+(?:\.[0-9]+)?", re.ASCII)
 # The metrics label of webhooks sent to a source name that is not configured.
 UNCONFIGURED_SOURCE = "_unconfigured"
 
@@ -295,11 +297,15 @@ async def mappings(request: web.Request) -> web.Response:
         return denied
     wait_s = 0.0
     if "wait" in request.query:
-        try:
-            wait_s = float(request.query["wait"])
-        except ValueError:
-            return problem(400, "wait: must be a number of seconds", field="wait")
-        if not 0 <= wait_s <= MAX_WAIT_S:  # NaN fails the comparison too
+        text = request.query["wait"]
+        # ASCII digits only: float() also takes "1_0", Arabic-Indic digits and "inf", none of which
+        # a caller means as a number of seconds.
+        if WAIT_FORMAT.fullmatch(text) is None:
+            return problem(
+                400, "wait: must be a number of seconds, such as 30 or 2.5", field="wait"
+            )
+        wait_s = float(text)
+        if not 0 <= wait_s <= MAX_WAIT_S:
             return problem(400, f"wait: must be between 0 and {MAX_WAIT_S:g}", field="wait")
     taken = await take(service, await read_body(request))
     if isinstance(taken, web.Response):
@@ -316,12 +322,17 @@ async def mappings(request: web.Request) -> web.Response:
     all_done = True
     for event, outcome in zip(events, per_event, strict=True):
         remaining = max(0.0, deadline - time.monotonic())
-        # Every segment the change touched: a mirror's removals too, which it does not name.
+        # Every segment the change put to work: a mirror's removals too, which it does not
+        # name. Its stale segments are reported apart: nothing will ever happen to them.
         segments = outcome.segments
         states = await service.engine.wait(event.contact_id, segments, remaining)
         all_done &= all(a.terminal for a in states) and len(states) == len(segments)
         results.append(
-            {"contactId": event.contact_id, "segments": [assignment_view(a) for a in states]}
+            {
+                "contactId": event.contact_id,
+                "segments": [assignment_view(a) for a in states],
+                "stale": list(outcome.stale_segments),
+            }
         )
     answer["complete"] = all_done
     answer["results"] = results
@@ -396,20 +407,11 @@ async def replay_dead_letters(request: web.Request) -> web.Response:
             only = set(ids)
     failed = await service.store.failed(100_000)
     chosen = [a for a in failed if only is None or a.contact_id in only]
-    busy = refuse_if_busy(service, len(chosen))
-    if busy is not None:
-        return busy
-    replayed = 0
-    for assignment in chosen:
-        # A dead letter is replayed as what it was: an add, or a removal.
-        if assignment.intent is Intent.ADD:
-            replay = MembershipChange(assignment.contact_id, add=(assignment.segment_id,))
-        else:
-            replay = MembershipChange(assignment.contact_id, remove=(assignment.segment_id,))
-        result = service.engine.submit(replay)
-        replayed += result.queued
-    log.info("replayed %d dead letters", replayed)
-    return json_response({"replayed": replayed}, 202)
+    try:
+        replayed, skipped = await intake.replay(service, chosen)
+    except intake.Busy as busy:
+        return problem(503, busy.message, retryAfter=busy.retry_after_s)
+    return json_response({"replayed": replayed, "skipped": skipped}, 202)
 
 
 async def healthz(request: web.Request) -> web.Response:

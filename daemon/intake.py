@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from daemon.claims import ClaimKey, Claims
@@ -36,8 +37,8 @@ from listeners.base import (
     SourceAdapter,
 )
 from listeners.errors import WebhookRejected
-from scheduler.engine import Engine, EngineClosed, EngineOverloaded, SubmitResult
-from scheduler.model import Assignment, MembershipChange, storable
+from scheduler.engine import EngineClosed, EngineOverloaded, SubmitResult
+from scheduler.model import Assignment, Intent, MembershipChange, storable
 from scheduler.store import ContactHistory, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -141,16 +142,11 @@ async def _receive(
             queued = False  # whether work of the delivery is queued in the journal
             try:
                 # Admitted as a whole above: the delivery is taken whole, never in part.
-                total = sum(
-                    await submit_each(service, [e.change for e in fresh], admitted=True),
-                    SubmitResult(),
-                )
+                taken = await take_events(service, fresh, fresh_dead, admitted=True)
                 queued = True
-                for dead in fresh_dead:
-                    service.engine.dead_letter(dead.change, dead.reason, dead.message)
-                    log.warning(
-                        "source %s: event dead-lettered (%s): %s", source, dead.reason, dead.message
-                    )
+                for dead in taken.dead_letters:
+                    _log_dead_letter(source, dead)
+                total = sum(taken.results, SubmitResult(stale=taken.dead_stale))
                 outcome = Outcome(
                     accepted=total.queued + total.joined + total.cached + total.stale,
                     duplicates=total.joined + total.cached,
@@ -158,7 +154,7 @@ async def _receive(
                     events=len(fresh),
                     redelivered=redelivered + len(parsed.dead) - len(fresh_dead),
                     skipped=len(parsed.skipped),
-                    dead_lettered=len(fresh_dead),
+                    dead_lettered=len(taken.dead_letters),
                 )
                 reply = adapter.accepted(outcome)
                 store = service.store
@@ -319,56 +315,114 @@ def refuse_if_busy(service: Service, assignments: int) -> None:
         )
 
 
-async def submit_each(
-    service: Service, changes: list[MembershipChange], *, admitted: bool = False
-) -> list[SubmitResult]:
-    """Hand `changes` to the engine, in order, each with the history it needs; `Busy` if closed.
+@dataclasses.dataclass(frozen=True, slots=True)
+class Taken:
+    """What `take_events` did: each event's result, in order, and the dead letters it handled."""
 
-    The histories of a delivery's contacts are read in one go, and the changes are then taken
+    results: list[SubmitResult]
+    dead_letters: list[DeadEvent]
+    # Pairs of the dead letters found older than what they had: counted with the stale ones.
+    dead_stale: int = 0
+
+
+async def take_events(
+    service: Service,
+    events: list[InboundEvent],
+    dead: Sequence[DeadEvent] = (),
+    *,
+    admitted: bool = False,
+) -> Taken:
+    """Hand a delivery's events to the engine, in order, then its dead letters; `Busy` if closed.
+
+    The histories of the delivery's contacts are read in one go, and the events are then taken
     without waiting for anything, so nothing another request records can come between a
-    contact's history and its change. A contact's second change in the same delivery is
-    compared with what its first one started: the pairs the first put to work join its history
-    (the engine knows their newest change; the history only has to name them). `admitted`: the
-    caller checked the high-water mark for all of `changes` (see `refuse_if_busy`).
+    contact's history and its changes. Once a contact's history is read, every one of its
+    changes in the delivery is compared with it, and what each change put to work joins it:
+    a later change (a mirror, say) sees what an earlier one of the same delivery started, so
+    that the events of one delivery apply in their order, as separate deliveries would. An
+    event's invalid part (`InboundEvent.invalid`) and the events nobody can act on are
+    dead-lettered after the changes, each compared with the pair's history like any change.
+    `admitted`: the caller checked the high-water mark for all of them (`refuse_if_busy`).
     """
-    needed = [change.contact_id for change in changes if _needs_history(change)]
+    needed = {
+        event.change.contact_id
+        for event in events
+        if event.invalid is not None or _needs_history(event.change)
+    }
+    needed.update(storable(letter.change.contact_id) for letter in dead)
     try:
-        histories = await service.store.histories(needed) if needed else {}
+        histories = await service.store.histories(list(needed)) if needed else {}
     except StoreUnavailable as exc:
         raise Busy(f"the journal cannot be read: {exc}", JOURNAL_RETRY_AFTER_S) from None
     results = []
+    letters: list[DeadEvent] = []
     engine = service.engine
     try:
-        for change in changes:
-            if not _needs_history(change):
+        for event in events:
+            change = event.change
+            history = histories.get(change.contact_id)
+            if history is None:
                 results.append(engine.submit(change, admitted=admitted))
                 continue
-            history = histories[change.contact_id]
             result = engine.submit(
                 change, history.assignments, history.mirrored_at, admitted=admitted
             )
             results.append(result)
-            _note_taken(engine, history, change, result)
+            _note_taken(history, change, result)
+            if event.invalid is not None:
+                letters.append(event.invalid)
     except (EngineClosed, EngineOverloaded):
         raise Busy("segmapd is not taking work now", DRAIN_RETRY_AFTER_S) from None
+    letters.extend(dead)
+    dead_stale = 0
+    for letter in letters:
+        history = histories.get(storable(letter.change.contact_id)) or ContactHistory()
+        dead_stale += engine.dead_letter(
+            letter.change,
+            letter.reason,
+            letter.message,
+            history.assignments,
+            history.mirrored_at,
+        ).stale
     cached = sum(result.cached for result in results)
     if cached:
         service.metrics.record_cache_hit(cached)
-    return results
+    return Taken(results, letters, dead_stale)
 
 
-def _note_taken(
-    engine: Engine, history: ContactHistory, change: MembershipChange, result: SubmitResult
-) -> None:
-    """Make the history name the pairs `change` put to work, and date its mirror."""
+async def submit_each(
+    service: Service, changes: list[MembershipChange], *, admitted: bool = False
+) -> list[SubmitResult]:
+    """`take_events` for plain changes (`/v1/mappings`, a replay): each one's result, in order."""
+    taken = await take_events(
+        service, [InboundEvent(change) for change in changes], admitted=admitted
+    )
+    return taken.results
+
+
+def _log_dead_letter(source: str, dead: DeadEvent) -> None:
+    log.warning("source %s: event dead-lettered (%s): %s", source, dead.reason, dead.message)
+
+
+def _note_taken(history: ContactHistory, change: MembershipChange, result: SubmitResult) -> None:
+    """Make the history hold what `change` asked of each pair it did not find stale.
+
+    Only the intent and the change's time count (the engine answers for a pair with work in
+    progress); a pair forwarded to its owner, or confirmed as asked, is known from here on too.
+    """
     contact_id = change.contact_id
     now = time.time()
+    listed = set(change.mirror) if change.mirror is not None else set(change.add)
     for segment_id in result.segments:
-        if segment_id not in history.assignments and engine.has_work(contact_id, segment_id):
-            # Only its presence counts: the engine answers for a pair with work in progress.
-            history.assignments[segment_id] = Assignment(
-                contact_id, segment_id, received_at=now, updated_at=now
-            )
+        intent = Intent.ADD if segment_id in listed else Intent.REMOVE
+        history.assignments[segment_id] = Assignment(
+            contact_id,
+            segment_id,
+            received_at=now,
+            updated_at=now,
+            intent=intent,
+            occurred_at=change.occurred_at or 0.0,
+        )
     if change.mirror is not None:
         history.mirrored_at = max(history.mirrored_at, change.occurred_at or now)
 
@@ -378,9 +432,38 @@ def _needs_history(change: MembershipChange) -> bool:
 
     A mirror (`set`) compares with the memberships segmapd made, and a change with its own
     time may be older than what was confirmed, or than the last mirror, before. A change with
-    neither is the newest by arrival, and costs no journal read.
+    neither is the newest by arrival, and costs no journal read, unless another change of the
+    same contact in the delivery reads the history (see `take_events`).
     """
     return change.mirror is not None or change.occurred_at is not None
+
+
+async def replay(service: Service, dead_letters: Sequence[Assignment]) -> tuple[int, int]:
+    """Queue dead letters again, each as what it was (an add, or a removal); commit, then answer.
+
+    Returns (replayed, skipped). A dead letter of an event nobody could act on is skipped: its
+    values were invalid when they arrived, and sending them now would send them as they are
+    (`Assignment.dead_on_arrival`); the CRM's next change of the record brings corrected ones.
+    Like every write path, it returns only once what it queued is committed: an answer means
+    the replay survives a crash. `Busy` when segmapd cannot take the work now.
+    """
+    chosen = [letter for letter in dead_letters if not letter.dead_on_arrival]
+    refuse_if_busy(service, len(chosen))
+    changes = [
+        MembershipChange(letter.contact_id, add=(letter.segment_id,))
+        if letter.intent is Intent.ADD
+        else MembershipChange(letter.contact_id, remove=(letter.segment_id,))
+        for letter in chosen
+    ]
+    results = await submit_each(service, changes, admitted=True)
+    await commit(service)
+    replayed = sum(result.queued for result in results)
+    log.info(
+        "replayed %d dead letters (%d invalid on arrival skipped)",
+        replayed,
+        len(dead_letters) - len(chosen),
+    )
+    return replayed, len(dead_letters) - len(chosen)
 
 
 async def commit(service: Service) -> None:

@@ -282,6 +282,22 @@ DEAD_LETTER: Schema = {
 }
 
 
+WAITED_CONTACT: Schema = {
+    "type": "object",
+    "required": ["contactId", "segments", "stale"],
+    "additionalProperties": False,
+    "properties": {
+        **CONTACT["properties"],
+        "stale": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "Segments for which the event was older than what segmapd already "
+            "had: nothing will happen to them, and the wait does not wait for them.",
+        },
+    },
+}
+
+
 def _waited(complete: Schema) -> Schema:
     """A /v1/mappings answer after waiting: the counts, whether all ended, and where each is."""
     return {
@@ -294,7 +310,7 @@ def _waited(complete: Schema) -> Schema:
             "results": {
                 "type": "array",
                 "description": "One entry per event, in request order.",
-                "items": CONTACT,
+                "items": WAITED_CONTACT,
             },
         },
     }
@@ -507,7 +523,9 @@ OPENAPI_DOCUMENT: Schema = {
             "post": {
                 "summary": "Queue failed assignments again (all, or only some contacts')",
                 "description": "An empty body or `{}` replays every dead letter, each with its "
-                "intent (a failed removal is replayed as a removal).",
+                "intent (a failed removal is replayed as a removal). Dead letters of events "
+                "nobody could act on (their values were invalid when they arrived: `attempts` 0) "
+                "are skipped and counted in `skipped`. Answered once the replay is committed.",
                 "security": ADMIN,
                 "requestBody": {
                     "required": False,
@@ -528,9 +546,9 @@ OPENAPI_DOCUMENT: Schema = {
                         "Replayed",
                         {
                             "type": "object",
-                            "required": ["replayed"],
+                            "required": ["replayed", "skipped"],
                             "additionalProperties": False,
-                            "properties": {"replayed": COUNT},
+                            "properties": {"replayed": COUNT, "skipped": COUNT},
                         },
                     ),
                     "400": _problem("Malformed body"),

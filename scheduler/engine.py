@@ -58,8 +58,10 @@ class SubmitResult:
     joined: int = 0
     cached: int = 0
     stale: int = 0
-    # The segments the change touched (a mirror's removals included), for `?wait=`.
+    # The segments the change put to work or found done (a mirror's removals included), for
+    # `?wait=`; the stale ones apart, since nothing will ever happen to them.
     segments: tuple[str, ...] = ()
+    stale_segments: tuple[str, ...] = ()
 
     def __add__(self, other: SubmitResult) -> SubmitResult:
         return SubmitResult(
@@ -68,7 +70,22 @@ class SubmitResult:
             self.cached + other.cached,
             self.stale + other.stale,
             self.segments + other.segments,
+            self.stale_segments + other.stale_segments,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterResult:
+    """What `Engine.dead_letter` did with a change nobody can act on, per pair.
+
+    `recorded`: dead letters journaled (or forwarded to their owner); `stale`: pairs the change
+    was older than; `kept`: pairs whose own state (work in progress, or a state segmapd reached
+    for another change) stays, so that an event nobody can act on never replaces it.
+    """
+
+    recorded: int = 0
+    stale: int = 0
+    kept: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +150,14 @@ class Verifier(Protocol):
 
     def known(self, contact_id: str, segment_id: str) -> bool | None:
         """The membership confirmed within the validation cache TTL (member or not), or None."""
+        ...
+
+    def settle(self, assignments: list[Assignment], message: str) -> None:
+        """Read these pairs, whose last write's outcome is unknown, until CXone shows them.
+
+        Shown: confirmed as written ones are. Not shown within a window of reads: they fail
+        `retries_exhausted` with `message`.
+        """
         ...
 
     def forget(self, contact_id: str, segment_id: str) -> None:
@@ -499,39 +524,66 @@ class Engine:
             )
         if change.mirror is not None and (occurred or now) > mirrored_at:
             self._store.record_mirror(contact_id, occurred or now)
+        if result.stale:
+            stale = set(result.stale_segments)
+            return dataclasses.replace(result, segments=tuple(s for s in wanted if s not in stale))
         return dataclasses.replace(result, segments=tuple(wanted))
 
     def has_work(self, contact_id: str, segment_id: str) -> bool:
         """Whether a change to the pair is in progress (queued, parked, live or waiting)."""
         return self._current((contact_id, segment_id)) is not None
 
-    def dead_letter(self, change: MembershipChange, reason: FailureReason, message: str) -> int:
-        """Record the change's assignments as failed without sending anything; return how many.
+    def dead_letter(
+        self,
+        change: MembershipChange,
+        reason: FailureReason,
+        message: str,
+        history: Mapping[str, Assignment] | None = None,
+        mirrored_at: float = 0.0,
+    ) -> DeadLetterResult:
+        """Record the change's pairs as failed without sending anything.
 
-        For an event that can never succeed (its contact id fails the id rule, say) that a
-        source acknowledges anyway, so that its CRM stops retrying it: the dead letter keeps
-        what was asked, and why it was not done. Adds and a mirror's list become failed adds,
-        removals failed removals. A pair with live work is left alone: that work is newer
-        evidence than an event nobody can act on.
+        For an event that can never succeed (its contact id fails the id rule, a segment value
+        is no CXone id) that a source acknowledges anyway, so that its CRM stops retrying it:
+        the dead letter keeps what was asked, and why it was not done. Adds and a mirror's list
+        become failed adds, removals failed removals. Nothing is ever sent for them, and a
+        replay skips them: they were invalid when they arrived (`Assignment.dead_on_arrival`).
+
+        Ordering holds as for any change: one older than what the pair had (`history`, the
+        contact's journaled assignments by segment, or the mirror at `mirrored_at`) is stale.
+        And a dead letter never replaces a pair's own state: work in progress, or a state
+        reached for a change segmapd acted on, stays (an `active` membership stays tracked, so
+        that a later removal or clear still removes it). Only a pair with nothing yet, or with
+        an earlier dead letter, takes it.
         """
         now = self._wall()
+        version = change.occurred_at or now
         wanted: dict[str, Intent] = {}
         for segment_id in (*change.add, *(change.mirror or ())):
             wanted.setdefault(storable(segment_id), Intent.ADD)
         for segment_id in change.remove:
             wanted.setdefault(storable(segment_id), Intent.REMOVE)
         contact_id = storable(change.contact_id)
-        recorded = 0
+        past_of = history or {}
+        recorded = stale = kept = 0
         for segment_id, intent in wanted.items():
-            if (contact_id, segment_id) in self._live:
+            key = (contact_id, segment_id)
+            current = self._current(key)
+            past = past_of.get(segment_id)
+            if self._stale(key, intent, version, now, current, past, mirrored_at):
+                stale += 1
+                continue
+            if current is not None or (past is not None and not past.dead_on_arrival):
+                kept += 1
                 continue
             if not self._ownership.owns(segment_id):
+                # Its owner compares it again with what it holds.
                 self._ownership.forward(
                     ForwardedChange(
                         contact_id,
                         segment_id,
                         intent,
-                        change.occurred_at or now,
+                        version,
                         now,
                         reason=reason,
                         message=storable(message),
@@ -548,7 +600,7 @@ class Engine:
                 received_at=now,
                 updated_at=now,
                 intent=intent,
-                occurred_at=change.occurred_at or now,
+                occurred_at=version,
             )
             self._store.record(assignment)
             # Born failed: reported as entering `failed` from nowhere (a terminal previous state
@@ -556,18 +608,25 @@ class Engine:
             self._observer.transitioned(assignment, State.FAILED)
             self._observer.finished(assignment)
             recorded += 1
-        return recorded
+        return DeadLetterResult(recorded, stale, kept)
 
     def tracked(self, contact_id: str, history: Mapping[str, Assignment]) -> list[str]:
-        """Segments whose newest change for the contact is an add (what a mirror compares with).
+        """Segments the contact may be in because of segmapd: what a mirror compares with.
 
-        These are the memberships segmapd made or is making; `history` holds the journaled ones.
+        A membership segmapd made stays tracked until CXone confirms it removed: a pair whose
+        newest change is an add (in progress, or done), and one whose add or removal failed
+        where CXone may hold the membership all the same (`Assignment.may_hold_membership`).
+        Not tracked: a confirmed removal, a removal in progress, an add CXone refused (the
+        contact or segment unknown to it) and a dead letter of an event nobody could act on.
+        `history` holds the journaled pairs.
         """
         found = []
         for segment_id, past in history.items():
             current = self._current((contact_id, segment_id))
-            intent = current.intent if current is not None else past.intent
-            if intent is Intent.ADD and not (current is None and past.state is State.FAILED):
+            if current is not None:
+                if current.intent is Intent.ADD:
+                    found.append(segment_id)
+            elif past.may_hold_membership:
                 found.append(segment_id)
         return found
 
@@ -584,13 +643,8 @@ class Engine:
         key = (contact_id, segment_id)
         version = occurred_at or now
         current = self._current(key)
-        newest = current.version if current is not None else (past.version if past else None)
-        if mirrored_at and (newest is None or mirrored_at > newest):
-            newest = mirrored_at
-        if newest is not None and version < newest:
-            self._store.record_stale(contact_id, segment_id, str(intent), version, now)
-            self._observer.stale_change(contact_id, segment_id, intent)
-            return SubmitResult(stale=1)
+        if self._stale(key, intent, version, now, current, past, mirrored_at):
+            return SubmitResult(stale=1, stale_segments=(segment_id,))
         if not self._ownership.owns(segment_id):
             # Its owner coalesces it with the segment's other work and compares it again with
             # what it holds (newer than the journal this process read).
@@ -623,6 +677,31 @@ class Engine:
             return SubmitResult(cached=1)
         self._queue_new(contact_id, segment_id, intent, occurred_at, now)
         return SubmitResult(queued=1)
+
+    def _stale(  # noqa: PLR0917 (the pair's whole standing, from its two callers)
+        self,
+        key: AssignmentKey,
+        intent: Intent,
+        version: float,
+        now: float,
+        current: _Current | None,
+        past: Assignment | None,
+        mirrored_at: float,
+    ) -> bool:
+        """Whether a change at `version` is older than what the pair has; journaled if so.
+
+        What the pair has: its change in progress (`current`), else its journaled state
+        (`past`), and in any case the contact's newest mirror (`mirrored_at`), which said the
+        contact is in no segment it did not list.
+        """
+        newest = current.version if current is not None else (past.version if past else None)
+        if mirrored_at and (newest is None or mirrored_at > newest):
+            newest = mirrored_at
+        if newest is None or version >= newest:
+            return False
+        self._store.record_stale(key[0], key[1], str(intent), version, now)
+        self._observer.stale_change(key[0], key[1], intent)
+        return True
 
     def _queue_new(
         self, contact_id: str, segment_id: str, intent: Intent, occurred_at: float, now: float
@@ -984,6 +1063,8 @@ class Engine:
                     ),
                     change.reason,
                     change.message,
+                    past,
+                    mirrored_at,
                 )
                 continue
             result += self._change_pair(
@@ -1119,23 +1200,51 @@ class Engine:
 
     def mark_written(self, lane: Lane, contact_ids: list[str]) -> None:
         """CXone holds these writes: memberships added or removed (maybe not yet indexed)."""
-        written = []
-        for assignment in self._assignments(lane, contact_ids):
-            self._move(assignment, State.WRITTEN)
-            successor = self._successors.pop(assignment.key, None)
-            if successor is not None:
-                # Written, but a newer change of the other intent came meanwhile: that one
-                # follows now, in the same slot, instead of confirming this one.
-                self._observer.superseded(assignment, successor.intent)
-                self._restart(assignment, successor, hold_slot=True)
-                continue
-            self._release_contact(assignment.contact_id)
-            written.append(assignment)
+        written = self._leave_write_path(lane, contact_ids, State.WRITTEN)
         if self._verifier is not None:
             self._verifier.watch(written)
         else:
             for assignment in written:
                 self._finish(assignment)
+
+    def mark_uncertain(self, lane: Lane, contact_ids: list[str], message: str) -> None:
+        """The last attempt's outcome is unknown (5xx, timeout, reset): reads settle it.
+
+        CXone may have applied the write before failing to answer. The pairs leave the write
+        path as `verifying` (with `message` saying why) and go to validation, which confirms
+        them if CXone shows the change, and otherwise fails them `retries_exhausted` with
+        `message` once a window of reads did not (`Verifier.settle`). Without a verifier they
+        fail at once, as nothing could settle them.
+        """
+        if self._verifier is None:
+            self.mark_failed(lane, contact_ids, FailureReason.RETRIES_EXHAUSTED, message)
+            return
+        unsettled = self._leave_write_path(
+            lane, contact_ids, State.VERIFYING, message=f"settling by reads: {message}"
+        )
+        self._verifier.settle(unsettled, message)
+
+    def _leave_write_path(
+        self, lane: Lane, contact_ids: list[str], state: State, *, message: str = ""
+    ) -> list[Assignment]:
+        """Move the pairs whose write has an outcome to `state`; those that go on to validation.
+
+        A pair whose newer change of the other intent waited for this outcome starts over as
+        that change instead, in the same slot; the others free their contact's slot.
+        """
+        leaving = []
+        for assignment in self._assignments(lane, contact_ids):
+            self._move(assignment, state, message=message)
+            successor = self._successors.pop(assignment.key, None)
+            if successor is not None:
+                # A newer change of the other intent came meanwhile: that one follows now,
+                # in the same slot, instead of confirming this one.
+                self._observer.superseded(assignment, successor.intent)
+                self._restart(assignment, successor, hold_slot=True)
+                continue
+            self._release_contact(assignment.contact_id)
+            leaving.append(assignment)
+        return leaving
 
     def mark_failed(
         self, lane: Lane, contact_ids: list[str], reason: FailureReason, message: str

@@ -20,6 +20,7 @@ from functools import partial
 from typing import Any, Protocol
 
 from scheduler.idempotency import new_batch_key, new_single_key
+from scheduler.logthrottle import ThrottledLog
 from scheduler.model import FailureReason, Intent, Lane
 from scheduler.observer import EngineObserver
 from scheduler.retry import RetryPolicy
@@ -31,6 +32,7 @@ from scheduler.upstream import (
     LocalResourceError,
     RateLimited,
     SegmentNotFound,
+    TransientError,
     UpstreamError,
     outcome_of,
     seconds_since,
@@ -76,6 +78,13 @@ class Ledger(Protocol):
         self, lane: Lane, contact_ids: list[str], reason: FailureReason, message: str
     ) -> None:
         """The ids cannot be written."""
+        ...
+
+    def mark_uncertain(self, lane: Lane, contact_ids: list[str], message: str) -> None:
+        """The last attempt's outcome is unknown (5xx, timeout, reset): reads settle it.
+
+        `message` is the failure to record if reads do not show the change.
+        """
         ...
 
     def attempts(self, lane: Lane, contact_id: str) -> int:
@@ -140,6 +149,8 @@ class BatchSender:
         self._rng = rng
         self._observer = observer
         self._sleep = sleep
+        # CXone's per-item refusals come from the CRM's data: warned about, at a bounded rate.
+        self._dead_letters = ThrottledLog(log)
 
     def new_batch(self, lane: Lane, contact_ids: list[str]) -> BatchRecord:
         """A batch for ids never sent together before: a fresh idempotency key."""
@@ -220,6 +231,13 @@ class BatchSender:
                 continue
             except SegmentNotFound as exc:
                 self._observer.upstream_outcome("bulk", "permanent", seconds_since(started))
+                self._dead_letters.warning(
+                    str(FailureReason.SEGMENT_NOT_FOUND),
+                    "segment %s: %d ids dead-lettered (segment_not_found): %s",
+                    segment_id,
+                    len(ids),
+                    exc,
+                )
                 self._ledger.mark_failed(lane, ids, FailureReason.SEGMENT_NOT_FOUND, str(exc))
                 return
             except UpstreamError as exc:
@@ -324,6 +342,16 @@ class BatchSender:
         if written:
             self._ledger.mark_written(lane, written)
         for reason, contact_ids in permanent.items():
+            self._dead_letters.warning(
+                str(reason),
+                "segment %s: %d %s dead-lettered (%s), e.g. contact %r: %s",
+                segment_id,
+                len(contact_ids),
+                "removals" if intent is Intent.REMOVE else "adds",
+                reason,
+                contact_ids[0],
+                messages[reason],
+            )
             self._ledger.mark_failed(lane, contact_ids, reason, messages[reason])
         if retry:
             self._retry_items(lane, retry)
@@ -386,6 +414,20 @@ class BatchSender:
                 return
             except UpstreamError as exc:
                 self._observer.upstream_outcome("single", outcome_of(exc), seconds_since(started))
+                message = f"bulk: {last_error}; single write: {exc}"
+                if isinstance(exc, TransientError):
+                    # A 5xx, timeout or reset: CXone may have applied it before failing to
+                    # answer. Reads settle it: shown, it is confirmed like any write; not shown
+                    # within a window of reads, it fails as exhausted.
+                    log.error(
+                        "single write of contact %s to segment %s failed: %s; the outcome is "
+                        "unknown, reading the membership to settle it",
+                        contact_id,
+                        segment_id,
+                        exc,
+                    )
+                    self._ledger.mark_uncertain(lane, [contact_id], message)
+                    return
                 log.error(
                     "single write of contact %s to segment %s failed: %s; dead-lettered",
                     contact_id,
@@ -393,10 +435,7 @@ class BatchSender:
                     exc,
                 )
                 self._ledger.mark_failed(
-                    lane,
-                    [contact_id],
-                    FailureReason.RETRIES_EXHAUSTED,
-                    f"bulk: {last_error}; single write: {exc}",
+                    lane, [contact_id], FailureReason.RETRIES_EXHAUSTED, message
                 )
                 return
             self._observer.upstream_outcome("single", "ok", seconds_since(started))

@@ -40,8 +40,9 @@ WRITE_PENDING_STATES = frozenset({State.QUEUED, State.SENDING, State.RETRYING})
 # verifying one by leaving validation, one being sent once its request has an outcome).
 ALLOWED_TRANSITIONS: dict[State, frozenset[State]] = {
     State.QUEUED: frozenset({State.SENDING, State.FAILED, State.QUEUED}),
+    # Sending -> verifying: the last write's outcome is unknown, and reads settle it.
     State.SENDING: frozenset(
-        {State.WRITTEN, State.RETRYING, State.SENDING, State.FAILED, State.QUEUED}
+        {State.WRITTEN, State.RETRYING, State.SENDING, State.VERIFYING, State.FAILED, State.QUEUED}
     ),
     State.RETRYING: frozenset({State.SENDING, State.FAILED, State.QUEUED}),
     State.WRITTEN: frozenset(
@@ -64,6 +65,12 @@ class FailureReason(enum.StrEnum):
     SEGMENT_NOT_FOUND = "segment_not_found"
     RETRIES_EXHAUSTED = "retries_exhausted"
     NOT_INDEXED = "not_indexed"
+
+
+# Failures after which CXone may hold the membership all the same: the last write's outcome
+# was unknown (retries exhausted on 5xx, timeouts, resets), or a write CXone accepted never
+# showed. A membership is tracked through them until a removal is confirmed.
+UNCERTAIN_FAILURES = frozenset({FailureReason.RETRIES_EXHAUSTED, FailureReason.NOT_INDEXED})
 
 
 class InvalidTransition(RuntimeError):
@@ -114,6 +121,26 @@ class Assignment:
     def terminal(self) -> bool:
         """Whether the assignment has ended (active or failed)."""
         return self.state in TERMINAL_STATES
+
+    @property
+    def dead_on_arrival(self) -> bool:
+        """A dead letter of an event nobody could act on: failed before any attempt.
+
+        Its values were invalid when they arrived (a contact id or segment value that is no
+        CXone id, an option missing from a mapping): a replay would send them as they are.
+        """
+        return self.state is State.FAILED and self.attempts == 0
+
+    @property
+    def may_hold_membership(self) -> bool:
+        """Whether CXone may hold this pair's membership because of segmapd (see `tracked`).
+
+        An add that is not a failure CXone answered for certain, and an add or a removal whose
+        failure left the outcome open (`UNCERTAIN_FAILURES`).
+        """
+        if self.state is State.FAILED:
+            return self.attempts > 0 and self.reason in UNCERTAIN_FAILURES
+        return self.intent is Intent.ADD and self.state is not State.REMOVED
 
     def transition(
         self,

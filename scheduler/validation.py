@@ -16,10 +16,11 @@ never on wall time alone, and a long read queue is never a failure.
   least `window_s` after its write (or after the segment's last refresh) still did not show
   it. CXone allows one refresh per segment per `refresh_min_interval_s`; the budget is spent
   and committed before the refresh is sent. While a refresh is scheduled (budget spent), the
-  pairs that called for it wait without reads; every other pair of the segment goes on being
-  read. A refresh whose answer was lost (timeout, reset, 5xx) may have been applied: its pairs
-  are read again first, and only if they still do not show is the refresh tried again — so a
-  lost answer costs a read, not a 429.
+  pairs that called for it are read seldom, at widening intervals (at most `PARKED_READ_MAX_S`
+  apart), so that a late index is seen and their deadline holds; every other pair of the
+  segment goes on being read as usual. A refresh whose answer was lost (timeout, reset,
+  5xx) may have been applied: its pairs are read again first, and only if they still do not
+  show is the refresh tried again — so a lost answer costs a read, not a 429.
 - **Fail only on evidence.** A pair fails `not_indexed` only when a read sent at least
   `deadline_s` after the write did not show it, after at least `MIN_READS_TO_FAIL` such reads
   and a read after a successful refresh of its segment (or after refreshes kept failing).
@@ -63,6 +64,8 @@ log = logging.getLogger(__name__)
 MIN_READS_TO_FAIL = 3
 #: CXone shows a refreshed segment's pending writes within 1 s; read a little after that.
 REFRESH_SETTLE_S = 1.2
+#: A pair waiting for a refresh whose budget is spent is read at most this far apart.
+PARKED_READ_MAX_S = 240.0
 #: Consecutive failed refresh attempts after which a pair past its deadline may fail anyway.
 REFRESH_ATTEMPTS_BEFORE_GIVING_UP = 3
 
@@ -117,8 +120,12 @@ class PairProgress:
 class _Stage(enum.Enum):
     QUEUED = "queued"  # in the read queue
     READING = "reading"  # the gate let its read through; the answer is awaited
-    AWAITING_REFRESH = "awaiting_refresh"  # not read until its segment's refresh
+    AWAITING_REFRESH = "awaiting_refresh"  # read seldom until its segment's refresh
     IDLE = "idle"  # between stop() and start()
+
+
+# Stages whose queue entry is live: due reads are sent.
+_READABLE = frozenset({_Stage.QUEUED, _Stage.AWAITING_REFRESH})
 
 
 @dataclass(slots=True)
@@ -133,6 +140,10 @@ class _Pair:
     first_read_sent: float | None = None  # monotonic send time of the first of those
     last_read_sent: float = float("-inf")  # when the gate last let a read of it through
     read_after_refresh: bool = False  # one of those reads came after a refresh had settled
+    parked_reads: int = 0  # reads while waiting for a refresh (their spacing widens)
+    # Set for a pair whose last write's outcome was unknown: the failure it ends with if a
+    # window of reads does not show it (no refresh is spent on it).
+    unsettled: str | None = None
 
 
 #: A queued read: (due time, ticket, pair, its segment's watch).
@@ -147,6 +158,7 @@ class _SegmentWatch:
     refreshed_at: float | None = None  # monotonic time of the latest successful refresh answer
     refreshes: int = 0  # successful refreshes while this watch lived
     refresh_failures: int = 0  # consecutive failed refresh attempts
+    waiting_for_budget: bool = False  # its refresh waits for the hour's budget
 
 
 class MembershipPoller:
@@ -228,9 +240,23 @@ class MembershipPoller:
         """Start validating written assignments."""
         if not assignments:
             return
+        self._sink.verifying(assignments)
+        self._watch(assignments, None)
+
+    def settle(self, assignments: list[Assignment], message: str) -> None:
+        """Read pairs whose last write's outcome is unknown until CXone shows them.
+
+        They are read like written pairs, at widening intervals, for one `window_s` after the
+        write (no refresh is spent on them: the write most likely did not land). Shown, they
+        are confirmed; not shown by then, in at least `MIN_READS_TO_FAIL` reads, they fail
+        `retries_exhausted` with `message`.
+        """
+        if assignments:
+            self._watch(assignments, message)
+
+    def _watch(self, assignments: list[Assignment], unsettled: str | None) -> None:
         now = self._clock()
         wall_now = self._wall()
-        self._sink.verifying(assignments)
         for assignment in assignments:
             # The deadline runs from the write, also for assignments recovered after a restart.
             written = now - max(0.0, wall_now - _written_wall(assignment))
@@ -241,7 +267,7 @@ class MembershipPoller:
             window_start = written
             if watch.refreshed_at is not None:
                 window_start = max(written, watch.refreshed_at)
-            pair = _Pair(assignment, written, window_start)
+            pair = _Pair(assignment, written, window_start, unsettled=unsettled)
             if replaced is not None:
                 # Written again: the old pair's queue entry and any read in flight go stale,
                 # and the new one keeps the old one's spacing from its last read.
@@ -282,7 +308,7 @@ class MembershipPoller:
         return PairProgress(
             reads=pair.reads,
             last_read_at=last,
-            next_read_at=pair.due + to_wall if pair.stage is _Stage.QUEUED else None,
+            next_read_at=pair.due + to_wall if pair.stage in _READABLE else None,
             awaiting_refresh=pair.stage is _Stage.AWAITING_REFRESH,
         )
 
@@ -358,7 +384,8 @@ class MembershipPoller:
         while queue:
             entry = queue[0]
             pair = entry[2]
-            if pair.stage is _Stage.QUEUED and pair.ticket == entry[1]:
+            # A pair waiting for its segment's refresh is read now and then too (`_park`).
+            if pair.ticket == entry[1] and pair.stage in _READABLE:
                 return entry
             heapq.heappop(queue)  # confirmed, failed or queued again meanwhile
         return None
@@ -470,6 +497,14 @@ class MembershipPoller:
         pair.reads += 1
         if pair.first_read_sent is None:
             pair.first_read_sent = sent
+        if pair.unsettled is not None:
+            age = sent - pair.written_at
+            if age >= policy.window_s and pair.reads >= MIN_READS_TO_FAIL:
+                self._give_up_unsettled(watch, pair, sent)
+            else:
+                # Widening: most such writes did not land, and reads are the scarce budget.
+                self._again(pair, watch, sent + max(policy.interval_s, age))
+            return
         if watch.refreshed_at is not None and sent >= watch.refreshed_at + REFRESH_SETTLE_S:
             pair.read_after_refresh = pair.read_after_refresh or (
                 watch.refreshed_at > pair.written_at
@@ -479,20 +514,40 @@ class MembershipPoller:
             return
         if sent - pair.window_start >= policy.window_s:
             # Read after it had a whole window to show, and still missing: needs a refresh.
-            self._set_stage(pair, _Stage.AWAITING_REFRESH)
+            self._park(pair, watch, sent)
             self._request_refresh(watch)
             return
         self._again(pair, watch, sent + policy.interval_s)
+
+    def _park(self, pair: _Pair, watch: _SegmentWatch, sent: float) -> None:
+        """Let the pair wait for its segment's refresh, read now and then meanwhile.
+
+        A refresh comes within seconds when the segment's budget allows one, and releases the
+        pair for a read at once. When the budget is spent, the next refresh may be an hour
+        away: the pair is still read, at widening intervals capped at `PARKED_READ_MAX_S`, so
+        that a late index is seen and the deadline holds whatever that refresh's time.
+        """
+        pair.parked_reads += 1
+        gap = min(PARKED_READ_MAX_S, self.policy.interval_s * 2.0 ** (pair.parked_reads + 1))
+        pair.ticket = next(self._tickets)
+        pair.due = sent + gap
+        self._set_stage(pair, _Stage.AWAITING_REFRESH)
+        heapq.heappush(self._queue, (pair.due, pair.ticket, pair, watch))
+        self._queue_changed.set()
 
     def _may_fail(self, pair: _Pair, watch: _SegmentWatch) -> bool:
         if pair.reads < MIN_READS_TO_FAIL:
             return False
         if pair.read_after_refresh:
             return True
-        # No refresh shown to it: fail only if refreshes keep failing or cannot come in time.
-        return (
-            watch.refresh_failures >= REFRESH_ATTEMPTS_BEFORE_GIVING_UP
-            or self.policy.refresh_min_interval_s > self.policy.deadline_s
+        if watch.refresh_failures >= REFRESH_ATTEMPTS_BEFORE_GIVING_UP:
+            return True
+        # No refresh shown to it: fail only if none can come in time, which is never the case
+        # while one is on its way out (it waits for no budget, only to be sent).
+        task = watch.refresh_task
+        sending = task is not None and not task.done() and not watch.waiting_for_budget
+        return not sending and (
+            watch.waiting_for_budget or self.policy.refresh_min_interval_s > self.policy.deadline_s
         )
 
     # ---- refreshes ---------------------------------------------------------------------------
@@ -528,7 +583,11 @@ class MembershipPoller:
                         allowed - wall_now,
                         sum(p.stage is _Stage.AWAITING_REFRESH for p in watch.pairs.values()),
                     )
-                    await asyncio.sleep(allowed - wall_now)
+                    watch.waiting_for_budget = True
+                    try:
+                        await asyncio.sleep(allowed - wall_now)
+                    finally:
+                        watch.waiting_for_budget = False
                     continue
                 if await self._send_refresh(watch):
                     return
@@ -620,6 +679,7 @@ class MembershipPoller:
             if pair.stage is _Stage.AWAITING_REFRESH:
                 if new_window:
                     pair.window_start = self._clock()
+                pair.parked_reads = 0
                 self._enqueue(pair, watch, due)
 
     # ---- giving up ---------------------------------------------------------------------------
@@ -642,15 +702,31 @@ class MembershipPoller:
             f"{age:.0f} s after the write, {refreshed}; possible causes: a dynamic segment "
             f"(it accepts direct writes and ignores them), or {other}"
         )
+        self._fail_pair(watch, pair, FailureReason.NOT_INDEXED, message)
+
+    def _give_up_unsettled(self, watch: _SegmentWatch, pair: _Pair, sent: float) -> None:
+        assert pair.unsettled is not None
+        seen = "the membership" if pair.assignment.intent is Intent.ADD else "the removal"
+        first = (pair.first_read_sent or sent) - pair.written_at
+        message = (
+            f"{pair.unsettled}; the outcome was unknown, and CXone did not show {seen} in "
+            f"{pair.reads} reads from {first:.0f} s to {sent - pair.written_at:.0f} s after it"
+        )
+        self._fail_pair(watch, pair, FailureReason.RETRIES_EXHAUSTED, message)
+
+    def _fail_pair(
+        self, watch: _SegmentWatch, pair: _Pair, reason: FailureReason, message: str
+    ) -> None:
         log.warning(
-            "segment %s: %s of %s not indexed: %s",
+            "segment %s: %s of %s failed (%s): %s",
             watch.segment_id,
             pair.assignment.intent,
             pair.assignment.contact_id,
+            reason,
             message,
         )
         self._forget(watch, pair)
-        self._sink.fail([pair.assignment], FailureReason.NOT_INDEXED, message)
+        self._sink.fail([pair.assignment], reason, message)
 
     def _fail_segment(self, watch: _SegmentWatch, reason: FailureReason, message: str) -> None:
         pairs = list(watch.pairs.values())

@@ -1,0 +1,349 @@
+"""Corners where segmapd's status or CXone's state could end up wrong, through the real daemon.
+
+Each test drives a real segmapd process, its SQLite journal and the emulator process, and
+checks what segmapd reports against what CXone (the emulator) holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from typing import Any
+
+import aiohttp
+
+from tests.e2e.conftest import Daemon, StartDaemon
+from tests.e2e.test_crm_sources import (
+    contact_fields,
+    hubspot_event,
+    post_hubspot,
+    post_salesforce,
+    salesforce_message,
+    start,
+)
+from tests.support.emulator import EmulatorControl
+
+
+async def mapping(
+    http: aiohttp.ClientSession, daemon: Daemon, events: Any, query: str = ""
+) -> tuple[int, Any]:
+    async with http.post(
+        f"{daemon.url}/v1/mappings{query}", json=events, headers=daemon.admin
+    ) as response:
+        return response.status, await response.json()
+
+
+async def pair_states(http: aiohttp.ClientSession, daemon: Daemon, contact: str) -> dict[str, Any]:
+    status, body = await daemon.contact(http, contact)
+    assert status == 200, body
+    return {s["segmentId"]: s for s in body["segments"]}
+
+
+async def member(emulator: EmulatorControl, segment_id: str, contact: str) -> bool:
+    return any(m["contactId"] == contact for m in await emulator.members(segment_id))
+
+
+async def dead_letters(http: aiohttp.ClientSession, daemon: Daemon) -> list[dict[str, Any]]:
+    async with http.get(
+        f"{daemon.url}/v1/dead-letters?limit=100000", headers=daemon.admin
+    ) as response:
+        assert response.status == 200
+        return list((await response.json())["deadLetters"])
+
+
+async def replay(http: aiohttp.ClientSession, daemon: Daemon) -> tuple[int, Any]:
+    async with http.post(
+        f"{daemon.url}/v1/dead-letters/replay", json={}, headers=daemon.admin
+    ) as response:
+        return response.status, await response.json()
+
+
+async def eventually(check: Any, timeout_s: float, what: str) -> Any:
+    """Poll `check()` until it returns something true; fail naming `what` otherwise."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{what} did not happen within {timeout_s} s (last: {last})")
+
+
+# ---- an invalid value never takes a membership's place ------------------------------------
+
+
+async def test_a_hubspot_bad_value_never_replaces_nor_orphans_a_membership_segmapd_made(
+    start_daemon: StartDaemon, emulator: EmulatorControl, http: aiohttp.ClientSession
+):
+    daemon = await start(start_daemon)
+    contact = 500
+    now_ms = int(time.time() * 1000)
+    status, _ = await post_hubspot(http, daemon, [hubspot_event(contact, "VIP", now_ms - 60_000)])
+    assert status == 200
+    await daemon.wait_states(http, str(contact), {"active"}, 30)
+
+    # Ten minutes older than what VIP has: stale, whatever else it carries.
+    older = hubspot_event(contact, "VIP;bad value", now_ms - 600_000)
+    status, answer = await post_hubspot(http, daemon, [older])
+    assert status == 200
+    # Both pairs: VIP's, and the bad value's, older than the mirror that VIP came with.
+    assert answer["stale"] == 2, answer
+    # Newer: VIP is confirmed as it was, and only the bad value is dead-lettered.
+    status, _ = await post_hubspot(
+        http, daemon, [hubspot_event(contact, "VIP;bad value", now_ms - 30_000)]
+    )
+    assert status == 200
+    states = await pair_states(http, daemon, str(contact))
+    assert states["VIP"]["state"] == "active", states
+    assert states["bad value"]["state"] == "failed"
+    assert await member(emulator, "VIP", str(contact))
+
+    # The contact is deleted in HubSpot: the membership segmapd made goes.
+    deletion = {**hubspot_event(contact, None, now_ms), "subscriptionType": "contact.deletion"}
+    del deletion["propertyName"], deletion["propertyValue"]
+    status, answer = await post_hubspot(http, daemon, [deletion])
+    assert status == 200
+    assert answer["accepted"] >= 1, answer
+    views = await daemon.wait_states(http, str(contact), {"removed", "failed"}, 30)
+    assert views["VIP"]["state"] == "removed"
+    assert not await member(emulator, "VIP", str(contact))
+
+    # A replay never sends what was invalid when it arrived.
+    bulk_before = (await emulator.counters())["bulk_ids"]["ids"]
+    status, answer = await replay(http, daemon)
+    assert (status, answer) == (202, {"replayed": 0, "skipped": 1})
+    await asyncio.sleep(1.0)  # a replayed add would be written within a linger
+    assert (await emulator.counters())["bulk_ids"]["ids"] == bulk_before
+    assert (await pair_states(http, daemon, str(contact)))["VIP"]["state"] == "removed"
+
+
+async def test_a_salesforce_bad_picklist_value_then_an_empty_picklist_removes_the_membership(
+    start_daemon: StartDaemon, emulator: EmulatorControl, http: aiohttp.ClientSession
+):
+    daemon = await start(start_daemon)
+    contact = "003000000000501"
+    status, _ = await post_salesforce(
+        http, daemon, salesforce_message([("04l000000000001", contact_fields(contact, "VIP"))])
+    )
+    assert status == 200
+    await daemon.wait_states(http, contact, {"active"}, 30)
+    status, _ = await post_salesforce(
+        http,
+        daemon,
+        salesforce_message([("04l000000000002", contact_fields(contact, "VIP;Bad Value"))]),
+    )
+    assert status == 200
+    states = await pair_states(http, daemon, contact)
+    assert states["VIP"]["state"] == "active"
+    status, _ = await post_salesforce(
+        http, daemon, salesforce_message([("04l000000000003", contact_fields(contact, None))])
+    )
+    assert status == 200
+    views = await daemon.wait_states(http, contact, {"removed", "failed"}, 30)
+    assert views["VIP"]["state"] == "removed"
+    assert not await member(emulator, "VIP", contact)
+
+
+# ---- the events of one delivery apply in their order -----------------------------------------
+
+
+async def test_the_events_of_one_delivery_apply_in_their_order(
+    start_daemon: StartDaemon, emulator: EmulatorControl, http: aiohttp.ClientSession
+):
+    daemon = await start_daemon()
+    later_ms = int(time.time() * 1000) + 60_000
+    cases = {
+        "OX6": [{"contactId": "OX6", "add": ["B"]}, {"contactId": "OX6", "set": ["A"]}],
+        "OX7": [
+            {"contactId": "OX7", "add": ["B"]},
+            {"contactId": "OX7", "set": ["A"], "occurredAt": later_ms},
+        ],
+    }
+    for contact, events in cases.items():
+        status, answer = await mapping(http, daemon, events, "?wait=30")
+        assert status == 200 and answer["complete"], answer
+        states = await pair_states(http, daemon, contact)
+        assert {s: (v["intent"], v["state"]) for s, v in states.items()} == {
+            "A": ("add", "active"),
+            "B": ("remove", "removed"),
+        }, contact
+        assert not await member(emulator, "B", contact)
+    # The same through a signed webhook of a standard source.
+    status, _ = await daemon.webhook(
+        http, [{"contactId": "OX8", "add": ["B"]}, {"contactId": "OX8", "set": ["A"]}]
+    )
+    assert status == 202
+    views = await daemon.wait_states(http, "OX8", {"active", "removed"}, 30)
+    assert {s: v["state"] for s, v in views.items()} == {"A": "active", "B": "removed"}
+
+
+# ---- a wait that can never complete says so --------------------------------------------------
+
+
+async def test_a_wait_on_a_stale_change_reports_it_and_completes(
+    start_daemon: StartDaemon, http: aiohttp.ClientSession
+):
+    daemon = await start_daemon()
+    now_ms = int(time.time() * 1000)
+    status, answer = await mapping(
+        http, daemon, {"contactId": "ST1", "add": ["VIP"], "occurredAt": now_ms}, "?wait=30"
+    )
+    assert status == 200 and answer["complete"]
+    status, answer = await mapping(
+        http,
+        daemon,
+        {"contactId": "ST1", "remove": ["VIP"], "occurredAt": now_ms - 10_000},
+        "?wait=30",
+    )
+    assert status == 200, answer
+    assert answer["complete"] is True
+    assert answer["stale"] == 1
+    assert answer["results"] == [{"contactId": "ST1", "segments": [], "stale": ["VIP"]}]
+
+
+async def test_wait_takes_ascii_decimal_seconds_only(
+    start_daemon: StartDaemon, http: aiohttp.ClientSession
+):
+    daemon = await start_daemon()
+    for text in ("1_0", "\u0661\u0660", "inf", "nan", "1e1", "-1", " 1"):
+        async with http.post(
+            f"{daemon.url}/v1/mappings",
+            params={"wait": text},
+            json={"contactId": "W1", "add": ["VIP"]},
+            headers=daemon.admin,
+        ) as response:
+            body = await response.json()
+            assert response.status == 400, (text, body)
+            assert body["field"] == "wait"
+    status, answer = await mapping(http, daemon, {"contactId": "W1", "add": ["VIP"]}, "?wait=0.5")
+    assert status in (200, 202), answer
+
+
+# ---- an uncertain write is settled by a read -------------------------------------------------
+
+
+async def test_a_last_write_applied_then_answered_5xx_ends_active_not_failed(
+    start_daemon: StartDaemon, emulator: EmulatorControl, http: aiohttp.ClientSession
+):
+    # Every bulk write fails before it is applied; every single write is applied, then answers
+    # a 5xx: the last attempt's outcome is unknown, and only a read can tell.
+    await emulator.configure(
+        {
+            "faults": {
+                "bulk": {"error_rate": 1.0, "after_apply_fraction": 0.0},
+                "single": {"error_rate": 1.0, "after_apply_fraction": 1.0},
+            }
+        }
+    )
+    daemon = await start_daemon(retry={"attempts": 2, "initial_s": 0.1, "max_s": 0.2})
+    status, answer = await mapping(http, daemon, {"contactId": "UN1", "add": ["VIP"]}, "?wait=60")
+    assert status == 200 and answer["complete"], answer
+    [result] = answer["results"]
+    assert [(s["segmentId"], s["state"]) for s in result["segments"]] == [("VIP", "active")]
+    assert await member(emulator, "VIP", "UN1")
+
+
+async def test_a_last_write_that_did_not_land_fails_after_reads_did_not_show_it(
+    start_daemon: StartDaemon, emulator: EmulatorControl, http: aiohttp.ClientSession
+):
+    await emulator.configure(
+        {
+            "faults": {
+                "bulk": {"error_rate": 1.0, "after_apply_fraction": 0.0},
+                "single": {"error_rate": 1.0, "after_apply_fraction": 0.0},
+            }
+        }
+    )
+    daemon = await start_daemon(retry={"attempts": 2, "initial_s": 0.1, "max_s": 0.2})
+    status, answer = await mapping(http, daemon, {"contactId": "UN2", "add": ["VIP"]}, "?wait=60")
+    assert status == 200 and answer["complete"], answer
+    [result] = answer["results"]
+    [segment] = result["segments"]
+    assert (segment["state"], segment["reason"]) == ("failed", "retries_exhausted")
+    assert "reads" in segment["message"], segment
+    assert not await member(emulator, "VIP", "UN2")
+    reads = (await emulator.counters())["requests"]["read"]
+    assert sum(reads.values()) >= 3
+
+
+# ---- admin writes commit before they answer -------------------------------------------------
+
+
+async def test_a_dead_letter_replay_survives_a_sigkill_right_after_its_answer(
+    start_daemon: StartDaemon, emulator: EmulatorControl, http: aiohttp.ClientSession
+):
+    contacts = [f"RP{i:05d}" for i in range(3000)]
+    await emulator.set_missing_contacts(contacts)
+    daemon = await start_daemon(batching={"linger_ms": 50})
+    for start_at in range(0, len(contacts), 500):
+        chunk = contacts[start_at : start_at + 500]
+        status, _ = await mapping(http, daemon, [{"contactId": c, "add": ["VIP"]} for c in chunk])
+        assert status == 202
+
+    async def all_dead() -> bool:
+        return len(await dead_letters(http, daemon)) == len(contacts)
+
+    await eventually(all_dead, 60, "3000 dead letters")
+    # CXone knows the contacts now, but the writes must wait: a replay is only queued work.
+    await emulator.set_missing_contacts([])
+    await emulator.configure({"faults": {"bulk": {"error_rate": 1.0, "after_apply_fraction": 0}}})
+    status, answer = await replay(http, daemon)
+    daemon.process.signal(signal.SIGKILL)
+    assert (status, answer) == (202, {"replayed": len(contacts), "skipped": 0})
+    daemon.process.wait(10)
+    await emulator.configure({"faults": {"bulk": {"error_rate": 0.0}}})
+    daemon.restart()
+    assert await dead_letters(http, daemon) == []
+    await daemon.wait_states(http, contacts[-1], {"verifying", "active"}, 60)
+
+
+# ---- validation's deadline holds while a pair waits for a refresh budget --------------------
+
+
+async def test_a_pair_waiting_for_a_spent_refresh_budget_fails_at_its_deadline(
+    start_daemon: StartDaemon, emulator: EmulatorControl, http: aiohttp.ClientSession
+):
+    # A dynamic segment accepts writes and ignores them. Its hourly refresh is spent on the
+    # first window; the pair then waits for the next one, an hour away, but its deadline holds.
+    await emulator.configure({"refresh_min_interval_s": 3600})
+    await emulator.declare_segment("DYN", "dynamic")
+    daemon = await start_daemon(
+        validation={
+            "interval_s": 0.3,
+            "window_s": 1.0,
+            "refresh_min_interval_s": 3600.0,
+            "deadline_s": 6.0,
+        }
+    )
+    status, _ = await mapping(http, daemon, {"contactId": "PK1", "add": ["DYN"]})
+    assert status == 202
+    views = await daemon.wait_states(http, "PK1", {"failed"}, 60)
+    assert views["DYN"]["reason"] == "not_indexed"
+    assert "after a refresh" in views["DYN"]["message"]
+    assert (await emulator.counters())["requests"]["refresh"] == {"202": 1}
+
+
+async def test_a_late_index_is_seen_while_the_pair_waits_for_a_spent_refresh_budget(
+    start_daemon: StartDaemon, emulator: EmulatorControl, http: aiohttp.ClientSession
+):
+    await emulator.configure({"refresh_min_interval_s": 3600})
+    daemon = await start_daemon(
+        validation={
+            "interval_s": 0.3,
+            "window_s": 1.0,
+            "refresh_min_interval_s": 3600.0,
+            "deadline_s": 600.0,
+        }
+    )
+    # A first pair spends the segment's refresh for the hour (it shows only after a refresh).
+    await emulator.configure({"indexing": {"median_s": 30, "p99_s": 40, "stall_fraction": 0}})
+    status, answer = await mapping(http, daemon, {"contactId": "LT0", "add": ["LATE"]}, "?wait=30")
+    assert answer["complete"], answer
+    assert (await emulator.counters())["requests"]["refresh"] == {"202": 1}
+    # The next one is indexed late, after its window: it is still read, and seen.
+    await emulator.configure({"indexing": {"median_s": 4, "p99_s": 4.5, "stall_fraction": 0}})
+    status, answer = await mapping(http, daemon, {"contactId": "LT1", "add": ["LATE"]}, "?wait=40")
+    assert status == 200 and answer["complete"], answer
+    assert answer["results"][0]["segments"][0]["state"] == "active"
