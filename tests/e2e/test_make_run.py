@@ -226,11 +226,12 @@ async def test_ctrl_c_drains_segmapd_before_the_emulator_stops(
     with log_path.open("wb") as log:
         tree, text = start(make_run, devrun_argv(), tmp_path, env, stderr=log)
     joined = text.replace("\\\n", " ")
-    send = re.search(r"^\s*(\S*segmapd send-example .*)$", joined, re.MULTILINE)
+    activate = re.search(r"^  (\. \S+activate)$", text, re.MULTILINE)
+    send = re.search(r"^  (segmapd send-example .*)$", joined, re.MULTILINE)
     token = re.search(r"--token=(\S+)", joined)
     daemon_url = re.search(r"segmapd listening on (\S+)", joined)
     emulator_url = re.search(r"CXone emulator on\s+(\S+)", joined)
-    assert send and token and daemon_url and emulator_url, text
+    assert activate and send and token and daemon_url and emulator_url, text
     children = children_by_name(tree)
     admin = {"Authorization": f"Bearer {token.group(1)}"}
 
@@ -251,11 +252,12 @@ async def test_ctrl_c_drains_segmapd_before_the_emulator_stops(
         emulator = EmulatorControl(emulator_url.group(1), http)
         # At Ctrl-C the poller is reading (indexing takes minutes) and a write is in flight.
         await emulator.configure({"indexing": {"median_s": 120, "p99_s": 240}})
-        code, out = await run(send.group(1), tmp_path, env)
+        code, out = await in_shell(activate.group(1), send.group(1), tmp_path, env)
         assert code == 0, out
         await reach(CONTACT, {"verifying"})
         await emulator.configure({"faults": {"bulk": {"latency_ms": 2500}}})
-        code, out = await run(send.group(1).replace(CONTACT, "100000000456"), tmp_path, env)
+        other = send.group(1).replace(CONTACT, "100000000456")
+        code, out = await in_shell(activate.group(1), other, tmp_path, env)
         assert code == 0, out
         await reach("100000000456", {"sending"})
 
