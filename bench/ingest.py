@@ -15,7 +15,8 @@ code for both), which any receiver must do before it answers, and nothing else.
 
 A run is valid only if wrk saw no non-2xx answer and no socket error, no request was sent twice,
 and after the daemon drained, the journal holds every accepted delivery and the 3 assignments of
-each one. Target (DESIGN.md): daemon req/s >= 0.7 x bare req/s.
+each one. Target (docs/architecture.md, "Performance targets"): daemon req/s >= 0.7 x bare
+req/s.
 
 CXone's limits (10 bulk writes/s, 50 reads/s) bound what the daemon sends upstream, as they do
 in production: a burst of webhooks is journaled and queued, and written at the tenant's pace.

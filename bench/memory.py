@@ -9,7 +9,7 @@ is tiny with a long linger, so at most a couple of batches leave the buffer (sti
 sending or retrying). The daemon's own `segmapd_pending_writes` gauge must read 1,000,000.
 VmRSS is read again once intake is over and the process has settled; VmHWM (peak) is reported
 too. One run: the figure is a size, not a rate, and a run takes tens of seconds.
-Target (DESIGN.md): RSS increase <= 300 MB.
+Target (docs/architecture.md, "Performance targets"): RSS increase <= 300 MB.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ queue off. Each start times `segmapd run` from process
 start to the first 200 from `/readyz` (which also obtains a CXone token: the emulator). The
 daemon is then stopped with a short drain budget; the copy is thrown away. Reference in the same
 run: the same daemon starting on an empty journal. Median of 3 starts each.
-Target (DESIGN.md): ready in <= 5 s.
+Target (docs/architecture.md, "Performance targets"): ready in <= 5 s.
 """
 
 from __future__ import annotations

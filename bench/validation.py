@@ -2,8 +2,9 @@
 
 The emulator indexes writes after a log-normal delay (median 3 s, p99 12 s, 2 % stalled until a
 refresh), as CXone's guidance describes. Reported against references from the same run and the
-design's targets: reads per assignment (<= 1 + ceil(median delay / 2 s) on average), and
-written -> active and received -> active p50/p99 (p50 <= median delay + 2.2 s).
+targets of docs/architecture.md ("Performance targets"): reads per assignment (<= 1 +
+ceil(median delay / 2 s) on average), and written -> active and received -> active p50/p99
+(p50 <= median delay + 2.2 s).
 
 Two loads: single assignments (one at a time per segment) and 10,000 at once over 50 segments.
 For the latter the read limit is raised on both sides to 5,000/s: at CXone's default 50/s,

@@ -1,5 +1,10 @@
 """`make run`: the CXone emulator and segmapd on loopback, wired together, for trying it out.
 
+Both ports are checked before anything starts: a port already taken is the usual reason for
+`make run` to fail, and it is said last, with the make variable that moves it. The commands
+printed are the README's (`segmapd ...`), after the line that puts the virtual environment's
+`segmapd` on PATH.
+
 Stopping (Ctrl-C, SIGTERM, or the end of either child): segmapd drains first, while the emulator
 still answers, then the emulator stops. Ctrl-C reaches every process of the terminal's
 foreground group at once, so each child runs in its own session and hears only from this
@@ -16,11 +21,15 @@ import ctypes.util
 import json
 import os
 import secrets
+import shlex
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -30,6 +39,15 @@ DAEMON_STOP_TIMEOUT_S = 40.0
 EMULATOR_STOP_TIMEOUT_S = 10.0
 _PR_SET_PDEATHSIG = 1
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+LOOPBACK = "127.0.0.1"
+
+
+class StartFailed(Exception):
+    """A child exited before it was listening; the message says which, and how it ended."""
+
+    def __init__(self, name: str, code: int) -> None:
+        super().__init__(f"{name} exited ({code}) before it was listening")
+        self.name = name
 
 
 class _Children:
@@ -66,7 +84,7 @@ class _Children:
                 continue
             if isinstance(event, dict) and event.get("event") == "listening":
                 return process, str(event["url"])
-        raise SystemExit(f"{name} exited ({process.wait()}) before it was listening")
+        raise StartFailed(name, process.wait())
 
     def stop(self) -> None:
         """SIGTERM each child, newest first, and wait for it to exit; SIGKILL past its bound."""
@@ -159,6 +177,94 @@ def _install_signal_handlers(children: _Children) -> None:
         signal.signal(signum, handle)
 
 
+@dataclass(frozen=True)
+class Port:
+    """A port `make run` binds on loopback: the child that binds it, and the make variable."""
+
+    child: str
+    owner: str
+    number: int
+    variable: str
+
+
+def bind_error(port: int) -> OSError | None:
+    """Why `LOOPBACK:port` cannot be bound now, or None if it can.
+
+    Bound as the servers bind it (SO_REUSEADDR, which asyncio sets on POSIX): a port held only
+    by connections in TIME_WAIT is free for them, and so it is here.
+    """
+    if port == 0:
+        return None  # any free port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((LOOPBACK, port))
+        except OSError as exc:
+            return exc
+    return None
+
+
+def _free_port_near(port: int, avoid: set[int]) -> int:
+    """A port to suggest instead of `port`: `port + 10000` when it is free, else any free one."""
+    near = port + 10000
+    if near <= 65535 and near not in avoid and bind_error(near) is None:
+        return near
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((LOOPBACK, 0))
+            found = int(probe.getsockname()[1])
+        if found not in avoid:
+            return found
+
+
+def ports_in_use(ports: Sequence[Port]) -> str | None:
+    """What to tell the user when some of `ports` are taken (None if all are free).
+
+    Says which ports, held by what, how to find the holder, and the `make run` line that moves
+    the taken ones to free ports, ready to paste.
+    """
+    taken = [(port, error) for port in ports if (error := bind_error(port.number)) is not None]
+    if not taken:
+        return None
+    chosen = {port.number for port in ports}
+    moves = []
+    for port, _ in taken:
+        instead = _free_port_near(port.number, chosen)
+        chosen.add(instead)
+        moves.append(f"{port.variable}={instead}")
+    what = " and ".join(f"{port.number} ({port.owner})" for port, _ in taken)
+    reason = taken[0][1].strerror or str(taken[0][1])
+    sport = " or ".join(f"sport = :{port.number}" for port, _ in taken)
+    return (
+        f"make run: port{'s' if len(taken) > 1 else ''} {what} on {LOOPBACK}: {reason}.\n"
+        f"Another process listens there (another `make run`?): `ss -ltnp '{sport}'` shows "
+        "which.\n"
+        "Stop it, or choose free ports:\n"
+        f"  make run {' '.join(moves)}"
+    )
+
+
+def path_setup(python: Path, cwd: Path) -> tuple[str | None, str]:
+    """The line that puts `segmapd` on PATH (None if it is already there) and the command name.
+
+    In a virtual environment (`make run` makes `.venv`) that is its `activate` script, shown
+    relative to `cwd` when it lies below it, as the README's Quick start says it:
+    `. .venv/bin/activate`. Elsewhere, the script's full path, unless PATH already finds it.
+    """
+    script = python.with_name("segmapd")
+    activate = python.with_name("activate")
+    if activate.is_file():
+        try:
+            shown = str(activate.relative_to(cwd))
+        except ValueError:
+            shown = str(activate)
+        return f". {shlex.quote(shown)}", "segmapd"
+    found = shutil.which("segmapd")
+    if found is not None and Path(found).resolve() == script.resolve():
+        return None, "segmapd"
+    return None, shlex.quote(str(script))
+
+
 def _config(
     emulator_url: str, port: int, webhook_secret: str, admin_token: str, journal: Path
 ) -> str:
@@ -194,6 +300,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     _install_signal_handlers(children)
     _stop_with_parent()
 
+    ports = [
+        Port("emulator", "the CXone emulator", args.emulator_port, "EMULATOR_PORT"),
+        Port("segmapd", "segmapd", args.daemon_port, "DAEMON_PORT"),
+    ]
+    # Before anything starts (and before the last run's journal is removed): nothing to stop,
+    # and the reason is the last thing printed.
+    problem = ports_in_use(ports)
+    if problem is not None:
+        print(problem, file=sys.stderr, flush=True)
+        return 1
     python = sys.executable
     try:
         emulator, emulator_url = children.start(
@@ -225,12 +341,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         daemon, daemon_url = children.start(
             "segmapd", [python, "-m", "daemon.cli", "run", "--config", str(config_path)], env=env
         )
-        segmapd = Path(python).with_name("segmapd")
+        activate, segmapd = path_setup(Path(python), Path.cwd())
+        setup = ""
+        if activate is not None:
+            where = "" if activate.startswith(". /") else ", from this directory"
+            setup = f"""
+In another terminal{where}, put segmapd on your PATH:
+  {activate}
+"""
         print(
             f"""
 segmapd listening on {daemon_url}   (config: {config_path})
 CXone emulator on    {emulator_url}   (counters: {emulator_url}/_emulator/counters)
-
+{setup}
 Send a signed webhook, as a CRM would:
   {segmapd} send-example --url {daemon_url} --source crm \\
       --secret '{webhook_secret}' --contact 100000000123 VIP Spanish ChurnRisk
@@ -245,6 +368,17 @@ Ctrl-C stops both.""",
         return _until_one_exits({"segmapd": daemon, "emulator": emulator})
     except KeyboardInterrupt:
         return 0
+    except StartFailed as failed:
+        children.stop()
+        # Said after the children's own lines (the drain of a segmapd that could not start):
+        # a port taken since the check above is named; otherwise their last log line says why.
+        print(
+            ports_in_use([port for port in ports if port.child == failed.name])
+            or f"make run: {failed}; its last log line above says why",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
     finally:
         children.stop()
 

@@ -23,6 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from daemon.census import JournalCensus
 from listeners.base import Outcome
 from scheduler.model import TERMINAL_STATES, Assignment, FailureReason, Intent, State
 from scheduler.observer import EngineObserver
@@ -45,6 +46,9 @@ NO_STATUS = "none"
 
 NO_REASON = "none"
 """The `reason` label of a finished assignment that has no failure reason (an active one)."""
+
+IN_PROGRESS_STATES = tuple(state for state in State if state not in TERMINAL_STATES)
+"""The states of `segmapd_assignments`: the work an engine holds (finished work leaves it)."""
 
 ENGINE_GAUGES: dict[str, tuple[str, str]] = {
     "buffered": ("segmapd_buffer_depth", "Contact ids waiting in the batching buffer."),
@@ -89,34 +93,56 @@ class _CallbackCollector(Collector):
     def __init__(self) -> None:
         self.engine: dict[str, Callable[[], float]] = {}
         self.gates: dict[str, Callable[[], float]] = {}
+        self.census: JournalCensus | None = None
 
-    def _families(self) -> tuple[dict[str, GaugeMetricFamily], CounterMetricFamily]:
-        gauges = {
-            key: GaugeMetricFamily(name, help_text)
-            for key, (name, help_text) in ENGINE_GAUGES.items()
-        }
-        wait = CounterMetricFamily(
+    @staticmethod
+    def _engine_families() -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily(name, help_text) for name, help_text in ENGINE_GAUGES.values()]
+
+    @staticmethod
+    def _wait_family() -> CounterMetricFamily:
+        return CounterMetricFamily(
             "segmapd_ratelimit_wait_seconds",
             "Seconds requests spent waiting for the rate limiter, by endpoint class.",
             labels=["endpoint"],
         )
-        return gauges, wait
+
+    @staticmethod
+    def _journal_families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        journal = GaugeMetricFamily(
+            "segmapd_journal_assignments",
+            "Assignments the journal holds, by state, as of the last count (journal-wide: the "
+            "same on every instance sharing the journal).",
+            labels=["state"],
+        )
+        counted = GaugeMetricFamily(
+            "segmapd_journal_counted_timestamp_seconds",
+            "When segmapd_journal_assignments was counted (Unix time).",
+        )
+        return journal, counted
 
     def describe(self) -> Iterable[Metric]:
         """The families this collector yields (so the registry can detect name clashes)."""
-        gauges, wait = self._families()
-        return [*gauges.values(), wait]
+        return [*self._engine_families(), self._wait_family(), *self._journal_families()]
 
     def collect(self) -> Iterable[Metric]:
-        """Evaluate every bound callable now."""
-        gauges, wait = self._families()
-        for key, family in gauges.items():
+        """Evaluate every bound callable now; the journal's counts as last taken."""
+        gauges = self._engine_families()
+        for key, family in zip(ENGINE_GAUGES, gauges, strict=True):
             fn = self.engine.get(key)
             # Before the engine is bound there is nothing buffered: report 0 rather than a gap.
             family.add_metric([], _safe_call(key, fn) if fn is not None else 0.0)
+        wait = self._wait_family()
         for endpoint, fn in sorted(self.gates.items()):
             wait.add_metric([endpoint], _safe_call(f"gate {endpoint}", fn))
-        return [*gauges.values(), wait]
+        journal, counted = self._journal_families()
+        # Nothing until the journal has been counted once: a 0 would be a false answer.
+        latest = self.census.latest if self.census is not None else None
+        if latest is not None:
+            for state in State:
+                journal.add_metric([state.value], latest.counts[state])
+            counted.add_metric([], latest.counted_at)
+        return [*gauges, wait, journal, counted]
 
 
 # The per-delivery counters, in the order `_HotCounts.accepted` keeps them.
@@ -152,7 +178,8 @@ class _HotCounts(Collector):
         # Per (source, kind): the counts of `_DELIVERY_FAMILIES`, in that order.
         self.accepted: dict[tuple[str, str], list[int]] = {}
         self.skipped: dict[tuple[str, str, str], int] = {}
-        self.held: dict[State, int] = dict.fromkeys(State, 0)
+        # In-progress states only: finished assignments leave the engine (the journal counts them).
+        self.held: dict[State, int] = dict.fromkeys(IN_PROGRESS_STATES, 0)
         self.entered: dict[State, int] = dict.fromkeys(State, 0)
 
     def describe(self) -> Iterable[Metric]:
@@ -184,7 +211,8 @@ class _HotCounts(Collector):
             skipped.add_metric([source, kind, reason], count)
         held = GaugeMetricFamily(
             "segmapd_assignments",
-            "Assignments the engine currently holds, by state (terminal ones leave on finishing).",
+            "Assignments in progress in this instance, by state (finished ones leave it: see "
+            "segmapd_journal_assignments).",
             labels=["state"],
         )
         entered = CounterMetricFamily(
@@ -192,8 +220,9 @@ class _HotCounts(Collector):
             "Assignment state transitions, by the state entered.",
             labels=["state"],
         )
-        for state in State:
+        for state in IN_PROGRESS_STATES:
             held.add_metric([state.value], self.held[state])
+        for state in State:
             entered.add_metric([state.value], self.entered[state])
         return [webhooks, *accepted, skipped, held, entered]
 
@@ -376,6 +405,10 @@ class Metrics(EngineObserver):
         }
         self._callbacks.engine = {key: fn for key, fn in bound.items() if fn is not None}
 
+    def bind_journal(self, census: JournalCensus) -> None:
+        """Export the journal's assignments by state as `census` last counted them."""
+        self._callbacks.census = census
+
     def bind_gates(self, waited: Mapping[str, Callable[[], float]]) -> None:
         """Export each endpoint class's total limiter wait (`RateGate.waited_s`) at scrape."""
         self._callbacks.gates = dict(waited)
@@ -447,22 +480,24 @@ class Metrics(EngineObserver):
     # --- EngineObserver ---------------------------------------------------------------------
 
     def transitioned(self, assignment: Assignment, previous: State) -> None:
-        """Move one assignment between the per-state gauges and count the transition."""
+        """Move one assignment between the in-progress gauges and count the transition."""
         # A new assignment is reported as queued -> queued (no other transition is): nothing to
-        # take away then. A terminal previous state was already taken away by `finished`, when
-        # the engine let go of the assignment.
+        # take away then. Finished states are not held: an assignment entering one leaves the
+        # gauges, and one leaving one (a replayed dead letter) joins them.
         new = previous is State.QUEUED and assignment.state is State.QUEUED
-        held, entered = self._hot.held, self._hot.entered
+        held = self._hot.held
         state = assignment.state
         if not new and previous not in TERMINAL_STATES:
             held[previous] -= 1
-        held[state] += 1
-        entered[state] += 1
+        if state not in TERMINAL_STATES:
+            held[state] += 1
+        self._hot.entered[state] += 1
 
     def restored(self, counts: Mapping[State, int]) -> None:
-        """Assignments taken back from the journal join the per-state gauges (not counters)."""
+        """Assignments taken back from the journal join the in-progress gauges (not counters)."""
         for state, count in counts.items():
-            self._hot.held[state] += count
+            if state not in TERMINAL_STATES:
+                self._hot.held[state] += count
 
     def bulk_sent(self, segment_id: str, ids: int, attempt: int) -> None:
         """Count a bulk request and its size; attempt 1 is the first send."""
@@ -487,10 +522,6 @@ class Metrics(EngineObserver):
         self.finished_total.labels(
             outcome=assignment.state.value, reason=reason, intent=assignment.intent.value
         ).inc()
-        # The engine drops a finished assignment, so it no longer counts as held in any state;
-        # without this the terminal series would only ever grow.
-        if assignment.state in TERMINAL_STATES:
-            self._hot.held[assignment.state] -= 1
         # received_at 0 means unknown (e.g. a replayed record); its "latency" would be decades.
         if assignment.state is State.ACTIVE and assignment.received_at > 0:
             latency = assignment.updated_at - assignment.received_at

@@ -144,7 +144,8 @@ def build_event(assignment: Assignment) -> tuple[str, bytes]:
                 "intent": intent,
                 "state": state,
                 "reason": str(assignment.reason) if assignment.reason is not None else None,
-                "message": assignment.message,
+                # null when there is none, as the admin API says it (`assignment_view`).
+                "message": assignment.message or None,
                 "attempts": assignment.attempts,
                 "receivedAt": rfc3339(assignment.received_at),
                 "updatedAt": rfc3339(assignment.updated_at),

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from daemon.census import JournalCensus
 from daemon.claims import Claims
 from daemon.cluster import Cluster
 from daemon.config import Config
@@ -234,6 +235,9 @@ class Service:
             read_backlog_s=lambda: self.poller.backlog().oldest_wait_s,
             awaiting_refresh=lambda: self.poller.backlog().awaiting_refresh,
         )
+        # The journal's assignments by state, counted in the background (daemon/census.py).
+        self.census = JournalCensus(self.store.counts)
+        self.metrics.bind_journal(self.census)
         self.metrics.bind_gates(
             {
                 "bulk": lambda: self.write_gate.waited_s,
@@ -261,6 +265,8 @@ class Service:
             self.cache.restore(recovered.confirmations, time.time())
             self.engine.restore(recovered.assignments, recovered.batches, recovered.queued)
             stack.push_async_callback(self._close_store)
+            await self.census.start()
+            stack.push_async_callback(self.census.stop)
             await self.client.start()
             stack.push_async_callback(self._close_client)
             if listener is not None:

@@ -1,16 +1,21 @@
 from __future__ import annotations
 
+import asyncio
 import math
 import shutil
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from daemon.census import JournalCensus
 from daemon.cxone import HttpCXoneClient
 from daemon.metrics import Metrics
 from daemon.store.memory import MemoryStore
+from daemon.store.sqlite import SqliteStore
 from listeners.base import Outcome
 from scheduler.engine import Engine
 from scheduler.model import Assignment, FailureReason, State
@@ -68,23 +73,13 @@ def test_assignments_move_through_states_and_gauges_stay_right():
     move(m, b, State.SENDING, 1004.0)  # a resend is a self-transition
     move(m, a, State.WRITTEN, 1005.0)
     move(m, a, State.VERIFYING, 1006.0)
-    assert by_state(m) == {
-        "queued": 0,
-        "sending": 2,
-        "retrying": 0,
-        "written": 0,
-        "verifying": 1,
-        "active": 0,
-        "removed": 0,
-        "failed": 0,
-    }
+    # The work in progress only, by state.
+    assert by_state(m) == {"queued": 0, "sending": 2, "retrying": 0, "written": 0, "verifying": 1}
     move(m, a, State.ACTIVE, 1010.0)
     move(m, b, State.FAILED, 1011.0, reason=FailureReason.CONTACT_NOT_FOUND)
-    # Finished assignments leave the engine, so they no longer count as held in any state.
-    gauges = by_state(m)
-    assert gauges["sending"] == 1
-    assert all(v >= 0 for v in gauges.values())
-    assert gauges["active"] == gauges["failed"] == 0
+    # Finished assignments leave the engine: the journal's count says how many there are
+    # (segmapd_journal_assignments), never a series that reads 0 here.
+    assert by_state(m) == {"queued": 0, "sending": 1, "retrying": 0, "written": 0, "verifying": 0}
 
     # A later request for the same pair is a brand-new assignment, counted once.
     again = new_assignment(m, "c2", at=2000.0)
@@ -123,8 +118,7 @@ def test_terminal_restart_of_the_same_object_does_not_go_negative():
     a = new_assignment(m, "c1")
     move(m, a, State.FAILED, 1001.0, reason=FailureReason.RETRIES_EXHAUSTED)
     move(m, a, State.QUEUED, 1002.0)
-    assert by_state(m)["queued"] == 1
-    assert by_state(m)["failed"] == 0
+    assert by_state(m) == {"queued": 1, "sending": 0, "retrying": 0, "written": 0, "verifying": 0}
 
 
 def test_active_without_receipt_time_is_not_observed():
@@ -297,6 +291,9 @@ def exercised() -> Metrics:
     m.upstream_outcome("bulk", "ok", 0.2)
     m.membership_read("s", True)
     m.record_notification("delivered")
+    census = JournalCensus(MemoryStore().counts)
+    asyncio.run(census.refresh())
+    m.bind_journal(census)
     return m
 
 
@@ -334,3 +331,113 @@ def test_work_taken_back_from_the_journal_is_in_the_state_gauges():
     assert by_state(m)["written"] == 1
     move(m, written, State.VERIFYING, 3.0)
     assert by_state(m)["written"] == 0 and by_state(m)["verifying"] == 1
+
+
+# ---- the journal's assignments by state (daemon/census.py) --------------------------------------
+
+
+def journal_by_state(metrics: Metrics) -> dict[str, float]:
+    return {
+        s.labels["state"]: s.value
+        for s in samples(metrics)
+        if s.name == "segmapd_journal_assignments"
+    }
+
+
+def journaled(contact: str, *steps: State) -> Assignment:
+    """An assignment that went through `steps` just now (journaled once, in its last state).
+
+    Now, not at some fixed past time: the journal prunes finished work past its retention.
+    """
+    now = time.time()
+    a = Assignment(contact, "seg-1", received_at=now, updated_at=now)
+    for step in steps:
+        reason = FailureReason.CONTACT_NOT_FOUND if step is State.FAILED else None
+        a.transition(step, now, reason=reason)
+    return a
+
+
+WRITTEN_THEN = (State.SENDING, State.WRITTEN, State.VERIFYING)
+
+
+async def test_the_journal_gauge_counts_finished_work_from_a_real_journal(tmp_path: Path):
+    store = SqliteStore(str(tmp_path / "journal.db"))
+    await store.open()
+    try:
+        for i in range(7):
+            store.record(journaled(f"a{i}", *WRITTEN_THEN, State.ACTIVE))
+        for i in range(3):
+            store.record(journaled(f"f{i}", State.SENDING, State.FAILED))
+        store.record(journaled("r0", *WRITTEN_THEN, State.REMOVED))
+        store.record(journaled("q0"))
+        store.record(journaled("v0", *WRITTEN_THEN))
+        await store.flush()
+        m = Metrics()
+        census = JournalCensus(store.counts, clock=lambda: 1_700_000_000.0)
+        m.bind_journal(census)
+        # Not counted yet: no series, rather than a 0 that would be a false answer.
+        assert journal_by_state(m) == {}
+        assert not [s for s in samples(m) if s.name.startswith("segmapd_journal_counted")]
+        await census.refresh()
+        assert journal_by_state(m) == {
+            "queued": 1,
+            "sending": 0,
+            "retrying": 0,
+            "written": 0,
+            "verifying": 1,
+            "active": 7,
+            "removed": 1,
+            "failed": 3,
+        }
+        assert value(m, "segmapd_journal_counted_timestamp_seconds") == 1_700_000_000.0
+        assert census.latest is not None and census.latest.total == 13
+    finally:
+        await store.close()
+
+
+async def test_the_census_counts_again_by_itself_and_keeps_its_last_count_when_it_cannot(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    store = SqliteStore(str(tmp_path / "journal.db"))
+    await store.open()
+    census = JournalCensus(store.counts, min_interval_s=0.05)
+    m = Metrics()
+    m.bind_journal(census)
+    try:
+        await census.start()
+        store.record(journaled("a0", *WRITTEN_THEN, State.ACTIVE))
+        await store.flush()
+        async with asyncio.timeout(10):
+            while journal_by_state(m).get("active") != 1:
+                await asyncio.sleep(0.01)
+        counted = value(m, "segmapd_journal_counted_timestamp_seconds")
+        # The journal goes away (closed here): the last count stays, with its time.
+        await store.close()
+        async with asyncio.timeout(10):
+            while "cannot count the journal's assignments" not in caplog.text:
+                await asyncio.sleep(0.01)
+        assert journal_by_state(m)["active"] == 1
+        assert value(m, "segmapd_journal_counted_timestamp_seconds") == counted
+    finally:
+        await census.stop()
+        await store.close()
+
+
+async def test_a_costly_count_is_repeated_less_often(tmp_path: Path):
+    store = SqliteStore(str(tmp_path / "journal.db"))
+    await store.open()
+    try:
+
+        async def slow_count() -> dict[str, int]:
+            await asyncio.sleep(0.05)  # a count that costs 50 ms, as a large journal's would
+            return await store.counts()
+
+        census = JournalCensus(slow_count, min_interval_s=1.0, max_interval_s=60.0, duty=0.005)
+        assert census.next_interval_s() == 1.0  # before the first count: soon
+        await census.refresh()
+        assert census.latest is not None and census.latest.duration_s >= 0.05
+        # 0.5 % of the time: 50 ms of counting per 10 s or more.
+        assert census.next_interval_s() == pytest.approx(census.latest.duration_s / 0.005)
+        assert 10.0 <= census.next_interval_s() <= 60.0
+    finally:
+        await store.close()

@@ -188,7 +188,7 @@ async def test_delivers_active_and_failed_events(
             "intent": "add",
             "state": "active",
             "reason": None,
-            "message": "",
+            "message": None,
             "attempts": 2,
             "receivedAt": "2023-11-14T22:13:20.000Z",
             "updatedAt": "2023-11-14T22:13:22.500Z",

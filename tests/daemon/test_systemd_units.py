@@ -10,6 +10,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -312,3 +313,87 @@ def test_every_commented_table_in_the_example_validates_once_uncommented(tmp_pat
     for source in config.sources.values():
         if source.kind != "standard":  # the test secret is no whsec_ key
             make_adapter(source)
+
+
+# ---- Documentation= names pages that exist where the package is installed ---------------------
+
+DOC_DIR = "share/doc/segmapd"
+README = REPO_ROOT / "README.md"
+
+
+def documentation(unit_text: str) -> list[str]:
+    """The paths of a unit's `Documentation=file://...` URIs, in order."""
+    uris = [
+        uri
+        for line in unit_text.splitlines()
+        if line.startswith("Documentation=")
+        for uri in line.partition("=")[2].split()
+    ]
+    assert uris, "the unit names no documentation"
+    assert all(uri.startswith("file:///") for uri in uris), uris
+    return [uri.removeprefix("file://") for uri in uris]
+
+
+def install_prefix(unit_text: str) -> Path:
+    """The installation prefix of the unit's segmapd: /usr for /usr/bin/segmapd."""
+    [exec_start] = [line for line in unit_text.splitlines() if line.startswith("ExecStart=")]
+    return Path(exec_start.removeprefix("ExecStart=").split()[0]).parent.parent
+
+
+def shipped_documents() -> dict[str, Path]:
+    """What the wheel installs under <prefix>/share/doc/segmapd, by path below the prefix."""
+    build = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]
+    shared = build["targets"]["wheel"]["shared-data"]
+    return {target: REPO_ROOT / source for source, target in shared.items()}
+
+
+def test_the_units_documentation_is_installed_with_segmapd(unit: Path) -> None:
+    text = unit.read_text()
+    prefix = install_prefix(text)
+    shipped = shipped_documents()
+    for path in documentation(text):
+        below = Path(path).relative_to(prefix).as_posix()  # ValueError: not under the prefix
+        assert below.startswith(DOC_DIR + "/"), path
+        assert below in shipped, f"{path}: the package does not install {below}"
+        assert shipped[below].is_file(), f"{shipped[below]} is not in the repository"
+        # This test's own installation (`make install`): the page is really there.
+        installed = Path(sys.prefix) / below
+        assert installed.is_file(), f"{installed} is missing: run `make install` again"
+
+
+def test_the_readmes_unit_edit_points_at_the_virtualenvs_segmapd_and_documents(
+    tmp_path: Path,
+) -> None:
+    section = README.read_text().split("## Running under systemd", 1)[1].split("\n## ", 1)[0]
+    [edit] = [line for line in section.splitlines() if line.startswith("sed -i ")]
+    argv = shlex.split(edit)
+    assert argv[-1] == "/etc/systemd/system/segmapd.service"
+    copy = tmp_path / "segmapd.service"
+    copy.write_text(UNIT.read_text())
+    subprocess.run([*argv[:-1], str(copy)], check=True, timeout=30)
+    edited = copy.read_text()
+    # The virtualenv of the README's Install section.
+    assert install_prefix(edited) == Path("/opt/segmapd")
+    assert unit_sections(copy)["Service"]["ExecStart"][0].startswith("/opt/segmapd/bin/segmapd ")
+    paths = documentation(edited)
+    assert paths == [
+        f"/opt/segmapd/{below}"
+        for below in (
+            Path(p).relative_to("/usr").as_posix() for p in documentation(UNIT.read_text())
+        )
+    ]
+    assert "/usr/" not in "\n".join(
+        line for line in edited.splitlines() if line.startswith(("ExecStart=", "Documentation="))
+    )
+
+
+def test_no_file_names_a_design_document_the_repository_does_not_ship() -> None:
+    listed = subprocess.run(
+        ["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=30
+    ).stdout.split()
+    for name in listed:
+        path = REPO_ROOT / name
+        if path.suffix in {".py", ".md", ".service", ".toml", ".example", ".conf"} and (
+            path.is_file() and path != Path(__file__)
+        ):
+            assert "DESIGN.md" not in path.read_text(errors="replace"), name

@@ -1,13 +1,20 @@
-"""`make run`: the printed commands work as printed, and stopping it stops everything, in order."""
+"""`make run`: the printed commands work as printed, and stopping it stops everything, in order.
+
+The printed commands and a port conflict are checked through `make run` itself (the repository's
+Makefile, in a scratch directory whose `.venv` is this test run's virtual environment); the
+stopping tests start `daemon.devrun`, what the make target runs, directly.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shlex
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -21,6 +28,9 @@ from tests.support.emulator import EmulatorControl
 from tests.support.processes import ProcessId, ProcessTree
 
 CONTACT = "100000000123"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+README = REPO_ROOT / "README.md"
+VENV = Path(sys.prefix)
 
 
 def free_port() -> int:
@@ -65,7 +75,30 @@ IGNORING_SIGINT = [
 
 @pytest.fixture
 def env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("SEGMAPD_")}
+    """The test's environment, without SEGMAPD_ settings and without the venv on PATH."""
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if Path(p) != VENV / "bin"]
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("SEGMAPD_")},
+        "PATH": os.pathsep.join(path),
+    }
+
+
+@pytest.fixture
+def checkout(tmp_path: Path) -> Path:
+    """A directory `make run` can run in as in a checkout: its `.venv` is this test's venv.
+
+    `make -o` (below) keeps make from reinstalling it; `.run/` is written here, never in the
+    repository.
+    """
+    assert (VENV / "bin" / "activate").is_file(), "the tests run in the project's .venv"
+    (tmp_path / ".venv").symlink_to(VENV, target_is_directory=True)
+    return tmp_path
+
+
+def make_run_argv(*variables: str) -> list[str]:
+    """`make run` with the repository's Makefile, taking the venv as installed."""
+    makefile = REPO_ROOT / "Makefile"
+    return ["make", "-f", str(makefile), "-o", ".venv/.installed-stamp", "run", *variables]
 
 
 @pytest.fixture
@@ -98,27 +131,81 @@ def children_by_name(tree: ProcessTree) -> dict[str, ProcessId]:
     return found
 
 
-async def test_make_run_prints_commands_that_end_active(
-    tmp_path: Path, env: dict[str, str], make_run: list[ProcessTree]
+async def in_shell(setup: str, command: str, cwd: Path, env: dict[str, str]) -> tuple[int, str]:
+    """`command` pasted into a POSIX shell after `setup`, as a user in another terminal would."""
+    return await run(shlex.join(["sh", "-c", f"{setup} && {command}"]), cwd, env)
+
+
+async def test_make_run_prints_the_readmes_commands_and_they_end_active(
+    checkout: Path, env: dict[str, str], make_run: list[ProcessTree]
 ):
-    _, text = start(make_run, devrun_argv(), tmp_path, env)
-    # The two commands, joined across their backslash-continued lines.
+    argv = make_run_argv(f"EMULATOR_PORT={free_port()}", f"DAEMON_PORT={free_port()}")
+    _, text = start(make_run, argv, checkout, env)
+    # The line that puts segmapd on PATH, as the README's Quick start says it.
+    activate = re.search(r"^  (\. \S+activate)$", text, re.MULTILINE)
+    assert activate, text
+    assert activate.group(1) == ". .venv/bin/activate"
+    quick_start = README.read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    assert activate.group(1) in quick_start
+    # The two commands, joined across their backslash-continued lines: `segmapd`, as the
+    # README writes it, not a path into .venv.
     joined = text.replace("\\\n", " ")
-    send = re.search(r"^\s*(\S*segmapd send-example .*)$", joined, re.MULTILINE)
-    status = re.search(r"^\s*(\S*segmapd status .*)$", joined, re.MULTILINE)
+    send = re.search(r"^  (segmapd send-example .*)$", joined, re.MULTILINE)
+    status = re.search(r"^  (segmapd status .*)$", joined, re.MULTILINE)
     assert send and status, text
-    code, out = await run(send.group(1), tmp_path, env)
+    # Not on PATH before the setup line (the env fixture keeps the venv off PATH).
+    code, out = await run(shlex.join(["sh", "-c", "command -v segmapd"]), checkout, env)
+    assert code != 0, out
+    code, out = await in_shell(activate.group(1), send.group(1), checkout, env)
     assert code == 0 and "HTTP 202" in out, out
     # The emulator stalls 2% of writes until a refresh, which segmapd asks for once the
     # validation window (30 s) has passed: allow for that, not only for the usual seconds.
     end = time.monotonic() + 60
     while True:
-        code, out = await run(status.group(1), tmp_path, env)
+        code, out = await in_shell(activate.group(1), status.group(1), checkout, env)
         if code == 0 and out.count("active") == 3:
             break
         assert time.monotonic() < end, out
         await asyncio.sleep(0.5)
     assert all(segment in out for segment in ("VIP", "Spanish", "ChurnRisk"))
+
+
+@pytest.mark.parametrize(
+    "taken", [["DAEMON_PORT"], ["EMULATOR_PORT"], ["EMULATOR_PORT", "DAEMON_PORT"]]
+)
+def test_a_port_in_use_is_the_last_thing_said_with_the_variable_that_moves_it(
+    checkout: Path, env: dict[str, str], taken: list[str]
+):
+    ports = {"EMULATOR_PORT": free_port(), "DAEMON_PORT": free_port()}
+    with contextlib.ExitStack() as holders:
+        for variable in taken:  # another program listening there
+            holder = holders.enter_context(socket.socket())
+            holder.bind(("127.0.0.1", ports[variable]))
+            holder.listen()
+        result = subprocess.run(
+            make_run_argv(*(f"{k}={v}" for k, v in ports.items())),
+            cwd=checkout,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode != 0
+    # Make closes with its own line about the failed recipe; what segmapd says comes before.
+    said = [line for line in result.stderr.splitlines() if not line.startswith("make: ***")]
+    assert said, result.stderr
+    cause, suggestion = said[0], said[-1]
+    for variable in taken:
+        assert str(ports[variable]) in cause, result.stderr
+    assert "in use" in cause, result.stderr
+    assert re.fullmatch(r"  make run( [A-Z_]+=\d+)+", suggestion), result.stderr
+    moved = dict(item.split("=") for item in suggestion.split()[2:])
+    assert set(moved) == set(taken), suggestion
+    # Nothing was started, and the journal of a `make run` that holds the ports is untouched.
+    assert not (checkout / ".run").exists()
+    assert "before it was listening" not in result.stderr, result.stderr
+    assert "drain" not in result.stderr, result.stderr
 
 
 async def test_sigint_stops_every_child_even_when_sigint_was_ignored_at_start(
@@ -139,11 +226,12 @@ async def test_ctrl_c_drains_segmapd_before_the_emulator_stops(
     with log_path.open("wb") as log:
         tree, text = start(make_run, devrun_argv(), tmp_path, env, stderr=log)
     joined = text.replace("\\\n", " ")
-    send = re.search(r"^\s*(\S*segmapd send-example .*)$", joined, re.MULTILINE)
+    activate = re.search(r"^  (\. \S+activate)$", text, re.MULTILINE)
+    send = re.search(r"^  (segmapd send-example .*)$", joined, re.MULTILINE)
     token = re.search(r"--token=(\S+)", joined)
     daemon_url = re.search(r"segmapd listening on (\S+)", joined)
     emulator_url = re.search(r"CXone emulator on\s+(\S+)", joined)
-    assert send and token and daemon_url and emulator_url, text
+    assert activate and send and token and daemon_url and emulator_url, text
     children = children_by_name(tree)
     admin = {"Authorization": f"Bearer {token.group(1)}"}
 
@@ -164,11 +252,12 @@ async def test_ctrl_c_drains_segmapd_before_the_emulator_stops(
         emulator = EmulatorControl(emulator_url.group(1), http)
         # At Ctrl-C the poller is reading (indexing takes minutes) and a write is in flight.
         await emulator.configure({"indexing": {"median_s": 120, "p99_s": 240}})
-        code, out = await run(send.group(1), tmp_path, env)
+        code, out = await in_shell(activate.group(1), send.group(1), tmp_path, env)
         assert code == 0, out
         await reach(CONTACT, {"verifying"})
         await emulator.configure({"faults": {"bulk": {"latency_ms": 2500}}})
-        code, out = await run(send.group(1).replace(CONTACT, "100000000456"), tmp_path, env)
+        other = send.group(1).replace(CONTACT, "100000000456")
+        code, out = await in_shell(activate.group(1), other, tmp_path, env)
         assert code == 0, out
         await reach("100000000456", {"sending"})
 
