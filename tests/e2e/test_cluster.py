@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import aiohttp
+import asyncpg
 import orjson
 
 from tests.e2e.conftest import Daemon, StartDaemon
@@ -257,6 +258,65 @@ async def test_a_paused_owner_is_fenced_never_writes_after_it_wakes_and_rejoins(
     for daemon in daemons:
         status, view = await daemon.contact(http, "pz7")
         assert {s["state"] for s in view["segments"]} == {"active"}
+
+
+async def test_a_fenced_instance_refuses_work_until_it_has_joined_again(
+    start_daemon: StartDaemon,
+    emulator: EmulatorControl,
+    http: aiohttp.ClientSession,
+    postgres: PostgresServer,
+    postgres_url: str,
+):
+    [daemon] = await start_cluster(start_daemon, postgres, postgres_url, 1)
+    assert daemon.process.proc is not None
+    pid = daemon.process.proc.pid
+    status, _ = await daemon.webhook(http, events("fz", 0, 10, ["FZ1"]))
+    assert status == 202
+    # The members' table is locked by another session: heartbeats (and joining again) wait for
+    # it, as for a database that does not answer, while commits still go through. After nearly
+    # a lease without a heartbeat the instance fences itself.
+    blocker = await asyncpg.connect(postgres_url, password=postgres.password)
+    lock = blocker.transaction()
+    await lock.start()
+    try:
+        await blocker.execute("LOCK TABLE segmapd_instances IN EXCLUSIVE MODE")
+        deadline = time.monotonic() + 30
+        while await metric(http, daemon, "segmapd_cluster_fenced") != 1:
+            assert time.monotonic() < deadline, "the instance never fenced itself"
+            await asyncio.sleep(0.2)
+        assert await metric(http, daemon, "segmapd_cluster_shards_owned") == 0
+        body = orjson.dumps(events("fz", 10, 11, ["FZ1"]))
+        async with http.post(
+            f"{daemon.url}/v1/webhooks/crm", data=body, headers=daemon.signed_headers(body)
+        ) as response:
+            assert response.status == 503
+            assert float(response.headers["Retry-After"]) > 0
+            assert "fenced" in await response.text()
+        async with http.post(
+            f"{daemon.url}/v1/mappings",
+            data=body,
+            headers={**daemon.admin, "Content-Type": "application/json"},
+        ) as response:
+            assert response.status == 503 and "Retry-After" in response.headers
+        async with http.get(f"{daemon.url}/readyz") as response:
+            assert response.status == 503
+            assert (await response.json())["checks"]["cluster"].startswith("fenced: ")
+    finally:
+        await lock.rollback()
+        await blocker.close()
+    # The table answers again: it joins again by itself, and takes work.
+    while True:
+        async with http.get(f"{daemon.url}/readyz") as response:
+            if response.status == 200:
+                break
+            assert time.monotonic() < deadline, await response.text()
+        await asyncio.sleep(0.2)
+    status, _ = await daemon.webhook(http, events("fz", 10, 11, ["FZ1"]))
+    assert status == 202
+    for i in range(11):
+        await daemon.wait_states(http, f"fz{i}", {"active"}, 30)
+    assert daemon.process.proc.poll() is None and daemon.process.proc.pid == pid
+    assert await metric_total(http, daemon, "segmapd_cluster_fences_total") == 1
 
 
 async def test_a_rolling_restart_answers_only_2xx_or_503_with_retry_after(
