@@ -208,8 +208,8 @@ class Cluster:
     # ---- heartbeats, and the fence -------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
-        # At least every half second: a death is seen (and the shards moved) within about
-        # lease_s + 0.5 s by every survivor, not one heartbeat phase after another.
+        # A loop of its own: a round that takes shards may load much work, and a heartbeat
+        # waiting for it would get this instance declared dead, or fence it.
         while True:
             if self._fenced:
                 if self._stopping:
@@ -344,6 +344,8 @@ class Cluster:
     # ---- the lease loop ----------------------------------------------------------------------
 
     async def _lease_loop(self) -> None:
+        # At least every half second: a death is seen (and the shards moved) within about
+        # lease_s + 0.5 s by every survivor, not one heartbeat phase after another.
         while True:
             self._balance_wake.clear()
             with contextlib.suppress(TimeoutError):

@@ -7,7 +7,8 @@ holding its `EPOCH_LOCK` exclusively (every commit of that instance holds it sha
 the row, see `fence_sql`), so nothing the dead one commits from then on lands, even if it was
 only paused. Its shards are then free, as are those released by an instance handing them over
 or leaving, and live instances take them up to their fair share (each change of owner raises
-the shard's epoch).
+the shard's epoch). An instance that finds itself fenced (declared dead, or cut off for nearly a
+lease) joins again as a new member, ending its old membership itself if nobody has yet.
 
 The statements lock the instance row before any shard row, in every transaction, so that a
 heartbeat and a takeover never wait for each other in a cycle.

@@ -1259,7 +1259,9 @@ class PostgresStore(SharedJournal):
 
     def _failed(self, work: PendingWork, exc: Exception) -> None:
         message = f"journal {self.shown}: commit failed: {_describe(exc)}"
-        if message != self.last_error:
+        if self._discarded:
+            log.warning("%s; its %d changes are dropped (fenced)", message, len(work.assignments))
+        elif message != self.last_error:
             log.error("%s; keeping %d changes queued and retrying", message, len(work.assignments))
         self.last_error = message
         for waiter in work.waiters:
