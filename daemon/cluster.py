@@ -9,14 +9,24 @@ LISTEN/NOTIFY (or by polling, every `INBOX_POLL_S`), takes it into its engine an
 one transaction with what it became.
 
 Every half second (or third of the lease time, if shorter) an instance renews its heartbeat
-and leases, declares dead the instances whose heartbeats are older than the lease, and moves
-towards its fair share: it takes
-free shards (recovering their work from the journal exactly as a restart recovers it: saved
-batches resent under their keys, queued and retrying work buffered, written work validated) or
-hands shards over (its requests in flight for them end first; the rest stays journaled for the
-next owner). An instance found dead by the others (it was paused or cut off for longer than
-the lease) commits nothing more; when it notices, it stops with status 1 (`on_fenced`) and its
-supervisor starts it again as a new member, with nothing of its old state.
+and leases; as often, and independently (taking shards may mean loading much work), it declares
+dead the instances whose heartbeats are older than the lease, and moves towards its fair share:
+it takes free shards (recovering their work from the journal exactly as a restart recovers it:
+saved batches resent under their keys, queued and retrying work buffered, written work
+validated) or hands shards over (its requests in flight for them end first; the rest stays
+journaled for the next owner).
+
+An instance found dead by the others (it was paused, or cut off from the database, for longer
+than the lease) commits nothing more: its commits are refused. When it notices (its heartbeat
+finds its membership gone, or a commit is refused), or when its own heartbeats have failed for
+nearly a lease (the others may take its shards at the lease: it stops before), it fences
+itself, without exiting: it cancels every request in flight and every retry (their batches are
+journaled, and the new owners resend them under the same keys, which CXone replays), drops
+every segment from memory without recording anything, discards what its journal had not
+committed (nothing of it was acknowledged: a webhook is answered after its commit), and refuses
+work (503 + Retry-After) while `/readyz` says so. Then it waits for the database and joins again
+as a new member, ending its old membership if nobody has yet, and takes its fair share of shards
+like any newcomer: their work comes back from the journal as in a takeover.
 """
 
 from __future__ import annotations
@@ -26,7 +36,6 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
 
 from daemon.metrics import Metrics
 from daemon.notifier import Notifier
@@ -46,10 +55,19 @@ INBOX_POLL_S = 1.0
 INBOX_BATCH = 5_000
 #: Orphaned notifications (their deliverer died) are looked for this often.
 NOTIFICATION_SWEEP_S = 10.0
-#: An instance below its fair share looks for free shards this often (joins settle fast).
-TAKE_RETRY_S = 1.0
-#: Heartbeats go every third of the lease, and at least this often.
+#: Heartbeats go every third of the lease, and at least this often; so do the rounds that
+#: declare the dead dead and take or hand over shards (joins and failovers settle fast).
 HEARTBEAT_MAX_S = 0.5
+#: A handover the database cannot record yet is tried again with backoff, up to this.
+HANDOVER_RETRY_MOST_S = 5.0
+#: An instance whose heartbeats have failed for its lease less this (or a quarter of the lease,
+#: if shorter) fences itself: the others may declare it dead at the lease, and what it sends
+#: must have stopped by then.
+SELF_FENCE_MARGIN_S = 1.0
+#: A fenced instance tries to join again this often at first, backing off to the second value
+#: while the database does not answer.
+REJOIN_FIRST_S = 0.25
+REJOIN_MOST_S = 1.0
 
 
 class Cluster:
@@ -65,7 +83,6 @@ class Cluster:
         lease_s: float,
         contact_limit: int,
         handover_budget_s: float,
-        on_fenced: Callable[[], None],
         name: str = "",
         notifier: Notifier | None = None,
     ) -> None:
@@ -76,7 +93,6 @@ class Cluster:
         self._notifier = notifier
         self._contact_limit = contact_limit
         self._handover_budget_s = handover_budget_s
-        self._on_fenced = on_fenced
         self.leases = store.leases(lease_s, name)
         self.lease_s = lease_s
         # Shards whose leases this instance holds; those being handed over are in both.
@@ -87,18 +103,40 @@ class Cluster:
         self._taking: set[int] = set()  # inbox rows taken, their deletion not committed yet
         self._tasks: list[asyncio.Task[None]] = []
         self._handover: asyncio.Task[None] | None = None
-        self._fenced = False
         self._stopping = False
+        # Fenced: this membership is over (or about to be); the instance owns nothing, refuses
+        # work, and joins again as a new member. `_membership` counts the memberships so far:
+        # what an await began under an earlier one is not applied to the next.
+        self._fenced = False
+        self.fence_reason = ""
+        self._fenced_at = 0.0
+        self._membership = 0
+        # When the last successful heartbeat was sent (monotonic), and how long they may fail
+        # before this instance fences itself.
+        self._last_beat = time.monotonic()
+        self._interval = min(lease_s / 3, HEARTBEAT_MAX_S)
+        self._self_fence_s = lease_s - min(SELF_FENCE_MARGIN_S, lease_s / 4)
+        self._balance_wake = asyncio.Event()
+        # An outage fails every heartbeat and round: said once, and again when it changes.
+        self._beat_failures = _Failures("heartbeats")
+        self._round_failures = _Failures("taking and handing over shards")
+        self._join_failures = _Failures("joining again (fenced)")
         store.holds = self.holds
         store.holds_shard = self._owned.__contains__
-        store.on_fenced = self._fence
+        store.on_fenced = self._declared_dead
         metrics.bind_cluster(
             owned=lambda: len(self._owned),
             instances=lambda: self.live_instances,
+            fenced=lambda: self._fenced,
         )
 
     def __repr__(self) -> str:
         return f"Cluster({self.leases!r}, {len(self._owned)} shards)"
+
+    @property
+    def fenced(self) -> bool:
+        """Whether this instance is fenced: it owns nothing and takes no work until it rejoins."""
+        return self._fenced
 
     # ---- the engine's Ownership -------------------------------------------------------------
 
@@ -121,16 +159,20 @@ class Cluster:
     async def start(self) -> None:
         """Join, take a fair share of the shards (recovering their work), start the loops."""
         await self.leases.join()
+        self._last_beat = time.monotonic()
         log.info(
             "cluster: joined as instance %d (%s), lease %g s",
             self.leases.instance_id,
             self.leases.name,
             self.lease_s,
         )
-        await self._round()
+        await self._beat()
+        await self._balance()
         await self.leases.listen(self._notified)
         loop = asyncio.get_running_loop()
         self._tasks = [
+            loop.create_task(self._heartbeat_loop(), name="cluster-heartbeats"),
+            loop.create_task(self._self_fence_loop(), name="cluster-self-fence"),
             loop.create_task(self._lease_loop(), name="cluster-leases"),
             loop.create_task(self._inbox_loop(), name="cluster-inbox"),
         ]
@@ -163,58 +205,168 @@ class Cluster:
         log.info("cluster: left, %d shards released", left)
         self._metrics.record_lease_change("released", left)
 
+    # ---- heartbeats, and the fence -------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        # A loop of its own: a round that takes shards may load much work, and a heartbeat
+        # waiting for it would get this instance declared dead, or fence it.
+        while True:
+            if self._fenced:
+                if self._stopping:
+                    return  # stopping: no new membership
+                await self._rejoin()
+                continue
+            await asyncio.sleep(self._interval)
+            try:
+                await self._beat()
+                self._beat_failures.ended()
+            except StoreUnavailable as exc:
+                # The database is away: nothing can be committed either. If it stays away
+                # for nearly a lease, `_self_fence_loop` fences this instance.
+                self._beat_failures.failed(exc)
+            except Exception:  # a bug must not end the heartbeats: the others would take over
+                log.exception("cluster: heartbeat failed")
+
+    async def _beat(self) -> None:
+        """Renew the membership and the leases; fence this instance if it was declared dead."""
+        membership = self._membership
+        started = time.monotonic()
+        expected = set(self._owned)
+        beat = await self.leases.heartbeat()
+        if membership != self._membership:
+            return  # fenced while it was renewed: the next membership beats for itself
+        if beat is None:
+            self._declared_dead()
+            return
+        # Only a takeover moves a lease away from a live holder: this one was declared dead
+        # while it went on running (its heartbeat came too late). Shards taken or handed over
+        # while the heartbeat was out are not counted.
+        lost = (expected & self._owned) - beat.owned
+        if lost:
+            log.critical("cluster: shards %s were taken over", sorted(lost))
+            self._declared_dead()
+            return
+        self._last_beat = started
+        if time.monotonic() - started > self.lease_s / 2:
+            log.warning("cluster: a heartbeat took %.1f s", time.monotonic() - started)
+        if beat.live_instances != self.live_instances:
+            log.info("cluster: %d live instances", beat.live_instances)
+        self.live_instances = beat.live_instances
+        # The per-contact in-flight limit is the tenant's: each instance keeps its share.
+        self._engine.set_contact_limit(self._contact_limit // beat.live_instances)
+
+    async def _self_fence_loop(self) -> None:
+        """Fence this instance once its heartbeats have failed for nearly a lease.
+
+        The others may declare it dead when its last heartbeat is a lease old, and resend its
+        work: by then it must have stopped sending. (A paused instance cannot; its commits are
+        refused when it wakes, and it fences itself then.)
+        """
+        while True:
+            left = self._last_beat + self._self_fence_s - time.monotonic()
+            if left > 0 or self._fenced:
+                await asyncio.sleep(max(left, self._interval))
+                continue
+            self._fence(
+                "cut_off",
+                f"no heartbeat reached the database for {time.monotonic() - self._last_beat:.1f} "
+                f"s (the lease is {self.lease_s:g} s): the others may take its shards",
+            )
+
+    def _declared_dead(self) -> None:
+        """The others declared this instance dead: its heartbeat or a commit was refused."""
+        self._fence(
+            "declared_dead",
+            f"this instance was declared dead (silent for more than {self.lease_s:g} s) and its "
+            "shards taken over",
+        )
+
+    def _fence(self, cause: str, reason: str) -> None:
+        """Stop everything of this membership at once; `_rejoin` starts the next one.
+
+        Synchronous, so that nothing runs between the steps: no shard is held any more (so
+        nothing of any segment is recorded), the engine drops every segment and cancels every
+        request in flight, and the journal drops what it had not committed.
+        """
+        if self._fenced:
+            return
+        self._fenced = True
+        self._membership += 1
+        self._fenced_at = time.monotonic()
+        self.fence_reason = reason
+        lost = len(self._owned)
+        self._owned.clear()
+        self._releasing.clear()
+        self._taking.clear()
+        handover, self._handover = self._handover, None
+        if handover is not None and handover is not asyncio.current_task():
+            handover.cancel()
+        let_go = self._engine.abandon()
+        self._cache.clear()
+        dropped = self._store.discard_pending()
+        self._metrics.record_lease_change("lost", lost)
+        self._metrics.record_fenced(cause)
+        log.critical(
+            "cluster: %s; fenced: %d shards, %d assignments dropped from memory (their work is "
+            "in the journal for the next owners), %d uncommitted changes discarded; it refuses "
+            "work and joins again as a new member once the database answers",
+            reason,
+            lost,
+            let_go,
+            dropped,
+        )
+
+    async def _rejoin(self) -> None:
+        """Join again as a new member, once the database answers (the old membership ends)."""
+        delay = REJOIN_FIRST_S
+        while True:
+            try:
+                await self.leases.join()
+                break
+            except StoreUnavailable as exc:
+                self._join_failures.failed(exc)
+            except Exception:  # a bug must not keep the instance fenced for ever
+                log.exception("cluster: joining again failed")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, REJOIN_MOST_S)
+        self._join_failures.ended()
+        self._last_beat = time.monotonic()
+        self._fenced = False
+        self.fence_reason = ""
+        log.warning(
+            "cluster: joined again as instance %d after %.1f s fenced; taking a fair share of "
+            "the shards",
+            self.leases.instance_id,
+            time.monotonic() - self._fenced_at,
+        )
+        self._balance_wake.set()
+
     # ---- the lease loop ----------------------------------------------------------------------
 
     async def _lease_loop(self) -> None:
         # At least every half second: a death is seen (and the shards moved) within about
         # lease_s + 0.5 s by every survivor, not one heartbeat phase after another.
-        interval = min(self.lease_s / 3, HEARTBEAT_MAX_S)
-        next_beat = time.monotonic() + interval
         while True:
-            fair = self._fair_share()
-            wait = next_beat - time.monotonic()
-            if len(self._owned) < fair and self._engine.accepting:
-                wait = min(wait, TAKE_RETRY_S)
-            if wait > 0:
-                await asyncio.sleep(wait)
+            self._balance_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._balance_wake.wait(), self._interval)
+            if self._fenced:
+                continue
             try:
-                beat = time.monotonic() >= next_beat
-                await self._round(heartbeat=beat)
-                if beat:
-                    next_beat = time.monotonic() + interval
+                await self._balance()
+                self._round_failures.ended()
             except StoreUnavailable as exc:
                 # The database is away: nothing can be committed either, so nothing is done
                 # that the leases do not cover. Their expiry is the others' business.
-                log.warning("cluster: %s", exc)
-                next_beat = time.monotonic() + min(interval, TAKE_RETRY_S)
-            except Exception:  # a bug must not end the heartbeats: the others would take over
+                self._round_failures.failed(exc)
+            except Exception:  # a bug must not end the takeovers
                 log.exception("cluster: lease round failed")
-                next_beat = time.monotonic() + min(interval, TAKE_RETRY_S)
 
     def _fair_share(self) -> int:
         return math.ceil(SHARDS / max(1, self.live_instances))
 
-    async def _round(self, *, heartbeat: bool = True) -> None:
-        if heartbeat:
-            started = time.monotonic()
-            beat = await self.leases.heartbeat()
-            if beat is None:
-                self._fence()
-                return
-            lost = self._owned - beat.owned
-            if lost:
-                # Only a takeover moves a lease away from a live holder: this one was declared
-                # dead while it went on running (its heartbeat came too late).
-                log.critical("cluster: shards %s were taken over", sorted(lost))
-                self._fence()
-                return
-            if time.monotonic() - started > self.lease_s / 2:
-                log.warning("cluster: a heartbeat took %.1f s", time.monotonic() - started)
-            if beat.live_instances != self.live_instances:
-                log.info("cluster: %d live instances", beat.live_instances)
-            self.live_instances = beat.live_instances
-            # The per-contact in-flight limit is the tenant's: each instance keeps its share.
-            self._engine.set_contact_limit(self._contact_limit // beat.live_instances)
+    async def _balance(self) -> None:
+        """Declare the dead dead, and take free shards or hand some over, to the fair share."""
         fair = self._fair_share()
         if self._stopping or (not self._engine.accepting and self._owned):
             await self.leases.take(0)  # still declare the dead dead: their shards free up
@@ -226,11 +378,14 @@ class Cluster:
                     self._hand_over(set(extra)), name="cluster-handover"
                 )
             return
+        membership = self._membership
         taken = await self.leases.take(fair - len(self._owned))
-        if taken:
+        if taken and membership == self._membership:
+            # (Taken under a membership since fenced: those leases ended with it.)
             await self._adopt(set(taken))
 
     async def _adopt(self, shards: set[int]) -> None:
+        membership = self._membership
         started = time.monotonic()
         try:
             recovered = await self._store.load_segments(lambda s: shard_of(s) in shards)
@@ -239,6 +394,8 @@ class Cluster:
             with contextlib.suppress(StoreUnavailable):
                 await self.leases.release(sorted(shards))
             raise
+        if membership != self._membership:
+            return  # fenced while loading: the leases went with the membership
         self._owned |= shards
         self._cache.restore(recovered.confirmations, time.time())
         self._engine.adopt(recovered.assignments, recovered.batches, recovered.queued)
@@ -256,12 +413,15 @@ class Cluster:
         )
 
     async def _hand_over(self, shards: set[int]) -> None:
+        membership = self._membership
         self._releasing |= shards
         try:
             segments = {s for s in self._engine.segments() if shard_of(s) in shards}
             await self._engine.release_segments(segments, self._handover_budget_s)
             delay = 0.25
             while True:
+                if membership != self._membership:
+                    return  # fenced meanwhile: the shards went with the membership
                 # Until the database takes both steps: a shard dropped here but still leased
                 # in the database would be worked by nobody.
                 try:
@@ -272,24 +432,11 @@ class Cluster:
                 except StoreUnavailable as exc:
                     log.warning("cluster: handing %d shards over: %s; retrying", len(shards), exc)
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, TAKE_RETRY_S * 5)
+                    delay = min(delay * 2, HANDOVER_RETRY_MOST_S)
         finally:
             self._releasing -= shards
         self._metrics.record_lease_change("released", len(shards))
         log.info("cluster: handed %d shards over (%d now)", len(shards), len(self._owned))
-
-    def _fence(self) -> None:
-        """Declared dead by the others: stop, so that the supervisor starts a new member."""
-        if self._fenced:
-            return
-        self._fenced = True
-        self._metrics.record_lease_change("lost", len(self._owned))
-        log.critical(
-            "cluster: this instance was declared dead (silent for more than %g s) and its "
-            "shards taken over; it commits nothing more and stops to start again",
-            self.lease_s,
-        )
-        self._on_fenced()
 
     # ---- forwarded work ------------------------------------------------------------------------
 
@@ -375,6 +522,9 @@ class Cluster:
     async def _sweep_loop(self) -> None:
         assert self._notifier is not None
         while True:
+            if self._fenced:  # a claim under a membership that is over is anyone's at once
+                await asyncio.sleep(NOTIFICATION_SWEEP_S)
+                continue
             try:
                 found = await self._store.claim_notifications(100)
             except StoreUnavailable as exc:
@@ -390,3 +540,26 @@ class Cluster:
             if found:
                 log.info("cluster: took %d undelivered notifications over", len(found))
             await asyncio.sleep(NOTIFICATION_SWEEP_S)
+
+
+class _Failures:
+    """One loop's failures in a row, logged when they start or change and when they end."""
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._last = ""
+        self._count = 0
+
+    def failed(self, exc: Exception) -> None:
+        """Another failure: a warning if it is the first or says something new."""
+        self._count += 1
+        message = str(exc)
+        if message != self._last:
+            log.warning("cluster: %s", message)
+            self._last = message
+
+    def ended(self) -> None:
+        """The loop works again: say so if it had failed."""
+        if self._count:
+            log.info("cluster: %s work again after %d failures", self._what, self._count)
+        self._last, self._count = "", 0

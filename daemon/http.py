@@ -423,7 +423,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """GET /readyz: store writable, CXone token obtainable, not draining, below high-water."""
+    """GET /readyz: store writable, CXone token, not draining, below high-water, not fenced."""
     service = request.app[SERVICE]
     checks: dict[str, str] = {}
     checks["draining"] = "no" if not service.draining else "yes"
@@ -439,6 +439,9 @@ async def readyz(request: web.Request) -> web.Response:
     token_ok, token_error = await service.token_ready()
     checks["cxone_token"] = "ok" if token_ok else token_error
     checks["fds"] = fd_check(fd_usage())
+    cluster = service.cluster
+    if cluster is not None:
+        checks["cluster"] = f"fenced: {cluster.fence_reason}" if cluster.fenced else "ok"
     # Informational only: a read backlog delays confirmation but is no reason to stop traffic.
     backlog = service.poller.backlog()
     checks["validation"] = (
@@ -453,6 +456,7 @@ async def readyz(request: web.Request) -> web.Response:
         and checks["store"] == "ok"
         and token_ok
         and engine.healthy
+        and checks.get("cluster", "ok") == "ok"
     )
     return json_response({"ready": ready, "checks": checks}, 200 if ready else 503)
 

@@ -302,9 +302,16 @@ async def _new_dead(
 
 
 def refuse_if_busy(service: Service, assignments: int) -> None:
-    """Raise `Busy` when draining, or when `assignments` more would cross the high-water mark."""
+    """Raise `Busy` when draining or fenced, or if `assignments` more would cross high water."""
     if service.draining:
         raise Busy("segmapd is shutting down", DRAIN_RETRY_AFTER_S)
+    cluster = service.cluster
+    if cluster is not None and cluster.fenced:
+        # Its membership is over: nothing it takes could be committed until it has joined again.
+        raise Busy(
+            "this instance is rejoining the cluster (fenced); retry, or send to another instance",
+            DRAIN_RETRY_AFTER_S,
+        )
     engine = service.engine
     wait_s = engine.admission_wait(assignments)
     if wait_s is not None:

@@ -368,6 +368,21 @@ class Metrics(EngineObserver):
         )
         for change in ("taken", "released", "lost"):
             self.lease_changes.labels(change=change)
+        self.cluster_fenced = Gauge(
+            "segmapd_cluster_fenced",
+            "1 while this instance is fenced (declared dead, or cut off from the database for "
+            "nearly a lease): it owns nothing and refuses work until it has joined again.",
+            registry=r,
+        )
+        self.cluster_fences = Counter(
+            "segmapd_cluster_fences_total",
+            "Times this instance fenced itself: the others declared it dead (`declared_dead`), "
+            "or its heartbeats failed for nearly a lease (`cut_off`).",
+            ["cause"],
+            registry=r,
+        )
+        for cause in ("declared_dead", "cut_off"):
+            self.cluster_fences.labels(cause=cause)
         self.forwarded = Counter(
             "segmapd_cluster_forwarded_total",
             "Assignment changes forwarded to the instance owning their segment.",
@@ -413,10 +428,21 @@ class Metrics(EngineObserver):
         """Export each endpoint class's total limiter wait (`RateGate.waited_s`) at scrape."""
         self._callbacks.gates = dict(waited)
 
-    def bind_cluster(self, *, owned: Callable[[], int], instances: Callable[[], int]) -> None:
-        """Read the shards owned and the live instances from these at every scrape."""
+    def bind_cluster(
+        self,
+        *,
+        owned: Callable[[], int],
+        instances: Callable[[], int],
+        fenced: Callable[[], bool],
+    ) -> None:
+        """Read the shards owned, the live instances and the fence from these at every scrape."""
         self.shards_owned.set_function(owned)
         self.cluster_instances.set_function(instances)
+        self.cluster_fenced.set_function(lambda: float(fenced()))
+
+    def record_fenced(self, cause: str) -> None:
+        """Count a fence of this instance (`declared_dead` or `cut_off`)."""
+        self.cluster_fences.labels(cause=cause).inc()
 
     def record_lease_change(self, change: str, shards: int) -> None:
         """`shards` leases were taken, released or lost."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -214,7 +213,6 @@ class Service:
                 lease_s=config.cluster.lease_s,
                 contact_limit=config.batching.max_inflight_per_contact,
                 handover_budget_s=config.cxone.timeout_s + 5.0,
-                on_fenced=self._fenced,
                 name=config.cluster.name,
                 notifier=self.notifier,
             )
@@ -366,16 +364,6 @@ class Service:
     async def _leave_cluster(self) -> None:
         assert self.cluster is not None
         await self.cluster.stop()
-
-    def _fenced(self) -> None:
-        """Declared dead by the other instances: nothing this one holds may be written any more.
-
-        Its state is dropped with the process: it exits at once (status 1, restarted by its
-        supervisor as a new member), as the drain would only try to commit what is refused.
-        """
-        self.journal_failed = True
-        logging.shutdown()
-        os._exit(1)
 
     async def _close_listener(self, listener: Listener) -> None:
         await listener.close()

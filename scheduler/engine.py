@@ -1078,6 +1078,25 @@ class Engine:
             )
         return result
 
+    def abandon(self) -> int:
+        """Let go of every segment at once, recording nothing: this process lost them all.
+
+        For a process the others declared dead (several processes on one journal): the new
+        owners recover its segments from the journal, so nothing more may be sent or recorded
+        from here. The caller first makes `Ownership.holds` false for every segment. Every
+        request in flight is cancelled (its batch stays journaled and is resent under its key,
+        which CXone replays), every retry timer too, and every trace of every segment leaves
+        memory at once, as `release_segments` lets go of its segments, without waiting for any
+        outcome. The engine keeps running, ready for segments adopted later. Returns how many
+        assignments were let go.
+        """
+        for task in self._tasks:
+            task.cancel()  # each ends at its next step, where `holds` keeps it from recording
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        return self._drop_segments(self.segments())
+
     # ---- the flusher ---------------------------------------------------------------------
 
     async def _flush_loop(self) -> None:

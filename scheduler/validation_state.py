@@ -94,6 +94,10 @@ class MemoryConfirmationCache:
         for key in [k for k in self._entries if k[1] in segments]:
             del self._entries[key]
 
+    def clear(self) -> None:
+        """Drop every pair (this process lost every segment: their new owners confirm them)."""
+        self._entries.clear()
+
     def restore(self, entries: list[tuple[str, str, float, bool]], wall_now: float) -> None:
         """Take back confirmations made before a restart (wall-clock times), oldest first."""
         now = self._clock()

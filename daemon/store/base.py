@@ -253,7 +253,10 @@ class Leases(abc.ABC):
 
     @abc.abstractmethod
     async def join(self) -> int:
-        """Become a member; every commit of the journal checks the membership from now on."""
+        """Become a member; every commit of the journal checks the membership from now on.
+
+        Called again after a fence: the previous membership ends, a new one begins.
+        """
 
     @abc.abstractmethod
     async def heartbeat(self) -> Heartbeat | None:
@@ -319,3 +322,7 @@ class SharedJournal(JournalStore):
     @abc.abstractmethod
     async def claim_notifications(self, limit: int) -> list[tuple[str, bytes]]:
         """Notifications no live instance is delivering, claimed for this one."""
+
+    @abc.abstractmethod
+    def discard_pending(self) -> int:
+        """Drop what is not committed yet, failing its waiters (this instance was fenced)."""

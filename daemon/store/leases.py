@@ -7,7 +7,8 @@ holding its `EPOCH_LOCK` exclusively (every commit of that instance holds it sha
 the row, see `fence_sql`), so nothing the dead one commits from then on lands, even if it was
 only paused. Its shards are then free, as are those released by an instance handing them over
 or leaving, and live instances take them up to their fair share (each change of owner raises
-the shard's epoch).
+the shard's epoch). An instance that finds itself fenced (declared dead, or cut off for nearly a
+lease) joins again as a new member, ending its old membership itself if nobody has yet.
 
 The statements lock the instance row before any shard row, in every transaction, so that a
 heartbeat and a takeover never wait for each other in a cycle.
@@ -56,14 +57,28 @@ class ShardLeases(Leases):
         return f"ShardLeases({self.name!r}, instance {self.instance_id})"
 
     async def join(self) -> int:
-        """Become a member: a new instance id, which every commit of this store checks."""
-        row = await self._run(
-            lambda c: c.fetchval(
-                "INSERT INTO segmapd_instances (name) VALUES ($1) RETURNING id", self.name
-            ),
-            "joining",
+        """Become a member: a new instance id, which every commit of this store checks.
+
+        An instance joining again (it was fenced: declared dead, or cut off from the database
+        for longer than its lease) ends its previous membership in the same transaction, as a
+        takeover would: its shards are free at once, and nothing still under way under the old
+        id can commit after this.
+        """
+        previous = self.instance_id
+
+        async def join(connection: _Connection) -> int:
+            async with connection.transaction():
+                if previous is not None:
+                    await _end_membership(connection, previous)
+                new: int = await connection.fetchval(
+                    "INSERT INTO segmapd_instances (name) VALUES ($1) RETURNING id", self.name
+                )
+            return new
+
+        # The takeover session: ending the old membership may wait for a commit of it to end.
+        self.instance_id = await self._run(
+            join, "joining" if previous is None else "joining again", takeover=True
         )
-        self.instance_id = int(row)
         self._store.instance_id = self.instance_id
         return self.instance_id
 
@@ -109,29 +124,8 @@ class ShardLeases(Leases):
                     me,
                 )
                 for (instance,) in dead:
-                    key = int(instance) % 2_147_483_647
-                    # A commit of that instance still under way holds the lock shared: if the
-                    # instance is paused mid-commit (even mid-message, where the server cannot
-                    # tell it idle), it would hold it for as long as it is paused. It is
-                    # declared dead: its sessions are ended, and the commit with them.
-                    await connection.execute(
-                        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE "
-                        "locktype = 'advisory' AND classid = $1 AND objid = $2 "
-                        "AND objsubid = 2 AND granted AND pid <> pg_backend_pid()",
-                        EPOCH_LOCK,
-                        key,
-                    )
-                    # Every later commit of it finds its row gone.
-                    await connection.execute(
-                        "SELECT pg_advisory_xact_lock($1, $2)", EPOCH_LOCK, key
-                    )
-                    gone = await connection.fetchval(
-                        "DELETE FROM segmapd_instances WHERE id = $1 "
-                        "AND heartbeat_at < now() - make_interval(secs => $2) RETURNING id",
-                        instance,
-                        self.lease_s,
-                    )
-                    if gone is not None:
+                    gone = await _end_membership(connection, int(instance), self.lease_s)
+                    if gone:
                         log.warning(
                             "cluster: instance %d missed its heartbeats for %g s: declared "
                             "dead, its shards are free",
@@ -272,6 +266,43 @@ class ShardLeases(Leases):
             raise StoreUnavailable(
                 f"{what} failed ({type(exc).__name__}: {str(exc).strip()[:200]})"
             ) from None
+
+
+async def _end_membership(
+    connection: _Connection, instance: int, silent_for_s: float | None = None
+) -> bool:
+    """Delete an instance's row so that none of its commits lands after this transaction.
+
+    With `silent_for_s`, only if its heartbeat is older than that (declaring it dead); without,
+    in any case (the instance itself joining again). Whether the row was deleted.
+    """
+    key = instance % 2_147_483_647
+    # A commit of that instance still under way holds the lock shared: if the instance is
+    # paused mid-commit (even mid-message, where the server cannot tell it idle), it would hold
+    # it for as long as it is paused. Its membership ends: its sessions are ended, and the
+    # commit with them. (Only shared holders: another instance ending the same membership at
+    # the same moment holds it exclusively, and is waited for instead.)
+    await connection.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE "
+        "locktype = 'advisory' AND classid = $1 AND objid = $2 "
+        "AND objsubid = 2 AND mode = 'ShareLock' AND granted AND pid <> pg_backend_pid()",
+        EPOCH_LOCK,
+        key,
+    )
+    # Every later commit of it finds its row gone.
+    await connection.execute("SELECT pg_advisory_xact_lock($1, $2)", EPOCH_LOCK, key)
+    if silent_for_s is None:
+        gone = await connection.fetchval(
+            "DELETE FROM segmapd_instances WHERE id = $1 RETURNING id", instance
+        )
+    else:
+        gone = await connection.fetchval(
+            "DELETE FROM segmapd_instances WHERE id = $1 "
+            "AND heartbeat_at < now() - make_interval(secs => $2) RETURNING id",
+            instance,
+            silent_for_s,
+        )
+    return gone is not None
 
 
 class _Session:

@@ -300,6 +300,12 @@ class PostgresStore(SharedJournal):
         # The transaction the writer is committing (or failed to, and will retry): its changes
         # are in neither `_pending` nor the database yet.
         self._in_flight: PendingWork | None = None
+        # A failed transaction's changes (the same object as `_in_flight` while it waits for its
+        # retry), committed first with what was queued since.
+        self._carry = PendingWork()
+        self._committing = False
+        # Set by `discard_pending` while a commit is under way: if it fails, it is not retried.
+        self._discarded = False
         self._closing = False
         self._closed = False
         self.last_error = ""
@@ -518,6 +524,37 @@ class PostgresStore(SharedJournal):
         self._pending.waiters.append(future)
         self._wake.set()
         await future
+
+    def discard_pending(self) -> int:
+        """Drop every change not committed yet, failing its waiters; how many assignment changes.
+
+        For an instance the others declared dead (daemon/cluster.py): nothing it queued can be
+        committed any more under its membership, and the states it queued are superseded by
+        the new owners', who recover its segments from what it did commit. None of it was
+        acknowledged: a webhook is answered only once its commit is done, and that commit now
+        fails. A commit already under way is not interrupted: it lands (the instance was still
+        a member when it began) or fails, and is then not retried.
+        """
+        dropped = [self._pending, self._carry]
+        if self._committing:
+            self._discarded = True
+        else:
+            self._in_flight = None  # the failed transaction waiting for its retry: dropped
+        self._pending, self._carry = PendingWork(), PendingWork()
+        self.last_error = ""  # the dropped transaction's: the next commit tells
+        failure = StoreUnavailable(
+            f"journal {self.shown}: this instance was fenced; its uncommitted changes were dropped"
+        )
+        changes = 0
+        for work in dropped:
+            changes += len(work.assignments)
+            for key in work.deliveries:
+                self._unconfirmed.pop(key, None)  # never answered: a redelivery is taken anew
+            for waiter in work.waiters:
+                if not waiter.done():
+                    waiter.set_exception(failure)
+        self._wake.set()
+        return changes
 
     # ---- writes -------------------------------------------------------------------------------
 
@@ -995,11 +1032,10 @@ class PostgresStore(SharedJournal):
     # ---- the writer task ----------------------------------------------------------------------
 
     async def _write_loop(self) -> None:
-        carry = PendingWork()  # changes of a failed transaction, retried first
         delay = RETRY_FIRST_S
         while True:
             pending = self._pending
-            if pending.empty() and not pending.waiters and carry.empty():
+            if pending.empty() and not pending.waiters and self._carry.empty():
                 if self._closing:
                     return
                 self._wake.clear()
@@ -1010,20 +1046,27 @@ class PostgresStore(SharedJournal):
                 continue
             work, self._pending = self._pending, PendingWork()
             closing = self._closing
-            if not carry.empty():
+            if not self._carry.empty():
                 # A failed transaction's changes go first; later ones are merged onto them.
-                carry.absorb(work)
-                work, carry = carry, PendingWork()
+                self._carry.absorb(work)
+                work = self._carry
+            self._carry = PendingWork()
             self._in_flight = work
-            try:
-                await self._commit(work)
-            except Exception as exc:  # any failure: keep the changes, answer busy, retry
-                self._failed(work, exc)
+            failure = await self._try_commit(work)
+            if failure is not None:  # any failure: keep the changes, answer busy, retry
+                self._failed(work, failure)
                 work.waiters = []
-                carry = work
+                if self._discarded:
+                    # Dropped meanwhile (`discard_pending`): not retried. Its error is no news
+                    # of the database: the next commit (or the readiness probe) tells.
+                    self._in_flight = None
+                    self.last_error = ""
+                else:
+                    self._carry = work
                 if closing:
                     self._in_flight = None
-                    self._pending.absorb(carry)  # kept visible to close()'s report
+                    self._pending.absorb(self._carry)  # kept visible to close()'s report
+                    self._carry = PendingWork()
                     return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MOST_S)
@@ -1046,6 +1089,17 @@ class PostgresStore(SharedJournal):
                     waiter.set_result(None)
             self._schedule_prune()
 
+    async def _try_commit(self, work: PendingWork) -> Exception | None:
+        """Commit `work`; the failure, or None. `_committing` says a commit is under way."""
+        self._committing, self._discarded = True, False
+        try:
+            await self._commit(work)
+        except Exception as exc:  # any failure: the writer keeps the changes and retries
+            return exc
+        finally:
+            self._committing = False
+        return None
+
     async def _commit(self, work: PendingWork) -> None:
         if work.empty():
             return
@@ -1064,7 +1118,9 @@ class PostgresStore(SharedJournal):
             except asyncpg.RaiseError as exc:
                 await _rollback(connection)
                 if instance is not None and FENCED in str(exc):
-                    if self.on_fenced is not None:
+                    # Only the current membership's refusal counts: a commit begun under a
+                    # membership already ended (the instance joined again since) says nothing.
+                    if self.on_fenced is not None and instance == self.instance_id:
                         self.on_fenced()
                     raise StoreUnavailable(
                         f"journal {self.shown}: this instance was declared dead and its shards "
@@ -1203,7 +1259,9 @@ class PostgresStore(SharedJournal):
 
     def _failed(self, work: PendingWork, exc: Exception) -> None:
         message = f"journal {self.shown}: commit failed: {_describe(exc)}"
-        if message != self.last_error:
+        if self._discarded:
+            log.warning("%s; its %d changes are dropped (fenced)", message, len(work.assignments))
+        elif message != self.last_error:
             log.error("%s; keeping %d changes queued and retrying", message, len(work.assignments))
         self.last_error = message
         for waiter in work.waiters:

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import aiohttp
+import asyncpg
 import orjson
 
 from tests.e2e.conftest import Daemon, StartDaemon
@@ -69,6 +70,13 @@ async def settled(daemons: list[Daemon], timeout_s: float = 20.0) -> None:
                 return
             assert time.monotonic() < deadline, f"shards never settled: {owned}"
             await asyncio.sleep(0.2)
+
+
+async def metric_total(http: aiohttp.ClientSession, daemon: Daemon, name: str) -> float:
+    """The sum of a labelled metric's samples in the daemon's /metrics."""
+    async with http.get(f"{daemon.url}/metrics") as response:
+        text = await response.text()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
 def events(prefix: str, start: int, stop: int, segments: list[str]) -> list[dict[str, Any]]:
@@ -194,7 +202,7 @@ async def test_sigkill_of_instances_under_load_loses_and_doubles_nothing(
     assert sum(counters["rate_limited"].values()) == 0
 
 
-async def test_a_paused_owner_is_fenced_and_never_writes_after_it_wakes(
+async def test_a_paused_owner_is_fenced_never_writes_after_it_wakes_and_rejoins(
     start_daemon: StartDaemon,
     emulator: EmulatorControl,
     http: aiohttp.ClientSession,
@@ -202,8 +210,11 @@ async def test_a_paused_owner_is_fenced_and_never_writes_after_it_wakes(
     postgres_url: str,
 ):
     # Writes are applied but answered slowly: the paused owner has requests in flight.
+    await emulator.configure({"faults": {"bulk": {"latency_ms": 300}}})
     daemons = await start_cluster(start_daemon, postgres, postgres_url, 2)
     paused, other = daemons
+    assert paused.process.proc is not None
+    pid = paused.process.proc.pid
     segments = [f"PZ{n}" for n in range(6)]
     status, _ = await paused.webhook(http, events("pz", 0, 100, segments))
     assert status == 202
@@ -222,8 +233,21 @@ async def test_a_paused_owner_is_fenced_and_never_writes_after_it_wakes(
         await asyncio.sleep(max(0.0, 3 * LEASE_S - (time.monotonic() - stopped)))
     finally:
         paused.process.signal(signal.SIGCONT)
-    # It wakes, finds it was declared dead, and stops (status 1) having written nothing.
-    assert await asyncio.to_thread(paused.process.wait, 15) == 1
+    # It wakes, fences itself (its heartbeats are a lease old, and it was declared dead)
+    # without exiting, and joins again as a new member: the two share the shards again.
+    deadline = time.monotonic() + 30
+    while await metric_total(http, paused, "segmapd_cluster_fences_total") < 1:
+        assert time.monotonic() < deadline, "the woken instance never fenced itself"
+        await asyncio.sleep(0.2)
+    await settled([paused, other], timeout_s=30)
+    assert paused.process.proc.poll() is None and paused.process.proc.pid == pid
+    while True:
+        async with http.get(f"{paused.url}/readyz") as response:
+            if response.status == 200:
+                break
+            assert time.monotonic() < deadline, await response.text()
+        await asyncio.sleep(0.2)
+    # Nothing it held when it was paused was sent again: every write was done by the other.
     after = await emulator.counters()
     assert after["bulk_ids"]["requests"] == before["bulk_ids"]["requests"]
     assert after["idempotency_conflicts"].get("IdempotencyKeyReused", 0) == 0
@@ -231,11 +255,68 @@ async def test_a_paused_owner_is_fenced_and_never_writes_after_it_wakes(
     assert sum(after["rate_limited"].values()) == 0
     for segment in segments:
         assert len(await emulator.members(segment)) == 100
-    status, view = await other.contact(http, "pz7")
-    assert {s["state"] for s in view["segments"]} == {"active"}
-    # Restarted by its supervisor, it joins again as a new member.
-    await asyncio.to_thread(paused.restart)
-    await settled([paused, other])
+    for daemon in daemons:
+        status, view = await daemon.contact(http, "pz7")
+        assert {s["state"] for s in view["segments"]} == {"active"}
+
+
+async def test_a_fenced_instance_refuses_work_until_it_has_joined_again(
+    start_daemon: StartDaemon,
+    emulator: EmulatorControl,
+    http: aiohttp.ClientSession,
+    postgres: PostgresServer,
+    postgres_url: str,
+):
+    [daemon] = await start_cluster(start_daemon, postgres, postgres_url, 1)
+    assert daemon.process.proc is not None
+    pid = daemon.process.proc.pid
+    status, _ = await daemon.webhook(http, events("fz", 0, 10, ["FZ1"]))
+    assert status == 202
+    # The members' table is locked by another session: heartbeats (and joining again) wait for
+    # it, as for a database that does not answer, while commits still go through. After nearly
+    # a lease without a heartbeat the instance fences itself.
+    blocker = await asyncpg.connect(postgres_url, password=postgres.password)
+    lock = blocker.transaction()
+    await lock.start()
+    try:
+        await blocker.execute("LOCK TABLE segmapd_instances IN EXCLUSIVE MODE")
+        deadline = time.monotonic() + 30
+        while await metric(http, daemon, "segmapd_cluster_fenced") != 1:
+            assert time.monotonic() < deadline, "the instance never fenced itself"
+            await asyncio.sleep(0.2)
+        assert await metric(http, daemon, "segmapd_cluster_shards_owned") == 0
+        body = orjson.dumps(events("fz", 10, 11, ["FZ1"]))
+        async with http.post(
+            f"{daemon.url}/v1/webhooks/crm", data=body, headers=daemon.signed_headers(body)
+        ) as response:
+            assert response.status == 503
+            assert float(response.headers["Retry-After"]) > 0
+            assert "fenced" in await response.text()
+        async with http.post(
+            f"{daemon.url}/v1/mappings",
+            data=body,
+            headers={**daemon.admin, "Content-Type": "application/json"},
+        ) as response:
+            assert response.status == 503 and "Retry-After" in response.headers
+        async with http.get(f"{daemon.url}/readyz") as response:
+            assert response.status == 503
+            assert (await response.json())["checks"]["cluster"].startswith("fenced: ")
+    finally:
+        await lock.rollback()
+        await blocker.close()
+    # The table answers again: it joins again by itself, and takes work.
+    while True:
+        async with http.get(f"{daemon.url}/readyz") as response:
+            if response.status == 200:
+                break
+            assert time.monotonic() < deadline, await response.text()
+        await asyncio.sleep(0.2)
+    status, _ = await daemon.webhook(http, events("fz", 10, 11, ["FZ1"]))
+    assert status == 202
+    for i in range(11):
+        await daemon.wait_states(http, f"fz{i}", {"active"}, 30)
+    assert daemon.process.proc.poll() is None and daemon.process.proc.pid == pid
+    assert await metric_total(http, daemon, "segmapd_cluster_fences_total") == 1
 
 
 async def test_a_rolling_restart_answers_only_2xx_or_503_with_retry_after(
@@ -327,3 +408,95 @@ async def test_the_database_restarted_under_three_instances_loses_nothing(
     counters = await emulator.counters()
     assert counters["idempotency_conflicts"].get("IdempotencyKeyReused", 0) == 0
     assert counters["applied_twice"] == 0
+
+
+async def test_a_database_outage_of_two_leases_fences_instances_that_rejoin_without_exiting(
+    start_daemon: StartDaemon,
+    emulator: EmulatorControl,
+    http: aiohttp.ClientSession,
+    postgres: PostgresServer,
+    postgres_url: str,
+):
+    # Writes are answered slowly: batches are in flight when the database goes away.
+    await emulator.configure({"faults": {"bulk": {"latency_ms": 300}}})
+    daemons = await start_cluster(start_daemon, postgres, postgres_url, 3)
+    pids = [d.process.proc.pid for d in daemons if d.process.proc]
+    segments = ["OU1", "OU2", "OU3"]
+    answers: list[tuple[int, str | None]] = []
+    acknowledged: list[str] = []
+    stop = asyncio.Event()
+    patient = aiohttp.ClientTimeout(total=60)
+
+    async def load() -> None:
+        sent = 0
+        while not stop.is_set():
+            daemon = daemons[sent % 3]
+            body = events("ou", sent * 3, sent * 3 + 3, segments)
+            sent += 1
+            payload = orjson.dumps(body)
+            try:
+                async with http.post(
+                    f"{daemon.url}/v1/webhooks/crm",
+                    data=payload,
+                    headers=daemon.signed_headers(payload),
+                    timeout=patient,
+                ) as response:
+                    answers.append((response.status, response.headers.get("Retry-After")))
+                    if response.status == 202:
+                        acknowledged.extend(e["contactId"] for e in body)
+            except aiohttp.ClientError:
+                answers.append((0, None))  # nobody answered: the instance is gone
+            await asyncio.sleep(0.1)
+
+    async def ready(daemon: Daemon) -> bool:
+        assert daemon.process.proc is not None
+        assert daemon.process.proc.poll() is None, f"exited {daemon.process.proc.returncode}"
+        async with http.get(f"{daemon.url}/readyz") as response:
+            return response.status == 200
+
+    loader = asyncio.create_task(load())
+    try:
+        while len(acknowledged) < 30:  # work taken, some of it in flight
+            assert not loader.done(), loader
+            await asyncio.sleep(0.1)
+        # Down for two leases: every instance is silent long enough to be declared dead.
+        await asyncio.to_thread(postgres.stop)
+        try:
+            await asyncio.sleep(2 * LEASE_S)
+        finally:
+            await asyncio.to_thread(postgres.start)
+        # Each instance fences itself, waits for the database and joins again, by itself.
+        deadline = time.monotonic() + 60
+        for daemon in daemons:
+            while not await ready(daemon):
+                assert time.monotonic() < deadline, "an instance never became ready again"
+                await asyncio.sleep(0.2)
+        taken_after = len(acknowledged)
+        while len(acknowledged) < taken_after + 30:  # and takes work again
+            assert not loader.done(), loader
+            assert time.monotonic() < deadline, "no work was taken after the outage"
+            await asyncio.sleep(0.1)
+    finally:
+        stop.set()
+        await loader
+    # No instance exited: the same processes run, and they share the shards again.
+    assert [d.process.proc.poll() for d in daemons if d.process.proc] == [None] * 3
+    assert [d.process.proc.pid for d in daemons if d.process.proc] == pids
+    await settled(daemons, timeout_s=60)
+    fences = [await metric_total(http, d, "segmapd_cluster_fences_total") for d in daemons]
+    assert all(count >= 1 for count in fences), fences
+    assert [await metric(http, d, "segmapd_cluster_fenced") for d in daemons] == [0.0] * 3
+    # Refusals were 503 with Retry-After, nothing else.
+    refused = [(status, retry) for status, retry in answers if status != 202]
+    assert refused, "no webhook met the outage"
+    assert all(status == 503 and retry for status, retry in refused), refused
+    # Every acknowledged assignment ends active, in the daemons' status and in CXone.
+    for n, contact_id in enumerate(acknowledged):
+        await daemons[n % 3].wait_states(http, contact_id, {"active"}, 60)
+    for segment in segments:
+        assert set(acknowledged) <= {m["contactId"] for m in await emulator.members(segment)}
+    # Nothing was applied twice: batches in flight were resent under their keys and replayed.
+    counters = await emulator.counters()
+    assert counters["idempotency_conflicts"].get("IdempotencyKeyReused", 0) == 0
+    assert counters["applied_twice"] == 0
+    assert sum(counters["rate_limited"].values()) == 0

@@ -14,7 +14,7 @@ from pydantic import SecretStr
 
 from daemon.config import StoreConfig
 from daemon.store import StoreOpenError, StoreUnreachable, from_url
-from daemon.store.postgres import MIGRATIONS, PostgresStore
+from daemon.store.postgres import MIGRATIONS, PostgresStore, fence_sql
 from daemon.store.shards import SHARDS
 from scheduler.model import Assignment, Intent, State
 from scheduler.ownership import ForwardedChange
@@ -348,6 +348,78 @@ async def test_a_silent_instance_is_declared_dead_and_commits_nothing_more(
         assert [a.contact_id for a in await second.contact("before")] == ["before"]
     finally:
         first.instance_id = None  # its writer stops retrying the refused commit at close
+        await asyncio.gather(first.close(), second.close())
+
+
+async def test_a_fenced_instance_drops_what_it_had_not_committed_and_joins_again(
+    journal: Callable[..., PostgresStore], postgres: PostgresServer, postgres_url: str
+):
+    first, second = journal(), journal()
+    await asyncio.gather(first.open(), second.open())
+    fenced: list[bool] = []
+    first.on_fenced = lambda: fenced.append(True)
+    try:
+        one, two = first.leases(5.0, "one"), second.leases(5.0, "two")
+        me = await one.join()
+        await two.join()
+        await one.take(SHARDS)
+        await _silence(postgres_url, postgres.password, me, 6.0)
+        await two.take(SHARDS)  # declared dead
+        # A webhook's work and answer, refused: kept queued for a retry, the answer in memory.
+        first.record(new("lost", "s1"))
+        await first.remember_delivery("crm", "d-lost", b"accepted")
+        with pytest.raises(StoreUnavailable, match="declared dead"):
+            await first.flush()
+        assert fenced == [True]
+        assert await first.delivery("crm", "d-lost") == b"accepted"
+        # More queued meanwhile, and someone waiting for its commit.
+        first.record(new("lost-too", "s1"))
+        waiting = asyncio.ensure_future(first.flush())
+        await asyncio.sleep(0)
+        # Fenced: all of it is dropped, its waiter told, and the answer forgotten (a
+        # redelivery is taken anew).
+        assert first.discard_pending() == 2
+        with pytest.raises(StoreUnavailable, match="fenced"):
+            await waiting
+        assert await first.delivery("crm", "d-lost") is None
+        # Joined again as a new member: its commits land again, and nothing dropped does.
+        assert await one.join() != me
+        first.record(new("after", "s1"))
+        await first.flush()
+        assert [a.contact_id for a in await second.contact("after")] == ["after"]
+        assert await second.contact("lost") == [] and await second.contact("lost-too") == []
+        assert await second.delivery("crm", "d-lost") is None
+        assert fenced == [True]
+    finally:
+        await asyncio.gather(first.close(), second.close())
+
+
+async def test_an_instance_joining_again_ends_its_old_membership_at_once(
+    journal: Callable[..., PostgresStore], postgres: PostgresServer, postgres_url: str
+):
+    first, second = journal(), journal()
+    await asyncio.gather(first.open(), second.open())
+    try:
+        one, two = first.leases(5.0, "one"), second.leases(5.0, "two")
+        old = await one.join()
+        await two.join()
+        assert len(await one.take(SHARDS)) == SHARDS
+        # It fenced itself (cut off) before anyone declared it dead, and joins again: its old
+        # shards are free at once, not after the lease, and its old id commits nothing more.
+        new_id = await one.join()
+        assert new_id != old and first.instance_id == new_id
+        assert len(await two.take(SHARDS)) == SHARDS
+        assert sorted(name for _, name, _ in await two.members()) == ["one", "two"]
+        connection = await asyncpg.connect(postgres_url, password=postgres.password)
+        try:
+            async with connection.transaction():
+                with pytest.raises(asyncpg.RaiseError, match="fenced"):
+                    await connection.execute(fence_sql(old))
+        finally:
+            await connection.close()
+        first.record(new("c1", "s1"))
+        await first.flush()  # under the new membership
+    finally:
         await asyncio.gather(first.close(), second.close())
 
 
