@@ -329,7 +329,14 @@ def _readiness(*, ready: bool) -> Schema:
                 "type": "object",
                 "required": checks,
                 "additionalProperties": False,
-                "properties": {name: {"type": "string"} for name in checks},
+                "properties": {
+                    **{name: {"type": "string"} for name in checks},
+                    "cluster": {
+                        "type": "string",
+                        "description": "On a PostgreSQL journal only: `ok`, or `fenced: ...` "
+                        "while the instance rejoins the cluster.",
+                    },
+                },
             },
         },
     }
