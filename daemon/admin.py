@@ -25,6 +25,8 @@ import aiohttp
 import orjson
 from yarl import URL
 
+from daemon.cli import DEFAULT_URL
+
 # 503 answers followed before giving up: each waits for the answer's Retry-After.
 MAX_ATTEMPTS = 8
 # The longest Retry-After honoured; a longer one is waited for this long, then asked again.
@@ -88,11 +90,10 @@ def base_url(text: str) -> URL:
     except ValueError as exc:
         raise UsageError(f"--url {shown(text)}: not a URL ({exc})") from None
     if url.scheme not in ("http", "https") or not url.host:
-        raise UsageError(f"--url {shown(text)}: must be http(s)://HOST[:PORT], such as {DEFAULT}")
+        raise UsageError(
+            f"--url {shown(text)}: must be http(s)://HOST[:PORT], such as {DEFAULT_URL}"
+        )
     return url
-
-
-DEFAULT = "http://127.0.0.1:8080"
 
 
 def path_segment(text: str) -> str:
@@ -585,7 +586,7 @@ async def send_example(args: argparse.Namespace) -> int:
         )
     except ExampleError as exc:
         raise UsageError(f"source {shown(name)}: {exc}") from None
-    url = args.url or os.environ.get("SEGMAPD_URL") or listen or DEFAULT
+    url = args.url or os.environ.get("SEGMAPD_URL") or listen or DEFAULT_URL
     async with Client(base_url(url), args.timeout) as client:
         path = webhook_path(name)
         print(f"POST {client.url(path)}: {example.description}")

@@ -262,9 +262,9 @@ def inspect_config(
     """Every problem of the configuration, found in one pass.
 
     The file, the environment overrides, the `*_file` secrets, every key's value and the
-    keys' consistency are all checked.
-    A value that is unusable is reported and left at its default (a source with any unusable
-    key is left out), so that the checks after it still run on the rest.
+    keys' consistency are all checked. A value that is unusable is reported and left at its
+    default (a source with any unusable key is left out), so that the checks after it still
+    run on the rest.
     """
     environ = os.environ if environ is None else environ
     raw: dict[str, Any] = {}
@@ -441,47 +441,50 @@ def _read_secret_files(
             continue
         target = key[: -len("_file")]
         dotted = ".".join((*where, key))
-        problem = _secret_file_problem(node, key, target, credentials_dir)
-        if problem is not None:
-            errors.append(f"{dotted}: {problem}")
+        try:
+            if target in node:
+                raise ValueError(f"set either {target} or {key}, not both")
+            secret = _secret_file_text(value, credentials_dir)
+        except ValueError as exc:
+            errors.append(f"{dotted}: {exc}")
             # The target stays unset: its "required" check would report the same mistake.
             del node[key]
             broken.add(".".join((*where, target)))
             continue
-        secret = node.pop(key)
+        del node[key]
         if target == "admin_tokens":
             node[target] = [line.strip() for line in secret.splitlines() if line.strip()]
         else:
             node[target] = secret
 
 
-def _secret_file_problem(
-    node: dict[str, Any], key: str, target: str, credentials_dir: str | None
-) -> str | None:
-    """None once `node[key]` (a file name) is replaced by the file's text; else the problem."""
-    value = node[key]
-    if target in node:
-        return f"set either {target} or {key}, not both"
-    if not isinstance(value, str) or not value:
-        return "must be a file name"
-    path = Path(value)
+def _secret_file_text(name: object, credentials_dir: str | None) -> str:
+    """The text of the secret file `name` (trailing line break removed).
+
+    Raises ValueError naming the path it resolved to, and where a relative name was looked
+    for: a credential that is missing is most often one looked for in the wrong place.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError("must be a file name")
+    path = Path(name)
     if path.is_absolute():
         resolved, origin = path, ""
     elif credentials_dir:
         # systemd's LoadCredential= puts the files there; a relative name means one of them.
         resolved = Path(credentials_dir) / path
-        origin = f" ({value!r} in $CREDENTIALS_DIRECTORY={credentials_dir})"
+        origin = f" ({name!r} in $CREDENTIALS_DIRECTORY={credentials_dir})"
     else:
         resolved = Path(os.path.abspath(path))
-        origin = f" ({value!r} in the working directory: $CREDENTIALS_DIRECTORY is not set)"
+        origin = f" ({name!r} in the working directory: $CREDENTIALS_DIRECTORY is not set)"
     try:
         text = resolved.read_text(encoding="utf-8")
     except OSError as exc:
-        return f"cannot read {resolved}{origin}: {exc.strerror or type(exc).__name__}"
+        raise ValueError(
+            f"cannot read {resolved}{origin}: {exc.strerror or type(exc).__name__}"
+        ) from None
     except UnicodeDecodeError:
-        return f"{resolved}{origin} is not UTF-8 text"
-    node[key] = text.rstrip("\r\n")
-    return None
+        raise ValueError(f"{resolved}{origin} is not UTF-8 text") from None
+    return text.rstrip("\r\n")
 
 
 def _describe_error(error: ErrorDetails) -> tuple[str, str]:
