@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 
+from pydantic import SecretStr
+
 from listeners import HubSpotAdapter, HubSpotSource, InboundRequest
 from listeners.signing import hubspot_legacy_signature, hubspot_v3_signature
 from tests.listeners.test_hubspot import (
@@ -50,12 +52,14 @@ def test_the_adapter_accepts_what_the_sending_side_signs() -> None:
         "x-hubspot-signature-v3": hubspot_v3_signature(SECRET, "POST", url, body, stamp),
         "x-hubspot-request-timestamp": stamp,
     }
-    source = HubSpotSource(client_secret=SECRET, public_url=url)
+    source = HubSpotSource(client_secret=SecretStr(SECRET), public_url=url)
     assert HubSpotAdapter(source).verifier.verify(request(v3, body)) == "v3"
     for version in ("v2", "v1"):
         legacy = {
             "x-hubspot-signature-version": version,
             "x-hubspot-signature": hubspot_legacy_signature(SECRET, version, "POST", url, body),
         }
-        only = HubSpotSource(client_secret=SECRET, public_url=url, signature_versions=[version])
+        only = HubSpotSource(
+            client_secret=SecretStr(SECRET), public_url=url, signature_versions=[version]
+        )
         assert HubSpotAdapter(only).verifier.verify(request(legacy, body)) == version
