@@ -8,12 +8,15 @@ a default.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 from yarl import URL
 
 from listeners import SOURCE_KINDS, SourceConfig
@@ -214,8 +217,55 @@ class Config(_Section):
     log: LogConfig = Field(default_factory=LogConfig)
 
 
+@dataclass(frozen=True)
+class ConfigReport:
+    """Everything wrong with a configuration, found in one pass, and what could be read of it.
+
+    `config` is the configuration with every unusable value left at its default (and every
+    unusable source left out), or None when the file itself could not be read; `errors` names
+    each problem, key by key; `broken` holds the dotted keys whose values were unusable, so that
+    a later check does not report a consequence of the same mistake (a `*_file` that cannot be
+    read is not also a secret that is "required").
+    """
+
+    config: Config | None
+    errors: tuple[str, ...]
+    broken: frozenset[str] = frozenset()
+
+    def unaffected(self, problems: Iterable[str]) -> list[str]:
+        """`problems` without those that name a key already reported as broken."""
+        return [problem for problem in problems if not _names_any(problem, self.broken)]
+
+    def intact(self, table: str) -> bool:
+        """Whether no key of `table` (dotted: `notify`, `sources.crm`) was reported broken.
+
+        A component is only built from an intact table: one built on a default standing in for
+        a broken value would report the same mistake again, in other words.
+        """
+        return not any(key == table or key.startswith(f"{table}.") for key in self.broken)
+
+
 def load_config(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Config:
-    """Read the TOML file (if any), apply environment overrides and `*_file` secrets, validate."""
+    """Read the TOML file (if any), apply environment overrides and `*_file` secrets, validate.
+
+    Raises ConfigError naming every problem at once (see `inspect_config`).
+    """
+    report = inspect_config(path, environ)
+    if report.errors or report.config is None:
+        raise ConfigError("; ".join(report.errors))
+    return report.config
+
+
+def inspect_config(
+    path: str | Path | None, environ: Mapping[str, str] | None = None
+) -> ConfigReport:
+    """Every problem of the configuration, found in one pass.
+
+    The file, the environment overrides, the `*_file` secrets, every key's value and the
+    keys' consistency are all checked. A value that is unusable is reported and left at its
+    default (a source with any unusable key is left out), so that the checks after it still
+    run on the rest.
+    """
     environ = os.environ if environ is None else environ
     raw: dict[str, Any] = {}
     if path is not None:
@@ -223,22 +273,98 @@ def load_config(path: str | Path | None, environ: Mapping[str, str] | None = Non
             with open(path, "rb") as handle:
                 raw = tomllib.load(handle)
         except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file") from None
+            return ConfigReport(None, (f"{path}: no such file",))
+        except OSError as exc:
+            return ConfigReport(None, (f"{path}: cannot read it: {exc.strerror or exc}",))
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+            return ConfigReport(None, (f"{path}: not valid TOML: {exc}",))
+        except UnicodeDecodeError as exc:
+            return ConfigReport(
+                None, (f"{path}: not UTF-8 text (byte {exc.start}); TOML files are UTF-8",)
+            )
     errors: list[str] = []
+    broken: set[str] = set()
     _apply_environment(raw, environ, errors)
-    _read_secret_files(raw, environ.get("CREDENTIALS_DIRECTORY"), (), errors)
-    if errors:
-        raise ConfigError("; ".join(errors))
-    try:
-        config = Config.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
-    _check_consistency(config, errors)
-    if errors:
-        raise ConfigError("; ".join(errors))
-    return config
+    _read_secret_files(raw, environ.get("CREDENTIALS_DIRECTORY"), (), errors, broken)
+    config = _validated(raw, errors, broken)
+    if config is not None:
+        consistency: list[str] = []
+        _check_consistency(config, consistency)
+        errors.extend(problem for problem in consistency if not _names_any(problem, broken))
+    return ConfigReport(config, tuple(errors), frozenset(broken))
+
+
+# Each pass of `_validated` leaves out at least one unusable value; a handful is plenty.
+_MAX_VALIDATION_PASSES = 8
+
+
+def _validated(raw: dict[str, Any], errors: list[str], broken: set[str]) -> Config | None:
+    """`raw` validated, every problem reported: unusable values are removed and it is tried again.
+
+    pydantic reports every field's error at once, but a model with one bad field builds
+    nothing, so the checks that need the built config (consistency, each source's adapter)
+    would only run on a second invocation. Removing what was reported and validating again
+    lets them run now, on defaults in place of the removed values.
+    """
+    for _ in range(_MAX_VALIDATION_PASSES):
+        try:
+            return Config.model_validate(raw)
+        except ValidationError as exc:
+            # Judged against what was broken before this pass: two errors of one source are
+            # both reported, though the first already marks the whole source broken.
+            known = frozenset(broken)
+            removed = False
+            for error in exc.errors():
+                location, message = _describe_error(error)
+                if not _names_any(location, known):
+                    errors.append(f"{location}: {message}")
+                place = _raw_location(error["loc"])
+                broken.add(".".join(place))
+                removed |= _remove(raw, place)
+            if not removed:
+                return None  # nothing left to remove: an error about the whole document
+    return None
+
+
+def _raw_location(loc: Sequence[int | str]) -> tuple[str, ...]:
+    """Where in the raw tables to remove an unusable value reported at pydantic's `loc`.
+
+    A source is removed whole: its keys depend on one another (a kind's other keys, a model
+    check over several of them), so a source with one bad key cannot be checked further. A
+    list is removed whole too, not one of its items.
+    """
+    parts = [str(part) for part in _without_union_tag(loc)]
+    if parts and parts[0] == "sources":
+        return tuple(parts[:2])
+    place: list[str] = []
+    for part, original in zip(parts, _without_union_tag(loc), strict=True):
+        if isinstance(original, int):
+            break
+        place.append(part)
+    return tuple(place)
+
+
+def _remove(raw: dict[str, Any], place: tuple[str, ...]) -> bool:
+    """Remove the value at `place` from `raw`; False if there is none (already removed)."""
+    node: Any = raw
+    for part in place[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not place or not isinstance(node, dict) or place[-1] not in node:
+        return False
+    del node[place[-1]]
+    return True
+
+
+def _without_union_tag(loc: Sequence[int | str]) -> list[int | str]:
+    parts = list(loc)
+    if len(parts) > 2 and parts[0] == "sources" and parts[2] in SOURCE_KINDS:
+        del parts[2]  # the union's tag: sources.NAME.KEY reads as the file does
+    return parts
+
+
+def _names_any(text: str, keys: Iterable[str]) -> bool:
+    """Whether `text` names one of the dotted `keys` (or a key inside one of them)."""
+    return any(re.search(rf"(?<![\w.]){re.escape(key)}(?!\w)", text) for key in keys if key)
 
 
 def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str], errors: list[str]) -> None:
@@ -300,30 +426,30 @@ def _parse_env_value(value: str, key: str = "") -> Any:
 
 
 def _read_secret_files(
-    node: dict[str, Any], credentials_dir: str | None, where: tuple[str, ...], errors: list[str]
+    node: dict[str, Any],
+    credentials_dir: str | None,
+    where: tuple[str, ...],
+    errors: list[str],
+    broken: set[str],
 ) -> None:
     for key in list(node):
         value = node[key]
         if isinstance(value, dict):
-            _read_secret_files(value, credentials_dir, (*where, key), errors)
+            _read_secret_files(value, credentials_dir, (*where, key), errors, broken)
             continue
         if not key.endswith("_file"):
             continue
         target = key[: -len("_file")]
         dotted = ".".join((*where, key))
-        if target in node:
-            errors.append(f"{dotted}: set either {target} or {key}, not both")
-            continue
-        if not isinstance(value, str) or not value:
-            errors.append(f"{dotted}: must be a file name")
-            continue
-        path = Path(value)
-        if not path.is_absolute() and credentials_dir:
-            path = Path(credentials_dir) / path
         try:
-            secret = path.read_text(encoding="utf-8").rstrip("\r\n")
-        except OSError as exc:
-            errors.append(f"{dotted}: cannot read {path}: {exc.strerror}")
+            if target in node:
+                raise ValueError(f"set either {target} or {key}, not both")
+            secret = _secret_file_text(value, credentials_dir)
+        except ValueError as exc:
+            errors.append(f"{dotted}: {exc}")
+            # The target stays unset: its "required" check would report the same mistake.
+            del node[key]
+            broken.add(".".join((*where, target)))
             continue
         del node[key]
         if target == "admin_tokens":
@@ -332,23 +458,47 @@ def _read_secret_files(
             node[target] = secret
 
 
-def _describe(exc: ValidationError) -> str:
-    problems = []
-    for error in exc.errors():
-        parts = list(error["loc"])
-        if len(parts) > 2 and parts[0] == "sources" and parts[2] in SOURCE_KINDS:
-            del parts[2]  # the union's tag: sources.NAME.KEY reads as the file does
-        location = ".".join(str(part) for part in parts)
-        message = error["msg"]
-        if error["type"] == "extra_forbidden":
-            message = "unknown key"
-        elif error["type"] == "value_error":
-            message = message.removeprefix("Value error, ")
-        elif error["type"] == "union_tag_invalid":
-            location += ".kind"
-            message = f"must be one of {', '.join(SOURCE_KINDS)}"
-        problems.append(f"{location}: {message}")
-    return "; ".join(problems)
+def _secret_file_text(name: object, credentials_dir: str | None) -> str:
+    """The text of the secret file `name` (trailing line break removed).
+
+    Raises ValueError naming the path it resolved to, and where a relative name was looked
+    for: a credential that is missing is most often one looked for in the wrong place.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError("must be a file name")
+    path = Path(name)
+    if path.is_absolute():
+        resolved, origin = path, ""
+    elif credentials_dir:
+        # systemd's LoadCredential= puts the files there; a relative name means one of them.
+        resolved = Path(credentials_dir) / path
+        origin = f" ({name!r} in $CREDENTIALS_DIRECTORY={credentials_dir})"
+    else:
+        resolved = Path(os.path.abspath(path))
+        origin = f" ({name!r} in the working directory: $CREDENTIALS_DIRECTORY is not set)"
+    try:
+        text = resolved.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(
+            f"cannot read {resolved}{origin}: {exc.strerror or type(exc).__name__}"
+        ) from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{resolved}{origin} is not UTF-8 text") from None
+    return text.rstrip("\r\n")
+
+
+def _describe_error(error: ErrorDetails) -> tuple[str, str]:
+    """One pydantic error as (the dotted key, the problem), in the file's terms."""
+    location = ".".join(str(part) for part in _without_union_tag(error["loc"]))
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif error["type"] == "value_error":
+        message = message.removeprefix("Value error, ")
+    elif error["type"] == "union_tag_invalid":
+        location += ".kind"
+        message = f"must be one of {', '.join(SOURCE_KINDS)}"
+    return location, message
 
 
 def _check_consistency(config: Config, errors: list[str]) -> None:

@@ -32,7 +32,7 @@ from listeners import InboundRequest, WebhookRejected, parse_events
 from listeners.base import REASONS
 from listeners.payload import loads_unique
 from scheduler.engine import SubmitResult
-from scheduler.model import Assignment, MembershipChange
+from scheduler.model import Assignment, FailureReason, MembershipChange
 from scheduler.validation import PairProgress, ReadBacklog
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,9 @@ MAX_WAIT_S = 300.0
 WAIT_FORMAT = re.compile(r"[0-9]+(?:\.[0-9]+)?", re.ASCII)
 # The metrics label of webhooks sent to a source name that is not configured.
 UNCONFIGURED_SOURCE = "_unconfigured"
+# A segment filter longer than any stored segment id can match nothing; the bound keeps a
+# query string of megabytes out of the journal's query.
+MAX_SEGMENT_FILTER_CHARS = 1024
 
 
 def json_response(
@@ -158,13 +161,27 @@ def require_admin(request: web.Request) -> web.Response | None:
     scheme, _, presented = header.partition(" ")
     if scheme.lower() != "bearer" or not presented:
         return problem(401, "admin API: send Authorization: Bearer <server.admin_tokens entry>")
+    # aiohttp hands over header bytes that are not UTF-8 as lone surrogates (surrogateescape):
+    # encoded back the same way they are the bytes sent, which match no token, rather than an
+    # exception (a 500 and an error-level log line that anyone could repeat at will).
+    offered = presented.encode("utf-8", "surrogateescape")
     # Compare against every token, without stopping at a match, in constant time each.
     matched = False
     for token in tokens:
-        matched |= hmac.compare_digest(token.get_secret_value().encode(), presented.encode())
+        expected = token.get_secret_value().encode("utf-8", "surrogateescape")
+        matched |= hmac.compare_digest(expected, offered)
     if not matched:
         return problem(401, "admin API: token not accepted")
     return None
+
+
+def _encodable(text: str) -> bool:
+    """Whether `text` is valid Unicode: no lone surrogate (an undecodable byte) in it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def refuse_if_busy(service: Service, assignments: int) -> web.Response | None:
@@ -363,18 +380,40 @@ async def contact(request: web.Request) -> web.Response:
 
 
 async def dead_letters(request: web.Request) -> web.Response:
-    """GET /v1/dead-letters[?limit=N]: failed assignments, oldest first."""
+    """GET /v1/dead-letters[?limit=N][&reason=R][&segment=S]: failed assignments, oldest first.
+
+    `reason` and `segment` keep only the dead letters of that failure reason and segment.
+    """
     service = request.app[SERVICE]
     denied = require_admin(request)
     if denied is not None:
         return denied
+    for name in ("limit", "reason", "segment"):
+        if len(request.query.getall(name, ())) > 1:
+            return problem(400, f"{name}: give it once", field=name)
     try:
         limit = int(request.query.get("limit", "1000"))
     except ValueError:
         return problem(400, "limit: must be an integer", field="limit")
     if not 1 <= limit <= 100_000:
         return problem(400, "limit: must be between 1 and 100000", field="limit")
-    failed = await service.store.failed(limit)
+    reason: FailureReason | None = None
+    if "reason" in request.query:
+        try:
+            reason = FailureReason(request.query["reason"])
+        except ValueError:
+            known = ", ".join(FailureReason)
+            return problem(400, f"reason: must be one of {known}", field="reason")
+    segment = request.query.get("segment")
+    if segment is not None and not (
+        1 <= len(segment) <= MAX_SEGMENT_FILTER_CHARS and _encodable(segment)
+    ):
+        return problem(
+            400,
+            f"segment: must be 1-{MAX_SEGMENT_FILTER_CHARS} characters of UTF-8 text",
+            field="segment",
+        )
+    failed = await service.store.failed(limit, reason=reason, segment_id=segment)
     return json_response(
         {"deadLetters": [{"contactId": a.contact_id, **assignment_view(a)} for a in failed]}
     )

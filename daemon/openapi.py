@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from scheduler.model import FailureReason
+
 Schema = dict[str, Any]
 
 # CONTRACT.md's id rule. A number id is taken as its decimal text, so it passes the rule too; the
@@ -194,6 +196,7 @@ ACCEPTED: Schema = {
 }
 
 TIMESTAMP: Schema = {"type": "string", "format": "date-time"}
+FAILURE_REASONS = [str(reason) for reason in FailureReason]
 ASSIGNMENT_PROPERTIES: Schema = {
     "segmentId": {"type": "string"},
     "intent": {
@@ -215,14 +218,7 @@ ASSIGNMENT_PROPERTIES: Schema = {
         "`failed` are final.",
     },
     "reason": {
-        "enum": [
-            None,
-            "contact_not_found",
-            "invalid_contact_id",
-            "segment_not_found",
-            "retries_exhausted",
-            "not_indexed",
-        ],
+        "enum": [None, *FAILURE_REASONS],
         "description": "Why it failed; null unless `state` is `failed`.",
     },
     "message": {"type": ["string", "null"]},
@@ -501,6 +497,8 @@ OPENAPI_DOCUMENT: Schema = {
         "/v1/dead-letters": {
             "get": {
                 "summary": "Failed assignments, oldest first",
+                "description": "`reason` and `segment` narrow the list (both: dead letters "
+                "with that reason in that segment); `limit` applies after them.",
                 "security": ADMIN,
                 "parameters": [
                     {
@@ -509,7 +507,21 @@ OPENAPI_DOCUMENT: Schema = {
                         "required": False,
                         "description": "At most this many (default 1000).",
                         "schema": {"type": "integer", "minimum": 1, "maximum": 100000},
-                    }
+                    },
+                    {
+                        "name": "reason",
+                        "in": "query",
+                        "required": False,
+                        "description": "Only dead letters that failed for this reason.",
+                        "schema": {"enum": FAILURE_REASONS},
+                    },
+                    {
+                        "name": "segment",
+                        "in": "query",
+                        "required": False,
+                        "description": "Only dead letters of this segment id (exact match).",
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 1024},
+                    },
                 ],
                 "responses": {
                     "200": _json(
@@ -521,7 +533,7 @@ OPENAPI_DOCUMENT: Schema = {
                             "properties": {"deadLetters": {"type": "array", "items": DEAD_LETTER}},
                         },
                     ),
-                    "400": _problem("Bad `limit`"),
+                    "400": _problem("Bad `limit`, `reason` or `segment`"),
                     "401": UNAUTHORIZED,
                 },
             }

@@ -97,3 +97,57 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> dict[str, str
         TIMESTAMP_HEADER: stamp,
         SIGNATURE_HEADER: f"{SIGNATURE_VERSION},{base64.b64encode(digest).decode('ascii')}",
     }
+
+
+# ---- the sending side of other kinds' signatures (`segmapd send-example`) --------------------
+
+# The percent-encodings HubSpot's v3 instructions decode in the URI before signing, and no
+# others: https://developers.hubspot.com/docs/api/webhooks/validating-requests
+_HUBSPOT_V3_DECODED = {
+    "%3A": ":",
+    "%2F": "/",
+    "%3F": "?",
+    "%40": "@",
+    "%21": "!",
+    "%24": "$",
+    "%27": "'",
+    "%28": "(",
+    "%29": ")",
+    "%2A": "*",
+    "%2C": ",",
+    "%3B": ";",
+}
+_HUBSPOT_V3_ENCODED = re.compile("|".join(_HUBSPOT_V3_DECODED), re.IGNORECASE)
+
+
+def hubspot_v3_signature(
+    client_secret: str, method: str, uri: str, body: bytes, timestamp_ms: str
+) -> str:
+    """`X-HubSpot-Signature-v3` as HubSpot computes it for a request to `uri`.
+
+    base64 of HMAC-SHA256, keyed with the app's client secret, over method + URI (with the
+    encodings HubSpot lists decoded) + body + `X-HubSpot-Request-Timestamp` (epoch ms, as sent).
+    """
+    decoded = _HUBSPOT_V3_ENCODED.sub(lambda found: _HUBSPOT_V3_DECODED[found[0].upper()], uri)
+    content = b"".join(
+        (method.encode("utf-8"), decoded.encode("utf-8"), body, timestamp_ms.encode("ascii"))
+    )
+    digest = hmac.new(client_secret.encode("utf-8"), content, hashlib.sha256).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+def hubspot_legacy_signature(
+    client_secret: str, version: str, method: str, uri: str, body: bytes
+) -> str:
+    """`X-HubSpot-Signature` of version `v2` or `v1`: hex SHA-256, as HubSpot computes it.
+
+    v2 covers secret + method + URI + body; v1 secret + body.
+    """
+    secret = client_secret.encode("utf-8")
+    if version == "v2":
+        content = b"".join((secret, method.encode("utf-8"), uri.encode("utf-8"), body))
+    elif version == "v1":
+        content = secret + body
+    else:
+        raise ValueError(f"no HubSpot signature version {version!r}")
+    return hashlib.sha256(content).hexdigest()

@@ -9,7 +9,42 @@ from daemon.store.base import JournalStore, Recovered, StoreOpenError, StoreUnre
 if TYPE_CHECKING:
     from daemon.config import StoreConfig
 
-__all__ = ["JournalStore", "Recovered", "StoreOpenError", "StoreUnreachable", "from_url"]
+__all__ = [
+    "JournalStore",
+    "Recovered",
+    "StoreOpenError",
+    "StoreUnreachable",
+    "check_url",
+    "from_url",
+]
+
+
+def check_url(config: StoreConfig) -> None:
+    """Raise ValueError unless `store.url` names a store this installation can open.
+
+    No I/O: the URL's form, and for PostgreSQL that its driver can be imported (it is an
+    optional extra), so that a missing driver is a configuration error naming the fix.
+    """
+    scheme, _, rest = config.url.partition("://")
+    if scheme == "memory":
+        return
+    if scheme == "sqlite":
+        if not rest:
+            raise ValueError("store.url: sqlite:// needs a file path")
+        return
+    if scheme in ("postgresql", "postgres"):
+        if not rest:
+            raise ValueError("store.url: postgresql:// needs a host and database")
+        try:
+            # The backend module imports asyncpg (the `postgres` extra), needed by it only.
+            import daemon.store.postgres  # noqa: F401
+        except ImportError as exc:
+            raise ValueError(
+                f"store.url: {scheme}:// needs the PostgreSQL driver, which cannot be loaded "
+                f"({exc}); install it with: pip install 'cxone-segmap[postgres]'"
+            ) from None
+        return
+    raise ValueError(f"store.url: {scheme}:// is not a store segmapd knows")
 
 
 def from_url(config: StoreConfig) -> JournalStore:
@@ -19,30 +54,25 @@ def from_url(config: StoreConfig) -> JournalStore:
     `postgres://`), with the role's password from store.password, never in the URL.
 
     Each backend's module is imported only when it is used, so that a driver one backend
-    needs is not needed by the others. Raises ValueError for a URL that names no store.
+    needs is not needed by the others. Raises ValueError for a URL that names no store, or a
+    backend whose driver is not installed (see `check_url`).
     """
+    check_url(config)
     scheme, _, rest = config.url.partition("://")
     if scheme == "memory":
         from daemon.store.memory import MemoryStore
 
         return MemoryStore()
     if scheme == "sqlite":
-        if not rest:
-            raise ValueError("store.url: sqlite:// needs a file path")
         from daemon.store.sqlite import SqliteStore
 
         return SqliteStore(
             rest, synchronous=config.synchronous, retention_s=config.retention_days * 86_400
         )
-    if scheme in ("postgresql", "postgres"):
-        if not rest:
-            raise ValueError("store.url: postgresql:// needs a host and database")
-        # Imported here: asyncpg (the `postgres` extra) is needed by this backend only.
-        from daemon.store.postgres import PostgresStore
+    from daemon.store.postgres import PostgresStore
 
-        return PostgresStore(
-            config.url,
-            password=config.password.get_secret_value(),
-            retention_s=config.retention_days * 86_400,
-        )
-    raise ValueError(f"store.url: {scheme}:// is not a store segmapd knows")
+    return PostgresStore(
+        config.url,
+        password=config.password.get_secret_value(),
+        retention_s=config.retention_days * 86_400,
+    )

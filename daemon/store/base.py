@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from daemon.store.pending import InboxRow
-from scheduler.model import Assignment
+from scheduler.model import Assignment, FailureReason
 from scheduler.ownership import ForwardedChange
 from scheduler.ratelimit import AdmissionGate, RateGate
 from scheduler.store import BatchRecord, ContactHistory
@@ -134,8 +134,14 @@ class JournalStore(abc.ABC):
         """The time of the contact's newest mirror, or 0."""
 
     @abc.abstractmethod
-    async def failed(self, limit: int = 1000) -> list[Assignment]:
-        """Dead letters, oldest first."""
+    async def failed(
+        self,
+        limit: int = 1000,
+        *,
+        reason: FailureReason | None = None,
+        segment_id: str | None = None,
+    ) -> list[Assignment]:
+        """Dead letters, oldest first; only those of `reason` and of `segment_id` when given."""
 
     @abc.abstractmethod
     async def counts(self) -> dict[str, int]:

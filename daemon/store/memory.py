@@ -7,7 +7,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Sequence
 
 from daemon.store.base import JournalStore, Recovered
-from scheduler.model import Assignment, AssignmentKey, State
+from scheduler.model import Assignment, AssignmentKey, FailureReason, State
 from scheduler.store import BatchRecord, ContactHistory
 from scheduler.validation_state import MemoryRefreshBudget
 
@@ -88,9 +88,21 @@ class MemoryStore(JournalStore):
         found = self._by_contact.get(contact_id, {})
         return [found[segment] for segment in sorted(found)]
 
-    async def failed(self, limit: int = 1000) -> list[Assignment]:
-        """Failed assignments, oldest failure first."""
-        failed = [a for a in self._assignments.values() if a.state is State.FAILED]
+    async def failed(
+        self,
+        limit: int = 1000,
+        *,
+        reason: FailureReason | None = None,
+        segment_id: str | None = None,
+    ) -> list[Assignment]:
+        """Failed assignments, oldest failure first; of `reason` and `segment_id` when given."""
+        failed = [
+            a
+            for a in self._assignments.values()
+            if a.state is State.FAILED
+            and (reason is None or a.reason is reason)
+            and (segment_id is None or a.segment_id == segment_id)
+        ]
         failed.sort(key=lambda a: a.updated_at)
         return failed[:limit]
 

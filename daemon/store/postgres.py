@@ -969,12 +969,30 @@ class PostgresStore(SharedJournal):
         committed = float(rows[0][0]) if rows else 0.0
         return max(committed, before, self._uncommitted_mirror(contact_id))
 
-    async def failed(self, limit: int = 1000) -> list[Assignment]:
-        """Dead letters, oldest first."""
+    async def failed(
+        self,
+        limit: int = 1000,
+        *,
+        reason: FailureReason | None = None,
+        segment_id: str | None = None,
+    ) -> list[Assignment]:
+        """Dead letters, oldest first; of `reason` and `segment_id` when given.
+
+        The filters narrow the walk of `assignments_by_state` (state, updated_at) in order,
+        which stops at `limit` rows: no sort and no scan of other states, filtered or not.
+        """
+        conditions = ["state = 'failed'"]
+        parameters: list[object] = [limit]
+        if reason is not None:
+            parameters.append(str(reason))
+            conditions.append(f"reason = ${len(parameters)}")
+        if segment_id is not None:
+            parameters.append(segment_id)
+            conditions.append(f"segment_id = ${len(parameters)}")
         rows = await self._fetch(
-            f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments WHERE state = 'failed' "  # noqa: S608
-            "ORDER BY updated_at LIMIT $1",
-            limit,
+            f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments "  # noqa: S608 (fixed fragments)
+            f"WHERE {' AND '.join(conditions)} ORDER BY updated_at LIMIT $1",
+            *parameters,
         )
         return [_assignment(tuple(row)) for row in rows]
 

@@ -618,15 +618,31 @@ class SqliteStore(JournalStore):
             lambda c: (self._uncommitted(c), self._uncommitted_mirror(c)),
         )
 
-    async def failed(self, limit: int = 1000) -> list[Assignment]:
-        """Dead letters, oldest first."""
-        rows = await self._read(
-            lambda: self._query(
-                f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments WHERE state = 'failed' "  # noqa: S608
-                "ORDER BY updated_at LIMIT ?",
-                (limit,),
-            )
+    async def failed(
+        self,
+        limit: int = 1000,
+        *,
+        reason: FailureReason | None = None,
+        segment_id: str | None = None,
+    ) -> list[Assignment]:
+        """Dead letters, oldest first; of `reason` and `segment_id` when given.
+
+        The filters narrow the walk of `assignments_by_state` (state, updated_at) in order,
+        which stops at `limit` rows: no sort and no scan of other states, filtered or not.
+        """
+        conditions = ["state = 'failed'"]
+        parameters: list[object] = []
+        if reason is not None:
+            conditions.append("reason = ?")
+            parameters.append(str(reason))
+        if segment_id is not None:
+            conditions.append("segment_id = ?")
+            parameters.append(segment_id)
+        query = (
+            f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments "  # noqa: S608 (fixed fragments)
+            f"WHERE {' AND '.join(conditions)} ORDER BY updated_at LIMIT ?"
         )
+        rows = await self._read(lambda: self._query(query, (*parameters, limit)))
         return [_assignment(row) for row in rows]
 
     async def counts(self) -> dict[str, int]:

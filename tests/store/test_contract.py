@@ -117,6 +117,34 @@ async def test_failed_are_listed_oldest_first_and_counted(store):
     assert await store.counts() == {"failed": 3, "queued": 1}
 
 
+async def test_failed_are_filtered_by_reason_and_segment_oldest_first(store):
+    cases = [
+        ("c0", "s1", 50.0, FailureReason.CONTACT_NOT_FOUND),
+        ("c1", "s2", 10.0, FailureReason.CONTACT_NOT_FOUND),
+        ("c2", "s1", 40.0, FailureReason.NOT_INDEXED),
+        ("c3", "s1", 20.0, FailureReason.CONTACT_NOT_FOUND),
+        ("c4", "s2", 30.0, FailureReason.NOT_INDEXED),
+    ]
+    for contact, segment, at, reason in cases:
+        a = new(contact, segment, at)
+        store.record(a)
+        a.transition(State.FAILED, NOW + at + 1, reason=reason)
+        store.record(a)
+    store.record(new("c5", "s1"))  # not failed: never listed
+    await store.flush()
+
+    async def ids(**filters: object) -> list[str]:
+        return [a.contact_id for a in await store.failed(**filters)]
+
+    assert await ids(reason=FailureReason.CONTACT_NOT_FOUND) == ["c1", "c3", "c0"]
+    assert await ids(segment_id="s1") == ["c3", "c2", "c0"]
+    assert await ids(reason=FailureReason.CONTACT_NOT_FOUND, segment_id="s1") == ["c3", "c0"]
+    assert await ids(reason=FailureReason.NOT_INDEXED, segment_id="s2", limit=1) == ["c4"]
+    assert await ids(reason=FailureReason.RETRIES_EXHAUSTED) == []
+    assert await ids(segment_id="nowhere") == []
+    assert await ids() == ["c1", "c3", "c4", "c2", "c0"]
+
+
 async def test_a_restart_begins_a_new_history(store):
     a = new("c", "s")
     store.record(a)
