@@ -53,7 +53,6 @@ from jmespath.parser import ParsedResult
 from pydantic import ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from listeners.base import (
-    DeadEvent,
     InboundEvent,
     InboundRequest,
     JsonReplies,
@@ -62,7 +61,13 @@ from listeners.base import (
     SourceSettings,
 )
 from listeners.errors import WebhookRejected
-from listeners.payload import MAX_EVENTS, json_type, parse_event, reject_duplicate_keys
+from listeners.payload import (
+    MAX_EVENTS,
+    dead_event,
+    json_type,
+    parse_event,
+    reject_duplicate_keys,
+)
 from scheduler.model import FailureReason
 
 SKIP_FILTERED = "filtered"
@@ -86,8 +91,6 @@ _MAX_TIMESTAMP_CHARS = 64
 _RFC3339 = re.compile(
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?(?:[Zz]|[+-][0-9]{2}:[0-9]{2})"
 )
-# A contact id as sent, for the dead letter; the body is untrusted, so its length is bounded.
-_MAX_SHOWN_ID_CHARS = 200
 # Any valid id: stands in for an invalid contact id while the rest of its event is checked.
 _PLACEHOLDER_ID = "0"
 
@@ -435,9 +438,10 @@ class JsonAdapter(JsonReplies):
                 change = parse_event({**mapped, "contactId": _PLACEHOLDER_ID}, path)
             except WebhookRejected as other:
                 raise self._explained(other, path) from None
-            change = dataclasses.replace(change, contact_id=_shown_id(contact))
+            # The dead letter keeps the id as sent (`dead_event` bounds its length, visibly).
+            change = dataclasses.replace(change, contact_id=_as_text(contact))
             message = f"{exc.message} (from contact_id = {self._settings.contact_id!r})"
-            delivery.dead.append(DeadEvent(change, FailureReason.INVALID_CONTACT_ID, message, key))
+            delivery.dead.append(dead_event(change, FailureReason.INVALID_CONTACT_ID, message, key))
             return
         delivery.events.append(InboundEvent(change, key))
 
@@ -571,6 +575,12 @@ def _truthy(value: Any) -> bool:
     return not (value is None or value is False or value in ("", [], {}))
 
 
-def _shown_id(value: Any) -> str:
-    text = value if type(value) is str else orjson.dumps(value).decode()
-    return text[:_MAX_SHOWN_ID_CHARS]
+def _as_text(value: Any) -> str:
+    """A value the contact_id expression found, as text: a string as is, anything else as JSON."""
+    if type(value) is str:
+        return value
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        # orjson writes at most 254 levels of nesting, fewer than it reads.
+        return f"({json_type(value)} nested too deeply to show)"
