@@ -553,7 +553,7 @@ def _timestamp_seconds(stamp: str, timestamp_format: str) -> float | None:
 
 
 def _may_repeat_keys(body: bytes, document: Any) -> bool:
-    """False only when no object in `body` can hold a key twice (see payload._may_repeat_keys).
+    """False only when no object in `body` can hold a key twice (see payload.may_repeat_keys).
 
     Every key occurrence is followed by one structural `:`, so a body with no more colons than
     the decoded document has keys cannot repeat one; other bodies get the exact check.

@@ -159,23 +159,24 @@ def parse_event(event: object, path: str) -> MembershipChange:
 def may_repeat_keys(body: bytes, events: list[Any]) -> bool:
     r"""False only when no object anywhere in `body` can hold a key twice; a cheap scan.
 
-    `events` is the decoded body's list of top-level objects (an array of flat event objects,
-    as segmapd's own bodies and HubSpot's are); anything nested in them gets the exact check.
+    `events` is what orjson decoded from `body`, as a list: the array of events, or `[document]`
+    for any other document.
 
     orjson keeps the last of repeated keys without saying so, and the exact check (the stdlib
     parser) costs several times the parse, so it runs only when a count says it may find
     something. The count: every key of every object in a JSON document is followed by one
     structural `:`, and the other colons are inside strings. So `body.count(b":")` is at least the
-    number of key occurrences, and a repeated key (in an event or in anything nested in one)
-    makes that exceed the number of distinct keys of the top-level event objects. The common
-    body, whose ids and values hold no colon, passes with one byte scan and a sum of lengths.
+    number of key occurrences. The common body, whose ids and values hold no colon, has no more
+    colons than its top-level objects have keys and passes with one byte scan and a sum of
+    lengths.
 
-    Colons inside values (`urn:crm:1`, every RFC 3339 time) are credited back only where they
-    are certainly literal bytes of the body: a string value of an event, or a string directly in
-    one of its lists, and only when the body has no backslash (`\u003a` decodes to a colon
-    without being one in the body). Crediting fewer colons than the strings hold only costs the
-    exact check, never soundness. Nested objects are not credited, so they always get the exact
-    check; they are refused anyway.
+    Otherwise (colons in values: `urn:crm:1`, RFC 3339 times, HubSpot's `userId:123`; nested
+    objects) the decoded document is written out again by orjson, which writes the colons of
+    strings as they are and one structural colon per key it holds, at any depth: when the body
+    has no backslash, its strings are written literally too, so it has more colons than the
+    rewrite exactly when orjson dropped a repeated key. A backslash (`:` decodes to a colon
+    without being one in the body), or a document too deep for orjson to write, gets the exact
+    check.
     """
     colons = body.count(b":")
     keys = 0
@@ -186,23 +187,11 @@ def may_repeat_keys(body: bytes, events: list[Any]) -> bool:
         return False
     if b"\\" in body:
         return True
-    return colons > keys + _colons_in_values(events)
-
-
-def _colons_in_values(events: list[Any]) -> int:
-    """Colons in the string values of `events` and in strings directly in their lists."""
-    colons = 0
-    for event in events:
-        if type(event) is not dict:
-            continue
-        for value in event.values():
-            if type(value) is str:
-                colons += value.count(":")
-            elif type(value) is list:
-                for item in value:
-                    if type(item) is str:
-                        colons += item.count(":")
-    return colons
+    try:
+        rewritten = orjson.dumps(events)
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes (it reads deeper)
+        return True
+    return colons > rewritten.count(b":")
 
 
 class _Unique(dict[str, Any]):

@@ -722,6 +722,8 @@ def _raw_event(value_json: bytes, extra: bytes = b"") -> bytes:
         ),
         # Spelled with an escape, the key is the same key once decoded.
         (b"[" + _raw_event(b'"VIP"', b', "object\\u0049d": 7') + b"]", "body[0].objectId"),
+        # In an object nested in a field segmapd does not read, too.
+        (b"[" + _raw_event(b'"VIP"', b', "extra": {"a": 1, "a": 2}') + b"]", "body[0].extra.a"),
         # Colons in values (sourceId, ids such as urn:seg:1) do not hide a repeat.
         (
             b"[" + _raw_event(b'"urn:seg:1;urn:seg:2"', b', "eventId": 1') + b"]",
