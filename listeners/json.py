@@ -26,9 +26,13 @@ Redelivery keys, from the most to the least precise:
 Decisions on bad events, all or nothing like the `standard` kind: a value the expressions find
 that segmapd cannot take (a segment id failing the id rule, a list of the wrong type, an
 `occurredAt` out of range) refuses the whole delivery with 422 naming the value and the
-expression, because this sender can correct its mapping and send again. One exception: a
-contact id that is present but fails the id rule is dead-lettered (`invalid_contact_id`), since
-it is CRM data that no resend fixes and a refusal would block the deliveries behind it. Events
+expression, because this sender can correct its mapping and send again. So, unlike the
+`hubspot` and `salesforce` kinds, a bad segment value is not split off from its event as an
+invalid part: refused, nothing of the delivery is taken, and nothing is dead-lettered over a
+valid membership. One exception: a contact id that is present but fails the id rule is
+dead-lettered (`invalid_contact_id`, the id as sent within `payload.dead_event`'s bounds), since
+it is CRM data that no resend fixes and a refusal would block the deliveries behind it; no
+valid membership can have that id. Events
 the expressions find nothing in are skipped and counted: `filtered` (`when` is false),
 `no_contact` (contact id null or empty), `no_change` (add, remove and set all absent).
 """
