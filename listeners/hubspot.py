@@ -650,12 +650,12 @@ class _EventMapper:
         """
         where = f"{event.path}.propertyValue"
         several = len(invalid) > 1
-        noun = "options" if several else "option"
+        noun, them = ("options", "them") if several else ("option", "it")
         if self._values:
             message = (
                 f"{where}: {noun} {_listing(invalid, explained=False)} of {self._property} "
-                f"{'are' if several else 'is'} not in segment_values; the event's other values "
-                f"were taken. Add {'them' if several else 'it'} there (or set "
+                f"{'are' if several else 'is'} not in segment_values; the event was taken "
+                f"without {them}. Add {them} there (or set "
                 f'unmapped_values = "ignore") and change the property again in HubSpot (a '
                 f"replay would not help: it would send the same value unmapped)"
             )
@@ -663,7 +663,7 @@ class _EventMapper:
             message = (
                 f"{where}: {noun} {_listing(invalid, explained=True)} of {self._property} "
                 f"cannot be {'CXone segment ids' if several else 'a CXone segment id'} "
-                f"({ID_RULE}); the event's other values were taken. Make each option's internal "
+                f"({ID_RULE}); the event was taken without {them}. Make each option's internal "
                 f"value the CXone segment id (or map it with segment_values) and change the "
                 f"property again in HubSpot (a replay would not help: it would send the same "
                 f"value)"

@@ -449,8 +449,9 @@ class SalesforceAdapter:
             listed += f" and {more} more" if more > 0 else ""
             what = f"{where}: values {listed} are no CXone segment ids"
         message = (
-            f"{what} ({ID_RULE}); the notification's other values were taken. Make each "
-            f"picklist value's API name the CXone segment id (notification {key})"
+            f"{what} ({ID_RULE}); the notification was taken without "
+            f"{'them' if len(invalid) > 1 else 'it'}. Make each picklist value's API name the "
+            f"CXone segment id (notification {key})"
         )
         as_sent = tuple(value for _, value in invalid)
         asked = MembershipChange(change.contact_id, add=as_sent, occurred_at=change.occurred_at)
