@@ -569,7 +569,9 @@ def _fields(sobject: Element, path: str) -> dict[str, str]:
         if name in fields:
             # Two values for one field: which one Salesforce meant cannot be known.
             raise WebhookRejected(
-                400, f"{path}.{name}: appears more than once", f"{path}.{_bounded(name)}"
+                400,
+                f"{path}.{_bounded(name)}: appears more than once",
+                f"{path}.{_bounded(name)}",
             )
         nil = child.get(f"{{{XSI_NS}}}nil", "").strip() in ("true", "1")
         fields[name] = "" if nil else "".join(child.itertext())

@@ -327,6 +327,17 @@ def test_a_field_given_twice_is_refused() -> None:
     assert error.field == "Notification[0].sObject.CXone_Segments__c"
 
 
+def test_a_huge_field_name_given_twice_is_named_shortened() -> None:
+    name = "F" * 100_000
+    field = f"<sf:{name}>x</sf:{name}>"
+    body = message([(NOTE_A, {"Id": CONTACT_A})]).replace(
+        b"</sObject>", (field * 2).encode() + b"</sObject>"
+    )
+    error = refused(adapter(), body)
+    assert (error.status, error.field) == (400, "Notification[0].sObject." + "F" * 40)
+    assert len(error.message) < 200
+
+
 def test_at_most_100_notifications_are_taken_and_more_are_refused_not_truncated() -> None:
     hundred = [
         (f"04l5e00000G{i:04d}AAJ", {"Id": CONTACT_A, "CXone_Segments__c": "VIP"})
