@@ -95,6 +95,8 @@ _MAX_TIMESTAMP_CHARS = 64
 _RFC3339 = re.compile(
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?(?:[Zz]|[+-][0-9]{2}:[0-9]{2})"
 )
+# How much of a JMESPath error a message quotes (it may quote a value from the body).
+_MAX_DETAIL_CHARS = 300
 # Any valid id: stands in for an invalid contact id while the rest of its event is checked.
 _PLACEHOLDER_ID = "0"
 
@@ -511,7 +513,7 @@ class JsonAdapter(JsonReplies):
                 422, f"{path}: nested too deeply for the {config_key} expression", path
             ) from None
         except JMESPathError as exc:
-            detail = " ".join(str(exc).split())
+            detail = _shortened(" ".join(str(exc).split()))
             raise WebhookRejected(
                 422,
                 f"{path}: the {config_key} expression {getattr(self._settings, config_key)!r} "
@@ -572,6 +574,19 @@ def _may_repeat_keys(body: bytes, document: Any) -> bool:
         elif type(node) is list:
             stack.extend(node)
     return body.count(b":") > keys
+
+
+def _shortened(detail: str) -> str:
+    """A JMESPath error as a message quotes it: its start and end, never all of a huge value.
+
+    JMESPath's type errors quote the value they were given, which may be as long as the body;
+    what matters (the function, the types expected and received) is at either end.
+    """
+    if len(detail) <= _MAX_DETAIL_CHARS:
+        return detail
+    head, tail = _MAX_DETAIL_CHARS * 2 // 3, _MAX_DETAIL_CHARS // 3
+    left_out = len(detail) - head - tail
+    return f"{detail[:head]}…[{left_out} characters left out]…{detail[-tail:]}"
 
 
 def _truthy(value: Any) -> bool:

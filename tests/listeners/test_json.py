@@ -687,6 +687,16 @@ def test_a_runtime_expression_error_is_422_naming_the_expression() -> None:
     assert "the occurred_at expression 'abs(changed_at)' failed on this body" in error.message
 
 
+def test_a_runtime_expression_error_quotes_a_huge_value_only_in_part() -> None:
+    crm = adapter("crm", occurred_at="abs(changed_at)")
+    error = refused_parse(crm, crm_body(change(changed_at="x" * 100_000)))
+    assert (error.status, error.field) == (422, "body.events[0]")
+    assert "In function abs(), invalid type for value: xxx" in error.message
+    assert 'received: "string"' in error.message
+    assert "characters left out]" in error.message
+    assert len(error.message) < 500
+
+
 def test_dedup_keys_are_per_event_stable_and_unique_within_a_delivery() -> None:
     crm = adapter("crm", dedup_key="event_id", delivery_id_header="")
     body = crm_body(change(event_id="e1"), change(event_id=2, contact={"cxone_id": "c2"}))
