@@ -174,7 +174,7 @@ def may_repeat_keys(body: bytes, events: list[Any]) -> bool:
     objects) the decoded document is written out again by orjson, which writes the colons of
     strings as they are and one structural colon per key it holds, at any depth: when the body
     has no backslash, its strings are written literally too, so it has more colons than the
-    rewrite exactly when orjson dropped a repeated key. A backslash (`:` decodes to a colon
+    rewrite exactly when orjson dropped a repeated key. A backslash (`\u003a` decodes to a colon
     without being one in the body), or a document too deep for orjson to write, gets the exact
     check.
     """
