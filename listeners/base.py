@@ -104,7 +104,9 @@ class DeadEvent:
 
     The CRM would retry a refusal for hours without any chance of success, holding up the
     deliveries behind it; the dead letter keeps the evidence (`segmapd dlq list`). `change`
-    holds what the event asked for, its contact id as sent (it may fail the id rule).
+    holds what the event asked for, its contact id as sent (it may fail the id rule), within
+    the bounds `listeners.payload.dead_event` (which adapters build it with) sets: a long value
+    shortened visibly, a change naming no segment kept as a removal from every segment (`*`).
     """
 
     change: MembershipChange

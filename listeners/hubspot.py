@@ -24,11 +24,16 @@ cap and time rules are the same as for every other kind:
   merge created a new record) gets `set: []`; the surviving record is not changed by the merge
   (unless `merges = "ignore"`).
 - The same events in the newer generic format (`object.*` with `objectTypeId` `0-1`).
+- `contact.restore` is skipped (`restored`): HubSpot sends no property value with it.
 - Anything else (other properties, other contact events, other objects) is skipped.
 
-An event that can never succeed (its contact id fails the id rule, a value is not a usable
-segment id, a value is not in `segment_values`) is dead-lettered: refusing it would make HubSpot
-retry the whole batch for a day. A body that is not a HubSpot event array is refused.
+What can never succeed is dead-lettered, never refused: a refusal would make HubSpot retry the
+whole batch for a day. Only what is invalid is: values of the property that are not usable
+segment ids (or not in `segment_values`) are the event's invalid part (`InboundEvent.invalid`),
+and the rest is taken as a mirror of the valid values, so the contact keeps the valid segments
+it is in. An event whose contact id fails the id rule, or whose value lists more segments than
+the per-event cap, is dead-lettered whole. A body that is not a HubSpot event array (of at most
+100 events, each key once) is refused.
 """
 
 from __future__ import annotations
@@ -56,7 +61,17 @@ from listeners.base import (
     SourceSettings,
 )
 from listeners.errors import WebhookRejected
-from listeners.payload import ID_PATTERN, ID_RULE, MAX_EVENTS, json_type, parse_event
+from listeners.payload import (
+    ID_PATTERN,
+    ID_RULE,
+    MAX_SEGMENTS_PER_EVENT,
+    dead_event,
+    id_problem,
+    json_type,
+    may_repeat_keys,
+    parse_event,
+    reject_duplicate_keys,
+)
 from scheduler.model import FailureReason, MembershipChange
 
 SIGNATURE_V3_HEADER = "X-HubSpot-Signature-v3"
@@ -76,6 +91,11 @@ SKIP_OTHER_PROPERTY = "other_property"
 SKIP_DELETIONS_OFF = "deletions_off"
 SKIP_MERGES_OFF = "merges_off"
 SKIP_MERGE_NOTHING_REMOVED = "merge_nothing_removed"
+SKIP_RESTORED = "restored"
+"""A restored contact: HubSpot sends no property value with the restore (see `_RESTORE`)."""
+
+MAX_BATCH_EVENTS = 100
+"""HubSpot's own bound on the events of one request; a longer array is not HubSpot's."""
 
 # The characters HubSpot's v3 instructions say to decode in the URI before signing; nothing
 # else is decoded (`%20`, `%26`, `%3D` stay as sent).
@@ -97,8 +117,9 @@ _V3_ENCODED = re.compile("%(" + "|".join(_V3_DECODED) + ")", re.IGNORECASE)
 # Epoch milliseconds have 13 digits until 2286; the bound only keeps int() away from huge inputs.
 _MAX_TIMESTAMP_DIGITS = 16
 _PROPERTY_NAME = re.compile(r"[A-Za-z0-9_]{1,100}")
-# How much of an untrusted value a message quotes.
+# How much of an untrusted value a message quotes, and how many values it lists.
 _QUOTED_CHARS = 64
+_LISTED_VALUES = 3
 
 _NOUNS: dict[type, str] = {str: "a string", list: "an array"}
 
@@ -107,6 +128,11 @@ SignatureVersion = Literal["v3", "v2", "v1"]
 _PROPERTY_CHANGE = "propertyChange"
 _DELETIONS = frozenset({"deletion", "privacyDeletion"})
 _MERGE = "merge"
+# A contact restored from the recycle bin gets its property values back in HubSpot, but HubSpot
+# sends only the restore event, no property change: segmapd cannot know its segments (and with
+# `deletions = true` it took the contact out of them at the deletion). Skipped and counted as
+# `restored`; the README says to change the property again or import the memberships.
+_RESTORE = "restore"
 
 
 def _only_v3() -> list[SignatureVersion]:
@@ -122,8 +148,8 @@ class HubSpotSource(SourceSettings):
     is the internal name of the contact property listing the contact's segments; `contact_id`
     a template over the event's `objectId`, `portalId` and `appId` giving the CXone contact
     id. `segment_values` optionally maps HubSpot option values to CXone segment ids; with a
-    table, `unmapped_values` says what a value missing from it does: `dead_letter` the event
-    (default: nothing of it is applied) or `ignore` the value. `deletions` and `merges` say
+    table, `unmapped_values` says what a value missing from it does: `dead_letter` it (default;
+    the event's other values are taken) or `ignore` it. `deletions` and `merges` say
     whether deleted and merged-away contacts are taken out of their segments.
     `signature_versions` lists the signatures accepted (v1 and v2 only when listed; they carry
     no timestamp); `tolerance_s` how far `X-HubSpot-Request-Timestamp` may be from the
@@ -271,6 +297,7 @@ class HubSpotAdapter(JsonReplies):
             SKIP_DELETIONS_OFF,
             SKIP_MERGES_OFF,
             SKIP_MERGE_NOTHING_REMOVED,
+            SKIP_RESTORED,
         }
     )
     # HubSpot counts any 2xx as delivered; 200 is what its documentation shows.
@@ -505,10 +532,16 @@ class _EventMapper:
             raise WebhookRejected(
                 400, "body: empty array; HubSpot sends at least one event", "body"
             )
-        if len(document) > MAX_EVENTS:
+        if len(document) > MAX_BATCH_EVENTS:
             raise WebhookRejected(
-                422, f"body: {len(document)} events; at most {MAX_EVENTS} per delivery", "body"
+                422,
+                f"body: {len(document)} events; HubSpot sends at most {MAX_BATCH_EVENTS} per "
+                f"request",
+                "body",
             )
+        if may_repeat_keys(body, document):
+            # orjson keeps the last copy of a repeated key; the sender may mean another one.
+            reject_duplicate_keys(body)
         delivery = ParsedDelivery()
         for index, raw in enumerate(document):
             self._take(raw, f"body[{index}]", delivery)
@@ -552,6 +585,14 @@ class _EventMapper:
                 delivery.skipped.append(SkippedEvent(SKIP_MERGES_OFF, f"{path}: merge"))
                 return
             self._merge(_read_event(raw, path, subscription_type, action), delivery)
+        elif action == _RESTORE:
+            delivery.skipped.append(
+                SkippedEvent(
+                    SKIP_RESTORED,
+                    f"{path}: {subscription_type[:_QUOTED_CHARS]}: HubSpot sends no property "
+                    f"value with a restore; change {self._property} again to set its segments",
+                )
+            )
         else:
             delivery.skipped.append(
                 SkippedEvent(SKIP_OTHER_EVENT, f"{path}: {subscription_type[:_QUOTED_CHARS]}")
@@ -569,32 +610,69 @@ class _EventMapper:
             raise WebhookRejected(
                 422, f"{where}: must be a string or null, not {json_type(value)}", where
             )
-        options = [part.strip() for part in (value or "").split(";")]
-        segments: list[str] = []
-        for option in options:
+        asked: list[str] = []  # every value the event names, mapped where mapped
+        valid: list[str] = []
+        invalid: list[str] = []  # as sent
+        for part in (value or "").split(";"):
+            option = part.strip()
             if not option:
                 continue
-            if not self._values:
-                segments.append(option)
-            elif option in self._values:
-                segments.append(self._values[option])
-            elif self._unmapped == "dead_letter":
-                contact_id = self._contact_id(event, event.object_id)
-                asked = [self._values.get(each, each) for each in options]
-                delivery.dead.append(
-                    DeadEvent(
-                        _change(contact_id, asked, event.occurred_at_ms),
-                        FailureReason.SEGMENT_NOT_FOUND,
-                        f"{event.path}.propertyValue: option {_quoted(option)} of "
-                        f"{self._property} is not in segment_values; add it there (or set "
-                        f'unmapped_values = "ignore") and change the property again in '
-                        f"HubSpot (a replay would send the option unmapped)",
-                        event.key,
-                    )
-                )
-                return
+            if self._values:
+                segment = self._values.get(option)
+                if segment is None:
+                    if self._unmapped == "dead_letter":
+                        invalid.append(option)
+                        asked.append(option)
+                    continue
+            elif ID_PATTERN.fullmatch(option) is None:
+                invalid.append(option)
+                asked.append(option)
+                continue
+            else:
+                segment = option
+            valid.append(segment)
+            asked.append(segment)
         contact_id = self._contact_id(event, event.object_id)
-        self._mirror(event, contact_id, segments, event.key, delivery)
+        if len(asked) > MAX_SEGMENTS_PER_EVENT:
+            # Beyond the cap no part of the list can be taken: `_mirror` dead-letters it all.
+            self._mirror(event, contact_id, asked, event.key, delivery)
+            return
+        dead_part = None
+        if invalid:
+            dead_part = self._invalid_part(event, contact_id, list(dict.fromkeys(invalid)))
+        self._mirror(event, contact_id, valid, event.key, delivery, asked=asked, invalid=dead_part)
+
+    def _invalid_part(self, event: _Event, contact_id: str, invalid: list[str]) -> DeadEvent:
+        """The values of a property change that can never be taken, for the dead letter.
+
+        The valid rest of the event is taken as a mirror of the valid values only, so a contact
+        keeps the segments still listed and leaves those no longer listed, as HubSpot says.
+        """
+        where = f"{event.path}.propertyValue"
+        several = len(invalid) > 1
+        noun, them = ("options", "them") if several else ("option", "it")
+        if self._values:
+            message = (
+                f"{where}: {noun} {_listing(invalid, explained=False)} of {self._property} "
+                f"{'are' if several else 'is'} not in segment_values; the event was taken "
+                f"without {them}. Add {them} there (or set "
+                f'unmapped_values = "ignore") and change the property again in HubSpot (a '
+                f"replay would not help: it would send the same value unmapped)"
+            )
+        else:
+            message = (
+                f"{where}: {noun} {_listing(invalid, explained=True)} of {self._property} "
+                f"cannot be {'CXone segment ids' if several else 'a CXone segment id'} "
+                f"({ID_RULE}); the event was taken without {them}. Make each option's internal "
+                f"value the CXone segment id (or map it with segment_values) and change the "
+                f"property again in HubSpot (a replay would not help: it would send the same "
+                f"value)"
+            )
+        change = MembershipChange(
+            contact_id, add=tuple(invalid), occurred_at=event.occurred_at_ms / 1000
+        )
+        # No key of its own: it is taken, or known as redelivered, with the event it is part of.
+        return dead_event(change, FailureReason.SEGMENT_NOT_FOUND, message)
 
     def _merge(self, event: _Event, delivery: ParsedDelivery) -> None:
         raw, path = event.raw, event.path
@@ -626,19 +704,28 @@ class _EventMapper:
         segments: list[str],
         key: str,
         delivery: ParsedDelivery,
+        *,
+        asked: list[str] | None = None,
+        invalid: DeadEvent | None = None,
     ) -> None:
+        """Take `segments` as the contact's list, `invalid` (values left out) beside it.
+
+        `asked` is everything the event named (`segments` when None): what a dead letter of the
+        whole event keeps.
+        """
         shape = {"contactId": contact_id, "set": segments, "occurredAt": event.occurred_at_ms}
         try:
             change = parse_event(shape, event.path)
         except WebhookRejected as rejected:
             # The id and segment rules are about HubSpot's data, which a retry cannot change:
             # the event is kept as a dead letter. Anything else (its time) refuses the batch.
-            dead = self._dead(event, contact_id, segments, rejected, key)
+            whole = segments if asked is None else asked
+            dead = self._dead(event, contact_id, whole, rejected, key)
             if dead is None:
                 raise
             delivery.dead.append(dead)
             return
-        delivery.events.append(InboundEvent(change, key))
+        delivery.events.append(InboundEvent(change, key, invalid))
 
     def _dead(
         self,
@@ -657,16 +744,18 @@ class _EventMapper:
                 f"{self._template!r}: {detail}"
             )
         elif field.startswith(f"{event.path}.set"):
+            # Only the cap reaches here: values failing the id rule were split off before.
             reason = FailureReason.SEGMENT_NOT_FOUND
-            index = field.removeprefix(f"{event.path}.set").strip("[]")
-            named = f"segment {_quoted(segments[int(index)])}" if index.isdigit() else "segments"
             message = (
-                f"{event.path}.propertyValue: {named} of {self._property} cannot be a CXone "
-                f"segment id: {detail}"
+                f"{event.path}.propertyValue: {self._property} lists {detail}; nothing of the "
+                f"event was taken"
             )
         else:
             return None
-        return DeadEvent(_change(contact_id, segments, event.occurred_at_ms), reason, message, key)
+        change = MembershipChange(
+            contact_id, mirror=tuple(segments), occurred_at=event.occurred_at_ms / 1000
+        )
+        return dead_event(change, reason, message, key)
 
     def _contact_id(self, event: _Event, object_id: int) -> str:
         values: dict[str, object] = {"objectId": object_id}
@@ -739,10 +828,14 @@ def _integer(value: object, where: str) -> int:
     return value
 
 
-def _change(contact_id: str, segments: list[str], occurred_at_ms: int) -> MembershipChange:
-    """What a dead-lettered event asked for, as sent."""
-    kept = tuple(dict.fromkeys(segment for segment in segments if segment))
-    return MembershipChange(contact_id, mirror=kept, occurred_at=occurred_at_ms / 1000)
+def _listing(values: list[str], *, explained: bool) -> str:
+    """The first values quoted (with what breaks the id rule when `explained`), and a count."""
+    shown = []
+    for value in values[:_LISTED_VALUES]:
+        problem = id_problem(value) if explained else None
+        shown.append(_quoted(value) + (f" ({problem})" if problem else ""))
+    more = len(values) - _LISTED_VALUES
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
 
 def _quoted(text: str) -> str:

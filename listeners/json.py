@@ -26,9 +26,13 @@ Redelivery keys, from the most to the least precise:
 Decisions on bad events, all or nothing like the `standard` kind: a value the expressions find
 that segmapd cannot take (a segment id failing the id rule, a list of the wrong type, an
 `occurredAt` out of range) refuses the whole delivery with 422 naming the value and the
-expression, because this sender can correct its mapping and send again. One exception: a
-contact id that is present but fails the id rule is dead-lettered (`invalid_contact_id`), since
-it is CRM data that no resend fixes and a refusal would block the deliveries behind it. Events
+expression, because this sender can correct its mapping and send again. So, unlike the
+`hubspot` and `salesforce` kinds, a bad segment value is not split off from its event as an
+invalid part: refused, nothing of the delivery is taken, and nothing is dead-lettered over a
+valid membership. One exception: a contact id that is present but fails the id rule is
+dead-lettered (`invalid_contact_id`, the id as sent within `payload.dead_event`'s bounds), since
+it is CRM data that no resend fixes and a refusal would block the deliveries behind it; no
+valid membership can have that id. Events
 the expressions find nothing in are skipped and counted: `filtered` (`when` is false),
 `no_contact` (contact id null or empty), `no_change` (add, remove and set all absent).
 """
@@ -53,7 +57,6 @@ from jmespath.parser import ParsedResult
 from pydantic import ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from listeners.base import (
-    DeadEvent,
     InboundEvent,
     InboundRequest,
     JsonReplies,
@@ -62,7 +65,13 @@ from listeners.base import (
     SourceSettings,
 )
 from listeners.errors import WebhookRejected
-from listeners.payload import MAX_EVENTS, json_type, parse_event, reject_duplicate_keys
+from listeners.payload import (
+    MAX_EVENTS,
+    dead_event,
+    json_type,
+    parse_event,
+    reject_duplicate_keys,
+)
 from scheduler.model import FailureReason
 
 SKIP_FILTERED = "filtered"
@@ -86,8 +95,8 @@ _MAX_TIMESTAMP_CHARS = 64
 _RFC3339 = re.compile(
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?(?:[Zz]|[+-][0-9]{2}:[0-9]{2})"
 )
-# A contact id as sent, for the dead letter; the body is untrusted, so its length is bounded.
-_MAX_SHOWN_ID_CHARS = 200
+# How much of a JMESPath error a message quotes (it may quote a value from the body).
+_MAX_DETAIL_CHARS = 300
 # Any valid id: stands in for an invalid contact id while the rest of its event is checked.
 _PLACEHOLDER_ID = "0"
 
@@ -435,9 +444,10 @@ class JsonAdapter(JsonReplies):
                 change = parse_event({**mapped, "contactId": _PLACEHOLDER_ID}, path)
             except WebhookRejected as other:
                 raise self._explained(other, path) from None
-            change = dataclasses.replace(change, contact_id=_shown_id(contact))
+            # The dead letter keeps the id as sent (`dead_event` bounds its length, visibly).
+            change = dataclasses.replace(change, contact_id=_as_text(contact))
             message = f"{exc.message} (from contact_id = {self._settings.contact_id!r})"
-            delivery.dead.append(DeadEvent(change, FailureReason.INVALID_CONTACT_ID, message, key))
+            delivery.dead.append(dead_event(change, FailureReason.INVALID_CONTACT_ID, message, key))
             return
         delivery.events.append(InboundEvent(change, key))
 
@@ -503,7 +513,7 @@ class JsonAdapter(JsonReplies):
                 422, f"{path}: nested too deeply for the {config_key} expression", path
             ) from None
         except JMESPathError as exc:
-            detail = " ".join(str(exc).split())
+            detail = _shortened(" ".join(str(exc).split()))
             raise WebhookRejected(
                 422,
                 f"{path}: the {config_key} expression {getattr(self._settings, config_key)!r} "
@@ -549,7 +559,7 @@ def _timestamp_seconds(stamp: str, timestamp_format: str) -> float | None:
 
 
 def _may_repeat_keys(body: bytes, document: Any) -> bool:
-    """False only when no object in `body` can hold a key twice (see payload._may_repeat_keys).
+    """False only when no object in `body` can hold a key twice (see payload.may_repeat_keys).
 
     Every key occurrence is followed by one structural `:`, so a body with no more colons than
     the decoded document has keys cannot repeat one; other bodies get the exact check.
@@ -566,11 +576,30 @@ def _may_repeat_keys(body: bytes, document: Any) -> bool:
     return body.count(b":") > keys
 
 
+def _shortened(detail: str) -> str:
+    """A JMESPath error as a message quotes it: its start and end, never all of a huge value.
+
+    JMESPath's type errors quote the value they were given, which may be as long as the body;
+    what matters (the function, the types expected and received) is at either end.
+    """
+    if len(detail) <= _MAX_DETAIL_CHARS:
+        return detail
+    head, tail = _MAX_DETAIL_CHARS * 2 // 3, _MAX_DETAIL_CHARS // 3
+    left_out = len(detail) - head - tail
+    return f"{detail[:head]}…[{left_out} characters left out]…{detail[-tail:]}"
+
+
 def _truthy(value: Any) -> bool:
     # JMESPath's truth: false, null, "", [] and {} are false; everything else (0 too) is true.
     return not (value is None or value is False or value in ("", [], {}))
 
 
-def _shown_id(value: Any) -> str:
-    text = value if type(value) is str else orjson.dumps(value).decode()
-    return text[:_MAX_SHOWN_ID_CHARS]
+def _as_text(value: Any) -> str:
+    """A value the contact_id expression found, as text: a string as is, anything else as JSON."""
+    if type(value) is str:
+        return value
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        # orjson writes at most 254 levels of nesting, fewer than it reads.
+        return f"({json_type(value)} nested too deeply to show)"

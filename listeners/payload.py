@@ -44,8 +44,9 @@ from typing import Any, NoReturn
 
 import orjson
 
+from listeners.base import DeadEvent
 from listeners.errors import WebhookRejected
-from scheduler.model import MembershipChange
+from scheduler.model import FailureReason, MembershipChange
 
 MAX_EVENTS = 1000
 """Events per delivery. More is refused (422), never truncated."""
@@ -69,6 +70,22 @@ offset, which is off by whole hours and would otherwise pass unnoticed."""
 ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 ID_RULE = "must be 1-128 characters of A-Z a-z 0-9 _ . : -"
 _MAX_ID_LENGTH = 128
+
+MAX_KEPT_CHARS = 1024
+"""The most of an untrusted contact id or segment value a dead letter keeps (`kept_as_sent`).
+
+Dead letters keep what the CRM sent, ids that fail the id rule included, so that an admin sees
+what to correct; but the sender is untrusted and a value can be as long as the body. 1,024
+characters show any real mistake (an e-mail address, a label, a URL) in full, eight times the
+longest valid id."""
+
+EVERY_SEGMENT = "*"
+"""The segment a dead letter names for an event that named none (a cleared list, a deletion).
+
+The journal keeps dead letters per (contact, segment), so an event with an invalid contact id
+that took the contact out of every segment would otherwise leave no trace but a log line. `*` is
+no segment id (it fails the id rule), so it can never be taken for one, and it is a removal:
+what the event asked for."""
 
 _CONTACT = "contactId"
 _SEGMENTS = "segmentIds"
@@ -122,10 +139,10 @@ def parse_events(body: bytes) -> list[MembershipChange]:
     except WebhookRejected:
         # A repeated key is the first thing to correct: the refusal of a value may be about the
         # copy of the key that orjson happened to keep.
-        if _may_repeat_keys(body, events):
+        if may_repeat_keys(body, events):
             reject_duplicate_keys(body)
         raise
-    if _may_repeat_keys(body, events):
+    if may_repeat_keys(body, events):
         reject_duplicate_keys(body)
     return changes
 
@@ -139,23 +156,27 @@ def parse_event(event: object, path: str) -> MembershipChange:
     return _event(event, path)
 
 
-def _may_repeat_keys(body: bytes, events: list[Any]) -> bool:
+def may_repeat_keys(body: bytes, events: list[Any]) -> bool:
     r"""False only when no object anywhere in `body` can hold a key twice; a cheap scan.
+
+    `events` is what orjson decoded from `body`, as a list: the array of events, or `[document]`
+    for any other document.
 
     orjson keeps the last of repeated keys without saying so, and the exact check (the stdlib
     parser) costs several times the parse, so it runs only when a count says it may find
     something. The count: every key of every object in a JSON document is followed by one
     structural `:`, and the other colons are inside strings. So `body.count(b":")` is at least the
-    number of key occurrences, and a repeated key (in an event or in anything nested in one)
-    makes that exceed the number of distinct keys of the top-level event objects. The common
-    body, whose ids and values hold no colon, passes with one byte scan and a sum of lengths.
+    number of key occurrences. The common body, whose ids and values hold no colon, has no more
+    colons than its top-level objects have keys and passes with one byte scan and a sum of
+    lengths.
 
-    Colons inside values (`urn:crm:1`, every RFC 3339 time) are credited back only where they
-    are certainly literal bytes of the body: a string value of an event, or a string directly in
-    one of its lists, and only when the body has no backslash (`\u003a` decodes to a colon
-    without being one in the body). Crediting fewer colons than the strings hold only costs the
-    exact check, never soundness. Nested objects are not credited, so they always get the exact
-    check; they are refused anyway.
+    Otherwise (colons in values: `urn:crm:1`, RFC 3339 times, HubSpot's `userId:123`; nested
+    objects) the decoded document is written out again by orjson, which writes the colons of
+    strings as they are and one structural colon per key it holds, at any depth: when the body
+    has no backslash, its strings are written literally too, so it has more colons than the
+    rewrite exactly when orjson dropped a repeated key. A backslash (`\u003a` decodes to a colon
+    without being one in the body), or a document too deep for orjson to write, gets the exact
+    check.
     """
     colons = body.count(b":")
     keys = 0
@@ -166,23 +187,11 @@ def _may_repeat_keys(body: bytes, events: list[Any]) -> bool:
         return False
     if b"\\" in body:
         return True
-    return colons > keys + _colons_in_values(events)
-
-
-def _colons_in_values(events: list[Any]) -> int:
-    """Colons in the string values of `events` and in strings directly in their lists."""
-    colons = 0
-    for event in events:
-        if type(event) is not dict:
-            continue
-        for value in event.values():
-            if type(value) is str:
-                colons += value.count(":")
-            elif type(value) is list:
-                for item in value:
-                    if type(item) is str:
-                        colons += item.count(":")
-    return colons
+    try:
+        rewritten = orjson.dumps(events)
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes (it reads deeper)
+        return True
+    return colons > rewritten.count(b":")
 
 
 class _Unique(dict[str, Any]):
@@ -366,6 +375,14 @@ def _ids(raw: list[Any], path: str, key: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys([_id(value, path, key, index) for index, value in enumerate(raw)]))
 
 
+def parse_occurred_at(value: object, path: str) -> float:
+    """`value`, an event's `occurredAt`, as epoch seconds, checked as `parse_event` checks it.
+
+    `path` names the event: a refusal (`WebhookRejected`) names `{path}.occurredAt`.
+    """
+    return _occurred_at(value, path)
+
+
 def _occurred_at(value: object, path: str) -> float:
     """`occurredAt` as epoch seconds: RFC 3339 with an offset, or integer epoch milliseconds."""
     if type(value) is int:
@@ -451,6 +468,62 @@ def _id(value: object, path: str, key: str, index: int | None) -> str:
         where = _where(path, key, index)
         raise WebhookRejected(422, f"{where}: {ID_RULE} ({_id_problem(text)})", where)
     return text
+
+
+def id_problem(text: str) -> str | None:
+    """None when `text` passes the id rule (`ID_RULE`); else what is wrong, for a message.
+
+    "got an empty string", "got 900000 characters", "got ' ' at index 4": the value itself is
+    not quoted, since it may be as long as the body.
+    """
+    if ID_PATTERN.fullmatch(text) is not None:
+        return None
+    return _id_problem(text)
+
+
+def kept_as_sent(text: str) -> str:
+    """`text` as a dead letter keeps it: whole up to `MAX_KEPT_CHARS` characters.
+
+    A longer value is shortened visibly, never silently: its first characters, then
+    `…[shortened from N characters]` with its true length, `MAX_KEPT_CHARS` in all. A shortened
+    value is far beyond the id rule's 128 characters (and holds `…`), so it is never an id.
+    """
+    if len(text) <= MAX_KEPT_CHARS:
+        return text
+    marker = f"…[shortened from {len(text)} characters]"
+    return text[: MAX_KEPT_CHARS - len(marker)] + marker
+
+
+def dead_event(
+    change: MembershipChange, reason: FailureReason, message: str, key: str | None = None
+) -> DeadEvent:
+    """A `DeadEvent` for `change` as sent, within bounds every journal can keep.
+
+    Its contact id and segment values go through `kept_as_sent`; each list keeps at most
+    `MAX_SEGMENTS_PER_EVENT` values, the first ones, and the message then says how many there
+    were; a change that names no segment (a cleared list, a deletion) becomes a removal from
+    `EVERY_SEGMENT`, since a dead letter is kept per (contact, segment) and one naming none
+    would keep nothing.
+    """
+    add = _kept_values(change.add)
+    remove = _kept_values(change.remove)
+    mirror = None if change.mirror is None else _kept_values(change.mirror)
+    longest = max(len(change.add), len(change.remove), len(change.mirror or ()))
+    if longest > MAX_SEGMENTS_PER_EVENT:
+        message += (
+            f" (this dead letter keeps the first {MAX_SEGMENTS_PER_EVENT} of the event's "
+            f"{longest} segment values)"
+        )
+    if not (add or remove or mirror):
+        remove, mirror = (EVERY_SEGMENT,), None
+    kept = MembershipChange(
+        kept_as_sent(change.contact_id), add, remove, mirror, occurred_at=change.occurred_at
+    )
+    return DeadEvent(kept, reason, message, key)
+
+
+def _kept_values(values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(kept_as_sent(value) for value in values[:MAX_SEGMENTS_PER_EVENT]))
 
 
 def _where(path: str, key: str, index: int | None) -> str:

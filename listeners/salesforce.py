@@ -26,13 +26,19 @@ day without any chance of success):
   sends; `absent_segments_field = "skip"` skips such notifications (`missing_field`) instead;
 - the contact id field absent is skipped (`missing_field`); the time field absent (or nil)
   leaves the change in arrival order;
-- a contact id that is empty or fails the id rule is dead-lettered (`invalid_contact_id`), and a
-  segment value that fails the id rule or the per-event cap dead-letters the notification
-  (`segment_not_found`); the other notifications of the message are still taken.
+- a contact id that is empty (nil) or fails the id rule dead-letters the notification
+  (`invalid_contact_id`), and so does a picklist listing more values than the per-event cap
+  (`segment_not_found`);
+- picklist values that fail the id rule are the notification's invalid part
+  (`InboundEvent.invalid`, `segment_not_found`): only they are dead-lettered, and the rest is
+  taken as a mirror of the valid values, so the contact keeps the valid segments it is in;
+- the other notifications of the message are taken either way. Dead letters keep ids and values
+  as sent, bounded (`listeners.payload.dead_event`).
 
 Refused, the whole message (a SOAP Fault; nothing of it is taken): anything that is not
 Salesforce's format (not XML, a DTD or entity, not a SOAP 1.1 envelope, no `notifications`,
-a notification without `Id` or `sObject`, a field given twice) with 400; another org with 403;
+a notification without `Id` or `sObject`, a field given twice, an 18-character
+`OrganizationId` whose last three characters are not its checksum) with 400; another org with 403;
 more than 100 notifications with 422; and an `occurred_at_field` value that is not an
 xsd:dateTime with an offset within the accepted range, with 422. That field is an audit field
 Salesforce fills alike for every record, so a bad value means the setting names the wrong
@@ -43,6 +49,7 @@ succeed once the setting is corrected, where acknowledging would lose the change
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hmac
 import ipaddress
 import math
@@ -66,7 +73,15 @@ from listeners.base import (
     SourceSettings,
 )
 from listeners.errors import WebhookRejected
-from listeners.payload import parse_event
+from listeners.payload import (
+    ID_PATTERN,
+    ID_RULE,
+    MAX_SEGMENTS_PER_EVENT,
+    dead_event,
+    id_problem,
+    parse_event,
+    parse_occurred_at,
+)
 from scheduler.model import FailureReason, MembershipChange
 
 SOAP_ENVELOPE_NS = "http://schemas.xmlsoap.org/soap/envelope/"
@@ -100,6 +115,7 @@ _CHECKSUM_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ012345"
 # Characters XML 1.0 cannot carry at all, even escaped; a fault quotes untrusted text.
 _NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 _QUOTED_CHARS = 40
+_LISTED_VALUES = 3
 
 _ACK = (
     '<?xml version="1.0" encoding="UTF-8"?>'
@@ -344,6 +360,16 @@ class SalesforceAdapter:
                 f"source accepts",
                 "notifications.OrganizationId",
             )
+        # Salesforce's 18-character ids always end in the case checksum of their first 15 (the
+        # config check insists on it too): any other suffix is not from Salesforce.
+        if len(sent) == 18 and sent[15:].upper() != id_checksum(sent[:15]):
+            raise WebhookRejected(
+                400,
+                f"notifications.OrganizationId: {_quoted(sent)}: the last three characters of "
+                f"an 18-character id are the case checksum of the first 15, "
+                f"{id_checksum(sent[:15])!r} here; Salesforce never sends another",
+                "notifications.OrganizationId",
+            )
 
     def _notification(self, element: Element, path: str, delivery: ParsedDelivery) -> None:
         key = _text(element, f"{{{OUTBOUND_NS}}}Id")
@@ -371,49 +397,95 @@ class SalesforceAdapter:
             )
             return
         contact_id = fields[self._contact_id_field].strip()
-        segments = [value.strip() for value in fields[self._segments_field].split(";")]
-        segments = [value for value in segments if value]
-        event: dict[str, object] = {"contactId": contact_id, "set": segments}
-        occurred_at = fields.get(self._occurred_at_field, "").strip()
-        if self._occurred_at_field and occurred_at:
-            # An absent, nil or empty time leaves the change in arrival order.
-            event["occurredAt"] = occurred_at
+        values = [value.strip() for value in fields[self._segments_field].split(";")]
+        values = [value for value in values if value]
+        occurred_at = None
+        stamp = fields.get(self._occurred_at_field, "").strip()
+        if self._occurred_at_field and stamp:
+            # An absent, nil or empty time leaves the change in arrival order; a bad one
+            # refuses the message (see the module docstring), whatever else is wrong.
+            try:
+                occurred_at = parse_occurred_at(stamp, path)
+            except WebhookRejected as rejection:
+                raise WebhookRejected(rejection.status, *self._renamed(rejection, path)) from None
+        valid: list[str] = []
+        invalid: list[tuple[int, str]] = []  # (index in the picklist, value as sent)
+        for index, value in enumerate(values):
+            if ID_PATTERN.fullmatch(value) is None:
+                invalid.append((index, value))
+            else:
+                valid.append(value)
+        # Beyond the cap no part of the list can be taken: parse_event refuses all of it.
+        taken = values if len(values) > MAX_SEGMENTS_PER_EVENT else valid
         try:
-            change = parse_event(event, path)
+            change = parse_event({"contactId": contact_id, "set": taken}, path)
         except WebhookRejected as rejection:
             # The dead letter keeps what the notification asked, its values as sent.
-            asked = MembershipChange(contact_id, mirror=tuple(dict.fromkeys(segments)))
+            asked = MembershipChange(contact_id, mirror=tuple(values), occurred_at=occurred_at)
             delivery.dead.append(self._dead(rejection, path, key, asked))
             return
-        delivery.events.append(InboundEvent(change, key))
+        change = dataclasses.replace(change, occurred_at=occurred_at)
+        dead_part = self._invalid_part(change, invalid, path, key) if invalid else None
+        delivery.events.append(InboundEvent(change, key, dead_part))
 
-    def _dead(
-        self, rejection: WebhookRejected, path: str, key: str, asked: MembershipChange
+    def _invalid_part(
+        self, change: MembershipChange, invalid: list[tuple[int, str]], path: str, key: str
     ) -> DeadEvent:
-        """The notification dead-lettered for `rejection`; a bad occurredAt refuses the message."""
+        """The picklist values that are no segment id, for the dead letter beside `change`.
+
+        `change` is the notification's valid rest, a mirror of its valid values: the contact
+        keeps the segments still listed and leaves those no longer listed.
+        """
+        where = f"{path}.sObject.{self._segments_field}"
+        shown = [f"{_quoted(value)} ({id_problem(value)})" for _, value in invalid[:_LISTED_VALUES]]
+        if len(invalid) == 1:
+            index = invalid[0][0]
+            what = f"{where}[{index}]: value {shown[0]} is no CXone segment id"
+        else:
+            listed = ", ".join(
+                f"[{index}] {text}" for (index, _), text in zip(invalid, shown, strict=False)
+            )
+            more = len(invalid) - _LISTED_VALUES
+            listed += f" and {more} more" if more > 0 else ""
+            what = f"{where}: values {listed} are no CXone segment ids"
+        message = (
+            f"{what} ({ID_RULE}); the notification was taken without "
+            f"{'them' if len(invalid) > 1 else 'it'}. Make each picklist value's API name the "
+            f"CXone segment id (notification {key})"
+        )
+        as_sent = tuple(value for _, value in invalid)
+        asked = MembershipChange(change.contact_id, add=as_sent, occurred_at=change.occurred_at)
+        # No key of its own: it is taken, or known as redelivered, with its notification.
+        return dead_event(asked, FailureReason.SEGMENT_NOT_FOUND, message)
+
+    def _renamed(self, rejection: WebhookRejected, path: str) -> tuple[str, str]:
+        """The rejection's message and field with the sObject's own field names.
+
+        parse_event names segmapd's keys; the sender knows its fields by their Salesforce names.
+        """
         where = rejection.field or path
         names = {
             f"{path}.contactId": f"{path}.sObject.{self._contact_id_field}",
             f"{path}.set": f"{path}.sObject.{self._segments_field}",
             f"{path}.occurredAt": f"{path}.sObject.{self._occurred_at_field}",
         }
-        # parse_event names our own keys; the sender knows its fields by their Salesforce names.
         for ours, theirs in names.items():
             if where.startswith(ours):
-                message = rejection.message.replace(ours, theirs, 1)
-                field = where.replace(ours, theirs, 1)
-                break
-        else:
-            message, field = rejection.message, where
-        if where.startswith(f"{path}.occurredAt"):
-            raise WebhookRejected(rejection.status, message, field)
+                return rejection.message.replace(ours, theirs, 1), where.replace(ours, theirs, 1)
+        return rejection.message, where
+
+    def _dead(
+        self, rejection: WebhookRejected, path: str, key: str, asked: MembershipChange
+    ) -> DeadEvent:
+        """The whole notification dead-lettered for `rejection` (its contact id, or the cap)."""
+        message, _ = self._renamed(rejection, path)
         reason = (
             FailureReason.INVALID_CONTACT_ID
-            if where.startswith(f"{path}.contactId")
+            if (rejection.field or "").startswith(f"{path}.contactId")
             else FailureReason.SEGMENT_NOT_FOUND
         )
         # The notification id lets the admin find it in Salesforce's outbound message monitor.
-        return DeadEvent(asked, reason, f"{message} (notification {key})", key)
+        return dead_event(asked, reason, f"{message} (notification {key})", key)
 
     def accepted(self, outcome: Outcome) -> Reply:
         """200 with `<Ack>true</Ack>`: Salesforce's only success answer (it has no counts)."""
@@ -497,7 +569,9 @@ def _fields(sobject: Element, path: str) -> dict[str, str]:
         if name in fields:
             # Two values for one field: which one Salesforce meant cannot be known.
             raise WebhookRejected(
-                400, f"{path}.{name}: appears more than once", f"{path}.{_bounded(name)}"
+                400,
+                f"{path}.{_bounded(name)}: appears more than once",
+                f"{path}.{_bounded(name)}",
             )
         nil = child.get(f"{{{XSI_NS}}}nil", "").strip() in ("true", "1")
         fields[name] = "" if nil else "".join(child.itertext())

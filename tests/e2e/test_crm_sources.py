@@ -97,6 +97,32 @@ async def wait_terminal(
     return found
 
 
+async def wait_segments(
+    http: aiohttp.ClientSession,
+    daemon: Daemon,
+    contact: str,
+    want: dict[str, str],
+    timeout_s: float = 30,
+) -> dict[str, str]:
+    """Poll the contact until the named segments are in the wanted states; all its states."""
+    deadline = time.monotonic() + timeout_s
+    found: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        status, body = await daemon.contact(http, contact)
+        found = states(body) if status == 200 else {}
+        if all(found.get(segment) == state for segment, state in want.items()):
+            return found
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{contact} did not reach {want}: {found}")
+
+
+async def dead_letters(http: aiohttp.ClientSession, daemon: Daemon) -> list[dict[str, Any]]:
+    async with http.get(f"{daemon.url}/v1/dead-letters", headers=daemon.admin) as response:
+        assert response.status == 200
+        letters: list[dict[str, Any]] = (await response.json())["deadLetters"]
+        return letters
+
+
 async def metric(http: aiohttp.ClientSession, daemon: Daemon, name: str, **labels: str) -> float:
     async with http.get(f"{daemon.url}/metrics") as response:
         text = await response.text()
@@ -227,6 +253,32 @@ async def test_hubspot_events_are_ordered_by_occurred_at_and_a_deletion_clears_t
         str(contact): {"Gold": "removed", "VIP": "removed"}
     }
     assert (await emulator.counters())["applied_twice"] == 0
+
+
+async def test_a_hubspot_value_that_is_no_segment_id_leaves_the_valid_memberships_in_place(
+    start_daemon: StartDaemon, emulator: EmulatorControl, http: aiohttp.ClientSession
+):
+    daemon = await start(start_daemon)
+    now_ms = int(time.time() * 1000)
+    contact = 710000000500
+    status, _ = await post_hubspot(
+        http, daemon, [hubspot_event(contact, "VIP;Gold", now_ms - 3000)]
+    )
+    assert status == 200
+    await wait_segments(http, daemon, str(contact), {"VIP": "active", "Gold": "active"})
+    # The property now lists VIP and a value no CXone segment can have: the event is taken as
+    # "VIP only" (Gold leaves, VIP stays active), and only "bad value" can never succeed.
+    status, answer = await post_hubspot(
+        http, daemon, [hubspot_event(contact, "VIP;bad value", now_ms - 1000)]
+    )
+    assert (status, answer) == (200, {"accepted": 2, "duplicates": 1, "stale": 0})
+    found = await wait_segments(http, daemon, str(contact), {"VIP": "active", "Gold": "removed"})
+    # Whatever segmapd keeps of "bad value" (a dead letter), it is never a membership.
+    assert found.get("bad value", "failed") == "failed"
+    # VIP was added once and never undone; Gold added, then removed.
+    counters = await emulator.counters()
+    assert (counters["bulk_ids"]["ids"], counters["bulk_remove_ids"]["ids"]) == (2, 1)
+    assert counters["applied_twice"] == 0
 
 
 async def test_a_query_string_is_signed_as_sent_and_one_contact_twice_in_a_batch_ends_as_the_last(
@@ -550,6 +602,68 @@ async def test_every_salesforce_refusal_is_a_soap_fault_with_the_right_status(
     status, envelope = await post_salesforce(http, daemon, good)
     assert status == 200 and acked(envelope)
     assert await wait_terminal(http, daemon, [contact]) == {contact: {"VIP": "active"}}
+
+
+async def test_a_salesforce_picklist_value_that_is_no_segment_id_keeps_the_valid_memberships(
+    start_daemon: StartDaemon, http: aiohttp.ClientSession
+):
+    daemon = await start(start_daemon)
+    now = time.time()
+    contact = "750000000020"
+    first = salesforce_message(
+        [
+            (
+                "04l5e00000A5bCdAAA",
+                contact_fields(contact, "VIP;Gold", LastModifiedDate=iso(now - 3)),
+            )
+        ]
+    )
+    status, envelope = await post_salesforce(http, daemon, first)
+    assert status == 200 and acked(envelope)
+    await wait_segments(http, daemon, contact, {"VIP": "active", "Gold": "active"})
+    changed = salesforce_message(
+        [
+            (
+                "04l5e00000A5bCeAAA",
+                contact_fields(contact, "VIP;Bad Value", LastModifiedDate=iso(now - 1)),
+            )
+        ]
+    )
+    status, envelope = await post_salesforce(http, daemon, changed)
+    assert status == 200 and acked(envelope)
+    found = await wait_segments(http, daemon, contact, {"VIP": "active", "Gold": "removed"})
+    assert found.get("Bad Value", "failed") == "failed"
+
+
+async def test_a_salesforce_notification_with_a_nil_id_and_no_picklist_is_kept_as_a_dead_letter(
+    start_daemon: StartDaemon, http: aiohttp.ClientSession
+):
+    daemon = await start(start_daemon)
+    nil_id: Fields = {"Id": None, "CXone_Segments__c": None}  # xsi:nil="true" both
+    message = salesforce_message([("04l5e00000A6bCdAAA", nil_id)])
+    status, envelope = await post_salesforce(http, daemon, message)
+    assert status == 200 and acked(envelope)
+    # It named no segment; it is kept as the removal from every segment ("*") it asked for.
+    letters = await dead_letters(http, daemon)
+    assert [(d["contactId"], d["segmentId"], d["intent"], d["reason"]) for d in letters] == [
+        ("", "*", "remove", "invalid_contact_id")
+    ]
+    assert "04l5e00000A6bCdAAA" in letters[0]["message"]
+
+
+async def test_a_huge_salesforce_contact_id_is_dead_lettered_shortened_with_its_length(
+    start_daemon: StartDaemon, http: aiohttp.ClientSession
+):
+    daemon = await start(start_daemon)
+    huge = "7" * 900_000
+    message = salesforce_message([("04l5e00000A7bCdAAA", contact_fields(huge, "VIP"))])
+    status, envelope = await post_salesforce(http, daemon, message)
+    assert status == 200 and acked(envelope)
+    [letter] = await dead_letters(http, daemon)
+    assert letter["reason"] == "invalid_contact_id" and letter["segmentId"] == "VIP"
+    assert len(letter["contactId"]) == 1024
+    assert letter["contactId"].endswith("…[shortened from 900000 characters]")
+    assert "got 900000 characters" in letter["message"]
 
 
 async def test_salesforce_allowed_networks_refuse_other_addresses(

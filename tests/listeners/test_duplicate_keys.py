@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from listeners import WebhookRejected, parse_events
-from listeners.payload import loads_unique
+from listeners.payload import loads_unique, may_repeat_keys
 
 
 @pytest.mark.parametrize(
@@ -134,3 +134,25 @@ def test_a_repeat_is_reported_before_a_refusal_of_the_copy_that_was_kept() -> No
 def test_values_spelled_like_keys_or_holding_colons_are_not_repeats(raw: bytes) -> None:
     document = orjson.loads(raw)
     assert len(parse_events(raw)) == (len(document) if isinstance(document, list) else 1)
+
+
+@pytest.mark.parametrize(
+    ("raw", "may_repeat"),
+    [
+        # No colon beyond the keys: no repeat possible, nothing more is looked at.
+        (b'[{"contactId": "c1", "add": ["a"]}]', False),
+        # Colons in values and nested keys are matched by orjson's rewrite of the document.
+        (b'[{"id": "urn:a:1", "at": "10:00:00", "more": {"x": {"y": "z:z"}}}]', False),
+        (b'[{"id": "urn:a:1", "more": {"x": 1, "x": 2}}]', True),
+        (b'[{"id": "urn:a:1", "id": "urn:a:2"}]', True),
+        # A backslash may spell a colon that is no colon in the body: the exact check decides.
+        (b'[{"id": "urn:a:1", "v": "\\u003a"}]', True),
+        # Deeper than orjson writes: the exact check decides.
+        (b'[{"d": ' + b'{"k": ' * 300 + b"1" + b"}" * 300 + b"}]", True),
+    ],
+)
+def test_the_cheap_scan_never_misses_a_repeat_and_rarely_asks_for_the_exact_check(
+    raw: bytes, may_repeat: bool
+) -> None:
+    document = orjson.loads(raw)
+    assert may_repeat_keys(raw, document) is may_repeat

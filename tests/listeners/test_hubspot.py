@@ -354,21 +354,29 @@ def test_empty_or_null_value_is_an_empty_mirror() -> None:
         assert [e.change.mirror for e in parsed.events] == [()], value
 
 
-def test_segment_values_maps_options_and_unmapped_ones_are_dead_lettered() -> None:
+def test_segment_values_maps_options_and_only_unmapped_ones_are_dead_lettered() -> None:
     table = {"vip": "SEG-100", "es": "SEG-200", "spanish": "SEG-200"}
     parsed = parse([event(propertyValue="vip;es;spanish")], segment_values=table)
     assert [e.change.mirror for e in parsed.events] == [("SEG-100", "SEG-200")]
+    assert [e.invalid for e in parsed.events] == [None]
     parsed = parse(
         [event(propertyValue="vip;gold"), event(eventId=2, propertyValue="es")],
         segment_values=table,
     )
-    assert [e.change.mirror for e in parsed.events] == [("SEG-200",)]
-    [dead] = parsed.dead
-    assert dead.reason is FailureReason.SEGMENT_NOT_FOUND
-    assert "'gold'" in dead.message
-    assert "body[0].propertyValue" in dead.message
-    assert dead.change == mirror("1246965", ("SEG-100", "gold"), 1462216307945)
-    assert dead.key is not None
+    # The mapped option is taken; only the unmapped one is dead-lettered, beside it.
+    assert [e.change.mirror for e in parsed.events] == [("SEG-100",), ("SEG-200",)]
+    assert parsed.dead == []
+    invalid = parsed.events[0].invalid
+    assert invalid is not None
+    assert invalid.reason is FailureReason.SEGMENT_NOT_FOUND
+    assert "body[0].propertyValue" in invalid.message
+    assert "option 'gold' of cxone_segments is not in segment_values" in invalid.message
+    assert "a replay would not help" in invalid.message
+    assert invalid.change == MembershipChange(
+        "1246965", add=("gold",), occurred_at=1462216307945 / 1000
+    )
+    assert invalid.key is None
+    assert parsed.events[1].invalid is None
 
 
 def test_unmapped_values_can_be_ignored() -> None:
@@ -381,13 +389,106 @@ def test_unmapped_values_can_be_ignored() -> None:
     assert parsed.dead == []
 
 
-def test_a_value_that_cannot_be_a_segment_id_is_dead_lettered() -> None:
+def test_a_value_that_cannot_be_a_segment_id_is_dead_lettered_and_the_rest_taken() -> None:
     parsed = parse([event(propertyValue="VIP;Gold Tier"), event(eventId=2, objectId=7)])
-    assert [e.change.contact_id for e in parsed.events] == ["7"]
+    assert [e.change.contact_id for e in parsed.events] == ["1246965", "7"]
+    assert parsed.events[0].change == mirror("1246965", ("VIP",), 1462216307945)
+    assert parsed.dead == []
+    invalid = parsed.events[0].invalid
+    assert invalid is not None
+    assert invalid.reason is FailureReason.SEGMENT_NOT_FOUND
+    assert invalid.change == MembershipChange(
+        "1246965", add=("Gold Tier",), occurred_at=1462216307945 / 1000
+    )
+    assert "body[0].propertyValue: option 'Gold Tier' (got ' ' at index 4)" in invalid.message
+    assert "cannot be a CXone segment id" in invalid.message
+    assert "a replay would not help" in invalid.message
+
+
+def test_a_bad_value_beside_a_valid_one_keeps_the_valid_membership() -> None:
+    # Contact 500 is in VIP; HubSpot sends VIP plus a value that is no segment id. The event is
+    # taken as "VIP only" (same time, same key), and only the bad value is dead-lettered.
+    parsed = parse([event(objectId=500, propertyValue="VIP;bad value")])
+    [taken] = parsed.events
+    assert taken.change == mirror("500", ("VIP",), 1462216307945)
+    assert taken.key == parse([event(objectId=500, propertyValue="VIP")]).events[0].key
+    assert taken.invalid is not None
+    assert taken.invalid.change == MembershipChange(
+        "500", add=("bad value",), occurred_at=1462216307945 / 1000
+    )
+    assert (taken.invalid.reason, taken.invalid.key) == (FailureReason.SEGMENT_NOT_FOUND, None)
+    assert parsed.dead == []
+
+
+def test_when_every_value_is_invalid_the_valid_part_is_an_empty_mirror() -> None:
+    parsed = parse([event(propertyValue="bad value; bad value ;Gold Tier")])
+    [taken] = parsed.events
+    # The contact is in none of the valid segments, as HubSpot says.
+    assert taken.change == mirror("1246965", (), 1462216307945)
+    assert taken.invalid is not None
+    assert taken.invalid.change.add == ("bad value", "Gold Tier")
+    assert "options 'bad value' (got ' ' at index 3), 'Gold Tier'" in taken.invalid.message
+    assert "cannot be CXone segment ids" in taken.invalid.message
+
+
+def test_many_invalid_values_are_all_kept_and_the_message_lists_a_few() -> None:
+    values = [f"bad {i}" for i in range(8)]
+    parsed = parse([event(propertyValue=";".join(["VIP", *values]))])
+    invalid = parsed.events[0].invalid
+    assert invalid is not None
+    assert invalid.change.add == tuple(values)
+    assert "'bad 0' (got ' ' at index 3), 'bad 1'" in invalid.message
+    assert "and 5 more" in invalid.message
+    assert "'bad 3'" not in invalid.message
+
+
+def test_an_invalid_contact_id_dead_letters_the_whole_event_with_every_value() -> None:
+    template = "c" * 121 + "-{objectId}"
+    parsed = parse([event(propertyValue="VIP;bad value")], contact_id=template)
+    assert parsed.events == []
+    [dead] = parsed.dead
+    assert dead.reason is FailureReason.INVALID_CONTACT_ID
+    assert dead.change.mirror == ("VIP", "bad value")
+    assert dead.key is not None
+
+
+def test_an_invalid_contact_id_that_clears_is_kept_as_a_removal_from_every_segment() -> None:
+    # A dead letter is kept per (contact, segment): one naming no segment would keep nothing.
+    template = "c" * 121 + "-{objectId}"
+    deletion = event(
+        subscriptionType="contact.deletion", propertyName=_ABSENT, propertyValue=_ABSENT
+    )
+    parsed = parse([event(propertyValue=""), {**deletion, "eventId": 2}], contact_id=template)
+    assert parsed.events == []
+    assert [d.change.remove for d in parsed.dead] == [("*",), ("*",)]
+    assert [d.change.mirror for d in parsed.dead] == [None, None]
+    assert [d.change.occurred_at for d in parsed.dead] == [1462216307.945] * 2
+    assert all(d.reason is FailureReason.INVALID_CONTACT_ID for d in parsed.dead)
+
+
+def test_more_values_than_the_cap_dead_letter_the_event_keeping_the_first_ones() -> None:
+    values = [f"S{i}" for i in range(150)]
+    parsed = parse([event(propertyValue=";".join(values))])
+    assert parsed.events == []
     [dead] = parsed.dead
     assert dead.reason is FailureReason.SEGMENT_NOT_FOUND
-    assert "'Gold Tier'" in dead.message
-    assert dead.change.contact_id == "1246965"
+    assert dead.change.mirror == tuple(values[:100])
+    assert "150 segment ids; at most 100 per event" in dead.message
+    assert "keeps the first 100 of the event's 150 segment values" in dead.message
+
+
+def test_a_huge_value_is_dead_lettered_shortened_visibly_and_never_quoted_whole() -> None:
+    huge = "x" * 5000
+    parsed = parse([event(propertyValue=f"VIP;{huge}")])
+    [taken] = parsed.events
+    assert taken.change.mirror == ("VIP",)
+    assert taken.invalid is not None
+    [kept] = taken.invalid.change.add
+    assert len(kept) == 1024
+    assert kept.startswith("x" * 900)
+    assert kept.endswith("…[shortened from 5000 characters]")
+    assert "got 5000 characters" in taken.invalid.message
+    assert len(taken.invalid.message) < 1000
 
 
 def test_an_invalid_contact_id_is_dead_lettered_not_refused() -> None:
@@ -497,12 +598,31 @@ def test_other_events_are_skipped_with_a_reason_from_the_fixed_set() -> None:
         "other_object",
         "other_object",
         "other_event",
-        "other_event",
+        "restored",
         "other_event",
         "other_property",
         "other_object",
     ]
     assert {s.reason for s in parsed.skipped} <= source.skip_reasons
+
+
+def test_a_restored_contact_is_skipped_as_restored_in_both_formats() -> None:
+    # HubSpot sends no property value with a restore: segmapd cannot know the segments.
+    restores = [
+        event(subscriptionType="contact.restore", propertyName=_ABSENT, propertyValue=_ABSENT),
+        event(
+            subscriptionType="object.restore",
+            objectTypeId="0-1",
+            propertyName=_ABSENT,
+            propertyValue=_ABSENT,
+            eventId=2,
+        ),
+    ]
+    parsed = parse(restores)
+    assert (parsed.events, parsed.dead) == ([], [])
+    assert [s.reason for s in parsed.skipped] == ["restored", "restored"]
+    assert "change cxone_segments again" in parsed.skipped[0].detail
+    assert "restored" in HubSpotAdapter.skip_reasons
 
 
 def test_generic_object_events_for_contacts_are_taken() -> None:
@@ -567,6 +687,59 @@ def test_malformed_bodies_are_refused_naming_the_field() -> None:
         error = rejected_body(body)
         assert (error.status, error.field) == (status, field), body[:80]
         assert field in error.message
+
+
+def test_more_than_hubspots_100_events_are_refused_naming_the_count_and_the_limit() -> None:
+    batch = [event(eventId=i, objectId=i) for i in range(1, 102)]
+    error = rejected_body(orjson.dumps(batch))
+    assert (error.status, error.field) == (422, "body")
+    assert "101 events" in error.message
+    assert "at most 100" in error.message
+    assert len(parse(batch[:100]).events) == 100
+
+
+def _raw_event(value_json: bytes, extra: bytes = b"") -> bytes:
+    """One documented propertyChange, written out so that a key can be repeated."""
+    return (
+        b'{"objectId": 1246965, "propertyName": "cxone_segments", "changeSource": "CRM_UI",'
+        b' "eventId": 3816279340, "subscriptionId": 25, "portalId": 33, "appId": 1160452,'
+        b' "occurredAt": 1462216307945, "subscriptionType": "contact.propertyChange",'
+        b' "attemptNumber": 0, "sourceId": "userId:45678", "propertyValue": '
+        + value_json
+        + extra
+        + b"}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        # Which of the two values HubSpot meant cannot be known: never "the last one wins".
+        (b"[" + _raw_event(b'"VIP"', b', "propertyValue": "Gold"') + b"]", "body[0].propertyValue"),
+        (
+            b"[" + _raw_event(b'"VIP"') + b", " + _raw_event(b'"VIP"', b', "objectId": 7') + b"]",
+            "body[1].objectId",
+        ),
+        # Spelled with an escape, the key is the same key once decoded.
+        (b"[" + _raw_event(b'"VIP"', b', "object\\u0049d": 7') + b"]", "body[0].objectId"),
+        # In an object nested in a field segmapd does not read, too.
+        (b"[" + _raw_event(b'"VIP"', b', "extra": {"a": 1, "a": 2}') + b"]", "body[0].extra.a"),
+        # Colons in values (sourceId, ids such as urn:seg:1) do not hide a repeat.
+        (
+            b"[" + _raw_event(b'"urn:seg:1;urn:seg:2"', b', "eventId": 1') + b"]",
+            "body[0].eventId",
+        ),
+    ],
+)
+def test_a_repeated_key_refuses_the_batch_naming_it(body: bytes, field: str) -> None:
+    error = rejected_body(body)
+    assert (error.status, error.field) == (400, field)
+    assert "appears more than once" in error.message
+
+
+def test_colons_in_values_are_not_taken_for_repeated_keys() -> None:
+    parsed = adapter().parse(v3_request(b"[" + _raw_event(b'"urn:seg:1;urn:seg:2"') + b"]"))
+    assert [e.change.mirror for e in parsed.events] == [("urn:seg:1", "urn:seg:2")]
 
 
 def test_an_occurred_at_outside_the_accepted_range_refuses_the_batch() -> None:

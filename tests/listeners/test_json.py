@@ -376,6 +376,36 @@ def test_an_invalid_contact_id_is_dead_lettered_not_refused() -> None:
     assert parsed.events == [] and parsed.skipped == []
 
 
+def test_an_invalid_contact_id_that_clears_is_kept_as_a_removal_from_every_segment() -> None:
+    # A dead letter is kept per (contact, segment): one naming no segment would keep nothing.
+    body = zendesk_body(external_id="jdoe@example.com", current="")
+    (dead,) = adapter("zendesk").parse(request(zendesk_headers(body), body)).dead
+    assert dead.reason is FailureReason.INVALID_CONTACT_ID
+    assert dead.change == MembershipChange(
+        "jdoe@example.com", remove=("*",), occurred_at=dead.change.occurred_at
+    )
+    assert dead.change.occurred_at is not None
+
+
+def test_a_huge_contact_id_is_dead_lettered_shortened_with_its_true_length() -> None:
+    body = zendesk_body(external_id="x" * 5000)
+    (dead,) = adapter("zendesk").parse(request(zendesk_headers(body), body)).dead
+    assert len(dead.change.contact_id) == 1024
+    assert dead.change.contact_id.startswith("x" * 900)
+    assert dead.change.contact_id.endswith("…[shortened from 5000 characters]")
+    assert "got 5000 characters" in dead.message
+    assert len(dead.message) < 400
+
+
+def test_a_contact_id_nested_too_deeply_to_write_out_is_still_dead_lettered() -> None:
+    # orjson reads deeper documents than it writes: the id as sent cannot be shown whole.
+    nested = b"[" * 300 + b"]" * 300
+    body = b'{"changes": [{"contact": {"cxone_id": ' + nested + b'}, "segments_added": ["s1"]}]}'
+    (dead,) = adapter("crm").parse(request({}, body)).dead
+    assert dead.change.contact_id == "(an array nested too deeply to show)"
+    assert dead.change.add == ("s1",)
+
+
 def test_an_invalid_contact_id_with_a_bad_segment_refuses_the_delivery() -> None:
     body = zendesk_body(external_id="jdoe@example.com", current="VIP;not a segment")
     error = refused_parse(adapter("zendesk"), body, zendesk_headers(body))
@@ -655,6 +685,16 @@ def test_a_runtime_expression_error_is_422_naming_the_expression() -> None:
     error = refused_parse(crm, crm_body(change()))
     assert (error.status, error.field) == (422, "body.events[0]")
     assert "the occurred_at expression 'abs(changed_at)' failed on this body" in error.message
+
+
+def test_a_runtime_expression_error_quotes_a_huge_value_only_in_part() -> None:
+    crm = adapter("crm", occurred_at="abs(changed_at)")
+    error = refused_parse(crm, crm_body(change(changed_at="x" * 100_000)))
+    assert (error.status, error.field) == (422, "body.events[0]")
+    assert "In function abs(), invalid type for value: xxx" in error.message
+    assert 'received: "string"' in error.message
+    assert "characters left out]" in error.message
+    assert len(error.message) < 500
 
 
 def test_dedup_keys_are_per_event_stable_and_unique_within_a_delivery() -> None:

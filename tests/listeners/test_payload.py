@@ -10,7 +10,14 @@ import orjson
 import pytest
 
 from listeners import MAX_EVENTS, MAX_SEGMENTS_PER_EVENT, WebhookRejected, parse_events
-from scheduler.model import MembershipChange
+from listeners.payload import (
+    EVERY_SEGMENT,
+    MAX_KEPT_CHARS,
+    dead_event,
+    id_problem,
+    kept_as_sent,
+)
+from scheduler.model import FailureReason, MembershipChange
 
 ID_RULE = "must be 1-128 characters of A-Z a-z 0-9 _ . : -"
 
@@ -546,3 +553,58 @@ def test_a_long_occurred_at_is_quoted_briefly() -> None:
     error = refused(body({"contactId": "c", "add": ["a"], "occurredAt": "9" * 10_000}))
     assert (error.status, error.field) == (422, "body.occurredAt")
     assert len(error.message) < 300
+
+
+# ---- what dead letters keep ------------------------------------------------------------------
+
+
+def test_a_value_within_the_bound_is_kept_whole_and_a_longer_one_visibly_shortened() -> None:
+    assert kept_as_sent("") == ""
+    assert kept_as_sent("x" * MAX_KEPT_CHARS) == "x" * MAX_KEPT_CHARS
+    shortened = kept_as_sent("y" * 900_000)
+    assert len(shortened) == MAX_KEPT_CHARS
+    assert shortened.endswith("…[shortened from 900000 characters]")
+    assert shortened.startswith("y" * 900)
+    # A shortened value can never pass for an id.
+    assert id_problem(shortened) is not None
+
+
+def test_id_problem_says_what_is_wrong_without_quoting_the_value() -> None:
+    assert id_problem("VIP") is None
+    assert id_problem("") == "got an empty string"
+    assert id_problem("a" * 5000) == "got 5000 characters"
+    assert id_problem("Gold Tier") == "got ' ' at index 4"
+
+
+def test_a_dead_event_bounds_ids_values_and_lists_and_says_so() -> None:
+    many = tuple(f"s{i}" for i in range(MAX_SEGMENTS_PER_EVENT + 20))
+    change = MembershipChange("c" * 2000, mirror=(*many, "v" * 3000), occurred_at=1.5e9)
+    dead = dead_event(change, FailureReason.SEGMENT_NOT_FOUND, "why", "key-1")
+    assert dead.change.contact_id == kept_as_sent("c" * 2000)
+    assert dead.change.mirror == many[:MAX_SEGMENTS_PER_EVENT]
+    assert dead.change.occurred_at == 1.5e9
+    assert dead.message == (
+        f"why (this dead letter keeps the first {MAX_SEGMENTS_PER_EVENT} of the event's "
+        f"{MAX_SEGMENTS_PER_EVENT + 21} segment values)"
+    )
+    assert (dead.reason, dead.key) == (FailureReason.SEGMENT_NOT_FOUND, "key-1")
+    small = dead_event(
+        MembershipChange("c", add=("a", "v" * 3000, "a")), FailureReason.SEGMENT_NOT_FOUND, "m"
+    )
+    assert small.change.add == ("a", kept_as_sent("v" * 3000))
+    assert (small.message, small.key) == ("m", None)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [MembershipChange("bad id", mirror=()), MembershipChange("bad id", occurred_at=1.5e9)],
+)
+def test_a_dead_event_naming_no_segment_is_a_removal_from_every_segment(
+    change: MembershipChange,
+) -> None:
+    dead = dead_event(change, FailureReason.INVALID_CONTACT_ID, "m")
+    assert dead.change == MembershipChange(
+        "bad id", remove=(EVERY_SEGMENT,), occurred_at=change.occurred_at
+    )
+    assert EVERY_SEGMENT == "*"
+    assert id_problem(EVERY_SEGMENT) is not None

@@ -26,7 +26,7 @@ from listeners.salesforce import (
     SalesforceSource,
     id_checksum,
 )
-from scheduler.model import FailureReason
+from scheduler.model import FailureReason, MembershipChange
 
 SOAPENV = "http://schemas.xmlsoap.org/soap/envelope/"
 OUTBOUND = "http://soap.sforce.com/2005/09/outbound"
@@ -184,6 +184,19 @@ def test_a_message_without_organization_id_is_refused_with_400() -> None:
     assert (error.status, error.field) == (400, "notifications.OrganizationId")
 
 
+@pytest.mark.parametrize("suffix", ["AAA", "EAH", "FAG"])
+def test_an_18_character_org_id_with_a_wrong_checksum_is_refused(suffix: str) -> None:
+    # The first 15 characters are this org's; the checksum of them is EAG, never anything else.
+    error = refused(adapter(), message([(NOTE_A, {"Id": CONTACT_A})], org=ORG_15 + suffix))
+    assert (error.status, error.field) == (400, "notifications.OrganizationId")
+    assert "checksum" in error.message and "'EAG'" in error.message
+
+
+def test_the_checksum_of_a_sent_org_id_is_read_case_insensitively() -> None:
+    parsed = adapter().parse(request(message([(NOTE_A, {"Id": CONTACT_A})], org=ORG_15 + "eag")))
+    assert len(parsed.events) == 1
+
+
 def test_the_org_is_checked_before_the_notifications_are_read() -> None:
     # An unauthenticated sender learns nothing about the mapping from a wrong-org message.
     too_many = [(NOTE_A, {"Id": CONTACT_A})] * 101
@@ -314,6 +327,17 @@ def test_a_field_given_twice_is_refused() -> None:
     assert error.field == "Notification[0].sObject.CXone_Segments__c"
 
 
+def test_a_huge_field_name_given_twice_is_named_shortened() -> None:
+    name = "F" * 100_000
+    field = f"<sf:{name}>x</sf:{name}>"
+    body = message([(NOTE_A, {"Id": CONTACT_A})]).replace(
+        b"</sObject>", (field * 2).encode() + b"</sObject>"
+    )
+    error = refused(adapter(), body)
+    assert (error.status, error.field) == (400, "Notification[0].sObject." + "F" * 40)
+    assert len(error.message) < 200
+
+
 def test_at_most_100_notifications_are_taken_and_more_are_refused_not_truncated() -> None:
     hundred = [
         (f"04l5e00000G{i:04d}AAJ", {"Id": CONTACT_A, "CXone_Segments__c": "VIP"})
@@ -394,30 +418,121 @@ def test_an_invalid_contact_id_is_dead_lettered_and_the_rest_still_taken(bad_id:
     assert dead.message.endswith(f"(notification {NOTE_B})")
 
 
-def test_a_segment_value_failing_the_id_rule_dead_letters_its_notification() -> None:
+@pytest.mark.parametrize("cleared", [None, ""])
+def test_a_nil_contact_id_with_a_cleared_picklist_is_kept_as_a_removal_from_every_segment(
+    cleared: Field,
+) -> None:
+    # A dead letter is kept per (contact, segment): one that named no segment kept nothing.
+    body = message([(NOTE_A, {"Id": None, "CXone_Segments__c": cleared}), (NOTE_B, {"Id": None})])
+    parsed = adapter(occurred_at_field="LastModifiedDate").parse(request(body))
+    assert parsed.events == []
+    assert [(d.key, d.reason) for d in parsed.dead] == [
+        (NOTE_A, FailureReason.INVALID_CONTACT_ID),
+        (NOTE_B, FailureReason.INVALID_CONTACT_ID),
+    ]
+    for dead in parsed.dead:
+        assert (dead.change.contact_id, dead.change.remove) == ("", ("*",))
+        assert (dead.change.add, dead.change.mirror) == ((), None)
+        assert "got an empty string" in dead.message
+
+
+def test_a_huge_contact_id_is_dead_lettered_shortened_with_its_true_length() -> None:
+    huge = "7" * 900_000
+    body = message([(NOTE_A, {"Id": huge, "CXone_Segments__c": "VIP"})])
+    [dead] = adapter().parse(request(body)).dead
+    assert dead.reason is FailureReason.INVALID_CONTACT_ID
+    assert len(dead.change.contact_id) == 1024
+    assert dead.change.contact_id.startswith("7" * 900)
+    assert dead.change.contact_id.endswith("…[shortened from 900000 characters]")
+    assert "got 900000 characters" in dead.message
+    assert len(dead.message) < 400
+
+
+def test_a_segment_value_failing_the_id_rule_is_dead_lettered_and_the_rest_taken() -> None:
+    stamp = "2026-12-01T10:00:00.000Z"
     body = message(
         [
-            (NOTE_A, {"Id": CONTACT_A, "CXone_Segments__c": "VIP;Gold Customer"}),
+            (
+                NOTE_A,
+                {
+                    "Id": CONTACT_A,
+                    "CXone_Segments__c": "VIP;Gold Customer",
+                    "LastModifiedDate": stamp,
+                },
+            ),
             (NOTE_B, {"Id": CONTACT_B, "CXone_Segments__c": "VIP"}),
         ]
     )
+    parsed = adapter(occurred_at_field="LastModifiedDate").parse(request(body))
+    assert parsed.dead == []
+    assert [e.key for e in parsed.events] == [NOTE_A, NOTE_B]
+    taken = parsed.events[0]
+    # The contact keeps VIP (same time, same key); only the bad value is dead-lettered.
+    assert taken.change == MembershipChange(CONTACT_A, mirror=("VIP",), occurred_at=epoch(stamp))
+    invalid = taken.invalid
+    assert invalid is not None
+    assert (invalid.key, invalid.reason) == (None, FailureReason.SEGMENT_NOT_FOUND)
+    assert invalid.change == MembershipChange(
+        CONTACT_A, add=("Gold Customer",), occurred_at=epoch(stamp)
+    )
+    assert invalid.message.startswith(
+        "Notification[0].sObject.CXone_Segments__c[1]: value 'Gold Customer' (got ' ' at index 4)"
+    )
+    assert invalid.message.endswith(f"(notification {NOTE_A})")
+    assert parsed.events[1].invalid is None
+
+
+def test_when_every_picklist_value_is_invalid_the_valid_part_is_an_empty_mirror() -> None:
+    values = ["Gold Customer", "VIP!", "a b", "c d", "Gold Customer"]
+    body = message([(NOTE_A, {"Id": CONTACT_A, "CXone_Segments__c": ";".join(values)})])
+    [taken] = adapter().parse(request(body)).events
+    assert taken.change == MembershipChange(CONTACT_A, mirror=())
+    assert taken.invalid is not None
+    assert taken.invalid.change.add == ("Gold Customer", "VIP!", "a b", "c d")
+    assert taken.invalid.message.startswith(
+        "Notification[0].sObject.CXone_Segments__c: values [0] 'Gold Customer' "
+        "(got ' ' at index 4), [1] 'VIP!' (got '!' at index 3), [2] 'a b' (got ' ' at index 1) "
+        "and 2 more are no CXone segment ids"
+    )
+
+
+def test_an_invalid_contact_id_dead_letters_the_whole_notification_with_every_value() -> None:
+    body = message([(NOTE_A, {"Id": "not an id", "CXone_Segments__c": "VIP;Gold Customer"})])
     parsed = adapter().parse(request(body))
+    assert parsed.events == []
     [dead] = parsed.dead
-    assert (dead.key, dead.reason) == (NOTE_A, FailureReason.SEGMENT_NOT_FOUND)
-    assert dead.change.contact_id == CONTACT_A
+    assert dead.reason is FailureReason.INVALID_CONTACT_ID
     assert dead.change.mirror == ("VIP", "Gold Customer")
-    assert "Notification[0].sObject.CXone_Segments__c[1]" in dead.message
-    assert [e.key for e in parsed.events] == [NOTE_B]
+
+
+def test_a_huge_picklist_value_is_dead_lettered_shortened_with_its_true_length() -> None:
+    body = message([(NOTE_A, {"Id": CONTACT_A, "CXone_Segments__c": "VIP;" + "s" * 50_000})])
+    [taken] = adapter().parse(request(body)).events
+    assert taken.change.mirror == ("VIP",)
+    assert taken.invalid is not None
+    [kept] = taken.invalid.change.add
+    assert len(kept) == 1024 and kept.endswith("…[shortened from 50000 characters]")
+    assert "got 50000 characters" in taken.invalid.message
+    assert len(taken.invalid.message) < 400
 
 
 def test_more_segments_than_the_cap_dead_letters_the_notification() -> None:
-    many = ";".join(f"S{i}" for i in range(101))
+    many = ";".join(f"S{i}" for i in range(150))
     parsed = adapter().parse(
         request(message([(NOTE_A, {"Id": CONTACT_A, "CXone_Segments__c": many})]))
     )
     [dead] = parsed.dead
     assert dead.reason is FailureReason.SEGMENT_NOT_FOUND
     assert parsed.events == []
+    assert dead.change.mirror == tuple(f"S{i}" for i in range(100))
+    assert "keeps the first 100 of the event's 150 segment values" in dead.message
+
+
+def test_an_invalid_contact_id_does_not_hide_a_bad_occurred_at_field() -> None:
+    # The time field is the same for every record: a bad value is a setting to correct.
+    body = message([(NOTE_A, {"Id": "not an id", "CXone_Segments__c": "VIP", "Name": "Ada"})])
+    error = refused(adapter(occurred_at_field="Name"), body)
+    assert (error.status, error.field) == (422, "Notification[0].sObject.Name")
 
 
 def test_dedup_keys_are_the_notification_ids() -> None:
