@@ -132,6 +132,27 @@ def _child_setup(parent: int) -> Callable[[], None]:
     return hook
 
 
+def run_dir_in_use() -> str | None:
+    """Why this checkout's `.run/` cannot be used now, if another `make run` is using it.
+
+    Each run starts with an empty journal in `.run/`: removing it under a segmapd that still
+    runs (another `make run` in this checkout, on other ports) would take that one's journal.
+    """
+    from daemon.store.base import StoreOpenError
+    from daemon.store.sqlite import JournalLock
+
+    lock = JournalLock(str((RUN_DIR / "journal.db").resolve()))
+    try:
+        lock.acquire()
+    except StoreOpenError as exc:
+        return (
+            f"make run: {exc}\n"
+            "Another `make run` in this checkout is using .run/: stop it (Ctrl-C there) first."
+        )
+    lock.release()
+    return None
+
+
 def _stop_with_parent() -> None:
     """On Linux, have the kernel send this process SIGTERM when its parent (make) dies.
 
@@ -306,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     # Before anything starts (and before the last run's journal is removed): nothing to stop,
     # and the reason is the last thing printed.
-    problem = ports_in_use(ports)
+    problem = ports_in_use(ports) or run_dir_in_use()
     if problem is not None:
         print(problem, file=sys.stderr, flush=True)
         return 1

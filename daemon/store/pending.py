@@ -104,6 +104,15 @@ class PendingWork:
         return [(s, d, answer, at) for (s, d), (answer, at) in self.deliveries.items()]
 
 
+# Finished assignments older than the retention horizon ($1), as both journals prune them: a
+# confirmed removal, and a failure that cannot have left a membership in CXone (one never sent,
+# or one CXone refused for certain). What may hold a membership stays tracked, past retention.
+PRUNE_FINISHED = (
+    "DELETE FROM assignments WHERE updated_at < $1 AND (state = 'removed' OR (state = 'failed' "
+    "AND (attempts = 0 OR reason IS NULL OR reason NOT IN ('retries_exhausted', 'not_indexed'))))"
+)
+
+
 def batch_row(batch: BatchRecord, saved_at: float) -> tuple[str, str, str, str, int, float, str]:
     """A batch as both journals' `batches` table holds it (its ids as a JSON array)."""
     return (

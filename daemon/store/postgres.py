@@ -33,7 +33,14 @@ from asyncpg.pool import PoolConnectionProxy
 
 from daemon.config import display_url
 from daemon.store.base import Leases, Recovered, SharedJournal, StoreOpenError, StoreUnreachable
-from daemon.store.pending import InboxRow, PendingWork, assemble_histories, batch_row, merge_newer
+from daemon.store.pending import (
+    PRUNE_FINISHED,
+    InboxRow,
+    PendingWork,
+    assemble_histories,
+    batch_row,
+    merge_newer,
+)
 from daemon.store.pg_errors import UNAVAILABLE
 from daemon.store.shards import shard_of
 from daemon.store.shared_gate import SharedRateGate
@@ -1312,12 +1319,9 @@ class PostgresStore(SharedJournal):
         async def prune(connection: _Connection) -> str:
             async with connection.transaction():
                 # Active adds are the memberships segmapd made: a mirror (`set`) compares with
-                # them, so they are kept for as long as the membership exists.
-                pruned: str = await connection.execute(
-                    "DELETE FROM assignments WHERE state IN ('removed', 'failed') "
-                    "AND updated_at < $1",
-                    horizon,
-                )
+                # them, so they are kept for as long as the membership exists; so are failures
+                # that may have left one (`Assignment.may_hold_membership`).
+                pruned: str = await connection.execute(PRUNE_FINISHED, horizon)
                 for table, column in (
                     ("stale_changes", "received_at"),
                     ("mirrors", "updated_at"),

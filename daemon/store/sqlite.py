@@ -39,6 +39,7 @@ from daemon.store.delivery_filter import (
     new_bloom,
 )
 from daemon.store.pending import (
+    PRUNE_FINISHED,
     AssignmentRow,
     PendingWork,
     assemble_histories,
@@ -987,11 +988,9 @@ class SqliteStore(JournalStore):
         try:
             connection.execute("BEGIN IMMEDIATE")
             # Active adds are the memberships segmapd made: a mirror (`set`) compares with them,
-            # so they are kept for as long as the membership exists, past any retention.
-            pruned = connection.execute(
-                "DELETE FROM assignments WHERE state IN ('removed', 'failed') AND updated_at < ?",
-                (horizon,),
-            ).rowcount
+            # so they are kept for as long as the membership exists, past any retention; so are
+            # failures that may have left one (`Assignment.may_hold_membership`).
+            pruned = connection.execute(PRUNE_FINISHED.replace("$1", "?"), (horizon,)).rowcount
             connection.execute("DELETE FROM stale_changes WHERE received_at < ?", (horizon,))
             connection.execute("DELETE FROM mirrors WHERE updated_at < ?", (horizon,))
             connection.execute("DELETE FROM deliveries WHERE received_at < ?", (horizon,))

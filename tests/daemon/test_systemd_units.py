@@ -158,7 +158,7 @@ def test_unit_essentials() -> None:
 
 def test_restart_policy(unit: Path) -> None:
     settings = unit_settings(unit)
-    # Exit 1 (the database down at start, an instance the others declared dead) is restarted;
+    # Exit 1 (the database down at start, a journal that failed at stop) is restarted;
     # exit 2 (a configuration or journal error) is not: a restart would not cure it.
     assert settings["Restart"] == ["on-failure"]
     assert settings["RestartPreventExitStatus"] == ["2"]
@@ -361,15 +361,20 @@ def test_the_units_documentation_is_installed_with_segmapd(unit: Path) -> None:
         assert installed.is_file(), f"{installed} is missing: run `make install` again"
 
 
+@pytest.mark.parametrize(
+    ("heading", "unit"),
+    [("## Running under systemd", UNIT), ("#### Running several instances", TEMPLATE)],
+    ids=["unit", "template"],
+)
 def test_the_readmes_unit_edit_points_at_the_virtualenvs_segmapd_and_documents(
-    tmp_path: Path,
+    tmp_path: Path, heading: str, unit: Path
 ) -> None:
-    section = README.read_text().split("## Running under systemd", 1)[1].split("\n## ", 1)[0]
-    [edit] = [line for line in section.splitlines() if line.startswith("sed -i ")]
+    section = README.read_text().split(heading + "\n", 1)[1].split("\n## ", 1)[0]
+    [edit] = [line for line in section.splitlines() if line.startswith("sed -i ")][:1]
     argv = shlex.split(edit)
-    assert argv[-1] == "/etc/systemd/system/segmapd.service"
-    copy = tmp_path / "segmapd.service"
-    copy.write_text(UNIT.read_text())
+    assert argv[-1] == f"/etc/systemd/system/{unit.name}"
+    copy = tmp_path / unit.name
+    copy.write_text(unit.read_text())
     subprocess.run([*argv[:-1], str(copy)], check=True, timeout=30)
     edited = copy.read_text()
     # The virtualenv of the README's Install section.
@@ -379,7 +384,7 @@ def test_the_readmes_unit_edit_points_at_the_virtualenvs_segmapd_and_documents(
     assert paths == [
         f"/opt/segmapd/{below}"
         for below in (
-            Path(p).relative_to("/usr").as_posix() for p in documentation(UNIT.read_text())
+            Path(p).relative_to("/usr").as_posix() for p in documentation(unit.read_text())
         )
     ]
     assert "/usr/" not in "\n".join(

@@ -170,6 +170,28 @@ async def test_make_run_prints_the_readmes_commands_and_they_end_active(
     assert all(segment in out for segment in ("VIP", "Spanish", "ChurnRisk"))
 
 
+def test_a_second_make_run_in_the_same_checkout_leaves_the_first_ones_journal_alone(
+    checkout: Path, env: dict[str, str], make_run: list[ProcessTree]
+):
+    first = make_run_argv(f"EMULATOR_PORT={free_port()}", f"DAEMON_PORT={free_port()}")
+    start(make_run, first, checkout, env)
+    journal = checkout / ".run" / "journal.db"
+    assert journal.is_file()
+    inode = journal.stat().st_ino
+    second = subprocess.run(
+        make_run_argv(f"EMULATOR_PORT={free_port()}", f"DAEMON_PORT={free_port()}"),
+        cwd=checkout,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert second.returncode != 0
+    assert "Another `make run` in this checkout is using .run/" in second.stderr, second.stderr
+    assert journal.stat().st_ino == inode  # the first one's journal, untouched
+
+
 @pytest.mark.parametrize(
     "taken", [["DAEMON_PORT"], ["EMULATOR_PORT"], ["EMULATOR_PORT", "DAEMON_PORT"]]
 )
@@ -192,8 +214,13 @@ def test_a_port_in_use_is_the_last_thing_said_with_the_variable_that_moves_it(
             check=False,
         )
     assert result.returncode != 0
-    # Make closes with its own line about the failed recipe; what segmapd says comes before.
-    said = [line for line in result.stderr.splitlines() if not line.startswith("make: ***")]
+    # Make closes with its own line about the failed recipe ("make: *** ...", or
+    # "make[1]: *** ..." under `make test`); what segmapd says comes before.
+    said = [
+        line
+        for line in result.stderr.splitlines()
+        if not re.match(r"make(\[\d+\])?: \*\*\* ", line)
+    ]
     assert said, result.stderr
     cause, suggestion = said[0], said[-1]
     for variable in taken:

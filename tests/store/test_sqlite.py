@@ -20,7 +20,7 @@ from daemon.store.sqlite import (
     StoreOpenError,
     StoreUnavailable,
 )
-from scheduler.model import Assignment, Intent, State
+from scheduler.model import Assignment, FailureReason, Intent, State
 from scheduler.store import BatchRecord
 from tests.support.disks import fill, small_tmpfs
 
@@ -150,8 +150,20 @@ async def test_finished_assignments_past_retention_are_pruned(tmp_path: Path):
         old.updated_at = time.time() - 7200
         store.record(old)
         dead = assignment("dead", "s", State.SENDING, State.FAILED)
+        dead.reason = FailureReason.CONTACT_NOT_FOUND
+        dead.attempts = 1
         dead.updated_at = time.time() - 7200
         store.record(dead)
+        # A failure whose outcome was open may have left a membership: it stays tracked.
+        unknown = assignment("unknown", "s", State.SENDING, State.FAILED)
+        unknown.reason = FailureReason.RETRIES_EXHAUSTED
+        unknown.attempts = 6
+        unknown.updated_at = time.time() - 7200
+        store.record(unknown)
+        invalid = assignment("invalid", "s", State.FAILED)
+        invalid.reason = FailureReason.RETRIES_EXHAUSTED
+        invalid.updated_at = time.time() - 7200
+        store.record(invalid)
         member = assignment(
             "member", "s", State.SENDING, State.WRITTEN, State.VERIFYING, State.ACTIVE
         )
@@ -169,6 +181,10 @@ async def test_finished_assignments_past_retention_are_pruned(tmp_path: Path):
         await store.flush()
         assert await store.contact("old") == []
         assert await store.contact("dead") == []
+        assert await store.contact("invalid") == []
+        assert [a.reason for a in await store.contact("unknown")] == [
+            FailureReason.RETRIES_EXHAUSTED
+        ]
         assert [a.state for a in await store.contact("member")] == [State.ACTIVE]
         assert [a.state for a in await store.contact("pending")] == [State.QUEUED]
         assert [a.state for a in await store.contact("fresh")] == [State.ACTIVE]
