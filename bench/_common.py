@@ -14,11 +14,12 @@ import aiohttp
 
 from daemon.cxone import HttpCXoneClient
 from daemon.store.memory import MemoryStore
+from daemon.wiring import build_scheduler
 from scheduler.engine import BatchingPolicy, Engine
 from scheduler.observer import EngineObserver
 from scheduler.ratelimit import RateGate
+from scheduler.retry import RetryPolicy
 from scheduler.validation import MembershipPoller, ValidationPolicy
-from scheduler.validation_state import MemoryConfirmationCache, MemoryRefreshBudget
 from tests.support.cxone import emulator_settings
 
 
@@ -69,28 +70,21 @@ async def build_rig(
     client = HttpCXoneClient(emulator_settings(url))
     await client.start()
     await client.authenticate()  # token and discovery before any clock starts
-    engine = Engine(
+    scheduler = build_scheduler(
         client=client,
         store=MemoryStore(),
         write_gate=RateGate("bulk", write_rps),
         single_gate=RateGate("single", 2.0),
-        batching=batching,
+        read_gate=RateGate("read", read_rps),
+        batching=batching or BatchingPolicy(),
+        retry=RetryPolicy(),
         observer=observer,
+        validation=validation,
         rng=random.Random(1),
+        validation_rng=random.Random(2),
     )
-    poller = None
-    if validation is not None:
-        poller = MembershipPoller(
-            client=client,
-            read_gate=RateGate("read", read_rps),
-            sink=engine,
-            cache=MemoryConfirmationCache(validation.cache_ttl_s),
-            budget=MemoryRefreshBudget(),
-            policy=validation,
-            observer=observer,
-            rng=random.Random(2),
-        )
-        engine.set_verifier(poller)
+    engine, poller = scheduler.engine, scheduler.poller
+    if poller is not None:
         await poller.start()
     await engine.start()
     return Rig(engine, client, poller)

@@ -263,8 +263,8 @@ def _component_problems(report: ConfigReport) -> list[str]:
     """
     from daemon.cxone.settings import CXonePaths
     from daemon.notifier import Notifier
-    from daemon.service import cxone_settings
     from daemon.store import check_url
+    from daemon.wiring import cxone_settings
     from listeners import decode_secret, make_adapter
 
     config = report.config

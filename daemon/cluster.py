@@ -70,13 +70,43 @@ REJOIN_FIRST_S = 0.25
 REJOIN_MOST_S = 1.0
 
 
+class ShardOwnership:
+    """The engine's `Ownership` on a shared journal: the shards this instance leases.
+
+    Built before the engine (which asks it), changed only by the `Cluster`'s lease loop. A
+    shard being handed over is in both `owned` and `releasing`: its states are still recorded
+    here (`holds`), but new work for it is forwarded (`owns` is false).
+    """
+
+    def __init__(self, store: SharedJournal, metrics: Metrics) -> None:
+        self._store = store
+        self._metrics = metrics
+        self.owned: set[int] = set()
+        self.releasing: set[int] = set()
+
+    def owns(self, segment_id: str) -> bool:
+        """Whether new work for the segment is batched here."""
+        shard = shard_of(segment_id)
+        return shard in self.owned and shard not in self.releasing
+
+    def holds(self, segment_id: str) -> bool:
+        """Whether this instance may still record the segment's states (owned or handing over)."""
+        return shard_of(segment_id) in self.owned
+
+    def forward(self, change: ForwardedChange) -> None:
+        """Journal the change for its segment's owner (committed with the webhook)."""
+        self._store.forward(change)
+        self._metrics.record_forwarded()
+
+
 class Cluster:
-    """An instance's part of the cluster: the engine's `Ownership`, and the lease loop."""
+    """An instance's part of the cluster: the lease loop, forwarded work, fencing."""
 
     def __init__(
         self,
         *,
         store: SharedJournal,
+        ownership: ShardOwnership,
         engine: Engine,
         cache: MemoryConfirmationCache,
         metrics: Metrics,
@@ -95,9 +125,11 @@ class Cluster:
         self._handover_budget_s = handover_budget_s
         self.leases = store.leases(lease_s, name)
         self.lease_s = lease_s
-        # Shards whose leases this instance holds; those being handed over are in both.
-        self._owned: set[int] = set()
-        self._releasing: set[int] = set()
+        # Shards whose leases this instance holds; those being handed over are in both (the
+        # sets of `ownership`, which the engine asks).
+        self._ownership = ownership
+        self._owned = ownership.owned
+        self._releasing = ownership.releasing
         self.live_instances = 1
         self._inbox_wake = asyncio.Event()
         self._taking: set[int] = set()  # inbox rows taken, their deletion not committed yet
@@ -121,7 +153,7 @@ class Cluster:
         self._beat_failures = _Failures("heartbeats")
         self._round_failures = _Failures("taking and handing over shards")
         self._join_failures = _Failures("joining again (fenced)")
-        store.holds = self.holds
+        store.holds = ownership.holds
         store.holds_shard = self._owned.__contains__
         store.on_fenced = self._declared_dead
         metrics.bind_cluster(
@@ -138,21 +170,9 @@ class Cluster:
         """Whether this instance is fenced: it owns nothing and takes no work until it rejoins."""
         return self._fenced
 
-    # ---- the engine's Ownership -------------------------------------------------------------
-
     def owns(self, segment_id: str) -> bool:
-        """Whether new work for the segment is batched here."""
-        shard = shard_of(segment_id)
-        return shard in self._owned and shard not in self._releasing
-
-    def holds(self, segment_id: str) -> bool:
-        """Whether this instance may still record the segment's states (owned or handing over)."""
-        return shard_of(segment_id) in self._owned
-
-    def forward(self, change: ForwardedChange) -> None:
-        """Journal the change for its segment's owner (committed with the webhook)."""
-        self._store.forward(change)
-        self._metrics.record_forwarded()
+        """Whether new work for the segment is batched here (`ShardOwnership.owns`)."""
+        return self._ownership.owns(segment_id)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -243,7 +263,7 @@ class Cluster:
         # while the heartbeat was out are not counted.
         lost = (expected & self._owned) - beat.owned
         if lost:
-            log.critical("cluster: shards %s were taken over", sorted(lost))
+            log.error("cluster: shards %s were taken over", sorted(lost))
             self._declared_dead()
             return
         self._last_beat = started
@@ -306,7 +326,7 @@ class Cluster:
         dropped = self._store.discard_pending()
         self._metrics.record_lease_change("lost", lost)
         self._metrics.record_fenced(cause)
-        log.critical(
+        log.error(
             "cluster: %s; fenced: %d shards, %d assignments dropped from memory (their work is "
             "in the journal for the next owners), %d uncommitted changes discarded; it refuses "
             "work and joins again as a new member once the database answers",

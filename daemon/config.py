@@ -20,6 +20,9 @@ from pydantic_core import ErrorDetails
 from yarl import URL
 
 from listeners import SOURCE_KINDS, SourceConfig
+from scheduler.accumulator import BatchingPolicy
+from scheduler.retry import RetryPolicy
+from scheduler.validation import ValidationPolicy
 
 ENV_PREFIX = "SEGMAPD_"
 # Variables of the same prefix that belong to the CLI's client commands, not to the config.
@@ -138,6 +141,16 @@ class BatchingConfig(_Section):
     linger_ms: int = Field(default=1000, ge=0, le=60_000)
     max_inflight_per_contact: int = Field(default=3, ge=1)
 
+    def policy(self, high_water: int) -> BatchingPolicy:
+        """The scheduler's batching policy; `high_water` is `[server] high_water`."""
+        return BatchingPolicy(
+            min_size=self.min_size,
+            max_size=self.max_size,
+            linger_s=self.linger_ms / 1000.0,
+            max_inflight_per_contact=self.max_inflight_per_contact,
+            high_water=high_water,
+        )
+
 
 class RetryConfig(_Section):
     """`[retry]`: backoff of failed writes."""
@@ -148,6 +161,16 @@ class RetryConfig(_Section):
     jitter_ms: float = Field(default=1000.0, ge=0)
     attempts: int = Field(default=5, ge=1, le=100)
 
+    def policy(self) -> RetryPolicy:
+        """The scheduler's retry policy."""
+        return RetryPolicy(
+            initial_s=self.initial_s,
+            multiplier=self.multiplier,
+            max_s=self.max_s,
+            jitter_ms=self.jitter_ms,
+            attempts=self.attempts,
+        )
+
 
 class ValidationConfig(_Section):
     """`[validation]`: confirming memberships are indexed."""
@@ -157,6 +180,16 @@ class ValidationConfig(_Section):
     cache_ttl_s: float = Field(default=60.0, ge=0)
     refresh_min_interval_s: float = Field(default=3600.0, ge=0)
     deadline_s: float = Field(default=7200.0, gt=0)
+
+    def policy(self) -> ValidationPolicy:
+        """The scheduler's validation policy."""
+        return ValidationPolicy(
+            interval_s=self.interval_s,
+            window_s=self.window_s,
+            cache_ttl_s=self.cache_ttl_s,
+            refresh_min_interval_s=self.refresh_min_interval_s,
+            deadline_s=self.deadline_s,
+        )
 
 
 class StoreConfig(_Section):

@@ -40,7 +40,7 @@ from aiohttp.web_request import BaseRequest
 
 from daemon.config import Config
 from daemon.http import problem
-from daemon.service import cxone_pool
+from daemon.wiring import cxone_pool
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The daemon's components, built from the config and started and stopped in order.
+"""The daemon process: its components (built by daemon/wiring.py) started and drained in order.
 
 Start: store -> CXone client -> HTTP handlers (not yet listening) -> notifier -> poller ->
 engine -> listening. One `AsyncExitStack` records each component as it starts, so the drain
@@ -13,89 +13,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from daemon.census import JournalCensus
-from daemon.claims import Claims
-from daemon.cluster import Cluster
 from daemon.config import Config
-from daemon.cxone import CXonePaths, CXoneSettings, HttpCXoneClient
-from daemon.cxone.client import pool_size
 from daemon.metrics import Metrics
-from daemon.notifier import Notifier
-from daemon.secrets import Secret
-from daemon.store import JournalStore, from_url
-from listeners import SourceAdapter, make_adapter
-from scheduler.engine import BatchingPolicy, Engine
-from scheduler.model import Assignment
-from scheduler.observer import CompositeObserver, EngineObserver
-from scheduler.retry import RetryPolicy
+from daemon.wiring import build_daemon
 from scheduler.store import StoreUnavailable
-from scheduler.validation import MembershipPoller, ValidationPolicy
-from scheduler.validation_state import (
-    MemoryConfirmationCache,
-    RefreshBudget,
-)
 
 log = logging.getLogger(__name__)
 
 #: The drain's last commit may take this long (a hung disk must not outlive TimeoutStopSec).
 STORE_FLUSH_TIMEOUT_S = 10.0
-
-
-class _NotifyOnFinish(EngineObserver):
-    def __init__(self, notifier: Notifier) -> None:
-        self._notifier = notifier
-
-    def finished(self, assignment: Assignment) -> None:
-        self._notifier.enqueue(assignment)
-
-
-def cxone_pool(config: Config) -> int:
-    """The CXone client's connection pool for the configured limits (see `pool_size`)."""
-    limits = config.limits
-    rate = limits.write_rps + limits.single_write_rps + limits.read_rps
-    return pool_size(rate, config.cxone.timeout_s)
-
-
-def cxone_settings(config: Config) -> CXoneSettings:
-    """The client settings for `[cxone]`."""
-    cx = config.cxone
-    return CXoneSettings(
-        issuer=cx.issuer,
-        api_base=cx.api_base,
-        token_url=cx.token_url,
-        grant=cx.grant,
-        client_id=cx.client_id,
-        client_secret=Secret(cx.client_secret.get_secret_value()),
-        access_key_id=cx.access_key_id,
-        access_key_secret=Secret(cx.access_key_secret.get_secret_value()),
-        scopes=tuple(cx.scopes),
-        timeout_s=cx.timeout_s,
-        paths=CXonePaths(
-            bulk=cx.paths.bulk,
-            member=cx.paths.member,
-            refresh=cx.paths.refresh,
-            bulk_remove=cx.paths.bulk_remove,
-            member_remove=cx.paths.member_remove,
-        ),
-    )
-
-
-class JournaledConfirmations(MemoryConfirmationCache):
-    """The validation cache, written through to the journal so it survives a restart."""
-
-    def __init__(self, ttl_s: float, store: JournalStore) -> None:
-        super().__init__(ttl_s)
-        self._store = store
-
-    def remember(self, contact_id: str, segment_id: str, member: bool = True) -> None:
-        """Cache now and journal it."""
-        super().remember(contact_id, segment_id, member)
-        self._store.remember_confirmation(contact_id, segment_id, time.time(), member)
 
 
 class CannotListen(Exception):
@@ -129,120 +59,22 @@ class Service:
     journal_failed: bool = False
 
     def __post_init__(self) -> None:
-        config = self.config
-        self.store = from_url(config.store)
-        # CXone's token bucket holds one token: no burst to absorb arrival jitter, so token
-        # requests are spaced a quarter wider than its rate (they are rare: one an hour).
-        self.token_gate = self.store.rate_gate(
-            "token", config.limits.token_rps * 0.8, tolerance_s=0.0
-        )
-        self.client = HttpCXoneClient(
-            cxone_settings(config),
-            on_response=self.metrics.on_response,
-            max_connections=cxone_pool(config),
-            token_gate=self.token_gate,
-        )
-        # One budget per endpoint class: this process's, or every instance's on a shared journal.
-        self.write_gate = self.store.rate_gate("bulk", config.limits.write_rps)
-        self.single_gate = self.store.rate_gate("single", config.limits.single_write_rps)
-        self.read_gate = self.store.rate_gate("read", config.limits.read_rps)
-        self.notifier: Notifier | None = None
-        observers: list[EngineObserver] = [self.metrics]
-        if config.notify.url:
-            self.notifier = Notifier(
-                config.notify.url,
-                config.notify.secret.get_secret_value(),
-                timeout_s=config.notify.timeout_s,
-                on_outcome=self.metrics.record_notification,
-                journal=self.store,
-            )
-            observers.append(_NotifyOnFinish(self.notifier))
-        observer = CompositeObserver(observers)
-        retry = RetryPolicy(
-            initial_s=config.retry.initial_s,
-            multiplier=config.retry.multiplier,
-            max_s=config.retry.max_s,
-            jitter_ms=config.retry.jitter_ms,
-            attempts=config.retry.attempts,
-        )
-        self.engine = Engine(
-            client=self.client,
-            store=self.store,
-            write_gate=self.write_gate,
-            single_gate=self.single_gate,
-            batching=BatchingPolicy(
-                min_size=config.batching.min_size,
-                max_size=config.batching.max_size,
-                linger_s=config.batching.linger_ms / 1000.0,
-                max_inflight_per_contact=config.batching.max_inflight_per_contact,
-                high_water=config.server.high_water,
-            ),
-            retry=retry,
-            observer=observer,
-            rng=random.Random(),
-        )
-        validation = config.validation
-        self.cache = JournaledConfirmations(validation.cache_ttl_s, self.store)
-        budget: RefreshBudget = self.store
-        self.poller = MembershipPoller(
-            client=self.client,
-            read_gate=self.read_gate,
-            sink=self.engine,
-            cache=self.cache,
-            budget=budget,
-            policy=ValidationPolicy(
-                interval_s=validation.interval_s,
-                window_s=validation.window_s,
-                cache_ttl_s=validation.cache_ttl_s,
-                refresh_min_interval_s=validation.refresh_min_interval_s,
-                deadline_s=validation.deadline_s,
-            ),
-            retry=retry,
-            observer=observer,
-            refresh_timeout_s=config.cxone.timeout_s,
-        )
-        self.engine.set_verifier(self.poller)
-        self.cluster: Cluster | None = None
-        shared = self.store.as_shared()
-        if shared is not None:
-            self.cluster = Cluster(
-                store=shared,
-                engine=self.engine,
-                cache=self.cache,
-                metrics=self.metrics,
-                lease_s=config.cluster.lease_s,
-                contact_limit=config.batching.max_inflight_per_contact,
-                handover_budget_s=config.cxone.timeout_s + 5.0,
-                name=config.cluster.name,
-                notifier=self.notifier,
-            )
-            self.engine.set_ownership(self.cluster)
-        self.sources: dict[str, SourceAdapter] = {}
-        for name, source in config.sources.items():
-            try:
-                self.sources[name] = make_adapter(source)
-            except ValueError as exc:
-                raise ValueError(f"sources.{name}: {exc}") from None
-        # Redelivery keys being taken right now (see daemon/intake.py).
-        self.claims = Claims()
-        self.metrics.bind_engine(
-            buffered=lambda: self.engine.buffered,
-            pending_writes=lambda: self.engine.pending_writes,
-            pending_validation=lambda: self.poller.pending,
-            reads_waiting=lambda: self.poller.backlog().waiting,
-            read_backlog_s=lambda: self.poller.backlog().oldest_wait_s,
-            awaiting_refresh=lambda: self.poller.backlog().awaiting_refresh,
-        )
-        # The journal's assignments by state, counted in the background (daemon/census.py).
-        self.census = JournalCensus(self.store.counts)
-        self.metrics.bind_journal(self.census)
-        self.metrics.bind_gates(
-            {
-                "bulk": lambda: self.write_gate.waited_s,
-                "single": lambda: self.single_gate.waited_s,
-                "read": lambda: self.read_gate.waited_s,
-            }
-        )
+        # Built in one place (daemon/wiring.py); this class starts and drains them.
+        parts = build_daemon(self.config, self.metrics)
+        self.store = parts.store
+        self.token_gate = parts.token_gate
+        self.client = parts.client
+        self.write_gate = parts.write_gate
+        self.single_gate = parts.single_gate
+        self.read_gate = parts.read_gate
+        self.notifier = parts.notifier
+        self.cache = parts.cache
+        self.engine = parts.engine
+        self.poller = parts.poller
+        self.cluster = parts.cluster
+        self.sources = parts.sources
+        self.claims = parts.claims
+        self.census = parts.census
         self._token_checked_at = float("-inf")
         self._token_ok = False
         self._token_error = ""

@@ -82,7 +82,7 @@ class ValidationPolicy:
 
 
 class VerificationSink(Protocol):
-    """Where validation reports outcomes (the engine)."""
+    """Where validation reports outcomes (the ledger)."""
 
     def verifying(self, assignments: Iterable[Assignment]) -> None:
         """Validation has started for these."""

@@ -8,7 +8,7 @@ import pytest
 
 from daemon.config import Config
 from daemon.cxone import CXonePaths
-from daemon.service import cxone_settings
+from daemon.wiring import cxone_settings
 from scheduler.upstream import (
     BulkResult,
     PermanentError,

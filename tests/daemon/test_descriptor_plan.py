@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from daemon.config import Config
 from daemon.connections import BASE_FDS, plan_descriptors
-from daemon.service import cxone_pool
+from daemon.wiring import cxone_pool
 
 MINIMAL = {"cxone": {"client_id": "id", "client_secret": "s", "grant": "client_credentials"}}
 

@@ -16,10 +16,12 @@ from daemon.cxone import HttpCXoneClient
 from daemon.metrics import Metrics
 from daemon.store.memory import MemoryStore
 from daemon.store.sqlite import SqliteStore
+from daemon.wiring import build_scheduler
 from listeners.base import Outcome
-from scheduler.engine import Engine
+from scheduler.engine import BatchingPolicy
 from scheduler.model import Assignment, FailureReason, State
 from scheduler.ratelimit import RateGate
+from scheduler.retry import RetryPolicy
 from tests.support.ci import IN_CI
 from tests.support.cxone import emulator_settings
 
@@ -48,7 +50,7 @@ def new_assignment(metrics: Metrics, contact: str, at: float = 1000.0) -> Assign
 
 
 def move(metrics: Metrics, a: Assignment, state: State, at: float, **kw) -> None:
-    """What the engine's `_move` (and `_finish` for terminal states) does."""
+    """What the ledger's `transition` (which lets a pair go when it ends) does."""
     previous = a.state
     a.transition(state, at, **kw)
     metrics.transitioned(a, previous)
@@ -316,13 +318,15 @@ def test_work_taken_back_from_the_journal_is_in_the_state_gauges():
     # After a restart the gauges must count what recovery took back, or the first transitions
     # of that work would drive them below zero.
     m = Metrics()
-    engine = Engine(
+    engine = build_scheduler(
         client=HttpCXoneClient(emulator_settings("http://127.0.0.1:9")),  # never called
         store=MemoryStore(),
         write_gate=RateGate("bulk", 10.0),
         single_gate=RateGate("single", 2.0),
+        batching=BatchingPolicy(),
+        retry=RetryPolicy(),
         observer=m,
-    )
+    ).engine
     written = Assignment("c3", "s", state=State.WRITTEN, received_at=1.0, updated_at=2.0)
     engine.restore(
         [written], [], queued=[("c1", "s", 1.0, "add", 0.0), ("c2", "s", 1.0, "add", 0.0)]

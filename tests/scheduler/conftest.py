@@ -11,9 +11,11 @@ import pytest
 
 from daemon.cxone import HttpCXoneClient
 from daemon.store.memory import MemoryStore
+from daemon.wiring import build_scheduler
 from scheduler.engine import BatchingPolicy, Engine
 from scheduler.model import Assignment, State
 from scheduler.observer import EngineObserver
+from scheduler.ownership import Ownership
 from scheduler.ratelimit import RateGate
 from scheduler.retry import RetryPolicy
 from scheduler.upstream import BulkResult, MembershipResult, RefreshResult, SingleResult
@@ -156,6 +158,7 @@ async def make_engine(
         seed: int = 42,
         validation: ValidationPolicy | None = None,
         read_rps: float = 200.0,
+        ownership: Ownership | None = None,
         **settings: Any,
     ) -> EngineHarness:
         settings.setdefault("timeout_s", 2.0)
@@ -164,31 +167,27 @@ async def make_engine(
         client = KeyLog(http_client)
         store = MemoryStore()
         observer = RecordingObserver()
-        engine = Engine(
+        budget = MemoryRefreshBudget()
+        scheduler = build_scheduler(
             client=client,
             store=store,
             write_gate=RateGate("bulk", write_rps),
             single_gate=RateGate("single", single_write_rps),
+            read_gate=RateGate("read", read_rps),
             batching=batching,
             retry=retry,
             observer=observer,
+            validation=validation,
+            cache=(
+                MemoryConfirmationCache(validation.cache_ttl_s) if validation is not None else None
+            ),
+            budget=budget,
+            ownership=ownership,
             rng=random.Random(seed),
+            validation_rng=random.Random(seed),
         )
-        budget = MemoryRefreshBudget()
-        poller = None
-        if validation is not None:
-            poller = MembershipPoller(
-                client=client,
-                read_gate=RateGate("read", read_rps),
-                sink=engine,
-                cache=MemoryConfirmationCache(validation.cache_ttl_s),
-                budget=budget,
-                policy=validation,
-                retry=retry,
-                observer=observer,
-                rng=random.Random(seed),
-            )
-            engine.set_verifier(poller)
+        engine, poller = scheduler.engine, scheduler.poller
+        if poller is not None:
             await poller.start()
         await engine.start()
         harness = EngineHarness(engine, client, store, observer, poller, budget)

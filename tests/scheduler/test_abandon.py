@@ -18,16 +18,16 @@ async def test_abandon_cancels_requests_in_flight_and_lets_everything_go_recordi
     # One bulk request a second, and the first one hangs (for longer than the test waits: only a
     # cancellation ends it): a batch is in flight, fresh ids wait in the buffer, and a
     # contact's second segment is parked behind its first.
+    ownership = Owned({"AB1", "AB2"})
     harness = await make_engine(
         timeout_s=60.0,
         write_rps=1.0,
         batching=BatchingPolicy(
             min_size=1, max_size=200, linger_s=0.05, max_inflight_per_contact=1
         ),
+        ownership=ownership,
     )
     engine = harness.engine
-    ownership = Owned({"AB1", "AB2"})
-    engine.set_ownership(ownership)
     await emulator.configure({"faults": {"bulk": {"hang_rate": 1.0, "hang_s": 60.0}}})
     engine.submit(MembershipChange("f1", add=("AB1",)))
     deadline = time.monotonic() + 10

@@ -33,9 +33,8 @@ class Owned:
 async def test_changes_for_segments_owned_elsewhere_are_forwarded_not_batched(
     make_engine: MakeEngine,
 ):
-    harness = await make_engine()
     ownership = Owned({"MINE"})
-    harness.engine.set_ownership(ownership)
+    harness = await make_engine(ownership=ownership)
     result = harness.engine.submit(
         MembershipChange("c1", add=("MINE", "THEIRS"), remove=("GONE",), occurred_at=100.0)
     )
@@ -59,15 +58,15 @@ async def test_a_handover_ends_requests_in_flight_and_lets_everything_else_go(
 ):
     # Writes of one segment hang for a while: its batch is in flight when the handover starts.
     # One bulk request a second: the ids that follow the first batch wait in the buffer.
+    ownership = Owned({"OUT", "KEEP"})
     harness = await make_engine(
         write_rps=1.0,
         batching=BatchingPolicy(
             min_size=1, max_size=200, linger_s=0.05, max_inflight_per_contact=1
         ),
+        ownership=ownership,
     )
     engine = harness.engine
-    ownership = Owned({"OUT", "KEEP"})
-    engine.set_ownership(ownership)
     await emulator.configure({"faults": {"bulk": {"latency_ms": 600}}})
     engine.submit(MembershipChange("f1", add=("OUT",)))
     await asyncio.sleep(0.2)  # its batch is out
@@ -106,10 +105,9 @@ async def test_a_handover_ends_requests_in_flight_and_lets_everything_else_go(
 async def test_segments_taken_over_are_resumed_from_the_journal_at_runtime(
     make_engine: MakeEngine, emulator: EmulatorControl
 ):
-    harness = await make_engine()
-    engine = harness.engine
     ownership = Owned(set())
-    engine.set_ownership(ownership)
+    harness = await make_engine(ownership=ownership)
+    engine = harness.engine
     now = time.time()
     # What the previous owner left: queued work, and a change forwarded to this instance.
     queued = [(f"t{i}", "TAKEN", now, "add", 0.0) for i in range(30)]

@@ -1,16 +1,24 @@
-"""Sending batches: one bulk request per batch, per-item outcomes, retries, single-write fallback.
+"""The sender: takes batches from the accumulator and writes them to CXone, outcomes to the ledger.
 
-Every attempt -- first send, resend, retry of failed ids, single-contact fallback -- passes the
-rate gate of its endpoint class. A 429 pauses the whole class and costs no attempt (nothing was
-applied). A whole-request failure (5xx, timeout, reset) resends the same body under the same
-idempotency key, so a write that did land is replayed, not applied twice. Item failures that may
-succeed later go back to the buffer as retry ids, where they join the segment's next batch under
-a new key, because the body is different.
+One flush loop picks the lane whose batch is due (full, lingered, or early when the write gate
+has room), waits for the write gate, then takes the fullest batch the limit allows and sends it
+in a task of its own: one bulk request per batch, per-item outcomes, retries, single-write
+fallback. Every attempt -- first send, resend, retry of failed ids, single-contact fallback --
+passes the rate gate of its endpoint class. A 429 pauses the whole class and costs no attempt
+(nothing was applied). A whole-request failure (5xx, timeout, reset) resends the same body under
+the same idempotency key, so a write that did land is replayed, not applied twice. Item failures
+that may succeed later go back to the accumulator as retry ids, where they join the segment's
+next batch under a new key, because the body is different.
+
+Outcomes go to the ledger; written pairs then go to the verifier. If the flush loop itself dies
+(every iteration's error is caught, so that is a bug), every waiter fails at once (aiokafka's
+`_fail_all`) instead of hanging on a writer that no longer moves.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -19,9 +27,11 @@ from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
 from typing import Any, Protocol
 
+from scheduler.accumulator import Accumulator
 from scheduler.idempotency import new_batch_key, new_single_key
+from scheduler.ledger import Ledger
 from scheduler.logthrottle import ThrottledLog
-from scheduler.model import FailureReason, Intent, Lane
+from scheduler.model import Assignment, FailureReason, Intent, Lane
 from scheduler.observer import EngineObserver
 from scheduler.retry import RetryPolicy
 from scheduler.store import BatchRecord, Store
@@ -37,6 +47,7 @@ from scheduler.upstream import (
     outcome_of,
     seconds_since,
 )
+from scheduler.waiters import Waiters
 
 log = logging.getLogger(__name__)
 
@@ -59,53 +70,6 @@ ITEM_PERMANENT = {
 }
 
 
-class Ledger(Protocol):
-    """The engine's side of a send: it owns assignment state."""
-
-    def mark_sending(self, lane: Lane, contact_ids: list[str], *, new_attempt: bool = True) -> None:
-        """The ids are about to be sent; `new_attempt` counts one more attempt for each."""
-        ...
-
-    def mark_retrying(self, lane: Lane, contact_ids: list[str]) -> None:
-        """The ids wait for a backoff before their next attempt."""
-        ...
-
-    def mark_written(self, lane: Lane, contact_ids: list[str]) -> None:
-        """CXone accepted the ids (or already had them)."""
-        ...
-
-    def mark_failed(
-        self, lane: Lane, contact_ids: list[str], reason: FailureReason, message: str
-    ) -> None:
-        """The ids cannot be written."""
-        ...
-
-    def mark_uncertain(self, lane: Lane, contact_ids: list[str], message: str) -> None:
-        """The last attempt's outcome is unknown (5xx, timeout, reset): reads settle it.
-
-        `message` is the failure to record if reads do not show the change.
-        """
-        ...
-
-    def attempts(self, lane: Lane, contact_id: str) -> int:
-        """Attempts made so far for one assignment."""
-        ...
-
-    def requeue_later(self, lane: Lane, contact_ids: list[str], delay_s: float) -> None:
-        """Put the ids back in the buffer as retry ids once `delay_s` has passed."""
-        ...
-
-    def spawn(
-        self,
-        coro_factory: Callable[[], Coroutine[Any, Any, None]],
-        name: str,
-        *,
-        segment_id: str | None = None,
-    ) -> None:
-        """Run a supervised background task (`segment_id`: it sends that segment's work)."""
-        ...
-
-
 class Gate(Protocol):
     """Admission for one endpoint class (see scheduler.ratelimit.RateGate)."""
 
@@ -124,8 +88,23 @@ class Gate(Protocol):
         ...
 
 
-class BatchSender:
-    """Sends bulk batches and single-contact fallbacks, and reports outcomes to the ledger."""
+class Verifier(Protocol):
+    """What the sender hands written pairs to (the validation poller)."""
+
+    def watch(self, assignments: list[Assignment]) -> None:
+        """Start confirming these written assignments; outcomes go to the ledger."""
+        ...
+
+    def settle(self, assignments: list[Assignment], message: str) -> None:
+        """Read these pairs, whose last write's outcome is unknown, until CXone shows them."""
+        ...
+
+
+class Sender:
+    """The flush loop, the sends in flight, and what each send's answer means for its ids.
+
+    Without a verifier a pair's journey ends at `written`; with one, written pairs go to it.
+    """
 
     def __init__(
         self,
@@ -133,24 +112,248 @@ class BatchSender:
         client: CXoneClient,
         store: Store,
         ledger: Ledger,
+        accumulator: Accumulator,
+        waiters: Waiters,
         write_gate: Gate,
         single_gate: Gate,
         retry: RetryPolicy,
         rng: random.Random,
         observer: EngineObserver,
-        sleep: Callable[[float], Awaitable[None]],
+        verifier: Verifier | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._client = client
         self._store = store
         self._ledger = ledger
+        self._accumulator = accumulator
+        self._waiters = waiters
         self._write_gate = write_gate
         self._single_gate = single_gate
         self._retry = retry
         self._rng = rng
         self._observer = observer
+        self._verifier = verifier
+        self._wall = wall_clock
+        self._clock = clock
         self._sleep = sleep
         # CXone's per-item refusals come from the CRM's data: warned about, at a bounded rate.
         self._dead_letters = ThrottledLog(log)
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Sends in flight per segment, so that a handover can wait for its segments' outcomes.
+        self._sending: dict[str, set[asyncio.Task[None]]] = {}
+        # Segments being handed over: nothing new is batched for them (see `drain`).
+        self._releasing: set[str] = set()
+        self._flusher: asyncio.Task[None] | None = None
+        self._draining = False
+        #: Why the flush loop died, once it has (a bug: its iterations catch their errors).
+        self.failure: BaseException | None = None
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """Whether the flush loop was started and has not been stopped."""
+        return self._flusher is not None
+
+    def start(self) -> None:
+        """Start the flush loop (idempotent)."""
+        if self._flusher is not None:
+            return
+        self._flusher = asyncio.create_task(self._flush_loop(), name="segmap-flusher")
+        self._flusher.add_done_callback(self._on_flusher_done)
+
+    async def stop(self, budget_s: float) -> None:
+        """Send what is buffered, wait for in-flight sends, then cancel the rest; idempotent.
+
+        Ids still waiting for a backoff keep their `retrying` state in the journal, which is
+        where a durable journal's recovery picks them up.
+        """
+        self._draining = True
+        self._accumulator.wake()
+        deadline = self._clock() + budget_s
+        if self._flusher is not None:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(
+                    asyncio.shield(self._flusher), max(0.0, deadline - self._clock())
+                )
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=max(0.0, deadline - self._clock()))
+        self._accumulator.cancel_timers()
+        leftovers = [t for t in [self._flusher, *self._tasks] if t is not None and not t.done()]
+        for task in leftovers:
+            task.cancel()
+        if leftovers:
+            await asyncio.gather(*leftovers, return_exceptions=True)
+            log.warning("engine stop: cancelled %d tasks past the budget", len(leftovers))
+        self._flusher = None
+
+    def _on_flusher_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        # The loop catches per-iteration errors; reaching here means it is dead. Fail every waiter
+        # loudly instead of letting callers hang on an engine that no longer moves.
+        self.failure = task.exception()
+        log.critical("flusher died: %r", self.failure)
+        self._waiters.fail_all(RuntimeError(f"engine failed: {self.failure!r}"))
+
+    def resend(self, batches: list[BatchRecord]) -> None:
+        """Send recovered batches again as they were (same ids, intent and key)."""
+        for batch in batches:
+            self.spawn(
+                partial(self.send, batch, token_held=False),
+                f"resend {batch.segment_id}",
+                segment_id=batch.segment_id,
+            )
+        if batches:
+            self._accumulator.wake()
+
+    def segments(self) -> set[str]:
+        """The segments with sends in flight."""
+        return set(self._sending)
+
+    async def drain(self, segments: set[str], budget_s: float) -> None:
+        """Batch nothing new for `segments`, and let their sends in flight end (within budget).
+
+        Past the budget a send is cancelled: its outcome is the next owner's to learn (the
+        batch is journaled and resent under its key, which CXone replays).
+        """
+        self._releasing |= segments
+        try:
+            tasks = [t for s in segments for t in self._sending.get(s, ()) if not t.done()]
+            if tasks:
+                await asyncio.wait(tasks, timeout=budget_s)
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            self._releasing -= segments
+
+    def abandon(self) -> None:
+        """Cancel every send in flight and every retry timer now (this process lost its segments).
+
+        Each send ends at its next step, where the ledger records nothing for a segment it no
+        longer holds; its batch stays journaled and is resent under its key by the new owner.
+        """
+        for task in self._tasks:
+            task.cancel()
+        self._accumulator.cancel_timers()
+
+    # ---- the flush loop ------------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        while True:
+            # While draining, sends still running may put work back in the buffer (a contact's
+            # parked segment released, ids failed for a retry): stop only once none is left.
+            if self._draining and not self._accumulator and not self._tasks:
+                return
+            try:
+                await self._flush_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # One bad iteration must not stop the writer; log it and go on.
+                log.exception("flusher iteration failed")
+                await asyncio.sleep(0.1)
+
+    def _handed_over(self, lane: Lane) -> bool:
+        return lane[0] in self._releasing
+
+    async def _flush_once(self) -> None:
+        accumulator = self._accumulator
+        # The buffer keeps received (wall-clock) times, so linger is measured on that clock.
+        now = self._wall()
+        skip = self._handed_over if self._releasing else None
+        lane = accumulator.pick(
+            now,
+            spare_capacity=self._write_gate.has_capacity(),
+            draining=self._draining,
+            skip=skip,
+        )
+        if lane is None:
+            await accumulator.wait_for_data(now, skip)
+            return
+        await self._write_gate.acquire()
+        # Choose again now that a request may go: under backlog the wait for the token is where
+        # batches fill up, so the batch sent is the fullest the limit allows.
+        skip = self._handed_over if self._releasing else None
+        lane = (
+            accumulator.pick(self._wall(), spare_capacity=True, draining=self._draining, skip=skip)
+            or lane
+        )
+        if lane[0] in self._releasing:
+            return  # handed over while this send waited for its token: the token goes unused
+        entries = accumulator.take(lane)
+        if not entries:
+            return
+        contact_ids = self._ledger.take_for_batch(lane, entries)
+        batch = self.new_batch(lane, contact_ids)
+        segment_id = lane[0]
+        self.spawn(
+            partial(self.send, batch, token_held=True), f"send {segment_id}", segment_id=segment_id
+        )
+
+    # ---- supervised tasks ----------------------------------------------------------------
+
+    def spawn(
+        self,
+        coro_factory: Callable[[], Coroutine[Any, Any, None]],
+        name: str,
+        *,
+        segment_id: str | None = None,
+    ) -> None:
+        """Run a background task that is kept referenced and whose failure is logged.
+
+        `segment_id`: the task sends that segment's work (a handover waits for it).
+        """
+        task = asyncio.create_task(coro_factory(), name=name)
+        self._tasks.add(task)
+        if segment_id is not None:
+            self._sending.setdefault(segment_id, set()).add(task)
+            task.add_done_callback(partial(self._send_done, segment_id))
+        task.add_done_callback(self._task_done)
+
+    def _send_done(self, segment_id: str, task: asyncio.Task[None]) -> None:
+        tasks = self._sending.get(segment_id)
+        if tasks is not None:
+            tasks.discard(task)
+            if not tasks:
+                del self._sending[segment_id]
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._draining:
+            self._accumulator.wake()  # the flusher may be waiting for the last send to end
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    # ---- outcomes ------------------------------------------------------------------------
+
+    def _written(self, lane: Lane, contact_ids: list[str]) -> None:
+        """CXone holds these writes: to the verifier, or, with none, their journey ends."""
+        written = self._ledger.written(lane, contact_ids)
+        if self._verifier is not None:
+            self._verifier.watch(written)
+        else:
+            for assignment in written:
+                self._ledger.finish(assignment)
+
+    def _uncertain(self, lane: Lane, contact_ids: list[str], message: str) -> None:
+        """The last attempt's outcome is unknown: reads settle it (without a verifier, failed)."""
+        if self._verifier is None:
+            self._ledger.failed(lane, contact_ids, FailureReason.RETRIES_EXHAUSTED, message)
+            return
+        self._verifier.settle(self._ledger.uncertain(lane, contact_ids, message), message)
+
+    def _requeue_later(self, lane: Lane, contact_ids: list[str], delay_s: float) -> None:
+        """After the backoff the ids rejoin their lane, if they are still waiting for it."""
+        self._accumulator.requeue_later(lane, contact_ids, delay_s, self._ledger.still_retrying)
+
+    # ---- one batch -----------------------------------------------------------------------
 
     def new_batch(self, lane: Lane, contact_ids: list[str]) -> BatchRecord:
         """A batch for ids never sent together before: a fresh idempotency key."""
@@ -178,9 +381,9 @@ class BatchSender:
                 exc,
                 len(ids),
             )
-            self._ledger.requeue_later(lane, ids, JOURNAL_RETRY_S)
+            self._requeue_later(lane, ids, JOURNAL_RETRY_S)
             return
-        self._ledger.mark_sending(lane, ids)
+        self._ledger.sending(lane, ids)
         try:
             await self._send_until_settled(batch, ids, token_held=token_held)
         except asyncio.CancelledError:
@@ -192,8 +395,8 @@ class BatchSender:
             log.exception(
                 "segment %s: sending a batch failed unexpectedly; ids retried", segment_id
             )
-            self._ledger.mark_retrying(lane, ids)
-            self._ledger.requeue_later(lane, ids, JOURNAL_RETRY_S)
+            self._ledger.retrying(lane, ids)
+            self._requeue_later(lane, ids, JOURNAL_RETRY_S)
         await self._store.drop_batch(batch.batch_id)
 
     async def _send_until_settled(
@@ -238,7 +441,7 @@ class BatchSender:
                     len(ids),
                     exc,
                 )
-                self._ledger.mark_failed(lane, ids, FailureReason.SEGMENT_NOT_FOUND, str(exc))
+                self._ledger.failed(lane, ids, FailureReason.SEGMENT_NOT_FOUND, str(exc))
                 return
             except UpstreamError as exc:
                 self._observer.upstream_outcome("bulk", outcome_of(exc), seconds_since(started))
@@ -246,9 +449,9 @@ class BatchSender:
                     in_progress_waits < MAX_IN_PROGRESS_WAITS
                 ):
                     in_progress_waits += 1
-                    self._ledger.mark_retrying(lane, ids)
+                    self._ledger.retrying(lane, ids)
                     await self._sleep(self._retry.delay(1, self._rng, exc.retry_after_s))
-                    self._ledger.mark_sending(lane, ids, new_attempt=False)
+                    self._ledger.sending(lane, ids, new_attempt=False)
                     continue
                 resend = await self._after_request_failure(batch, ids, exc)
                 if resend is None:
@@ -271,7 +474,7 @@ class BatchSender:
         exhausted = [c for c in ids if self._retry.exhausted(self._ledger.attempts(lane, c))]
         remaining = [c for c in ids if c not in set(exhausted)]
         for contact_id in exhausted:
-            self._ledger.spawn(
+            self.spawn(
                 partial(self.fallback, lane, contact_id, str(exc)),
                 f"fallback {segment_id}",
                 segment_id=segment_id,
@@ -290,10 +493,10 @@ class BatchSender:
         )
         if len(remaining) != len(ids) or exc.error == "IdempotencyKeyReused":
             # A different body needs a different key: the ids rejoin the buffer as retries.
-            self._ledger.mark_retrying(lane, remaining)
-            self._ledger.requeue_later(lane, remaining, delay)
+            self._ledger.retrying(lane, remaining)
+            self._requeue_later(lane, remaining, delay)
             return None
-        self._ledger.mark_retrying(lane, ids)
+        self._ledger.retrying(lane, ids)
         await self._sleep(delay)
         resend = BatchRecord(
             batch_id=batch.batch_id,
@@ -304,7 +507,7 @@ class BatchSender:
             intent=batch.intent,
         )
         await self._store.save_batch(resend)
-        self._ledger.mark_sending(lane, ids)
+        self._ledger.sending(lane, ids)
         return resend
 
     def _apply(self, lane: Lane, ids: list[str], result: BulkResult) -> None:
@@ -340,7 +543,7 @@ class BatchSender:
         written = [c for c in ids if c not in listed]
         written.extend(written_failures)
         if written:
-            self._ledger.mark_written(lane, written)
+            self._written(lane, written)
         for reason, contact_ids in permanent.items():
             self._dead_letters.warning(
                 str(reason),
@@ -352,7 +555,7 @@ class BatchSender:
                 contact_ids[0],
                 messages[reason],
             )
-            self._ledger.mark_failed(lane, contact_ids, reason, messages[reason])
+            self._ledger.failed(lane, contact_ids, reason, messages[reason])
         if retry:
             self._retry_items(lane, retry)
 
@@ -362,7 +565,7 @@ class BatchSender:
         again: list[str] = []
         for contact_id in contact_ids:
             if self._retry.exhausted(self._ledger.attempts(lane, contact_id)):
-                self._ledger.spawn(
+                self.spawn(
                     partial(self.fallback, lane, contact_id, "item failed every attempt"),
                     f"fallback {segment_id}",
                     segment_id=segment_id,
@@ -374,8 +577,8 @@ class BatchSender:
         failed_attempts = max(self._ledger.attempts(lane, c) for c in again)
         delay = self._retry.delay(failed_attempts, self._rng)
         self._observer.retry_scheduled(segment_id, len(again), delay)
-        self._ledger.mark_retrying(lane, again)
-        self._ledger.requeue_later(lane, again, delay)
+        self._ledger.retrying(lane, again)
+        self._requeue_later(lane, again, delay)
 
     async def fallback(self, lane: Lane, contact_id: str, last_error: str) -> None:
         """The last resort for an id that failed every bulk attempt: one single-contact write."""
@@ -391,7 +594,7 @@ class BatchSender:
             last_error,
         )
         key = new_single_key(segment_id, contact_id)
-        self._ledger.mark_sending(lane, [contact_id])
+        self._ledger.sending(lane, [contact_id])
         while True:
             await self._single_gate.acquire()
             started = time.monotonic()
@@ -408,9 +611,7 @@ class BatchSender:
                 continue
             except SegmentNotFound as exc:
                 self._observer.upstream_outcome("single", "permanent", seconds_since(started))
-                self._ledger.mark_failed(
-                    lane, [contact_id], FailureReason.SEGMENT_NOT_FOUND, str(exc)
-                )
+                self._ledger.failed(lane, [contact_id], FailureReason.SEGMENT_NOT_FOUND, str(exc))
                 return
             except UpstreamError as exc:
                 self._observer.upstream_outcome("single", outcome_of(exc), seconds_since(started))
@@ -426,7 +627,7 @@ class BatchSender:
                         segment_id,
                         exc,
                     )
-                    self._ledger.mark_uncertain(lane, [contact_id], message)
+                    self._uncertain(lane, [contact_id], message)
                     return
                 log.error(
                     "single write of contact %s to segment %s failed: %s; dead-lettered",
@@ -434,15 +635,13 @@ class BatchSender:
                     segment_id,
                     exc,
                 )
-                self._ledger.mark_failed(
-                    lane, [contact_id], FailureReason.RETRIES_EXHAUSTED, message
-                )
+                self._ledger.failed(lane, [contact_id], FailureReason.RETRIES_EXHAUSTED, message)
                 return
             self._observer.upstream_outcome("single", "ok", seconds_since(started))
             break
         if result.error is None or result.error in ITEM_WRITTEN[intent]:
             log.error("single write of contact %s to segment %s succeeded", contact_id, segment_id)
-            self._ledger.mark_written(lane, [contact_id])
+            self._written(lane, [contact_id])
             return
         reason = ITEM_PERMANENT.get(result.error, FailureReason.RETRIES_EXHAUSTED)
         message = f"single write: {result.status} {result.error} {result.message}".strip()
@@ -452,4 +651,4 @@ class BatchSender:
             segment_id,
             message,
         )
-        self._ledger.mark_failed(lane, [contact_id], reason, message)
+        self._ledger.failed(lane, [contact_id], reason, message)

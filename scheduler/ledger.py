@@ -1,0 +1,532 @@
+"""The ledger: the one owner of every pair's state, and the one writer of its transitions.
+
+A pair (contact, segment) is in one of three places here, and in only one:
+
+- **queued**: an entry of the accumulator's buffer (or parked at its contact gate), carrying
+  its received time; the CRM's time of its change, when one was given, in `_occurred`. No
+  object: a million queued pairs cost a buffer entry each.
+- **live**: an `Assignment` in `_live`, from the moment its batch is taken until it ends
+  (sending, retrying, written, verifying), or recovered so from the journal.
+- **waiting**: a newer change of the other intent in `_successors`, behind a live pair whose
+  request is in flight; it follows that request's outcome.
+
+Every transition goes through `transition()`, which validates the move, checks that this
+process still holds the segment, queues the journal row (the waiting change's row while one
+waits, so that a crash never loses it), updates the observers, counts the writes pending, and,
+when the pair ends, lets it go and answers its waiters. Everything else asks the ledger; nothing
+else writes a pair's row (River's `JobCompleter`, saq's `Queue.finish`). The ledger calls no
+component back: the sender and the verifier report to it, and it reports to nobody but the
+journal, the observers, the waiters and the accumulator it queues into.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from scheduler.accumulator import Accumulator
+from scheduler.model import (
+    WRITE_PENDING_STATES,
+    Assignment,
+    AssignmentKey,
+    FailureReason,
+    Intent,
+    Lane,
+    State,
+)
+from scheduler.observer import EngineObserver
+from scheduler.ownership import Ownership
+from scheduler.store import Store
+from scheduler.waiters import Waiters
+
+OPPOSITE = {Intent.ADD: Intent.REMOVE, Intent.REMOVE: Intent.ADD}
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """A newer change waiting for the pair's request in flight to have its outcome."""
+
+    intent: Intent
+    occurred_at: float  # 0.0: none given (the arrival orders it)
+    received_at: float
+
+    @property
+    def version(self) -> float:
+        """The time ordering compares: its occurredAt, or its arrival."""
+        return self.occurred_at or self.received_at
+
+
+@dataclass(frozen=True, slots=True)
+class Current:
+    """Where a pair's newest change stands: its intent and time."""
+
+    intent: Intent
+    version: float
+
+
+def waiting_row(assignment: Assignment, change: Change) -> Assignment:
+    """What the journal keeps for a pair whose newer change waits for a request in flight."""
+    return Assignment(
+        assignment.contact_id,
+        assignment.segment_id,
+        state=State.QUEUED,
+        received_at=change.received_at,
+        updated_at=change.received_at,
+        intent=change.intent,
+        occurred_at=change.occurred_at,
+    )
+
+
+class Ledger:
+    """Pair state: queued, live and waiting pairs, and every transition between them."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        accumulator: Accumulator,
+        waiters: Waiters,
+        observer: EngineObserver,
+        ownership: Ownership,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._accumulator = accumulator
+        self._waiters = waiters
+        self._observer = observer
+        self._ownership = ownership
+        self._wall = wall_clock
+        self._live: dict[AssignmentKey, Assignment] = {}
+        # The CRM's time of a queued change, where it gave one (a queued change is a buffer
+        # entry, whose time is its arrival; most changes carry no other).
+        self._occurred: dict[AssignmentKey, float] = {}
+        # Newer changes waiting for the request in flight for their pair to have an outcome.
+        self._successors: dict[AssignmentKey, Change] = {}
+        #: Assignments queued, sending or waiting to retry (what the high-water mark counts).
+        self.pending_writes = 0
+
+    # ---- queries -------------------------------------------------------------------------
+
+    def current(self, key: AssignmentKey) -> Current | None:
+        """The newest change in progress for the pair: waiting, live, queued or parked."""
+        successor = self._successors.get(key)
+        if successor is not None:
+            return Current(successor.intent, successor.version)
+        live = self._live.get(key)
+        if live is not None:
+            return Current(live.intent, live.version)
+        queued = self._accumulator.queued(*key)
+        if queued is not None:
+            intent, at = queued
+            return Current(intent, self._occurred.get(key) or at)
+        return None
+
+    def has_work(self, key: AssignmentKey) -> bool:
+        """Whether a change to the pair is in progress (queued, parked, live or waiting)."""
+        return self.current(key) is not None
+
+    def live(self, key: AssignmentKey) -> Assignment | None:
+        """The pair's live assignment (past queued, not ended), if any."""
+        return self._live.get(key)
+
+    def validating(self, key: AssignmentKey) -> bool:
+        """Whether the pair is live and its write done (written or verifying)."""
+        live = self._live.get(key)
+        return (
+            live is not None
+            and live.state not in WRITE_PENDING_STATES
+            and key not in self._successors
+        )
+
+    def attempts(self, lane: Lane, contact_id: str) -> int:
+        """Attempts made so far for the live assignment (0 if none)."""
+        assignment = self._live.get((contact_id, lane[0]))
+        return assignment.attempts if assignment is not None else 0
+
+    def pending_in_lane(self, lane: Lane, contact_ids: Iterable[str]) -> list[Assignment]:
+        """The live assignments of the lane's intent whose write is still pending.
+
+        An answer replayed for a batch recovered after a crash may name ids that have moved on
+        since: only those still waiting for it count.
+        """
+        segment_id, intent = lane
+        found = []
+        for contact_id in contact_ids:
+            assignment = self._live.get((contact_id, segment_id))
+            if (
+                assignment is not None
+                and assignment.intent is intent
+                and assignment.state in WRITE_PENDING_STATES
+            ):
+                found.append(assignment)
+        return found
+
+    def still_retrying(self, lane: Lane, contact_ids: list[str]) -> list[str]:
+        """The ids still waiting in the lane after their backoff (not started over meanwhile)."""
+        return [assignment.contact_id for assignment in self.pending_in_lane(lane, contact_ids)]
+
+    def segments(self) -> set[str]:
+        """Every segment the ledger holds a pair of: live, waiting, queued or parked."""
+        found = {segment_id for _, segment_id in self._live}
+        found |= {segment_id for segment_id, _ in self._accumulator.lanes()}
+        return found
+
+    # ---- the one transition --------------------------------------------------------------
+
+    def transition(
+        self,
+        assignment: Assignment,
+        state: State,
+        *,
+        reason: FailureReason | None = None,
+        message: str = "",
+    ) -> None:
+        """Move a live pair to `state`: checked, journaled, observed; let go if it ended."""
+        if not self._ownership.holds(assignment.segment_id):
+            # Handed over (or taken over): its new owner has the journal's record of it, and
+            # a state recorded from here would overwrite that owner's.
+            if state in _ENDING:
+                self._let_go(assignment)
+            return
+        previous = assignment.state
+        was_pending = previous in WRITE_PENDING_STATES
+        assignment.transition(state, self._wall(), reason=reason, message=message)
+        self.pending_writes += int(state in WRITE_PENDING_STATES) - int(was_pending)
+        successor = self._successors.get(assignment.key)
+        # While a newer change waits for this request's outcome, the journal holds that change:
+        # after a crash it is queued (the old batch is resent first), never lost.
+        self._store.record(assignment if successor is None else waiting_row(assignment, successor))
+        self._observer.transitioned(assignment, previous)
+        if state in _ENDING:
+            self.finish(assignment)
+
+    def finish(self, assignment: Assignment) -> None:
+        """The pair's journey here is over: let it go; observers hear of it if it ended."""
+        if assignment.terminal:
+            self._observer.finished(assignment)
+        self._let_go(assignment)
+
+    def _let_go(self, assignment: Assignment) -> None:
+        self._live.pop(assignment.key, None)
+        self._waiters.resolve(assignment)
+
+    # ---- new changes (from `Changes`) ----------------------------------------------------
+
+    def queue_new(
+        self, contact_id: str, segment_id: str, intent: Intent, occurred_at: float, now: float
+    ) -> None:
+        """A change with nothing in progress for its pair: queued in its lane (or parked)."""
+        assignment = Assignment(
+            contact_id=contact_id,
+            segment_id=segment_id,
+            received_at=now,
+            updated_at=now,
+            intent=intent,
+            occurred_at=occurred_at,
+        )
+        self.pending_writes += 1
+        if occurred_at:
+            self._occurred[assignment.key] = occurred_at
+        self._store.record(assignment)
+        self._observer.transitioned(assignment, State.QUEUED)
+        lane = (segment_id, intent)
+        if self._accumulator.admit(contact_id, lane, now):
+            self._accumulator.enqueue(lane, contact_id, now)
+
+    def record_confirmed(
+        self, contact_id: str, segment_id: str, intent: Intent, occurred_at: float, now: float
+    ) -> None:
+        """A change CXone confirmed as asked within the cache TTL: journaled done, no call.
+
+        Journaled with this change's time, so that an older change arriving later is stale.
+        """
+        self._store.record(
+            Assignment(
+                contact_id,
+                segment_id,
+                state=State.ACTIVE if intent is Intent.ADD else State.REMOVED,
+                received_at=now,
+                updated_at=now,
+                intent=intent,
+                occurred_at=occurred_at,
+            )
+        )
+
+    def record_dead_letter(self, assignment: Assignment) -> None:
+        """A pair of an event nobody can act on, born failed: journaled, never sent."""
+        self._store.record(assignment)
+        # Reported as entering `failed` from nowhere (a terminal previous state is what
+        # observers take as "nothing held to move from").
+        self._observer.transitioned(assignment, State.FAILED)
+        self._observer.finished(assignment)
+
+    def record_stale(
+        self, contact_id: str, segment_id: str, intent: Intent, version: float, now: float
+    ) -> None:
+        """A change older than what the pair has: noted in the journal, never acted on."""
+        self._store.record_stale(contact_id, segment_id, str(intent), version, now)
+        self._observer.stale_change(contact_id, segment_id, intent)
+
+    def record_mirror(self, contact_id: str, occurred_at: float) -> None:
+        """A mirror (`set`) applied to the contact at `occurred_at`."""
+        self._store.record_mirror(contact_id, occurred_at)
+
+    def renew(self, key: AssignmentKey, occurred_at: float, now: float) -> None:
+        """A newer change of the same intent joins the work in progress and dates it.
+
+        Its time (its occurredAt, else its arrival) becomes the pair's, so that a change older
+        than it, arriving later, is found stale.
+        """
+        version = occurred_at or now
+        successor = self._successors.get(key)
+        if successor is not None:
+            if version > successor.version:
+                self._successors[key] = Change(successor.intent, version, successor.received_at)
+            return
+        live = self._live.get(key)
+        if live is not None:
+            if version > live.version:
+                live.occurred_at = version
+            return
+        at = self._occurred.get(key)
+        if at is None or version > at:
+            self._occurred[key] = version
+
+    def supersede(self, key: AssignmentKey, intent: Intent, occurred_at: float, now: float) -> None:
+        """A newer change of the other intent replaces the work in progress for the pair.
+
+        Queued (or parked) work is never sent: it moves to the other lane. Written or verifying
+        work leaves validation (the caller stops its validation first) and its opposite is
+        queued. A request in flight (sending, or retrying: its outcome is unknown) finishes
+        first, so that CXone applies the two in order; the newer change follows its outcome.
+        """
+        contact_id, segment_id = key
+        change = Change(intent, occurred_at, now)
+        successor = self._successors.get(key)
+        live = self._live.get(key)
+        if successor is not None:
+            if live is not None and live.intent is intent:
+                del self._successors[key]  # back to what is in flight: nothing more to send
+                live.occurred_at = max(live.occurred_at, occurred_at)
+                self._store.record(live)
+            else:
+                self._successors[key] = change
+                if live is not None:
+                    self._store.record(waiting_row(live, change))
+            return
+        if live is not None:
+            # Live and write-pending: in a batch (being saved, sent or resent) or waiting to
+            # retry one. That request's outcome comes first; restarting now would send both.
+            if live.state in WRITE_PENDING_STATES:
+                self._successors[key] = change
+                self._store.record(waiting_row(live, change))
+                return
+            # Written or verifying: its confirmation no longer matters.
+            self._observer.superseded(live, intent)
+            self._restart(live, change, hold_slot=False)
+            return
+        self._occurred.pop(key, None)
+        replaced = Assignment(
+            contact_id, segment_id, received_at=now, updated_at=now, intent=intent,
+            occurred_at=occurred_at,
+        )  # fmt: skip
+        self._observer.superseded(replaced, intent)
+        # It waits for a slot if the other intent did, else takes its place in the buffer.
+        self._accumulator.move(
+            contact_id, (segment_id, OPPOSITE[intent]), (segment_id, intent), now
+        )
+        if occurred_at:
+            self._occurred[key] = occurred_at
+        self._store.record(replaced)
+
+    def _restart(self, assignment: Assignment, change: Change, *, hold_slot: bool) -> None:
+        """The pair starts over as `change`, queued in its lane (its old work is over)."""
+        key = assignment.key
+        self._live.pop(key, None)
+        assignment.intent = change.intent
+        assignment.occurred_at = change.occurred_at
+        assignment.received_at = change.received_at
+        assignment.attempts = 0
+        self.transition(assignment, State.QUEUED)
+        if change.occurred_at:
+            self._occurred[key] = change.occurred_at
+        else:
+            self._occurred.pop(key, None)
+        lane = (assignment.segment_id, change.intent)
+        accumulator = self._accumulator
+        if hold_slot or accumulator.admit(assignment.contact_id, lane, change.received_at):
+            accumulator.enqueue(lane, assignment.contact_id, change.received_at)
+
+    # ---- the sender's side ---------------------------------------------------------------
+
+    def take_for_batch(self, lane: Lane, entries: list[tuple[str, float | None]]) -> list[str]:
+        """The buffer entries the sender took for a batch become live assignments; their ids.
+
+        A retry id is live already; a fresh one gets its object now, with its received time.
+        """
+        segment_id, intent = lane
+        contact_ids = []
+        for contact_id, received_at in entries:
+            key = (contact_id, segment_id)
+            if key not in self._live:
+                at = received_at if received_at is not None else self._wall()
+                self._live[key] = Assignment(
+                    contact_id=contact_id,
+                    segment_id=segment_id,
+                    received_at=at,
+                    updated_at=at,
+                    intent=intent,
+                    occurred_at=self._occurred.pop(key, 0.0),
+                )
+            contact_ids.append(contact_id)
+        return contact_ids
+
+    def sending(self, lane: Lane, contact_ids: list[str], *, new_attempt: bool = True) -> None:
+        """The ids are about to be sent; `new_attempt` counts one more attempt for each."""
+        for assignment in self.pending_in_lane(lane, contact_ids):
+            if new_attempt:
+                assignment.attempts += 1
+            self.transition(assignment, State.SENDING)
+
+    def retrying(self, lane: Lane, contact_ids: list[str]) -> None:
+        """The ids wait for a backoff before their next attempt."""
+        for assignment in self.pending_in_lane(lane, contact_ids):
+            self.transition(assignment, State.RETRYING)
+
+    def written(self, lane: Lane, contact_ids: list[str]) -> list[Assignment]:
+        """CXone holds these writes (maybe not yet indexed); returns those to confirm now."""
+        return self._leave_write_path(lane, contact_ids, State.WRITTEN)
+
+    def uncertain(self, lane: Lane, contact_ids: list[str], message: str) -> list[Assignment]:
+        """The last attempt's outcome is unknown (5xx, timeout, reset); returns those to settle.
+
+        CXone may have applied the write before failing to answer: the pairs leave the write
+        path as `verifying`, their message saying why, for reads to settle them.
+        """
+        return self._leave_write_path(
+            lane, contact_ids, State.VERIFYING, message=f"settling by reads: {message}"
+        )
+
+    def _leave_write_path(
+        self, lane: Lane, contact_ids: list[str], state: State, *, message: str = ""
+    ) -> list[Assignment]:
+        """Move the pairs whose write has an outcome to `state`; those that go on to validation.
+
+        A pair whose newer change of the other intent waited for this outcome starts over as
+        that change instead, in the same slot; the others free their contact's slot.
+        """
+        leaving = []
+        for assignment in self.pending_in_lane(lane, contact_ids):
+            self.transition(assignment, state, message=message)
+            if not self._follow(assignment):
+                self._accumulator.release(assignment.contact_id)
+                leaving.append(assignment)
+        return leaving
+
+    def _follow(self, assignment: Assignment) -> bool:
+        """Start the newer change that waited for this outcome, if one did, in the same slot.
+
+        A newer change of the other intent came while the request was out: it follows now,
+        instead of this outcome being confirmed (or dead-lettered).
+        """
+        successor = self._successors.pop(assignment.key, None)
+        if successor is None:
+            return False
+        self._observer.superseded(assignment, successor.intent)
+        self._restart(assignment, successor, hold_slot=True)
+        return True
+
+    def failed(
+        self, lane: Lane, contact_ids: list[str], reason: FailureReason, message: str
+    ) -> None:
+        """These assignments end failed (dead letters), unless a newer change follows them."""
+        for assignment in self.pending_in_lane(lane, contact_ids):
+            if not self._follow(assignment):
+                self._accumulator.release(assignment.contact_id)
+                self.transition(assignment, State.FAILED, reason=reason, message=message)
+
+    # ---- the verifier's side (`scheduler.validation.VerificationSink`) -------------------
+
+    def verifying(self, assignments: Iterable[Assignment]) -> None:
+        """The verifier started checking these."""
+        for assignment in assignments:
+            if assignment.state is State.WRITTEN:
+                self.transition(assignment, State.VERIFYING)
+
+    def confirm(self, assignments: Iterable[Assignment]) -> None:
+        """The verifier saw these writes indexed: adds are active, removals removed."""
+        for assignment in assignments:
+            done = State.ACTIVE if assignment.intent is Intent.ADD else State.REMOVED
+            self.transition(assignment, done)
+
+    def fail(self, assignments: Iterable[Assignment], reason: FailureReason, message: str) -> None:
+        """The verifier gave up on these."""
+        for assignment in assignments:
+            self.transition(assignment, State.FAILED, reason=reason, message=message)
+
+    # ---- taking work back from the journal (`scheduler.recovery`) ------------------------
+
+    def hold_live(self, assignment: Assignment) -> None:
+        """A recovered pair past queued: live from here on."""
+        self._live[assignment.key] = assignment
+
+    def hold_waiting(self, key: AssignmentKey, change: Change) -> None:
+        """A recovered change that waited for its pair's batch: it follows the batch again."""
+        self._occurred.pop(key, None)
+        self._successors[key] = change
+
+    def hold_time(self, key: AssignmentKey, occurred_at: float) -> None:
+        """The CRM's time of a recovered queued change."""
+        self._occurred[key] = occurred_at
+
+    # ---- letting segments go -------------------------------------------------------------
+
+    def drop(self, segments: set[str]) -> int:
+        """Let every pair of these segments go from memory, recording nothing; how many.
+
+        Their journal rows stay as they are (queued, retrying, written, ...) for their next
+        owner. Contact slots they held are freed, and waiters of their pairs go on reading the
+        journal.
+        """
+        let_go = 0
+        slots: list[str] = []
+        parked, buffered = self._accumulator.drop(segments)
+        parked_live: set[AssignmentKey] = set()  # recovered retrying pairs waiting for a slot
+        for contact_id, lane in parked:
+            key = (contact_id, lane[0])
+            if key in self._live:
+                parked_live.add(key)  # counted with the live ones; it holds no slot
+                continue
+            self.pending_writes -= 1
+            self._occurred.pop(key, None)
+            let_go += 1
+        for contact_id, lane in buffered:
+            key = (contact_id, lane[0])
+            self._occurred.pop(key, None)
+            if key not in self._live:  # a live one (a retry id) is counted below
+                slots.append(contact_id)
+                self.pending_writes -= 1
+                let_go += 1
+        for key in [k for k in self._live if k[1] in segments]:
+            assignment = self._live.pop(key)
+            let_go += 1
+            if assignment.state in WRITE_PENDING_STATES:
+                # Each write-pending live pair holds one slot (a change waiting for it shares it),
+                # unless it was parked waiting for one.
+                self.pending_writes -= 1
+                if key not in parked_live:
+                    slots.append(assignment.contact_id)
+        for key in [k for k in self._successors if k[1] in segments]:
+            del self._successors[key]
+        for key in [k for k in self._occurred if k[1] in segments]:
+            del self._occurred[key]
+        self._waiters.cancel(self._waiters.keys_of(segments))
+        for contact_id in slots:
+            self._accumulator.release(contact_id)
+        return let_go
+
+
+# States in which a live pair's journey here ends: terminal ones. (`written` ends it too when
+# nothing confirms writes: the sender then calls `finish` itself.)
+_ENDING = frozenset({State.ACTIVE, State.REMOVED, State.FAILED})
