@@ -323,6 +323,8 @@ class PostgresStore(SharedJournal):
         self._notifications: OrderedDict[str, bytes] = OrderedDict()
         # Deliveries remembered but not committed yet (their answers).
         self._unconfirmed: dict[tuple[str, str], bytes] = {}
+        # Claims of deliveries dropped by a fence, to withdraw (see `_drop_deliveries`).
+        self._abandoned_claims: set[tuple[str, str]] = set()
         # Delivery keys committed lately, oldest first: a lookup that read before their commit
         # finds them here.
         self._recent: OrderedDict[tuple[str, str], bytes] = OrderedDict()
@@ -555,13 +557,22 @@ class PostgresStore(SharedJournal):
         changes = 0
         for work in dropped:
             changes += len(work.assignments)
-            for key in work.deliveries:
-                self._unconfirmed.pop(key, None)  # never answered: a redelivery is taken anew
+            self._drop_deliveries(work)
             for waiter in work.waiters:
                 if not waiter.done():
                     waiter.set_exception(failure)
         self._wake.set()
         return changes
+
+    def _drop_deliveries(self, work: PendingWork) -> None:
+        """The deliveries of dropped work were never answered: a redelivery is taken anew.
+
+        Not answered from memory as if journaled, and not held off by their claims, which are
+        withdrawn before the next claim (`_claim_loop`).
+        """
+        for key in work.deliveries:
+            self._unconfirmed.pop(key, None)
+            self._abandoned_claims.add(key)
 
     # ---- writes -------------------------------------------------------------------------------
 
@@ -681,6 +692,10 @@ class PostgresStore(SharedJournal):
             try:
                 if pool is None:
                     raise StoreUnavailable("the journal is not open")
+                if self._abandoned_claims:
+                    abandoned = list(self._abandoned_claims)
+                    await self.unclaim_keys(abandoned)
+                    self._abandoned_claims.difference_update(abandoned)
                 rows = await pool.fetch(
                     _CLAIM_KEYS,
                     [source for source, _ in wanted],
@@ -1083,9 +1098,12 @@ class PostgresStore(SharedJournal):
                 work.waiters = []
                 if self._discarded:
                     # Dropped meanwhile (`discard_pending`): not retried. Its error is no news
-                    # of the database: the next commit (or the readiness probe) tells.
+                    # of the database: the next commit (or the readiness probe) tells. Its
+                    # deliveries were never answered: a redelivery must be taken anew, not
+                    # answered from memory as if it had been journaled.
                     self._in_flight = None
                     self.last_error = ""
+                    self._drop_deliveries(work)
                 else:
                     self._carry = work
                 if closing:

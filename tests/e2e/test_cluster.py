@@ -319,6 +319,54 @@ async def test_a_fenced_instance_refuses_work_until_it_has_joined_again(
     assert await metric_total(http, daemon, "segmapd_cluster_fences_total") == 1
 
 
+async def test_a_delivery_whose_commit_a_fence_dropped_is_taken_anew_when_sent_again(
+    start_daemon: StartDaemon,
+    emulator: EmulatorControl,
+    http: aiohttp.ClientSession,
+    postgres: PostgresServer,
+    postgres_url: str,
+):
+    [daemon] = await start_cluster(start_daemon, postgres, postgres_url, 1)
+    # Commits wait for a lock on the assignments, heartbeats for one on the members: the
+    # delivery's commit is under way when the instance fences itself.
+    blocker = await asyncpg.connect(postgres_url, password=postgres.password)
+    killer = await asyncpg.connect(postgres_url, password=postgres.password)
+    lock = blocker.transaction()
+    await lock.start()
+    contact = [{"contactId": "LOST1", "segmentIds": ["FZ9"]}]
+    try:
+        await blocker.execute("LOCK TABLE assignments IN EXCLUSIVE MODE")
+        await blocker.execute("LOCK TABLE segmapd_instances IN EXCLUSIVE MODE")
+        first = asyncio.create_task(daemon.webhook(http, contact, msg_id="msg_fence_lost"))
+        deadline = time.monotonic() + 30
+        while await metric(http, daemon, "segmapd_cluster_fenced") != 1:
+            assert time.monotonic() < deadline, "the instance never fenced itself"
+            await asyncio.sleep(0.2)
+        # The commit under way fails (its session is ended): nothing of the delivery landed.
+        await killer.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE wait_event_type = 'Lock' AND pid <> $1",
+            blocker.get_server_pid(),
+        )
+        status, _ = await first
+        assert status == 503
+    finally:
+        await lock.rollback()
+        await blocker.close()
+        await killer.close()
+    while True:
+        async with http.get(f"{daemon.url}/readyz") as response:
+            if response.status == 200:
+                break
+            assert time.monotonic() < deadline + 30, await response.text()
+        await asyncio.sleep(0.2)
+    # The sender retries the same delivery: it is taken now (202), not answered from memory
+    # as if it had been journaled (200), and its work is done.
+    status, answer = await daemon.webhook(http, contact, msg_id="msg_fence_lost")
+    assert status == 202 and answer.get("accepted") == 1, (status, answer)
+    await daemon.wait_states(http, "LOST1", {"active"}, 30)
+
+
 async def test_a_rolling_restart_answers_only_2xx_or_503_with_retry_after(
     start_daemon: StartDaemon,
     emulator: EmulatorControl,
