@@ -177,4 +177,3 @@ class Accumulator:
     def wake(self) -> None:
         """Wake the sender (draining, or a send ended that it may be waiting for)."""
         self._wakeup.set()
-

@@ -162,6 +162,16 @@ class Ledger:
                 found.append(assignment)
         return found
 
+    def note_outcome_unknown(self, lane: Lane, contact_ids: list[str]) -> None:
+        """A request for these ids ended without an answer saying whether it applied."""
+        for assignment in self.pending_in_lane(lane, contact_ids):
+            assignment.outcome_unknown = True
+
+    def outcome_unknown(self, lane: Lane, contact_id: str) -> bool:
+        """Whether an attempt for the pair's change ended without saying if it applied."""
+        assignment = self._live.get((contact_id, lane[0]))
+        return assignment is not None and assignment.outcome_unknown
+
     def still_retrying(self, lane: Lane, contact_ids: list[str]) -> list[str]:
         """The ids still waiting in the lane after their backoff (not started over meanwhile)."""
         return [assignment.contact_id for assignment in self.pending_in_lane(lane, contact_ids)]
@@ -348,6 +358,7 @@ class Ledger:
         assignment.occurred_at = change.occurred_at
         assignment.received_at = change.received_at
         assignment.attempts = 0
+        assignment.outcome_unknown = False
         self.transition(assignment, State.QUEUED)
         if change.occurred_at:
             self._occurred[key] = change.occurred_at

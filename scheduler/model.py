@@ -110,6 +110,10 @@ class Assignment:
     # The CRM's time of the change this works towards (its occurredAt, else its arrival): a
     # change older than this is stale.
     occurred_at: float = 0.0
+    # An attempt for this change ended without saying whether CXone applied it (a 5xx, a
+    # timeout, a reset): a later refusal does not prove the membership absent. Kept in memory
+    # only: after a restart the batch is resent under its key and answered anew.
+    outcome_unknown: bool = False
 
     @property
     def version(self) -> float:

@@ -445,6 +445,9 @@ class Sender:
                 return
             except UpstreamError as exc:
                 self._observer.upstream_outcome("bulk", outcome_of(exc), seconds_since(started))
+                if isinstance(exc, TransientError):
+                    # CXone may have applied it before failing to answer.
+                    self._ledger.note_outcome_unknown(lane, ids)
                 if exc.error == "IdempotencyKeyInProgress" and (
                     in_progress_waits < MAX_IN_PROGRESS_WAITS
                 ):
@@ -611,31 +614,23 @@ class Sender:
                 continue
             except SegmentNotFound as exc:
                 self._observer.upstream_outcome("single", "permanent", seconds_since(started))
+                self._dead_letters.warning(
+                    str(FailureReason.SEGMENT_NOT_FOUND),
+                    "segment %s: contact %r dead-lettered (segment_not_found): %s",
+                    segment_id,
+                    contact_id,
+                    exc,
+                )
                 self._ledger.failed(lane, [contact_id], FailureReason.SEGMENT_NOT_FOUND, str(exc))
                 return
             except UpstreamError as exc:
                 self._observer.upstream_outcome("single", outcome_of(exc), seconds_since(started))
-                message = f"bulk: {last_error}; single write: {exc}"
-                if isinstance(exc, TransientError):
-                    # A 5xx, timeout or reset: CXone may have applied it before failing to
-                    # answer. Reads settle it: shown, it is confirmed like any write; not shown
-                    # within a window of reads, it fails as exhausted.
-                    log.error(
-                        "single write of contact %s to segment %s failed: %s; the outcome is "
-                        "unknown, reading the membership to settle it",
-                        contact_id,
-                        segment_id,
-                        exc,
-                    )
-                    self._uncertain(lane, [contact_id], message)
-                    return
-                log.error(
-                    "single write of contact %s to segment %s failed: %s; dead-lettered",
+                self._not_written(
+                    lane,
                     contact_id,
-                    segment_id,
-                    exc,
+                    f"bulk: {last_error}; single write: {exc}",
+                    unknown=isinstance(exc, TransientError),
                 )
-                self._ledger.failed(lane, [contact_id], FailureReason.RETRIES_EXHAUSTED, message)
                 return
             self._observer.upstream_outcome("single", "ok", seconds_since(started))
             break
@@ -643,12 +638,44 @@ class Sender:
             log.error("single write of contact %s to segment %s succeeded", contact_id, segment_id)
             self._written(lane, [contact_id])
             return
-        reason = ITEM_PERMANENT.get(result.error, FailureReason.RETRIES_EXHAUSTED)
         message = f"single write: {result.status} {result.error} {result.message}".strip()
+        reason = ITEM_PERMANENT.get(result.error or "")
+        if reason is None:
+            # Refused for now (IndexBusy, ...): it did not apply, but an earlier attempt may have.
+            self._not_written(lane, contact_id, message, unknown=False)
+            return
+        self._dead_letters.warning(
+            str(reason),
+            "segment %s: contact %r dead-lettered (%s): %s",
+            segment_id,
+            contact_id,
+            reason,
+            message,
+        )
+        self._ledger.failed(lane, [contact_id], reason, message)
+
+    def _not_written(self, lane: Lane, contact_id: str, message: str, *, unknown: bool) -> None:
+        """The last resort did not write the id: failed, unless CXone may hold it all the same.
+
+        It may when this answer leaves the outcome open (a 5xx, a timeout, a reset: `unknown`)
+        or when an earlier attempt's did: then reads settle it, shown or not shown; otherwise
+        it is dead-lettered as exhausted.
+        """
+        segment_id = lane[0]
+        if unknown or self._ledger.outcome_unknown(lane, contact_id):
+            log.error(
+                "single write of contact %s to segment %s failed: %s; CXone may hold it all "
+                "the same, reading the membership to settle it",
+                contact_id,
+                segment_id,
+                message,
+            )
+            self._uncertain(lane, [contact_id], message)
+            return
         log.error(
-            "single write of contact %s to segment %s refused (%s); dead-lettered",
+            "single write of contact %s to segment %s failed: %s; dead-lettered",
             contact_id,
             segment_id,
             message,
         )
-        self._ledger.failed(lane, [contact_id], reason, message)
+        self._ledger.failed(lane, [contact_id], FailureReason.RETRIES_EXHAUSTED, message)

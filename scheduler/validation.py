@@ -244,11 +244,13 @@ class MembershipPoller:
         self._watch(assignments, None)
 
     def settle(self, assignments: list[Assignment], message: str) -> None:
-        """Read pairs whose last write's outcome is unknown until CXone shows them.
+        """Read pairs whose last write's outcome is unknown until CXone shows them, or not.
 
-        They are read like written pairs, at widening intervals, for one `window_s` after the
-        write (no refresh is spent on them: the write most likely did not land). Shown, they
-        are confirmed; not shown by then, in at least `MIN_READS_TO_FAIL` reads, they fail
+        They are read like written pairs, at widening intervals within their window (most
+        such writes did not land, and reads are the scarce budget), then, still not shown, they
+        call for a refresh of their segment as any pair does, so that a write indexed late or
+        stalled is seen. Shown, they are confirmed; not shown by a read after that refresh (in
+        at least `MIN_READS_TO_FAIL` reads), or by reads past the deadline, they fail
         `retries_exhausted` with `message`.
         """
         if assignments:
@@ -497,19 +499,25 @@ class MembershipPoller:
         pair.reads += 1
         if pair.first_read_sent is None:
             pair.first_read_sent = sent
-        if pair.unsettled is not None:
-            age = sent - pair.written_at
-            if age >= policy.window_s and pair.reads >= MIN_READS_TO_FAIL:
-                self._give_up_unsettled(watch, pair, sent)
-            else:
-                # Widening: most such writes did not land, and reads are the scarce budget.
-                self._again(pair, watch, sent + max(policy.interval_s, age))
-            return
         if watch.refreshed_at is not None and sent >= watch.refreshed_at + REFRESH_SETTLE_S:
             pair.read_after_refresh = pair.read_after_refresh or (
                 watch.refreshed_at > pair.written_at
             )
-        if sent - pair.written_at >= policy.deadline_s and self._may_fail(pair, watch):
+        past_deadline = sent - pair.written_at >= policy.deadline_s
+        if pair.unsettled is not None:
+            # Not written after all, once a read after a refresh (which indexes every write
+            # made before it) did not show it, or at the deadline as any pair.
+            if (pair.read_after_refresh and pair.reads >= MIN_READS_TO_FAIL) or (
+                past_deadline and self._may_fail(pair, watch)
+            ):
+                self._give_up_unsettled(watch, pair, sent)
+                return
+            if sent - pair.window_start < policy.window_s:
+                # Widening within its window: most such writes did not land, and reads are
+                # the scarce budget. Past the window it calls for a refresh as any pair.
+                self._again(pair, watch, sent + max(policy.interval_s, sent - pair.written_at))
+                return
+        elif past_deadline and self._may_fail(pair, watch):
             self._give_up(watch, pair, sent)
             return
         if sent - pair.window_start >= policy.window_s:
@@ -708,9 +716,15 @@ class MembershipPoller:
         assert pair.unsettled is not None
         seen = "the membership" if pair.assignment.intent is Intent.ADD else "the removal"
         first = (pair.first_read_sent or sent) - pair.written_at
+        refreshed = (
+            "including after a refresh of the segment"
+            if pair.read_after_refresh
+            else "with no refresh of the segment possible in time"
+        )
         message = (
             f"{pair.unsettled}; the outcome was unknown, and CXone did not show {seen} in "
-            f"{pair.reads} reads from {first:.0f} s to {sent - pair.written_at:.0f} s after it"
+            f"{pair.reads} reads from {first:.0f} s to {sent - pair.written_at:.0f} s after it, "
+            f"{refreshed}"
         )
         self._fail_pair(watch, pair, FailureReason.RETRIES_EXHAUSTED, message)
 

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.e2e.conftest import Daemon, StartDaemon
 from tests.e2e.test_crm_sources import (
@@ -266,6 +267,58 @@ async def test_a_last_write_that_did_not_land_fails_after_reads_did_not_show_it(
     assert not await member(emulator, "VIP", "UN2")
     reads = (await emulator.counters())["requests"]["read"]
     assert sum(reads.values()) >= 3
+
+
+@pytest.mark.parametrize(
+    "indexing",
+    [
+        {"median_s": 5.0, "p99_s": 5.5, "stall_fraction": 0.0},  # later than the window
+        {"stall_fraction": 1.0},  # shown only once its segment is refreshed
+    ],
+    ids=["late", "stalled"],
+)
+async def test_a_last_write_applied_then_answered_5xx_and_indexed_late_ends_active(
+    start_daemon: StartDaemon,
+    emulator: EmulatorControl,
+    http: aiohttp.ClientSession,
+    indexing: dict[str, float],
+):
+    daemon = await start_daemon(retry={"attempts": 2, "initial_s": 0.1, "max_s": 0.2})
+    await emulator.configure(
+        {
+            "faults": {
+                "bulk": {"error_rate": 1.0, "after_apply_fraction": 0.0},
+                "single": {"error_rate": 1.0, "after_apply_fraction": 1.0},
+            },
+            "indexing": indexing,
+        }
+    )
+    status, answer = await mapping(http, daemon, {"contactId": "UN3", "add": ["LATE"]}, "?wait=60")
+    assert status == 200 and answer["complete"], answer
+    [segment] = answer["results"][0]["segments"]
+    assert segment["state"] == "active", segment
+    assert await member(emulator, "LATE", "UN3")
+
+
+async def test_a_bulk_write_applied_then_5xx_and_a_busy_single_write_end_active(
+    start_daemon: StartDaemon, emulator: EmulatorControl, http: aiohttp.ClientSession
+):
+    # Every bulk attempt is applied, then answered 5xx; the last resort is refused as busy: it
+    # did not apply, but an earlier attempt did, which only a read can tell.
+    daemon = await start_daemon(retry={"attempts": 2, "initial_s": 0.1, "max_s": 0.2})
+    await emulator.configure(
+        {
+            "faults": {
+                "bulk": {"error_rate": 1.0, "after_apply_fraction": 1.0},
+                "single": {"index_busy_rate": 1.0},
+            }
+        }
+    )
+    status, answer = await mapping(http, daemon, {"contactId": "IB1", "add": ["VIP"]}, "?wait=30")
+    assert status == 200 and answer["complete"], answer
+    [segment] = answer["results"][0]["segments"]
+    assert segment["state"] == "active", segment
+    assert await member(emulator, "VIP", "IB1")
 
 
 # ---- admin writes commit before they answer -------------------------------------------------
