@@ -148,8 +148,13 @@ class Client:
         query: dict[str, str] | None = None,
         headers: dict[str, str] | None = None,
         data: bytes | None = None,
+        retry_busy: bool = True,
     ) -> tuple[int, bytes]:
-        """One call: the status and the body, retried on 503 and on a broken connection."""
+        """One call: the status and the body, retried on a broken connection.
+
+        A 503 is asked again after its Retry-After, unless `retry_busy` is false (a probe: its
+        503 is the answer).
+        """
         assert self._session is not None, "use the client in `async with`"
         url = self.url(path, query)
         started = time.monotonic()
@@ -158,7 +163,7 @@ class Client:
             try:
                 async with self._session.request(method, url, headers=headers, data=data) as r:
                     body = await r.read()
-                    if r.status != 503 or attempt == MAX_ATTEMPTS:
+                    if r.status != 503 or attempt == MAX_ATTEMPTS or not retry_busy:
                         return r.status, body
                     pause = _retry_after(r.headers.get("Retry-After"))
                     print(
@@ -196,6 +201,7 @@ class Client:
         query: dict[str, str] | None = None,
         headers: dict[str, str] | None = None,
         body: Any = None,
+        retry_busy: bool = True,
     ) -> tuple[int, Any]:
         """`raw` with a JSON body sent and the answer decoded (text if it is not JSON)."""
         send_headers = dict(headers or {})
@@ -203,7 +209,9 @@ class Client:
         if body is not None:
             data = orjson.dumps(body)
             send_headers["Content-Type"] = "application/json"
-        code, raw = await self.raw(method, path, query=query, headers=send_headers, data=data)
+        code, raw = await self.raw(
+            method, path, query=query, headers=send_headers, data=data, retry_busy=retry_busy
+        )
         try:
             payload = orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError:
@@ -263,7 +271,10 @@ def shown(text: str) -> str:
 async def healthcheck(client: Client, *, live: bool) -> int:
     """Exit 0 when /readyz (or /healthz with --live) says OK, else 1 with the reason."""
     try:
-        code, payload = await client.call("GET", "/healthz" if live else "/readyz")
+        # A 503 from a probe is its verdict, not a reason to ask again.
+        code, payload = await client.call(
+            "GET", "/healthz" if live else "/readyz", retry_busy=False
+        )
     except CommandError as exc:
         print(f"not reachable: {exc}", file=sys.stderr)
         return 1

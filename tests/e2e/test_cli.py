@@ -97,6 +97,19 @@ async def test_import_backfills_a_csv_and_reports_bad_rows(
     await daemon.wait_states(http, "300000000119", {"active"}, 30)
 
 
+async def test_healthcheck_answers_a_not_ready_daemon_at_once_without_asking_again(
+    start_daemon: StartDaemon, cli_env: dict[str, str]
+):
+    # CXone refuses the credentials: /readyz answers 503, which is the probe's answer.
+    daemon = await start_daemon(cxone={"client_secret": "wrong"})
+    code, out, err = await segmapd(
+        "healthcheck", "--url", daemon.url, "--timeout", "5", env=cli_env
+    )
+    assert code == 1
+    assert err.count("not ready") == 1, err
+    assert "busy" not in err and "asking again" not in err, err
+
+
 async def test_healthcheck_and_check_config(
     start_daemon: StartDaemon, tmp_path: Path, cli_env: dict[str, str]
 ):
