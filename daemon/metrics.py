@@ -525,6 +525,12 @@ class Metrics(EngineObserver):
             if state not in TERMINAL_STATES:
                 self._hot.held[state] += count
 
+    def let_go(self, counts: Mapping[State, int]) -> None:
+        """Assignments handed over (or dropped by a fence) leave the in-progress gauges."""
+        for state, count in counts.items():
+            if state not in TERMINAL_STATES:
+                self._hot.held[state] -= count
+
     def bulk_sent(self, segment_id: str, ids: int, attempt: int) -> None:
         """Count a bulk request and its size; attempt 1 is the first send."""
         self.bulk_ids.observe(ids)

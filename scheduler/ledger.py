@@ -22,6 +22,7 @@ journal, the observers, the waiters and the accumulator it queues into.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -500,7 +501,7 @@ class Ledger:
         owner. Contact slots they held are freed, and waiters of their pairs go on reading the
         journal.
         """
-        let_go = 0
+        states: Counter[State] = Counter()
         slots: list[str] = []
         parked, buffered = self._accumulator.drop(segments)
         parked_live: set[AssignmentKey] = set()  # recovered retrying pairs waiting for a slot
@@ -511,17 +512,17 @@ class Ledger:
                 continue
             self.pending_writes -= 1
             self._occurred.pop(key, None)
-            let_go += 1
+            states[State.QUEUED] += 1
         for contact_id, lane in buffered:
             key = (contact_id, lane[0])
             self._occurred.pop(key, None)
             if key not in self._live:  # a live one (a retry id) is counted below
                 slots.append(contact_id)
                 self.pending_writes -= 1
-                let_go += 1
+                states[State.QUEUED] += 1
         for key in [k for k in self._live if k[1] in segments]:
             assignment = self._live.pop(key)
-            let_go += 1
+            states[assignment.state] += 1
             if assignment.state in WRITE_PENDING_STATES:
                 # Each write-pending live pair holds one slot (a change waiting for it shares it),
                 # unless it was parked waiting for one.
@@ -535,7 +536,9 @@ class Ledger:
         self._waiters.cancel(self._waiters.keys_of(segments))
         for contact_id in slots:
             self._accumulator.release(contact_id)
-        return let_go
+        if states:
+            self._observer.let_go(states)
+        return sum(states.values())
 
 
 # States in which a live pair's journey here ends: terminal ones. (`written` ends it too when

@@ -16,6 +16,12 @@ class EngineObserver:
     def restored(self, counts: Mapping[State, int]) -> None:
         """Unfinished assignments taken back from the journal at start, by state."""
 
+    def let_go(self, counts: Mapping[State, int]) -> None:
+        """Unfinished assignments this process let go of (handed over or fenced), by state.
+
+        Their work stays in the journal, for the segments' next owner.
+        """
+
     def bulk_sent(self, segment_id: str, ids: int, attempt: int) -> None:
         """A bulk request with `ids` ids is about to be sent."""
 
@@ -56,6 +62,11 @@ class CompositeObserver(EngineObserver):
         """Forward."""
         for observer in self._observers:
             observer.restored(counts)
+
+    def let_go(self, counts: Mapping[State, int]) -> None:
+        """Forward."""
+        for observer in self._observers:
+            observer.let_go(counts)
 
     def bulk_sent(self, segment_id: str, ids: int, attempt: int) -> None:
         """Forward."""

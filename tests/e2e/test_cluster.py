@@ -59,6 +59,19 @@ async def metric(http: aiohttp.ClientSession, daemon: Daemon, name: str) -> floa
     raise AssertionError(f"{name} not in /metrics")
 
 
+async def held_by_state(http: aiohttp.ClientSession, daemon: Daemon) -> dict[str, float]:
+    """The instance's in-progress gauges (`segmapd_assignments`) that are not zero."""
+    async with http.get(f"{daemon.url}/metrics") as response:
+        text = await response.text()
+    found = {}
+    for line in text.splitlines():
+        if line.startswith('segmapd_assignments{state="'):
+            labels, value = line.rsplit(" ", 1)
+            if float(value) != 0:
+                found[labels.split('"')[1]] = float(value)
+    return found
+
+
 async def settled(daemons: list[Daemon], timeout_s: float = 20.0) -> None:
     """Wait until the live daemons hold all 64 shards between them, none more than its share."""
     share = -(-64 // len(daemons))
@@ -548,3 +561,7 @@ async def test_a_database_outage_of_two_leases_fences_instances_that_rejoin_with
     assert counters["idempotency_conflicts"].get("IdempotencyKeyReused", 0) == 0
     assert counters["applied_twice"] == 0
     assert sum(counters["rate_limited"].values()) == 0
+    # What each instance let go of when it fenced left its in-progress gauges: with every
+    # assignment done, none holds anything (none below zero, none left over).
+    for daemon in daemons:
+        assert await held_by_state(http, daemon) == {}, daemon.url
