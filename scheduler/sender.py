@@ -189,6 +189,7 @@ class Sender:
             await asyncio.gather(*leftovers, return_exceptions=True)
             log.warning("engine stop: cancelled %d tasks past the budget", len(leftovers))
         self._flusher = None
+        self._dead_letters.flush()
 
     def _on_flusher_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None:

@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from scheduler.logthrottle import ThrottledLog
 from scheduler.model import Assignment, FailureReason, Intent, State
 from scheduler.observer import EngineObserver
 from scheduler.ratelimit import AdmissionGate
@@ -203,6 +204,9 @@ class MembershipPoller:
         self._running = False
         self._generation = 0  # start() and stop() each begin a new one
         self._counts = dict.fromkeys(_Stage, 0)
+        # CXone's answer that a segment does not exist comes from the CRM's data: warned about,
+        # at a bounded rate.
+        self._dead_letters = ThrottledLog(log)
 
     # ---- the Verifier interface the engine calls -------------------------------------------
 
@@ -342,6 +346,7 @@ class MembershipPoller:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        self._dead_letters.flush()
         if self._running or generation != self._generation:
             return  # started (or stopped) again meanwhile: that call owns the queue now
         self._queue.clear()
@@ -744,6 +749,14 @@ class MembershipPoller:
 
     def _fail_segment(self, watch: _SegmentWatch, reason: FailureReason, message: str) -> None:
         pairs = list(watch.pairs.values())
+        self._dead_letters.warning(
+            str(reason),
+            "segment %s: %d pairs dead-lettered (%s): %s",
+            watch.segment_id,
+            len(pairs),
+            reason,
+            message,
+        )
         for pair in pairs:
             self._forget(watch, pair)
         self._sink.fail([p.assignment for p in pairs], reason, message)

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
-from tests.e2e.conftest import Daemon, StartDaemon
+from tests.e2e.conftest import Daemon, StartDaemon, daemon_config
 from tests.e2e.test_crm_sources import (
     contact_fields,
     hubspot_event,
@@ -24,6 +27,7 @@ from tests.e2e.test_crm_sources import (
     start,
 )
 from tests.support.emulator import EmulatorControl
+from tests.support.processes import ManagedProcess
 
 
 async def mapping(
@@ -400,3 +404,59 @@ async def test_a_late_index_is_seen_while_the_pair_waits_for_a_spent_refresh_bud
     status, answer = await mapping(http, daemon, {"contactId": "LT1", "add": ["LATE"]}, "?wait=40")
     assert status == 200 and answer["complete"], answer
     assert answer["results"][0]["segments"][0]["state"] == "active"
+
+
+# ---- dead letters from CXone's answers are warned about, at a bounded rate ------------------
+
+
+async def test_dead_letters_from_cxones_answers_are_warnings_at_a_bounded_rate(
+    emulator: EmulatorControl, http: aiohttp.ClientSession, tmp_path: Path
+):
+    # 600 assignments CXone answers ContactNotFound for, in four batches, and a segment that
+    # does not exist: each is worth a warning where operators look, not 600 lines.
+    contacts = [f"WL{i:04d}" for i in range(300)]
+    await emulator.set_missing_contacts(contacts)
+    await emulator.configure({"auto_create_segments": False})
+    for segment_id in ("WA", "WB"):
+        await emulator.declare_segment(segment_id)
+    token, secret = "t0ken-" + "x" * 16, "whsec_" + "A" * 32
+    config = tmp_path / "segmapd.toml"
+    overrides: dict[str, dict[str, Any]] = {
+        "store": {"url": f"sqlite://{tmp_path}/journal.db"},
+        "batching": {"linger_ms": 50},
+    }
+    config.write_text(daemon_config(emulator.url, token, secret, overrides))
+    log = tmp_path / "segmapd.log"
+    process = ManagedProcess(
+        [sys.executable, "-m", "daemon.cli", "run", "--config", str(config)], log=log
+    )
+    url = process.start()
+    try:
+        headers = {"Authorization": f"Bearer {token}"}
+        events = [{"contactId": c, "add": ["WA", "WB"]} for c in contacts]
+        events.append({"contactId": "WL-present", "add": ["GONE"]})
+        async with http.post(f"{url}/v1/mappings", json=events, headers=headers) as response:
+            assert response.status == 202
+
+        async def all_dead() -> bool:
+            async with http.get(
+                f"{url}/v1/dead-letters", params={"limit": "1000"}, headers=headers
+            ) as response:
+                return len((await response.json())["deadLetters"]) == 601
+
+        await eventually(all_dead, 60, "601 dead letters")
+    finally:
+        assert process.stop(timeout_s=20) == 0
+    lines = [orjson.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    warned = [
+        line["msg"]
+        for line in lines
+        if line["level"] == "warning" and "dead-lettered" in line["msg"]
+    ]
+    not_found = [msg for msg in warned if "contact_not_found" in msg]
+    gone = [msg for msg in warned if "segment_not_found" in msg]
+    # The first, then a summary of those held back (said at the stop at the latest).
+    assert len(not_found) == 2, warned
+    assert "WA" in not_found[0] or "WB" in not_found[0]
+    assert not_found[1].startswith("3 more like it"), not_found
+    assert len(gone) == 1 and "GONE" in gone[0], warned

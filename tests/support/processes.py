@@ -20,21 +20,30 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 class ManagedProcess:
     """A child process that announces its URL with a JSON `listening` line on stdout."""
 
-    def __init__(self, argv: list[str], *, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, argv: list[str], *, env: dict[str, str] | None = None, log: Path | None = None
+    ) -> None:
         self.argv = argv
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
+        # Where its stderr (segmapd's JSON log) goes; the test's own stderr when None.
+        self.log = log
 
     def start(self, timeout_s: float = 20.0) -> str:
         """Start the process and wait for its `listening` line; return the URL it serves."""
-        self.proc = subprocess.Popen(
-            self.argv,
-            cwd=REPO_ROOT,
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=None,
-        )
+        log = open(self.log, "ab") if self.log is not None else None  # noqa: SIM115
+        try:
+            self.proc = subprocess.Popen(
+                self.argv,
+                cwd=REPO_ROOT,
+                env=self.env,
+                stdout=subprocess.PIPE,
+                stderr=log,
+            )
+        finally:
+            if log is not None:
+                log.close()  # the child has its own descriptor
         assert self.proc.stdout is not None
         deadline = time.monotonic() + timeout_s
         buffered = b""
