@@ -807,3 +807,54 @@ async def test_a_zendesk_webhook_sets_the_contacts_segments_and_stale_signatures
     assert status == 401 and body["field"] == "X-Zendesk-Webhook-Signature-Timestamp"
     _, view = await daemon.contact(http, contact)
     assert states(view) == {"Gold": "active", "VIP": "active"}
+
+
+# ---- what the README promises of each kind, through the real daemon --------------------------
+
+
+async def test_hubspot_refuses_more_than_100_events_and_a_repeated_key_and_skips_a_restore(
+    start_daemon: StartDaemon, emulator: EmulatorControl, http: aiohttp.ClientSession
+):
+    daemon = await start(start_daemon)
+    now_ms = int(time.time() * 1000)
+    # HubSpot sends at most 100 events a request: more is not HubSpot.
+    batch = [hubspot_event(720000000000 + i, "VIP", now_ms) for i in range(101)]
+    status, answer = await post_hubspot(http, daemon, batch)
+    assert status == 422, answer
+    assert "101" in answer["message"] and "100" in answer["message"], answer
+    # A repeated JSON key is refused as for every other body: segmapd never guesses.
+    body = orjson.dumps([hubspot_event(720000000200, "VIP", now_ms)]).replace(
+        b'"propertyValue":"VIP"', b'"propertyValue":"VIP","propertyValue":"Gold"'
+    )
+    async with http.post(
+        f"{daemon.url}/v1/webhooks/hubspot", data=body, headers=hubspot_headers(body)
+    ) as response:
+        answer = await response.json()
+        assert response.status == 400, answer
+        assert "propertyValue" in answer["message"], answer
+    # A restored contact is skipped, counted under its own reason.
+    restore = {**hubspot_event(720000000300, None, now_ms), "subscriptionType": "contact.restore"}
+    del restore["propertyName"], restore["propertyValue"]
+    status, answer = await post_hubspot(http, daemon, [restore])
+    assert (status, answer) == (200, {"accepted": 0, "duplicates": 0, "stale": 0})
+    labels = {"source": "hubspot", "kind": "hubspot", "reason": "restored"}
+    assert await metric(http, daemon, "segmapd_events_skipped_total", **labels) == 1
+    for contact in (720000000000, 720000000200, 720000000300):
+        status, _ = await daemon.contact(http, str(contact))
+        assert status == 404  # nothing was taken
+
+
+async def test_salesforce_refuses_an_organization_id_with_a_wrong_checksum(
+    start_daemon: StartDaemon, http: aiohttp.ClientSession
+):
+    daemon = await start(start_daemon)
+    # The configured org's first 15 characters, with a case checksum that is not theirs.
+    forged = ORG_ID[:15] + ("AAA" if ORG_ID[15:] != "AAA" else "BBB")
+    message = salesforce_message(
+        [("04l0000000000x1", contact_fields("003000000000601", "VIP"))], org=forged
+    )
+    status, envelope = await post_salesforce(http, daemon, message)
+    assert status == 400
+    assert "checksum" in fault_text(envelope)
+    status, _ = await daemon.contact(http, "003000000000601")
+    assert status == 404
