@@ -262,7 +262,7 @@ def _component_problems(report: ConfigReport) -> list[str]:
     already reported as unusable is not built: its default stand-in proves nothing.
     """
     from daemon.cxone.settings import CXonePaths
-    from daemon.notifier import Notifier
+    from daemon.notifier import Notifier, check_notify_url
     from daemon.store import check_url
     from daemon.wiring import cxone_settings
     from listeners import decode_secret, make_adapter
@@ -291,6 +291,11 @@ def _component_problems(report: ConfigReport) -> list[str]:
             problems.append(str(exc))
     notify = config.notify
     if notify.url and report.intact("notify"):
+        # The URL and the secret each on its own: one does not hide the other.
+        try:
+            check_notify_url(notify.url)
+        except ValueError as exc:
+            problems.append(f"notify.url: {exc}")
         secret = notify.secret.get_secret_value()
         try:
             decode_secret(secret)
@@ -300,7 +305,8 @@ def _component_problems(report: ConfigReport) -> list[str]:
             try:
                 Notifier(notify.url, secret, timeout_s=notify.timeout_s)
             except ValueError as exc:
-                problems.append(f"notify: {exc}")
+                if not problems or not problems[-1].startswith("notify.url: "):
+                    problems.append(f"notify: {exc}")
     for name, source in config.sources.items():
         if report.intact(f"sources.{name}"):
             try:

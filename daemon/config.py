@@ -323,7 +323,12 @@ def inspect_config(
     if config is not None:
         consistency: list[str] = []
         _check_consistency(config, consistency)
-        errors.extend(problem for problem in consistency if not _names_any(problem, broken))
+        for problem in consistency:
+            if not _names_any(problem, broken):
+                errors.append(problem)
+                # The keys it names are unusable too: what is built from them is not checked
+                # again (the same mistake, in other words).
+                broken.update(_keys_named(problem))
     return ConfigReport(config, tuple(errors), frozenset(broken))
 
 
@@ -532,6 +537,12 @@ def _describe_error(error: ErrorDetails) -> tuple[str, str]:
         location += ".kind"
         message = f"must be one of {', '.join(SOURCE_KINDS)}"
     return location, message
+
+
+def _keys_named(problem: str) -> list[str]:
+    """The dotted keys a consistency problem starts with (`a.b / a.c: ...` names both)."""
+    head = problem.partition(": ")[0]
+    return [key.strip() for key in head.split("/") if "." in key.strip()]
 
 
 def _check_consistency(config: Config, errors: list[str]) -> None:

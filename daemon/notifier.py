@@ -174,6 +174,14 @@ def _display_url(url: URL) -> str:
     return str(url.with_user(None).with_query(None).with_fragment(None))
 
 
+def check_notify_url(url: str) -> URL:
+    """`url` as the notifier sends to it; ValueError unless absolute http(s)."""
+    target = URL(url)
+    if target.scheme not in {"http", "https"} or not target.host:
+        raise ValueError("notify url must be an absolute http:// or https:// URL")
+    return target
+
+
 class Notifier:
     """Sends finished assignments to one webhook receiver, signed, retried, at least once.
 
@@ -206,9 +214,7 @@ class Notifier:
         one, the notifier makes (and closes) its own. `on_outcome` gets "delivered", "retry"
         or "dropped" after each attempt, for metrics.
         """
-        target = URL(url)
-        if target.scheme not in {"http", "https"} or not target.host:
-            raise ValueError("notify url must be an absolute http:// or https:// URL")
+        target = check_notify_url(url)
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
         if concurrency < 1:

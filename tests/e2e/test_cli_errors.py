@@ -71,7 +71,7 @@ def broken_config(tmp_path: Path) -> Path:
         },
         "batching": {"min_size": 50, "max_size": 20, "max_sise": 3},
         "store": {"url": "sqlite://"},
-        "notify": {"url": "http://127.0.0.1:9/hook", "secret": "whsec_!!!"},
+        "notify": {"url": "ftp://127.0.0.1:9/hook", "secret": "whsec_!!!"},
         "sources.crm": {"kind": "standard", "secret": "whsec_c2hvcnQ="},
         "sources.hubspot": {
             "kind": "hubspot",
@@ -111,6 +111,8 @@ async def test_every_configuration_problem_is_reported_in_one_pass(
         "batching.min_size: must not exceed batching.max_size",
         "cxone.paths.member must contain {contactId}",
         "store.url: sqlite:// needs a file path",
+        # The URL and the secret each on its own: one does not hide the other.
+        "notify.url: notify url must be an absolute http:// or https:// URL",
         "notify.secret: webhook secret is not valid base64",
         "sources.crm: webhook secret is too short",
     ]
@@ -133,6 +135,17 @@ async def test_every_configuration_problem_is_reported_in_one_pass(
         f"cxone.client_secret_file: cannot read {Path.cwd() / 'cxone_client_secret'} "
         "('cxone_client_secret' in the working directory: $CREDENTIALS_DIRECTORY is not set)"
     ) in err
+
+
+async def test_an_empty_configuration_names_each_missing_key_once(
+    tmp_path: Path, cli_env: dict[str, str]
+):
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    code, _, err = await segmapd("check-config", "--config", str(empty), env=cli_env)
+    assert code == 2
+    assert err.count("cxone.client_id") == 1, err
+    assert err.count("cxone.access_key_id") == 1, err
 
 
 async def test_a_config_file_that_cannot_be_read_is_one_line(
