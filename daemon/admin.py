@@ -399,7 +399,16 @@ async def dlq_replay(client: Client, headers: dict[str, str], contacts: list[str
     code, payload = await client.call("POST", "/v1/dead-letters/replay", headers=headers, body=body)
     if code != 202:
         raise _fail(code, payload)
-    print(f"replayed {payload['replayed']} dead letters")
+    skipped = payload.get("skipped", 0)
+    print(
+        f"replayed {payload['replayed']} dead letters"
+        + (
+            f"; skipped {skipped} whose values were invalid when they arrived (change the "
+            "record in the CRM once its values are fixed)"
+            if skipped
+            else ""
+        )
+    )
     return 0
 
 

@@ -33,6 +33,7 @@ from listeners.base import REASONS
 from listeners.payload import loads_unique
 from scheduler.engine import SubmitResult
 from scheduler.model import Assignment, FailureReason, MembershipChange
+from scheduler.store import StoreUnavailable
 from scheduler.validation import PairProgress, ReadBacklog
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,10 @@ async def error_middleware(
         return problem(exc.status, exc.reason)
     except asyncio.CancelledError:
         raise
+    except StoreUnavailable as exc:
+        # The journal is away (a database outage): a state of the service, not a bug; the
+        # caller asks again later.
+        return problem(503, f"the journal cannot be read: {exc}", retryAfter=10.0)
     except (HttpProcessingError, RequestPayloadError, ConnectionResetError) as exc:
         # A malformed or abandoned body (bad chunking, short Content-Length, a dropped client):
         # the sender's doing, which anyone can repeat, so no traceback and no error line.

@@ -327,6 +327,8 @@ class Taken:
     """What `take_events` did: each event's result, in order, and the dead letters it handled."""
 
     results: list[SubmitResult]
+    # Those recorded (or forwarded to their owner): not the stale ones, nor those a pair's own
+    # state kept out.
     dead_letters: list[DeadEvent]
     # Pairs of the dead letters found older than what they had: counted with the stale ones.
     dead_stale: int = 0
@@ -362,8 +364,20 @@ async def take_events(
     except StoreUnavailable as exc:
         raise Busy(f"the journal cannot be read: {exc}", JOURNAL_RETRY_AFTER_S) from None
     results = []
-    letters: list[DeadEvent] = []
+    recorded: list[DeadEvent] = []
+    dead_stale = 0
     engine = service.engine
+
+    def dead_letter(letter: DeadEvent) -> None:
+        nonlocal dead_stale
+        history = histories.get(storable(letter.change.contact_id)) or ContactHistory()
+        outcome = engine.dead_letter(
+            letter.change, letter.reason, letter.message, history.assignments, history.mirrored_at
+        )
+        dead_stale += outcome.stale
+        if outcome.recorded:
+            recorded.append(letter)
+
     try:
         for event in events:
             change = event.change
@@ -377,24 +391,16 @@ async def take_events(
             results.append(result)
             _note_taken(history, change, result)
             if event.invalid is not None:
-                letters.append(event.invalid)
+                # In its event's place: a later event of the delivery may clear the contact.
+                dead_letter(event.invalid)
     except (EngineClosed, EngineOverloaded):
         raise Busy("segmapd is not taking work now", DRAIN_RETRY_AFTER_S) from None
-    letters.extend(dead)
-    dead_stale = 0
-    for letter in letters:
-        history = histories.get(storable(letter.change.contact_id)) or ContactHistory()
-        dead_stale += engine.dead_letter(
-            letter.change,
-            letter.reason,
-            letter.message,
-            history.assignments,
-            history.mirrored_at,
-        ).stale
+    for letter in dead:
+        dead_letter(letter)
     cached = sum(result.cached for result in results)
     if cached:
         service.metrics.record_cache_hit(cached)
-    return Taken(results, letters, dead_stale)
+    return Taken(results, recorded, dead_stale)
 
 
 async def submit_each(

@@ -128,9 +128,19 @@ async def test_webhooks_are_answered_busy_while_the_database_is_down(
     await asyncio.to_thread(postgres.stop)
     try:
         status, retry_after = await webhook_status(daemon, http, "while-down")
+        # The admin API's reads too: 503 with Retry-After, never a 500 with a traceback.
+        admin_answers = []
+        for method, path in (
+            ("GET", "/v1/dead-letters"),
+            ("GET", "/v1/contacts/up"),
+            ("POST", "/v1/dead-letters/replay"),
+        ):
+            async with http.request(method, f"{daemon.url}{path}", headers=daemon.admin) as r:
+                admin_answers.append((path, r.status, r.headers.get("Retry-After")))
     finally:
         await asyncio.to_thread(postgres.start)
     assert status == 503 and int(retry_after) > 0
+    assert all(code == 503 and retry for _, code, retry in admin_answers), admin_answers
     # Taken once the database is back, by itself.
     deadline = time.monotonic() + 20
     while (status := (await webhook_status(daemon, http, "back"))[0]) != 202:

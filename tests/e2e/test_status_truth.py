@@ -7,6 +7,7 @@ checks what segmapd reports against what CXone (the emulator) holds.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 import time
@@ -18,6 +19,7 @@ import orjson
 import pytest
 
 from tests.e2e.conftest import Daemon, StartDaemon, daemon_config
+from tests.e2e.test_cli import admin_args, segmapd
 from tests.e2e.test_crm_sources import (
     contact_fields,
     hubspot_event,
@@ -122,6 +124,10 @@ async def test_a_hubspot_bad_value_never_replaces_nor_orphans_a_membership_segma
     await asyncio.sleep(1.0)  # a replayed add would be written within a linger
     assert (await emulator.counters())["bulk_ids"]["ids"] == bulk_before
     assert (await pair_states(http, daemon, str(contact)))["VIP"]["state"] == "removed"
+    # The CLI says what it skipped, and why.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEGMAPD_")}
+    code, out, _ = await segmapd("dlq", "replay", *admin_args(daemon), env=env)
+    assert code == 0 and "skipped 1" in out and "invalid when they arrived" in out, out
 
 
 async def test_a_salesforce_bad_picklist_value_then_an_empty_picklist_removes_the_membership(
