@@ -120,19 +120,27 @@ _HUBSPOT_V3_DECODED = {
 _HUBSPOT_V3_ENCODED = re.compile("|".join(_HUBSPOT_V3_DECODED), re.IGNORECASE)
 
 
-def hubspot_v3_signature(
-    client_secret: str, method: str, uri: str, body: bytes, timestamp_ms: str
-) -> str:
-    """`X-HubSpot-Signature-v3` as HubSpot computes it for a request to `uri`.
+def hubspot_v3_digest(
+    client_secret: bytes, method: str, uri: str, body: bytes, timestamp_ms: str
+) -> bytes:
+    """The HMAC-SHA256 a `X-HubSpot-Signature-v3` carries (base64) for a request to `uri`.
 
-    base64 of HMAC-SHA256, keyed with the app's client secret, over method + URI (with the
-    encodings HubSpot lists decoded) + body + `X-HubSpot-Request-Timestamp` (epoch ms, as sent).
+    Keyed with the app's client secret, over method + URI (with the encodings HubSpot lists
+    decoded) + body + `X-HubSpot-Request-Timestamp` (epoch ms, as sent). The HubSpot adapter
+    checks deliveries with it; `send-example` signs with it.
     """
     decoded = _HUBSPOT_V3_ENCODED.sub(lambda found: _HUBSPOT_V3_DECODED[found[0].upper()], uri)
     content = b"".join(
         (method.encode("utf-8"), decoded.encode("utf-8"), body, timestamp_ms.encode("ascii"))
     )
-    digest = hmac.new(client_secret.encode("utf-8"), content, hashlib.sha256).digest()
+    return hmac.new(client_secret, content, hashlib.sha256).digest()
+
+
+def hubspot_v3_signature(
+    client_secret: str, method: str, uri: str, body: bytes, timestamp_ms: str
+) -> str:
+    """`X-HubSpot-Signature-v3` as HubSpot computes it for a request to `uri`."""
+    digest = hubspot_v3_digest(client_secret.encode("utf-8"), method, uri, body, timestamp_ms)
     return base64.b64encode(digest).decode("ascii")
 
 
