@@ -102,9 +102,7 @@ async def test_healthcheck_answers_a_not_ready_daemon_at_once_without_asking_aga
 ):
     # CXone refuses the credentials: /readyz answers 503, which is the probe's answer.
     daemon = await start_daemon(cxone={"client_secret": "wrong"})
-    code, _, err = await segmapd(
-        "healthcheck", "--url", daemon.url, "--timeout", "5", env=cli_env
-    )
+    code, _, err = await segmapd("healthcheck", "--url", daemon.url, "--timeout", "5", env=cli_env)
     assert code == 1
     assert err.count("not ready") == 1, err
     assert "busy" not in err and "asking again" not in err, err
