@@ -260,10 +260,6 @@ class Engine:
             raise EngineClosed("the engine is not accepting work")
         return self._changes.submit(change, history, mirrored_at, admitted=admitted)
 
-    def has_work(self, contact_id: str, segment_id: str) -> bool:
-        """Whether a change to the pair is in progress (queued, parked, live or waiting)."""
-        return self._ledger.has_work((contact_id, segment_id))
-
     def dead_letter(
         self,
         change: MembershipChange,
