@@ -121,14 +121,18 @@ class Accumulator:
 
         The time is 0.0 for an id queued again after a backoff (it keeps no time).
         """
-        buffer, gate = self.buffer, self.gate
+        entry = self.buffer.entry
         for intent in INTENTS:
-            lane = (segment_id, intent)
-            if (contact_id, lane) in buffer:
-                return intent, buffer.time_of(lane, contact_id) or 0.0
-            if gate.is_parked(contact_id, lane):
-                return intent, gate.parked_time(contact_id, lane) or 0.0
-        return None
+            at = entry((segment_id, intent), contact_id)
+            if at is not None:
+                return intent, at
+        if not self.gate.any_parked:
+            return None
+        parked = self.gate.parked_where(contact_id, lambda lane: lane[0] == segment_id)
+        if parked is None:
+            return None
+        (_, intent), at = parked
+        return intent, at
 
     def lanes(self) -> set[Lane]:
         """Every lane holding ids, buffered or parked."""

@@ -59,6 +59,19 @@ class CoalescingBuffer(Generic[K]):
         queue = self._segments.get(segment_id)
         return queue is not None and (contact_id in queue.fresh or contact_id in queue.retry)
 
+    def entry(self, segment_id: K, contact_id: str) -> float | None:
+        """A queued id's received time (0.0 for a retry id), or None if it is not queued.
+
+        One lookup for what `in` and `time_of` answer together (the hot path asks both).
+        """
+        queue = self._segments.get(segment_id)
+        if queue is None:
+            return None
+        at = queue.fresh.get(contact_id)
+        if at is not None:
+            return at
+        return 0.0 if contact_id in queue.retry else None
+
     def time_of(self, segment_id: K, contact_id: str) -> float | None:
         """When a fresh queued id was received (None for a retry id or one not queued)."""
         queue = self._segments.get(segment_id)
@@ -209,6 +222,13 @@ class ContactGate(Generic[K]):
         waiting = self._waiting.get(contact_id)
         return waiting is not None and any(s == segment_id for s, _ in waiting)
 
+    def parked_where(self, contact_id: str, matches: Callable[[K], bool]) -> tuple[K, float] | None:
+        """The contact's first parked assignment whose lane `matches`, with its time."""
+        for key, at in self._waiting.get(contact_id, ()):
+            if matches(key):
+                return key, at
+        return None
+
     def parked_time(self, contact_id: str, segment_id: K) -> float | None:
         """When a parked assignment was received, if it is parked."""
         for key, at in self._waiting.get(contact_id, ()):
@@ -266,6 +286,11 @@ class ContactGate(Generic[K]):
     def inflight(self, contact_id: str) -> int:
         """Slots the contact holds."""
         return self._inflight.get(contact_id, 0)
+
+    @property
+    def any_parked(self) -> bool:
+        """Whether any assignment waits for a slot (a constant-time check)."""
+        return bool(self._waiting)
 
     @property
     def parked(self) -> int:

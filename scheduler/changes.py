@@ -10,7 +10,6 @@ tracks; a dead letter is ordered like any change and never takes a pair's place.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -69,6 +68,15 @@ class DeadLetterResult:
     recorded: int = 0
     stale: int = 0
     kept: int = 0
+
+
+# A pair's outcome, as `Changes._change_pair` counts it (indexes of `SubmitResult`'s counts).
+_QUEUED, _JOINED, _CACHED, _STALE = range(4)
+_RESULTS = {
+    _QUEUED: SubmitResult(queued=1),
+    _JOINED: SubmitResult(joined=1),
+    _CACHED: SubmitResult(cached=1),
+}
 
 
 class EngineOverloaded(Exception):
@@ -165,17 +173,22 @@ class Changes:
             for segment_id in change.remove:
                 wanted.setdefault(segment_id, Intent.REMOVE)
         occurred = change.occurred_at or 0.0
-        result = SubmitResult()
+        # Counted here, one result built at the end: a result per pair was most of the cost.
+        counts = [0, 0, 0, 0]
+        stale: list[str] = []
+        change_pair = self._change_pair
         for segment_id, intent in wanted.items():
-            result += self.change_pair(
+            outcome = change_pair(
                 contact_id, segment_id, intent, occurred, now, past.get(segment_id), mirrored_at
             )
+            counts[outcome] += 1
+            if outcome == _STALE:
+                stale.append(segment_id)
         if change.mirror is not None and (occurred or now) > mirrored_at:
             self._ledger.record_mirror(contact_id, occurred or now)
-        if result.stale:
-            stale = set(result.stale_segments)
-            return dataclasses.replace(result, segments=tuple(s for s in wanted if s not in stale))
-        return dataclasses.replace(result, segments=tuple(wanted))
+        segments = tuple(wanted) if not stale else tuple(s for s in wanted if s not in stale)
+        queued, joined, cached, stale_count = counts
+        return SubmitResult(queued, joined, cached, stale_count, segments, tuple(stale))
 
     def change_pair(  # noqa: PLR0917 (one pair's whole change)
         self,
@@ -188,35 +201,55 @@ class Changes:
         mirrored_at: float = 0.0,
     ) -> SubmitResult:
         """One pair's change, compared with what is in progress and what `past` says."""
+        outcome = self._change_pair(
+            contact_id, segment_id, intent, occurred_at, now, past, mirrored_at
+        )
+        if outcome == _STALE:
+            return SubmitResult(stale=1, stale_segments=(segment_id,))
+        return _RESULTS[outcome]
+
+    def _change_pair(  # noqa: PLR0917 (one pair's whole change)
+        self,
+        contact_id: str,
+        segment_id: str,
+        intent: Intent,
+        occurred_at: float,
+        now: float,
+        past: Assignment | None,
+        mirrored_at: float,
+    ) -> int:
+        """`change_pair`'s outcome: `_QUEUED`, `_JOINED`, `_CACHED` or `_STALE`."""
         ledger = self._ledger
         key = (contact_id, segment_id)
         version = occurred_at or now
         current = ledger.current(key)
-        if self._stale(key, intent, version, now, current, past, mirrored_at):
-            return SubmitResult(stale=1, stale_segments=(segment_id,))
+        if (current is not None or past is not None or mirrored_at) and self._stale(
+            key, intent, version, now, current, past, mirrored_at
+        ):
+            return _STALE
         if not self._ownership.owns(segment_id):
             # Its owner coalesces it with the segment's other work and compares it again with
             # what it holds (newer than the journal this process read).
             self._ownership.forward(
                 ForwardedChange(contact_id, segment_id, intent, occurred_at, now)
             )
-            return SubmitResult(queued=1)
+            return _QUEUED
         if current is not None:
             if current.intent is intent:
                 ledger.renew(key, occurred_at, now)
-                return SubmitResult(joined=1)
+                return _JOINED
             if self._confirmations is not None and ledger.validating(key):
                 self._confirmations.forget(contact_id, segment_id)
             ledger.supersede(key, intent, occurred_at, now)
-            return SubmitResult(queued=1)
+            return _QUEUED
         confirmations = self._confirmations
         known = confirmations.known(contact_id, segment_id) if confirmations else None
         if known is not None and known is (intent is Intent.ADD):
             # Confirmed as asked within the cache TTL: no call.
             ledger.record_confirmed(contact_id, segment_id, intent, occurred_at, now)
-            return SubmitResult(cached=1)
+            return _CACHED
         ledger.queue_new(contact_id, segment_id, intent, occurred_at, now)
-        return SubmitResult(queued=1)
+        return _QUEUED
 
     def _stale(  # noqa: PLR0917 (the pair's whole standing, from its two callers)
         self,

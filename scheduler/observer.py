@@ -52,11 +52,21 @@ class CompositeObserver(EngineObserver):
 
     def __init__(self, observers: list[EngineObserver]) -> None:
         self._observers = list(observers)
+        # The hooks called for every assignment go only to the observers that override them
+        # (notifications care for finished ones only): a call per assignment is the hot path.
+        self._transitioned = [
+            o.transitioned
+            for o in self._observers
+            if type(o).transitioned is not EngineObserver.transitioned
+        ]
+        self._finished = [
+            o.finished for o in self._observers if type(o).finished is not EngineObserver.finished
+        ]
 
     def transitioned(self, assignment: Assignment, previous: State) -> None:
         """Forward."""
-        for observer in self._observers:
-            observer.transitioned(assignment, previous)
+        for hook in self._transitioned:
+            hook(assignment, previous)
 
     def restored(self, counts: Mapping[State, int]) -> None:
         """Forward."""
@@ -90,8 +100,8 @@ class CompositeObserver(EngineObserver):
 
     def finished(self, assignment: Assignment) -> None:
         """Forward."""
-        for observer in self._observers:
-            observer.finished(assignment)
+        for hook in self._finished:
+            hook(assignment)
 
     def retry_scheduled(self, segment_id: str, ids: int, delay_s: float) -> None:
         """Forward."""

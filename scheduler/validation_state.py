@@ -70,7 +70,8 @@ class MemoryConfirmationCache:
 
     def known(self, contact_id: str, segment_id: str) -> bool | None:
         """The membership confirmed less than `ttl_s` ago, or None."""
-        self._prune()
+        # No pruning here (it runs on every `remember`): a lookup per assignment is the hot
+        # path, and the age is checked below anyway.
         entry = self._entries.get((contact_id, segment_id))
         # Entries restored later may be older than ones behind them (pruning stops at the first
         # young one): the age is checked here too.
