@@ -16,6 +16,7 @@ import re
 import resource
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import orjson
@@ -215,7 +216,7 @@ async def take(
     Returns the events, each one's result, and their totals.
     """
     try:
-        events = parse_events(body)
+        events = await intake.off_loop_if_large(partial(parse_events, body), len(body))
     except WebhookRejected as exc:
         return problem(exc.status, exc.message, field=exc.field)
     busy = refuse_if_busy(service, sum(len(e.segment_ids) for e in events))

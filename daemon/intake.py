@@ -23,8 +23,10 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections import Counter
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, TypeVar
 
 from daemon.claims import ClaimKey, Claims
 from listeners.base import (
@@ -126,15 +128,21 @@ async def _receive(
         held.append((source, delivery_key))
     # The delivery's own key is held from here, before anything else can wait.
     with claims.claim(held) as delivered:
-        parsed = _storable_keys(adapter.parse(request))
-        while True:
-            fresh, redelivered = await _new_events(service, claims, source, parsed.events)
-            fresh_dead = await _new_dead(service, claims, source, parsed.dead, fresh)
-            keys = [(source, e.key) for e in fresh if e.key is not None]
-            keys += [(source, d.key) for d in fresh_dead if d.key is not None]
-            # A copy of one of these events may have been claimed while we looked: look again.
-            if not any(claims.holder(key) is not None for key in keys):
-                break
+        parsed = _storable_keys(
+            await off_loop_if_large(partial(adapter.parse, request), len(request.body))
+        )
+        if not parsed.dead and all(event.key is None for event in parsed.events):
+            # No event keys of its own (a delivery keyed as a whole): nothing to look up.
+            fresh, redelivered, fresh_dead, keys = parsed.events, 0, [], []
+        else:
+            while True:
+                fresh, redelivered = await _new_events(service, claims, source, parsed.events)
+                fresh_dead = await _new_dead(service, claims, source, parsed.dead, fresh)
+                keys = [(source, e.key) for e in fresh if e.key is not None]
+                keys += [(source, d.key) for d in fresh_dead if d.key is not None]
+                # A copy of one of these events may have been claimed meanwhile: look again.
+                if not any(claims.holder(key) is not None for key in keys):
+                    break
         with claims.claim(keys) as committed:
             refuse_if_busy(service, sum(len(e.change.segment_ids) for e in fresh))
             everything = [*keys, (source, delivery_key)] if delivery_key is not None else keys
@@ -185,8 +193,8 @@ async def _claim_across_instances(service: Service, keys: list[ClaimKey]) -> Non
     claim is replaced by the answer in the webhook's own commit; claims of a copy that backs
     off are withdrawn at once.
     """
-    if not keys:
-        return
+    if not keys or service.cluster is None:
+        return  # one process on its journal: the in-memory claims are all there is
     store = service.store
     try:
         held = await store.claim_keys(keys)
@@ -301,6 +309,21 @@ async def _new_dead(
     return found
 
 
+Parsed = TypeVar("Parsed")
+
+#: A body this large is parsed on a worker thread: validating a thousand events takes tens of
+#: milliseconds, which the event loop spends serving other requests meanwhile (the GIL passes
+#: between the two every few milliseconds).
+PARSE_OFF_LOOP_BYTES = 64 * 1024
+
+
+async def off_loop_if_large(parse: Callable[[], Parsed], size: int) -> Parsed:
+    """`parse()`, on a worker thread when the body is `PARSE_OFF_LOOP_BYTES` or more."""
+    if size < PARSE_OFF_LOOP_BYTES:
+        return parse()
+    return await asyncio.to_thread(parse)
+
+
 def refuse_if_busy(service: Service, assignments: int) -> None:
     """Raise `Busy` when draining or fenced, or if `assignments` more would cross high water."""
     if service.draining:
@@ -334,6 +357,12 @@ class Taken:
     dead_stale: int = 0
 
 
+#: A delivery is taken in slices of about this many assignments, the event loop serving other
+#: requests between them: a body of 100,000 assignments must not hold every other request (and
+#: the probes) for seconds.
+SLICE_ASSIGNMENTS = 2_000
+
+
 async def take_events(
     service: Service,
     events: list[InboundEvent],
@@ -343,32 +372,39 @@ async def take_events(
 ) -> Taken:
     """Hand a delivery's events to the engine, in order, then its dead letters; `Busy` if closed.
 
-    The histories of the delivery's contacts are read in one go, and the events are then taken
-    without waiting for anything, so nothing another request records can come between a
-    contact's history and its changes. Once a contact's history is read, every one of its
-    changes in the delivery is compared with it, and what each change put to work joins it:
-    a later change (a mirror, say) sees what an earlier one of the same delivery started, so
-    that the events of one delivery apply in their order, as separate deliveries would. An
-    event's invalid part (`InboundEvent.invalid`) and the events nobody can act on are
-    dead-lettered after the changes, each compared with the pair's history like any change.
-    `admitted`: the caller checked the high-water mark for all of them (`refuse_if_busy`).
+    The events are taken in slices (`SLICE_ASSIGNMENTS`). For each slice, the histories of its
+    contacts are read in one go, and its events are then taken without waiting for anything,
+    so nothing another request records can come between a contact's history and its change.
+    What each change puts to work joins its contact's history when the contact comes again in
+    the delivery: a later change (a mirror, say) sees what an earlier one of the same delivery
+    started, so that the events of one delivery apply in their order, as separate deliveries
+    would. An event's invalid part (`InboundEvent.invalid`) is dead-lettered in its event's
+    place, and the events nobody can act on after the changes, each compared with the pair's
+    history like any change. `admitted`: the caller checked the high-water mark for all of them
+    (`refuse_if_busy`).
     """
-    needed = {
-        event.change.contact_id
-        for event in events
-        if event.invalid is not None or _needs_history(event.change)
-    }
-    needed.update(storable(letter.change.contact_id) for letter in dead)
-    try:
-        histories = await service.store.histories(list(needed)) if needed else {}
-    except StoreUnavailable as exc:
-        raise Busy(f"the journal cannot be read: {exc}", JOURNAL_RETRY_AFTER_S) from None
-    results = []
+    engine = service.engine
+    results: list[SubmitResult] = []
     recorded: list[DeadEvent] = []
     dead_stale = 0
-    engine = service.engine
+    # Contacts named again later in the delivery, and what it noted of them so far (carried
+    # from slice to slice over the histories each slice reads afresh).
+    repeated = _repeated_contacts(events, dead)
+    noted: dict[str, ContactHistory] = {}
 
-    def dead_letter(letter: DeadEvent) -> None:
+    async def read(contacts: set[str]) -> dict[str, ContactHistory]:
+        try:
+            histories = await service.store.histories(list(contacts)) if contacts else {}
+        except StoreUnavailable as exc:
+            raise Busy(f"the journal cannot be read: {exc}", JOURNAL_RETRY_AFTER_S) from None
+        for contact_id, history in histories.items():
+            earlier = noted.get(contact_id)
+            if earlier is not None:
+                history.assignments.update(earlier.assignments)
+                history.mirrored_at = max(history.mirrored_at, earlier.mirrored_at)
+        return histories
+
+    def dead_letter(letter: DeadEvent, histories: dict[str, ContactHistory]) -> None:
         nonlocal dead_stale
         history = histories.get(storable(letter.change.contact_id)) or ContactHistory()
         outcome = engine.dead_letter(
@@ -378,29 +414,58 @@ async def take_events(
         if outcome.recorded:
             recorded.append(letter)
 
-    try:
-        for event in events:
-            change = event.change
-            history = histories.get(change.contact_id)
-            if history is None:
-                results.append(engine.submit(change, admitted=admitted))
-                continue
-            result = engine.submit(
-                change, history.assignments, history.mirrored_at, admitted=admitted
-            )
-            results.append(result)
-            _note_taken(history, change, result)
-            if event.invalid is not None:
-                # In its event's place: a later event of the delivery may clear the contact.
-                dead_letter(event.invalid)
-    except (EngineClosed, EngineOverloaded):
-        raise Busy("segmapd is not taking work now", DRAIN_RETRY_AFTER_S) from None
-    for letter in dead:
-        dead_letter(letter)
+    start = 0
+    while start < len(events):
+        if start:
+            await asyncio.sleep(0)  # the slice before it done: serve other requests
+        end, size = start, 0
+        while end < len(events) and (end == start or size < SLICE_ASSIGNMENTS):
+            size += len(events[end].change.segment_ids)
+            end += 1
+        histories = await read(
+            {
+                event.change.contact_id
+                for event in events[start:end]
+                if event.invalid is not None or _needs_history(event.change)
+            }
+        )
+        try:
+            for event in events[start:end]:
+                change = event.change
+                history = histories.get(change.contact_id)
+                if history is None:
+                    results.append(engine.submit(change, admitted=admitted))
+                    continue
+                result = engine.submit(
+                    change, history.assignments, history.mirrored_at, admitted=admitted
+                )
+                results.append(result)
+                if change.contact_id in repeated:
+                    _note_taken(history, change, result)
+                    noted[change.contact_id] = history
+                if event.invalid is not None:
+                    # In its event's place: a later event of the delivery may clear the contact.
+                    dead_letter(event.invalid, histories)
+        except (EngineClosed, EngineOverloaded):
+            raise Busy("segmapd is not taking work now", DRAIN_RETRY_AFTER_S) from None
+        start = end
+    if dead:
+        histories = await read({storable(letter.change.contact_id) for letter in dead})
+        for letter in dead:
+            dead_letter(letter, histories)
     cached = sum(result.cached for result in results)
     if cached:
         service.metrics.record_cache_hit(cached)
     return Taken(results, recorded, dead_stale)
+
+
+def _repeated_contacts(events: list[InboundEvent], dead: Sequence[DeadEvent]) -> set[str]:
+    """The contacts a delivery names more than once (in events, or events and dead letters)."""
+    if len(events) + len(dead) < 2:
+        return set()
+    counts = Counter(event.change.contact_id for event in events)
+    counts.update(storable(letter.change.contact_id) for letter in dead)
+    return {contact_id for contact_id, count in counts.items() if count > 1}
 
 
 async def submit_each(

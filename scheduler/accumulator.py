@@ -126,13 +126,14 @@ class Accumulator:
             at = entry((segment_id, intent), contact_id)
             if at is not None:
                 return intent, at
-        if not self.gate.any_parked:
+        gate = self.gate
+        if not gate.any_parked:
             return None
-        parked = self.gate.parked_where(contact_id, lambda lane: lane[0] == segment_id)
-        if parked is None:
-            return None
-        (_, intent), at = parked
-        return intent, at
+        for intent in INTENTS:
+            at = gate.parked_time(contact_id, (segment_id, intent))
+            if at is not None:
+                return intent, at
+        return None
 
     def lanes(self) -> set[Lane]:
         """Every lane holding ids, buffered or parked."""

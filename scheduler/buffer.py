@@ -207,6 +207,9 @@ class ContactGate(Generic[K]):
         self.limit = limit
         self._inflight: dict[str, int] = {}
         self._waiting: dict[str, deque[tuple[K, float]]] = {}
+        # (contact, lane) -> received time of each parked assignment: asked for every new
+        # change, and a contact changing 100 segments at once parks 97 of them.
+        self._parked_at: dict[tuple[str, K], float] = {}
 
     def admit(self, contact_id: str, segment_id: K, received_at: float = 0.0) -> bool:
         """Take a slot for the assignment, or park it (with its time) and return False."""
@@ -215,35 +218,29 @@ class ContactGate(Generic[K]):
             self._inflight[contact_id] = count + 1
             return True
         self._waiting.setdefault(contact_id, deque()).append((segment_id, received_at))
+        self._parked_at[(contact_id, segment_id)] = received_at
         return False
 
     def is_parked(self, contact_id: str, segment_id: K) -> bool:
         """Whether the assignment waits for a slot."""
-        waiting = self._waiting.get(contact_id)
-        return waiting is not None and any(s == segment_id for s, _ in waiting)
-
-    def parked_where(self, contact_id: str, matches: Callable[[K], bool]) -> tuple[K, float] | None:
-        """The contact's first parked assignment whose lane `matches`, with its time."""
-        for key, at in self._waiting.get(contact_id, ()):
-            if matches(key):
-                return key, at
-        return None
+        return (contact_id, segment_id) in self._parked_at
 
     def parked_time(self, contact_id: str, segment_id: K) -> float | None:
         """When a parked assignment was received, if it is parked."""
-        for key, at in self._waiting.get(contact_id, ()):
-            if key == segment_id:
-                return at
-        return None
+        return self._parked_at.get((contact_id, segment_id))
 
     def repark(self, contact_id: str, old: K, new: K, received_at: float) -> bool:
         """Let a parked assignment wait on as `new` (a newer change), in its place in line."""
         waiting = self._waiting.get(contact_id)
         if waiting is None:
             return False
+        if (contact_id, old) not in self._parked_at:
+            return False
         for index, (key, _) in enumerate(waiting):
             if key == old:
                 waiting[index] = (new, received_at)
+                del self._parked_at[(contact_id, old)]
+                self._parked_at[(contact_id, new)] = received_at
                 return True
         return False
 
@@ -258,6 +255,7 @@ class ContactGate(Generic[K]):
             parked = waiting.popleft()
             if not waiting:
                 del self._waiting[contact_id]
+            del self._parked_at[(contact_id, parked[0])]
             return parked
         count = self._inflight.get(contact_id, 0) - 1
         if count > 0:
@@ -272,7 +270,10 @@ class ContactGate(Generic[K]):
         for contact_id in list(self._waiting):
             waiting = self._waiting[contact_id]
             kept = deque(entry for entry in waiting if not dropped(entry[0]))
-            removed += [(contact_id, lane) for lane, _ in waiting if dropped(lane)]
+            gone = [(contact_id, lane) for lane, _ in waiting if dropped(lane)]
+            for key in gone:
+                del self._parked_at[key]
+            removed += gone
             if kept:
                 self._waiting[contact_id] = kept
             else:
@@ -295,4 +296,4 @@ class ContactGate(Generic[K]):
     @property
     def parked(self) -> int:
         """Assignments waiting for a slot."""
-        return sum(len(q) for q in self._waiting.values())
+        return len(self._parked_at)

@@ -466,3 +466,30 @@ async def test_dead_letters_from_cxones_answers_are_warnings_at_a_bounded_rate(
     assert "WA" in not_found[0] or "WB" in not_found[0]
     assert not_found[1].startswith("3 more like it"), not_found
     assert len(gone) == 1 and "GONE" in gone[0], warned
+
+
+async def test_a_large_deliverys_events_apply_in_order_across_the_slices_it_is_taken_in(
+    start_daemon: StartDaemon, emulator: EmulatorControl, http: aiohttp.ClientSession
+):
+    # A large delivery is taken in slices (the event loop serves others between them): a
+    # contact's add in one slice and its mirror in the next still apply in their order.
+    await emulator.configure({"limits": {"read": {"rate": 2000, "burst": 2000}}})
+    daemon = await start_daemon(limits={"read_rps": 1000.0})
+    filler = [
+        {"contactId": f"FL{i:03d}", "add": [f"F{k:02d}" for k in range(100)]} for i in range(40)
+    ]
+    events = [
+        *filler[:19],
+        {"contactId": "OX9", "add": ["B"]},  # the last event of the first slice
+        *filler[19:30],
+        {"contactId": "OX9", "set": ["A"]},  # in the next one
+        *filler[30:],
+    ]
+    status, answer = await mapping(http, daemon, events)
+    assert status == 202, answer
+    views = await daemon.wait_states(http, "OX9", {"active", "removed"}, 60)
+    assert {s: (v["intent"], v["state"]) for s, v in views.items()} == {
+        "A": ("add", "active"),
+        "B": ("remove", "removed"),
+    }
+    assert not await member(emulator, "B", "OX9")
