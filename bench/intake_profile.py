@@ -108,9 +108,9 @@ def split(stats: pstats.Stats) -> dict[str, float]:
     parts: dict[str, float] = {name: 0.0 for name, _ in PARTS}
     parts["rest"] = 0.0
     root = str(Path(__file__).resolve().parents[1]) + "/"
-    for (file, _, name), row in stats.stats.items():  # type: ignore[attr-defined]
+    for (path, _, name), row in stats.stats.items():  # type: ignore[attr-defined]
         own = row[2]
-        file = file.removeprefix(root)
+        file = path.removeprefix(root)
         for part, matches in PARTS:
             if matches(file, name):
                 parts[part] += own
