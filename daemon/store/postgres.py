@@ -25,14 +25,14 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 import orjson
-from asyncpg.pool import PoolConnectionProxy
 
 from daemon.config import display_url
 from daemon.store.base import Leases, Recovered, SharedJournal, StoreOpenError, StoreUnreachable
+from daemon.store.leases import ShardLeases
 from daemon.store.pending import (
     PRUNE_FINISHED,
     InboxRow,
@@ -41,7 +41,15 @@ from daemon.store.pending import (
     batch_row,
     merge_newer,
 )
-from daemon.store.pg_errors import UNAVAILABLE
+from daemon.store.pg_common import (
+    CONNECT_TIMEOUT_S,
+    FENCED,
+    IDLE_IN_TRANSACTION_MS,
+    UNAVAILABLE,
+    Connection,
+    describe,
+    fence_sql,
+)
 from daemon.store.shards import shard_of
 from daemon.store.shared_gate import SharedRateGate
 from scheduler.model import Assignment, FailureReason, Intent, State, storable
@@ -55,9 +63,6 @@ __all__ = ["MIGRATIONS", "PostgresStore"]
 
 #: How long close() waits for its last commit before closing the pool anyway.
 CLOSE_FLUSH_TIMEOUT_S = 5.0
-#: Connecting (and authenticating) at most this long: an unreachable host must not hang start-up
-#: or a reconnect for the driver's default minute.
-CONNECT_TIMEOUT_S = 5.0
 #: A statement running longer fails (and is retried): a partitioned network must not hold a
 #: commit, and every webhook waiting on it, forever.
 COMMAND_TIMEOUT_S = 15.0
@@ -70,15 +75,7 @@ POOL_MAX = 6
 RECENT_DELIVERIES = 200_000
 #: An arbitrary constant, the key of the advisory lock migrations hold ("SGMP" in hex).
 MIGRATION_LOCK = 0x53474D50
-#: The key (with the instance id) of the lock commits share and a takeover takes alone ("SGME").
-EPOCH_LOCK = 0x53474D45
-#: The message of the exception a fenced commit raises in the database.
-FENCED = "segmapd: fenced: this instance was declared dead"
 PRUNE_INTERVAL_S = 3600.0
-#: A session idle inside a transaction this long is ended by the server: a process paused
-#: mid-commit (SIGSTOP, a frozen VM) must not block the instance taking its shards over. A
-#: live commit never idles between its statements; one ended anyway is retried.
-IDLE_IN_TRANSACTION_MS = "3000"
 
 # Answers from a running server that a retry will not change: wrong role or password, no such
 # database, no privilege. At start-up they are configuration errors, not an outage.
@@ -275,8 +272,6 @@ CLAIM_TTL_S = 30.0
 # deliverer died, or is still retrying: delivery is at least once).
 NOTIFICATION_CLAIM_S = 120.0
 
-# What the pool lends (a proxy) and a plain connection: statements work the same on either.
-_Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
 _T = TypeVar("_T")
 
 
@@ -352,9 +347,6 @@ class PostgresStore(SharedJournal):
 
     def leases(self, lease_s: float, name: str) -> Leases:
         """The instance's membership and shard leases on the database."""
-        # Imported here: the leases module imports this one.
-        from daemon.store.leases import ShardLeases
-
         leases = ShardLeases(self, lease_s, name)
         self._leases.append(leases)  # their connections close with the journal
         return leases
@@ -404,12 +396,12 @@ class PostgresStore(SharedJournal):
         except _REFUSED as exc:
             # The server answered: no restart will change its mind (exit 2, not retried).
             raise StoreOpenError(
-                f"{self.shown}: PostgreSQL refused the connection ({_describe(exc)}); check the "
+                f"{self.shown}: PostgreSQL refused the connection ({describe(exc)}); check the "
                 "role, store.password, the database name and pg_hba.conf"
             ) from None
         except UNAVAILABLE as exc:
             raise StoreUnreachable(
-                f"{self.shown}: cannot connect to PostgreSQL ({_describe(exc)}); check that the "
+                f"{self.shown}: cannot connect to PostgreSQL ({describe(exc)}); check that the "
                 "server runs and accepts this role, and store.url / store.password"
             ) from None
         except ValueError as exc:  # a URL the driver cannot parse
@@ -436,7 +428,7 @@ class PostgresStore(SharedJournal):
         except (*UNAVAILABLE, StoreUnavailable) as exc:
             await self._abandon(pool)
             raise StoreUnreachable(
-                f"{self.shown}: cannot open the journal ({_describe(exc)})"
+                f"{self.shown}: cannot open the journal ({describe(exc)})"
             ) from None
         except BaseException:
             await self._abandon(pool)
@@ -514,7 +506,7 @@ class PostgresStore(SharedJournal):
 
         # With nothing queued a flush touches no database: ask the server itself, so that an
         # idle instance is not ready while its database is down.
-        async def probe(connection: _Connection) -> None:
+        async def probe(connection: Connection) -> None:
             await connection.execute("SELECT 1", timeout=5.0)
 
         await self._with_connection(probe, "readiness probe")
@@ -690,7 +682,7 @@ class PostgresStore(SharedJournal):
                 )
             except (*UNAVAILABLE, StoreUnavailable) as exc:
                 failure = StoreUnavailable(
-                    f"journal {self.shown}: claiming a delivery failed ({_describe(exc)})"
+                    f"journal {self.shown}: claiming a delivery failed ({describe(exc)})"
                 )
                 for _, future in batch:
                     if not future.done():
@@ -718,7 +710,7 @@ class PostgresStore(SharedJournal):
             )
         except UNAVAILABLE as exc:
             raise StoreUnavailable(
-                f"journal {self.shown}: withdrawing claims failed ({_describe(exc)})"
+                f"journal {self.shown}: withdrawing claims failed ({describe(exc)})"
             ) from None
 
     async def claim_notifications(self, limit: int) -> list[tuple[str, bytes]]:
@@ -748,7 +740,7 @@ class PostgresStore(SharedJournal):
         What a shard's new owner takes back, exactly as a restart recovers the whole journal.
         """
 
-        async def load(connection: _Connection) -> Recovered:
+        async def load(connection: Connection) -> Recovered:
             async with connection.transaction(isolation="repeatable_read", readonly=True):
                 names = await connection.fetch(
                     "SELECT DISTINCT segment_id FROM assignments WHERE state IN "
@@ -773,7 +765,7 @@ class PostgresStore(SharedJournal):
         if earlier is not None:
             return earlier
 
-        async def claim(connection: _Connection) -> bytes | None:
+        async def claim(connection: Connection) -> bytes | None:
             taken = await connection.fetchval(
                 "INSERT INTO deliveries (source, delivery_id, answer, received_at) "
                 "VALUES ($1, $2, $3, $4) ON CONFLICT (source, delivery_id) DO NOTHING "
@@ -826,7 +818,7 @@ class PostgresStore(SharedJournal):
             # A spend (or a give-back) of this segment is queued: it goes first, in order.
             await self.flush()
 
-        async def take(connection: _Connection) -> float:
+        async def take(connection: Connection) -> float:
             taken = await connection.fetchval(
                 "INSERT INTO refresh_budget AS b (segment_id, next_allowed) VALUES ($1, $3) "
                 "ON CONFLICT (segment_id) DO UPDATE SET next_allowed = excluded.next_allowed "
@@ -866,7 +858,7 @@ class PostgresStore(SharedJournal):
 
     # ---- reads --------------------------------------------------------------------------------
 
-    async def _with_connection(self, work: Callable[[_Connection], Awaitable[_T]], what: str) -> _T:
+    async def _with_connection(self, work: Callable[[Connection], Awaitable[_T]], what: str) -> _T:
         """Run `work` on a pooled connection; a database that cannot serve is StoreUnavailable."""
         pool = self._pool
         if pool is None:
@@ -876,11 +868,11 @@ class PostgresStore(SharedJournal):
                 return await work(connection)
         except UNAVAILABLE as exc:
             raise StoreUnavailable(
-                f"journal {self.shown}: {what} failed ({_describe(exc)})"
+                f"journal {self.shown}: {what} failed ({describe(exc)})"
             ) from None
 
     async def _fetch(self, sql: str, *arguments: Any) -> list[asyncpg.Record]:
-        async def fetch(connection: _Connection) -> list[asyncpg.Record]:
+        async def fetch(connection: Connection) -> list[asyncpg.Record]:
             return await connection.fetch(sql, *arguments)
 
         return await self._with_connection(fetch, "read")
@@ -942,7 +934,7 @@ class PostgresStore(SharedJournal):
         before = {c: (self._uncommitted(c), self._uncommitted_mirror(c)) for c in wanted}
 
         async def read(
-            connection: _Connection,
+            connection: Connection,
         ) -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
             # One snapshot for both tables.
             async with connection.transaction(isolation="repeatable_read", readonly=True):
@@ -1179,7 +1171,7 @@ class PostgresStore(SharedJournal):
         for key in [k for k in work.confirmations if not holds(k[1])]:
             del work.confirmations[key]
 
-    async def _apply(self, connection: _Connection, work: PendingWork) -> None:
+    async def _apply(self, connection: Connection, work: PendingWork) -> None:
         if work.inbox:
             await connection.execute(
                 "INSERT INTO segmapd_inbox (shard, contact_id, segment_id, intent, occurred_at, "
@@ -1283,7 +1275,7 @@ class PostgresStore(SharedJournal):
             )
 
     def _failed(self, work: PendingWork, exc: Exception) -> None:
-        message = f"journal {self.shown}: commit failed: {_describe(exc)}"
+        message = f"journal {self.shown}: commit failed: {describe(exc)}"
         if self._discarded:
             log.warning("%s; its %d changes are dropped (fenced)", message, len(work.assignments))
         elif message != self.last_error:
@@ -1311,12 +1303,12 @@ class PostgresStore(SharedJournal):
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a prune that fails is retried next time, never fatal
-            log.warning("journal %s: pruning failed (%s)", self.shown, _describe(exc))
+            log.warning("journal %s: pruning failed (%s)", self.shown, describe(exc))
 
     async def _maybe_prune(self, now: float) -> None:
         horizon = now - self.retention_s
 
-        async def prune(connection: _Connection) -> str:
+        async def prune(connection: Connection) -> str:
             async with connection.transaction():
                 # Active adds are the memberships segmapd made: a mirror (`set`) compares with
                 # them, so they are kept for as long as the membership exists; so are failures
@@ -1347,7 +1339,7 @@ class PostgresStore(SharedJournal):
 # ---- schema and recovery ------------------------------------------------------------------------
 
 
-async def _migrate(connection: _Connection, shown: str) -> None:
+async def _migrate(connection: Connection, shown: str) -> None:
     """Bring the schema to MIGRATIONS' version, once however many processes start together.
 
     The advisory lock is held to the end of the transaction: a second instance waits for it,
@@ -1370,7 +1362,7 @@ async def _migrate(connection: _Connection, shown: str) -> None:
             await connection.execute("INSERT INTO segmapd_schema (version) VALUES ($1)", number)
 
 
-async def _load_shared_state(connection: _Connection) -> Recovered:
+async def _load_shared_state(connection: Connection) -> Recovered:
     """What the store itself keeps at hand: the refresh budgets (work is recovered per shard)."""
     recovered = Recovered()
     recovered.refresh_budget = {
@@ -1380,7 +1372,7 @@ async def _load_shared_state(connection: _Connection) -> Recovered:
     return recovered
 
 
-async def _load_recovery(connection: _Connection, segments: list[str]) -> Recovered:
+async def _load_recovery(connection: Connection, segments: list[str]) -> Recovered:
     """What is unfinished in these segments, as SqliteStore recovers it (caller's snapshot)."""
     recovered = Recovered()
     recovered.queued = [
@@ -1433,13 +1425,6 @@ def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
     return [list(column) for column in zip(*rows, strict=True)] if rows else [[]] * width
 
 
-def _describe(exc: BaseException) -> str:
-    """A driver error as one line: its class and message (never a password: none is in them)."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    name = type(exc).__name__
-    return f"{name}: {text}" if text else name
-
-
 _STATES = {state.value: state for state in State}
 _INTENTS = {intent.value: intent for intent in Intent}
 
@@ -1475,23 +1460,6 @@ def _assignment(row: tuple[Any, ...]) -> Assignment:
     )
 
 
-def fence_sql(instance_id: int) -> str:
-    """The statement that opens every commit: refuse it unless this instance is still a member.
-
-    An instance whose leases expired (it was paused, or cut off) is declared dead by the one
-    taking its shards, which deletes its row while holding `EPOCH_LOCK` for it exclusively;
-    every commit holds the same lock shared, so a commit still under way ends first and every
-    later one fails here. (Advisory locks live in memory; a row lock would cost a write on
-    every commit.)
-    """
-    key = int(instance_id) % 2_147_483_647  # an integer of ours: safe to write into the text
-    return (
-        f"DO $fence$ BEGIN PERFORM pg_advisory_xact_lock_shared({EPOCH_LOCK}, {key}); "  # noqa: S608 (integers and a constant of ours)
-        f"IF NOT EXISTS (SELECT 1 FROM segmapd_instances WHERE id = {int(instance_id)}) "
-        f"THEN RAISE EXCEPTION '{FENCED}'; END IF; END $fence$"
-    )
-
-
 async def _keep_session(connection: asyncpg.Connection) -> None:
     """The pool's reset on release, left out: a round trip per release, for nothing.
 
@@ -1499,7 +1467,7 @@ async def _keep_session(connection: asyncpg.Connection) -> None:
     """
 
 
-async def _rollback(connection: _Connection) -> None:
+async def _rollback(connection: Connection) -> None:
     """End a failed transaction; a connection that cannot is closed by the pool anyway."""
     with contextlib.suppress(*UNAVAILABLE):
         await connection.execute("ROLLBACK")

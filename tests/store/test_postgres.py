@@ -14,7 +14,8 @@ from pydantic import SecretStr
 
 from daemon.config import StoreConfig
 from daemon.store import StoreOpenError, StoreUnreachable, from_url
-from daemon.store.postgres import MIGRATIONS, PostgresStore, fence_sql
+from daemon.store.pg_common import fence_sql
+from daemon.store.postgres import MIGRATIONS, PostgresStore
 from daemon.store.shards import SHARDS
 from scheduler.model import Assignment, Intent, State
 from scheduler.ownership import ForwardedChange
