@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from daemon.claims import ClaimKey, Claims
+from daemon.store import DeliveryLog
 from listeners.base import (
     DeadEvent,
     InboundEvent,
@@ -157,7 +158,7 @@ async def _receive(
                     dead_lettered=len(taken.dead_letters),
                 )
                 reply = adapter.accepted(outcome)
-                store = service.store
+                store: DeliveryLog = service.store
                 for claimed_source, key in keys:
                     await store.remember_delivery(claimed_source, key, _TAKEN)
                 if delivery_key is not None:
@@ -187,7 +188,7 @@ async def _claim_across_instances(service: Service, keys: list[ClaimKey]) -> Non
     """
     if not keys:
         return
-    store = service.store
+    store: DeliveryLog = service.store
     try:
         held = await store.claim_keys(keys)
     except StoreUnavailable as exc:

@@ -27,7 +27,7 @@ from daemon.cxone.client import pool_size
 from daemon.metrics import Metrics
 from daemon.notifier import Notifier
 from daemon.secrets import Secret
-from daemon.store import JournalStore, from_url
+from daemon.store import ConfirmationStore, NotificationOutbox, from_url
 from listeners import SourceAdapter, make_adapter
 from scheduler.engine import BatchingPolicy, Engine
 from scheduler.model import Assignment
@@ -88,7 +88,7 @@ def cxone_settings(config: Config) -> CXoneSettings:
 class JournaledConfirmations(MemoryConfirmationCache):
     """The validation cache, written through to the journal so it survives a restart."""
 
-    def __init__(self, ttl_s: float, store: JournalStore) -> None:
+    def __init__(self, ttl_s: float, store: ConfirmationStore) -> None:
         super().__init__(ttl_s)
         self._store = store
 
@@ -149,12 +149,13 @@ class Service:
         self.notifier: Notifier | None = None
         observers: list[EngineObserver] = [self.metrics]
         if config.notify.url:
+            outbox: NotificationOutbox = self.store
             self.notifier = Notifier(
                 config.notify.url,
                 config.notify.secret.get_secret_value(),
                 timeout_s=config.notify.timeout_s,
                 on_outcome=self.metrics.record_notification,
-                journal=self.store,
+                journal=outbox,
             )
             observers.append(_NotifyOnFinish(self.notifier))
         observer = CompositeObserver(observers)

@@ -31,7 +31,14 @@ import asyncpg
 import orjson
 
 from daemon.config import display_url
-from daemon.store.base import Leases, Recovered, SharedJournal, StoreOpenError, StoreUnreachable
+from daemon.store.base import (
+    JournalStore,
+    Leases,
+    Recovered,
+    SharedJournal,
+    StoreOpenError,
+    StoreUnreachable,
+)
 from daemon.store.leases import ShardLeases
 from daemon.store.pending import (
     PRUNE_FINISHED,
@@ -275,7 +282,7 @@ NOTIFICATION_CLAIM_S = 120.0
 _T = TypeVar("_T")
 
 
-class PostgresStore(SharedJournal):
+class PostgresStore(JournalStore, SharedJournal):
     """The journal behind `store.url = "postgresql://user@host:port/database"`.
 
     `password` is the role's (from `store.password` / `password_file`), kept out of the URL
@@ -335,11 +342,6 @@ class PostgresStore(SharedJournal):
         self.holds_shard: Callable[[int], bool] = lambda shard: True
         self.on_fenced: Callable[[], None] | None = None
         self._leases: list[Leases] = []
-
-    @property
-    def shared(self) -> bool:
-        """Several instances may share this journal: segments are owned through leases."""
-        return True
 
     def as_shared(self) -> PostgresStore:
         """The journal itself: several instances share it."""
@@ -753,42 +755,6 @@ class PostgresStore(SharedJournal):
 
         return await self._with_connection(load, "recovery")
 
-    async def claim_delivery(self, source: str, delivery_id: str, answer: bytes) -> bytes | None:
-        """Take the key with one atomic, committed INSERT, or return the answer given first.
-
-        Two processes claiming one key at once: the database's unique key lets one insert
-        win; the other reads the winner's answer. A key this process queued (not committed yet)
-        is answered from memory.
-        """
-        key = (source, delivery_id)
-        earlier = self._unconfirmed.get(key)
-        if earlier is not None:
-            return earlier
-
-        async def claim(connection: Connection) -> bytes | None:
-            taken = await connection.fetchval(
-                "INSERT INTO deliveries (source, delivery_id, answer, received_at) "
-                "VALUES ($1, $2, $3, $4) ON CONFLICT (source, delivery_id) DO NOTHING "
-                "RETURNING true",
-                source,
-                delivery_id,
-                answer,
-                self._clock(),
-            )
-            if taken:
-                return None
-            # A statement of its own: its snapshot sees the winner, committed by now.
-            found: bytes | None = await connection.fetchval(
-                "SELECT answer FROM deliveries WHERE source = $1 AND delivery_id = $2 "
-                "AND answer <> ''::bytea",
-                source,
-                delivery_id,
-            )
-            # Pruned between the two statements (past retention): then nothing holds the key.
-            return bytes(found) if found is not None else None
-
-        return await self._with_connection(claim, "delivery claim")
-
     def remember_confirmation(
         self, contact_id: str, segment_id: str, at: float, member: bool = True
     ) -> None:
@@ -958,15 +924,6 @@ class PostgresStore(SharedJournal):
             before,
             lambda c: (self._uncommitted(c), self._uncommitted_mirror(c)),
         )
-
-    async def mirrored_at(self, contact_id: str) -> float:
-        """The contact's newest mirror time, committed or not; 0 when none is retained."""
-        before = self._uncommitted_mirror(contact_id)
-        rows = await self._fetch(
-            "SELECT occurred_at FROM mirrors WHERE contact_id = $1", contact_id
-        )
-        committed = float(rows[0][0]) if rows else 0.0
-        return max(committed, before, self._uncommitted_mirror(contact_id))
 
     async def failed(
         self,

@@ -787,17 +787,6 @@ class SqliteStore(JournalStore):
                 self._pending.mirrors[contact_id] = (occurred_at, self._clock())
             self._nudge()
 
-    async def mirrored_at(self, contact_id: str) -> float:
-        """The contact's newest mirror time, committed or not; 0 when none is retained."""
-        before = self._uncommitted_mirror(contact_id)
-        rows = await self._read(
-            lambda: self._query(
-                "SELECT occurred_at FROM mirrors WHERE contact_id = ?", (contact_id,)
-            )
-        )
-        committed = float(rows[0][0]) if rows else 0.0
-        return max(committed, before, self._uncommitted_mirror(contact_id))
-
     def _uncommitted_mirror(self, contact_id: str) -> float:
         newest = 0.0
         with self._lock:
