@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import OrderedDict
@@ -28,7 +29,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
-import orjson
 
 from daemon.config import display_url
 from daemon.store.base import (
@@ -41,11 +41,9 @@ from daemon.store.base import (
 )
 from daemon.store.leases import ShardLeases
 from daemon.store.pending import (
-    PRUNE_FINISHED,
     InboxRow,
     PendingWork,
     assemble_histories,
-    batch_row,
     merge_newer,
 )
 from daemon.store.pg_common import (
@@ -59,7 +57,37 @@ from daemon.store.pg_common import (
 )
 from daemon.store.shards import shard_of
 from daemon.store.shared_gate import SharedRateGate
-from scheduler.model import Assignment, FailureReason, Intent, State, storable
+from daemon.store.sql import (
+    ASSIGNMENTS,
+    BATCHES,
+    BATCHES_DONE,
+    CONFIRMATIONS,
+    CONFIRMED,
+    CONTACT,
+    COUNTS,
+    DELIVERIES,
+    MIRROR_TIMES,
+    MIRRORS,
+    NOTIFICATIONS,
+    NOTIFICATIONS_DONE,
+    PRUNE_EXPIRED,
+    PRUNE_FINISHED,
+    QUEUED,
+    REFRESH_BUDGET,
+    REFRESH_TIMES,
+    SAVED_BATCHES,
+    SCHEMA,
+    STALE_CHANGES,
+    UNFINISHED,
+    Dialect,
+    assignment_from_row,
+    batch_from_row,
+    confirmation_from_row,
+    failed_query,
+    intent_named,
+    render,
+)
+from scheduler.model import Assignment, FailureReason, storable
 from scheduler.ownership import ForwardedChange
 from scheduler.ratelimit import AdmissionGate
 from scheduler.store import BatchRecord, ContactHistory, StoreUnavailable
@@ -94,78 +122,10 @@ _REFUSED = (
 
 
 MIGRATIONS: list[str] = [
-    # 1: the journal as the SQLite one has it after its migration 4 (same tables and columns).
-    """
-    CREATE TABLE assignments (
-        contact_id  TEXT NOT NULL,
-        segment_id  TEXT NOT NULL,
-        state       TEXT NOT NULL,
-        reason      TEXT,
-        message     TEXT NOT NULL DEFAULT '',
-        attempts    INTEGER NOT NULL DEFAULT 0,
-        received_at DOUBLE PRECISION NOT NULL,
-        updated_at  DOUBLE PRECISION NOT NULL,
-        history     TEXT NOT NULL DEFAULT '',
-        intent      TEXT NOT NULL DEFAULT 'add',
-        occurred_at DOUBLE PRECISION NOT NULL DEFAULT 0,
-        PRIMARY KEY (contact_id, segment_id)
-    );
-    CREATE INDEX assignments_by_state ON assignments (state, updated_at);
-    CREATE TABLE batches (
-        batch_id        TEXT PRIMARY KEY,
-        segment_id      TEXT NOT NULL,
-        contact_ids     TEXT NOT NULL,
-        idempotency_key TEXT NOT NULL,
-        attempt         INTEGER NOT NULL,
-        saved_at        DOUBLE PRECISION NOT NULL,
-        intent          TEXT NOT NULL DEFAULT 'add'
-    );
-    CREATE TABLE deliveries (
-        source      TEXT NOT NULL,
-        delivery_id TEXT NOT NULL,
-        answer      BYTEA NOT NULL,
-        received_at DOUBLE PRECISION NOT NULL,
-        PRIMARY KEY (source, delivery_id)
-    );
-    CREATE INDEX deliveries_by_time ON deliveries (received_at);
-    CREATE TABLE refresh_budget (
-        segment_id   TEXT PRIMARY KEY,
-        next_allowed DOUBLE PRECISION NOT NULL
-    );
-    CREATE TABLE confirmations (
-        contact_id   TEXT NOT NULL,
-        segment_id   TEXT NOT NULL,
-        confirmed_at DOUBLE PRECISION NOT NULL,
-        member       BOOLEAN NOT NULL DEFAULT TRUE,
-        PRIMARY KEY (contact_id, segment_id)
-    );
-    CREATE INDEX confirmations_by_time ON confirmations (confirmed_at);
-    CREATE TABLE notifications (
-        event_id TEXT PRIMARY KEY,
-        body     BYTEA NOT NULL,
-        added_at DOUBLE PRECISION NOT NULL
-    );
-    CREATE TABLE stale_changes (
-        contact_id  TEXT NOT NULL,
-        segment_id  TEXT NOT NULL,
-        intent      TEXT NOT NULL,
-        occurred_at DOUBLE PRECISION NOT NULL,
-        received_at DOUBLE PRECISION NOT NULL
-    );
-    CREATE INDEX stale_changes_by_time ON stale_changes (received_at);
-    CREATE TABLE mirrors (
-        contact_id  TEXT PRIMARY KEY,
-        occurred_at DOUBLE PRECISION NOT NULL,
-        updated_at  DOUBLE PRECISION NOT NULL
-    );
-    CREATE INDEX mirrors_by_time ON mirrors (updated_at);
-    CREATE TABLE journal_info (
-        key   TEXT PRIMARY KEY,
-        value TEXT NOT NULL
-    );
-    INSERT INTO journal_info VALUES
-        ('created_at', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'));
-    """,
+    # 1: the journal as the SQLite one has it after its migration 4: the same tables and
+    # columns, and an index of the validation cache by time, for pruning.
+    render("".join(SCHEMA), Dialect.POSTGRESQL)
+    + "CREATE INDEX confirmations_by_time ON confirmations (confirmed_at);",
     # 2: who holds the instance lock (InstanceGuard), for the message a second instance gets,
     # and the epoch every commit checks, so that an instance that lost the lock without
     # noticing (its connection dropped silently) can write nothing after another took it.
@@ -229,39 +189,51 @@ _SCHEMA_TABLE = """
     )
 """
 
-_ASSIGNMENT_COLUMNS = (
-    "contact_id, segment_id, state, reason, message, attempts, received_at, updated_at, "
-    "history, intent, occurred_at"
+# Every row of a table at once, one array per column: a transaction never waits for the client
+# in the middle of a statement (as executemany's pipeline does), so that a process paused
+# mid-commit is seen idle in its transaction, and ended by the server.
+_WRITES = {
+    write: write.postgres()
+    for write in (
+        ASSIGNMENTS,
+        BATCHES,
+        BATCHES_DONE,
+        REFRESH_BUDGET,
+        CONFIRMATIONS,
+        STALE_CHANGES,
+        MIRRORS,
+        NOTIFICATIONS_DONE,
+    )
+}
+# The first answer to a key is the one kept; an empty answer is a claim in progress
+# (`claim_keys`), which the answer replaces.
+_WRITES[DELIVERIES] = dataclasses.replace(
+    DELIVERIES,
+    conflict="ON CONFLICT (source, delivery_id) DO UPDATE SET answer = excluded.answer, "
+    "received_at = excluded.received_at WHERE deliveries.answer = ''::bytea",
+).postgres()
+# A notification added is its adder's to deliver, claimed for NOTIFICATION_CLAIM_S ($4) by this
+# instance ($5).
+_ADD_NOTIFICATIONS = (
+    "INSERT INTO notifications (event_id, body, added_at, claimed_until, claimed_by) "
+    "SELECT e, b, a, extract(epoch FROM clock_timestamp()) + $4, $5::int8 "
+    "FROM unnest($1::text[], $2::bytea[], $3::float8[]) AS n(e, b, a) "
+    "ON CONFLICT (event_id) DO UPDATE "
+    "SET body = excluded.body, added_at = excluded.added_at, "
+    "claimed_until = excluded.claimed_until, claimed_by = excluded.claimed_by"
 )
-
-# One statement for every assignment of a transaction: the rows travel as one array per column.
-# History is text, "state:time;" per transition, so that appending a transaction's transitions
-# is a concatenation; a fresh start (queued) replaces it.
-_UPSERT_ASSIGNMENTS = """
-    INSERT INTO assignments (contact_id, segment_id, state, reason, message, attempts,
-                             received_at, updated_at, intent, occurred_at, history)
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                         $6::int4[], $7::float8[], $8::float8[], $9::text[], $10::float8[],
-                         $11::text[])
-    ON CONFLICT (contact_id, segment_id) DO UPDATE SET
-        state = excluded.state, reason = excluded.reason,
-        message = excluded.message, attempts = excluded.attempts,
-        received_at = excluded.received_at, updated_at = excluded.updated_at,
-        intent = excluded.intent, occurred_at = excluded.occurred_at,
-        history = CASE
-            WHEN excluded.history LIKE 'queued:%' THEN excluded.history
-            ELSE assignments.history || excluded.history
-        END
-"""
-# The first answer to a key is the one kept (as SQLite's INSERT OR IGNORE); an empty answer
-# is a claim in progress (`claim_keys`), which the answer replaces.
-_INSERT_DELIVERIES = """
-    INSERT INTO deliveries (source, delivery_id, answer, received_at)
-    SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::float8[])
-    ON CONFLICT (source, delivery_id) DO UPDATE SET
-        answer = excluded.answer, received_at = excluded.received_at
-    WHERE deliveries.answer = ''::bytea
-"""
+_PRUNE = [PRUNE_FINISHED, *PRUNE_EXPIRED]
+# Changes forwarded to their segment's owner and not taken yet, of one contact.
+_FORWARDED = (
+    "SELECT segment_id, intent, occurred_at, received_at FROM segmapd_inbox "
+    "WHERE contact_id = $1 AND reason IS NULL ORDER BY id"
+)
+_CONTACTS = f"{CONTACT.removesuffix(' = $1')} = ANY($1::text[])"
+_MIRRORS = f"{MIRROR_TIMES} WHERE contact_id = ANY($1::text[])"
+_SEGMENTS = " AND segment_id = ANY($1::text[])"
+# Forwarded changes not taken yet are queued work too, in the inbox.
+_COUNTS = f"{COUNTS} UNION ALL SELECT 'queued', count(*) FROM segmapd_inbox WHERE reason IS NULL"  # noqa: S608
+_IN_SEGMENTS = " WHERE segment_id = ANY($1::text[])"
 # Claims of keys by a delivery being taken now, before its work is journaled: another instance
 # finds the key claimed and waits for the answer. A claim its taker never answered (it died
 # between claim and commit) is taken over once it is CLAIM_TTL_S old. Returns the keys taken.
@@ -851,7 +823,7 @@ class PostgresStore(JournalStore, SharedJournal):
                 continue
             for segment in work.contacts.get(contact_id, ()):
                 row = work.assignments[(contact_id, segment)]
-                found[segment] = _assignment((*row[:8], "", row[8], row[9]))
+                found[segment] = assignment_from_row((*row[:8], "", row[8], row[9]))
         return found
 
     def _uncommitted_mirror(self, contact_id: str) -> float:
@@ -868,16 +840,9 @@ class PostgresStore(JournalStore, SharedJournal):
         before = self._uncommitted(contact_id)
         # Changes forwarded to their segment's owner and not taken yet: queued, as they are.
         # Read first: one taken meanwhile is in the assignments read after it (what it became).
-        forwarded = await self._fetch(
-            "SELECT segment_id, intent, occurred_at, received_at FROM segmapd_inbox "
-            "WHERE contact_id = $1 AND reason IS NULL ORDER BY id",
-            contact_id,
-        )
-        rows = await self._fetch(
-            f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments WHERE contact_id = $1",  # noqa: S608 (a constant)
-            contact_id,
-        )
-        merged = {row[1]: _assignment(tuple(row)) for row in rows}
+        forwarded = await self._fetch(_FORWARDED, contact_id)
+        rows = await self._fetch(CONTACT, contact_id)
+        merged = {row[1]: assignment_from_row(row) for row in rows}
         merge_newer(merged, before)
         merged.update(self._uncommitted(contact_id))
         for segment_id, intent, occurred_at, received_at in forwarded:
@@ -889,7 +854,7 @@ class PostgresStore(JournalStore, SharedJournal):
                     segment_id,
                     received_at=received_at,
                     updated_at=received_at,
-                    intent=_INTENTS[intent],
+                    intent=intent_named(intent),
                     occurred_at=occurred_at,
                 )
         return [merged[segment] for segment in sorted(merged)]
@@ -904,22 +869,14 @@ class PostgresStore(JournalStore, SharedJournal):
         ) -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
             # One snapshot for both tables.
             async with connection.transaction(isolation="repeatable_read", readonly=True):
-                rows = await connection.fetch(
-                    f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments "  # noqa: S608 (a constant)
-                    "WHERE contact_id = ANY($1::text[])",
-                    wanted,
-                )
-                mirrors = await connection.fetch(
-                    "SELECT contact_id, occurred_at FROM mirrors "
-                    "WHERE contact_id = ANY($1::text[])",
-                    wanted,
-                )
+                rows = await connection.fetch(_CONTACTS, wanted)
+                mirrors = await connection.fetch(_MIRRORS, wanted)
             return rows, mirrors
 
         rows, mirrors = await self._with_connection(read, "read")
         return assemble_histories(
             wanted,
-            [_assignment(tuple(row)) for row in rows],
+            [assignment_from_row(row) for row in rows],
             {str(c): float(at) for c, at in mirrors},
             before,
             lambda c: (self._uncommitted(c), self._uncommitted_mirror(c)),
@@ -932,32 +889,13 @@ class PostgresStore(JournalStore, SharedJournal):
         reason: FailureReason | None = None,
         segment_id: str | None = None,
     ) -> list[Assignment]:
-        """Dead letters, oldest first; of `reason` and `segment_id` when given.
-
-        The filters narrow the walk of `assignments_by_state` (state, updated_at) in order,
-        which stops at `limit` rows: no sort and no scan of other states, filtered or not.
-        """
-        conditions = ["state = 'failed'"]
-        parameters: list[object] = [limit]
-        if reason is not None:
-            parameters.append(str(reason))
-            conditions.append(f"reason = ${len(parameters)}")
-        if segment_id is not None:
-            parameters.append(segment_id)
-            conditions.append(f"segment_id = ${len(parameters)}")
-        rows = await self._fetch(
-            f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments "  # noqa: S608 (fixed fragments)
-            f"WHERE {' AND '.join(conditions)} ORDER BY updated_at LIMIT $1",
-            *parameters,
-        )
-        return [_assignment(tuple(row)) for row in rows]
+        """Dead letters, oldest first; of `reason` and `segment_id` when given (`failed_query`)."""
+        sql, parameters = failed_query(limit, reason, segment_id)
+        return [assignment_from_row(row) for row in await self._fetch(sql, *parameters)]
 
     async def counts(self) -> dict[str, int]:
         """Retained assignments per state."""
-        rows = await self._fetch(
-            "SELECT state, count(*) FROM assignments GROUP BY state "
-            "UNION ALL SELECT 'queued', count(*) FROM segmapd_inbox WHERE reason IS NULL"
-        )
+        rows = await self._fetch(_COUNTS)
         counts: dict[str, int] = {}
         for state, count in rows:
             if count:
@@ -1145,91 +1083,16 @@ class PostgresStore(JournalStore, SharedJournal):
             await connection.execute(
                 "DELETE FROM segmapd_inbox WHERE id = ANY($1::int8[])", list(work.inbox_done)
             )
-        if work.assignments:
-            rows = [
-                (*row, "".join(f"{state}:{at!r};" for state, at in work.history.get(key, [])))
-                for key, row in work.assignments.items()
-            ]
-            await connection.execute(
-                _UPSERT_ASSIGNMENTS, *(list(column) for column in zip(*rows, strict=True))
-            )
-        # Every statement is one array-valued statement: a transaction never waits for the
-        # client in the middle of one (as executemany's pipeline does), so that a process
-        # paused mid-commit is seen idle in its transaction, and ended by the server.
-        if work.batches_saved:
-            await connection.execute(
-                "INSERT INTO batches (batch_id, segment_id, contact_ids, idempotency_key, "
-                "attempt, saved_at, intent) SELECT * FROM unnest($1::text[], $2::text[], "
-                "$3::text[], $4::text[], $5::int4[], $6::float8[], $7::text[]) "
-                "ON CONFLICT (batch_id) DO UPDATE SET segment_id = excluded.segment_id, "
-                "contact_ids = excluded.contact_ids, idempotency_key = excluded.idempotency_key, "
-                "attempt = excluded.attempt, saved_at = excluded.saved_at, "
-                "intent = excluded.intent",
-                *_columns(
-                    [batch_row(b, self._clock()) for b in work.batches_saved.values()],
-                    7,
-                ),
-            )
-        if work.batches_dropped:
-            await connection.execute(
-                "DELETE FROM batches WHERE batch_id = ANY($1::text[])", list(work.batches_dropped)
-            )
-        if work.deliveries:
-            keys = list(work.deliveries)
-            values = [work.deliveries[key] for key in keys]
-            await connection.execute(
-                _INSERT_DELIVERIES,
-                [s for s, _ in keys],
-                [d for _, d in keys],
-                [answer for answer, _ in values],
-                [at for _, at in values],
-            )
-        if work.budget:
-            await connection.execute(
-                "INSERT INTO refresh_budget (segment_id, next_allowed) "
-                "SELECT * FROM unnest($1::text[], $2::float8[]) "
-                "ON CONFLICT (segment_id) DO UPDATE SET next_allowed = excluded.next_allowed",
-                *_columns(list(work.budget.items()), 2),
-            )
-        if work.confirmations:
-            await connection.execute(
-                "INSERT INTO confirmations (contact_id, segment_id, confirmed_at, member) "
-                "SELECT * FROM unnest($1::text[], $2::text[], $3::float8[], $4::bool[]) "
-                "ON CONFLICT (contact_id, segment_id) DO UPDATE SET "
-                "confirmed_at = excluded.confirmed_at, member = excluded.member",
-                *_columns([(c, s, at, m) for (c, s), (at, m) in work.confirmations.items()], 4),
-            )
-        if work.stale:
-            await connection.execute(
-                "INSERT INTO stale_changes SELECT * FROM unnest($1::text[], $2::text[], "
-                "$3::text[], $4::float8[], $5::float8[])",
-                *_columns(work.stale, 5),
-            )
-        if work.mirrors:
-            await connection.execute(
-                "INSERT INTO mirrors AS m SELECT * FROM unnest($1::text[], $2::float8[], "
-                "$3::float8[]) ON CONFLICT (contact_id) DO UPDATE "
-                "SET occurred_at = greatest(m.occurred_at, excluded.occurred_at), "
-                "updated_at = excluded.updated_at",
-                *_columns([(c, occurred, at) for c, (occurred, at) in work.mirrors.items()], 3),
-            )
-        if work.notifications_added:
-            await connection.execute(
-                "INSERT INTO notifications (event_id, body, added_at, claimed_until, claimed_by) "
-                "SELECT e, b, a, extract(epoch FROM clock_timestamp()) + $4, $5::int8 "
-                "FROM unnest($1::text[], $2::bytea[], $3::float8[]) AS n(e, b, a) "
-                "ON CONFLICT (event_id) DO UPDATE "
-                "SET body = excluded.body, added_at = excluded.added_at, "
-                "claimed_until = excluded.claimed_until, claimed_by = excluded.claimed_by",
-                *_columns([(e, body, at) for e, (body, at) in work.notifications_added.items()], 3),
-                NOTIFICATION_CLAIM_S,
-                self.instance_id,
-            )
-        if work.notifications_done:
-            await connection.execute(
-                "DELETE FROM notifications WHERE event_id = ANY($1::text[])",
-                list(work.notifications_done),
-            )
+        for write, rows in work.writes(self._clock()):
+            if write is NOTIFICATIONS:
+                await connection.execute(
+                    _ADD_NOTIFICATIONS,
+                    *_columns(rows),
+                    NOTIFICATION_CLAIM_S,
+                    self.instance_id,
+                )
+            else:
+                await connection.execute(_WRITES[write], *_columns(rows))
 
     def _failed(self, work: PendingWork, exc: Exception) -> None:
         message = f"journal {self.shown}: commit failed: {describe(exc)}"
@@ -1267,20 +1130,10 @@ class PostgresStore(JournalStore, SharedJournal):
 
         async def prune(connection: Connection) -> str:
             async with connection.transaction():
-                # Active adds are the memberships segmapd made: a mirror (`set`) compares with
-                # them, so they are kept for as long as the membership exists; so are failures
-                # that may have left one (`Assignment.may_hold_membership`).
-                pruned: str = await connection.execute(PRUNE_FINISHED, horizon)
-                for table, column in (
-                    ("stale_changes", "received_at"),
-                    ("mirrors", "updated_at"),
-                    ("deliveries", "received_at"),
-                    ("confirmations", "confirmed_at"),
-                ):
-                    await connection.execute(
-                        f"DELETE FROM {table} WHERE {column} < $1",  # noqa: S608 (constants)
-                        horizon,
-                    )
+                finished, *expired = _PRUNE
+                pruned: str = await connection.execute(finished, horizon)
+                for statement in expired:
+                    await connection.execute(statement, horizon)
             return pruned
 
         try:
@@ -1323,8 +1176,7 @@ async def _load_shared_state(connection: Connection) -> Recovered:
     """What the store itself keeps at hand: the refresh budgets (work is recovered per shard)."""
     recovered = Recovered()
     recovered.refresh_budget = {
-        str(s): float(at)
-        for s, at in await connection.fetch("SELECT segment_id, next_allowed FROM refresh_budget")
+        str(s): float(at) for s, at in await connection.fetch(REFRESH_TIMES)
     }
     return recovered
 
@@ -1335,37 +1187,24 @@ async def _load_recovery(connection: Connection, segments: list[str]) -> Recover
     recovered.queued = [
         (str(c), str(s), float(received), str(intent), float(occurred))
         for c, s, received, intent, occurred in await connection.fetch(
-            "SELECT contact_id, segment_id, received_at, intent, occurred_at "
             # Oldest first: the buffer takes insertion order for age (which batch goes next).
-            "FROM assignments WHERE state = 'queued' AND segment_id = ANY($1::text[]) "
-            "ORDER BY received_at",
+            f"{QUEUED}{_SEGMENTS} ORDER BY received_at",
             segments,
         )
     ]
     recovered.assignments = [
-        _assignment(tuple(row))
-        for row in await connection.fetch(
-            f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments "  # noqa: S608 (a constant)
-            "WHERE state IN ('sending', 'retrying', 'written', 'verifying') "
-            "AND segment_id = ANY($1::text[])",
-            segments,
-        )
+        assignment_from_row(row)
+        for row in await connection.fetch(f"{UNFINISHED}{_SEGMENTS}", segments)
     ]
     recovered.batches = [
-        BatchRecord(batch_id, segment_id, tuple(orjson.loads(ids)), key, attempt, Intent(intent))
-        for batch_id, segment_id, ids, key, attempt, intent in await connection.fetch(
-            "SELECT batch_id, segment_id, contact_ids, idempotency_key, attempt, intent "
-            "FROM batches WHERE segment_id = ANY($1::text[]) ORDER BY saved_at, batch_id",
-            segments,
+        batch_from_row(row)
+        for row in await connection.fetch(
+            f"{SAVED_BATCHES}{_IN_SEGMENTS} ORDER BY saved_at, batch_id", segments
         )
     ]
     recovered.confirmations = [
-        (str(c), str(s), float(at), bool(member))
-        for c, s, at, member in await connection.fetch(
-            "SELECT contact_id, segment_id, confirmed_at, member FROM confirmations "
-            "WHERE segment_id = ANY($1::text[])",
-            segments,
-        )
+        confirmation_from_row(row)
+        for row in await connection.fetch(f"{CONFIRMED}{_IN_SEGMENTS}", segments)
     ]
     return recovered
 
@@ -1377,44 +1216,9 @@ async def _close_pool(pool: asyncpg.Pool) -> None:
         pool.terminate()
 
 
-def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
+def _columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
     """Rows as one list per column: the arrays of an `unnest` statement."""
-    return [list(column) for column in zip(*rows, strict=True)] if rows else [[]] * width
-
-
-_STATES = {state.value: state for state in State}
-_INTENTS = {intent.value: intent for intent in Intent}
-
-
-def _assignment(row: tuple[Any, ...]) -> Assignment:
-    (contact_id, segment_id, state, reason, message, attempts, received, updated, history,
-     intent, occurred_at) = row  # fmt: skip
-    steps: list[tuple[State, float]] = []
-    seen: set[tuple[State, float]] = set()
-    for step in history.split(";"):
-        if not step:
-            continue
-        name, _, at = step.partition(":")
-        entry = (_STATES[name], float(at))
-        # A commit whose acknowledgement was lost (the connection dropped at COMMIT) is retried
-        # and may have landed: its transitions are then appended again, the same states at the
-        # same times. No real history holds one state twice at one instant.
-        if entry not in seen:
-            seen.add(entry)
-            steps.append(entry)
-    return Assignment(
-        contact_id=contact_id,
-        segment_id=segment_id,
-        state=_STATES[state],
-        reason=FailureReason(reason) if reason else None,
-        message=message,
-        attempts=attempts,
-        received_at=received,
-        updated_at=updated,
-        history=steps,
-        intent=_INTENTS[intent],
-        occurred_at=occurred_at,
-    )
+    return [list(column) for column in zip(*rows, strict=True)]
 
 
 async def _keep_session(connection: asyncpg.Connection) -> None:

@@ -27,7 +27,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
-import orjson
 from rbloom import Bloom
 
 from daemon.store.base import JournalStore, Recovered, StoreOpenError
@@ -39,14 +38,42 @@ from daemon.store.delivery_filter import (
     new_bloom,
 )
 from daemon.store.pending import (
-    PRUNE_FINISHED,
     AssignmentRow,
     PendingWork,
     assemble_histories,
-    batch_row,
     merge_newer,
 )
-from scheduler.model import Assignment, FailureReason, Intent, State, storable
+from daemon.store.sql import (
+    ASSIGNMENT_COLUMNS,
+    ASSIGNMENTS,
+    BATCHES,
+    BATCHES_DONE,
+    CONFIRMATIONS,
+    CONFIRMED,
+    CONTACT,
+    COUNTS,
+    DELIVERIES,
+    MIRROR_TIMES,
+    MIRRORS,
+    NOTIFICATIONS,
+    NOTIFICATIONS_DONE,
+    PRUNE_EXPIRED,
+    PRUNE_FINISHED,
+    QUEUED,
+    REFRESH_BUDGET,
+    REFRESH_TIMES,
+    SAVED_BATCHES,
+    SCHEMA,
+    STALE_CHANGES,
+    UNFINISHED,
+    Dialect,
+    assignment_from_row,
+    batch_from_row,
+    confirmation_from_row,
+    failed_query,
+    render,
+)
+from scheduler.model import Assignment, FailureReason, storable
 from scheduler.store import BatchRecord, ContactHistory, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -72,101 +99,11 @@ FILTER_RETRY_S = 60.0
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
-MIGRATIONS: list[str] = [
-    # 1: the initial schema.
-    """
-    CREATE TABLE assignments (
-        contact_id  TEXT NOT NULL,
-        segment_id  TEXT NOT NULL,
-        state       TEXT NOT NULL,
-        reason      TEXT,
-        message     TEXT NOT NULL DEFAULT '',
-        attempts    INTEGER NOT NULL DEFAULT 0,
-        received_at REAL NOT NULL,
-        updated_at  REAL NOT NULL,
-        history     TEXT NOT NULL DEFAULT '',
-        PRIMARY KEY (contact_id, segment_id)
-    ) WITHOUT ROWID;
-    CREATE INDEX assignments_by_state ON assignments (state, updated_at);
-    CREATE TABLE batches (
-        batch_id        TEXT PRIMARY KEY,
-        segment_id      TEXT NOT NULL,
-        contact_ids     TEXT NOT NULL,
-        idempotency_key TEXT NOT NULL,
-        attempt         INTEGER NOT NULL,
-        saved_at        REAL NOT NULL
-    );
-    CREATE TABLE deliveries (
-        source      TEXT NOT NULL,
-        delivery_id TEXT NOT NULL,
-        answer      BLOB NOT NULL,
-        received_at REAL NOT NULL,
-        PRIMARY KEY (source, delivery_id)
-    ) WITHOUT ROWID;
-    CREATE INDEX deliveries_by_time ON deliveries (received_at);
-    CREATE TABLE refresh_budget (
-        segment_id   TEXT PRIMARY KEY,
-        next_allowed REAL NOT NULL
-    ) WITHOUT ROWID;
-    CREATE TABLE confirmations (
-        contact_id   TEXT NOT NULL,
-        segment_id   TEXT NOT NULL,
-        confirmed_at REAL NOT NULL,
-        PRIMARY KEY (contact_id, segment_id)
-    ) WITHOUT ROWID;
-    CREATE TABLE notifications (
-        event_id TEXT PRIMARY KEY,
-        body     BLOB NOT NULL,
-        added_at REAL NOT NULL
-    );
-    """,
-    # 2: who made the file and when, for `segmapd` diagnostics and support.
-    """
-    CREATE TABLE journal_info (
-        key   TEXT PRIMARY KEY,
-        value TEXT NOT NULL
-    ) WITHOUT ROWID;
-    INSERT INTO journal_info VALUES ('created_at', strftime('%Y-%m-%dT%H:%M:%fZ', 'now'));
-    """,
-    # 3: removals and ordering. Every assignment and batch has an intent (all earlier ones were
-    # adds); an assignment keeps the CRM's time of the change it works towards (0: its arrival);
-    # a confirmation remembers what was confirmed (all earlier ones were memberships); changes
-    # that arrived older than what was in progress are kept as stale.
-    """
-    ALTER TABLE assignments ADD COLUMN intent TEXT NOT NULL DEFAULT 'add';
-    ALTER TABLE assignments ADD COLUMN occurred_at REAL NOT NULL DEFAULT 0;
-    ALTER TABLE batches ADD COLUMN intent TEXT NOT NULL DEFAULT 'add';
-    ALTER TABLE confirmations ADD COLUMN member INTEGER NOT NULL DEFAULT 1;
-    CREATE TABLE stale_changes (
-        contact_id  TEXT NOT NULL,
-        segment_id  TEXT NOT NULL,
-        intent      TEXT NOT NULL,
-        occurred_at REAL NOT NULL,
-        received_at REAL NOT NULL
-    );
-    CREATE INDEX stale_changes_by_time ON stale_changes (received_at);
-    """,
-    # 4: a mirror (`set`) says the contact is in no segment it does not list, as of its time:
-    # per contact, the time of the newest mirror applied, so that an older change for any
-    # segment, delivered late, is found stale.
-    """
-    CREATE TABLE mirrors (
-        contact_id  TEXT PRIMARY KEY,
-        occurred_at REAL NOT NULL,
-        updated_at  REAL NOT NULL
-    ) WITHOUT ROWID;
-    CREATE INDEX mirrors_by_time ON mirrors (updated_at);
-    """,
-]
+# The schema's steps, as SQLite applies them (numbered by `PRAGMA user_version`).
+MIGRATIONS: list[str] = [render(step, Dialect.SQLITE) for step in SCHEMA]
 
-# Assignment columns in the order `_assignment` reads them (SELECT * would follow the table's,
-# which ALTER TABLE appends to).
 # Contacts per `IN (...)` list: well below SQLite's default limit of 999 bound parameters.
 _IN_CHUNK = 500
-_ASSIGNMENT_COLUMNS = (
-    "contact_id, segment_id, state, reason, message, attempts, received_at, updated_at, "
-    "history, intent, occurred_at"
-)
 
 
 # ---- file level -------------------------------------------------------------------------------
@@ -337,23 +274,29 @@ class _MultiRowInsert:
 
 
 _UPSERT_ASSIGNMENTS = _MultiRowInsert(
-    """INSERT INTO assignments (contact_id, segment_id, state, reason, message,
-                                attempts, received_at, updated_at, intent, occurred_at, history)""",
-    11,
-    """ON CONFLICT (contact_id, segment_id) DO UPDATE SET
-        state = excluded.state, reason = excluded.reason,
-        message = excluded.message, attempts = excluded.attempts,
-        received_at = excluded.received_at, updated_at = excluded.updated_at,
-        intent = excluded.intent, occurred_at = excluded.occurred_at,
-        history = CASE
-            WHEN excluded.history LIKE 'queued:%' THEN excluded.history
-            ELSE assignments.history || excluded.history
-        END""",
+    ASSIGNMENTS.head, len(ASSIGNMENTS.columns), ASSIGNMENTS.tail(Dialect.SQLITE)
 )
 # Answers are bytes, bound (and stored) as BLOBs, as the deliveries' bodies were.
 _INSERT_DELIVERIES = _MultiRowInsert(
-    "INSERT OR IGNORE INTO deliveries (source, delivery_id, answer, received_at)", 4
+    DELIVERIES.head, len(DELIVERIES.columns), DELIVERIES.tail(Dialect.SQLITE)
 )
+# Every other write, one row per execution.
+_WRITES = {
+    write: write.sqlite()
+    for write in (
+        BATCHES,
+        BATCHES_DONE,
+        REFRESH_BUDGET,
+        CONFIRMATIONS,
+        STALE_CHANGES,
+        MIRRORS,
+        NOTIFICATIONS,
+        NOTIFICATIONS_DONE,
+    )
+}
+_CONTACT = render(CONTACT, Dialect.SQLITE)
+_CONTACTS = f"SELECT {ASSIGNMENT_COLUMNS} FROM assignments WHERE contact_id"  # noqa: S608
+_PRUNE = [render(sql, Dialect.SQLITE) for sql in (PRUNE_FINISHED, *PRUNE_EXPIRED)]
 
 
 class SqliteStore(JournalStore):
@@ -562,7 +505,7 @@ class SqliteStore(JournalStore):
                     continue
                 for segment in work.contacts.get(contact_id, ()):
                     row = work.assignments[(contact_id, segment)]
-                    found[segment] = _assignment((*row[:8], "", row[8], row[9]))
+                    found[segment] = assignment_from_row((*row[:8], "", row[8], row[9]))
         return found
 
     async def contact(self, contact_id: str) -> list[Assignment]:
@@ -572,14 +515,8 @@ class SqliteStore(JournalStore):
         request must be seen though its transaction has not committed yet.
         """
         before = self._uncommitted(contact_id)
-        rows = await self._read(
-            lambda: self._query(
-                f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments WHERE contact_id = ? "  # noqa: S608 (a constant)
-                "ORDER BY segment_id",
-                (contact_id,),
-            )
-        )
-        merged = {row[1]: _assignment(row) for row in rows}
+        rows = await self._read(lambda: self._query(_CONTACT, (contact_id,)))
+        merged = {row[1]: assignment_from_row(row) for row in rows}
         merge_newer(merged, before)
         merged.update(self._uncommitted(contact_id))
         return [merged[segment] for segment in sorted(merged)]
@@ -599,21 +536,14 @@ class SqliteStore(JournalStore):
             for start in range(0, len(wanted), _IN_CHUNK):
                 chunk = wanted[start : start + _IN_CHUNK]
                 marks = ",".join("?" * len(chunk))
-                rows += self._query(
-                    f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments "  # noqa: S608 (constants)
-                    f"WHERE contact_id IN ({marks})",
-                    chunk,
-                )
-                mirrors += self._query(
-                    f"SELECT contact_id, occurred_at FROM mirrors WHERE contact_id IN ({marks})",  # noqa: S608
-                    chunk,
-                )
+                rows += self._query(f"{_CONTACTS} IN ({marks})", chunk)
+                mirrors += self._query(f"{MIRROR_TIMES} WHERE contact_id IN ({marks})", chunk)
             return rows, mirrors
 
         rows, mirrors = await self._read(read)
         return assemble_histories(
             wanted,
-            [_assignment(row) for row in rows],
+            [assignment_from_row(row) for row in rows],
             {str(c): float(at) for c, at in mirrors},
             before,
             lambda c: (self._uncommitted(c), self._uncommitted_mirror(c)),
@@ -626,31 +556,15 @@ class SqliteStore(JournalStore):
         reason: FailureReason | None = None,
         segment_id: str | None = None,
     ) -> list[Assignment]:
-        """Dead letters, oldest first; of `reason` and `segment_id` when given.
-
-        The filters narrow the walk of `assignments_by_state` (state, updated_at) in order,
-        which stops at `limit` rows: no sort and no scan of other states, filtered or not.
-        """
-        conditions = ["state = 'failed'"]
-        parameters: list[object] = []
-        if reason is not None:
-            conditions.append("reason = ?")
-            parameters.append(str(reason))
-        if segment_id is not None:
-            conditions.append("segment_id = ?")
-            parameters.append(segment_id)
-        query = (
-            f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments "  # noqa: S608 (fixed fragments)
-            f"WHERE {' AND '.join(conditions)} ORDER BY updated_at LIMIT ?"
-        )
-        rows = await self._read(lambda: self._query(query, (*parameters, limit)))
-        return [_assignment(row) for row in rows]
+        """Dead letters, oldest first; of `reason` and `segment_id` when given (`failed_query`)."""
+        sql, parameters = failed_query(limit, reason, segment_id)
+        query = render(sql, Dialect.SQLITE)
+        rows = await self._read(lambda: self._query(query, parameters))
+        return [assignment_from_row(row) for row in rows]
 
     async def counts(self) -> dict[str, int]:
         """Retained assignments per state."""
-        rows = await self._read(
-            lambda: self._query("SELECT state, count(*) FROM assignments GROUP BY state")
-        )
+        rows = await self._read(lambda: self._query(COUNTS))
         return {str(state): int(count) for state, count in rows}
 
     async def delivery(self, source: str, delivery_id: str) -> bytes | None:
@@ -882,55 +796,13 @@ class SqliteStore(JournalStore):
         self.commits += 1
 
     def _apply(self, connection: sqlite3.Connection, work: PendingWork) -> None:
-        if work.assignments:
-            # History is text, "state:time;" per transition, so that appending the transitions
-            # of this transaction is a plain concatenation; a fresh start (queued) replaces it.
-            rows = [
-                (*row, "".join(f"{state}:{at!r};" for state, at in work.history.get(key, [])))
-                for key, row in work.assignments.items()
-            ]
-            _UPSERT_ASSIGNMENTS.run(connection, rows)
-        if work.batches_saved:
-            connection.executemany(
-                "INSERT OR REPLACE INTO batches (batch_id, segment_id, contact_ids, "
-                "idempotency_key, attempt, saved_at, intent) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [batch_row(b, self._clock()) for b in work.batches_saved.values()],
-            )
-        if work.batches_dropped:
-            connection.executemany(
-                "DELETE FROM batches WHERE batch_id = ?", [(b,) for b in work.batches_dropped]
-            )
-        if work.deliveries:
-            _INSERT_DELIVERIES.run(connection, work.delivery_rows())
-        if work.budget:
-            connection.executemany(
-                "INSERT OR REPLACE INTO refresh_budget VALUES (?, ?)", list(work.budget.items())
-            )
-        if work.confirmations:
-            connection.executemany(
-                "INSERT OR REPLACE INTO confirmations (contact_id, segment_id, confirmed_at, "
-                "member) VALUES (?, ?, ?, ?)",
-                [(c, s, at, int(m)) for (c, s), (at, m) in work.confirmations.items()],
-            )
-        if work.stale:
-            connection.executemany("INSERT INTO stale_changes VALUES (?, ?, ?, ?, ?)", work.stale)
-        if work.mirrors:
-            connection.executemany(
-                "INSERT INTO mirrors VALUES (?, ?, ?) ON CONFLICT (contact_id) DO UPDATE SET "
-                "occurred_at = max(occurred_at, excluded.occurred_at), "
-                "updated_at = excluded.updated_at",
-                [(c, occurred, at) for c, (occurred, at) in work.mirrors.items()],
-            )
-        if work.notifications_added:
-            connection.executemany(
-                "INSERT OR REPLACE INTO notifications VALUES (?, ?, ?)",
-                [(e, body, at) for e, (body, at) in work.notifications_added.items()],
-            )
-        if work.notifications_done:
-            connection.executemany(
-                "DELETE FROM notifications WHERE event_id = ?",
-                [(e,) for e in work.notifications_done],
-            )
+        for write, rows in work.writes(self._clock()):
+            if write is ASSIGNMENTS:
+                _UPSERT_ASSIGNMENTS.run(connection, rows)
+            elif write is DELIVERIES:
+                _INSERT_DELIVERIES.run(connection, rows)
+            else:
+                connection.executemany(_WRITES[write], rows)
 
     def _failed(self, work: PendingWork, exc: sqlite3.Error) -> None:
         message = f"journal {self.path}: commit failed: {exc}"
@@ -976,14 +848,10 @@ class SqliteStore(JournalStore):
         assert connection is not None
         try:
             connection.execute("BEGIN IMMEDIATE")
-            # Active adds are the memberships segmapd made: a mirror (`set`) compares with them,
-            # so they are kept for as long as the membership exists, past any retention; so are
-            # failures that may have left one (`Assignment.may_hold_membership`).
-            pruned = connection.execute(PRUNE_FINISHED.replace("$1", "?"), (horizon,)).rowcount
-            connection.execute("DELETE FROM stale_changes WHERE received_at < ?", (horizon,))
-            connection.execute("DELETE FROM mirrors WHERE updated_at < ?", (horizon,))
-            connection.execute("DELETE FROM deliveries WHERE received_at < ?", (horizon,))
-            connection.execute("DELETE FROM confirmations WHERE confirmed_at < ?", (horizon,))
+            finished, *expired = _PRUNE
+            pruned = connection.execute(finished, (horizon,)).rowcount
+            for statement in expired:
+                connection.execute(statement, (horizon,))
             connection.execute("COMMIT")
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
@@ -997,61 +865,15 @@ class SqliteStore(JournalStore):
 
     def _load_recovery(self) -> Recovered:
         recovered = Recovered()
-        # Already (str, str, float) as stored: no per-row conversion for the biggest list.
-        recovered.queued = self._query(
-            "SELECT contact_id, segment_id, received_at, intent, occurred_at FROM assignments "
-            "WHERE state = 'queued'"
-        )
-        recovered.assignments = [
-            _assignment(row)
-            for row in self._query(
-                f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments "  # noqa: S608 (a constant)
-                "WHERE state IN ('sending', 'retrying', 'written', 'verifying')"
-            )
-        ]
-        for batch_id, segment_id, ids, key, attempt, intent in self._query(
-            "SELECT batch_id, segment_id, contact_ids, idempotency_key, attempt, intent "
-            "FROM batches"
-        ):
-            recovered.batches.append(
-                BatchRecord(
-                    batch_id, segment_id, tuple(orjson.loads(ids)), key, attempt, Intent(intent)
-                )
-            )
-        recovered.refresh_budget = dict(self._query("SELECT * FROM refresh_budget"))
-        recovered.confirmations = [
-            (str(c), str(s), float(at), bool(member))
-            for c, s, at, member in self._query(
-                "SELECT contact_id, segment_id, confirmed_at, member FROM confirmations"
-            )
-        ]
+        # Already (str, str, float, str, float) as stored: no per-row conversion for the biggest
+        # list.
+        recovered.queued = self._query(QUEUED)
+        recovered.assignments = [assignment_from_row(row) for row in self._query(UNFINISHED)]
+        recovered.batches = [batch_from_row(row) for row in self._query(SAVED_BATCHES)]
+        recovered.refresh_budget = dict(self._query(REFRESH_TIMES))
+        recovered.confirmations = [confirmation_from_row(row) for row in self._query(CONFIRMED)]
         recovered.notifications = [
             (str(e), bytes(body))
-            for e, body, _ in self._query("SELECT * FROM notifications ORDER BY added_at")
+            for e, body in self._query("SELECT event_id, body FROM notifications ORDER BY added_at")
         ]
         return recovered
-
-
-_STATES = {state.value: state for state in State}
-_INTENTS = {intent.value: intent for intent in Intent}
-
-
-def _assignment(row: tuple[Any, ...]) -> Assignment:
-    (contact_id, segment_id, state, reason, message, attempts, received, updated, history,
-     intent, occurred_at) = row  # fmt: skip
-    return Assignment(
-        contact_id=contact_id,
-        segment_id=segment_id,
-        state=_STATES[state],
-        reason=FailureReason(reason) if reason else None,
-        message=message,
-        attempts=attempts,
-        received_at=received,
-        updated_at=updated,
-        history=[
-            (_STATES[state_name], float(at))
-            for state_name, _, at in (step.partition(":") for step in history.split(";") if step)
-        ],
-        intent=_INTENTS[intent],
-        occurred_at=occurred_at,
-    )
