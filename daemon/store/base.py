@@ -328,9 +328,11 @@ class Leases(abc.ABC):
 class SharedJournal(AssignmentJournal):
     """A journal several instances share: what the cluster needs beyond `AssignmentJournal`.
 
-    `holds(segment)` says whether this instance may still record the segment's states (rows of
-    segments it does not hold are left out of its commits); `on_fenced` is called when a commit
-    finds this instance declared dead.
+    The cluster tells it what this instance holds: `holds(segment)` and `holds_shard(shard)`
+    are asked as each commit begins, and rows of segments (and consumed inbox rows of shards)
+    no longer held are left out of it, since a shard may be handed over between a row's
+    queueing and its commit; `on_fenced` is called when a commit finds this instance declared
+    dead.
     """
 
     holds: Callable[[str], bool] | None

@@ -8,7 +8,6 @@ was queued after it absorbed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +26,7 @@ from daemon.store.sql import (
     Upsert,
     batch_row,
 )
-from scheduler.model import Assignment
-from scheduler.store import BatchRecord, ContactHistory
+from scheduler.store import BatchRecord
 
 AssignmentRow = tuple[str, str, str, str | None, str, int, float, float, str, float]
 """contact, segment, state, reason, message, attempts, received_at, updated_at, intent,
@@ -165,44 +163,3 @@ class PendingWork:
         if self.notifications_done:
             writes.append((NOTIFICATIONS_DONE, [(e,) for e in self.notifications_done]))
         return writes
-
-
-def merge_newer(rows: dict[str, Assignment], queued: dict[str, Assignment]) -> None:
-    """Lay rows seen queued before a read over what the read found, unless the read's is newer.
-
-    A row queued before the read may have been committed, and overtaken by a newer one, while
-    the read waited: the read then holds the newer state, which the older copy must not undo.
-    """
-    for segment_id, assignment in queued.items():
-        found = rows.get(segment_id)
-        if found is None or assignment.updated_at >= found.updated_at:
-            rows[segment_id] = assignment
-
-
-Queued = tuple[dict[str, Assignment], float]
-"""A contact's rows and newest mirror time not committed yet."""
-
-
-def assemble_histories(
-    wanted: list[str],
-    committed: list[Assignment],
-    committed_mirrors: dict[str, float],
-    before: dict[str, Queued],
-    after: Callable[[str], Queued],
-) -> dict[str, ContactHistory]:
-    """Each contact's history from a read and what was queued before and after it.
-
-    `before` was taken before the read, `after(contact)` is asked after it: a row committed
-    while the read ran is in one of the three, and the newest of them wins.
-    """
-    found = {contact_id: ContactHistory({}, 0.0) for contact_id in wanted}
-    for assignment in committed:
-        found[assignment.contact_id].assignments[assignment.segment_id] = assignment
-    for contact_id in wanted:
-        history = found[contact_id]
-        early, early_mirror = before[contact_id]
-        late, late_mirror = after(contact_id)
-        merge_newer(history.assignments, early)
-        history.assignments.update(late)
-        history.mirrored_at = max(committed_mirrors.get(contact_id, 0.0), early_mirror, late_mirror)
-    return found

@@ -1,12 +1,11 @@
 """The journal on PostgreSQL (`store.url = "postgresql://user@host:port/db"`), with group commit.
 
-The same design as the SQLite journal: every change is queued in memory at once (no I/O in
-the caller), and one background task commits everything queued in ONE transaction, so that
-concurrent webhooks share a commit; `flush()` returns once what was queued before it is
-committed. While the database cannot commit (down, unreachable, restarting) nothing is dropped:
-the changes stay queued and are retried with backoff, `flush()` and `check_writable()` raise
-`StoreUnavailable` meanwhile, and the store carries on by itself when the database is back
-(the pool reconnects). Reads merge what is queued or being committed with what is committed.
+A write-behind journal (daemon/store/write_behind.py), as the SQLite one: every change is
+queued in memory at once, and one background task commits everything queued in ONE
+transaction, each table's rows in one array-valued statement (daemon/store/sql.py). While the
+database cannot commit (down, unreachable, restarting) nothing is dropped: the changes stay
+queued and are retried with backoff, `flush()` and `check_writable()` raise `StoreUnavailable`
+meanwhile, and the store carries on by itself when the database is back (the pool reconnects).
 
 Commits are as durable as the server's `synchronous_commit` makes them (never overridden here;
 with synchronous replication a commit also waits for the standby).
@@ -32,19 +31,17 @@ import asyncpg
 
 from daemon.config import display_url
 from daemon.store.base import (
-    JournalStore,
     Leases,
     Recovered,
     SharedJournal,
     StoreOpenError,
     StoreUnreachable,
 )
+from daemon.store.delivery_filter import DeliveryKey
 from daemon.store.leases import ShardLeases
 from daemon.store.pending import (
     InboxRow,
     PendingWork,
-    assemble_histories,
-    merge_newer,
 )
 from daemon.store.pg_common import (
     CONNECT_TIMEOUT_S,
@@ -83,14 +80,12 @@ from daemon.store.sql import (
     assignment_from_row,
     batch_from_row,
     confirmation_from_row,
-    failed_query,
-    intent_named,
     render,
 )
-from scheduler.model import Assignment, FailureReason, storable
+from daemon.store.write_behind import PRUNE_INTERVAL_S, WriteBehindJournal
 from scheduler.ownership import ForwardedChange
 from scheduler.ratelimit import AdmissionGate
-from scheduler.store import BatchRecord, ContactHistory, StoreUnavailable
+from scheduler.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +105,6 @@ POOL_MAX = 6
 RECENT_DELIVERIES = 200_000
 #: An arbitrary constant, the key of the advisory lock migrations hold ("SGMP" in hex).
 MIGRATION_LOCK = 0x53474D50
-PRUNE_INTERVAL_S = 3600.0
 
 # Answers from a running server that a retry will not change: wrong role or password, no such
 # database, no privilege. At start-up they are configuration errors, not an outage.
@@ -254,7 +248,7 @@ NOTIFICATION_CLAIM_S = 120.0
 _T = TypeVar("_T")
 
 
-class PostgresStore(JournalStore, SharedJournal):
+class PostgresStore(WriteBehindJournal, SharedJournal):
     """The journal behind `store.url = "postgresql://user@host:port/database"`.
 
     `password` is the role's (from `store.password` / `password_file`), kept out of the URL
@@ -269,34 +263,18 @@ class PostgresStore(JournalStore, SharedJournal):
         retention_s: float = 7 * 86_400,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        super().__init__(shown=display_url(url), retention_s=retention_s, clock=clock)
         self.url = url
-        self.retention_s = retention_s
-        self.shown = display_url(url)
         self._password = password
-        self._clock = clock
         self._pool: asyncpg.Pool | None = None
         self._writer: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        self._pending = PendingWork()
-        # The transaction the writer is committing (or failed to, and will retry): its changes
-        # are in neither `_pending` nor the database yet.
-        self._in_flight: PendingWork | None = None
-        # A failed transaction's changes (the same object as `_in_flight` while it waits for its
-        # retry), committed first with what was queued since.
-        self._carry = PendingWork()
         self._committing = False
         # Set by `discard_pending` while a commit is under way: if it fails, it is not retried.
         self._discarded = False
         self._closing = False
         self._closed = False
-        self.last_error = ""
-        self.commits = 0
-        self._last_prune = 0.0
         self._pruning: asyncio.Task[None] | None = None
-        self._refresh: dict[str, float] = {}
-        self._notifications: OrderedDict[str, bytes] = OrderedDict()
-        # Deliveries remembered but not committed yet (their answers).
-        self._unconfirmed: dict[tuple[str, str], bytes] = {}
         # Delivery keys committed lately, oldest first: a lookup that read before their commit
         # finds them here.
         self._recent: OrderedDict[tuple[str, str], bytes] = OrderedDict()
@@ -307,8 +285,8 @@ class PostgresStore(JournalStore, SharedJournal):
         ] = []
         self._claimer: asyncio.Task[None] | None = None
         # Set by the cluster membership (daemon/cluster.py) once this instance has joined: every
-        # commit then checks that the instance is still a member (`fence_sql`), and assignment
-        # rows of segments it no longer holds are left out (`holds`).
+        # commit then checks that the instance is still a member (`fence_sql`), and rows of
+        # segments it no longer holds are left out (`holds`, see `_leave_out_unheld`).
         self.instance_id: int | None = None
         self.holds: Callable[[str], bool] | None = None
         self.holds_shard: Callable[[int], bool] = lambda shard: True
@@ -470,13 +448,8 @@ class PostgresStore(JournalStore, SharedJournal):
             await _close_pool(claim_pool)
 
     async def check_writable(self) -> None:
-        """Raise StoreUnavailable while commits fail (the readiness probe)."""
-        if self.last_error:
-            raise StoreUnavailable(self.last_error)
-        try:
-            await asyncio.wait_for(self.flush(), 5.0)
-        except TimeoutError:
-            raise StoreUnavailable(f"journal {self.shown}: no commit within 5 s") from None
+        """Raise StoreUnavailable while commits fail, or the database does not answer."""
+        await super().check_writable()
 
         # With nothing queued a flush touches no database: ask the server itself, so that an
         # idle instance is not ready while its database is down.
@@ -484,19 +457,6 @@ class PostgresStore(JournalStore, SharedJournal):
             await connection.execute("SELECT 1", timeout=5.0)
 
         await self._with_connection(probe, "readiness probe")
-
-    async def flush(self) -> None:
-        """Wait until everything queued so far is committed; StoreUnavailable while it cannot be."""
-        if self._writer is None or self._closing:
-            raise StoreUnavailable("the journal is not open")
-        if self._writer.done():
-            # A writer that died (a bug) must not leave every webhook waiting for ever.
-            failure = None if self._writer.cancelled() else self._writer.exception()
-            raise StoreUnavailable(f"the journal writer stopped ({failure!r})")
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.waiters.append(future)
-        self._wake.set()
-        await future
 
     def discard_pending(self) -> int:
         """Drop every change not committed yet, failing its waiters; how many assignment changes.
@@ -508,12 +468,13 @@ class PostgresStore(JournalStore, SharedJournal):
         fails. A commit already under way is not interrupted: it lands (the instance was still
         a member when it began) or fails, and is then not retried.
         """
-        dropped = [self._pending, self._carry]
-        if self._committing:
-            self._discarded = True
-        else:
-            self._in_flight = None  # the failed transaction waiting for its retry: dropped
-        self._pending, self._carry = PendingWork(), PendingWork()
+        with self._lock:
+            dropped = [self._pending, self._carry]
+            if self._committing:
+                self._discarded = True
+            else:
+                self._in_flight = None  # the failed transaction waiting for its retry: dropped
+            self._pending, self._carry = PendingWork(), PendingWork()
         self.last_error = ""  # the dropped transaction's: the next commit tells
         failure = StoreUnavailable(
             f"journal {self.shown}: this instance was fenced; its uncommitted changes were dropped"
@@ -531,82 +492,30 @@ class PostgresStore(JournalStore, SharedJournal):
 
     # ---- writes -------------------------------------------------------------------------------
 
-    def record(self, assignment: Assignment) -> None:
-        """Queue the assignment's current state and its latest transition."""
-        key = assignment.key
-        pending = self._pending
-        pending.assignments[key] = (
-            assignment.contact_id,
-            assignment.segment_id,
-            str(assignment.state),
-            str(assignment.reason) if assignment.reason is not None else None,
-            storable(assignment.message),
-            assignment.attempts,
-            assignment.received_at,
-            assignment.updated_at,
-            str(assignment.intent),
-            assignment.occurred_at,
-        )
-        pending.contacts.setdefault(assignment.contact_id, set()).add(key[1])
-        pending.history.setdefault(key, []).append((str(assignment.state), assignment.updated_at))
-        self._wake.set()
-
-    def record_stale(
-        self, contact_id: str, segment_id: str, intent: str, occurred_at: float, at: float
-    ) -> None:
-        """Queue a change that arrived older than the one in progress (it costs no call)."""
-        self._pending.stale.append((contact_id, segment_id, intent, occurred_at, at))
-        self._wake.set()
-
-    def record_mirror(self, contact_id: str, occurred_at: float) -> None:
-        """Queue the time of a mirror applied to the contact (the newest is kept)."""
-        earlier = self._pending.mirrors.get(contact_id)
-        if earlier is None or occurred_at > earlier[0]:
-            self._pending.mirrors[contact_id] = (occurred_at, self._clock())
-        self._wake.set()
-
-    async def save_batch(self, batch: BatchRecord) -> None:
-        """Commit the batch (with its key and contacts) before it is sent."""
-        self._pending.batches_saved[batch.batch_id] = batch
-        self._pending.batches_dropped.discard(batch.batch_id)
-        await self.flush()
-
-    async def drop_batch(self, batch_id: str) -> None:
-        """Forget the batch (its outcome is recorded); committed with the next transaction."""
-        if self._pending.batches_saved.pop(batch_id, None) is None:
-            self._pending.batches_dropped.add(batch_id)
-        self._wake.set()
-
-    async def remember_delivery(self, source: str, delivery_id: str, answer: bytes) -> None:
-        """Queue the delivery's answer; committed with the webhook's flush."""
-        key = (source, delivery_id)
-        self._unconfirmed.setdefault(key, answer)
-        self._pending.deliveries.setdefault(key, (answer, self._clock()))
-        self._wake.set()
-
     def forward(self, change: ForwardedChange) -> None:
         """Queue a change for the owner of its segment's shard (committed with the webhook)."""
-        self._pending.inbox.append(
-            (
-                shard_of(change.segment_id),
-                change.contact_id,
-                change.segment_id,
-                str(change.intent),
-                change.occurred_at,
-                change.received_at,
-                str(change.reason) if change.reason is not None else None,
-                change.message,
-            )
+        row = (
+            shard_of(change.segment_id),
+            change.contact_id,
+            change.segment_id,
+            str(change.intent),
+            change.occurred_at,
+            change.received_at,
+            str(change.reason) if change.reason is not None else None,
+            change.message,
         )
-        self._wake.set()
+        with self._lock:
+            self._pending.inbox.append(row)
+            self._nudge()
 
     def consume_inbox(self, rows: Sequence[tuple[int, int]]) -> None:
         """Queue the deletion of inbox rows, (id, shard), taken into this engine.
 
         Committed with the states they became, and only while their shard is held.
         """
-        self._pending.inbox_done.update(rows)
-        self._wake.set()
+        with self._lock:
+            self._pending.inbox_done.update(rows)
+            self._nudge()
 
     async def read_inbox(self, shards: Sequence[int], limit: int) -> list[tuple[int, InboxRow]]:
         """Committed inbox rows of these shards, oldest first: (id, row)."""
@@ -727,23 +636,6 @@ class PostgresStore(JournalStore, SharedJournal):
 
         return await self._with_connection(load, "recovery")
 
-    def remember_confirmation(
-        self, contact_id: str, segment_id: str, at: float, member: bool = True
-    ) -> None:
-        """Queue a validation-cache entry: what was confirmed (member or not), and when."""
-        self._pending.confirmations[(contact_id, segment_id)] = (at, member)
-        self._wake.set()
-
-    def next_allowed(self, segment_id: str) -> float:
-        """RefreshBudget: when the segment may be refreshed next, as this process knows it."""
-        return self._refresh.get(segment_id, 0.0)
-
-    def spend(self, segment_id: str, at: float, next_allowed: float) -> None:
-        """RefreshBudget: record when the next refresh is allowed; committed with the next flush."""
-        self._refresh[segment_id] = next_allowed
-        self._pending.budget[segment_id] = next_allowed
-        self._wake.set()
-
     async def try_spend(self, segment_id: str, now: float, next_allowed: float) -> float:
         """RefreshBudget: take the refresh in one committed UPDATE if allowed; 0.0, or when.
 
@@ -776,24 +668,6 @@ class PostgresStore(JournalStore, SharedJournal):
         self._refresh[segment_id] = next_allowed if allowed == 0.0 else allowed
         return allowed
 
-    def add(self, event_id: str, body: bytes) -> None:
-        """NotificationJournal: an event to deliver."""
-        self._notifications[event_id] = body
-        self._pending.notifications_added[event_id] = (body, self._clock())
-        self._pending.notifications_done.discard(event_id)
-        self._wake.set()
-
-    def done(self, event_id: str) -> None:
-        """NotificationJournal: the event was delivered (or dropped for good)."""
-        self._notifications.pop(event_id, None)
-        if self._pending.notifications_added.pop(event_id, None) is None:
-            self._pending.notifications_done.add(event_id)
-        self._wake.set()
-
-    def pending(self) -> list[tuple[str, bytes]]:
-        """NotificationJournal: events not yet delivered, oldest first."""
-        return list(self._notifications.items())
-
     # ---- reads --------------------------------------------------------------------------------
 
     async def _with_connection(self, work: Callable[[Connection], Awaitable[_T]], what: str) -> _T:
@@ -815,83 +689,25 @@ class PostgresStore(JournalStore, SharedJournal):
 
         return await self._with_connection(fetch, "read")
 
-    def _uncommitted(self, contact_id: str) -> dict[str, Assignment]:
-        """The contact's recorded changes not committed yet, by segment (newest wins)."""
-        found: dict[str, Assignment] = {}
-        for work in (self._in_flight, self._pending):
-            if work is None:
-                continue
-            for segment in work.contacts.get(contact_id, ()):
-                row = work.assignments[(contact_id, segment)]
-                found[segment] = assignment_from_row((*row[:8], "", row[8], row[9]))
-        return found
+    async def _select(self, sql: str, *arguments: Any) -> list[asyncpg.Record]:
+        return await self._fetch(sql, *arguments)
 
-    def _uncommitted_mirror(self, contact_id: str) -> float:
-        newest = 0.0
-        for work in (self._in_flight, self._pending):
-            if work is not None and contact_id in work.mirrors:
-                newest = max(newest, work.mirrors[contact_id][0])
-        return newest
+    async def _forwarded(self, contact_id: str) -> list[asyncpg.Record]:
+        return await self._fetch(_FORWARDED, contact_id)
 
-    async def contact(self, contact_id: str) -> list[Assignment]:
-        """The contact's assignments as recorded, committed or not."""
-        # Taken before the read too: a change committed while the read runs may be missing from
-        # the read's snapshot and gone from the queue after it.
-        before = self._uncommitted(contact_id)
-        # Changes forwarded to their segment's owner and not taken yet: queued, as they are.
-        # Read first: one taken meanwhile is in the assignments read after it (what it became).
-        forwarded = await self._fetch(_FORWARDED, contact_id)
-        rows = await self._fetch(CONTACT, contact_id)
-        merged = {row[1]: assignment_from_row(row) for row in rows}
-        merge_newer(merged, before)
-        merged.update(self._uncommitted(contact_id))
-        for segment_id, intent, occurred_at, received_at in forwarded:
-            known = merged.get(segment_id)
-            version = occurred_at or received_at
-            if known is None or version > known.version:
-                merged[segment_id] = Assignment(
-                    contact_id,
-                    segment_id,
-                    received_at=received_at,
-                    updated_at=received_at,
-                    intent=intent_named(intent),
-                    occurred_at=occurred_at,
-                )
-        return [merged[segment] for segment in sorted(merged)]
-
-    async def histories(self, contact_ids: Sequence[str]) -> dict[str, ContactHistory]:
-        """Each contact's assignments and newest mirror time, committed or not, in one read."""
-        wanted = list(dict.fromkeys(contact_ids))
-        before = {c: (self._uncommitted(c), self._uncommitted_mirror(c)) for c in wanted}
-
+    async def _read_histories(
+        self, contact_ids: list[str]
+    ) -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
         async def read(
             connection: Connection,
         ) -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
             # One snapshot for both tables.
             async with connection.transaction(isolation="repeatable_read", readonly=True):
-                rows = await connection.fetch(_CONTACTS, wanted)
-                mirrors = await connection.fetch(_MIRRORS, wanted)
+                rows = await connection.fetch(_CONTACTS, contact_ids)
+                mirrors = await connection.fetch(_MIRRORS, contact_ids)
             return rows, mirrors
 
-        rows, mirrors = await self._with_connection(read, "read")
-        return assemble_histories(
-            wanted,
-            [assignment_from_row(row) for row in rows],
-            {str(c): float(at) for c, at in mirrors},
-            before,
-            lambda c: (self._uncommitted(c), self._uncommitted_mirror(c)),
-        )
-
-    async def failed(
-        self,
-        limit: int = 1000,
-        *,
-        reason: FailureReason | None = None,
-        segment_id: str | None = None,
-    ) -> list[Assignment]:
-        """Dead letters, oldest first; of `reason` and `segment_id` when given (`failed_query`)."""
-        sql, parameters = failed_query(limit, reason, segment_id)
-        return [assignment_from_row(row) for row in await self._fetch(sql, *parameters)]
+        return await self._with_connection(read, "read")
 
     async def counts(self) -> dict[str, int]:
         """Retained assignments per state."""
@@ -943,11 +759,40 @@ class PostgresStore(JournalStore, SharedJournal):
 
     # ---- the writer task ----------------------------------------------------------------------
 
+    def _nudge(self) -> None:
+        self._wake.set()
+
+    def _writer_problem(self) -> str | None:
+        if self._writer is None or self._closing:
+            return "the journal is not open"
+        if self._writer.done():
+            # A writer that died (a bug) must not leave every webhook waiting for ever.
+            failure = None if self._writer.cancelled() else self._writer.exception()
+            return f"the journal writer stopped ({failure!r})"
+        return None
+
+    def _on_loop(self, callback: Callable[[], None]) -> None:
+        callback()  # the writer is a task on the loop
+
+    def _describe(self, exc: BaseException) -> str:
+        return describe(exc)
+
+    def _deliveries_committed(self, keys: list[DeliveryKey]) -> None:
+        # Kept a while: a lookup that read before their commit finds them here.
+        recent = self._recent
+        for key in keys:
+            answer = self._unconfirmed.pop(key, None)
+            if answer is not None:
+                recent[key] = answer
+        while len(recent) > RECENT_DELIVERIES:
+            recent.popitem(last=False)
+
     async def _write_loop(self) -> None:
         delay = RETRY_FIRST_S
         while True:
-            pending = self._pending
-            if pending.empty() and not pending.waiters and self._carry.empty():
+            with self._lock:
+                work = self._take_work() if self._has_work() else None
+            if work is None:
                 if self._closing:
                     return
                 self._wake.clear()
@@ -956,49 +801,21 @@ class PostgresStore(JournalStore, SharedJournal):
                 except TimeoutError:
                     self._schedule_prune()  # idle: a chance to prune
                 continue
-            work, self._pending = self._pending, PendingWork()
             closing = self._closing
-            if not self._carry.empty():
-                # A failed transaction's changes go first; later ones are merged onto them.
-                self._carry.absorb(work)
-                work = self._carry
-            self._carry = PendingWork()
-            self._in_flight = work
             failure = await self._try_commit(work)
             if failure is not None:  # any failure: keep the changes, answer busy, retry
-                self._failed(work, failure)
-                work.waiters = []
-                if self._discarded:
-                    # Dropped meanwhile (`discard_pending`): not retried. Its error is no news
-                    # of the database: the next commit (or the readiness probe) tells.
-                    self._in_flight = None
-                    self.last_error = ""
-                else:
-                    self._carry = work
+                self._commit_failed(work, failure)
                 if closing:
-                    self._in_flight = None
-                    self._pending.absorb(self._carry)  # kept visible to close()'s report
-                    self._carry = PendingWork()
+                    with self._lock:
+                        self._in_flight = None
+                        self._pending.absorb(self._carry)  # kept visible to close()'s report
+                        self._carry = PendingWork()
                     return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MOST_S)
                 continue
             delay = RETRY_FIRST_S
-            self._in_flight = None
-            if self.last_error:
-                log.warning("journal %s: commits work again", self.shown)
-                self.last_error = ""
-            if work.deliveries:
-                recent = self._recent
-                for key in work.deliveries:
-                    answer = self._unconfirmed.pop(key, None)
-                    if answer is not None:
-                        recent[key] = answer
-                while len(recent) > RECENT_DELIVERIES:
-                    recent.popitem(last=False)
-            for waiter in work.waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+            self._committed(work)
             self._schedule_prune()
 
     async def _try_commit(self, work: PendingWork) -> Exception | None:
@@ -1045,7 +862,22 @@ class PostgresStore(JournalStore, SharedJournal):
         self.commits += 1
 
     def _leave_out_unheld(self, work: PendingWork) -> None:
-        """Drop states of segments this instance no longer holds: their owner's are newer."""
+        """Leave out of this commit the rows of segments this instance no longer holds.
+
+        The engine checks ownership when a state changes; a row is written by the commit after
+        that, and a shard can change hands in between. A handover (daemon/cluster.py) flushes,
+        then stops holding the shards, then releases their leases: a row queued while that flush
+        was committing is left for the next transaction, which may begin after another instance
+        has taken the shards and loaded their work from the journal. The commit fence cannot
+        tell, since it refuses an instance declared dead, not one live instance's rows of shards
+        it gave up. So each commit asks, as it begins, which of its rows are still this
+        instance's to write: states, saved batches and validation-cache entries of segments no
+        longer held are dropped (the new owner's are newer, or it recovered what was committed),
+        and a forwarded change taken into this engine is deleted from the inbox only while its
+        shard is held, else it stays for the shard's owner (no transition of the engine's shows
+        that deletion). Rows queued after a fence by anything that does not ask the engine's
+        ownership (the validation cache) are dropped here too.
+        """
         holds = self.holds
         if holds is None:
             return
@@ -1094,27 +926,29 @@ class PostgresStore(JournalStore, SharedJournal):
             else:
                 await connection.execute(_WRITES[write], *_columns(rows))
 
-    def _failed(self, work: PendingWork, exc: Exception) -> None:
+    def _commit_failed(self, work: PendingWork, exc: BaseException) -> None:
+        if not self._discarded:
+            super()._commit_failed(work, exc)
+            return
+        # Dropped meanwhile (`discard_pending`): not retried. Its error is no news of the
+        # database: the next commit (or the readiness probe) tells.
         message = f"journal {self.shown}: commit failed: {describe(exc)}"
-        if self._discarded:
-            log.warning("%s; its %d changes are dropped (fenced)", message, len(work.assignments))
-        elif message != self.last_error:
-            log.error("%s; keeping %d changes queued and retrying", message, len(work.assignments))
-        self.last_error = message
-        for waiter in work.waiters:
-            if not waiter.done():
-                waiter.set_exception(StoreUnavailable(message))
+        log.warning("%s; its %d changes are dropped (fenced)", message, len(work.assignments))
+        self._fail_waiters(work, StoreUnavailable(message))
+        with self._lock:
+            self._in_flight = None
+        self.last_error = ""
 
     def _schedule_prune(self) -> None:
         """Start a prune when one is due, on a task of its own: commits never wait for it."""
-        now = self._clock()
-        if now - self._last_prune < PRUNE_INTERVAL_S or self._pool is None or self._closing:
+        if self._pool is None or self._closing:
             return
         if self._pruning is not None and not self._pruning.done():
             return
-        self._last_prune = now
+        if not self._prune_due():
+            return
         self._pruning = asyncio.get_running_loop().create_task(
-            self._prune(now), name="journal-prune"
+            self._prune(self._last_prune), name="journal-prune"
         )
 
     async def _prune(self, now: float) -> None:

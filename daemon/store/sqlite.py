@@ -1,11 +1,12 @@
 """The durable journal: one SQLite file in WAL mode, written by one thread with group commit.
 
-Every change the engine records goes into an in-memory queue at once (no I/O on the event
-loop). A writer thread takes everything queued, applies it in one transaction and commits;
-`flush()` returns once everything recorded before it is committed, so concurrent webhooks share
-one fsync. When a commit fails (disk full, read-only file system), nothing is dropped: the
-changes stay queued and are retried, `flush()` raises `StoreUnavailable` meanwhile, and the
-store recovers by itself when the disk does.
+A write-behind journal (daemon/store/write_behind.py): every change the engine records goes
+into an in-memory queue at once (no I/O on the event loop). A writer thread takes everything
+queued, applies it in one transaction and commits; `flush()` returns once everything recorded
+before it is committed, so concurrent webhooks share one fsync. When a commit fails (disk full,
+read-only file system), nothing is dropped: the changes stay queued and are retried, `flush()`
+raises `StoreUnavailable` meanwhile, and the store recovers by itself when the disk does. Reads
+run on a thread of their own, on a connection of their own.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import itertools
 import logging
 import math
@@ -29,7 +31,7 @@ from typing import Any, Literal
 
 from rbloom import Bloom
 
-from daemon.store.base import JournalStore, Recovered, StoreOpenError
+from daemon.store.base import Recovered, StoreOpenError
 from daemon.store.delivery_filter import (
     MIN_CAPACITY,
     DeliveryFilter,
@@ -37,12 +39,7 @@ from daemon.store.delivery_filter import (
     capacity_for,
     new_bloom,
 )
-from daemon.store.pending import (
-    AssignmentRow,
-    PendingWork,
-    assemble_histories,
-    merge_newer,
-)
+from daemon.store.pending import PendingWork
 from daemon.store.sql import (
     ASSIGNMENT_COLUMNS,
     ASSIGNMENTS,
@@ -50,8 +47,6 @@ from daemon.store.sql import (
     BATCHES_DONE,
     CONFIRMATIONS,
     CONFIRMED,
-    CONTACT,
-    COUNTS,
     DELIVERIES,
     MIRROR_TIMES,
     MIRRORS,
@@ -70,11 +65,10 @@ from daemon.store.sql import (
     assignment_from_row,
     batch_from_row,
     confirmation_from_row,
-    failed_query,
     render,
 )
-from scheduler.model import Assignment, FailureReason, storable
-from scheduler.store import BatchRecord, ContactHistory, StoreUnavailable
+from daemon.store.write_behind import WriteBehindJournal
+from scheduler.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -294,12 +288,17 @@ _WRITES = {
         NOTIFICATIONS_DONE,
     )
 }
-_CONTACT = render(CONTACT, Dialect.SQLITE)
 _CONTACTS = f"SELECT {ASSIGNMENT_COLUMNS} FROM assignments WHERE contact_id"  # noqa: S608
 _PRUNE = [render(sql, Dialect.SQLITE) for sql in (PRUNE_FINISHED, *PRUNE_EXPIRED)]
 
 
-class SqliteStore(JournalStore):
+@functools.lru_cache(maxsize=64)
+def _rendered(sql: str) -> str:
+    """A shared read as sqlite3 takes it, rendered once per text."""
+    return render(sql, Dialect.SQLITE)
+
+
+class SqliteStore(WriteBehindJournal):
     """The journal behind `store.url = "sqlite:///path"`."""
 
     def __init__(
@@ -311,19 +310,13 @@ class SqliteStore(JournalStore):
         clock: Callable[[], float] = time.time,
         delivery_filter_capacity: int = MIN_CAPACITY,
     ) -> None:
+        super().__init__(shown=path, retention_s=retention_s, clock=clock)
         self.path = path
         self.synchronous = synchronous
-        self.retention_s = retention_s
-        self._clock = clock
-        self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         # Whether the writer sleeps on `_wake`. Only then does a change need a notify() (Python
         # code, on the hot path): a change queued while the writer commits is seen when it loops.
         self._writer_idle = False
-        self._pending = PendingWork()
-        # The transaction the writer is committing (or failed to, and will retry): its changes
-        # are in neither `_pending` nor the file yet.
-        self._in_flight: PendingWork | None = None
         self._file_lock = JournalLock(path)
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -331,16 +324,10 @@ class SqliteStore(JournalStore):
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-read")
-        self.last_error: str = ""
-        self.commits = 0
-        self._last_prune = 0.0
-        self._refresh: dict[str, float] = {}
-        self._notifications: OrderedDict[str, bytes] = OrderedDict()
-        # Deliveries remembered but not yet committed (their answers), and a filter of the rest.
-        self._unconfirmed: dict[DeliveryKey, bytes] = {}
         # Commits whose deliveries left `_unconfirmed`: a lookup whose read overlapped one reads
         # again, since its snapshot may predate the commit.
         self._deliveries_settled = 0
+        # A filter of the committed deliveries' keys (those not committed are `_unconfirmed`).
         self._seen = DeliveryFilter()
         self._filter_task: asyncio.Task[None] | None = None
         self._filter_failed_at = -math.inf
@@ -409,72 +396,14 @@ class SqliteStore(JournalStore):
             self._writer = None
         self._file_lock.release()
 
-    # ---- writes (Store protocol) -----------------------------------------------------------
-
-    def record(self, assignment: Assignment) -> None:
-        """Queue the assignment's current state and its latest transition."""
-        key = assignment.key
-        row: AssignmentRow = (
-            assignment.contact_id,
-            assignment.segment_id,
-            str(assignment.state),
-            str(assignment.reason) if assignment.reason is not None else None,
-            storable(assignment.message),
-            assignment.attempts,
-            assignment.received_at,
-            assignment.updated_at,
-            str(assignment.intent),
-            assignment.occurred_at,
-        )
-        with self._lock:
-            self._pending.assignments[key] = row
-            self._pending.contacts.setdefault(assignment.contact_id, set()).add(key[1])
-            self._pending.history.setdefault(key, []).append(
-                (str(assignment.state), assignment.updated_at)
-            )
-            self._nudge()
-
-    async def flush(self) -> None:
-        """Wait until everything queued so far is committed; StoreUnavailable if it cannot be."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        with self._lock:
-            if self._thread is None:
-                raise StoreUnavailable("the journal is not open")
-            self._pending.waiters.append(future)
-            self._nudge()
-        await future
-
-    async def save_batch(self, batch: BatchRecord) -> None:
-        """Commit the batch (with its key and body) before it is sent."""
-        with self._lock:
-            self._pending.batches_saved[batch.batch_id] = batch
-            self._pending.batches_dropped.discard(batch.batch_id)
-        await self.flush()
-
-    async def drop_batch(self, batch_id: str) -> None:
-        """Forget the batch (its outcome is recorded); committed with the next transaction."""
-        with self._lock:
-            if self._pending.batches_saved.pop(batch_id, None) is None:
-                self._pending.batches_dropped.add(batch_id)
-            self._nudge()
+    # ---- writes -------------------------------------------------------------------------------
 
     async def remember_delivery(self, source: str, delivery_id: str, answer: bytes) -> None:
         """Queue the delivery's answer; committed with the webhook's flush."""
-        key = (source, delivery_id)
-        self._unconfirmed[key] = answer
-        self._seen.add(key)
-        with self._lock:
-            self._pending.deliveries.setdefault(key, (answer, self._clock()))
-            self._nudge()
+        await super().remember_delivery(source, delivery_id, answer)
+        self._seen.add((source, delivery_id))
         if self._seen.needs_build() and time.monotonic() - self._filter_failed_at > FILTER_RETRY_S:
             self._build_filter()
-
-    async def check_writable(self) -> None:
-        """Raise StoreUnavailable while commits fail."""
-        if self.last_error:
-            raise StoreUnavailable(self.last_error)
-        await asyncio.wait_for(self.flush(), 5.0)
 
     # ---- reads ---------------------------------------------------------------------------
 
@@ -496,76 +425,26 @@ class SqliteStore(JournalStore):
         assert self._reader is not None
         return self._reader.execute(sql, tuple(parameters)).fetchall()
 
-    def _uncommitted(self, contact_id: str) -> dict[str, Assignment]:
-        """The contact's recorded changes not committed yet, by segment (newest wins)."""
-        found: dict[str, Assignment] = {}
-        with self._lock:
-            for work in (self._in_flight, self._pending):
-                if work is None:
-                    continue
-                for segment in work.contacts.get(contact_id, ()):
-                    row = work.assignments[(contact_id, segment)]
-                    found[segment] = assignment_from_row((*row[:8], "", row[8], row[9]))
-        return found
+    async def _select(self, sql: str, *arguments: Any) -> list[tuple[Any, ...]]:
+        text = _rendered(sql)
+        rows: list[tuple[Any, ...]] = await self._read(lambda: self._query(text, arguments))
+        return rows
 
-    async def contact(self, contact_id: str) -> list[Assignment]:
-        """The contact's assignments as recorded, committed or not.
-
-        A mirror (`set`) compares with these: a change recorded a moment ago by a concurrent
-        request must be seen though its transaction has not committed yet.
-        """
-        before = self._uncommitted(contact_id)
-        rows = await self._read(lambda: self._query(_CONTACT, (contact_id,)))
-        merged = {row[1]: assignment_from_row(row) for row in rows}
-        merge_newer(merged, before)
-        merged.update(self._uncommitted(contact_id))
-        return [merged[segment] for segment in sorted(merged)]
-
-    async def histories(self, contact_ids: Sequence[str]) -> dict[str, ContactHistory]:
-        """Each contact's assignments and newest mirror time, committed or not, in one read.
-
-        The intake of a batch (a HubSpot delivery holds 100 contacts) asks once for all of
-        them, rather than once per contact and per table.
-        """
-        wanted = list(dict.fromkeys(contact_ids))
-        before = {c: (self._uncommitted(c), self._uncommitted_mirror(c)) for c in wanted}
-
+    async def _read_histories(
+        self, contact_ids: list[str]
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
         def read() -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
             rows: list[tuple[Any, ...]] = []
             mirrors: list[tuple[Any, ...]] = []
-            for start in range(0, len(wanted), _IN_CHUNK):
-                chunk = wanted[start : start + _IN_CHUNK]
+            for start in range(0, len(contact_ids), _IN_CHUNK):
+                chunk = contact_ids[start : start + _IN_CHUNK]
                 marks = ",".join("?" * len(chunk))
                 rows += self._query(f"{_CONTACTS} IN ({marks})", chunk)
                 mirrors += self._query(f"{MIRROR_TIMES} WHERE contact_id IN ({marks})", chunk)
             return rows, mirrors
 
-        rows, mirrors = await self._read(read)
-        return assemble_histories(
-            wanted,
-            [assignment_from_row(row) for row in rows],
-            {str(c): float(at) for c, at in mirrors},
-            before,
-            lambda c: (self._uncommitted(c), self._uncommitted_mirror(c)),
-        )
-
-    async def failed(
-        self,
-        limit: int = 1000,
-        *,
-        reason: FailureReason | None = None,
-        segment_id: str | None = None,
-    ) -> list[Assignment]:
-        """Dead letters, oldest first; of `reason` and `segment_id` when given (`failed_query`)."""
-        sql, parameters = failed_query(limit, reason, segment_id)
-        query = render(sql, Dialect.SQLITE)
-        rows = await self._read(lambda: self._query(query, parameters))
-        return [assignment_from_row(row) for row in rows]
-
-    async def counts(self) -> dict[str, int]:
-        """Retained assignments per state."""
-        rows = await self._read(lambda: self._query(COUNTS))
-        return {str(state): int(count) for state, count in rows}
+        found: tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]] = await self._read(read)
+        return found
 
     async def delivery(self, source: str, delivery_id: str) -> bytes | None:
         """The answer to an earlier delivery, if retained (queued ones count too).
@@ -645,21 +524,10 @@ class SqliteStore(JournalStore):
             connection.close()
         return bloom, capacity, journaled
 
-    # ---- validation state and notifications, write-through ------------------------------------
-
-    def next_allowed(self, segment_id: str) -> float:
-        """RefreshBudget: when the segment may be refreshed next."""
-        return self._refresh.get(segment_id, 0.0)
-
-    def spend(self, segment_id: str, at: float, next_allowed: float) -> None:
-        """RefreshBudget: record when the next refresh is allowed; committed with the next flush."""
-        self._refresh[segment_id] = next_allowed
-        with self._lock:
-            self._pending.budget[segment_id] = next_allowed
-            self._nudge()
+    # ---- the refresh budget ---------------------------------------------------------------------
 
     async def try_spend(self, segment_id: str, now: float, next_allowed: float) -> float:
-        """RefreshBudget: spend and commit before the refresh is sent; 0.0, or when allowed.
+        """Spend and commit before the refresh is sent; 0.0, or when it will be allowed.
 
         A refresh sent with its spend only queued, then a crash, would be sent again after the
         restart and answered 429. StoreUnavailable (the commit failed) means: do not send.
@@ -677,58 +545,6 @@ class SqliteStore(JournalStore):
             raise
         return 0.0
 
-    def remember_confirmation(
-        self, contact_id: str, segment_id: str, at: float, member: bool = True
-    ) -> None:
-        """Persist a validation-cache entry: what was confirmed (member or not), and when."""
-        with self._lock:
-            self._pending.confirmations[(contact_id, segment_id)] = (at, member)
-            self._nudge()
-
-    def record_stale(
-        self, contact_id: str, segment_id: str, intent: str, occurred_at: float, at: float
-    ) -> None:
-        """Journal a change that arrived older than the one in progress (it costs no call)."""
-        with self._lock:
-            self._pending.stale.append((contact_id, segment_id, intent, occurred_at, at))
-            self._nudge()
-
-    def record_mirror(self, contact_id: str, occurred_at: float) -> None:
-        """Journal the time of a mirror applied to the contact (the newest is kept)."""
-        with self._lock:
-            earlier = self._pending.mirrors.get(contact_id)
-            if earlier is None or occurred_at > earlier[0]:
-                self._pending.mirrors[contact_id] = (occurred_at, self._clock())
-            self._nudge()
-
-    def _uncommitted_mirror(self, contact_id: str) -> float:
-        newest = 0.0
-        with self._lock:
-            for work in (self._in_flight, self._pending):
-                if work is not None and contact_id in work.mirrors:
-                    newest = max(newest, work.mirrors[contact_id][0])
-        return newest
-
-    def add(self, event_id: str, body: bytes) -> None:
-        """NotificationJournal: an event to deliver."""
-        self._notifications[event_id] = body
-        with self._lock:
-            self._pending.notifications_added[event_id] = (body, self._clock())
-            self._pending.notifications_done.discard(event_id)
-            self._nudge()
-
-    def done(self, event_id: str) -> None:
-        """NotificationJournal: the event was delivered (or dropped for good)."""
-        self._notifications.pop(event_id, None)
-        with self._lock:
-            if self._pending.notifications_added.pop(event_id, None) is None:
-                self._pending.notifications_done.add(event_id)
-            self._nudge()
-
-    def pending(self) -> list[tuple[str, bytes]]:
-        """NotificationJournal: events not yet delivered."""
-        return list(self._notifications.items())
-
     # ---- the writer thread --------------------------------------------------------------------
 
     def _nudge(self) -> None:
@@ -737,11 +553,28 @@ class SqliteStore(JournalStore):
             self._writer_idle = False
             self._wake.notify()
 
+    def _writer_problem(self) -> str | None:
+        return "the journal is not open" if self._thread is None else None
+
+    def _on_loop(self, callback: Callable[[], None]) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(callback)
+
+    def _flush_error(self, message: str, exc: BaseException) -> StoreUnavailable:
+        # The driver's words alone: the answer a webhook gets need not name the journal's path.
+        return StoreUnavailable(str(exc))
+
+    def _deliveries_committed(self, keys: list[DeliveryKey]) -> None:
+        self._deliveries_settled += 1
+        super()._deliveries_committed(keys)
+
     def _write_loop(self) -> None:
-        carry = PendingWork()  # changes of a failed transaction, retried first
         while True:
             with self._lock:
-                while self._pending.empty() and not self._pending.waiters and carry.empty():
+                while not self._has_work():
                     if self._closing:
                         return
                     self._writer_idle = True
@@ -749,20 +582,12 @@ class SqliteStore(JournalStore):
                     self._writer_idle = False
                     if not woken:
                         break  # idle for a minute: a chance to prune
-                work, self._pending = self._pending, PendingWork()
+                work = self._take_work()
                 closing = self._closing
-            if not carry.empty():
-                # A failed transaction's changes go first; later ones are merged onto them.
-                carry.absorb(work)
-                work, carry = carry, PendingWork()
-            with self._lock:
-                self._in_flight = work
             try:
                 self._commit(work)
             except sqlite3.Error as exc:
-                self._failed(work, exc)
-                work.waiters = []
-                carry = work
+                self._commit_failed(work, exc)
                 if closing:
                     log.error(
                         "journal %s: closing with %d uncommitted changes",
@@ -772,12 +597,7 @@ class SqliteStore(JournalStore):
                     return
                 time.sleep(RETRY_AFTER_FAILURE_S)
                 continue
-            with self._lock:
-                self._in_flight = None
-            if self.last_error:
-                log.warning("journal %s: commits work again", self.path)
-                self.last_error = ""
-            self._resolve(work.waiters, None, list(work.deliveries))
+            self._committed(work)
             self._maybe_prune()
 
     def _commit(self, work: PendingWork) -> None:
@@ -804,46 +624,10 @@ class SqliteStore(JournalStore):
             else:
                 connection.executemany(_WRITES[write], rows)
 
-    def _failed(self, work: PendingWork, exc: sqlite3.Error) -> None:
-        message = f"journal {self.path}: commit failed: {exc}"
-        if message != self.last_error:
-            log.error("%s; keeping %d changes queued and retrying", message, len(work.assignments))
-        self.last_error = message
-        self._resolve(work.waiters, StoreUnavailable(str(exc)))
-
-    def _resolve(
-        self,
-        waiters: list[asyncio.Future[None]],
-        error: Exception | None,
-        committed_deliveries: list[DeliveryKey] | None = None,
-    ) -> None:
-        """On the loop: settle the waiters; forget the answers of deliveries now committed."""
-        loop = self._loop
-        if loop is None or not (waiters or committed_deliveries) or loop.is_closed():
-            return
-
-        def settle() -> None:
-            if committed_deliveries:
-                self._deliveries_settled += 1
-            for key in committed_deliveries or ():
-                self._unconfirmed.pop(key, None)
-            for waiter in waiters:
-                if waiter.done():
-                    continue
-                if error is None:
-                    waiter.set_result(None)
-                else:
-                    waiter.set_exception(error)
-
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            loop.call_soon_threadsafe(settle)
-
     def _maybe_prune(self) -> None:
-        now = self._clock()
-        if now - self._last_prune < 3600:
+        if not self._prune_due():
             return
-        self._last_prune = now
-        horizon = now - self.retention_s
+        horizon = self._last_prune - self.retention_s
         connection = self._writer
         assert connection is not None
         try:
