@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from daemon.config import display_url
+from daemon.store import sql
 from daemon.store.base import (
     Leases,
     Recovered,
@@ -54,34 +55,6 @@ from daemon.store.pg_common import (
 )
 from daemon.store.shards import shard_of
 from daemon.store.shared_gate import SharedRateGate
-from daemon.store.sql import (
-    ASSIGNMENTS,
-    BATCHES,
-    BATCHES_DONE,
-    CONFIRMATIONS,
-    CONFIRMED,
-    CONTACT,
-    COUNTS,
-    DELIVERIES,
-    MIRROR_TIMES,
-    MIRRORS,
-    NOTIFICATIONS,
-    NOTIFICATIONS_DONE,
-    PRUNE_EXPIRED,
-    PRUNE_FINISHED,
-    QUEUED,
-    REFRESH_BUDGET,
-    REFRESH_TIMES,
-    SAVED_BATCHES,
-    SCHEMA,
-    STALE_CHANGES,
-    UNFINISHED,
-    Dialect,
-    assignment_from_row,
-    batch_from_row,
-    confirmation_from_row,
-    render,
-)
 from daemon.store.write_behind import PRUNE_INTERVAL_S, WriteBehindJournal
 from scheduler.ownership import ForwardedChange
 from scheduler.ratelimit import AdmissionGate
@@ -118,7 +91,7 @@ _REFUSED = (
 MIGRATIONS: list[str] = [
     # 1: the journal as the SQLite one has it after its migration 4: the same tables and
     # columns, and an index of the validation cache by time, for pruning.
-    render("".join(SCHEMA), Dialect.POSTGRESQL)
+    sql.render("".join(sql.SCHEMA), sql.Dialect.POSTGRESQL)
     + "CREATE INDEX confirmations_by_time ON confirmations (confirmed_at);",
     # 2: who holds the instance lock (InstanceGuard), for the message a second instance gets,
     # and the epoch every commit checks, so that an instance that lost the lock without
@@ -186,23 +159,11 @@ _SCHEMA_TABLE = """
 # Every row of a table at once, one array per column: a transaction never waits for the client
 # in the middle of a statement (as executemany's pipeline does), so that a process paused
 # mid-commit is seen idle in its transaction, and ended by the server.
-_WRITES = {
-    write: write.postgres()
-    for write in (
-        ASSIGNMENTS,
-        BATCHES,
-        BATCHES_DONE,
-        REFRESH_BUDGET,
-        CONFIRMATIONS,
-        STALE_CHANGES,
-        MIRRORS,
-        NOTIFICATIONS_DONE,
-    )
-}
+_WRITES = {write: write.postgres() for write in sql.WRITES}
 # The first answer to a key is the one kept; an empty answer is a claim in progress
 # (`claim_keys`), which the answer replaces.
-_WRITES[DELIVERIES] = dataclasses.replace(
-    DELIVERIES,
+_WRITES[sql.DELIVERIES] = dataclasses.replace(
+    sql.DELIVERIES,
     conflict="ON CONFLICT (source, delivery_id) DO UPDATE SET answer = excluded.answer, "
     "received_at = excluded.received_at WHERE deliveries.answer = ''::bytea",
 ).postgres()
@@ -216,17 +177,19 @@ _ADD_NOTIFICATIONS = (
     "SET body = excluded.body, added_at = excluded.added_at, "
     "claimed_until = excluded.claimed_until, claimed_by = excluded.claimed_by"
 )
-_PRUNE = [PRUNE_FINISHED, *PRUNE_EXPIRED]
+_PRUNE = [sql.PRUNE_FINISHED, *sql.PRUNE_EXPIRED]
 # Changes forwarded to their segment's owner and not taken yet, of one contact.
 _FORWARDED = (
     "SELECT segment_id, intent, occurred_at, received_at FROM segmapd_inbox "
     "WHERE contact_id = $1 AND reason IS NULL ORDER BY id"
 )
-_CONTACTS = f"{CONTACT.removesuffix(' = $1')} = ANY($1::text[])"
-_MIRRORS = f"{MIRROR_TIMES} WHERE contact_id = ANY($1::text[])"
+_CONTACTS = f"{sql.CONTACT.removesuffix(' = $1')} = ANY($1::text[])"
+_MIRRORS = f"{sql.MIRROR_TIMES} WHERE contact_id = ANY($1::text[])"
 _SEGMENTS = " AND segment_id = ANY($1::text[])"
 # Forwarded changes not taken yet are queued work too, in the inbox.
-_COUNTS = f"{COUNTS} UNION ALL SELECT 'queued', count(*) FROM segmapd_inbox WHERE reason IS NULL"  # noqa: S608
+_COUNTS = (
+    f"{sql.COUNTS} UNION ALL SELECT 'queued', count(*) FROM segmapd_inbox WHERE reason IS NULL"  # noqa: S608
+)
 _IN_SEGMENTS = " WHERE segment_id = ANY($1::text[])"
 # Claims of keys by a delivery being taken now, before its work is journaled: another instance
 # finds the key claimed and waits for the answer. A claim its taker never answered (it died
@@ -683,14 +646,14 @@ class PostgresStore(WriteBehindJournal, SharedJournal):
                 f"journal {self.shown}: {what} failed ({describe(exc)})"
             ) from None
 
-    async def _fetch(self, sql: str, *arguments: Any) -> list[asyncpg.Record]:
+    async def _fetch(self, statement: str, *arguments: Any) -> list[asyncpg.Record]:
         async def fetch(connection: Connection) -> list[asyncpg.Record]:
-            return await connection.fetch(sql, *arguments)
+            return await connection.fetch(statement, *arguments)
 
         return await self._with_connection(fetch, "read")
 
-    async def _select(self, sql: str, *arguments: Any) -> list[asyncpg.Record]:
-        return await self._fetch(sql, *arguments)
+    async def _select(self, statement: str, *arguments: Any) -> list[asyncpg.Record]:
+        return await self._fetch(statement, *arguments)
 
     async def _forwarded(self, contact_id: str) -> list[asyncpg.Record]:
         return await self._fetch(_FORWARDED, contact_id)
@@ -916,7 +879,7 @@ class PostgresStore(WriteBehindJournal, SharedJournal):
                 "DELETE FROM segmapd_inbox WHERE id = ANY($1::int8[])", list(work.inbox_done)
             )
         for write, rows in work.writes(self._clock()):
-            if write is NOTIFICATIONS:
+            if write is sql.NOTIFICATIONS:
                 await connection.execute(
                     _ADD_NOTIFICATIONS,
                     *_columns(rows),
@@ -1010,7 +973,7 @@ async def _load_shared_state(connection: Connection) -> Recovered:
     """What the store itself keeps at hand: the refresh budgets (work is recovered per shard)."""
     recovered = Recovered()
     recovered.refresh_budget = {
-        str(s): float(at) for s, at in await connection.fetch(REFRESH_TIMES)
+        str(s): float(at) for s, at in await connection.fetch(sql.REFRESH_TIMES)
     }
     return recovered
 
@@ -1022,23 +985,23 @@ async def _load_recovery(connection: Connection, segments: list[str]) -> Recover
         (str(c), str(s), float(received), str(intent), float(occurred))
         for c, s, received, intent, occurred in await connection.fetch(
             # Oldest first: the buffer takes insertion order for age (which batch goes next).
-            f"{QUEUED}{_SEGMENTS} ORDER BY received_at",
+            f"{sql.QUEUED}{_SEGMENTS} ORDER BY received_at",
             segments,
         )
     ]
     recovered.assignments = [
-        assignment_from_row(row)
-        for row in await connection.fetch(f"{UNFINISHED}{_SEGMENTS}", segments)
+        sql.assignment_from_row(row)
+        for row in await connection.fetch(f"{sql.UNFINISHED}{_SEGMENTS}", segments)
     ]
     recovered.batches = [
-        batch_from_row(row)
+        sql.batch_from_row(row)
         for row in await connection.fetch(
-            f"{SAVED_BATCHES}{_IN_SEGMENTS} ORDER BY saved_at, batch_id", segments
+            f"{sql.SAVED_BATCHES}{_IN_SEGMENTS} ORDER BY saved_at, batch_id", segments
         )
     ]
     recovered.confirmations = [
-        confirmation_from_row(row)
-        for row in await connection.fetch(f"{CONFIRMED}{_IN_SEGMENTS}", segments)
+        sql.confirmation_from_row(row)
+        for row in await connection.fetch(f"{sql.CONFIRMED}{_IN_SEGMENTS}", segments)
     ]
     return recovered
 

@@ -291,6 +291,20 @@ NOTIFICATIONS = Upsert(
 )
 NOTIFICATIONS_DONE = Delete("notifications", "event_id", "text")
 
+WRITES: tuple[Upsert | Delete, ...] = (
+    ASSIGNMENTS,
+    BATCHES,
+    BATCHES_DONE,
+    DELIVERIES,
+    REFRESH_BUDGET,
+    CONFIRMATIONS,
+    STALE_CHANGES,
+    MIRRORS,
+    NOTIFICATIONS,
+    NOTIFICATIONS_DONE,
+)
+"""Every table a transaction writes, in the order it writes them (`PendingWork.writes`)."""
+
 
 # ---- reads --------------------------------------------------------------------------------------
 

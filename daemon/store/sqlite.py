@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 from rbloom import Bloom
 
+from daemon.store import sql
 from daemon.store.base import Recovered, StoreOpenError
 from daemon.store.delivery_filter import (
     MIN_CAPACITY,
@@ -40,33 +41,6 @@ from daemon.store.delivery_filter import (
     new_bloom,
 )
 from daemon.store.pending import PendingWork
-from daemon.store.sql import (
-    ASSIGNMENT_COLUMNS,
-    ASSIGNMENTS,
-    BATCHES,
-    BATCHES_DONE,
-    CONFIRMATIONS,
-    CONFIRMED,
-    DELIVERIES,
-    MIRROR_TIMES,
-    MIRRORS,
-    NOTIFICATIONS,
-    NOTIFICATIONS_DONE,
-    PRUNE_EXPIRED,
-    PRUNE_FINISHED,
-    QUEUED,
-    REFRESH_BUDGET,
-    REFRESH_TIMES,
-    SAVED_BATCHES,
-    SCHEMA,
-    STALE_CHANGES,
-    UNFINISHED,
-    Dialect,
-    assignment_from_row,
-    batch_from_row,
-    confirmation_from_row,
-    render,
-)
 from daemon.store.write_behind import WriteBehindJournal
 from scheduler.store import StoreUnavailable
 
@@ -94,7 +68,7 @@ FILTER_RETRY_S = 60.0
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
 # The schema's steps, as SQLite applies them (numbered by `PRAGMA user_version`).
-MIGRATIONS: list[str] = [render(step, Dialect.SQLITE) for step in SCHEMA]
+MIGRATIONS: list[str] = [sql.render(step, sql.Dialect.SQLITE) for step in sql.SCHEMA]
 
 # Contacts per `IN (...)` list: well below SQLite's default limit of 999 bound parameters.
 _IN_CHUNK = 500
@@ -268,34 +242,22 @@ class _MultiRowInsert:
 
 
 _UPSERT_ASSIGNMENTS = _MultiRowInsert(
-    ASSIGNMENTS.head, len(ASSIGNMENTS.columns), ASSIGNMENTS.tail(Dialect.SQLITE)
+    sql.ASSIGNMENTS.head, len(sql.ASSIGNMENTS.columns), sql.ASSIGNMENTS.tail(sql.Dialect.SQLITE)
 )
 # Answers are bytes, bound (and stored) as BLOBs, as the deliveries' bodies were.
 _INSERT_DELIVERIES = _MultiRowInsert(
-    DELIVERIES.head, len(DELIVERIES.columns), DELIVERIES.tail(Dialect.SQLITE)
+    sql.DELIVERIES.head, len(sql.DELIVERIES.columns), sql.DELIVERIES.tail(sql.Dialect.SQLITE)
 )
 # Every other write, one row per execution.
-_WRITES = {
-    write: write.sqlite()
-    for write in (
-        BATCHES,
-        BATCHES_DONE,
-        REFRESH_BUDGET,
-        CONFIRMATIONS,
-        STALE_CHANGES,
-        MIRRORS,
-        NOTIFICATIONS,
-        NOTIFICATIONS_DONE,
-    )
-}
-_CONTACTS = f"SELECT {ASSIGNMENT_COLUMNS} FROM assignments WHERE contact_id"  # noqa: S608
-_PRUNE = [render(sql, Dialect.SQLITE) for sql in (PRUNE_FINISHED, *PRUNE_EXPIRED)]
+_WRITES = {write: write.sqlite() for write in sql.WRITES}
+_CONTACTS = f"SELECT {sql.ASSIGNMENT_COLUMNS} FROM assignments WHERE contact_id"  # noqa: S608
+_PRUNE = [sql.render(text, sql.Dialect.SQLITE) for text in (sql.PRUNE_FINISHED, *sql.PRUNE_EXPIRED)]
 
 
 @functools.lru_cache(maxsize=64)
-def _rendered(sql: str) -> str:
+def _rendered(statement: str) -> str:
     """A shared read as sqlite3 takes it, rendered once per text."""
-    return render(sql, Dialect.SQLITE)
+    return sql.render(statement, sql.Dialect.SQLITE)
 
 
 class SqliteStore(WriteBehindJournal):
@@ -421,12 +383,12 @@ class SqliteStore(WriteBehindJournal):
             # A read that fails (an I/O error) is the journal being unavailable, not a bug.
             raise StoreUnavailable(f"journal read failed: {exc}") from None
 
-    def _query(self, sql: str, parameters: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+    def _query(self, statement: str, parameters: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
         assert self._reader is not None
-        return self._reader.execute(sql, tuple(parameters)).fetchall()
+        return self._reader.execute(statement, tuple(parameters)).fetchall()
 
-    async def _select(self, sql: str, *arguments: Any) -> list[tuple[Any, ...]]:
-        text = _rendered(sql)
+    async def _select(self, statement: str, *arguments: Any) -> list[tuple[Any, ...]]:
+        text = _rendered(statement)
         rows: list[tuple[Any, ...]] = await self._read(lambda: self._query(text, arguments))
         return rows
 
@@ -440,7 +402,7 @@ class SqliteStore(WriteBehindJournal):
                 chunk = contact_ids[start : start + _IN_CHUNK]
                 marks = ",".join("?" * len(chunk))
                 rows += self._query(f"{_CONTACTS} IN ({marks})", chunk)
-                mirrors += self._query(f"{MIRROR_TIMES} WHERE contact_id IN ({marks})", chunk)
+                mirrors += self._query(f"{sql.MIRROR_TIMES} WHERE contact_id IN ({marks})", chunk)
             return rows, mirrors
 
         found: tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]] = await self._read(read)
@@ -617,9 +579,9 @@ class SqliteStore(WriteBehindJournal):
 
     def _apply(self, connection: sqlite3.Connection, work: PendingWork) -> None:
         for write, rows in work.writes(self._clock()):
-            if write is ASSIGNMENTS:
+            if write is sql.ASSIGNMENTS:
                 _UPSERT_ASSIGNMENTS.run(connection, rows)
-            elif write is DELIVERIES:
+            elif write is sql.DELIVERIES:
                 _INSERT_DELIVERIES.run(connection, rows)
             else:
                 connection.executemany(_WRITES[write], rows)
@@ -651,11 +613,15 @@ class SqliteStore(WriteBehindJournal):
         recovered = Recovered()
         # Already (str, str, float, str, float) as stored: no per-row conversion for the biggest
         # list.
-        recovered.queued = self._query(QUEUED)
-        recovered.assignments = [assignment_from_row(row) for row in self._query(UNFINISHED)]
-        recovered.batches = [batch_from_row(row) for row in self._query(SAVED_BATCHES)]
-        recovered.refresh_budget = dict(self._query(REFRESH_TIMES))
-        recovered.confirmations = [confirmation_from_row(row) for row in self._query(CONFIRMED)]
+        recovered.queued = self._query(sql.QUEUED)
+        recovered.assignments = [
+            sql.assignment_from_row(row) for row in self._query(sql.UNFINISHED)
+        ]
+        recovered.batches = [sql.batch_from_row(row) for row in self._query(sql.SAVED_BATCHES)]
+        recovered.refresh_budget = dict(self._query(sql.REFRESH_TIMES))
+        recovered.confirmations = [
+            sql.confirmation_from_row(row) for row in self._query(sql.CONFIRMED)
+        ]
         recovered.notifications = [
             (str(e), bytes(body))
             for e, body in self._query("SELECT event_id, body FROM notifications ORDER BY added_at")

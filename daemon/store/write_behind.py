@@ -87,7 +87,7 @@ class WriteBehindJournal(JournalStore):
         """
 
     @abc.abstractmethod
-    async def _select(self, sql: str, *arguments: Any) -> Sequence[Any]:
+    async def _select(self, statement: str, *arguments: Any) -> Sequence[Any]:
         """The rows of a read written with `$N` placeholders (daemon/store/sql.py)."""
 
     @abc.abstractmethod
