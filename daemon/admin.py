@@ -25,7 +25,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from daemon.cli import DEFAULT_URL
+from daemon.constants import DEFAULT_URL
 
 # 503 answers followed before giving up: each waits for the answer's Retry-After.
 MAX_ATTEMPTS = 8

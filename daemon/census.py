@@ -4,7 +4,7 @@ The engine knows only the work in progress of this process; finished assignments
 `removed`, `failed`) leave it and live on in the journal until retention prunes them, and on a
 shared PostgreSQL journal every instance holds only its own shards' work. The journal alone
 answers "how many are in each state": one `GROUP BY state` on its `(state, updated_at)` index
-(`Store.counts()`), which reads every retained row's index entry (about 70 ms per million on
+(`AssignmentJournal.counts`), reading every retained row's index entry (about 70 ms per million on
 SQLite, 130 ms on PostgreSQL). So it is not run per `/metrics` scrape or per page view: this
 component counts in the background and keeps the last answer, which readers take for free.
 

@@ -8,12 +8,11 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from daemon.constants import DEFAULT_URL
 from scheduler.model import FailureReason
 
 if TYPE_CHECKING:
     from daemon.config import ConfigReport
-
-DEFAULT_URL = "http://127.0.0.1:8080"
 
 
 def _build_parser() -> argparse.ArgumentParser:

@@ -29,6 +29,7 @@ from functools import partial
 from typing import TYPE_CHECKING, TypeVar
 
 from daemon.claims import ClaimKey, Claims
+from daemon.store import DeliveryLog
 from listeners.base import (
     DeadEvent,
     InboundEvent,
@@ -165,7 +166,7 @@ async def _receive(
                     dead_lettered=len(taken.dead_letters),
                 )
                 reply = adapter.accepted(outcome)
-                store = service.store
+                store: DeliveryLog = service.store
                 for claimed_source, key in keys:
                     await store.remember_delivery(claimed_source, key, _TAKEN)
                 if delivery_key is not None:
@@ -195,7 +196,7 @@ async def _claim_across_instances(service: Service, keys: list[ClaimKey]) -> Non
     """
     if not keys or service.cluster is None:
         return  # one process on its journal: the in-memory claims are all there is
-    store = service.store
+    store: DeliveryLog = service.store
     try:
         held = await store.claim_keys(keys)
     except StoreUnavailable as exc:

@@ -23,7 +23,7 @@ from daemon.cxone.client import pool_size
 from daemon.metrics import Metrics
 from daemon.notifier import Notifier
 from daemon.secrets import Secret
-from daemon.store import JournalStore, from_url
+from daemon.store import ConfirmationStore, JournalStore, NotificationOutbox, from_url
 from listeners import SourceAdapter, make_adapter
 from scheduler.accumulator import Accumulator, BatchingPolicy
 from scheduler.changes import Changes
@@ -158,7 +158,7 @@ class NotifyOnFinish(EngineObserver):
 class JournaledConfirmations(MemoryConfirmationCache):
     """The validation cache, written through to the journal so it survives a restart."""
 
-    def __init__(self, ttl_s: float, store: JournalStore) -> None:
+    def __init__(self, ttl_s: float, store: ConfirmationStore) -> None:
         super().__init__(ttl_s)
         self._store = store
 
@@ -238,12 +238,13 @@ def build_daemon(config: Config, metrics: Metrics) -> Daemon:
     notifier: Notifier | None = None
     observers: list[EngineObserver] = [metrics]
     if config.notify.url:
+        outbox: NotificationOutbox = store
         notifier = Notifier(
             config.notify.url,
             config.notify.secret.get_secret_value(),
             timeout_s=config.notify.timeout_s,
             on_outcome=metrics.record_notification,
-            journal=store,
+            journal=outbox,
         )
         observers.append(NotifyOnFinish(notifier))
     observer = CompositeObserver(observers)

@@ -1,17 +1,34 @@
-"""Journal backends behind one interface (`daemon.store.base.JournalStore`), chosen by URL."""
+"""The journal: its roles and backends (`daemon.store.base`), and `from_url`, which picks one."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from daemon.store.base import JournalStore, Recovered, StoreOpenError, StoreUnreachable
+from daemon.store.base import (
+    AssignmentJournal,
+    ConfirmationStore,
+    DeliveryLog,
+    JournalStore,
+    NotificationOutbox,
+    Recovered,
+    RefreshBudgetStore,
+    SharedJournal,
+    StoreOpenError,
+    StoreUnreachable,
+)
 
 if TYPE_CHECKING:
     from daemon.config import StoreConfig
 
 __all__ = [
+    "AssignmentJournal",
+    "ConfirmationStore",
+    "DeliveryLog",
     "JournalStore",
+    "NotificationOutbox",
     "Recovered",
+    "RefreshBudgetStore",
+    "SharedJournal",
     "StoreOpenError",
     "StoreUnreachable",
     "check_url",

@@ -1,16 +1,38 @@
-"""The complete store interface, one class every backend implements, and `from_url`.
+"""The journal's roles, the backend class that joins them, and what opening one returns.
 
-A store is segmapd's journal: everything that must survive the process. The engine writes
-through `scheduler.store.Store` (a subset of this), the poller through `RefreshBudget`, the
-notifier through its `NotificationJournal`; the daemon opens, recovers and closes it. The
-backends are `memory://` (for trials: nothing survives), `sqlite://` (one process, one file)
-and, for several instances, `postgresql://`. Code outside this package knows only this class:
-it never asks which backend it has.
+A store is segmapd's journal: everything that must survive the process. Each of its users sees
+only the role it needs:
 
-Writes (`record`, `record_*`, `remember_*`, `add`, `done`, `spend`) are queued without
-blocking the event loop and become durable together; `flush()` returns once everything queued
-before it is durable, and a `202` is answered only after it. Reads see what was queued, whether
-committed yet or not.
+- `AssignmentJournal`: every assignment's state and history, the batches in flight, stale
+  changes and mirror times (`record`, `record_stale`, `record_mirror`, `save_batch`,
+  `drop_batch`), and the status reads (`contact`, `histories`, `failed`, `counts`). The engine
+  writes through it (`scheduler.store.Store` is its view); the intake reads `histories`, the
+  API `contact` and `failed`, the census `counts`.
+- `DeliveryLog`: the answer to every delivery key (`delivery`, `known_deliveries`,
+  `remember_delivery`) and, across instances, claims of keys being taken (`claim_keys`,
+  `unclaim_keys`). The intake.
+- `RefreshBudgetStore`: when each segment may be refreshed next (`next_allowed`, `spend`,
+  `try_spend`). The poller, as `scheduler.validation_state.RefreshBudget`.
+- `ConfirmationStore`: the validation cache's entries (`remember_confirmation`), written
+  through by `daemon.service.JournaledConfirmations`.
+- `NotificationOutbox`: notifications not delivered yet (`add`, `done`, `pending`). The
+  notifier, as `daemon.notifier.NotificationJournal`.
+- `SharedJournal`: what a journal several instances share adds for the cluster
+  (`daemon/cluster.py`): `leases`, the inbox of forwarded changes (`forward`, `read_inbox`,
+  `consume_inbox`), `load_segments`, `claim_notifications`, `discard_pending`, and the
+  ownership it is told (`holds`, `holds_shard`, `on_fenced`).
+
+A backend (`JournalStore`) implements every role in one object, with one connection pool and
+one writer, and adds what the daemon itself needs: `open` (which returns `Recovered`),
+`check_writable`, `close`, the rate gates, and `as_shared`. The backends are `memory://` (for
+trials: nothing survives), `sqlite://` (one process, one file) and, for several instances,
+`postgresql://`; `daemon.store.from_url` picks one. Code outside this package never asks which
+backend it has.
+
+Writes (`record*`, `save_batch`/`drop_batch`, `remember_*`, `spend`, `add`/`done`) are queued
+without blocking the event loop and become durable together: `flush()` returns once everything
+queued before it, in every role, is durable, and a `202` is answered only after it. Reads see
+what was queued, whether committed yet or not.
 """
 
 from __future__ import annotations
@@ -57,43 +79,8 @@ class Recovered:
     notifications: list[tuple[str, bytes]] = field(default_factory=list)
 
 
-class JournalStore(abc.ABC):
-    """Every operation segmapd needs from its journal (see the module docstring)."""
-
-    @property
-    def shared(self) -> bool:
-        """Whether other processes may share this journal (then segments are leased).
-
-        A file or memory journal is one process's (a second process on a file is refused).
-        """
-        return False
-
-    def as_shared(self) -> SharedJournal | None:
-        """The journal as one several instances share, or None (see `shared`)."""
-        return None
-
-    def rate_gate(
-        self, name: str, rate_per_s: float, *, tolerance_s: float | None = None
-    ) -> AdmissionGate:
-        """The admission gate of an endpoint class: this process's own, unless shared."""
-        return RateGate(name, rate_per_s, tolerance_s=tolerance_s)
-
-    # ---- lifecycle -----------------------------------------------------------------------------
-
-    @abc.abstractmethod
-    async def open(self) -> Recovered:
-        """Open (creating or migrating the schema if needed) and return what is unfinished.
-
-        Raises StoreOpenError when the store cannot be used.
-        """
-
-    @abc.abstractmethod
-    async def close(self) -> None:
-        """Commit what is queued if possible, then release every resource; idempotent."""
-
-    @abc.abstractmethod
-    async def check_writable(self) -> None:
-        """Raise StoreUnavailable if a commit cannot succeed now (the readiness probe)."""
+class Durable(abc.ABC):
+    """What every role that queues writes shares: they become durable together."""
 
     @abc.abstractmethod
     async def flush(self) -> None:
@@ -102,7 +89,13 @@ class JournalStore(abc.ABC):
         Nothing queued is dropped by a failed flush: it is committed when the store recovers.
         """
 
-    # ---- assignments ---------------------------------------------------------------------------
+
+class AssignmentJournal(Durable):
+    """Every assignment's newest state and history, the batches in flight, and status reads.
+
+    The engine writes through it (`scheduler.store.Store` is its view), the intake reads the
+    histories new changes are compared with, the API and the census read its status.
+    """
 
     @abc.abstractmethod
     def record(self, assignment: Assignment) -> None:
@@ -119,6 +112,14 @@ class JournalStore(abc.ABC):
         """Queue the time of a mirror (`set`) applied to the contact; the newest is kept."""
 
     @abc.abstractmethod
+    async def save_batch(self, batch: BatchRecord) -> None:
+        """Make the batch durable before it is sent: a resend after a crash reuses its key."""
+
+    @abc.abstractmethod
+    async def drop_batch(self, batch_id: str) -> None:
+        """Forget a batch whose outcome has been recorded."""
+
+    @abc.abstractmethod
     async def contact(self, contact_id: str) -> list[Assignment]:
         """Every retained assignment of one contact, by segment id."""
 
@@ -128,10 +129,6 @@ class JournalStore(abc.ABC):
 
         The memberships a mirror compares with (the tracked ones) are the adds among them.
         """
-
-    @abc.abstractmethod
-    async def mirrored_at(self, contact_id: str) -> float:
-        """The time of the contact's newest mirror, or 0."""
 
     @abc.abstractmethod
     async def failed(
@@ -147,17 +144,13 @@ class JournalStore(abc.ABC):
     async def counts(self) -> dict[str, int]:
         """Retained assignments per state."""
 
-    # ---- batches in flight ---------------------------------------------------------------------
 
-    @abc.abstractmethod
-    async def save_batch(self, batch: BatchRecord) -> None:
-        """Make the batch durable before it is sent: a resend after a crash reuses its key."""
+class DeliveryLog(Durable):
+    """The answer given to every delivery key, so that a redelivery gets it again, adding no work.
 
-    @abc.abstractmethod
-    async def drop_batch(self, batch_id: str) -> None:
-        """Forget a batch whose outcome has been recorded."""
-
-    # ---- deliveries ----------------------------------------------------------------------------
+    A key is claimed while its delivery is being taken (within a process by daemon/claims.py,
+    across instances by `claim_keys`), and its answer is queued with the delivery's work.
+    """
 
     @abc.abstractmethod
     async def delivery(self, source: str, delivery_id: str) -> bytes | None:
@@ -166,6 +159,14 @@ class JournalStore(abc.ABC):
     @abc.abstractmethod
     async def remember_delivery(self, source: str, delivery_id: str, answer: bytes) -> None:
         """Queue the answer to a delivery: a redelivery gets it again and adds no work."""
+
+    async def known_deliveries(self, source: str, delivery_ids: Sequence[str]) -> set[str]:
+        """Which of these keys have a retained answer: a batched delivery's events at once.
+
+        A backend whose lookups cost a round trip each answers in one; this default asks one
+        key at a time.
+        """
+        return {key for key in delivery_ids if await self.delivery(source, key) is not None}
 
     async def claim_keys(self, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
         """Claim delivery keys for a delivery being taken now; returns those another one holds.
@@ -180,36 +181,13 @@ class JournalStore(abc.ABC):
         """Withdraw claims of keys whose delivery was not taken after all (see `claim_keys`)."""
         return None  # nothing is claimed outside the process
 
-    async def known_deliveries(self, source: str, delivery_ids: Sequence[str]) -> set[str]:
-        """Which of these keys have a retained answer: a batched delivery's events at once.
 
-        A backend whose lookups cost a round trip each answers in one; this default asks one
-        key at a time.
-        """
-        return {key for key in delivery_ids if await self.delivery(source, key) is not None}
+class RefreshBudgetStore(abc.ABC):
+    """When each segment may be refreshed next, durably: `scheduler.validation_state.RefreshBudget`.
 
-    async def claim_delivery(self, source: str, delivery_id: str, answer: bytes) -> bytes | None:
-        """Remember `answer` unless the key is known; None if this call took the key.
-
-        Otherwise the answer recorded first. Atomic against every process sharing the store.
-
-        One process is all that shares a file or memory store, and the daemon's intake already
-        serialises a key within the process (daemon/claims.py); a shared database makes this
-        one statement.
-        """
-        earlier = await self.delivery(source, delivery_id)
-        if earlier is not None:
-            return earlier
-        await self.remember_delivery(source, delivery_id, answer)
-        return None
-
-    # ---- validation: confirmation cache and refresh budget --------------------------------------
-
-    @abc.abstractmethod
-    def remember_confirmation(
-        self, contact_id: str, segment_id: str, at: float, member: bool = True
-    ) -> None:
-        """Queue a validation-cache entry: what was confirmed (member or not), and when."""
+    CXone allows one refresh per segment per hour; a refresh sent twice (a crash between
+    sending and recording it) is answered 429 and costs the segment its hour.
+    """
 
     @abc.abstractmethod
     def next_allowed(self, segment_id: str) -> float:
@@ -217,7 +195,7 @@ class JournalStore(abc.ABC):
 
     @abc.abstractmethod
     def spend(self, segment_id: str, at: float, next_allowed: float) -> None:
-        """Record a refresh taken at `at`; the next is allowed from `next_allowed`."""
+        """Queue a refresh taken at `at`; the next is allowed from `next_allowed`."""
 
     @abc.abstractmethod
     async def try_spend(self, segment_id: str, now: float, next_allowed: float) -> float:
@@ -228,7 +206,19 @@ class JournalStore(abc.ABC):
         shared store makes them one atomic step.
         """
 
-    # ---- notifications outbox ------------------------------------------------------------------
+
+class ConfirmationStore(abc.ABC):
+    """The validation cache's entries, kept so that a restart does not read them all again."""
+
+    @abc.abstractmethod
+    def remember_confirmation(
+        self, contact_id: str, segment_id: str, at: float, member: bool = True
+    ) -> None:
+        """Queue a validation-cache entry: what was confirmed (member or not), and when."""
+
+
+class NotificationOutbox(abc.ABC):
+    """Outbound notifications not delivered yet: `daemon.notifier.NotificationJournal`."""
 
     @abc.abstractmethod
     def add(self, event_id: str, body: bytes) -> None:
@@ -241,6 +231,48 @@ class JournalStore(abc.ABC):
     @abc.abstractmethod
     def pending(self) -> list[tuple[str, bytes]]:
         """Notifications not yet delivered, oldest first."""
+
+
+class JournalStore(
+    AssignmentJournal, DeliveryLog, RefreshBudgetStore, ConfirmationStore, NotificationOutbox
+):
+    """A backend: every role in one object, and what the daemon needs to open and close it."""
+
+    def as_shared(self) -> SharedJournal | None:
+        """The journal as one several instances share (then segments are leased), or None.
+
+        A file or memory journal is one process's (a second process on a file is refused).
+        """
+        return None
+
+    def rate_gate(
+        self, name: str, rate_per_s: float, *, tolerance_s: float | None = None
+    ) -> AdmissionGate:
+        """The admission gate of an endpoint class: this process's own, unless shared."""
+        return RateGate(name, rate_per_s, tolerance_s=tolerance_s)
+
+    @abc.abstractmethod
+    async def open(self) -> Recovered:
+        """Open (creating or migrating the schema if needed) and return what is unfinished.
+
+        Raises StoreOpenError when the store cannot be used.
+        """
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Commit what is queued if possible, then release every resource; idempotent."""
+
+    @abc.abstractmethod
+    async def check_writable(self) -> None:
+        """Raise StoreUnavailable if a commit cannot succeed now (the readiness probe)."""
+
+    async def mirrored_at(self, contact_id: str) -> float:
+        """The time of the contact's newest mirror, or 0 (its `histories` entry's).
+
+        Only because `scheduler.store.Store` still names it: nothing calls it (the intake reads
+        mirror times with the histories, in one read).
+        """
+        return (await self.histories([contact_id]))[contact_id].mirrored_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,12 +325,14 @@ class Leases(abc.ABC):
         """Stop listening."""
 
 
-class SharedJournal(JournalStore):
-    """A journal several instances share: what the cluster needs beyond `JournalStore`.
+class SharedJournal(AssignmentJournal):
+    """A journal several instances share: what the cluster needs beyond `AssignmentJournal`.
 
-    `holds(segment)` says whether this instance may still record the segment's states (rows of
-    segments it does not hold are left out of its commits); `on_fenced` is called when a commit
-    finds this instance declared dead.
+    The cluster tells it what this instance holds: `holds(segment)` and `holds_shard(shard)`
+    are asked as each commit begins, and rows of segments (and consumed inbox rows of shards)
+    no longer held are left out of it, since a shard may be handed over between a row's
+    queueing and its commit; `on_fenced` is called when a commit finds this instance declared
+    dead.
     """
 
     holds: Callable[[str], bool] | None

@@ -22,29 +22,25 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeAlias, TypeVar
+from typing import TypeVar
 
 import asyncpg
-from asyncpg.pool import PoolConnectionProxy
 
 from daemon.store.base import Heartbeat, Leases
-from daemon.store.pg_errors import UNAVAILABLE
-from daemon.store.postgres import EPOCH_LOCK, PostgresStore
+from daemon.store.pg_common import CONNECT_TIMEOUT_S, EPOCH_LOCK, UNAVAILABLE, Connection, Member
 from scheduler.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 INBOX_CHANNEL = "segmapd_inbox"
-CONNECT_TIMEOUT_S = 5.0
 
-_Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
 _T = TypeVar("_T")
 
 
 class ShardLeases(Leases):
     """One instance's membership and leases on the journal's database."""
 
-    def __init__(self, store: PostgresStore, lease_s: float, name: str = "") -> None:
+    def __init__(self, store: Member, lease_s: float, name: str = "") -> None:
         self._store = store
         self.lease_s = lease_s
         self.name = name or f"{socket.gethostname()} pid {os.getpid()}"
@@ -66,7 +62,7 @@ class ShardLeases(Leases):
         """
         previous = self.instance_id
 
-        async def join(connection: _Connection) -> int:
+        async def join(connection: Connection) -> int:
             async with connection.transaction():
                 if previous is not None:
                     await _end_membership(connection, previous)
@@ -86,7 +82,7 @@ class ShardLeases(Leases):
         """Renew this instance and its leases; None if it was declared dead (fenced)."""
         me = self._me()
 
-        async def renew(connection: _Connection) -> Heartbeat | None:
+        async def renew(connection: Connection) -> Heartbeat | None:
             async with connection.transaction():
                 alive = await connection.fetchval(
                     "UPDATE segmapd_instances SET heartbeat_at = now() WHERE id = $1 RETURNING id",
@@ -113,7 +109,7 @@ class ShardLeases(Leases):
         """Declare dead instances dead, then take up to `wanted` free shards: {shard: epoch}."""
         me = self._me()
 
-        async def take(connection: _Connection) -> dict[int, int]:
+        async def take(connection: Connection) -> dict[int, int]:
             async with connection.transaction():
                 # In id order: two instances declaring the same two dead lock them alike.
                 dead = await connection.fetch(
@@ -171,7 +167,7 @@ class ShardLeases(Leases):
         # none by now), and one racing the deletion must not find itself declared dead.
         self._store.instance_id = None
 
-        async def leave(connection: _Connection) -> None:
+        async def leave(connection: Connection) -> None:
             async with connection.transaction():
                 await connection.execute("DELETE FROM segmapd_instances WHERE id = $1", me)
                 await connection.execute(
@@ -242,7 +238,7 @@ class ShardLeases(Leases):
 
     async def _run(
         self,
-        work: Callable[[_Connection], Awaitable[_T]],
+        work: Callable[[Connection], Awaitable[_T]],
         what: str,
         *,
         takeover: bool = False,
@@ -269,7 +265,7 @@ class ShardLeases(Leases):
 
 
 async def _end_membership(
-    connection: _Connection, instance: int, silent_for_s: float | None = None
+    connection: Connection, instance: int, silent_for_s: float | None = None
 ) -> bool:
     """Delete an instance's row so that none of its commits lands after this transaction.
 

@@ -68,10 +68,6 @@ class MemoryStore(JournalStore):
             for contact_id in dict.fromkeys(contact_ids)
         }
 
-    async def mirrored_at(self, contact_id: str) -> float:
-        """The contact's newest mirror time, or 0."""
-        return self._mirrors.get(contact_id, 0.0)
-
     async def flush(self) -> None:
         """Nothing to wait for: records are applied at once."""
 

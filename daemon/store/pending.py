@@ -8,13 +8,25 @@ was queued after it absorbed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-import orjson
-
-from scheduler.model import Assignment
-from scheduler.store import BatchRecord, ContactHistory
+from daemon.store.sql import (
+    ASSIGNMENTS,
+    BATCHES,
+    BATCHES_DONE,
+    CONFIRMATIONS,
+    DELIVERIES,
+    MIRRORS,
+    NOTIFICATIONS,
+    NOTIFICATIONS_DONE,
+    REFRESH_BUDGET,
+    STALE_CHANGES,
+    Delete,
+    Upsert,
+    batch_row,
+)
+from scheduler.store import BatchRecord
 
 AssignmentRow = tuple[str, str, str, str | None, str, int, float, float, str, float]
 """contact, segment, state, reason, message, attempts, received_at, updated_at, intent,
@@ -99,69 +111,55 @@ class PendingWork:
         self.inbox_done.update(later.inbox_done)
         self.waiters.extend(later.waiters)
 
-    def delivery_rows(self) -> list[tuple[str, str, bytes, float]]:
-        """The queued deliveries as (source, delivery id, answer, received_at)."""
-        return [(s, d, answer, at) for (s, d), (answer, at) in self.deliveries.items()]
+    def writes(self, saved_at: float) -> list[tuple[Upsert | Delete, list[tuple[Any, ...]]]]:
+        """What a transaction writes, statement by statement, as rows in the columns' order.
 
-
-# Finished assignments older than the retention horizon ($1), as both journals prune them: a
-# confirmed removal, and a failure that cannot have left a membership in CXone (one never sent,
-# or one CXone refused for certain). What may hold a membership stays tracked, past retention.
-PRUNE_FINISHED = (
-    "DELETE FROM assignments WHERE updated_at < $1 AND (state = 'removed' OR (state = 'failed' "
-    "AND (attempts = 0 OR reason IS NULL OR reason NOT IN ('retries_exhausted', 'not_indexed'))))"
-)
-
-
-def batch_row(batch: BatchRecord, saved_at: float) -> tuple[str, str, str, str, int, float, str]:
-    """A batch as both journals' `batches` table holds it (its ids as a JSON array)."""
-    return (
-        batch.batch_id,
-        batch.segment_id,
-        orjson.dumps(list(batch.contact_ids)).decode(),
-        batch.idempotency_key,
-        batch.attempt,
-        saved_at,
-        str(batch.intent),
-    )
-
-
-def merge_newer(rows: dict[str, Assignment], queued: dict[str, Assignment]) -> None:
-    """Lay rows seen queued before a read over what the read found, unless the read's is newer.
-
-    A row queued before the read may have been committed, and overtaken by a newer one, while
-    the read waited: the read then holds the newer state, which the older copy must not undo.
-    """
-    for segment_id, assignment in queued.items():
-        found = rows.get(segment_id)
-        if found is None or assignment.updated_at >= found.updated_at:
-            rows[segment_id] = assignment
-
-
-Queued = tuple[dict[str, Assignment], float]
-"""A contact's rows and newest mirror time not committed yet."""
-
-
-def assemble_histories(
-    wanted: list[str],
-    committed: list[Assignment],
-    committed_mirrors: dict[str, float],
-    before: dict[str, Queued],
-    after: Callable[[str], Queued],
-) -> dict[str, ContactHistory]:
-    """Each contact's history from a read and what was queued before and after it.
-
-    `before` was taken before the read, `after(contact)` is asked after it: a row committed
-    while the read ran is in one of the three, and the newest of them wins.
-    """
-    found = {contact_id: ContactHistory({}, 0.0) for contact_id in wanted}
-    for assignment in committed:
-        found[assignment.contact_id].assignments[assignment.segment_id] = assignment
-    for contact_id in wanted:
-        history = found[contact_id]
-        early, early_mirror = before[contact_id]
-        late, late_mirror = after(contact_id)
-        merge_newer(history.assignments, early)
-        history.assignments.update(late)
-        history.mirrored_at = max(committed_mirrors.get(contact_id, 0.0), early_mirror, late_mirror)
-    return found
+        `saved_at` is the time of the batches saved. Both journals apply the same list, each
+        with its own statements for it (`daemon/store/sql.py`).
+        """
+        writes: list[tuple[Upsert | Delete, list[tuple[Any, ...]]]] = []
+        if self.assignments:
+            history = self.history
+            # The history column: this transaction's transitions of the pair, "state:time;".
+            writes.append(
+                (
+                    ASSIGNMENTS,
+                    [
+                        (*row, "".join(f"{state}:{at!r};" for state, at in history.get(key, [])))
+                        for key, row in self.assignments.items()
+                    ],
+                )
+            )
+        if self.batches_saved:
+            writes.append((BATCHES, [batch_row(b, saved_at) for b in self.batches_saved.values()]))
+        if self.batches_dropped:
+            writes.append((BATCHES_DONE, [(batch_id,) for batch_id in self.batches_dropped]))
+        if self.deliveries:
+            writes.append(
+                (
+                    DELIVERIES,
+                    [(s, d, answer, at) for (s, d), (answer, at) in self.deliveries.items()],
+                )
+            )
+        if self.budget:
+            writes.append((REFRESH_BUDGET, list(self.budget.items())))
+        if self.confirmations:
+            writes.append(
+                (CONFIRMATIONS, [(c, s, at, m) for (c, s), (at, m) in self.confirmations.items()])
+            )
+        if self.stale:
+            writes.append((STALE_CHANGES, list(self.stale)))
+        if self.mirrors:
+            writes.append(
+                (MIRRORS, [(c, occurred, at) for c, (occurred, at) in self.mirrors.items()])
+            )
+        if self.notifications_added:
+            writes.append(
+                (
+                    NOTIFICATIONS,
+                    [(e, body, at) for e, (body, at) in self.notifications_added.items()],
+                )
+            )
+        if self.notifications_done:
+            writes.append((NOTIFICATIONS_DONE, [(e,) for e in self.notifications_done]))
+        return writes

@@ -1,12 +1,11 @@
 """The journal on PostgreSQL (`store.url = "postgresql://user@host:port/db"`), with group commit.
 
-The same design as the SQLite journal: every change is queued in memory at once (no I/O in
-the caller), and one background task commits everything queued in ONE transaction, so that
-concurrent webhooks share a commit; `flush()` returns once what was queued before it is
-committed. While the database cannot commit (down, unreachable, restarting) nothing is dropped:
-the changes stay queued and are retried with backoff, `flush()` and `check_writable()` raise
-`StoreUnavailable` meanwhile, and the store carries on by itself when the database is back
-(the pool reconnects). Reads merge what is queued or being committed with what is committed.
+A write-behind journal (daemon/store/write_behind.py), as the SQLite one: every change is
+queued in memory at once, and one background task commits everything queued in ONE
+transaction, each table's rows in one array-valued statement (daemon/store/sql.py). While the
+database cannot commit (down, unreachable, restarting) nothing is dropped: the changes stay
+queued and are retried with backoff, `flush()` and `check_writable()` raise `StoreUnavailable`
+meanwhile, and the store carries on by itself when the database is back (the pool reconnects).
 
 Commits are as durable as the server's `synchronous_commit` makes them (never overridden here;
 with synchronous replication a commit also waits for the standby).
@@ -21,33 +20,45 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
-import orjson
-from asyncpg.pool import PoolConnectionProxy
 
 from daemon.config import display_url
-from daemon.store.base import Leases, Recovered, SharedJournal, StoreOpenError, StoreUnreachable
+from daemon.store import sql
+from daemon.store.base import (
+    Leases,
+    Recovered,
+    SharedJournal,
+    StoreOpenError,
+    StoreUnreachable,
+)
+from daemon.store.delivery_filter import DeliveryKey
+from daemon.store.leases import ShardLeases
 from daemon.store.pending import (
-    PRUNE_FINISHED,
     InboxRow,
     PendingWork,
-    assemble_histories,
-    batch_row,
-    merge_newer,
 )
-from daemon.store.pg_errors import UNAVAILABLE
+from daemon.store.pg_common import (
+    CONNECT_TIMEOUT_S,
+    FENCED,
+    IDLE_IN_TRANSACTION_MS,
+    UNAVAILABLE,
+    Connection,
+    describe,
+    fence_sql,
+)
 from daemon.store.shards import shard_of
 from daemon.store.shared_gate import SharedRateGate
-from scheduler.model import Assignment, FailureReason, Intent, State, storable
+from daemon.store.write_behind import PRUNE_INTERVAL_S, WriteBehindJournal
 from scheduler.ownership import ForwardedChange
 from scheduler.ratelimit import AdmissionGate
-from scheduler.store import BatchRecord, ContactHistory, StoreUnavailable
+from scheduler.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +66,6 @@ __all__ = ["MIGRATIONS", "PostgresStore"]
 
 #: How long close() waits for its last commit before closing the pool anyway.
 CLOSE_FLUSH_TIMEOUT_S = 5.0
-#: Connecting (and authenticating) at most this long: an unreachable host must not hang start-up
-#: or a reconnect for the driver's default minute.
-CONNECT_TIMEOUT_S = 5.0
 #: A statement running longer fails (and is retried): a partitioned network must not hold a
 #: commit, and every webhook waiting on it, forever.
 COMMAND_TIMEOUT_S = 15.0
@@ -70,15 +78,6 @@ POOL_MAX = 6
 RECENT_DELIVERIES = 200_000
 #: An arbitrary constant, the key of the advisory lock migrations hold ("SGMP" in hex).
 MIGRATION_LOCK = 0x53474D50
-#: The key (with the instance id) of the lock commits share and a takeover takes alone ("SGME").
-EPOCH_LOCK = 0x53474D45
-#: The message of the exception a fenced commit raises in the database.
-FENCED = "segmapd: fenced: this instance was declared dead"
-PRUNE_INTERVAL_S = 3600.0
-#: A session idle inside a transaction this long is ended by the server: a process paused
-#: mid-commit (SIGSTOP, a frozen VM) must not block the instance taking its shards over. A
-#: live commit never idles between its statements; one ended anyway is retried.
-IDLE_IN_TRANSACTION_MS = "3000"
 
 # Answers from a running server that a retry will not change: wrong role or password, no such
 # database, no privilege. At start-up they are configuration errors, not an outage.
@@ -90,78 +89,10 @@ _REFUSED = (
 
 
 MIGRATIONS: list[str] = [
-    # 1: the journal as the SQLite one has it after its migration 4 (same tables and columns).
-    """
-    CREATE TABLE assignments (
-        contact_id  TEXT NOT NULL,
-        segment_id  TEXT NOT NULL,
-        state       TEXT NOT NULL,
-        reason      TEXT,
-        message     TEXT NOT NULL DEFAULT '',
-        attempts    INTEGER NOT NULL DEFAULT 0,
-        received_at DOUBLE PRECISION NOT NULL,
-        updated_at  DOUBLE PRECISION NOT NULL,
-        history     TEXT NOT NULL DEFAULT '',
-        intent      TEXT NOT NULL DEFAULT 'add',
-        occurred_at DOUBLE PRECISION NOT NULL DEFAULT 0,
-        PRIMARY KEY (contact_id, segment_id)
-    );
-    CREATE INDEX assignments_by_state ON assignments (state, updated_at);
-    CREATE TABLE batches (
-        batch_id        TEXT PRIMARY KEY,
-        segment_id      TEXT NOT NULL,
-        contact_ids     TEXT NOT NULL,
-        idempotency_key TEXT NOT NULL,
-        attempt         INTEGER NOT NULL,
-        saved_at        DOUBLE PRECISION NOT NULL,
-        intent          TEXT NOT NULL DEFAULT 'add'
-    );
-    CREATE TABLE deliveries (
-        source      TEXT NOT NULL,
-        delivery_id TEXT NOT NULL,
-        answer      BYTEA NOT NULL,
-        received_at DOUBLE PRECISION NOT NULL,
-        PRIMARY KEY (source, delivery_id)
-    );
-    CREATE INDEX deliveries_by_time ON deliveries (received_at);
-    CREATE TABLE refresh_budget (
-        segment_id   TEXT PRIMARY KEY,
-        next_allowed DOUBLE PRECISION NOT NULL
-    );
-    CREATE TABLE confirmations (
-        contact_id   TEXT NOT NULL,
-        segment_id   TEXT NOT NULL,
-        confirmed_at DOUBLE PRECISION NOT NULL,
-        member       BOOLEAN NOT NULL DEFAULT TRUE,
-        PRIMARY KEY (contact_id, segment_id)
-    );
-    CREATE INDEX confirmations_by_time ON confirmations (confirmed_at);
-    CREATE TABLE notifications (
-        event_id TEXT PRIMARY KEY,
-        body     BYTEA NOT NULL,
-        added_at DOUBLE PRECISION NOT NULL
-    );
-    CREATE TABLE stale_changes (
-        contact_id  TEXT NOT NULL,
-        segment_id  TEXT NOT NULL,
-        intent      TEXT NOT NULL,
-        occurred_at DOUBLE PRECISION NOT NULL,
-        received_at DOUBLE PRECISION NOT NULL
-    );
-    CREATE INDEX stale_changes_by_time ON stale_changes (received_at);
-    CREATE TABLE mirrors (
-        contact_id  TEXT PRIMARY KEY,
-        occurred_at DOUBLE PRECISION NOT NULL,
-        updated_at  DOUBLE PRECISION NOT NULL
-    );
-    CREATE INDEX mirrors_by_time ON mirrors (updated_at);
-    CREATE TABLE journal_info (
-        key   TEXT PRIMARY KEY,
-        value TEXT NOT NULL
-    );
-    INSERT INTO journal_info VALUES
-        ('created_at', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'));
-    """,
+    # 1: the journal as the SQLite one has it after its migration 4: the same tables and
+    # columns, and an index of the validation cache by time, for pruning.
+    sql.render("".join(sql.SCHEMA), sql.Dialect.POSTGRESQL)
+    + "CREATE INDEX confirmations_by_time ON confirmations (confirmed_at);",
     # 2: who holds the instance lock (InstanceGuard), for the message a second instance gets,
     # and the epoch every commit checks, so that an instance that lost the lock without
     # noticing (its connection dropped silently) can write nothing after another took it.
@@ -225,39 +156,41 @@ _SCHEMA_TABLE = """
     )
 """
 
-_ASSIGNMENT_COLUMNS = (
-    "contact_id, segment_id, state, reason, message, attempts, received_at, updated_at, "
-    "history, intent, occurred_at"
+# Every row of a table at once, one array per column: a transaction never waits for the client
+# in the middle of a statement (as executemany's pipeline does), so that a process paused
+# mid-commit is seen idle in its transaction, and ended by the server.
+_WRITES = {write: write.postgres() for write in sql.WRITES}
+# The first answer to a key is the one kept; an empty answer is a claim in progress
+# (`claim_keys`), which the answer replaces.
+_WRITES[sql.DELIVERIES] = dataclasses.replace(
+    sql.DELIVERIES,
+    conflict="ON CONFLICT (source, delivery_id) DO UPDATE SET answer = excluded.answer, "
+    "received_at = excluded.received_at WHERE deliveries.answer = ''::bytea",
+).postgres()
+# A notification added is its adder's to deliver, claimed for NOTIFICATION_CLAIM_S ($4) by this
+# instance ($5).
+_ADD_NOTIFICATIONS = (
+    "INSERT INTO notifications (event_id, body, added_at, claimed_until, claimed_by) "
+    "SELECT e, b, a, extract(epoch FROM clock_timestamp()) + $4, $5::int8 "
+    "FROM unnest($1::text[], $2::bytea[], $3::float8[]) AS n(e, b, a) "
+    "ON CONFLICT (event_id) DO UPDATE "
+    "SET body = excluded.body, added_at = excluded.added_at, "
+    "claimed_until = excluded.claimed_until, claimed_by = excluded.claimed_by"
 )
-
-# One statement for every assignment of a transaction: the rows travel as one array per column.
-# History is text, "state:time;" per transition, so that appending a transaction's transitions
-# is a concatenation; a fresh start (queued) replaces it.
-_UPSERT_ASSIGNMENTS = """
-    INSERT INTO assignments (contact_id, segment_id, state, reason, message, attempts,
-                             received_at, updated_at, intent, occurred_at, history)
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                         $6::int4[], $7::float8[], $8::float8[], $9::text[], $10::float8[],
-                         $11::text[])
-    ON CONFLICT (contact_id, segment_id) DO UPDATE SET
-        state = excluded.state, reason = excluded.reason,
-        message = excluded.message, attempts = excluded.attempts,
-        received_at = excluded.received_at, updated_at = excluded.updated_at,
-        intent = excluded.intent, occurred_at = excluded.occurred_at,
-        history = CASE
-            WHEN excluded.history LIKE 'queued:%' THEN excluded.history
-            ELSE assignments.history || excluded.history
-        END
-"""
-# The first answer to a key is the one kept (as SQLite's INSERT OR IGNORE); an empty answer
-# is a claim in progress (`claim_keys`), which the answer replaces.
-_INSERT_DELIVERIES = """
-    INSERT INTO deliveries (source, delivery_id, answer, received_at)
-    SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::float8[])
-    ON CONFLICT (source, delivery_id) DO UPDATE SET
-        answer = excluded.answer, received_at = excluded.received_at
-    WHERE deliveries.answer = ''::bytea
-"""
+_PRUNE = [sql.PRUNE_FINISHED, *sql.PRUNE_EXPIRED]
+# Changes forwarded to their segment's owner and not taken yet, of one contact.
+_FORWARDED = (
+    "SELECT segment_id, intent, occurred_at, received_at FROM segmapd_inbox "
+    "WHERE contact_id = $1 AND reason IS NULL ORDER BY id"
+)
+_CONTACTS = f"{sql.CONTACT.removesuffix(' = $1')} = ANY($1::text[])"
+_MIRRORS = f"{sql.MIRROR_TIMES} WHERE contact_id = ANY($1::text[])"
+_SEGMENTS = " AND segment_id = ANY($1::text[])"
+# Forwarded changes not taken yet are queued work too, in the inbox.
+_COUNTS = (
+    f"{sql.COUNTS} UNION ALL SELECT 'queued', count(*) FROM segmapd_inbox WHERE reason IS NULL"  # noqa: S608
+)
+_IN_SEGMENTS = " WHERE segment_id = ANY($1::text[])"
 # Claims of keys by a delivery being taken now, before its work is journaled: another instance
 # finds the key claimed and waits for the answer. A claim its taker never answered (it died
 # between claim and commit) is taken over once it is CLAIM_TTL_S old. Returns the keys taken.
@@ -275,12 +208,10 @@ CLAIM_TTL_S = 30.0
 # deliverer died, or is still retrying: delivery is at least once).
 NOTIFICATION_CLAIM_S = 120.0
 
-# What the pool lends (a proxy) and a plain connection: statements work the same on either.
-_Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
 _T = TypeVar("_T")
 
 
-class PostgresStore(SharedJournal):
+class PostgresStore(WriteBehindJournal, SharedJournal):
     """The journal behind `store.url = "postgresql://user@host:port/database"`.
 
     `password` is the role's (from `store.password` / `password_file`), kept out of the URL
@@ -295,34 +226,18 @@ class PostgresStore(SharedJournal):
         retention_s: float = 7 * 86_400,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        super().__init__(shown=display_url(url), retention_s=retention_s, clock=clock)
         self.url = url
-        self.retention_s = retention_s
-        self.shown = display_url(url)
         self._password = password
-        self._clock = clock
         self._pool: asyncpg.Pool | None = None
         self._writer: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        self._pending = PendingWork()
-        # The transaction the writer is committing (or failed to, and will retry): its changes
-        # are in neither `_pending` nor the database yet.
-        self._in_flight: PendingWork | None = None
-        # A failed transaction's changes (the same object as `_in_flight` while it waits for its
-        # retry), committed first with what was queued since.
-        self._carry = PendingWork()
         self._committing = False
         # Set by `discard_pending` while a commit is under way: if it fails, it is not retried.
         self._discarded = False
         self._closing = False
         self._closed = False
-        self.last_error = ""
-        self.commits = 0
-        self._last_prune = 0.0
         self._pruning: asyncio.Task[None] | None = None
-        self._refresh: dict[str, float] = {}
-        self._notifications: OrderedDict[str, bytes] = OrderedDict()
-        # Deliveries remembered but not committed yet (their answers).
-        self._unconfirmed: dict[tuple[str, str], bytes] = {}
         # Claims of deliveries dropped by a fence, to withdraw (see `_drop_deliveries`).
         self._abandoned_claims: set[tuple[str, str]] = set()
         # Delivery keys committed lately, oldest first: a lookup that read before their commit
@@ -335,18 +250,13 @@ class PostgresStore(SharedJournal):
         ] = []
         self._claimer: asyncio.Task[None] | None = None
         # Set by the cluster membership (daemon/cluster.py) once this instance has joined: every
-        # commit then checks that the instance is still a member (`fence_sql`), and assignment
-        # rows of segments it no longer holds are left out (`holds`).
+        # commit then checks that the instance is still a member (`fence_sql`), and rows of
+        # segments it no longer holds are left out (`holds`, see `_leave_out_unheld`).
         self.instance_id: int | None = None
         self.holds: Callable[[str], bool] | None = None
         self.holds_shard: Callable[[int], bool] = lambda shard: True
         self.on_fenced: Callable[[], None] | None = None
         self._leases: list[Leases] = []
-
-    @property
-    def shared(self) -> bool:
-        """Several instances may share this journal: segments are owned through leases."""
-        return True
 
     def as_shared(self) -> PostgresStore:
         """The journal itself: several instances share it."""
@@ -354,9 +264,6 @@ class PostgresStore(SharedJournal):
 
     def leases(self, lease_s: float, name: str) -> Leases:
         """The instance's membership and shard leases on the database."""
-        # Imported here: the leases module imports this one.
-        from daemon.store.leases import ShardLeases
-
         leases = ShardLeases(self, lease_s, name)
         self._leases.append(leases)  # their connections close with the journal
         return leases
@@ -406,12 +313,12 @@ class PostgresStore(SharedJournal):
         except _REFUSED as exc:
             # The server answered: no restart will change its mind (exit 2, not retried).
             raise StoreOpenError(
-                f"{self.shown}: PostgreSQL refused the connection ({_describe(exc)}); check the "
+                f"{self.shown}: PostgreSQL refused the connection ({describe(exc)}); check the "
                 "role, store.password, the database name and pg_hba.conf"
             ) from None
         except UNAVAILABLE as exc:
             raise StoreUnreachable(
-                f"{self.shown}: cannot connect to PostgreSQL ({_describe(exc)}); check that the "
+                f"{self.shown}: cannot connect to PostgreSQL ({describe(exc)}); check that the "
                 "server runs and accepts this role, and store.url / store.password"
             ) from None
         except ValueError as exc:  # a URL the driver cannot parse
@@ -438,7 +345,7 @@ class PostgresStore(SharedJournal):
         except (*UNAVAILABLE, StoreUnavailable) as exc:
             await self._abandon(pool)
             raise StoreUnreachable(
-                f"{self.shown}: cannot open the journal ({_describe(exc)})"
+                f"{self.shown}: cannot open the journal ({describe(exc)})"
             ) from None
         except BaseException:
             await self._abandon(pool)
@@ -506,33 +413,15 @@ class PostgresStore(SharedJournal):
             await _close_pool(claim_pool)
 
     async def check_writable(self) -> None:
-        """Raise StoreUnavailable while commits fail (the readiness probe)."""
-        if self.last_error:
-            raise StoreUnavailable(self.last_error)
-        try:
-            await asyncio.wait_for(self.flush(), 5.0)
-        except TimeoutError:
-            raise StoreUnavailable(f"journal {self.shown}: no commit within 5 s") from None
+        """Raise StoreUnavailable while commits fail, or the database does not answer."""
+        await super().check_writable()
 
         # With nothing queued a flush touches no database: ask the server itself, so that an
         # idle instance is not ready while its database is down.
-        async def probe(connection: _Connection) -> None:
+        async def probe(connection: Connection) -> None:
             await connection.execute("SELECT 1", timeout=5.0)
 
         await self._with_connection(probe, "readiness probe")
-
-    async def flush(self) -> None:
-        """Wait until everything queued so far is committed; StoreUnavailable while it cannot be."""
-        if self._writer is None or self._closing:
-            raise StoreUnavailable("the journal is not open")
-        if self._writer.done():
-            # A writer that died (a bug) must not leave every webhook waiting for ever.
-            failure = None if self._writer.cancelled() else self._writer.exception()
-            raise StoreUnavailable(f"the journal writer stopped ({failure!r})")
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.waiters.append(future)
-        self._wake.set()
-        await future
 
     def discard_pending(self) -> int:
         """Drop every change not committed yet, failing its waiters; how many assignment changes.
@@ -544,12 +433,13 @@ class PostgresStore(SharedJournal):
         fails. A commit already under way is not interrupted: it lands (the instance was still
         a member when it began) or fails, and is then not retried.
         """
-        dropped = [self._pending, self._carry]
-        if self._committing:
-            self._discarded = True
-        else:
-            self._in_flight = None  # the failed transaction waiting for its retry: dropped
-        self._pending, self._carry = PendingWork(), PendingWork()
+        with self._lock:
+            dropped = [self._pending, self._carry]
+            if self._committing:
+                self._discarded = True
+            else:
+                self._in_flight = None  # the failed transaction waiting for its retry: dropped
+            self._pending, self._carry = PendingWork(), PendingWork()
         self.last_error = ""  # the dropped transaction's: the next commit tells
         failure = StoreUnavailable(
             f"journal {self.shown}: this instance was fenced; its uncommitted changes were dropped"
@@ -576,82 +466,30 @@ class PostgresStore(SharedJournal):
 
     # ---- writes -------------------------------------------------------------------------------
 
-    def record(self, assignment: Assignment) -> None:
-        """Queue the assignment's current state and its latest transition."""
-        key = assignment.key
-        pending = self._pending
-        pending.assignments[key] = (
-            assignment.contact_id,
-            assignment.segment_id,
-            str(assignment.state),
-            str(assignment.reason) if assignment.reason is not None else None,
-            storable(assignment.message),
-            assignment.attempts,
-            assignment.received_at,
-            assignment.updated_at,
-            str(assignment.intent),
-            assignment.occurred_at,
-        )
-        pending.contacts.setdefault(assignment.contact_id, set()).add(key[1])
-        pending.history.setdefault(key, []).append((str(assignment.state), assignment.updated_at))
-        self._wake.set()
-
-    def record_stale(
-        self, contact_id: str, segment_id: str, intent: str, occurred_at: float, at: float
-    ) -> None:
-        """Queue a change that arrived older than the one in progress (it costs no call)."""
-        self._pending.stale.append((contact_id, segment_id, intent, occurred_at, at))
-        self._wake.set()
-
-    def record_mirror(self, contact_id: str, occurred_at: float) -> None:
-        """Queue the time of a mirror applied to the contact (the newest is kept)."""
-        earlier = self._pending.mirrors.get(contact_id)
-        if earlier is None or occurred_at > earlier[0]:
-            self._pending.mirrors[contact_id] = (occurred_at, self._clock())
-        self._wake.set()
-
-    async def save_batch(self, batch: BatchRecord) -> None:
-        """Commit the batch (with its key and contacts) before it is sent."""
-        self._pending.batches_saved[batch.batch_id] = batch
-        self._pending.batches_dropped.discard(batch.batch_id)
-        await self.flush()
-
-    async def drop_batch(self, batch_id: str) -> None:
-        """Forget the batch (its outcome is recorded); committed with the next transaction."""
-        if self._pending.batches_saved.pop(batch_id, None) is None:
-            self._pending.batches_dropped.add(batch_id)
-        self._wake.set()
-
-    async def remember_delivery(self, source: str, delivery_id: str, answer: bytes) -> None:
-        """Queue the delivery's answer; committed with the webhook's flush."""
-        key = (source, delivery_id)
-        self._unconfirmed.setdefault(key, answer)
-        self._pending.deliveries.setdefault(key, (answer, self._clock()))
-        self._wake.set()
-
     def forward(self, change: ForwardedChange) -> None:
         """Queue a change for the owner of its segment's shard (committed with the webhook)."""
-        self._pending.inbox.append(
-            (
-                shard_of(change.segment_id),
-                change.contact_id,
-                change.segment_id,
-                str(change.intent),
-                change.occurred_at,
-                change.received_at,
-                str(change.reason) if change.reason is not None else None,
-                change.message,
-            )
+        row = (
+            shard_of(change.segment_id),
+            change.contact_id,
+            change.segment_id,
+            str(change.intent),
+            change.occurred_at,
+            change.received_at,
+            str(change.reason) if change.reason is not None else None,
+            change.message,
         )
-        self._wake.set()
+        with self._lock:
+            self._pending.inbox.append(row)
+            self._nudge()
 
     def consume_inbox(self, rows: Sequence[tuple[int, int]]) -> None:
         """Queue the deletion of inbox rows, (id, shard), taken into this engine.
 
         Committed with the states they became, and only while their shard is held.
         """
-        self._pending.inbox_done.update(rows)
-        self._wake.set()
+        with self._lock:
+            self._pending.inbox_done.update(rows)
+            self._nudge()
 
     async def read_inbox(self, shards: Sequence[int], limit: int) -> list[tuple[int, InboxRow]]:
         """Committed inbox rows of these shards, oldest first: (id, row)."""
@@ -705,7 +543,7 @@ class PostgresStore(SharedJournal):
                 )
             except (*UNAVAILABLE, StoreUnavailable) as exc:
                 failure = StoreUnavailable(
-                    f"journal {self.shown}: claiming a delivery failed ({_describe(exc)})"
+                    f"journal {self.shown}: claiming a delivery failed ({describe(exc)})"
                 )
                 for _, future in batch:
                     if not future.done():
@@ -733,7 +571,7 @@ class PostgresStore(SharedJournal):
             )
         except UNAVAILABLE as exc:
             raise StoreUnavailable(
-                f"journal {self.shown}: withdrawing claims failed ({_describe(exc)})"
+                f"journal {self.shown}: withdrawing claims failed ({describe(exc)})"
             ) from None
 
     async def claim_notifications(self, limit: int) -> list[tuple[str, bytes]]:
@@ -763,7 +601,7 @@ class PostgresStore(SharedJournal):
         What a shard's new owner takes back, exactly as a restart recovers the whole journal.
         """
 
-        async def load(connection: _Connection) -> Recovered:
+        async def load(connection: Connection) -> Recovered:
             async with connection.transaction(isolation="repeatable_read", readonly=True):
                 names = await connection.fetch(
                     "SELECT DISTINCT segment_id FROM assignments WHERE state IN "
@@ -775,59 +613,6 @@ class PostgresStore(SharedJournal):
                 return await _load_recovery(connection, segments)
 
         return await self._with_connection(load, "recovery")
-
-    async def claim_delivery(self, source: str, delivery_id: str, answer: bytes) -> bytes | None:
-        """Take the key with one atomic, committed INSERT, or return the answer given first.
-
-        Two processes claiming one key at once: the database's unique key lets one insert
-        win; the other reads the winner's answer. A key this process queued (not committed yet)
-        is answered from memory.
-        """
-        key = (source, delivery_id)
-        earlier = self._unconfirmed.get(key)
-        if earlier is not None:
-            return earlier
-
-        async def claim(connection: _Connection) -> bytes | None:
-            taken = await connection.fetchval(
-                "INSERT INTO deliveries (source, delivery_id, answer, received_at) "
-                "VALUES ($1, $2, $3, $4) ON CONFLICT (source, delivery_id) DO NOTHING "
-                "RETURNING true",
-                source,
-                delivery_id,
-                answer,
-                self._clock(),
-            )
-            if taken:
-                return None
-            # A statement of its own: its snapshot sees the winner, committed by now.
-            found: bytes | None = await connection.fetchval(
-                "SELECT answer FROM deliveries WHERE source = $1 AND delivery_id = $2 "
-                "AND answer <> ''::bytea",
-                source,
-                delivery_id,
-            )
-            # Pruned between the two statements (past retention): then nothing holds the key.
-            return bytes(found) if found is not None else None
-
-        return await self._with_connection(claim, "delivery claim")
-
-    def remember_confirmation(
-        self, contact_id: str, segment_id: str, at: float, member: bool = True
-    ) -> None:
-        """Queue a validation-cache entry: what was confirmed (member or not), and when."""
-        self._pending.confirmations[(contact_id, segment_id)] = (at, member)
-        self._wake.set()
-
-    def next_allowed(self, segment_id: str) -> float:
-        """RefreshBudget: when the segment may be refreshed next, as this process knows it."""
-        return self._refresh.get(segment_id, 0.0)
-
-    def spend(self, segment_id: str, at: float, next_allowed: float) -> None:
-        """RefreshBudget: record when the next refresh is allowed; committed with the next flush."""
-        self._refresh[segment_id] = next_allowed
-        self._pending.budget[segment_id] = next_allowed
-        self._wake.set()
 
     async def try_spend(self, segment_id: str, now: float, next_allowed: float) -> float:
         """RefreshBudget: take the refresh in one committed UPDATE if allowed; 0.0, or when.
@@ -841,7 +626,7 @@ class PostgresStore(SharedJournal):
             # A spend (or a give-back) of this segment is queued: it goes first, in order.
             await self.flush()
 
-        async def take(connection: _Connection) -> float:
+        async def take(connection: Connection) -> float:
             taken = await connection.fetchval(
                 "INSERT INTO refresh_budget AS b (segment_id, next_allowed) VALUES ($1, $3) "
                 "ON CONFLICT (segment_id) DO UPDATE SET next_allowed = excluded.next_allowed "
@@ -861,27 +646,9 @@ class PostgresStore(SharedJournal):
         self._refresh[segment_id] = next_allowed if allowed == 0.0 else allowed
         return allowed
 
-    def add(self, event_id: str, body: bytes) -> None:
-        """NotificationJournal: an event to deliver."""
-        self._notifications[event_id] = body
-        self._pending.notifications_added[event_id] = (body, self._clock())
-        self._pending.notifications_done.discard(event_id)
-        self._wake.set()
-
-    def done(self, event_id: str) -> None:
-        """NotificationJournal: the event was delivered (or dropped for good)."""
-        self._notifications.pop(event_id, None)
-        if self._pending.notifications_added.pop(event_id, None) is None:
-            self._pending.notifications_done.add(event_id)
-        self._wake.set()
-
-    def pending(self) -> list[tuple[str, bytes]]:
-        """NotificationJournal: events not yet delivered, oldest first."""
-        return list(self._notifications.items())
-
     # ---- reads --------------------------------------------------------------------------------
 
-    async def _with_connection(self, work: Callable[[_Connection], Awaitable[_T]], what: str) -> _T:
+    async def _with_connection(self, work: Callable[[Connection], Awaitable[_T]], what: str) -> _T:
         """Run `work` on a pooled connection; a database that cannot serve is StoreUnavailable."""
         pool = self._pool
         if pool is None:
@@ -891,139 +658,38 @@ class PostgresStore(SharedJournal):
                 return await work(connection)
         except UNAVAILABLE as exc:
             raise StoreUnavailable(
-                f"journal {self.shown}: {what} failed ({_describe(exc)})"
+                f"journal {self.shown}: {what} failed ({describe(exc)})"
             ) from None
 
-    async def _fetch(self, sql: str, *arguments: Any) -> list[asyncpg.Record]:
-        async def fetch(connection: _Connection) -> list[asyncpg.Record]:
-            return await connection.fetch(sql, *arguments)
+    async def _fetch(self, statement: str, *arguments: Any) -> list[asyncpg.Record]:
+        async def fetch(connection: Connection) -> list[asyncpg.Record]:
+            return await connection.fetch(statement, *arguments)
 
         return await self._with_connection(fetch, "read")
 
-    def _uncommitted(self, contact_id: str) -> dict[str, Assignment]:
-        """The contact's recorded changes not committed yet, by segment (newest wins)."""
-        found: dict[str, Assignment] = {}
-        for work in (self._in_flight, self._pending):
-            if work is None:
-                continue
-            for segment in work.contacts.get(contact_id, ()):
-                row = work.assignments[(contact_id, segment)]
-                found[segment] = _assignment((*row[:8], "", row[8], row[9]))
-        return found
+    async def _select(self, statement: str, *arguments: Any) -> list[asyncpg.Record]:
+        return await self._fetch(statement, *arguments)
 
-    def _uncommitted_mirror(self, contact_id: str) -> float:
-        newest = 0.0
-        for work in (self._in_flight, self._pending):
-            if work is not None and contact_id in work.mirrors:
-                newest = max(newest, work.mirrors[contact_id][0])
-        return newest
+    async def _forwarded(self, contact_id: str) -> list[asyncpg.Record]:
+        return await self._fetch(_FORWARDED, contact_id)
 
-    async def contact(self, contact_id: str) -> list[Assignment]:
-        """The contact's assignments as recorded, committed or not."""
-        # Taken before the read too: a change committed while the read runs may be missing from
-        # the read's snapshot and gone from the queue after it.
-        before = self._uncommitted(contact_id)
-        # Changes forwarded to their segment's owner and not taken yet: queued, as they are.
-        # Read first: one taken meanwhile is in the assignments read after it (what it became).
-        forwarded = await self._fetch(
-            "SELECT segment_id, intent, occurred_at, received_at FROM segmapd_inbox "
-            "WHERE contact_id = $1 AND reason IS NULL ORDER BY id",
-            contact_id,
-        )
-        rows = await self._fetch(
-            f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments WHERE contact_id = $1",  # noqa: S608 (a constant)
-            contact_id,
-        )
-        merged = {row[1]: _assignment(tuple(row)) for row in rows}
-        merge_newer(merged, before)
-        merged.update(self._uncommitted(contact_id))
-        for segment_id, intent, occurred_at, received_at in forwarded:
-            known = merged.get(segment_id)
-            version = occurred_at or received_at
-            if known is None or version > known.version:
-                merged[segment_id] = Assignment(
-                    contact_id,
-                    segment_id,
-                    received_at=received_at,
-                    updated_at=received_at,
-                    intent=_INTENTS[intent],
-                    occurred_at=occurred_at,
-                )
-        return [merged[segment] for segment in sorted(merged)]
-
-    async def histories(self, contact_ids: Sequence[str]) -> dict[str, ContactHistory]:
-        """Each contact's assignments and newest mirror time, committed or not, in one read."""
-        wanted = list(dict.fromkeys(contact_ids))
-        before = {c: (self._uncommitted(c), self._uncommitted_mirror(c)) for c in wanted}
-
+    async def _read_histories(
+        self, contact_ids: list[str]
+    ) -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
         async def read(
-            connection: _Connection,
+            connection: Connection,
         ) -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
             # One snapshot for both tables.
             async with connection.transaction(isolation="repeatable_read", readonly=True):
-                rows = await connection.fetch(
-                    f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments "  # noqa: S608 (a constant)
-                    "WHERE contact_id = ANY($1::text[])",
-                    wanted,
-                )
-                mirrors = await connection.fetch(
-                    "SELECT contact_id, occurred_at FROM mirrors "
-                    "WHERE contact_id = ANY($1::text[])",
-                    wanted,
-                )
+                rows = await connection.fetch(_CONTACTS, contact_ids)
+                mirrors = await connection.fetch(_MIRRORS, contact_ids)
             return rows, mirrors
 
-        rows, mirrors = await self._with_connection(read, "read")
-        return assemble_histories(
-            wanted,
-            [_assignment(tuple(row)) for row in rows],
-            {str(c): float(at) for c, at in mirrors},
-            before,
-            lambda c: (self._uncommitted(c), self._uncommitted_mirror(c)),
-        )
-
-    async def mirrored_at(self, contact_id: str) -> float:
-        """The contact's newest mirror time, committed or not; 0 when none is retained."""
-        before = self._uncommitted_mirror(contact_id)
-        rows = await self._fetch(
-            "SELECT occurred_at FROM mirrors WHERE contact_id = $1", contact_id
-        )
-        committed = float(rows[0][0]) if rows else 0.0
-        return max(committed, before, self._uncommitted_mirror(contact_id))
-
-    async def failed(
-        self,
-        limit: int = 1000,
-        *,
-        reason: FailureReason | None = None,
-        segment_id: str | None = None,
-    ) -> list[Assignment]:
-        """Dead letters, oldest first; of `reason` and `segment_id` when given.
-
-        The filters narrow the walk of `assignments_by_state` (state, updated_at) in order,
-        which stops at `limit` rows: no sort and no scan of other states, filtered or not.
-        """
-        conditions = ["state = 'failed'"]
-        parameters: list[object] = [limit]
-        if reason is not None:
-            parameters.append(str(reason))
-            conditions.append(f"reason = ${len(parameters)}")
-        if segment_id is not None:
-            parameters.append(segment_id)
-            conditions.append(f"segment_id = ${len(parameters)}")
-        rows = await self._fetch(
-            f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments "  # noqa: S608 (fixed fragments)
-            f"WHERE {' AND '.join(conditions)} ORDER BY updated_at LIMIT $1",
-            *parameters,
-        )
-        return [_assignment(tuple(row)) for row in rows]
+        return await self._with_connection(read, "read")
 
     async def counts(self) -> dict[str, int]:
         """Retained assignments per state."""
-        rows = await self._fetch(
-            "SELECT state, count(*) FROM assignments GROUP BY state "
-            "UNION ALL SELECT 'queued', count(*) FROM segmapd_inbox WHERE reason IS NULL"
-        )
+        rows = await self._fetch(_COUNTS)
         counts: dict[str, int] = {}
         for state, count in rows:
             if count:
@@ -1071,11 +737,40 @@ class PostgresStore(SharedJournal):
 
     # ---- the writer task ----------------------------------------------------------------------
 
+    def _nudge(self) -> None:
+        self._wake.set()
+
+    def _writer_problem(self) -> str | None:
+        if self._writer is None or self._closing:
+            return "the journal is not open"
+        if self._writer.done():
+            # A writer that died (a bug) must not leave every webhook waiting for ever.
+            failure = None if self._writer.cancelled() else self._writer.exception()
+            return f"the journal writer stopped ({failure!r})"
+        return None
+
+    def _on_loop(self, callback: Callable[[], None]) -> None:
+        callback()  # the writer is a task on the loop
+
+    def _describe(self, exc: BaseException) -> str:
+        return describe(exc)
+
+    def _deliveries_committed(self, keys: list[DeliveryKey]) -> None:
+        # Kept a while: a lookup that read before their commit finds them here.
+        recent = self._recent
+        for key in keys:
+            answer = self._unconfirmed.pop(key, None)
+            if answer is not None:
+                recent[key] = answer
+        while len(recent) > RECENT_DELIVERIES:
+            recent.popitem(last=False)
+
     async def _write_loop(self) -> None:
         delay = RETRY_FIRST_S
         while True:
-            pending = self._pending
-            if pending.empty() and not pending.waiters and self._carry.empty():
+            with self._lock:
+                work = self._take_work() if self._has_work() else None
+            if work is None:
                 if self._closing:
                     return
                 self._wake.clear()
@@ -1084,52 +779,21 @@ class PostgresStore(SharedJournal):
                 except TimeoutError:
                     self._schedule_prune()  # idle: a chance to prune
                 continue
-            work, self._pending = self._pending, PendingWork()
             closing = self._closing
-            if not self._carry.empty():
-                # A failed transaction's changes go first; later ones are merged onto them.
-                self._carry.absorb(work)
-                work = self._carry
-            self._carry = PendingWork()
-            self._in_flight = work
             failure = await self._try_commit(work)
             if failure is not None:  # any failure: keep the changes, answer busy, retry
-                self._failed(work, failure)
-                work.waiters = []
-                if self._discarded:
-                    # Dropped meanwhile (`discard_pending`): not retried. Its error is no news
-                    # of the database: the next commit (or the readiness probe) tells. Its
-                    # deliveries were never answered: a redelivery must be taken anew, not
-                    # answered from memory as if it had been journaled.
-                    self._in_flight = None
-                    self.last_error = ""
-                    self._drop_deliveries(work)
-                else:
-                    self._carry = work
+                self._commit_failed(work, failure)
                 if closing:
-                    self._in_flight = None
-                    self._pending.absorb(self._carry)  # kept visible to close()'s report
-                    self._carry = PendingWork()
+                    with self._lock:
+                        self._in_flight = None
+                        self._pending.absorb(self._carry)  # kept visible to close()'s report
+                        self._carry = PendingWork()
                     return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MOST_S)
                 continue
             delay = RETRY_FIRST_S
-            self._in_flight = None
-            if self.last_error:
-                log.warning("journal %s: commits work again", self.shown)
-                self.last_error = ""
-            if work.deliveries:
-                recent = self._recent
-                for key in work.deliveries:
-                    answer = self._unconfirmed.pop(key, None)
-                    if answer is not None:
-                        recent[key] = answer
-                while len(recent) > RECENT_DELIVERIES:
-                    recent.popitem(last=False)
-            for waiter in work.waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+            self._committed(work)
             self._schedule_prune()
 
     async def _try_commit(self, work: PendingWork) -> Exception | None:
@@ -1176,7 +840,22 @@ class PostgresStore(SharedJournal):
         self.commits += 1
 
     def _leave_out_unheld(self, work: PendingWork) -> None:
-        """Drop states of segments this instance no longer holds: their owner's are newer."""
+        """Leave out of this commit the rows of segments this instance no longer holds.
+
+        The engine checks ownership when a state changes; a row is written by the commit after
+        that, and a shard can change hands in between. A handover (daemon/cluster.py) flushes,
+        then stops holding the shards, then releases their leases: a row queued while that flush
+        was committing is left for the next transaction, which may begin after another instance
+        has taken the shards and loaded their work from the journal. The commit fence cannot
+        tell, since it refuses an instance declared dead, not one live instance's rows of shards
+        it gave up. So each commit asks, as it begins, which of its rows are still this
+        instance's to write: states, saved batches and validation-cache entries of segments no
+        longer held are dropped (the new owner's are newer, or it recovered what was committed),
+        and a forwarded change taken into this engine is deleted from the inbox only while its
+        shard is held, else it stays for the shard's owner (no transition of the engine's shows
+        that deletion). Rows queued after a fence by anything that does not ask the engine's
+        ownership (the validation cache) are dropped here too.
+        """
         holds = self.holds
         if holds is None:
             return
@@ -1197,7 +876,7 @@ class PostgresStore(SharedJournal):
         for key in [k for k in work.confirmations if not holds(k[1])]:
             del work.confirmations[key]
 
-    async def _apply(self, connection: _Connection, work: PendingWork) -> None:
+    async def _apply(self, connection: Connection, work: PendingWork) -> None:
         if work.inbox:
             await connection.execute(
                 "INSERT INTO segmapd_inbox (shard, contact_id, segment_id, intent, occurred_at, "
@@ -1214,113 +893,43 @@ class PostgresStore(SharedJournal):
             await connection.execute(
                 "DELETE FROM segmapd_inbox WHERE id = ANY($1::int8[])", list(work.inbox_done)
             )
-        if work.assignments:
-            rows = [
-                (*row, "".join(f"{state}:{at!r};" for state, at in work.history.get(key, [])))
-                for key, row in work.assignments.items()
-            ]
-            await connection.execute(
-                _UPSERT_ASSIGNMENTS, *(list(column) for column in zip(*rows, strict=True))
-            )
-        # Every statement is one array-valued statement: a transaction never waits for the
-        # client in the middle of one (as executemany's pipeline does), so that a process
-        # paused mid-commit is seen idle in its transaction, and ended by the server.
-        if work.batches_saved:
-            await connection.execute(
-                "INSERT INTO batches (batch_id, segment_id, contact_ids, idempotency_key, "
-                "attempt, saved_at, intent) SELECT * FROM unnest($1::text[], $2::text[], "
-                "$3::text[], $4::text[], $5::int4[], $6::float8[], $7::text[]) "
-                "ON CONFLICT (batch_id) DO UPDATE SET segment_id = excluded.segment_id, "
-                "contact_ids = excluded.contact_ids, idempotency_key = excluded.idempotency_key, "
-                "attempt = excluded.attempt, saved_at = excluded.saved_at, "
-                "intent = excluded.intent",
-                *_columns(
-                    [batch_row(b, self._clock()) for b in work.batches_saved.values()],
-                    7,
-                ),
-            )
-        if work.batches_dropped:
-            await connection.execute(
-                "DELETE FROM batches WHERE batch_id = ANY($1::text[])", list(work.batches_dropped)
-            )
-        if work.deliveries:
-            keys = list(work.deliveries)
-            values = [work.deliveries[key] for key in keys]
-            await connection.execute(
-                _INSERT_DELIVERIES,
-                [s for s, _ in keys],
-                [d for _, d in keys],
-                [answer for answer, _ in values],
-                [at for _, at in values],
-            )
-        if work.budget:
-            await connection.execute(
-                "INSERT INTO refresh_budget (segment_id, next_allowed) "
-                "SELECT * FROM unnest($1::text[], $2::float8[]) "
-                "ON CONFLICT (segment_id) DO UPDATE SET next_allowed = excluded.next_allowed",
-                *_columns(list(work.budget.items()), 2),
-            )
-        if work.confirmations:
-            await connection.execute(
-                "INSERT INTO confirmations (contact_id, segment_id, confirmed_at, member) "
-                "SELECT * FROM unnest($1::text[], $2::text[], $3::float8[], $4::bool[]) "
-                "ON CONFLICT (contact_id, segment_id) DO UPDATE SET "
-                "confirmed_at = excluded.confirmed_at, member = excluded.member",
-                *_columns([(c, s, at, m) for (c, s), (at, m) in work.confirmations.items()], 4),
-            )
-        if work.stale:
-            await connection.execute(
-                "INSERT INTO stale_changes SELECT * FROM unnest($1::text[], $2::text[], "
-                "$3::text[], $4::float8[], $5::float8[])",
-                *_columns(work.stale, 5),
-            )
-        if work.mirrors:
-            await connection.execute(
-                "INSERT INTO mirrors AS m SELECT * FROM unnest($1::text[], $2::float8[], "
-                "$3::float8[]) ON CONFLICT (contact_id) DO UPDATE "
-                "SET occurred_at = greatest(m.occurred_at, excluded.occurred_at), "
-                "updated_at = excluded.updated_at",
-                *_columns([(c, occurred, at) for c, (occurred, at) in work.mirrors.items()], 3),
-            )
-        if work.notifications_added:
-            await connection.execute(
-                "INSERT INTO notifications (event_id, body, added_at, claimed_until, claimed_by) "
-                "SELECT e, b, a, extract(epoch FROM clock_timestamp()) + $4, $5::int8 "
-                "FROM unnest($1::text[], $2::bytea[], $3::float8[]) AS n(e, b, a) "
-                "ON CONFLICT (event_id) DO UPDATE "
-                "SET body = excluded.body, added_at = excluded.added_at, "
-                "claimed_until = excluded.claimed_until, claimed_by = excluded.claimed_by",
-                *_columns([(e, body, at) for e, (body, at) in work.notifications_added.items()], 3),
-                NOTIFICATION_CLAIM_S,
-                self.instance_id,
-            )
-        if work.notifications_done:
-            await connection.execute(
-                "DELETE FROM notifications WHERE event_id = ANY($1::text[])",
-                list(work.notifications_done),
-            )
+        for write, rows in work.writes(self._clock()):
+            if write is sql.NOTIFICATIONS:
+                await connection.execute(
+                    _ADD_NOTIFICATIONS,
+                    *_columns(rows),
+                    NOTIFICATION_CLAIM_S,
+                    self.instance_id,
+                )
+            else:
+                await connection.execute(_WRITES[write], *_columns(rows))
 
-    def _failed(self, work: PendingWork, exc: Exception) -> None:
-        message = f"journal {self.shown}: commit failed: {_describe(exc)}"
-        if self._discarded:
-            log.warning("%s; its %d changes are dropped (fenced)", message, len(work.assignments))
-        elif message != self.last_error:
-            log.error("%s; keeping %d changes queued and retrying", message, len(work.assignments))
-        self.last_error = message
-        for waiter in work.waiters:
-            if not waiter.done():
-                waiter.set_exception(StoreUnavailable(message))
+    def _commit_failed(self, work: PendingWork, exc: BaseException) -> None:
+        if not self._discarded:
+            super()._commit_failed(work, exc)
+            return
+        # Dropped meanwhile (`discard_pending`): not retried. Its error is no news of the
+        # database: the next commit (or the readiness probe) tells.
+        message = f"journal {self.shown}: commit failed: {describe(exc)}"
+        log.warning("%s; its %d changes are dropped (fenced)", message, len(work.assignments))
+        self._fail_waiters(work, StoreUnavailable(message))
+        with self._lock:
+            self._in_flight = None
+        self.last_error = ""
+        # Its deliveries were never answered: a redelivery must be taken anew, not answered
+        # from memory as if it had been journaled.
+        self._on_loop(lambda: self._drop_deliveries(work))
 
     def _schedule_prune(self) -> None:
         """Start a prune when one is due, on a task of its own: commits never wait for it."""
-        now = self._clock()
-        if now - self._last_prune < PRUNE_INTERVAL_S or self._pool is None or self._closing:
+        if self._pool is None or self._closing:
             return
         if self._pruning is not None and not self._pruning.done():
             return
-        self._last_prune = now
+        if not self._prune_due():
+            return
         self._pruning = asyncio.get_running_loop().create_task(
-            self._prune(now), name="journal-prune"
+            self._prune(self._last_prune), name="journal-prune"
         )
 
     async def _prune(self, now: float) -> None:
@@ -1329,27 +938,17 @@ class PostgresStore(SharedJournal):
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a prune that fails is retried next time, never fatal
-            log.warning("journal %s: pruning failed (%s)", self.shown, _describe(exc))
+            log.warning("journal %s: pruning failed (%s)", self.shown, describe(exc))
 
     async def _maybe_prune(self, now: float) -> None:
         horizon = now - self.retention_s
 
-        async def prune(connection: _Connection) -> str:
+        async def prune(connection: Connection) -> str:
             async with connection.transaction():
-                # Active adds are the memberships segmapd made: a mirror (`set`) compares with
-                # them, so they are kept for as long as the membership exists; so are failures
-                # that may have left one (`Assignment.may_hold_membership`).
-                pruned: str = await connection.execute(PRUNE_FINISHED, horizon)
-                for table, column in (
-                    ("stale_changes", "received_at"),
-                    ("mirrors", "updated_at"),
-                    ("deliveries", "received_at"),
-                    ("confirmations", "confirmed_at"),
-                ):
-                    await connection.execute(
-                        f"DELETE FROM {table} WHERE {column} < $1",  # noqa: S608 (constants)
-                        horizon,
-                    )
+                finished, *expired = _PRUNE
+                pruned: str = await connection.execute(finished, horizon)
+                for statement in expired:
+                    await connection.execute(statement, horizon)
             return pruned
 
         try:
@@ -1365,7 +964,7 @@ class PostgresStore(SharedJournal):
 # ---- schema and recovery ------------------------------------------------------------------------
 
 
-async def _migrate(connection: _Connection, shown: str) -> None:
+async def _migrate(connection: Connection, shown: str) -> None:
     """Bring the schema to MIGRATIONS' version, once however many processes start together.
 
     The advisory lock is held to the end of the transaction: a second instance waits for it,
@@ -1388,53 +987,39 @@ async def _migrate(connection: _Connection, shown: str) -> None:
             await connection.execute("INSERT INTO segmapd_schema (version) VALUES ($1)", number)
 
 
-async def _load_shared_state(connection: _Connection) -> Recovered:
+async def _load_shared_state(connection: Connection) -> Recovered:
     """What the store itself keeps at hand: the refresh budgets (work is recovered per shard)."""
     recovered = Recovered()
     recovered.refresh_budget = {
-        str(s): float(at)
-        for s, at in await connection.fetch("SELECT segment_id, next_allowed FROM refresh_budget")
+        str(s): float(at) for s, at in await connection.fetch(sql.REFRESH_TIMES)
     }
     return recovered
 
 
-async def _load_recovery(connection: _Connection, segments: list[str]) -> Recovered:
+async def _load_recovery(connection: Connection, segments: list[str]) -> Recovered:
     """What is unfinished in these segments, as SqliteStore recovers it (caller's snapshot)."""
     recovered = Recovered()
     recovered.queued = [
         (str(c), str(s), float(received), str(intent), float(occurred))
         for c, s, received, intent, occurred in await connection.fetch(
-            "SELECT contact_id, segment_id, received_at, intent, occurred_at "
             # Oldest first: the buffer takes insertion order for age (which batch goes next).
-            "FROM assignments WHERE state = 'queued' AND segment_id = ANY($1::text[]) "
-            "ORDER BY received_at",
+            f"{sql.QUEUED}{_SEGMENTS} ORDER BY received_at",
             segments,
         )
     ]
     recovered.assignments = [
-        _assignment(tuple(row))
-        for row in await connection.fetch(
-            f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments "  # noqa: S608 (a constant)
-            "WHERE state IN ('sending', 'retrying', 'written', 'verifying') "
-            "AND segment_id = ANY($1::text[])",
-            segments,
-        )
+        sql.assignment_from_row(row)
+        for row in await connection.fetch(f"{sql.UNFINISHED}{_SEGMENTS}", segments)
     ]
     recovered.batches = [
-        BatchRecord(batch_id, segment_id, tuple(orjson.loads(ids)), key, attempt, Intent(intent))
-        for batch_id, segment_id, ids, key, attempt, intent in await connection.fetch(
-            "SELECT batch_id, segment_id, contact_ids, idempotency_key, attempt, intent "
-            "FROM batches WHERE segment_id = ANY($1::text[]) ORDER BY saved_at, batch_id",
-            segments,
+        sql.batch_from_row(row)
+        for row in await connection.fetch(
+            f"{sql.SAVED_BATCHES}{_IN_SEGMENTS} ORDER BY saved_at, batch_id", segments
         )
     ]
     recovered.confirmations = [
-        (str(c), str(s), float(at), bool(member))
-        for c, s, at, member in await connection.fetch(
-            "SELECT contact_id, segment_id, confirmed_at, member FROM confirmations "
-            "WHERE segment_id = ANY($1::text[])",
-            segments,
-        )
+        sql.confirmation_from_row(row)
+        for row in await connection.fetch(f"{sql.CONFIRMED}{_IN_SEGMENTS}", segments)
     ]
     return recovered
 
@@ -1446,68 +1031,9 @@ async def _close_pool(pool: asyncpg.Pool) -> None:
         pool.terminate()
 
 
-def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
+def _columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
     """Rows as one list per column: the arrays of an `unnest` statement."""
-    return [list(column) for column in zip(*rows, strict=True)] if rows else [[]] * width
-
-
-def _describe(exc: BaseException) -> str:
-    """A driver error as one line: its class and message (never a password: none is in them)."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    name = type(exc).__name__
-    return f"{name}: {text}" if text else name
-
-
-_STATES = {state.value: state for state in State}
-_INTENTS = {intent.value: intent for intent in Intent}
-
-
-def _assignment(row: tuple[Any, ...]) -> Assignment:
-    (contact_id, segment_id, state, reason, message, attempts, received, updated, history,
-     intent, occurred_at) = row  # fmt: skip
-    steps: list[tuple[State, float]] = []
-    seen: set[tuple[State, float]] = set()
-    for step in history.split(";"):
-        if not step:
-            continue
-        name, _, at = step.partition(":")
-        entry = (_STATES[name], float(at))
-        # A commit whose acknowledgement was lost (the connection dropped at COMMIT) is retried
-        # and may have landed: its transitions are then appended again, the same states at the
-        # same times. No real history holds one state twice at one instant.
-        if entry not in seen:
-            seen.add(entry)
-            steps.append(entry)
-    return Assignment(
-        contact_id=contact_id,
-        segment_id=segment_id,
-        state=_STATES[state],
-        reason=FailureReason(reason) if reason else None,
-        message=message,
-        attempts=attempts,
-        received_at=received,
-        updated_at=updated,
-        history=steps,
-        intent=_INTENTS[intent],
-        occurred_at=occurred_at,
-    )
-
-
-def fence_sql(instance_id: int) -> str:
-    """The statement that opens every commit: refuse it unless this instance is still a member.
-
-    An instance whose leases expired (it was paused, or cut off) is declared dead by the one
-    taking its shards, which deletes its row while holding `EPOCH_LOCK` for it exclusively;
-    every commit holds the same lock shared, so a commit still under way ends first and every
-    later one fails here. (Advisory locks live in memory; a row lock would cost a write on
-    every commit.)
-    """
-    key = int(instance_id) % 2_147_483_647  # an integer of ours: safe to write into the text
-    return (
-        f"DO $fence$ BEGIN PERFORM pg_advisory_xact_lock_shared({EPOCH_LOCK}, {key}); "  # noqa: S608 (integers and a constant of ours)
-        f"IF NOT EXISTS (SELECT 1 FROM segmapd_instances WHERE id = {int(instance_id)}) "
-        f"THEN RAISE EXCEPTION '{FENCED}'; END IF; END $fence$"
-    )
+    return [list(column) for column in zip(*rows, strict=True)]
 
 
 async def _keep_session(connection: asyncpg.Connection) -> None:
@@ -1517,7 +1043,7 @@ async def _keep_session(connection: asyncpg.Connection) -> None:
     """
 
 
-async def _rollback(connection: _Connection) -> None:
+async def _rollback(connection: Connection) -> None:
     """End a failed transaction; a connection that cannot is closed by the pool anyway."""
     with contextlib.suppress(*UNAVAILABLE):
         await connection.execute("ROLLBACK")

@@ -49,7 +49,7 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
-from daemon.store.pg_errors import UNAVAILABLE
+from daemon.store.pg_common import UNAVAILABLE, describe
 from scheduler.ratelimit import gcra_parameters
 
 log = logging.getLogger(__name__)
@@ -109,13 +109,6 @@ class _PoolNotOpen(Exception):
 
     def __str__(self) -> str:
         return "the store is not open"
-
-
-def _describe(exc: BaseException) -> str:
-    """An error as one line: its class and first message line (driver errors carry no secret)."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    name = type(exc).__name__
-    return f"{name}: {text}" if text else name
 
 
 class SharedRateGate:
@@ -322,7 +315,7 @@ class SharedRateGate:
                 "rate gate %s: cannot reach the database (%s); no request of the class is "
                 "admitted until it answers",
                 self.name,
-                _describe(exc),
+                describe(exc),
             )
 
     def _recovered(self) -> None:

@@ -1,11 +1,12 @@
 """The durable journal: one SQLite file in WAL mode, written by one thread with group commit.
 
-Every change the engine records goes into an in-memory queue at once (no I/O on the event
-loop). A writer thread takes everything queued, applies it in one transaction and commits;
-`flush()` returns once everything recorded before it is committed, so concurrent webhooks share
-one fsync. When a commit fails (disk full, read-only file system), nothing is dropped: the
-changes stay queued and are retried, `flush()` raises `StoreUnavailable` meanwhile, and the
-store recovers by itself when the disk does.
+A write-behind journal (daemon/store/write_behind.py): every change the engine records goes
+into an in-memory queue at once (no I/O on the event loop). A writer thread takes everything
+queued, applies it in one transaction and commits; `flush()` returns once everything recorded
+before it is committed, so concurrent webhooks share one fsync. When a commit fails (disk full,
+read-only file system), nothing is dropped: the changes stay queued and are retried, `flush()`
+raises `StoreUnavailable` meanwhile, and the store recovers by itself when the disk does. Reads
+run on a thread of their own, on a connection of their own.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import itertools
 import logging
 import math
@@ -27,10 +29,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
-import orjson
 from rbloom import Bloom
 
-from daemon.store.base import JournalStore, Recovered, StoreOpenError
+from daemon.store import sql
+from daemon.store.base import Recovered, StoreOpenError
 from daemon.store.delivery_filter import (
     MIN_CAPACITY,
     DeliveryFilter,
@@ -38,16 +40,9 @@ from daemon.store.delivery_filter import (
     capacity_for,
     new_bloom,
 )
-from daemon.store.pending import (
-    PRUNE_FINISHED,
-    AssignmentRow,
-    PendingWork,
-    assemble_histories,
-    batch_row,
-    merge_newer,
-)
-from scheduler.model import Assignment, FailureReason, Intent, State, storable
-from scheduler.store import BatchRecord, ContactHistory, StoreUnavailable
+from daemon.store.pending import PendingWork
+from daemon.store.write_behind import WriteBehindJournal
+from scheduler.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -72,101 +67,11 @@ FILTER_RETRY_S = 60.0
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
-MIGRATIONS: list[str] = [
-    # 1: the initial schema.
-    """
-    CREATE TABLE assignments (
-        contact_id  TEXT NOT NULL,
-        segment_id  TEXT NOT NULL,
-        state       TEXT NOT NULL,
-        reason      TEXT,
-        message     TEXT NOT NULL DEFAULT '',
-        attempts    INTEGER NOT NULL DEFAULT 0,
-        received_at REAL NOT NULL,
-        updated_at  REAL NOT NULL,
-        history     TEXT NOT NULL DEFAULT '',
-        PRIMARY KEY (contact_id, segment_id)
-    ) WITHOUT ROWID;
-    CREATE INDEX assignments_by_state ON assignments (state, updated_at);
-    CREATE TABLE batches (
-        batch_id        TEXT PRIMARY KEY,
-        segment_id      TEXT NOT NULL,
-        contact_ids     TEXT NOT NULL,
-        idempotency_key TEXT NOT NULL,
-        attempt         INTEGER NOT NULL,
-        saved_at        REAL NOT NULL
-    );
-    CREATE TABLE deliveries (
-        source      TEXT NOT NULL,
-        delivery_id TEXT NOT NULL,
-        answer      BLOB NOT NULL,
-        received_at REAL NOT NULL,
-        PRIMARY KEY (source, delivery_id)
-    ) WITHOUT ROWID;
-    CREATE INDEX deliveries_by_time ON deliveries (received_at);
-    CREATE TABLE refresh_budget (
-        segment_id   TEXT PRIMARY KEY,
-        next_allowed REAL NOT NULL
-    ) WITHOUT ROWID;
-    CREATE TABLE confirmations (
-        contact_id   TEXT NOT NULL,
-        segment_id   TEXT NOT NULL,
-        confirmed_at REAL NOT NULL,
-        PRIMARY KEY (contact_id, segment_id)
-    ) WITHOUT ROWID;
-    CREATE TABLE notifications (
-        event_id TEXT PRIMARY KEY,
-        body     BLOB NOT NULL,
-        added_at REAL NOT NULL
-    );
-    """,
-    # 2: who made the file and when, for `segmapd` diagnostics and support.
-    """
-    CREATE TABLE journal_info (
-        key   TEXT PRIMARY KEY,
-        value TEXT NOT NULL
-    ) WITHOUT ROWID;
-    INSERT INTO journal_info VALUES ('created_at', strftime('%Y-%m-%dT%H:%M:%fZ', 'now'));
-    """,
-    # 3: removals and ordering. Every assignment and batch has an intent (all earlier ones were
-    # adds); an assignment keeps the CRM's time of the change it works towards (0: its arrival);
-    # a confirmation remembers what was confirmed (all earlier ones were memberships); changes
-    # that arrived older than what was in progress are kept as stale.
-    """
-    ALTER TABLE assignments ADD COLUMN intent TEXT NOT NULL DEFAULT 'add';
-    ALTER TABLE assignments ADD COLUMN occurred_at REAL NOT NULL DEFAULT 0;
-    ALTER TABLE batches ADD COLUMN intent TEXT NOT NULL DEFAULT 'add';
-    ALTER TABLE confirmations ADD COLUMN member INTEGER NOT NULL DEFAULT 1;
-    CREATE TABLE stale_changes (
-        contact_id  TEXT NOT NULL,
-        segment_id  TEXT NOT NULL,
-        intent      TEXT NOT NULL,
-        occurred_at REAL NOT NULL,
-        received_at REAL NOT NULL
-    );
-    CREATE INDEX stale_changes_by_time ON stale_changes (received_at);
-    """,
-    # 4: a mirror (`set`) says the contact is in no segment it does not list, as of its time:
-    # per contact, the time of the newest mirror applied, so that an older change for any
-    # segment, delivered late, is found stale.
-    """
-    CREATE TABLE mirrors (
-        contact_id  TEXT PRIMARY KEY,
-        occurred_at REAL NOT NULL,
-        updated_at  REAL NOT NULL
-    ) WITHOUT ROWID;
-    CREATE INDEX mirrors_by_time ON mirrors (updated_at);
-    """,
-]
+# The schema's steps, as SQLite applies them (numbered by `PRAGMA user_version`).
+MIGRATIONS: list[str] = [sql.render(step, sql.Dialect.SQLITE) for step in sql.SCHEMA]
 
-# Assignment columns in the order `_assignment` reads them (SELECT * would follow the table's,
-# which ALTER TABLE appends to).
 # Contacts per `IN (...)` list: well below SQLite's default limit of 999 bound parameters.
 _IN_CHUNK = 500
-_ASSIGNMENT_COLUMNS = (
-    "contact_id, segment_id, state, reason, message, attempts, received_at, updated_at, "
-    "history, intent, occurred_at"
-)
 
 
 # ---- file level -------------------------------------------------------------------------------
@@ -337,26 +242,25 @@ class _MultiRowInsert:
 
 
 _UPSERT_ASSIGNMENTS = _MultiRowInsert(
-    """INSERT INTO assignments (contact_id, segment_id, state, reason, message,
-                                attempts, received_at, updated_at, intent, occurred_at, history)""",
-    11,
-    """ON CONFLICT (contact_id, segment_id) DO UPDATE SET
-        state = excluded.state, reason = excluded.reason,
-        message = excluded.message, attempts = excluded.attempts,
-        received_at = excluded.received_at, updated_at = excluded.updated_at,
-        intent = excluded.intent, occurred_at = excluded.occurred_at,
-        history = CASE
-            WHEN excluded.history LIKE 'queued:%' THEN excluded.history
-            ELSE assignments.history || excluded.history
-        END""",
+    sql.ASSIGNMENTS.head, len(sql.ASSIGNMENTS.columns), sql.ASSIGNMENTS.tail(sql.Dialect.SQLITE)
 )
 # Answers are bytes, bound (and stored) as BLOBs, as the deliveries' bodies were.
 _INSERT_DELIVERIES = _MultiRowInsert(
-    "INSERT OR IGNORE INTO deliveries (source, delivery_id, answer, received_at)", 4
+    sql.DELIVERIES.head, len(sql.DELIVERIES.columns), sql.DELIVERIES.tail(sql.Dialect.SQLITE)
 )
+# Every other write, one row per execution.
+_WRITES = {write: write.sqlite() for write in sql.WRITES}
+_CONTACTS = f"SELECT {sql.ASSIGNMENT_COLUMNS} FROM assignments WHERE contact_id"  # noqa: S608
+_PRUNE = [sql.render(text, sql.Dialect.SQLITE) for text in (sql.PRUNE_FINISHED, *sql.PRUNE_EXPIRED)]
 
 
-class SqliteStore(JournalStore):
+@functools.lru_cache(maxsize=64)
+def _rendered(statement: str) -> str:
+    """A shared read as sqlite3 takes it, rendered once per text."""
+    return sql.render(statement, sql.Dialect.SQLITE)
+
+
+class SqliteStore(WriteBehindJournal):
     """The journal behind `store.url = "sqlite:///path"`."""
 
     def __init__(
@@ -368,19 +272,13 @@ class SqliteStore(JournalStore):
         clock: Callable[[], float] = time.time,
         delivery_filter_capacity: int = MIN_CAPACITY,
     ) -> None:
+        super().__init__(shown=path, retention_s=retention_s, clock=clock)
         self.path = path
         self.synchronous = synchronous
-        self.retention_s = retention_s
-        self._clock = clock
-        self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         # Whether the writer sleeps on `_wake`. Only then does a change need a notify() (Python
         # code, on the hot path): a change queued while the writer commits is seen when it loops.
         self._writer_idle = False
-        self._pending = PendingWork()
-        # The transaction the writer is committing (or failed to, and will retry): its changes
-        # are in neither `_pending` nor the file yet.
-        self._in_flight: PendingWork | None = None
         self._file_lock = JournalLock(path)
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -388,16 +286,10 @@ class SqliteStore(JournalStore):
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-read")
-        self.last_error: str = ""
-        self.commits = 0
-        self._last_prune = 0.0
-        self._refresh: dict[str, float] = {}
-        self._notifications: OrderedDict[str, bytes] = OrderedDict()
-        # Deliveries remembered but not yet committed (their answers), and a filter of the rest.
-        self._unconfirmed: dict[DeliveryKey, bytes] = {}
         # Commits whose deliveries left `_unconfirmed`: a lookup whose read overlapped one reads
         # again, since its snapshot may predate the commit.
         self._deliveries_settled = 0
+        # A filter of the committed deliveries' keys (those not committed are `_unconfirmed`).
         self._seen = DeliveryFilter()
         self._filter_task: asyncio.Task[None] | None = None
         self._filter_failed_at = -math.inf
@@ -466,72 +358,14 @@ class SqliteStore(JournalStore):
             self._writer = None
         self._file_lock.release()
 
-    # ---- writes (Store protocol) -----------------------------------------------------------
-
-    def record(self, assignment: Assignment) -> None:
-        """Queue the assignment's current state and its latest transition."""
-        key = assignment.key
-        row: AssignmentRow = (
-            assignment.contact_id,
-            assignment.segment_id,
-            str(assignment.state),
-            str(assignment.reason) if assignment.reason is not None else None,
-            storable(assignment.message),
-            assignment.attempts,
-            assignment.received_at,
-            assignment.updated_at,
-            str(assignment.intent),
-            assignment.occurred_at,
-        )
-        with self._lock:
-            self._pending.assignments[key] = row
-            self._pending.contacts.setdefault(assignment.contact_id, set()).add(key[1])
-            self._pending.history.setdefault(key, []).append(
-                (str(assignment.state), assignment.updated_at)
-            )
-            self._nudge()
-
-    async def flush(self) -> None:
-        """Wait until everything queued so far is committed; StoreUnavailable if it cannot be."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        with self._lock:
-            if self._thread is None:
-                raise StoreUnavailable("the journal is not open")
-            self._pending.waiters.append(future)
-            self._nudge()
-        await future
-
-    async def save_batch(self, batch: BatchRecord) -> None:
-        """Commit the batch (with its key and body) before it is sent."""
-        with self._lock:
-            self._pending.batches_saved[batch.batch_id] = batch
-            self._pending.batches_dropped.discard(batch.batch_id)
-        await self.flush()
-
-    async def drop_batch(self, batch_id: str) -> None:
-        """Forget the batch (its outcome is recorded); committed with the next transaction."""
-        with self._lock:
-            if self._pending.batches_saved.pop(batch_id, None) is None:
-                self._pending.batches_dropped.add(batch_id)
-            self._nudge()
+    # ---- writes -------------------------------------------------------------------------------
 
     async def remember_delivery(self, source: str, delivery_id: str, answer: bytes) -> None:
         """Queue the delivery's answer; committed with the webhook's flush."""
-        key = (source, delivery_id)
-        self._unconfirmed[key] = answer
-        self._seen.add(key)
-        with self._lock:
-            self._pending.deliveries.setdefault(key, (answer, self._clock()))
-            self._nudge()
+        await super().remember_delivery(source, delivery_id, answer)
+        self._seen.add((source, delivery_id))
         if self._seen.needs_build() and time.monotonic() - self._filter_failed_at > FILTER_RETRY_S:
             self._build_filter()
-
-    async def check_writable(self) -> None:
-        """Raise StoreUnavailable while commits fail."""
-        if self.last_error:
-            raise StoreUnavailable(self.last_error)
-        await asyncio.wait_for(self.flush(), 5.0)
 
     # ---- reads ---------------------------------------------------------------------------
 
@@ -549,109 +383,30 @@ class SqliteStore(JournalStore):
             # A read that fails (an I/O error) is the journal being unavailable, not a bug.
             raise StoreUnavailable(f"journal read failed: {exc}") from None
 
-    def _query(self, sql: str, parameters: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+    def _query(self, statement: str, parameters: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
         assert self._reader is not None
-        return self._reader.execute(sql, tuple(parameters)).fetchall()
+        return self._reader.execute(statement, tuple(parameters)).fetchall()
 
-    def _uncommitted(self, contact_id: str) -> dict[str, Assignment]:
-        """The contact's recorded changes not committed yet, by segment (newest wins)."""
-        found: dict[str, Assignment] = {}
-        with self._lock:
-            for work in (self._in_flight, self._pending):
-                if work is None:
-                    continue
-                for segment in work.contacts.get(contact_id, ()):
-                    row = work.assignments[(contact_id, segment)]
-                    found[segment] = _assignment((*row[:8], "", row[8], row[9]))
-        return found
+    async def _select(self, statement: str, *arguments: Any) -> list[tuple[Any, ...]]:
+        text = _rendered(statement)
+        rows: list[tuple[Any, ...]] = await self._read(lambda: self._query(text, arguments))
+        return rows
 
-    async def contact(self, contact_id: str) -> list[Assignment]:
-        """The contact's assignments as recorded, committed or not.
-
-        A mirror (`set`) compares with these: a change recorded a moment ago by a concurrent
-        request must be seen though its transaction has not committed yet.
-        """
-        before = self._uncommitted(contact_id)
-        rows = await self._read(
-            lambda: self._query(
-                f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments WHERE contact_id = ? "  # noqa: S608 (a constant)
-                "ORDER BY segment_id",
-                (contact_id,),
-            )
-        )
-        merged = {row[1]: _assignment(row) for row in rows}
-        merge_newer(merged, before)
-        merged.update(self._uncommitted(contact_id))
-        return [merged[segment] for segment in sorted(merged)]
-
-    async def histories(self, contact_ids: Sequence[str]) -> dict[str, ContactHistory]:
-        """Each contact's assignments and newest mirror time, committed or not, in one read.
-
-        The intake of a batch (a HubSpot delivery holds 100 contacts) asks once for all of
-        them, rather than once per contact and per table.
-        """
-        wanted = list(dict.fromkeys(contact_ids))
-        before = {c: (self._uncommitted(c), self._uncommitted_mirror(c)) for c in wanted}
-
+    async def _read_histories(
+        self, contact_ids: list[str]
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
         def read() -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
             rows: list[tuple[Any, ...]] = []
             mirrors: list[tuple[Any, ...]] = []
-            for start in range(0, len(wanted), _IN_CHUNK):
-                chunk = wanted[start : start + _IN_CHUNK]
+            for start in range(0, len(contact_ids), _IN_CHUNK):
+                chunk = contact_ids[start : start + _IN_CHUNK]
                 marks = ",".join("?" * len(chunk))
-                rows += self._query(
-                    f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments "  # noqa: S608 (constants)
-                    f"WHERE contact_id IN ({marks})",
-                    chunk,
-                )
-                mirrors += self._query(
-                    f"SELECT contact_id, occurred_at FROM mirrors WHERE contact_id IN ({marks})",  # noqa: S608
-                    chunk,
-                )
+                rows += self._query(f"{_CONTACTS} IN ({marks})", chunk)
+                mirrors += self._query(f"{sql.MIRROR_TIMES} WHERE contact_id IN ({marks})", chunk)
             return rows, mirrors
 
-        rows, mirrors = await self._read(read)
-        return assemble_histories(
-            wanted,
-            [_assignment(row) for row in rows],
-            {str(c): float(at) for c, at in mirrors},
-            before,
-            lambda c: (self._uncommitted(c), self._uncommitted_mirror(c)),
-        )
-
-    async def failed(
-        self,
-        limit: int = 1000,
-        *,
-        reason: FailureReason | None = None,
-        segment_id: str | None = None,
-    ) -> list[Assignment]:
-        """Dead letters, oldest first; of `reason` and `segment_id` when given.
-
-        The filters narrow the walk of `assignments_by_state` (state, updated_at) in order,
-        which stops at `limit` rows: no sort and no scan of other states, filtered or not.
-        """
-        conditions = ["state = 'failed'"]
-        parameters: list[object] = []
-        if reason is not None:
-            conditions.append("reason = ?")
-            parameters.append(str(reason))
-        if segment_id is not None:
-            conditions.append("segment_id = ?")
-            parameters.append(segment_id)
-        query = (
-            f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments "  # noqa: S608 (fixed fragments)
-            f"WHERE {' AND '.join(conditions)} ORDER BY updated_at LIMIT ?"
-        )
-        rows = await self._read(lambda: self._query(query, (*parameters, limit)))
-        return [_assignment(row) for row in rows]
-
-    async def counts(self) -> dict[str, int]:
-        """Retained assignments per state."""
-        rows = await self._read(
-            lambda: self._query("SELECT state, count(*) FROM assignments GROUP BY state")
-        )
-        return {str(state): int(count) for state, count in rows}
+        found: tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]] = await self._read(read)
+        return found
 
     async def delivery(self, source: str, delivery_id: str) -> bytes | None:
         """The answer to an earlier delivery, if retained (queued ones count too).
@@ -731,21 +486,10 @@ class SqliteStore(JournalStore):
             connection.close()
         return bloom, capacity, journaled
 
-    # ---- validation state and notifications, write-through ------------------------------------
-
-    def next_allowed(self, segment_id: str) -> float:
-        """RefreshBudget: when the segment may be refreshed next."""
-        return self._refresh.get(segment_id, 0.0)
-
-    def spend(self, segment_id: str, at: float, next_allowed: float) -> None:
-        """RefreshBudget: record when the next refresh is allowed; committed with the next flush."""
-        self._refresh[segment_id] = next_allowed
-        with self._lock:
-            self._pending.budget[segment_id] = next_allowed
-            self._nudge()
+    # ---- the refresh budget ---------------------------------------------------------------------
 
     async def try_spend(self, segment_id: str, now: float, next_allowed: float) -> float:
-        """RefreshBudget: spend and commit before the refresh is sent; 0.0, or when allowed.
+        """Spend and commit before the refresh is sent; 0.0, or when it will be allowed.
 
         A refresh sent with its spend only queued, then a crash, would be sent again after the
         restart and answered 429. StoreUnavailable (the commit failed) means: do not send.
@@ -763,69 +507,6 @@ class SqliteStore(JournalStore):
             raise
         return 0.0
 
-    def remember_confirmation(
-        self, contact_id: str, segment_id: str, at: float, member: bool = True
-    ) -> None:
-        """Persist a validation-cache entry: what was confirmed (member or not), and when."""
-        with self._lock:
-            self._pending.confirmations[(contact_id, segment_id)] = (at, member)
-            self._nudge()
-
-    def record_stale(
-        self, contact_id: str, segment_id: str, intent: str, occurred_at: float, at: float
-    ) -> None:
-        """Journal a change that arrived older than the one in progress (it costs no call)."""
-        with self._lock:
-            self._pending.stale.append((contact_id, segment_id, intent, occurred_at, at))
-            self._nudge()
-
-    def record_mirror(self, contact_id: str, occurred_at: float) -> None:
-        """Journal the time of a mirror applied to the contact (the newest is kept)."""
-        with self._lock:
-            earlier = self._pending.mirrors.get(contact_id)
-            if earlier is None or occurred_at > earlier[0]:
-                self._pending.mirrors[contact_id] = (occurred_at, self._clock())
-            self._nudge()
-
-    async def mirrored_at(self, contact_id: str) -> float:
-        """The contact's newest mirror time, committed or not; 0 when none is retained."""
-        before = self._uncommitted_mirror(contact_id)
-        rows = await self._read(
-            lambda: self._query(
-                "SELECT occurred_at FROM mirrors WHERE contact_id = ?", (contact_id,)
-            )
-        )
-        committed = float(rows[0][0]) if rows else 0.0
-        return max(committed, before, self._uncommitted_mirror(contact_id))
-
-    def _uncommitted_mirror(self, contact_id: str) -> float:
-        newest = 0.0
-        with self._lock:
-            for work in (self._in_flight, self._pending):
-                if work is not None and contact_id in work.mirrors:
-                    newest = max(newest, work.mirrors[contact_id][0])
-        return newest
-
-    def add(self, event_id: str, body: bytes) -> None:
-        """NotificationJournal: an event to deliver."""
-        self._notifications[event_id] = body
-        with self._lock:
-            self._pending.notifications_added[event_id] = (body, self._clock())
-            self._pending.notifications_done.discard(event_id)
-            self._nudge()
-
-    def done(self, event_id: str) -> None:
-        """NotificationJournal: the event was delivered (or dropped for good)."""
-        self._notifications.pop(event_id, None)
-        with self._lock:
-            if self._pending.notifications_added.pop(event_id, None) is None:
-                self._pending.notifications_done.add(event_id)
-            self._nudge()
-
-    def pending(self) -> list[tuple[str, bytes]]:
-        """NotificationJournal: events not yet delivered."""
-        return list(self._notifications.items())
-
     # ---- the writer thread --------------------------------------------------------------------
 
     def _nudge(self) -> None:
@@ -834,11 +515,28 @@ class SqliteStore(JournalStore):
             self._writer_idle = False
             self._wake.notify()
 
+    def _writer_problem(self) -> str | None:
+        return "the journal is not open" if self._thread is None else None
+
+    def _on_loop(self, callback: Callable[[], None]) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(callback)
+
+    def _flush_error(self, message: str, exc: BaseException) -> StoreUnavailable:
+        # The driver's words alone: the answer a webhook gets need not name the journal's path.
+        return StoreUnavailable(str(exc))
+
+    def _deliveries_committed(self, keys: list[DeliveryKey]) -> None:
+        self._deliveries_settled += 1
+        super()._deliveries_committed(keys)
+
     def _write_loop(self) -> None:
-        carry = PendingWork()  # changes of a failed transaction, retried first
         while True:
             with self._lock:
-                while self._pending.empty() and not self._pending.waiters and carry.empty():
+                while not self._has_work():
                     if self._closing:
                         return
                     self._writer_idle = True
@@ -846,20 +544,12 @@ class SqliteStore(JournalStore):
                     self._writer_idle = False
                     if not woken:
                         break  # idle for a minute: a chance to prune
-                work, self._pending = self._pending, PendingWork()
+                work = self._take_work()
                 closing = self._closing
-            if not carry.empty():
-                # A failed transaction's changes go first; later ones are merged onto them.
-                carry.absorb(work)
-                work, carry = carry, PendingWork()
-            with self._lock:
-                self._in_flight = work
             try:
                 self._commit(work)
             except sqlite3.Error as exc:
-                self._failed(work, exc)
-                work.waiters = []
-                carry = work
+                self._commit_failed(work, exc)
                 if closing:
                     log.error(
                         "journal %s: closing with %d uncommitted changes",
@@ -869,12 +559,7 @@ class SqliteStore(JournalStore):
                     return
                 time.sleep(RETRY_AFTER_FAILURE_S)
                 continue
-            with self._lock:
-                self._in_flight = None
-            if self.last_error:
-                log.warning("journal %s: commits work again", self.path)
-                self.last_error = ""
-            self._resolve(work.waiters, None, list(work.deliveries))
+            self._committed(work)
             self._maybe_prune()
 
     def _commit(self, work: PendingWork) -> None:
@@ -893,108 +578,26 @@ class SqliteStore(JournalStore):
         self.commits += 1
 
     def _apply(self, connection: sqlite3.Connection, work: PendingWork) -> None:
-        if work.assignments:
-            # History is text, "state:time;" per transition, so that appending the transitions
-            # of this transaction is a plain concatenation; a fresh start (queued) replaces it.
-            rows = [
-                (*row, "".join(f"{state}:{at!r};" for state, at in work.history.get(key, [])))
-                for key, row in work.assignments.items()
-            ]
-            _UPSERT_ASSIGNMENTS.run(connection, rows)
-        if work.batches_saved:
-            connection.executemany(
-                "INSERT OR REPLACE INTO batches (batch_id, segment_id, contact_ids, "
-                "idempotency_key, attempt, saved_at, intent) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [batch_row(b, self._clock()) for b in work.batches_saved.values()],
-            )
-        if work.batches_dropped:
-            connection.executemany(
-                "DELETE FROM batches WHERE batch_id = ?", [(b,) for b in work.batches_dropped]
-            )
-        if work.deliveries:
-            _INSERT_DELIVERIES.run(connection, work.delivery_rows())
-        if work.budget:
-            connection.executemany(
-                "INSERT OR REPLACE INTO refresh_budget VALUES (?, ?)", list(work.budget.items())
-            )
-        if work.confirmations:
-            connection.executemany(
-                "INSERT OR REPLACE INTO confirmations (contact_id, segment_id, confirmed_at, "
-                "member) VALUES (?, ?, ?, ?)",
-                [(c, s, at, int(m)) for (c, s), (at, m) in work.confirmations.items()],
-            )
-        if work.stale:
-            connection.executemany("INSERT INTO stale_changes VALUES (?, ?, ?, ?, ?)", work.stale)
-        if work.mirrors:
-            connection.executemany(
-                "INSERT INTO mirrors VALUES (?, ?, ?) ON CONFLICT (contact_id) DO UPDATE SET "
-                "occurred_at = max(occurred_at, excluded.occurred_at), "
-                "updated_at = excluded.updated_at",
-                [(c, occurred, at) for c, (occurred, at) in work.mirrors.items()],
-            )
-        if work.notifications_added:
-            connection.executemany(
-                "INSERT OR REPLACE INTO notifications VALUES (?, ?, ?)",
-                [(e, body, at) for e, (body, at) in work.notifications_added.items()],
-            )
-        if work.notifications_done:
-            connection.executemany(
-                "DELETE FROM notifications WHERE event_id = ?",
-                [(e,) for e in work.notifications_done],
-            )
-
-    def _failed(self, work: PendingWork, exc: sqlite3.Error) -> None:
-        message = f"journal {self.path}: commit failed: {exc}"
-        if message != self.last_error:
-            log.error("%s; keeping %d changes queued and retrying", message, len(work.assignments))
-        self.last_error = message
-        self._resolve(work.waiters, StoreUnavailable(str(exc)))
-
-    def _resolve(
-        self,
-        waiters: list[asyncio.Future[None]],
-        error: Exception | None,
-        committed_deliveries: list[DeliveryKey] | None = None,
-    ) -> None:
-        """On the loop: settle the waiters; forget the answers of deliveries now committed."""
-        loop = self._loop
-        if loop is None or not (waiters or committed_deliveries) or loop.is_closed():
-            return
-
-        def settle() -> None:
-            if committed_deliveries:
-                self._deliveries_settled += 1
-            for key in committed_deliveries or ():
-                self._unconfirmed.pop(key, None)
-            for waiter in waiters:
-                if waiter.done():
-                    continue
-                if error is None:
-                    waiter.set_result(None)
-                else:
-                    waiter.set_exception(error)
-
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            loop.call_soon_threadsafe(settle)
+        for write, rows in work.writes(self._clock()):
+            if write is sql.ASSIGNMENTS:
+                _UPSERT_ASSIGNMENTS.run(connection, rows)
+            elif write is sql.DELIVERIES:
+                _INSERT_DELIVERIES.run(connection, rows)
+            else:
+                connection.executemany(_WRITES[write], rows)
 
     def _maybe_prune(self) -> None:
-        now = self._clock()
-        if now - self._last_prune < 3600:
+        if not self._prune_due():
             return
-        self._last_prune = now
-        horizon = now - self.retention_s
+        horizon = self._last_prune - self.retention_s
         connection = self._writer
         assert connection is not None
         try:
             connection.execute("BEGIN IMMEDIATE")
-            # Active adds are the memberships segmapd made: a mirror (`set`) compares with them,
-            # so they are kept for as long as the membership exists, past any retention; so are
-            # failures that may have left one (`Assignment.may_hold_membership`).
-            pruned = connection.execute(PRUNE_FINISHED.replace("$1", "?"), (horizon,)).rowcount
-            connection.execute("DELETE FROM stale_changes WHERE received_at < ?", (horizon,))
-            connection.execute("DELETE FROM mirrors WHERE updated_at < ?", (horizon,))
-            connection.execute("DELETE FROM deliveries WHERE received_at < ?", (horizon,))
-            connection.execute("DELETE FROM confirmations WHERE confirmed_at < ?", (horizon,))
+            finished, *expired = _PRUNE
+            pruned = connection.execute(finished, (horizon,)).rowcount
+            for statement in expired:
+                connection.execute(statement, (horizon,))
             connection.execute("COMMIT")
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
@@ -1008,61 +611,19 @@ class SqliteStore(JournalStore):
 
     def _load_recovery(self) -> Recovered:
         recovered = Recovered()
-        # Already (str, str, float) as stored: no per-row conversion for the biggest list.
-        recovered.queued = self._query(
-            "SELECT contact_id, segment_id, received_at, intent, occurred_at FROM assignments "
-            "WHERE state = 'queued'"
-        )
+        # Already (str, str, float, str, float) as stored: no per-row conversion for the biggest
+        # list.
+        recovered.queued = self._query(sql.QUEUED)
         recovered.assignments = [
-            _assignment(row)
-            for row in self._query(
-                f"SELECT {_ASSIGNMENT_COLUMNS} FROM assignments "  # noqa: S608 (a constant)
-                "WHERE state IN ('sending', 'retrying', 'written', 'verifying')"
-            )
+            sql.assignment_from_row(row) for row in self._query(sql.UNFINISHED)
         ]
-        for batch_id, segment_id, ids, key, attempt, intent in self._query(
-            "SELECT batch_id, segment_id, contact_ids, idempotency_key, attempt, intent "
-            "FROM batches"
-        ):
-            recovered.batches.append(
-                BatchRecord(
-                    batch_id, segment_id, tuple(orjson.loads(ids)), key, attempt, Intent(intent)
-                )
-            )
-        recovered.refresh_budget = dict(self._query("SELECT * FROM refresh_budget"))
+        recovered.batches = [sql.batch_from_row(row) for row in self._query(sql.SAVED_BATCHES)]
+        recovered.refresh_budget = dict(self._query(sql.REFRESH_TIMES))
         recovered.confirmations = [
-            (str(c), str(s), float(at), bool(member))
-            for c, s, at, member in self._query(
-                "SELECT contact_id, segment_id, confirmed_at, member FROM confirmations"
-            )
+            sql.confirmation_from_row(row) for row in self._query(sql.CONFIRMED)
         ]
         recovered.notifications = [
             (str(e), bytes(body))
-            for e, body, _ in self._query("SELECT * FROM notifications ORDER BY added_at")
+            for e, body in self._query("SELECT event_id, body FROM notifications ORDER BY added_at")
         ]
         return recovered
-
-
-_STATES = {state.value: state for state in State}
-_INTENTS = {intent.value: intent for intent in Intent}
-
-
-def _assignment(row: tuple[Any, ...]) -> Assignment:
-    (contact_id, segment_id, state, reason, message, attempts, received, updated, history,
-     intent, occurred_at) = row  # fmt: skip
-    return Assignment(
-        contact_id=contact_id,
-        segment_id=segment_id,
-        state=_STATES[state],
-        reason=FailureReason(reason) if reason else None,
-        message=message,
-        attempts=attempts,
-        received_at=received,
-        updated_at=updated,
-        history=[
-            (_STATES[state_name], float(at))
-            for state_name, _, at in (step.partition(":") for step in history.split(";") if step)
-        ],
-        intent=_INTENTS[intent],
-        occurred_at=occurred_at,
-    )

@@ -67,6 +67,11 @@ async def durable(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[]
 NOW = time.time()
 
 
+async def mirrored_at(store: JournalStore, contact: str) -> float:
+    """The contact's newest mirror time, as the intake reads it: with its history."""
+    return (await store.histories([contact]))[contact].mirrored_at
+
+
 def new(contact: str, segment: str, at: float = 1000.0) -> Assignment:
     at = NOW + at
     return Assignment(contact, segment, received_at=at, updated_at=at, history=[(State.QUEUED, at)])
@@ -169,17 +174,17 @@ async def test_deliveries_are_remembered(store):
 
 
 async def test_the_newest_mirror_time_of_a_contact_is_kept(store):
-    assert await store.mirrored_at("c1") == 0.0
+    assert await mirrored_at(store, "c1") == 0.0
     store.record_mirror("c1", NOW - 10)
-    assert await store.mirrored_at("c1") == NOW - 10  # before the commit too
+    assert await mirrored_at(store, "c1") == NOW - 10  # before the commit too
     store.record_mirror("c1", NOW - 20)  # an older one never lowers it
     await store.flush()
     store.record_mirror("c1", NOW - 30)
     await store.flush()
-    assert await store.mirrored_at("c1") == NOW - 10
+    assert await mirrored_at(store, "c1") == NOW - 10
     store.record_mirror("c1", NOW - 5)
-    assert await store.mirrored_at("c1") == NOW - 5
-    assert await store.mirrored_at("c2") == 0.0
+    assert await mirrored_at(store, "c1") == NOW - 5
+    assert await mirrored_at(store, "c2") == 0.0
 
 
 async def test_histories_of_many_contacts_come_in_one_answer(store):
@@ -226,7 +231,7 @@ async def test_mirror_times_survive_a_restart(durable: Callable[[], JournalStore
     second = durable()
     await second.open()
     try:
-        assert await second.mirrored_at("c1") == NOW - 10
+        assert await mirrored_at(second, "c1") == NOW - 10
     finally:
         await second.close()
 
@@ -240,12 +245,17 @@ async def test_a_batch_of_delivery_keys_is_looked_up_at_once(store):
     assert await store.known_deliveries("other", ["k-1"]) == set()
 
 
-async def test_a_delivery_key_is_claimed_once(store):
-    assert await store.claim_delivery("crm", "d-1", b"first") is None
-    assert await store.claim_delivery("crm", "d-1", b"second") == b"first"
+async def test_claims_of_delivery_keys_are_answered_or_withdrawn(store):
+    # One process's store: nothing but this process claims, so nothing is held elsewhere.
+    keys = [("crm", "d-1"), ("crm", "d-2")]
+    assert await store.claim_keys(keys) == set()
+    await store.remember_delivery("crm", "d-1", b"first")  # the answer replaces the claim
+    await store.unclaim_keys([("crm", "d-2")])  # d-2 was not taken after all
     await store.flush()
-    assert await store.claim_delivery("crm", "d-1", b"third") == b"first"
-    assert await store.claim_delivery("other", "d-1", b"x") is None
+    assert await store.delivery("crm", "d-1") == b"first"
+    assert await store.delivery("crm", "d-2") is None  # a claim is no answer
+    assert await store.known_deliveries("crm", ["d-1", "d-2"]) == {"d-1"}
+    assert await store.claim_keys([("crm", "d-2")]) == set()  # free to take again
 
 
 async def test_a_refresh_is_spent_once_until_it_is_allowed_again(store):

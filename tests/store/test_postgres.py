@@ -14,7 +14,8 @@ from pydantic import SecretStr
 
 from daemon.config import StoreConfig
 from daemon.store import StoreOpenError, StoreUnreachable, from_url
-from daemon.store.postgres import MIGRATIONS, PostgresStore, fence_sql
+from daemon.store.pg_common import fence_sql
+from daemon.store.postgres import MIGRATIONS, PostgresStore
 from daemon.store.shards import SHARDS
 from scheduler.model import Assignment, Intent, State
 from scheduler.ownership import ForwardedChange
@@ -186,18 +187,23 @@ async def test_a_delivery_claimed_by_two_instances_at_once_has_one_winner(
     first, second = journal(), journal()
     await asyncio.gather(first.open(), second.open())
     try:
-        keys = [f"d-{i}" for i in range(40)]
-        results = await asyncio.gather(
-            *(first.claim_delivery("crm", key, b"first") for key in keys),
-            *(second.claim_delivery("crm", key, b"second") for key in keys),
+        keys = [("crm", f"d-{i}") for i in range(40)]
+        # Each answer: the keys the other instance holds.
+        held_from_first, held_from_second = await asyncio.gather(
+            first.claim_keys(keys), second.claim_keys(keys)
         )
-        ours, theirs = results[: len(keys)], results[len(keys) :]
-        for key, mine, other in zip(keys, ours, theirs, strict=True):
-            assert (mine is None) != (other is None), key  # exactly one took it
-            assert (mine or other) in (b"first", b"second")
-            winner = b"first" if mine is None else b"second"
-            assert await first.delivery("crm", key) == winner
-            assert await second.delivery("crm", key) == winner
+        for key in keys:
+            assert (key in held_from_first) != (key in held_from_second), key  # one took it
+        for key in keys:
+            winner, answer = (first, b"first") if key in held_from_second else (second, b"second")
+            await winner.remember_delivery(*key, answer)
+        await asyncio.gather(first.flush(), second.flush())
+        for key in keys:
+            answer = b"first" if key in held_from_second else b"second"
+            assert await first.delivery(*key) == answer
+            assert await second.delivery(*key) == answer
+        # Answered: a later copy of the delivery finds every key taken, by either instance.
+        assert await second.claim_keys(keys) == set(keys)
     finally:
         await asyncio.gather(first.close(), second.close())
 

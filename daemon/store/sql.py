@@ -1,0 +1,446 @@
+"""The SQL both durable journals run, written once: schema, writes, reads, pruning, row decoding.
+
+SQLite (`sqlite.py`) and PostgreSQL (`postgres.py`) hold the same tables with the same columns;
+what differs is a few type names, the placeholders (`?N` for sqlite3, `$N` for asyncpg) and how
+many rows one statement carries: SQLite binds one row per execution (or a few dozen in one
+`VALUES` list), PostgreSQL every row of a transaction at once, one array per column (`unnest`),
+so that a commit is a handful of statements whatever its size. Statements are written here with
+`$N` placeholders and `{word}`s for what the dialects spell differently, and rendered once per
+dialect (`render`, `Upsert.sqlite`, `Upsert.postgres`) when a backend's module is imported.
+
+What only one backend has stays in its module: SQLite's file checks and delivery filter,
+PostgreSQL's claims, inbox, leases and fence.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from scheduler.model import Assignment, FailureReason, Intent, State
+from scheduler.store import BatchRecord
+
+
+class Dialect(enum.Enum):
+    """A database's spelling of what the schema and the statements need."""
+
+    SQLITE = {
+        "real": "REAL",
+        "blob": "BLOB",
+        "boolean": "INTEGER",
+        "true": "1",
+        "without_rowid": " WITHOUT ROWID",
+        "utc_now_text": "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+        "greatest": "max",
+    }
+    POSTGRESQL = {
+        "real": "DOUBLE PRECISION",
+        "blob": "BYTEA",
+        "boolean": "BOOLEAN",
+        "true": "TRUE",
+        "without_rowid": "",
+        "utc_now_text": "to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')",
+        "greatest": "greatest",
+    }
+
+
+_PLACEHOLDER = re.compile(r"\$(\d+)")
+
+
+def render(sql: str, dialect: Dialect) -> str:
+    """`sql` in the dialect: its `{word}`s spelled, and `$N` placeholders as sqlite3's `?N`."""
+    text = sql.format_map(dialect.value)
+    return _PLACEHOLDER.sub(r"?\1", text) if dialect is Dialect.SQLITE else text
+
+
+# ---- schema -------------------------------------------------------------------------------------
+
+SCHEMA: list[str] = [
+    # 1: the initial schema.
+    """
+    CREATE TABLE assignments (
+        contact_id  TEXT NOT NULL,
+        segment_id  TEXT NOT NULL,
+        state       TEXT NOT NULL,
+        reason      TEXT,
+        message     TEXT NOT NULL DEFAULT '',
+        attempts    INTEGER NOT NULL DEFAULT 0,
+        received_at {real} NOT NULL,
+        updated_at  {real} NOT NULL,
+        history     TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (contact_id, segment_id)
+    ){without_rowid};
+    CREATE INDEX assignments_by_state ON assignments (state, updated_at);
+    CREATE TABLE batches (
+        batch_id        TEXT PRIMARY KEY,
+        segment_id      TEXT NOT NULL,
+        contact_ids     TEXT NOT NULL,
+        idempotency_key TEXT NOT NULL,
+        attempt         INTEGER NOT NULL,
+        saved_at        {real} NOT NULL
+    );
+    CREATE TABLE deliveries (
+        source      TEXT NOT NULL,
+        delivery_id TEXT NOT NULL,
+        answer      {blob} NOT NULL,
+        received_at {real} NOT NULL,
+        PRIMARY KEY (source, delivery_id)
+    ){without_rowid};
+    CREATE INDEX deliveries_by_time ON deliveries (received_at);
+    CREATE TABLE refresh_budget (
+        segment_id   TEXT PRIMARY KEY,
+        next_allowed {real} NOT NULL
+    ){without_rowid};
+    CREATE TABLE confirmations (
+        contact_id   TEXT NOT NULL,
+        segment_id   TEXT NOT NULL,
+        confirmed_at {real} NOT NULL,
+        PRIMARY KEY (contact_id, segment_id)
+    ){without_rowid};
+    CREATE TABLE notifications (
+        event_id TEXT PRIMARY KEY,
+        body     {blob} NOT NULL,
+        added_at {real} NOT NULL
+    );
+    """,
+    # 2: who made the journal and when, for `segmapd` diagnostics and support.
+    """
+    CREATE TABLE journal_info (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    ){without_rowid};
+    INSERT INTO journal_info VALUES ('created_at', {utc_now_text});
+    """,
+    # 3: removals and ordering. Every assignment and batch has an intent (all earlier ones were
+    # adds); an assignment keeps the CRM's time of the change it works towards (0: its arrival);
+    # a confirmation remembers what was confirmed (all earlier ones were memberships); changes
+    # that arrived older than what was in progress are kept as stale.
+    """
+    ALTER TABLE assignments ADD COLUMN intent TEXT NOT NULL DEFAULT 'add';
+    ALTER TABLE assignments ADD COLUMN occurred_at {real} NOT NULL DEFAULT 0;
+    ALTER TABLE batches ADD COLUMN intent TEXT NOT NULL DEFAULT 'add';
+    ALTER TABLE confirmations ADD COLUMN member {boolean} NOT NULL DEFAULT {true};
+    CREATE TABLE stale_changes (
+        contact_id  TEXT NOT NULL,
+        segment_id  TEXT NOT NULL,
+        intent      TEXT NOT NULL,
+        occurred_at {real} NOT NULL,
+        received_at {real} NOT NULL
+    );
+    CREATE INDEX stale_changes_by_time ON stale_changes (received_at);
+    """,
+    # 4: a mirror (`set`) says the contact is in no segment it does not list, as of its time:
+    # per contact, the time of the newest mirror applied, so that an older change for any
+    # segment, delivered late, is found stale.
+    """
+    CREATE TABLE mirrors (
+        contact_id  TEXT PRIMARY KEY,
+        occurred_at {real} NOT NULL,
+        updated_at  {real} NOT NULL
+    ){without_rowid};
+    CREATE INDEX mirrors_by_time ON mirrors (updated_at);
+    """,
+]
+"""The journal's tables as they grew, step by step: SQLite's first four migrations, and
+PostgreSQL's first one (all four at once: the PostgreSQL journal began with the fourth shape)."""
+
+
+# ---- writes -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Upsert:
+    """An INSERT of whole rows of one table, and what a row already there becomes.
+
+    `types` are PostgreSQL's names of each column's type, for the arrays `unnest` reads;
+    `conflict` is the `ON CONFLICT` clause (empty: none), in the dialects' shared spelling.
+    """
+
+    table: str
+    columns: tuple[str, ...]
+    types: tuple[str, ...]
+    conflict: str = ""
+
+    @property
+    def head(self) -> str:
+        """`INSERT INTO table (columns)`."""
+        return f"INSERT INTO {self.table} ({', '.join(self.columns)})"
+
+    def tail(self, dialect: Dialect) -> str:
+        """The conflict clause in the dialect."""
+        return render(self.conflict, dialect)
+
+    def sqlite(self) -> str:
+        """One row per execution (sqlite3's `executemany`)."""
+        values = ", ".join("?" * len(self.columns))
+        return f"{self.head} VALUES ({values}) {self.tail(Dialect.SQLITE)}".rstrip()
+
+    def postgres(self) -> str:
+        """Every row at once, one array per column."""
+        arrays = ", ".join(f"${n}::{kind}[]" for n, kind in enumerate(self.types, 1))
+        tail = self.tail(Dialect.POSTGRESQL)
+        return f"{self.head} SELECT * FROM unnest({arrays}) {tail}".rstrip()  # noqa: S608
+
+
+@dataclass(frozen=True)
+class Delete:
+    """A DELETE of rows by their key: one key per execution, or every key in one array."""
+
+    table: str
+    key: str
+    type: str
+
+    def sqlite(self) -> str:
+        """One key per execution."""
+        return f"DELETE FROM {self.table} WHERE {self.key} = ?"  # noqa: S608 (constants)
+
+    def postgres(self) -> str:
+        """Every key at once."""
+        return f"DELETE FROM {self.table} WHERE {self.key} = ANY($1::{self.type}[])"  # noqa: S608
+
+
+# History is text, "state:time;" per transition, so that appending the transitions of a
+# transaction is a concatenation; a fresh start (queued) replaces it.
+ASSIGNMENTS = Upsert(
+    "assignments",
+    (
+        "contact_id",
+        "segment_id",
+        "state",
+        "reason",
+        "message",
+        "attempts",
+        "received_at",
+        "updated_at",
+        "intent",
+        "occurred_at",
+        "history",
+    ),
+    ("text", "text", "text", "text", "text", "int4", "float8", "float8", "text", "float8", "text"),
+    """ON CONFLICT (contact_id, segment_id) DO UPDATE SET
+        state = excluded.state, reason = excluded.reason,
+        message = excluded.message, attempts = excluded.attempts,
+        received_at = excluded.received_at, updated_at = excluded.updated_at,
+        intent = excluded.intent, occurred_at = excluded.occurred_at,
+        history = CASE
+            WHEN excluded.history LIKE 'queued:%' THEN excluded.history
+            ELSE assignments.history || excluded.history
+        END""",
+)
+BATCHES = Upsert(
+    "batches",
+    (
+        "batch_id",
+        "segment_id",
+        "contact_ids",
+        "idempotency_key",
+        "attempt",
+        "saved_at",
+        "intent",
+    ),
+    ("text", "text", "text", "text", "int4", "float8", "text"),
+    "ON CONFLICT (batch_id) DO UPDATE SET segment_id = excluded.segment_id, "
+    "contact_ids = excluded.contact_ids, idempotency_key = excluded.idempotency_key, "
+    "attempt = excluded.attempt, saved_at = excluded.saved_at, intent = excluded.intent",
+)
+BATCHES_DONE = Delete("batches", "batch_id", "text")
+# The first answer to a key is the one kept. (PostgreSQL replaces a claim, an empty answer.)
+DELIVERIES = Upsert(
+    "deliveries",
+    ("source", "delivery_id", "answer", "received_at"),
+    ("text", "text", "bytea", "float8"),
+    "ON CONFLICT (source, delivery_id) DO NOTHING",
+)
+REFRESH_BUDGET = Upsert(
+    "refresh_budget",
+    ("segment_id", "next_allowed"),
+    ("text", "float8"),
+    "ON CONFLICT (segment_id) DO UPDATE SET next_allowed = excluded.next_allowed",
+)
+CONFIRMATIONS = Upsert(
+    "confirmations",
+    ("contact_id", "segment_id", "confirmed_at", "member"),
+    ("text", "text", "float8", "bool"),
+    "ON CONFLICT (contact_id, segment_id) DO UPDATE SET "
+    "confirmed_at = excluded.confirmed_at, member = excluded.member",
+)
+STALE_CHANGES = Upsert(
+    "stale_changes",
+    ("contact_id", "segment_id", "intent", "occurred_at", "received_at"),
+    ("text", "text", "text", "float8", "float8"),
+)
+# An older mirror never lowers the time: mirrors may commit out of order.
+MIRRORS = Upsert(
+    "mirrors",
+    ("contact_id", "occurred_at", "updated_at"),
+    ("text", "float8", "float8"),
+    "ON CONFLICT (contact_id) DO UPDATE SET "
+    "occurred_at = {greatest}(mirrors.occurred_at, excluded.occurred_at), "
+    "updated_at = excluded.updated_at",
+)
+NOTIFICATIONS = Upsert(
+    "notifications",
+    ("event_id", "body", "added_at"),
+    ("text", "bytea", "float8"),
+    "ON CONFLICT (event_id) DO UPDATE SET body = excluded.body, added_at = excluded.added_at",
+)
+NOTIFICATIONS_DONE = Delete("notifications", "event_id", "text")
+
+WRITES: tuple[Upsert | Delete, ...] = (
+    ASSIGNMENTS,
+    BATCHES,
+    BATCHES_DONE,
+    DELIVERIES,
+    REFRESH_BUDGET,
+    CONFIRMATIONS,
+    STALE_CHANGES,
+    MIRRORS,
+    NOTIFICATIONS,
+    NOTIFICATIONS_DONE,
+)
+"""Every table a transaction writes, in the order it writes them (`PendingWork.writes`)."""
+
+
+# ---- reads --------------------------------------------------------------------------------------
+
+# In the order `assignment_from_row` reads them (SELECT * would follow the table's, which
+# ALTER TABLE appends to).
+ASSIGNMENT_COLUMNS = (
+    "contact_id, segment_id, state, reason, message, attempts, received_at, updated_at, "
+    "history, intent, occurred_at"
+)
+CONTACT = f"SELECT {ASSIGNMENT_COLUMNS} FROM assignments WHERE contact_id = $1"  # noqa: S608 (constants)
+COUNTS = "SELECT state, count(*) FROM assignments GROUP BY state"
+MIRROR_TIMES = "SELECT contact_id, occurred_at FROM mirrors"
+
+
+def failed_query(
+    limit: int, reason: FailureReason | None, segment_id: str | None
+) -> tuple[str, list[object]]:
+    """Dead letters, oldest first, of `reason` and `segment_id` when given: SQL and parameters.
+
+    The filters narrow the walk of `assignments_by_state` (state, updated_at) in order, which
+    stops at `limit` rows: no sort and no scan of other states, filtered or not.
+    """
+    conditions = ["state = 'failed'"]
+    parameters: list[object] = [limit]
+    if reason is not None:
+        parameters.append(str(reason))
+        conditions.append(f"reason = ${len(parameters)}")
+    if segment_id is not None:
+        parameters.append(segment_id)
+        conditions.append(f"segment_id = ${len(parameters)}")
+    sql = (
+        f"SELECT {ASSIGNMENT_COLUMNS} FROM assignments "  # noqa: S608 (fixed fragments)
+        f"WHERE {' AND '.join(conditions)} ORDER BY updated_at LIMIT $1"
+    )
+    return sql, parameters
+
+
+# What a restart (or a shard's new owner) takes back. A shared journal narrows each to the
+# segments taken (`AND segment_id = ANY(...)`, `WHERE segment_id = ANY(...)`).
+QUEUED = (
+    "SELECT contact_id, segment_id, received_at, intent, occurred_at FROM assignments "
+    "WHERE state = 'queued'"
+)
+UNFINISHED = (
+    f"SELECT {ASSIGNMENT_COLUMNS} FROM assignments "  # noqa: S608 (a constant)
+    "WHERE state IN ('sending', 'retrying', 'written', 'verifying')"
+)
+SAVED_BATCHES = (
+    "SELECT batch_id, segment_id, contact_ids, idempotency_key, attempt, intent FROM batches"
+)
+CONFIRMED = "SELECT contact_id, segment_id, confirmed_at, member FROM confirmations"
+REFRESH_TIMES = "SELECT segment_id, next_allowed FROM refresh_budget"
+
+
+# ---- pruning ------------------------------------------------------------------------------------
+
+# Finished assignments older than the retention horizon ($1): a confirmed removal, and a failure
+# that cannot have left a membership in CXone (one never sent, or one CXone refused for certain).
+# Active adds are the memberships segmapd made: a mirror (`set`) compares with them, so they are
+# kept for as long as the membership exists, past any retention; so are failures that may have
+# left one (`Assignment.may_hold_membership`).
+PRUNE_FINISHED = (
+    "DELETE FROM assignments WHERE updated_at < $1 AND (state = 'removed' OR (state = 'failed' "
+    "AND (attempts = 0 OR reason IS NULL OR reason NOT IN ('retries_exhausted', 'not_indexed'))))"
+)
+# Everything else past the horizon ($1), by the time each table keeps.
+PRUNE_EXPIRED = [
+    f"DELETE FROM {table} WHERE {column} < $1"  # noqa: S608 (constants)
+    for table, column in (
+        ("stale_changes", "received_at"),
+        ("mirrors", "updated_at"),
+        ("deliveries", "received_at"),
+        ("confirmations", "confirmed_at"),
+    )
+]
+
+
+# ---- rows ---------------------------------------------------------------------------------------
+
+_STATES = {state.value: state for state in State}
+_INTENTS = {intent.value: intent for intent in Intent}
+
+
+def assignment_from_row(row: Iterable[Any]) -> Assignment:
+    """An assignment from its columns in `ASSIGNMENT_COLUMNS` order."""
+    (contact_id, segment_id, state, reason, message, attempts, received, updated, history,
+     intent, occurred_at) = row  # fmt: skip
+    steps = [
+        (_STATES[name], float(at))
+        for name, _, at in (step.partition(":") for step in history.split(";") if step)
+    ]
+    if len(steps) > 1:
+        # A commit whose acknowledgement was lost (the connection dropped at COMMIT) is retried
+        # and may have landed: its transitions are then appended again, the same states at the
+        # same times. No real history holds one state twice at one instant.
+        steps = list(dict.fromkeys(steps))
+    return Assignment(
+        contact_id=contact_id,
+        segment_id=segment_id,
+        state=_STATES[state],
+        reason=FailureReason(reason) if reason else None,
+        message=message,
+        attempts=attempts,
+        received_at=received,
+        updated_at=updated,
+        history=steps,
+        intent=_INTENTS[intent],
+        occurred_at=occurred_at,
+    )
+
+
+def intent_named(name: str) -> Intent:
+    """The intent a column holds."""
+    return _INTENTS[name]
+
+
+def batch_row(batch: BatchRecord, saved_at: float) -> tuple[str, str, str, str, int, float, str]:
+    """A batch as the `batches` table holds it (its ids as a JSON array)."""
+    return (
+        batch.batch_id,
+        batch.segment_id,
+        orjson.dumps(list(batch.contact_ids)).decode(),
+        batch.idempotency_key,
+        batch.attempt,
+        saved_at,
+        str(batch.intent),
+    )
+
+
+def batch_from_row(row: Iterable[Any]) -> BatchRecord:
+    """A batch from its columns in `SAVED_BATCHES` order."""
+    batch_id, segment_id, ids, key, attempt, intent = row
+    return BatchRecord(batch_id, segment_id, tuple(orjson.loads(ids)), key, attempt, Intent(intent))
+
+
+def confirmation_from_row(row: Iterable[Any]) -> tuple[str, str, float, bool]:
+    """A validation-cache entry from its columns in `CONFIRMED` order."""
+    contact_id, segment_id, confirmed_at, member = row
+    return (str(contact_id), str(segment_id), float(confirmed_at), bool(member))
