@@ -7,7 +7,6 @@ for everything retained, including assignments the engine has finished with.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -43,7 +42,12 @@ class ContactHistory:
 
 
 class Store(Protocol):
-    """Persistence for assignments and in-flight batches."""
+    """What the scheduler needs of the journal: its rows queued, batches saved, a contact read.
+
+    The ledger records every transition (and stale changes, mirror times), the sender saves a
+    batch before it sends it and drops it after, and the engine flushes at its stop and reads a
+    contact for `wait()`. The daemon's journals (daemon/store/) implement this and much more.
+    """
 
     def record(self, assignment: Assignment) -> None:
         """Queue a snapshot of the assignment's current state; must not block the event loop."""
@@ -63,10 +67,6 @@ class Store(Protocol):
         """
         ...
 
-    async def mirrored_at(self, contact_id: str) -> float:
-        """The time of the newest mirror recorded for the contact (committed or not), else 0."""
-        ...
-
     async def flush(self) -> None:
         """Return once everything recorded so far is as durable as the store makes it.
 
@@ -84,32 +84,4 @@ class Store(Protocol):
 
     async def contact(self, contact_id: str) -> list[Assignment]:
         """Every retained assignment of one contact, newest state."""
-        ...
-
-    async def histories(self, contact_ids: Sequence[str]) -> dict[str, ContactHistory]:
-        """Every named contact's history (committed or not), in one read; each id once."""
-        ...
-
-    async def failed(self, limit: int = 1000) -> list[Assignment]:
-        """Failed (dead-lettered) assignments, oldest first."""
-        ...
-
-    async def counts(self) -> dict[str, int]:
-        """Number of retained assignments per state."""
-        ...
-
-    async def delivery(self, source: str, delivery_id: str) -> bytes | None:
-        """The answer given to an earlier delivery with this id, if it is remembered."""
-        ...
-
-    async def remember_delivery(self, source: str, delivery_id: str, answer: bytes) -> None:
-        """Remember the answer to a delivery, so a redelivery gets it again and adds no work."""
-        ...
-
-    async def check_writable(self) -> None:
-        """Raise if the store cannot take writes now (readiness probe)."""
-        ...
-
-    async def close(self) -> None:
-        """Release the store's resources; idempotent."""
         ...

@@ -266,15 +266,6 @@ class JournalStore(
     async def check_writable(self) -> None:
         """Raise StoreUnavailable if a commit cannot succeed now (the readiness probe)."""
 
-    async def mirrored_at(self, contact_id: str) -> float:
-        """The time of the contact's newest mirror, or 0 (its `histories` entry's).
-
-        Only because `scheduler.store.Store` still names it: nothing calls it (the intake reads
-        mirror times with the histories, in one read).
-        """
-        return (await self.histories([contact_id]))[contact_id].mirrored_at
-
-
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
     """What one renewal of an instance's leases found."""
