@@ -122,26 +122,39 @@ class WriteBehindJournal(JournalStore):
 
     def record(self, assignment: Assignment) -> None:
         """Queue the assignment's current state and its latest transition."""
-        key = assignment.key
+        # Once per transition of every assignment: lookups instead of `setdefault`s that build
+        # a set and a list each time, and the message made storable only when there is one.
+        contact_id, segment_id = assignment.contact_id, assignment.segment_id
+        state = str(assignment.state)
+        reason = assignment.reason
+        message = assignment.message
+        updated_at = assignment.updated_at
         row: AssignmentRow = (
-            assignment.contact_id,
-            assignment.segment_id,
-            str(assignment.state),
-            str(assignment.reason) if assignment.reason is not None else None,
-            storable(assignment.message),
+            contact_id,
+            segment_id,
+            state,
+            str(reason) if reason is not None else None,
+            storable(message) if message else "",
             assignment.attempts,
             assignment.received_at,
-            assignment.updated_at,
+            updated_at,
             str(assignment.intent),
             assignment.occurred_at,
         )
+        key = (contact_id, segment_id)
         with self._lock:
             pending = self._pending
             pending.assignments[key] = row
-            pending.contacts.setdefault(assignment.contact_id, set()).add(key[1])
-            pending.history.setdefault(key, []).append(
-                (str(assignment.state), assignment.updated_at)
-            )
+            segments = pending.contacts.get(contact_id)
+            if segments is None:
+                pending.contacts[contact_id] = {segment_id}
+            else:
+                segments.add(segment_id)
+            steps = pending.history.get(key)
+            if steps is None:
+                pending.history[key] = [(state, updated_at)]
+            else:
+                steps.append((state, updated_at))
             self._nudge()
 
     def record_stale(
