@@ -266,6 +266,7 @@ class JournalStore(
     async def check_writable(self) -> None:
         """Raise StoreUnavailable if a commit cannot succeed now (the readiness probe)."""
 
+
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
     """What one renewal of an instance's leases found."""
