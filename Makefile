@@ -5,6 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 EMULATOR_PORT ?= 8081
 DAEMON_PORT ?= 8080
+# Test processes run in parallel (pytest-xdist). Most of a test's time is spent waiting on the
+# real daemon, emulator and PostgreSQL it starts, so more workers than cores pays off; each
+# worker has its own emulator (and PostgreSQL server, when a test of it asks for one).
+TEST_WORKERS ?= 6
 
 .PHONY: all install run test unit lint format typecheck bench clean
 
@@ -33,7 +37,7 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 unit: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 test: lint typecheck unit
 

@@ -492,6 +492,8 @@ async def test_secret_stays_out_of_repr_and_logs(
 @pytest.mark.parametrize(
     ("url", "secret"),
     [("ftp://example.com/x", SECRET), ("/relative", SECRET), ("http://example.com/x", "")],
+    # Named ids: the secret is random, and test ids must be the same in every parallel worker.
+    ids=["ftp-url", "relative-url", "no-secret"],
 )
 def test_bad_settings_are_refused(url: str, secret: str) -> None:
     with pytest.raises(Exception):  # noqa: B017 (ValueError or the signer's own error)

@@ -530,7 +530,9 @@ def test_occurred_at_as_epoch_milliseconds_up_to_the_clock_margin() -> None:
         (1767261600, "before 2000-01-01T00:00:00Z (epoch seconds? send milliseconds)"),
         (0, "before 2000"),
         (-1, "before 2000"),
-        (NOW_MS + 3_600_000, "ahead of segmapd's clock"),
+        # The id is fixed: test ids must not depend on when they are collected (each parallel
+        # test worker collects them on its own).
+        pytest.param(NOW_MS + 3_600_000, "ahead of segmapd's clock", id="an-hour-ahead"),
         (1767261600000.0, "not a fraction"),
         (1.5e12, "not a fraction"),
         (True, "not a boolean"),
