@@ -18,6 +18,7 @@ import pytest
 from tests.e2e.conftest import Daemon, StartDaemon
 from tests.support.disks import ext4_image, fill, small_tmpfs
 from tests.support.emulator import EmulatorControl
+from tests.support.waits import until
 
 SEGMENTS = [f"crash-{i}" for i in range(10)]
 
@@ -192,9 +193,12 @@ async def test_a_full_disk_refuses_work_and_recovers(
         assert response.status == 401  # unsigned: refused on its own terms, not a 500
 
     filler.unlink()
-    await asyncio.sleep(1.5)
-    async with http.get(f"{daemon.url}/readyz") as response:
-        assert response.status == 200, await response.text()
+
+    async def readiness() -> int:
+        async with http.get(f"{daemon.url}/readyz") as response:
+            return response.status
+
+    await until(readiness, lambda status: status == 200, timeout_s=10, what="ready again")
     status, _ = await daemon.webhook(http, {"contactId": "after", "segmentIds": ["D1"]})
     assert status == 202
 
@@ -205,6 +209,15 @@ async def test_a_full_disk_refuses_work_and_recovers(
     assert status == 200
     for contact in ("before", "after", "again"):
         await daemon.wait_states(http, contact, {"active"}, 30)
+
+
+async def hanging(emulator: EmulatorControl, requests: int) -> None:
+    """Wait until the emulator holds `requests` bulk writes hanging (applied, not answered)."""
+
+    async def hangs() -> int:
+        return int((await emulator.counters())["faults"]["hang"])
+
+    await until(hangs, lambda n: n >= requests, timeout_s=10, what=f"{requests} hanging writes")
 
 
 async def kill_with_writes_in_flight_then_restart(
@@ -225,7 +238,7 @@ async def kill_with_writes_in_flight_then_restart(
     events = [{"contactId": f"{prefix}{i}", "segmentIds": segments} for i in range(100)]
     status, _ = await daemon.webhook(http, events)
     assert status == 202
-    await asyncio.sleep(1.0)  # batches sent and hanging
+    await hanging(emulator, 2)  # both segments' batches sent, applied and hanging
     daemon.process.signal(signal.SIGKILL)
     await asyncio.to_thread(daemon.process.wait, 10)
     await emulator.configure({"faults": {"bulk": {"hang_rate": 0.0}}})
@@ -269,7 +282,7 @@ async def test_a_drain_that_runs_out_of_time_keeps_in_flight_batches_for_the_nex
     events = [{"contactId": f"d{i}", "segmentIds": ["DR"]} for i in range(50)]
     status, _ = await daemon.webhook(http, events)
     assert status == 202
-    await asyncio.sleep(1.0)  # the batch is sent and hanging
+    await hanging(emulator, 1)  # the batch is sent, applied and hanging
     daemon.process.signal(signal.SIGTERM)
     assert await asyncio.to_thread(daemon.process.wait, 20) == 0
     await emulator.configure({"faults": {"bulk": {"hang_rate": 0.0}}})
