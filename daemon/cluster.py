@@ -37,9 +37,11 @@ import logging
 import math
 import time
 
+from daemon.contact_holds import ContactHolds
 from daemon.metrics import Metrics
 from daemon.notifier import Notifier
 from daemon.store.base import SharedJournal
+from daemon.store.pending import InboxRow
 from daemon.store.shards import SHARDS, shard_of
 from scheduler.engine import Engine
 from scheduler.model import FailureReason, Intent
@@ -115,9 +117,12 @@ class Cluster:
         handover_budget_s: float,
         name: str = "",
         notifier: Notifier | None = None,
+        holds: ContactHolds | None = None,
     ) -> None:
         self._store = store
         self._engine = engine
+        # Changes are taken under the contacts' holds, as the intake takes them.
+        self._holds = holds if holds is not None else ContactHolds()
         self._cache = cache
         self._metrics = metrics
         self._notifier = notifier
@@ -493,7 +498,13 @@ class Cluster:
         ]
         if not rows:
             return False
-        histories = await self._store.histories(list({row[1] for _, row in rows}))
+        contacts = list({row[1] for _, row in rows})
+        with await self._holds.hold(contacts):
+            return await self._take_rows(rows, contacts)
+
+    async def _take_rows(self, rows: list[tuple[int, InboxRow]], contacts: list[str]) -> bool:
+        """`_take_inbox` with the rows' contacts held: their histories, then the changes."""
+        histories = await self._store.histories(contacts)
         # The awaits above may have seen shards go: what is no longer owned waits for its owner.
         mine = [
             (i, row) for i, row in rows if row[0] in self._owned and row[0] not in self._releasing

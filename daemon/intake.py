@@ -373,39 +373,67 @@ async def take_events(
 ) -> Taken:
     """Hand a delivery's events to the engine, in order, then its dead letters; `Busy` if closed.
 
-    The events are taken in slices (`SLICE_ASSIGNMENTS`). For each slice, the histories of its
-    contacts are read in one go, and its events are then taken without waiting for anything,
-    so nothing another request records can come between a contact's history and its change.
-    What each change puts to work joins its contact's history when the contact comes again in
-    the delivery: a later change (a mirror, say) sees what an earlier one of the same delivery
-    started, so that the events of one delivery apply in their order, as separate deliveries
-    would. An event's invalid part (`InboundEvent.invalid`) is dead-lettered in its event's
-    place, and the events nobody can act on after the changes, each compared with the pair's
-    history like any change. `admitted`: the caller checked the high-water mark for all of them
-    (`refuse_if_busy`).
+    The histories of the contacts that need one are read in one go before anything is taken,
+    so a failed read refuses the delivery with nothing of it queued. A delivery larger than
+    `SLICE_ASSIGNMENTS` is then taken in slices with the event loop served between them,
+    holding its contacts meanwhile (`ContactHolds`: a take of one of them waits), so that
+    nothing another request takes can come between a contact's history and its changes; a
+    small delivery is taken without waiting for anything after its read. What each change puts
+    to work joins its contact's history when the contact comes again in the delivery: a later
+    change (a mirror, say) sees what an earlier one of the same delivery started, so that the
+    events of one delivery apply in their order, as separate deliveries would. An event's
+    invalid part (`InboundEvent.invalid`) is dead-lettered in its event's place, and the events
+    nobody can act on after the changes, each compared with the pair's history like any change.
+    `admitted`: the caller checked the high-water mark for all of them (`refuse_if_busy`).
     """
+    reading = {
+        event.change.contact_id
+        for event in events
+        if event.invalid is not None or _needs_history(event.change)
+    }
+    reading.update(storable(letter.change.contact_id) for letter in dead)
+    sliced = len(events) > 1 and (
+        sum(len(event.change.segment_ids) for event in events) > SLICE_ASSIGNMENTS
+    )
+    holds = service.holds
+    if not reading and not sliced:
+        # Nothing to wait for from here to the last change: no other take can come between.
+        if holds.busy:
+            await holds.wait_clear([event.change.contact_id for event in events])
+        return await _take(service, events, dead, {}, admitted=admitted, sliced=False)
+    named = {event.change.contact_id for event in events}
+    named.update(storable(letter.change.contact_id) for letter in dead)
+    with await holds.hold(named):
+        try:
+            found = await service.store.histories(list(reading)) if reading else {}
+        except StoreUnavailable as exc:
+            raise Busy(f"the journal cannot be read: {exc}", JOURNAL_RETRY_AFTER_S) from None
+        # A history for every contact read, empty for one the journal holds nothing of: what
+        # the delivery starts for it is noted there for its later events.
+        histories = {
+            contact_id: found.get(contact_id) or ContactHistory() for contact_id in reading
+        }
+        return await _take(service, events, dead, histories, admitted=admitted, sliced=sliced)
+
+
+async def _take(
+    service: Service,
+    events: list[InboundEvent],
+    dead: Sequence[DeadEvent],
+    histories: dict[str, ContactHistory],
+    *,
+    admitted: bool,
+    sliced: bool,
+) -> Taken:
+    """`take_events` once the histories are read: the changes, then the dead letters."""
     engine = service.engine
     results: list[SubmitResult] = []
     recorded: list[DeadEvent] = []
     dead_stale = 0
-    # Contacts named again later in the delivery, and what it noted of them so far (carried
-    # from slice to slice over the histories each slice reads afresh).
-    repeated = _repeated_contacts(events, dead)
-    noted: dict[str, ContactHistory] = {}
+    # Contacts named again later in the delivery: what their changes start is noted.
+    repeated = _repeated_contacts(events, dead) if histories else set()
 
-    async def read(contacts: set[str]) -> dict[str, ContactHistory]:
-        try:
-            histories = await service.store.histories(list(contacts)) if contacts else {}
-        except StoreUnavailable as exc:
-            raise Busy(f"the journal cannot be read: {exc}", JOURNAL_RETRY_AFTER_S) from None
-        for contact_id, history in histories.items():
-            earlier = noted.get(contact_id)
-            if earlier is not None:
-                history.assignments.update(earlier.assignments)
-                history.mirrored_at = max(history.mirrored_at, earlier.mirrored_at)
-        return histories
-
-    def dead_letter(letter: DeadEvent, histories: dict[str, ContactHistory]) -> None:
+    def dead_letter(letter: DeadEvent) -> None:
         nonlocal dead_stale
         history = histories.get(storable(letter.change.contact_id)) or ContactHistory()
         outcome = engine.dead_letter(
@@ -417,19 +445,15 @@ async def take_events(
 
     start = 0
     while start < len(events):
-        if start:
-            await asyncio.sleep(0)  # the slice before it done: serve other requests
         end, size = start, 0
-        while end < len(events) and (end == start or size < SLICE_ASSIGNMENTS):
-            size += len(events[end].change.segment_ids)
-            end += 1
-        histories = await read(
-            {
-                event.change.contact_id
-                for event in events[start:end]
-                if event.invalid is not None or _needs_history(event.change)
-            }
-        )
+        if sliced:
+            if start:
+                await asyncio.sleep(0)  # the slice before it done: serve other requests
+            while end < len(events) and (end == start or size < SLICE_ASSIGNMENTS):
+                size += len(events[end].change.segment_ids)
+                end += 1
+        else:
+            end = len(events)
         try:
             for event in events[start:end]:
                 change = event.change
@@ -443,17 +467,14 @@ async def take_events(
                 results.append(result)
                 if change.contact_id in repeated:
                     _note_taken(history, change, result)
-                    noted[change.contact_id] = history
                 if event.invalid is not None:
                     # In its event's place: a later event of the delivery may clear the contact.
-                    dead_letter(event.invalid, histories)
+                    dead_letter(event.invalid)
         except (EngineClosed, EngineOverloaded):
             raise Busy("segmapd is not taking work now", DRAIN_RETRY_AFTER_S) from None
         start = end
-    if dead:
-        histories = await read({storable(letter.change.contact_id) for letter in dead})
-        for letter in dead:
-            dead_letter(letter, histories)
+    for letter in dead:
+        dead_letter(letter)
     cached = sum(result.cached for result in results)
     if cached:
         service.metrics.record_cache_hit(cached)

@@ -74,6 +74,7 @@ class Service:
         self.cluster = parts.cluster
         self.sources = parts.sources
         self.claims = parts.claims
+        self.holds = parts.holds
         self.census = parts.census
         self._token_checked_at = float("-inf")
         self._token_ok = False
@@ -114,6 +115,7 @@ class Service:
                 stack.push_async_callback(self._leave_cluster)
             await self.engine.start()
             stack.push_async_callback(self._stop_engine)
+            stack.push_async_callback(self._settle_takes)
             if self.cluster is not None:
                 # Before listening: the first shards and their work are this instance's by then.
                 await self.cluster.start()
@@ -171,6 +173,13 @@ class Service:
     def _release_waiters(self) -> None:
         released = self.engine.release_waiters()
         log.info("drain: answered %d open waits with their states so far", released)
+
+    async def _settle_takes(self) -> None:
+        # A large delivery taken in part must be taken whole before the engine closes: else it
+        # would be answered busy with its first slices queued, and taken again when retried.
+        unfinished = await self.holds.settled(max(1.0, self._remaining_s() * 0.5))
+        if unfinished:
+            log.warning("drain: %d deliveries still being taken when the engine stops", unfinished)
 
     async def _stop_engine(self) -> None:
         await self.engine.stop(budget_s=self.config.server.drain_budget_s * 0.7)

@@ -18,6 +18,7 @@ from daemon.census import JournalCensus
 from daemon.claims import Claims
 from daemon.cluster import Cluster, ShardOwnership
 from daemon.config import Config
+from daemon.contact_holds import ContactHolds
 from daemon.cxone import CXonePaths, CXoneSettings, HttpCXoneClient
 from daemon.cxone.client import pool_size
 from daemon.metrics import Metrics
@@ -216,6 +217,7 @@ class Daemon:
     cluster: Cluster | None
     sources: dict[str, SourceAdapter]
     claims: Claims
+    holds: ContactHolds
     census: JournalCensus
 
 
@@ -269,6 +271,9 @@ def build_daemon(config: Config, metrics: Metrics) -> Daemon:
     )
     engine, poller = scheduler.engine, scheduler.poller
     assert poller is not None  # validation is always on in a daemon
+    # Contacts whose changes are being taken (see daemon/contact_holds.py): intake and the
+    # cluster's inbox both take changes.
+    holds = ContactHolds()
     cluster: Cluster | None = None
     if shared is not None and ownership is not None:
         cluster = Cluster(
@@ -282,6 +287,7 @@ def build_daemon(config: Config, metrics: Metrics) -> Daemon:
             handover_budget_s=config.cxone.timeout_s + 5.0,
             name=config.cluster.name,
             notifier=notifier,
+            holds=holds,
         )
     sources: dict[str, SourceAdapter] = {}
     for name, source in config.sources.items():
@@ -322,5 +328,6 @@ def build_daemon(config: Config, metrics: Metrics) -> Daemon:
         sources=sources,
         # Redelivery keys being taken right now (see daemon/intake.py).
         claims=Claims(),
+        holds=holds,
         census=census,
     )

@@ -565,3 +565,34 @@ async def test_a_database_outage_of_two_leases_fences_instances_that_rejoin_with
     # assignment done, none holds anything (none below zero, none left over).
     for daemon in daemons:
         assert await held_by_state(http, daemon) == {}, daemon.url
+
+
+async def test_a_large_deliverys_mirror_removes_what_it_added_on_segments_owned_elsewhere(
+    start_daemon: StartDaemon,
+    emulator: EmulatorControl,
+    http: aiohttp.ClientSession,
+    postgres: PostgresServer,
+    postgres_url: str,
+):
+    """A delivery taken in slices (more than 2,000 assignments) adds a contact to segments,
+    most of them owned by the other instance (forwarded to it), and its last event clears the
+    contact: every one of those adds is removed again, as separate deliveries would have it."""
+    # Reads raised on both sides: the 3,000 filler pairs are read back in seconds.
+    await emulator.configure({"limits": {"read": {"rate": 1000, "burst": 1000}}})
+    daemons = await start_cluster(
+        start_daemon, postgres, postgres_url, 2, limits={"read_rps": 1000.0}
+    )
+    # 16 segments over two instances: the other owns some of them (all on one: 2 in 65,536).
+    segments = [f"LM{n}" for n in range(16)]
+    # 998 events of 3 segments between them: at most 1,000 events make a delivery.
+    filler = events("lmfill", 0, 998, ["LMF1", "LMF2", "LMF3"])
+    body = [{"contactId": "lmx", "add": segments}, *filler, {"contactId": "lmx", "set": []}]
+    status, answer = await daemons[0].webhook(http, body)
+    assert status == 202, answer
+    assert await metric(http, daemons[0], "segmapd_cluster_forwarded_total") > 0
+    states = await daemons[0].wait_states(http, "lmx", {"removed", "active", "failed"}, 30)
+    assert {segment: s["intent"] for segment, s in states.items()} == dict.fromkeys(
+        segments, "remove"
+    ), states
+    for segment in segments:
+        assert "lmx" not in {m["contactId"] for m in await emulator.members(segment)}

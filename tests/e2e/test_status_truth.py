@@ -493,3 +493,79 @@ async def test_a_large_deliverys_events_apply_in_order_across_the_slices_it_is_t
         "B": ("remove", "removed"),
     }
     assert not await member(emulator, "B", "OX9")
+
+
+def large_delivery(prefix: str, first: Any, last: Any, segments: int = 100) -> list[Any]:
+    """A delivery of 1,000 events, 998 of them adding `segments` segments (about 50 slices of
+    2,000 assignments for 100)."""
+    filler = [
+        {"contactId": f"{prefix}{i:03d}", "add": [f"{prefix}{k:02d}" for k in range(segments)]}
+        for i in range(998)
+    ]
+    return [first, *filler, last]
+
+
+async def test_a_change_taken_while_a_large_delivery_is_taken_is_ordered_with_it(
+    start_daemon: StartDaemon, emulator: EmulatorControl, http: aiohttp.ClientSession
+):
+    # Another request for a contact of a large delivery, sent while the delivery is taken in
+    # slices, waits for it (or goes first): the newest change of each pair wins either way.
+    await emulator.configure(
+        {
+            "limits": {
+                "read": {"rate": 2000, "burst": 2000},
+                "bulk": {"rate": 200, "burst": 200},
+            }
+        }
+    )
+    daemon = await start_daemon(limits={"read_rps": 1000.0, "write_rps": 150.0})
+    now_ms = int(time.time() * 1000)
+    # HX was in HS, then removed, the removal confirmed: "not a member" is cached.
+    await mapping(http, daemon, [{"contactId": "HX", "add": ["HS"], "occurredAt": now_ms - 60_000}])
+    await daemon.wait_states(http, "HX", {"active"}, 30)
+    await mapping(
+        http, daemon, [{"contactId": "HX", "remove": ["HS"], "occurredAt": now_ms - 50_000}]
+    )
+    await daemon.wait_states(http, "HX", {"removed"}, 30)
+    big = large_delivery(
+        "HF",
+        {"contactId": "HX", "add": ["HS2"], "occurredAt": now_ms - 40_000},
+        # Older than the removal below, which is sent while this delivery is taken.
+        {"contactId": "HX", "add": ["HS"], "occurredAt": now_ms - 30_000},
+    )
+    taking = asyncio.create_task(mapping(http, daemon, big))
+    await asyncio.sleep(0.5)  # the large body is being parsed or taken
+    status, answer = await mapping(
+        http, daemon, [{"contactId": "HX", "remove": ["HS"], "occurredAt": now_ms - 20_000}]
+    )
+    assert status == 202, answer
+    status, answer = await taking
+    assert status == 202, answer
+    views = await daemon.wait_states(http, "HX", {"active", "removed"}, 60)
+    assert (views["HS"]["intent"], views["HS"]["state"]) == ("remove", "removed"), views["HS"]
+    assert not await member(emulator, "HS", "HX")
+
+
+async def test_a_drain_begun_while_a_large_delivery_is_taken_takes_it_whole_or_not_at_all(
+    start_daemon: StartDaemon, emulator: EmulatorControl, http: aiohttp.ClientSession
+):
+    # SIGTERM while a delivery is taken in slices: it is answered 202 with all of it queued,
+    # or busy with none of it; never busy with part of it queued (a retry would take it twice).
+    await emulator.configure({"limits": {"bulk": {"rate": 200, "burst": 200}}})
+    daemon = await start_daemon(server={"drain_budget_s": 30.0}, limits={"write_rps": 150.0})
+    big = large_delivery(
+        "DT", {"contactId": "DTFIRST", "add": ["DTS"]}, {"contactId": "DTLAST", "add": ["DTS"]}
+    )
+    taking = asyncio.create_task(mapping(http, daemon, big))
+    await asyncio.sleep(0.5)  # the large body is being parsed or taken
+    daemon.process.signal(signal.SIGTERM)
+    status, answer = await taking
+    assert await asyncio.to_thread(daemon.process.wait, 60) == 0
+    await asyncio.to_thread(daemon.restart)
+    first = await daemon.contact(http, "DTFIRST")
+    last = await daemon.contact(http, "DTLAST")
+    if status == 202:
+        assert first[0] == 200 and last[0] == 200, (first, last)
+    else:
+        assert status == 503, answer
+        assert first[0] == 404 and last[0] == 404, (first, last)
