@@ -419,6 +419,10 @@ async def dead_letters(request: web.Request) -> web.Response:
             f"segment: must be 1-{MAX_SEGMENT_FILTER_CHARS} characters of UTF-8 text",
             field="segment",
         )
+    # What the contact API already shows (recorded, not yet committed) is listed too.
+    refused = await commit(service)
+    if refused is not None:
+        return refused
     failed = await service.store.failed(limit, reason=reason, segment_id=segment)
     return json_response(
         {"deadLetters": [{"contactId": a.contact_id, **assignment_view(a)} for a in failed]}
@@ -450,6 +454,9 @@ async def replay_dead_letters(request: web.Request) -> web.Response:
             if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
                 return problem(400, "contactIds: must be a list of strings", field="contactIds")
             only = set(ids)
+    refused = await commit(service)  # dead letters recorded a moment ago are replayed too
+    if refused is not None:
+        return refused
     failed = await service.store.failed(100_000)
     chosen = [a for a in failed if only is None or a.contact_id in only]
     try:
