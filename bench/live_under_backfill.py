@@ -79,7 +79,7 @@ async def finished_active(session: aiohttp.ClientSession, url: str) -> float:
         text = await response.text()
     total = 0.0
     for line in text.splitlines():
-        if line.startswith("segmapd_assignments_finished_total{") and 'state="active"' in line:
+        if line.startswith("segmapd_assignments_finished_total{") and 'outcome="active"' in line:
             total += float(line.rsplit(" ", 1)[1])
     return total
 
