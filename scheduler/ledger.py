@@ -10,11 +10,16 @@ A pair (contact, segment) is in one of three places here, and in only one:
 - **waiting**: a newer change of the other intent in `_successors`, behind a live pair whose
   request is in flight; it follows that request's outcome.
 
-Every transition goes through `transition()`, which validates the move, checks that this
-process still holds the segment, queues the journal row (the waiting change's row while one
-waits, so that a crash never loses it), updates the observers, counts the writes pending, and,
-when the pair ends, lets it go and answers its waiters. Everything else asks the ledger; nothing
-else writes a pair's row (River's `JobCompleter`, saq's `Queue.finish`). The ledger calls no
+Every transition of a live pair goes through `transition()`, which validates the move, checks
+that this process still holds the segment, queues the journal row, updates the observers,
+counts the writes pending, and, when the pair ends, lets it go and answers its waiters. The
+rows of a pair's start are written by the ledger too, but not through `transition()`, since
+there is no move to check: new work (`queue_new`, from nothing or a terminal state), a change
+confirmed from the cache (`record_confirmed`), a dead letter (`record_dead_letter`), and a
+newer change superseding queued work or waiting behind a request in flight (`supersede`, the
+waiting row written at once so that a crash never loses it). For those, `Changes` decides
+ownership before it asks (`Ownership.owns`, which implies `holds`). Everything else asks the
+ledger; nothing else writes a pair's row (River's `JobCompleter`, saq's `Queue.finish`). The ledger calls no
 component back: the sender and the verifier report to it, and it reports to nobody but the
 journal, the observers, the waiters and the accumulator it queues into.
 """
