@@ -246,7 +246,10 @@ async def test_a_batch_of_delivery_keys_is_looked_up_at_once(store):
 
 
 async def test_claims_of_delivery_keys_are_answered_or_withdrawn(store):
-    # One process's store: nothing but this process claims, so nothing is held elsewhere.
+    # One process's store: nothing but this process claims, so nothing is held elsewhere. On
+    # the single-process stores claim_keys is always empty by design: there this checks that
+    # claims and withdrawals leave no answer behind; claims held by another connection are
+    # tested against PostgreSQL in tests/store/test_postgres.py.
     keys = [("crm", "d-1"), ("crm", "d-2")]
     assert await store.claim_keys(keys) == set()
     await store.remember_delivery("crm", "d-1", b"first")  # the answer replaces the claim
