@@ -26,6 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -281,6 +282,8 @@ class SqliteStore(WriteBehindJournal):
         self._writer_idle = False
         self._file_lock = JournalLock(path)
         self._closing = False
+        # Set when the writer thread stopped on an error that is not the database's.
+        self._writer_stopped: str | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer: sqlite3.Connection | None = None
@@ -516,7 +519,10 @@ class SqliteStore(WriteBehindJournal):
             self._wake.notify()
 
     def _writer_problem(self) -> str | None:
-        return "the journal is not open" if self._thread is None else None
+        if self._thread is None:
+            return "the journal is not open"
+        # Else a flush would wait for a commit that nothing will ever make.
+        return self._writer_stopped
 
     def _on_loop(self, callback: Callable[[], None]) -> None:
         loop = self._loop
@@ -559,6 +565,19 @@ class SqliteStore(WriteBehindJournal):
                     return
                 time.sleep(RETRY_AFTER_FAILURE_S)
                 continue
+            except Exception as exc:
+                # Not the database's error (a bug, memory): this thread cannot go on. Fail the
+                # waiting commits now, and every later flush says so (`_writer_problem`),
+                # rather than leave webhooks waiting for an answer that never comes.
+                log.critical("journal %s: the writer thread stopped: %r", self.path, exc)
+                with self._lock:
+                    self._writer_stopped = f"the journal's writer thread stopped: {exc!r}"
+                    stranded = self._pending.waiters
+                    self._pending.waiters = []
+                self._commit_failed(work, exc)
+                error = StoreUnavailable(self._writer_stopped)
+                self._on_loop(partial(self._settle, stranded, [], error))
+                return
             self._committed(work)
             self._maybe_prune()
 

@@ -488,3 +488,23 @@ async def test_a_journal_of_the_previous_release_is_upgraded_in_place(tmp_path: 
         await store.close()
     with sqlite3.connect(path) as check:
         assert check.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+
+
+async def test_a_writer_thread_stopped_by_an_unexpected_error_fails_flushes_at_once(
+    tmp_path: Path,
+):
+    # An integer SQLite cannot bind raises OverflowError, not sqlite3.Error: the writer thread
+    # stops. Flushes must fail with StoreUnavailable, now and later, never wait forever.
+    store = SqliteStore(str(tmp_path / "journal.db"))
+    await store.open()
+    try:
+        broken = assignment("c1", "s1", State.QUEUED)
+        broken.attempts = 2**70
+        store.record(broken)
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(store.flush(), 10)
+        store.record(assignment("c2", "s1", State.QUEUED))
+        with pytest.raises(StoreUnavailable, match="writer thread stopped"):
+            await asyncio.wait_for(store.flush(), 10)
+    finally:
+        await asyncio.wait_for(store.close(), 10)
