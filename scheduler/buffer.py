@@ -1,7 +1,7 @@
-"""Coalescing: per-lane sets of contact ids waiting to be written, and the per-contact limit.
+"""Coalescing: per-batch-key sets of contact ids waiting to be written, and the per-contact limit.
 
-A lane is whatever one batch may hold: the engine uses (segment, intent), so that a batch never
-mixes adds and removals. The buffer and the gate only need lanes to be hashable.
+A batch key is whatever one batch may hold: the engine uses (segment, intent), so that a batch
+never mixes adds and removals. The buffer and the gate only need batch keys to be hashable.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class _SegmentQueue:
 
 
 class CoalescingBuffer(Generic[K]):
-    """Per lane, an insertion-ordered set of contact ids; decides which batch goes next.
+    """Per batch key, an insertion-ordered set of contact ids; decides which batch goes next.
 
     A segment is due when it holds a full batch, when its oldest id has waited `linger_s`, or
     when it holds retry ids whose backoff has passed. When the writer has spare capacity, a
@@ -130,7 +130,7 @@ class CoalescingBuffer(Generic[K]):
         """The segment whose batch should go out now, or None if none is due.
 
         While draining (shutdown) every non-empty segment is due: nothing may be left behind.
-        Lanes for which `skip` is true are never due (their segment is being handed over).
+        Batch keys for which `skip` is true are never due (their segment is being handed over).
         """
         chosen: K | None = None
         chosen_age = float("inf")
@@ -158,12 +158,12 @@ class CoalescingBuffer(Generic[K]):
         ]
         return min(oldest) + self.linger_s if oldest else None
 
-    def lanes(self) -> list[K]:
-        """Every lane holding ids."""
+    def batch_keys(self) -> list[K]:
+        """Every batch key holding ids."""
         return list(self._segments)
 
-    def drop_lane(self, segment_id: K) -> list[str]:
-        """Remove every id of the lane (retry and fresh); returns them."""
+    def drop_batch_key(self, segment_id: K) -> list[str]:
+        """Remove every id of the batch key (retry and fresh); returns them."""
         queue = self._segments.pop(segment_id, None)
         if queue is None:
             return []
@@ -207,7 +207,7 @@ class ContactGate(Generic[K]):
         self.limit = limit
         self._inflight: dict[str, int] = {}
         self._waiting: dict[str, deque[tuple[K, float]]] = {}
-        # (contact, lane) -> received time of each parked assignment: asked for every new
+        # (contact, batch_key) -> received time of each parked assignment: asked for every new
         # change, and a contact changing 100 segments at once parks 97 of them.
         self._parked_at: dict[tuple[str, K], float] = {}
 
@@ -265,12 +265,12 @@ class ContactGate(Generic[K]):
         return None
 
     def drop_parked(self, dropped: Callable[[K], bool]) -> list[tuple[str, K]]:
-        """Remove the parked assignments of the lanes `dropped` selects; returns (contact, lane)."""
+        """Remove the parked assignments `dropped` selects; returns (contact, batch key)."""
         removed: list[tuple[str, K]] = []
         for contact_id in list(self._waiting):
             waiting = self._waiting[contact_id]
             kept = deque(entry for entry in waiting if not dropped(entry[0]))
-            gone = [(contact_id, lane) for lane, _ in waiting if dropped(lane)]
+            gone = [(contact_id, batch_key) for batch_key, _ in waiting if dropped(batch_key)]
             for key in gone:
                 del self._parked_at[key]
             removed += gone
@@ -280,9 +280,9 @@ class ContactGate(Generic[K]):
                 del self._waiting[contact_id]
         return removed
 
-    def parked_lanes(self) -> set[K]:
-        """The lanes of every parked assignment."""
-        return {lane for waiting in self._waiting.values() for lane, _ in waiting}
+    def parked_batch_keys(self) -> set[K]:
+        """The batch keys of every parked assignment."""
+        return {batch_key for waiting in self._waiting.values() for batch_key, _ in waiting}
 
     def inflight(self, contact_id: str) -> int:
         """Slots the contact holds."""

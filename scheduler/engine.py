@@ -3,7 +3,7 @@
 - `Changes` (scheduler/changes.py) decides what a CRM's change does to each pair: newest wins,
   stale, join, supersede, mirror, dead letters, forwarded changes, admission.
 - `Ledger` (scheduler/ledger.py) owns every pair's state and writes every transition.
-- `Accumulator` (scheduler/accumulator.py) holds the ids waiting to be written, per lane, the
+- `Accumulator` (scheduler/accumulator.py) holds the ids waiting to be written, per batch key, the
   per-contact gate and the retry timers.
 - `Sender` (scheduler/sender.py) takes batches and writes them, outcomes to the ledger.
 - `Waiters` (scheduler/waiters.py) are the callers waiting for pairs to end.

@@ -31,9 +31,9 @@ from scheduler.model import (
     WRITE_PENDING_STATES,
     Assignment,
     AssignmentKey,
+    BatchKey,
     FailureReason,
     Intent,
-    Lane,
     State,
 )
 from scheduler.observer import EngineObserver
@@ -140,18 +140,18 @@ class Ledger:
             and key not in self._successors
         )
 
-    def attempts(self, lane: Lane, contact_id: str) -> int:
+    def attempts(self, batch_key: BatchKey, contact_id: str) -> int:
         """Attempts made so far for the live assignment (0 if none)."""
-        assignment = self._live.get((contact_id, lane[0]))
+        assignment = self._live.get((contact_id, batch_key[0]))
         return assignment.attempts if assignment is not None else 0
 
-    def pending_in_lane(self, lane: Lane, contact_ids: Iterable[str]) -> list[Assignment]:
-        """The live assignments of the lane's intent whose write is still pending.
+    def pending_for(self, batch_key: BatchKey, contact_ids: Iterable[str]) -> list[Assignment]:
+        """The live assignments of the batch key's intent whose write is still pending.
 
         An answer replayed for a batch recovered after a crash may name ids that have moved on
         since: only those still waiting for it count.
         """
-        segment_id, intent = lane
+        segment_id, intent = batch_key
         found = []
         for contact_id in contact_ids:
             assignment = self._live.get((contact_id, segment_id))
@@ -163,24 +163,24 @@ class Ledger:
                 found.append(assignment)
         return found
 
-    def note_outcome_unknown(self, lane: Lane, contact_ids: list[str]) -> None:
+    def note_outcome_unknown(self, batch_key: BatchKey, contact_ids: list[str]) -> None:
         """A request for these ids ended without an answer saying whether it applied."""
-        for assignment in self.pending_in_lane(lane, contact_ids):
+        for assignment in self.pending_for(batch_key, contact_ids):
             assignment.outcome_unknown = True
 
-    def outcome_unknown(self, lane: Lane, contact_id: str) -> bool:
+    def outcome_unknown(self, batch_key: BatchKey, contact_id: str) -> bool:
         """Whether an attempt for the pair's change ended without saying if it applied."""
-        assignment = self._live.get((contact_id, lane[0]))
+        assignment = self._live.get((contact_id, batch_key[0]))
         return assignment is not None and assignment.outcome_unknown
 
-    def still_retrying(self, lane: Lane, contact_ids: list[str]) -> list[str]:
-        """The ids still waiting in the lane after their backoff (not started over meanwhile)."""
-        return [assignment.contact_id for assignment in self.pending_in_lane(lane, contact_ids)]
+    def still_retrying(self, batch_key: BatchKey, contact_ids: list[str]) -> list[str]:
+        """The ids still waiting for a batch after their backoff (not started over meanwhile)."""
+        return [assignment.contact_id for assignment in self.pending_for(batch_key, contact_ids)]
 
     def segments(self) -> set[str]:
         """Every segment the ledger holds a pair of: live, waiting, queued or parked."""
         found = {segment_id for _, segment_id in self._live}
-        found |= {segment_id for segment_id, _ in self._accumulator.lanes()}
+        found |= {segment_id for segment_id, _ in self._accumulator.batch_keys()}
         return found
 
     # ---- the one transition --------------------------------------------------------------
@@ -227,7 +227,7 @@ class Ledger:
     def queue_new(
         self, contact_id: str, segment_id: str, intent: Intent, occurred_at: float, now: float
     ) -> None:
-        """A change with nothing in progress for its pair: queued in its lane (or parked)."""
+        """A change with nothing in progress for its pair: queued for its batch (or parked)."""
         assignment = Assignment(
             contact_id=contact_id,
             segment_id=segment_id,
@@ -241,9 +241,9 @@ class Ledger:
             self._occurred[assignment.key] = occurred_at
         self._store.record(assignment)
         self._observer.transitioned(assignment, State.QUEUED)
-        lane = (segment_id, intent)
-        if self._accumulator.admit(contact_id, lane, now):
-            self._accumulator.enqueue(lane, contact_id, now)
+        batch_key = (segment_id, intent)
+        if self._accumulator.admit(contact_id, batch_key, now):
+            self._accumulator.enqueue(batch_key, contact_id, now)
 
     def record_confirmed(
         self, contact_id: str, segment_id: str, intent: Intent, occurred_at: float, now: float
@@ -307,7 +307,7 @@ class Ledger:
     def supersede(self, key: AssignmentKey, intent: Intent, occurred_at: float, now: float) -> None:
         """A newer change of the other intent replaces the work in progress for the pair.
 
-        Queued (or parked) work is never sent: it moves to the other lane. Written or verifying
+        Queued (or parked) work is never sent: it moves to the other batch key. Written or verifying
         work leaves validation (the caller stops its validation first) and its opposite is
         queued. A request in flight (sending, or retrying: its outcome is unknown) finishes
         first, so that CXone applies the two in order; the newer change follows its outcome.
@@ -352,7 +352,7 @@ class Ledger:
         self._store.record(replaced)
 
     def _restart(self, assignment: Assignment, change: Change, *, hold_slot: bool) -> None:
-        """The pair starts over as `change`, queued in its lane (its old work is over)."""
+        """The pair starts over as `change`, queued under its batch key (its old work is over)."""
         key = assignment.key
         self._live.pop(key, None)
         assignment.intent = change.intent
@@ -365,19 +365,21 @@ class Ledger:
             self._occurred[key] = change.occurred_at
         else:
             self._occurred.pop(key, None)
-        lane = (assignment.segment_id, change.intent)
+        batch_key = (assignment.segment_id, change.intent)
         accumulator = self._accumulator
-        if hold_slot or accumulator.admit(assignment.contact_id, lane, change.received_at):
-            accumulator.enqueue(lane, assignment.contact_id, change.received_at)
+        if hold_slot or accumulator.admit(assignment.contact_id, batch_key, change.received_at):
+            accumulator.enqueue(batch_key, assignment.contact_id, change.received_at)
 
     # ---- the sender's side ---------------------------------------------------------------
 
-    def take_for_batch(self, lane: Lane, entries: list[tuple[str, float | None]]) -> list[str]:
+    def take_for_batch(
+        self, batch_key: BatchKey, entries: list[tuple[str, float | None]]
+    ) -> list[str]:
         """The buffer entries the sender took for a batch become live assignments; their ids.
 
         A retry id is live already; a fresh one gets its object now, with its received time.
         """
-        segment_id, intent = lane
+        segment_id, intent = batch_key
         contact_ids = []
         for contact_id, received_at in entries:
             key = (contact_id, segment_id)
@@ -394,34 +396,38 @@ class Ledger:
             contact_ids.append(contact_id)
         return contact_ids
 
-    def sending(self, lane: Lane, contact_ids: list[str], *, new_attempt: bool = True) -> None:
+    def sending(
+        self, batch_key: BatchKey, contact_ids: list[str], *, new_attempt: bool = True
+    ) -> None:
         """The ids are about to be sent; `new_attempt` counts one more attempt for each."""
-        for assignment in self.pending_in_lane(lane, contact_ids):
+        for assignment in self.pending_for(batch_key, contact_ids):
             if new_attempt:
                 assignment.attempts += 1
             self.transition(assignment, State.SENDING)
 
-    def retrying(self, lane: Lane, contact_ids: list[str]) -> None:
+    def retrying(self, batch_key: BatchKey, contact_ids: list[str]) -> None:
         """The ids wait for a backoff before their next attempt."""
-        for assignment in self.pending_in_lane(lane, contact_ids):
+        for assignment in self.pending_for(batch_key, contact_ids):
             self.transition(assignment, State.RETRYING)
 
-    def written(self, lane: Lane, contact_ids: list[str]) -> list[Assignment]:
+    def written(self, batch_key: BatchKey, contact_ids: list[str]) -> list[Assignment]:
         """CXone holds these writes (maybe not yet indexed); returns those to confirm now."""
-        return self._leave_write_path(lane, contact_ids, State.WRITTEN)
+        return self._leave_write_path(batch_key, contact_ids, State.WRITTEN)
 
-    def uncertain(self, lane: Lane, contact_ids: list[str], message: str) -> list[Assignment]:
+    def uncertain(
+        self, batch_key: BatchKey, contact_ids: list[str], message: str
+    ) -> list[Assignment]:
         """The last attempt's outcome is unknown (5xx, timeout, reset); returns those to settle.
 
         CXone may have applied the write before failing to answer: the pairs leave the write
         path as `verifying`, their message saying why, for reads to settle them.
         """
         return self._leave_write_path(
-            lane, contact_ids, State.VERIFYING, message=f"settling by reads: {message}"
+            batch_key, contact_ids, State.VERIFYING, message=f"settling by reads: {message}"
         )
 
     def _leave_write_path(
-        self, lane: Lane, contact_ids: list[str], state: State, *, message: str = ""
+        self, batch_key: BatchKey, contact_ids: list[str], state: State, *, message: str = ""
     ) -> list[Assignment]:
         """Move the pairs whose write has an outcome to `state`; those that go on to validation.
 
@@ -429,7 +435,7 @@ class Ledger:
         that change instead, in the same slot; the others free their contact's slot.
         """
         leaving = []
-        for assignment in self.pending_in_lane(lane, contact_ids):
+        for assignment in self.pending_for(batch_key, contact_ids):
             self.transition(assignment, state, message=message)
             if not self._follow(assignment):
                 self._accumulator.release(assignment.contact_id)
@@ -450,10 +456,10 @@ class Ledger:
         return True
 
     def failed(
-        self, lane: Lane, contact_ids: list[str], reason: FailureReason, message: str
+        self, batch_key: BatchKey, contact_ids: list[str], reason: FailureReason, message: str
     ) -> None:
         """These assignments end failed (dead letters), unless a newer change follows them."""
-        for assignment in self.pending_in_lane(lane, contact_ids):
+        for assignment in self.pending_for(batch_key, contact_ids):
             if not self._follow(assignment):
                 self._accumulator.release(assignment.contact_id)
                 self.transition(assignment, State.FAILED, reason=reason, message=message)
@@ -505,16 +511,16 @@ class Ledger:
         slots: list[str] = []
         parked, buffered = self._accumulator.drop(segments)
         parked_live: set[AssignmentKey] = set()  # recovered retrying pairs waiting for a slot
-        for contact_id, lane in parked:
-            key = (contact_id, lane[0])
+        for contact_id, batch_key in parked:
+            key = (contact_id, batch_key[0])
             if key in self._live:
                 parked_live.add(key)  # counted with the live ones; it holds no slot
                 continue
             self.pending_writes -= 1
             self._occurred.pop(key, None)
             states[State.QUEUED] += 1
-        for contact_id, lane in buffered:
-            key = (contact_id, lane[0])
+        for contact_id, batch_key in buffered:
+            key = (contact_id, batch_key[0])
             self._occurred.pop(key, None)
             if key not in self._live:  # a live one (a retry id) is counted below
                 slots.append(contact_id)

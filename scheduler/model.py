@@ -84,7 +84,7 @@ class InvalidTransition(RuntimeError):
 AssignmentKey = tuple[str, str]
 """(contact_id, segment_id)."""
 
-Lane = tuple[str, Intent]
+BatchKey = tuple[str, Intent]
 """(segment_id, intent): what one batch may hold (a batch never mixes adds and removals)."""
 
 

@@ -3,7 +3,7 @@
 Both are the same step: the journal's unfinished rows of some segments become the engine's work
 again, exactly as they stood. In-flight batches are resent as they were (same ids, same intent,
 same idempotency key), so CXone replays a write that had landed instead of applying it twice.
-Queued and retrying assignments go back to their lane of the accumulator, written and verifying
+Queued and retrying assignments go back to their batch key in the accumulator, written and verifying
 ones back to validation. A queued change that waited for a batch's outcome follows that batch
 again, as it would have.
 """
@@ -62,7 +62,7 @@ def take_back(
             continue
         ledger.pending_writes += 1
         key = assignment.key
-        lane = (assignment.segment_id, assignment.intent)
+        batch_key = (assignment.segment_id, assignment.intent)
         batch = batch_of.get(key)
         if batch is not None and batch.intent is assignment.intent:
             ledger.hold_live(assignment)
@@ -72,13 +72,13 @@ def take_back(
             # Queued work lives in the accumulator only.
             if assignment.occurred_at:
                 ledger.hold_time(key, assignment.occurred_at)
-            if accumulator.admit(assignment.contact_id, lane, assignment.received_at):
-                accumulator.buffer.add(lane, assignment.contact_id, assignment.received_at)
+            if accumulator.admit(assignment.contact_id, batch_key, assignment.received_at):
+                accumulator.buffer.add(batch_key, assignment.contact_id, assignment.received_at)
         else:
-            # Retrying: waits for its slot, then goes out with its lane's next batch.
+            # Retrying: waits for its slot, then goes out with its batch key's next batch.
             ledger.hold_live(assignment)
-            if accumulator.admit(assignment.contact_id, lane, 0.0):
-                accumulator.add_retries(lane, [assignment.contact_id])
+            if accumulator.admit(assignment.contact_id, batch_key, 0.0):
+                accumulator.add_retries(batch_key, [assignment.contact_id])
     # The backlog: usually nearly all of it, so kept to a dictionary lookup and two inserts.
     admit = accumulator.admit
     enqueue = accumulator.buffer.add
@@ -92,9 +92,9 @@ def take_back(
             hold_time(key, occurred_at)
         batch = batch_of.get(key) if batch_of else None
         if batch is None:
-            lane = (segment_id, intent)
-            if admit(contact_id, lane, received_at):
-                enqueue(lane, contact_id, received_at)
+            batch_key = (segment_id, intent)
+            if admit(contact_id, batch_key, received_at):
+                enqueue(batch_key, contact_id, received_at)
             continue
         accumulator.force_slot(contact_id)
         resend[batch.batch_id] = batch
