@@ -42,7 +42,7 @@ from daemon.notifier import Notifier
 from daemon.store.base import SharedJournal
 from daemon.store.shards import SHARDS, shard_of
 from scheduler.engine import Engine
-from scheduler.model import FailureReason, Intent
+from scheduler.model import FailureReason, Intent, Lane
 from scheduler.ownership import ForwardedChange
 from scheduler.store import StoreUnavailable
 from scheduler.validation_state import MemoryConfirmationCache
@@ -509,6 +509,7 @@ class Cluster:
                 received_at=received_at,
                 reason=FailureReason(reason) if reason else None,
                 message=message,
+                lane=Lane(lane),
             )
             for _, (
                 _,
@@ -519,6 +520,7 @@ class Cluster:
                 received_at,
                 reason,
                 message,
+                lane,
             ) in mine
         ]
         self._engine.submit_forwarded(

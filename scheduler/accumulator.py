@@ -7,8 +7,9 @@ waiter the sender sleeps on. It knows nothing of HTTP, of assignment states or o
 the ledger decides what goes in, the sender takes batches out (aiokafka's
 `message_accumulator.py` beside its `sender.py`).
 
-A queued assignment is only an entry here, its received time the only thing it carries: a
-million queued assignments cost a buffer entry each, never an object each.
+A queued assignment is only an entry here, its received time the only thing it carries (its lane
+is which of the buffer's dictionaries holds it): a million queued assignments cost a buffer
+entry each, never an object each.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from scheduler.buffer import CoalescingBuffer, ContactGate
-from scheduler.model import INTENTS, BatchKey, Intent
+from scheduler.model import INTENTS, BatchKey, Intent, Lane
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,13 +55,17 @@ class Accumulator:
 
     # ---- what goes in --------------------------------------------------------------------
 
-    def admit(self, contact_id: str, batch_key: BatchKey, received_at: float) -> bool:
+    def admit(
+        self, contact_id: str, batch_key: BatchKey, received_at: float, lane: Lane = Lane.LIVE
+    ) -> bool:
         """Take one of the contact's slots for the pair, or park it (False) until one frees."""
-        return self.gate.admit(contact_id, batch_key, received_at)
+        return self.gate.admit(contact_id, batch_key, received_at, lane)
 
-    def enqueue(self, batch_key: BatchKey, contact_id: str, received_at: float) -> None:
-        """Queue an id under its batch key (coalesced with one already queued there)."""
-        if self.buffer.add(batch_key, contact_id, received_at):
+    def enqueue(
+        self, batch_key: BatchKey, contact_id: str, received_at: float, lane: Lane = Lane.LIVE
+    ) -> None:
+        """Queue an id under its batch key, in `lane` (coalesced with one already queued)."""
+        if self.buffer.add(batch_key, contact_id, received_at, lane):
             self._wakeup.set()
 
     def add_retries(self, batch_key: BatchKey, contact_ids: list[str]) -> None:
@@ -76,14 +81,35 @@ class Accumulator:
         """Free one of the contact's slots; its next parked pair takes it and is queued."""
         parked = self.gate.release(contact_id)
         if parked is not None:
-            batch_key, received_at = parked
-            self.enqueue(batch_key, contact_id, received_at)
+            batch_key, received_at, lane = parked
+            self.enqueue(batch_key, contact_id, received_at, lane)
 
-    def move(self, contact_id: str, old: BatchKey, new: BatchKey, received_at: float) -> None:
+    def move(
+        self,
+        contact_id: str,
+        old: BatchKey,
+        new: BatchKey,
+        received_at: float,
+        lane: Lane = Lane.LIVE,
+    ) -> None:
         """A queued (or parked) id of `old` becomes one of `new` (a newer change of the pair)."""
-        if not self.gate.repark(contact_id, old, new, received_at):
+        if not self.gate.repark(contact_id, old, new, received_at, lane):
             self.buffer.discard(old, contact_id)
-            self.enqueue(new, contact_id, received_at)
+            self.enqueue(new, contact_id, received_at, lane)
+
+    def set_lane(self, contact_id: str, batch_key: BatchKey, lane: Lane) -> None:
+        """A queued (or parked) id goes on in `lane` (a newer change of the pair said so)."""
+        if not self.buffer.set_lane(batch_key, contact_id, lane):
+            self.gate.set_lane(contact_id, batch_key, lane)
+        else:
+            self._wakeup.set()  # a live id may make its batch key the next to go
+
+    def lane_of(self, contact_id: str, batch_key: BatchKey) -> Lane | None:
+        """The lane of a queued (or parked) id; None for a retry id or one not queued."""
+        lane = self.buffer.lane_of(batch_key, contact_id)
+        if lane is None and self.gate.any_parked:
+            lane = self.gate.parked_lane(contact_id, batch_key)
+        return lane
 
     def set_contact_limit(self, limit: int) -> None:
         """Change the per-contact limit; slots already taken are kept."""
@@ -169,8 +195,8 @@ class Accumulator:
         """The batch key whose batch should go out now (see `CoalescingBuffer.pick`)."""
         return self.buffer.pick(now, spare_capacity=spare_capacity, draining=draining, skip=skip)
 
-    def take(self, batch_key: BatchKey) -> list[tuple[str, float | None]]:
-        """Up to a batch of the batch key's ids with their times: retries first, then oldest."""
+    def take(self, batch_key: BatchKey) -> list[tuple[str, float | None, Lane | None]]:
+        """Up to a batch of the batch key's ids, with their times and lanes (see the buffer)."""
         return self.buffer.take_entries(batch_key)
 
     async def wait_for_data(self, now: float, skip: Callable[[BatchKey], bool] | None) -> None:

@@ -34,6 +34,7 @@ from scheduler.model import (
     BatchKey,
     FailureReason,
     Intent,
+    Lane,
     State,
 )
 from scheduler.observer import EngineObserver
@@ -51,6 +52,7 @@ class Change:
     intent: Intent
     occurred_at: float  # 0.0: none given (the arrival orders it)
     received_at: float
+    lane: Lane = Lane.LIVE
 
     @property
     def version(self) -> float:
@@ -76,6 +78,7 @@ def waiting_row(assignment: Assignment, change: Change) -> Assignment:
         updated_at=change.received_at,
         intent=change.intent,
         occurred_at=change.occurred_at,
+        lane=change.lane,
     )
 
 
@@ -224,8 +227,14 @@ class Ledger:
 
     # ---- new changes (from `Changes`) ----------------------------------------------------
 
-    def queue_new(
-        self, contact_id: str, segment_id: str, intent: Intent, occurred_at: float, now: float
+    def queue_new(  # noqa: PLR0917 (one pair's change)
+        self,
+        contact_id: str,
+        segment_id: str,
+        intent: Intent,
+        occurred_at: float,
+        now: float,
+        lane: Lane = Lane.LIVE,
     ) -> None:
         """A change with nothing in progress for its pair: queued for its batch (or parked)."""
         assignment = Assignment(
@@ -235,6 +244,7 @@ class Ledger:
             updated_at=now,
             intent=intent,
             occurred_at=occurred_at,
+            lane=lane,
         )
         self.pending_writes += 1
         if occurred_at:
@@ -242,11 +252,17 @@ class Ledger:
         self._store.record(assignment)
         self._observer.transitioned(assignment, State.QUEUED)
         batch_key = (segment_id, intent)
-        if self._accumulator.admit(contact_id, batch_key, now):
-            self._accumulator.enqueue(batch_key, contact_id, now)
+        if self._accumulator.admit(contact_id, batch_key, now, lane):
+            self._accumulator.enqueue(batch_key, contact_id, now, lane)
 
-    def record_confirmed(
-        self, contact_id: str, segment_id: str, intent: Intent, occurred_at: float, now: float
+    def record_confirmed(  # noqa: PLR0917 (one pair's change)
+        self,
+        contact_id: str,
+        segment_id: str,
+        intent: Intent,
+        occurred_at: float,
+        now: float,
+        lane: Lane = Lane.LIVE,
     ) -> None:
         """A change CXone confirmed as asked within the cache TTL: journaled done, no call.
 
@@ -261,6 +277,7 @@ class Ledger:
                 updated_at=now,
                 intent=intent,
                 occurred_at=occurred_at,
+                lane=lane,
             )
         )
 
@@ -283,29 +300,74 @@ class Ledger:
         """A mirror (`set`) applied to the contact at `occurred_at`."""
         self._store.record_mirror(contact_id, occurred_at)
 
-    def renew(self, key: AssignmentKey, occurred_at: float, now: float) -> None:
+    def renew(
+        self, key: AssignmentKey, occurred_at: float, now: float, lane: Lane = Lane.LIVE
+    ) -> bool:
         """A newer change of the same intent joins the work in progress and dates it.
 
         Its time (its occurredAt, else its arrival) becomes the pair's, so that a change older
-        than it, arriving later, is found stale.
+        than it, arriving later, is found stale. A live change moves bulk work to the live lane
+        (journaled); a bulk change never moves live work back, since a caller of the live change
+        may be waiting for it. True when a pair being validated moved (its read is to be
+        moved too).
         """
         version = occurred_at or now
+        promote = lane is Lane.LIVE
         successor = self._successors.get(key)
         if successor is not None:
-            if version > successor.version:
-                self._successors[key] = Change(successor.intent, version, successor.received_at)
-            return
+            if version > successor.version or (promote and successor.lane is Lane.BULK):
+                self._successors[key] = Change(
+                    successor.intent,
+                    max(version, successor.version),
+                    successor.received_at,
+                    Lane.LIVE if promote else successor.lane,
+                )
+            return False
         live = self._live.get(key)
         if live is not None:
             if version > live.version:
                 live.occurred_at = version
-            return
+            if promote and live.lane is Lane.BULK:
+                live.lane = Lane.LIVE
+                self._store.record(live)
+                return live.state not in WRITE_PENDING_STATES
+            return False
         at = self._occurred.get(key)
         if at is None or version > at:
-            self._occurred[key] = version
+            self._occurred[key] = at = version
+        if promote:
+            self._promote_queued(key, at)
+        return False
 
-    def supersede(self, key: AssignmentKey, intent: Intent, occurred_at: float, now: float) -> None:
+    def _promote_queued(self, key: AssignmentKey, occurred_at: float) -> None:
+        """A queued (or parked) bulk pair goes on in the live lane, journaled so."""
+        accumulator = self._accumulator
+        queued = accumulator.queued(*key)
+        if queued is None:
+            return
+        intent, received_at = queued
+        batch_key = (key[1], intent)
+        if accumulator.lane_of(key[0], batch_key) is not Lane.BULK:
+            return
+        accumulator.set_lane(key[0], batch_key, Lane.LIVE)
+        self._store.record(
+            Assignment(
+                key[0], key[1], received_at=received_at, updated_at=self._wall(),
+                intent=intent, occurred_at=occurred_at, lane=Lane.LIVE,
+            )
+        )  # fmt: skip
+
+    def supersede(
+        self,
+        key: AssignmentKey,
+        intent: Intent,
+        occurred_at: float,
+        now: float,
+        lane: Lane = Lane.LIVE,
+    ) -> None:
         """A newer change of the other intent replaces the work in progress for the pair.
+
+        The pair goes on in the newer change's lane.
 
         Queued (or parked) work is never sent: it moves to the other batch key. Written or verifying
         work leaves validation (the caller stops its validation first) and its opposite is
@@ -313,13 +375,14 @@ class Ledger:
         first, so that CXone applies the two in order; the newer change follows its outcome.
         """
         contact_id, segment_id = key
-        change = Change(intent, occurred_at, now)
+        change = Change(intent, occurred_at, now, lane)
         successor = self._successors.get(key)
         live = self._live.get(key)
         if successor is not None:
             if live is not None and live.intent is intent:
                 del self._successors[key]  # back to what is in flight: nothing more to send
                 live.occurred_at = max(live.occurred_at, occurred_at)
+                live.lane = lane
                 self._store.record(live)
             else:
                 self._successors[key] = change
@@ -340,12 +403,12 @@ class Ledger:
         self._occurred.pop(key, None)
         replaced = Assignment(
             contact_id, segment_id, received_at=now, updated_at=now, intent=intent,
-            occurred_at=occurred_at,
+            occurred_at=occurred_at, lane=lane,
         )  # fmt: skip
         self._observer.superseded(replaced, intent)
         # It waits for a slot if the other intent did, else takes its place in the buffer.
         self._accumulator.move(
-            contact_id, (segment_id, OPPOSITE[intent]), (segment_id, intent), now
+            contact_id, (segment_id, OPPOSITE[intent]), (segment_id, intent), now, lane
         )
         if occurred_at:
             self._occurred[key] = occurred_at
@@ -358,6 +421,7 @@ class Ledger:
         assignment.intent = change.intent
         assignment.occurred_at = change.occurred_at
         assignment.received_at = change.received_at
+        assignment.lane = change.lane
         assignment.attempts = 0
         assignment.outcome_unknown = False
         self.transition(assignment, State.QUEUED)
@@ -367,21 +431,23 @@ class Ledger:
             self._occurred.pop(key, None)
         batch_key = (assignment.segment_id, change.intent)
         accumulator = self._accumulator
-        if hold_slot or accumulator.admit(assignment.contact_id, batch_key, change.received_at):
-            accumulator.enqueue(batch_key, assignment.contact_id, change.received_at)
+        contact_id, lane = assignment.contact_id, change.lane
+        if hold_slot or accumulator.admit(contact_id, batch_key, change.received_at, lane):
+            accumulator.enqueue(batch_key, contact_id, change.received_at, lane)
 
     # ---- the sender's side ---------------------------------------------------------------
 
     def take_for_batch(
-        self, batch_key: BatchKey, entries: list[tuple[str, float | None]]
+        self, batch_key: BatchKey, entries: list[tuple[str, float | None, Lane | None]]
     ) -> list[str]:
         """The buffer entries the sender took for a batch become live assignments; their ids.
 
-        A retry id is live already; a fresh one gets its object now, with its received time.
+        A retry id is live already; a fresh one gets its object now, with its received time
+        and lane.
         """
         segment_id, intent = batch_key
         contact_ids = []
-        for contact_id, received_at in entries:
+        for contact_id, received_at, lane in entries:
             key = (contact_id, segment_id)
             if key not in self._live:
                 at = received_at if received_at is not None else self._wall()
@@ -392,6 +458,7 @@ class Ledger:
                     updated_at=at,
                     intent=intent,
                     occurred_at=self._occurred.pop(key, 0.0),
+                    lane=lane or Lane.LIVE,
                 )
             contact_ids.append(contact_id)
         return contact_ids

@@ -329,7 +329,9 @@ def test_work_taken_back_from_the_journal_is_in_the_state_gauges():
     ).engine
     written = Assignment("c3", "s", state=State.WRITTEN, received_at=1.0, updated_at=2.0)
     engine.restore(
-        [written], [], queued=[("c1", "s", 1.0, "add", 0.0), ("c2", "s", 1.0, "add", 0.0)]
+        [written],
+        [],
+        queued=[("c1", "s", 1.0, "add", 0.0, "live"), ("c2", "s", 1.0, "add", 0.0, "live")],
     )
     assert by_state(m)["queued"] == 2
     assert by_state(m)["written"] == 1

@@ -123,8 +123,8 @@ async def test_what_is_unfinished_is_recovered_after_a_restart(
     try:
         assert opened.queued == [] and opened.assignments == []
         assert sorted(recovered.queued) == [
-            ("q1", "s1", NOW, "add", 0.0),
-            ("q2", "s2", NOW, "add", 0.0),
+            ("q1", "s1", NOW, "add", 0.0, "live"),
+            ("q2", "s2", NOW, "add", 0.0, "live"),
         ]
         [sending] = recovered.assignments
         assert (sending.contact_id, sending.state) == ("w1", State.SENDING)
