@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from scheduler.buffer import CoalescingBuffer, ContactGate
-from scheduler.model import INTENTS, BatchKey, Intent, Lane
+from scheduler.model import INTENTS, LANES, BatchKey, Intent, Lane
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,8 +34,9 @@ class BatchingPolicy:
     high_water: int = 1_000_000
 
 
-#: Which ids of a batch key still wait for their backoff when it has passed (the ledger says).
-StillRetrying = Callable[[BatchKey, list[str]], list[str]]
+#: Which ids of a batch key still wait for their backoff when it has passed, with their lanes
+#: (the ledger says).
+StillRetrying = Callable[[BatchKey, list[str]], list[tuple[str, Lane]]]
 
 
 class Accumulator:
@@ -68,9 +69,11 @@ class Accumulator:
         if self.buffer.add(batch_key, contact_id, received_at, lane):
             self._wakeup.set()
 
-    def add_retries(self, batch_key: BatchKey, contact_ids: list[str]) -> None:
+    def add_retries(
+        self, batch_key: BatchKey, contact_ids: list[str], lane: Lane = Lane.LIVE
+    ) -> None:
         """Queue ids whose backoff has passed, ahead of the batch key's fresh ids."""
-        self.buffer.add_retry(batch_key, contact_ids)
+        self.buffer.add_retry(batch_key, contact_ids, lane)
         self._wakeup.set()
 
     def force_slot(self, contact_id: str) -> None:
@@ -128,8 +131,10 @@ class Accumulator:
             if handle is not None:
                 self._timers.discard(handle)
             waiting = still(batch_key, contact_ids)
-            if waiting:
-                self.add_retries(batch_key, waiting)
+            for lane in LANES:
+                ids = [contact_id for contact_id, of in waiting if of is lane]
+                if ids:
+                    self.add_retries(batch_key, ids, lane)
 
         handle = loop.call_later(delay_s, requeue)
         self._timers.add(handle)

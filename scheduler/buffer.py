@@ -23,9 +23,8 @@ K = TypeVar("K", bound=Hashable)
 
 @dataclass(slots=True)
 class _SegmentQueue:
-    # Ids whose retry backoff has passed: due at once, sent before fresh ids. (Their lane is
-    # on their live assignment; here they only go first.)
-    retry: dict[str, None] = field(default_factory=dict)
+    # Ids whose retry backoff has passed -> their lane: due at once, sent before fresh ids.
+    retry: dict[str, Lane] = field(default_factory=dict)
     # Fresh ids in arrival order -> the time they were received (insertion order = age order),
     # one dictionary per lane. The time doubles as the assignment's received_at, so a queued
     # assignment needs no object.
@@ -163,13 +162,13 @@ class CoalescingBuffer(Generic[K]):
         self._size += 1
         return True
 
-    def add_retry(self, segment_id: K, contact_ids: list[str]) -> None:
+    def add_retry(self, segment_id: K, contact_ids: list[str], lane: Lane = Lane.LIVE) -> None:
         """Queue ids whose backoff has passed, to go out with the segment's next batch."""
         queue = self._queue(segment_id)
         for contact_id in contact_ids:
             if queue.holds(contact_id):
                 continue
-            queue.retry[contact_id] = None
+            queue.retry[contact_id] = lane
             self._size += 1
 
     def pick(
@@ -217,6 +216,18 @@ class CoalescingBuffer(Generic[K]):
             if skip is None or not skip(segment_id)
         ]
         return min(oldest) + self.linger_s if oldest else None
+
+    def depth_by_lane(self) -> dict[Lane, int]:
+        """Ids queued per lane (retry ids in theirs); for metrics, not the hot path."""
+        live = bulk = 0
+        for queue in self._segments.values():
+            live += len(queue.live)
+            bulk += len(queue.bulk)
+            if queue.retry:
+                retry_live = sum(lane is Lane.LIVE for lane in queue.retry.values())
+                live += retry_live
+                bulk += len(queue.retry) - retry_live
+        return {Lane.LIVE: live, Lane.BULK: bulk}
 
     def batch_keys(self) -> list[K]:
         """Every batch key holding ids."""

@@ -30,7 +30,14 @@ from scheduler.changes import (
     SubmitResult,
 )
 from scheduler.ledger import Ledger
-from scheduler.model import Assignment, AssignmentKey, FailureReason, MembershipChange, State
+from scheduler.model import (
+    Assignment,
+    AssignmentKey,
+    FailureReason,
+    Lane,
+    MembershipChange,
+    State,
+)
 from scheduler.observer import EngineObserver
 from scheduler.ownership import ForwardedChange
 from scheduler.recovery import QueuedRow, RecoveredWork, take_back
@@ -218,6 +225,10 @@ class Engine:
     def buffered(self) -> int:
         """Ids waiting in the coalescing buffer."""
         return len(self._accumulator)
+
+    def buffered_by_lane(self) -> dict[Lane, int]:
+        """Ids waiting in the coalescing buffer, per lane (a walk of its segments: metrics)."""
+        return self._accumulator.buffer.depth_by_lane()
 
     @property
     def overloaded(self) -> bool:

@@ -176,9 +176,9 @@ class Ledger:
         assignment = self._live.get((contact_id, batch_key[0]))
         return assignment is not None and assignment.outcome_unknown
 
-    def still_retrying(self, batch_key: BatchKey, contact_ids: list[str]) -> list[str]:
+    def still_retrying(self, batch_key: BatchKey, contact_ids: list[str]) -> list[tuple[str, Lane]]:
         """The ids still waiting for a batch after their backoff (not started over meanwhile)."""
-        return [assignment.contact_id for assignment in self.pending_for(batch_key, contact_ids)]
+        return [(a.contact_id, a.lane) for a in self.pending_for(batch_key, contact_ids)]
 
     def segments(self) -> set[str]:
         """Every segment the ledger holds a pair of: live, waiting, queued or parked."""

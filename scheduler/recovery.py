@@ -82,7 +82,7 @@ def take_back(
             # Retrying: waits for its slot, then goes out with its batch key's next batch.
             ledger.hold_live(assignment)
             if accumulator.admit(assignment.contact_id, batch_key, 0.0, assignment.lane):
-                accumulator.add_retries(batch_key, [assignment.contact_id])
+                accumulator.add_retries(batch_key, [assignment.contact_id], assignment.lane)
     # The backlog: usually nearly all of it, so kept to a dictionary lookup and two inserts.
     admit = accumulator.admit
     enqueue = accumulator.buffer.add

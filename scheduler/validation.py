@@ -587,7 +587,7 @@ class MembershipPoller:
             self._again(pair, watch, self._clock() + self.policy.interval_s)
             return
         self._observer.upstream_outcome("read", "ok", seconds_since(started))
-        self._observer.membership_read(segment_id, result.is_member)
+        self._observer.membership_read(segment_id, result.is_member, pair.lane)
         if watch.pairs.get(contact_id) is not pair:
             return  # replaced or failed with its segment while the read was out
         # An add is confirmed by the membership showing, a removal by its absence.
