@@ -204,3 +204,48 @@ async def test_several_instances_on_postgresql_keep_each_changes_lane(
     # Both instances confirmed work of both lanes: the forwarded changes kept theirs.
     assert all(b > 0 for b in bulk) and all(v > 0 for v in live), (bulk, live)
     assert sum(bulk) == sum(live) == 40 * len(segments)
+
+
+async def test_a_lane_other_than_live_or_bulk_is_refused_naming_it(
+    start_daemon: StartDaemon, http: aiohttp.ClientSession
+):
+    daemon = await start_daemon()
+    event = {"contactId": "100000000001", "segmentIds": ["VIP"]}
+    for query in ("?lane=fast", "?lane=", "?lane=bulk&lane=live", "?lane=BULK"):
+        status, problem = await post_mappings(http, daemon, event, query)
+        assert (status, problem["field"]) == (400, "lane"), (query, problem)
+    status, _ = await post_mappings(http, daemon, event, "?lane=live")
+    assert status == 202
+    async with http.post(
+        f"{daemon.url}/v1/dead-letters/replay", json={"lane": "fast"}, headers=daemon.admin
+    ) as response:
+        assert response.status == 400
+        assert (await response.json())["field"] == "lane"
+
+
+async def test_replaying_every_dead_letter_is_bulk_and_named_contacts_are_live(
+    start_daemon: StartDaemon, emulator: EmulatorControl, http: aiohttp.ClientSession
+):
+    contacts = ["500000000101", "500000000102", "500000000103"]
+    await emulator.set_missing_contacts(contacts)
+    daemon = await start_daemon()
+    status, _ = await daemon.webhook(http, [{"contactId": c, "add": ["VIP"]} for c in contacts])
+    assert status == 202
+    for contact in contacts:
+        await daemon.wait_states(http, contact, {"failed"}, 30)
+    # Still missing: each replay fails again, which shows the lane it ran in.
+    replays: list[tuple[dict[str, Any], dict[str, str]]] = [
+        ({"contactIds": [contacts[0]]}, {contacts[0]: "live"}),
+        ({"contactIds": [contacts[1]], "lane": "bulk"}, {contacts[1]: "bulk"}),
+        ({}, dict.fromkeys(contacts, "bulk")),
+        ({"lane": "live"}, dict.fromkeys(contacts, "live")),
+    ]
+    for body, lanes in replays:
+        async with http.post(
+            f"{daemon.url}/v1/dead-letters/replay", json=body, headers=daemon.admin
+        ) as response:
+            assert response.status == 202, await response.text()
+        for contact, lane in lanes.items():
+            _, seen = await daemon.contact(http, contact)
+            assert seen["segments"][0]["lane"] == lane, (body, seen)
+            await daemon.wait_states(http, contact, {"failed"}, 30)

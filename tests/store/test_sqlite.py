@@ -20,7 +20,7 @@ from daemon.store.sqlite import (
     StoreOpenError,
     StoreUnavailable,
 )
-from scheduler.model import Assignment, FailureReason, Intent, State
+from scheduler.model import Assignment, FailureReason, Intent, Lane, State
 from scheduler.store import BatchRecord
 from tests.support.disks import fill, small_tmpfs
 
@@ -475,6 +475,8 @@ async def test_a_journal_of_the_previous_release_is_upgraded_in_place(tmp_path: 
             "c-s": (State.SENDING, Intent.ADD),
         }
         assert [s for s, _ in by_id["c-v"].history or []] == ["queued", "sending", "verifying"]
+        # Every row of a journal from before lanes is live.
+        assert {a.lane for a in recovered.assignments} == {Lane.LIVE}
         assert recovered.batches == [BatchRecord("b1", "s", ("c-s",), "s:k1", 1, Intent.ADD)]
         assert [(c, m) for c, _, _, m in recovered.confirmations] == [("c-a", True)]
         # And the upgraded journal takes removals.
