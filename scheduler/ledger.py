@@ -318,7 +318,7 @@ class Ledger:
             if version > successor.version or (promote and successor.lane is Lane.BULK):
                 self._successors[key] = Change(
                     successor.intent,
-                    max(version, successor.version),
+                    version if version > successor.version else successor.occurred_at,
                     successor.received_at,
                     Lane.LIVE if promote else successor.lane,
                 )
