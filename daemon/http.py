@@ -102,6 +102,12 @@ def read_backlog_view(backlog: ReadBacklog, read_rps: float) -> dict[str, Any]:
         "awaitingRefresh": backlog.awaiting_refresh,
         # Every queued pair ahead is one read at the read limit.
         "estimatedDrainS": round(backlog.waiting / read_rps, 1) if read_rps > 0 else None,
+        # Live reads go first: a live pair waits for the live queue only, a bulk one for its
+        # share of the reads.
+        "lanes": {
+            str(lane): {"readsWaiting": b.waiting, "oldestWaitS": round(b.oldest_wait_s, 1)}
+            for lane, b in backlog.lanes.items()
+        },
     }
 
 

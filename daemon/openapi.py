@@ -259,6 +259,24 @@ READ_BACKLOG: Schema = {
         "oldestWaitS": {"type": "number", "minimum": 0},
         "awaitingRefresh": COUNT,
         "estimatedDrainS": {"type": ["number", "null"], "minimum": 0},
+        "lanes": {
+            "type": "object",
+            "description": "The reads waiting per lane: live reads go first, bulk ones keep a "
+            "minimum share (`[limits] bulk_read_share_min`).",
+            "additionalProperties": False,
+            "properties": {
+                lane: {
+                    "type": "object",
+                    "required": ["readsWaiting", "oldestWaitS"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "readsWaiting": COUNT,
+                        "oldestWaitS": {"type": "number", "minimum": 0},
+                    },
+                }
+                for lane in ("live", "bulk")
+            },
+        },
     },
 }
 ASSIGNMENT: Schema = {

@@ -90,6 +90,8 @@ async def test_a_live_change_is_active_while_a_bulk_backlog_still_waits_for_its_
     assert status == 200
     [segment] = contact["segments"]
     assert segment["lane"] == "bulk" and segment["state"] != "active", segment
+    lanes = contact["validation"]["lanes"]
+    assert lanes["bulk"]["readsWaiting"] >= 600 and lanes["live"]["readsWaiting"] == 0, lanes
 
 
 async def test_bulk_is_confirmed_at_its_share_of_reads_under_a_live_flood(
