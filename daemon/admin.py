@@ -297,12 +297,13 @@ async def status(client: Client, headers: dict[str, str], contact: str, *, as_js
     if as_json:
         print(orjson.dumps(payload).decode())
         return 0
-    rows = [("SEGMENT", "INTENT", "STATE", "REASON", "ATTEMPTS", "UPDATED")]
+    rows = [("SEGMENT", "INTENT", "LANE", "STATE", "REASON", "ATTEMPTS", "UPDATED")]
     for segment in payload["segments"]:
         rows.append(
             (
                 shown(segment["segmentId"]),
                 segment.get("intent", "add"),
+                segment.get("lane", "live"),
                 segment["state"],
                 segment["reason"] or "-",
                 str(segment["attempts"]),
@@ -510,7 +511,12 @@ async def _import_chunk(
     summary: ImportSummary,
 ) -> None:
     code, payload = await client.call(
-        "POST", "/v1/mappings", headers=headers, body=[event for _, event in chunk]
+        # A backfill: its work goes behind live changes (README "Live and bulk lanes").
+        "POST",
+        "/v1/mappings",
+        query={"lane": "bulk"},
+        headers=headers,
+        body=[event for _, event in chunk],
     )
     if code == 202:
         summary.events += len(chunk)

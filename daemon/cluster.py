@@ -44,7 +44,7 @@ from daemon.store.base import SharedJournal
 from daemon.store.pending import InboxRow
 from daemon.store.shards import SHARDS, shard_of
 from scheduler.engine import Engine
-from scheduler.model import FailureReason, Intent
+from scheduler.model import FailureReason, Intent, Lane
 from scheduler.ownership import ForwardedChange
 from scheduler.store import StoreUnavailable
 from scheduler.validation_state import MemoryConfirmationCache
@@ -520,6 +520,7 @@ class Cluster:
                 received_at=received_at,
                 reason=FailureReason(reason) if reason else None,
                 message=message,
+                lane=Lane(lane),
             )
             for _, (
                 _,
@@ -530,6 +531,7 @@ class Cluster:
                 received_at,
                 reason,
                 message,
+                lane,
             ) in mine
         ]
         self._engine.submit_forwarded(

@@ -22,7 +22,7 @@ from yarl import URL
 from listeners import SOURCE_KINDS, SourceConfig
 from scheduler.accumulator import BatchingPolicy
 from scheduler.retry import RetryPolicy
-from scheduler.validation import ValidationPolicy
+from scheduler.validation import ReadLanePolicy, ValidationPolicy
 
 ENV_PREFIX = "SEGMAPD_"
 # Variables of the same prefix that belong to the CLI's client commands, not to the config.
@@ -131,6 +131,12 @@ class LimitsConfig(_Section):
     read_rps: float = Field(default=50.0, gt=0)
     # Token requests (CXone: 1/s): several instances starting together share it.
     token_rps: float = Field(default=1.0, gt=0)
+    # The least share of membership reads the bulk lane gets while live reads are due too.
+    bulk_read_share_min: float = Field(default=0.2, ge=0, lt=1)
+
+    def policy(self) -> ReadLanePolicy:
+        """How the read budget is shared between the live and the bulk lane."""
+        return ReadLanePolicy(bulk_share_min=self.bulk_read_share_min)
 
 
 class BatchingConfig(_Section):

@@ -7,6 +7,7 @@ always gets a specific 4xx naming the problem; a 500 means a bug in segmapd, nev
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import hmac
 import logging
@@ -33,7 +34,7 @@ from listeners import InboundRequest, WebhookRejected, parse_events
 from listeners.base import REASONS
 from listeners.payload import loads_unique
 from scheduler.engine import SubmitResult
-from scheduler.model import Assignment, FailureReason, MembershipChange
+from scheduler.model import Assignment, FailureReason, Lane, MembershipChange
 from scheduler.store import StoreUnavailable
 from scheduler.validation import PairProgress, ReadBacklog
 
@@ -79,6 +80,7 @@ def assignment_view(a: Assignment, progress: PairProgress | None = None) -> dict
         "reason": str(a.reason) if a.reason is not None else None,
         "message": a.message or None,
         "attempts": a.attempts,
+        "lane": str(a.lane),
         "receivedAt": rfc3339(a.received_at),
         "updatedAt": rfc3339(a.updated_at),
     }
@@ -100,6 +102,12 @@ def read_backlog_view(backlog: ReadBacklog, read_rps: float) -> dict[str, Any]:
         "awaitingRefresh": backlog.awaiting_refresh,
         # Every queued pair ahead is one read at the read limit.
         "estimatedDrainS": round(backlog.waiting / read_rps, 1) if read_rps > 0 else None,
+        # Live reads go first: a live pair waits for the live queue only, a bulk one for its
+        # share of the reads.
+        "lanes": {
+            str(lane): {"readsWaiting": b.waiting, "oldestWaitS": round(b.oldest_wait_s, 1)}
+            for lane, b in backlog.lanes.items()
+        },
     }
 
 
@@ -209,9 +217,9 @@ async def commit(service: Service) -> web.Response | None:
 
 
 async def take(
-    service: Service, body: bytes
+    service: Service, body: bytes, lane: Lane = Lane.LIVE
 ) -> tuple[list[MembershipChange], list[SubmitResult], SubmitResult] | web.Response:
-    """Parse a body of events and hand them to the engine; or the error response to answer.
+    """Parse a body of events and hand them to the engine, in `lane`; or the error to answer.
 
     Returns the events, each one's result, and their totals.
     """
@@ -219,6 +227,8 @@ async def take(
         events = await intake.off_loop_if_large(partial(parse_events, body), len(body))
     except WebhookRejected as exc:
         return problem(exc.status, exc.message, field=exc.field)
+    if lane is not Lane.LIVE:
+        events = [dataclasses.replace(event, lane=lane) for event in events]
     busy = refuse_if_busy(service, sum(len(e.segment_ids) for e in events))
     if busy is not None:
         return busy
@@ -312,12 +322,32 @@ async def webhook(request: web.Request) -> web.Response:
     )
 
 
+def lane_of(request: web.Request, default: Lane) -> Lane | web.Response:
+    """The `?lane=` of a request (`live` or `bulk`), `default` without one; or the 400."""
+    names = request.query.getall("lane", ())
+    if not names:
+        return default
+    if len(names) > 1:
+        return problem(400, "lane: give it once", field="lane")
+    try:
+        return Lane(names[0])
+    except ValueError:
+        return problem(400, "lane: must be live or bulk", field="lane")
+
+
 async def mappings(request: web.Request) -> web.Response:
-    """POST /v1/mappings[?wait=SECONDS]: a webhook body, with an admin token, not a signature."""
+    """POST /v1/mappings[?wait=SECONDS][&lane=live|bulk]: a webhook body, with an admin token.
+
+    Live by default; `lane=bulk` for backfills (`segmapd import` sends it), whose work goes
+    behind live work for writes and reads alike.
+    """
     service = request.app[SERVICE]
     denied = require_admin(request)
     if denied is not None:
         return denied
+    lane = lane_of(request, Lane.LIVE)
+    if isinstance(lane, web.Response):
+        return lane
     wait_s = 0.0
     if "wait" in request.query:
         text = request.query["wait"]
@@ -330,7 +360,7 @@ async def mappings(request: web.Request) -> web.Response:
         wait_s = float(text)
         if not 0 <= wait_s <= MAX_WAIT_S:
             return problem(400, f"wait: must be between 0 and {MAX_WAIT_S:g}", field="wait")
-    taken = await take(service, await read_body(request))
+    taken = await take(service, await read_body(request), lane)
     if isinstance(taken, web.Response):
         return taken
     events, per_event, result = taken
@@ -433,7 +463,8 @@ async def replay_dead_letters(request: web.Request) -> web.Response:
     """POST /v1/dead-letters/replay: put failed assignments back in the queue.
 
     Body (optional): `{"contactIds": [...]}` to replay only those contacts; empty or `{}` replays
-    every dead letter.
+    every dead letter. A replay of every dead letter goes in the bulk lane, one of named
+    contacts in the live lane; `"lane": "live"|"bulk"` in the body chooses.
     """
     service = request.app[SERVICE]
     denied = require_admin(request)
@@ -441,26 +472,36 @@ async def replay_dead_letters(request: web.Request) -> web.Response:
         return denied
     body = await read_body(request)
     only: set[str] | None = None
+    lane: Lane | None = None
     if body.strip():
         try:
             # Small and rare: the exact check for repeated keys costs nothing here.
             parsed = loads_unique(body)
         except WebhookRejected as exc:
             return problem(exc.status, exc.message, field=exc.field)
-        if not isinstance(parsed, dict) or set(parsed) - {"contactIds"}:
-            return problem(400, 'body: expected {"contactIds": [...]} or nothing')
+        if not isinstance(parsed, dict) or set(parsed) - {"contactIds", "lane"}:
+            return problem(
+                400, 'body: expected {"contactIds": [...], "lane": "live"|"bulk"} or nothing'
+            )
         ids = parsed.get("contactIds")
         if ids is not None:
             if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
                 return problem(400, "contactIds: must be a list of strings", field="contactIds")
             only = set(ids)
+        if "lane" in parsed:
+            if parsed["lane"] not in ("live", "bulk"):
+                return problem(400, "lane: must be live or bulk", field="lane")
+            lane = Lane(parsed["lane"])
+    if lane is None:
+        # Replaying everything is a backfill; named contacts are someone waiting for them.
+        lane = Lane.BULK if only is None else Lane.LIVE
     refused = await commit(service)  # dead letters recorded a moment ago are replayed too
     if refused is not None:
         return refused
     failed = await service.store.failed(100_000)
     chosen = [a for a in failed if only is None or a.contact_id in only]
     try:
-        replayed, skipped = await intake.replay(service, chosen)
+        replayed, skipped = await intake.replay(service, chosen, lane)
     except intake.Busy as busy:
         return problem(503, busy.message, retryAfter=busy.retry_after_s)
     return json_response({"replayed": replayed, "skipped": skipped}, 202)

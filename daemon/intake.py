@@ -41,7 +41,7 @@ from listeners.base import (
 )
 from listeners.errors import WebhookRejected
 from scheduler.engine import EngineClosed, EngineOverloaded, SubmitResult
-from scheduler.model import Assignment, Intent, MembershipChange, storable
+from scheduler.model import Assignment, Intent, Lane, MembershipChange, storable
 from scheduler.store import ContactHistory, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -538,8 +538,12 @@ def _needs_history(change: MembershipChange) -> bool:
     return change.mirror is not None or change.occurred_at is not None
 
 
-async def replay(service: Service, dead_letters: Sequence[Assignment]) -> tuple[int, int]:
+async def replay(
+    service: Service, dead_letters: Sequence[Assignment], lane: Lane = Lane.LIVE
+) -> tuple[int, int]:
     """Queue dead letters again, each as what it was (an add, or a removal); commit, then answer.
+
+    Their work goes in `lane` (bulk for a replay of every dead letter, see the API).
 
     Returns (replayed, skipped). A dead letter of an event nobody could act on is skipped: its
     values were invalid when they arrived, and sending them now would send them as they are
@@ -550,9 +554,9 @@ async def replay(service: Service, dead_letters: Sequence[Assignment]) -> tuple[
     chosen = [letter for letter in dead_letters if not letter.dead_on_arrival]
     refuse_if_busy(service, len(chosen))
     changes = [
-        MembershipChange(letter.contact_id, add=(letter.segment_id,))
+        MembershipChange(letter.contact_id, add=(letter.segment_id,), lane=lane)
         if letter.intent is Intent.ADD
-        else MembershipChange(letter.contact_id, remove=(letter.segment_id,))
+        else MembershipChange(letter.contact_id, remove=(letter.segment_id,), lane=lane)
         for letter in chosen
     ]
     results = await submit_each(service, changes, admitted=True)

@@ -25,7 +25,15 @@ from prometheus_client.registry import Collector
 
 from daemon.census import JournalCensus
 from listeners.base import Outcome
-from scheduler.model import TERMINAL_STATES, Assignment, FailureReason, Intent, State
+from scheduler.model import (
+    LANES,
+    TERMINAL_STATES,
+    Assignment,
+    FailureReason,
+    Intent,
+    Lane,
+    State,
+)
 from scheduler.observer import EngineObserver
 
 logger = logging.getLogger(__name__)
@@ -77,6 +85,12 @@ ENGINE_GAUGES: dict[str, tuple[str, str]] = {
 }
 """Scrape-time gauges fed by `Metrics.bind_engine`: binding key -> (name, help)."""
 
+LANE_GAUGES = frozenset({"buffered", "reads_waiting", "read_backlog_s", "awaiting_refresh"})
+"""The engine gauges with a `lane` label (live, bulk): their callables return a value per lane."""
+
+LaneValues = Callable[[], Mapping[Lane, float]]
+"""A scrape-time callable of a lane-labelled gauge: its value per lane."""
+
 
 def _safe_call(name: str, fn: Callable[[], float]) -> float:
     """Evaluate a scrape-time callback; a failing one yields NaN instead of breaking the scrape."""
@@ -92,12 +106,16 @@ class _CallbackCollector(Collector):
 
     def __init__(self) -> None:
         self.engine: dict[str, Callable[[], float]] = {}
+        self.lanes: dict[str, LaneValues] = {}
         self.gates: dict[str, Callable[[], float]] = {}
         self.census: JournalCensus | None = None
 
     @staticmethod
     def _engine_families() -> list[GaugeMetricFamily]:
-        return [GaugeMetricFamily(name, help_text) for name, help_text in ENGINE_GAUGES.values()]
+        return [
+            GaugeMetricFamily(name, help_text, labels=["lane"] if key in LANE_GAUGES else None)
+            for key, (name, help_text) in ENGINE_GAUGES.items()
+        ]
 
     @staticmethod
     def _wait_family() -> CounterMetricFamily:
@@ -121,6 +139,18 @@ class _CallbackCollector(Collector):
         )
         return journal, counted
 
+    def _per_lane(self, key: str) -> dict[Lane, float]:
+        """A lane-labelled gauge's values: 0 before binding, NaN if its callable fails."""
+        fn = self.lanes.get(key)
+        if fn is None:
+            return dict.fromkeys(LANES, 0.0)
+        try:
+            found = fn()
+            return {lane: float(found.get(lane, 0.0)) for lane in LANES}
+        except Exception:
+            logger.exception("metrics callback %s failed", key)
+            return dict.fromkeys(LANES, math.nan)
+
     def describe(self) -> Iterable[Metric]:
         """The families this collector yields (so the registry can detect name clashes)."""
         return [*self._engine_families(), self._wait_family(), *self._journal_families()]
@@ -129,6 +159,10 @@ class _CallbackCollector(Collector):
         """Evaluate every bound callable now; the journal's counts as last taken."""
         gauges = self._engine_families()
         for key, family in zip(ENGINE_GAUGES, gauges, strict=True):
+            if key in LANE_GAUGES:
+                for lane, value in self._per_lane(key).items():
+                    family.add_metric([lane.value], value)
+                continue
             fn = self.engine.get(key)
             # Before the engine is bound there is nothing buffered: report 0 rather than a gap.
             family.add_metric([], _safe_call(key, fn) if fn is not None else 0.0)
@@ -257,7 +291,8 @@ class Metrics(EngineObserver):
         )
         self.active_latency = Histogram(
             "segmapd_assignment_active_latency_seconds",
-            "Seconds from receipt of an assignment to its confirmation as active.",
+            "Seconds from receipt of an assignment to its confirmation as active, by lane.",
+            ["lane"],
             buckets=ACTIVE_LATENCY_BUCKETS,
             registry=r,
         )
@@ -266,6 +301,8 @@ class Metrics(EngineObserver):
         r.register(self._hot)
         self.finished_total.labels(outcome=State.ACTIVE.value, reason=NO_REASON, intent="add")
         self.finished_total.labels(outcome=State.REMOVED.value, reason=NO_REASON, intent="remove")
+        for lane in LANES:
+            self.active_latency.labels(lane=lane.value)
         for intent in Intent:
             self.stale_total.labels(intent=intent.value)
             self.superseded_total.labels(intent=intent.value)
@@ -326,12 +363,13 @@ class Metrics(EngineObserver):
         # Validation and notifications.
         self.validation_reads = Counter(
             "segmapd_validation_reads_total",
-            "Membership reads answered, by result (member or not_member).",
-            ["result"],
+            "Membership reads answered, by result (member or not_member) and lane (live, bulk).",
+            ["result", "lane"],
             registry=r,
         )
         for result in ("member", "not_member"):
-            self.validation_reads.labels(result=result)
+            for lane in LANES:
+                self.validation_reads.labels(result=result, lane=lane.value)
         self.cache_hits = Counter(
             "segmapd_validation_cache_hits_total",
             "Assignments confirmed from the validation cache without a read.",
@@ -401,24 +439,29 @@ class Metrics(EngineObserver):
 
     def bind_engine(
         self,
-        buffered: Callable[[], int],
+        buffered: LaneValues,
         pending_writes: Callable[[], int],
         pending_validation: Callable[[], int],
         *,
-        reads_waiting: Callable[[], float] | None = None,
-        read_backlog_s: Callable[[], float] | None = None,
-        awaiting_refresh: Callable[[], float] | None = None,
+        reads_waiting: LaneValues | None = None,
+        read_backlog_s: LaneValues | None = None,
+        awaiting_refresh: LaneValues | None = None,
     ) -> None:
-        """Read buffer depth, pending counts and the read backlog from these at every scrape."""
-        bound: dict[str, Callable[[], float] | None] = {
-            "buffered": buffered,
+        """Read buffer depth, pending counts and the read backlog from these at every scrape.
+
+        The buffer depth and the read backlog are per lane (`LANE_GAUGES`).
+        """
+        self._callbacks.engine = {
             "pending_writes": pending_writes,
             "pending_validation": pending_validation,
+        }
+        lanes: dict[str, LaneValues | None] = {
+            "buffered": buffered,
             "reads_waiting": reads_waiting,
             "read_backlog_s": read_backlog_s,
             "awaiting_refresh": awaiting_refresh,
         }
-        self._callbacks.engine = {key: fn for key, fn in bound.items() if fn is not None}
+        self._callbacks.lanes = {key: fn for key, fn in lanes.items() if fn is not None}
 
     def bind_journal(self, census: JournalCensus) -> None:
         """Export the journal's assignments by state as `census` last counted them."""
@@ -540,9 +583,10 @@ class Metrics(EngineObserver):
         """Count the outcome of one CXone call (durations come from `on_response`)."""
         self.upstream_outcomes.labels(endpoint=endpoint, outcome=outcome).inc()
 
-    def membership_read(self, segment_id: str, is_member: bool) -> None:
-        """Count a membership read by its answer."""
-        self.validation_reads.labels(result="member" if is_member else "not_member").inc()
+    def membership_read(self, segment_id: str, is_member: bool, lane: Lane = Lane.LIVE) -> None:
+        """Count a membership read by its answer and the lane of its pair."""
+        result = "member" if is_member else "not_member"
+        self.validation_reads.labels(result=result, lane=lane.value).inc()
 
     def segment_refreshed(self, segment_id: str) -> None:
         """Count an accepted segment refresh."""
@@ -558,7 +602,7 @@ class Metrics(EngineObserver):
         if assignment.state is State.ACTIVE and assignment.received_at > 0:
             latency = assignment.updated_at - assignment.received_at
             if latency >= 0:
-                self.active_latency.observe(latency)
+                self.active_latency.labels(lane=assignment.lane.value).observe(latency)
 
     def retry_scheduled(self, segment_id: str, ids: int, delay_s: float) -> None:
         """Count ids scheduled for retry."""

@@ -223,6 +223,13 @@ ASSIGNMENT_PROPERTIES: Schema = {
     },
     "message": {"type": ["string", "null"]},
     "attempts": COUNT,
+    "lane": {
+        "enum": ["live", "bulk"],
+        "description": "Which work goes first: `live` (webhooks, `/v1/mappings`, a replay of "
+        "named contacts) is written and read ahead of `bulk` (`segmapd import`, "
+        "`?lane=bulk`, a replay of every dead letter), which keeps a minimum share of reads "
+        "(`[limits] bulk_read_share_min`).",
+    },
     "receivedAt": TIMESTAMP,
     "updatedAt": TIMESTAMP,
 }
@@ -252,6 +259,24 @@ READ_BACKLOG: Schema = {
         "oldestWaitS": {"type": "number", "minimum": 0},
         "awaitingRefresh": COUNT,
         "estimatedDrainS": {"type": ["number", "null"], "minimum": 0},
+        "lanes": {
+            "type": "object",
+            "description": "The reads waiting per lane: live reads go first, bulk ones keep a "
+            "minimum share (`[limits] bulk_read_share_min`).",
+            "additionalProperties": False,
+            "properties": {
+                lane: {
+                    "type": "object",
+                    "required": ["readsWaiting", "oldestWaitS"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "readsWaiting": COUNT,
+                        "oldestWaitS": {"type": "number", "minimum": 0},
+                    },
+                }
+                for lane in ("live", "bulk")
+            },
+        },
     },
 }
 ASSIGNMENT: Schema = {
@@ -447,7 +472,17 @@ OPENAPI_DOCUMENT: Schema = {
                         "description": "Seconds to wait for the assignments to end.",
                         "schema": {"type": "number", "minimum": 0, "maximum": 300},
                         "example": 5,
-                    }
+                    },
+                    {
+                        "name": "lane",
+                        "in": "query",
+                        "required": False,
+                        "description": "`live` (the default) or `bulk`: bulk work (a backfill; "
+                        "`segmapd import` sends it) is written and read behind live work, with "
+                        "a minimum share of reads (`[limits] bulk_read_share_min`).",
+                        "schema": {"enum": ["live", "bulk"], "default": "live"},
+                        "example": "bulk",
+                    },
                 ],
                 "requestBody": {
                     "required": True,
@@ -464,7 +499,7 @@ OPENAPI_DOCUMENT: Schema = {
                         "Queued; with `wait`, some assignments had not ended when it ran out",
                         {"oneOf": [ACCEPTED, _waited({"const": False})]},
                     ),
-                    "400": _problem("Malformed body or bad `wait`; `field` names it"),
+                    "400": _problem("Malformed body, bad `wait` or `lane`; `field` names it"),
                     "401": UNAUTHORIZED,
                     "413": _problem("Body larger than server.max_body_bytes"),
                     "422": _problem(
@@ -544,7 +579,9 @@ OPENAPI_DOCUMENT: Schema = {
                 "description": "An empty body or `{}` replays every dead letter, each with its "
                 "intent (a failed removal is replayed as a removal). Dead letters of events "
                 "nobody could act on (their values were invalid when they arrived: `attempts` 0) "
-                "are skipped and counted in `skipped`. Answered once the replay is committed.",
+                "are skipped and counted in `skipped`. Answered once the replay is committed. "
+                "A replay of every dead letter goes in the bulk lane, one of named contacts in "
+                "the live lane; `lane` chooses.",
                 "security": ADMIN,
                 "requestBody": {
                     "required": False,
@@ -554,7 +591,12 @@ OPENAPI_DOCUMENT: Schema = {
                                 "type": "object",
                                 "additionalProperties": False,
                                 "properties": {
-                                    "contactIds": {"type": "array", "items": {"type": "string"}}
+                                    "contactIds": {"type": "array", "items": {"type": "string"}},
+                                    "lane": {
+                                        "enum": ["live", "bulk"],
+                                        "description": "Default: `bulk` without `contactIds`, "
+                                        "else `live`.",
+                                    },
                                 },
                             }
                         }
@@ -570,7 +612,7 @@ OPENAPI_DOCUMENT: Schema = {
                             "properties": {"replayed": COUNT, "skipped": COUNT},
                         },
                     ),
-                    "400": _problem("Malformed body"),
+                    "400": _problem("Malformed body, or a bad `contactIds` or `lane`"),
                     "401": UNAUTHORIZED,
                     "413": _problem("Body larger than server.max_body_bytes"),
                     "503": _busy("Draining or above the high-water mark; see Retry-After"),

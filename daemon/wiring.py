@@ -38,7 +38,7 @@ from scheduler.retry import RetryPolicy
 from scheduler.sender import Gate, Sender
 from scheduler.store import Store
 from scheduler.upstream import CXoneClient
-from scheduler.validation import MembershipPoller, ValidationPolicy
+from scheduler.validation import MembershipPoller, ReadLanePolicy, ValidationPolicy
 from scheduler.validation_state import (
     ConfirmationCache,
     MemoryConfirmationCache,
@@ -67,6 +67,7 @@ def build_scheduler(
     retry: RetryPolicy,
     observer: EngineObserver,
     validation: ValidationPolicy | None = None,
+    read_lanes: ReadLanePolicy | None = None,
     read_gate: AdmissionGate | None = None,
     cache: ConfirmationCache | None = None,
     budget: RefreshBudget | None = None,
@@ -104,6 +105,7 @@ def build_scheduler(
             cache=cache if cache is not None else MemoryConfirmationCache(validation.cache_ttl_s),
             budget=budget if budget is not None else MemoryRefreshBudget(),
             policy=validation,
+            lanes=read_lanes,
             retry=retry,
             observer=observer,
             rng=validation_rng,
@@ -263,6 +265,7 @@ def build_daemon(config: Config, metrics: Metrics) -> Daemon:
         batching=config.batching.policy(config.server.high_water),
         retry=config.retry.policy(),
         validation=validation,
+        read_lanes=config.limits.policy(),
         observer=observer,
         cache=cache,
         budget=store,
@@ -296,12 +299,12 @@ def build_daemon(config: Config, metrics: Metrics) -> Daemon:
         except ValueError as exc:
             raise ValueError(f"sources.{name}: {exc}") from None
     metrics.bind_engine(
-        buffered=lambda: engine.buffered,
+        buffered=engine.buffered_by_lane,
         pending_writes=lambda: engine.pending_writes,
         pending_validation=lambda: poller.pending,
-        reads_waiting=lambda: poller.backlog().waiting,
-        read_backlog_s=lambda: poller.backlog().oldest_wait_s,
-        awaiting_refresh=lambda: poller.backlog().awaiting_refresh,
+        reads_waiting=lambda: {k: v.waiting for k, v in poller.backlog().lanes.items()},
+        read_backlog_s=lambda: {k: v.oldest_wait_s for k, v in poller.backlog().lanes.items()},
+        awaiting_refresh=lambda: {k: v.awaiting_refresh for k, v in poller.backlog().lanes.items()},
     )
     # The journal's assignments by state, counted in the background (daemon/census.py).
     census = JournalCensus(store.counts)

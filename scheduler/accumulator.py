@@ -1,14 +1,15 @@
-"""The accumulator: ids waiting to be written, per lane, and when the sender may take them.
+"""The accumulator: ids waiting to be written, per batch key, and when the sender may take them.
 
-It holds the coalescing buffer (per (segment, intent) lane, the ids queued and their received
-times), the per-contact gate (at most a few segments of one contact in flight; the others
-parked), the retry timers (ids back in their lane once their backoff has passed) and the data
+It holds the coalescing buffer (per (segment, intent) batch key, the ids queued and their
+received times), the per-contact gate (at most a few segments of one contact in flight; the others
+parked), the retry timers (ids back in their batch key once their backoff has passed) and the data
 waiter the sender sleeps on. It knows nothing of HTTP, of assignment states or of the journal:
 the ledger decides what goes in, the sender takes batches out (aiokafka's
 `message_accumulator.py` beside its `sender.py`).
 
-A queued assignment is only an entry here, its received time the only thing it carries: a
-million queued assignments cost a buffer entry each, never an object each.
+A queued assignment is only an entry here, its received time the only thing it carries (its lane
+is which of the buffer's dictionaries holds it): a million queued assignments cost a buffer
+entry each, never an object each.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from scheduler.buffer import CoalescingBuffer, ContactGate
-from scheduler.model import INTENTS, Intent, Lane
+from scheduler.model import INTENTS, LANES, BatchKey, Intent, Lane
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,8 +34,9 @@ class BatchingPolicy:
     high_water: int = 1_000_000
 
 
-#: Which ids of a lane are still waiting for their backoff when it has passed (the ledger says).
-StillRetrying = Callable[[Lane, list[str]], list[str]]
+#: Which ids of a batch key still wait for their backoff when it has passed, with their lanes
+#: (the ledger says).
+StillRetrying = Callable[[BatchKey, list[str]], list[tuple[str, Lane]]]
 
 
 class Accumulator:
@@ -42,10 +44,10 @@ class Accumulator:
 
     def __init__(self, batching: BatchingPolicy) -> None:
         self.batching = batching
-        self.buffer: CoalescingBuffer[Lane] = CoalescingBuffer(
+        self.buffer: CoalescingBuffer[BatchKey] = CoalescingBuffer(
             min_size=batching.min_size, max_size=batching.max_size, linger_s=batching.linger_s
         )
-        self.gate: ContactGate[Lane] = ContactGate(batching.max_inflight_per_contact)
+        self.gate: ContactGate[BatchKey] = ContactGate(batching.max_inflight_per_contact)
         self._timers: set[asyncio.TimerHandle] = set()
         self._wakeup = asyncio.Event()
 
@@ -54,18 +56,24 @@ class Accumulator:
 
     # ---- what goes in --------------------------------------------------------------------
 
-    def admit(self, contact_id: str, lane: Lane, received_at: float) -> bool:
+    def admit(
+        self, contact_id: str, batch_key: BatchKey, received_at: float, lane: Lane = Lane.LIVE
+    ) -> bool:
         """Take one of the contact's slots for the pair, or park it (False) until one frees."""
-        return self.gate.admit(contact_id, lane, received_at)
+        return self.gate.admit(contact_id, batch_key, received_at, lane)
 
-    def enqueue(self, lane: Lane, contact_id: str, received_at: float) -> None:
-        """Queue an id in its lane (coalesced with one already queued there)."""
-        if self.buffer.add(lane, contact_id, received_at):
+    def enqueue(
+        self, batch_key: BatchKey, contact_id: str, received_at: float, lane: Lane = Lane.LIVE
+    ) -> None:
+        """Queue an id under its batch key, in `lane` (coalesced with one already queued)."""
+        if self.buffer.add(batch_key, contact_id, received_at, lane):
             self._wakeup.set()
 
-    def add_retries(self, lane: Lane, contact_ids: list[str]) -> None:
-        """Queue ids whose backoff has passed, ahead of the lane's fresh ids."""
-        self.buffer.add_retry(lane, contact_ids)
+    def add_retries(
+        self, batch_key: BatchKey, contact_ids: list[str], lane: Lane = Lane.LIVE
+    ) -> None:
+        """Queue ids whose backoff has passed, ahead of the batch key's fresh ids."""
+        self.buffer.add_retry(batch_key, contact_ids, lane)
         self._wakeup.set()
 
     def force_slot(self, contact_id: str) -> None:
@@ -76,14 +84,35 @@ class Accumulator:
         """Free one of the contact's slots; its next parked pair takes it and is queued."""
         parked = self.gate.release(contact_id)
         if parked is not None:
-            lane, received_at = parked
-            self.enqueue(lane, contact_id, received_at)
+            batch_key, received_at, lane = parked
+            self.enqueue(batch_key, contact_id, received_at, lane)
 
-    def move(self, contact_id: str, old: Lane, new: Lane, received_at: float) -> None:
+    def move(
+        self,
+        contact_id: str,
+        old: BatchKey,
+        new: BatchKey,
+        received_at: float,
+        lane: Lane = Lane.LIVE,
+    ) -> None:
         """A queued (or parked) id of `old` becomes one of `new` (a newer change of the pair)."""
-        if not self.gate.repark(contact_id, old, new, received_at):
+        if not self.gate.repark(contact_id, old, new, received_at, lane):
             self.buffer.discard(old, contact_id)
-            self.enqueue(new, contact_id, received_at)
+            self.enqueue(new, contact_id, received_at, lane)
+
+    def set_lane(self, contact_id: str, batch_key: BatchKey, lane: Lane) -> None:
+        """A queued (or parked) id goes on in `lane` (a newer change of the pair said so)."""
+        if not self.buffer.set_lane(batch_key, contact_id, lane):
+            self.gate.set_lane(contact_id, batch_key, lane)
+        else:
+            self._wakeup.set()  # a live id may make its batch key the next to go
+
+    def lane_of(self, contact_id: str, batch_key: BatchKey) -> Lane | None:
+        """The lane of a queued (or parked) id; None for a retry id or one not queued."""
+        lane = self.buffer.lane_of(batch_key, contact_id)
+        if lane is None and self.gate.any_parked:
+            lane = self.gate.parked_lane(contact_id, batch_key)
+        return lane
 
     def set_contact_limit(self, limit: int) -> None:
         """Change the per-contact limit; slots already taken are kept."""
@@ -92,18 +121,20 @@ class Accumulator:
     # ---- retries -------------------------------------------------------------------------
 
     def requeue_later(
-        self, lane: Lane, contact_ids: list[str], delay_s: float, still: StillRetrying
+        self, batch_key: BatchKey, contact_ids: list[str], delay_s: float, still: StillRetrying
     ) -> None:
-        """After the backoff, the ids `still` names rejoin their lane, ahead of fresh ids."""
+        """After the backoff, the ids `still` names rejoin their batch key, ahead of fresh ids."""
         loop = asyncio.get_running_loop()
         handle: asyncio.TimerHandle | None = None
 
         def requeue() -> None:
             if handle is not None:
                 self._timers.discard(handle)
-            waiting = still(lane, contact_ids)
-            if waiting:
-                self.add_retries(lane, waiting)
+            waiting = still(batch_key, contact_ids)
+            for lane in LANES:
+                ids = [contact_id for contact_id, of in waiting if of is lane]
+                if ids:
+                    self.add_retries(batch_key, ids, lane)
 
         handle = loop.call_later(delay_s, requeue)
         self._timers.add(handle)
@@ -135,22 +166,24 @@ class Accumulator:
                 return intent, at
         return None
 
-    def lanes(self) -> set[Lane]:
-        """Every lane holding ids, buffered or parked."""
-        return set(self.buffer.lanes()) | self.gate.parked_lanes()
+    def batch_keys(self) -> set[BatchKey]:
+        """Every batch key holding ids, buffered or parked."""
+        return set(self.buffer.batch_keys()) | self.gate.parked_batch_keys()
 
-    def drop(self, segments: set[str]) -> tuple[list[tuple[str, Lane]], list[tuple[str, Lane]]]:
+    def drop(
+        self, segments: set[str]
+    ) -> tuple[list[tuple[str, BatchKey]], list[tuple[str, BatchKey]]]:
         """Take every id of these segments out: (the parked ones, the buffered ones)."""
 
-        def dropped(lane: Lane) -> bool:
-            return lane[0] in segments
+        def dropped(batch_key: BatchKey) -> bool:
+            return batch_key[0] in segments
 
         parked = self.gate.drop_parked(dropped)
         buffered = [
-            (contact_id, lane)
-            for lane in self.buffer.lanes()
-            if dropped(lane)
-            for contact_id in self.buffer.drop_lane(lane)
+            (contact_id, batch_key)
+            for batch_key in self.buffer.batch_keys()
+            if dropped(batch_key)
+            for contact_id in self.buffer.drop_batch_key(batch_key)
         ]
         return parked, buffered
 
@@ -162,17 +195,17 @@ class Accumulator:
         *,
         spare_capacity: bool,
         draining: bool,
-        skip: Callable[[Lane], bool] | None,
-    ) -> Lane | None:
-        """The lane whose batch should go out now (see `CoalescingBuffer.pick`)."""
+        skip: Callable[[BatchKey], bool] | None,
+    ) -> BatchKey | None:
+        """The batch key whose batch should go out now (see `CoalescingBuffer.pick`)."""
         return self.buffer.pick(now, spare_capacity=spare_capacity, draining=draining, skip=skip)
 
-    def take(self, lane: Lane) -> list[tuple[str, float | None]]:
-        """Up to a batch of the lane's ids with their times: retries first, then oldest."""
-        return self.buffer.take_entries(lane)
+    def take(self, batch_key: BatchKey) -> list[tuple[str, float | None, Lane | None]]:
+        """Up to a batch of the batch key's ids, with their times and lanes (see the buffer)."""
+        return self.buffer.take_entries(batch_key)
 
-    async def wait_for_data(self, now: float, skip: Callable[[Lane], bool] | None) -> None:
-        """Sleep until something is queued or the earliest lingering lane becomes due."""
+    async def wait_for_data(self, now: float, skip: Callable[[BatchKey], bool] | None) -> None:
+        """Sleep until something is queued or the earliest lingering batch key becomes due."""
         deadline = self.buffer.next_deadline(skip)
         timeout = None if deadline is None else max(0.001, deadline - now)
         self._wakeup.clear()

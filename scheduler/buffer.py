@@ -1,7 +1,12 @@
-"""Coalescing: per-lane sets of contact ids waiting to be written, and the per-contact limit.
+"""Coalescing: per-batch-key sets of contact ids waiting to be written, and the per-contact limit.
 
-A lane is whatever one batch may hold: the engine uses (segment, intent), so that a batch never
-mixes adds and removals. The buffer and the gate only need lanes to be hashable.
+A batch key is whatever one batch may hold: the engine uses (segment, intent), so that a batch
+never mixes adds and removals. The buffer and the gate only need batch keys to be hashable.
+
+Each queued id is in a lane (`scheduler.model.Lane`): live ids go into their batch ahead of bulk
+ids, and a batch key holding live ids goes out before others that are due, so that a live change
+never waits behind a backfill. Batches stay full all the same: bulk ids fill what live ids
+leave. The lane is which of two dictionaries holds the id: it costs a queued id nothing.
 """
 
 from __future__ import annotations
@@ -11,35 +16,56 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from scheduler.model import Lane
+
 K = TypeVar("K", bound=Hashable)
 
 
 @dataclass(slots=True)
 class _SegmentQueue:
-    # Ids whose retry backoff has passed: due at once, sent before fresh ids.
-    retry: dict[str, None] = field(default_factory=dict)
-    # Fresh ids in arrival order -> the time they were received (insertion order = age order).
-    # The time doubles as the assignment's received_at, so a queued assignment needs no object.
-    fresh: dict[str, float] = field(default_factory=dict)
+    # Ids whose retry backoff has passed -> their lane: due at once, sent before fresh ids.
+    retry: dict[str, Lane] = field(default_factory=dict)
+    # Fresh ids in arrival order -> the time they were received (insertion order = age order),
+    # one dictionary per lane. The time doubles as the assignment's received_at, so a queued
+    # assignment needs no object.
+    live: dict[str, float] = field(default_factory=dict)
+    bulk: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(self.retry) + len(self.fresh)
+        return len(self.retry) + len(self.live) + len(self.bulk)
 
     def oldest(self) -> float:
         """Arrival time of the oldest fresh id (retry ids count as infinitely old)."""
         if self.retry:
             return float("-inf")
-        return next(iter(self.fresh.values()))
+        live, bulk = self.live, self.bulk
+        if live and bulk:
+            return min(next(iter(live.values())), next(iter(bulk.values())))
+        return next(iter((live or bulk).values()))
+
+    def fresh(self, lane: Lane) -> dict[str, float]:
+        """The fresh ids of one lane."""
+        return self.live if lane is Lane.LIVE else self.bulk
+
+    def time_of(self, contact_id: str) -> float | None:
+        """A fresh id's received time, in either lane."""
+        at = self.live.get(contact_id)
+        return at if at is not None else self.bulk.get(contact_id)
+
+    def holds(self, contact_id: str) -> bool:
+        """Whether the id is queued here (retry, live or bulk)."""
+        return contact_id in self.live or contact_id in self.bulk or contact_id in self.retry
 
 
 class CoalescingBuffer(Generic[K]):
-    """Per lane, an insertion-ordered set of contact ids; decides which batch goes next.
+    """Per batch key, insertion-ordered sets of contact ids; decides which batch goes next.
 
     A segment is due when it holds a full batch, when its oldest id has waited `linger_s`, or
     when it holds retry ids whose backoff has passed. When the writer has spare capacity, a
     segment holding at least `min_size` ids is due as well: sending it costs nothing then, and
-    waiting would only add latency. Among due segments the one with the oldest id goes first, so
-    a hot segment cannot starve the others.
+    waiting would only add latency. Among due segments one holding live ids goes first (the one
+    whose oldest live id is oldest); then the one with the oldest id, so a hot segment cannot
+    starve the others. A batch takes retry ids first, then live ids, then bulk ids.
     """
 
     def __init__(self, *, min_size: int, max_size: int, linger_s: float) -> None:
@@ -57,7 +83,7 @@ class CoalescingBuffer(Generic[K]):
     def __contains__(self, key: tuple[str, K]) -> bool:
         contact_id, segment_id = key
         queue = self._segments.get(segment_id)
-        return queue is not None and (contact_id in queue.fresh or contact_id in queue.retry)
+        return queue is not None and queue.holds(contact_id)
 
     def entry(self, segment_id: K, contact_id: str) -> float | None:
         """A queued id's received time (0.0 for a retry id), or None if it is not queued.
@@ -67,7 +93,7 @@ class CoalescingBuffer(Generic[K]):
         queue = self._segments.get(segment_id)
         if queue is None:
             return None
-        at = queue.fresh.get(contact_id)
+        at = queue.time_of(contact_id)
         if at is not None:
             return at
         return 0.0 if contact_id in queue.retry else None
@@ -75,7 +101,31 @@ class CoalescingBuffer(Generic[K]):
     def time_of(self, segment_id: K, contact_id: str) -> float | None:
         """When a fresh queued id was received (None for a retry id or one not queued)."""
         queue = self._segments.get(segment_id)
-        return queue.fresh.get(contact_id) if queue is not None else None
+        return queue.time_of(contact_id) if queue is not None else None
+
+    def lane_of(self, segment_id: K, contact_id: str) -> Lane | None:
+        """The lane of a fresh queued id (None for a retry id or one not queued)."""
+        queue = self._segments.get(segment_id)
+        if queue is None:
+            return None
+        if contact_id in queue.live:
+            return Lane.LIVE
+        return Lane.BULK if contact_id in queue.bulk else None
+
+    def set_lane(self, segment_id: K, contact_id: str, lane: Lane) -> bool:
+        """Move a fresh queued id to `lane`, keeping its time; False if it is not there.
+
+        It joins the back of its new lane: it belongs there from now on.
+        """
+        queue = self._segments.get(segment_id)
+        if queue is None:
+            return False
+        source = queue.bulk if lane is Lane.LIVE else queue.live
+        at = source.pop(contact_id, None)
+        if at is None:
+            return contact_id in queue.fresh(lane)
+        queue.fresh(lane)[contact_id] = at
+        return True
 
     def discard(self, segment_id: K, contact_id: str) -> tuple[bool, float | None]:
         """Take a queued id out again: (whether it was queued, its time; None for a retry id)."""
@@ -85,8 +135,10 @@ class CoalescingBuffer(Generic[K]):
         if contact_id in queue.retry:
             del queue.retry[contact_id]
             at = None
-        elif contact_id in queue.fresh:
-            at = queue.fresh.pop(contact_id)
+        elif contact_id in queue.live:
+            at = queue.live.pop(contact_id)
+        elif contact_id in queue.bulk:
+            at = queue.bulk.pop(contact_id)
         else:
             return False, None
         self._size -= 1
@@ -101,22 +153,22 @@ class CoalescingBuffer(Generic[K]):
             queue = self._segments[segment_id] = _SegmentQueue()
         return queue
 
-    def add(self, segment_id: K, contact_id: str, now: float) -> bool:
-        """Queue a fresh id; False if it is already queued for that segment (coalesced)."""
+    def add(self, segment_id: K, contact_id: str, now: float, lane: Lane = Lane.LIVE) -> bool:
+        """Queue a fresh id in `lane`; False if it is already queued for that segment."""
         queue = self._queue(segment_id)
-        if contact_id in queue.fresh or contact_id in queue.retry:
+        if queue.holds(contact_id):
             return False
-        queue.fresh[contact_id] = now
+        (queue.live if lane is Lane.LIVE else queue.bulk)[contact_id] = now
         self._size += 1
         return True
 
-    def add_retry(self, segment_id: K, contact_ids: list[str]) -> None:
+    def add_retry(self, segment_id: K, contact_ids: list[str], lane: Lane = Lane.LIVE) -> None:
         """Queue ids whose backoff has passed, to go out with the segment's next batch."""
         queue = self._queue(segment_id)
         for contact_id in contact_ids:
-            if contact_id in queue.fresh or contact_id in queue.retry:
+            if queue.holds(contact_id):
                 continue
-            queue.retry[contact_id] = None
+            queue.retry[contact_id] = lane
             self._size += 1
 
     def pick(
@@ -130,10 +182,11 @@ class CoalescingBuffer(Generic[K]):
         """The segment whose batch should go out now, or None if none is due.
 
         While draining (shutdown) every non-empty segment is due: nothing may be left behind.
-        Lanes for which `skip` is true are never due (their segment is being handed over).
+        Batch keys for which `skip` is true are never due (their segment is being handed over).
         """
         chosen: K | None = None
         chosen_age = float("inf")
+        chosen_live = False  # the chosen one holds live ids: only another such one beats it
         for segment_id, queue in self._segments.items():
             if skip is not None and skip(segment_id):
                 continue
@@ -145,7 +198,13 @@ class CoalescingBuffer(Generic[K]):
                 or oldest + self.linger_s <= now
                 or (spare_capacity and size >= self.min_size)
             )
-            if due and oldest < chosen_age:
+            if not due:
+                continue
+            if queue.live:
+                age = next(iter(queue.live.values()))
+                if not chosen_live or age < chosen_age:
+                    chosen, chosen_age, chosen_live = segment_id, age, True
+            elif not chosen_live and oldest < chosen_age:
                 chosen, chosen_age = segment_id, oldest
         return chosen
 
@@ -158,35 +217,48 @@ class CoalescingBuffer(Generic[K]):
         ]
         return min(oldest) + self.linger_s if oldest else None
 
-    def lanes(self) -> list[K]:
-        """Every lane holding ids."""
+    def depth_by_lane(self) -> dict[Lane, int]:
+        """Ids queued per lane (retry ids in theirs); for metrics, not the hot path."""
+        live = bulk = 0
+        for queue in self._segments.values():
+            live += len(queue.live)
+            bulk += len(queue.bulk)
+            if queue.retry:
+                retry_live = sum(lane is Lane.LIVE for lane in queue.retry.values())
+                live += retry_live
+                bulk += len(queue.retry) - retry_live
+        return {Lane.LIVE: live, Lane.BULK: bulk}
+
+    def batch_keys(self) -> list[K]:
+        """Every batch key holding ids."""
         return list(self._segments)
 
-    def drop_lane(self, segment_id: K) -> list[str]:
-        """Remove every id of the lane (retry and fresh); returns them."""
+    def drop_batch_key(self, segment_id: K) -> list[str]:
+        """Remove every id of the batch key (retry and fresh); returns them."""
         queue = self._segments.pop(segment_id, None)
         if queue is None:
             return []
         self._size -= len(queue)
-        return [*queue.retry, *queue.fresh]
+        return [*queue.retry, *queue.live, *queue.bulk]
 
     def take(self, segment_id: K) -> list[str]:
-        """Remove and return up to `max_size` ids of the segment: retries first, then oldest."""
-        return [contact_id for contact_id, _ in self.take_entries(segment_id)]
+        """Remove and return up to `max_size` ids of the segment: retries, live, then bulk."""
+        return [contact_id for contact_id, _, _ in self.take_entries(segment_id)]
 
-    def take_entries(self, segment_id: K) -> list[tuple[str, float | None]]:
-        """Like `take`, with each fresh id's time (None for retry ids)."""
+    def take_entries(self, segment_id: K) -> list[tuple[str, float | None, Lane | None]]:
+        """Like `take`, with each fresh id's time and lane (None and None for retry ids)."""
         queue = self._segments.get(segment_id)
         if queue is None:
             return []
-        batch: list[tuple[str, float | None]] = []
+        batch: list[tuple[str, float | None, Lane | None]] = []
         while queue.retry and len(batch) < self.max_size:
             contact_id = next(iter(queue.retry))
             del queue.retry[contact_id]
-            batch.append((contact_id, None))
-        while queue.fresh and len(batch) < self.max_size:
-            contact_id = next(iter(queue.fresh))
-            batch.append((contact_id, queue.fresh.pop(contact_id)))
+            batch.append((contact_id, None, None))
+        for lane, fresh in ((Lane.LIVE, queue.live), (Lane.BULK, queue.bulk)):
+            while fresh and len(batch) < self.max_size:
+                contact_id = next(iter(fresh))
+                batch.append((contact_id, fresh.pop(contact_id), lane))
         self._size -= len(batch)
         if not queue:
             del self._segments[segment_id]
@@ -206,18 +278,21 @@ class ContactGate(Generic[K]):
             raise ValueError("the per-contact in-flight limit must be at least 1")
         self.limit = limit
         self._inflight: dict[str, int] = {}
-        self._waiting: dict[str, deque[tuple[K, float]]] = {}
-        # (contact, lane) -> received time of each parked assignment: asked for every new
+        # Per contact, its parked (batch key, received time, lane)s in arrival order.
+        self._waiting: dict[str, deque[tuple[K, float, Lane]]] = {}
+        # (contact, batch_key) -> received time of each parked assignment: asked for every new
         # change, and a contact changing 100 segments at once parks 97 of them.
         self._parked_at: dict[tuple[str, K], float] = {}
 
-    def admit(self, contact_id: str, segment_id: K, received_at: float = 0.0) -> bool:
-        """Take a slot for the assignment, or park it (with its time) and return False."""
+    def admit(
+        self, contact_id: str, segment_id: K, received_at: float = 0.0, lane: Lane = Lane.LIVE
+    ) -> bool:
+        """Take a slot for the assignment, or park it (with its time and lane): False."""
         count = self._inflight.get(contact_id, 0)
         if count < self.limit:
             self._inflight[contact_id] = count + 1
             return True
-        self._waiting.setdefault(contact_id, deque()).append((segment_id, received_at))
+        self._waiting.setdefault(contact_id, deque()).append((segment_id, received_at, lane))
         self._parked_at[(contact_id, segment_id)] = received_at
         return False
 
@@ -229,27 +304,47 @@ class ContactGate(Generic[K]):
         """When a parked assignment was received, if it is parked."""
         return self._parked_at.get((contact_id, segment_id))
 
-    def repark(self, contact_id: str, old: K, new: K, received_at: float) -> bool:
+    def repark(
+        self, contact_id: str, old: K, new: K, received_at: float, lane: Lane = Lane.LIVE
+    ) -> bool:
         """Let a parked assignment wait on as `new` (a newer change), in its place in line."""
         waiting = self._waiting.get(contact_id)
         if waiting is None:
             return False
         if (contact_id, old) not in self._parked_at:
             return False
-        for index, (key, _) in enumerate(waiting):
+        for index, (key, _, _) in enumerate(waiting):
             if key == old:
-                waiting[index] = (new, received_at)
+                waiting[index] = (new, received_at, lane)
                 del self._parked_at[(contact_id, old)]
                 self._parked_at[(contact_id, new)] = received_at
                 return True
         return False
 
+    def set_lane(self, contact_id: str, segment_id: K, lane: Lane) -> bool:
+        """Let a parked assignment wait on in `lane`; False if it is not parked."""
+        waiting = self._waiting.get(contact_id)
+        if waiting is None or (contact_id, segment_id) not in self._parked_at:
+            return False
+        for index, (key, at, _) in enumerate(waiting):
+            if key == segment_id:
+                waiting[index] = (key, at, lane)
+                return True
+        return False
+
+    def parked_lane(self, contact_id: str, segment_id: K) -> Lane | None:
+        """The lane of a parked assignment, if it is parked."""
+        waiting = self._waiting.get(contact_id)
+        if waiting is None or (contact_id, segment_id) not in self._parked_at:
+            return None
+        return next((lane for key, _, lane in waiting if key == segment_id), None)
+
     def force(self, contact_id: str) -> None:
         """Take a slot even past the limit (work recovered mid-flight is already in flight)."""
         self._inflight[contact_id] = self._inflight.get(contact_id, 0) + 1
 
-    def release(self, contact_id: str) -> tuple[K, float] | None:
-        """Free a slot; returns the next parked (segment, time) of that contact, which takes it."""
+    def release(self, contact_id: str) -> tuple[K, float, Lane] | None:
+        """Free a slot; the contact's next parked (segment, time, lane), which takes it."""
         waiting = self._waiting.get(contact_id)
         if waiting:
             parked = waiting.popleft()
@@ -265,12 +360,12 @@ class ContactGate(Generic[K]):
         return None
 
     def drop_parked(self, dropped: Callable[[K], bool]) -> list[tuple[str, K]]:
-        """Remove the parked assignments of the lanes `dropped` selects; returns (contact, lane)."""
+        """Remove the parked assignments `dropped` selects; returns (contact, batch key)."""
         removed: list[tuple[str, K]] = []
         for contact_id in list(self._waiting):
             waiting = self._waiting[contact_id]
             kept = deque(entry for entry in waiting if not dropped(entry[0]))
-            gone = [(contact_id, lane) for lane, _ in waiting if dropped(lane)]
+            gone = [(contact_id, key) for key, _, _ in waiting if dropped(key)]
             for key in gone:
                 del self._parked_at[key]
             removed += gone
@@ -280,9 +375,9 @@ class ContactGate(Generic[K]):
                 del self._waiting[contact_id]
         return removed
 
-    def parked_lanes(self) -> set[K]:
-        """The lanes of every parked assignment."""
-        return {lane for waiting in self._waiting.values() for lane, _ in waiting}
+    def parked_batch_keys(self) -> set[K]:
+        """The batch keys of every parked assignment."""
+        return {key for waiting in self._waiting.values() for key, _, _ in waiting}
 
     def inflight(self, contact_id: str) -> int:
         """Slots the contact holds."""

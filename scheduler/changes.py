@@ -22,6 +22,7 @@ from scheduler.model import (
     AssignmentKey,
     FailureReason,
     Intent,
+    Lane,
     MembershipChange,
     State,
     storable,
@@ -96,6 +97,10 @@ class Confirmations(Protocol):
 
     def forget(self, contact_id: str, segment_id: str) -> None:
         """Stop confirming the pair and drop what is cached of it (a newer change is coming)."""
+        ...
+
+    def promote(self, contact_id: str, segment_id: str) -> None:
+        """The pair being confirmed moved to the live lane: its next read goes with live ones."""
         ...
 
 
@@ -177,9 +182,17 @@ class Changes:
         counts = [0, 0, 0, 0]
         stale: list[str] = []
         change_pair = self._change_pair
+        lane = change.lane
         for segment_id, intent in wanted.items():
             outcome = change_pair(
-                contact_id, segment_id, intent, occurred, now, past.get(segment_id), mirrored_at
+                contact_id,
+                segment_id,
+                intent,
+                occurred,
+                now,
+                past.get(segment_id),
+                mirrored_at,
+                lane,
             )
             counts[outcome] += 1
             if outcome == _STALE:
@@ -199,10 +212,11 @@ class Changes:
         now: float,
         past: Assignment | None,
         mirrored_at: float = 0.0,
+        lane: Lane = Lane.LIVE,
     ) -> SubmitResult:
         """One pair's change, compared with what is in progress and what `past` says."""
         outcome = self._change_pair(
-            contact_id, segment_id, intent, occurred_at, now, past, mirrored_at
+            contact_id, segment_id, intent, occurred_at, now, past, mirrored_at, lane
         )
         if outcome == _STALE:
             return SubmitResult(stale=1, stale_segments=(segment_id,))
@@ -217,6 +231,7 @@ class Changes:
         now: float,
         past: Assignment | None,
         mirrored_at: float,
+        lane: Lane = Lane.LIVE,
     ) -> int:
         """`change_pair`'s outcome: `_QUEUED`, `_JOINED`, `_CACHED` or `_STALE`."""
         ledger = self._ledger
@@ -231,24 +246,25 @@ class Changes:
             # Its owner coalesces it with the segment's other work and compares it again with
             # what it holds (newer than the journal this process read).
             self._ownership.forward(
-                ForwardedChange(contact_id, segment_id, intent, occurred_at, now)
+                ForwardedChange(contact_id, segment_id, intent, occurred_at, now, lane=lane)
             )
             return _QUEUED
         if current is not None:
             if current.intent is intent:
-                ledger.renew(key, occurred_at, now)
+                if ledger.renew(key, occurred_at, now, lane) and self._confirmations is not None:
+                    self._confirmations.promote(contact_id, segment_id)
                 return _JOINED
             if self._confirmations is not None and ledger.validating(key):
                 self._confirmations.forget(contact_id, segment_id)
-            ledger.supersede(key, intent, occurred_at, now)
+            ledger.supersede(key, intent, occurred_at, now, lane)
             return _QUEUED
         confirmations = self._confirmations
         known = confirmations.known(contact_id, segment_id) if confirmations else None
         if known is not None and known is (intent is Intent.ADD):
             # Confirmed as asked within the cache TTL: no call.
-            ledger.record_confirmed(contact_id, segment_id, intent, occurred_at, now)
+            ledger.record_confirmed(contact_id, segment_id, intent, occurred_at, now, lane)
             return _CACHED
-        ledger.queue_new(contact_id, segment_id, intent, occurred_at, now)
+        ledger.queue_new(contact_id, segment_id, intent, occurred_at, now, lane)
         return _QUEUED
 
     def _stale(  # noqa: PLR0917 (the pair's whole standing, from its two callers)
@@ -412,5 +428,6 @@ class Changes:
                 change.received_at,
                 past.get(change.segment_id),
                 mirrored_at,
+                change.lane,
             )
         return result

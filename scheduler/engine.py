@@ -3,7 +3,7 @@
 - `Changes` (scheduler/changes.py) decides what a CRM's change does to each pair: newest wins,
   stale, join, supersede, mirror, dead letters, forwarded changes, admission.
 - `Ledger` (scheduler/ledger.py) owns every pair's state and writes every transition.
-- `Accumulator` (scheduler/accumulator.py) holds the ids waiting to be written, per lane, the
+- `Accumulator` (scheduler/accumulator.py) holds the ids waiting to be written, per batch key, the
   per-contact gate and the retry timers.
 - `Sender` (scheduler/sender.py) takes batches and writes them, outcomes to the ledger.
 - `Waiters` (scheduler/waiters.py) are the callers waiting for pairs to end.
@@ -30,7 +30,14 @@ from scheduler.changes import (
     SubmitResult,
 )
 from scheduler.ledger import Ledger
-from scheduler.model import Assignment, AssignmentKey, FailureReason, MembershipChange, State
+from scheduler.model import (
+    Assignment,
+    AssignmentKey,
+    FailureReason,
+    Lane,
+    MembershipChange,
+    State,
+)
 from scheduler.observer import EngineObserver
 from scheduler.ownership import ForwardedChange
 from scheduler.recovery import QueuedRow, RecoveredWork, take_back
@@ -218,6 +225,10 @@ class Engine:
     def buffered(self) -> int:
         """Ids waiting in the coalescing buffer."""
         return len(self._accumulator)
+
+    def buffered_by_lane(self) -> dict[Lane, int]:
+        """Ids waiting in the coalescing buffer, per lane (a walk of its segments: metrics)."""
+        return self._accumulator.buffer.depth_by_lane()
 
     @property
     def overloaded(self) -> bool:

@@ -19,9 +19,9 @@ confirmed from the cache (`record_confirmed`), a dead letter (`record_dead_lette
 newer change superseding queued work or waiting behind a request in flight (`supersede`, the
 waiting row written at once so that a crash never loses it). For those, `Changes` decides
 ownership before it asks (`Ownership.owns`, which implies `holds`). Everything else asks the
-ledger; nothing else writes a pair's row (River's `JobCompleter`, saq's `Queue.finish`). The ledger calls no
-component back: the sender and the verifier report to it, and it reports to nobody but the
-journal, the observers, the waiters and the accumulator it queues into.
+ledger; nothing else writes a pair's row (River's `JobCompleter`, saq's `Queue.finish`). The
+ledger calls no component back: the sender and the verifier report to it, and it reports to
+nobody but the journal, the observers, the waiters and the accumulator it queues into.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from scheduler.model import (
     WRITE_PENDING_STATES,
     Assignment,
     AssignmentKey,
+    BatchKey,
     FailureReason,
     Intent,
     Lane,
@@ -56,6 +57,7 @@ class Change:
     intent: Intent
     occurred_at: float  # 0.0: none given (the arrival orders it)
     received_at: float
+    lane: Lane = Lane.LIVE
 
     @property
     def version(self) -> float:
@@ -81,6 +83,7 @@ def waiting_row(assignment: Assignment, change: Change) -> Assignment:
         updated_at=change.received_at,
         intent=change.intent,
         occurred_at=change.occurred_at,
+        lane=change.lane,
     )
 
 
@@ -145,18 +148,18 @@ class Ledger:
             and key not in self._successors
         )
 
-    def attempts(self, lane: Lane, contact_id: str) -> int:
+    def attempts(self, batch_key: BatchKey, contact_id: str) -> int:
         """Attempts made so far for the live assignment (0 if none)."""
-        assignment = self._live.get((contact_id, lane[0]))
+        assignment = self._live.get((contact_id, batch_key[0]))
         return assignment.attempts if assignment is not None else 0
 
-    def pending_in_lane(self, lane: Lane, contact_ids: Iterable[str]) -> list[Assignment]:
-        """The live assignments of the lane's intent whose write is still pending.
+    def pending_for(self, batch_key: BatchKey, contact_ids: Iterable[str]) -> list[Assignment]:
+        """The live assignments of the batch key's intent whose write is still pending.
 
         An answer replayed for a batch recovered after a crash may name ids that have moved on
         since: only those still waiting for it count.
         """
-        segment_id, intent = lane
+        segment_id, intent = batch_key
         found = []
         for contact_id in contact_ids:
             assignment = self._live.get((contact_id, segment_id))
@@ -168,24 +171,24 @@ class Ledger:
                 found.append(assignment)
         return found
 
-    def note_outcome_unknown(self, lane: Lane, contact_ids: list[str]) -> None:
+    def note_outcome_unknown(self, batch_key: BatchKey, contact_ids: list[str]) -> None:
         """A request for these ids ended without an answer saying whether it applied."""
-        for assignment in self.pending_in_lane(lane, contact_ids):
+        for assignment in self.pending_for(batch_key, contact_ids):
             assignment.outcome_unknown = True
 
-    def outcome_unknown(self, lane: Lane, contact_id: str) -> bool:
+    def outcome_unknown(self, batch_key: BatchKey, contact_id: str) -> bool:
         """Whether an attempt for the pair's change ended without saying if it applied."""
-        assignment = self._live.get((contact_id, lane[0]))
+        assignment = self._live.get((contact_id, batch_key[0]))
         return assignment is not None and assignment.outcome_unknown
 
-    def still_retrying(self, lane: Lane, contact_ids: list[str]) -> list[str]:
-        """The ids still waiting in the lane after their backoff (not started over meanwhile)."""
-        return [assignment.contact_id for assignment in self.pending_in_lane(lane, contact_ids)]
+    def still_retrying(self, batch_key: BatchKey, contact_ids: list[str]) -> list[tuple[str, Lane]]:
+        """The ids still waiting for a batch after their backoff (not started over meanwhile)."""
+        return [(a.contact_id, a.lane) for a in self.pending_for(batch_key, contact_ids)]
 
     def segments(self) -> set[str]:
         """Every segment the ledger holds a pair of: live, waiting, queued or parked."""
         found = {segment_id for _, segment_id in self._live}
-        found |= {segment_id for segment_id, _ in self._accumulator.lanes()}
+        found |= {segment_id for segment_id, _ in self._accumulator.batch_keys()}
         return found
 
     # ---- the one transition --------------------------------------------------------------
@@ -229,10 +232,16 @@ class Ledger:
 
     # ---- new changes (from `Changes`) ----------------------------------------------------
 
-    def queue_new(
-        self, contact_id: str, segment_id: str, intent: Intent, occurred_at: float, now: float
+    def queue_new(  # noqa: PLR0917 (one pair's change)
+        self,
+        contact_id: str,
+        segment_id: str,
+        intent: Intent,
+        occurred_at: float,
+        now: float,
+        lane: Lane = Lane.LIVE,
     ) -> None:
-        """A change with nothing in progress for its pair: queued in its lane (or parked)."""
+        """A change with nothing in progress for its pair: queued for its batch (or parked)."""
         assignment = Assignment(
             contact_id=contact_id,
             segment_id=segment_id,
@@ -240,18 +249,25 @@ class Ledger:
             updated_at=now,
             intent=intent,
             occurred_at=occurred_at,
+            lane=lane,
         )
         self.pending_writes += 1
         if occurred_at:
             self._occurred[assignment.key] = occurred_at
         self._store.record(assignment)
         self._observer.transitioned(assignment, State.QUEUED)
-        lane = (segment_id, intent)
-        if self._accumulator.admit(contact_id, lane, now):
-            self._accumulator.enqueue(lane, contact_id, now)
+        batch_key = (segment_id, intent)
+        if self._accumulator.admit(contact_id, batch_key, now, lane):
+            self._accumulator.enqueue(batch_key, contact_id, now, lane)
 
-    def record_confirmed(
-        self, contact_id: str, segment_id: str, intent: Intent, occurred_at: float, now: float
+    def record_confirmed(  # noqa: PLR0917 (one pair's change)
+        self,
+        contact_id: str,
+        segment_id: str,
+        intent: Intent,
+        occurred_at: float,
+        now: float,
+        lane: Lane = Lane.LIVE,
     ) -> None:
         """A change CXone confirmed as asked within the cache TTL: journaled done, no call.
 
@@ -266,6 +282,7 @@ class Ledger:
                 updated_at=now,
                 intent=intent,
                 occurred_at=occurred_at,
+                lane=lane,
             )
         )
 
@@ -288,43 +305,89 @@ class Ledger:
         """A mirror (`set`) applied to the contact at `occurred_at`."""
         self._store.record_mirror(contact_id, occurred_at)
 
-    def renew(self, key: AssignmentKey, occurred_at: float, now: float) -> None:
+    def renew(
+        self, key: AssignmentKey, occurred_at: float, now: float, lane: Lane = Lane.LIVE
+    ) -> bool:
         """A newer change of the same intent joins the work in progress and dates it.
 
         Its time (its occurredAt, else its arrival) becomes the pair's, so that a change older
-        than it, arriving later, is found stale.
+        than it, arriving later, is found stale. A live change moves bulk work to the live lane
+        (journaled); a bulk change never moves live work back, since a caller of the live change
+        may be waiting for it. True when a pair being validated moved (its read is to be
+        moved too).
         """
         version = occurred_at or now
+        promote = lane is Lane.LIVE
         successor = self._successors.get(key)
         if successor is not None:
-            if version > successor.version:
-                self._successors[key] = Change(successor.intent, version, successor.received_at)
-            return
+            if version > successor.version or (promote and successor.lane is Lane.BULK):
+                self._successors[key] = Change(
+                    successor.intent,
+                    version if version > successor.version else successor.occurred_at,
+                    successor.received_at,
+                    Lane.LIVE if promote else successor.lane,
+                )
+            return False
         live = self._live.get(key)
         if live is not None:
             if version > live.version:
                 live.occurred_at = version
-            return
+            if promote and live.lane is Lane.BULK:
+                live.lane = Lane.LIVE
+                self._store.record(live)
+                return live.state not in WRITE_PENDING_STATES
+            return False
         at = self._occurred.get(key)
         if at is None or version > at:
-            self._occurred[key] = version
+            self._occurred[key] = at = version
+        if promote:
+            self._promote_queued(key, at)
+        return False
 
-    def supersede(self, key: AssignmentKey, intent: Intent, occurred_at: float, now: float) -> None:
+    def _promote_queued(self, key: AssignmentKey, occurred_at: float) -> None:
+        """A queued (or parked) bulk pair goes on in the live lane, journaled so."""
+        accumulator = self._accumulator
+        queued = accumulator.queued(*key)
+        if queued is None:
+            return
+        intent, received_at = queued
+        batch_key = (key[1], intent)
+        if accumulator.lane_of(key[0], batch_key) is not Lane.BULK:
+            return
+        accumulator.set_lane(key[0], batch_key, Lane.LIVE)
+        self._store.record(
+            Assignment(
+                key[0], key[1], received_at=received_at, updated_at=self._wall(),
+                intent=intent, occurred_at=occurred_at, lane=Lane.LIVE,
+            )
+        )  # fmt: skip
+
+    def supersede(
+        self,
+        key: AssignmentKey,
+        intent: Intent,
+        occurred_at: float,
+        now: float,
+        lane: Lane = Lane.LIVE,
+    ) -> None:
         """A newer change of the other intent replaces the work in progress for the pair.
 
-        Queued (or parked) work is never sent: it moves to the other lane. Written or verifying
+        The pair goes on in the newer change's lane.
+
+        Queued (or parked) work is never sent: it moves to the other batch key. Written or verifying
         work leaves validation (the caller stops its validation first) and its opposite is
         queued. A request in flight (sending, or retrying: its outcome is unknown) finishes
         first, so that CXone applies the two in order; the newer change follows its outcome.
         """
         contact_id, segment_id = key
-        change = Change(intent, occurred_at, now)
+        change = Change(intent, occurred_at, now, lane)
         successor = self._successors.get(key)
         live = self._live.get(key)
         if successor is not None:
             if live is not None and live.intent is intent:
                 del self._successors[key]  # back to what is in flight: nothing more to send
                 live.occurred_at = max(live.occurred_at, occurred_at)
+                live.lane = lane
                 self._store.record(live)
             else:
                 self._successors[key] = change
@@ -345,24 +408,25 @@ class Ledger:
         self._occurred.pop(key, None)
         replaced = Assignment(
             contact_id, segment_id, received_at=now, updated_at=now, intent=intent,
-            occurred_at=occurred_at,
+            occurred_at=occurred_at, lane=lane,
         )  # fmt: skip
         self._observer.superseded(replaced, intent)
         # It waits for a slot if the other intent did, else takes its place in the buffer.
         self._accumulator.move(
-            contact_id, (segment_id, OPPOSITE[intent]), (segment_id, intent), now
+            contact_id, (segment_id, OPPOSITE[intent]), (segment_id, intent), now, lane
         )
         if occurred_at:
             self._occurred[key] = occurred_at
         self._store.record(replaced)
 
     def _restart(self, assignment: Assignment, change: Change, *, hold_slot: bool) -> None:
-        """The pair starts over as `change`, queued in its lane (its old work is over)."""
+        """The pair starts over as `change`, queued under its batch key (its old work is over)."""
         key = assignment.key
         self._live.pop(key, None)
         assignment.intent = change.intent
         assignment.occurred_at = change.occurred_at
         assignment.received_at = change.received_at
+        assignment.lane = change.lane
         assignment.attempts = 0
         assignment.outcome_unknown = False
         self.transition(assignment, State.QUEUED)
@@ -370,21 +434,25 @@ class Ledger:
             self._occurred[key] = change.occurred_at
         else:
             self._occurred.pop(key, None)
-        lane = (assignment.segment_id, change.intent)
+        batch_key = (assignment.segment_id, change.intent)
         accumulator = self._accumulator
-        if hold_slot or accumulator.admit(assignment.contact_id, lane, change.received_at):
-            accumulator.enqueue(lane, assignment.contact_id, change.received_at)
+        contact_id, lane = assignment.contact_id, change.lane
+        if hold_slot or accumulator.admit(contact_id, batch_key, change.received_at, lane):
+            accumulator.enqueue(batch_key, contact_id, change.received_at, lane)
 
     # ---- the sender's side ---------------------------------------------------------------
 
-    def take_for_batch(self, lane: Lane, entries: list[tuple[str, float | None]]) -> list[str]:
+    def take_for_batch(
+        self, batch_key: BatchKey, entries: list[tuple[str, float | None, Lane | None]]
+    ) -> list[str]:
         """The buffer entries the sender took for a batch become live assignments; their ids.
 
-        A retry id is live already; a fresh one gets its object now, with its received time.
+        A retry id is live already; a fresh one gets its object now, with its received time
+        and lane.
         """
-        segment_id, intent = lane
+        segment_id, intent = batch_key
         contact_ids = []
-        for contact_id, received_at in entries:
+        for contact_id, received_at, lane in entries:
             key = (contact_id, segment_id)
             if key not in self._live:
                 at = received_at if received_at is not None else self._wall()
@@ -395,38 +463,43 @@ class Ledger:
                     updated_at=at,
                     intent=intent,
                     occurred_at=self._occurred.pop(key, 0.0),
+                    lane=lane or Lane.LIVE,
                 )
             contact_ids.append(contact_id)
         return contact_ids
 
-    def sending(self, lane: Lane, contact_ids: list[str], *, new_attempt: bool = True) -> None:
+    def sending(
+        self, batch_key: BatchKey, contact_ids: list[str], *, new_attempt: bool = True
+    ) -> None:
         """The ids are about to be sent; `new_attempt` counts one more attempt for each."""
-        for assignment in self.pending_in_lane(lane, contact_ids):
+        for assignment in self.pending_for(batch_key, contact_ids):
             if new_attempt:
                 assignment.attempts += 1
             self.transition(assignment, State.SENDING)
 
-    def retrying(self, lane: Lane, contact_ids: list[str]) -> None:
+    def retrying(self, batch_key: BatchKey, contact_ids: list[str]) -> None:
         """The ids wait for a backoff before their next attempt."""
-        for assignment in self.pending_in_lane(lane, contact_ids):
+        for assignment in self.pending_for(batch_key, contact_ids):
             self.transition(assignment, State.RETRYING)
 
-    def written(self, lane: Lane, contact_ids: list[str]) -> list[Assignment]:
+    def written(self, batch_key: BatchKey, contact_ids: list[str]) -> list[Assignment]:
         """CXone holds these writes (maybe not yet indexed); returns those to confirm now."""
-        return self._leave_write_path(lane, contact_ids, State.WRITTEN)
+        return self._leave_write_path(batch_key, contact_ids, State.WRITTEN)
 
-    def uncertain(self, lane: Lane, contact_ids: list[str], message: str) -> list[Assignment]:
+    def uncertain(
+        self, batch_key: BatchKey, contact_ids: list[str], message: str
+    ) -> list[Assignment]:
         """The last attempt's outcome is unknown (5xx, timeout, reset); returns those to settle.
 
         CXone may have applied the write before failing to answer: the pairs leave the write
         path as `verifying`, their message saying why, for reads to settle them.
         """
         return self._leave_write_path(
-            lane, contact_ids, State.VERIFYING, message=f"settling by reads: {message}"
+            batch_key, contact_ids, State.VERIFYING, message=f"settling by reads: {message}"
         )
 
     def _leave_write_path(
-        self, lane: Lane, contact_ids: list[str], state: State, *, message: str = ""
+        self, batch_key: BatchKey, contact_ids: list[str], state: State, *, message: str = ""
     ) -> list[Assignment]:
         """Move the pairs whose write has an outcome to `state`; those that go on to validation.
 
@@ -434,7 +507,7 @@ class Ledger:
         that change instead, in the same slot; the others free their contact's slot.
         """
         leaving = []
-        for assignment in self.pending_in_lane(lane, contact_ids):
+        for assignment in self.pending_for(batch_key, contact_ids):
             self.transition(assignment, state, message=message)
             if not self._follow(assignment):
                 self._accumulator.release(assignment.contact_id)
@@ -455,10 +528,10 @@ class Ledger:
         return True
 
     def failed(
-        self, lane: Lane, contact_ids: list[str], reason: FailureReason, message: str
+        self, batch_key: BatchKey, contact_ids: list[str], reason: FailureReason, message: str
     ) -> None:
         """These assignments end failed (dead letters), unless a newer change follows them."""
-        for assignment in self.pending_in_lane(lane, contact_ids):
+        for assignment in self.pending_for(batch_key, contact_ids):
             if not self._follow(assignment):
                 self._accumulator.release(assignment.contact_id)
                 self.transition(assignment, State.FAILED, reason=reason, message=message)
@@ -510,16 +583,16 @@ class Ledger:
         slots: list[str] = []
         parked, buffered = self._accumulator.drop(segments)
         parked_live: set[AssignmentKey] = set()  # recovered retrying pairs waiting for a slot
-        for contact_id, lane in parked:
-            key = (contact_id, lane[0])
+        for contact_id, batch_key in parked:
+            key = (contact_id, batch_key[0])
             if key in self._live:
                 parked_live.add(key)  # counted with the live ones; it holds no slot
                 continue
             self.pending_writes -= 1
             self._occurred.pop(key, None)
             states[State.QUEUED] += 1
-        for contact_id, lane in buffered:
-            key = (contact_id, lane[0])
+        for contact_id, batch_key in buffered:
+            key = (contact_id, batch_key[0])
             self._occurred.pop(key, None)
             if key not in self._live:  # a live one (a retry id) is counted below
                 slots.append(contact_id)

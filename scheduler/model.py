@@ -17,6 +17,22 @@ class Intent(enum.StrEnum):
 INTENTS: tuple[Intent, ...] = (Intent.ADD, Intent.REMOVE)
 
 
+class Lane(enum.StrEnum):
+    """Which work goes first: `live` (webhooks, single mappings) or `bulk` (imports, replays).
+
+    CXone reads, not writes, decide how fast anything is confirmed: a live change must not wait
+    behind a backfill. Live ids go into their segment's next batch ahead of bulk ids, and live
+    reads go first, bulk keeping a guaranteed minimum share of the read budget.
+    """
+
+    LIVE = "live"
+    BULK = "bulk"
+
+
+#: Both lanes, live first.
+LANES: tuple[Lane, ...] = (Lane.LIVE, Lane.BULK)
+
+
 class State(enum.StrEnum):
     """Where an assignment stands; `active`, `removed` and `failed` are terminal.
 
@@ -84,7 +100,7 @@ class InvalidTransition(RuntimeError):
 AssignmentKey = tuple[str, str]
 """(contact_id, segment_id)."""
 
-Lane = tuple[str, Intent]
+BatchKey = tuple[str, Intent]
 """(segment_id, intent): what one batch may hold (a batch never mixes adds and removals)."""
 
 
@@ -114,6 +130,8 @@ class Assignment:
     # timeout, a reset): a later refusal does not prove the membership absent. Kept in memory
     # only: after a restart the batch is resent under its key and answered anew.
     outcome_unknown: bool = False
+    # Which lane the pair's work goes in (journaled): see `Lane`.
+    lane: Lane = Lane.LIVE
 
     @property
     def version(self) -> float:
@@ -178,7 +196,8 @@ class MembershipChange:
     `add` lists segments the contact is now in; `remove` those it is no longer in; `mirror`
     (the body's `set`), when given, is the complete list among the segments segmapd tracks for
     the contact. `occurred_at` is the CRM's event time (epoch seconds), None for "as it
-    arrives".
+    arrives". `lane` is where its work goes: live unless a bulk source (an import, a replay
+    of every dead letter) says bulk.
     """
 
     contact_id: str
@@ -186,6 +205,7 @@ class MembershipChange:
     remove: tuple[str, ...] = ()
     mirror: tuple[str, ...] | None = None
     occurred_at: float | None = None
+    lane: Lane = Lane.LIVE
 
     @property
     def segment_ids(self) -> tuple[str, ...]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from scheduler.model import Assignment, Intent, State
+from scheduler.model import Assignment, Intent, Lane, State
 
 
 class EngineObserver:
@@ -28,8 +28,8 @@ class EngineObserver:
     def upstream_outcome(self, endpoint: str, outcome: str, elapsed_s: float) -> None:
         """A CXone call ended: outcome is ok, rate_limited, transient, permanent or auth."""
 
-    def membership_read(self, segment_id: str, is_member: bool) -> None:
-        """A membership check answered."""
+    def membership_read(self, segment_id: str, is_member: bool, lane: Lane = Lane.LIVE) -> None:
+        """A membership check of a pair in `lane` answered."""
 
     def segment_refreshed(self, segment_id: str) -> None:
         """A segment refresh was accepted."""
@@ -88,10 +88,10 @@ class CompositeObserver(EngineObserver):
         for observer in self._observers:
             observer.upstream_outcome(endpoint, outcome, elapsed_s)
 
-    def membership_read(self, segment_id: str, is_member: bool) -> None:
+    def membership_read(self, segment_id: str, is_member: bool, lane: Lane = Lane.LIVE) -> None:
         """Forward."""
         for observer in self._observers:
-            observer.membership_read(segment_id, is_member)
+            observer.membership_read(segment_id, is_member, lane)
 
     def segment_refreshed(self, segment_id: str) -> None:
         """Forward."""

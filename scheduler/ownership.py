@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from scheduler.model import FailureReason, Intent
+from scheduler.model import FailureReason, Intent, Lane
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +28,7 @@ class ForwardedChange:
     received_at: float
     reason: FailureReason | None = None
     message: str = ""
+    lane: Lane = Lane.LIVE
 
 
 class Ownership(Protocol):

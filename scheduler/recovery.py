@@ -3,7 +3,7 @@
 Both are the same step: the journal's unfinished rows of some segments become the engine's work
 again, exactly as they stood. In-flight batches are resent as they were (same ids, same intent,
 same idempotency key), so CXone replays a write that had landed instead of applying it twice.
-Queued and retrying assignments go back to their lane of the accumulator, written and verifying
+Queued and retrying assignments go back to their batch key in the accumulator, written and verifying
 ones back to validation. A queued change that waited for a batch's outcome follows that batch
 again, as it would have.
 """
@@ -16,14 +16,15 @@ from dataclasses import dataclass, field
 
 from scheduler.accumulator import Accumulator
 from scheduler.ledger import Change, Ledger
-from scheduler.model import WRITE_PENDING_STATES, Assignment, AssignmentKey, Intent, State
+from scheduler.model import WRITE_PENDING_STATES, Assignment, AssignmentKey, Intent, Lane, State
 from scheduler.store import BatchRecord
 
-QueuedRow = tuple[str, str, float, str, float]
+QueuedRow = tuple[str, str, float, str, float, str]
 """A queued assignment as the journal keeps it: (contact_id, segment_id, received_at, intent,
-occurred_at); the bulk of a backlog, kept as tuples, never objects."""
+occurred_at, lane); the bulk of a backlog, kept as tuples, never objects."""
 
 _INTENTS = {intent.value: intent for intent in Intent}
+_LANES = {lane.value: lane for lane in Lane}
 
 
 @dataclass
@@ -62,7 +63,7 @@ def take_back(
             continue
         ledger.pending_writes += 1
         key = assignment.key
-        lane = (assignment.segment_id, assignment.intent)
+        batch_key = (assignment.segment_id, assignment.intent)
         batch = batch_of.get(key)
         if batch is not None and batch.intent is assignment.intent:
             ledger.hold_live(assignment)
@@ -72,29 +73,33 @@ def take_back(
             # Queued work lives in the accumulator only.
             if assignment.occurred_at:
                 ledger.hold_time(key, assignment.occurred_at)
-            if accumulator.admit(assignment.contact_id, lane, assignment.received_at):
-                accumulator.buffer.add(lane, assignment.contact_id, assignment.received_at)
+            contact_id, received_at, lane = (
+                assignment.contact_id, assignment.received_at, assignment.lane
+            )  # fmt: skip
+            if accumulator.admit(contact_id, batch_key, received_at, lane):
+                accumulator.buffer.add(batch_key, contact_id, received_at, lane)
         else:
-            # Retrying: waits for its slot, then goes out with its lane's next batch.
+            # Retrying: waits for its slot, then goes out with its batch key's next batch.
             ledger.hold_live(assignment)
-            if accumulator.admit(assignment.contact_id, lane, 0.0):
-                accumulator.add_retries(lane, [assignment.contact_id])
+            if accumulator.admit(assignment.contact_id, batch_key, 0.0, assignment.lane):
+                accumulator.add_retries(batch_key, [assignment.contact_id], assignment.lane)
     # The backlog: usually nearly all of it, so kept to a dictionary lookup and two inserts.
     admit = accumulator.admit
     enqueue = accumulator.buffer.add
     hold_time = ledger.hold_time
     count = 0
-    for contact_id, segment_id, received_at, intent_name, occurred_at in queued:
+    for contact_id, segment_id, received_at, intent_name, occurred_at, lane_name in queued:
         count += 1
         intent = _INTENTS[intent_name]
+        lane = _LANES[lane_name]
         key = (contact_id, segment_id)
         if occurred_at:
             hold_time(key, occurred_at)
         batch = batch_of.get(key) if batch_of else None
         if batch is None:
-            lane = (segment_id, intent)
-            if admit(contact_id, lane, received_at):
-                enqueue(lane, contact_id, received_at)
+            batch_key = (segment_id, intent)
+            if admit(contact_id, batch_key, received_at, lane):
+                enqueue(batch_key, contact_id, received_at, lane)
             continue
         accumulator.force_slot(contact_id)
         resend[batch.batch_id] = batch
@@ -107,6 +112,7 @@ def take_back(
                     updated_at=received_at,
                     intent=intent,
                     occurred_at=occurred_at,
+                    lane=lane,
                 )
             )
         else:
@@ -121,9 +127,10 @@ def take_back(
                     received_at=received_at,
                     updated_at=received_at,
                     intent=batch.intent,
+                    lane=lane,
                 )
             )
-            ledger.hold_waiting(key, Change(intent, occurred_at, received_at))
+            ledger.hold_waiting(key, Change(intent, occurred_at, received_at, lane))
     ledger.pending_writes += count
     work.by_state[State.QUEUED] += count
     work.batches = list(resend.values())

@@ -1,6 +1,6 @@
 """The sender: takes batches from the accumulator and writes them to CXone, outcomes to the ledger.
 
-One flush loop picks the lane whose batch is due (full, lingered, or early when the write gate
+One flush loop picks the batch key whose batch is due (full, lingered, or early when the write gate
 has room), waits for the write gate, then takes the fullest batch the limit allows and sends it
 in a task of its own: one bulk request per batch, per-item outcomes, retries, single-write
 fallback. Every attempt -- first send, resend, retry of failed ids, single-contact fallback --
@@ -31,7 +31,7 @@ from scheduler.accumulator import Accumulator
 from scheduler.idempotency import new_batch_key, new_single_key
 from scheduler.ledger import Ledger
 from scheduler.logthrottle import ThrottledLog
-from scheduler.model import Assignment, FailureReason, Intent, Lane
+from scheduler.model import Assignment, BatchKey, FailureReason, Intent
 from scheduler.observer import EngineObserver
 from scheduler.retry import RetryPolicy
 from scheduler.store import BatchRecord, Store
@@ -261,39 +261,39 @@ class Sender:
                 log.exception("flusher iteration failed")
                 await asyncio.sleep(0.1)
 
-    def _handed_over(self, lane: Lane) -> bool:
-        return lane[0] in self._releasing
+    def _handed_over(self, batch_key: BatchKey) -> bool:
+        return batch_key[0] in self._releasing
 
     async def _flush_once(self) -> None:
         accumulator = self._accumulator
         # The buffer keeps received (wall-clock) times, so linger is measured on that clock.
         now = self._wall()
         skip = self._handed_over if self._releasing else None
-        lane = accumulator.pick(
+        batch_key = accumulator.pick(
             now,
             spare_capacity=self._write_gate.has_capacity(),
             draining=self._draining,
             skip=skip,
         )
-        if lane is None:
+        if batch_key is None:
             await accumulator.wait_for_data(now, skip)
             return
         await self._write_gate.acquire()
         # Choose again now that a request may go: under backlog the wait for the token is where
         # batches fill up, so the batch sent is the fullest the limit allows.
         skip = self._handed_over if self._releasing else None
-        lane = (
+        batch_key = (
             accumulator.pick(self._wall(), spare_capacity=True, draining=self._draining, skip=skip)
-            or lane
+            or batch_key
         )
-        if lane[0] in self._releasing:
+        if batch_key[0] in self._releasing:
             return  # handed over while this send waited for its token: the token goes unused
-        entries = accumulator.take(lane)
+        entries = accumulator.take(batch_key)
         if not entries:
             return
-        contact_ids = self._ledger.take_for_batch(lane, entries)
-        batch = self.new_batch(lane, contact_ids)
-        segment_id = lane[0]
+        contact_ids = self._ledger.take_for_batch(batch_key, entries)
+        batch = self.new_batch(batch_key, contact_ids)
+        segment_id = batch_key[0]
         self.spawn(
             partial(self.send, batch, token_held=True), f"send {segment_id}", segment_id=segment_id
         )
@@ -334,31 +334,33 @@ class Sender:
 
     # ---- outcomes ------------------------------------------------------------------------
 
-    def _written(self, lane: Lane, contact_ids: list[str]) -> None:
+    def _written(self, batch_key: BatchKey, contact_ids: list[str]) -> None:
         """CXone holds these writes: to the verifier, or, with none, their journey ends."""
-        written = self._ledger.written(lane, contact_ids)
+        written = self._ledger.written(batch_key, contact_ids)
         if self._verifier is not None:
             self._verifier.watch(written)
         else:
             for assignment in written:
                 self._ledger.finish(assignment)
 
-    def _uncertain(self, lane: Lane, contact_ids: list[str], message: str) -> None:
+    def _uncertain(self, batch_key: BatchKey, contact_ids: list[str], message: str) -> None:
         """The last attempt's outcome is unknown: reads settle it (without a verifier, failed)."""
         if self._verifier is None:
-            self._ledger.failed(lane, contact_ids, FailureReason.RETRIES_EXHAUSTED, message)
+            self._ledger.failed(batch_key, contact_ids, FailureReason.RETRIES_EXHAUSTED, message)
             return
-        self._verifier.settle(self._ledger.uncertain(lane, contact_ids, message), message)
+        self._verifier.settle(self._ledger.uncertain(batch_key, contact_ids, message), message)
 
-    def _requeue_later(self, lane: Lane, contact_ids: list[str], delay_s: float) -> None:
-        """After the backoff the ids rejoin their lane, if they are still waiting for it."""
-        self._accumulator.requeue_later(lane, contact_ids, delay_s, self._ledger.still_retrying)
+    def _requeue_later(self, batch_key: BatchKey, contact_ids: list[str], delay_s: float) -> None:
+        """After the backoff the ids rejoin their batch key, if they are still waiting for it."""
+        self._accumulator.requeue_later(
+            batch_key, contact_ids, delay_s, self._ledger.still_retrying
+        )
 
     # ---- one batch -----------------------------------------------------------------------
 
-    def new_batch(self, lane: Lane, contact_ids: list[str]) -> BatchRecord:
+    def new_batch(self, batch_key: BatchKey, contact_ids: list[str]) -> BatchRecord:
         """A batch for ids never sent together before: a fresh idempotency key."""
-        segment_id, intent = lane
+        segment_id, intent = batch_key
         return BatchRecord(
             batch_id=uuid.uuid4().hex,
             segment_id=segment_id,
@@ -371,7 +373,7 @@ class Sender:
     async def send(self, batch: BatchRecord, *, token_held: bool) -> None:
         """Send the batch until every id has an outcome or has been handed to a retry."""
         segment_id = batch.segment_id
-        lane = (segment_id, batch.intent)
+        batch_key = (segment_id, batch.intent)
         ids = list(batch.contact_ids)
         try:
             await self._store.save_batch(batch)
@@ -382,9 +384,9 @@ class Sender:
                 exc,
                 len(ids),
             )
-            self._requeue_later(lane, ids, JOURNAL_RETRY_S)
+            self._requeue_later(batch_key, ids, JOURNAL_RETRY_S)
             return
-        self._ledger.sending(lane, ids)
+        self._ledger.sending(batch_key, ids)
         try:
             await self._send_until_settled(batch, ids, token_held=token_held)
         except asyncio.CancelledError:
@@ -396,8 +398,8 @@ class Sender:
             log.exception(
                 "segment %s: sending a batch failed unexpectedly; ids retried", segment_id
             )
-            self._ledger.retrying(lane, ids)
-            self._requeue_later(lane, ids, JOURNAL_RETRY_S)
+            self._ledger.retrying(batch_key, ids)
+            self._requeue_later(batch_key, ids, JOURNAL_RETRY_S)
         await self._store.drop_batch(batch.batch_id)
 
     async def _send_until_settled(
@@ -405,7 +407,7 @@ class Sender:
     ) -> None:
         """Send (and resend) until the ids have outcomes or were handed to retries."""
         segment_id = batch.segment_id
-        lane = (segment_id, batch.intent)
+        batch_key = (segment_id, batch.intent)
         bulk_call = (
             self._client.bulk_add if batch.intent is Intent.ADD else self._client.bulk_remove
         )
@@ -442,20 +444,20 @@ class Sender:
                     len(ids),
                     exc,
                 )
-                self._ledger.failed(lane, ids, FailureReason.SEGMENT_NOT_FOUND, str(exc))
+                self._ledger.failed(batch_key, ids, FailureReason.SEGMENT_NOT_FOUND, str(exc))
                 return
             except UpstreamError as exc:
                 self._observer.upstream_outcome("bulk", outcome_of(exc), seconds_since(started))
                 if isinstance(exc, TransientError):
                     # CXone may have applied it before failing to answer.
-                    self._ledger.note_outcome_unknown(lane, ids)
+                    self._ledger.note_outcome_unknown(batch_key, ids)
                 if exc.error == "IdempotencyKeyInProgress" and (
                     in_progress_waits < MAX_IN_PROGRESS_WAITS
                 ):
                     in_progress_waits += 1
-                    self._ledger.retrying(lane, ids)
+                    self._ledger.retrying(batch_key, ids)
                     await self._sleep(self._retry.delay(1, self._rng, exc.retry_after_s))
-                    self._ledger.sending(lane, ids, new_attempt=False)
+                    self._ledger.sending(batch_key, ids, new_attempt=False)
                     continue
                 resend = await self._after_request_failure(batch, ids, exc)
                 if resend is None:
@@ -463,7 +465,7 @@ class Sender:
                 batch = resend
                 continue
             self._observer.upstream_outcome("bulk", "ok", seconds_since(started))
-            self._apply(lane, ids, result)
+            self._apply(batch_key, ids, result)
             return
 
     async def _after_request_failure(
@@ -471,21 +473,21 @@ class Sender:
     ) -> BatchRecord | None:
         """Decide what follows a failed request; returns the batch to resend, or None."""
         segment_id = batch.segment_id
-        lane = (segment_id, batch.intent)
+        batch_key = (segment_id, batch.intent)
         if exc.error == "IdempotencyKeyReused":
             # Our own bug if it ever happens: never try to force the key, take a new one.
             log.error("idempotency key reused for segment %s; sending under a new key", segment_id)
-        exhausted = [c for c in ids if self._retry.exhausted(self._ledger.attempts(lane, c))]
+        exhausted = [c for c in ids if self._retry.exhausted(self._ledger.attempts(batch_key, c))]
         remaining = [c for c in ids if c not in set(exhausted)]
         for contact_id in exhausted:
             self.spawn(
-                partial(self.fallback, lane, contact_id, str(exc)),
+                partial(self.fallback, batch_key, contact_id, str(exc)),
                 f"fallback {segment_id}",
                 segment_id=segment_id,
             )
         if not remaining:
             return None
-        failed_attempts = max(self._ledger.attempts(lane, c) for c in remaining)
+        failed_attempts = max(self._ledger.attempts(batch_key, c) for c in remaining)
         delay = self._retry.delay(failed_attempts, self._rng, exc.retry_after_s)
         self._observer.retry_scheduled(segment_id, len(remaining), delay)
         log.warning(
@@ -497,10 +499,10 @@ class Sender:
         )
         if len(remaining) != len(ids) or exc.error == "IdempotencyKeyReused":
             # A different body needs a different key: the ids rejoin the buffer as retries.
-            self._ledger.retrying(lane, remaining)
-            self._requeue_later(lane, remaining, delay)
+            self._ledger.retrying(batch_key, remaining)
+            self._requeue_later(batch_key, remaining, delay)
             return None
-        self._ledger.retrying(lane, ids)
+        self._ledger.retrying(batch_key, ids)
         await self._sleep(delay)
         resend = BatchRecord(
             batch_id=batch.batch_id,
@@ -511,12 +513,12 @@ class Sender:
             intent=batch.intent,
         )
         await self._store.save_batch(resend)
-        self._ledger.sending(lane, ids)
+        self._ledger.sending(batch_key, ids)
         return resend
 
-    def _apply(self, lane: Lane, ids: list[str], result: BulkResult) -> None:
+    def _apply(self, batch_key: BatchKey, ids: list[str], result: BulkResult) -> None:
         """Turn a 200 answer into per-id outcomes."""
-        segment_id, intent = lane
+        segment_id, intent = batch_key
         holds = ITEM_WRITTEN[intent]
         written_failures: list[str] = []
         retry: list[str] = []
@@ -547,7 +549,7 @@ class Sender:
         written = [c for c in ids if c not in listed]
         written.extend(written_failures)
         if written:
-            self._written(lane, written)
+            self._written(batch_key, written)
         for reason, contact_ids in permanent.items():
             self._dead_letters.warning(
                 str(reason),
@@ -559,18 +561,18 @@ class Sender:
                 contact_ids[0],
                 messages[reason],
             )
-            self._ledger.failed(lane, contact_ids, reason, messages[reason])
+            self._ledger.failed(batch_key, contact_ids, reason, messages[reason])
         if retry:
-            self._retry_items(lane, retry)
+            self._retry_items(batch_key, retry)
 
-    def _retry_items(self, lane: Lane, contact_ids: list[str]) -> None:
+    def _retry_items(self, batch_key: BatchKey, contact_ids: list[str]) -> None:
         """Item failures: retry those ids only, or fall back once they are out of attempts."""
-        segment_id = lane[0]
+        segment_id = batch_key[0]
         again: list[str] = []
         for contact_id in contact_ids:
-            if self._retry.exhausted(self._ledger.attempts(lane, contact_id)):
+            if self._retry.exhausted(self._ledger.attempts(batch_key, contact_id)):
                 self.spawn(
-                    partial(self.fallback, lane, contact_id, "item failed every attempt"),
+                    partial(self.fallback, batch_key, contact_id, "item failed every attempt"),
                     f"fallback {segment_id}",
                     segment_id=segment_id,
                 )
@@ -578,27 +580,27 @@ class Sender:
                 again.append(contact_id)
         if not again:
             return
-        failed_attempts = max(self._ledger.attempts(lane, c) for c in again)
+        failed_attempts = max(self._ledger.attempts(batch_key, c) for c in again)
         delay = self._retry.delay(failed_attempts, self._rng)
         self._observer.retry_scheduled(segment_id, len(again), delay)
-        self._ledger.retrying(lane, again)
-        self._requeue_later(lane, again, delay)
+        self._ledger.retrying(batch_key, again)
+        self._requeue_later(batch_key, again, delay)
 
-    async def fallback(self, lane: Lane, contact_id: str, last_error: str) -> None:
+    async def fallback(self, batch_key: BatchKey, contact_id: str, last_error: str) -> None:
         """The last resort for an id that failed every bulk attempt: one single-contact write."""
-        segment_id, intent = lane
+        segment_id, intent = batch_key
         single_call = (
             self._client.single_add if intent is Intent.ADD else self._client.single_remove
         )
         log.error(
             "contact %s failed %d bulk writes to segment %s (last: %s); trying one single write",
             contact_id,
-            self._ledger.attempts(lane, contact_id),
+            self._ledger.attempts(batch_key, contact_id),
             segment_id,
             last_error,
         )
         key = new_single_key(segment_id, contact_id)
-        self._ledger.sending(lane, [contact_id])
+        self._ledger.sending(batch_key, [contact_id])
         while True:
             await self._single_gate.acquire()
             started = time.monotonic()
@@ -622,12 +624,14 @@ class Sender:
                     contact_id,
                     exc,
                 )
-                self._ledger.failed(lane, [contact_id], FailureReason.SEGMENT_NOT_FOUND, str(exc))
+                self._ledger.failed(
+                    batch_key, [contact_id], FailureReason.SEGMENT_NOT_FOUND, str(exc)
+                )
                 return
             except UpstreamError as exc:
                 self._observer.upstream_outcome("single", outcome_of(exc), seconds_since(started))
                 self._not_written(
-                    lane,
+                    batch_key,
                     contact_id,
                     f"bulk: {last_error}; single write: {exc}",
                     unknown=isinstance(exc, TransientError),
@@ -637,13 +641,13 @@ class Sender:
             break
         if result.error is None or result.error in ITEM_WRITTEN[intent]:
             log.error("single write of contact %s to segment %s succeeded", contact_id, segment_id)
-            self._written(lane, [contact_id])
+            self._written(batch_key, [contact_id])
             return
         message = f"single write: {result.status} {result.error} {result.message}".strip()
         reason = ITEM_PERMANENT.get(result.error or "")
         if reason is None:
             # Refused for now (IndexBusy, ...): it did not apply, but an earlier attempt may have.
-            self._not_written(lane, contact_id, message, unknown=False)
+            self._not_written(batch_key, contact_id, message, unknown=False)
             return
         self._dead_letters.warning(
             str(reason),
@@ -653,17 +657,19 @@ class Sender:
             reason,
             message,
         )
-        self._ledger.failed(lane, [contact_id], reason, message)
+        self._ledger.failed(batch_key, [contact_id], reason, message)
 
-    def _not_written(self, lane: Lane, contact_id: str, message: str, *, unknown: bool) -> None:
+    def _not_written(
+        self, batch_key: BatchKey, contact_id: str, message: str, *, unknown: bool
+    ) -> None:
         """The last resort did not write the id: failed, unless CXone may hold it all the same.
 
         It may when this answer leaves the outcome open (a 5xx, a timeout, a reset: `unknown`)
         or when an earlier attempt's did: then reads settle it, shown or not shown; otherwise
         it is dead-lettered as exhausted.
         """
-        segment_id = lane[0]
-        if unknown or self._ledger.outcome_unknown(lane, contact_id):
+        segment_id = batch_key[0]
+        if unknown or self._ledger.outcome_unknown(batch_key, contact_id):
             log.error(
                 "single write of contact %s to segment %s failed: %s; CXone may hold it all "
                 "the same, reading the membership to settle it",
@@ -671,7 +677,7 @@ class Sender:
                 segment_id,
                 message,
             )
-            self._uncertain(lane, [contact_id], message)
+            self._uncertain(batch_key, [contact_id], message)
             return
         log.error(
             "single write of contact %s to segment %s failed: %s; dead-lettered",
@@ -679,4 +685,4 @@ class Sender:
             segment_id,
             message,
         )
-        self._ledger.failed(lane, [contact_id], FailureReason.RETRIES_EXHAUSTED, message)
+        self._ledger.failed(batch_key, [contact_id], FailureReason.RETRIES_EXHAUSTED, message)

@@ -4,13 +4,20 @@ Reads are the scarce budget: CXone takes about 2,000 written ids a second but an
 membership reads, one pair each. So every decision here rests on reads that really happened,
 never on wall time alone, and a long read queue is never a failure.
 
-- **One read queue, earliest due first.** A pair is first due one `interval_s` after its write
-  (indexing takes seconds), and again one interval after each read that did not show it. A
-  single reader takes due pairs through the `read` rate gate (whose 429 pauses every read) and
-  starts each read in its own task, so only reads being sent hold a task. Under a backlog the
-  queue's own wait spaces the reads: a pair not yet visible goes behind every pair due before
-  it, so pairs are read earliest-written first, none starves, and by the time most pairs are
-  read their indexing is done — reads per assignment approach 1.
+- **Two read queues, one per lane, each earliest due first.** A pair is first due one
+  `interval_s` after its write (indexing takes seconds), and again one interval after each read
+  that did not show it. A single reader takes due pairs through the `read` rate gate (whose 429
+  pauses every read) and starts each read in its own task, so only reads being sent hold a
+  task. Under a backlog the queue's own wait spaces the reads: a pair not yet visible goes
+  behind every pair of its lane due before it, so pairs are read earliest-written first, none
+  starves, and by the time most pairs are read their indexing is done — reads per assignment
+  approach 1.
+- **Live first, bulk never starved.** When both lanes have due reads, live goes first, but bulk
+  keeps at least `ReadLanePolicy.bulk_share_min` of the reads: each live read sent while a bulk
+  read was due earns bulk `share / (1 - share)` of a read in credit, and a bulk read goes as
+  soon as the credit reaches one. Credit is earned only while bulk waits (capped at one read
+  more), so idle time banks none. A flood of live reads thus degrades to first-in-first-out
+  within live, never below bulk's share; when live has nothing due, bulk gets every read.
 - **A pair is read at most once per interval and never twice at once.**
 - **Refresh on evidence.** A pair calls for a refresh of its segment only when a read sent at
   least `window_s` after its write (or after the segment's last refresh) still did not show
@@ -42,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from scheduler.logthrottle import ThrottledLog
-from scheduler.model import Assignment, FailureReason, Intent, State
+from scheduler.model import LANES, Assignment, FailureReason, Intent, Lane, State
 from scheduler.observer import EngineObserver
 from scheduler.ratelimit import AdmissionGate
 from scheduler.retry import RetryPolicy
@@ -82,6 +89,26 @@ class ValidationPolicy:
     deadline_s: float = 7200.0
 
 
+@dataclass(frozen=True, slots=True)
+class ReadLanePolicy:
+    """How the read budget is shared between the lanes when both have reads due.
+
+    `bulk_share_min` is the least share of reads the bulk lane gets under a live flood
+    (0 <= share < 1); live gets the rest, and all of it while bulk has nothing due.
+    """
+
+    bulk_share_min: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.bulk_share_min < 1.0:
+            raise ValueError(f"bulk_share_min must be in [0, 1), not {self.bulk_share_min}")
+
+    @property
+    def credit_per_live_read(self) -> float:
+        """Bulk's credit, in reads, for each live read sent while a bulk read was due."""
+        return self.bulk_share_min / (1.0 - self.bulk_share_min)
+
+
 class VerificationSink(Protocol):
     """Where validation reports outcomes (the ledger)."""
 
@@ -99,13 +126,27 @@ class VerificationSink(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class LaneBacklog:
+    """One lane's share of the read backlog."""
+
+    waiting: int  # queued for a read (due now or within an interval)
+    oldest_wait_s: float  # how long its longest-overdue queued read has been due
+    awaiting_refresh: int  # not read until their segment's scheduled refresh
+    reading: int  # reads being sent
+
+
+@dataclass(frozen=True, slots=True)
 class ReadBacklog:
-    """How far confirmation lags: pairs waiting for a read and how long the oldest has waited."""
+    """How far confirmation lags: pairs waiting for a read and how long the oldest has waited.
+
+    The figures are over both lanes; `lanes` has each lane's own.
+    """
 
     waiting: int  # queued for a read (due now or within an interval)
     oldest_wait_s: float  # how long the longest-overdue queued read has been due
     awaiting_refresh: int  # not read until their segment's scheduled refresh
     reading: int  # reads being sent
+    lanes: dict[Lane, LaneBacklog] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +186,8 @@ class _Pair:
     # Set for a pair whose last write's outcome was unknown: the failure it ends with if a
     # window of reads does not show it (no refresh is spent on it).
     unsettled: str | None = None
+    # The lane whose queue and counts it is in (its assignment's, unless promoted since).
+    lane: Lane = Lane.LIVE
 
 
 #: A queued read: (due time, ticket, pair, its segment's watch).
@@ -174,6 +217,7 @@ class MembershipPoller:
         cache: ConfirmationCache,
         budget: RefreshBudget,
         policy: ValidationPolicy | None = None,
+        lanes: ReadLanePolicy | None = None,
         retry: RetryPolicy | None = None,
         observer: EngineObserver | None = None,
         rng: random.Random | None = None,
@@ -182,6 +226,7 @@ class MembershipPoller:
         refresh_timeout_s: float = 10.0,
     ) -> None:
         self.policy = policy or ValidationPolicy()
+        self.lanes = lanes or ReadLanePolicy()
         self._client = client
         self._read_gate = read_gate
         self._sink = sink
@@ -197,13 +242,16 @@ class MembershipPoller:
         self._refresh_timeout_s = refresh_timeout_s
         self._watches: dict[str, _SegmentWatch] = {}
         self._reads: set[asyncio.Task[None]] = set()
-        self._queue: list[_QueuedRead] = []
+        # One heap per lane (see the module docstring).
+        self._queues: dict[Lane, list[_QueuedRead]] = {lane: [] for lane in LANES}
+        # Bulk's credit, in reads, against live reads sent while bulk waited.
+        self._bulk_credit = 0.0
         self._tickets = itertools.count()
         self._queue_changed = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
         self._running = False
         self._generation = 0  # start() and stop() each begin a new one
-        self._counts = dict.fromkeys(_Stage, 0)
+        self._counts = {(stage, lane): 0 for stage in _Stage for lane in LANES}
         # CXone's answer that a segment does not exist comes from the CRM's data: warned about,
         # at a bounded rate.
         self._dead_letters = ThrottledLog(log)
@@ -221,6 +269,30 @@ class MembershipPoller:
         pair = watch.pairs.get(contact_id) if watch is not None else None
         if watch is not None and pair is not None:
             self._forget(watch, pair)
+
+    def promote(self, contact_id: str, segment_id: str) -> None:
+        """The pair moved to the live lane (a live change joined it): its queued read too.
+
+        Its assignment already says live; a read queued in the bulk heap is queued again, at
+        the same time, in the live one (the old entry goes stale).
+        """
+        watch = self._watches.get(segment_id)
+        pair = watch.pairs.get(contact_id) if watch is not None else None
+        if watch is None or pair is None:
+            return
+        lane = pair.assignment.lane
+        if pair.lane is lane:
+            return
+        stage = pair.stage
+        self._counts[(stage, pair.lane)] -= 1
+        self._counts[(stage, lane)] += 1
+        pair.lane = lane
+        if stage is _Stage.QUEUED:
+            self._enqueue(pair, watch, pair.due)
+        elif stage is _Stage.AWAITING_REFRESH:
+            pair.ticket = next(self._tickets)
+            heapq.heappush(self._queues[lane], (pair.due, pair.ticket, pair, watch))
+            self._queue_changed.set()
 
     def release_segments(self, segments: set[str]) -> None:
         """Stop validating these segments and drop what is cached of them (handed over).
@@ -273,15 +345,17 @@ class MembershipPoller:
             window_start = written
             if watch.refreshed_at is not None:
                 window_start = max(written, watch.refreshed_at)
-            pair = _Pair(assignment, written, window_start, unsettled=unsettled)
+            pair = _Pair(
+                assignment, written, window_start, unsettled=unsettled, lane=assignment.lane
+            )
             if replaced is not None:
                 # Written again: the old pair's queue entry and any read in flight go stale,
                 # and the new one keeps the old one's spacing from its last read.
-                self._counts[replaced.stage] -= 1
+                self._counts[(replaced.stage, replaced.lane)] -= 1
                 replaced.stage, replaced.ticket = _Stage.IDLE, -1
                 pair.last_read_sent = replaced.last_read_sent
             watch.pairs[assignment.contact_id] = pair
-            self._counts[_Stage.IDLE] += 1
+            self._counts[(_Stage.IDLE, pair.lane)] += 1
             if self._running:
                 self._enqueue(pair, watch, written + self.policy.interval_s)
 
@@ -291,16 +365,24 @@ class MembershipPoller:
         return sum(len(w.pairs) for w in self._watches.values())
 
     def backlog(self) -> ReadBacklog:
-        """The read backlog now: how many pairs wait for a read, and for how long."""
-        oldest = 0.0
-        top = self._live_top()
-        if top is not None:
-            oldest = max(0.0, self._clock() - top[0])
+        """The read backlog now: how many pairs wait for a read, and for how long, per lane."""
+        now = self._clock()
+        lanes = {}
+        for lane in LANES:
+            top = self._top(lane)
+            counts = self._counts
+            lanes[lane] = LaneBacklog(
+                waiting=counts[(_Stage.QUEUED, lane)],
+                oldest_wait_s=max(0.0, now - top[0]) if top is not None else 0.0,
+                awaiting_refresh=counts[(_Stage.AWAITING_REFRESH, lane)],
+                reading=counts[(_Stage.READING, lane)],
+            )
         return ReadBacklog(
-            waiting=self._counts[_Stage.QUEUED],
-            oldest_wait_s=oldest,
-            awaiting_refresh=self._counts[_Stage.AWAITING_REFRESH],
-            reading=self._counts[_Stage.READING],
+            waiting=sum(b.waiting for b in lanes.values()),
+            oldest_wait_s=max(b.oldest_wait_s for b in lanes.values()),
+            awaiting_refresh=sum(b.awaiting_refresh for b in lanes.values()),
+            reading=sum(b.reading for b in lanes.values()),
+            lanes=lanes,
         )
 
     def progress(self, contact_id: str, segment_id: str) -> PairProgress | None:
@@ -349,7 +431,9 @@ class MembershipPoller:
         self._dead_letters.flush()
         if self._running or generation != self._generation:
             return  # started (or stopped) again meanwhile: that call owns the queue now
-        self._queue.clear()
+        for queue in self._queues.values():
+            queue.clear()
+        self._bulk_credit = 0.0
         for watch in self._watches.values():
             watch.refresh_task = None
             for pair in watch.pairs.values():
@@ -358,8 +442,8 @@ class MembershipPoller:
     # ---- the read queue ----------------------------------------------------------------------
 
     def _set_stage(self, pair: _Pair, stage: _Stage) -> None:
-        self._counts[pair.stage] -= 1
-        self._counts[stage] += 1
+        self._counts[(pair.stage, pair.lane)] -= 1
+        self._counts[(stage, pair.lane)] += 1
         pair.stage = stage
 
     def _enqueue(self, pair: _Pair, watch: _SegmentWatch, due: float) -> None:
@@ -368,14 +452,14 @@ class MembershipPoller:
         pair.ticket = next(self._tickets)
         pair.due = due
         self._set_stage(pair, _Stage.QUEUED)
-        heapq.heappush(self._queue, (due, pair.ticket, pair, watch))
+        heapq.heappush(self._queues[pair.lane], (due, pair.ticket, pair, watch))
         self._queue_changed.set()
 
     def _forget(self, watch: _SegmentWatch, pair: _Pair) -> None:
         """Stop watching a pair (confirmed or failed); its queue entry, if any, goes stale."""
         if watch.pairs.get(pair.assignment.contact_id) is pair:
             del watch.pairs[pair.assignment.contact_id]
-        self._counts[pair.stage] -= 1
+        self._counts[(pair.stage, pair.lane)] -= 1
         pair.stage = _Stage.IDLE
         pair.ticket = -1
         if not watch.pairs:
@@ -386,8 +470,8 @@ class MembershipPoller:
             if self._watches.get(watch.segment_id) is watch:
                 del self._watches[watch.segment_id]
 
-    def _live_top(self) -> _QueuedRead | None:
-        queue = self._queue
+    def _top(self, lane: Lane) -> _QueuedRead | None:
+        queue = self._queues[lane]
         while queue:
             entry = queue[0]
             pair = entry[2]
@@ -408,30 +492,55 @@ class MembershipPoller:
                 log.exception("validation reads failed; going on")
                 await asyncio.sleep(0.1)
 
+    def _next_read(self, now: float) -> tuple[Lane | None, float | None]:
+        """The lane whose read goes next if one is due at `now`; else when the next is due.
+
+        Live first; bulk when its credit reached one read, or when live has nothing due.
+        """
+        live, bulk = self._top(Lane.LIVE), self._top(Lane.BULK)
+        live_due = live is not None and live[0] <= now
+        bulk_due = bulk is not None and bulk[0] <= now
+        if live_due and not (bulk_due and self._bulk_credit >= 1.0):
+            return Lane.LIVE, None
+        if bulk_due:
+            return Lane.BULK, None
+        dues = [top[0] for top in (live, bulk) if top is not None]
+        return None, min(dues) if dues else None
+
+    def _sent(self, lane: Lane, now: float) -> None:
+        """Settle bulk's credit for a read of `lane` sent at `now`."""
+        if lane is Lane.LIVE:
+            bulk = self._top(Lane.BULK)
+            if bulk is not None and bulk[0] <= now:
+                earned = self.lanes.credit_per_live_read
+                # Capped at one read more than it earns at once: idle time banks nothing.
+                self._bulk_credit = min(self._bulk_credit + earned, 1.0 + earned)
+        elif self._bulk_credit >= 1.0:
+            self._bulk_credit -= 1.0
+
     async def _drain_reads(self) -> None:
-        """Send due reads through the gate, earliest due first, each in its own task."""
+        """Send due reads through the gate, each in its own task (see the module docstring)."""
         changed = self._queue_changed
         while True:
-            top = self._live_top()
-            if top is None:
+            lane, due = self._next_read(self._clock())
+            if lane is None:
                 changed.clear()
-                await changed.wait()
-                continue
-            wait = top[0] - self._clock()
-            if wait > 0:
-                # An earlier-due read queued meanwhile wakes us to look again.
-                changed.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(changed.wait(), wait)
+                if due is None:
+                    await changed.wait()
+                else:
+                    # An earlier-due read queued meanwhile wakes us to look again.
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(changed.wait(), due - self._clock())
                 continue
             await self._read_gate.acquire()
-            # The earliest due read may have changed while we waited for the gate; one that is
-            # not due yet waits for its time (the token is lost, which only slows reads).
-            top = self._live_top()
-            if top is None or top[0] > self._clock():
+            # The due reads may have changed while we waited for the gate; when none is due
+            # any more, the token is lost (which only slows reads).
+            now = self._clock()
+            lane, _ = self._next_read(now)
+            if lane is None:
                 continue
-            heapq.heappop(self._queue)
-            _, _, pair, watch = top
+            self._sent(lane, now)
+            _, _, pair, watch = heapq.heappop(self._queues[lane])
             self._set_stage(pair, _Stage.READING)
             pair.last_read_sent = self._clock()
             task = asyncio.create_task(self._read(pair, watch))
@@ -478,7 +587,7 @@ class MembershipPoller:
             self._again(pair, watch, self._clock() + self.policy.interval_s)
             return
         self._observer.upstream_outcome("read", "ok", seconds_since(started))
-        self._observer.membership_read(segment_id, result.is_member)
+        self._observer.membership_read(segment_id, result.is_member, pair.lane)
         if watch.pairs.get(contact_id) is not pair:
             return  # replaced or failed with its segment while the read was out
         # An add is confirmed by the membership showing, a removal by its absence.
@@ -545,7 +654,7 @@ class MembershipPoller:
         pair.ticket = next(self._tickets)
         pair.due = sent + gap
         self._set_stage(pair, _Stage.AWAITING_REFRESH)
-        heapq.heappush(self._queue, (pair.due, pair.ticket, pair, watch))
+        heapq.heappush(self._queues[pair.lane], (pair.due, pair.ticket, pair, watch))
         self._queue_changed.set()
 
     def _may_fail(self, pair: _Pair, watch: _SegmentWatch) -> bool:

@@ -69,9 +69,9 @@ class Recovered:
     """What the journal held at start-up that is not finished."""
 
     assignments: list[Assignment] = field(default_factory=list)
-    # Queued assignments as (contact_id, segment_id, received_at, intent, occurred_at): the bulk
-    # of a backlog, and the engine keeps them as buffer entries, not objects.
-    queued: list[tuple[str, str, float, str, float]] = field(default_factory=list)
+    # Queued assignments as (contact_id, segment_id, received_at, intent, occurred_at, lane):
+    # the bulk of a backlog, and the engine keeps them as buffer entries, not objects.
+    queued: list[tuple[str, str, float, str, float, str]] = field(default_factory=list)
     batches: list[BatchRecord] = field(default_factory=list)
     refresh_budget: dict[str, float] = field(default_factory=dict)
     # (contact_id, segment_id, confirmed_at, member)

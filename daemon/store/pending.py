@@ -28,13 +28,13 @@ from daemon.store.sql import (
 )
 from scheduler.store import BatchRecord
 
-AssignmentRow = tuple[str, str, str, str | None, str, int, float, float, str, float]
+AssignmentRow = tuple[str, str, str, str | None, str, int, float, float, str, float, str]
 """contact, segment, state, reason, message, attempts, received_at, updated_at, intent,
-occurred_at: an assignment as both journals' `assignments` table holds it."""
+occurred_at, lane: an assignment as both journals' `assignments` table holds it."""
 
-InboxRow = tuple[int, str, str, str, float, float, str | None, str]
-"""shard, contact, segment, intent, occurred_at, received_at, dead-letter reason, message: a
-change forwarded to the owner of its segment."""
+InboxRow = tuple[int, str, str, str, float, float, str | None, str, str]
+"""shard, contact, segment, intent, occurred_at, received_at, dead-letter reason, message, lane:
+a change forwarded to the owner of its segment."""
 
 
 @dataclass

@@ -91,7 +91,7 @@ _REFUSED = (
 MIGRATIONS: list[str] = [
     # 1: the journal as the SQLite one has it after its migration 4: the same tables and
     # columns, and an index of the validation cache by time, for pruning.
-    sql.render("".join(sql.SCHEMA), sql.Dialect.POSTGRESQL)
+    sql.render("".join(sql.SCHEMA[:4]), sql.Dialect.POSTGRESQL)
     + "CREATE INDEX confirmations_by_time ON confirmations (confirmed_at);",
     # 2: who holds the instance lock (InstanceGuard), for the message a second instance gets,
     # and the epoch every commit checks, so that an instance that lost the lock without
@@ -145,6 +145,10 @@ MIGRATIONS: list[str] = [
     ALTER TABLE notifications ADD COLUMN claimed_until DOUBLE PRECISION NOT NULL DEFAULT 0;
     ALTER TABLE notifications ADD COLUMN claimed_by BIGINT;
     """,
+    # 4: live changes first (issue 21): the assignments' lane (`sql.SCHEMA`'s fifth step), and
+    # a forwarded change's, which its owner keeps.
+    sql.render(sql.SCHEMA[4], sql.Dialect.POSTGRESQL)
+    + "ALTER TABLE segmapd_inbox ADD COLUMN lane TEXT NOT NULL DEFAULT 'live';",
 ]
 
 # The version table: one row per migration applied, so that a migration applied twice (two
@@ -180,7 +184,7 @@ _ADD_NOTIFICATIONS = (
 _PRUNE = [sql.PRUNE_FINISHED, *sql.PRUNE_EXPIRED]
 # Changes forwarded to their segment's owner and not taken yet, of one contact.
 _FORWARDED = (
-    "SELECT segment_id, intent, occurred_at, received_at FROM segmapd_inbox "
+    "SELECT segment_id, intent, occurred_at, received_at, lane FROM segmapd_inbox "
     "WHERE contact_id = $1 AND reason IS NULL ORDER BY id"
 )
 _CONTACTS = f"{sql.CONTACT.removesuffix(' = $1')} = ANY($1::text[])"
@@ -477,6 +481,7 @@ class PostgresStore(WriteBehindJournal, SharedJournal):
             change.received_at,
             str(change.reason) if change.reason is not None else None,
             change.message,
+            str(change.lane),
         )
         with self._lock:
             self._pending.inbox.append(row)
@@ -495,12 +500,16 @@ class PostgresStore(WriteBehindJournal, SharedJournal):
         """Committed inbox rows of these shards, oldest first: (id, row)."""
         rows = await self._fetch(
             "SELECT id, shard, contact_id, segment_id, intent, occurred_at, received_at, reason, "
-            "message FROM segmapd_inbox WHERE shard = ANY($1::int4[]) ORDER BY id LIMIT $2",
+            "message, lane FROM segmapd_inbox WHERE shard = ANY($1::int4[]) ORDER BY id "
+            "LIMIT $2",
             list(shards),
             limit,
         )
         return [
-            (int(r[0]), (int(r[1]), r[2], r[3], r[4], float(r[5]), float(r[6]), r[7], r[8]))
+            (
+                int(r[0]),
+                (int(r[1]), r[2], r[3], r[4], float(r[5]), float(r[6]), r[7], r[8], r[9]),
+            )
             for r in rows
         ]
 
@@ -880,8 +889,9 @@ class PostgresStore(WriteBehindJournal, SharedJournal):
         if work.inbox:
             await connection.execute(
                 "INSERT INTO segmapd_inbox (shard, contact_id, segment_id, intent, occurred_at, "
-                "received_at, reason, message) SELECT * FROM unnest($1::int4[], $2::text[], "
-                "$3::text[], $4::text[], $5::float8[], $6::float8[], $7::text[], $8::text[])",
+                "received_at, reason, message, lane) SELECT * FROM unnest($1::int4[], "
+                "$2::text[], $3::text[], $4::text[], $5::float8[], $6::float8[], $7::text[], "
+                "$8::text[], $9::text[])",
                 *(list(column) for column in zip(*work.inbox, strict=True)),
             )
             # Delivered at commit, to the instances listening (the shards' owners).
@@ -1000,8 +1010,8 @@ async def _load_recovery(connection: Connection, segments: list[str]) -> Recover
     """What is unfinished in these segments, as SqliteStore recovers it (caller's snapshot)."""
     recovered = Recovered()
     recovered.queued = [
-        (str(c), str(s), float(received), str(intent), float(occurred))
-        for c, s, received, intent, occurred in await connection.fetch(
+        (str(c), str(s), float(received), str(intent), float(occurred), str(lane))
+        for c, s, received, intent, occurred, lane in await connection.fetch(
             # Oldest first: the buffer takes insertion order for age (which batch goes next).
             f"{sql.QUEUED}{_SEGMENTS} ORDER BY received_at",
             segments,

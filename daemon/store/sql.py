@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from scheduler.model import Assignment, FailureReason, Intent, State
+from scheduler.model import Assignment, FailureReason, Intent, Lane, State
 from scheduler.store import BatchRecord
 
 
@@ -145,9 +145,15 @@ SCHEMA: list[str] = [
     ){without_rowid};
     CREATE INDEX mirrors_by_time ON mirrors (updated_at);
     """,
+    # 5: live changes first (issue 21). Every assignment is in a lane, `live` or `bulk`; the
+    # rows of journals from before were all live.
+    """
+    ALTER TABLE assignments ADD COLUMN lane TEXT NOT NULL DEFAULT 'live';
+    """,
 ]
-"""The journal's tables as they grew, step by step: SQLite's first four migrations, and
-PostgreSQL's first one (all four at once: the PostgreSQL journal began with the fourth shape)."""
+"""The journal's tables as they grew, step by step: SQLite's migrations 1-5; PostgreSQL's first
+one is steps 1-4 at once (the PostgreSQL journal began with the fourth shape), its fourth the
+fifth step."""
 
 
 # ---- writes -------------------------------------------------------------------------------------
@@ -219,14 +225,29 @@ ASSIGNMENTS = Upsert(
         "updated_at",
         "intent",
         "occurred_at",
+        "lane",
         "history",
     ),
-    ("text", "text", "text", "text", "text", "int4", "float8", "float8", "text", "float8", "text"),
+    (
+        "text",
+        "text",
+        "text",
+        "text",
+        "text",
+        "int4",
+        "float8",
+        "float8",
+        "text",
+        "float8",
+        "text",
+        "text",
+    ),
     """ON CONFLICT (contact_id, segment_id) DO UPDATE SET
         state = excluded.state, reason = excluded.reason,
         message = excluded.message, attempts = excluded.attempts,
         received_at = excluded.received_at, updated_at = excluded.updated_at,
         intent = excluded.intent, occurred_at = excluded.occurred_at,
+        lane = excluded.lane,
         history = CASE
             WHEN excluded.history LIKE 'queued:%' THEN excluded.history
             ELSE assignments.history || excluded.history
@@ -312,7 +333,7 @@ WRITES: tuple[Upsert | Delete, ...] = (
 # ALTER TABLE appends to).
 ASSIGNMENT_COLUMNS = (
     "contact_id, segment_id, state, reason, message, attempts, received_at, updated_at, "
-    "history, intent, occurred_at"
+    "history, intent, occurred_at, lane"
 )
 CONTACT = f"SELECT {ASSIGNMENT_COLUMNS} FROM assignments WHERE contact_id = $1"  # noqa: S608 (constants)
 COUNTS = "SELECT state, count(*) FROM assignments GROUP BY state"
@@ -345,7 +366,7 @@ def failed_query(
 # What a restart (or a shard's new owner) takes back. A shared journal narrows each to the
 # segments taken (`AND segment_id = ANY(...)`, `WHERE segment_id = ANY(...)`).
 QUEUED = (
-    "SELECT contact_id, segment_id, received_at, intent, occurred_at FROM assignments "
+    "SELECT contact_id, segment_id, received_at, intent, occurred_at, lane FROM assignments "
     "WHERE state = 'queued'"
 )
 UNFINISHED = (
@@ -386,12 +407,13 @@ PRUNE_EXPIRED = [
 
 _STATES = {state.value: state for state in State}
 _INTENTS = {intent.value: intent for intent in Intent}
+_LANES = {lane.value: lane for lane in Lane}
 
 
 def assignment_from_row(row: Iterable[Any]) -> Assignment:
     """An assignment from its columns in `ASSIGNMENT_COLUMNS` order."""
     (contact_id, segment_id, state, reason, message, attempts, received, updated, history,
-     intent, occurred_at) = row  # fmt: skip
+     intent, occurred_at, lane) = row  # fmt: skip
     steps = [
         (_STATES[name], float(at))
         for name, _, at in (step.partition(":") for step in history.split(";") if step)
@@ -413,12 +435,18 @@ def assignment_from_row(row: Iterable[Any]) -> Assignment:
         history=steps,
         intent=_INTENTS[intent],
         occurred_at=occurred_at,
+        lane=_LANES[lane],
     )
 
 
 def intent_named(name: str) -> Intent:
     """The intent a column holds."""
     return _INTENTS[name]
+
+
+def lane_named(name: str) -> Lane:
+    """The lane a column holds."""
+    return _LANES[name]
 
 
 def batch_row(batch: BatchRecord, saved_at: float) -> tuple[str, str, str, str, int, float, str]:

@@ -29,7 +29,14 @@ from typing import Any
 from daemon.store.base import JournalStore
 from daemon.store.delivery_filter import DeliveryKey
 from daemon.store.pending import AssignmentRow, PendingWork
-from daemon.store.sql import CONTACT, COUNTS, assignment_from_row, failed_query, intent_named
+from daemon.store.sql import (
+    CONTACT,
+    COUNTS,
+    assignment_from_row,
+    failed_query,
+    intent_named,
+    lane_named,
+)
 from scheduler.model import Assignment, FailureReason, storable
 from scheduler.store import BatchRecord, ContactHistory, StoreUnavailable
 
@@ -114,7 +121,7 @@ class WriteBehindJournal(JournalStore):
     async def _forwarded(self, contact_id: str) -> Iterable[Any]:
         """The contact's changes queued for another instance's engine (a shared journal's).
 
-        Rows of (segment, intent, occurred_at, received_at), oldest first.
+        Rows of (segment, intent, occurred_at, received_at, lane), oldest first.
         """
         return ()
 
@@ -140,6 +147,7 @@ class WriteBehindJournal(JournalStore):
             updated_at,
             str(assignment.intent),
             assignment.occurred_at,
+            str(assignment.lane),
         )
         key = (contact_id, segment_id)
         with self._lock:
@@ -268,7 +276,7 @@ class WriteBehindJournal(JournalStore):
                     continue
                 for segment in work.contacts.get(contact_id, ()):
                     row = work.assignments[(contact_id, segment)]
-                    found[segment] = assignment_from_row((*row[:8], "", row[8], row[9]))
+                    found[segment] = assignment_from_row((*row[:8], "", *row[8:]))
         return found
 
     def _uncommitted_mirror(self, contact_id: str) -> float:
@@ -299,7 +307,7 @@ class WriteBehindJournal(JournalStore):
         merge_newer(merged, before)
         merged.update(self._uncommitted(contact_id))
         # Changes forwarded to their segment's owner and not taken yet: queued, as they are.
-        for segment_id, intent, occurred_at, received_at in forwarded:
+        for segment_id, intent, occurred_at, received_at, lane in forwarded:
             known = merged.get(segment_id)
             version = occurred_at or received_at
             if known is None or version > known.version:
@@ -310,6 +318,7 @@ class WriteBehindJournal(JournalStore):
                     updated_at=received_at,
                     intent=intent_named(intent),
                     occurred_at=occurred_at,
+                    lane=lane_named(lane),
                 )
         return [merged[segment] for segment in sorted(merged)]
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from daemon.config import load_config
+import pytest
+
+from daemon.config import ConfigError, load_config
 from listeners import HubSpotSource, JsonSource, SalesforceSource
 
 BASE = """
@@ -56,3 +58,16 @@ def test_overrides_keep_text_as_text_and_parse_numbers_and_lists(tmp_path: Path)
     assert generic.contact_id == "'fixed-contact'"
     assert generic.signature_prefix == "1"
     assert [t.get_secret_value() for t in config.server.admin_tokens] == ["one", "two"]
+
+
+def test_the_bulk_read_share_is_a_fraction_below_one_and_an_error_names_its_key(
+    tmp_path: Path,
+) -> None:
+    config_file = tmp_path / "segmapd.toml"
+    config_file.write_text(BASE)
+    config = load_config(config_file, environ={"SEGMAPD_LIMITS__BULK_READ_SHARE_MIN": "0.35"})
+    assert config.limits.policy().bulk_share_min == 0.35
+    assert load_config(config_file, environ={}).limits.policy().bulk_share_min == 0.2
+    for bad in ("1", "1.5", "-0.1", "lots"):
+        with pytest.raises(ConfigError, match=r"limits\.bulk_read_share_min"):
+            load_config(config_file, environ={"SEGMAPD_LIMITS__BULK_READ_SHARE_MIN": bad})

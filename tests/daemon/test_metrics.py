@@ -19,7 +19,7 @@ from daemon.store.sqlite import SqliteStore
 from daemon.wiring import build_scheduler
 from listeners.base import Outcome
 from scheduler.engine import BatchingPolicy
-from scheduler.model import Assignment, FailureReason, State
+from scheduler.model import Assignment, FailureReason, Lane, State
 from scheduler.ratelimit import RateGate
 from scheduler.retry import RetryPolicy
 from tests.support.ci import IN_CI
@@ -108,11 +108,13 @@ def test_assignments_move_through_states_and_gauges_stay_right():
         )
         == 1
     )
-    assert value(m, "segmapd_assignment_active_latency_seconds_count") == 1
-    assert value(m, "segmapd_assignment_active_latency_seconds_sum") == pytest.approx(10.0)
-    assert value(m, "segmapd_assignment_active_latency_seconds_bucket", le="5.0") == 0
-    assert value(m, "segmapd_assignment_active_latency_seconds_bucket", le="10.0") == 1
-    assert value(m, "segmapd_assignment_active_latency_seconds_bucket", le="7200.0") == 1
+    live = {"lane": "live"}
+    assert value(m, "segmapd_assignment_active_latency_seconds_count", **live) == 1
+    assert value(m, "segmapd_assignment_active_latency_seconds_sum", **live) == pytest.approx(10.0)
+    assert value(m, "segmapd_assignment_active_latency_seconds_bucket", le="5.0", **live) == 0
+    assert value(m, "segmapd_assignment_active_latency_seconds_bucket", le="10.0", **live) == 1
+    assert value(m, "segmapd_assignment_active_latency_seconds_bucket", le="7200.0", **live) == 1
+    assert value(m, "segmapd_assignment_active_latency_seconds_count", lane="bulk") == 0
 
 
 def test_terminal_restart_of_the_same_object_does_not_go_negative():
@@ -129,7 +131,7 @@ def test_active_without_receipt_time_is_not_observed():
     m.transitioned(a, State.QUEUED)
     for state in (State.SENDING, State.WRITTEN, State.ACTIVE):
         move(m, a, state, 1_700_000_000.0)
-    assert value(m, "segmapd_assignment_active_latency_seconds_count") == 0
+    assert value(m, "segmapd_assignment_active_latency_seconds_count", lane="live") == 0
 
 
 def test_intake_counters():
@@ -194,7 +196,7 @@ def test_bulk_and_upstream_metrics():
 def test_validation_retry_and_notification_counters():
     m = Metrics()
     m.membership_read("seg-1", True)
-    m.membership_read("seg-1", True)
+    m.membership_read("seg-1", True, Lane.BULK)
     m.membership_read("seg-1", False)
     m.record_cache_hit(3)
     m.record_cache_hit()
@@ -202,8 +204,10 @@ def test_validation_retry_and_notification_counters():
     m.retry_scheduled("seg-1", 17, 2.5)
     m.record_notification("delivered")
     m.record_notification("failed")
-    assert value(m, "segmapd_validation_reads_total", result="member") == 2
-    assert value(m, "segmapd_validation_reads_total", result="not_member") == 1
+    assert value(m, "segmapd_validation_reads_total", result="member", lane="live") == 1
+    assert value(m, "segmapd_validation_reads_total", result="member", lane="bulk") == 1
+    assert value(m, "segmapd_validation_reads_total", result="not_member", lane="live") == 1
+    assert value(m, "segmapd_validation_reads_total", result="not_member", lane="bulk") == 0
     assert value(m, "segmapd_validation_cache_hits_total") == 4
     assert value(m, "segmapd_segment_refreshes_total") == 1
     assert value(m, "segmapd_retries_scheduled_total") == 17
@@ -213,22 +217,23 @@ def test_validation_retry_and_notification_counters():
 
 def test_bound_callables_are_read_at_scrape_time():
     m = Metrics()
-    assert value(m, "segmapd_buffer_depth") == 0
+    assert value(m, "segmapd_buffer_depth", lane="live") == 0
     counts = {"buffered": 5, "writes": 7, "validation": 2}
     waited = {"bulk": 1.5}
     m.bind_engine(
-        buffered=lambda: counts["buffered"],
+        buffered=lambda: {Lane.LIVE: counts["buffered"], Lane.BULK: 1},
         pending_writes=lambda: counts["writes"],
         pending_validation=lambda: counts["validation"],
     )
     m.bind_gates({"bulk": lambda: waited["bulk"], "read": lambda: 0.0})
-    assert value(m, "segmapd_buffer_depth") == 5
+    assert value(m, "segmapd_buffer_depth", lane="live") == 5
+    assert value(m, "segmapd_buffer_depth", lane="bulk") == 1
     assert value(m, "segmapd_pending_writes") == 7
     assert value(m, "segmapd_pending_validations") == 2
     assert value(m, "segmapd_ratelimit_wait_seconds_total", endpoint="bulk") == 1.5
     counts["buffered"] = 9
     waited["bulk"] = 4.0
-    assert value(m, "segmapd_buffer_depth") == 9
+    assert value(m, "segmapd_buffer_depth", lane="live") == 9
     assert value(m, "segmapd_ratelimit_wait_seconds_total", endpoint="bulk") == 4.0
     assert value(m, "segmapd_ratelimit_wait_seconds_total", endpoint="read") == 0.0
 
@@ -236,11 +241,11 @@ def test_bound_callables_are_read_at_scrape_time():
 def test_a_failing_callable_does_not_break_the_scrape(caplog):
     m = Metrics()
 
-    def broken() -> int:
+    def broken() -> dict[Lane, int]:
         raise RuntimeError("engine gone")
 
     m.bind_engine(buffered=broken, pending_writes=lambda: 1, pending_validation=lambda: 0)
-    assert math.isnan(value(m, "segmapd_buffer_depth"))
+    assert math.isnan(value(m, "segmapd_buffer_depth", lane="live"))
     assert value(m, "segmapd_pending_writes") == 1
     assert "metrics callback buffered failed" in caplog.text
 
@@ -279,7 +284,7 @@ def test_no_ids_or_secrets_in_labels():
 
 def exercised() -> Metrics:
     m = Metrics()
-    m.bind_engine(lambda: 3, lambda: 2, lambda: 1)
+    m.bind_engine(lambda: {Lane.LIVE: 3, Lane.BULK: 4}, lambda: 2, lambda: 1)
     m.bind_gates({"bulk": lambda: 0.5, "single": lambda: 0.0, "read": lambda: 1.25})
     m.record_webhook("crm", "standard", 202)
     m.record_delivery("crm", "standard", Outcome(accepted=2, events=1))
@@ -329,7 +334,9 @@ def test_work_taken_back_from_the_journal_is_in_the_state_gauges():
     ).engine
     written = Assignment("c3", "s", state=State.WRITTEN, received_at=1.0, updated_at=2.0)
     engine.restore(
-        [written], [], queued=[("c1", "s", 1.0, "add", 0.0), ("c2", "s", 1.0, "add", 0.0)]
+        [written],
+        [],
+        queued=[("c1", "s", 1.0, "add", 0.0, "live"), ("c2", "s", 1.0, "add", 0.0, "live")],
     )
     assert by_state(m)["queued"] == 2
     assert by_state(m)["written"] == 1

@@ -56,6 +56,7 @@ async def test_status_dead_letters_and_replay(
     code, out, _ = await segmapd("status", "100000000123", *admin_args(daemon), env=cli_env)
     assert code == 0
     assert "VIP" in out and "Spanish" in out and out.count("active") == 2
+    assert "LANE" in out and out.count(" live ") == 2
 
     code, out, _ = await segmapd("dlq", "list", *admin_args(daemon), env=cli_env)
     assert code == 0 and "ghost" in out and "contact_not_found" in out
@@ -94,7 +95,9 @@ async def test_import_backfills_a_csv_and_reports_bad_rows(
     assert "imported 120 of 122 rows: 240 assignments accepted" in out
     assert "line 51" in out and "line 71" in out
     assert "120/121" in err or "121/121" in err  # the progress bar reached the end
-    await daemon.wait_states(http, "300000000119", {"active"}, 30)
+    done = await daemon.wait_states(http, "300000000119", {"active"}, 30)
+    # A backfill: every imported assignment went in the bulk lane.
+    assert {segment["lane"] for segment in done.values()} == {"bulk"}
 
 
 async def test_healthcheck_answers_a_not_ready_daemon_at_once_without_asking_again(

@@ -56,8 +56,8 @@ async def test_a_read_backlog_past_the_deadline_fails_nothing_and_is_shown_while
     assert "memberships wait for a read" in out and "waiting is not a failure" in out
     async with http.get(f"{daemon.url}/metrics") as r:
         metrics = await r.text()
-    assert gauge(metrics, "segmapd_validation_reads_waiting") > 0
-    assert gauge(metrics, "segmapd_validation_read_backlog_seconds") >= 0
+    assert gauge(metrics, 'segmapd_validation_reads_waiting{lane="live"}') > 0
+    assert gauge(metrics, 'segmapd_validation_read_backlog_seconds{lane="live"}') >= 0
 
     # Every pair waited past the deadline for its first read, and none failed.
     for i in range(PAIRS):

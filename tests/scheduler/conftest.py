@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -13,13 +14,13 @@ from daemon.cxone import HttpCXoneClient
 from daemon.store.memory import MemoryStore
 from daemon.wiring import build_scheduler
 from scheduler.engine import BatchingPolicy, Engine
-from scheduler.model import Assignment, State
+from scheduler.model import Assignment, Lane, State
 from scheduler.observer import EngineObserver
 from scheduler.ownership import Ownership
 from scheduler.ratelimit import RateGate
 from scheduler.retry import RetryPolicy
 from scheduler.upstream import BulkResult, MembershipResult, RefreshResult, SingleResult
-from scheduler.validation import MembershipPoller, ValidationPolicy
+from scheduler.validation import MembershipPoller, ReadLanePolicy, ValidationPolicy
 from scheduler.validation_state import MemoryConfirmationCache, MemoryRefreshBudget
 from tests.support.cxone import emulator_settings
 from tests.support.emulator import EmulatorControl
@@ -40,6 +41,7 @@ class RecordingObserver(EngineObserver):
         self.states: dict[tuple[str, str], State] = {}
         self.max_inflight_per_contact = 0
         self._inflight: dict[str, int] = {}
+        self.reads_by_lane: Counter[Lane] = Counter()
 
     def transitioned(self, assignment: Assignment, previous: State) -> None:
         in_flight = {State.SENDING, State.RETRYING}
@@ -63,6 +65,9 @@ class RecordingObserver(EngineObserver):
 
     def retry_scheduled(self, segment_id: str, ids: int, delay_s: float) -> None:
         self.retries.append((segment_id, ids, delay_s))
+
+    def membership_read(self, segment_id: str, is_member: bool, lane: Lane = Lane.LIVE) -> None:
+        self.reads_by_lane[lane] += 1
 
 
 class KeyLog:
@@ -158,6 +163,7 @@ async def make_engine(
         seed: int = 42,
         validation: ValidationPolicy | None = None,
         read_rps: float = 200.0,
+        read_lanes: ReadLanePolicy | None = None,
         ownership: Ownership | None = None,
         **settings: Any,
     ) -> EngineHarness:
@@ -178,6 +184,7 @@ async def make_engine(
             retry=retry,
             observer=observer,
             validation=validation,
+            read_lanes=read_lanes,
             cache=(
                 MemoryConfirmationCache(validation.cache_ttl_s) if validation is not None else None
             ),

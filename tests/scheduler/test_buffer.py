@@ -1,4 +1,5 @@
 from scheduler.buffer import CoalescingBuffer, ContactGate
+from scheduler.model import Lane
 
 
 def make(min_size=3, max_size=5, linger_s=1.0):
@@ -71,9 +72,9 @@ def test_contact_gate_limits_in_flight_segments_per_contact():
     assert gate.inflight("c") == 3
     assert gate.parked == 2
     assert gate.is_parked("c", "s4") and not gate.is_parked("c", "s1")
-    assert gate.release("c") == ("s4", 0.0)
+    assert gate.release("c") == ("s4", 0.0, Lane.LIVE)
     assert gate.inflight("c") == 3
-    assert gate.release("c") == ("s5", 0.0)
+    assert gate.release("c") == ("s5", 0.0, Lane.LIVE)
     assert gate.release("c") is None
     assert gate.inflight("c") == 2
     assert gate.release("c") is None
@@ -93,4 +94,8 @@ def test_fresh_ids_keep_their_time_and_retries_have_none():
     buffer.add("seg", "a", 5.0)
     buffer.add("seg", "b", 6.0)
     buffer.add_retry("seg", ["r"])
-    assert buffer.take_entries("seg") == [("r", None), ("a", 5.0), ("b", 6.0)]
+    assert buffer.take_entries("seg") == [
+        ("r", None, None),
+        ("a", 5.0, Lane.LIVE),
+        ("b", 6.0, Lane.LIVE),
+    ]

@@ -110,7 +110,7 @@ async def test_segments_taken_over_are_resumed_from_the_journal_at_runtime(
     engine = harness.engine
     now = time.time()
     # What the previous owner left: queued work, and a change forwarded to this instance.
-    queued = [(f"t{i}", "TAKEN", now, "add", 0.0) for i in range(30)]
+    queued = [(f"t{i}", "TAKEN", now, "add", 0.0, "live") for i in range(30)]
     ownership.owned.add("TAKEN")
     engine.adopt([], [], queued)
     engine.submit_forwarded([ForwardedChange("t99", "TAKEN", Intent.ADD, 0.0, now)], {})

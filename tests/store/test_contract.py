@@ -14,7 +14,7 @@ from daemon.config import StoreConfig
 from daemon.store import JournalStore, Recovered, from_url
 from daemon.store.postgres import PostgresStore
 from daemon.store.sqlite import SqliteStore
-from scheduler.model import Assignment, FailureReason, State
+from scheduler.model import Assignment, FailureReason, Lane, State
 from scheduler.store import BatchRecord
 from tests.support.postgres import PostgresServer
 
@@ -107,6 +107,53 @@ async def test_latest_state_and_history_are_kept(store):
     ]
     assert saved.history[-1][1] == NOW + 1010.0
     assert await store.contact("nobody") == []
+
+
+async def test_each_assignment_keeps_its_lane(store):
+    bulk = new("c1", "s1")
+    bulk.lane = Lane.BULK
+    store.record(bulk)
+    store.record(new("c1", "s2"))
+    await store.flush()
+    lanes = {a.segment_id: a.lane for a in await store.contact("c1")}
+    assert lanes == {"s1": Lane.BULK, "s2": Lane.LIVE}
+    bulk.transition(State.SENDING, NOW + 1001.0)
+    store.record(bulk)  # not yet committed: reads see it all the same
+    history = (await store.histories(["c1"]))["c1"].assignments
+    assert (history["s1"].state, history["s1"].lane) == (State.SENDING, Lane.BULK)
+    await store.flush()
+    [saved, _] = await store.contact("c1")
+    assert (saved.state, saved.lane) == (State.SENDING, Lane.BULK)
+
+
+async def test_the_lane_of_unfinished_work_survives_a_restart(
+    durable: Callable[[], JournalStore],
+):
+    first = durable()
+    await first.open()
+    queued_bulk, queued_live, written_bulk = new("q1", "s"), new("q2", "s"), new("w1", "s")
+    queued_bulk.lane = written_bulk.lane = Lane.BULK
+    written_bulk.transition(State.SENDING, NOW + 1001.0)
+    written_bulk.transition(State.WRITTEN, NOW + 1002.0)
+    for a in (queued_bulk, queued_live, written_bulk):
+        first.record(a)
+    await first.flush()
+    await first.close()
+    second = durable()
+    recovered = await recover(second)
+    try:
+        assert sorted((c, lane) for c, _, _, _, _, lane in recovered.queued) == [
+            ("q1", "bulk"),
+            ("q2", "live"),
+        ]
+        [written] = recovered.assignments
+        assert (written.contact_id, written.state, written.lane) == (
+            "w1",
+            State.WRITTEN,
+            Lane.BULK,
+        )
+    finally:
+        await second.close()
 
 
 async def test_failed_are_listed_oldest_first_and_counted(store):

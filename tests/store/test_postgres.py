@@ -17,7 +17,7 @@ from daemon.store import StoreOpenError, StoreUnreachable, from_url
 from daemon.store.pg_common import fence_sql
 from daemon.store.postgres import MIGRATIONS, PostgresStore
 from daemon.store.shards import SHARDS
-from scheduler.model import Assignment, Intent, State
+from scheduler.model import Assignment, Intent, Lane, State
 from scheduler.ownership import ForwardedChange
 from scheduler.store import BatchRecord, StoreUnavailable
 from tests.support.postgres import PostgresServer
@@ -74,6 +74,41 @@ async def test_instances_starting_together_migrate_once(
     assert versions == list(range(1, len(MIGRATIONS) + 1))
 
 
+async def test_a_journal_from_before_lanes_is_upgraded_and_its_rows_are_live(
+    journal: Callable[..., PostgresStore], postgres: PostgresServer, postgres_url: str
+):
+    connection = await asyncpg.connect(postgres_url, password=postgres.password)
+    try:
+        await connection.execute(
+            "CREATE TABLE segmapd_schema (version INTEGER PRIMARY KEY, "
+            "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
+        for number, script in enumerate(MIGRATIONS[:3], start=1):
+            await connection.execute(script)
+            await connection.execute("INSERT INTO segmapd_schema (version) VALUES ($1)", number)
+        await connection.execute(
+            "INSERT INTO assignments (contact_id, segment_id, state, received_at, updated_at, "
+            "history) VALUES ('c-old', 's', 'queued', $1, $1, 'queued:1.0;')",
+            NOW,
+        )
+        await connection.execute(
+            "INSERT INTO segmapd_inbox (shard, contact_id, segment_id, intent, occurred_at, "
+            "received_at) VALUES (0, 'c-in', 's', 'add', 0, $1)",
+            NOW,
+        )
+    finally:
+        await connection.close()
+    store = journal()
+    await store.open()
+    try:
+        [old] = await store.contact("c-old")
+        assert (old.state, old.lane) == (State.QUEUED, Lane.LIVE)
+        [(_, row)] = await store.read_inbox(list(range(SHARDS)), 10)
+        assert row[-1] == "live"
+    finally:
+        await store.close()
+
+
 async def test_a_newer_schema_is_refused_untouched(
     journal: Callable[..., PostgresStore], postgres: PostgresServer, postgres_url: str
 ):
@@ -123,8 +158,8 @@ async def test_what_is_unfinished_is_recovered_after_a_restart(
     try:
         assert opened.queued == [] and opened.assignments == []
         assert sorted(recovered.queued) == [
-            ("q1", "s1", NOW, "add", 0.0),
-            ("q2", "s2", NOW, "add", 0.0),
+            ("q1", "s1", NOW, "add", 0.0, "live"),
+            ("q2", "s2", NOW, "add", 0.0, "live"),
         ]
         [sending] = recovered.assignments
         assert (sending.contact_id, sending.state) == ("w1", State.SENDING)
@@ -449,14 +484,17 @@ async def test_forwarded_changes_reach_the_owner_once_and_show_as_queued(
     await asyncio.gather(first.open(), second.open())
     try:
         first.forward(ForwardedChange("c9", "vip", Intent.ADD, NOW, NOW + 1))
-        first.forward(ForwardedChange("c9", "old", Intent.REMOVE, 0.0, NOW + 2))
+        first.forward(ForwardedChange("c9", "old", Intent.REMOVE, 0.0, NOW + 2, lane=Lane.BULK))
         await first.flush()
-        # Status from any instance shows them queued until their owner takes them.
+        # Status from any instance shows them queued until their owner takes them, each in
+        # the lane it came in.
         [old, vip] = await second.contact("c9")
         assert (vip.segment_id, vip.state, vip.intent) == ("vip", State.QUEUED, Intent.ADD)
         assert (old.segment_id, old.intent) == ("old", Intent.REMOVE)
+        assert (vip.lane, old.lane) == (Lane.LIVE, Lane.BULK)
         rows = await second.read_inbox(list(range(SHARDS)), 10)
         assert [row[2] for _, row in rows] == ["vip", "old"]
+        assert [row[-1] for _, row in rows] == ["live", "bulk"]
         second.consume_inbox([(row_id, row[0]) for row_id, row in rows])
         await second.flush()
         assert await first.read_inbox(list(range(SHARDS)), 10) == []

@@ -20,7 +20,7 @@ from daemon.store.sqlite import (
     StoreOpenError,
     StoreUnavailable,
 )
-from scheduler.model import Assignment, FailureReason, Intent, State
+from scheduler.model import Assignment, FailureReason, Intent, Lane, State
 from scheduler.store import BatchRecord
 from tests.support.disks import fill, small_tmpfs
 
@@ -63,7 +63,7 @@ async def test_unfinished_work_of_every_kind_survives_a_restart(tmp_path: Path):
     again = SqliteStore(path)
     recovered = await again.open()
     try:
-        assert [(c, s, i) for c, s, _, i, _ in recovered.queued] == [("c-queued", "s", "add")]
+        assert [(c, s, i) for c, s, _, i, _, _ in recovered.queued] == [("c-queued", "s", "add")]
         assert sorted(a.contact_id for a in recovered.assignments) == [
             "c-retrying",
             "c-sending",
@@ -468,13 +468,15 @@ async def test_a_journal_of_the_previous_release_is_upgraded_in_place(tmp_path: 
     store = SqliteStore(str(path))
     recovered = await store.open()
     try:
-        assert recovered.queued == [("c-q", "s", 1.0, "add", 0.0)]
+        assert recovered.queued == [("c-q", "s", 1.0, "add", 0.0, "live")]
         by_id = {a.contact_id: a for a in recovered.assignments}
         assert {c: (a.state, a.intent) for c, a in by_id.items()} == {
             "c-v": (State.VERIFYING, Intent.ADD),
             "c-s": (State.SENDING, Intent.ADD),
         }
         assert [s for s, _ in by_id["c-v"].history or []] == ["queued", "sending", "verifying"]
+        # Every row of a journal from before lanes is live.
+        assert {a.lane for a in recovered.assignments} == {Lane.LIVE}
         assert recovered.batches == [BatchRecord("b1", "s", ("c-s",), "s:k1", 1, Intent.ADD)]
         assert [(c, m) for c, _, _, m in recovered.confirmations] == [("c-a", True)]
         # And the upgraded journal takes removals.

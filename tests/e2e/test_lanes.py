@@ -1,0 +1,253 @@
+"""Live changes first (issue 21): real daemons and the emulator, reads limited.
+
+A live change is confirmed ahead of a bulk backlog, bulk keeps its share of reads under a live
+flood, and the lane survives a SIGKILL and a hop between instances. Every assertion is on order
+or state (what is still waiting when the live change is done, reads counted per lane), never on
+how long something took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from typing import Any
+
+import aiohttp
+
+from tests.e2e.conftest import Daemon, StartDaemon
+from tests.e2e.test_cluster import start_cluster
+from tests.support.emulator import EmulatorControl
+from tests.support.postgres import PostgresServer
+
+READ_RPS = 20
+
+
+async def lane_metric(http: aiohttp.ClientSession, daemon: Daemon, name: str, lane: str) -> float:
+    """The sum of a metric's samples of one lane (over its other labels)."""
+    async with http.get(f"{daemon.url}/metrics") as response:
+        text = await response.text()
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") and f'lane="{lane}"' in line
+    )
+
+
+async def post_mappings(
+    http: aiohttp.ClientSession, daemon: Daemon, events: Any, query: str = ""
+) -> tuple[int, Any]:
+    async with http.post(
+        f"{daemon.url}/v1/mappings{query}", json=events, headers=daemon.admin
+    ) as response:
+        return response.status, await response.json(content_type=None)
+
+
+def bulk_events(prefix: str, count: int, segments: list[str]) -> list[dict[str, Any]]:
+    return [{"contactId": f"{prefix}{i}", "segmentIds": segments} for i in range(count)]
+
+
+async def limit_reads(emulator: EmulatorControl, rate: float) -> None:
+    await emulator.configure({"limits": {"read": {"rate": rate, "burst": rate}}})
+
+
+async def until_bulk_waits(
+    http: aiohttp.ClientSession, daemon: Daemon, at_least: float, timeout_s: float = 30.0
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    waiting = 0.0
+    while time.monotonic() < deadline:
+        waiting = await lane_metric(http, daemon, "segmapd_validation_reads_waiting", "bulk")
+        if waiting >= at_least:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"only {waiting} bulk reads ever waited")
+
+
+async def test_a_live_change_is_active_while_a_bulk_backlog_still_waits_for_its_reads(
+    start_daemon: StartDaemon, emulator: EmulatorControl, http: aiohttp.ClientSession
+):
+    await limit_reads(emulator, READ_RPS)
+    daemon = await start_daemon(limits={"read_rps": READ_RPS})
+    for start in (0, 600):
+        status, body = await post_mappings(
+            http, daemon, bulk_events("bf", 1200, ["BACKFILL"])[start : start + 600], "?lane=bulk"
+        )
+        assert status == 202, body
+    await until_bulk_waits(http, daemon, 600)
+
+    status, body = await post_mappings(
+        http, daemon, {"contactId": "live-1", "segmentIds": ["VIP"]}, "?wait=60"
+    )
+    assert status == 200, body
+    assert body["results"][0]["segments"][0]["state"] == "active"
+    assert body["results"][0]["segments"][0]["lane"] == "live"
+    # At the read limit the backlog needs a minute: most of it is still unconfirmed.
+    waiting = await lane_metric(http, daemon, "segmapd_validation_reads_waiting", "bulk")
+    assert waiting >= 600, waiting
+    status, contact = await daemon.contact(http, "bf1199")
+    assert status == 200
+    [segment] = contact["segments"]
+    assert segment["lane"] == "bulk" and segment["state"] != "active", segment
+    lanes = contact["validation"]["lanes"]
+    assert lanes["bulk"]["readsWaiting"] >= 600 and lanes["live"]["readsWaiting"] == 0, lanes
+
+
+async def test_bulk_is_confirmed_at_its_share_of_reads_under_a_live_flood(
+    start_daemon: StartDaemon, emulator: EmulatorControl, http: aiohttp.ClientSession
+):
+    await limit_reads(emulator, READ_RPS)
+    share = 0.25
+    daemon = await start_daemon(limits={"read_rps": READ_RPS, "bulk_read_share_min": share})
+    status, body = await post_mappings(
+        http, daemon, bulk_events("fl-bulk-", 400, ["FLOODBULK"]), "?lane=bulk"
+    )
+    assert status == 202, body
+    await until_bulk_waits(http, daemon, 300)
+
+    stop = asyncio.Event()
+
+    async def flood() -> None:
+        # Far more live changes than the read limit confirms: live always has reads due.
+        n = 0
+        while not stop.is_set():
+            events = [{"contactId": f"fl-live-{n + i}", "segmentIds": ["FLOOD"]} for i in range(20)]
+            n += 20
+            status, body = await post_mappings(http, daemon, events)
+            assert status == 202, body
+            await asyncio.sleep(0.25)
+
+    task = asyncio.create_task(flood())
+    try:
+        # Let the live reads queue up, then count a stretch of reads.
+        deadline = time.monotonic() + 30
+        while await lane_metric(http, daemon, "segmapd_validation_reads_waiting", "live") < 40:
+            assert time.monotonic() < deadline, "the live flood never queued reads"
+            await asyncio.sleep(0.1)
+        name = "segmapd_validation_reads_total"
+        live_before = await lane_metric(http, daemon, name, "live")
+        bulk_before = await lane_metric(http, daemon, name, "bulk")
+        confirmed_before = await lane_metric(
+            http, daemon, "segmapd_assignment_active_latency_seconds_count", "bulk"
+        )
+        while await lane_metric(http, daemon, name, "live") - live_before < 100:
+            await asyncio.sleep(0.2)
+        live = await lane_metric(http, daemon, name, "live") - live_before
+        bulk = await lane_metric(http, daemon, name, "bulk") - bulk_before
+        confirmed = (
+            await lane_metric(
+                http, daemon, "segmapd_assignment_active_latency_seconds_count", "bulk"
+            )
+            - confirmed_before
+        )
+        assert await lane_metric(http, daemon, "segmapd_validation_reads_waiting", "live") > 0
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await task
+    # Bulk never starves below its share (slack for the reads in flight at either end), and
+    # live still gets most reads.
+    assert bulk >= share * (live + bulk) * 0.7, (live, bulk)
+    assert live >= (1 - share) * (live + bulk) * 0.7, (live, bulk)
+    assert confirmed > 0
+
+
+async def test_the_lane_survives_a_sigkill_and_bulk_work_is_read_as_bulk_after_it(
+    start_daemon: StartDaemon, emulator: EmulatorControl, http: aiohttp.ClientSession
+):
+    # Reads refused: the pairs are written and wait for reads when the daemon is killed.
+    await emulator.configure({"limits": {"read": {"rate": 0, "burst": 1}}})
+    daemon = await start_daemon(limits={"read_rps": READ_RPS})
+    status, body = await post_mappings(
+        http, daemon, bulk_events("kl", 100, ["KILLED"]), "?lane=bulk"
+    )
+    assert status == 202, body
+    await until_bulk_waits(http, daemon, 1)
+    daemon.process.signal(signal.SIGKILL)
+    await asyncio.to_thread(daemon.process.wait, 10)
+    await limit_reads(emulator, 1000)
+    await asyncio.to_thread(daemon.restart)
+
+    status, contact = await daemon.contact(http, "kl99")
+    assert status == 200
+    assert contact["segments"][0]["lane"] == "bulk", contact
+    for i in range(100):
+        done = await daemon.wait_states(http, f"kl{i}", {"active"}, 60)
+        assert done["KILLED"]["lane"] == "bulk"
+    name = "segmapd_validation_reads_total"
+    assert await lane_metric(http, daemon, name, "bulk") >= 100
+    assert await lane_metric(http, daemon, name, "live") == 0
+
+
+async def test_several_instances_on_postgresql_keep_each_changes_lane(
+    start_daemon: StartDaemon,
+    emulator: EmulatorControl,
+    http: aiohttp.ClientSession,
+    postgres: PostgresServer,
+    postgres_url: str,
+):
+    daemons = await start_cluster(start_daemon, postgres, postgres_url, 2)
+    segments = ["PGL1", "PGL2", "PGL3", "PGL4", "PGL5", "PGL6"]
+    # Each instance takes changes for every segment: some are forwarded to the other's inbox.
+    first, second = daemons
+    status, body = await post_mappings(http, first, bulk_events("pgb", 40, segments), "?lane=bulk")
+    assert status == 202, body
+    status, body = await post_mappings(http, second, bulk_events("pgl", 40, segments))
+    assert status == 202, body
+    for prefix, lane in (("pgb", "bulk"), ("pgl", "live")):
+        for i in (0, 17, 39):
+            for daemon in daemons:
+                done = await daemon.wait_states(http, f"{prefix}{i}", {"active"}, 60)
+                assert {s["lane"] for s in done.values()} == {lane}, done
+    name = "segmapd_assignment_active_latency_seconds_count"
+    bulk = [await lane_metric(http, d, name, "bulk") for d in daemons]
+    live = [await lane_metric(http, d, name, "live") for d in daemons]
+    # Both instances confirmed work of both lanes: the forwarded changes kept theirs.
+    assert all(b > 0 for b in bulk) and all(v > 0 for v in live), (bulk, live)
+    assert sum(bulk) == sum(live) == 40 * len(segments)
+
+
+async def test_a_lane_other_than_live_or_bulk_is_refused_naming_it(
+    start_daemon: StartDaemon, http: aiohttp.ClientSession
+):
+    daemon = await start_daemon()
+    event = {"contactId": "100000000001", "segmentIds": ["VIP"]}
+    for query in ("?lane=fast", "?lane=", "?lane=bulk&lane=live", "?lane=BULK"):
+        status, problem = await post_mappings(http, daemon, event, query)
+        assert (status, problem["field"]) == (400, "lane"), (query, problem)
+    status, _ = await post_mappings(http, daemon, event, "?lane=live")
+    assert status == 202
+    async with http.post(
+        f"{daemon.url}/v1/dead-letters/replay", json={"lane": "fast"}, headers=daemon.admin
+    ) as response:
+        assert response.status == 400
+        assert (await response.json())["field"] == "lane"
+
+
+async def test_replaying_every_dead_letter_is_bulk_and_named_contacts_are_live(
+    start_daemon: StartDaemon, emulator: EmulatorControl, http: aiohttp.ClientSession
+):
+    contacts = ["500000000101", "500000000102", "500000000103"]
+    await emulator.set_missing_contacts(contacts)
+    daemon = await start_daemon()
+    status, _ = await daemon.webhook(http, [{"contactId": c, "add": ["VIP"]} for c in contacts])
+    assert status == 202
+    for contact in contacts:
+        await daemon.wait_states(http, contact, {"failed"}, 30)
+    # Still missing: each replay fails again, which shows the lane it ran in.
+    replays: list[tuple[dict[str, Any], dict[str, str]]] = [
+        ({"contactIds": [contacts[0]]}, {contacts[0]: "live"}),
+        ({"contactIds": [contacts[1]], "lane": "bulk"}, {contacts[1]: "bulk"}),
+        ({}, dict.fromkeys(contacts, "bulk")),
+        ({"lane": "live"}, dict.fromkeys(contacts, "live")),
+    ]
+    for body, lanes in replays:
+        async with http.post(
+            f"{daemon.url}/v1/dead-letters/replay", json=body, headers=daemon.admin
+        ) as response:
+            assert response.status == 202, await response.text()
+        for contact, lane in lanes.items():
+            _, seen = await daemon.contact(http, contact)
+            assert seen["segments"][0]["lane"] == lane, (body, seen)
+            await daemon.wait_states(http, contact, {"failed"}, 30)

@@ -1,0 +1,198 @@
+"""Live and bulk lanes (issue 21): batch order, which batch goes first, the read share."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from scheduler.accumulator import Accumulator, BatchingPolicy
+from scheduler.buffer import CoalescingBuffer, ContactGate
+from scheduler.model import Intent, Lane, MembershipChange, State
+from scheduler.validation import ReadLanePolicy, ValidationPolicy
+from tests.scheduler.conftest import MakeEngine
+from tests.support.emulator import EmulatorControl
+
+ADD = Intent.ADD
+
+
+def buffer(max_size: int = 4, linger_s: float = 1.0) -> CoalescingBuffer[str]:
+    return CoalescingBuffer(min_size=1, max_size=max_size, linger_s=linger_s)
+
+
+def test_a_batch_takes_retries_then_live_then_bulk_and_bulk_fills_what_live_leaves():
+    b = buffer(max_size=4)
+    b.add("s", "b1", 1.0, Lane.BULK)
+    b.add("s", "b2", 2.0, Lane.BULK)
+    b.add("s", "b3", 3.0, Lane.BULK)
+    b.add("s", "l1", 4.0, Lane.LIVE)
+    b.add_retry("s", ["r1"], Lane.BULK)
+    assert b.take_entries("s") == [
+        ("r1", None, None),
+        ("l1", 4.0, Lane.LIVE),
+        ("b1", 1.0, Lane.BULK),
+        ("b2", 2.0, Lane.BULK),
+    ]
+    assert b.take_entries("s") == [("b3", 3.0, Lane.BULK)]
+    assert len(b) == 0
+
+
+def test_a_due_segment_holding_live_ids_goes_before_older_bulk_work():
+    b = buffer(max_size=2, linger_s=1.0)
+    # Both full (due at once); the bulk-only one holds the older ids.
+    b.add("bulk-only", "b1", 1.0, Lane.BULK)
+    b.add("bulk-only", "b2", 2.0, Lane.BULK)
+    b.add("mixed", "b3", 3.0, Lane.BULK)
+    b.add("mixed", "l1", 9.0, Lane.LIVE)
+    assert b.pick(10.0, spare_capacity=False) == "mixed"
+    b.take("mixed")
+    assert b.pick(10.0, spare_capacity=False) == "bulk-only"
+
+
+def test_among_live_segments_the_oldest_live_id_goes_first_and_undue_ones_wait():
+    b = buffer(max_size=10, linger_s=1.0)
+    b.add("young", "l2", 9.5, Lane.LIVE)
+    b.add("old", "l1", 8.0, Lane.LIVE)
+    b.add("waiting", "l3", 9.9, Lane.LIVE)
+    # At 10.0 "young" (9.5) has not lingered its second yet: only "old" is due.
+    assert b.pick(10.0, spare_capacity=False) == "old"
+    assert b.pick(10.6, spare_capacity=False) == "old"
+    b.take("old")
+    assert b.pick(10.6, spare_capacity=False) == "young"
+
+
+def test_without_live_ids_the_oldest_due_segment_goes_first_as_before():
+    b = buffer(max_size=10, linger_s=1.0)
+    b.add("a", "x", 5.0, Lane.BULK)
+    b.add("b", "y", 3.0, Lane.BULK)
+    assert b.pick(10.0, spare_capacity=False) == "b"
+
+
+def test_a_queued_id_moves_lanes_keeping_its_time():
+    b = buffer()
+    b.add("s", "c", 1.0, Lane.BULK)
+    assert not b.add("s", "c", 2.0, Lane.LIVE)  # coalesced: the lane moves explicitly
+    assert b.lane_of("s", "c") is Lane.BULK
+    assert b.set_lane("s", "c", Lane.LIVE)
+    assert b.lane_of("s", "c") is Lane.LIVE
+    assert b.entry("s", "c") == 1.0
+    assert not b.set_lane("s", "absent", Lane.LIVE)
+    assert b.depth_by_lane() == {Lane.LIVE: 1, Lane.BULK: 0}
+
+
+def test_the_contact_gate_keeps_a_parked_assignments_lane():
+    gate: ContactGate[str] = ContactGate(1)
+    assert gate.admit("c", "s1", 1.0, Lane.LIVE)
+    assert not gate.admit("c", "s2", 2.0, Lane.BULK)
+    assert gate.parked_lane("c", "s2") is Lane.BULK
+    assert gate.release("c") == ("s2", 2.0, Lane.BULK)
+
+
+async def test_a_released_parked_bulk_pair_is_queued_in_the_bulk_lane():
+    accumulator = Accumulator(BatchingPolicy(max_inflight_per_contact=1))
+    key = ("s2", ADD)
+    assert accumulator.admit("c", ("s1", ADD), 1.0, Lane.LIVE)
+    assert not accumulator.admit("c", key, 2.0, Lane.BULK)
+    assert accumulator.lane_of("c", key) is Lane.BULK
+    accumulator.set_lane("c", key, Lane.LIVE)  # a live change joined it while parked
+    assert accumulator.lane_of("c", key) is Lane.LIVE
+    accumulator.set_lane("c", key, Lane.BULK)
+    accumulator.release("c")
+    assert accumulator.buffer.lane_of(key, "c") is Lane.BULK
+
+
+def test_the_read_share_must_be_below_one():
+    with pytest.raises(ValueError, match="bulk_share_min"):
+        ReadLanePolicy(bulk_share_min=1.0)
+    with pytest.raises(ValueError, match="bulk_share_min"):
+        ReadLanePolicy(bulk_share_min=-0.1)
+    assert ReadLanePolicy(0.2).credit_per_live_read == pytest.approx(0.25)
+
+
+async def test_a_live_change_joining_queued_bulk_work_moves_it_to_the_live_lane(
+    make_engine: MakeEngine,
+):
+    # A long linger keeps the pair queued while the live change arrives.
+    harness = await make_engine(batching=BatchingPolicy(linger_s=30.0, min_size=200))
+    engine = harness.engine
+    engine.submit(MembershipChange("c1", ("VIP",), lane=Lane.BULK))
+    [queued] = await harness.store.contact("c1")
+    assert (queued.state, queued.lane) == (State.QUEUED, Lane.BULK)
+    result = engine.submit(MembershipChange("c1", ("VIP",)))
+    assert result.joined == 1
+    [joined] = await harness.store.contact("c1")
+    assert (joined.state, joined.lane) == (State.QUEUED, Lane.LIVE)
+    # A bulk change never moves live work back.
+    engine.submit(MembershipChange("c1", ("VIP",), lane=Lane.BULK))
+    [kept] = await harness.store.contact("c1")
+    assert kept.lane is Lane.LIVE
+
+
+async def test_bulk_keeps_its_read_share_under_a_live_flood_and_live_goes_first(
+    make_engine: MakeEngine, emulator: EmulatorControl
+):
+    # Nothing is indexed (no refresh within the window): every pair is read again at every
+    # interval, so both lanes always have far more reads due than the read rate sends.
+    await emulator.configure(
+        {
+            "indexing": {"median_s": 0.2, "p99_s": 0.4, "stall_fraction": 1.0},
+            "limits": {"read": {"rate": 1000, "burst": 1000}},
+        }
+    )
+    share = 0.2
+    harness = await make_engine(
+        validation=ValidationPolicy(
+            interval_s=0.5, window_s=600.0, refresh_min_interval_s=3600.0, deadline_s=600.0
+        ),
+        batching=BatchingPolicy(linger_s=0.05),
+        read_rps=60.0,
+        read_lanes=ReadLanePolicy(bulk_share_min=share),
+        write_rps=50.0,
+    )
+    engine = harness.engine
+    for i in range(150):
+        engine.submit(MembershipChange(f"bulk-{i}", ("share-bulk",), lane=Lane.BULK))
+        engine.submit(MembershipChange(f"live-{i}", ("share-live",)))
+    poller = harness.poller
+    assert poller is not None
+    # Wait until both lanes are written and waiting for reads, then count a stretch of reads.
+    for _ in range(400):
+        lanes = poller.backlog().lanes
+        if lanes[Lane.LIVE].waiting >= 100 and lanes[Lane.BULK].waiting >= 100:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError(f"lanes never both waited: {poller.backlog()}")
+    start = len(harness.client.reads)
+    while len(harness.client.reads) < start + 240:
+        await asyncio.sleep(0.05)
+    window = harness.client.reads[start : start + 240]
+    bulk = sum(segment == "share-bulk" for segment, _, _ in window)
+    live = len(window) - bulk
+    # Live goes first, but bulk gets its share (slack for reads in flight at either end).
+    assert bulk >= share * len(window) * 0.8, (bulk, live)
+    assert live >= (1 - share) * len(window) * 0.8, (bulk, live)
+    assert harness.observer.reads_by_lane[Lane.BULK] > 0
+
+
+async def test_without_live_reads_due_bulk_gets_every_read(
+    make_engine: MakeEngine, emulator: EmulatorControl
+):
+    await emulator.configure(
+        {
+            "indexing": {"median_s": 0.2, "p99_s": 0.4, "stall_fraction": 0.0},
+            "limits": {"read": {"rate": 1000, "burst": 1000}},
+        }
+    )
+    harness = await make_engine(
+        validation=ValidationPolicy(interval_s=0.5, window_s=60.0, deadline_s=600.0),
+        batching=BatchingPolicy(linger_s=0.05),
+        read_rps=100.0,
+        read_lanes=ReadLanePolicy(bulk_share_min=0.0),
+    )
+    contacts = [f"alone-{i}" for i in range(60)]
+    for contact in contacts:
+        harness.engine.submit(MembershipChange(contact, ("only-bulk",), lane=Lane.BULK))
+    for contact in contacts:
+        [done] = await harness.engine.wait(contact, ("only-bulk",), 30)
+        assert (done.state, done.lane) == (State.ACTIVE, Lane.BULK)
