@@ -7,7 +7,6 @@ always gets a specific 4xx naming the problem; a 500 means a bug in segmapd, nev
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import errno
 import hmac
 import logging
@@ -17,7 +16,6 @@ import re
 import resource
 import time
 from collections.abc import Awaitable, Callable
-from functools import partial
 from typing import Any
 
 import orjson
@@ -30,11 +28,11 @@ from daemon.intake import receive
 from daemon.notifier import rfc3339
 from daemon.openapi import OPENAPI_DOCUMENT
 from daemon.service import Service
-from listeners import InboundRequest, WebhookRejected, parse_events
+from listeners import InboundRequest, WebhookRejected
 from listeners.base import REASONS
 from listeners.payload import loads_unique
 from scheduler.engine import SubmitResult
-from scheduler.model import Assignment, FailureReason, Lane, MembershipChange
+from scheduler.model import Assignment, FailureReason, Lane
 from scheduler.store import StoreUnavailable
 from scheduler.validation import PairProgress, ReadBacklog
 
@@ -198,15 +196,6 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def refuse_if_busy(service: Service, assignments: int) -> web.Response | None:
-    """503 + Retry-After when draining or when the work would cross the high-water mark."""
-    try:
-        intake.refuse_if_busy(service, assignments)
-    except intake.Busy as busy:
-        return problem(503, busy.message, retryAfter=busy.retry_after_s)
-    return None
-
-
 async def commit(service: Service) -> web.Response | None:
     """None once everything taken so far is journaled; else the 503 to answer instead."""
     try:
@@ -214,29 +203,6 @@ async def commit(service: Service) -> web.Response | None:
     except intake.Busy as busy:
         return problem(503, busy.message, retryAfter=busy.retry_after_s)
     return None
-
-
-async def take(
-    service: Service, body: bytes, lane: Lane = Lane.LIVE
-) -> tuple[list[MembershipChange], list[SubmitResult], SubmitResult] | web.Response:
-    """Parse a body of events and hand them to the engine, in `lane`; or the error to answer.
-
-    Returns the events, each one's result, and their totals.
-    """
-    try:
-        events = await intake.off_loop_if_large(partial(parse_events, body), len(body))
-    except WebhookRejected as exc:
-        return problem(exc.status, exc.message, field=exc.field)
-    if lane is not Lane.LIVE:
-        events = [dataclasses.replace(event, lane=lane) for event in events]
-    busy = refuse_if_busy(service, sum(len(e.segment_ids) for e in events))
-    if busy is not None:
-        return busy
-    try:
-        results = await intake.submit_each(service, events, admitted=True)
-    except intake.Busy as exc:
-        return problem(503, exc.message, retryAfter=exc.retry_after_s)
-    return events, results, sum(results, SubmitResult())
 
 
 def accepted_body(result: SubmitResult) -> dict[str, int]:
@@ -360,14 +326,14 @@ async def mappings(request: web.Request) -> web.Response:
         wait_s = float(text)
         if not 0 <= wait_s <= MAX_WAIT_S:
             return problem(400, f"wait: must be between 0 and {MAX_WAIT_S:g}", field="wait")
-    taken = await take(service, await read_body(request), lane)
-    if isinstance(taken, web.Response):
-        return taken
-    events, per_event, result = taken
-    answer: dict[str, Any] = dict(accepted_body(result))
-    refused = await commit(service)
-    if refused is not None:
-        return refused
+    try:
+        taken = await intake.take_mappings(service, await read_body(request), lane)
+    except WebhookRejected as exc:
+        return problem(exc.status, exc.message, field=exc.field)
+    except intake.Busy as busy:
+        return problem(503, busy.message, retryAfter=busy.retry_after_s)
+    events, per_event = taken.events, taken.results
+    answer: dict[str, Any] = dict(accepted_body(taken.total))
     if not wait_s:
         return json_response(answer, 202)
     deadline = time.monotonic() + wait_s

@@ -1,7 +1,9 @@
 """One webhook delivery, through its source's adapter, into the engine and the journal.
 
-This is the whole intake of `POST /v1/webhooks/{source}` for every kind; it knows the adapter
-protocol (`listeners.base`), never a kind. The order is what makes the answers trustworthy:
+This is the whole intake of `POST /v1/webhooks/{source}` for every kind (it knows the adapter
+protocol, `listeners.base`, never a kind), and every other write path: `POST /v1/mappings`
+(`take_mappings`) and the dead-letter replay (`replay`), each committing before it answers.
+`daemon/http.py` only speaks HTTP around them. The order is what makes the answers trustworthy:
 
 1. authenticate; a delivery the sender keys as a whole (`webhook-id`) that was seen before is
    answered as it was the first time, once that first answer is committed;
@@ -40,6 +42,7 @@ from listeners.base import (
     SourceAdapter,
 )
 from listeners.errors import WebhookRejected
+from listeners.payload import parse_events
 from scheduler.engine import EngineClosed, EngineOverloaded, SubmitResult
 from scheduler.model import Assignment, Intent, Lane, MembershipChange, storable
 from scheduler.store import ContactHistory, StoreUnavailable
@@ -536,6 +539,30 @@ def _needs_history(change: MembershipChange) -> bool:
     same contact in the delivery reads the history (see `take_events`).
     """
     return change.mirror is not None or change.occurred_at is not None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Mapped:
+    """What `take_mappings` took: the events, each one's result, and their totals."""
+
+    events: list[MembershipChange]
+    results: list[SubmitResult]
+    total: SubmitResult
+
+
+async def take_mappings(service: Service, body: bytes, lane: Lane = Lane.LIVE) -> Mapped:
+    """`POST /v1/mappings`: parse a body of events, admit them, take them in `lane`, commit.
+
+    Returns only once what it took is committed: an answer means the work survives a crash.
+    `WebhookRejected` for a body it cannot take, `Busy` when segmapd cannot take work now.
+    """
+    events = await off_loop_if_large(partial(parse_events, body), len(body))
+    if lane is not Lane.LIVE:
+        events = [dataclasses.replace(event, lane=lane) for event in events]
+    refuse_if_busy(service, sum(len(event.segment_ids) for event in events))
+    results = await submit_each(service, events, admitted=True)
+    await commit(service)
+    return Mapped(events, results, sum(results, SubmitResult()))
 
 
 async def replay(
