@@ -11,7 +11,6 @@ leave. The lane is which of two dictionaries holds the id: it costs a queued id 
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -271,6 +270,11 @@ class ContactGate(Generic[K]):
     CXone's guidance is to keep no more than three segment writes of one contact in flight, to
     avoid cross-segment index locking. "In flight" spans buffer, send and retry: until the write
     is known to hold or has failed.
+
+    A contact changing 100 segments at once parks 97 of them, and a large delivery parks tens of
+    thousands: what is kept per parked assignment makes no object the garbage collector must
+    scan (no tuple holding an enum member, which it could never untrack). Batch keys are kept
+    once each (`_canonical`), times in a per-contact dict in arrival order, bulk keys in a set.
     """
 
     def __init__(self, limit: int) -> None:
@@ -278,11 +282,54 @@ class ContactGate(Generic[K]):
             raise ValueError("the per-contact in-flight limit must be at least 1")
         self.limit = limit
         self._inflight: dict[str, int] = {}
-        # Per contact, its parked (batch key, received time, lane)s in arrival order.
-        self._waiting: dict[str, deque[tuple[K, float, Lane]]] = {}
-        # (contact, batch_key) -> received time of each parked assignment: asked for every new
-        # change, and a contact changing 100 segments at once parks 97 of them.
-        self._parked_at: dict[tuple[str, K], float] = {}
+        # Per contact, its parked batch keys in arrival order -> their received times.
+        self._waiting: dict[str, dict[K, float]] = {}
+        # Per contact, those of its parked keys that wait in the bulk lane.
+        self._bulk: dict[str, set[K]] = {}
+        # One tuple per batch key, shared by every parked assignment of it.
+        self._canonical: dict[K, K] = {}
+        self._parked = 0
+
+    def _key(self, key: K) -> K:
+        return self._canonical.setdefault(key, key)
+
+    def _park(self, contact_id: str, key: K, received_at: float, lane: Lane) -> None:
+        key = self._key(key)
+        waiting = self._waiting.get(contact_id)
+        if waiting is None:
+            waiting = self._waiting[contact_id] = {}
+        if key not in waiting:
+            self._parked += 1
+        waiting[key] = received_at
+        self._set_bulk(contact_id, key, lane)
+
+    def _set_bulk(self, contact_id: str, key: K, lane: Lane) -> None:
+        bulk = self._bulk.get(contact_id)
+        if lane is Lane.BULK:
+            if bulk is None:
+                bulk = self._bulk[contact_id] = set()
+            bulk.add(key)
+        elif bulk is not None:
+            bulk.discard(key)
+            if not bulk:
+                del self._bulk[contact_id]
+
+    def _lane(self, contact_id: str, key: K) -> Lane:
+        bulk = self._bulk.get(contact_id)
+        return Lane.BULK if bulk is not None and key in bulk else Lane.LIVE
+
+    def _unpark(self, contact_id: str, key: K) -> float:
+        waiting = self._waiting[contact_id]
+        at = waiting.pop(key)
+        self._parked -= 1
+        if not waiting:
+            del self._waiting[contact_id]
+        bulk = self._bulk.get(contact_id)
+        if bulk is not None:
+            bulk.discard(key)
+            if not bulk:
+                del self._bulk[contact_id]
+        return at
 
     def admit(
         self, contact_id: str, segment_id: K, received_at: float = 0.0, lane: Lane = Lane.LIVE
@@ -292,52 +339,52 @@ class ContactGate(Generic[K]):
         if count < self.limit:
             self._inflight[contact_id] = count + 1
             return True
-        self._waiting.setdefault(contact_id, deque()).append((segment_id, received_at, lane))
-        self._parked_at[(contact_id, segment_id)] = received_at
+        self._park(contact_id, segment_id, received_at, lane)
         return False
 
     def is_parked(self, contact_id: str, segment_id: K) -> bool:
         """Whether the assignment waits for a slot."""
-        return (contact_id, segment_id) in self._parked_at
+        waiting = self._waiting.get(contact_id)
+        return waiting is not None and segment_id in waiting
 
     def parked_time(self, contact_id: str, segment_id: K) -> float | None:
         """When a parked assignment was received, if it is parked."""
-        return self._parked_at.get((contact_id, segment_id))
+        waiting = self._waiting.get(contact_id)
+        return waiting.get(segment_id) if waiting is not None else None
 
     def repark(
         self, contact_id: str, old: K, new: K, received_at: float, lane: Lane = Lane.LIVE
     ) -> bool:
         """Let a parked assignment wait on as `new` (a newer change), in its place in line."""
         waiting = self._waiting.get(contact_id)
-        if waiting is None:
+        if waiting is None or old not in waiting:
             return False
-        if (contact_id, old) not in self._parked_at:
-            return False
-        for index, (key, _, _) in enumerate(waiting):
-            if key == old:
-                waiting[index] = (new, received_at, lane)
-                del self._parked_at[(contact_id, old)]
-                self._parked_at[(contact_id, new)] = received_at
-                return True
-        return False
+        new = self._key(new)
+        # In its place: the contact's line rebuilt with `new` where `old` stood.
+        self._waiting[contact_id] = {
+            (new if key == old else key): (received_at if key == old else at)
+            for key, at in waiting.items()
+            if key == old or key != new
+        }
+        bulk = self._bulk.get(contact_id)
+        if bulk is not None:
+            bulk.discard(old)
+        self._set_bulk(contact_id, new, lane)
+        self._parked -= len(waiting) - len(self._waiting[contact_id])
+        return True
 
     def set_lane(self, contact_id: str, segment_id: K, lane: Lane) -> bool:
         """Let a parked assignment wait on in `lane`; False if it is not parked."""
-        waiting = self._waiting.get(contact_id)
-        if waiting is None or (contact_id, segment_id) not in self._parked_at:
+        if not self.is_parked(contact_id, segment_id):
             return False
-        for index, (key, at, _) in enumerate(waiting):
-            if key == segment_id:
-                waiting[index] = (key, at, lane)
-                return True
-        return False
+        self._set_bulk(contact_id, self._key(segment_id), lane)
+        return True
 
     def parked_lane(self, contact_id: str, segment_id: K) -> Lane | None:
         """The lane of a parked assignment, if it is parked."""
-        waiting = self._waiting.get(contact_id)
-        if waiting is None or (contact_id, segment_id) not in self._parked_at:
+        if not self.is_parked(contact_id, segment_id):
             return None
-        return next((lane for key, _, lane in waiting if key == segment_id), None)
+        return self._lane(contact_id, segment_id)
 
     def force(self, contact_id: str) -> None:
         """Take a slot even past the limit (work recovered mid-flight is already in flight)."""
@@ -347,11 +394,9 @@ class ContactGate(Generic[K]):
         """Free a slot; the contact's next parked (segment, time, lane), which takes it."""
         waiting = self._waiting.get(contact_id)
         if waiting:
-            parked = waiting.popleft()
-            if not waiting:
-                del self._waiting[contact_id]
-            del self._parked_at[(contact_id, parked[0])]
-            return parked
+            key = next(iter(waiting))
+            lane = self._lane(contact_id, key)
+            return key, self._unpark(contact_id, key), lane
         count = self._inflight.get(contact_id, 0) - 1
         if count > 0:
             self._inflight[contact_id] = count
@@ -363,21 +408,15 @@ class ContactGate(Generic[K]):
         """Remove the parked assignments `dropped` selects; returns (contact, batch key)."""
         removed: list[tuple[str, K]] = []
         for contact_id in list(self._waiting):
-            waiting = self._waiting[contact_id]
-            kept = deque(entry for entry in waiting if not dropped(entry[0]))
-            gone = [(contact_id, key) for key, _, _ in waiting if dropped(key)]
+            gone = [key for key in self._waiting[contact_id] if dropped(key)]
             for key in gone:
-                del self._parked_at[key]
-            removed += gone
-            if kept:
-                self._waiting[contact_id] = kept
-            else:
-                del self._waiting[contact_id]
+                self._unpark(contact_id, key)
+            removed += [(contact_id, key) for key in gone]
         return removed
 
     def parked_batch_keys(self) -> set[K]:
         """The batch keys of every parked assignment."""
-        return {key for waiting in self._waiting.values() for key, _, _ in waiting}
+        return {key for waiting in self._waiting.values() for key in waiting}
 
     def inflight(self, contact_id: str) -> int:
         """Slots the contact holds."""
@@ -391,4 +430,4 @@ class ContactGate(Generic[K]):
     @property
     def parked(self) -> int:
         """Assignments waiting for a slot."""
-        return len(self._parked_at)
+        return self._parked
