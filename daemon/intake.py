@@ -161,7 +161,7 @@ async def _receive(
                 queued = True
                 for dead in taken.dead_letters:
                     _log_dead_letter(source, dead)
-                total = sum(taken.results, SubmitResult(stale=taken.dead_stale))
+                total = SubmitResult.total(taken.results, stale=taken.dead_stale)
                 outcome = Outcome(
                     accepted=total.queued + total.joined + total.cached + total.stale,
                     duplicates=total.joined + total.cached,
@@ -365,10 +365,10 @@ class Taken:
     dead_stale: int = 0
 
 
-#: A delivery is taken in slices of about this many assignments, the event loop serving other
-#: requests between them: a body of 100,000 assignments must not hold every other request (and
-#: the probes) for seconds.
-SLICE_ASSIGNMENTS = 2_000
+#: A delivery is taken in slices of about this many assignments (15 ms or so), the event loop
+#: serving other requests between them: a body of 100,000 assignments must not hold every other
+#: request (and the probes) for seconds.
+SLICE_ASSIGNMENTS = 500
 
 
 async def take_events(
@@ -578,7 +578,7 @@ async def take_mappings(service: Service, body: bytes, lane: Lane = Lane.LIVE) -
     refuse_if_busy(service, sum(len(event.segment_ids) for event in events))
     results = await submit_each(service, events, admitted=True)
     await commit(service)
-    return Mapped(events, results, sum(results, SubmitResult()))
+    return Mapped(events, results, SubmitResult.total(results))
 
 
 async def replay(
