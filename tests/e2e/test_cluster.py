@@ -574,7 +574,7 @@ async def test_a_large_deliverys_mirror_removes_what_it_added_on_segments_owned_
     postgres: PostgresServer,
     postgres_url: str,
 ):
-    """A delivery taken in slices (more than 2,000 assignments) adds a contact to segments,
+    """A delivery taken in slices (more than 500 assignments) adds a contact to segments,
     most of them owned by the other instance (forwarded to it), and its last event clears the
     contact: every one of those adds is removed again, as separate deliveries would have it."""
     # Reads raised on both sides: the 3,000 filler pairs are read back in seconds.

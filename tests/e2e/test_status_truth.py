@@ -496,8 +496,8 @@ async def test_a_large_deliverys_events_apply_in_order_across_the_slices_it_is_t
 
 
 def large_delivery(prefix: str, first: Any, last: Any, segments: int = 100) -> list[Any]:
-    """A delivery of 1,000 events, 998 of them adding `segments` segments (about 50 slices of
-    2,000 assignments for 100)."""
+    """A delivery of 1,000 events, 998 of them adding `segments` segments (about 200 slices of
+    500 assignments for 100)."""
     filler = [
         {"contactId": f"{prefix}{i:03d}", "add": [f"{prefix}{k:02d}" for k in range(segments)]}
         for i in range(998)
