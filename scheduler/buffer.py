@@ -103,6 +103,18 @@ class CoalescingBuffer(Generic[K]):
         queue = self._segments.get(segment_id)
         return queue.time_of(contact_id) if queue is not None else None
 
+    def queued_bulk(self, contact_id: str) -> tuple[K, float] | None:
+        """A fresh bulk id of the contact still queued (in no batch yet): its batch key and time.
+
+        A scan of the batch keys: asked only when a live pair of a contact at its limit would
+        wait (not the hot path).
+        """
+        for segment_id, queue in self._segments.items():
+            at = queue.bulk.get(contact_id)
+            if at is not None:
+                return segment_id, at
+        return None
+
     def lane_of(self, segment_id: K, contact_id: str) -> Lane | None:
         """The lane of a fresh queued id (None for a retry id or one not queued)."""
         queue = self._segments.get(segment_id)
@@ -288,13 +300,62 @@ class ContactGate(Generic[K]):
         self, contact_id: str, segment_id: K, received_at: float = 0.0, lane: Lane = Lane.LIVE
     ) -> bool:
         """Take a slot for the assignment, or park it (with its time and lane): False."""
+        if self.take_slot(contact_id):
+            return True
+        self.park(contact_id, segment_id, received_at, lane)
+        return False
+
+    def take_slot(self, contact_id: str) -> bool:
+        """Take one of the contact's slots if one is free."""
         count = self._inflight.get(contact_id, 0)
         if count < self.limit:
             self._inflight[contact_id] = count + 1
             return True
-        self._waiting.setdefault(contact_id, deque()).append((segment_id, received_at, lane))
-        self._parked_at[(contact_id, segment_id)] = received_at
         return False
+
+    def park(
+        self, contact_id: str, segment_id: K, received_at: float, lane: Lane, *, front: bool = False
+    ) -> None:
+        """Let the assignment wait for a slot: live ones ahead of bulk ones, each in arrival order.
+
+        `front` puts a bulk one first among the bulk ones: it held a slot, gave it to a live
+        pair, and was next in line before it did.
+        """
+        waiting = self._waiting.get(contact_id)
+        if waiting is None:
+            waiting = self._waiting[contact_id] = deque()
+        self._place(waiting, (segment_id, received_at, lane), front=front)
+        self._parked_at[(contact_id, segment_id)] = received_at
+
+    @staticmethod
+    def _place(
+        waiting: deque[tuple[K, float, Lane]], entry: tuple[K, float, Lane], *, front: bool
+    ) -> None:
+        # Live entries are kept ahead of bulk ones, so a release (popleft) is live first: a live
+        # pair never waits for a slot behind its contact's bulk work.
+        if entry[2] is Lane.BULK and not front:
+            waiting.append(entry)
+            return
+        live = 0
+        for _, _, lane in waiting:
+            if lane is not Lane.LIVE:
+                break
+            live += 1
+        waiting.insert(live, entry)
+
+    def unpark(self, contact_id: str, segment_id: K) -> float | None:
+        """Take a parked assignment out of line (it takes a slot another gave up); its time."""
+        waiting = self._waiting.get(contact_id)
+        at = self._parked_at.pop((contact_id, segment_id), None)
+        if waiting is None or at is None:
+            return None
+        for index, (key, _, _) in enumerate(waiting):
+            if key == segment_id:
+                del waiting[index]
+                break
+        if not waiting:
+            del self._waiting[contact_id]
+        return at
 
     def is_parked(self, contact_id: str, segment_id: K) -> bool:
         """Whether the assignment waits for a slot."""
@@ -313,11 +374,15 @@ class ContactGate(Generic[K]):
             return False
         if (contact_id, old) not in self._parked_at:
             return False
-        for index, (key, _, _) in enumerate(waiting):
+        for index, (key, _, was) in enumerate(waiting):
             if key == old:
-                waiting[index] = (new, received_at, lane)
                 del self._parked_at[(contact_id, old)]
                 self._parked_at[(contact_id, new)] = received_at
+                if was is lane:
+                    waiting[index] = (new, received_at, lane)
+                else:  # into the other lane's part of the line
+                    del waiting[index]
+                    self._place(waiting, (new, received_at, lane), front=False)
                 return True
         return False
 
@@ -326,9 +391,11 @@ class ContactGate(Generic[K]):
         waiting = self._waiting.get(contact_id)
         if waiting is None or (contact_id, segment_id) not in self._parked_at:
             return False
-        for index, (key, at, _) in enumerate(waiting):
+        for index, (key, at, was) in enumerate(waiting):
             if key == segment_id:
-                waiting[index] = (key, at, lane)
+                if was is not lane:  # into that lane's part of the line
+                    del waiting[index]
+                    self._place(waiting, (key, at, lane), front=False)
                 return True
         return False
 
@@ -344,7 +411,10 @@ class ContactGate(Generic[K]):
         self._inflight[contact_id] = self._inflight.get(contact_id, 0) + 1
 
     def release(self, contact_id: str) -> tuple[K, float, Lane] | None:
-        """Free a slot; the contact's next parked (segment, time, lane), which takes it."""
+        """Free a slot; the contact's next parked (segment, time, lane), which takes it.
+
+        Live parked assignments go first, then bulk ones, each in arrival order.
+        """
         waiting = self._waiting.get(contact_id)
         if waiting:
             parked = waiting.popleft()

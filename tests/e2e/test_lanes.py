@@ -251,3 +251,40 @@ async def test_replaying_every_dead_letter_is_bulk_and_named_contacts_are_live(
             _, seen = await daemon.contact(http, contact)
             assert seen["segments"][0]["lane"] == lane, (body, seen)
             await daemon.wait_states(http, contact, {"failed"}, 30)
+
+
+async def until_segment_leaves(
+    http: aiohttp.ClientSession, daemon: Daemon, contact_id: str, segment_id: str, state: str
+) -> dict[str, Any]:
+    """Poll the contact until `segment_id` is past `state`; every segment's row then."""
+    deadline = time.monotonic() + 60.0
+    last: Any = None
+    while time.monotonic() < deadline:
+        status, last = await daemon.contact(http, contact_id)
+        if status == 200:
+            rows = {s["segmentId"]: s for s in last["segments"]}
+            if segment_id in rows and rows[segment_id]["state"] != state:
+                return rows
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{contact_id}/{segment_id} never left {state}: {last}")
+
+
+async def test_a_live_change_of_a_backfilled_contact_is_written_before_its_own_bulk_work(
+    start_daemon: StartDaemon, http: aiohttp.ClientSession
+):
+    # One write a second: the backfill (3 x 2,000 pairs, 30 batches) is written segment after
+    # segment, and the contact's own bulk pairs are the last of each segment's backlog.
+    daemon = await start_daemon(limits={"write_rps": 1})
+    segments = ["BFA", "BFB", "BFC"]
+    for start in (0, 1000):
+        events = bulk_events("gf", 2000, segments)[start : start + 1000]
+        status, body = await post_mappings(http, daemon, events, "?lane=bulk")
+        assert status == 202, body
+    status, body = await post_mappings(http, daemon, {"contactId": "gf1999", "segmentIds": ["VIP"]})
+    assert status == 202, body
+    # Its three slots are held by queued bulk pairs: one gives its slot up, and the live pair is
+    # written while all three still wait behind the backlog of their segments.
+    rows = await until_segment_leaves(http, daemon, "gf1999", "VIP", "queued")
+    assert rows["VIP"]["lane"] == "live", rows
+    assert {rows[s]["state"] for s in segments} == {"queued"}, rows
+    assert {rows[s]["lane"] for s in segments} == {"bulk"}, rows

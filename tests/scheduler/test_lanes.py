@@ -196,3 +196,98 @@ async def test_without_live_reads_due_bulk_gets_every_read(
     for contact in contacts:
         [done] = await harness.engine.wait(contact, ("only-bulk",), 30)
         assert (done.state, done.lane) == (State.ACTIVE, Lane.BULK)
+
+
+# ---- a live pair never waits for its contact's queued bulk work (review of issue 21, 1) ----
+
+
+def backfilled(contacts: int, segments: tuple[str, ...] = ("A", "B", "C")) -> Accumulator:
+    """An accumulator holding a bulk backfill: every contact in every segment (limit 3)."""
+    accumulator = Accumulator(BatchingPolicy(max_size=200, min_size=1, linger_s=0.0))
+    t = 1000.0
+    for segment in segments:
+        for index in range(contacts):
+            t += 0.001
+            contact_id = f"c{index}"
+            if accumulator.admit(contact_id, (segment, ADD), t, Lane.BULK):
+                accumulator.enqueue((segment, ADD), contact_id, t, Lane.BULK)
+    return accumulator
+
+
+def test_a_live_change_of_a_backfilled_contact_goes_before_the_backfill_is_written():
+    accumulator = backfilled(1000)
+    last = "c999"
+    assert accumulator.gate.inflight(last) == 3
+    assert accumulator.admit(last, ("VIP", ADD), 5000.0, Lane.LIVE)
+    accumulator.enqueue(("VIP", ADD), last, 5000.0, Lane.LIVE)
+    # One of its bulk pairs gave its slot up and waits, first in line, still queued for the
+    # ledger (its time and lane kept); the slots held stay at the limit.
+    assert accumulator.gate.inflight(last) == 3
+    assert accumulator.gate.parked == 1
+    [(segment, intent)] = accumulator.gate.parked_batch_keys()
+    assert accumulator.lane_of(last, (segment, intent)) is Lane.BULK
+    queued = accumulator.queued(last, segment)
+    assert queued is not None and queued[0] is ADD
+    assert queued[1] == pytest.approx(1000.0 + 0.001 * (("A", "B", "C").index(segment) + 1) * 1000)
+    # The live pair's batch goes first, before any of the 3,000 bulk ids is written.
+    key = accumulator.pick(6000.0, spare_capacity=False, draining=False, skip=None)
+    assert key == ("VIP", ADD)
+    assert [contact_id for contact_id, _, _ in accumulator.take(key)] == [last]
+    # Once it is written its slot goes to the bulk pair that gave it up, in the bulk lane.
+    accumulator.release(last)
+    assert accumulator.gate.parked == 0
+    assert accumulator.buffer.lane_of((segment, intent), last) is Lane.BULK
+
+
+def test_bulk_work_already_in_a_batch_keeps_its_slot_and_the_live_pair_waits():
+    accumulator = Accumulator(BatchingPolicy(max_size=200, min_size=1, linger_s=0.0))
+    for segment in ("A", "B", "C"):
+        assert accumulator.admit("c", (segment, ADD), 1.0, Lane.BULK)
+        accumulator.enqueue((segment, ADD), "c", 1.0, Lane.BULK)
+        accumulator.take((segment, ADD))  # in a batch: in flight, its slot held
+    assert not accumulator.admit("c", ("VIP", ADD), 2.0, Lane.LIVE)
+    assert accumulator.gate.parked == 1
+    accumulator.release("c")
+    assert accumulator.buffer.lane_of(("VIP", ADD), "c") is Lane.LIVE
+
+
+def test_parked_pairs_of_a_contact_are_released_live_first():
+    gate: ContactGate[str] = ContactGate(1)
+    assert gate.admit("c", "s0", 0.0, Lane.BULK)
+    assert not gate.admit("c", "b1", 1.0, Lane.BULK)
+    assert not gate.admit("c", "b2", 2.0, Lane.BULK)
+    assert not gate.admit("c", "l1", 3.0, Lane.LIVE)
+    assert not gate.admit("c", "l2", 4.0, Lane.LIVE)
+    gate.set_lane("c", "b2", Lane.LIVE)  # a live change joined it while parked
+    released = [gate.release("c") for _ in range(4)]
+    assert [entry[0] for entry in released if entry is not None] == ["l1", "l2", "b2", "b1"]
+
+
+def test_a_parked_bulk_pair_moved_to_live_takes_the_slot_of_queued_bulk_work():
+    accumulator = Accumulator(BatchingPolicy(max_size=200, min_size=1, linger_s=0.0))
+    for segment in ("A", "B", "C", "D"):
+        if accumulator.admit("c", (segment, ADD), 1.0, Lane.BULK):
+            accumulator.enqueue((segment, ADD), "c", 1.0, Lane.BULK)
+    assert accumulator.gate.is_parked("c", ("D", ADD))
+    accumulator.set_lane("c", ("D", ADD), Lane.LIVE)
+    assert accumulator.buffer.lane_of(("D", ADD), "c") is Lane.LIVE
+    assert accumulator.gate.parked == 1
+    assert accumulator.gate.inflight("c") == 3
+
+
+async def test_a_live_change_of_a_contact_with_queued_bulk_work_is_queued_not_parked(
+    make_engine: MakeEngine,
+):
+    harness = await make_engine(batching=BatchingPolicy(linger_s=30.0, min_size=200))
+    engine = harness.engine
+    engine.submit(MembershipChange("c1", ("A", "B", "C", "D"), lane=Lane.BULK))
+    engine.submit(MembershipChange("c1", ("VIP",)))
+    accumulator = engine._accumulator  # what is queued and what is parked
+    assert accumulator.buffer.lane_of(("VIP", ADD), "c1") is Lane.LIVE
+    assert accumulator.gate.parked == 2
+    rows = {row.segment_id: row for row in await harness.store.contact("c1")}
+    assert {segment: (row.state, row.lane) for segment, row in rows.items()} == {
+        "A": (State.QUEUED, Lane.BULK), "B": (State.QUEUED, Lane.BULK),
+        "C": (State.QUEUED, Lane.BULK), "D": (State.QUEUED, Lane.BULK),
+        "VIP": (State.QUEUED, Lane.LIVE),
+    }  # fmt: skip
