@@ -321,12 +321,17 @@ class Ledger:
         successor = self._successors.get(key)
         if successor is not None:
             if version > successor.version or (promote and successor.lane is Lane.BULK):
-                self._successors[key] = Change(
+                successor = self._successors[key] = Change(
                     successor.intent,
                     version if version > successor.version else successor.occurred_at,
                     successor.received_at,
                     Lane.LIVE if promote else successor.lane,
                 )
+                # The journal holds the waiting change (see `transition`): journaled again, so
+                # that its lane and time survive a crash before the request's outcome.
+                waiting_for = self._live.get(key)
+                if waiting_for is not None:
+                    self._store.record(waiting_row(waiting_for, successor))
             return False
         live = self._live.get(key)
         if live is not None:

@@ -288,3 +288,30 @@ async def test_a_live_change_of_a_backfilled_contact_is_written_before_its_own_b
     assert rows["VIP"]["lane"] == "live", rows
     assert {rows[s]["state"] for s in segments} == {"queued"}, rows
     assert {rows[s]["lane"] for s in segments} == {"bulk"}, rows
+
+
+async def test_a_live_change_joining_a_change_that_waits_for_a_request_survives_a_sigkill(
+    start_daemon: StartDaemon, emulator: EmulatorControl, http: aiohttp.ClientSession
+):
+    # Slow bulk writes: the ADD is still in flight while the two removals arrive and when the
+    # daemon is killed.
+    await emulator.configure({"faults": {"bulk": {"latency_ms": 30_000}}})
+    daemon = await start_daemon(cxone={"timeout_s": 60})
+    contact = "wl1"
+    status, body = await post_mappings(
+        http, daemon, {"contactId": contact, "add": ["WAITS"]}, "?lane=bulk"
+    )
+    assert status == 202, body
+    await until_segment_leaves(http, daemon, contact, "WAITS", "queued")
+    # A bulk removal waits for the ADD's outcome; a live one joins it (someone waits for it).
+    for query in ("?lane=bulk", ""):
+        status, body = await post_mappings(
+            http, daemon, {"contactId": contact, "remove": ["WAITS"]}, query
+        )
+        assert status == 202, body
+    daemon.process.signal(signal.SIGKILL)
+    await asyncio.to_thread(daemon.process.wait, 10)
+    await emulator.configure({"faults": {"bulk": {"latency_ms": 0}}})
+    await asyncio.to_thread(daemon.restart)
+    done = await daemon.wait_states(http, contact, {"removed"}, 60)
+    assert (done["WAITS"]["intent"], done["WAITS"]["lane"]) == ("remove", "live"), done

@@ -6,14 +6,19 @@ import asyncio
 
 import pytest
 
+from daemon.store.memory import MemoryStore
 from scheduler.accumulator import Accumulator, BatchingPolicy
 from scheduler.buffer import CoalescingBuffer, ContactGate
+from scheduler.ledger import Ledger
 from scheduler.model import Intent, Lane, MembershipChange, State
+from scheduler.observer import EngineObserver
+from scheduler.ownership import OwnEverything
 from scheduler.validation import ReadLanePolicy, ValidationPolicy
+from scheduler.waiters import Waiters
 from tests.scheduler.conftest import MakeEngine
 from tests.support.emulator import EmulatorControl
 
-ADD = Intent.ADD
+ADD, REMOVE = Intent.ADD, Intent.REMOVE
 
 
 def buffer(max_size: int = 4, linger_s: float = 1.0) -> CoalescingBuffer[str]:
@@ -291,3 +296,35 @@ async def test_a_live_change_of_a_contact_with_queued_bulk_work_is_queued_not_pa
         "C": (State.QUEUED, Lane.BULK), "D": (State.QUEUED, Lane.BULK),
         "VIP": (State.QUEUED, Lane.LIVE),
     }  # fmt: skip
+
+
+# ---- changes waiting behind a request in flight (review of issue 21, 3 and 4) ----------------
+
+
+def ledger_with_store() -> tuple[Ledger, Accumulator, MemoryStore]:
+    """A ledger over a real accumulator and memory journal; the test plays the sender."""
+    store = MemoryStore()
+    accumulator = Accumulator(BatchingPolicy())
+    ledger = Ledger(
+        store=store, accumulator=accumulator, waiters=Waiters(), observer=EngineObserver(),
+        ownership=OwnEverything(), wall_clock=lambda: 1000.0,
+    )  # fmt: skip
+    return ledger, accumulator, store
+
+
+def send(ledger: Ledger, accumulator: Accumulator, batch_key: tuple[str, Intent]) -> None:
+    """What the sender does with a batch: take it, then mark it sending (in flight)."""
+    ids = ledger.take_for_batch(batch_key, accumulator.take(batch_key))
+    ledger.sending(batch_key, ids)
+
+
+async def test_a_live_change_joining_a_change_waiting_behind_a_request_is_journaled_live():
+    ledger, accumulator, store = ledger_with_store()
+    ledger.queue_new("c", "S", ADD, 0.0, 1.0, Lane.BULK)
+    send(ledger, accumulator, ("S", ADD))
+    ledger.supersede(("c", "S"), REMOVE, 0.0, 2.0, Lane.BULK)  # waits for the ADD's outcome
+    ledger.renew(("c", "S"), 0.0, 3.0, Lane.LIVE)
+    # The journal holds the waiting change: after a crash it is what recovery queues.
+    [row] = await store.contact("c")
+    assert (row.state, row.intent, row.lane) == (State.QUEUED, REMOVE, Lane.LIVE)
+    assert row.occurred_at == 3.0
