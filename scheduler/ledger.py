@@ -377,7 +377,9 @@ class Ledger:
     ) -> None:
         """A newer change of the other intent replaces the work in progress for the pair.
 
-        The pair goes on in the newer change's lane.
+        The pair goes on in the newer change's lane, except that a bulk change going back to
+        the intent of a request in flight leaves that request's lane as it was: the request is
+        not started over, and a caller may wait for it in the live lane.
 
         Queued (or parked) work is never sent: it moves to the other batch key. Written or verifying
         work leaves validation (the caller stops its validation first) and its opposite is
@@ -392,7 +394,8 @@ class Ledger:
             if live is not None and live.intent is intent:
                 del self._successors[key]  # back to what is in flight: nothing more to send
                 live.occurred_at = max(live.occurred_at, occurred_at)
-                live.lane = lane
+                if lane is Lane.LIVE:  # a bulk change never moves live work back
+                    live.lane = lane
                 self._store.record(live)
             else:
                 self._successors[key] = change

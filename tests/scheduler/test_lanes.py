@@ -328,3 +328,24 @@ async def test_a_live_change_joining_a_change_waiting_behind_a_request_is_journa
     [row] = await store.contact("c")
     assert (row.state, row.intent, row.lane) == (State.QUEUED, REMOVE, Lane.LIVE)
     assert row.occurred_at == 3.0
+
+
+async def test_a_bulk_change_back_to_a_live_request_in_flight_leaves_it_live():
+    ledger, accumulator, store = ledger_with_store()
+    ledger.queue_new("c", "S", ADD, 0.0, 1.0, Lane.LIVE)
+    send(ledger, accumulator, ("S", ADD))
+    # An import removes the pair (it waits for the ADD), then adds it again: nothing more is
+    # sent, and the live ADD in flight (a ?wait= caller may wait for it) stays live.
+    ledger.supersede(("c", "S"), REMOVE, 0.0, 2.0, Lane.BULK)
+    ledger.supersede(("c", "S"), ADD, 0.0, 3.0, Lane.BULK)
+    live = ledger.live(("c", "S"))
+    assert live is not None and (live.state, live.lane) == (State.SENDING, Lane.LIVE)
+    [row] = await store.contact("c")
+    assert (row.state, row.intent, row.lane) == (State.SENDING, ADD, Lane.LIVE)
+    # A live change back to a bulk request in flight moves it to live.
+    ledger.queue_new("d", "S", ADD, 0.0, 1.0, Lane.BULK)
+    send(ledger, accumulator, ("S", ADD))
+    ledger.supersede(("d", "S"), REMOVE, 0.0, 2.0, Lane.BULK)
+    ledger.supersede(("d", "S"), ADD, 0.0, 3.0, Lane.LIVE)
+    moved = ledger.live(("d", "S"))
+    assert moved is not None and moved.lane is Lane.LIVE
