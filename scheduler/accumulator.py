@@ -32,6 +32,9 @@ class BatchingPolicy:
     linger_s: float = 1.0
     max_inflight_per_contact: int = 3
     high_water: int = 1_000_000
+    #: The least share of batches that go to batch keys holding only bulk ids while others
+    #: holding live ids are due too (`[limits] bulk_read_share_min`, the reads' share).
+    bulk_share_min: float = 0.2
 
 
 #: Which ids of a batch key still wait for their backoff when it has passed, with their lanes
@@ -45,7 +48,10 @@ class Accumulator:
     def __init__(self, batching: BatchingPolicy) -> None:
         self.batching = batching
         self.buffer: CoalescingBuffer[BatchKey] = CoalescingBuffer(
-            min_size=batching.min_size, max_size=batching.max_size, linger_s=batching.linger_s
+            min_size=batching.min_size,
+            max_size=batching.max_size,
+            linger_s=batching.linger_s,
+            bulk_share_min=batching.bulk_share_min,
         )
         self.gate: ContactGate[BatchKey] = ContactGate(batching.max_inflight_per_contact)
         self._timers: set[asyncio.TimerHandle] = set()

@@ -5,8 +5,10 @@ never mixes adds and removals. The buffer and the gate only need batch keys to b
 
 Each queued id is in a lane (`scheduler.model.Lane`): live ids go into their batch ahead of bulk
 ids, and a batch key holding live ids goes out before others that are due, so that a live change
-never waits behind a backfill. Batches stay full all the same: bulk ids fill what live ids
-leave. The lane is which of two dictionaries holds the id: it costs a queued id nothing.
+never waits behind a backfill; batch keys holding only bulk ids keep a guaranteed share of the
+batches (`BulkCredit`, as reads do), so that live traffic never starves a backfill. Batches stay
+full all the same: bulk ids fill what live ids leave. The lane is which of two dictionaries holds
+the id: it costs a queued id nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from scheduler.model import Lane
+from scheduler.model import BulkCredit, Lane
 
 K = TypeVar("K", bound=Hashable)
 
@@ -64,11 +66,15 @@ class CoalescingBuffer(Generic[K]):
     when it holds retry ids whose backoff has passed. When the writer has spare capacity, a
     segment holding at least `min_size` ids is due as well: sending it costs nothing then, and
     waiting would only add latency. Among due segments one holding live ids goes first (the one
-    whose oldest live id is oldest); then the one with the oldest id, so a hot segment cannot
-    starve the others. A batch takes retry ids first, then live ids, then bulk ids.
+    whose oldest live id is oldest), except that segments holding only bulk ids get at least
+    `bulk_share_min` of the batches while both kinds are due; among those, the one with the
+    oldest id (retry ids count as the oldest), so a hot segment cannot starve the others. A
+    batch takes retry ids first, then live ids, then bulk ids.
     """
 
-    def __init__(self, *, min_size: int, max_size: int, linger_s: float) -> None:
+    def __init__(
+        self, *, min_size: int, max_size: int, linger_s: float, bulk_share_min: float = 0.2
+    ) -> None:
         if not 1 <= min_size <= max_size:
             raise ValueError(f"need 1 <= min_size ({min_size}) <= max_size ({max_size})")
         self.min_size = min_size
@@ -76,6 +82,10 @@ class CoalescingBuffer(Generic[K]):
         self.linger_s = linger_s
         self._segments: dict[K, _SegmentQueue] = {}
         self._size = 0
+        self._bulk_credit = BulkCredit(bulk_share_min)
+        # The last pick made while both kinds of segment were due: (segment, its lane). Taking
+        # that segment's batch settles bulk's credit.
+        self._contested: tuple[K, Lane] | None = None
 
     def __len__(self) -> int:
         return self._size
@@ -196,9 +206,10 @@ class CoalescingBuffer(Generic[K]):
         While draining (shutdown) every non-empty segment is due: nothing may be left behind.
         Batch keys for which `skip` is true are never due (their segment is being handed over).
         """
-        chosen: K | None = None
-        chosen_age = float("inf")
-        chosen_live = False  # the chosen one holds live ids: only another such one beats it
+        live: K | None = None  # the due segment holding live ids whose oldest live id is oldest
+        live_age = float("inf")
+        bulk: K | None = None  # the due bulk-only segment holding the oldest id
+        bulk_age = float("inf")
         for segment_id, queue in self._segments.items():
             if skip is not None and skip(segment_id):
                 continue
@@ -214,11 +225,23 @@ class CoalescingBuffer(Generic[K]):
                 continue
             if queue.live:
                 age = next(iter(queue.live.values()))
-                if not chosen_live or age < chosen_age:
-                    chosen, chosen_age, chosen_live = segment_id, age, True
-            elif not chosen_live and oldest < chosen_age:
-                chosen, chosen_age = segment_id, oldest
+                if live is None or age < live_age:
+                    live, live_age = segment_id, age
+            elif bulk is None or oldest < bulk_age:
+                bulk, bulk_age = segment_id, oldest
+        if live is None or bulk is None:
+            self._contested = None
+            return live if live is not None else bulk
+        lane = Lane.BULK if self._bulk_credit.bulk_turn() else Lane.LIVE
+        chosen = bulk if lane is Lane.BULK else live
+        self._contested = (chosen, lane)
         return chosen
+
+    def _settle(self, segment_id: K) -> None:
+        """A batch of the segment is taken: bulk's credit moves if it was a contested pick."""
+        contested, self._contested = self._contested, None
+        if contested is not None and contested[0] == segment_id:
+            self._bulk_credit.taken(contested[1], bulk_waited=True)
 
     def next_deadline(self, skip: Callable[[K], bool] | None = None) -> float | None:
         """Monotonic time at which the earliest lingering segment becomes due, if any."""
@@ -262,6 +285,7 @@ class CoalescingBuffer(Generic[K]):
         queue = self._segments.get(segment_id)
         if queue is None:
             return []
+        self._settle(segment_id)
         batch: list[tuple[str, float | None, Lane | None]] = []
         while queue.retry and len(batch) < self.max_size:
             contact_id = next(iter(queue.retry))

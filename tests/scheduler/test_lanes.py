@@ -349,3 +349,53 @@ async def test_a_bulk_change_back_to_a_live_request_in_flight_leaves_it_live():
     ledger.supersede(("d", "S"), ADD, 0.0, 3.0, Lane.LIVE)
     moved = ledger.live(("d", "S"))
     assert moved is not None and moved.lane is Lane.LIVE
+
+
+# ---- bulk keeps its share of writes under live traffic (review of issue 21, 2) ---------------
+
+
+def flood(share: float, batches: int) -> dict[str, int]:
+    """Live ids over 20 segments, each due every pick, against a bulk backlog (2,500 batches)."""
+    b: CoalescingBuffer[str] = CoalescingBuffer(
+        min_size=1, max_size=20, linger_s=1.0, bulk_share_min=share
+    )
+    for segment in range(5):
+        for index in range(10_000):
+            b.add(f"bulk-{segment}", f"b{index}", 0.0, Lane.BULK)
+    sent = {"live": 0, "bulk": 0}
+    now = 100.0
+    for batch in range(batches):
+        now += 0.1
+        for segment in range(20):
+            b.add(f"live-{segment}", f"l{batch}", now - 2.0, Lane.LIVE)  # lingered: due
+        key = b.pick(now, spare_capacity=False)
+        assert key is not None
+        b.take(key)
+        sent[key.split("-")[0]] += 1
+    return sent
+
+
+@pytest.mark.parametrize("share", [0.0, 0.1, 0.2, 0.5])
+def test_bulk_only_segments_get_their_share_of_batches_under_a_live_flood(share: float):
+    sent = flood(share, 1000)
+    assert sent["bulk"] == pytest.approx(share * 1000, abs=1), sent
+
+
+def test_without_live_segments_due_bulk_gets_every_batch_and_banks_no_credit():
+    b = buffer(max_size=2, linger_s=1.0)
+    for index in range(10):
+        b.add("bulk", f"b{index}", 0.0, Lane.BULK)
+    for _ in range(5):
+        assert b.pick(10.0, spare_capacity=False) == "bulk"
+        b.take("bulk")
+    # Live alone afterwards: it goes, whatever bulk did before.
+    b.add("live", "l1", 9.0, Lane.LIVE)
+    b.add("bulk", "b99", 9.0, Lane.BULK)
+    assert b.pick(10.0, spare_capacity=False) == "live"
+
+
+def test_among_bulk_only_segments_retries_go_first_as_before_lanes():
+    b = buffer(max_size=4, linger_s=1.0)
+    b.add("old-bulk", "b1", 1.0, Lane.BULK)
+    b.add_retry("retrying-bulk", ["r1"], Lane.BULK)
+    assert b.pick(10.0, spare_capacity=False) == "retrying-bulk"
