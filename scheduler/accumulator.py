@@ -129,7 +129,7 @@ class Accumulator:
             self.enqueue(new, contact_id, received_at, lane)
 
     def set_lane(self, contact_id: str, batch_key: BatchKey, lane: Lane) -> None:
-        """A queued (or parked) id goes on in `lane` (a newer change of the pair said so).
+        """A queued, retry or parked id goes on in `lane` (a newer change of the pair said so).
 
         A parked id moved to live takes the slot of a queued bulk id of its contact, if one
         holds a slot (see `admit`).

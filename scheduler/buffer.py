@@ -32,6 +32,8 @@ class _SegmentQueue:
     # assignment needs no object.
     live: dict[str, float] = field(default_factory=dict)
     bulk: dict[str, float] = field(default_factory=dict)
+    # How many retry ids are live: a live pair's retry makes its batch key a live one.
+    retry_live: int = 0
 
     def __len__(self) -> int:
         return len(self.retry) + len(self.live) + len(self.bulk)
@@ -135,13 +137,19 @@ class CoalescingBuffer(Generic[K]):
         return Lane.BULK if contact_id in queue.bulk else None
 
     def set_lane(self, segment_id: K, contact_id: str, lane: Lane) -> bool:
-        """Move a fresh queued id to `lane`, keeping its time; False if it is not there.
+        """Move a queued id to `lane`, keeping its time; False if it is not there.
 
-        It joins the back of its new lane: it belongs there from now on.
+        A fresh id joins the back of its new lane: it belongs there from now on.
         """
         queue = self._segments.get(segment_id)
         if queue is None:
             return False
+        was = queue.retry.get(contact_id)
+        if was is not None:  # a retry id: it keeps its place, ahead of fresh ids
+            if was is not lane:
+                queue.retry[contact_id] = lane
+                queue.retry_live += 1 if lane is Lane.LIVE else -1
+            return True
         source = queue.bulk if lane is Lane.LIVE else queue.live
         at = source.pop(contact_id, None)
         if at is None:
@@ -155,7 +163,7 @@ class CoalescingBuffer(Generic[K]):
         if queue is None:
             return False, None
         if contact_id in queue.retry:
-            del queue.retry[contact_id]
+            queue.retry_live -= queue.retry.pop(contact_id) is Lane.LIVE
             at = None
         elif contact_id in queue.live:
             at = queue.live.pop(contact_id)
@@ -191,6 +199,7 @@ class CoalescingBuffer(Generic[K]):
             if queue.holds(contact_id):
                 continue
             queue.retry[contact_id] = lane
+            queue.retry_live += lane is Lane.LIVE
             self._size += 1
 
     def pick(
@@ -223,8 +232,9 @@ class CoalescingBuffer(Generic[K]):
             )
             if not due:
                 continue
-            if queue.live:
-                age = next(iter(queue.live.values()))
+            if queue.live or queue.retry_live:
+                # A live pair's retry is due at once: as old as can be.
+                age = oldest if queue.retry_live else next(iter(queue.live.values()))
                 if live is None or age < live_age:
                     live, live_age = segment_id, age
             elif bulk is None or oldest < bulk_age:
@@ -289,7 +299,7 @@ class CoalescingBuffer(Generic[K]):
         batch: list[tuple[str, float | None, Lane | None]] = []
         while queue.retry and len(batch) < self.max_size:
             contact_id = next(iter(queue.retry))
-            del queue.retry[contact_id]
+            queue.retry_live -= queue.retry.pop(contact_id) is Lane.LIVE
             batch.append((contact_id, None, None))
         for lane, fresh in ((Lane.LIVE, queue.live), (Lane.BULK, queue.bulk)):
             while fresh and len(batch) < self.max_size:

@@ -340,6 +340,9 @@ class Ledger:
             if promote and live.lane is Lane.BULK:
                 live.lane = Lane.LIVE
                 self._store.record(live)
+                if live.state is State.RETRYING:
+                    # Its id may be back in the buffer (or parked) after its backoff.
+                    self._accumulator.set_lane(key[0], (key[1], live.intent), Lane.LIVE)
                 return live.state not in WRITE_PENDING_STATES
             return False
         at = self._occurred.get(key)

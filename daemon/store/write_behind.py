@@ -161,7 +161,9 @@ class WriteBehindJournal(JournalStore):
             steps = pending.history.get(key)
             if steps is None:
                 pending.history[key] = [(state, updated_at)]
-            else:
+            elif steps[-1] != (state, updated_at):
+                # (Recorded again without a transition, its lane or time changed: no new step;
+                # across commits, reading the history drops such repeats.)
                 steps.append((state, updated_at))
             self._nudge()
 

@@ -399,3 +399,40 @@ def test_among_bulk_only_segments_retries_go_first_as_before_lanes():
     b.add("old-bulk", "b1", 1.0, Lane.BULK)
     b.add_retry("retrying-bulk", ["r1"], Lane.BULK)
     assert b.pick(10.0, spare_capacity=False) == "retrying-bulk"
+
+
+# ---- lanes of retry and parked ids, history steps (review of issue 21, 5) -------------------
+
+
+def test_a_live_pairs_retry_counts_as_live_and_goes_before_fresh_live_ids():
+    b = buffer(max_size=10, linger_s=0.5)
+    b.add("fresh-live", "a", 10.0, Lane.LIVE)
+    b.add_retry("retry-live", ["r"], Lane.LIVE)
+    b.add_retry("retry-bulk", ["q"], Lane.BULK)
+    assert b.pick(20.0, spare_capacity=False) == "retry-live"
+    b.take("retry-live")
+    assert b.pick(20.0, spare_capacity=False) == "fresh-live"
+
+
+def test_a_retry_id_moved_to_live_makes_its_batch_key_live_and_is_counted_so():
+    b = buffer(max_size=10, linger_s=0.5)
+    b.add("fresh-live", "a", 10.0, Lane.LIVE)
+    b.add_retry("retrying", ["r"], Lane.BULK)
+    assert b.depth_by_lane() == {Lane.LIVE: 1, Lane.BULK: 1}
+    assert b.set_lane("retrying", "r", Lane.LIVE)
+    assert b.depth_by_lane() == {Lane.LIVE: 2, Lane.BULK: 0}
+    assert b.pick(20.0, spare_capacity=False) == "retrying"
+
+
+async def test_a_live_change_joining_a_retrying_bulk_pair_moves_its_queued_retry_to_live():
+    ledger, accumulator, store = ledger_with_store()
+    ledger.queue_new("c", "S", ADD, 0.0, 1.0, Lane.BULK)
+    send(ledger, accumulator, ("S", ADD))
+    ledger.retrying(("S", ADD), ["c"])
+    accumulator.add_retries(("S", ADD), ["c"], Lane.BULK)  # its backoff has passed
+    ledger.renew(("c", "S"), 0.0, 3.0, Lane.LIVE)
+    assert accumulator.buffer.depth_by_lane() == {Lane.LIVE: 1, Lane.BULK: 0}
+    # Re-journaled in the live lane, without a second copy of its last history step.
+    [row] = await store.contact("c")
+    assert row.lane is Lane.LIVE
+    assert row.history is not None and len(row.history) == len(set(row.history)), row.history
