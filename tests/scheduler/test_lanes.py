@@ -169,8 +169,12 @@ async def test_bulk_keeps_its_read_share_under_a_live_flood_and_live_goes_first(
     else:
         raise AssertionError(f"lanes never both waited: {poller.backlog()}")
     start = len(harness.client.reads)
-    while len(harness.client.reads) < start + 240:
+    for _ in range(1200):  # a deadline: a regression fails here instead of hanging
+        if len(harness.client.reads) >= start + 240:
+            break
         await asyncio.sleep(0.05)
+    else:
+        raise AssertionError(f"only {len(harness.client.reads) - start} reads of 240 were sent")
     window = harness.client.reads[start : start + 240]
     bulk = sum(segment == "share-bulk" for segment, _, _ in window)
     live = len(window) - bulk
