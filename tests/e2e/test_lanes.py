@@ -318,3 +318,38 @@ async def test_a_live_change_joining_a_change_that_waits_for_a_request_survives_
     await asyncio.to_thread(daemon.restart)
     done = await daemon.wait_states(http, contact, {"removed"}, 60)
     assert (done["WAITS"]["intent"], done["WAITS"]["lane"]) == ("remove", "live"), done
+
+
+async def test_a_backfill_is_written_while_live_changes_keep_segments_due(
+    start_daemon: StartDaemon, http: aiohttp.ClientSession
+):
+    # Two writes a second, and live changes over 10 segments, every one due again as soon as
+    # it was written: more live batches are due than the writes allowed. Bulk still gets its
+    # share of write requests.
+    daemon = await start_daemon(limits={"write_rps": 2, "bulk_read_share_min": 0.2})
+    stop = asyncio.Event()
+
+    async def flood() -> None:
+        n = 0
+        while not stop.is_set():
+            events = [{"contactId": f"wl-{n}", "segmentIds": [f"WSLIVE{i}"]} for i in range(10)]
+            n += 1
+            status, body = await post_mappings(http, daemon, events)
+            assert status == 202, body
+            await asyncio.sleep(0.1)
+
+    task = asyncio.create_task(flood())
+    try:
+        # The live segments have lingered and are being written: now the backfill comes.
+        await until_segment_leaves(http, daemon, "wl-0", "WSLIVE0", "queued")
+        status, body = await post_mappings(
+            http, daemon, bulk_events("ws", 1000, ["WSBULK"]), "?lane=bulk"
+        )
+        assert status == 202, body
+        rows = await until_segment_leaves(http, daemon, "ws0", "WSBULK", "queued")
+        assert not task.done(), "the live flood stopped before the bulk write"
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await task
+    assert rows["WSBULK"]["lane"] == "bulk", rows
