@@ -337,11 +337,24 @@ def _print_validation(payload: dict[str, Any]) -> None:
         )
     backlog = payload.get("validation")
     if backlog is not None:
-        drain = backlog.get("estimatedDrainS")
+        # Per lane: a live pair waits for live reads only, however long the bulk backlog.
+        waiting_lanes = {
+            segment.get("lane", "live")
+            for segment in payload["segments"]
+            if segment.get("validation") is not None
+        }
+        parts = []
+        for lane, seen in backlog.get("lanes", {}).items():
+            drain = seen.get("estimatedDrainS")
+            parts.append(
+                f"{lane}: {seen['readsWaiting']}"
+                + (f", about {drain:g} s of reads ahead" if drain is not None else "")
+                + (" (this contact's)" if lane in waiting_lanes else "")
+            )
         print(
             f"read backlog: {backlog['readsWaiting']} memberships wait for a read "
             f"(the oldest due {backlog['oldestWaitS']:g} s ago"
-            + (f", about {drain:g} s of reads at the read limit" if drain is not None else "")
+            + (f"; {'; '.join(parts)}" if parts else "")
             + f"), {backlog['awaitingRefresh']} wait for a segment refresh; "
             "waiting is not a failure"
         )

@@ -131,7 +131,8 @@ class LimitsConfig(_Section):
     read_rps: float = Field(default=50.0, gt=0)
     # Token requests (CXone: 1/s): several instances starting together share it.
     token_rps: float = Field(default=1.0, gt=0)
-    # The least share of membership reads the bulk lane gets while live reads are due too.
+    # The least share of membership reads (and of write batches) the bulk lane gets while live
+    # ones are due too.
     bulk_read_share_min: float = Field(default=0.2, ge=0, lt=1)
 
     def policy(self) -> ReadLanePolicy:
@@ -147,14 +148,18 @@ class BatchingConfig(_Section):
     linger_ms: int = Field(default=1000, ge=0, le=60_000)
     max_inflight_per_contact: int = Field(default=3, ge=1)
 
-    def policy(self, high_water: int) -> BatchingPolicy:
-        """The scheduler's batching policy; `high_water` is `[server] high_water`."""
+    def policy(self, high_water: int, bulk_share_min: float = 0.2) -> BatchingPolicy:
+        """The scheduler's batching policy; `high_water` is `[server] high_water`.
+
+        `bulk_share_min` is `[limits] bulk_read_share_min`: bulk keeps that share of writes too.
+        """
         return BatchingPolicy(
             min_size=self.min_size,
             max_size=self.max_size,
             linger_s=self.linger_ms / 1000.0,
             max_inflight_per_contact=self.max_inflight_per_contact,
             high_water=high_water,
+            bulk_share_min=bulk_share_min,
         )
 
 

@@ -15,7 +15,7 @@ import os
 import re
 import resource
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import orjson
@@ -32,7 +32,7 @@ from listeners import InboundRequest, WebhookRejected
 from listeners.base import REASONS
 from listeners.payload import loads_unique
 from scheduler.engine import SubmitResult
-from scheduler.model import Assignment, FailureReason, Lane
+from scheduler.model import LANES, Assignment, FailureReason, Lane
 from scheduler.store import StoreUnavailable
 from scheduler.validation import PairProgress, ReadBacklog
 
@@ -92,18 +92,33 @@ def assignment_view(a: Assignment, progress: PairProgress | None = None) -> dict
     return view
 
 
-def read_backlog_view(backlog: ReadBacklog, read_rps: float) -> dict[str, Any]:
-    """The read backlog as the contact API shows it beside a pair that waits for a read."""
+def read_backlog_view(
+    backlog: ReadBacklog, read_rps: float, lanes: Iterable[Lane] = ()
+) -> dict[str, Any]:
+    """The read backlog as the contact API shows it beside pairs that wait for a read.
+
+    `lanes` are the lanes of those pairs: `estimatedDrainS` is for the slowest of them.
+    """
+
+    def drain(reads: int) -> float | None:
+        return round(reads / read_rps, 1) if read_rps > 0 else None
+
+    # Live reads go first: a live pair waits for the live queue only. A bulk one waits for
+    # both queues at most (the live one first, then its own; its share only makes it sooner).
+    live = backlog.lanes[Lane.LIVE].waiting if Lane.LIVE in backlog.lanes else 0
+    ahead = {lane: live if lane is Lane.LIVE else backlog.waiting for lane in LANES}
+    shown = set(lanes) or set(LANES)
     return {
         "readsWaiting": backlog.waiting,
         "oldestWaitS": round(backlog.oldest_wait_s, 1),
         "awaitingRefresh": backlog.awaiting_refresh,
-        # Every queued pair ahead is one read at the read limit.
-        "estimatedDrainS": round(backlog.waiting / read_rps, 1) if read_rps > 0 else None,
-        # Live reads go first: a live pair waits for the live queue only, a bulk one for its
-        # share of the reads.
+        "estimatedDrainS": drain(max(ahead[lane] for lane in shown)),
         "lanes": {
-            str(lane): {"readsWaiting": b.waiting, "oldestWaitS": round(b.oldest_wait_s, 1)}
+            str(lane): {
+                "readsWaiting": b.waiting,
+                "oldestWaitS": round(b.oldest_wait_s, 1),
+                "estimatedDrainS": drain(ahead[lane]),
+            }
             for lane, b in backlog.lanes.items()
         },
     }
@@ -374,14 +389,17 @@ async def contact(request: web.Request) -> web.Response:
         return problem(404, f"no assignments for contact {contact_id!r}", field="contactId")
     poller = service.poller
     segments = []
-    validating = False
+    validating: set[Lane] = set()  # the lanes of the pairs being validated
     for a in assignments:
         progress = poller.progress(a.contact_id, a.segment_id) if not a.terminal else None
-        validating |= progress is not None
+        if progress is not None:
+            validating.add(a.lane)
         segments.append(assignment_view(a, progress))
     body: dict[str, Any] = {"contactId": contact_id, "segments": segments}
     if validating:
-        body["validation"] = read_backlog_view(poller.backlog(), service.config.limits.read_rps)
+        body["validation"] = read_backlog_view(
+            poller.backlog(), service.config.limits.read_rps, validating
+        )
     return json_response(body)
 
 

@@ -258,7 +258,12 @@ READ_BACKLOG: Schema = {
         "readsWaiting": COUNT,
         "oldestWaitS": {"type": "number", "minimum": 0},
         "awaitingRefresh": COUNT,
-        "estimatedDrainS": {"type": ["number", "null"], "minimum": 0},
+        "estimatedDrainS": {
+            "type": ["number", "null"],
+            "minimum": 0,
+            "description": "Seconds of reads, at the read limit, ahead of the contact's pairs "
+            "being validated (for the slowest of their lanes).",
+        },
         "lanes": {
             "type": "object",
             "description": "The reads waiting per lane: live reads go first, bulk ones keep a "
@@ -267,11 +272,17 @@ READ_BACKLOG: Schema = {
             "properties": {
                 lane: {
                     "type": "object",
-                    "required": ["readsWaiting", "oldestWaitS"],
+                    "required": ["readsWaiting", "oldestWaitS", "estimatedDrainS"],
                     "additionalProperties": False,
                     "properties": {
                         "readsWaiting": COUNT,
                         "oldestWaitS": {"type": "number", "minimum": 0},
+                        "estimatedDrainS": {
+                            "type": ["number", "null"],
+                            "minimum": 0,
+                            "description": "Seconds of reads ahead of a pair of this lane: "
+                            "the live queue for live, both queues at most for bulk.",
+                        },
                     },
                 }
                 for lane in ("live", "bulk")

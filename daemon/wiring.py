@@ -262,7 +262,9 @@ def build_daemon(config: Config, metrics: Metrics) -> Daemon:
         write_gate=write_gate,
         single_gate=single_gate,
         read_gate=read_gate,
-        batching=config.batching.policy(config.server.high_water),
+        batching=config.batching.policy(
+            config.server.high_water, config.limits.bulk_read_share_min
+        ),
         retry=config.retry.policy(),
         validation=validation,
         read_lanes=config.limits.policy(),

@@ -32,6 +32,9 @@ class BatchingPolicy:
     linger_s: float = 1.0
     max_inflight_per_contact: int = 3
     high_water: int = 1_000_000
+    #: The least share of batches that go to batch keys holding only bulk ids while others
+    #: holding live ids are due too (`[limits] bulk_read_share_min`, the reads' share).
+    bulk_share_min: float = 0.2
 
 
 #: Which ids of a batch key still wait for their backoff when it has passed, with their lanes
@@ -45,7 +48,10 @@ class Accumulator:
     def __init__(self, batching: BatchingPolicy) -> None:
         self.batching = batching
         self.buffer: CoalescingBuffer[BatchKey] = CoalescingBuffer(
-            min_size=batching.min_size, max_size=batching.max_size, linger_s=batching.linger_s
+            min_size=batching.min_size,
+            max_size=batching.max_size,
+            linger_s=batching.linger_s,
+            bulk_share_min=batching.bulk_share_min,
         )
         self.gate: ContactGate[BatchKey] = ContactGate(batching.max_inflight_per_contact)
         self._timers: set[asyncio.TimerHandle] = set()
@@ -59,8 +65,30 @@ class Accumulator:
     def admit(
         self, contact_id: str, batch_key: BatchKey, received_at: float, lane: Lane = Lane.LIVE
     ) -> bool:
-        """Take one of the contact's slots for the pair, or park it (False) until one frees."""
-        return self.gate.admit(contact_id, batch_key, received_at, lane)
+        """Take one of the contact's slots for the pair, or park it (False) until one frees.
+
+        A live pair never waits for its contact's bulk work that is only queued: when every
+        slot is taken and one is held by a bulk id still in the buffer, that id gives its slot
+        up and waits first in the contact's line instead (the limit is on writes in flight,
+        which a queued id is not yet).
+        """
+        gate = self.gate
+        if gate.take_slot(contact_id):
+            return True
+        if lane is Lane.LIVE and self._bulk_gives_way(contact_id):
+            return True
+        gate.park(contact_id, batch_key, received_at, lane)
+        return False
+
+    def _bulk_gives_way(self, contact_id: str) -> bool:
+        """A queued bulk id of the contact gives its slot up to a live pair; False if none."""
+        found = self.buffer.queued_bulk(contact_id)
+        if found is None:
+            return False
+        batch_key, received_at = found
+        self.buffer.discard(batch_key, contact_id)
+        self.gate.park(contact_id, batch_key, received_at, Lane.BULK, front=True)
+        return True
 
     def enqueue(
         self, batch_key: BatchKey, contact_id: str, received_at: float, lane: Lane = Lane.LIVE
@@ -101,11 +129,22 @@ class Accumulator:
             self.enqueue(new, contact_id, received_at, lane)
 
     def set_lane(self, contact_id: str, batch_key: BatchKey, lane: Lane) -> None:
-        """A queued (or parked) id goes on in `lane` (a newer change of the pair said so)."""
-        if not self.buffer.set_lane(batch_key, contact_id, lane):
-            self.gate.set_lane(contact_id, batch_key, lane)
-        else:
+        """A queued, retry or parked id goes on in `lane` (a newer change of the pair said so).
+
+        A parked id moved to live takes the slot of a queued bulk id of its contact, if one
+        holds a slot (see `admit`).
+        """
+        if self.buffer.set_lane(batch_key, contact_id, lane):
             self._wakeup.set()  # a live id may make its batch key the next to go
+            return
+        gate = self.gate
+        if not gate.set_lane(contact_id, batch_key, lane) or lane is not Lane.LIVE:
+            return
+        if self.buffer.queued_bulk(contact_id) is None:
+            return
+        received_at = gate.unpark(contact_id, batch_key)
+        if received_at is not None and self._bulk_gives_way(contact_id):
+            self.enqueue(batch_key, contact_id, received_at, lane)
 
     def lane_of(self, contact_id: str, batch_key: BatchKey) -> Lane | None:
         """The lane of a queued (or parked) id; None for a retry id or one not queued."""

@@ -5,8 +5,10 @@ never mixes adds and removals. The buffer and the gate only need batch keys to b
 
 Each queued id is in a lane (`scheduler.model.Lane`): live ids go into their batch ahead of bulk
 ids, and a batch key holding live ids goes out before others that are due, so that a live change
-never waits behind a backfill. Batches stay full all the same: bulk ids fill what live ids
-leave. The lane is which of two dictionaries holds the id: it costs a queued id nothing.
+never waits behind a backfill; batch keys holding only bulk ids keep a guaranteed share of the
+batches (`BulkCredit`, as reads do), so that live traffic never starves a backfill. Batches stay
+full all the same: bulk ids fill what live ids leave. The lane is which of two dictionaries holds
+the id: it costs a queued id nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from scheduler.model import Lane
+from scheduler.model import BulkCredit, Lane
 
 K = TypeVar("K", bound=Hashable)
 
@@ -29,6 +31,8 @@ class _SegmentQueue:
     # assignment needs no object.
     live: dict[str, float] = field(default_factory=dict)
     bulk: dict[str, float] = field(default_factory=dict)
+    # How many retry ids are live: a live pair's retry makes its batch key a live one.
+    retry_live: int = 0
 
     def __len__(self) -> int:
         return len(self.retry) + len(self.live) + len(self.bulk)
@@ -63,11 +67,15 @@ class CoalescingBuffer(Generic[K]):
     when it holds retry ids whose backoff has passed. When the writer has spare capacity, a
     segment holding at least `min_size` ids is due as well: sending it costs nothing then, and
     waiting would only add latency. Among due segments one holding live ids goes first (the one
-    whose oldest live id is oldest); then the one with the oldest id, so a hot segment cannot
-    starve the others. A batch takes retry ids first, then live ids, then bulk ids.
+    whose oldest live id is oldest), except that segments holding only bulk ids get at least
+    `bulk_share_min` of the batches while both kinds are due; among those, the one with the
+    oldest id (retry ids count as the oldest), so a hot segment cannot starve the others. A
+    batch takes retry ids first, then live ids, then bulk ids.
     """
 
-    def __init__(self, *, min_size: int, max_size: int, linger_s: float) -> None:
+    def __init__(
+        self, *, min_size: int, max_size: int, linger_s: float, bulk_share_min: float = 0.2
+    ) -> None:
         if not 1 <= min_size <= max_size:
             raise ValueError(f"need 1 <= min_size ({min_size}) <= max_size ({max_size})")
         self.min_size = min_size
@@ -75,6 +83,10 @@ class CoalescingBuffer(Generic[K]):
         self.linger_s = linger_s
         self._segments: dict[K, _SegmentQueue] = {}
         self._size = 0
+        self._bulk_credit = BulkCredit(bulk_share_min)
+        # The last pick made while both kinds of segment were due: (segment, its lane). Taking
+        # that segment's batch settles bulk's credit.
+        self._contested: tuple[K, Lane] | None = None
 
     def __len__(self) -> int:
         return self._size
@@ -102,6 +114,18 @@ class CoalescingBuffer(Generic[K]):
         queue = self._segments.get(segment_id)
         return queue.time_of(contact_id) if queue is not None else None
 
+    def queued_bulk(self, contact_id: str) -> tuple[K, float] | None:
+        """A fresh bulk id of the contact still queued (in no batch yet): its batch key and time.
+
+        A scan of the batch keys: asked only when a live pair of a contact at its limit would
+        wait (not the hot path).
+        """
+        for segment_id, queue in self._segments.items():
+            at = queue.bulk.get(contact_id)
+            if at is not None:
+                return segment_id, at
+        return None
+
     def lane_of(self, segment_id: K, contact_id: str) -> Lane | None:
         """The lane of a fresh queued id (None for a retry id or one not queued)."""
         queue = self._segments.get(segment_id)
@@ -112,13 +136,19 @@ class CoalescingBuffer(Generic[K]):
         return Lane.BULK if contact_id in queue.bulk else None
 
     def set_lane(self, segment_id: K, contact_id: str, lane: Lane) -> bool:
-        """Move a fresh queued id to `lane`, keeping its time; False if it is not there.
+        """Move a queued id to `lane`, keeping its time; False if it is not there.
 
-        It joins the back of its new lane: it belongs there from now on.
+        A fresh id joins the back of its new lane: it belongs there from now on.
         """
         queue = self._segments.get(segment_id)
         if queue is None:
             return False
+        was = queue.retry.get(contact_id)
+        if was is not None:  # a retry id: it keeps its place, ahead of fresh ids
+            if was is not lane:
+                queue.retry[contact_id] = lane
+                queue.retry_live += 1 if lane is Lane.LIVE else -1
+            return True
         source = queue.bulk if lane is Lane.LIVE else queue.live
         at = source.pop(contact_id, None)
         if at is None:
@@ -132,7 +162,7 @@ class CoalescingBuffer(Generic[K]):
         if queue is None:
             return False, None
         if contact_id in queue.retry:
-            del queue.retry[contact_id]
+            queue.retry_live -= queue.retry.pop(contact_id) is Lane.LIVE
             at = None
         elif contact_id in queue.live:
             at = queue.live.pop(contact_id)
@@ -168,6 +198,7 @@ class CoalescingBuffer(Generic[K]):
             if queue.holds(contact_id):
                 continue
             queue.retry[contact_id] = lane
+            queue.retry_live += lane is Lane.LIVE
             self._size += 1
 
     def pick(
@@ -183,9 +214,10 @@ class CoalescingBuffer(Generic[K]):
         While draining (shutdown) every non-empty segment is due: nothing may be left behind.
         Batch keys for which `skip` is true are never due (their segment is being handed over).
         """
-        chosen: K | None = None
-        chosen_age = float("inf")
-        chosen_live = False  # the chosen one holds live ids: only another such one beats it
+        live: K | None = None  # the due segment holding live ids whose oldest live id is oldest
+        live_age = float("inf")
+        bulk: K | None = None  # the due bulk-only segment holding the oldest id
+        bulk_age = float("inf")
         for segment_id, queue in self._segments.items():
             if skip is not None and skip(segment_id):
                 continue
@@ -199,13 +231,26 @@ class CoalescingBuffer(Generic[K]):
             )
             if not due:
                 continue
-            if queue.live:
-                age = next(iter(queue.live.values()))
-                if not chosen_live or age < chosen_age:
-                    chosen, chosen_age, chosen_live = segment_id, age, True
-            elif not chosen_live and oldest < chosen_age:
-                chosen, chosen_age = segment_id, oldest
+            if queue.live or queue.retry_live:
+                # A live pair's retry is due at once: as old as can be.
+                age = oldest if queue.retry_live else next(iter(queue.live.values()))
+                if live is None or age < live_age:
+                    live, live_age = segment_id, age
+            elif bulk is None or oldest < bulk_age:
+                bulk, bulk_age = segment_id, oldest
+        if live is None or bulk is None:
+            self._contested = None
+            return live if live is not None else bulk
+        lane = Lane.BULK if self._bulk_credit.bulk_turn() else Lane.LIVE
+        chosen = bulk if lane is Lane.BULK else live
+        self._contested = (chosen, lane)
         return chosen
+
+    def _settle(self, segment_id: K) -> None:
+        """A batch of the segment is taken: bulk's credit moves if it was a contested pick."""
+        contested, self._contested = self._contested, None
+        if contested is not None and contested[0] == segment_id:
+            self._bulk_credit.taken(contested[1], bulk_waited=True)
 
     def next_deadline(self, skip: Callable[[K], bool] | None = None) -> float | None:
         """Monotonic time at which the earliest lingering segment becomes due, if any."""
@@ -249,10 +294,11 @@ class CoalescingBuffer(Generic[K]):
         queue = self._segments.get(segment_id)
         if queue is None:
             return []
+        self._settle(segment_id)
         batch: list[tuple[str, float | None, Lane | None]] = []
         while queue.retry and len(batch) < self.max_size:
             contact_id = next(iter(queue.retry))
-            del queue.retry[contact_id]
+            queue.retry_live -= queue.retry.pop(contact_id) is Lane.LIVE
             batch.append((contact_id, None, None))
         for lane, fresh in ((Lane.LIVE, queue.live), (Lane.BULK, queue.bulk)):
             while fresh and len(batch) < self.max_size:
@@ -269,7 +315,8 @@ class ContactGate(Generic[K]):
 
     CXone's guidance is to keep no more than three segment writes of one contact in flight, to
     avoid cross-segment index locking. "In flight" spans buffer, send and retry: until the write
-    is known to hold or has failed.
+    is known to hold or has failed. A contact's parked assignments are let through live ones
+    first, then bulk ones, each in arrival order.
 
     A contact changing 100 segments at once parks 97 of them, and a large delivery parks tens of
     thousands: what is kept per parked assignment makes no object the garbage collector must
@@ -293,16 +340,6 @@ class ContactGate(Generic[K]):
     def _key(self, key: K) -> K:
         return self._canonical.setdefault(key, key)
 
-    def _park(self, contact_id: str, key: K, received_at: float, lane: Lane) -> None:
-        key = self._key(key)
-        waiting = self._waiting.get(contact_id)
-        if waiting is None:
-            waiting = self._waiting[contact_id] = {}
-        if key not in waiting:
-            self._parked += 1
-        waiting[key] = received_at
-        self._set_bulk(contact_id, key, lane)
-
     def _set_bulk(self, contact_id: str, key: K, lane: Lane) -> None:
         bulk = self._bulk.get(contact_id)
         if lane is Lane.BULK:
@@ -318,29 +355,61 @@ class ContactGate(Generic[K]):
         bulk = self._bulk.get(contact_id)
         return Lane.BULK if bulk is not None and key in bulk else Lane.LIVE
 
-    def _unpark(self, contact_id: str, key: K) -> float:
-        waiting = self._waiting[contact_id]
-        at = waiting.pop(key)
+    def admit(
+        self, contact_id: str, segment_id: K, received_at: float = 0.0, lane: Lane = Lane.LIVE
+    ) -> bool:
+        """Take a slot for the assignment, or park it (with its time and lane): False."""
+        if self.take_slot(contact_id):
+            return True
+        self.park(contact_id, segment_id, received_at, lane)
+        return False
+
+    def take_slot(self, contact_id: str) -> bool:
+        """Take one of the contact's slots if one is free."""
+        count = self._inflight.get(contact_id, 0)
+        if count < self.limit:
+            self._inflight[contact_id] = count + 1
+            return True
+        return False
+
+    def park(
+        self, contact_id: str, segment_id: K, received_at: float, lane: Lane, *, front: bool = False
+    ) -> None:
+        """Let the assignment wait for a slot: live ones ahead of bulk ones, each in arrival order.
+
+        `front` puts a bulk one first among the bulk ones: it held a slot, gave it to a live
+        pair, and was next in line before it did.
+        """
+        key = self._key(segment_id)
+        waiting = self._waiting.get(contact_id)
+        if waiting is None:
+            waiting = self._waiting[contact_id] = {}
+        if key in waiting:
+            del waiting[key]
+        else:
+            self._parked += 1
+        if front:
+            # First in the dict: first among the bulk ones (`release` takes live ones first).
+            self._waiting[contact_id] = {key: received_at, **waiting}
+        else:
+            waiting[key] = received_at
+        self._set_bulk(contact_id, key, lane)
+
+    def unpark(self, contact_id: str, segment_id: K) -> float | None:
+        """Take a parked assignment out of line (it takes a slot another gave up); its time."""
+        waiting = self._waiting.get(contact_id)
+        if waiting is None or segment_id not in waiting:
+            return None
+        at = waiting.pop(segment_id)
         self._parked -= 1
         if not waiting:
             del self._waiting[contact_id]
         bulk = self._bulk.get(contact_id)
         if bulk is not None:
-            bulk.discard(key)
+            bulk.discard(segment_id)
             if not bulk:
                 del self._bulk[contact_id]
         return at
-
-    def admit(
-        self, contact_id: str, segment_id: K, received_at: float = 0.0, lane: Lane = Lane.LIVE
-    ) -> bool:
-        """Take a slot for the assignment, or park it (with its time and lane): False."""
-        count = self._inflight.get(contact_id, 0)
-        if count < self.limit:
-            self._inflight[contact_id] = count + 1
-            return True
-        self._park(contact_id, segment_id, received_at, lane)
-        return False
 
     def is_parked(self, contact_id: str, segment_id: K) -> bool:
         """Whether the assignment waits for a slot."""
@@ -369,6 +438,8 @@ class ContactGate(Generic[K]):
         bulk = self._bulk.get(contact_id)
         if bulk is not None:
             bulk.discard(old)
+            if not bulk:
+                del self._bulk[contact_id]
         self._set_bulk(contact_id, new, lane)
         self._parked -= len(waiting) - len(self._waiting[contact_id])
         return True
@@ -391,12 +462,20 @@ class ContactGate(Generic[K]):
         self._inflight[contact_id] = self._inflight.get(contact_id, 0) + 1
 
     def release(self, contact_id: str) -> tuple[K, float, Lane] | None:
-        """Free a slot; the contact's next parked (segment, time, lane), which takes it."""
+        """Free a slot; the contact's next parked (segment, time, lane), which takes it.
+
+        Live parked assignments go first, then bulk ones, each in arrival order.
+        """
         waiting = self._waiting.get(contact_id)
         if waiting:
+            bulk = self._bulk.get(contact_id)
             key = next(iter(waiting))
+            if bulk is not None and key in bulk and len(bulk) < len(waiting):
+                key = next(k for k in waiting if k not in bulk)
             lane = self._lane(contact_id, key)
-            return key, self._unpark(contact_id, key), lane
+            at = self.unpark(contact_id, key)
+            assert at is not None
+            return key, at, lane
         count = self._inflight.get(contact_id, 0) - 1
         if count > 0:
             self._inflight[contact_id] = count
@@ -410,7 +489,7 @@ class ContactGate(Generic[K]):
         for contact_id in list(self._waiting):
             gone = [key for key in self._waiting[contact_id] if dropped(key)]
             for key in gone:
-                self._unpark(contact_id, key)
+                self.unpark(contact_id, key)
             removed += [(contact_id, key) for key in gone]
         return removed
 

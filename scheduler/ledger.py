@@ -321,12 +321,17 @@ class Ledger:
         successor = self._successors.get(key)
         if successor is not None:
             if version > successor.version or (promote and successor.lane is Lane.BULK):
-                self._successors[key] = Change(
+                successor = self._successors[key] = Change(
                     successor.intent,
                     version if version > successor.version else successor.occurred_at,
                     successor.received_at,
                     Lane.LIVE if promote else successor.lane,
                 )
+                # The journal holds the waiting change (see `transition`): journaled again, so
+                # that its lane and time survive a crash before the request's outcome.
+                waiting_for = self._live.get(key)
+                if waiting_for is not None:
+                    self._store.record(waiting_row(waiting_for, successor))
             return False
         live = self._live.get(key)
         if live is not None:
@@ -335,6 +340,9 @@ class Ledger:
             if promote and live.lane is Lane.BULK:
                 live.lane = Lane.LIVE
                 self._store.record(live)
+                if live.state is State.RETRYING:
+                    # Its id may be back in the buffer (or parked) after its backoff.
+                    self._accumulator.set_lane(key[0], (key[1], live.intent), Lane.LIVE)
                 return live.state not in WRITE_PENDING_STATES
             return False
         at = self._occurred.get(key)
@@ -372,7 +380,9 @@ class Ledger:
     ) -> None:
         """A newer change of the other intent replaces the work in progress for the pair.
 
-        The pair goes on in the newer change's lane.
+        The pair goes on in the newer change's lane, except that a bulk change going back to
+        the intent of a request in flight leaves that request's lane as it was: the request is
+        not started over, and a caller may wait for it in the live lane.
 
         Queued (or parked) work is never sent: it moves to the other batch key. Written or verifying
         work leaves validation (the caller stops its validation first) and its opposite is
@@ -387,7 +397,8 @@ class Ledger:
             if live is not None and live.intent is intent:
                 del self._successors[key]  # back to what is in flight: nothing more to send
                 live.occurred_at = max(live.occurred_at, occurred_at)
-                live.lane = lane
+                if lane is Lane.LIVE:  # a bulk change never moves live work back
+                    live.lane = lane
                 self._store.record(live)
             else:
                 self._successors[key] = change

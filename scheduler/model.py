@@ -33,6 +33,43 @@ class Lane(enum.StrEnum):
 LANES: tuple[Lane, ...] = (Lane.LIVE, Lane.BULK)
 
 
+class BulkCredit:
+    """Live first, with a guaranteed least share for bulk: whose turn it is when both wait.
+
+    One scheme for reads (the poller) and writes (the buffer's choice of batch). Each live turn
+    taken while bulk had one due earns bulk `share / (1 - share)` of a turn in credit, and bulk
+    goes as soon as its credit reaches one, so bulk gets exactly `share` of the turns while both
+    wait. Credit is earned only while bulk waits (capped at one turn more than it earns at once),
+    so idle time banks none; when live has nothing due, bulk takes every turn anyway.
+    """
+
+    __slots__ = ("credit", "per_live", "share")
+
+    def __init__(self, share: float) -> None:
+        if not 0.0 <= share < 1.0:
+            raise ValueError(f"bulk_share_min must be in [0, 1), not {share}")
+        self.share = share
+        #: Bulk's credit, in turns, for each live turn taken while bulk waited.
+        self.per_live = share / (1.0 - share)
+        self.credit = 0.0
+
+    def bulk_turn(self) -> bool:
+        """Whether bulk goes next when both lanes have a turn due."""
+        return self.credit >= 1.0
+
+    def taken(self, lane: Lane, *, bulk_waited: bool) -> None:
+        """Settle the credit for a turn taken by `lane` (`bulk_waited`: bulk had one due)."""
+        if lane is Lane.LIVE:
+            if bulk_waited:
+                self.credit = min(self.credit + self.per_live, 1.0 + self.per_live)
+        elif self.credit >= 1.0:
+            self.credit -= 1.0
+
+    def reset(self) -> None:
+        """Forget the credit (the queues it was earned against are gone)."""
+        self.credit = 0.0
+
+
 class State(enum.StrEnum):
     """Where an assignment stands; `active`, `removed` and `failed` are terminal.
 

@@ -118,6 +118,8 @@ def take_back(
         else:
             # The journal holds a newer change that waited for this batch's outcome: the
             # batch is resent (under its key) and the change follows it, as it would have.
+            # The row keeps only the waiting change's lane, so the resent work takes it too;
+            # that decides nothing, since the waiting change replaces it on the outcome.
             ledger.hold_live(
                 Assignment(
                     contact_id,

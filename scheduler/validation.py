@@ -15,9 +15,10 @@ never on wall time alone, and a long read queue is never a failure.
 - **Live first, bulk never starved.** When both lanes have due reads, live goes first, but bulk
   keeps at least `ReadLanePolicy.bulk_share_min` of the reads: each live read sent while a bulk
   read was due earns bulk `share / (1 - share)` of a read in credit, and a bulk read goes as
-  soon as the credit reaches one. Credit is earned only while bulk waits (capped at one read
-  more), so idle time banks none. A flood of live reads thus degrades to first-in-first-out
-  within live, never below bulk's share; when live has nothing due, bulk gets every read.
+  soon as the credit reaches one (`BulkCredit`, which shares writes the same way). Credit is
+  earned only while a bulk read is due, so idle time banks none. A flood of live reads thus
+  degrades to first-in-first-out within live, never below bulk's share; when live has nothing
+  due, bulk gets every read.
 - **A pair is read at most once per interval and never twice at once.**
 - **Refresh on evidence.** A pair calls for a refresh of its segment only when a read sent at
   least `window_s` after its write (or after the segment's last refresh) still did not show
@@ -49,7 +50,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from scheduler.logthrottle import ThrottledLog
-from scheduler.model import LANES, Assignment, FailureReason, Intent, Lane, State
+from scheduler.model import LANES, Assignment, BulkCredit, FailureReason, Intent, Lane, State
 from scheduler.observer import EngineObserver
 from scheduler.ratelimit import AdmissionGate
 from scheduler.retry import RetryPolicy
@@ -100,13 +101,12 @@ class ReadLanePolicy:
     bulk_share_min: float = 0.2
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.bulk_share_min < 1.0:
-            raise ValueError(f"bulk_share_min must be in [0, 1), not {self.bulk_share_min}")
+        BulkCredit(self.bulk_share_min)  # checks the share
 
     @property
     def credit_per_live_read(self) -> float:
         """Bulk's credit, in reads, for each live read sent while a bulk read was due."""
-        return self.bulk_share_min / (1.0 - self.bulk_share_min)
+        return BulkCredit(self.bulk_share_min).per_live
 
 
 class VerificationSink(Protocol):
@@ -245,7 +245,7 @@ class MembershipPoller:
         # One heap per lane (see the module docstring).
         self._queues: dict[Lane, list[_QueuedRead]] = {lane: [] for lane in LANES}
         # Bulk's credit, in reads, against live reads sent while bulk waited.
-        self._bulk_credit = 0.0
+        self._bulk_credit = BulkCredit(self.lanes.bulk_share_min)
         self._tickets = itertools.count()
         self._queue_changed = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
@@ -433,7 +433,7 @@ class MembershipPoller:
             return  # started (or stopped) again meanwhile: that call owns the queue now
         for queue in self._queues.values():
             queue.clear()
-        self._bulk_credit = 0.0
+        self._bulk_credit.reset()
         for watch in self._watches.values():
             watch.refresh_task = None
             for pair in watch.pairs.values():
@@ -500,7 +500,7 @@ class MembershipPoller:
         live, bulk = self._top(Lane.LIVE), self._top(Lane.BULK)
         live_due = live is not None and live[0] <= now
         bulk_due = bulk is not None and bulk[0] <= now
-        if live_due and not (bulk_due and self._bulk_credit >= 1.0):
+        if live_due and not (bulk_due and self._bulk_credit.bulk_turn()):
             return Lane.LIVE, None
         if bulk_due:
             return Lane.BULK, None
@@ -509,14 +509,8 @@ class MembershipPoller:
 
     def _sent(self, lane: Lane, now: float) -> None:
         """Settle bulk's credit for a read of `lane` sent at `now`."""
-        if lane is Lane.LIVE:
-            bulk = self._top(Lane.BULK)
-            if bulk is not None and bulk[0] <= now:
-                earned = self.lanes.credit_per_live_read
-                # Capped at one read more than it earns at once: idle time banks nothing.
-                self._bulk_credit = min(self._bulk_credit + earned, 1.0 + earned)
-        elif self._bulk_credit >= 1.0:
-            self._bulk_credit -= 1.0
+        bulk = self._top(Lane.BULK) if lane is Lane.LIVE else None
+        self._bulk_credit.taken(lane, bulk_waited=bulk is not None and bulk[0] <= now)
 
     async def _drain_reads(self) -> None:
         """Send due reads through the gate, each in its own task (see the module docstring)."""

@@ -39,10 +39,14 @@ class MemoryStore(JournalStore):
         key = assignment.key
         previous = self._assignments.get(key)
         # The store keeps the history: one step per record, a fresh start (queued) begins anew.
+        step = (assignment.state, assignment.updated_at)
         if previous is None or previous.history is None or assignment.state is State.QUEUED:
-            history = [(assignment.state, assignment.updated_at)]
+            history = [step]
+        elif previous.history[-1:] == [step]:
+            # Recorded again without a transition (its lane or time changed): no new step.
+            history = previous.history
         else:
-            history = [*previous.history, (assignment.state, assignment.updated_at)]
+            history = [*previous.history, step]
         snapshot = dataclasses.replace(assignment, history=history)
         self._assignments[key] = snapshot
         self._by_contact.setdefault(assignment.contact_id, {})[assignment.segment_id] = snapshot

@@ -630,8 +630,8 @@ class SqliteStore(WriteBehindJournal):
 
     def _load_recovery(self) -> Recovered:
         recovered = Recovered()
-        # Already (str, str, float, str, float) as stored: no per-row conversion for the biggest
-        # list.
+        # Already (contact, segment, received, intent, occurred, lane) as stored: no per-row
+        # conversion for the biggest list.
         recovered.queued = self._query(sql.QUEUED)
         recovered.assignments = [
             sql.assignment_from_row(row) for row in self._query(sql.UNFINISHED)

@@ -163,7 +163,12 @@ class WriteBehindJournal(JournalStore):
             # collection, and a large delivery queues a hundred thousand of them).
             step = f"{state}:{updated_at!r};"
             steps = pending.history.get(key)
-            pending.history[key] = step if steps is None else steps + step
+            if steps is None:
+                pending.history[key] = step
+            elif not steps.endswith(step):
+                # (Recorded again without a transition, its lane or time changed: no new step;
+                # across commits, reading the history drops such repeats.)
+                pending.history[key] = steps + step
             self._nudge()
 
     def record_stale(

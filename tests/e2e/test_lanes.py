@@ -131,7 +131,9 @@ async def test_bulk_is_confirmed_at_its_share_of_reads_under_a_live_flood(
         confirmed_before = await lane_metric(
             http, daemon, "segmapd_assignment_active_latency_seconds_count", "bulk"
         )
+        deadline = time.monotonic() + 60  # fails instead of hanging if reads stop
         while await lane_metric(http, daemon, name, "live") - live_before < 100:
+            assert time.monotonic() < deadline, "live reads stopped"
             await asyncio.sleep(0.2)
         live = await lane_metric(http, daemon, name, "live") - live_before
         bulk = await lane_metric(http, daemon, name, "bulk") - bulk_before
@@ -195,8 +197,9 @@ async def test_several_instances_on_postgresql_keep_each_changes_lane(
     assert status == 202, body
     status, body = await post_mappings(http, second, bulk_events("pgl", 40, segments))
     assert status == 202, body
+    # Every contact: the totals below count all 240 pairs, so none may still be verifying.
     for prefix, lane in (("pgb", "bulk"), ("pgl", "live")):
-        for i in (0, 17, 39):
+        for i in range(40):
             for daemon in daemons:
                 done = await daemon.wait_states(http, f"{prefix}{i}", {"active"}, 60)
                 assert {s["lane"] for s in done.values()} == {lane}, done
@@ -251,3 +254,102 @@ async def test_replaying_every_dead_letter_is_bulk_and_named_contacts_are_live(
             _, seen = await daemon.contact(http, contact)
             assert seen["segments"][0]["lane"] == lane, (body, seen)
             await daemon.wait_states(http, contact, {"failed"}, 30)
+
+
+async def until_segment_leaves(
+    http: aiohttp.ClientSession, daemon: Daemon, contact_id: str, segment_id: str, state: str
+) -> dict[str, Any]:
+    """Poll the contact until `segment_id` is past `state`; every segment's row then."""
+    deadline = time.monotonic() + 60.0
+    last: Any = None
+    while time.monotonic() < deadline:
+        status, last = await daemon.contact(http, contact_id)
+        if status == 200:
+            rows = {s["segmentId"]: s for s in last["segments"]}
+            if segment_id in rows and rows[segment_id]["state"] != state:
+                return rows
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{contact_id}/{segment_id} never left {state}: {last}")
+
+
+async def test_a_live_change_of_a_backfilled_contact_is_written_before_its_own_bulk_work(
+    start_daemon: StartDaemon, http: aiohttp.ClientSession
+):
+    # One write a second: the backfill (3 x 2,000 pairs, 30 batches) is written segment after
+    # segment, and the contact's own bulk pairs are the last of each segment's backlog.
+    daemon = await start_daemon(limits={"write_rps": 1})
+    segments = ["BFA", "BFB", "BFC"]
+    for start in (0, 1000):
+        events = bulk_events("gf", 2000, segments)[start : start + 1000]
+        status, body = await post_mappings(http, daemon, events, "?lane=bulk")
+        assert status == 202, body
+    status, body = await post_mappings(http, daemon, {"contactId": "gf1999", "segmentIds": ["VIP"]})
+    assert status == 202, body
+    # Its three slots are held by queued bulk pairs: one gives its slot up, and the live pair is
+    # written while all three still wait behind the backlog of their segments.
+    rows = await until_segment_leaves(http, daemon, "gf1999", "VIP", "queued")
+    assert rows["VIP"]["lane"] == "live", rows
+    assert {rows[s]["state"] for s in segments} == {"queued"}, rows
+    assert {rows[s]["lane"] for s in segments} == {"bulk"}, rows
+
+
+async def test_a_live_change_joining_a_change_that_waits_for_a_request_survives_a_sigkill(
+    start_daemon: StartDaemon, emulator: EmulatorControl, http: aiohttp.ClientSession
+):
+    # Slow bulk writes: the ADD is still in flight while the two removals arrive and when the
+    # daemon is killed.
+    await emulator.configure({"faults": {"bulk": {"latency_ms": 30_000}}})
+    daemon = await start_daemon(cxone={"timeout_s": 60})
+    contact = "wl1"
+    status, body = await post_mappings(
+        http, daemon, {"contactId": contact, "add": ["WAITS"]}, "?lane=bulk"
+    )
+    assert status == 202, body
+    await until_segment_leaves(http, daemon, contact, "WAITS", "queued")
+    # A bulk removal waits for the ADD's outcome; a live one joins it (someone waits for it).
+    for query in ("?lane=bulk", ""):
+        status, body = await post_mappings(
+            http, daemon, {"contactId": contact, "remove": ["WAITS"]}, query
+        )
+        assert status == 202, body
+    daemon.process.signal(signal.SIGKILL)
+    await asyncio.to_thread(daemon.process.wait, 10)
+    await emulator.configure({"faults": {"bulk": {"latency_ms": 0}}})
+    await asyncio.to_thread(daemon.restart)
+    done = await daemon.wait_states(http, contact, {"removed"}, 60)
+    assert (done["WAITS"]["intent"], done["WAITS"]["lane"]) == ("remove", "live"), done
+
+
+async def test_a_backfill_is_written_while_live_changes_keep_segments_due(
+    start_daemon: StartDaemon, http: aiohttp.ClientSession
+):
+    # Two writes a second, and live changes over 10 segments, every one due again as soon as
+    # it was written: more live batches are due than the writes allowed. Bulk still gets its
+    # share of write requests.
+    daemon = await start_daemon(limits={"write_rps": 2, "bulk_read_share_min": 0.2})
+    stop = asyncio.Event()
+
+    async def flood() -> None:
+        n = 0
+        while not stop.is_set():
+            events = [{"contactId": f"wl-{n}", "segmentIds": [f"WSLIVE{i}"]} for i in range(10)]
+            n += 1
+            status, body = await post_mappings(http, daemon, events)
+            assert status == 202, body
+            await asyncio.sleep(0.1)
+
+    task = asyncio.create_task(flood())
+    try:
+        # The live segments have lingered and are being written: now the backfill comes.
+        await until_segment_leaves(http, daemon, "wl-0", "WSLIVE0", "queued")
+        status, body = await post_mappings(
+            http, daemon, bulk_events("ws", 1000, ["WSBULK"]), "?lane=bulk"
+        )
+        assert status == 202, body
+        rows = await until_segment_leaves(http, daemon, "ws0", "WSBULK", "queued")
+        assert not task.done(), "the live flood stopped before the bulk write"
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await task
+    assert rows["WSBULK"]["lane"] == "bulk", rows

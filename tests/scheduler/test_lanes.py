@@ -6,14 +6,19 @@ import asyncio
 
 import pytest
 
+from daemon.store.memory import MemoryStore
 from scheduler.accumulator import Accumulator, BatchingPolicy
 from scheduler.buffer import CoalescingBuffer, ContactGate
+from scheduler.ledger import Ledger
 from scheduler.model import Intent, Lane, MembershipChange, State
+from scheduler.observer import EngineObserver
+from scheduler.ownership import OwnEverything
 from scheduler.validation import ReadLanePolicy, ValidationPolicy
+from scheduler.waiters import Waiters
 from tests.scheduler.conftest import MakeEngine
 from tests.support.emulator import EmulatorControl
 
-ADD = Intent.ADD
+ADD, REMOVE = Intent.ADD, Intent.REMOVE
 
 
 def buffer(max_size: int = 4, linger_s: float = 1.0) -> CoalescingBuffer[str]:
@@ -164,8 +169,12 @@ async def test_bulk_keeps_its_read_share_under_a_live_flood_and_live_goes_first(
     else:
         raise AssertionError(f"lanes never both waited: {poller.backlog()}")
     start = len(harness.client.reads)
-    while len(harness.client.reads) < start + 240:
+    for _ in range(1200):  # a deadline: a regression fails here instead of hanging
+        if len(harness.client.reads) >= start + 240:
+            break
         await asyncio.sleep(0.05)
+    else:
+        raise AssertionError(f"only {len(harness.client.reads) - start} reads of 240 were sent")
     window = harness.client.reads[start : start + 240]
     bulk = sum(segment == "share-bulk" for segment, _, _ in window)
     live = len(window) - bulk
@@ -196,3 +205,239 @@ async def test_without_live_reads_due_bulk_gets_every_read(
     for contact in contacts:
         [done] = await harness.engine.wait(contact, ("only-bulk",), 30)
         assert (done.state, done.lane) == (State.ACTIVE, Lane.BULK)
+
+
+# ---- a live pair never waits for its contact's queued bulk work (review of issue 21, 1) ----
+
+
+def backfilled(contacts: int, segments: tuple[str, ...] = ("A", "B", "C")) -> Accumulator:
+    """An accumulator holding a bulk backfill: every contact in every segment (limit 3)."""
+    accumulator = Accumulator(BatchingPolicy(max_size=200, min_size=1, linger_s=0.0))
+    t = 1000.0
+    for segment in segments:
+        for index in range(contacts):
+            t += 0.001
+            contact_id = f"c{index}"
+            if accumulator.admit(contact_id, (segment, ADD), t, Lane.BULK):
+                accumulator.enqueue((segment, ADD), contact_id, t, Lane.BULK)
+    return accumulator
+
+
+def test_a_live_change_of_a_backfilled_contact_goes_before_the_backfill_is_written():
+    accumulator = backfilled(1000)
+    last = "c999"
+    assert accumulator.gate.inflight(last) == 3
+    assert accumulator.admit(last, ("VIP", ADD), 5000.0, Lane.LIVE)
+    accumulator.enqueue(("VIP", ADD), last, 5000.0, Lane.LIVE)
+    # One of its bulk pairs gave its slot up and waits, first in line, still queued for the
+    # ledger (its time and lane kept); the slots held stay at the limit.
+    assert accumulator.gate.inflight(last) == 3
+    assert accumulator.gate.parked == 1
+    [(segment, intent)] = accumulator.gate.parked_batch_keys()
+    assert accumulator.lane_of(last, (segment, intent)) is Lane.BULK
+    queued = accumulator.queued(last, segment)
+    assert queued is not None and queued[0] is ADD
+    assert queued[1] == pytest.approx(1000.0 + 0.001 * (("A", "B", "C").index(segment) + 1) * 1000)
+    # The live pair's batch goes first, before any of the 3,000 bulk ids is written.
+    key = accumulator.pick(6000.0, spare_capacity=False, draining=False, skip=None)
+    assert key == ("VIP", ADD)
+    assert [contact_id for contact_id, _, _ in accumulator.take(key)] == [last]
+    # Once it is written its slot goes to the bulk pair that gave it up, in the bulk lane.
+    accumulator.release(last)
+    assert accumulator.gate.parked == 0
+    assert accumulator.buffer.lane_of((segment, intent), last) is Lane.BULK
+
+
+def test_bulk_work_already_in_a_batch_keeps_its_slot_and_the_live_pair_waits():
+    accumulator = Accumulator(BatchingPolicy(max_size=200, min_size=1, linger_s=0.0))
+    for segment in ("A", "B", "C"):
+        assert accumulator.admit("c", (segment, ADD), 1.0, Lane.BULK)
+        accumulator.enqueue((segment, ADD), "c", 1.0, Lane.BULK)
+        accumulator.take((segment, ADD))  # in a batch: in flight, its slot held
+    assert not accumulator.admit("c", ("VIP", ADD), 2.0, Lane.LIVE)
+    assert accumulator.gate.parked == 1
+    accumulator.release("c")
+    assert accumulator.buffer.lane_of(("VIP", ADD), "c") is Lane.LIVE
+
+
+def test_parked_pairs_of_a_contact_are_released_live_first():
+    gate: ContactGate[str] = ContactGate(1)
+    assert gate.admit("c", "s0", 0.0, Lane.BULK)
+    assert not gate.admit("c", "b1", 1.0, Lane.BULK)
+    assert not gate.admit("c", "b2", 2.0, Lane.BULK)
+    assert not gate.admit("c", "l1", 3.0, Lane.LIVE)
+    assert not gate.admit("c", "l2", 4.0, Lane.LIVE)
+    gate.set_lane("c", "b2", Lane.LIVE)  # a live change joined it while parked
+    released = [gate.release("c") for _ in range(4)]
+    # Live first, each lane in arrival order: b2 arrived before l1 and is live now.
+    assert [entry[0] for entry in released if entry is not None] == ["b2", "l1", "l2", "b1"]
+
+
+def test_a_parked_bulk_pair_moved_to_live_takes_the_slot_of_queued_bulk_work():
+    accumulator = Accumulator(BatchingPolicy(max_size=200, min_size=1, linger_s=0.0))
+    for segment in ("A", "B", "C", "D"):
+        if accumulator.admit("c", (segment, ADD), 1.0, Lane.BULK):
+            accumulator.enqueue((segment, ADD), "c", 1.0, Lane.BULK)
+    assert accumulator.gate.is_parked("c", ("D", ADD))
+    accumulator.set_lane("c", ("D", ADD), Lane.LIVE)
+    assert accumulator.buffer.lane_of(("D", ADD), "c") is Lane.LIVE
+    assert accumulator.gate.parked == 1
+    assert accumulator.gate.inflight("c") == 3
+
+
+async def test_a_live_change_of_a_contact_with_queued_bulk_work_is_queued_not_parked(
+    make_engine: MakeEngine,
+):
+    harness = await make_engine(batching=BatchingPolicy(linger_s=30.0, min_size=200))
+    engine = harness.engine
+    engine.submit(MembershipChange("c1", ("A", "B", "C", "D"), lane=Lane.BULK))
+    engine.submit(MembershipChange("c1", ("VIP",)))
+    accumulator = engine._accumulator  # what is queued and what is parked
+    assert accumulator.buffer.lane_of(("VIP", ADD), "c1") is Lane.LIVE
+    assert accumulator.gate.parked == 2
+    rows = {row.segment_id: row for row in await harness.store.contact("c1")}
+    assert {segment: (row.state, row.lane) for segment, row in rows.items()} == {
+        "A": (State.QUEUED, Lane.BULK), "B": (State.QUEUED, Lane.BULK),
+        "C": (State.QUEUED, Lane.BULK), "D": (State.QUEUED, Lane.BULK),
+        "VIP": (State.QUEUED, Lane.LIVE),
+    }  # fmt: skip
+
+
+# ---- changes waiting behind a request in flight (review of issue 21, 3 and 4) ----------------
+
+
+def ledger_with_store() -> tuple[Ledger, Accumulator, MemoryStore]:
+    """A ledger over a real accumulator and memory journal; the test plays the sender."""
+    store = MemoryStore()
+    accumulator = Accumulator(BatchingPolicy())
+    ledger = Ledger(
+        store=store, accumulator=accumulator, waiters=Waiters(), observer=EngineObserver(),
+        ownership=OwnEverything(), wall_clock=lambda: 1000.0,
+    )  # fmt: skip
+    return ledger, accumulator, store
+
+
+def send(ledger: Ledger, accumulator: Accumulator, batch_key: tuple[str, Intent]) -> None:
+    """What the sender does with a batch: take it, then mark it sending (in flight)."""
+    ids = ledger.take_for_batch(batch_key, accumulator.take(batch_key))
+    ledger.sending(batch_key, ids)
+
+
+async def test_a_live_change_joining_a_change_waiting_behind_a_request_is_journaled_live():
+    ledger, accumulator, store = ledger_with_store()
+    ledger.queue_new("c", "S", ADD, 0.0, 1.0, Lane.BULK)
+    send(ledger, accumulator, ("S", ADD))
+    ledger.supersede(("c", "S"), REMOVE, 0.0, 2.0, Lane.BULK)  # waits for the ADD's outcome
+    ledger.renew(("c", "S"), 0.0, 3.0, Lane.LIVE)
+    # The journal holds the waiting change: after a crash it is what recovery queues.
+    [row] = await store.contact("c")
+    assert (row.state, row.intent, row.lane) == (State.QUEUED, REMOVE, Lane.LIVE)
+    assert row.occurred_at == 3.0
+
+
+async def test_a_bulk_change_back_to_a_live_request_in_flight_leaves_it_live():
+    ledger, accumulator, store = ledger_with_store()
+    ledger.queue_new("c", "S", ADD, 0.0, 1.0, Lane.LIVE)
+    send(ledger, accumulator, ("S", ADD))
+    # An import removes the pair (it waits for the ADD), then adds it again: nothing more is
+    # sent, and the live ADD in flight (a ?wait= caller may wait for it) stays live.
+    ledger.supersede(("c", "S"), REMOVE, 0.0, 2.0, Lane.BULK)
+    ledger.supersede(("c", "S"), ADD, 0.0, 3.0, Lane.BULK)
+    live = ledger.live(("c", "S"))
+    assert live is not None and (live.state, live.lane) == (State.SENDING, Lane.LIVE)
+    [row] = await store.contact("c")
+    assert (row.state, row.intent, row.lane) == (State.SENDING, ADD, Lane.LIVE)
+    # A live change back to a bulk request in flight moves it to live.
+    ledger.queue_new("d", "S", ADD, 0.0, 1.0, Lane.BULK)
+    send(ledger, accumulator, ("S", ADD))
+    ledger.supersede(("d", "S"), REMOVE, 0.0, 2.0, Lane.BULK)
+    ledger.supersede(("d", "S"), ADD, 0.0, 3.0, Lane.LIVE)
+    moved = ledger.live(("d", "S"))
+    assert moved is not None and moved.lane is Lane.LIVE
+
+
+# ---- bulk keeps its share of writes under live traffic (review of issue 21, 2) ---------------
+
+
+def flood(share: float, batches: int) -> dict[str, int]:
+    """Live ids over 20 segments, each due every pick, against a bulk backlog (2,500 batches)."""
+    b: CoalescingBuffer[str] = CoalescingBuffer(
+        min_size=1, max_size=20, linger_s=1.0, bulk_share_min=share
+    )
+    for segment in range(5):
+        for index in range(10_000):
+            b.add(f"bulk-{segment}", f"b{index}", 0.0, Lane.BULK)
+    sent = {"live": 0, "bulk": 0}
+    now = 100.0
+    for batch in range(batches):
+        now += 0.1
+        for segment in range(20):
+            b.add(f"live-{segment}", f"l{batch}", now - 2.0, Lane.LIVE)  # lingered: due
+        key = b.pick(now, spare_capacity=False)
+        assert key is not None
+        b.take(key)
+        sent[key.split("-")[0]] += 1
+    return sent
+
+
+@pytest.mark.parametrize("share", [0.0, 0.1, 0.2, 0.5])
+def test_bulk_only_segments_get_their_share_of_batches_under_a_live_flood(share: float):
+    sent = flood(share, 1000)
+    assert sent["bulk"] == pytest.approx(share * 1000, abs=1), sent
+
+
+def test_without_live_segments_due_bulk_gets_every_batch_and_banks_no_credit():
+    b = buffer(max_size=2, linger_s=1.0)
+    for index in range(10):
+        b.add("bulk", f"b{index}", 0.0, Lane.BULK)
+    for _ in range(5):
+        assert b.pick(10.0, spare_capacity=False) == "bulk"
+        b.take("bulk")
+    # Live alone afterwards: it goes, whatever bulk did before.
+    b.add("live", "l1", 9.0, Lane.LIVE)
+    b.add("bulk", "b99", 9.0, Lane.BULK)
+    assert b.pick(10.0, spare_capacity=False) == "live"
+
+
+def test_among_bulk_only_segments_retries_go_first_as_before_lanes():
+    b = buffer(max_size=4, linger_s=1.0)
+    b.add("old-bulk", "b1", 1.0, Lane.BULK)
+    b.add_retry("retrying-bulk", ["r1"], Lane.BULK)
+    assert b.pick(10.0, spare_capacity=False) == "retrying-bulk"
+
+
+# ---- lanes of retry and parked ids, history steps (review of issue 21, 5) -------------------
+
+
+def test_a_live_pairs_retry_counts_as_live_and_goes_before_fresh_live_ids():
+    b = buffer(max_size=10, linger_s=0.5)
+    b.add("fresh-live", "a", 10.0, Lane.LIVE)
+    b.add_retry("retry-live", ["r"], Lane.LIVE)
+    b.add_retry("retry-bulk", ["q"], Lane.BULK)
+    assert b.pick(20.0, spare_capacity=False) == "retry-live"
+    b.take("retry-live")
+    assert b.pick(20.0, spare_capacity=False) == "fresh-live"
+
+
+def test_a_retry_id_moved_to_live_makes_its_batch_key_live_and_is_counted_so():
+    b = buffer(max_size=10, linger_s=0.5)
+    b.add("fresh-live", "a", 10.0, Lane.LIVE)
+    b.add_retry("retrying", ["r"], Lane.BULK)
+    assert b.depth_by_lane() == {Lane.LIVE: 1, Lane.BULK: 1}
+    assert b.set_lane("retrying", "r", Lane.LIVE)
+    assert b.depth_by_lane() == {Lane.LIVE: 2, Lane.BULK: 0}
+    assert b.pick(20.0, spare_capacity=False) == "retrying"
+
+
+async def test_a_live_change_joining_a_retrying_bulk_pair_moves_its_queued_retry_to_live():
+    ledger, accumulator, store = ledger_with_store()
+    ledger.queue_new("c", "S", ADD, 0.0, 1.0, Lane.BULK)
+    send(ledger, accumulator, ("S", ADD))
+    ledger.retrying(("S", ADD), ["c"])
+    accumulator.add_retries(("S", ADD), ["c"], Lane.BULK)  # its backoff has passed
+    ledger.renew(("c", "S"), 0.0, 3.0, Lane.LIVE)
+    assert accumulator.buffer.depth_by_lane() == {Lane.LIVE: 1, Lane.BULK: 0}
+    # Re-journaled in the live lane, without a second copy of its last history step.
+    [row] = await store.contact("c")
+    assert row.lane is Lane.LIVE
+    assert row.history is not None and len(row.history) == len(set(row.history)), row.history
