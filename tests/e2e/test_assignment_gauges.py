@@ -8,8 +8,6 @@ counted from the journal (the same on every instance sharing it).
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -19,6 +17,7 @@ from tests.e2e.conftest import Daemon, StartDaemon
 from tests.e2e.test_cluster import start_cluster
 from tests.support.emulator import EmulatorControl
 from tests.support.postgres import PostgresServer
+from tests.support.waits import until
 
 IN_PROGRESS = {"queued", "sending", "retrying", "written", "verifying"}
 EVERY_STATE = {*IN_PROGRESS, "active", "removed", "failed"}
@@ -34,19 +33,6 @@ async def by_state(http: aiohttp.ClientSession, daemon: Daemon, name: str) -> di
         for sample in family.samples
         if sample.name == name
     }
-
-
-async def until(
-    check: Callable[[], Awaitable[Any]], done: Callable[[Any], bool], timeout_s: float = 30.0
-) -> Any:
-    """Call `check` until `done` holds for its answer; that answer (fails past the timeout)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        answer = await check()
-        if done(answer):
-            return answer
-        assert time.monotonic() < deadline, answer
-        await asyncio.sleep(0.1)
 
 
 def events(contacts: list[str], segments: list[str]) -> list[dict[str, Any]]:
@@ -68,7 +54,12 @@ async def test_finished_work_is_counted_from_the_journal_and_in_progress_work_in
     def finished(journal: dict[str, float]) -> bool:
         return journal.get("active") == 16 and journal.get("failed") == 8
 
-    journal = await until(lambda: by_state(http, daemon, "segmapd_journal_assignments"), finished)
+    journal = await until(
+        lambda: by_state(http, daemon, "segmapd_journal_assignments"),
+        finished,
+        timeout_s=30,
+        what="the journal census",
+    )
     assert set(journal) == EVERY_STATE
     assert sum(journal.values()) == 24
     # Nothing is in progress any more; finished states are not series of the engine's gauge.
@@ -77,7 +68,12 @@ async def test_finished_work_is_counted_from_the_journal_and_in_progress_work_in
     # A new process on the same journal finished nothing itself, and says the same.
     daemon.process.stop(timeout_s=20)
     daemon.restart()
-    journal = await until(lambda: by_state(http, daemon, "segmapd_journal_assignments"), finished)
+    journal = await until(
+        lambda: by_state(http, daemon, "segmapd_journal_assignments"),
+        finished,
+        timeout_s=30,
+        what="the journal census",
+    )
     assert sum(journal.values()) == 24
 
 
@@ -127,7 +123,7 @@ async def test_several_instances_each_report_their_work_and_the_whole_journal(
             journal.get("verifying") == 60 and journal.get("failed") == 6 for _, journal in views
         )
 
-    views = await until(every_view, settled)
+    views = await until(every_view, settled, timeout_s=30, what="every instance's view")
     engines = [engine for engine, _ in views]
     # Each instance holds the work of its own segments: summed, they are all of it ...
     assert all(set(engine) == IN_PROGRESS for engine in engines)
