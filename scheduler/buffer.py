@@ -99,7 +99,7 @@ class CoalescingBuffer(Generic[K]):
     def entry(self, segment_id: K, contact_id: str) -> float | None:
         """A queued id's received time (0.0 for a retry id), or None if it is not queued.
 
-        One lookup for what `in` and `time_of` answer together (the hot path asks both).
+        One lookup for whether an id is queued and when it was received (the hot path asks both).
         """
         queue = self._segments.get(segment_id)
         if queue is None:
@@ -108,11 +108,6 @@ class CoalescingBuffer(Generic[K]):
         if at is not None:
             return at
         return 0.0 if contact_id in queue.retry else None
-
-    def time_of(self, segment_id: K, contact_id: str) -> float | None:
-        """When a fresh queued id was received (None for a retry id or one not queued)."""
-        queue = self._segments.get(segment_id)
-        return queue.time_of(contact_id) if queue is not None else None
 
     def queued_bulk(self, contact_id: str) -> tuple[K, float] | None:
         """A fresh bulk id of the contact still queued (in no batch yet): its batch key and time.
@@ -404,11 +399,7 @@ class ContactGate(Generic[K]):
         self._parked -= 1
         if not waiting:
             del self._waiting[contact_id]
-        bulk = self._bulk.get(contact_id)
-        if bulk is not None:
-            bulk.discard(segment_id)
-            if not bulk:
-                del self._bulk[contact_id]
+        self._set_bulk(contact_id, segment_id, Lane.LIVE)  # out of the bulk set, if in it
         return at
 
     def is_parked(self, contact_id: str, segment_id: K) -> bool:
@@ -435,11 +426,7 @@ class ContactGate(Generic[K]):
             for key, at in waiting.items()
             if key == old or key != new
         }
-        bulk = self._bulk.get(contact_id)
-        if bulk is not None:
-            bulk.discard(old)
-            if not bulk:
-                del self._bulk[contact_id]
+        self._set_bulk(contact_id, old, Lane.LIVE)  # out of the bulk set, if in it
         self._set_bulk(contact_id, new, lane)
         self._parked -= len(waiting) - len(self._waiting[contact_id])
         return True

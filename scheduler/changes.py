@@ -422,7 +422,7 @@ class Changes:
         in progress here and in the journal, as if it had arrived here at its received time.
         Changes for segments no longer owned are forwarded again.
         """
-        result = SubmitResult()
+        results: list[SubmitResult] = []
         for change in changes:
             past, mirrored_at = histories.get(change.contact_id, ({}, 0.0))
             if change.reason is not None:
@@ -439,14 +439,16 @@ class Changes:
                     mirrored_at,
                 )
                 continue
-            result += self.change_pair(
-                change.contact_id,
-                change.segment_id,
-                change.intent,
-                change.occurred_at,
-                change.received_at,
-                past.get(change.segment_id),
-                mirrored_at,
-                change.lane,
+            results.append(
+                self.change_pair(
+                    change.contact_id,
+                    change.segment_id,
+                    change.intent,
+                    change.occurred_at,
+                    change.received_at,
+                    past.get(change.segment_id),
+                    mirrored_at,
+                    change.lane,
+                )
             )
-        return result
+        return SubmitResult.total(results)
