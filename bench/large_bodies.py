@@ -7,7 +7,7 @@ under `server.max_body_bytes`), two at a time so that they overlap, while a prob
 loop for seconds (HubSpot gives up on a delivery after 5 s, and every other sender waits too).
 
 Figures: the `/healthz` p99 while the bodies are taken (target <= 50 ms), beside its p99 on an
-idle daemon, measured in the same run; and the time a body takes per 1,000 assignments.
+idle daemon, measured in the same run; and the time per 1,000 assignments over all the bodies.
 """
 
 from __future__ import annotations
@@ -59,8 +59,10 @@ async def probe(session: aiohttp.ClientSession, url: str, stop: asyncio.Event) -
     return latencies
 
 
-async def load(url: str, bodies: list[bytes]) -> tuple[list[float], list[float], list[float]]:
-    """(idle /healthz ms, loaded /healthz ms, seconds per body)."""
+async def load(
+    url: str, bodies: list[bytes]
+) -> tuple[list[float], list[float], list[float], float]:
+    """(idle /healthz ms, loaded /healthz ms, seconds per body, seconds for all the bodies)."""
     headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
     async with (
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as prober,
@@ -86,9 +88,11 @@ async def load(url: str, bodies: list[bytes]) -> tuple[list[float], list[float],
                         raise RuntimeError(f"{r.status}: {answer[:200]!r}")
                 durations.append(time.perf_counter() - started)
 
+        began = time.perf_counter()
         await asyncio.gather(*(send() for _ in range(AT_ONCE)))
+        elapsed = time.perf_counter() - began
         stop.set()
-        return idle_ms, await loaded, durations
+        return idle_ms, await loaded, durations, elapsed
 
 
 def main() -> int:
@@ -112,13 +116,14 @@ def main() -> int:
             url = daemon.start()
             try:
                 wait_ready(url)
-                idle_ms, loaded_ms, durations = asyncio.run(load(url, bodies))
+                idle_ms, loaded_ms, durations, elapsed = asyncio.run(load(url, bodies))
             finally:
                 daemon.stop(timeout_s=60)
         finally:
             emulator.stop()
     assignments = EVENTS * SEGMENTS
-    per_1000_ms = statistics.median(durations) / assignments * 1000 * 1000
+    # AT_ONCE bodies overlap: the time per 1,000 assignments is the whole run's, over all of them.
+    per_1000_ms = elapsed / (assignments * len(bodies)) * 1000 * 1000
     p99 = percentile(loaded_ms, 0.99)
     print(
         f"large_bodies: {BODIES} /v1/mappings bodies of {EVENTS} events x a {SEGMENTS}-segment "
@@ -131,8 +136,9 @@ def main() -> int:
     )
     print(f"  /healthz p99 idle          {percentile(idle_ms, 0.99):7.1f} ms   (reference)")
     print(
-        f"  a body                     {statistics.median(durations):7.2f} s median = "
-        f"{per_1000_ms:.1f} ms per 1,000 assignments"
+        f"  a body                     {statistics.median(durations):7.2f} s median "
+        f"({AT_ONCE} at once); all {len(bodies)} in {elapsed:.2f} s = {per_1000_ms:.1f} ms per "
+        "1,000 assignments"
     )
     if p99 > TARGET_MS:
         print(f"  MISSED the target: {p99:.1f} ms > {TARGET_MS:.0f} ms")
