@@ -314,10 +314,17 @@ def lane_of(request: web.Request, default: Lane) -> Lane | web.Response:
         return default
     if len(names) > 1:
         return problem(400, "lane: give it once", field="lane")
-    try:
-        return Lane(names[0])
-    except ValueError:
-        return problem(400, "lane: must be live or bulk", field="lane")
+    return named_lane(names[0])
+
+
+def named_lane(value: object) -> Lane | web.Response:
+    """The lane a query or body names (`live` or `bulk`); or the 400 naming `lane`."""
+    if isinstance(value, str):
+        try:
+            return Lane(value)
+        except ValueError:
+            pass
+    return problem(400, "lane: must be live or bulk", field="lane")
 
 
 async def mappings(request: web.Request) -> web.Response:
@@ -477,9 +484,10 @@ async def replay_dead_letters(request: web.Request) -> web.Response:
                 return problem(400, "contactIds: must be a list of strings", field="contactIds")
             only = set(ids)
         if "lane" in parsed:
-            if parsed["lane"] not in ("live", "bulk"):
-                return problem(400, "lane: must be live or bulk", field="lane")
-            lane = Lane(parsed["lane"])
+            named = named_lane(parsed["lane"])
+            if isinstance(named, web.Response):
+                return named
+            lane = named
     if lane is None:
         # Replaying everything is a backfill; named contacts are someone waiting for them.
         lane = Lane.BULK if only is None else Lane.LIVE
