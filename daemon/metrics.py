@@ -432,6 +432,49 @@ class Metrics(EngineObserver):
             registry=r,
         )
 
+        # Drift reconcile (daemon/reconcile.py).
+        self.reconcile_reads = Counter(
+            "segmapd_reconcile_reads_total",
+            "Membership reads made by reconcile passes, by result: in_step (CXone holds what "
+            "segmapd says), drift, skipped (newer work in progress) or error (nothing learned).",
+            ["result"],
+            registry=r,
+        )
+        for result in ("in_step", "drift", "skipped", "error"):
+            self.reconcile_reads.labels(result=result)
+        self.reconcile_drift = Counter(
+            "segmapd_reconcile_drift_total",
+            "Tracked memberships CXone no longer held as segmapd made them, by the intent "
+            "segmapd holds (add: the contact left the segment; remove: it came back).",
+            ["intent"],
+            registry=r,
+        )
+        for intent in Intent:
+            self.reconcile_drift.labels(intent=intent.value)
+        self.reconcile_requeued = Counter(
+            "segmapd_reconcile_requeued_total",
+            "Drifted memberships queued again, in the bulk lane, to be written as segmapd holds.",
+            registry=r,
+        )
+        self.reconcile_passes = Counter(
+            "segmapd_reconcile_passes_total",
+            "Reconcile passes this instance ended, by state (done or failed).",
+            ["state"],
+            registry=r,
+        )
+        for state in ("done", "failed"):
+            self.reconcile_passes.labels(state=state)
+        self.reconcile_running = Gauge(
+            "segmapd_reconcile_running",
+            "1 while this instance runs a reconcile pass.",
+            registry=r,
+        )
+        self.reconcile_last_done = Gauge(
+            "segmapd_reconcile_last_done_timestamp_seconds",
+            "When the newest reconcile pass this instance ran ended done (0: none yet).",
+            registry=r,
+        )
+
         self._callbacks = _CallbackCollector()
         r.register(self._callbacks)
 
@@ -499,6 +542,24 @@ class Metrics(EngineObserver):
     def record_inbox_taken(self, changes: int) -> None:
         """Forwarded changes were taken into this instance's engine."""
         self.inbox_taken.inc(changes)
+
+    def record_reconcile_read(self, result: str) -> None:
+        """A reconcile pass read one membership (`in_step`, `drift`, `skipped` or `error`)."""
+        self.reconcile_reads.labels(result=result).inc()
+
+    def record_drift(self, intent: Intent, requeued: bool) -> None:
+        """A reconcile pass found a drifted membership (and queued it again, unless a dry run)."""
+        self.reconcile_drift.labels(intent=intent.value).inc()
+        if requeued:
+            self.reconcile_requeued.inc()
+
+    def record_pass(self, state: str, running: bool, at: float) -> None:
+        """A pass started on this instance (`running`) or ended in `state` at `at`."""
+        self.reconcile_running.set(1.0 if running else 0.0)
+        if not running:
+            self.reconcile_passes.labels(state=state).inc()
+            if state == "done":
+                self.reconcile_last_done.set(at)
 
     # --- recorders called by the daemon -----------------------------------------------------
 
