@@ -101,6 +101,10 @@ class ShardOwnership:
         self._metrics.record_forwarded()
 
 
+#: The shard whose holder leads (`Cluster.leads`).
+LEADER_SHARD = 0
+
+
 class Cluster:
     """An instance's part of the cluster: the lease loop, forwarded work, fencing."""
 
@@ -178,6 +182,16 @@ class Cluster:
     def owns(self, segment_id: str) -> bool:
         """Whether new work for the segment is batched here (`ShardOwnership.owns`)."""
         return self._ownership.owns(segment_id)
+
+    def leads(self) -> bool:
+        """Whether this instance runs what the cluster runs once (drift reconcile's passes).
+
+        The holder of `LEADER_SHARD`: one instance at most holds it, and when that one dies or
+        is fenced a survivor takes it over with the shard's lease.
+        """
+        return (
+            not self._fenced and LEADER_SHARD in self._owned and LEADER_SHARD not in self._releasing
+        )
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -521,6 +535,7 @@ class Cluster:
                 reason=FailureReason(reason) if reason else None,
                 message=message,
                 lane=Lane(lane),
+                repair=repair,
             )
             for _, (
                 _,
@@ -532,6 +547,7 @@ class Cluster:
                 reason,
                 message,
                 lane,
+                repair,
             ) in mine
         ]
         self._engine.submit_forwarded(

@@ -21,6 +21,7 @@ from yarl import URL
 
 from listeners import SOURCE_KINDS, SourceConfig
 from scheduler.accumulator import BatchingPolicy
+from scheduler.reconcile import ReconcilePolicy
 from scheduler.retry import RetryPolicy
 from scheduler.validation import ReadLanePolicy, ValidationPolicy
 
@@ -231,6 +232,21 @@ class ClusterConfig(_Section):
     name: str = ""
 
 
+class ReconcileConfig(_Section):
+    """`[reconcile]`: re-reading the memberships segmapd made, to repair drift."""
+
+    # How often a pass starts (an interval after the previous one began); 0: never on its own.
+    interval_s: float = Field(default=86400.0, ge=0)
+    # The share of limits.read_rps a pass may use; validation's reads always go first.
+    read_share: float = Field(default=0.1, gt=0, le=1)
+
+    def policy(self, read_rps: float) -> ReconcilePolicy:
+        """The scheduler's reconcile policy."""
+        return ReconcilePolicy(
+            interval_s=self.interval_s, read_share=self.read_share, read_rps=read_rps
+        )
+
+
 class NotifyConfig(_Section):
     """`[notify]`: optional signed outbound events `mapping.active` / `mapping.failed`."""
 
@@ -257,6 +273,7 @@ class Config(_Section):
     store: StoreConfig = Field(default_factory=StoreConfig)
     sources: dict[str, SourceConfig] = Field(default_factory=dict)
     notify: NotifyConfig = Field(default_factory=NotifyConfig)
+    reconcile: ReconcileConfig = Field(default_factory=ReconcileConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 

@@ -33,6 +33,7 @@ from listeners.base import REASONS
 from listeners.payload import loads_unique
 from scheduler.engine import SubmitResult
 from scheduler.model import LANES, Assignment, FailureReason, Lane
+from scheduler.reconcile import PassRunning, ReconcilePass
 from scheduler.store import StoreUnavailable
 from scheduler.validation import PairProgress, ReadBacklog
 
@@ -46,6 +47,9 @@ UNCONFIGURED_SOURCE = "_unconfigured"
 # A segment filter longer than any stored segment id can match nothing; the bound keeps a
 # query string of megabytes out of the journal's query.
 MAX_SEGMENT_FILTER_CHARS = 1024
+#: Segments one reconcile pass may be limited to, and passes one listing may show.
+MAX_RECONCILE_SEGMENTS = 10_000
+MAX_RECONCILE_LIST = 1000
 
 
 def json_response(
@@ -503,6 +507,119 @@ async def replay_dead_letters(request: web.Request) -> web.Response:
     return json_response({"replayed": replayed, "skipped": skipped}, 202)
 
 
+def pass_view(reconcile_pass: ReconcilePass) -> dict[str, Any]:
+    """The public JSON shape of a reconcile pass."""
+    p = reconcile_pass
+    return {
+        "id": p.id,
+        "state": str(p.state),
+        "dryRun": p.dry_run,
+        "segmentIds": list(p.segment_ids),
+        "scheduled": p.scheduled,
+        "total": p.total,
+        "read": p.read,
+        "inStep": p.in_step,
+        "drifted": p.drifted,
+        "requeued": p.requeued,
+        "skipped": p.skipped,
+        "startedAt": rfc3339(p.started_at),
+        "finishedAt": rfc3339(p.finished_at) if p.finished_at is not None else None,
+        "message": p.message or None,
+    }
+
+
+async def start_reconcile(request: web.Request) -> web.Response:
+    """POST /v1/reconcile: start a drift pass now; 202 with it, 409 naming the one running.
+
+    Body (optional): `{"segmentIds": [...], "dryRun": true}`.
+    """
+    service = request.app[SERVICE]
+    denied = require_admin(request)
+    if denied is not None:
+        return denied
+    body = await read_body(request)
+    segment_ids: list[str] = []
+    dry_run = False
+    if body.strip():
+        try:
+            parsed = loads_unique(body)
+        except WebhookRejected as exc:
+            return problem(exc.status, exc.message, field=exc.field)
+        if not isinstance(parsed, dict) or set(parsed) - {"segmentIds", "dryRun"}:
+            return problem(400, 'body: expected {"segmentIds": [...], "dryRun": true|false}')
+        ids = parsed.get("segmentIds", [])
+        if (
+            not isinstance(ids, list)
+            or len(ids) > MAX_RECONCILE_SEGMENTS
+            or not all(
+                isinstance(i, str) and 1 <= len(i) <= MAX_SEGMENT_FILTER_CHARS and _encodable(i)
+                for i in ids
+            )
+        ):
+            return problem(
+                400,
+                f"segmentIds: must be a list of at most {MAX_RECONCILE_SEGMENTS} segment ids "
+                f"(1-{MAX_SEGMENT_FILTER_CHARS} characters each)",
+                field="segmentIds",
+            )
+        segment_ids = ids
+        dry_run_value = parsed.get("dryRun", False)
+        if not isinstance(dry_run_value, bool):
+            return problem(400, "dryRun: must be true or false", field="dryRun")
+        dry_run = dry_run_value
+    try:
+        started = await service.reconciler.begin(segment_ids, dry_run=dry_run)
+    except PassRunning as running:
+        return problem(
+            409,
+            f"reconcile pass {running.running.id} is running; follow it at "
+            f"/v1/reconcile/{running.running.id}",
+            running=pass_view(running.running),
+        )
+    except StoreUnavailable as exc:
+        return problem(503, f"journal unavailable: {exc}", retryAfter=5)
+    return json_response(pass_view(started), 202)
+
+
+async def reconcile_passes(request: web.Request) -> web.Response:
+    """GET /v1/reconcile[?limit=N]: recent passes, newest first."""
+    service = request.app[SERVICE]
+    denied = require_admin(request)
+    if denied is not None:
+        return denied
+    if len(request.query.getall("limit", ())) > 1:
+        return problem(400, "limit: give it once", field="limit")
+    try:
+        limit = int(request.query.get("limit", "20"))
+    except ValueError:
+        return problem(400, "limit: must be an integer", field="limit")
+    if not 1 <= limit <= MAX_RECONCILE_LIST:
+        return problem(400, f"limit: must be between 1 and {MAX_RECONCILE_LIST}", field="limit")
+    try:
+        passes = await service.reconciler.recent(limit)
+    except StoreUnavailable as exc:
+        return problem(503, f"journal unavailable: {exc}", retryAfter=5)
+    return json_response({"passes": [pass_view(p) for p in passes]})
+
+
+async def reconcile_pass(request: web.Request) -> web.Response:
+    """GET /v1/reconcile/{id}: one pass."""
+    service = request.app[SERVICE]
+    denied = require_admin(request)
+    if denied is not None:
+        return denied
+    pass_id = request.match_info["id"]
+    if not _encodable(pass_id):
+        return problem(404, "no such reconcile pass", field="id")
+    try:
+        found = await service.reconciler.get(pass_id)
+    except StoreUnavailable as exc:
+        return problem(503, f"journal unavailable: {exc}", retryAfter=5)
+    if found is None:
+        return problem(404, f"no reconcile pass {pass_id!r}", field="id")
+    return json_response(pass_view(found))
+
+
 async def healthz(request: web.Request) -> web.Response:
     """GET /healthz: the event loop answers and the engine's writer is alive."""
     service = request.app[SERVICE]
@@ -575,6 +692,9 @@ def build_app(service: Service) -> web.Application:
     app.router.add_get("/v1/contacts/{contactId}", contact)
     app.router.add_get("/v1/dead-letters", dead_letters)
     app.router.add_post("/v1/dead-letters/replay", replay_dead_letters)
+    app.router.add_post("/v1/reconcile", start_reconcile)
+    app.router.add_get("/v1/reconcile", reconcile_passes)
+    app.router.add_get("/v1/reconcile/{id}", reconcile_pass)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

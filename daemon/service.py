@@ -76,6 +76,7 @@ class Service:
         self.claims = parts.claims
         self.holds = parts.holds
         self.census = parts.census
+        self.reconciler = parts.reconciler
         self._token_checked_at = float("-inf")
         self._token_ok = False
         self._token_error = ""
@@ -119,6 +120,9 @@ class Service:
             if self.cluster is not None:
                 # Before listening: the first shards and their work are this instance's by then.
                 await self.cluster.start()
+            # Stopped first in the drain: a pass running here is resumed at the next start.
+            await self.reconciler.start()
+            stack.push_async_callback(self.reconciler.stop)
             stack.callback(self._release_waiters)
             stack.callback(self._stop_intake)
             if listener is not None:

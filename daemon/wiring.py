@@ -10,7 +10,9 @@ nothing is attached after construction, and no two components call each other ba
 
 from __future__ import annotations
 
+import os
 import random
+import socket
 import time
 from dataclasses import dataclass
 
@@ -34,6 +36,7 @@ from scheduler.model import Assignment
 from scheduler.observer import CompositeObserver, EngineObserver
 from scheduler.ownership import Ownership, OwnEverything
 from scheduler.ratelimit import AdmissionGate
+from scheduler.reconcile import Reconciler
 from scheduler.retry import RetryPolicy
 from scheduler.sender import Gate, Sender
 from scheduler.store import Store
@@ -221,6 +224,7 @@ class Daemon:
     claims: Claims
     holds: ContactHolds
     census: JournalCensus
+    reconciler: Reconciler
 
 
 def build_daemon(config: Config, metrics: Metrics) -> Daemon:
@@ -308,6 +312,17 @@ def build_daemon(config: Config, metrics: Metrics) -> Daemon:
         read_backlog_s=lambda: {k: v.oldest_wait_s for k, v in poller.backlog().lanes.items()},
         awaiting_refresh=lambda: {k: v.awaiting_refresh for k, v in poller.backlog().lanes.items()},
     )
+    # Drift reconcile: one pass at a time, run by the process that leads.
+    reconciler = Reconciler(
+        journal=store,
+        client=client,
+        reads=poller,
+        repairs=engine,
+        observer=metrics,
+        policy=config.reconcile.policy(config.limits.read_rps),
+        runner_name=f"{config.cluster.name or socket.gethostname()}/{os.getpid()}",
+        leads=cluster.leads if cluster is not None else lambda: True,
+    )
     # The journal's assignments by state, counted in the background (daemon/census.py).
     census = JournalCensus(store.counts)
     metrics.bind_journal(census)
@@ -335,4 +350,5 @@ def build_daemon(config: Config, metrics: Metrics) -> Daemon:
         claims=Claims(),
         holds=holds,
         census=census,
+        reconciler=reconciler,
     )

@@ -331,6 +331,40 @@ class Changes:
                 found.append(segment_id)
         return found
 
+    # ---- drift (scheduler/reconcile.py) ---------------------------------------------------
+
+    def repair(self, held: Assignment) -> bool:
+        """Queue a pair again whose membership CXone no longer shows as `held` says it should.
+
+        `held` is the pair's journaled state, confirmed once (`active` or `removed`). The pair
+        is compared like any change, with `held`'s intent and time (the CRM's time of the change
+        it holds), so that a newer change, in progress or arriving later, still wins; its
+        confirmation is forgotten first, since CXone just contradicted it. The work goes in the
+        bulk lane. A segment owned elsewhere goes to its owner, marked as a repair. Returns
+        whether the pair was queued (or forwarded).
+        """
+        contact_id, segment_id = held.key
+        now = self._wall()
+        if not self._ownership.owns(segment_id):
+            self._ownership.forward(
+                ForwardedChange(
+                    contact_id,
+                    segment_id,
+                    held.intent,
+                    held.occurred_at,
+                    now,
+                    lane=Lane.BULK,
+                    repair=True,
+                )
+            )
+            return True
+        if self._confirmations is not None:
+            self._confirmations.forget(contact_id, segment_id)
+        outcome = self._change_pair(
+            contact_id, segment_id, held.intent, held.occurred_at, now, held, 0.0, Lane.BULK
+        )
+        return outcome == _QUEUED
+
     # ---- events nobody can act on --------------------------------------------------------
 
     def dead_letter(
@@ -439,6 +473,9 @@ class Changes:
                     mirrored_at,
                 )
                 continue
+            if change.repair and self._confirmations is not None:
+                # A drift found by another process: CXone contradicted the confirmation.
+                self._confirmations.forget(change.contact_id, change.segment_id)
             results.append(
                 self.change_pair(
                     change.contact_id,

@@ -298,6 +298,18 @@ class Engine:
         """None if `assignments` more fit below the high-water mark; else seconds to wait."""
         return self._changes.admission_wait(assignments)
 
+    # ---- drift reconcile (scheduler/reconcile.py's `Repairs`) -----------------------------------
+
+    def busy(self, key: AssignmentKey) -> bool:
+        """Whether a change to the pair is in progress here."""
+        return self._ledger.has_work(key)
+
+    def repair(self, held: Assignment) -> bool:
+        """Queue a drifted pair again, in the bulk lane, as `held` (`Changes.repair`)."""
+        if not self.accepting:
+            return False
+        return self._changes.repair(held)
+
     def confirm(self, assignments: Iterable[Assignment]) -> None:
         """CXone shows these writes (what the verifier reports to the ledger)."""
         self._ledger.confirm(assignments)

@@ -18,7 +18,8 @@ from scheduler.model import FailureReason, Intent, Lane
 class ForwardedChange:
     """One pair's change taken by this process for a segment another process owns.
 
-    `reason` set: an event that can never succeed, to be dead-lettered by the owner.
+    `reason` set: an event that can never succeed, to be dead-lettered by the owner. `repair`:
+    a drift found by reconcile, queued again as segmapd holds it (`Changes.repair`).
     """
 
     contact_id: str
@@ -29,6 +30,7 @@ class ForwardedChange:
     reason: FailureReason | None = None
     message: str = ""
     lane: Lane = Lane.LIVE
+    repair: bool = False
 
 
 class Ownership(Protocol):

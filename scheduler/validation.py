@@ -38,6 +38,7 @@ never on wall time alone, and a long read queue is never a failure.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import heapq
@@ -205,6 +206,10 @@ class _SegmentWatch:
     waiting_for_budget: bool = False  # its refresh waits for the hour's budget
 
 
+class ReadsStopped(Exception):
+    """The poller stopped: no spare read will be let through until it starts again."""
+
+
 class MembershipPoller:
     """Confirms written assignments by reading CXone; refreshes segments within their budget."""
 
@@ -248,6 +253,8 @@ class MembershipPoller:
         self._bulk_credit = BulkCredit(self.lanes.bulk_share_min)
         self._tickets = itertools.count()
         self._queue_changed = asyncio.Event()
+        # Reads waiting for a gate slot validation does not need (`spare_read`), oldest first.
+        self._spare_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._reader: asyncio.Task[None] | None = None
         self._running = False
         self._generation = 0  # start() and stop() each begin a new one
@@ -429,6 +436,10 @@ class MembershipPoller:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._dead_letters.flush()
+        while self._spare_waiters:
+            waiter = self._spare_waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(ReadsStopped("validation reads stopped"))
         if self._running or generation != self._generation:
             return  # started (or stopped) again meanwhile: that call owns the queue now
         for queue in self._queues.values():
@@ -512,11 +523,51 @@ class MembershipPoller:
         bulk = self._top(Lane.BULK) if lane is Lane.LIVE else None
         self._bulk_credit.taken(lane, bulk_waited=bulk is not None and bulk[0] <= now)
 
+    # ---- reads validation does not need ------------------------------------------------------
+
+    async def spare_read(self) -> None:
+        """Wait for a slot of the read gate that no validation read is due for.
+
+        For reads of lower rank than every confirmation (drift reconcile): each is let through
+        the gate only while validation has nothing due, so it never delays one. Raises
+        `ReadsStopped` if the poller stops meanwhile.
+        """
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._spare_waiters.append(waiter)
+        self._queue_changed.set()
+        try:
+            await waiter
+        finally:
+            if waiter in self._spare_waiters:
+                self._spare_waiters.remove(waiter)
+
+    def pause_reads(self, seconds: float) -> None:
+        """CXone answered a read 429: the whole read class waits `seconds`."""
+        self._read_gate.pause(seconds)
+
+    def _spare_waiting(self) -> bool:
+        waiters = self._spare_waiters
+        while waiters and waiters[0].done():
+            waiters.popleft()
+        return bool(waiters)
+
+    async def _lend_slot(self) -> None:
+        """Nothing due for validation: take a gate slot for a spare read, unless one fell due."""
+        await self._read_gate.acquire()
+        lane, _ = self._next_read(self._clock())
+        if lane is not None:
+            self._send_next(lane)  # validation's after all: it came due while the gate waited
+        elif self._spare_waiting():
+            self._spare_waiters.popleft().set_result(None)
+
     async def _drain_reads(self) -> None:
         """Send due reads through the gate, each in its own task (see the module docstring)."""
         changed = self._queue_changed
         while True:
             lane, due = self._next_read(self._clock())
+            if lane is None and self._spare_waiting() and (due is None or due > self._clock()):
+                await self._lend_slot()
+                continue
             if lane is None:
                 changed.clear()
                 if due is None:
@@ -532,14 +583,20 @@ class MembershipPoller:
             now = self._clock()
             lane, _ = self._next_read(now)
             if lane is None:
+                if self._spare_waiting():
+                    self._spare_waiters.popleft().set_result(None)  # the slot is not lost
                 continue
-            self._sent(lane, now)
-            _, _, pair, watch = heapq.heappop(self._queues[lane])
-            self._set_stage(pair, _Stage.READING)
-            pair.last_read_sent = self._clock()
-            task = asyncio.create_task(self._read(pair, watch))
-            self._reads.add(task)
-            task.add_done_callback(self._reads.discard)
+            self._send_next(lane)
+
+    def _send_next(self, lane: Lane) -> None:
+        """Send the lane's next due read (a gate slot was just taken for it)."""
+        self._sent(lane, self._clock())
+        _, _, pair, watch = heapq.heappop(self._queues[lane])
+        self._set_stage(pair, _Stage.READING)
+        pair.last_read_sent = self._clock()
+        task = asyncio.create_task(self._read(pair, watch))
+        self._reads.add(task)
+        task.add_done_callback(self._reads.discard)
 
     # ---- one read ----------------------------------------------------------------------------
 

@@ -17,6 +17,10 @@ only the role it needs:
   through by `daemon.service.JournaledConfirmations`.
 - `NotificationOutbox`: notifications not delivered yet (`add`, `done`, `pending`). The
   notifier, as `daemon.notifier.NotificationJournal`.
+- `ReconcileJournal`: drift reconcile's passes (`start_pass`, `claim_pass`, `save_pass`,
+  `running_pass`, `get_pass`, `passes`), the tracked memberships they read (`tracked_page`,
+  `tracked_count`) and the drift they find (`record_drift`, `drift_of`). The reconciler, as
+  `scheduler.reconcile.PassJournal`, and the API.
 - `SharedJournal`: what a journal several instances share adds for the cluster
   (`daemon/cluster.py`): `leases`, the inbox of forwarded changes (`forward`, `read_inbox`,
   `consume_inbox`), `load_segments`, `claim_notifications`, `discard_pending`, and the
@@ -42,9 +46,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from daemon.store.pending import InboxRow
-from scheduler.model import Assignment, FailureReason
+from scheduler.model import Assignment, AssignmentKey, FailureReason, Intent
 from scheduler.ownership import ForwardedChange
 from scheduler.ratelimit import AdmissionGate, RateGate
+from scheduler.reconcile import ReconcilePass
 from scheduler.store import BatchRecord, ContactHistory
 
 
@@ -62,6 +67,17 @@ class StoreUnreachable(StoreOpenError):
     is still starting (or briefly unreachable) answers soon: the daemon exits so that its
     supervisor starts it again, with a status distinct from a configuration error.
     """
+
+
+@dataclass(frozen=True, slots=True)
+class DriftFinding:
+    """A drift a reconcile pass found against one pair: what segmapd held, and when."""
+
+    segment_id: str
+    intent: Intent
+    pass_id: str
+    found_at: float
+    requeued: bool
 
 
 @dataclass
@@ -233,8 +249,76 @@ class NotificationOutbox(abc.ABC):
         """Notifications not yet delivered, oldest first."""
 
 
+class ReconcileJournal(Durable):
+    """Drift reconcile's passes, the memberships they read, and the drift they find.
+
+    `scheduler.reconcile.PassJournal` is the reconciler's view of it. A pass is started by any
+    process and run by one; at most one runs (the journal refuses a second, across processes).
+    """
+
+    @abc.abstractmethod
+    async def tracked_page(self, after: AssignmentKey, limit: int) -> list[Assignment]:
+        """Up to `limit` tracked memberships (`active` adds, `removed` removals) after `after`.
+
+        In (contact, segment) order, committed ones only.
+        """
+
+    @abc.abstractmethod
+    async def tracked_count(self) -> int:
+        """How many memberships are tracked."""
+
+    @abc.abstractmethod
+    def start_pass(self, reconcile_pass: ReconcilePass) -> None:
+        """Queue a new pass; not written if another is running when it commits."""
+
+    @abc.abstractmethod
+    def claim_pass(self, pass_id: str, runner: str) -> None:
+        """Queue taking the pass over: only `runner`'s progress is saved from then on."""
+
+    @abc.abstractmethod
+    def save_pass(self, reconcile_pass: ReconcilePass) -> None:
+        """Queue the pass's state, figures and cursor; saved only while it is its runner's."""
+
+    @abc.abstractmethod
+    def record_drift(  # noqa: PLR0917 (one finding)
+        self,
+        contact_id: str,
+        segment_id: str,
+        intent: Intent,
+        pass_id: str,
+        found_at: float,
+        requeued: bool,
+    ) -> None:
+        """Queue a drift found against the pair."""
+
+    @abc.abstractmethod
+    async def running_pass(self) -> ReconcilePass | None:
+        """The pass running, if any (committed)."""
+
+    @abc.abstractmethod
+    async def get_pass(self, pass_id: str) -> ReconcilePass | None:
+        """One pass (committed)."""
+
+    @abc.abstractmethod
+    async def passes(self, limit: int) -> list[ReconcilePass]:
+        """Recent passes, newest first (committed)."""
+
+    @abc.abstractmethod
+    async def drift_of(self, contact_id: str) -> list[DriftFinding]:
+        """The drift found against the contact's pairs, oldest first."""
+
+    @abc.abstractmethod
+    async def journal_created_at(self) -> float | None:
+        """When the journal was created, if it keeps that."""
+
+
 class JournalStore(
-    AssignmentJournal, DeliveryLog, RefreshBudgetStore, ConfirmationStore, NotificationOutbox
+    AssignmentJournal,
+    DeliveryLog,
+    RefreshBudgetStore,
+    ConfirmationStore,
+    NotificationOutbox,
+    ReconcileJournal,
 ):
     """A backend: every role in one object, and what the daemon needs to open and close it."""
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 
-from daemon.store.base import JournalStore, Recovered
-from scheduler.model import Assignment, AssignmentKey, FailureReason, State
+from daemon.store.base import DriftFinding, JournalStore, Recovered
+from scheduler.model import Assignment, AssignmentKey, FailureReason, Intent, State
+from scheduler.reconcile import PassState, ReconcilePass
 from scheduler.store import BatchRecord, ContactHistory
 from scheduler.validation_state import MemoryRefreshBudget
 
@@ -29,6 +31,9 @@ class MemoryStore(JournalStore):
         self._mirrors: dict[str, float] = {}
         self._refresh = MemoryRefreshBudget()
         self._notifications: OrderedDict[str, bytes] = OrderedDict()
+        self._passes: dict[str, ReconcilePass] = {}
+        self._drift: dict[str, list[DriftFinding]] = {}
+        self._created_at = time.time()
 
     async def open(self) -> Recovered:
         """Nothing survives a process: nothing to recover."""
@@ -154,3 +159,73 @@ class MemoryStore(JournalStore):
     def pending(self) -> list[tuple[str, bytes]]:
         """Notifications not yet delivered, oldest first."""
         return list(self._notifications.items())
+
+    # ---- drift reconcile ------------------------------------------------------------------------
+
+    async def tracked_page(self, after: AssignmentKey, limit: int) -> list[Assignment]:
+        """Tracked memberships after `after`, in key order (sorted per page: for trials)."""
+        keys = sorted(
+            key
+            for key, a in self._assignments.items()
+            if key > after and a.state in (State.ACTIVE, State.REMOVED)
+        )
+        return [self._assignments[key] for key in keys[:limit]]
+
+    async def tracked_count(self) -> int:
+        """How many memberships are tracked."""
+        tracked = (State.ACTIVE, State.REMOVED)
+        return sum(1 for a in self._assignments.values() if a.state in tracked)
+
+    def start_pass(self, reconcile_pass: ReconcilePass) -> None:
+        """Keep the pass, unless another is running."""
+        if any(p.state is PassState.RUNNING for p in self._passes.values()):
+            return
+        self._passes[reconcile_pass.id] = dataclasses.replace(reconcile_pass)
+
+    def claim_pass(self, pass_id: str, runner: str) -> None:
+        """Make `runner` the pass's runner."""
+        found = self._passes.get(pass_id)
+        if found is not None and found.state is PassState.RUNNING:
+            found.runner = runner
+
+    def save_pass(self, reconcile_pass: ReconcilePass) -> None:
+        """Keep the pass's figures, if it is still its runner's."""
+        found = self._passes.get(reconcile_pass.id)
+        if found is not None and found.runner == reconcile_pass.runner:
+            self._passes[reconcile_pass.id] = dataclasses.replace(reconcile_pass)
+
+    def record_drift(  # noqa: PLR0917 (one finding)
+        self,
+        contact_id: str,
+        segment_id: str,
+        intent: Intent,
+        pass_id: str,
+        found_at: float,
+        requeued: bool,
+    ) -> None:
+        """Keep the finding."""
+        finding = DriftFinding(segment_id, intent, pass_id, found_at, requeued)
+        self._drift.setdefault(contact_id, []).append(finding)
+
+    async def running_pass(self) -> ReconcilePass | None:
+        """The pass running, if any."""
+        running = [p for p in self._passes.values() if p.state is PassState.RUNNING]
+        return dataclasses.replace(running[0]) if running else None
+
+    async def get_pass(self, pass_id: str) -> ReconcilePass | None:
+        """One pass."""
+        found = self._passes.get(pass_id)
+        return dataclasses.replace(found) if found is not None else None
+
+    async def passes(self, limit: int) -> list[ReconcilePass]:
+        """Recent passes, newest first."""
+        newest = sorted(self._passes.values(), key=lambda p: (p.started_at, p.id), reverse=True)
+        return [dataclasses.replace(p) for p in newest[:limit]]
+
+    async def drift_of(self, contact_id: str) -> list[DriftFinding]:
+        """The drift found against the contact's pairs, oldest first."""
+        return list(self._drift.get(contact_id, ()))
+
+    async def journal_created_at(self) -> float | None:
+        """When this store was made."""
+        return self._created_at

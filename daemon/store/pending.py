@@ -17,12 +17,17 @@ from daemon.store.sql import (
     BATCHES_DONE,
     CONFIRMATIONS,
     DELIVERIES,
+    DRIFT,
     MIRRORS,
     NOTIFICATIONS,
     NOTIFICATIONS_DONE,
+    PASS_CLAIMS,
+    PASS_PROGRESS,
+    PASS_STARTS,
     REFRESH_BUDGET,
     STALE_CHANGES,
     Delete,
+    Update,
     Upsert,
     batch_row,
 )
@@ -32,9 +37,9 @@ AssignmentRow = tuple[str, str, str, str | None, str, int, float, float, str, fl
 """contact, segment, state, reason, message, attempts, received_at, updated_at, intent,
 occurred_at, lane: an assignment as both journals' `assignments` table holds it."""
 
-InboxRow = tuple[int, str, str, str, float, float, str | None, str, str]
-"""shard, contact, segment, intent, occurred_at, received_at, dead-letter reason, message, lane:
-a change forwarded to the owner of its segment."""
+InboxRow = tuple[int, str, str, str, float, float, str | None, str, str, bool]
+"""shard, contact, segment, intent, occurred_at, received_at, dead-letter reason, message, lane,
+repair: a change forwarded to the owner of its segment."""
 
 
 @dataclass
@@ -61,6 +66,12 @@ class PendingWork:
     # and inbox rows this process has taken into its engine (deleted with what they became).
     inbox: list[InboxRow] = field(default_factory=list)
     inbox_done: dict[int, int] = field(default_factory=dict)  # inbox row id -> its shard
+    # Reconcile passes begun, taken over (id -> runner) and progressed (id -> the newest
+    # figures), and the drift found (daemon/store/sql.py's `pass_row`, `DRIFT`).
+    pass_starts: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    pass_claims: dict[str, str] = field(default_factory=dict)
+    pass_progress: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    drift: list[tuple[str, str, str, str, float, bool]] = field(default_factory=list)
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
     def empty(self) -> bool:
@@ -78,6 +89,10 @@ class PendingWork:
             or self.notifications_done
             or self.inbox
             or self.inbox_done
+            or self.pass_starts
+            or self.pass_claims
+            or self.pass_progress
+            or self.drift
         )
 
     def absorb(self, later: PendingWork) -> None:
@@ -110,6 +125,11 @@ class PendingWork:
             self.notifications_done.add(event_id)
         self.inbox.extend(later.inbox)
         self.inbox_done.update(later.inbox_done)
+        for pass_id, row in later.pass_starts.items():
+            self.pass_starts.setdefault(pass_id, row)
+        self.pass_claims.update(later.pass_claims)
+        self.pass_progress.update(later.pass_progress)
+        self.drift.extend(later.drift)
         self.waiters.extend(later.waiters)
 
     def _assignment_rows(self) -> list[tuple[Any, ...]]:
@@ -121,13 +141,15 @@ class PendingWork:
         steps_of = self.history.get
         return [(*row, steps_of(key, "")) for key, row in self.assignments.items()]
 
-    def writes(self, saved_at: float) -> list[tuple[Upsert | Delete, list[tuple[Any, ...]]]]:
+    def writes(
+        self, saved_at: float
+    ) -> list[tuple[Upsert | Delete | Update, list[tuple[Any, ...]]]]:
         """What a transaction writes, statement by statement, as rows in the columns' order.
 
         `saved_at` is the time of the batches saved. Both journals apply the same list, each
         with its own statements for it (`daemon/store/sql.py`).
         """
-        writes: list[tuple[Upsert | Delete, list[tuple[Any, ...]]]] = []
+        writes: list[tuple[Upsert | Delete | Update, list[tuple[Any, ...]]]] = []
         if self.assignments:
             writes.append((ASSIGNMENTS, self._assignment_rows()))
         if self.batches_saved:
@@ -162,4 +184,12 @@ class PendingWork:
             )
         if self.notifications_done:
             writes.append((NOTIFICATIONS_DONE, [(e,) for e in self.notifications_done]))
+        if self.pass_claims:
+            writes.append((PASS_CLAIMS, list(self.pass_claims.items())))
+        if self.pass_progress:
+            writes.append((PASS_PROGRESS, list(self.pass_progress.values())))
+        if self.pass_starts:
+            writes.append((PASS_STARTS, list(self.pass_starts.values())))
+        if self.drift:
+            writes.append((DRIFT, list(self.drift)))
         return writes

@@ -149,6 +149,10 @@ MIGRATIONS: list[str] = [
     # a forwarded change's, which its owner keeps.
     sql.render(sql.SCHEMA[4], sql.Dialect.POSTGRESQL)
     + "ALTER TABLE segmapd_inbox ADD COLUMN lane TEXT NOT NULL DEFAULT 'live';",
+    # 5: drift reconcile (`sql.SCHEMA`'s sixth step), and a forwarded change that repairs a
+    # drift, which its owner queues again though its validation cache says otherwise.
+    sql.render(sql.SCHEMA[5], sql.Dialect.POSTGRESQL)
+    + "ALTER TABLE segmapd_inbox ADD COLUMN repair BOOLEAN NOT NULL DEFAULT false;",
 ]
 
 # The version table: one row per migration applied, so that a migration applied twice (two
@@ -482,6 +486,7 @@ class PostgresStore(WriteBehindJournal, SharedJournal):
             str(change.reason) if change.reason is not None else None,
             change.message,
             str(change.lane),
+            change.repair,
         )
         with self._lock:
             self._pending.inbox.append(row)
@@ -500,7 +505,7 @@ class PostgresStore(WriteBehindJournal, SharedJournal):
         """Committed inbox rows of these shards, oldest first: (id, row)."""
         rows = await self._fetch(
             "SELECT id, shard, contact_id, segment_id, intent, occurred_at, received_at, reason, "
-            "message, lane FROM segmapd_inbox WHERE shard = ANY($1::int4[]) ORDER BY id "
+            "message, lane, repair FROM segmapd_inbox WHERE shard = ANY($1::int4[]) ORDER BY id "
             "LIMIT $2",
             list(shards),
             limit,
@@ -508,7 +513,18 @@ class PostgresStore(WriteBehindJournal, SharedJournal):
         return [
             (
                 int(r[0]),
-                (int(r[1]), r[2], r[3], r[4], float(r[5]), float(r[6]), r[7], r[8], r[9]),
+                (
+                    int(r[1]),
+                    r[2],
+                    r[3],
+                    r[4],
+                    float(r[5]),
+                    float(r[6]),
+                    r[7],
+                    r[8],
+                    r[9],
+                    bool(r[10]),
+                ),
             )
             for r in rows
         ]
@@ -889,9 +905,9 @@ class PostgresStore(WriteBehindJournal, SharedJournal):
         if work.inbox:
             await connection.execute(
                 "INSERT INTO segmapd_inbox (shard, contact_id, segment_id, intent, occurred_at, "
-                "received_at, reason, message, lane) SELECT * FROM unnest($1::int4[], "
+                "received_at, reason, message, lane, repair) SELECT * FROM unnest($1::int4[], "
                 "$2::text[], $3::text[], $4::text[], $5::float8[], $6::float8[], $7::text[], "
-                "$8::text[], $9::text[])",
+                "$8::text[], $9::text[], $10::bool[])",
                 *(list(column) for column in zip(*work.inbox, strict=True)),
             )
             # Delivered at commit, to the instances listening (the shards' owners).

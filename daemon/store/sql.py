@@ -22,7 +22,8 @@ from typing import Any
 
 import orjson
 
-from scheduler.model import Assignment, FailureReason, Intent, Lane, State
+from scheduler.model import Assignment, FailureReason, Intent, Lane, State, storable
+from scheduler.reconcile import PassState, ReconcilePass
 from scheduler.store import BatchRecord
 
 
@@ -150,10 +151,47 @@ SCHEMA: list[str] = [
     """
     ALTER TABLE assignments ADD COLUMN lane TEXT NOT NULL DEFAULT 'live';
     """,
+    # 6: drift reconcile (issue 22). The passes, at most one running (the partial unique index
+    # refuses a second, across instances), with their figures and the cursor a restart or a
+    # survivor resumes from; `runner` names the instance running it, and progress is saved only
+    # while it still does. Every drift found, against its pair.
+    """
+    CREATE TABLE reconcile_passes (
+        id             TEXT PRIMARY KEY,
+        state          TEXT NOT NULL,
+        dry_run        {boolean} NOT NULL,
+        segment_ids    TEXT NOT NULL,
+        scheduled      {boolean} NOT NULL,
+        total          INTEGER NOT NULL,
+        read_count     INTEGER NOT NULL,
+        in_step        INTEGER NOT NULL,
+        drifted        INTEGER NOT NULL,
+        requeued       INTEGER NOT NULL,
+        skipped        INTEGER NOT NULL,
+        started_at     {real} NOT NULL,
+        finished_at    {real},
+        cursor_contact TEXT NOT NULL,
+        cursor_segment TEXT NOT NULL,
+        runner         TEXT NOT NULL,
+        message        TEXT NOT NULL
+    );
+    CREATE UNIQUE INDEX reconcile_one_running ON reconcile_passes (state) WHERE state = 'running';
+    CREATE INDEX reconcile_passes_by_start ON reconcile_passes (started_at);
+    CREATE TABLE drift (
+        contact_id TEXT NOT NULL,
+        segment_id TEXT NOT NULL,
+        intent     TEXT NOT NULL,
+        pass_id    TEXT NOT NULL,
+        found_at   {real} NOT NULL,
+        requeued   {boolean} NOT NULL
+    );
+    CREATE INDEX drift_by_contact ON drift (contact_id, segment_id);
+    CREATE INDEX drift_by_time ON drift (found_at);
+    """,
 ]
-"""The journal's tables as they grew, step by step: SQLite's migrations 1-5; PostgreSQL's first
+"""The journal's tables as they grew, step by step: SQLite's migrations 1-6; PostgreSQL's first
 one is steps 1-4 at once (the PostgreSQL journal began with the fourth shape), its fourth the
-fifth step."""
+fifth step, its fifth the sixth."""
 
 
 # ---- writes -------------------------------------------------------------------------------------
@@ -312,7 +350,102 @@ NOTIFICATIONS = Upsert(
 )
 NOTIFICATIONS_DONE = Delete("notifications", "event_id", "text")
 
-WRITES: tuple[Upsert | Delete, ...] = (
+
+@dataclass(frozen=True)
+class Update:
+    """An UPDATE of rows by their key, each row (key, then `columns`) one row's new values.
+
+    `where` adds a condition on a column named `guard` (the last value of each row): a row
+    matches only while that column still holds it. SQLite binds one row per execution,
+    PostgreSQL every row at once from arrays.
+    """
+
+    table: str
+    key: str
+    columns: tuple[str, ...]
+    types: tuple[str, ...]  # the key's, then the columns', then the guard's
+    guard: str = ""
+
+    def sqlite(self) -> str:
+        """One row per execution: `?1` the key, then the columns, then the guard."""
+        sets = ", ".join(f"{column} = ?{n}" for n, column in enumerate(self.columns, 2))
+        where = f"{self.key} = ?1"
+        if self.guard:
+            where += f" AND {self.guard} = ?{len(self.columns) + 2}"
+        return f"UPDATE {self.table} SET {sets} WHERE {where}"  # noqa: S608 (constants)
+
+    def postgres(self) -> str:
+        """Every row at once, one array per column."""
+        names = [self.key, *self.columns, *([self.guard] if self.guard else [])]
+        arrays = ", ".join(f"${n}::{kind}[]" for n, kind in enumerate(self.types, 1))
+        sets = ", ".join(f"{column} = u.{column}" for column in self.columns)
+        where = f"t.{self.key} = u.{self.key}"
+        if self.guard:
+            where += f" AND t.{self.guard} = u.{self.guard}"
+        return (
+            f"UPDATE {self.table} AS t SET {sets} "  # noqa: S608 (constants)
+            f"FROM unnest({arrays}) AS u({', '.join(names)}) WHERE {where}"
+        )
+
+
+PASS_COLUMNS = (
+    "id",
+    "state",
+    "dry_run",
+    "segment_ids",
+    "scheduled",
+    "total",
+    "read_count",
+    "in_step",
+    "drifted",
+    "requeued",
+    "skipped",
+    "started_at",
+    "finished_at",
+    "cursor_contact",
+    "cursor_segment",
+    "runner",
+    "message",
+)
+_PASS_TYPES = (
+    "text",
+    "text",
+    "bool",
+    "text",
+    "bool",
+    "int4",
+    "int4",
+    "int4",
+    "int4",
+    "int4",
+    "int4",
+    "float8",
+    "float8",
+    "text",
+    "text",
+    "text",
+    "text",
+)
+# A pass is taken over by the instance that resumes it: from then on only its progress counts.
+PASS_CLAIMS = Update("reconcile_passes", "id", ("runner",), ("text", "text"))
+# Progress is saved only by the pass's runner (`guard`): an instance that lost the pass to a
+# survivor cannot overwrite the survivor's figures or cursor.
+PASS_PROGRESS = Update(
+    "reconcile_passes",
+    "id",
+    (*PASS_COLUMNS[1:-2], "message"),
+    ("text", *_PASS_TYPES[1:-2], "text", "text"),
+    guard="runner",
+)
+# A new pass; refused (nothing written) while another runs: `reconcile_one_running`.
+PASS_STARTS = Upsert("reconcile_passes", PASS_COLUMNS, _PASS_TYPES, "ON CONFLICT DO NOTHING")
+DRIFT = Upsert(
+    "drift",
+    ("contact_id", "segment_id", "intent", "pass_id", "found_at", "requeued"),
+    ("text", "text", "text", "text", "float8", "bool"),
+)
+
+WRITES: tuple[Upsert | Delete | Update, ...] = (
     ASSIGNMENTS,
     BATCHES,
     BATCHES_DONE,
@@ -323,6 +456,11 @@ WRITES: tuple[Upsert | Delete, ...] = (
     MIRRORS,
     NOTIFICATIONS,
     NOTIFICATIONS_DONE,
+    # A pass ending before another starts in the same transaction: claims and progress first.
+    PASS_CLAIMS,
+    PASS_PROGRESS,
+    PASS_STARTS,
+    DRIFT,
 )
 """Every table a transaction writes, in the order it writes them (`PendingWork.writes`)."""
 
@@ -379,6 +517,25 @@ SAVED_BATCHES = (
 CONFIRMED = "SELECT contact_id, segment_id, confirmed_at, member FROM confirmations"
 REFRESH_TIMES = "SELECT segment_id, next_allowed FROM refresh_budget"
 
+# Drift reconcile: the memberships segmapd made and holds (an add confirmed `active`, a removal
+# confirmed `removed`, retained for `store.retention_days`), in key order from a cursor.
+TRACKED_STATES = "state IN ('active', 'removed')"
+TRACKED_PAGE = (
+    f"SELECT {ASSIGNMENT_COLUMNS} FROM assignments "  # noqa: S608 (constants)
+    f"WHERE {TRACKED_STATES} AND (contact_id, segment_id) > ($1, $2) "
+    "ORDER BY contact_id, segment_id LIMIT $3"
+)
+TRACKED_COUNT = f"SELECT count(*) FROM assignments WHERE {TRACKED_STATES}"  # noqa: S608
+PASS_SELECT = f"SELECT {', '.join(PASS_COLUMNS)} FROM reconcile_passes"  # noqa: S608
+PASS_BY_ID = f"{PASS_SELECT} WHERE id = $1"
+PASS_RUNNING = f"{PASS_SELECT} WHERE state = 'running'"
+PASSES_NEWEST = f"{PASS_SELECT} ORDER BY started_at DESC, id DESC LIMIT $1"
+DRIFT_OF_CONTACT = (
+    "SELECT segment_id, intent, pass_id, found_at, requeued FROM drift "
+    "WHERE contact_id = $1 ORDER BY found_at"
+)
+JOURNAL_CREATED = "SELECT value FROM journal_info WHERE key = 'created_at'"
+
 
 # ---- pruning ------------------------------------------------------------------------------------
 
@@ -399,6 +556,9 @@ PRUNE_EXPIRED = [
         ("mirrors", "updated_at"),
         ("deliveries", "received_at"),
         ("confirmations", "confirmed_at"),
+        ("drift", "found_at"),
+        # A running pass has no end time: it is never pruned.
+        ("reconcile_passes", "finished_at"),
     )
 ]
 
@@ -472,3 +632,60 @@ def confirmation_from_row(row: Iterable[Any]) -> tuple[str, str, float, bool]:
     """A validation-cache entry from its columns in `CONFIRMED` order."""
     contact_id, segment_id, confirmed_at, member = row
     return (str(contact_id), str(segment_id), float(confirmed_at), bool(member))
+
+
+def pass_row(reconcile_pass: ReconcilePass) -> tuple[Any, ...]:
+    """A pass as `reconcile_passes` holds it, in `PASS_COLUMNS` order.
+
+    Its segments as a JSON array; an unknown total as -1.
+    """
+    p = reconcile_pass
+    return (
+        p.id,
+        str(p.state),
+        p.dry_run,
+        orjson.dumps(list(p.segment_ids)).decode(),
+        p.scheduled,
+        -1 if p.total is None else p.total,
+        p.read,
+        p.in_step,
+        p.drifted,
+        p.requeued,
+        p.skipped,
+        p.started_at,
+        p.finished_at,
+        p.cursor[0],
+        p.cursor[1],
+        p.runner,
+        storable(p.message),
+    )
+
+
+def pass_progress_row(reconcile_pass: ReconcilePass) -> tuple[Any, ...]:
+    """A pass as `PASS_PROGRESS` saves it: key, columns, then its runner (the guard)."""
+    row = pass_row(reconcile_pass)
+    return (*row[:-2], row[-1], row[-2])
+
+
+def pass_from_row(row: Iterable[Any]) -> ReconcilePass:
+    """A pass from its columns in `PASS_COLUMNS` order."""
+    (pass_id, state, dry_run, segment_ids, scheduled, total, read, in_step, drifted, requeued,
+     skipped, started, finished, cursor_contact, cursor_segment, runner, message) = row  # fmt: skip
+    return ReconcilePass(
+        id=pass_id,
+        started_at=float(started),
+        dry_run=bool(dry_run),
+        segment_ids=tuple(orjson.loads(segment_ids)),
+        scheduled=bool(scheduled),
+        state=PassState(state),
+        total=None if total < 0 else int(total),
+        read=int(read),
+        in_step=int(in_step),
+        drifted=int(drifted),
+        requeued=int(requeued),
+        skipped=int(skipped),
+        finished_at=None if finished is None else float(finished),
+        cursor=(cursor_contact, cursor_segment),
+        runner=runner,
+        message=message,
+    )

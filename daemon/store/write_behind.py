@@ -20,24 +20,36 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import datetime
 import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from daemon.store.base import JournalStore
+from daemon.store.base import DriftFinding, JournalStore
 from daemon.store.delivery_filter import DeliveryKey
 from daemon.store.pending import AssignmentRow, PendingWork
 from daemon.store.sql import (
     CONTACT,
     COUNTS,
+    DRIFT_OF_CONTACT,
+    JOURNAL_CREATED,
+    PASS_BY_ID,
+    PASS_RUNNING,
+    PASSES_NEWEST,
+    TRACKED_COUNT,
+    TRACKED_PAGE,
     assignment_from_row,
     failed_query,
     intent_named,
     lane_named,
+    pass_from_row,
+    pass_progress_row,
+    pass_row,
 )
-from scheduler.model import Assignment, FailureReason, storable
+from scheduler.model import Assignment, AssignmentKey, FailureReason, Intent, storable
+from scheduler.reconcile import ReconcilePass
 from scheduler.store import BatchRecord, ContactHistory, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -124,6 +136,83 @@ class WriteBehindJournal(JournalStore):
         Rows of (segment, intent, occurred_at, received_at, lane), oldest first.
         """
         return ()
+
+    # ---- drift reconcile ------------------------------------------------------------------------
+
+    def start_pass(self, reconcile_pass: ReconcilePass) -> None:
+        """Queue a new pass (not written if another is running: `reconcile_one_running`)."""
+        with self._lock:
+            self._pending.pass_starts[reconcile_pass.id] = pass_row(reconcile_pass)
+            self._nudge()
+
+    def claim_pass(self, pass_id: str, runner: str) -> None:
+        """Queue taking the pass over for `runner`."""
+        with self._lock:
+            self._pending.pass_claims[pass_id] = runner
+            self._nudge()
+
+    def save_pass(self, reconcile_pass: ReconcilePass) -> None:
+        """Queue the pass's newest figures (the last queued before a commit is the one kept)."""
+        with self._lock:
+            self._pending.pass_progress[reconcile_pass.id] = pass_progress_row(reconcile_pass)
+            self._nudge()
+
+    def record_drift(  # noqa: PLR0917 (one finding)
+        self,
+        contact_id: str,
+        segment_id: str,
+        intent: Intent,
+        pass_id: str,
+        found_at: float,
+        requeued: bool,
+    ) -> None:
+        """Queue a drift found against the pair."""
+        with self._lock:
+            self._pending.drift.append(
+                (contact_id, segment_id, str(intent), pass_id, found_at, requeued)
+            )
+            self._nudge()
+
+    async def tracked_page(self, after: AssignmentKey, limit: int) -> list[Assignment]:
+        """Tracked memberships after `after`, in key order (committed)."""
+        rows = await self._select(TRACKED_PAGE, after[0], after[1], limit)
+        return [assignment_from_row(row) for row in rows]
+
+    async def tracked_count(self) -> int:
+        """How many memberships are tracked (committed)."""
+        [(count,)] = await self._select(TRACKED_COUNT)
+        return int(count)
+
+    async def running_pass(self) -> ReconcilePass | None:
+        """The pass running, if any."""
+        rows = await self._select(PASS_RUNNING)
+        return pass_from_row(rows[0]) if rows else None
+
+    async def get_pass(self, pass_id: str) -> ReconcilePass | None:
+        """One pass."""
+        rows = await self._select(PASS_BY_ID, pass_id)
+        return pass_from_row(rows[0]) if rows else None
+
+    async def passes(self, limit: int) -> list[ReconcilePass]:
+        """Recent passes, newest first."""
+        return [pass_from_row(row) for row in await self._select(PASSES_NEWEST, limit)]
+
+    async def drift_of(self, contact_id: str) -> list[DriftFinding]:
+        """The drift found against the contact's pairs, oldest first."""
+        return [
+            DriftFinding(str(s), intent_named(i), str(p), float(at), bool(requeued))
+            for s, i, p, at, requeued in await self._select(DRIFT_OF_CONTACT, contact_id)
+        ]
+
+    async def journal_created_at(self) -> float | None:
+        """When the journal was created (`journal_info`)."""
+        rows = await self._select(JOURNAL_CREATED)
+        if not rows:
+            return None
+        try:
+            return datetime.datetime.fromisoformat(str(rows[0][0])).timestamp()
+        except ValueError:
+            return None
 
     # ---- writes: queued at once, committed with the next transaction ---------------------------
 
