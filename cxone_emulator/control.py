@@ -11,7 +11,7 @@ from aiohttp import web
 
 from cxone_emulator.config import ConfigError, merged
 from cxone_emulator.keys import EMULATOR
-from cxone_emulator.state import is_valid_id
+from cxone_emulator.state import Member, is_valid_id
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +142,35 @@ async def list_members(request: web.Request) -> web.Response:
     return _json({"segmentId": segment_id, "kind": segment.kind, "members": members})
 
 
+async def edit_member(request: web.Request) -> web.Response:
+    """`PUT` / `DELETE /_emulator/segments/{segmentId}/members/{contactId}`: an edit in CXone.
+
+    What someone does in CXone's UI, or another integration does, behind the client's back: the
+    contact joins (`PUT`) or leaves (`DELETE`) the static segment, indexed at once (reads show
+    it from now on). No request counter moves and no idempotency key is involved. The segment
+    is created as for a write when the emulator auto-creates segments.
+    """
+    emulator = request.app[EMULATOR]
+    segment_id = request.match_info["segmentId"]
+    contact_id = request.match_info["contactId"]
+    if not is_valid_id(contact_id):
+        return _bad("InvalidContactId", "contact id must be 1-128 characters of [A-Za-z0-9_.:-]")
+    segment = emulator.directory.find(segment_id, emulator.config.auto_create_segments)
+    if segment is None:
+        return _bad("SegmentNotFound", f"segment {segment_id} not found", 404)
+    if segment.kind != "static":
+        return _bad("DynamicSegment", f"segment {segment_id} is dynamic: it has no members to edit")
+    add = request.method == "PUT"
+    now = time.monotonic()
+    member = segment.members.get(contact_id)
+    if member is None:
+        if add:
+            segment.members[contact_id] = Member(emulator.timestamp(), now, False)
+    else:
+        member.follow(add, emulator.timestamp(), now, 0.0)
+    return _json({"segmentId": segment_id, "contactId": contact_id, "isMember": add})
+
+
 async def put_missing(request: web.Request) -> web.Response:
     """`PUT /_emulator/contacts/missing`: the ids that answer ContactNotFound (replaces the set)."""
     try:
@@ -161,6 +190,12 @@ async def expire_tokens(request: web.Request) -> web.Response:
     return _json({"expired": request.app[EMULATOR].tokens.expire_all()})
 
 
+async def reset_counters(request: web.Request) -> web.Response:
+    """`POST /_emulator/counters/reset`: zero the counters, keeping segments and members."""
+    request.app[EMULATOR].counters.reset()
+    return _json({"reset": True})
+
+
 async def counters(request: web.Request) -> web.Response:
     """`GET /_emulator/counters`."""
     return _json(request.app[EMULATOR].counters.snapshot())
@@ -176,6 +211,10 @@ def add_routes(app: web.Application) -> None:
     router.add_put(f"{_PREFIX}/segments/{{segmentId}}", put_segment)
     router.add_delete(f"{_PREFIX}/segments/{{segmentId}}", delete_segment)
     router.add_get(f"{_PREFIX}/segments/{{segmentId}}/members", list_members, allow_head=False)
+    member = f"{_PREFIX}/segments/{{segmentId}}/members/{{contactId}}"
+    router.add_put(member, edit_member)
+    router.add_delete(member, edit_member)
+    router.add_post(f"{_PREFIX}/counters/reset", reset_counters)
     router.add_put(f"{_PREFIX}/contacts/missing", put_missing)
     router.add_post(f"{_PREFIX}/tokens/expire", expire_tokens)
     router.add_get(f"{_PREFIX}/counters", counters, allow_head=False)
