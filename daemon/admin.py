@@ -1,4 +1,4 @@
-"""CLI commands that talk to a running daemon: status, dlq, import, healthcheck, send-example.
+"""CLI commands that talk to a running daemon: status, dlq, import, reconcile, healthcheck.
 
 Every request is bounded: a refused connection fails at once, an unanswered one after
 `--timeout` seconds, and either says which URL it tried. A 503 is retried after its
@@ -80,6 +80,10 @@ async def _dispatch(args: argparse.Namespace) -> int:
             return await dlq_replay(client, headers, args.contact_ids)
         if args.command == "import":
             return await import_csv(client, headers, args.file, args.batch)
+        if args.command == "reconcile":
+            return await reconcile(
+                client, headers, args.segment, dry_run=args.dry_run, follow=args.follow
+            )
     raise CommandError(f"unknown command {args.command}")
 
 
@@ -424,6 +428,110 @@ async def dlq_replay(client: Client, headers: dict[str, str], contacts: list[str
         )
     )
     return 0
+
+
+#: How often `reconcile` asks how its pass stands, and prints a line when stderr is no terminal.
+RECONCILE_POLL_S = 1.0
+RECONCILE_LINE_S = 10.0
+
+
+async def reconcile(
+    client: Client,
+    headers: dict[str, str],
+    segments: list[str],
+    *,
+    dry_run: bool,
+    follow: str | None,
+) -> int:
+    """Start a drift pass (or follow one) and show its progress until it ends.
+
+    Ctrl-C stops following, not the pass: it runs on in the daemon, and the command says how
+    to follow it again.
+    """
+    if follow is not None:
+        code, payload = await client.call(
+            "GET", f"/v1/reconcile/{path_segment(follow)}", headers=headers
+        )
+        if code != 200:
+            raise _fail(code, payload)
+    else:
+        body: dict[str, Any] = {"dryRun": dry_run}
+        if segments:
+            body["segmentIds"] = segments
+        code, payload = await client.call("POST", "/v1/reconcile", headers=headers, body=body)
+        if code == 409 and isinstance(payload, dict) and isinstance(payload.get("running"), dict):
+            running = shown(str(payload["running"].get("id", "")))
+            raise CommandError(
+                f"pass {running} is running already; follow it with: "
+                f"segmapd reconcile --follow {running}"
+            )
+        if code != 202:
+            raise _fail(code, payload)
+        print(
+            f"started reconcile pass {shown(payload['id'])}" + (" (dry run)" if dry_run else ""),
+            file=sys.stderr,
+        )
+    pass_id = str(payload["id"])
+    try:
+        final = await _follow_pass(client, headers, payload)
+    except asyncio.CancelledError:
+        # Ctrl-C: asyncio.run cancels this task; the pass itself goes on in the daemon.
+        sys.stderr.write("\n")
+        print(
+            f"stopped following; pass {shown(pass_id)} goes on in segmapd. Follow it with: "
+            f"segmapd reconcile --follow {shown(pass_id)}",
+            file=sys.stderr,
+        )
+        raise
+    print(_pass_summary(final))
+    if final["state"] != "done":
+        raise CommandError(f"pass {shown(pass_id)} failed: {shown(str(final.get('message')))}")
+    return 0
+
+
+async def _follow_pass(
+    client: Client, headers: dict[str, str], payload: dict[str, Any]
+) -> dict[str, Any]:
+    """Ask how the pass stands until it ends, showing progress on stderr."""
+    tty = sys.stderr.isatty()
+    last_line = time.monotonic()
+    path = f"/v1/reconcile/{path_segment(str(payload['id']))}"
+    while payload["state"] == "running":
+        if tty:
+            _pass_progress(payload)
+        elif time.monotonic() - last_line >= RECONCILE_LINE_S:
+            print(_pass_summary(payload), file=sys.stderr)
+            last_line = time.monotonic()
+        await asyncio.sleep(RECONCILE_POLL_S)
+        code, payload = await client.call("GET", path, headers=headers)
+        if code != 200:
+            raise _fail(code, payload)
+    if tty:
+        _pass_progress(payload)
+        sys.stderr.write("\n")
+    return payload
+
+
+def _pass_progress(payload: dict[str, Any]) -> None:
+    width = 30
+    total = payload.get("total")
+    done = int(payload["read"]) + int(payload["skipped"])
+    if isinstance(total, int) and total > 0:
+        filled = min(width, int(width * done / total))
+        bar = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+    else:
+        bar = f"{done} read"
+    sys.stderr.write(f"\r{bar}  drifted {payload['drifted']}  requeued {payload['requeued']}")
+    sys.stderr.flush()
+
+
+def _pass_summary(payload: dict[str, Any]) -> str:
+    return (
+        f"pass {shown(str(payload['id']))} {payload['state']}: {payload['read']} read, "
+        f"{payload['inStep']} in step, {payload['drifted']} drifted, "
+        f"{payload['requeued']} requeued, {payload['skipped']} skipped"
+        + (" (dry run)" if payload.get("dryRun") else "")
+    )
 
 
 @dataclass

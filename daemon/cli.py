@@ -100,6 +100,25 @@ def _build_parser() -> argparse.ArgumentParser:
     # A batch is answered once it is journaled: under load that can take a while.
     client_options(imp, timeout_s=60.0)
 
+    rec = commands.add_parser(
+        "reconcile",
+        help="start a drift pass: re-read the memberships segmapd made, repair what drifted",
+        description="Start a reconcile pass now and show its progress until it ends. Ctrl-C "
+        "stops following, not the pass.",
+    )
+    rec.add_argument(
+        "--segment",
+        action="append",
+        default=[],
+        metavar="SEGMENT",
+        help="only this segment id (repeat for more; default: every segment)",
+    )
+    rec.add_argument("--dry-run", action="store_true", help="only report drift, repair nothing")
+    rec.add_argument(
+        "--follow", metavar="PASS", help="follow a pass already started instead of starting one"
+    )
+    client_options(rec)
+
     health = commands.add_parser("healthcheck", help="exit 0 if the daemon is ready, 1 if not")
     health.add_argument("--live", action="store_true", help="check liveness (/healthz) only")
     client_options(health, admin=False, timeout_s=5.0)

@@ -407,6 +407,19 @@ async def contact(request: web.Request) -> web.Response:
             validating.add(a.lane)
         segments.append(assignment_view(a, progress))
     body: dict[str, Any] = {"contactId": contact_id, "segments": segments}
+    drift = await service.store.drift_of(contact_id)
+    if drift:
+        # What reconcile found CXone holding otherwise than segmapd did, oldest first.
+        body["drift"] = [
+            {
+                "segmentId": d.segment_id,
+                "intent": str(d.intent),
+                "passId": d.pass_id,
+                "foundAt": rfc3339(d.found_at),
+                "requeued": d.requeued,
+            }
+            for d in drift
+        ]
     if validating:
         body["validation"] = read_backlog_view(
             poller.backlog(), service.config.limits.read_rps, validating

@@ -54,6 +54,15 @@ class EmulatorControl:
         members: list[dict[str, Any]] = result["members"]
         return members
 
+    async def edit_member(self, segment_id: str, contact_id: str, *, member: bool) -> None:
+        """Make the contact join or leave the segment behind the daemon's back (indexed now)."""
+        method = "PUT" if member else "DELETE"
+        await self._json(method, f"/_emulator/segments/{segment_id}/members/{contact_id}")
+
+    async def reset_counters(self) -> None:
+        """Zero the counters, keeping segments and members."""
+        await self._json("POST", "/_emulator/counters/reset", {})
+
     async def set_missing_contacts(self, contact_ids: list[str]) -> None:
         """Make these contact ids answer ContactNotFound."""
         await self._json("PUT", "/_emulator/contacts/missing", {"contactIds": contact_ids})
