@@ -296,6 +296,22 @@ ASSIGNMENT: Schema = {
     "additionalProperties": False,
     "properties": {**ASSIGNMENT_PROPERTIES, "validation": VALIDATION_PROGRESS},
 }
+DRIFT: Schema = {
+    "type": "object",
+    "description": "A drift a reconcile pass found: CXone held the pair otherwise than segmapd.",
+    "required": ["segmentId", "intent", "passId", "foundAt", "requeued"],
+    "additionalProperties": False,
+    "properties": {
+        "segmentId": {"type": "string"},
+        "intent": {"enum": ["add", "remove"], "description": "What segmapd held."},
+        "passId": {"type": "string"},
+        "foundAt": TIMESTAMP,
+        "requeued": {
+            "type": "boolean",
+            "description": "Queued again in the bulk lane (false: a dry run, or newer work).",
+        },
+    },
+}
 CONTACT: Schema = {
     "type": "object",
     "required": ["contactId", "segments"],
@@ -304,6 +320,66 @@ CONTACT: Schema = {
         "contactId": {"type": "string"},
         "segments": {"type": "array", "items": ASSIGNMENT},
         "validation": READ_BACKLOG,
+        "drift": {
+            "type": "array",
+            "items": DRIFT,
+            "description": "Drift found against the contact's pairs, oldest first (only when "
+            "there is some).",
+        },
+    },
+}
+RECONCILE_PASS: Schema = {
+    "type": "object",
+    "required": [
+        "id",
+        "state",
+        "dryRun",
+        "segmentIds",
+        "scheduled",
+        "total",
+        "read",
+        "inStep",
+        "drifted",
+        "requeued",
+        "skipped",
+        "startedAt",
+        "finishedAt",
+        "message",
+    ],
+    "additionalProperties": False,
+    "properties": {
+        "id": {"type": "string"},
+        "state": {"enum": ["running", "done", "failed"]},
+        "dryRun": {"type": "boolean", "description": "Only reports drift, repairs nothing."},
+        "segmentIds": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "The segments the pass covers; empty: every segment.",
+        },
+        "scheduled": {"type": "boolean", "description": "Started by `reconcile.interval_s`."},
+        "total": {
+            "type": ["integer", "null"],
+            "minimum": 0,
+            "description": "Tracked memberships when the pass began (null for some segments).",
+        },
+        "read": {**COUNT, "description": "Memberships read and compared."},
+        "inStep": {**COUNT, "description": "Read as segmapd holds them."},
+        "drifted": {**COUNT, "description": "Read otherwise: drift, journaled and counted."},
+        "requeued": {**COUNT, "description": "Drifted pairs queued again in the bulk lane."},
+        "skipped": {
+            **COUNT,
+            "description": "Pairs with newer work in progress, or not read (an error).",
+        },
+        "startedAt": TIMESTAMP,
+        "finishedAt": NULLABLE_TIMESTAMP,
+        "message": {"type": ["string", "null"], "description": "Why a pass failed."},
+    },
+}
+RECONCILE_PROBLEM: Schema = {
+    **PROBLEM,
+    "properties": {
+        **PROBLEM["properties"],
+        "running": {**RECONCILE_PASS, "description": "The pass running (on 409)."},
     },
 }
 DEAD_LETTER: Schema = {
@@ -627,6 +703,93 @@ OPENAPI_DOCUMENT: Schema = {
                     "401": UNAUTHORIZED,
                     "413": _problem("Body larger than server.max_body_bytes"),
                     "503": _busy("Draining or above the high-water mark; see Retry-After"),
+                },
+            }
+        },
+        "/v1/reconcile": {
+            "post": {
+                "summary": "Start a drift reconcile pass now",
+                "description": "Re-reads every tracked membership (each add segmapd made and "
+                "holds, each removal it confirmed) at `reconcile.read_share` of the read budget, "
+                "after validation's reads; drift is journaled, counted and queued again in the "
+                "bulk lane (not in a dry run). One pass runs at a time, in one instance.",
+                "security": ADMIN,
+                "requestBody": {
+                    "required": False,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "properties": {
+                                    "segmentIds": {
+                                        "type": "array",
+                                        "maxItems": 10000,
+                                        "items": {
+                                            "type": "string",
+                                            "minLength": 1,
+                                            "maxLength": 1024,
+                                        },
+                                        "description": "Only these segments (default: all).",
+                                    },
+                                    "dryRun": {"type": "boolean"},
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "202": _json("The pass, started", RECONCILE_PASS),
+                    "400": _problem("Malformed body, or a bad `segmentIds` or `dryRun`"),
+                    "401": UNAUTHORIZED,
+                    "409": {
+                        "description": "A pass is running: `running` is it",
+                        "content": {"application/json": {"schema": RECONCILE_PROBLEM}},
+                    },
+                    "413": _problem("Body larger than server.max_body_bytes"),
+                    "503": _busy("The journal is unavailable; see Retry-After"),
+                },
+            },
+            "get": {
+                "summary": "Recent reconcile passes, newest first",
+                "security": ADMIN,
+                "parameters": [
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "description": "At most this many (default 20).",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                    }
+                ],
+                "responses": {
+                    "200": _json(
+                        "Passes",
+                        {
+                            "type": "object",
+                            "required": ["passes"],
+                            "additionalProperties": False,
+                            "properties": {"passes": {"type": "array", "items": RECONCILE_PASS}},
+                        },
+                    ),
+                    "400": _problem("Bad `limit`"),
+                    "401": UNAUTHORIZED,
+                    "503": _busy("The journal is unavailable; see Retry-After"),
+                },
+            },
+        },
+        "/v1/reconcile/{id}": {
+            "get": {
+                "summary": "One reconcile pass, with its figures so far",
+                "security": ADMIN,
+                "parameters": [
+                    {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {
+                    "200": _json("The pass", RECONCILE_PASS),
+                    "401": UNAUTHORIZED,
+                    "404": _problem("No such pass"),
+                    "503": _busy("The journal is unavailable; see Retry-After"),
                 },
             }
         },
