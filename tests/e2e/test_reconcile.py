@@ -17,7 +17,9 @@ from typing import Any
 import aiohttp
 
 from tests.e2e.conftest import Daemon, StartDaemon
+from tests.e2e.test_cluster import start_cluster
 from tests.support.emulator import EmulatorControl
+from tests.support.postgres import PostgresServer
 from tests.support.waits import until
 
 SEGMENT = "RC_VIP"
@@ -301,6 +303,68 @@ async def test_the_cli_starts_a_pass_and_prints_its_summary(
     )
     assert result.returncode == 2 and "admin token" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_one_instance_runs_a_pass_every_instance_sees_it_and_a_survivor_finishes_it(
+    start_daemon: StartDaemon,
+    emulator: EmulatorControl,
+    http: aiohttp.ClientSession,
+    postgres: PostgresServer,
+    postgres_url: str,
+):
+    # Two reads a second: the pass is still running when its instance is killed.
+    daemons = await start_cluster(
+        start_daemon,
+        postgres,
+        postgres_url,
+        3,
+        limits={"read_rps": 20},
+        reconcile={"interval_s": 0, "read_share": 0.1},
+    )
+    segments = [f"CR{i}" for i in range(6)]
+    contacts = [f"cr-{i}" for i in range(3)]
+    await settle(http, daemons[0], [{"contactId": c, "segmentIds": segments} for c in contacts])
+    # Drift in two segments, most likely owned by two different instances.
+    await emulator.edit_member("CR1", "cr-0", member=False)
+    await emulator.edit_member("CR4", "cr-2", member=False)
+
+    status, started = await api(http, daemons[2], "POST", "/v1/reconcile", {})
+    assert status == 202, started
+    # Visible from every instance; refused on every instance while it runs.
+    for daemon in daemons:
+        status, seen = await api(http, daemon, "GET", f"/v1/reconcile/{started['id']}")
+        assert status == 200 and seen["state"] == "running", seen
+    status, refused = await api(http, daemons[1], "POST", "/v1/reconcile", {})
+    assert status == 409 and refused["running"]["id"] == started["id"], refused
+
+    async def runners() -> list[Daemon]:
+        return [d for d in daemons if await metric(http, d, "segmapd_reconcile_running") == 1]
+
+    [runner] = await until(runners, lambda r: len(r) == 1, timeout_s=10, what="one runner")
+
+    async def progress() -> dict[str, Any]:
+        return dict((await api(http, runner, "GET", f"/v1/reconcile/{started['id']}"))[1])
+
+    await until(progress, lambda p: p["read"] >= 4, timeout_s=30, what="four reads")
+    runner.process.kill()
+    survivors = [d for d in daemons if d is not runner]
+    done = await finished(http, survivors[0], started["id"], timeout_s=90)
+    assert done["state"] == "done", done
+    assert (done["read"], done["drifted"], done["requeued"]) == (18, 2, 2), done
+    # Ended by exactly one survivor.
+    ended = [
+        await metric(http, d, 'segmapd_reconcile_passes_total{state="done"}') for d in survivors
+    ]
+    assert sorted(ended) == [0, 1], ended
+    # Repaired by each segment's owner, whichever instance found the drift.
+    for segment, contact in (("CR1", "cr-0"), ("CR4", "cr-2")):
+
+        async def present(segment: str = segment, contact: str = contact) -> bool:
+            return await member(emulator, segment, contact) is not None
+
+        await until(present, bool, timeout_s=30, what=f"{contact} back in {segment}")
+    states = await survivors[1].wait_states(http, "cr-0", {"active"}, timeout_s=30)
+    assert states["CR1"]["lane"] == "bulk", states
 
 
 def _epoch(text: str) -> float:
