@@ -14,7 +14,8 @@ from daemon.config import StoreConfig
 from daemon.store import JournalStore, Recovered, from_url
 from daemon.store.postgres import PostgresStore
 from daemon.store.sqlite import SqliteStore
-from scheduler.model import Assignment, FailureReason, Lane, State
+from scheduler.model import Assignment, FailureReason, Intent, Lane, State
+from scheduler.reconcile import PassState, ReconcilePass
 from scheduler.store import BatchRecord
 from tests.support.postgres import PostgresServer
 
@@ -352,3 +353,88 @@ async def test_concurrent_flushes_share_commits(durable: Callable[[], JournalSto
         assert (await journal.counts()) == {"queued": 500}
     finally:
         await journal.close()
+
+
+# ---- drift reconcile -----------------------------------------------------------------------
+
+
+def ended(contact: str, segment: str, state: State, at: float = 1000.0) -> Assignment:
+    """A pair confirmed `state` (an add `active`, a removal `removed`)."""
+    assignment = new(contact, segment, at)
+    assignment.intent = Intent.ADD if state is State.ACTIVE else Intent.REMOVE
+    for step in (State.SENDING, State.WRITTEN, state):
+        assignment.transition(step, NOW + at)
+    return assignment
+
+
+async def test_tracked_memberships_are_paged_in_key_order_from_a_cursor(store):
+    for contact, segment, state in (
+        ("c2", "s1", State.ACTIVE),
+        ("c1", "s2", State.REMOVED),
+        ("c1", "s1", State.ACTIVE),
+        ("c3", "s1", State.FAILED),
+    ):
+        store.record(
+            ended(contact, segment, state) if state is not State.FAILED else new(contact, segment)
+        )
+    store.record(new("c4", "s1"))  # queued: work in progress, not tracked
+    await store.flush()
+    assert await store.tracked_count() == 3
+    first = await store.tracked_page(("", ""), 2)
+    assert [(a.key, a.state, a.intent) for a in first] == [
+        (("c1", "s1"), State.ACTIVE, Intent.ADD),
+        (("c1", "s2"), State.REMOVED, Intent.REMOVE),
+    ]
+    rest = await store.tracked_page(first[-1].key, 2)
+    assert [a.key for a in rest] == [("c2", "s1")]
+    assert await store.tracked_page(rest[-1].key, 2) == []
+
+
+async def test_one_pass_runs_at_a_time_and_only_its_runner_saves_progress(store):
+    first = ReconcilePass(id="p1", started_at=NOW, total=3)
+    store.start_pass(first)
+    await store.flush()
+    # A second pass queued while the first runs is not written.
+    store.start_pass(ReconcilePass(id="p2", started_at=NOW + 1))
+    await store.flush()
+    assert await store.get_pass("p2") is None
+    running = await store.running_pass()
+    assert running is not None and (running.id, running.runner, running.total) == ("p1", "", 3)
+
+    store.claim_pass("p1", "a")
+    first.runner, first.read, first.cursor = "a", 2, ("c1", "s2")
+    store.save_pass(first)
+    await store.flush()
+    # A survivor takes it over: the first runner's later progress is not saved.
+    store.claim_pass("p1", "b")
+    await store.flush()
+    first.read = 3
+    store.save_pass(first)
+    await store.flush()
+    taken = await store.get_pass("p1")
+    assert taken is not None
+    assert (taken.runner, taken.read, taken.cursor) == ("b", 2, ("c1", "s2"))
+
+    taken.state, taken.finished_at, taken.drifted = PassState.DONE, NOW + 5, 1
+    store.save_pass(taken)
+    # Ended and a new one begun in one transaction: the new one is written.
+    store.start_pass(ReconcilePass(id="p3", started_at=NOW + 6, segment_ids=("s1",), dry_run=True))
+    await store.flush()
+    newest = await store.passes(10)
+    assert [(p.id, p.state) for p in newest] == [("p3", PassState.RUNNING), ("p1", PassState.DONE)]
+    assert (newest[0].segment_ids, newest[0].dry_run, newest[0].total) == (("s1",), True, None)
+    assert (newest[1].drifted, newest[1].finished_at) == (1, NOW + 5)
+
+
+async def test_drift_is_journaled_against_the_pair(store):
+    store.record_drift("c1", "s1", Intent.ADD, "p1", NOW, True)
+    store.record_drift("c1", "s2", Intent.REMOVE, "p1", NOW + 1, False)
+    store.record_drift("c2", "s1", Intent.ADD, "p1", NOW + 2, True)
+    await store.flush()
+    found = await store.drift_of("c1")
+    assert [(d.segment_id, d.intent, d.pass_id, d.requeued) for d in found] == [
+        ("s1", Intent.ADD, "p1", True),
+        ("s2", Intent.REMOVE, "p1", False),
+    ]
+    created = await store.journal_created_at()
+    assert created is not None and created <= time.time()
