@@ -7,13 +7,10 @@ always gets a specific 4xx naming the problem; a 500 means a bug in segmapd, nev
 from __future__ import annotations
 
 import asyncio
-import errno
 import hmac
 import logging
 import math
-import os
 import re
-import resource
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -241,32 +238,6 @@ def accepted_body(result: SubmitResult) -> dict[str, int]:
         "duplicates": duplicates,
         "stale": result.stale,
     }
-
-
-# Readiness fails when fewer descriptors than this are left (see daemon/connections.py).
-FD_LOW_WATER = 32
-
-
-def fd_usage() -> tuple[int, int] | None:
-    """(descriptors open, soft limit) of this process, or None where /proc is not available."""
-    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    try:
-        in_use = len(os.listdir("/proc/self/fd"))
-    except OSError as exc:
-        if exc.errno in (errno.EMFILE, errno.ENFILE):
-            return limit, limit  # reading /proc needs a descriptor itself: none is left
-        return None
-    return in_use, limit
-
-
-def fd_check(usage: tuple[int, int] | None) -> str:
-    """The readiness verdict on descriptors: "ok", "unknown", or "exhausted: N of M in use"."""
-    if usage is None:
-        return "unknown"
-    in_use, limit = usage
-    if limit - in_use < FD_LOW_WATER:
-        return f"exhausted: {in_use} of {limit} in use"
-    return "ok"
 
 
 # ---- routes ------------------------------------------------------------------------------------
@@ -643,41 +614,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """GET /readyz: store writable, CXone token, not draining, below high-water, not fenced."""
-    service = request.app[SERVICE]
-    checks: dict[str, str] = {}
-    checks["draining"] = "no" if not service.draining else "yes"
-    engine = service.engine
-    checks["queue"] = (
-        "ok" if not engine.overloaded else f"above high-water mark ({engine.pending_writes})"
-    )
-    try:
-        await service.store.check_writable()
-        checks["store"] = "ok"
-    except Exception as exc:  # any failure is a not-ready reason, reported as such
-        checks["store"] = f"not writable: {exc}"
-    token_ok, token_error = await service.token_ready()
-    checks["cxone_token"] = "ok" if token_ok else token_error
-    checks["fds"] = fd_check(fd_usage())
-    cluster = service.cluster
-    if cluster is not None:
-        checks["cluster"] = f"fenced: {cluster.fence_reason}" if cluster.fenced else "ok"
-    # Informational only: a read backlog delays confirmation but is no reason to stop traffic.
-    backlog = service.poller.backlog()
-    checks["validation"] = (
-        f"{backlog.waiting} reads waiting, the oldest due {backlog.oldest_wait_s:.0f} s ago"
-        if backlog.waiting
-        else "ok"
-    )
-    ready = (
-        not checks["fds"].startswith("exhausted")
-        and not service.draining
-        and not engine.overloaded
-        and checks["store"] == "ok"
-        and token_ok
-        and engine.healthy
-        and checks.get("cluster", "ok") == "ok"
-    )
-    return json_response({"ready": ready, "checks": checks}, 200 if ready else 503)
+    report = await request.app[SERVICE].readiness.evaluate()
+    status = 200 if report.ready else 503
+    return json_response({"ready": report.ready, "checks": report.checks}, status)
 
 
 async def metrics(request: web.Request) -> web.Response:

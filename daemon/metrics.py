@@ -24,6 +24,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from daemon.census import JournalCensus
+from daemon.notifier import DELIVERED, DROPPED, RETRY
 from listeners.base import Outcome
 from scheduler.model import (
     LANES,
@@ -54,6 +55,15 @@ NO_STATUS = "none"
 
 NO_REASON = "none"
 """The `reason` label of a finished assignment that has no failure reason (an active one)."""
+
+ENDPOINT_CLASSES = ("bulk", "single", "read", "refresh", "token", "discovery")
+"""The `endpoint` label of CXone exchanges: every class the client calls."""
+
+ENGINE_ENDPOINTS = ("bulk", "single", "read", "refresh")
+"""The endpoint classes whose calls the engine reports an outcome for."""
+
+UPSTREAM_OUTCOMES = ("ok", "rate_limited", "transient", "permanent", "auth", "local", "error")
+"""The `outcome` label of `segmapd_upstream_outcomes_total` (scheduler/upstream.py outcome_of)."""
 
 IN_PROGRESS_STATES = tuple(state for state in State if state not in TERMINAL_STATES)
 """The states of `segmapd_assignments`: the work an engine holds (finished work leaves it)."""
@@ -359,6 +369,14 @@ class Metrics(EngineObserver):
             ["endpoint"],
             registry=r,
         )
+        # Every series an alert or the dashboard reads exists from the first scrape: a rule
+        # over a series that appears only with the first event cannot see that event as a rise.
+        for endpoint in ENDPOINT_CLASSES:
+            self.rate_limited.labels(endpoint=endpoint)
+            self.upstream_duration.labels(endpoint=endpoint)
+        for endpoint in ENGINE_ENDPOINTS:
+            for outcome in UPSTREAM_OUTCOMES:
+                self.upstream_outcomes.labels(endpoint=endpoint, outcome=outcome)
 
         # Validation and notifications.
         self.validation_reads = Counter(
@@ -382,8 +400,23 @@ class Metrics(EngineObserver):
         )
         self.notifications = Counter(
             "segmapd_notifications_total",
-            "Outbound notifications, by outcome.",
+            "Outbound notification attempts, by outcome (delivered, retry or dropped).",
             ["outcome"],
+            registry=r,
+        )
+        for outcome in (DELIVERED, RETRY, DROPPED):
+            self.notifications.labels(outcome=outcome)
+
+        # Readiness and capacity, for alerts.
+        self.ready = Gauge(
+            "segmapd_ready",
+            "1 while /readyz would answer ready, 0 while not (NaN until first known); the "
+            "journal and token checks as last answered, at most one scrape old.",
+            registry=r,
+        )
+        self.high_water = Gauge(
+            "segmapd_high_water",
+            "The configured server.high_water: pending writes at which intake is refused.",
             registry=r,
         )
 
@@ -506,6 +539,14 @@ class Metrics(EngineObserver):
         }
         self._callbacks.lanes = {key: fn for key, fn in lanes.items() if fn is not None}
 
+    def bind_readiness(self, ready: Callable[[], float]) -> None:
+        """Read `segmapd_ready` from `ready` at every scrape (it must not wait on anything)."""
+        self.ready.set_function(lambda: _safe_call("ready", ready))
+
+    def set_high_water(self, high_water: int) -> None:
+        """Export the configured high-water mark, so alerts can compare pending writes with it."""
+        self.high_water.set(high_water)
+
     def bind_journal(self, census: JournalCensus) -> None:
         """Export the journal's assignments by state as `census` last counted them."""
         self._callbacks.census = census
@@ -560,6 +601,20 @@ class Metrics(EngineObserver):
             self.reconcile_passes.labels(state=state).inc()
             if state == "done":
                 self.reconcile_last_done.set(at)
+
+    def declare_source(
+        self, source: str, kind: str, success_status: int, skip_reasons: Iterable[str]
+    ) -> None:
+        """Start a configured source's intake series at zero, before its first webhook.
+
+        `success_status` is the status of the kind's success answer; `skip_reasons` the
+        reasons its events may be skipped for.
+        """
+        hot = self._hot
+        hot.webhooks.setdefault((source, kind, success_status), 0)
+        hot.accepted.setdefault((source, kind), [0] * len(_DELIVERY_FAMILIES))
+        for reason in skip_reasons:
+            hot.skipped.setdefault((source, kind, reason), 0)
 
     # --- recorders called by the daemon -----------------------------------------------------
 

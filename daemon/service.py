@@ -19,6 +19,7 @@ from typing import Protocol
 
 from daemon.config import Config
 from daemon.metrics import Metrics
+from daemon.readiness import Readiness
 from daemon.wiring import build_daemon
 from scheduler.store import StoreUnavailable
 
@@ -81,6 +82,9 @@ class Service:
         self._token_ok = False
         self._token_error = ""
         self._token_lock = asyncio.Lock()
+        # The /readyz checks; segmapd_ready shows them at every scrape without waiting on any.
+        self.readiness = Readiness(self)
+        self.metrics.bind_readiness(self.readiness.at_scrape)
         # What has started, in order: `drain()` undoes exactly that, in reverse.
         self._stack = contextlib.AsyncExitStack()
         self._drain_started: float | None = None
@@ -101,6 +105,9 @@ class Service:
             stack.push_async_callback(self.census.stop)
             await self.client.start()
             stack.push_async_callback(self._close_client)
+            # Stopped once the listener is closed (no scrape can start another evaluation),
+            # before the client and the journal it checks are closed.
+            stack.push_async_callback(self.readiness.stop)
             if listener is not None:
                 await listener.prepare()
                 stack.push_async_callback(self._close_listener, listener)

@@ -28,6 +28,7 @@ from daemon.notifier import Notifier
 from daemon.secrets import Secret
 from daemon.store import ConfirmationStore, JournalStore, NotificationOutbox, from_url
 from listeners import SourceAdapter, make_adapter
+from listeners.base import Outcome
 from scheduler.accumulator import Accumulator, BatchingPolicy
 from scheduler.changes import Changes
 from scheduler.engine import Engine
@@ -304,6 +305,12 @@ def build_daemon(config: Config, metrics: Metrics) -> Daemon:
             sources[name] = make_adapter(source)
         except ValueError as exc:
             raise ValueError(f"sources.{name}: {exc}") from None
+        adapter = sources[name]
+        # Every intake series exists from the first scrape (an empty delivery's answer says which
+        # status the kind answers success with).
+        metrics.declare_source(
+            name, adapter.kind, adapter.accepted(Outcome()).status, adapter.skip_reasons
+        )
     metrics.bind_engine(
         buffered=engine.buffered_by_lane,
         pending_writes=lambda: engine.pending_writes,
@@ -323,6 +330,8 @@ def build_daemon(config: Config, metrics: Metrics) -> Daemon:
         runner_name=f"{config.cluster.name or socket.gethostname()}/{os.getpid()}",
         leads=cluster.leads if cluster is not None else lambda: True,
     )
+    # Alerts compare segmapd_pending_writes with the mark at which intake is refused.
+    metrics.set_high_water(config.server.high_water)
     # The journal's assignments by state, counted in the background (daemon/census.py).
     census = JournalCensus(store.counts)
     metrics.bind_journal(census)

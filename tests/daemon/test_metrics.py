@@ -452,3 +452,55 @@ async def test_a_costly_count_is_repeated_less_often(tmp_path: Path):
         assert 10.0 <= census.next_interval_s() <= 60.0
     finally:
         await store.close()
+
+
+# ---- what the alerts and the dashboard read (deploy/) ------------------------------------------
+
+
+def test_the_series_alerts_read_exist_at_zero_before_any_event():
+    m = Metrics()
+    for endpoint in ("bulk", "single", "read", "refresh", "token"):
+        assert value(m, "segmapd_upstream_rate_limited_total", endpoint=endpoint) == 0
+        assert value(m, "segmapd_upstream_request_duration_seconds_count", endpoint=endpoint) == 0
+    for outcome in ("ok", "rate_limited", "transient", "permanent", "auth", "local", "error"):
+        assert value(m, "segmapd_upstream_outcomes_total", endpoint="bulk", outcome=outcome) == 0
+    for outcome in ("delivered", "retry", "dropped"):
+        assert value(m, "segmapd_notifications_total", outcome=outcome) == 0
+
+
+def test_a_declared_source_has_its_intake_series_before_its_first_webhook():
+    m = Metrics()
+    m.declare_source("sf", "salesforce", 200, ["missing_field"])
+    sf = {"source": "sf", "kind": "salesforce"}
+    assert value(m, "segmapd_webhooks_received_total", **sf, code="200") == 0
+    assert value(m, "segmapd_events_accepted_total", **sf) == 0
+    assert value(m, "segmapd_events_skipped_total", **sf, reason="missing_field") == 0
+    m.record_webhook("sf", "salesforce", 200)
+    m.record_delivery("sf", "salesforce", Outcome(accepted=1, events=1))
+    m.declare_source("sf", "salesforce", 200, ["missing_field"])  # again: nothing is reset
+    assert value(m, "segmapd_webhooks_received_total", **sf, code="200") == 1
+    assert value(m, "segmapd_events_accepted_total", **sf) == 1
+
+
+def test_readiness_and_high_water_gauges():
+    m = Metrics()
+    assert value(m, "segmapd_ready") == 0  # nothing bound: nothing is serving
+    assert value(m, "segmapd_high_water") == 0
+    verdict = {"ready": math.nan}
+    m.bind_readiness(lambda: verdict["ready"])
+    assert math.isnan(value(m, "segmapd_ready"))
+    verdict["ready"] = 1.0
+    assert value(m, "segmapd_ready") == 1
+    m.set_high_water(5000)
+    assert value(m, "segmapd_high_water") == 5000
+
+
+def test_a_failing_readiness_callable_reads_nan(caplog):
+    m = Metrics()
+
+    def broken() -> float:
+        raise RuntimeError("gone")
+
+    m.bind_readiness(broken)
+    assert math.isnan(value(m, "segmapd_ready"))
+    assert "metrics callback ready failed" in caplog.text
