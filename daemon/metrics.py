@@ -595,9 +595,13 @@ class Metrics(EngineObserver):
             self.reconcile_requeued.inc()
 
     def record_pass(self, state: str, running: bool, at: float) -> None:
-        """A pass started on this instance (`running`) or ended in `state` at `at`."""
+        """A pass started on this instance (`running`), stopped running here, or ended.
+
+        Only an end (`done`, `failed`) is counted: a pass left to another instance, or paused
+        by a drain, is still running (elsewhere, or after the restart).
+        """
         self.reconcile_running.set(1.0 if running else 0.0)
-        if not running:
+        if not running and state in ("done", "failed"):
             self.reconcile_passes.labels(state=state).inc()
             if state == "done":
                 self.reconcile_last_done.set(at)

@@ -19,7 +19,7 @@ from daemon.store.sqlite import SqliteStore
 from daemon.wiring import build_scheduler
 from listeners.base import Outcome
 from scheduler.engine import BatchingPolicy
-from scheduler.model import Assignment, FailureReason, Lane, State
+from scheduler.model import Assignment, FailureReason, Intent, Lane, State
 from scheduler.ratelimit import RateGate
 from scheduler.retry import RetryPolicy
 from tests.support.ci import IN_CI
@@ -504,3 +504,21 @@ def test_a_failing_readiness_callable_reads_nan(caplog):
     m.bind_readiness(broken)
     assert math.isnan(value(m, "segmapd_ready"))
     assert "metrics callback ready failed" in caplog.text
+
+
+def test_a_pass_is_counted_when_it_ends_not_when_it_stops_running_here():
+    metrics = Metrics()
+    metrics.record_pass("running", True, 100.0)
+    assert value(metrics, "segmapd_reconcile_running") == 1
+    # Left to another instance, or paused by a drain: still running, not ended.
+    metrics.record_pass("running", False, 101.0)
+    assert value(metrics, "segmapd_reconcile_running") == 0
+    assert value(metrics, "segmapd_reconcile_passes_total", state="done") == 0
+    assert not [s for s in samples(metrics) if s.labels.get("state") == "running"]
+    metrics.record_pass("running", True, 102.0)
+    metrics.record_pass("done", False, 103.0)
+    assert value(metrics, "segmapd_reconcile_passes_total", state="done") == 1
+    assert value(metrics, "segmapd_reconcile_last_done_timestamp_seconds") == 103.0
+    metrics.record_drift(Intent.ADD, requeued=False)
+    assert value(metrics, "segmapd_reconcile_drift_total", intent="add") == 1
+    assert value(metrics, "segmapd_reconcile_requeued_total") == 0
