@@ -105,6 +105,11 @@ class Service:
             stack.push_async_callback(self.census.stop)
             await self.client.start()
             stack.push_async_callback(self._close_client)
+            # A token (and the API base) before any request is admitted by a rate gate: a
+            # request that waited for its gate and then for the first token would go out with
+            # every other one admitted meanwhile, at once, past CXone's limit. Not ready (CXone
+            # away) is no reason not to start: requests fetch it when they can.
+            await self.token_ready()
             # Stopped once the listener is closed (no scrape can start another evaluation),
             # before the client and the journal it checks are closed.
             stack.push_async_callback(self.readiness.stop)

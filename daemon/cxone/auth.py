@@ -108,6 +108,8 @@ class TokenManager:
         self._not_before = 0.0
         # No early refresh before this time, after one failed while the current token is good.
         self._soft_retry_at = 0.0
+        # A refresh of a token still good, under way without holding any request.
+        self._refresh_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         state = "none" if self._token is None else "held"
@@ -120,8 +122,20 @@ class TokenManager:
         says 429 and no usable token is held, `TransientError` when it cannot be reached.
         """
         token = self._token
-        if token is not None and self._clock() < token.refresh_at:
-            return token.access
+        if token is not None:
+            now = self._clock()
+            if now < token.refresh_at:
+                return token.access
+            if now < token.expires_at - MIN_REMAINING_S:
+                # Due for a refresh but still good: refreshed in the background. A request
+                # holding here would go out after its rate gate admitted it, with every other
+                # one admitted meanwhile, at once (the token endpoint may make it wait).
+                self._refresh_behind()
+                return token.access
+        return await self._refresh_under_lock()
+
+    async def _refresh_under_lock(self) -> str:
+        """`access_token`'s fetch: one at a time, re-checked once the lock is held."""
         async with self._lock:
             # Another caller may have fetched a token while this one waited for the lock.
             token = self._token
@@ -153,6 +167,20 @@ class TokenManager:
                 logger.warning("token refresh failed (%s); using the current token meanwhile", exc)
                 return token.access
             return self._token.access
+
+    def _refresh_behind(self) -> None:
+        """Start one background refresh of a token that is still good (unless one runs)."""
+        task = self._refresh_task
+        if task is not None and not task.done():
+            return
+        self._refresh_task = asyncio.get_running_loop().create_task(self._refresh_quietly())
+
+    async def _refresh_quietly(self) -> None:
+        """Refresh now, holding no request; the current token serves until it is replaced."""
+        try:
+            await self._refresh_under_lock()
+        except Exception as exc:  # refused, or unreachable: the next request past refresh tries
+            logger.warning("token refresh failed (%s); using the current token meanwhile", exc)
 
     def invalidate(self, access_token: str) -> None:
         """Drop `access_token` after a 401, unless a newer token has already replaced it."""

@@ -12,6 +12,7 @@ from scheduler.upstream import AuthError, RateLimited
 from tests.cxone.conftest import MakeClient, Recorder
 from tests.support.emulator import EmulatorControl
 from tests.support.processes import ManagedProcess
+from tests.support.waits import until
 
 AUTH_LOGGER = "daemon.cxone.auth"
 
@@ -108,10 +109,33 @@ async def test_refresh_ahead_of_expiry_uses_refresh_token_grant(
     await asyncio.sleep(2.6)
     await client.is_member("seg_ttl", "c1")
 
-    counters = await emulator.counters()
-    assert counters["requests"]["token"] == {"200": 2}
+    # The refresh goes on behind the read (which used the token still good).
+    counters = await until(
+        emulator.counters,
+        lambda c: c["requests"]["token"] == {"200": 2},
+        timeout_s=5,
+        what="the refresh",
+    )
     assert counters["requests"]["read"] == {"200": 2}  # never a 401
     assert grants_used(caplog) == ["password", "refresh_token"]
+
+
+async def test_a_request_past_its_tokens_refresh_time_never_waits_for_the_refresh(
+    make_client: MakeClient, emulator: EmulatorControl
+) -> None:
+    await emulator.configure({"token_ttl_s": 10})
+    client = await make_client(grant="password")
+    await client.is_member("seg_behind", "c1")
+    # From now on the token endpoint never answers (within a minute).
+    await emulator.configure({"faults": {"token": {"hang_rate": 1.0, "hang_s": 60.0}}})
+    # Past the refresh time (80 % of 10 s), well before the token's last usable second.
+    await asyncio.sleep(8.3)
+    # Requests admitted by a rate gate go out at once with the token still good: held behind a
+    # refresh, they would all go out together when it ends, past CXone's limit.
+    for _ in range(3):
+        result = await asyncio.wait_for(client.is_member("seg_behind", "c1"), timeout=5.0)
+        assert result.is_member is False
+    assert (await emulator.counters())["requests"]["read"] == {"200": 4}
 
 
 async def test_expired_token_gets_401_then_one_new_token_and_one_resend(
