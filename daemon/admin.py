@@ -449,6 +449,8 @@ async def reconcile(
     to follow it again.
     """
     if follow is not None:
+        if segments or dry_run:
+            raise UsageError("--follow follows a pass as it was started: no --segment, --dry-run")
         code, payload = await client.call(
             "GET", f"/v1/reconcile/{path_segment(follow)}", headers=headers
         )

@@ -47,6 +47,8 @@ MAX_SEGMENT_FILTER_CHARS = 1024
 #: Segments one reconcile pass may be limited to, and passes one listing may show.
 MAX_RECONCILE_SEGMENTS = 10_000
 MAX_RECONCILE_LIST = 1000
+#: What a pass id can be (scheduler/reconcile.py makes them: a UTC time and a random suffix).
+PASS_ID = re.compile(r"[0-9A-Za-z-]{1,64}")
 
 
 def json_response(
@@ -593,7 +595,8 @@ async def reconcile_pass(request: web.Request) -> web.Response:
     if denied is not None:
         return denied
     pass_id = request.match_info["id"]
-    if not _encodable(pass_id):
+    if not PASS_ID.fullmatch(pass_id):
+        # No pass has such an id (one with a NUL, say, no journal could even be asked for).
         return problem(404, "no such reconcile pass", field="id")
     try:
         found = await service.reconciler.get(pass_id)

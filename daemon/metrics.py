@@ -465,7 +465,7 @@ class Metrics(EngineObserver):
             registry=r,
         )
 
-        # Drift reconcile (daemon/reconcile.py).
+        # Drift reconcile (scheduler/reconcile.py).
         self.reconcile_reads = Counter(
             "segmapd_reconcile_reads_total",
             "Membership reads made by reconcile passes, by result: in_step (CXone holds what "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import secrets
 import socket
 import time
 from dataclasses import dataclass
@@ -327,7 +328,11 @@ def build_daemon(config: Config, metrics: Metrics) -> Daemon:
         repairs=engine,
         observer=metrics,
         policy=config.reconcile.policy(config.limits.read_rps),
-        runner_name=f"{config.cluster.name or socket.gethostname()}/{os.getpid()}",
+        # Unique per process (names and pids repeat across hosts and containers): only the
+        # runner saves a pass's progress, so two processes must never share a runner name.
+        runner_name=(
+            f"{config.cluster.name or socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"
+        ),
         leads=cluster.leads if cluster is not None else lambda: True,
     )
     # Alerts compare segmapd_pending_writes with the mark at which intake is refused.

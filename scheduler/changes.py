@@ -232,10 +232,14 @@ class Changes:
         past: Assignment | None,
         mirrored_at: float = 0.0,
         lane: Lane = Lane.LIVE,
+        repair: bool = False,
     ) -> SubmitResult:
-        """One pair's change, compared with what is in progress and what `past` says."""
+        """One pair's change, compared with what is in progress and what `past` says.
+
+        `repair`: a drift reconcile found (forwarded on as such if the segment moved again).
+        """
         outcome = self._change_pair(
-            contact_id, segment_id, intent, occurred_at, now, past, mirrored_at, lane
+            contact_id, segment_id, intent, occurred_at, now, past, mirrored_at, lane, repair
         )
         if outcome == _STALE:
             return SubmitResult(stale=1, stale_segments=(segment_id,))
@@ -251,6 +255,7 @@ class Changes:
         past: Assignment | None,
         mirrored_at: float,
         lane: Lane = Lane.LIVE,
+        repair: bool = False,
     ) -> int:
         """`change_pair`'s outcome: `_QUEUED`, `_JOINED`, `_CACHED` or `_STALE`."""
         ledger = self._ledger
@@ -265,7 +270,9 @@ class Changes:
             # Its owner coalesces it with the segment's other work and compares it again with
             # what it holds (newer than the journal this process read).
             self._ownership.forward(
-                ForwardedChange(contact_id, segment_id, intent, occurred_at, now, lane=lane)
+                ForwardedChange(
+                    contact_id, segment_id, intent, occurred_at, now, lane=lane, repair=repair
+                )
             )
             return _QUEUED
         if current is not None:
@@ -345,23 +352,13 @@ class Changes:
         """
         contact_id, segment_id = held.key
         now = self._wall()
-        if not self._ownership.owns(segment_id):
-            self._ownership.forward(
-                ForwardedChange(
-                    contact_id,
-                    segment_id,
-                    held.intent,
-                    held.occurred_at,
-                    now,
-                    lane=Lane.BULK,
-                    repair=True,
-                )
-            )
-            return True
-        if self._confirmations is not None:
+        # The held change's own place in the order (its occurredAt, or its arrival when the
+        # CRM gave none): a repair never passes a change that came after it.
+        version = held.version
+        if self._confirmations is not None and self._ownership.owns(segment_id):
             self._confirmations.forget(contact_id, segment_id)
         outcome = self._change_pair(
-            contact_id, segment_id, held.intent, held.occurred_at, now, held, 0.0, Lane.BULK
+            contact_id, segment_id, held.intent, version, now, held, 0.0, Lane.BULK, repair=True
         )
         return outcome == _QUEUED
 
@@ -486,6 +483,7 @@ class Changes:
                     past.get(change.segment_id),
                     mirrored_at,
                     change.lane,
+                    change.repair,
                 )
             )
         return SubmitResult.total(results)

@@ -50,6 +50,8 @@ PAGE_SIZE = 500
 LEAD_CHECK_S = 1.0
 #: Attempts at one pair's read that failed without an answer before the pass goes on without it.
 READ_ATTEMPTS = 3
+#: Memberships in a row not read (CXone away, or refusing) after which a pass ends `failed`.
+UNREAD_LIMIT = 10
 #: The slowest a scheduled pass reads, so that a handful of memberships is not spread thinner.
 MIN_SCHEDULED_RATE = 1.0 / 60.0
 
@@ -138,16 +140,14 @@ class PassJournal(Protocol):
         """Queue the pass's figures, state and cursor (saved only if it is still its runner's)."""
         ...
 
-    def record_drift(  # noqa: PLR0917 (one finding)
-        self,
-        contact_id: str,
-        segment_id: str,
-        intent: Intent,
-        pass_id: str,
-        found_at: float,
-        requeued: bool,
+    def record_drift(
+        self, held: Assignment, reconcile_pass: ReconcilePass, found_at: float, requeued: bool
     ) -> None:
-        """Queue a drift found against the pair."""
+        """Queue a drift found against the pair `held`, with the pass's progress past it.
+
+        One call, so that both go in one transaction: a pass resumed after a crash neither
+        misses the finding in its figures nor counts it twice.
+        """
         ...
 
     async def flush(self) -> None:
@@ -164,6 +164,10 @@ class PassJournal(Protocol):
 
     async def passes(self, limit: int) -> list[ReconcilePass]:
         """Recent passes, newest first."""
+        ...
+
+    async def last_scheduled_pass(self) -> ReconcilePass | None:
+        """The newest pass the schedule started (kept past retention: the schedule's anchor)."""
         ...
 
     async def journal_created_at(self) -> float | None:
@@ -222,6 +226,10 @@ class PassRunning(Exception):
         self.running = running
 
 
+class CXoneAway(Exception):
+    """A pass could read nothing for a while: it ends `failed`, saying why."""
+
+
 class _LostLead(Exception):
     """The process no longer leads: the pass is left to the one that does."""
 
@@ -232,7 +240,6 @@ class _Run:
 
     reconcile_pass: ReconcilePass
     task: asyncio.Task[None] | None = None
-    lost: bool = False
 
 
 @dataclass(slots=True)
@@ -274,6 +281,7 @@ class Reconciler:
         self._wake = asyncio.Event()
         self._started_at = wall_clock()
         self._drift_log = ThrottledLog(log, 60.0)
+        self._unread = 0  # memberships in a row the running pass could not read
 
     # ---- what the API asks ------------------------------------------------------------------
 
@@ -321,7 +329,12 @@ class Reconciler:
         The journal's copy is at most one commit behind; this one is up to the pair.
         """
         run = self._run
-        if run is not None and run.reconcile_pass.id == reconcile_pass.id:
+        if (
+            run is not None
+            and run.task is not None
+            and not run.task.done()
+            and run.reconcile_pass.id == reconcile_pass.id
+        ):
             return run.reconcile_pass
         return reconcile_pass
 
@@ -333,12 +346,6 @@ class Reconciler:
     async def recent(self, limit: int = 20) -> list[ReconcilePass]:
         """Recent passes, newest first."""
         return [self.current(p) for p in await self._journal.passes(limit)]
-
-    @property
-    def running_here(self) -> bool:
-        """Whether this process runs a pass now."""
-        run = self._run
-        return run is not None and run.task is not None and not run.task.done()
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -385,8 +392,16 @@ class Reconciler:
             return
         if run is not None and run.task is not None and not run.task.done():
             return
+        # What this process queued (a pass's last progress, its end) is committed before the
+        # journal is asked what runs: never resume from behind, never reopen an ended pass.
+        await self._journal.flush()
         running = await self._journal.running_pass()
         if running is not None:
+            if run is not None and run.reconcile_pass.id == running.id:
+                # Paused here (the journal or reading was away): the further of the two copies.
+                mine = run.reconcile_pass
+                if mine.state is PassState.RUNNING and mine.cursor > running.cursor:
+                    running = mine
             self._resume(running)
             return
         if self.policy.interval_s > 0 and self._wall() >= await self._next_due():
@@ -394,14 +409,14 @@ class Reconciler:
                 await self.begin(scheduled=True)
 
     async def _next_due(self) -> float:
-        """When the next scheduled pass is due: an interval after the newest pass began.
+        """When the next scheduled pass is due: an interval after the last scheduled one began.
 
-        With none yet, an interval after the journal was created (or this process started),
-        so that restarts never postpone the first pass.
+        A pass started by hand does not move the schedule. With none yet, an interval after the
+        journal was created (or this process started), so that restarts never postpone it.
         """
-        newest = await self._journal.passes(1)
-        if newest:
-            return newest[0].started_at + self.policy.interval_s
+        newest = await self._journal.last_scheduled_pass()
+        if newest is not None:
+            return newest.started_at + self.policy.interval_s
         created = await self._journal.journal_created_at()
         return (created if created is not None else self._started_at) + self.policy.interval_s
 
@@ -438,6 +453,9 @@ class Reconciler:
         except _LostLead:
             self._observer.record_pass("running", False, self._wall())
             return
+        except CXoneAway as exc:
+            log.error("reconcile pass %s failed: %s", reconcile_pass.id, exc)
+            self._finish(reconcile_pass, PassState.FAILED, str(exc))
         except (StoreUnavailable, ReadsStopped) as exc:
             # Resumed from its cursor once the journal (or reading) is back.
             log.warning("reconcile pass %s paused: %s", reconcile_pass.id, exc)
@@ -470,6 +488,7 @@ class Reconciler:
 
     async def _walk(self, reconcile_pass: ReconcilePass) -> None:
         """Read every tracked pair after the cursor, paced, and settle each."""
+        self._unread = 0
         rate = self.policy.rate(reconcile_pass.total, scheduled=reconcile_pass.scheduled)
         # One read per 1/rate seconds, evenly: a bucket of one, so nothing bunches.
         pace = AsyncLimiter(1, 1.0 / rate)
@@ -489,30 +508,40 @@ class Reconciler:
     async def _settle(
         self, reconcile_pass: ReconcilePass, held: Assignment, pace: AsyncLimiter
     ) -> None:
-        """Read one pair and act on what CXone says."""
+        """Read one pair, act on what CXone says, and save the pass's progress past it."""
         if self._repairs.busy(held.key):
             self._skip(reconcile_pass)
-            return
-        found = await self._read(held, pace)
-        if found.is_member is None:
-            reconcile_pass.skipped += 1
-            self._observer.record_reconcile_read("error")
-            log.info(
-                "reconcile pass %s: %s/%s not read (%s); left for the next pass",
-                reconcile_pass.id,
-                held.segment_id,
-                held.contact_id,
-                found.problem,
-            )
-        elif found.is_member is (held.intent is Intent.ADD):
-            reconcile_pass.read += 1
-            reconcile_pass.in_step += 1
-            self._observer.record_reconcile_read("in_step")
         else:
-            reconcile_pass.read += 1
-            await self._drifted(reconcile_pass, held, found.is_member)
+            found = await self._read(held, pace)
+            if found.is_member is None:
+                self._unread_pair(reconcile_pass, held, found.problem)
+            elif found.is_member is (held.intent is Intent.ADD):
+                self._unread = 0
+                reconcile_pass.read += 1
+                reconcile_pass.in_step += 1
+                self._observer.record_reconcile_read("in_step")
+            else:
+                self._unread = 0
+                if await self._drifted(reconcile_pass, held, found.is_member):
+                    return  # its progress went with the finding
         reconcile_pass.cursor = held.key
         self._journal.save_pass(reconcile_pass)
+
+    def _unread_pair(self, reconcile_pass: ReconcilePass, held: Assignment, problem: str) -> None:
+        """A pair CXone did not answer for: left for the next pass, unless CXone is away."""
+        reconcile_pass.skipped += 1
+        self._observer.record_reconcile_read("error")
+        log.info(
+            "reconcile pass %s: %s/%s not read (%s); left for the next pass",
+            reconcile_pass.id,
+            held.segment_id,
+            held.contact_id,
+            problem,
+        )
+        self._unread += 1
+        if self._unread >= UNREAD_LIMIT:
+            # CXone is away, or refuses us: a pass that reads nothing is no pass.
+            raise CXoneAway(f"{self._unread} memberships in a row not read; the last: {problem}")
 
     def _skip(self, reconcile_pass: ReconcilePass) -> None:
         reconcile_pass.skipped += 1
@@ -543,8 +572,11 @@ class Reconciler:
 
     async def _drifted(
         self, reconcile_pass: ReconcilePass, held: Assignment, is_member: bool
-    ) -> None:
-        """CXone disagrees with the pair: unless newer work began meanwhile, drift."""
+    ) -> bool:
+        """CXone disagrees with the pair: unless newer work began meanwhile, drift.
+
+        True if a drift was recorded (with the pass's progress); False if the pair was skipped.
+        """
         contact_id, segment_id = held.key
         now_held = {a.segment_id: a for a in await self._journal.contact(contact_id)}.get(
             segment_id
@@ -557,16 +589,15 @@ class Reconciler:
             or now_held.version != held.version
         ):
             # A newer change arrived while the read was out: it wins, as always.
-            reconcile_pass.read -= 1
             self._skip(reconcile_pass)
-            return
+            return False
+        reconcile_pass.read += 1
         reconcile_pass.drifted += 1
         requeued = not reconcile_pass.dry_run and self._repairs.repair(now_held)
         if requeued:
             reconcile_pass.requeued += 1
-        self._journal.record_drift(
-            contact_id, segment_id, held.intent, reconcile_pass.id, self._wall(), requeued
-        )
+        reconcile_pass.cursor = held.key
+        self._journal.record_drift(held, reconcile_pass, self._wall(), requeued)
         self._observer.record_reconcile_read("drift")
         self._observer.record_drift(held.intent, requeued)
         shows = "is a member" if is_member else "is not a member"
@@ -582,8 +613,9 @@ class Reconciler:
             if requeued
             else "not repaired (dry run)"
             if reconcile_pass.dry_run
-            else "not repaired (newer work)",
+            else "not repaired (newer work, or segmapd stopping)",
         )
+        return True
 
 
 _TRACKED = frozenset({State.ACTIVE, State.REMOVED})

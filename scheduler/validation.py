@@ -529,8 +529,9 @@ class MembershipPoller:
         """Wait for a slot of the read gate that no validation read is due for.
 
         For reads of lower rank than every confirmation (drift reconcile): each is let through
-        the gate only while validation has nothing due, so it never delays one. Raises
-        `ReadsStopped` if the poller stops meanwhile.
+        the gate only while validation has nothing due here and the gate has room now (on a
+        budget several instances share, its last known state says the others leave room), so
+        it never delays a confirmation. Raises `ReadsStopped` if the poller stops meanwhile.
         """
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._spare_waiters.append(waiter)
@@ -566,7 +567,17 @@ class MembershipPoller:
         while True:
             lane, due = self._next_read(self._clock())
             if lane is None and self._spare_waiting() and (due is None or due > self._clock()):
-                await self._lend_slot()
+                if self._read_gate.has_capacity():
+                    await self._lend_slot()
+                    continue
+                # The gate is busy (other instances' reads on a shared budget, or a 429 pause):
+                # a spare read goes only when reads leave room, so look again a slot later.
+                changed.clear()
+                wait_s = 1.0 / max(self._read_gate.rate_per_s, 0.001)
+                if due is not None:
+                    wait_s = min(wait_s, max(due - self._clock(), 0.0))
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(changed.wait(), wait_s)
                 continue
             if lane is None:
                 changed.clear()

@@ -280,16 +280,10 @@ class ReconcileJournal(Durable):
         """Queue the pass's state, figures and cursor; saved only while it is its runner's."""
 
     @abc.abstractmethod
-    def record_drift(  # noqa: PLR0917 (one finding)
-        self,
-        contact_id: str,
-        segment_id: str,
-        intent: Intent,
-        pass_id: str,
-        found_at: float,
-        requeued: bool,
+    def record_drift(
+        self, held: Assignment, reconcile_pass: ReconcilePass, found_at: float, requeued: bool
     ) -> None:
-        """Queue a drift found against the pair."""
+        """Queue a drift found against the pair `held`, with the pass's progress, together."""
 
     @abc.abstractmethod
     async def running_pass(self) -> ReconcilePass | None:
@@ -302,6 +296,10 @@ class ReconcileJournal(Durable):
     @abc.abstractmethod
     async def passes(self, limit: int) -> list[ReconcilePass]:
         """Recent passes, newest first (committed)."""
+
+    @abc.abstractmethod
+    async def last_scheduled_pass(self) -> ReconcilePass | None:
+        """The newest pass the schedule started (never pruned: the schedule's anchor)."""
 
     @abc.abstractmethod
     async def drift_of(self, contact_id: str) -> list[DriftFinding]:

@@ -8,7 +8,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Sequence
 
 from daemon.store.base import DriftFinding, JournalStore, Recovered
-from scheduler.model import Assignment, AssignmentKey, FailureReason, Intent, State
+from scheduler.model import Assignment, AssignmentKey, FailureReason, State
 from scheduler.reconcile import PassState, ReconcilePass
 from scheduler.store import BatchRecord, ContactHistory
 from scheduler.validation_state import MemoryRefreshBudget
@@ -182,6 +182,12 @@ class MemoryStore(JournalStore):
             return
         self._passes[reconcile_pass.id] = dataclasses.replace(reconcile_pass)
 
+    async def last_scheduled_pass(self) -> ReconcilePass | None:
+        """The newest pass the schedule started."""
+        scheduled = [p for p in self._passes.values() if p.scheduled]
+        newest = max(scheduled, key=lambda p: (p.started_at, p.id), default=None)
+        return dataclasses.replace(newest) if newest is not None else None
+
     def claim_pass(self, pass_id: str, runner: str) -> None:
         """Make `runner` the pass's runner."""
         found = self._passes.get(pass_id)
@@ -191,21 +197,20 @@ class MemoryStore(JournalStore):
     def save_pass(self, reconcile_pass: ReconcilePass) -> None:
         """Keep the pass's figures, if it is still its runner's."""
         found = self._passes.get(reconcile_pass.id)
-        if found is not None and found.runner == reconcile_pass.runner:
+        if (
+            found is not None
+            and found.runner == reconcile_pass.runner
+            and found.state is PassState.RUNNING
+        ):
             self._passes[reconcile_pass.id] = dataclasses.replace(reconcile_pass)
 
-    def record_drift(  # noqa: PLR0917 (one finding)
-        self,
-        contact_id: str,
-        segment_id: str,
-        intent: Intent,
-        pass_id: str,
-        found_at: float,
-        requeued: bool,
+    def record_drift(
+        self, held: Assignment, reconcile_pass: ReconcilePass, found_at: float, requeued: bool
     ) -> None:
-        """Keep the finding."""
-        finding = DriftFinding(segment_id, intent, pass_id, found_at, requeued)
-        self._drift.setdefault(contact_id, []).append(finding)
+        """Keep the finding and the pass's progress."""
+        finding = DriftFinding(held.segment_id, held.intent, reconcile_pass.id, found_at, requeued)
+        self._drift.setdefault(held.contact_id, []).append(finding)
+        self.save_pass(reconcile_pass)
 
     async def running_pass(self) -> ReconcilePass | None:
         """The pass running, if any."""

@@ -365,6 +365,8 @@ class Update:
     columns: tuple[str, ...]
     types: tuple[str, ...]  # the key's, then the columns', then the guard's
     guard: str = ""
+    # A fixed condition on the row as it is (in the dialects' shared spelling), or "".
+    only: str = ""
 
     def sqlite(self) -> str:
         """One row per execution: `?1` the key, then the columns, then the guard."""
@@ -372,6 +374,8 @@ class Update:
         where = f"{self.key} = ?1"
         if self.guard:
             where += f" AND {self.guard} = ?{len(self.columns) + 2}"
+        if self.only:
+            where += f" AND {self.only}"
         return f"UPDATE {self.table} SET {sets} WHERE {where}"  # noqa: S608 (constants)
 
     def postgres(self) -> str:
@@ -382,6 +386,8 @@ class Update:
         where = f"t.{self.key} = u.{self.key}"
         if self.guard:
             where += f" AND t.{self.guard} = u.{self.guard}"
+        if self.only:
+            where += f" AND t.{self.only}"
         return (
             f"UPDATE {self.table} AS t SET {sets} "  # noqa: S608 (constants)
             f"FROM unnest({arrays}) AS u({', '.join(names)}) WHERE {where}"
@@ -427,7 +433,10 @@ _PASS_TYPES = (
     "text",
 )
 # A pass is taken over by the instance that resumes it: from then on only its progress counts.
-PASS_CLAIMS = Update("reconcile_passes", "id", ("runner",), ("text", "text"))
+# Only a running pass: one that ended is never reopened.
+PASS_CLAIMS = Update(
+    "reconcile_passes", "id", ("runner",), ("text", "text"), only="state = 'running'"
+)
 # Progress is saved only by the pass's runner (`guard`): an instance that lost the pass to a
 # survivor cannot overwrite the survivor's figures or cursor.
 PASS_PROGRESS = Update(
@@ -436,6 +445,7 @@ PASS_PROGRESS = Update(
     (*PASS_COLUMNS[1:-2], "message"),
     ("text", *_PASS_TYPES[1:-2], "text", "text"),
     guard="runner",
+    only="state = 'running'",
 )
 # A new pass; refused (nothing written) while another runs: `reconcile_one_running`.
 PASS_STARTS = Upsert("reconcile_passes", PASS_COLUMNS, _PASS_TYPES, "ON CONFLICT DO NOTHING")
@@ -529,6 +539,7 @@ TRACKED_COUNT = f"SELECT count(*) FROM assignments WHERE {TRACKED_STATES}"  # no
 PASS_SELECT = f"SELECT {', '.join(PASS_COLUMNS)} FROM reconcile_passes"  # noqa: S608
 PASS_BY_ID = f"{PASS_SELECT} WHERE id = $1"
 PASS_RUNNING = f"{PASS_SELECT} WHERE state = 'running'"
+PASS_LAST_SCHEDULED = f"{PASS_SELECT} WHERE scheduled ORDER BY started_at DESC, id DESC LIMIT 1"
 PASSES_NEWEST = f"{PASS_SELECT} ORDER BY started_at DESC, id DESC LIMIT $1"
 DRIFT_OF_CONTACT = (
     "SELECT segment_id, intent, pass_id, found_at, requeued FROM drift "
@@ -557,9 +568,12 @@ PRUNE_EXPIRED = [
         ("deliveries", "received_at"),
         ("confirmations", "confirmed_at"),
         ("drift", "found_at"),
-        # A running pass has no end time: it is never pruned.
-        ("reconcile_passes", "finished_at"),
     )
+] + [
+    # Ended passes; a running one has no end time. The newest scheduled one stays: it is what
+    # the schedule counts its interval from.
+    "DELETE FROM reconcile_passes WHERE finished_at < $1 AND id NOT IN ("
+    "SELECT id FROM reconcile_passes WHERE scheduled ORDER BY started_at DESC, id DESC LIMIT 1)"
 ]
 
 

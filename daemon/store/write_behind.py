@@ -36,6 +36,7 @@ from daemon.store.sql import (
     DRIFT_OF_CONTACT,
     JOURNAL_CREATED,
     PASS_BY_ID,
+    PASS_LAST_SCHEDULED,
     PASS_RUNNING,
     PASSES_NEWEST,
     TRACKED_COUNT,
@@ -48,7 +49,7 @@ from daemon.store.sql import (
     pass_progress_row,
     pass_row,
 )
-from scheduler.model import Assignment, AssignmentKey, FailureReason, Intent, storable
+from scheduler.model import Assignment, AssignmentKey, FailureReason, storable
 from scheduler.reconcile import ReconcilePass
 from scheduler.store import BatchRecord, ContactHistory, StoreUnavailable
 
@@ -157,20 +158,14 @@ class WriteBehindJournal(JournalStore):
             self._pending.pass_progress[reconcile_pass.id] = pass_progress_row(reconcile_pass)
             self._nudge()
 
-    def record_drift(  # noqa: PLR0917 (one finding)
-        self,
-        contact_id: str,
-        segment_id: str,
-        intent: Intent,
-        pass_id: str,
-        found_at: float,
-        requeued: bool,
+    def record_drift(
+        self, held: Assignment, reconcile_pass: ReconcilePass, found_at: float, requeued: bool
     ) -> None:
-        """Queue a drift found against the pair."""
+        """Queue a drift found against the pair, and the pass's progress, in one transaction."""
+        row = (held.contact_id, held.segment_id, str(held.intent), reconcile_pass.id)
         with self._lock:
-            self._pending.drift.append(
-                (contact_id, segment_id, str(intent), pass_id, found_at, requeued)
-            )
+            self._pending.drift.append((*row, found_at, requeued))
+            self._pending.pass_progress[reconcile_pass.id] = pass_progress_row(reconcile_pass)
             self._nudge()
 
     async def tracked_page(self, after: AssignmentKey, limit: int) -> list[Assignment]:
@@ -196,6 +191,11 @@ class WriteBehindJournal(JournalStore):
     async def passes(self, limit: int) -> list[ReconcilePass]:
         """Recent passes, newest first."""
         return [pass_from_row(row) for row in await self._select(PASSES_NEWEST, limit)]
+
+    async def last_scheduled_pass(self) -> ReconcilePass | None:
+        """The newest pass the schedule started."""
+        rows = await self._select(PASS_LAST_SCHEDULED)
+        return pass_from_row(rows[0]) if rows else None
 
     async def drift_of(self, contact_id: str) -> list[DriftFinding]:
         """The drift found against the contact's pairs, oldest first."""

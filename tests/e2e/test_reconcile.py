@@ -194,8 +194,9 @@ async def test_a_second_pass_is_refused_while_one_runs_and_segments_narrow_a_pas
         assert (status, problem.get("field")) == (400, field), problem
     status, problem = await api(http, daemon, "POST", "/v1/reconcile", {"segments": []})
     assert status == 400 and "segmentIds" in problem["message"], problem
-    status, problem = await api(http, daemon, "GET", "/v1/reconcile/nope")
-    assert status == 404, problem
+    for unknown in ("nope", "a%00b", "x" * 65):
+        status, problem = await api(http, daemon, "GET", f"/v1/reconcile/{unknown}")
+        assert status == 404, problem
 
 
 async def test_a_pass_keeps_to_its_share_of_the_read_budget(
@@ -217,11 +218,8 @@ async def test_a_pass_keeps_to_its_share_of_the_read_budget(
     reads = sum(counters["requests"]["read"].values())
     assert reads == 40, counters["requests"]["read"]  # no validation read was due
     # Counted by the emulator: never more than the share's 5 reads in any second (one more at
-    # a window's edge), and 40 reads took at least the 7.8 s that 5 a second allows.
+    # a window's edge).
     assert counters["peak_rps"]["read"] <= read_rps * share + 1, counters["peak_rps"]
-    started_at = _epoch(done["startedAt"])
-    took = _epoch(done["finishedAt"]) - started_at
-    assert took >= (40 - 1) / (read_rps * share), took
 
 
 async def test_a_restart_resumes_the_pass_where_it_stood(
@@ -365,9 +363,3 @@ async def test_one_instance_runs_a_pass_every_instance_sees_it_and_a_survivor_fi
         await until(present, bool, timeout_s=30, what=f"{contact} back in {segment}")
     states = await survivors[1].wait_states(http, "cr-0", {"active"}, timeout_s=30)
     assert states["CR1"]["lane"] == "bulk", states
-
-
-def _epoch(text: str) -> float:
-    from datetime import datetime
-
-    return datetime.fromisoformat(text).timestamp()

@@ -7,6 +7,7 @@ the reconciler reads the same memory journal the engine writes.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 from scheduler.accumulator import BatchingPolicy
 from scheduler.model import Intent, MembershipChange, State
@@ -39,7 +40,13 @@ class PassFigures:
             self.ended.append(state)
 
 
-def reconciler(harness: EngineHarness, figures: PassFigures, read_rps: float) -> Reconciler:
+def reconciler(
+    harness: EngineHarness,
+    figures: PassFigures,
+    read_rps: float,
+    name: str = "test",
+    leads: Callable[[], bool] = lambda: True,
+) -> Reconciler:
     assert harness.poller is not None
     return Reconciler(
         journal=harness.store,
@@ -48,7 +55,8 @@ def reconciler(harness: EngineHarness, figures: PassFigures, read_rps: float) ->
         repairs=harness.engine,
         observer=figures,
         policy=ReconcilePolicy(interval_s=0.0, read_share=1.0, read_rps=read_rps),
-        runner_name="test",
+        runner_name=name,
+        leads=leads,
     )
 
 
@@ -127,6 +135,64 @@ async def test_a_pass_leaves_a_pair_with_newer_work_alone_and_repairs_the_rest(
     await until(
         states, lambda s: s == (State.REMOVED, State.ACTIVE), timeout_s=30, what="both ended"
     )
+
+
+async def test_a_repair_keeps_its_place_in_the_order_and_a_later_change_still_wins(
+    make_engine: MakeEngine, emulator: EmulatorControl
+):
+    await emulator.configure(QUICK_INDEXING)
+    harness = await make_engine(validation=FAST_VALIDATION)
+    # A change with no time of its own from the CRM: its arrival orders it.
+    await settled(harness, ["or-1"], "ORDER")
+    [held] = await harness.store.contact("or-1")
+    assert held.occurred_at == 0.0
+    await emulator.edit_member("ORDER", "or-1", member=False)
+    assert harness.engine.repair(held)
+    # The CRM's removal made after the add, delivered after the repair: newer, so it wins.
+    removal = MembershipChange("or-1", remove=("ORDER",), occurred_at=held.received_at + 0.001)
+    result = harness.engine.submit(removal)
+    assert (result.stale, result.queued) == (0, 1), result
+
+    async def state() -> State:
+        [pair] = await harness.store.contact("or-1")
+        return pair.state
+
+    await until(state, lambda s: s is State.REMOVED, timeout_s=30, what="removed")
+
+
+async def test_a_process_that_lost_the_lead_shows_the_pass_as_the_journal_has_it(
+    make_engine: MakeEngine, emulator: EmulatorControl
+):
+    await emulator.configure(QUICK_INDEXING)
+    harness = await make_engine(validation=FAST_VALIDATION)
+    await settled(harness, [f"ld-{i}" for i in range(8)], "LEAD")
+    first_leads = True
+    first = reconciler(harness, PassFigures(), 4.0, "first", lambda: first_leads)
+    second = reconciler(harness, PassFigures(), 4.0, "second", lambda: not first_leads)
+    started = await first.begin()
+    await first.start()
+    await second.start()
+    try:
+        await until(
+            lambda: first.get(started.id),
+            lambda p: p is not None and p.read >= 2,
+            timeout_s=30,
+            what="two reads by the first",
+        )
+        first_leads = False  # shard 0 moved: the second takes the pass over
+        done = await until(
+            lambda: second.get(started.id),
+            lambda p: p is not None and p.state != "running",
+            timeout_s=30,
+            what="the second to finish",
+        )
+        seen = await first.get(started.id)
+    finally:
+        await first.stop()
+        await second.stop()
+    assert done is not None and seen is not None
+    assert (done.state, done.read, done.runner) == ("done", 8, "second"), done
+    assert (seen.state, seen.read) == ("done", 8), seen
 
 
 async def test_a_scheduled_pass_is_spread_over_its_interval_within_the_share():

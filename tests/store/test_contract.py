@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -417,6 +418,15 @@ async def test_one_pass_runs_at_a_time_and_only_its_runner_saves_progress(store)
 
     taken.state, taken.finished_at, taken.drifted = PassState.DONE, NOW + 5, 1
     store.save_pass(taken)
+    await store.flush()
+    # An ended pass is never reopened, nor taken over.
+    reopened = dataclasses.replace(taken, state=PassState.RUNNING, read=9)
+    store.save_pass(reopened)
+    store.claim_pass("p1", "c")
+    await store.flush()
+    ended_pass = await store.get_pass("p1")
+    assert ended_pass is not None
+    assert (ended_pass.state, ended_pass.read, ended_pass.runner) == (PassState.DONE, 2, "b")
     # Ended and a new one begun in one transaction: the new one is written.
     store.start_pass(ReconcilePass(id="p3", started_at=NOW + 6, segment_ids=("s1",), dry_run=True))
     await store.flush()
@@ -424,17 +434,33 @@ async def test_one_pass_runs_at_a_time_and_only_its_runner_saves_progress(store)
     assert [(p.id, p.state) for p in newest] == [("p3", PassState.RUNNING), ("p1", PassState.DONE)]
     assert (newest[0].segment_ids, newest[0].dry_run, newest[0].total) == (("s1",), True, None)
     assert (newest[1].drifted, newest[1].finished_at) == (1, NOW + 5)
+    # The schedule counts from the newest scheduled pass, not from one started by hand.
+    assert await store.last_scheduled_pass() is None
+    newest[0].state, newest[0].finished_at = PassState.DONE, NOW + 7
+    store.save_pass(newest[0])
+    store.start_pass(ReconcilePass(id="p4", started_at=NOW + 8, scheduled=True))
+    await store.flush()
+    anchor = await store.last_scheduled_pass()
+    assert anchor is not None and anchor.id == "p4"
 
 
-async def test_drift_is_journaled_against_the_pair(store):
-    store.record_drift("c1", "s1", Intent.ADD, "p1", NOW, True)
-    store.record_drift("c1", "s2", Intent.REMOVE, "p1", NOW + 1, False)
-    store.record_drift("c2", "s1", Intent.ADD, "p1", NOW + 2, True)
+async def test_drift_is_journaled_against_the_pair_with_the_pass_progress(store):
+    running = ReconcilePass(id="p1", started_at=NOW, runner="a")
+    store.start_pass(running)
+    await store.flush()
+    for segment, state, at in (("s1", State.ACTIVE, 0), ("s2", State.REMOVED, 1)):
+        running.read += 1
+        running.drifted += 1
+        running.cursor = ("c1", segment)
+        store.record_drift(ended("c1", segment, state), running, NOW + at, state is State.ACTIVE)
+    store.record_drift(ended("c2", "s1", State.ACTIVE), running, NOW + 2, True)
     await store.flush()
     found = await store.drift_of("c1")
     assert [(d.segment_id, d.intent, d.pass_id, d.requeued) for d in found] == [
         ("s1", Intent.ADD, "p1", True),
         ("s2", Intent.REMOVE, "p1", False),
     ]
+    saved = await store.get_pass("p1")
+    assert saved is not None and (saved.drifted, saved.cursor) == (2, ("c1", "s2"))
     created = await store.journal_created_at()
     assert created is not None and created <= time.time()
