@@ -179,6 +179,16 @@ class Cluster:
         """Whether new work for the segment is batched here (`ShardOwnership.owns`)."""
         return self._ownership.owns(segment_id)
 
+    @property
+    def owned_shards(self) -> frozenset[int]:
+        """The shards this instance leases now, those being handed over included (read only)."""
+        return frozenset(self._owned)
+
+    @property
+    def releasing_shards(self) -> frozenset[int]:
+        """The shards this instance is handing over now (read only)."""
+        return frozenset(self._releasing)
+
     # ---- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:

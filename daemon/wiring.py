@@ -18,6 +18,7 @@ from daemon.census import JournalCensus
 from daemon.claims import Claims
 from daemon.cluster import Cluster, ShardOwnership
 from daemon.config import Config
+from daemon.console.figures import Figures, SegmentActivity
 from daemon.contact_holds import ContactHolds
 from daemon.cxone import CXonePaths, CXoneSettings, HttpCXoneClient
 from daemon.cxone.client import pool_size
@@ -221,6 +222,8 @@ class Daemon:
     claims: Claims
     holds: ContactHolds
     census: JournalCensus
+    activity: SegmentActivity
+    figures: Figures
 
 
 def build_daemon(config: Config, metrics: Metrics) -> Daemon:
@@ -240,7 +243,11 @@ def build_daemon(config: Config, metrics: Metrics) -> Daemon:
     single_gate = store.rate_gate("single", config.limits.single_write_rps)
     read_gate = store.rate_gate("read", config.limits.read_rps)
     notifier: Notifier | None = None
-    observers: list[EngineObserver] = [metrics]
+    shared = store.as_shared()
+    ownership = ShardOwnership(shared, metrics) if shared is not None else None
+    # What the console shows per segment (daemon/console/figures.py).
+    activity = SegmentActivity(ownership.holds if ownership is not None else None)
+    observers: list[EngineObserver] = [metrics, activity]
     if config.notify.url:
         outbox: NotificationOutbox = store
         notifier = Notifier(
@@ -254,8 +261,6 @@ def build_daemon(config: Config, metrics: Metrics) -> Daemon:
     observer = CompositeObserver(observers)
     validation = config.validation.policy()
     cache = JournaledConfirmations(validation.cache_ttl_s, store)
-    shared = store.as_shared()
-    ownership = ShardOwnership(shared, metrics) if shared is not None else None
     scheduler = build_scheduler(
         client=client,
         store=store,
@@ -318,6 +323,16 @@ def build_daemon(config: Config, metrics: Metrics) -> Daemon:
             "read": lambda: read_gate.waited_s,
         }
     )
+    figures = Figures(
+        metrics=metrics,
+        engine=engine,
+        poller=poller,
+        gates={"bulk": write_gate, "single": single_gate, "read": read_gate},
+        journal=store,
+        budget=store,
+        census=census,
+        activity=activity,
+    )
     return Daemon(
         store=store,
         token_gate=token_gate,
@@ -335,4 +350,6 @@ def build_daemon(config: Config, metrics: Metrics) -> Daemon:
         claims=Claims(),
         holds=holds,
         census=census,
+        activity=activity,
+        figures=figures,
     )
