@@ -209,7 +209,10 @@ def overview_view(service: Service, since: float | None) -> dict[str, Any]:
         "refresh": {
             "minIntervalS": config.validation.refresh_min_interval_s,
             "refreshesLastHour": figures.activity.refreshes_last_hour(),
-            "segmentsRefreshing": sum(v.refreshing for v in validating),
+            # A refresh waiting for its budget is counted as waiting, not as refreshing.
+            "segmentsRefreshing": sum(
+                v.refreshing and not v.waiting_for_budget for v in validating
+            ),
             "segmentsWaitingForBudget": sum(v.waiting_for_budget for v in validating),
         },
         "sampleIntervalS": figures.sample_interval_s,
