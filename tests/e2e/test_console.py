@@ -339,7 +339,8 @@ def test_dead_letters_are_filtered_and_the_selected_one_replayed_ends_active(con
     # CXone knows the contact now: the replay of the one selected succeeds.
     daemon.missing([second])
     page.get_by_role("checkbox", name=f"Select {first} in {segment}").check()
-    page.get_by_role("button", name="Replay 1 selected").click()
+    expect(page.get_by_text("1 selected")).to_be_visible()
+    page.get_by_role("button", name="Replay", exact=True).click()
     expect(page.get_by_role("status")).to_contain_text("Replayed 1 dead letter")
     daemon.wait_states(first, {segment: "active"})
     # Only that one: the same contact's other segment, and the other contact, stay dead.
@@ -373,7 +374,7 @@ def test_replay_all_matching_replays_exactly_the_filtered_set(console: Console):
     expect(dialog).to_be_hidden()
     assert daemon.states(contacts[0])[chosen] == "failed"
     page.get_by_role("button", name="Replay all matching").click()
-    dialog.get_by_role("button", name="Replay 3").click()
+    dialog.get_by_role("button", name="Confirm").click()
     expect(page.get_by_role("status")).to_contain_text("Replayed 3 matching dead letters")
     for contact in contacts:
         daemon.wait_states(contact, {chosen: "active"})

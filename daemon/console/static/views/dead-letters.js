@@ -31,14 +31,17 @@ export function mount(root, { argument }) {
   );
   const summary = h("p", { class: "summary", "data-matching": "" }, "");
   const status = messageArea("status");
+  // "Replay" and "Replay all matching" are the buttons' names, whatever is selected: the count
+  // of the selection is said beside them.
   const replaySelected = h("button", { type: "button", disabled: true }, "Replay");
+  const selection = h("span", { class: "note selection", "aria-live": "polite" }, "");
   const replayAll = h("button", { type: "button", class: "secondary", disabled: true }, "Replay all matching");
   const previous = h("button", { type: "button", class: "quiet", disabled: true }, "Previous page");
   const next = h("button", { type: "button", class: "quiet", disabled: true }, "Next page");
   const pageLabel = h("span", { class: "note" }, "");
   const listing = h("div", {});
   const confirmText = h("p", {});
-  const confirmButton = h("button", { type: "button", class: "danger" }, "Replay");
+  const confirmButton = h("button", { type: "button", class: "danger" }, "Confirm");
   const cancelButton = h("button", { type: "button", class: "quiet" }, "Cancel");
   const dialog = h(
     "dialog",
@@ -53,7 +56,7 @@ export function mount(root, { argument }) {
     h(
       "div",
       { class: "card wide" },
-      h("div", { class: "toolbar" }, summary, h("div", { class: "actions" }, replaySelected, replayAll)),
+      h("div", { class: "toolbar" }, summary, h("div", { class: "actions" }, selection, replaySelected, replayAll)),
       status,
       listing,
       h("div", { class: "pager" }, previous, pageLabel, next),
@@ -92,7 +95,7 @@ export function mount(root, { argument }) {
 
   function syncButtons() {
     replaySelected.disabled = selected.size === 0;
-    replaySelected.textContent = selected.size ? `Replay ${count(selected.size)} selected` : "Replay";
+    selection.textContent = selected.size ? `${count(selected.size)} selected` : "";
     replayAll.disabled = matching === 0;
     previous.disabled = pageIndex === 0;
     next.disabled = !page.next;
@@ -216,7 +219,6 @@ export function mount(root, { argument }) {
 
   replayAll.addEventListener("click", () => {
     confirmText.textContent = `This queues all ${count(matching)} dead letter${matching === 1 ? "" : "s"} matching ${describeFilter()} again, each as what it was (an add or a removal). Dead letters that fail from now on are not included.`;
-    confirmButton.textContent = `Replay ${count(matching)}`;
     dialog.showModal();
   });
 
