@@ -193,6 +193,16 @@ class Cluster:
             not self._fenced and LEADER_SHARD in self._owned and LEADER_SHARD not in self._releasing
         )
 
+    @property
+    def owned_shards(self) -> frozenset[int]:
+        """The shards this instance leases now, those being handed over included (read only)."""
+        return frozenset(self._owned)
+
+    @property
+    def releasing_shards(self) -> frozenset[int]:
+        """The shards this instance is handing over now (read only)."""
+        return frozenset(self._releasing)
+
     # ---- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:

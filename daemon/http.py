@@ -7,6 +7,7 @@ always gets a specific 4xx naming the problem; a 500 means a bug in segmapd, nev
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import logging
 import math
@@ -25,11 +26,13 @@ from daemon.intake import receive
 from daemon.notifier import rfc3339
 from daemon.openapi import OPENAPI_DOCUMENT
 from daemon.service import Service
+from daemon.store.base import dead_letter_key
+from daemon.store.sql import DeadLetterKey
 from listeners import InboundRequest, WebhookRejected
 from listeners.base import REASONS
 from listeners.payload import loads_unique
 from scheduler.engine import SubmitResult
-from scheduler.model import LANES, Assignment, FailureReason, Lane
+from scheduler.model import LANES, Assignment, FailureReason, Lane, State
 from scheduler.reconcile import PassRunning, ReconcilePass
 from scheduler.store import StoreUnavailable
 from scheduler.validation import PairProgress, ReadBacklog
@@ -378,7 +381,12 @@ async def contact(request: web.Request) -> web.Response:
         progress = poller.progress(a.contact_id, a.segment_id) if not a.terminal else None
         if progress is not None:
             validating.add(a.lane)
-        segments.append(assignment_view(a, progress))
+        view = assignment_view(a, progress)
+        # The pair's transitions since its newest change began, as the journal keeps them.
+        view["history"] = [
+            {"state": str(state), "at": rfc3339(at)} for state, at in (a.history or ())
+        ]
+        segments.append(view)
     body: dict[str, Any] = {"contactId": contact_id, "segments": segments}
     drift = await service.store.drift_of(contact_id)
     if drift:
@@ -400,95 +408,304 @@ async def contact(request: web.Request) -> web.Response:
     return json_response(body)
 
 
-async def dead_letters(request: web.Request) -> web.Response:
-    """GET /v1/dead-letters[?limit=N][&reason=R][&segment=S]: failed assignments, oldest first.
+# A page of dead letters the replay takes at a time: its rows, then its commit.
+REPLAY_PAGE = 1000
+# Dead letters named one by one in a replay (the console's selection is a page of them).
+MAX_NAMED_DEAD_LETTERS = 1000
+# A cursor longer than two ids kept as sent at their longest (1,024 characters of up to 4 UTF-8
+# bytes each, in base64) cannot be one of ours.
+MAX_CURSOR_CHARS = 11_000
 
-    `reason` and `segment` keep only the dead letters of that failure reason and segment.
+
+def encode_cursor(key: DeadLetterKey) -> str:
+    """A dead letter's place in the list as the opaque text clients pass back."""
+    return base64.urlsafe_b64encode(orjson.dumps(list(key))).decode().rstrip("=")
+
+
+def decode_cursor(text: str) -> DeadLetterKey | None:
+    """The key a cursor of ours holds; None when the text is not one."""
+    if not 1 <= len(text) <= MAX_CURSOR_CHARS:
+        return None
+    try:
+        value = orjson.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+    except (ValueError, orjson.JSONDecodeError):
+        return None
+    if not (isinstance(value, list) and len(value) == 3):
+        return None
+    at, contact_id, segment_id = value
+    if isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at):
+        return None
+    if not (isinstance(contact_id, str) and isinstance(segment_id, str)):
+        return None
+    return float(at), contact_id, segment_id
+
+
+def _once(request: web.Request, names: Iterable[str]) -> web.Response | None:
+    for name in names:
+        if len(request.query.getall(name, ())) > 1:
+            return problem(400, f"{name}: give it once", field=name)
+    return None
+
+
+def _reason_named(value: object, field: str) -> FailureReason | web.Response:
+    if isinstance(value, str):
+        try:
+            return FailureReason(value)
+        except ValueError:
+            pass
+    return problem(400, f"{field}: must be one of {', '.join(FailureReason)}", field=field)
+
+
+def _segment_named(value: object, field: str) -> str | web.Response:
+    if isinstance(value, str) and 1 <= len(value) <= MAX_SEGMENT_FILTER_CHARS and _encodable(value):
+        return value
+    return problem(
+        400, f"{field}: must be 1-{MAX_SEGMENT_FILTER_CHARS} characters of UTF-8 text", field=field
+    )
+
+
+def _cursor_named(value: object, field: str) -> DeadLetterKey | web.Response:
+    key = decode_cursor(value) if isinstance(value, str) else None
+    if key is None:
+        return problem(400, f"{field}: not a cursor this API gave", field=field)
+    return key
+
+
+async def dead_letters(request: web.Request) -> web.Response:
+    """GET /v1/dead-letters: failed assignments, oldest first, a page at a time.
+
+    `reason` and `segment` keep only the dead letters of that failure reason and segment;
+    `after` (a previous page's `next`) continues past that page; `count=true` adds how many
+    the filter keeps (`matching`) and the newest one's cursor (`newest`, the `through` of a
+    replay of exactly those). Each filter is one walk of its own index: no scan, however many.
     """
     service = request.app[SERVICE]
     denied = require_admin(request)
     if denied is not None:
         return denied
-    for name in ("limit", "reason", "segment"):
-        if len(request.query.getall(name, ())) > 1:
-            return problem(400, f"{name}: give it once", field=name)
+    refused = _once(request, ("limit", "reason", "segment", "after", "count"))
+    if refused is not None:
+        return refused
+    query = request.query
     try:
-        limit = int(request.query.get("limit", "1000"))
+        limit = int(query.get("limit", "1000"))
     except ValueError:
         return problem(400, "limit: must be an integer", field="limit")
     if not 1 <= limit <= 100_000:
         return problem(400, "limit: must be between 1 and 100000", field="limit")
     reason: FailureReason | None = None
-    if "reason" in request.query:
-        try:
-            reason = FailureReason(request.query["reason"])
-        except ValueError:
-            known = ", ".join(FailureReason)
-            return problem(400, f"reason: must be one of {known}", field="reason")
-    segment = request.query.get("segment")
-    if segment is not None and not (
-        1 <= len(segment) <= MAX_SEGMENT_FILTER_CHARS and _encodable(segment)
-    ):
-        return problem(
-            400,
-            f"segment: must be 1-{MAX_SEGMENT_FILTER_CHARS} characters of UTF-8 text",
-            field="segment",
-        )
+    if "reason" in query:
+        named = _reason_named(query["reason"], "reason")
+        if isinstance(named, web.Response):
+            return named
+        reason = named
+    segment: str | None = None
+    if "segment" in query:
+        chosen = _segment_named(query["segment"], "segment")
+        if isinstance(chosen, web.Response):
+            return chosen
+        segment = chosen
+    after: DeadLetterKey | None = None
+    if "after" in query:
+        key = _cursor_named(query["after"], "after")
+        if isinstance(key, web.Response):
+            return key
+        after = key
+    count = query.get("count", "false")
+    if count not in ("true", "false"):
+        return problem(400, "count: must be true or false", field="count")
     # What the contact API already shows (recorded, not yet committed) is listed too.
     refused = await commit(service)
     if refused is not None:
         return refused
-    failed = await service.store.failed(limit, reason=reason, segment_id=segment)
-    return json_response(
-        {"deadLetters": [{"contactId": a.contact_id, **assignment_view(a)} for a in failed]}
-    )
+    store = service.store
+    failed = await store.failed(limit, reason=reason, segment_id=segment, after=after)
+    body: dict[str, Any] = {
+        "deadLetters": [{"contactId": a.contact_id, **assignment_view(a)} for a in failed],
+        "next": encode_cursor(dead_letter_key(failed[-1])) if len(failed) == limit else None,
+    }
+    if count == "true":
+        matching, newest = await store.count_failed(reason=reason, segment_id=segment)
+        body["matching"] = matching
+        body["newest"] = encode_cursor(newest) if newest is not None else None
+    return json_response(body)
+
+
+REPLAY_KEYS = {"contactIds", "deadLetters", "reason", "segment", "through", "lane"}
+
+
+class ReplayRequest:
+    """What a replay's body asks for: which dead letters, in which lane (see the handler)."""
+
+    def __init__(self) -> None:
+        self.contacts: set[str] | None = None
+        self.pairs: set[tuple[str, str]] | None = None
+        self.reason: FailureReason | None = None
+        self.segment: str | None = None
+        self.through: DeadLetterKey | None = None
+        self.lane: Lane | None = None
+
+    def keeps(self, letter: Assignment) -> bool:
+        """Whether the dead letter is one the request names (its filter applied by the query)."""
+        if self.contacts is not None and letter.contact_id not in self.contacts:
+            return False
+        if self.pairs is not None and (letter.contact_id, letter.segment_id) not in self.pairs:
+            return False
+        return (
+            (self.reason is None or letter.reason is self.reason)
+            and (self.segment is None or letter.segment_id == self.segment)
+            and (self.through is None or dead_letter_key(letter) <= self.through)
+        )
+
+
+def _named_pairs(value: object) -> set[tuple[str, str]] | web.Response:
+    field = "deadLetters"
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_NAMED_DEAD_LETTERS:
+        return problem(
+            400, f"{field}: must be a list of 1-{MAX_NAMED_DEAD_LETTERS} entries", field=field
+        )
+    pairs: set[tuple[str, str]] = set()
+    for number, item in enumerate(value):
+        if not (
+            isinstance(item, dict)
+            and set(item) == {"contactId", "segmentId"}
+            and isinstance(item["contactId"], str)
+            and isinstance(item["segmentId"], str)
+        ):
+            return problem(
+                400,
+                f'{field}[{number}]: must be {{"contactId": "...", "segmentId": "..."}}',
+                field=f"{field}[{number}]",
+            )
+        pairs.add((item["contactId"], item["segmentId"]))
+    return pairs
+
+
+def parse_replay(body: bytes) -> ReplayRequest | web.Response:
+    """The replay's body as a request, or the 400 naming what is wrong with it."""
+    asked = ReplayRequest()
+    if not body.strip():
+        return asked
+    try:
+        # Small and rare: the exact check for repeated keys costs nothing here.
+        parsed = loads_unique(body)
+    except WebhookRejected as exc:
+        return problem(exc.status, exc.message, field=exc.field)
+    if not isinstance(parsed, dict) or set(parsed) - REPLAY_KEYS:
+        return problem(
+            400,
+            'body: expected an object of "contactIds", "deadLetters", "reason", "segment", '
+            '"through" and "lane", or nothing',
+        )
+    if "contactIds" in parsed and "deadLetters" in parsed:
+        return problem(400, "deadLetters: cannot be combined with contactIds", field="deadLetters")
+    ids = parsed.get("contactIds")
+    if ids is not None:
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            return problem(400, "contactIds: must be a list of strings", field="contactIds")
+        asked.contacts = set(ids)
+    if "deadLetters" in parsed:
+        pairs = _named_pairs(parsed["deadLetters"])
+        if isinstance(pairs, web.Response):
+            return pairs
+        asked.pairs = pairs
+    if "reason" in parsed:
+        reason = _reason_named(parsed["reason"], "reason")
+        if isinstance(reason, web.Response):
+            return reason
+        asked.reason = reason
+    if "segment" in parsed:
+        segment = _segment_named(parsed["segment"], "segment")
+        if isinstance(segment, web.Response):
+            return segment
+        asked.segment = segment
+    if "through" in parsed:
+        through = _cursor_named(parsed["through"], "through")
+        if isinstance(through, web.Response):
+            return through
+        asked.through = through
+    if "lane" in parsed:
+        named = named_lane(parsed["lane"])
+        if isinstance(named, web.Response):
+            return named
+        asked.lane = named
+    return asked
+
+
+async def _named_dead_letters(service: Service, asked: ReplayRequest) -> list[Assignment]:
+    """The dead letters a replay names one by one: a read of each named contact."""
+    assert asked.pairs is not None
+    found: list[Assignment] = []
+    for contact_id in sorted({contact for contact, _ in asked.pairs}):
+        found += [
+            a
+            for a in await service.store.contact(contact_id)
+            if a.state is State.FAILED and asked.keeps(a)
+        ]
+    return found
 
 
 async def replay_dead_letters(request: web.Request) -> web.Response:
     """POST /v1/dead-letters/replay: put failed assignments back in the queue.
 
-    Body (optional): `{"contactIds": [...]}` to replay only those contacts; empty or `{}` replays
-    every dead letter. A replay of every dead letter goes in the bulk lane, one of named
-    contacts in the live lane; `"lane": "live"|"bulk"` in the body chooses.
+    Body (optional): `{"contactIds": [...]}` replays those contacts' dead letters;
+    `{"deadLetters": [{"contactId", "segmentId"}, ...]}` exactly those; `reason`, `segment`
+    and `through` (a cursor: the `newest` a count gave) keep only the dead letters of that
+    reason and segment up to that one, alone or with either list; empty or `{}` replays every
+    dead letter. A replay of named contacts or dead letters goes in the live lane, any other in
+    the bulk lane; `"lane": "live"|"bulk"` chooses. The filtered set is walked a page at a
+    time, each page committed before the next is read.
     """
     service = request.app[SERVICE]
     denied = require_admin(request)
     if denied is not None:
         return denied
-    body = await read_body(request)
-    only: set[str] | None = None
-    lane: Lane | None = None
-    if body.strip():
-        try:
-            # Small and rare: the exact check for repeated keys costs nothing here.
-            parsed = loads_unique(body)
-        except WebhookRejected as exc:
-            return problem(exc.status, exc.message, field=exc.field)
-        if not isinstance(parsed, dict) or set(parsed) - {"contactIds", "lane"}:
-            return problem(
-                400, 'body: expected {"contactIds": [...], "lane": "live"|"bulk"} or nothing'
-            )
-        ids = parsed.get("contactIds")
-        if ids is not None:
-            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-                return problem(400, "contactIds: must be a list of strings", field="contactIds")
-            only = set(ids)
-        if "lane" in parsed:
-            named = named_lane(parsed["lane"])
-            if isinstance(named, web.Response):
-                return named
-            lane = named
+    asked = parse_replay(await read_body(request))
+    if isinstance(asked, web.Response):
+        return asked
+    lane = asked.lane
     if lane is None:
-        # Replaying everything is a backfill; named contacts are someone waiting for them.
-        lane = Lane.BULK if only is None else Lane.LIVE
+        # Replaying everything (or a filter's worth) is a backfill; named ones are someone
+        # waiting for them.
+        named = asked.contacts is not None or asked.pairs is not None
+        lane = Lane.LIVE if named else Lane.BULK
     refused = await commit(service)  # dead letters recorded a moment ago are replayed too
     if refused is not None:
         return refused
-    failed = await service.store.failed(100_000)
-    chosen = [a for a in failed if only is None or a.contact_id in only]
+    replayed = skipped = 0
     try:
-        replayed, skipped = await intake.replay(service, chosen, lane)
+        if asked.pairs is not None:
+            replayed, skipped = await intake.replay(
+                service, await _named_dead_letters(service, asked), lane
+            )
+        else:
+            # Never past the newest dead letter there is now: one replayed here that fails
+            # again during the walk is not replayed twice (nor forever).
+            _, newest = await service.store.count_failed(
+                reason=asked.reason, segment_id=asked.segment
+            )
+            if newest is not None and (asked.through is None or newest < asked.through):
+                asked.through = newest
+            after: DeadLetterKey | None = None
+            while newest is not None:
+                page = await service.store.failed(
+                    REPLAY_PAGE,
+                    reason=asked.reason,
+                    segment_id=asked.segment,
+                    after=after,
+                    through=asked.through,
+                )
+                chosen = [a for a in page if asked.keeps(a)]
+                if chosen:
+                    done, passed = await intake.replay(service, chosen, lane)
+                    replayed += done
+                    skipped += passed
+                if len(page) < REPLAY_PAGE:
+                    break
+                after = dead_letter_key(page[-1])
     except intake.Busy as busy:
+        # Pages replayed so far are committed (and no longer dead letters): asking again
+        # replays the rest.
         return problem(503, busy.message, retryAfter=busy.retry_after_s)
     return json_response({"replayed": replayed, "skipped": skipped}, 202)
 

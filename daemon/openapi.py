@@ -290,11 +290,27 @@ READ_BACKLOG: Schema = {
         },
     },
 }
+HISTORY: Schema = {
+    "type": "array",
+    "description": "On `GET /v1/contacts/{contactId}`: the pair's transitions since its newest "
+    "change began, oldest first, as the journal has committed them (the newest may follow a "
+    "moment later).",
+    "items": {
+        "type": "object",
+        "required": ["state", "at"],
+        "additionalProperties": False,
+        "properties": {"state": ASSIGNMENT_PROPERTIES["state"], "at": TIMESTAMP},
+    },
+}
 ASSIGNMENT: Schema = {
     "type": "object",
     "required": list(ASSIGNMENT_PROPERTIES),
     "additionalProperties": False,
-    "properties": {**ASSIGNMENT_PROPERTIES, "validation": VALIDATION_PROGRESS},
+    "properties": {
+        **ASSIGNMENT_PROPERTIES,
+        "validation": VALIDATION_PROGRESS,
+        "history": HISTORY,
+    },
 }
 DRIFT: Schema = {
     "type": "object",
@@ -390,6 +406,16 @@ DEAD_LETTER: Schema = {
 }
 
 
+CURSOR: Schema = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 11000,
+    "description": "A dead letter's place in the list, as this API gave it (opaque). Its "
+    "length follows the ids': a cursor past a dead letter whose ids were kept as sent at their "
+    "longest may not fit in a request line (414).",
+}
+
+
 WAITED_CONTACT: Schema = {
     "type": "object",
     "required": ["contactId", "segments", "stale"],
@@ -470,6 +496,291 @@ def _busy(description: str) -> Schema:
 
 ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
 UNAUTHORIZED = _problem("No or wrong admin token")
+
+
+# ---- the operator console (daemon/console/): its page and the admin JSON its views read ----
+
+
+def _closed(properties: Schema, required: list[str] | None = None) -> Schema:
+    """An object of exactly these properties (all required unless `required` says)."""
+    return {
+        "type": "object",
+        "required": list(properties) if required is None else required,
+        "additionalProperties": False,
+        "properties": properties,
+    }
+
+
+NUMBER: Schema = {"type": "number"}
+UNIX_TIME: Schema = {"type": "number", "description": "Unix time, seconds."}
+NULLABLE_UNIX_TIME: Schema = {"type": ["number", "null"], "description": "Unix time, seconds."}
+STATE_NAMES = [
+    "queued",
+    "sending",
+    "retrying",
+    "written",
+    "verifying",
+    "active",
+    "removed",
+    "failed",
+]
+SAMPLE: Schema = _closed(
+    {
+        "at": UNIX_TIME,
+        "webhooksPerS": NUMBER,
+        "writesPerS": {**NUMBER, "description": "Bulk requests to CXone per second."},
+        "singleWritesPerS": NUMBER,
+        "readsPerS": {**NUMBER, "description": "Membership reads per second."},
+        "rateLimited": {**COUNT, "description": "429 answers in the interval."},
+        "waitedS": {**NUMBER, "description": "Seconds callers waited at the rate gates."},
+        "pendingWrites": COUNT,
+        "verifying": COUNT,
+        "readsWaiting": COUNT,
+    }
+)
+GATE: Schema = _closed(
+    {
+        "limitPerS": NUMBER,
+        "pausedForS": {**NUMBER, "description": "Seconds left of a 429's pause (0: none)."},
+        "waitedS": {**NUMBER, "description": "Seconds callers have waited here in all."},
+    }
+)
+OVERVIEW: Schema = _closed(
+    {
+        "at": UNIX_TIME,
+        "census": _closed(
+            {
+                "countedAt": NULLABLE_UNIX_TIME,
+                "states": {
+                    "type": ["object", "null"],
+                    "description": "The journal's assignments by state as last counted in the "
+                    "background (null: not counted yet); journal-wide.",
+                    "additionalProperties": False,
+                    "properties": {state: COUNT for state in STATE_NAMES},
+                },
+            }
+        ),
+        "work": _closed(
+            {
+                "pendingWrites": COUNT,
+                "buffered": _closed({"live": COUNT, "bulk": COUNT}),
+                "parked": COUNT,
+                "verifying": COUNT,
+                "highWater": COUNT,
+                "overloaded": {"type": "boolean"},
+            }
+        ),
+        "rates": _closed(
+            {
+                "windowS": NUMBER,
+                "webhooksPerS": NUMBER,
+                "writesPerS": NUMBER,
+                "writeLimitPerS": NUMBER,
+                "singleWritesPerS": NUMBER,
+                "readsPerS": NUMBER,
+                "readLimitPerS": NUMBER,
+                "rateLimitedLastMinute": COUNT,
+            }
+        ),
+        "gates": _closed({"bulk": GATE, "single": GATE, "read": GATE}),
+        "validation": _closed(
+            {
+                "readsWaiting": COUNT,
+                "oldestWaitS": NUMBER,
+                "awaitingRefresh": COUNT,
+                "reading": COUNT,
+            }
+        ),
+        "refresh": _closed(
+            {
+                "minIntervalS": NUMBER,
+                "refreshesLastHour": COUNT,
+                "segmentsRefreshing": COUNT,
+                "segmentsWaitingForBudget": COUNT,
+            }
+        ),
+        "sampleIntervalS": NUMBER,
+        "samples": {"type": "array", "items": SAMPLE, "description": "Oldest first."},
+    }
+)
+SEGMENT_ROW: Schema = _closed(
+    {
+        "segmentId": {"type": "string"},
+        "queued": {**COUNT, "description": "Ids in the segment's batches (this instance)."},
+        "inFlight": {**COUNT, "description": "Ids being sent or waiting to retry."},
+        "verifying": {**COUNT, "description": "Written ids being confirmed by reads."},
+        "failed": {**COUNT, "description": "Dead letters (journal-wide, as last counted)."},
+        "lastWrite": {
+            "oneOf": [
+                {"type": "null"},
+                _closed(
+                    {
+                        "at": UNIX_TIME,
+                        "ids": COUNT,
+                        "attempt": COUNT,
+                        "outcomes": {
+                            "type": "object",
+                            "description": "What became of the segment's ids sent since "
+                            "(written, uncertain, retrying, failed).",
+                            "additionalProperties": False,
+                            "properties": {
+                                name: COUNT
+                                for name in ("written", "uncertain", "retrying", "failed")
+                            },
+                        },
+                    }
+                ),
+            ]
+        },
+        "refresh": _closed(
+            {
+                "lastAt": NULLABLE_UNIX_TIME,
+                "nextAllowedAt": NULLABLE_UNIX_TIME,
+                "refreshing": {"type": "boolean"},
+                "waitingForBudget": {"type": "boolean"},
+            }
+        ),
+    }
+)
+SEGMENTS: Schema = _closed(
+    {
+        "segments": {"type": "array", "items": SEGMENT_ROW, "description": "Busiest first."},
+        "total": COUNT,
+        "parked": {
+            **COUNT,
+            "description": "Ids waiting for their contact's in-flight limit (all segments).",
+        },
+        "failedCountedAt": NULLABLE_UNIX_TIME,
+        "refreshMinIntervalS": NUMBER,
+        "shared": {
+            "type": "boolean",
+            "description": "Several instances share the journal: the work counts are this "
+            "instance's segments'.",
+        },
+    }
+)
+CLUSTER: Schema = {
+    "oneOf": [
+        _closed({"mode": {"const": "single"}, "store": {"type": "string"}}),
+        _closed(
+            {
+                "mode": {"const": "cluster"},
+                "store": {"type": "string"},
+                "leaseS": NUMBER,
+                "self": _closed(
+                    {
+                        "id": {"type": ["integer", "null"]},
+                        "name": {"type": "string"},
+                        "fenced": {"type": "boolean"},
+                        "fenceReason": {"type": ["string", "null"]},
+                        "owned": {"type": "array", "items": COUNT},
+                        "releasing": {"type": "array", "items": COUNT},
+                        "liveInstances": COUNT,
+                    }
+                ),
+                "instances": {
+                    "type": "array",
+                    "items": _closed(
+                        {
+                            "id": COUNT,
+                            "name": {"type": "string"},
+                            "self": {"type": "boolean"},
+                            "startedAt": UNIX_TIME,
+                            "heartbeatAt": UNIX_TIME,
+                            "heartbeatAgeS": NUMBER,
+                            "alive": {"type": "boolean"},
+                            "shards": {"type": "array", "items": COUNT},
+                        }
+                    ),
+                },
+                "shards": {
+                    "type": "array",
+                    "items": _closed(
+                        {
+                            "shard": COUNT,
+                            "owner": {"type": ["integer", "null"]},
+                            "epoch": COUNT,
+                            "leaseLeftS": {"type": ["number", "null"]},
+                        }
+                    ),
+                },
+            }
+        ),
+    ]
+}
+
+CONSOLE_PATHS: Schema = {
+    "/ui/": {
+        "get": {
+            "summary": "The operator console (sign in with an admin token)",
+            "description": "Static HTML, CSS and JavaScript from the package, served under a "
+            "strict Content-Security-Policy; the page uses the admin API below with the token "
+            "it is given (kept in the tab's sessionStorage, sent as a bearer token).",
+            "responses": {
+                "200": {
+                    "description": "The console's page",
+                    "content": {"text/html": {"schema": {"type": "string"}}},
+                }
+            },
+        }
+    },
+    "/v1/overview": {
+        "get": {
+            "summary": "The console's overview: census, work, rates, gates, backlog, samples",
+            "description": "Read from memory (the journal census counts in the background); "
+            "samples are taken every `sampleIntervalS` and kept for ten minutes.",
+            "security": ADMIN,
+            "parameters": [
+                {
+                    "name": "since",
+                    "in": "query",
+                    "required": False,
+                    "description": "Only samples taken after this Unix time (seconds).",
+                    "schema": {"type": "number", "minimum": 0, "maximum": 999999999999},
+                }
+            ],
+            "responses": {
+                "200": _json("The figures now, and the samples", OVERVIEW),
+                "400": _problem("Bad `since`"),
+                "401": UNAUTHORIZED,
+            },
+        }
+    },
+    "/v1/segments": {
+        "get": {
+            "summary": "Per segment: queued, in flight, verifying, failed, last write, refresh",
+            "description": "Read from memory: the buffer, the poller and the write path of this "
+            "instance, and the dead letters per segment counted in the background.",
+            "security": ADMIN,
+            "parameters": [
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "required": False,
+                    "description": "At most this many segments, busiest first (default 200).",
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                }
+            ],
+            "responses": {
+                "200": _json("The segments", SEGMENTS),
+                "400": _problem("Bad `limit`"),
+                "401": UNAUTHORIZED,
+            },
+        }
+    },
+    "/v1/cluster": {
+        "get": {
+            "summary": "The instances sharing the journal, their shards, heartbeats and fence",
+            "description": "On a PostgreSQL journal; on any other `mode` is `single`.",
+            "security": ADMIN,
+            "responses": {
+                "200": _json("The cluster", CLUSTER),
+                "401": UNAUTHORIZED,
+                "503": _busy("The journal cannot be read now"),
+            },
+        }
+    },
+}
 
 OPENAPI_DOCUMENT: Schema = {
     "openapi": "3.1.0",
@@ -618,9 +929,14 @@ OPENAPI_DOCUMENT: Schema = {
         },
         "/v1/dead-letters": {
             "get": {
-                "summary": "Failed assignments, oldest first",
+                "summary": "Failed assignments, oldest first, a page at a time",
                 "description": "`reason` and `segment` narrow the list (both: dead letters "
-                "with that reason in that segment); `limit` applies after them.",
+                "with that reason in that segment); `limit` applies after them. A full page "
+                "has a `next` cursor: pass it as `after` for the page that follows (same "
+                "filter). `count=true` adds `matching` (how many the filter keeps) and "
+                "`newest` (the newest one's cursor: the `through` of a replay of exactly "
+                "those). Every filter is answered from its own index, however many dead "
+                "letters there are.",
                 "security": ADMIN,
                 "parameters": [
                     {
@@ -644,31 +960,73 @@ OPENAPI_DOCUMENT: Schema = {
                         "description": "Only dead letters of this segment id (exact match).",
                         "schema": {"type": "string", "minLength": 1, "maxLength": 1024},
                     },
+                    {
+                        "name": "after",
+                        "in": "query",
+                        "required": False,
+                        "description": "A previous page's `next`: the page after it.",
+                        "schema": CURSOR,
+                    },
+                    {
+                        "name": "count",
+                        "in": "query",
+                        "required": False,
+                        "description": "`true` adds `matching` and `newest`.",
+                        "schema": {"type": "boolean", "default": False},
+                    },
                 ],
                 "responses": {
                     "200": _json(
                         "Dead letters",
                         {
                             "type": "object",
-                            "required": ["deadLetters"],
+                            "required": ["deadLetters", "next"],
                             "additionalProperties": False,
-                            "properties": {"deadLetters": {"type": "array", "items": DEAD_LETTER}},
+                            "properties": {
+                                "deadLetters": {"type": "array", "items": DEAD_LETTER},
+                                "next": {
+                                    "type": ["string", "null"],
+                                    "description": "The cursor of the page after this one; "
+                                    "null when this page was the last.",
+                                },
+                                "matching": {
+                                    **COUNT,
+                                    "description": "With `count=true`: how many dead letters "
+                                    "the filter keeps, on every page.",
+                                },
+                                "newest": {
+                                    "type": ["string", "null"],
+                                    "description": "With `count=true`: the newest of them, as "
+                                    "a cursor (null: none).",
+                                },
+                            },
                         },
                     ),
-                    "400": _problem("Bad `limit`, `reason` or `segment`"),
+                    "400": _problem("Bad `limit`, `reason`, `segment`, `after` or `count`"),
+                    "414": _problem(
+                        "The request line is longer than the server reads (8190 bytes): a "
+                        "very long `segment` or `after`"
+                    ),
                     "401": UNAUTHORIZED,
                 },
             }
         },
         "/v1/dead-letters/replay": {
             "post": {
-                "summary": "Queue failed assignments again (all, or only some contacts')",
+                "summary": "Queue failed assignments again (all, some contacts', some pairs, "
+                "or a filter's)",
                 "description": "An empty body or `{}` replays every dead letter, each with its "
-                "intent (a failed removal is replayed as a removal). Dead letters of events "
-                "nobody could act on (their values were invalid when they arrived: `attempts` 0) "
-                "are skipped and counted in `skipped`. Answered once the replay is committed. "
-                "A replay of every dead letter goes in the bulk lane, one of named contacts in "
-                "the live lane; `lane` chooses.",
+                "intent (a failed removal is replayed as a removal). `contactIds` keeps those "
+                "contacts' dead letters, `deadLetters` exactly those pairs; `reason`, `segment` "
+                "and `through` keep those of that reason and segment up to that cursor (the "
+                "`newest` of a count with the same filter: dead letters that failed since are "
+                "left out), alone or with either list. Dead letters of events nobody could act "
+                "on (their values were invalid when they arrived: `attempts` 0) are skipped and "
+                "counted in `skipped`. Answered once the replay is committed; a large set is "
+                "replayed and committed a page at a time, so a 503 part-way leaves the pages "
+                "before it replayed (asking again replays the rest). A replay of named contacts "
+                "or dead letters goes in the live lane, any other in the bulk lane; `lane` "
+                "chooses.",
                 "security": ADMIN,
                 "requestBody": {
                     "required": False,
@@ -679,10 +1037,41 @@ OPENAPI_DOCUMENT: Schema = {
                                 "additionalProperties": False,
                                 "properties": {
                                     "contactIds": {"type": "array", "items": {"type": "string"}},
+                                    "deadLetters": {
+                                        "type": "array",
+                                        "minItems": 1,
+                                        "maxItems": 1000,
+                                        "description": "Exactly these dead letters; cannot be "
+                                        "combined with `contactIds`.",
+                                        "items": {
+                                            "type": "object",
+                                            "required": ["contactId", "segmentId"],
+                                            "additionalProperties": False,
+                                            "properties": {
+                                                "contactId": {"type": "string"},
+                                                "segmentId": {"type": "string"},
+                                            },
+                                        },
+                                    },
+                                    "reason": {
+                                        "enum": FAILURE_REASONS,
+                                        "description": "Only dead letters of this reason.",
+                                    },
+                                    "segment": {
+                                        "type": "string",
+                                        "minLength": 1,
+                                        "maxLength": 1024,
+                                        "description": "Only dead letters of this segment.",
+                                    },
+                                    "through": {
+                                        **CURSOR,
+                                        "description": "Only dead letters up to this one (a "
+                                        "count's `newest`).",
+                                    },
                                     "lane": {
                                         "enum": ["live", "bulk"],
-                                        "description": "Default: `bulk` without `contactIds`, "
-                                        "else `live`.",
+                                        "description": "Default: `live` with `contactIds` or "
+                                        "`deadLetters`, else `bulk`.",
                                     },
                                 },
                             }
@@ -699,7 +1088,10 @@ OPENAPI_DOCUMENT: Schema = {
                             "properties": {"replayed": COUNT, "skipped": COUNT},
                         },
                     ),
-                    "400": _problem("Malformed body, or a bad `contactIds` or `lane`"),
+                    "400": _problem(
+                        "Malformed body, or a bad `contactIds`, `deadLetters`, `reason`, "
+                        "`segment`, `through` or `lane`"
+                    ),
                     "401": UNAUTHORIZED,
                     "413": _problem("Body larger than server.max_body_bytes"),
                     "503": _busy("Draining or above the high-water mark; see Retry-After"),
@@ -856,5 +1248,6 @@ OPENAPI_DOCUMENT: Schema = {
                 },
             }
         },
+        **CONSOLE_PATHS,
     },
 }

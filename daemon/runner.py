@@ -20,6 +20,7 @@ from aiohttp import web
 
 from daemon.config import Config
 from daemon.connections import HANDLER_SHUTDOWN_TIMEOUT_S, build_runner, start_site
+from daemon.console.routes import add_routes as add_console_routes
 from daemon.http import build_app
 from daemon.sdnotify import SdNotifier, watchdog_loop
 from daemon.service import CannotListen, Service
@@ -50,7 +51,10 @@ class HttpListener:
 
     async def prepare(self) -> None:
         """Build the app and its runner; nothing is accepted until `open()`."""
-        self._runner = build_runner(build_app(self._service), self._config)
+        app = build_app(self._service)
+        # The operator console at /ui/ and the admin JSON only it needs: routes of its own.
+        add_console_routes(app)
+        self._runner = build_runner(app, self._config)
         await self._runner.setup()
 
     async def open(self) -> None:

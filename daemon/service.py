@@ -78,6 +78,8 @@ class Service:
         self.holds = parts.holds
         self.census = parts.census
         self.reconciler = parts.reconciler
+        self.activity = parts.activity
+        self.figures = parts.figures
         self._token_checked_at = float("-inf")
         self._token_ok = False
         self._token_error = ""
@@ -103,6 +105,8 @@ class Service:
             stack.push_async_callback(self._close_store)
             await self.census.start()
             stack.push_async_callback(self.census.stop)
+            await self.figures.start()
+            stack.push_async_callback(self.figures.stop)
             await self.client.start()
             stack.push_async_callback(self._close_client)
             # A token (and the API base) before any request is admitted by a rate gate: a

@@ -21,6 +21,7 @@ from daemon.census import JournalCensus
 from daemon.claims import Claims
 from daemon.cluster import Cluster, ShardOwnership
 from daemon.config import Config
+from daemon.console.figures import Figures, SegmentActivity
 from daemon.contact_holds import ContactHolds
 from daemon.cxone import CXonePaths, CXoneSettings, HttpCXoneClient
 from daemon.cxone.client import pool_size
@@ -227,6 +228,8 @@ class Daemon:
     holds: ContactHolds
     census: JournalCensus
     reconciler: Reconciler
+    activity: SegmentActivity
+    figures: Figures
 
 
 def build_daemon(config: Config, metrics: Metrics) -> Daemon:
@@ -246,7 +249,11 @@ def build_daemon(config: Config, metrics: Metrics) -> Daemon:
     single_gate = store.rate_gate("single", config.limits.single_write_rps)
     read_gate = store.rate_gate("read", config.limits.read_rps)
     notifier: Notifier | None = None
-    observers: list[EngineObserver] = [metrics]
+    shared = store.as_shared()
+    ownership = ShardOwnership(shared, metrics) if shared is not None else None
+    # What the console shows per segment (daemon/console/figures.py).
+    activity = SegmentActivity(ownership.holds if ownership is not None else None)
+    observers: list[EngineObserver] = [metrics, activity]
     if config.notify.url:
         outbox: NotificationOutbox = store
         notifier = Notifier(
@@ -260,8 +267,6 @@ def build_daemon(config: Config, metrics: Metrics) -> Daemon:
     observer = CompositeObserver(observers)
     validation = config.validation.policy()
     cache = JournaledConfirmations(validation.cache_ttl_s, store)
-    shared = store.as_shared()
-    ownership = ShardOwnership(shared, metrics) if shared is not None else None
     scheduler = build_scheduler(
         client=client,
         store=store,
@@ -347,6 +352,16 @@ def build_daemon(config: Config, metrics: Metrics) -> Daemon:
             "read": lambda: read_gate.waited_s,
         }
     )
+    figures = Figures(
+        metrics=metrics,
+        engine=engine,
+        poller=poller,
+        gates={"bulk": write_gate, "single": single_gate, "read": read_gate},
+        journal=store,
+        budget=store,
+        census=census,
+        activity=activity,
+    )
     return Daemon(
         store=store,
         token_gate=token_gate,
@@ -365,4 +380,6 @@ def build_daemon(config: Config, metrics: Metrics) -> Daemon:
         holds=holds,
         census=census,
         reconciler=reconciler,
+        activity=activity,
+        figures=figures,
     )

@@ -272,6 +272,10 @@ class CoalescingBuffer(Generic[K]):
         """Every batch key holding ids."""
         return list(self._segments)
 
+    def depth_by_key(self) -> dict[K, int]:
+        """Ids queued per batch key (read only; a walk of the keys, never of the ids)."""
+        return {key: len(queue) for key, queue in self._segments.items()}
+
     def drop_batch_key(self, segment_id: K) -> list[str]:
         """Remove every id of the batch key (retry and fresh); returns them."""
         queue = self._segments.pop(segment_id, None)

@@ -230,6 +230,22 @@ class Engine:
         """Ids waiting in the coalescing buffer, per lane (a walk of its segments: metrics)."""
         return self._accumulator.buffer.depth_by_lane()
 
+    def buffered_by_segment(self) -> dict[str, int]:
+        """Ids waiting in the coalescing buffer, per segment (adds and removals together).
+
+        Read only, for the console's Segments view: a walk of the batch keys, never of the ids.
+        Pairs parked at their contact's in-flight limit are not in it (`parked` counts them).
+        """
+        found: dict[str, int] = {}
+        for (segment_id, _), depth in self._accumulator.buffer.depth_by_key().items():
+            found[segment_id] = found.get(segment_id, 0) + depth
+        return found
+
+    @property
+    def parked(self) -> int:
+        """Pairs waiting for a free slot of their contact's in-flight limit (all segments)."""
+        return self._accumulator.gate.parked
+
     @property
     def overloaded(self) -> bool:
         """Whether new work would be refused for the high-water mark."""

@@ -151,6 +151,16 @@ class ReadBacklog:
 
 
 @dataclass(frozen=True, slots=True)
+class SegmentValidation:
+    """One segment's validation as the console shows it (`MembershipPoller.by_segment`)."""
+
+    pairs: int  # written pairs being confirmed
+    refreshes: int  # successful refreshes while pairs of it were being confirmed
+    refreshing: bool  # a refresh is scheduled or being sent
+    waiting_for_budget: bool  # its refresh waits for the segment's hourly budget
+
+
+@dataclass(frozen=True, slots=True)
 class PairProgress:
     """What validation has observed of one pair so far (wall-clock times)."""
 
@@ -391,6 +401,18 @@ class MembershipPoller:
             reading=sum(b.reading for b in lanes.values()),
             lanes=lanes,
         )
+
+    def by_segment(self) -> dict[str, SegmentValidation]:
+        """Each watched segment's pairs and refresh (read only; a walk of segments, not pairs)."""
+        return {
+            segment_id: SegmentValidation(
+                pairs=len(watch.pairs),
+                refreshes=watch.refreshes,
+                refreshing=watch.refresh_task is not None and not watch.refresh_task.done(),
+                waiting_for_budget=watch.waiting_for_budget,
+            )
+            for segment_id, watch in self._watches.items()
+        }
 
     def progress(self, contact_id: str, segment_id: str) -> PairProgress | None:
         """What has been observed of a pair under validation; None if it is not watched."""

@@ -46,6 +46,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from daemon.store.pending import InboxRow
+from daemon.store.sql import DeadLetterKey
 from scheduler.model import Assignment, AssignmentKey, FailureReason, Intent
 from scheduler.ownership import ForwardedChange
 from scheduler.ratelimit import AdmissionGate, RateGate
@@ -93,6 +94,11 @@ class Recovered:
     # (contact_id, segment_id, confirmed_at, member)
     confirmations: list[tuple[str, str, float, bool]] = field(default_factory=list)
     notifications: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+def dead_letter_key(assignment: Assignment) -> DeadLetterKey:
+    """Where a dead letter stands in the list (its keyset cursor): time, contact, segment."""
+    return (assignment.updated_at, assignment.contact_id, assignment.segment_id)
 
 
 class Durable(abc.ABC):
@@ -153,8 +159,23 @@ class AssignmentJournal(Durable):
         *,
         reason: FailureReason | None = None,
         segment_id: str | None = None,
+        after: DeadLetterKey | None = None,
+        through: DeadLetterKey | None = None,
     ) -> list[Assignment]:
-        """Dead letters, oldest first; only those of `reason` and of `segment_id` when given."""
+        """Dead letters, oldest first; only those of `reason` and of `segment_id` when given.
+
+        Paged by key (`dead_letter_key`): `after` starts past one, `through` stops at one.
+        """
+
+    @abc.abstractmethod
+    async def count_failed(
+        self, *, reason: FailureReason | None = None, segment_id: str | None = None
+    ) -> tuple[int, DeadLetterKey | None]:
+        """How many dead letters the filter keeps, and the key of the newest (None: none)."""
+
+    @abc.abstractmethod
+    async def failed_by_segment(self) -> dict[str, int]:
+        """Dead letters per segment id (segments without any are left out)."""
 
     @abc.abstractmethod
     async def counts(self) -> dict[str, int]:
@@ -357,6 +378,35 @@ class Heartbeat:
     live_instances: int
 
 
+@dataclass(frozen=True, slots=True)
+class InstanceStatus:
+    """A member of the cluster as the database holds it (times: Unix seconds)."""
+
+    id: int
+    name: str
+    started_at: float
+    heartbeat_at: float
+    heartbeat_age_s: float  # on the database's clock, as leases are judged
+
+
+@dataclass(frozen=True, slots=True)
+class ShardStatus:
+    """A shard's lease: its owner (None: free), its epoch, and how long the lease has left."""
+
+    shard: int
+    owner: int | None
+    epoch: int
+    lease_left_s: float | None  # None: no lease (never taken, or released)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterStatus:
+    """Every member and every shard lease, read in one snapshot (the console's Cluster view)."""
+
+    instances: list[InstanceStatus]
+    shards: list[ShardStatus]
+
+
 class Leases(abc.ABC):
     """An instance's membership of the cluster and its shard leases (daemon/cluster.py)."""
 
@@ -436,6 +486,10 @@ class SharedJournal(AssignmentJournal):
     @abc.abstractmethod
     async def claim_notifications(self, limit: int) -> list[tuple[str, bytes]]:
         """Notifications no live instance is delivering, claimed for this one."""
+
+    @abc.abstractmethod
+    async def cluster_status(self) -> ClusterStatus:
+        """Every member and shard lease, in one snapshot: 64 shards and a few members."""
 
     @abc.abstractmethod
     def discard_pending(self) -> int:

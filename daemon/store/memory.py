@@ -7,7 +7,8 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 
-from daemon.store.base import DriftFinding, JournalStore, Recovered
+from daemon.store.base import DriftFinding, JournalStore, Recovered, dead_letter_key
+from daemon.store.sql import DeadLetterKey
 from scheduler.model import Assignment, AssignmentKey, FailureReason, State
 from scheduler.reconcile import PassState, ReconcilePass
 from scheduler.store import BatchRecord, ContactHistory
@@ -93,14 +94,8 @@ class MemoryStore(JournalStore):
         found = self._by_contact.get(contact_id, {})
         return [found[segment] for segment in sorted(found)]
 
-    async def failed(
-        self,
-        limit: int = 1000,
-        *,
-        reason: FailureReason | None = None,
-        segment_id: str | None = None,
-    ) -> list[Assignment]:
-        """Failed assignments, oldest failure first; of `reason` and `segment_id` when given."""
+    def _failed(self, reason: FailureReason | None, segment_id: str | None) -> list[Assignment]:
+        """Every dead letter the filter keeps, in the list's order (a walk: memory is for tests)."""
         failed = [
             a
             for a in self._assignments.values()
@@ -108,8 +103,39 @@ class MemoryStore(JournalStore):
             and (reason is None or a.reason is reason)
             and (segment_id is None or a.segment_id == segment_id)
         ]
-        failed.sort(key=lambda a: a.updated_at)
+        failed.sort(key=dead_letter_key)
+        return failed
+
+    async def failed(
+        self,
+        limit: int = 1000,
+        *,
+        reason: FailureReason | None = None,
+        segment_id: str | None = None,
+        after: DeadLetterKey | None = None,
+        through: DeadLetterKey | None = None,
+    ) -> list[Assignment]:
+        """Failed assignments, oldest failure first; of `reason` and `segment_id` when given."""
+        failed = [
+            a
+            for a in self._failed(reason, segment_id)
+            if (after is None or dead_letter_key(a) > after)
+            and (through is None or dead_letter_key(a) <= through)
+        ]
         return failed[:limit]
+
+    async def count_failed(
+        self, *, reason: FailureReason | None = None, segment_id: str | None = None
+    ) -> tuple[int, DeadLetterKey | None]:
+        """How many dead letters the filter keeps, and the newest one's key."""
+        failed = self._failed(reason, segment_id)
+        return len(failed), dead_letter_key(failed[-1]) if failed else None
+
+    async def failed_by_segment(self) -> dict[str, int]:
+        """Dead letters per segment."""
+        return dict(
+            Counter(a.segment_id for a in self._assignments.values() if a.state is State.FAILED)
+        )
 
     async def counts(self) -> dict[str, int]:
         """Assignments per state."""

@@ -21,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -32,8 +34,11 @@ import asyncpg
 from daemon.config import display_url
 from daemon.store import sql
 from daemon.store.base import (
+    ClusterStatus,
+    InstanceStatus,
     Leases,
     Recovered,
+    ShardStatus,
     SharedJournal,
     StoreOpenError,
     StoreUnreachable,
@@ -153,7 +158,16 @@ MIGRATIONS: list[str] = [
     # drift, which its owner queues again though its validation cache says otherwise.
     sql.render(sql.SCHEMA[5], sql.Dialect.POSTGRESQL)
     + "ALTER TABLE segmapd_inbox ADD COLUMN repair BOOLEAN NOT NULL DEFAULT false;",
+    # 6: the dead letters' partial indexes (`sql.SCHEMA`'s seventh step).
+    sql.render(sql.SCHEMA[6], sql.Dialect.POSTGRESQL),
 ]
+
+
+@functools.lru_cache(maxsize=64)
+def _rendered(statement: str) -> str:
+    """A shared read (`sql`) as PostgreSQL takes it, rendered once per text."""
+    return sql.render(statement, sql.Dialect.POSTGRESQL)
+
 
 # The version table: one row per migration applied, so that a migration applied twice (two
 # instances migrating at once without the lock) would fail on the primary key, not pass.
@@ -194,6 +208,16 @@ _FORWARDED = (
 _CONTACTS = f"{sql.CONTACT.removesuffix(' = $1')} = ANY($1::text[])"
 _MIRRORS = f"{sql.MIRROR_TIMES} WHERE contact_id = ANY($1::text[])"
 _SEGMENTS = " AND segment_id = ANY($1::text[])"
+# The cluster as the console shows it: members and leases, times as Unix seconds.
+_INSTANCES = (
+    "SELECT id, name, extract(epoch FROM started_at)::float8, "
+    "extract(epoch FROM heartbeat_at)::float8, "
+    "extract(epoch FROM now() - heartbeat_at)::float8 FROM segmapd_instances ORDER BY id"
+)
+_SHARDS = (
+    "SELECT shard, owner, epoch, CASE WHEN lease_until = '-infinity' THEN NULL "
+    "ELSE extract(epoch FROM lease_until - now())::float8 END FROM segmapd_shards ORDER BY shard"
+)
 # Forwarded changes not taken yet are queued work too, in the inbox.
 _COUNTS = (
     f"{sql.COUNTS} UNION ALL SELECT 'queued', count(*) FROM segmapd_inbox WHERE reason IS NULL"  # noqa: S608
@@ -693,7 +717,7 @@ class PostgresStore(WriteBehindJournal, SharedJournal):
         return await self._with_connection(fetch, "read")
 
     async def _select(self, statement: str, *arguments: Any) -> list[asyncpg.Record]:
-        return await self._fetch(statement, *arguments)
+        return await self._fetch(_rendered(statement), *arguments)
 
     async def _forwarded(self, contact_id: str) -> list[asyncpg.Record]:
         return await self._fetch(_FORWARDED, contact_id)
@@ -711,6 +735,31 @@ class PostgresStore(WriteBehindJournal, SharedJournal):
             return rows, mirrors
 
         return await self._with_connection(read, "read")
+
+    async def cluster_status(self) -> ClusterStatus:
+        """Every member and shard lease, in one snapshot, on the database's clock."""
+
+        async def read(connection: Connection) -> ClusterStatus:
+            async with connection.transaction(isolation="repeatable_read", readonly=True):
+                instances = await connection.fetch(_INSTANCES)
+                shards = await connection.fetch(_SHARDS)
+            return ClusterStatus(
+                [
+                    InstanceStatus(int(i), str(name), float(started), float(beat), float(age))
+                    for i, name, started, beat, age in instances
+                ],
+                [
+                    ShardStatus(
+                        int(shard),
+                        int(owner) if owner is not None else None,
+                        int(epoch),
+                        float(left) if left is not None and math.isfinite(left) else None,
+                    )
+                    for shard, owner, epoch, left in shards
+                ],
+            )
+
+        return await self._with_connection(read, "reading the cluster")
 
     async def counts(self) -> dict[str, int]:
         """Retained assignments per state."""

@@ -26,6 +26,14 @@ from scheduler.model import Assignment, FailureReason, Intent, Lane, State, stor
 from scheduler.reconcile import PassState, ReconcilePass
 from scheduler.store import BatchRecord
 
+DEAD_LETTER_INDEXES = (
+    "dead_letters",
+    "dead_letters_by_segment",
+    "dead_letters_by_reason",
+    "dead_letters_by_segment_reason",
+)
+"""The partial indexes of failed rows (`SCHEMA` step 6), one per dead-letter filter."""
+
 
 class Dialect(enum.Enum):
     """A database's spelling of what the schema and the statements need."""
@@ -38,6 +46,10 @@ class Dialect(enum.Enum):
         "without_rowid": " WITHOUT ROWID",
         "utc_now_text": "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
         "greatest": "max",
+        # The dead letters' partial indexes, named: SQLite's planner, without statistics, takes
+        # an equality on `state` for as selective as one on `segment_id`, and walks every dead
+        # letter (`assignments_by_state`) for a filter that one of these answers in its entries.
+        **{index: f" INDEXED BY {index}" for index in DEAD_LETTER_INDEXES},
     }
     POSTGRESQL = {
         "real": "DOUBLE PRECISION",
@@ -47,6 +59,8 @@ class Dialect(enum.Enum):
         "without_rowid": "",
         "utc_now_text": "to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')",
         "greatest": "greatest",
+        # PostgreSQL's planner has statistics, and no such clause.
+        **dict.fromkeys(DEAD_LETTER_INDEXES, ""),
     }
 
 
@@ -188,10 +202,27 @@ SCHEMA: list[str] = [
     CREATE INDEX drift_by_contact ON drift (contact_id, segment_id);
     CREATE INDEX drift_by_time ON drift (found_at);
     """,
+    # 7: the dead letters, paged and counted by the console and the API with a cursor, filtered
+    # by segment and reason. Partial indexes of failed rows only: a page, a count or a replay
+    # of 100,000 dead letters walks their entries alone (never the table, never other states),
+    # and rows in other states cost these indexes nothing when they change. One per filter, each
+    # in the list's order after its filter's columns, so no filter needs a sort; `state` last,
+    # so that SQLite counts from the entries alone (its planner reads the row for a column the
+    # index does not hold, even one its WHERE fixes).
+    """
+    CREATE INDEX dead_letters ON assignments (updated_at, contact_id, segment_id, state)
+        WHERE state = 'failed';
+    CREATE INDEX dead_letters_by_segment
+        ON assignments (segment_id, updated_at, contact_id, state) WHERE state = 'failed';
+    CREATE INDEX dead_letters_by_reason
+        ON assignments (reason, updated_at, contact_id, segment_id, state) WHERE state = 'failed';
+    CREATE INDEX dead_letters_by_segment_reason
+        ON assignments (segment_id, reason, updated_at, contact_id, state) WHERE state = 'failed';
+    """,
 ]
-"""The journal's tables as they grew, step by step: SQLite's migrations 1-6; PostgreSQL's first
+"""The journal's tables as they grew, step by step: SQLite's migrations 1-7; PostgreSQL's first
 one is steps 1-4 at once (the PostgreSQL journal began with the fourth shape), its fourth the
-fifth step, its fifth the sixth."""
+fifth step, its fifth the sixth, its sixth the seventh."""
 
 
 # ---- writes -------------------------------------------------------------------------------------
@@ -488,27 +519,96 @@ COUNTS = "SELECT state, count(*) FROM assignments GROUP BY state"
 MIRROR_TIMES = "SELECT contact_id, occurred_at FROM mirrors"
 
 
-def failed_query(
-    limit: int, reason: FailureReason | None, segment_id: str | None
-) -> tuple[str, list[object]]:
-    """Dead letters, oldest first, of `reason` and `segment_id` when given: SQL and parameters.
+DeadLetterKey = tuple[float, str, str]
+"""Where a dead letter stands in the list: (failed at, contact id, segment id), the keyset
+cursor the list is paged by (oldest first, ties in id order)."""
 
-    The filters narrow the walk of `assignments_by_state` (state, updated_at) in order, which
-    stops at `limit` rows: no sort and no scan of other states, filtered or not.
+
+def _dead_letter_filter(
+    reason: FailureReason | None, segment_id: str | None, parameters: list[object]
+) -> tuple[str, list[str], list[str]]:
+    """The filter's index (as a `{word}`), its conditions, and the key columns left to order by.
+
+    A column the filter fixes orders nothing: leaving it out of the cursor's comparison keeps
+    the comparison on the columns that follow the filter's in its index (`SCHEMA` step 6).
     """
     conditions = ["state = 'failed'"]
-    parameters: list[object] = [limit]
     if reason is not None:
         parameters.append(str(reason))
         conditions.append(f"reason = ${len(parameters)}")
     if segment_id is not None:
         parameters.append(segment_id)
         conditions.append(f"segment_id = ${len(parameters)}")
+    ordered = ["updated_at", "contact_id"] + (["segment_id"] if segment_id is None else [])
+    index = "dead_letters" + ("_by_segment" if segment_id is not None else "")
+    if reason is not None:
+        index += "_reason" if segment_id is not None else "_by_reason"
+    return f"assignments{{{index}}}", conditions, ordered
+
+
+def _beyond(ordered: list[str], key: DeadLetterKey, operator: str, parameters: list[object]) -> str:
+    """`(columns) <operator> (key's values)`, with the key's values as parameters."""
+    values = {"updated_at": key[0], "contact_id": key[1], "segment_id": key[2]}
+    placeholders = []
+    for column in ordered:
+        parameters.append(values[column])
+        placeholders.append(f"${len(parameters)}")
+    return f"({', '.join(ordered)}) {operator} ({', '.join(placeholders)})"
+
+
+def failed_query(
+    limit: int,
+    reason: FailureReason | None,
+    segment_id: str | None,
+    after: DeadLetterKey | None = None,
+    through: DeadLetterKey | None = None,
+) -> tuple[str, list[object]]:
+    """Dead letters, oldest first, of `reason` and `segment_id` when given: SQL and parameters.
+
+    `after` starts past a cursor (the last row of the previous page); `through` stops at one (the
+    newest row a caller counted, so that what failed since is left out). Each filter walks its
+    own partial index of failed rows in order and stops at `limit` rows: no sort, no other
+    state, whatever the filter.
+    """
+    parameters: list[object] = [limit]
+    table, conditions, ordered = _dead_letter_filter(reason, segment_id, parameters)
+    if after is not None:
+        conditions.append(_beyond(ordered, after, ">", parameters))
+    if through is not None:
+        conditions.append(_beyond(ordered, through, "<=", parameters))
     sql = (
-        f"SELECT {ASSIGNMENT_COLUMNS} FROM assignments "  # noqa: S608 (fixed fragments)
-        f"WHERE {' AND '.join(conditions)} ORDER BY updated_at LIMIT $1"
+        f"SELECT {ASSIGNMENT_COLUMNS} FROM {table} "  # noqa: S608 (fixed fragments)
+        f"WHERE {' AND '.join(conditions)} ORDER BY {', '.join(ordered)} LIMIT $1"
     )
     return sql, parameters
+
+
+def count_failed_query(
+    reason: FailureReason | None, segment_id: str | None
+) -> tuple[str, list[object]]:
+    """How many dead letters the filter keeps, and the newest one's key: SQL and parameters.
+
+    One statement, so one snapshot: the newest key is that of the rows counted. Both walk the
+    filter's partial index alone (a count of its entries, and its last entry).
+    """
+    parameters: list[object] = []
+    table, conditions, ordered = _dead_letter_filter(reason, segment_id, parameters)
+    where = " AND ".join(conditions)
+    descending = ", ".join(f"{column} DESC" for column in ordered)
+    sql = (
+        "SELECT n.matching, k.updated_at, k.contact_id, k.segment_id FROM "  # noqa: S608 (fixed)
+        f"(SELECT count(*) AS matching FROM {table} WHERE {where}) AS n LEFT JOIN "
+        f"(SELECT updated_at, contact_id, segment_id FROM {table} WHERE {where} "
+        f"ORDER BY {descending} LIMIT 1) AS k ON 1 = 1"
+    )
+    return sql, parameters
+
+
+# Dead letters per segment: the by-segment index's entries, counted in the background.
+FAILED_BY_SEGMENT = (
+    "SELECT segment_id, count(*) FROM assignments{dead_letters_by_segment} "
+    "WHERE state = 'failed' GROUP BY segment_id"
+)
 
 
 # What a restart (or a shard's new owner) takes back. A shared journal narrows each to the

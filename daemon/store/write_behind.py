@@ -34,6 +34,7 @@ from daemon.store.sql import (
     CONTACT,
     COUNTS,
     DRIFT_OF_CONTACT,
+    FAILED_BY_SEGMENT,
     JOURNAL_CREATED,
     PASS_BY_ID,
     PASS_LAST_SCHEDULED,
@@ -41,7 +42,9 @@ from daemon.store.sql import (
     PASSES_NEWEST,
     TRACKED_COUNT,
     TRACKED_PAGE,
+    DeadLetterKey,
     assignment_from_row,
+    count_failed_query,
     failed_query,
     intent_named,
     lane_named,
@@ -440,10 +443,28 @@ class WriteBehindJournal(JournalStore):
         *,
         reason: FailureReason | None = None,
         segment_id: str | None = None,
+        after: DeadLetterKey | None = None,
+        through: DeadLetterKey | None = None,
     ) -> list[Assignment]:
         """Dead letters, oldest first; of `reason` and `segment_id` when given (`failed_query`)."""
-        sql, parameters = failed_query(limit, reason, segment_id)
+        sql, parameters = failed_query(limit, reason, segment_id, after, through)
         return [assignment_from_row(row) for row in await self._select(sql, *parameters)]
+
+    async def count_failed(
+        self, *, reason: FailureReason | None = None, segment_id: str | None = None
+    ) -> tuple[int, DeadLetterKey | None]:
+        """How many dead letters the filter keeps, and the newest one's key (committed rows)."""
+        sql, parameters = count_failed_query(reason, segment_id)
+        ((count, updated_at, contact_id, segment),) = await self._select(sql, *parameters)
+        if not count:
+            return 0, None
+        return int(count), (float(updated_at), str(contact_id), str(segment))
+
+    async def failed_by_segment(self) -> dict[str, int]:
+        """Dead letters per segment (committed rows), from the by-segment index alone."""
+        return {
+            str(segment): int(count) for segment, count in await self._select(FAILED_BY_SEGMENT)
+        }
 
     async def counts(self) -> dict[str, int]:
         """Retained assignments per state."""

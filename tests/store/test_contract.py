@@ -13,6 +13,7 @@ from pydantic import SecretStr
 
 from daemon.config import StoreConfig
 from daemon.store import JournalStore, Recovered, from_url
+from daemon.store.base import dead_letter_key
 from daemon.store.postgres import PostgresStore
 from daemon.store.sqlite import SqliteStore
 from scheduler.model import Assignment, FailureReason, Intent, Lane, State
@@ -197,6 +198,61 @@ async def test_failed_are_filtered_by_reason_and_segment_oldest_first(store):
     assert await ids(reason=FailureReason.RETRIES_EXHAUSTED) == []
     assert await ids(segment_id="nowhere") == []
     assert await ids() == ["c1", "c3", "c4", "c2", "c0"]
+
+
+async def test_dead_letters_are_paged_by_key_counted_and_tallied_per_segment(store):
+    # Ties on the failure time are ordered by contact, then segment: a page boundary between
+    # two rows of one instant loses and repeats nothing.
+    cases = [
+        ("c0", "s1", 10.0, FailureReason.CONTACT_NOT_FOUND),
+        ("c1", "s1", 10.0, FailureReason.NOT_INDEXED),
+        ("c1", "s2", 10.0, FailureReason.CONTACT_NOT_FOUND),
+        ("c2", "s2", 20.0, FailureReason.CONTACT_NOT_FOUND),
+        ("c3", "s1", 30.0, FailureReason.CONTACT_NOT_FOUND),
+        ("c4", "s2", 40.0, FailureReason.NOT_INDEXED),
+    ]
+    for contact, segment, at, reason in cases:
+        a = new(contact, segment, at)
+        store.record(a)
+        a.transition(State.FAILED, NOW + at + 1, reason=reason)
+        store.record(a)
+    store.record(new("c9", "s1"))
+    await store.flush()
+
+    async def walk(page: int, **filters: object) -> list[tuple[str, str]]:
+        seen: list[tuple[str, str]] = []
+        after = None
+        while True:
+            rows = await store.failed(page, after=after, **filters)
+            seen += [(a.contact_id, a.segment_id) for a in rows]
+            if len(rows) < page:
+                return seen
+            after = dead_letter_key(rows[-1])
+
+    everything = [(c, s) for c, s, _, _ in cases]
+    for page in (1, 2, 4, 100):
+        assert await walk(page) == everything
+    by_reason = {"reason": FailureReason.CONTACT_NOT_FOUND}
+    assert await walk(1, **by_reason) == [("c0", "s1"), ("c1", "s2"), ("c2", "s2"), ("c3", "s1")]
+    assert await walk(1, segment_id="s1") == [("c0", "s1"), ("c1", "s1"), ("c3", "s1")]
+    assert await walk(1, segment_id="s2", **by_reason) == [("c1", "s2"), ("c2", "s2")]
+
+    matching, newest = await store.count_failed(**by_reason)
+    assert matching == 4
+    assert newest is not None and newest[1:] == ("c3", "s1")
+    assert await store.count_failed(segment_id="s2") == (3, (NOW + 41.0, "c4", "s2"))
+    assert await store.count_failed(segment_id="nowhere") == (0, None)
+    assert (await store.count_failed())[0] == 6
+    # `through` stops at the newest row a caller counted: later failures are left out.
+    through = (await store.count_failed(segment_id="s1"))[1]
+    late = new("c8", "s1", 90.0)
+    store.record(late)
+    late.transition(State.FAILED, NOW + 91.0, reason=FailureReason.CONTACT_NOT_FOUND)
+    store.record(late)
+    await store.flush()
+    kept = await store.failed(100, segment_id="s1", through=through)
+    assert [a.contact_id for a in kept] == ["c0", "c1", "c3"]
+    assert await store.failed_by_segment() == {"s1": 4, "s2": 3}
 
 
 async def test_a_restart_begins_a_new_history(store):
