@@ -437,15 +437,21 @@ def test_segments_and_cluster_views(console: Console):
     console.shoot("cluster-single")
 
 
-def test_the_reconcile_view_starts_a_pass_or_says_it_is_not_available(console: Console):
-    console.log.allow(404)  # a segmapd without drift reconcile answers 404, as the browser logs
+def test_the_reconcile_view_starts_a_dry_run_and_shows_what_it_found(console: Console):
+    daemon = console.daemon
+    segment = _segment("Rc")
+    contacts = [_contact("rc") for _ in range(3)]
+    daemon.mappings([{"contactId": c, "segmentIds": [segment]} for c in contacts])
+    # Behind segmapd's back: one membership is gone from CXone.
+    daemon.emulator("DELETE", f"/_emulator/segments/{segment}/members/{contacts[0]}", None)
     console.sign_in()
     console.view("Reconcile")
     page = console.page
-    status, _ = console.daemon.admin("GET", "/v1/reconcile")
-    if status == 404:
-        expect(page.locator("[data-unavailable]")).to_contain_text("not available")
-    else:
-        page.get_by_role("button", name="Start dry run").click()
-        expect(page.get_by_role("table", name="Recent passes")).to_contain_text("dry run")
+    page.get_by_label("Segments (comma-separated, optional)").fill(segment)
+    page.get_by_role("button", name="Start dry run").click()
+    expect(page.get_by_role("status")).to_contain_text("1 drifted, 0 requeued", timeout=30_000)
+    passes = page.get_by_role("table", name="Recent passes")
+    expect(passes.locator("tbody tr").first).to_contain_text("dry run")
+    expect(passes.locator("tbody tr").first).to_contain_text("done")
+    expect(passes.locator("tbody tr").first).to_contain_text(segment)
     console.shoot("reconcile")

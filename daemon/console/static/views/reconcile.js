@@ -1,6 +1,6 @@
 // Reconcile: recent drift passes with their figures, starting one (or a dry run), and the
 // progress of a running pass. Reads GET /v1/reconcile and GET /v1/reconcile/{id}; starts with
-// POST /v1/reconcile. A segmapd without drift reconcile answers 404: the view says so.
+// POST /v1/reconcile (a 409 names the pass already running, which the view then follows).
 
 import { call, segment } from "../api.js";
 import { fill, h, messageArea, say, stacked, table } from "../dom.js";
@@ -36,27 +36,14 @@ export function mount(root) {
   let followTimer = null;
   let stopped = false;
 
-  function unavailable() {
-    stopped = true;
-    clearTimeout(timer);
-    clearTimeout(followTimer);
-    fill(
-      body,
-      h(
-        "section",
-        { class: "card wide", "data-unavailable": "" },
-        h("h2", {}, "Not available"),
-        h("p", {}, "Drift reconcile is not available on this segmapd: it answers 404 to GET /v1/reconcile. Upgrade segmapd to a version with drift reconcile."),
-      ),
-    );
-  }
-
   function figures(pass) {
+    const done = pass.read + pass.skipped;
     return [
-      ["Read", count(pass.read)],
+      ["Read", pass.total === null ? count(pass.read) : `${count(done)} of ${count(pass.total)}`],
       ["In step", count(pass.inStep)],
       ["Drifted", count(pass.drifted)],
       ["Requeued", count(pass.requeued)],
+      ["Skipped", count(pass.skipped)],
     ];
   }
 
@@ -72,7 +59,9 @@ export function mount(root) {
     fill(
       progress,
       h("p", {}, `Pass ${pass.id}${pass.dryRun ? " (dry run)" : ""}, started ${ago(Date.parse(pass.startedAt) / 1000)}`),
-      h("progress", { "aria-label": "Reconcile pass running" }),
+      pass.total
+        ? h("progress", { "aria-label": "Reconcile pass running", max: String(pass.total), value: String(pass.read + pass.skipped) })
+        : h("progress", { "aria-label": "Reconcile pass running" }),
       h("dl", { class: "facts" }, figures(pass).map(([term, value]) => h("div", { class: "fact" }, h("dt", {}, term), h("dd", {}, value)))),
     );
   }
@@ -126,12 +115,8 @@ export function mount(root) {
   async function load() {
     clearTimeout(timer);
     try {
-      const answer = await call("v1/reconcile", { accept: [404] });
+      const answer = await call("v1/reconcile");
       if (stopped) return;
-      if (answer.status === 404) {
-        unavailable();
-        return;
-      }
       const list = (answer.body && answer.body.passes) || [];
       drawPasses(list);
       const running = list.find((pass) => pass.state === "running");
@@ -152,13 +137,14 @@ export function mount(root) {
     if (ids.length) body.segmentIds = ids;
     if (dry) body.dryRun = true;
     try {
-      const answer = await call("v1/reconcile", { method: "POST", body, accept: [404, 409] });
-      if (answer.status === 404) {
-        unavailable();
-        return;
-      }
+      const answer = await call("v1/reconcile", { method: "POST", body, accept: [409] });
       if (answer.status === 409) {
-        say(status, "A pass is running already: wait for it to end.", "error");
+        const running = answer.body && answer.body.running;
+        say(status, `Pass ${running ? running.id : ""} is running already: its progress is shown.`, "error");
+        if (running && follow === null) {
+          follow = running.id;
+          followPass();
+        }
       } else {
         say(status, `Pass ${answer.body.id} started${dry ? " (dry run)" : ""}.`, "good");
         follow = answer.body.id;
