@@ -216,7 +216,9 @@ def overview_view(service: Service, since: float | None) -> dict[str, Any]:
             "segmentsWaitingForBudget": sum(v.waiting_for_budget for v in validating),
         },
         "sampleIntervalS": figures.sample_interval_s,
-        "samples": [s.view() for s in samples if since is None or s.at > since],
+        # Compared as shown (`at` is rounded to the millisecond): a client passing back the last
+        # `at` it got never gets that sample again.
+        "samples": [s.view() for s in samples if since is None or round(s.at, 3) > since],
     }
 
 

@@ -31,7 +31,13 @@ function route() {
   // "#contact/1234" opens the Contact view on that id.
   const hash = location.hash.replace(/^#/, "");
   const [name, ...rest] = hash.split("/");
-  return { name: VIEWS[name] ? name : "overview", argument: rest.length ? decodeURIComponent(rest.join("/")) : "" };
+  let argument = rest.join("/");
+  try {
+    argument = decodeURIComponent(argument);
+  } catch {
+    // A hand-edited hash that is no valid percent-encoding: taken as it is.
+  }
+  return { name: VIEWS[name] ? name : "overview", argument };
 }
 
 function showSignIn(message) {
@@ -73,6 +79,9 @@ function signOut(message) {
   showSignIn(message);
 }
 
+// The form submits only through this handler: until it is attached the button stays disabled,
+// so that a token is never sent as a query string by the browser's own form submission.
+form.querySelector("button[type=submit]").disabled = false;
 form.addEventListener("submit", async (event) => {
   event.preventDefault();
   const value = field.value.trim();

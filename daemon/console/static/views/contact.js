@@ -80,12 +80,14 @@ export function mount(root, { argument }) {
 
   async function load(quiet) {
     if (!current) return;
+    const asked = current;
     try {
-      const answer = await call(`v1/contacts/${segment(current)}`, { accept: [404] });
-      if (stopped) return;
+      const answer = await call(`v1/contacts/${segment(asked)}`, { accept: [404] });
+      // Another contact was looked up meanwhile: this answer is not the one on screen.
+      if (stopped || asked !== current) return;
       if (answer.status === 404) {
         results.replaceChildren();
-        say(status, `segmapd holds nothing for contact ${current}.`, "info");
+        say(status, `segmapd holds nothing for contact ${asked}.`, "info");
       } else {
         say(status, "");
         draw(answer.body);

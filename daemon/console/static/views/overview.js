@@ -194,7 +194,8 @@ export function mount(root) {
       if (stopped) return;
       latest = data.body;
       interval = latest.sampleIntervalS;
-      samples = samples.concat(latest.samples).slice(-Math.round(600 / interval));
+      const last = samples.length ? samples[samples.length - 1].at : -Infinity;
+      samples = samples.concat(latest.samples.filter((sample) => sample.at > last)).slice(-Math.round(600 / interval));
       drawReadiness(ready.body);
       drawCensus(latest);
       drawThroughput(latest);

@@ -108,6 +108,8 @@ export function mount(root) {
       say(status, `Pass ${answer.body.id} ${answer.body.state}: ${count(answer.body.drifted)} drifted, ${count(answer.body.requeued)} requeued.`, answer.body.state === "done" ? "good" : "error");
       load();
     } catch (error) {
+      // The next listing follows it again (a pass that is still running is found there).
+      follow = null;
       if (!stopped && error.status !== 401) say(status, `Could not follow the pass: ${error.message}`, "error");
     }
   }
