@@ -2,11 +2,13 @@
 
 The journal is built directly (as `bench.recovery` builds it): 1,000,000 `queued` assignments
 (500,000 contacts x 2 of 50 segments) and 100,000 dead letters (20 segments, every failure
-reason). The daemon starts on it and works the backlog at CXone's default limits (10 bulk
-writes and 50 reads a second) while each view's requests are timed, one at a time, as a
-browser refreshing the view would send them: the overview (`/readyz` and `/v1/overview`), the
-segments, a page of dead letters with the count of its filter (none, a segment, a reason,
-both, and a page far down the list by cursor), the cluster and a contact. Reference in the
+reason, three sources and none, a segment's dead letters all of one source). The daemon
+starts on it and works the backlog at CXone's default limits (10 bulk writes and 50 reads a
+second) while each view's requests are timed, one at a time, as a browser refreshing the view
+would send them: the overview (`/readyz` and `/v1/overview`), the segments, a page of dead
+letters with the count of its filter (none, a segment, a reason, both, a source, a source with
+a segment none of its dead letters are in, so that every one of the source's 25,000 is
+walked, and a page far down the list by cursor), the cluster and a contact. Reference in the
 same run: `/healthz`, which does nothing. Then a replay of exactly one segment's 5,000 dead
 letters by filter (`POST /v1/dead-letters/replay` with the count's `newest`), timed once.
 Target: every view's request p95 <= `TARGET_P95_MS` (the console refreshes every 3-4 s).
@@ -39,6 +41,8 @@ SEGMENTS_PER_CONTACT = 2
 SEGMENT_POOL = 50
 DEAD_LETTERS = 100_000
 DEAD_SEGMENTS = 20
+# Every fourth dead letter of each, '' as in a journal from before sources were recorded.
+DEAD_SOURCES = ("crm", "hubspot", "mappings", "")
 REQUESTS = 40
 TARGET_P95_MS = 100.0
 HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -50,7 +54,8 @@ def build_journal(path: Path) -> tuple[int, int]:
     now = time.time()
     reasons = [str(reason) for reason in FailureReason]
     columns = (
-        "contact_id, segment_id, state, reason, message, attempts, received_at, updated_at, history"
+        "contact_id, segment_id, state, reason, message, attempts, received_at, updated_at, "
+        "history, source"
     )
 
     def queued():
@@ -59,7 +64,7 @@ def build_journal(path: Path) -> tuple[int, int]:
             at = now - 60 + i * 1e-5
             for k in range(SEGMENTS_PER_CONTACT):
                 segment = f"seg-{(i + 17 * k) % SEGMENT_POOL}"
-                yield (contact, segment, "queued", None, "", 0, at, at, f"queued:{at!r};")
+                yield (contact, segment, "queued", None, "", 0, at, at, f"queued:{at!r};", "crm")
 
     def dead():
         for i in range(DEAD_LETTERS):
@@ -75,11 +80,12 @@ def build_journal(path: Path) -> tuple[int, int]:
                 at,
                 at,
                 f"queued:{at!r};sending:{at!r};failed:{at!r};",
+                DEAD_SOURCES[i % len(DEAD_SOURCES)],
             )
 
     try:
         connection.execute("BEGIN IMMEDIATE")
-        insert = f"INSERT INTO assignments ({columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        insert = f"INSERT INTO assignments ({columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         connection.executemany(insert, queued())
         connection.executemany(insert, dead())
         connection.execute("COMMIT")
@@ -149,6 +155,12 @@ def main() -> int:
                 ],
                 "dead letters, both": [
                     "/v1/dead-letters?limit=50&count=true&segment=dead-3&reason=contact_not_found"
+                ],
+                "dead letters, a source": ["/v1/dead-letters?limit=50&count=true&source=crm"],
+                # dead-3's dead letters all have no source (i % 20 == 3 makes i % 4 == 3): none
+                # is crm's, so the walk goes through every one of crm's 25,000.
+                "dead letters, source, segment": [
+                    "/v1/dead-letters?limit=50&count=true&source=crm&segment=dead-3"
                 ],
                 "dead letters, by cursor": [f"/v1/dead-letters?limit=50&after={first_key}"],
                 "cluster": ["/v1/cluster"],

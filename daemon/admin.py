@@ -74,6 +74,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
                 args.limit,
                 reason=args.reason,
                 segment=args.segment,
+                source=args.source,
                 as_json=args.json,
             )
         if args.command == "dlq" and args.dlq_command == "replay":
@@ -371,9 +372,10 @@ async def dlq_list(
     *,
     reason: str | None = None,
     segment: str | None = None,
+    source: str | None = None,
     as_json: bool = False,
 ) -> int:
-    """Print the dead letters (those of `reason` and `segment` when given): a table or JSON.
+    """Print the dead letters (of `reason`, `segment` and `source` when given): a table or JSON.
 
     Messages are printed whole, as the last column; a list cut at `limit` says so on stderr.
     """
@@ -382,6 +384,8 @@ async def dlq_list(
         query["reason"] = reason
     if segment is not None:
         query["segment"] = segment
+    if source is not None:
+        query["source"] = source
     code, payload = await client.call("GET", "/v1/dead-letters", query=query, headers=headers)
     if code != 200:
         raise _fail(code, payload)
@@ -392,14 +396,16 @@ async def dlq_list(
         print(orjson.dumps(payload).decode())
         return 0
     if not letters:
-        print("no dead letters" + (" of that reason and segment" if reason or segment else ""))
+        filtered = reason or segment or source
+        print("no dead letters" + (" matching the filter" if filtered else ""))
         return 0
-    rows = [("CONTACT", "SEGMENT", "INTENT", "REASON", "ATTEMPTS", "UPDATED", "MESSAGE")]
+    rows = [("CONTACT", "SEGMENT", "SOURCE", "INTENT", "REASON", "ATTEMPTS", "UPDATED", "MESSAGE")]
     for letter in letters:
         rows.append(
             (
                 shown(letter["contactId"]),
                 shown(letter["segmentId"]),
+                shown(letter.get("source") or "-"),
                 letter.get("intent", "add"),
                 letter["reason"] or "-",
                 str(letter["attempts"]),

@@ -82,6 +82,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "--reason", choices=[str(reason) for reason in FailureReason], help="only this reason"
     )
     dlq_list.add_argument("--segment", metavar="SEGMENT", help="only this segment id")
+    dlq_list.add_argument(
+        "--source",
+        metavar="SOURCE",
+        help="only those from this source (a webhook source's name, or mappings)",
+    )
     dlq_list.add_argument("--json", action="store_true", help="print the API's JSON answer")
     client_options(dlq_list)
     dlq_replay = dlq_commands.add_parser("replay", help="queue failed assignments again")

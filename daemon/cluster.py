@@ -546,6 +546,7 @@ class Cluster:
                 message=message,
                 lane=Lane(lane),
                 repair=repair,
+                source=source,
             )
             for _, (
                 _,
@@ -558,6 +559,7 @@ class Cluster:
                 message,
                 lane,
                 repair,
+                source,
             ) in mine
         ]
         self._engine.submit_forwarded(

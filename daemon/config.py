@@ -25,6 +25,11 @@ from scheduler.reconcile import ReconcilePolicy
 from scheduler.retry import RetryPolicy
 from scheduler.validation import ReadLanePolicy, ValidationPolicy
 
+#: The source journaled with the changes the admin API takes (`POST /v1/mappings`, whatever its
+#: lane, so `segmapd import` too): a webhook source of that name would be told apart from
+#: them by nothing, so none may take it.
+MAPPINGS_SOURCE = "mappings"
+
 ENV_PREFIX = "SEGMAPD_"
 # Variables of the same prefix that belong to the CLI's client commands, not to the config.
 CLIENT_VARIABLES = frozenset(
@@ -581,6 +586,11 @@ def _check_consistency(config: Config, errors: list[str]) -> None:
     for name, source in config.sources.items():
         if not _valid_source_name(name):
             errors.append(f"sources.{name}: the name must be 1-64 of [a-z0-9_-]")
+        elif name == MAPPINGS_SOURCE:
+            errors.append(
+                f"sources.{name}: the name is reserved: dead letters name the admin API's "
+                f"changes (POST /v1/mappings, segmapd import) as source {MAPPINGS_SOURCE!r}"
+            )
         for key in getattr(source, "required_keys", ()):
             value = getattr(source, key)
             if isinstance(value, SecretStr) and not value.get_secret_value():

@@ -44,8 +44,8 @@ MAX_WAIT_S = 300.0
 WAIT_FORMAT = re.compile(r"[0-9]+(?:\.[0-9]+)?", re.ASCII)
 # The metrics label of webhooks sent to a source name that is not configured.
 UNCONFIGURED_SOURCE = "_unconfigured"
-# A segment filter longer than any stored segment id can match nothing; the bound keeps a
-# query string of megabytes out of the journal's query.
+# A segment (or source) filter longer than any stored segment id can match nothing; the bound
+# keeps a query string of megabytes out of the journal's query.
 MAX_SEGMENT_FILTER_CHARS = 1024
 #: Segments one reconcile pass may be limited to, and passes one listing may show.
 MAX_RECONCILE_SEGMENTS = 10_000
@@ -456,7 +456,8 @@ def _reason_named(value: object, field: str) -> FailureReason | web.Response:
     return problem(400, f"{field}: must be one of {', '.join(FailureReason)}", field=field)
 
 
-def _segment_named(value: object, field: str) -> str | web.Response:
+def _exact_filter(value: object, field: str) -> str | web.Response:
+    """A filter matched exactly (`segment`, `source`) as given; or the 400 naming `field`."""
     if isinstance(value, str) and 1 <= len(value) <= MAX_SEGMENT_FILTER_CHARS and _encodable(value):
         return value
     return problem(
@@ -474,16 +475,18 @@ def _cursor_named(value: object, field: str) -> DeadLetterKey | web.Response:
 async def dead_letters(request: web.Request) -> web.Response:
     """GET /v1/dead-letters: failed assignments, oldest first, a page at a time.
 
-    `reason` and `segment` keep only the dead letters of that failure reason and segment;
-    `after` (a previous page's `next`) continues past that page; `count=true` adds how many
-    the filter keeps (`matching`) and the newest one's cursor (`newest`, the `through` of a
-    replay of exactly those). Each filter is one walk of its own index: no scan, however many.
+    `reason`, `segment` and `source` keep only the dead letters of that failure reason,
+    segment and source (where the change that started the pair came from: a webhook source's
+    name, `mappings` for the admin API); `after` (a previous page's `next`) continues past that
+    page; `count=true` adds how many the filter keeps (`matching`) and the newest one's cursor
+    (`newest`, the `through` of a replay of exactly those). Each filter is one walk of an
+    index of dead letters: no scan, however many.
     """
     service = request.app[SERVICE]
     denied = require_admin(request)
     if denied is not None:
         return denied
-    refused = _once(request, ("limit", "reason", "segment", "after", "count"))
+    refused = _once(request, ("limit", "reason", "segment", "source", "after", "count"))
     if refused is not None:
         return refused
     query = request.query
@@ -501,10 +504,16 @@ async def dead_letters(request: web.Request) -> web.Response:
         reason = named
     segment: str | None = None
     if "segment" in query:
-        chosen = _segment_named(query["segment"], "segment")
+        chosen = _exact_filter(query["segment"], "segment")
         if isinstance(chosen, web.Response):
             return chosen
         segment = chosen
+    source: str | None = None
+    if "source" in query:
+        named_source = _exact_filter(query["source"], "source")
+        if isinstance(named_source, web.Response):
+            return named_source
+        source = named_source
     after: DeadLetterKey | None = None
     if "after" in query:
         key = _cursor_named(query["after"], "after")
@@ -519,19 +528,31 @@ async def dead_letters(request: web.Request) -> web.Response:
     if refused is not None:
         return refused
     store = service.store
-    failed = await store.failed(limit, reason=reason, segment_id=segment, after=after)
+    failed = await store.failed(
+        limit, reason=reason, segment_id=segment, source=source, after=after
+    )
     body: dict[str, Any] = {
-        "deadLetters": [{"contactId": a.contact_id, **assignment_view(a)} for a in failed],
+        "deadLetters": [dead_letter_view(a) for a in failed],
         "next": encode_cursor(dead_letter_key(failed[-1])) if len(failed) == limit else None,
     }
     if count == "true":
-        matching, newest = await store.count_failed(reason=reason, segment_id=segment)
+        matching, newest = await store.count_failed(
+            reason=reason, segment_id=segment, source=source
+        )
         body["matching"] = matching
         body["newest"] = encode_cursor(newest) if newest is not None else None
     return json_response(body)
 
 
-REPLAY_KEYS = {"contactIds", "deadLetters", "reason", "segment", "through", "lane"}
+def dead_letter_view(a: Assignment) -> dict[str, Any]:
+    """The public JSON shape of a dead letter: the assignment, its contact and its source.
+
+    The source is null for a dead letter journaled before segmapd recorded sources.
+    """
+    return {"contactId": a.contact_id, **assignment_view(a), "source": a.source or None}
+
+
+REPLAY_KEYS = {"contactIds", "deadLetters", "reason", "segment", "source", "through", "lane"}
 
 
 class ReplayRequest:
@@ -542,6 +563,7 @@ class ReplayRequest:
         self.pairs: set[tuple[str, str]] | None = None
         self.reason: FailureReason | None = None
         self.segment: str | None = None
+        self.source: str | None = None
         self.through: DeadLetterKey | None = None
         self.lane: Lane | None = None
 
@@ -554,6 +576,7 @@ class ReplayRequest:
         return (
             (self.reason is None or letter.reason is self.reason)
             and (self.segment is None or letter.segment_id == self.segment)
+            and (self.source is None or letter.source == self.source)
             and (self.through is None or dead_letter_key(letter) <= self.through)
         )
 
@@ -595,7 +618,7 @@ def parse_replay(body: bytes) -> ReplayRequest | web.Response:
         return problem(
             400,
             'body: expected an object of "contactIds", "deadLetters", "reason", "segment", '
-            '"through" and "lane", or nothing',
+            '"source", "through" and "lane", or nothing',
         )
     if "contactIds" in parsed and "deadLetters" in parsed:
         return problem(400, "deadLetters: cannot be combined with contactIds", field="deadLetters")
@@ -615,10 +638,15 @@ def parse_replay(body: bytes) -> ReplayRequest | web.Response:
             return reason
         asked.reason = reason
     if "segment" in parsed:
-        segment = _segment_named(parsed["segment"], "segment")
+        segment = _exact_filter(parsed["segment"], "segment")
         if isinstance(segment, web.Response):
             return segment
         asked.segment = segment
+    if "source" in parsed:
+        source = _exact_filter(parsed["source"], "source")
+        if isinstance(source, web.Response):
+            return source
+        asked.source = source
     if "through" in parsed:
         through = _cursor_named(parsed["through"], "through")
         if isinstance(through, web.Response):
@@ -649,9 +677,10 @@ async def replay_dead_letters(request: web.Request) -> web.Response:
     """POST /v1/dead-letters/replay: put failed assignments back in the queue.
 
     Body (optional): `{"contactIds": [...]}` replays those contacts' dead letters;
-    `{"deadLetters": [{"contactId", "segmentId"}, ...]}` exactly those; `reason`, `segment`
-    and `through` (a cursor: the `newest` a count gave) keep only the dead letters of that
-    reason and segment up to that one, alone or with either list; empty or `{}` replays every
+    `{"deadLetters": [{"contactId", "segmentId"}, ...]}` exactly those; `reason`, `segment`,
+    `source` and `through` (a cursor: the `newest` a count gave) keep only the dead letters of
+    that reason, segment and source up to that one, alone or with either list (each replayed
+    from its own source); empty or `{}` replays every
     dead letter. A replay of named contacts or dead letters goes in the live lane, any other in
     the bulk lane; `"lane": "live"|"bulk"` chooses. The filtered set is walked a page at a
     time, each page committed before the next is read.
@@ -682,7 +711,7 @@ async def replay_dead_letters(request: web.Request) -> web.Response:
             # Never past the newest dead letter there is now: one replayed here that fails
             # again during the walk is not replayed twice (nor forever).
             _, newest = await service.store.count_failed(
-                reason=asked.reason, segment_id=asked.segment
+                reason=asked.reason, segment_id=asked.segment, source=asked.source
             )
             if newest is not None and (asked.through is None or newest < asked.through):
                 asked.through = newest
@@ -692,6 +721,7 @@ async def replay_dead_letters(request: web.Request) -> web.Response:
                     REPLAY_PAGE,
                     reason=asked.reason,
                     segment_id=asked.segment,
+                    source=asked.source,
                     after=after,
                     through=asked.through,
                 )

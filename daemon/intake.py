@@ -31,6 +31,7 @@ from functools import partial
 from typing import TYPE_CHECKING, TypeVar
 
 from daemon.claims import ClaimKey, Claims
+from daemon.config import MAPPINGS_SOURCE
 from daemon.store import DeliveryLog
 from listeners.base import (
     DeadEvent,
@@ -134,8 +135,8 @@ async def _receive(
         held.append((source, delivery_key))
     # The delivery's own key is held from here, before anything else can wait.
     with claims.claim(held) as delivered:
-        parsed = _storable_keys(
-            await off_loop_if_large(partial(adapter.parse, request), len(request.body))
+        parsed = await off_loop_if_large(
+            partial(_parse_from, adapter, request, source), len(request.body)
         )
         if not parsed.dead and all(event.key is None for event in parsed.events):
             # No event keys of its own (a delivery keyed as a whole): nothing to look up.
@@ -213,6 +214,30 @@ async def _claim_across_instances(service: Service, keys: list[ClaimKey]) -> Non
         with contextlib.suppress(StoreUnavailable):  # else they lapse after the claim time
             await store.unclaim_keys(mine)
         raise _HeldElsewhere(held)
+
+
+def _parse_from(adapter: SourceAdapter, request: InboundRequest, source: str) -> ParsedDelivery:
+    """The adapter's parse of the delivery, every change marked as `source`'s, keys storable.
+
+    The source is journaled with the pairs each change starts (dead letters included), so
+    that dead letters can be listed and replayed by source.
+    """
+    parsed = adapter.parse(request)
+    events = parsed.events
+    for index, event in enumerate(events):
+        invalid = event.invalid
+        if invalid is not None:
+            invalid = _dead_from(invalid, source)
+        events[index] = InboundEvent(event.change.from_source(source), event.key, invalid)
+    dead = parsed.dead
+    for index, letter in enumerate(dead):
+        dead[index] = _dead_from(letter, source)
+    return _storable_keys(parsed)
+
+
+def _dead_from(letter: DeadEvent, source: str) -> DeadEvent:
+    """The dead event, marked as `source`'s."""
+    return DeadEvent(letter.change.from_source(source), letter.reason, letter.message, letter.key)
 
 
 def _storable_keys(parsed: ParsedDelivery) -> ParsedDelivery:
@@ -572,13 +597,20 @@ async def take_mappings(service: Service, body: bytes, lane: Lane = Lane.LIVE) -
     Returns only once what it took is committed: an answer means the work survives a crash.
     `WebhookRejected` for a body it cannot take, `Busy` when segmapd cannot take work now.
     """
-    events = await off_loop_if_large(partial(parse_events, body), len(body))
-    if lane is not Lane.LIVE:
-        events = [dataclasses.replace(event, lane=lane) for event in events]
+    events = await off_loop_if_large(partial(_parse_mappings, body, lane), len(body))
     refuse_if_busy(service, sum(len(event.segment_ids) for event in events))
     results = await submit_each(service, events, admitted=True)
     await commit(service)
     return Mapped(events, results, SubmitResult.total(results))
+
+
+def _parse_mappings(body: bytes, lane: Lane) -> list[MembershipChange]:
+    """The body's events, each taken in `lane` from the admin API (`MAPPINGS_SOURCE`).
+
+    Whatever its lane: `segmapd import` is one client of `?lane=bulk` among others, and nothing
+    tells it apart.
+    """
+    return [event.from_source(MAPPINGS_SOURCE, lane) for event in parse_events(body)]
 
 
 async def replay(
@@ -586,7 +618,8 @@ async def replay(
 ) -> tuple[int, int]:
     """Queue dead letters again, each as what it was (an add, or a removal); commit, then answer.
 
-    Their work goes in `lane` (bulk for a replay of every dead letter, see the API).
+    Their work goes in `lane` (bulk for a replay of every dead letter, see the API), and keeps
+    each one's source.
 
     Returns (replayed, skipped). A dead letter of an event nobody could act on is skipped: its
     values were invalid when they arrived, and sending them now would send them as they are
@@ -597,9 +630,13 @@ async def replay(
     chosen = [letter for letter in dead_letters if not letter.dead_on_arrival]
     refuse_if_busy(service, len(chosen))
     changes = [
-        MembershipChange(letter.contact_id, add=(letter.segment_id,), lane=lane)
+        MembershipChange(
+            letter.contact_id, add=(letter.segment_id,), lane=lane, source=letter.source
+        )
         if letter.intent is Intent.ADD
-        else MembershipChange(letter.contact_id, remove=(letter.segment_id,), lane=lane)
+        else MembershipChange(
+            letter.contact_id, remove=(letter.segment_id,), lane=lane, source=letter.source
+        )
         for letter in chosen
     ]
     results = await submit_each(service, changes, admitted=True)

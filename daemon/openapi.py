@@ -398,11 +398,18 @@ RECONCILE_PROBLEM: Schema = {
         "running": {**RECONCILE_PASS, "description": "The pass running (on 409)."},
     },
 }
+SOURCE: Schema = {
+    "type": ["string", "null"],
+    "description": "Where the change that started the pair came from: the webhook source's "
+    "name (`/v1/webhooks/{source}`), or `mappings` for the admin API (`POST /v1/mappings`, "
+    "either lane, so `segmapd import` too); a replay or a drift repair keeps it. Null for a "
+    "dead letter journaled before segmapd recorded sources.",
+}
 DEAD_LETTER: Schema = {
     "type": "object",
-    "required": ["contactId", *ASSIGNMENT_PROPERTIES],
+    "required": ["contactId", *ASSIGNMENT_PROPERTIES, "source"],
     "additionalProperties": False,
-    "properties": {"contactId": {"type": "string"}, **ASSIGNMENT_PROPERTIES},
+    "properties": {"contactId": {"type": "string"}, **ASSIGNMENT_PROPERTIES, "source": SOURCE},
 }
 
 
@@ -601,6 +608,12 @@ OVERVIEW: Schema = _closed(
         ),
         "sampleIntervalS": NUMBER,
         "samples": {"type": "array", "items": SAMPLE, "description": "Oldest first."},
+        "sources": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "Every source a dead letter can name (its `source` filter): the "
+            "configured webhook sources by name, then `mappings` (the admin API).",
+        },
     }
 )
 SEGMENT_ROW: Schema = _closed(
@@ -930,13 +943,13 @@ OPENAPI_DOCUMENT: Schema = {
         "/v1/dead-letters": {
             "get": {
                 "summary": "Failed assignments, oldest first, a page at a time",
-                "description": "`reason` and `segment` narrow the list (both: dead letters "
-                "with that reason in that segment); `limit` applies after them. A full page "
+                "description": "`reason`, `segment` and `source` narrow the list (together: "
+                "dead letters matching each); `limit` applies after them. A full page "
                 "has a `next` cursor: pass it as `after` for the page that follows (same "
                 "filter). `count=true` adds `matching` (how many the filter keeps) and "
                 "`newest` (the newest one's cursor: the `through` of a replay of exactly "
-                "those). Every filter is answered from its own index, however many dead "
-                "letters there are.",
+                "those). Every filter is answered from an index of dead letters, however "
+                "many there are.",
                 "security": ADMIN,
                 "parameters": [
                     {
@@ -958,6 +971,14 @@ OPENAPI_DOCUMENT: Schema = {
                         "in": "query",
                         "required": False,
                         "description": "Only dead letters of this segment id (exact match).",
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 1024},
+                    },
+                    {
+                        "name": "source",
+                        "in": "query",
+                        "required": False,
+                        "description": "Only dead letters from this source (exact match): a "
+                        "webhook source's name, or `mappings` for the admin API.",
                         "schema": {"type": "string", "minLength": 1, "maxLength": 1024},
                     },
                     {
@@ -1002,10 +1023,12 @@ OPENAPI_DOCUMENT: Schema = {
                             },
                         },
                     ),
-                    "400": _problem("Bad `limit`, `reason`, `segment`, `after` or `count`"),
+                    "400": _problem(
+                        "Bad `limit`, `reason`, `segment`, `source`, `after` or `count`"
+                    ),
                     "414": _problem(
                         "The request line is longer than the server reads (8190 bytes): a "
-                        "very long `segment` or `after`"
+                        "very long `segment`, `source` or `after`"
                     ),
                     "401": UNAUTHORIZED,
                 },
@@ -1017,10 +1040,11 @@ OPENAPI_DOCUMENT: Schema = {
                 "or a filter's)",
                 "description": "An empty body or `{}` replays every dead letter, each with its "
                 "intent (a failed removal is replayed as a removal). `contactIds` keeps those "
-                "contacts' dead letters, `deadLetters` exactly those pairs; `reason`, `segment` "
-                "and `through` keep those of that reason and segment up to that cursor (the "
-                "`newest` of a count with the same filter: dead letters that failed since are "
-                "left out), alone or with either list. Dead letters of events nobody could act "
+                "contacts' dead letters, `deadLetters` exactly those pairs; `reason`, `segment`, "
+                "`source` and `through` keep those of that reason, segment and source up to "
+                "that cursor (the `newest` of a count with the same filter: dead letters that "
+                "failed since are left out), alone or with either list. Each is replayed from "
+                "its own source. Dead letters of events nobody could act "
                 "on (their values were invalid when they arrived: `attempts` 0) are skipped and "
                 "counted in `skipped`. Answered once the replay is committed; a large set is "
                 "replayed and committed a page at a time, so a 503 part-way leaves the pages "
@@ -1063,6 +1087,12 @@ OPENAPI_DOCUMENT: Schema = {
                                         "maxLength": 1024,
                                         "description": "Only dead letters of this segment.",
                                     },
+                                    "source": {
+                                        "type": "string",
+                                        "minLength": 1,
+                                        "maxLength": 1024,
+                                        "description": "Only dead letters from this source.",
+                                    },
                                     "through": {
                                         **CURSOR,
                                         "description": "Only dead letters up to this one (a "
@@ -1090,7 +1120,7 @@ OPENAPI_DOCUMENT: Schema = {
                     ),
                     "400": _problem(
                         "Malformed body, or a bad `contactIds`, `deadLetters`, `reason`, "
-                        "`segment`, `through` or `lane`"
+                        "`segment`, `source`, `through` or `lane`"
                     ),
                     "401": UNAUTHORIZED,
                     "413": _problem("Body larger than server.max_body_bytes"),

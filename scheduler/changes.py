@@ -201,7 +201,7 @@ class Changes:
         counts = [0, 0, 0, 0]
         stale: list[str] = []
         change_pair = self._change_pair
-        lane = change.lane
+        lane, source = change.lane, change.source
         for segment_id, intent in wanted.items():
             outcome = change_pair(
                 contact_id,
@@ -212,6 +212,8 @@ class Changes:
                 past.get(segment_id),
                 mirrored_at,
                 lane,
+                False,
+                source,
             )
             counts[outcome] += 1
             if outcome == _STALE:
@@ -233,14 +235,17 @@ class Changes:
         mirrored_at: float = 0.0,
         lane: Lane = Lane.LIVE,
         repair: bool = False,
+        source: str = "",
     ) -> SubmitResult:
         """One pair's change, compared with what is in progress and what `past` says.
 
         `repair`: a drift reconcile found (forwarded on as such if the segment moved again).
+        `source`: where the change came from, journaled with the pair if it starts it.
         """
         outcome = self._change_pair(
-            contact_id, segment_id, intent, occurred_at, now, past, mirrored_at, lane, repair
-        )
+            contact_id, segment_id, intent, occurred_at, now, past, mirrored_at, lane, repair,
+            source,
+        )  # fmt: skip
         if outcome == _STALE:
             return SubmitResult(stale=1, stale_segments=(segment_id,))
         return _RESULTS[outcome]
@@ -256,8 +261,13 @@ class Changes:
         mirrored_at: float,
         lane: Lane = Lane.LIVE,
         repair: bool = False,
+        source: str = "",
     ) -> int:
-        """`change_pair`'s outcome: `_QUEUED`, `_JOINED`, `_CACHED` or `_STALE`."""
+        """`change_pair`'s outcome: `_QUEUED`, `_JOINED`, `_CACHED` or `_STALE`.
+
+        A change that starts the pair (new work, a supersede, a cache hit) journals `source`
+        with it; one that joins work in progress leaves the pair's source as it is.
+        """
         ledger = self._ledger
         key = (contact_id, segment_id)
         version = occurred_at or now
@@ -271,7 +281,14 @@ class Changes:
             # what it holds (newer than the journal this process read).
             self._ownership.forward(
                 ForwardedChange(
-                    contact_id, segment_id, intent, occurred_at, now, lane=lane, repair=repair
+                    contact_id,
+                    segment_id,
+                    intent,
+                    occurred_at,
+                    now,
+                    lane=lane,
+                    repair=repair,
+                    source=source,
                 )
             )
             return _QUEUED
@@ -282,15 +299,15 @@ class Changes:
                 return _JOINED
             if self._confirmations is not None and ledger.validating(key):
                 self._confirmations.forget(contact_id, segment_id)
-            ledger.supersede(key, intent, occurred_at, now, lane)
+            ledger.supersede(key, intent, occurred_at, now, lane, source)
             return _QUEUED
         confirmations = self._confirmations
         known = confirmations.known(contact_id, segment_id) if confirmations else None
         if known is not None and known is (intent is Intent.ADD):
             # Confirmed as asked within the cache TTL: no call.
-            ledger.record_confirmed(contact_id, segment_id, intent, occurred_at, now, lane)
+            ledger.record_confirmed(contact_id, segment_id, intent, occurred_at, now, lane, source)
             return _CACHED
-        ledger.queue_new(contact_id, segment_id, intent, occurred_at, now, lane)
+        ledger.queue_new(contact_id, segment_id, intent, occurred_at, now, lane, source)
         return _QUEUED
 
     def _stale(  # noqa: PLR0917 (the pair's whole standing, from its two callers)
@@ -347,8 +364,8 @@ class Changes:
         is compared like any change, with `held`'s intent and time (the CRM's time of the change
         it holds), so that a newer change, in progress or arriving later, still wins; its
         confirmation is forgotten first, since CXone just contradicted it. The work goes in the
-        bulk lane. A segment owned elsewhere goes to its owner, marked as a repair. Returns
-        whether the pair was queued (or forwarded).
+        bulk lane, from the held pair's source. A segment owned elsewhere goes to its owner,
+        marked as a repair. Returns whether the pair was queued (or forwarded).
         """
         contact_id, segment_id = held.key
         now = self._wall()
@@ -358,7 +375,16 @@ class Changes:
         if self._confirmations is not None and self._ownership.owns(segment_id):
             self._confirmations.forget(contact_id, segment_id)
         outcome = self._change_pair(
-            contact_id, segment_id, held.intent, version, now, held, 0.0, Lane.BULK, repair=True
+            contact_id,
+            segment_id,
+            held.intent,
+            version,
+            now,
+            held,
+            0.0,
+            Lane.BULK,
+            repair=True,
+            source=held.source,
         )
         return outcome == _QUEUED
 
@@ -419,6 +445,7 @@ class Changes:
                         now,
                         reason=reason,
                         message=storable(message),
+                        source=change.source,
                     )
                 )
                 recorded += 1
@@ -434,6 +461,7 @@ class Changes:
                     updated_at=now,
                     intent=intent,
                     occurred_at=version,
+                    source=change.source,
                 )
             )
             recorded += 1
@@ -463,6 +491,7 @@ class Changes:
                         add=(change.segment_id,) if change.intent is Intent.ADD else (),
                         remove=(change.segment_id,) if change.intent is Intent.REMOVE else (),
                         occurred_at=change.occurred_at or None,
+                        source=change.source,
                     ),
                     change.reason,
                     change.message,
@@ -484,6 +513,7 @@ class Changes:
                     mirrored_at,
                     change.lane,
                     change.repair,
+                    change.source,
                 )
             )
         return SubmitResult.total(results)

@@ -58,6 +58,7 @@ class Change:
     occurred_at: float  # 0.0: none given (the arrival orders it)
     received_at: float
     lane: Lane = Lane.LIVE
+    source: str = ""  # where it came from (`MembershipChange.source`)
 
     @property
     def version(self) -> float:
@@ -84,6 +85,7 @@ def waiting_row(assignment: Assignment, change: Change) -> Assignment:
         intent=change.intent,
         occurred_at=change.occurred_at,
         lane=change.lane,
+        source=change.source,
     )
 
 
@@ -240,8 +242,12 @@ class Ledger:
         occurred_at: float,
         now: float,
         lane: Lane = Lane.LIVE,
+        source: str = "",
     ) -> None:
-        """A change with nothing in progress for its pair: queued for its batch (or parked)."""
+        """A change with nothing in progress for its pair: queued for its batch (or parked).
+
+        Its row carries the change's `source`; the buffer entry does not (see `Assignment`).
+        """
         assignment = Assignment(
             contact_id=contact_id,
             segment_id=segment_id,
@@ -250,6 +256,7 @@ class Ledger:
             intent=intent,
             occurred_at=occurred_at,
             lane=lane,
+            source=source,
         )
         self.pending_writes += 1
         if occurred_at:
@@ -268,6 +275,7 @@ class Ledger:
         occurred_at: float,
         now: float,
         lane: Lane = Lane.LIVE,
+        source: str = "",
     ) -> None:
         """A change CXone confirmed as asked within the cache TTL: journaled done, no call.
 
@@ -283,6 +291,7 @@ class Ledger:
                 intent=intent,
                 occurred_at=occurred_at,
                 lane=lane,
+                source=source,
             )
         )
 
@@ -326,6 +335,7 @@ class Ledger:
                     version if version > successor.version else successor.occurred_at,
                     successor.received_at,
                     Lane.LIVE if promote else successor.lane,
+                    successor.source,
                 )
                 # The journal holds the waiting change (see `transition`): journaled again, so
                 # that its lane and time survive a crash before the request's outcome.
@@ -370,13 +380,14 @@ class Ledger:
             )
         )  # fmt: skip
 
-    def supersede(
+    def supersede(  # noqa: PLR0917 (one pair's change)
         self,
         key: AssignmentKey,
         intent: Intent,
         occurred_at: float,
         now: float,
         lane: Lane = Lane.LIVE,
+        source: str = "",
     ) -> None:
         """A newer change of the other intent replaces the work in progress for the pair.
 
@@ -388,9 +399,10 @@ class Ledger:
         work leaves validation (the caller stops its validation first) and its opposite is
         queued. A request in flight (sending, or retrying: its outcome is unknown) finishes
         first, so that CXone applies the two in order; the newer change follows its outcome.
+        Every row written here starts the pair anew, and carries the newer change's `source`.
         """
         contact_id, segment_id = key
-        change = Change(intent, occurred_at, now, lane)
+        change = Change(intent, occurred_at, now, lane, source)
         successor = self._successors.get(key)
         live = self._live.get(key)
         if successor is not None:
@@ -399,6 +411,8 @@ class Ledger:
                 live.occurred_at = max(live.occurred_at, occurred_at)
                 if lane is Lane.LIVE:  # a bulk change never moves live work back
                     live.lane = lane
+                # The pair works towards this change now (with the request's), from its source.
+                live.source = source
                 self._store.record(live)
             else:
                 self._successors[key] = change
@@ -419,7 +433,7 @@ class Ledger:
         self._occurred.pop(key, None)
         replaced = Assignment(
             contact_id, segment_id, received_at=now, updated_at=now, intent=intent,
-            occurred_at=occurred_at, lane=lane,
+            occurred_at=occurred_at, lane=lane, source=source,
         )  # fmt: skip
         self._observer.superseded(replaced, intent)
         # It waits for a slot if the other intent did, else takes its place in the buffer.
@@ -438,6 +452,7 @@ class Ledger:
         assignment.occurred_at = change.occurred_at
         assignment.received_at = change.received_at
         assignment.lane = change.lane
+        assignment.source = change.source
         assignment.attempts = 0
         assignment.outcome_unknown = False
         self.transition(assignment, State.QUEUED)

@@ -19,7 +19,8 @@ class ForwardedChange:
     """One pair's change taken by this process for a segment another process owns.
 
     `reason` set: an event that can never succeed, to be dead-lettered by the owner. `repair`:
-    a drift found by reconcile, queued again as segmapd holds it (`Changes.repair`).
+    a drift found by reconcile, queued again as segmapd holds it (`Changes.repair`). `source`:
+    where the change came from (`MembershipChange.source`), which the owner journals.
     """
 
     contact_id: str
@@ -31,6 +32,7 @@ class ForwardedChange:
     message: str = ""
     lane: Lane = Lane.LIVE
     repair: bool = False
+    source: str = ""
 
 
 class Ownership(Protocol):

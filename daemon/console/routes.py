@@ -5,7 +5,8 @@ The views read the public admin API and nothing else: `/readyz`, `/v1/contacts/{
 documented in /openapi.json like the rest:
 
 - `GET /v1/overview`: the journal census, the work in progress, the rate gates, the validation
-  backlog, the refresh budget, and the ring of recent samples (`Figures`).
+  backlog, the refresh budget, the ring of recent samples (`Figures`), and the sources a dead
+  letter can name (the Dead letters view's source filter).
 - `GET /v1/segments`: per segment, what is queued, in flight, being confirmed and dead, its
   last write and its refresh budget: reads of memory, never of the journal.
 - `GET /v1/cluster`: on PostgreSQL, every instance, its shards, heartbeats and the fence.
@@ -26,6 +27,7 @@ from typing import Any
 
 from aiohttp import web
 
+from daemon.config import MAPPINGS_SOURCE
 from daemon.http import SERVICE, json_response, problem, require_admin
 from daemon.service import Service
 
@@ -219,6 +221,8 @@ def overview_view(service: Service, since: float | None) -> dict[str, Any]:
         # Compared as shown (`at` is rounded to the millisecond): a client passing back the last
         # `at` it got never gets that sample again.
         "samples": [s.view() for s in samples if since is None or round(s.at, 3) > since],
+        # What the dead letters' source filter can name.
+        "sources": [*sorted(config.sources), MAPPINGS_SOURCE],
     }
 
 

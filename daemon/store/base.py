@@ -161,15 +161,21 @@ class AssignmentJournal(Durable):
         segment_id: str | None = None,
         after: DeadLetterKey | None = None,
         through: DeadLetterKey | None = None,
+        source: str | None = None,
     ) -> list[Assignment]:
-        """Dead letters, oldest first; only those of `reason` and of `segment_id` when given.
+        """Dead letters, oldest first; only those of `reason`, `segment_id` and `source` when given.
 
+        `source` is where the change that started the pair came from (`Assignment.source`).
         Paged by key (`dead_letter_key`): `after` starts past one, `through` stops at one.
         """
 
     @abc.abstractmethod
     async def count_failed(
-        self, *, reason: FailureReason | None = None, segment_id: str | None = None
+        self,
+        *,
+        reason: FailureReason | None = None,
+        segment_id: str | None = None,
+        source: str | None = None,
     ) -> tuple[int, DeadLetterKey | None]:
         """How many dead letters the filter keeps, and the key of the newest (None: none)."""
 

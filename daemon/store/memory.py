@@ -41,7 +41,7 @@ class MemoryStore(JournalStore):
         return Recovered()
 
     def record(self, assignment: Assignment) -> None:
-        """Keep a copy of the assignment as it is now."""
+        """Keep a copy of the assignment as it is now (and its source, when it names none)."""
         key = assignment.key
         previous = self._assignments.get(key)
         # The store keeps the history: one step per record, a fresh start (queued) begins anew.
@@ -53,7 +53,10 @@ class MemoryStore(JournalStore):
             history = previous.history
         else:
             history = [*previous.history, step]
-        snapshot = dataclasses.replace(assignment, history=history)
+        # The source is written by the rows that start a pair; later ones keep it (as in
+        # `sql.ASSIGNMENTS`).
+        source = assignment.source or (previous.source if previous is not None else "")
+        snapshot = dataclasses.replace(assignment, history=history, source=source)
         self._assignments[key] = snapshot
         self._by_contact.setdefault(assignment.contact_id, {})[assignment.segment_id] = snapshot
 
@@ -94,7 +97,9 @@ class MemoryStore(JournalStore):
         found = self._by_contact.get(contact_id, {})
         return [found[segment] for segment in sorted(found)]
 
-    def _failed(self, reason: FailureReason | None, segment_id: str | None) -> list[Assignment]:
+    def _failed(
+        self, reason: FailureReason | None, segment_id: str | None, source: str | None
+    ) -> list[Assignment]:
         """Every dead letter the filter keeps, in the list's order (a walk: memory is for tests)."""
         failed = [
             a
@@ -102,6 +107,7 @@ class MemoryStore(JournalStore):
             if a.state is State.FAILED
             and (reason is None or a.reason is reason)
             and (segment_id is None or a.segment_id == segment_id)
+            and (source is None or a.source == source)
         ]
         failed.sort(key=dead_letter_key)
         return failed
@@ -114,21 +120,26 @@ class MemoryStore(JournalStore):
         segment_id: str | None = None,
         after: DeadLetterKey | None = None,
         through: DeadLetterKey | None = None,
+        source: str | None = None,
     ) -> list[Assignment]:
-        """Failed assignments, oldest failure first; of `reason` and `segment_id` when given."""
+        """Failed assignments, oldest failure first; of the filter's reason, segment and source."""
         failed = [
             a
-            for a in self._failed(reason, segment_id)
+            for a in self._failed(reason, segment_id, source)
             if (after is None or dead_letter_key(a) > after)
             and (through is None or dead_letter_key(a) <= through)
         ]
         return failed[:limit]
 
     async def count_failed(
-        self, *, reason: FailureReason | None = None, segment_id: str | None = None
+        self,
+        *,
+        reason: FailureReason | None = None,
+        segment_id: str | None = None,
+        source: str | None = None,
     ) -> tuple[int, DeadLetterKey | None]:
         """How many dead letters the filter keeps, and the newest one's key."""
-        failed = self._failed(reason, segment_id)
+        failed = self._failed(reason, segment_id, source)
         return len(failed), dead_letter_key(failed[-1]) if failed else None
 
     async def failed_by_segment(self) -> dict[str, int]:

@@ -33,13 +33,25 @@ from daemon.store.sql import (
 )
 from scheduler.store import BatchRecord
 
-AssignmentRow = tuple[str, str, str, str | None, str, int, float, float, str, float, str]
+AssignmentRow = tuple[str, str, str, str | None, str, int, float, float, str, float, str, str]
 """contact, segment, state, reason, message, attempts, received_at, updated_at, intent,
-occurred_at, lane: an assignment as both journals' `assignments` table holds it."""
+occurred_at, lane, source: an assignment as both journals' `assignments` table holds it (a
+source of '' keeps the one the journal has: see `sql.ASSIGNMENTS`)."""
 
-InboxRow = tuple[int, str, str, str, float, float, str | None, str, str, bool]
+InboxRow = tuple[int, str, str, str, float, float, str | None, str, str, bool, str]
 """shard, contact, segment, intent, occurred_at, received_at, dead-letter reason, message, lane,
-repair: a change forwarded to the owner of its segment."""
+repair, source: a change forwarded to the owner of its segment."""
+
+
+def keeping_source(row: AssignmentRow, earlier: AssignmentRow | None) -> AssignmentRow:
+    """`row`, with `earlier`'s source when it has none of its own.
+
+    Rows of one pair coalesced in a transaction (or in a retried one) keep the source of the
+    row that started the pair.
+    """
+    if row[11] or earlier is None or not earlier[11]:
+        return row
+    return (*row[:11], earlier[11])
 
 
 @dataclass
@@ -97,7 +109,8 @@ class PendingWork:
 
     def absorb(self, later: PendingWork) -> None:
         """Add changes made after these (used when a failed transaction is retried)."""
-        self.assignments.update(later.assignments)
+        for key, row in later.assignments.items():
+            self.assignments[key] = keeping_source(row, self.assignments.get(key))
         for contact_id, segments in later.contacts.items():
             self.contacts.setdefault(contact_id, set()).update(segments)
         for key, steps in later.history.items():

@@ -158,8 +158,10 @@ MIGRATIONS: list[str] = [
     # drift, which its owner queues again though its validation cache says otherwise.
     sql.render(sql.SCHEMA[5], sql.Dialect.POSTGRESQL)
     + "ALTER TABLE segmapd_inbox ADD COLUMN repair BOOLEAN NOT NULL DEFAULT false;",
-    # 6: the dead letters' partial indexes (`sql.SCHEMA`'s seventh step).
-    sql.render(sql.SCHEMA[6], sql.Dialect.POSTGRESQL),
+    # 6: the assignments' source and the dead letters' partial indexes (`sql.SCHEMA`'s seventh
+    # step), and a forwarded change's source, which its owner journals.
+    sql.render(sql.SCHEMA[6], sql.Dialect.POSTGRESQL)
+    + "ALTER TABLE segmapd_inbox ADD COLUMN source TEXT NOT NULL DEFAULT '';",
 ]
 
 
@@ -511,6 +513,7 @@ class PostgresStore(WriteBehindJournal, SharedJournal):
             change.message,
             str(change.lane),
             change.repair,
+            change.source,
         )
         with self._lock:
             self._pending.inbox.append(row)
@@ -529,8 +532,8 @@ class PostgresStore(WriteBehindJournal, SharedJournal):
         """Committed inbox rows of these shards, oldest first: (id, row)."""
         rows = await self._fetch(
             "SELECT id, shard, contact_id, segment_id, intent, occurred_at, received_at, reason, "
-            "message, lane, repair FROM segmapd_inbox WHERE shard = ANY($1::int4[]) ORDER BY id "
-            "LIMIT $2",
+            "message, lane, repair, source FROM segmapd_inbox WHERE shard = ANY($1::int4[]) "
+            "ORDER BY id LIMIT $2",
             list(shards),
             limit,
         )
@@ -548,6 +551,7 @@ class PostgresStore(WriteBehindJournal, SharedJournal):
                     r[8],
                     r[9],
                     bool(r[10]),
+                    r[11],
                 ),
             )
             for r in rows
@@ -954,9 +958,9 @@ class PostgresStore(WriteBehindJournal, SharedJournal):
         if work.inbox:
             await connection.execute(
                 "INSERT INTO segmapd_inbox (shard, contact_id, segment_id, intent, occurred_at, "
-                "received_at, reason, message, lane, repair) SELECT * FROM unnest($1::int4[], "
-                "$2::text[], $3::text[], $4::text[], $5::float8[], $6::float8[], $7::text[], "
-                "$8::text[], $9::text[], $10::bool[])",
+                "received_at, reason, message, lane, repair, source) SELECT * FROM unnest("
+                "$1::int4[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::float8[], "
+                "$7::text[], $8::text[], $9::text[], $10::bool[], $11::text[])",
                 *(list(column) for column in zip(*work.inbox, strict=True)),
             )
             # Delivered at commit, to the instances listening (the shards' owners).

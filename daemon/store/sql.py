@@ -31,8 +31,10 @@ DEAD_LETTER_INDEXES = (
     "dead_letters_by_segment",
     "dead_letters_by_reason",
     "dead_letters_by_segment_reason",
+    "dead_letters_by_source",
 )
-"""The partial indexes of failed rows (`SCHEMA` step 6), one per dead-letter filter."""
+"""The partial indexes of failed rows (`SCHEMA` step 7), one per dead-letter filter (every
+filter naming a source walks the last)."""
 
 
 class Dialect(enum.Enum):
@@ -203,13 +205,19 @@ SCHEMA: list[str] = [
     CREATE INDEX drift_by_time ON drift (found_at);
     """,
     # 7: the dead letters, paged and counted by the console and the API with a cursor, filtered
-    # by segment and reason. Partial indexes of failed rows only: a page, a count or a replay
-    # of 100,000 dead letters walks their entries alone (never the table, never other states),
-    # and rows in other states cost these indexes nothing when they change. One per filter, each
-    # in the list's order after its filter's columns, so no filter needs a sort; `state` last,
-    # so that SQLite counts from the entries alone (its planner reads the row for a column the
-    # index does not hold, even one its WHERE fixes).
+    # by segment, reason and source. Partial indexes of failed rows only: a page, a count or a
+    # replay of 100,000 dead letters walks their entries alone (never the table, never other
+    # states), and rows in other states cost these indexes nothing when they change. One per
+    # filter, each in the list's order after its filter's columns, so no filter needs a sort;
+    # `state` last, so that SQLite counts from the entries alone (its planner reads the row for
+    # a column the index does not hold, even one its WHERE fixes). Sources are few, so one
+    # index serves every filter naming one: it holds the segment and the reason too, which the
+    # walk of the source's entries checks without reading rows.
+    # Each assignment's source: where the change that started it came from (a webhook source's
+    # name, `mappings`); written by the rows that start a pair and kept by later transitions.
+    # Rows from before have none ('').
     """
+    ALTER TABLE assignments ADD COLUMN source TEXT NOT NULL DEFAULT '';
     CREATE INDEX dead_letters ON assignments (updated_at, contact_id, segment_id, state)
         WHERE state = 'failed';
     CREATE INDEX dead_letters_by_segment
@@ -218,6 +226,9 @@ SCHEMA: list[str] = [
         ON assignments (reason, updated_at, contact_id, segment_id, state) WHERE state = 'failed';
     CREATE INDEX dead_letters_by_segment_reason
         ON assignments (segment_id, reason, updated_at, contact_id, state) WHERE state = 'failed';
+    CREATE INDEX dead_letters_by_source
+        ON assignments (source, updated_at, contact_id, segment_id, reason, state)
+        WHERE state = 'failed';
     """,
 ]
 """The journal's tables as they grew, step by step: SQLite's migrations 1-7; PostgreSQL's first
@@ -280,7 +291,8 @@ class Delete:
 
 
 # History is text, "state:time;" per transition, so that appending the transitions of a
-# transaction is a concatenation; a fresh start (queued) replaces it.
+# transaction is a concatenation; a fresh start (queued) replaces it. The source is written by
+# the rows that start a pair; a later transition's row has none ('') and keeps the journal's.
 ASSIGNMENTS = Upsert(
     "assignments",
     (
@@ -295,6 +307,7 @@ ASSIGNMENTS = Upsert(
         "intent",
         "occurred_at",
         "lane",
+        "source",
         "history",
     ),
     (
@@ -310,6 +323,7 @@ ASSIGNMENTS = Upsert(
         "float8",
         "text",
         "text",
+        "text",
     ),
     """ON CONFLICT (contact_id, segment_id) DO UPDATE SET
         state = excluded.state, reason = excluded.reason,
@@ -317,6 +331,9 @@ ASSIGNMENTS = Upsert(
         received_at = excluded.received_at, updated_at = excluded.updated_at,
         intent = excluded.intent, occurred_at = excluded.occurred_at,
         lane = excluded.lane,
+        source = CASE
+            WHEN excluded.source <> '' THEN excluded.source ELSE assignments.source
+        END,
         history = CASE
             WHEN excluded.history LIKE 'queued:%' THEN excluded.history
             ELSE assignments.history || excluded.history
@@ -512,7 +529,7 @@ WRITES: tuple[Upsert | Delete | Update, ...] = (
 # ALTER TABLE appends to).
 ASSIGNMENT_COLUMNS = (
     "contact_id, segment_id, state, reason, message, attempts, received_at, updated_at, "
-    "history, intent, occurred_at, lane"
+    "history, intent, occurred_at, lane, source"
 )
 CONTACT = f"SELECT {ASSIGNMENT_COLUMNS} FROM assignments WHERE contact_id = $1"  # noqa: S608 (constants)
 COUNTS = "SELECT state, count(*) FROM assignments GROUP BY state"
@@ -525,14 +542,22 @@ cursor the list is paged by (oldest first, ties in id order)."""
 
 
 def _dead_letter_filter(
-    reason: FailureReason | None, segment_id: str | None, parameters: list[object]
+    reason: FailureReason | None,
+    segment_id: str | None,
+    source: str | None,
+    parameters: list[object],
 ) -> tuple[str, list[str], list[str]]:
     """The filter's index (as a `{word}`), its conditions, and the key columns left to order by.
 
     A column the filter fixes orders nothing: leaving it out of the cursor's comparison keeps
-    the comparison on the columns that follow the filter's in its index (`SCHEMA` step 6).
+    the comparison on the columns that follow the filter's in its index (`SCHEMA` step 7). A
+    filter naming a source walks the source's entries, whose segment and reason it checks
+    there (`dead_letters_by_source` holds both).
     """
     conditions = ["state = 'failed'"]
+    if source is not None:
+        parameters.append(source)
+        conditions.append(f"source = ${len(parameters)}")
     if reason is not None:
         parameters.append(str(reason))
         conditions.append(f"reason = ${len(parameters)}")
@@ -540,6 +565,8 @@ def _dead_letter_filter(
         parameters.append(segment_id)
         conditions.append(f"segment_id = ${len(parameters)}")
     ordered = ["updated_at", "contact_id"] + (["segment_id"] if segment_id is None else [])
+    if source is not None:
+        return "assignments{dead_letters_by_source}", conditions, ordered
     index = "dead_letters" + ("_by_segment" if segment_id is not None else "")
     if reason is not None:
         index += "_reason" if segment_id is not None else "_by_reason"
@@ -562,29 +589,45 @@ def failed_query(
     segment_id: str | None,
     after: DeadLetterKey | None = None,
     through: DeadLetterKey | None = None,
+    *,
+    source: str | None = None,
 ) -> tuple[str, list[object]]:
-    """Dead letters, oldest first, of `reason` and `segment_id` when given: SQL and parameters.
+    """Dead letters, oldest first, of the filter's reason, segment and source: SQL, parameters.
 
     `after` starts past a cursor (the last row of the previous page); `through` stops at one (the
-    newest row a caller counted, so that what failed since is left out). Each filter walks its
-    own partial index of failed rows in order and stops at `limit` rows: no sort, no other
+    newest row a caller counted, so that what failed since is left out). Each filter walks a
+    partial index of failed rows in order and stops at `limit` rows: no sort, no other
     state, whatever the filter.
+
+    A source with a segment or a reason walks the source's entries, checking the others there.
+    The page's keys are found from the entries alone, then its rows read by key: the table
+    has no rowid, so SQLite would otherwise read the row of every entry it walks before it
+    checks the entry's segment and reason (a source's 100,000 dead letters, to find a few).
     """
     parameters: list[object] = [limit]
-    table, conditions, ordered = _dead_letter_filter(reason, segment_id, parameters)
+    table, conditions, ordered = _dead_letter_filter(reason, segment_id, source, parameters)
     if after is not None:
         conditions.append(_beyond(ordered, after, ">", parameters))
     if through is not None:
         conditions.append(_beyond(ordered, through, "<=", parameters))
-    sql = (
-        f"SELECT {ASSIGNMENT_COLUMNS} FROM {table} "  # noqa: S608 (fixed fragments)
-        f"WHERE {' AND '.join(conditions)} ORDER BY {', '.join(ordered)} LIMIT $1"
-    )
+    where, order = " AND ".join(conditions), ", ".join(ordered)
+    if source is not None and (reason is not None or segment_id is not None):
+        # The outer sort is of the page's rows only.
+        sql = (
+            f"SELECT {ASSIGNMENT_COLUMNS} FROM assignments "  # noqa: S608 (fixed fragments)
+            f"WHERE (contact_id, segment_id) IN (SELECT contact_id, segment_id FROM {table} "
+            f"WHERE {where} ORDER BY {order} LIMIT $1) ORDER BY {order}"
+        )
+    else:
+        sql = (
+            f"SELECT {ASSIGNMENT_COLUMNS} FROM {table} "  # noqa: S608 (fixed fragments)
+            f"WHERE {where} ORDER BY {order} LIMIT $1"
+        )
     return sql, parameters
 
 
 def count_failed_query(
-    reason: FailureReason | None, segment_id: str | None
+    reason: FailureReason | None, segment_id: str | None, source: str | None = None
 ) -> tuple[str, list[object]]:
     """How many dead letters the filter keeps, and the newest one's key: SQL and parameters.
 
@@ -592,7 +635,7 @@ def count_failed_query(
     filter's partial index alone (a count of its entries, and its last entry).
     """
     parameters: list[object] = []
-    table, conditions, ordered = _dead_letter_filter(reason, segment_id, parameters)
+    table, conditions, ordered = _dead_letter_filter(reason, segment_id, source, parameters)
     where = " AND ".join(conditions)
     descending = ", ".join(f"{column} DESC" for column in ordered)
     sql = (
@@ -687,7 +730,7 @@ _LANES = {lane.value: lane for lane in Lane}
 def assignment_from_row(row: Iterable[Any]) -> Assignment:
     """An assignment from its columns in `ASSIGNMENT_COLUMNS` order."""
     (contact_id, segment_id, state, reason, message, attempts, received, updated, history,
-     intent, occurred_at, lane) = row  # fmt: skip
+     intent, occurred_at, lane, source) = row  # fmt: skip
     steps = [
         (_STATES[name], float(at))
         for name, _, at in (step.partition(":") for step in history.split(";") if step)
@@ -710,6 +753,7 @@ def assignment_from_row(row: Iterable[Any]) -> Assignment:
         intent=_INTENTS[intent],
         occurred_at=occurred_at,
         lane=_LANES[lane],
+        source=source,
     )
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from daemon.store.base import DriftFinding, JournalStore
 from daemon.store.delivery_filter import DeliveryKey
-from daemon.store.pending import AssignmentRow, PendingWork
+from daemon.store.pending import AssignmentRow, PendingWork, keeping_source
 from daemon.store.sql import (
     CONTACT,
     COUNTS,
@@ -240,10 +240,14 @@ class WriteBehindJournal(JournalStore):
             str(assignment.intent),
             assignment.occurred_at,
             str(assignment.lane),
+            assignment.source,
         )
         key = (contact_id, segment_id)
         with self._lock:
             pending = self._pending
+            if not row[11]:
+                # A later transition: the source of a start queued before it stays.
+                row = keeping_source(row, pending.assignments.get(key))
             pending.assignments[key] = row
             segments = pending.contacts.get(contact_id)
             if segments is None:
@@ -401,9 +405,14 @@ class WriteBehindJournal(JournalStore):
         # after it (what it became).
         forwarded = await self._forwarded(contact_id)
         rows = await self._select(CONTACT, contact_id)
-        merged = {row[1]: assignment_from_row(row) for row in rows}
+        committed = {row[1]: assignment_from_row(row) for row in rows}
+        merged = dict(committed)
         merge_newer(merged, before)
         merged.update(self._uncommitted(contact_id))
+        for segment_id, assignment in merged.items():
+            # A later transition's row names no source: the journal's stays, as at commit.
+            if not assignment.source and segment_id in committed:
+                assignment.source = committed[segment_id].source
         # Changes forwarded to their segment's owner and not taken yet: queued, as they are.
         for segment_id, intent, occurred_at, received_at, lane in forwarded:
             known = merged.get(segment_id)
@@ -445,16 +454,21 @@ class WriteBehindJournal(JournalStore):
         segment_id: str | None = None,
         after: DeadLetterKey | None = None,
         through: DeadLetterKey | None = None,
+        source: str | None = None,
     ) -> list[Assignment]:
-        """Dead letters, oldest first; of `reason` and `segment_id` when given (`failed_query`)."""
-        sql, parameters = failed_query(limit, reason, segment_id, after, through)
+        """Dead letters, oldest first; of the reason, segment and source given (`failed_query`)."""
+        sql, parameters = failed_query(limit, reason, segment_id, after, through, source=source)
         return [assignment_from_row(row) for row in await self._select(sql, *parameters)]
 
     async def count_failed(
-        self, *, reason: FailureReason | None = None, segment_id: str | None = None
+        self,
+        *,
+        reason: FailureReason | None = None,
+        segment_id: str | None = None,
+        source: str | None = None,
     ) -> tuple[int, DeadLetterKey | None]:
         """How many dead letters the filter keeps, and the newest one's key (committed rows)."""
-        sql, parameters = count_failed_query(reason, segment_id)
+        sql, parameters = count_failed_query(reason, segment_id, source)
         ((count, updated_at, contact_id, segment),) = await self._select(sql, *parameters)
         if not count:
             return 0, None

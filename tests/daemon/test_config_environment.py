@@ -71,3 +71,12 @@ def test_the_bulk_read_share_is_a_fraction_below_one_and_an_error_names_its_key(
     for bad in ("1", "1.5", "-0.1", "lots"):
         with pytest.raises(ConfigError, match=r"limits\.bulk_read_share_min"):
             load_config(config_file, environ={"SEGMAPD_LIMITS__BULK_READ_SHARE_MIN": bad})
+
+
+def test_no_webhook_source_may_take_the_name_the_admin_apis_changes_have(tmp_path: Path) -> None:
+    # Dead letters name the admin API's changes `mappings`: a source of that name would be
+    # told apart from them by nothing.
+    config_file = tmp_path / "segmapd.toml"
+    config_file.write_text(BASE + '\n[sources.mappings]\nkind = "standard"\nsecret = "s"\n')
+    with pytest.raises(ConfigError, match=r"sources\.mappings: the name is reserved"):
+        load_config(config_file, environ={})

@@ -337,6 +337,9 @@ async def test_dead_letters_are_listed_whole_escaped_and_filtered_by_reason_and_
     assert await contacts("--reason", "contact_not_found", "--segment", "DLB") == [
         ("810000000001", "DLB")
     ]
+    # The forged id came through the `feed` source, the others through `crm`.
+    assert await contacts("--source", "feed") == [(forged, "DLB")]
+    assert len(await contacts("--source", "crm", "--segment", "DLA")) == 2
     code, out, _ = await segmapd("dlq", "list", "--segment", "NONE", *admin, env=cli_env)
     assert code == 0 and "no dead letters" in out
     code, out, err = await segmapd("dlq", "list", "--limit", "1", *admin, env=cli_env)

@@ -17,6 +17,7 @@ import aiohttp
 import asyncpg
 import orjson
 
+from daemon.notifier import rfc3339
 from tests.e2e.conftest import Daemon, StartDaemon
 from tests.support.emulator import EmulatorControl
 from tests.support.postgres import PostgresServer
@@ -596,3 +597,62 @@ async def test_a_large_deliverys_mirror_removes_what_it_added_on_segments_owned_
     ), states
     for segment in segments:
         assert "lmx" not in {m["contactId"] for m in await emulator.members(segment)}
+
+
+async def test_changes_forwarded_to_a_segments_owner_keep_their_source(
+    start_daemon: StartDaemon,
+    emulator: EmulatorControl,
+    http: aiohttp.ClientSession,
+    postgres: PostgresServer,
+    postgres_url: str,
+):
+    """A webhook and an admin API change taken by one instance for segments the other owns
+    are journaled by the owner with their sources, and a replay of one source's dead letters,
+    forwarded again, keeps it."""
+    daemons = await start_cluster(start_daemon, postgres, postgres_url, 2)
+    segments = [f"FS{n}" for n in range(16)]  # the other instance owns some of them
+    await emulator.set_missing_contacts(["fs-hook", "fs-api"])
+    status, answer = await daemons[0].webhook(http, {"contactId": "fs-hook", "add": segments})
+    assert status == 202, answer
+    async with http.post(
+        f"{daemons[0].url}/v1/mappings",
+        json={"contactId": "fs-api", "add": segments},
+        headers=daemons[0].admin,
+    ) as response:
+        assert response.status == 202, await response.text()
+    assert await metric(http, daemons[0], "segmapd_cluster_forwarded_total") > 0
+    for contact in ("fs-hook", "fs-api"):
+        await daemons[0].wait_states(http, contact, {"failed"}, 30)
+
+    async def by_source(daemon: Daemon, source: str) -> list[dict[str, Any]]:
+        async with http.get(
+            f"{daemon.url}/v1/dead-letters?source={source}", headers=daemon.admin
+        ) as response:
+            assert response.status == 200
+            letters: list[dict[str, Any]] = (await response.json())["deadLetters"]
+            return letters
+
+    for daemon in daemons:
+        hook = await by_source(daemon, "crm")
+        assert sorted(d["segmentId"] for d in hook) == sorted(segments)
+        assert {d["contactId"] for d in hook} == {"fs-hook"}
+        assert {d["contactId"] for d in await by_source(daemon, "mappings")} == {"fs-api"}
+    # Replayed from the other instance: each goes (forwarded, for some) to its owner as the
+    # webhook's, and fails again as the webhook's.
+    replayed_at = time.time()
+    async with http.post(
+        f"{daemons[1].url}/v1/dead-letters/replay",
+        json={"source": "crm"},
+        headers=daemons[1].admin,
+    ) as response:
+        assert response.status == 202, await response.text()
+        assert (await response.json())["replayed"] == len(segments)
+    deadline = time.monotonic() + 30
+    while True:
+        hook = await by_source(daemons[0], "crm")
+        failed_again = [d for d in hook if d["receivedAt"] >= rfc3339(replayed_at - 0.001)]
+        if len(failed_again) == len(segments):
+            break
+        assert time.monotonic() < deadline, hook
+        await asyncio.sleep(0.1)
+    assert {d["contactId"] for d in await by_source(daemons[0], "mappings")} == {"fs-api"}

@@ -385,6 +385,55 @@ def test_replay_all_matching_replays_exactly_the_filtered_set(console: Console):
     assert status == 200 and listed["matching"] == 2
 
 
+def test_dead_letters_are_filtered_by_source_and_only_that_sources_replayed(console: Console):
+    daemon = console.daemon
+    segment = _segment("Src")
+    from_app = [_contact("app") for _ in range(2)]
+    from_api = [_contact("api") for _ in range(2)]
+    daemon.missing(from_app + from_api)
+    for contact in from_app:
+        assert daemon.json_webhook({"contactId": contact, "add": [segment]}) == 202
+    daemon.mappings([{"contactId": c, "segmentIds": [segment]} for c in from_api])
+    for contact in from_app:
+        daemon.wait_states(contact, {segment: "failed"})
+    console.sign_in()
+    console.view("Dead letters")
+    page = console.page
+    summary = page.locator("[data-matching]")
+    rows = page.locator("tbody tr[data-contact]")
+    page.get_by_label("Segment").fill(segment)
+    page.get_by_role("button", name="Filter").click()
+    # Every source at first, each row naming its own.
+    expect(summary).to_have_attribute("data-matching", "4")
+    expect(rows.locator('[data-source="app"]')).to_have_count(2)
+    expect(rows.locator('[data-source="mappings"]')).to_have_count(2)
+    expect(rows.locator('[data-source="mappings"]').first).to_have_text("mappings (admin API)")
+    # The select offers the configured sources, and the admin API's.
+    page.get_by_label("Source").select_option("app")
+    page.get_by_role("button", name="Filter").click()
+    expect(summary).to_have_attribute("data-matching", "2")
+    expect(rows).to_have_count(2)
+    expect(rows.locator('[data-source="app"]')).to_have_count(2)
+    console.shoot("dead-letters-by-source")
+    daemon.missing([])
+    page.get_by_role("button", name="Replay all matching").click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog).to_contain_text("all 2 dead letters matching segment")
+    expect(dialog).to_contain_text("and source app")
+    dialog.get_by_role("button", name="Confirm").click()
+    expect(page.get_by_role("status")).to_contain_text("Replayed 2 matching dead letters")
+    for contact in from_app:
+        daemon.wait_states(contact, {segment: "active"})
+    # The admin API's dead letters of the same segment were not in the filter: still dead.
+    for contact in from_api:
+        assert daemon.states(contact)[segment] == "failed"
+    status, listed = daemon.admin(
+        "GET", f"/v1/dead-letters?segment={segment}&source=mappings&count=true"
+    )
+    assert status == 200 and listed["matching"] == 2
+    assert {d["source"] for d in listed["deadLetters"]} == {"mappings"}
+
+
 def test_a_contact_id_sent_as_markup_is_shown_as_text(console: Console):
     daemon = console.daemon
     segment = _segment("Xss")

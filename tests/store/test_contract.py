@@ -255,6 +255,79 @@ async def test_dead_letters_are_paged_by_key_counted_and_tallied_per_segment(sto
     assert await store.failed_by_segment() == {"s1": 4, "s2": 3}
 
 
+def started(contact: str, segment: str, source: str, at: float = 1000.0) -> Assignment:
+    """The row a pair's start records: it names the change's source."""
+    return dataclasses.replace(new(contact, segment, at), source=source)
+
+
+def carried_on(start: Assignment) -> Assignment:
+    """The engine's object for the pair's later transitions: it names no source."""
+    return dataclasses.replace(start, source="", history=list(start.history or ()))
+
+
+def fail(store: JournalStore, a: Assignment, at: float, reason: FailureReason) -> None:
+    a.attempts += 1
+    a.transition(State.SENDING, NOW + at - 0.5)
+    store.record(a)
+    a.transition(State.FAILED, NOW + at, reason=reason)
+    store.record(a)
+
+
+async def test_the_source_of_a_pairs_start_survives_its_later_transitions_and_a_replay(store):
+    not_found, exhausted = FailureReason.CONTACT_NOT_FOUND, FailureReason.RETRIES_EXHAUSTED
+    # Started and failed in one transaction: the later rows, queued over the start's, keep it.
+    first = started("c1", "s1", "crm")
+    store.record(first)
+    fail(store, carried_on(first), 1010.0, not_found)
+    # Started, then failed in later transactions.
+    second = started("c2", "s1", "hubspot")
+    store.record(second)
+    await store.flush()
+    fail(store, carried_on(second), 1020.0, exhausted)
+    third = started("c3", "s2", "mappings")
+    store.record(third)
+    await store.flush()
+    fail(store, carried_on(third), 1030.0, not_found)
+    # A row written before sources were recorded names none.
+    old = new("c4", "s1")
+    store.record(old)
+    fail(store, old, 1040.0, not_found)
+    await store.flush()
+
+    async def listed(**filters: object) -> list[tuple[str, str]]:
+        return [(a.contact_id, a.source) for a in await store.failed(**filters)]
+
+    assert await listed() == [("c1", "crm"), ("c2", "hubspot"), ("c3", "mappings"), ("c4", "")]
+    assert await listed(source="crm") == [("c1", "crm")]
+    assert await listed(source="crm", segment_id="s1", reason=not_found) == [("c1", "crm")]
+    assert await listed(source="crm", segment_id="s2") == []
+    assert await listed(source="hubspot", reason=not_found) == []
+    assert await listed(source="mappings", segment_id="s2") == [("c3", "mappings")]
+    assert await listed(source="nowhere") == []
+    assert await store.count_failed(source="hubspot") == (1, (NOW + 1020.0, "c2", "s1"))
+    assert await store.count_failed(source="crm", reason=exhausted) == (0, None)
+    [c2] = await store.contact("c2")
+    assert c2.source == "hubspot"
+
+    # A replay is a new start from the dead letter's own source; it fails again, still its.
+    [letter] = await store.failed(source="hubspot")
+    replayed = started("c2", "s1", letter.source, 2000.0)
+    store.record(replayed)
+    fail(store, carried_on(replayed), 2010.0, not_found)
+    await store.flush()
+    assert await listed(source="hubspot", reason=not_found) == [("c2", "hubspot")]
+    # A start naming no source keeps the pair's; one naming another replaces it.
+    store.record(new("c2", "s1", 3000.0))
+    store.record(started("c3", "s2", "crm", 3000.0))
+    await store.flush()
+    assert [a.source for a in await store.contact("c2")] == ["hubspot"]
+    assert [a.source for a in await store.contact("c3")] == ["crm"]
+    # Paged by key within a source, as without one.
+    page = await store.failed(1, source="crm")
+    assert [a.contact_id for a in page] == ["c1"]
+    assert await store.failed(1, source="crm", after=dead_letter_key(page[0])) == []
+
+
 async def test_a_restart_begins_a_new_history(store):
     a = new("c", "s")
     store.record(a)

@@ -102,9 +102,9 @@ async def test_a_journal_from_before_lanes_is_upgraded_and_its_rows_are_live(
     await store.open()
     try:
         [old] = await store.contact("c-old")
-        assert (old.state, old.lane) == (State.QUEUED, Lane.LIVE)
+        assert (old.state, old.lane, old.source) == (State.QUEUED, Lane.LIVE, "")
         [(_, row)] = await store.read_inbox(list(range(SHARDS)), 10)
-        assert row[8] == "live"
+        assert (row[8], row[10]) == ("live", "")
     finally:
         await store.close()
 
@@ -483,8 +483,10 @@ async def test_forwarded_changes_reach_the_owner_once_and_show_as_queued(
     first, second = journal(), journal()
     await asyncio.gather(first.open(), second.open())
     try:
-        first.forward(ForwardedChange("c9", "vip", Intent.ADD, NOW, NOW + 1))
-        first.forward(ForwardedChange("c9", "old", Intent.REMOVE, 0.0, NOW + 2, lane=Lane.BULK))
+        first.forward(ForwardedChange("c9", "vip", Intent.ADD, NOW, NOW + 1, source="crm"))
+        first.forward(
+            ForwardedChange("c9", "old", Intent.REMOVE, 0.0, NOW + 2, lane=Lane.BULK, source="")
+        )
         await first.flush()
         # Status from any instance shows them queued until their owner takes them, each in
         # the lane it came in.
@@ -495,6 +497,8 @@ async def test_forwarded_changes_reach_the_owner_once_and_show_as_queued(
         rows = await second.read_inbox(list(range(SHARDS)), 10)
         assert [row[2] for _, row in rows] == ["vip", "old"]
         assert [row[8] for _, row in rows] == ["live", "bulk"]
+        # The owner journals each with the source it came from.
+        assert [row[10] for _, row in rows] == ["crm", ""]
         second.consume_inbox([(row_id, row[0]) for row_id, row in rows])
         await second.flush()
         assert await first.read_inbox(list(range(SHARDS)), 10) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sqlite3
 import threading
 import time
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from daemon.store import sql
 from daemon.store.delivery_filter import capacity_for
 from daemon.store.sqlite import (
     APPLICATION_ID,
@@ -475,8 +477,9 @@ async def test_a_journal_of_the_previous_release_is_upgraded_in_place(tmp_path: 
             "c-s": (State.SENDING, Intent.ADD),
         }
         assert [s for s, _ in by_id["c-v"].history or []] == ["queued", "sending", "verifying"]
-        # Every row of a journal from before lanes is live.
+        # Every row of a journal from before lanes is live, and names no source.
         assert {a.lane for a in recovered.assignments} == {Lane.LIVE}
+        assert {a.source for a in recovered.assignments} == {""}
         assert recovered.batches == [BatchRecord("b1", "s", ("c-s",), "s:k1", 1, Intent.ADD)]
         assert [(c, m) for c, _, _, m in recovered.confirmations] == [("c-a", True)]
         # And the upgraded journal takes removals.
@@ -510,3 +513,30 @@ async def test_a_writer_thread_stopped_by_an_unexpected_error_fails_flushes_at_o
             await asyncio.wait_for(store.flush(), 10)
     finally:
         await asyncio.wait_for(store.close(), 10)
+
+
+def test_every_dead_letter_filter_walks_an_index_of_dead_letters(tmp_path: Path):
+    journal = sqlite3.connect(tmp_path / "journal.db")
+    for step in MIGRATIONS:
+        journal.executescript(step)
+    key = (1.0, "c", "s")
+    for reason, segment, source in itertools.product(
+        (None, FailureReason.NOT_INDEXED), (None, "VIP"), (None, "crm")
+    ):
+        statements = [
+            sql.failed_query(50, reason, segment, source=source),
+            sql.failed_query(50, reason, segment, key, key, source=source),
+            sql.count_failed_query(reason, segment, source),
+        ]
+        for text, parameters in statements:
+            rendered = sql.render(text, sql.Dialect.SQLITE)
+            plan = [row[3] for row in journal.execute(f"EXPLAIN QUERY PLAN {rendered}", parameters)]
+            walks = [step for step in plan if step.startswith(("SCAN assignments", "SEARCH"))]
+            # A partial index of failed rows, or the primary key for a page's rows: never the
+            # table, never the index of every state.
+            assert walks, plan
+            assert all("INDEX dead_letters" in s or "PRIMARY KEY" in s for s in walks), plan
+            if source is not None and (reason or segment):
+                # The source's entries are checked without reading a row each.
+                assert any("COVERING INDEX dead_letters_by_source" in s for s in walks), plan
+    journal.close()

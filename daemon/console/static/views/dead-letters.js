@@ -1,6 +1,6 @@
-// Dead letters: filtered and paged by the daemon (a cursor per page, a count of the matching
-// set), replayed by selection ("Replay") or by exactly the filtered set ("Replay all
-// matching", confirmed first, bounded by the newest dead letter counted).
+// Dead letters: filtered (reason, segment, source) and paged by the daemon (a cursor per page, a
+// count of the matching set), replayed by selection ("Replay") or by exactly the filtered set
+// ("Replay all matching", confirmed first, bounded by the newest dead letter counted).
 
 import { call } from "../api.js";
 import { fill, h, messageArea, say, stacked, table } from "../dom.js";
@@ -8,6 +8,12 @@ import { count, timestamp, words } from "../format.js";
 
 const PAGE = 50;
 const REASONS = ["contact_not_found", "invalid_contact_id", "segment_not_found", "retries_exhausted", "not_indexed"];
+// The source the daemon journals for the admin API's changes (POST /v1/mappings, imports).
+const MAPPINGS = "mappings";
+
+function sourceLabel(name) {
+  return name === MAPPINGS ? `${MAPPINGS} (admin API)` : name;
+}
 
 export function mount(root, { argument }) {
   const reason = h(
@@ -17,17 +23,15 @@ export function mount(root, { argument }) {
     REASONS.map((r) => h("option", { value: r }, words(r))),
   );
   const segmentInput = h("input", { id: "dl-segment", name: "segment", type: "text", autocomplete: "off", spellcheck: "false", placeholder: "Any segment" });
+  // Its options are the sources the daemon names (the overview's `sources`), once it answers.
+  const source = h("select", { id: "dl-source", name: "source" }, h("option", { value: "" }, "Any source"));
   const filters = h(
     "form",
     { class: "inline-form", "aria-label": "Filter dead letters" },
     h("div", { class: "field" }, h("label", { for: "dl-reason" }, "Reason"), reason),
     h("div", { class: "field" }, h("label", { for: "dl-segment" }, "Segment"), segmentInput),
+    h("div", { class: "field" }, h("label", { for: "dl-source" }, "Source"), source),
     h("button", { type: "submit" }, "Filter"),
-  );
-  const sourceNote = h(
-    "p",
-    { class: "note" },
-    "Filtering by source is not offered: the journal does not record which source a change came from.",
   );
   const summary = h("p", { class: "summary", "data-matching": "" }, "");
   const status = messageArea("status");
@@ -52,7 +56,7 @@ export function mount(root, { argument }) {
   );
   root.append(
     h("div", { class: "view-head" }, h("h1", {}, "Dead letters")),
-    h("div", { class: "card" }, filters, sourceNote),
+    h("div", { class: "card" }, filters),
     h(
       "div",
       { class: "card wide" },
@@ -64,7 +68,7 @@ export function mount(root, { argument }) {
     dialog,
   );
 
-  let applied = { reason: "", segment: "" };
+  let applied = { reason: "", segment: "", source: "" };
   let cursors = [null]; // the `after` of each page seen so far
   let pageIndex = 0;
   let page = { deadLetters: [], next: null };
@@ -77,6 +81,7 @@ export function mount(root, { argument }) {
     const params = new URLSearchParams({ limit: String(PAGE) });
     if (applied.reason) params.set("reason", applied.reason);
     if (applied.segment) params.set("segment", applied.segment);
+    if (applied.source) params.set("source", applied.source);
     if (after) params.set("after", after);
     if (withCount) params.set("count", "true");
     return `v1/dead-letters?${params}`;
@@ -86,6 +91,7 @@ export function mount(root, { argument }) {
     const parts = [];
     if (applied.reason) parts.push(`reason ${words(applied.reason)}`);
     if (applied.segment) parts.push(`segment ${applied.segment}`);
+    if (applied.source) parts.push(`source ${sourceLabel(applied.source)}`);
     return parts.length ? parts.join(" and ") : "no filter";
   }
 
@@ -112,7 +118,7 @@ export function mount(root, { argument }) {
     }
     const all = h("input", { type: "checkbox", "aria-label": "Select every dead letter on this page" });
     const { element, body } = table("Dead letters", [
-      [all], ["Contact id"], ["Segment"], ["Intent"], ["Reason"], ["Attempts", "num"], ["Failed"], ["Message"],
+      [all], ["Contact id"], ["Segment"], ["Source"], ["Intent"], ["Reason"], ["Attempts", "num"], ["Failed"], ["Message"],
     ]);
     const boxes = [];
     for (const row of page.deadLetters) {
@@ -135,6 +141,8 @@ export function mount(root, { argument }) {
           h("td", { "data-label": "Select" }, box),
           h("td", { class: "id" }, h("a", { href: `#contact/${encodeURIComponent(row.contactId)}` }, row.contactId)),
           h("td", { class: "id" }, row.segmentId),
+          // Null: journaled before segmapd recorded sources.
+          h("td", { class: "id", "data-source": row.source || "" }, row.source ? sourceLabel(row.source) : "–"),
           h("td", {}, row.intent),
           h("td", { class: "nowrap" }, words(row.reason || "")),
           h("td", { class: "num" }, count(row.attempts)),
@@ -171,7 +179,7 @@ export function mount(root, { argument }) {
 
   filters.addEventListener("submit", (event) => {
     event.preventDefault();
-    applied = { reason: reason.value, segment: segmentInput.value.trim() };
+    applied = { reason: reason.value, segment: segmentInput.value.trim(), source: source.value };
     cursors = [null];
     pageIndex = 0;
     selected = new Map();
@@ -230,14 +238,27 @@ export function mount(root, { argument }) {
     const body = { through: newest };
     if (applied.reason) body.reason = applied.reason;
     if (applied.segment) body.segment = applied.segment;
+    if (applied.source) body.source = applied.source;
     if (newest) replay(body, "matching dead letters");
   });
+
+  async function loadSources() {
+    try {
+      // Samples from now on only: none, since only the source names are wanted here.
+      const answer = await call(`v1/overview?since=${Math.floor(Date.now() / 1000)}`);
+      if (stopped) return;
+      source.append(...answer.body.sources.map((name) => h("option", { value: name }, sourceLabel(name))));
+    } catch (error) {
+      if (!stopped && error.status !== 401) say(status, `Could not list the sources: ${error.message}`, "error");
+    }
+  }
 
   // "#dead-letters/VIP" (from the Segments view) opens on that segment's dead letters.
   if (argument) {
     segmentInput.value = argument;
-    applied = { reason: "", segment: argument };
+    applied = { reason: "", segment: argument, source: "" };
   }
+  loadSources();
   load();
   return {
     unmount() {
