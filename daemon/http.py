@@ -213,7 +213,14 @@ def require_admin(request: web.Request) -> web.Response | None:
 
 
 def _encodable(text: str) -> bool:
-    """Whether `text` is valid Unicode: no lone surrogate (an undecodable byte) in it."""
+    """Whether a journal can be asked for `text`: valid Unicode, and no NUL.
+
+    No stored id holds either (they are made storable on the way in); PostgreSQL's text type
+    takes neither, so asking for one would fail the query itself (a 503 that retrying never
+    mends) where the answer is simply "no such id".
+    """
+    if "\x00" in text:
+        return False
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -371,7 +378,8 @@ async def contact(request: web.Request) -> web.Response:
     if denied is not None:
         return denied
     contact_id = request.match_info["contactId"]
-    assignments = await service.store.contact(contact_id)
+    # An id no journal can hold (a NUL) is held by nobody.
+    assignments = await service.store.contact(contact_id) if _encodable(contact_id) else []
     if not assignments:
         return problem(404, f"no assignments for contact {contact_id!r}", field="contactId")
     poller = service.poller
@@ -436,6 +444,8 @@ def decode_cursor(text: str) -> DeadLetterKey | None:
     if isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at):
         return None
     if not (isinstance(contact_id, str) and isinstance(segment_id, str)):
+        return None
+    if not (_encodable(contact_id) and _encodable(segment_id)):
         return None
     return float(at), contact_id, segment_id
 
@@ -567,8 +577,13 @@ class ReplayRequest:
         self.through: DeadLetterKey | None = None
         self.lane: Lane | None = None
 
-    def keeps(self, letter: Assignment) -> bool:
-        """Whether the dead letter is one the request names (its filter applied by the query)."""
+    def keeps(self, letter: Assignment, *, through_applied: bool = False) -> bool:
+        """Whether the dead letter is one the request names (its filter applied by the query).
+
+        `through_applied`: the journal's query already kept only dead letters up to `through`,
+        in its own order (a PostgreSQL collation may order contact ids otherwise than Python):
+        checked again here, a tie on the time would drop rows the count included.
+        """
         if self.contacts is not None and letter.contact_id not in self.contacts:
             return False
         if self.pairs is not None and (letter.contact_id, letter.segment_id) not in self.pairs:
@@ -577,7 +592,7 @@ class ReplayRequest:
             (self.reason is None or letter.reason is self.reason)
             and (self.segment is None or letter.segment_id == self.segment)
             and (self.source is None or letter.source == self.source)
-            and (self.through is None or dead_letter_key(letter) <= self.through)
+            and (through_applied or self.through is None or dead_letter_key(letter) <= self.through)
         )
 
 
@@ -594,6 +609,8 @@ def _named_pairs(value: object) -> set[tuple[str, str]] | web.Response:
             and set(item) == {"contactId", "segmentId"}
             and isinstance(item["contactId"], str)
             and isinstance(item["segmentId"], str)
+            and _encodable(item["contactId"])
+            and _encodable(item["segmentId"])
         ):
             return problem(
                 400,
@@ -626,7 +643,8 @@ def parse_replay(body: bytes) -> ReplayRequest | web.Response:
     if ids is not None:
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             return problem(400, "contactIds: must be a list of strings", field="contactIds")
-        asked.contacts = set(ids)
+        # Ids no journal can hold (a NUL) have no dead letters to replay.
+        asked.contacts = {i for i in ids if _encodable(i)}
     if "deadLetters" in parsed:
         pairs = _named_pairs(parsed["deadLetters"])
         if isinstance(pairs, web.Response):
@@ -725,7 +743,7 @@ async def replay_dead_letters(request: web.Request) -> web.Response:
                     after=after,
                     through=asked.through,
                 )
-                chosen = [a for a in page if asked.keeps(a)]
+                chosen = [a for a in page if asked.keeps(a, through_applied=True)]
                 if chosen:
                     done, passed = await intake.replay(service, chosen, lane)
                     replayed += done

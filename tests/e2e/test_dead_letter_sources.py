@@ -7,12 +7,14 @@ replay, and the dead letters are listed, counted and replayed by it.
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import aiohttp
 
 from tests.e2e.conftest import Daemon, StartDaemon
 from tests.support.emulator import EmulatorControl
+from tests.support.postgres import PostgresServer
 from tests.support.waits import until
 
 WEBHOOK, LIVE, BULK = "810000000101", "810000000102", "810000000103"
@@ -115,3 +117,56 @@ async def replay_refused(http: aiohttp.ClientSession, daemon: Daemon, body: Any)
         f"{daemon.url}/v1/dead-letters/replay", json=body, headers=daemon.admin
     ) as response:
         return response.status, await response.json()
+
+
+async def test_ids_no_journal_can_hold_are_answered_as_unknown_not_as_an_outage(
+    start_daemon: StartDaemon,
+    http: aiohttp.ClientSession,
+    postgres: PostgresServer,
+    postgres_url: str,
+):
+    # PostgreSQL's text type takes no NUL: asked for one, a query fails (a 503 that retrying
+    # never mends). Such an id names nothing: a 400 for a filter or a cursor, a 404 for a contact.
+    daemon = await start_daemon(store={"url": postgres_url, "password": postgres.password})
+    nul_cursor = base64.urlsafe_b64encode(b'[1.0,"a\\u0000b","s"]').decode().rstrip("=")
+    for query, field in (
+        ("?segment=a%00b", "segment"),
+        ("?source=a%00b", "source"),
+        (f"?after={nul_cursor}", "after"),
+    ):
+        status, answer = await dead_letters(http, daemon, query)
+        assert (status, answer.get("field")) == (400, field), answer
+    status, _ = await daemon.contact(http, "a%00b")
+    assert status == 404
+    async with http.post(
+        f"{daemon.url}/v1/dead-letters/replay",
+        json={"deadLetters": [{"contactId": "a\x00b", "segmentId": "s"}]},
+        headers=daemon.admin,
+    ) as response:
+        assert response.status == 400, await response.text()
+    assert await replay(http, daemon, {"contactIds": ["a\x00b"]}) == {"replayed": 0, "skipped": 0}
+
+
+async def test_a_replay_of_a_counted_set_leaves_what_failed_after_the_count(
+    start_daemon: StartDaemon, emulator: EmulatorControl, http: aiohttp.ClientSession
+):
+    daemon = await start_daemon()
+    first, second, later = "810000000201", "810000000202", "810000000203"
+    await emulator.set_missing_contacts([first, second, later])
+    await mappings(
+        http, daemon, [{"contactId": c, "segmentIds": ["NEVERMORE"]} for c in (first, second)], ""
+    )
+    for contact in (first, second):
+        await daemon.wait_states(http, contact, {"failed"}, timeout_s=30)
+    status, counted = await dead_letters(http, daemon, "?segment=NEVERMORE&count=true")
+    assert status == 200 and counted["matching"] == 2, counted
+    # Fails after the count: not in the set the operator confirmed.
+    await mappings(http, daemon, {"contactId": later, "segmentIds": ["NEVERMORE"]}, "")
+    await daemon.wait_states(http, later, {"failed"}, timeout_s=30)
+    await emulator.set_missing_contacts([])
+    answer = await replay(http, daemon, {"segment": "NEVERMORE", "through": counted["newest"]})
+    assert answer == {"replayed": 2, "skipped": 0}
+    for contact in (first, second):
+        await daemon.wait_states(http, contact, {"active"}, timeout_s=30)
+    status, contact = await daemon.contact(http, later)
+    assert contact["segments"][0]["state"] == "failed", contact

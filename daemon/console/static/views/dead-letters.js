@@ -72,8 +72,10 @@ export function mount(root, { argument }) {
   let cursors = [null]; // the `after` of each page seen so far
   let pageIndex = 0;
   let page = { deadLetters: [], next: null };
-  let matching = 0;
-  let newest = null;
+  // What the last answer for the filter on screen counted, with that filter: "Replay all
+  // matching" replays exactly this (its filter, up to its newest), never a newer filter's set.
+  let counted = { filter: applied, matching: 0, newest: null };
+  let loads = 0; // numbers each listing request: an answer to an older one is dropped
   let selected = new Map(); // "contact\u0000segment" -> {contactId, segmentId}
   let stopped = false;
 
@@ -87,11 +89,11 @@ export function mount(root, { argument }) {
     return `v1/dead-letters?${params}`;
   }
 
-  function describeFilter() {
+  function describeFilter(filter) {
     const parts = [];
-    if (applied.reason) parts.push(`reason ${words(applied.reason)}`);
-    if (applied.segment) parts.push(`segment ${applied.segment}`);
-    if (applied.source) parts.push(`source ${sourceLabel(applied.source)}`);
+    if (filter.reason) parts.push(`reason ${words(filter.reason)}`);
+    if (filter.segment) parts.push(`segment ${filter.segment}`);
+    if (filter.source) parts.push(`source ${sourceLabel(filter.source)}`);
     return parts.length ? parts.join(" and ") : "no filter";
   }
 
@@ -102,14 +104,16 @@ export function mount(root, { argument }) {
   function syncButtons() {
     replaySelected.disabled = selected.size === 0;
     selection.textContent = selected.size ? `${count(selected.size)} selected` : "";
-    replayAll.disabled = matching === 0;
+    replayAll.disabled = counted.matching === 0 || !counted.newest || counted.filter !== applied;
     previous.disabled = pageIndex === 0;
     next.disabled = !page.next;
+    const matching = counted.matching;
     pageLabel.textContent = matching ? `Page ${pageIndex + 1} of ${count(Math.max(1, Math.ceil(matching / PAGE)))}` : "";
   }
 
   function draw() {
-    summary.textContent = `${count(matching)} dead letter${matching === 1 ? "" : "s"} match (${describeFilter()})`;
+    const matching = counted.matching;
+    summary.textContent = `${count(matching)} dead letter${matching === 1 ? "" : "s"} match (${describeFilter(counted.filter)})`;
     summary.dataset.matching = String(matching);
     if (!page.deadLetters.length) {
       fill(listing, h("p", { class: "empty" }, matching ? "No dead letters on this page." : "No dead letters match."));
@@ -165,21 +169,28 @@ export function mount(root, { argument }) {
   }
 
   async function load() {
+    const ticket = ++loads;
+    const asked = applied;
     try {
       const answer = await call(query(cursors[pageIndex], true));
-      if (stopped) return;
+      if (stopped || ticket !== loads) return; // a newer listing was asked for meanwhile
       page = answer.body;
-      matching = answer.body.matching;
-      newest = answer.body.newest;
+      counted = { filter: asked, matching: answer.body.matching, newest: answer.body.newest };
       draw();
     } catch (error) {
-      if (!stopped && error.status !== 401) say(status, `Could not list dead letters: ${error.message}`, "error");
+      if (stopped || ticket !== loads) return;
+      // Nothing counted for this filter: nothing to replay by it until a listing succeeds.
+      counted = { filter: asked, matching: 0, newest: null };
+      syncButtons();
+      if (error.status !== 401) say(status, `Could not list dead letters: ${error.message}`, "error");
     }
   }
 
   filters.addEventListener("submit", (event) => {
     event.preventDefault();
     applied = { reason: reason.value, segment: segmentInput.value.trim(), source: source.value };
+    counted = { filter: applied, matching: 0, newest: null };
+    syncButtons();
     cursors = [null];
     pageIndex = 0;
     selected = new Map();
@@ -226,7 +237,8 @@ export function mount(root, { argument }) {
   });
 
   replayAll.addEventListener("click", () => {
-    confirmText.textContent = `This queues all ${count(matching)} dead letter${matching === 1 ? "" : "s"} matching ${describeFilter()} again, each as what it was (an add or a removal). Dead letters that fail from now on are not included.`;
+    const { matching, filter } = counted;
+    confirmText.textContent = `This queues all ${count(matching)} dead letter${matching === 1 ? "" : "s"} matching ${describeFilter(filter)} again, each as what it was (an add or a removal). Dead letters that fail from now on are not included.`;
     dialog.showModal();
   });
 
@@ -234,12 +246,14 @@ export function mount(root, { argument }) {
 
   confirmButton.addEventListener("click", () => {
     dialog.close();
-    // Exactly the set counted: the same filter, and nothing newer than its newest.
+    // Exactly the set counted: the filter it was counted with, and nothing newer than its newest.
+    const { filter, newest } = counted;
+    if (!newest || filter !== applied) return;
     const body = { through: newest };
-    if (applied.reason) body.reason = applied.reason;
-    if (applied.segment) body.segment = applied.segment;
-    if (applied.source) body.source = applied.source;
-    if (newest) replay(body, "matching dead letters");
+    if (filter.reason) body.reason = filter.reason;
+    if (filter.segment) body.segment = filter.segment;
+    if (filter.source) body.source = filter.source;
+    replay(body, "matching dead letters");
   });
 
   async function loadSources() {
@@ -257,6 +271,7 @@ export function mount(root, { argument }) {
   if (argument) {
     segmentInput.value = argument;
     applied = { reason: "", segment: argument, source: "" };
+    counted = { filter: applied, matching: 0, newest: null };
   }
   loadSources();
   load();
