@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Browser, Page, Route, expect
 
 from tests.e2e.conftest import daemon_config
 from tests.support.browser import WIDE, ConsoleLog, chromium, screenshots
@@ -432,6 +432,54 @@ def test_dead_letters_are_filtered_by_source_and_only_that_sources_replayed(cons
     )
     assert status == 200 and listed["matching"] == 2
     assert {d["source"] for d in listed["deadLetters"]} == {"mappings"}
+
+
+def test_replay_all_matching_replays_the_filter_on_screen_when_an_older_answer_comes_late(
+    console: Console,
+):
+    daemon = console.daemon
+    first, second = _segment("LateA"), _segment("LateB")
+    in_first = [_contact("late") for _ in range(3)]
+    in_second = [_contact("late") for _ in range(2)]
+    daemon.missing(in_first + in_second)
+    daemon.mappings(
+        [{"contactId": c, "segmentIds": [first]} for c in in_first]
+        + [{"contactId": c, "segmentIds": [second]} for c in in_second]
+    )
+    console.sign_in()
+    console.view("Dead letters")
+    page = console.page
+    # The first filter's answer is held back until the second filter's has been shown.
+    held: list[Route] = []
+
+    def hold(route: Route) -> None:
+        held.append(route)
+
+    page.route(f"**/v1/dead-letters?*segment={first}*", hold)
+    page.get_by_label("Segment").fill(first)
+    page.get_by_role("button", name="Filter").click()
+    page.get_by_label("Segment").fill(second)
+    page.get_by_role("button", name="Filter").click()
+    summary = page.locator("[data-matching]")
+    expect(summary).to_have_attribute("data-matching", "2")
+    assert held, "the first filter's listing was not asked for"
+    with page.expect_response(lambda response: f"segment={first}" in response.url):
+        for route in held:
+            route.continue_()
+    page.unroute(f"**/v1/dead-letters?*segment={first}*")
+    # The late answer of the older filter changes nothing on screen, nor what is replayed.
+    expect(summary).to_have_attribute("data-matching", "2")
+    expect(summary).to_contain_text(second)
+    daemon.missing([])
+    page.get_by_role("button", name="Replay all matching").click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog).to_contain_text(f"all 2 dead letters matching segment {second}")
+    dialog.get_by_role("button", name="Confirm").click()
+    expect(page.get_by_role("status")).to_contain_text("Replayed 2 matching dead letters")
+    for contact in in_second:
+        daemon.wait_states(contact, {second: "active"})
+    for contact in in_first:
+        assert daemon.states(contact)[first] == "failed"
 
 
 def test_a_contact_id_sent_as_markup_is_shown_as_text(console: Console):
