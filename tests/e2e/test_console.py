@@ -39,7 +39,8 @@ MARKUP_ID = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwn
 
 def _request(
     url: str, method: str = "GET", body: Any = None, headers: dict[str, str] | None = None
-):
+) -> tuple[int, dict[str, str], bytes]:
+    """One blocking HTTP call: status, headers and body (an error status is an answer too)."""
     data = (
         None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
     )
@@ -62,12 +63,14 @@ class ConsoleDaemon:
     token: str
 
     def admin(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """One admin API call with the token: the status and the JSON answer."""
         status, _, raw = _request(
             f"{self.url}{path}", method, body, {"Authorization": f"Bearer {self.token}"}
         )
         return status, json.loads(raw) if raw else None
 
     def emulator(self, method: str, path: str, body: Any) -> None:
+        """One call of the emulator's control API, which must succeed."""
         status, _, raw = _request(f"{self.emulator_url}{path}", method, body)
         assert status < 400, (path, status, raw)
 
@@ -76,17 +79,20 @@ class ConsoleDaemon:
         self.emulator("PUT", "/_emulator/contacts/missing", {"contactIds": contact_ids})
 
     def mappings(self, events: Any, wait_s: float = 20.0) -> Any:
+        """Send events through /v1/mappings and wait until every pair they name has ended."""
         status, body = self.admin("POST", f"/v1/mappings?wait={wait_s:g}", events)
         assert status == 200, (status, body)
         return body
 
     def states(self, contact_id: str) -> dict[str, str]:
+        """The contact's state per segment, as the contact API says."""
         quoted = urllib.parse.quote(contact_id, safe="")
         status, body = self.admin("GET", f"/v1/contacts/{quoted}")
         assert status == 200, (status, body)
         return {s["segmentId"]: s["state"] for s in body["segments"]}
 
     def wait_states(self, contact_id: str, want: dict[str, str], timeout_s: float = 30.0) -> None:
+        """Wait until the contact's segments are in the states `want` names."""
         deadline = time.monotonic() + timeout_s
         seen: dict[str, str] = {}
         while time.monotonic() < deadline:
@@ -97,6 +103,7 @@ class ConsoleDaemon:
         raise AssertionError(f"{contact_id}: wanted {want}, last {seen}")
 
     def json_webhook(self, events: Any) -> int:
+        """Deliver events to the `json` source, signed: the status answered."""
         body = json.dumps(events).encode()
         signature = hmac.new(JSON_SECRET.encode(), body, hashlib.sha256).hexdigest()
         status, _, _ = _request(
@@ -177,10 +184,12 @@ class Console:
     log: ConsoleLog
 
     def open(self) -> None:
+        """Load the console's page."""
         response = self.page.goto(f"{self.daemon.url}/ui/")
         assert response is not None and response.status == 200
 
     def sign_in(self, token: str | None = None) -> None:
+        """Load the page and sign in (with the daemon's token unless another is given)."""
         self.open()
         self.page.get_by_label("Admin token").fill(token or self.daemon.token)
         self.page.get_by_role("button", name="Sign in").click()
@@ -188,6 +197,7 @@ class Console:
             expect(self.page.get_by_role("link", name="Overview", exact=True)).to_be_visible()
 
     def view(self, name: str) -> None:
+        """Open a view by its navigation link and wait for its heading."""
         self.page.get_by_role("navigation").get_by_role("link", name=name, exact=True).click()
         expect(self.page.get_by_role("heading", level=1, name=name)).to_be_visible()
 
@@ -262,6 +272,9 @@ def test_sign_in_says_clearly_when_the_token_is_wrong(console: Console):
     assert console.page.context.cookies() == []
     stored = console.page.evaluate("sessionStorage.getItem('segmapd.adminToken')")
     assert stored == console.daemon.token
+    # Nowhere else: not in the address, not in storage that outlives the tab.
+    assert console.daemon.token not in console.page.url
+    assert console.page.evaluate("localStorage.length") == 0
     console.page.get_by_role("button", name="Sign out").click()
     expect(console.page.get_by_label("Admin token")).to_be_visible()
     assert console.page.evaluate("sessionStorage.getItem('segmapd.adminToken')") is None
