@@ -1,4 +1,8 @@
-"""The console's Cluster view on a PostgreSQL journal: two real daemons, and a real browser."""
+"""The console on a PostgreSQL journal: two real daemons, and a real browser.
+
+The Cluster view, and every other view on this journal: a dead letter listed, a dry run of
+drift reconcile started and ended.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +14,15 @@ from playwright.sync_api import expect
 from tests.e2e.conftest import Daemon, StartDaemon
 from tests.e2e.test_cluster import start_cluster
 from tests.support.browser import WIDE, ConsoleLog, chromium, screenshots
+from tests.support.emulator import EmulatorControl
 from tests.support.postgres import PostgresServer
 
 
-def look_at_the_cluster_view(daemon: Daemon) -> list[str]:
-    """Sign in, open the Cluster view, check it and take its screenshots; the page's errors."""
+def look_at_the_views(daemon: Daemon, dead: str) -> list[str]:
+    """Sign in, check the Cluster view (screenshots) and the others; the page's errors.
+
+    `dead` is a contact with a dead letter.
+    """
     with chromium() as browser:
         context = browser.new_context(viewport=WIDE)
         page = context.new_page()
@@ -34,6 +42,23 @@ def look_at_the_cluster_view(daemon: Daemon) -> list[str]:
         expect(instances).to_have_count(2)
         expect(instances.filter(has_text="(this one)")).to_have_count(1)
         screenshots(page, "cluster")
+        nav = page.get_by_role("navigation")
+        for name in ("Overview", "Segments"):
+            nav.get_by_role("link", name=name, exact=True).click()
+            expect(page.get_by_role("heading", level=1, name=name)).to_be_visible()
+        nav.get_by_role("link", name="Dead letters", exact=True).click()
+        expect(page.locator(f'tbody tr[data-contact="{dead}"]')).to_contain_text(
+            "contact not found"
+        )
+        nav.get_by_role("link", name="Contact", exact=True).click()
+        page.get_by_label("Contact id").fill(dead)
+        page.get_by_role("button", name="Look up").click()
+        expect(page.get_by_role("table", name=f"Segments of contact {dead}")).to_contain_text(
+            "failed"
+        )
+        nav.get_by_role("link", name="Reconcile", exact=True).click()
+        page.get_by_role("button", name="Start dry run").click()
+        expect(page.get_by_role("status")).to_contain_text("done", timeout=30_000)
         context.close()
         return log.unexpected()
 
@@ -43,9 +68,18 @@ async def test_the_cluster_view_shows_instances_shards_heartbeats_and_the_fence(
     postgres: PostgresServer,
     postgres_url: str,
     http: aiohttp.ClientSession,
+    emulator: EmulatorControl,
 ):
     daemons = await start_cluster(start_daemon, postgres, postgres_url, 2)
     first = daemons[0]
+    dead = "console-pg-dead"
+    await emulator.set_missing_contacts([dead])
+    async with http.post(
+        f"{first.url}/v1/mappings?wait=30",
+        json={"contactId": dead, "segmentIds": ["CONSOLE_PG"]},
+        headers=first.admin,
+    ) as response:
+        assert response.status == 200, await response.text()
     async with http.get(f"{first.url}/v1/cluster", headers=first.admin) as response:
         assert response.status == 200
         cluster = await response.json()
@@ -62,5 +96,5 @@ async def test_the_cluster_view_shows_instances_shards_heartbeats_and_the_fence(
     for shard in cluster["shards"]:
         assert shard["owner"] in owners and shard["epoch"] >= 1 and shard["leaseLeftS"] > 0
     assert sorted(s for i in instances for s in i["shards"]) == list(range(64))
-    errors = await asyncio.to_thread(look_at_the_cluster_view, first)
+    errors = await asyncio.to_thread(look_at_the_views, first, dead)
     assert not errors, errors
