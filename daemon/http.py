@@ -13,8 +13,8 @@ import logging
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
@@ -457,6 +457,16 @@ def _once(request: web.Request, names: Iterable[str]) -> web.Response | None:
     return None
 
 
+T = TypeVar("T")
+
+
+def _optional(
+    query: Mapping[str, str], name: str, parse: Callable[[object, str], T | web.Response]
+) -> T | web.Response | None:
+    """A query parameter `parse`d (the 400 naming it if it is bad), or None when absent."""
+    return parse(query[name], name) if name in query else None
+
+
 def _reason_named(value: object, field: str) -> FailureReason | web.Response:
     if isinstance(value, str):
         try:
@@ -507,30 +517,18 @@ async def dead_letters(request: web.Request) -> web.Response:
         return problem(400, "limit: must be an integer", field="limit")
     if not 1 <= limit <= 100_000:
         return problem(400, "limit: must be between 1 and 100000", field="limit")
-    reason: FailureReason | None = None
-    if "reason" in query:
-        named = _reason_named(query["reason"], "reason")
-        if isinstance(named, web.Response):
-            return named
-        reason = named
-    segment: str | None = None
-    if "segment" in query:
-        chosen = _exact_filter(query["segment"], "segment")
-        if isinstance(chosen, web.Response):
-            return chosen
-        segment = chosen
-    source: str | None = None
-    if "source" in query:
-        named_source = _exact_filter(query["source"], "source")
-        if isinstance(named_source, web.Response):
-            return named_source
-        source = named_source
-    after: DeadLetterKey | None = None
-    if "after" in query:
-        key = _cursor_named(query["after"], "after")
-        if isinstance(key, web.Response):
-            return key
-        after = key
+    reason = _optional(query, "reason", _reason_named)
+    if isinstance(reason, web.Response):
+        return reason
+    segment = _optional(query, "segment", _exact_filter)
+    if isinstance(segment, web.Response):
+        return segment
+    source = _optional(query, "source", _exact_filter)
+    if isinstance(source, web.Response):
+        return source
+    after = _optional(query, "after", _cursor_named)
+    if isinstance(after, web.Response):
+        return after
     count = query.get("count", "false")
     if count not in ("true", "false"):
         return problem(400, "count: must be true or false", field="count")
