@@ -658,7 +658,8 @@ SEGMENT_ROW: Schema = _closed(
 SEGMENTS: Schema = _closed(
     {
         "segments": {"type": "array", "items": SEGMENT_ROW, "description": "Busiest first."},
-        "total": COUNT,
+        "total": {**COUNT, "description": "Segments known, whatever `find` keeps."},
+        "matching": {**COUNT, "description": "Segments `find` keeps (all without it)."},
         "parked": {
             **COUNT,
             "description": "Ids waiting for their contact's in-flight limit (all segments).",
@@ -772,11 +773,18 @@ CONSOLE_PATHS: Schema = {
                     "required": False,
                     "description": "At most this many segments, busiest first (default 200).",
                     "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
-                }
+                },
+                {
+                    "name": "find",
+                    "in": "query",
+                    "required": False,
+                    "description": "Only segments whose id holds this text, in any case.",
+                    "schema": {"type": "string", "maxLength": 1024},
+                },
             ],
             "responses": {
                 "200": _json("The segments", SEGMENTS),
-                "400": _problem("Bad `limit`"),
+                "400": _problem("Bad `limit` or `find`"),
                 "401": UNAUTHORIZED,
             },
         }

@@ -68,6 +68,8 @@ SINCE_FORMAT = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,6})?", re.ASCII)
 # How far back the overview's rates look ("now"), and its count of 429s.
 RATE_WINDOW_S = 10.0
 RATE_LIMITED_WINDOW_S = 60.0
+#: The longest `find` of /v1/segments (no segment id is longer).
+MAX_FIND_CHARS = 1024
 DEFAULT_SEGMENTS = 200
 MAX_SEGMENTS = 1000
 
@@ -297,10 +299,20 @@ def segment_rows(service: Service) -> list[dict[str, Any]]:
 
 
 async def segments(request: web.Request) -> web.Response:
-    """GET /v1/segments[?limit=N]: the busiest N segments (default 200) and how many there are."""
+    """GET /v1/segments[?limit=N][&find=TEXT]: the busiest N segments (default 200).
+
+    With `find`, among the segments whose id holds TEXT (in any case): a quiet segment is found
+    too. With how many there are, and how many `find` keeps.
+    """
     denied = require_admin(request)
     if denied is not None:
         return denied
+    finds = request.query.getall("find", ())
+    if len(finds) > 1:
+        return problem(400, "find: give it once", field="find")
+    find = finds[0].casefold() if finds else ""
+    if len(find) > MAX_FIND_CHARS:
+        return problem(400, f"find: at most {MAX_FIND_CHARS} characters", field="find")
     names = request.query.getall("limit", ())
     limit = DEFAULT_SEGMENTS
     if names:
@@ -314,11 +326,16 @@ async def segments(request: web.Request) -> web.Response:
             return problem(400, f"limit: must be between 1 and {MAX_SEGMENTS}", field="limit")
     service = request.app[SERVICE]
     rows = segment_rows(service)
+    total = len(rows)
+    if find:
+        # Among every segment, not only the busiest shown: a quiet one is found too.
+        rows = [row for row in rows if find in str(row["segmentId"]).casefold()]
     tally = service.figures.tally
     return json_response(
         {
             "segments": rows[:limit],
-            "total": len(rows),
+            "total": total,
+            "matching": len(rows),
             "parked": service.engine.parked,
             "failedCountedAt": _rounded(tally.counted_at, 3) if tally is not None else None,
             "refreshMinIntervalS": service.config.validation.refresh_min_interval_s,

@@ -542,6 +542,13 @@ def test_segments_and_cluster_views(console: Console):
     expect(row.locator("td").nth(3)).to_have_text("1", timeout=30_000)
     expect(row).to_contain_text("written")
     console.shoot("segments")
+    # Found by the daemon among every segment, in any case: not only among the busiest shown.
+    status, found = daemon.admin("GET", f"/v1/segments?limit=1&find={segment.lower()}")
+    assert status == 200 and [s["segmentId"] for s in found["segments"]] == [segment], found
+    assert found["matching"] == 1 and found["total"] >= 1
+    page.get_by_label("Find a segment").fill(segment.lower())
+    expect(page.locator("tbody tr[data-segment]")).to_have_count(1)
+    expect(page.locator("tbody tr[data-segment]").first).to_have_attribute("data-segment", segment)
     console.view("Cluster")
     expect(page.locator("[data-mode=single]")).to_contain_text("runs alone on its SQLite journal")
     console.shoot("cluster-single")

@@ -43,9 +43,10 @@ export function mount(root) {
 
   function draw() {
     if (!data) return;
-    const wanted = find.value.trim().toLowerCase();
-    const rows = data.segments.filter((s) => !wanted || s.segmentId.toLowerCase().includes(wanted));
-    const shown = data.total > data.segments.length ? `the busiest ${count(data.segments.length)} of ${count(data.total)}` : count(data.total);
+    // The daemon found them among every segment (`find`), not only the busiest ones.
+    const rows = data.segments;
+    const of = data.matching < data.total ? `${count(data.matching)} matching of ${count(data.total)}` : count(data.total);
+    const shown = data.matching > rows.length ? `the busiest ${count(rows.length)} of ${of}` : of;
     summary.textContent = `${shown} segments · ${count(data.parked)} ids wait for a contact slot · refresh at most every ${seconds(data.refreshMinIntervalS)} per segment${data.shared ? " · work counts are this instance's segments" : ""}`;
     if (!rows.length) {
       fill(listing, h("p", { class: "empty" }, data.total ? "No segment matches." : "No segment has work or dead letters yet."));
@@ -72,26 +73,41 @@ export function mount(root) {
     fill(listing, stacked(element));
   }
 
+  let loads = 0; // numbers each request: only the newest draws, and schedules the next
   async function load() {
+    const ticket = ++loads;
     try {
-      const answer = await call("v1/segments");
-      if (stopped) return;
+      const wanted = find.value.trim();
+      const answer = await call(wanted ? `v1/segments?find=${encodeURIComponent(wanted)}` : "v1/segments");
+      if (stopped || ticket !== loads) return;
       data = answer.body;
       say(status, "");
       draw();
     } catch (error) {
-      if (!stopped && error.status !== 401) say(status, `Could not refresh: ${error.message}`, "error");
+      if (!stopped && ticket === loads && error.status !== 401) say(status, `Could not refresh: ${error.message}`, "error");
     } finally {
-      if (!stopped) timer = setTimeout(load, REFRESH_MS);
+      if (!stopped && ticket === loads) {
+        clearTimeout(timer);
+        timer = setTimeout(load, REFRESH_MS);
+      }
     }
   }
 
-  find.addEventListener("input", draw);
+  let typing = null;
+  find.addEventListener("input", () => {
+    // Asked once typing pauses: the daemon searches every segment.
+    clearTimeout(typing);
+    typing = setTimeout(() => {
+      clearTimeout(timer);
+      load();
+    }, 250);
+  });
   load();
   return {
     unmount() {
       stopped = true;
       clearTimeout(timer);
+      clearTimeout(typing);
     },
   };
 }
