@@ -461,10 +461,10 @@ T = TypeVar("T")
 
 
 def _optional(
-    query: Mapping[str, str], name: str, parse: Callable[[object, str], T | web.Response]
+    given: Mapping[str, object], name: str, parse: Callable[[object, str], T | web.Response]
 ) -> T | web.Response | None:
-    """A query parameter `parse`d (the 400 naming it if it is bad), or None when absent."""
-    return parse(query[name], name) if name in query else None
+    """A query parameter or body field `parse`d (the 400 naming it if bad), None when absent."""
+    return parse(given[name], name) if name in given else None
 
 
 def _reason_named(value: object, field: str) -> FailureReason | web.Response:
@@ -649,26 +649,19 @@ def parse_replay(body: bytes) -> ReplayRequest | web.Response:
         if isinstance(pairs, web.Response):
             return pairs
         asked.pairs = pairs
-    if "reason" in parsed:
-        reason = _reason_named(parsed["reason"], "reason")
-        if isinstance(reason, web.Response):
-            return reason
-        asked.reason = reason
-    if "segment" in parsed:
-        segment = _exact_filter(parsed["segment"], "segment")
-        if isinstance(segment, web.Response):
-            return segment
-        asked.segment = segment
-    if "source" in parsed:
-        source = _exact_filter(parsed["source"], "source")
-        if isinstance(source, web.Response):
-            return source
-        asked.source = source
-    if "through" in parsed:
-        through = _cursor_named(parsed["through"], "through")
-        if isinstance(through, web.Response):
-            return through
-        asked.through = through
+    reason = _optional(parsed, "reason", _reason_named)
+    if isinstance(reason, web.Response):
+        return reason
+    segment = _optional(parsed, "segment", _exact_filter)
+    if isinstance(segment, web.Response):
+        return segment
+    source = _optional(parsed, "source", _exact_filter)
+    if isinstance(source, web.Response):
+        return source
+    through = _optional(parsed, "through", _cursor_named)
+    if isinstance(through, web.Response):
+        return through
+    asked.reason, asked.segment, asked.source, asked.through = reason, segment, source, through
     if "lane" in parsed:
         named = named_lane(parsed["lane"])
         if isinstance(named, web.Response):

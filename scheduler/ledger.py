@@ -248,15 +248,8 @@ class Ledger:
 
         Its row carries the change's `source`; the buffer entry does not (see `Assignment`).
         """
-        assignment = Assignment(
-            contact_id=contact_id,
-            segment_id=segment_id,
-            received_at=now,
-            updated_at=now,
-            intent=intent,
-            occurred_at=occurred_at,
-            lane=lane,
-            source=source,
+        assignment = _started(
+            contact_id, segment_id, State.QUEUED, intent, occurred_at, now, lane, source
         )
         self.pending_writes += 1
         if occurred_at:
@@ -281,18 +274,9 @@ class Ledger:
 
         Journaled with this change's time, so that an older change arriving later is stale.
         """
+        state = State.ACTIVE if intent is Intent.ADD else State.REMOVED
         self._store.record(
-            Assignment(
-                contact_id,
-                segment_id,
-                state=State.ACTIVE if intent is Intent.ADD else State.REMOVED,
-                received_at=now,
-                updated_at=now,
-                intent=intent,
-                occurred_at=occurred_at,
-                lane=lane,
-                source=source,
-            )
+            _started(contact_id, segment_id, state, intent, occurred_at, now, lane, source)
         )
 
     def record_dead_letter(self, assignment: Assignment) -> None:
@@ -431,10 +415,9 @@ class Ledger:
             self._restart(live, change, hold_slot=False)
             return
         self._occurred.pop(key, None)
-        replaced = Assignment(
-            contact_id, segment_id, received_at=now, updated_at=now, intent=intent,
-            occurred_at=occurred_at, lane=lane, source=source,
-        )  # fmt: skip
+        replaced = _started(
+            contact_id, segment_id, State.QUEUED, intent, occurred_at, now, lane, source
+        )
         self._observer.superseded(replaced, intent)
         # It waits for a slot if the other intent did, else takes its place in the buffer.
         self._accumulator.move(
@@ -648,3 +631,27 @@ class Ledger:
 # States in which a live pair's journey here ends: terminal ones. (`written` ends it too when
 # nothing confirms writes: the sender then calls `finish` itself.)
 _ENDING = frozenset({State.ACTIVE, State.REMOVED, State.FAILED})
+
+
+def _started(  # noqa: PLR0917 (one pair's start, every field of it)
+    contact_id: str,
+    segment_id: str,
+    state: State,
+    intent: Intent,
+    occurred_at: float,
+    now: float,
+    lane: Lane,
+    source: str,
+) -> Assignment:
+    """The row of a pair starting at `now` in `state` (the ledger's starts share its shape)."""
+    return Assignment(
+        contact_id,
+        segment_id,
+        state=state,
+        received_at=now,
+        updated_at=now,
+        intent=intent,
+        occurred_at=occurred_at,
+        lane=lane,
+        source=source,
+    )
