@@ -6,6 +6,12 @@ URL with the same JSON `listening` line as the daemon. `python -m bench._daemon 
 same handler plus what any webhook receiver must do before answering -- check the Standard
 Webhooks signature (secret in `BENCH_WEBHOOK_SECRET`) and parse the body -- with segmapd's own
 code, and nothing else: no redelivery lookup, no journal, no scheduling.
+`python -m bench._daemon journaled` is the checked handler plus the least a receiver that
+promises "nothing lost" must add: each delivery's rows (its answer and one queued assignment
+per segment, in segmapd's own schema, written by its own multi-row statements) committed to a
+SQLite journal with `synchronous = FULL` by a writer thread, many deliveries per transaction,
+before the answer. No redelivery lookup, no ordering, no scheduling: the floor under any
+journaling receiver written this way, against which the daemon's cost of everything else shows.
 """
 
 from __future__ import annotations
@@ -95,6 +101,14 @@ def checked_process(secret: str) -> ManagedProcess:
     )
 
 
+def journaled_process(secret: str, journal: Path) -> ManagedProcess:
+    """The checked server plus a durable journal of each delivery (not started yet)."""
+    return ManagedProcess(
+        [sys.executable, "-m", "bench._daemon", "journaled"],
+        env={SECRET_ENV: secret, JOURNAL_ENV: str(journal)},
+    )
+
+
 def http(
     method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None
 ) -> tuple[int, bytes]:
@@ -160,6 +174,7 @@ def workdir(prefix: str) -> tempfile.TemporaryDirectory[str]:
 
 
 SECRET_ENV = "BENCH_WEBHOOK_SECRET"
+JOURNAL_ENV = "BENCH_JOURNAL"
 
 
 def _serve_bare(checked: bool) -> None:
@@ -179,6 +194,81 @@ def _serve_bare(checked: bool) -> None:
             # A refused request would show in wrk's non-2xx count and void the run.
             verifier.verify(request.headers, body)
             parse_events(body)
+        return web.Response(body=answer, status=202, content_type="application/json")
+
+    serve_webhooks(handle)
+
+
+def _serve_journaled() -> None:
+    import asyncio
+    import os
+    import threading
+
+    from aiohttp import web
+
+    from daemon.store import sqlite as journal
+    from listeners.payload import parse_events
+    from listeners.standard import StandardWebhookVerifier
+
+    answer = b'{"accepted":3,"duplicates":0}'
+    verifier = StandardWebhookVerifier(os.environ[SECRET_ENV], 3600)
+    connection = journal.connect(os.environ[JOURNAL_ENV], "FULL")
+    wake = threading.Condition()
+    # (assignment rows, delivery row, the future its answer waits on) per delivery not committed
+    queued: list[tuple[list[tuple[Any, ...]], tuple[Any, ...], asyncio.Future[None]]] = []
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def settle(futures: list[asyncio.Future[None]]) -> None:
+        for future in futures:
+            if not future.done():
+                future.set_result(None)
+
+    def write_loop() -> None:
+        while True:
+            with wake:
+                while not queued:
+                    wake.wait()
+                work = queued[:]
+                queued.clear()
+            connection.execute("BEGIN IMMEDIATE")
+            journal._UPSERT_ASSIGNMENTS.run(connection, [row for rows, _, _ in work for row in rows])
+            journal._INSERT_DELIVERIES.run(connection, [delivery for _, delivery, _ in work])
+            connection.execute("COMMIT")
+            assert loop is not None
+            loop.call_soon_threadsafe(settle, [future for _, _, future in work])
+
+    async def handle(request: web.Request) -> web.Response:
+        nonlocal loop
+        body = await request.read()
+        verifier.verify(request.headers, body)
+        now = time.time()
+        rows = [
+            (
+                change.contact_id,
+                segment_id,
+                "queued",
+                None,
+                "",
+                0,
+                now,
+                now,
+                "add",
+                change.occurred_at or 0.0,
+                "live",
+                "crm",
+                f"queued:{now!r};",
+            )
+            for change in parse_events(body)
+            for segment_id in change.add
+        ]
+        if loop is None:
+            loop = asyncio.get_running_loop()
+            threading.Thread(target=write_loop, name="journal-writer", daemon=True).start()
+        future = loop.create_future()
+        with wake:
+            queued.append((rows, ("crm", request.headers["webhook-id"], answer, now), future))
+            wake.notify()
+        await future
         return web.Response(body=answer, status=202, content_type="application/json")
 
     serve_webhooks(handle)
@@ -216,5 +306,7 @@ def serve_webhooks(handle: Callable[[web.Request], Awaitable[web.Response]]) -> 
 if __name__ == "__main__":
     if sys.argv[1:] in (["bare"], ["checked"]):
         _serve_bare(checked=sys.argv[1] == "checked")
+    elif sys.argv[1:] == ["journaled"]:
+        _serve_journaled()
     else:
-        sys.exit("usage: python -m bench._daemon bare|checked")
+        sys.exit("usage: python -m bench._daemon bare|checked|journaled")
