@@ -87,9 +87,23 @@ class CoalescingBuffer(Generic[K]):
         # The last pick made while both kinds of segment were due: (segment, its lane). Taking
         # that segment's batch settles bulk's credit.
         self._contested: tuple[K, Lane] | None = None
+        # Per contact, how many of its fresh ids wait in the bulk lane: `queued_bulk` scans the
+        # segments only for a contact that has one (a live contact changing 100 segments asked
+        # for each pair past its in-flight limit, and scanned every segment each time).
+        self._bulk_ids: dict[str, int] = {}
 
     def __len__(self) -> int:
         return self._size
+
+    def _bulk_added(self, contact_id: str) -> None:
+        self._bulk_ids[contact_id] = self._bulk_ids.get(contact_id, 0) + 1
+
+    def _bulk_gone(self, contact_id: str) -> None:
+        left = self._bulk_ids[contact_id] - 1
+        if left:
+            self._bulk_ids[contact_id] = left
+        else:
+            del self._bulk_ids[contact_id]
 
     def __contains__(self, key: tuple[str, K]) -> bool:
         contact_id, segment_id = key
@@ -112,9 +126,10 @@ class CoalescingBuffer(Generic[K]):
     def queued_bulk(self, contact_id: str) -> tuple[K, float] | None:
         """A fresh bulk id of the contact still queued (in no batch yet): its batch key and time.
 
-        A scan of the batch keys: asked only when a live pair of a contact at its limit would
-        wait (not the hot path).
+        A scan of the batch keys, only for a contact with a bulk id queued somewhere.
         """
+        if contact_id not in self._bulk_ids:
+            return None
         for segment_id, queue in self._segments.items():
             at = queue.bulk.get(contact_id)
             if at is not None:
@@ -149,6 +164,10 @@ class CoalescingBuffer(Generic[K]):
         if at is None:
             return contact_id in queue.fresh(lane)
         queue.fresh(lane)[contact_id] = at
+        if lane is Lane.LIVE:
+            self._bulk_gone(contact_id)
+        else:
+            self._bulk_added(contact_id)
         return True
 
     def discard(self, segment_id: K, contact_id: str) -> tuple[bool, float | None]:
@@ -163,6 +182,7 @@ class CoalescingBuffer(Generic[K]):
             at = queue.live.pop(contact_id)
         elif contact_id in queue.bulk:
             at = queue.bulk.pop(contact_id)
+            self._bulk_gone(contact_id)
         else:
             return False, None
         self._size -= 1
@@ -182,7 +202,11 @@ class CoalescingBuffer(Generic[K]):
         queue = self._queue(segment_id)
         if queue.holds(contact_id):
             return False
-        (queue.live if lane is Lane.LIVE else queue.bulk)[contact_id] = now
+        if lane is Lane.LIVE:
+            queue.live[contact_id] = now
+        else:
+            queue.bulk[contact_id] = now
+            self._bulk_added(contact_id)
         self._size += 1
         return True
 
@@ -282,6 +306,8 @@ class CoalescingBuffer(Generic[K]):
         if queue is None:
             return []
         self._size -= len(queue)
+        for contact_id in queue.bulk:
+            self._bulk_gone(contact_id)
         return [*queue.retry, *queue.live, *queue.bulk]
 
     def take(self, segment_id: K) -> list[str]:
@@ -303,6 +329,8 @@ class CoalescingBuffer(Generic[K]):
             while fresh and len(batch) < self.max_size:
                 contact_id = next(iter(fresh))
                 batch.append((contact_id, fresh.pop(contact_id), lane))
+                if lane is Lane.BULK:
+                    self._bulk_gone(contact_id)
         self._size -= len(batch)
         if not queue:
             del self._segments[segment_id]

@@ -99,3 +99,37 @@ def test_fresh_ids_keep_their_time_and_retries_have_none():
         ("a", 5.0, Lane.LIVE),
         ("b", 6.0, Lane.LIVE),
     ]
+
+
+def test_queued_bulk_finds_a_contacts_bulk_id_after_any_sequence_of_operations():
+    """`queued_bulk` keeps a count per contact to skip its scan: the count must follow every
+    way an id enters or leaves the bulk lane (add, set_lane, discard, take, drop)."""
+    import random
+
+    rng = random.Random(20)
+    buffer: CoalescingBuffer[str] = CoalescingBuffer(min_size=1, max_size=3, linger_s=0.0)
+    contacts = [f"c{i}" for i in range(4)]
+    segments = [f"s{i}" for i in range(4)]
+    for step in range(3_000):
+        contact, segment = rng.choice(contacts), rng.choice(segments)
+        lane = rng.choice([Lane.LIVE, Lane.BULK])
+        operation = rng.randrange(5)
+        if operation == 0:
+            buffer.add(segment, contact, float(step), lane)
+        elif operation == 1:
+            buffer.set_lane(segment, contact, lane)
+        elif operation == 2:
+            buffer.discard(segment, contact)
+        elif operation == 3:
+            buffer.take_entries(segment)
+        elif rng.random() < 0.2:
+            buffer.drop_batch_key(segment)
+        for each in contacts:
+            expected = [s for s in segments if buffer.lane_of(s, each) is Lane.BULK]
+            found = buffer.queued_bulk(each)
+            # The count itself: one too many only costs a scan, and would go unnoticed above.
+            assert buffer._bulk_ids.get(each, 0) == len(expected), (step, each)
+            if expected:
+                assert found is not None and found[0] in expected, (step, each)
+            else:
+                assert found is None, (step, each)
