@@ -24,6 +24,10 @@ class ContactHolds:
     def __init__(self) -> None:
         self._held: dict[str, asyncio.Future[None]] = {}
         self._takes: set[asyncio.Future[None]] = set()
+        #: Held by a large take while it runs a slice: one slice per turn of the event loop,
+        #: however many large deliveries are being taken (two at once ran a slice each per turn,
+        #: and every other request waited for both). First come, first served, so they alternate.
+        self.slice_turn = asyncio.Lock()
 
     @property
     def busy(self) -> bool:

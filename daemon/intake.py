@@ -390,10 +390,14 @@ class Taken:
     dead_stale: int = 0
 
 
-#: A delivery is taken in slices of about this many assignments (15 ms or so), the event loop
-#: serving other requests between them: a body of 100,000 assignments must not hold every other
-#: request (and the probes) for seconds.
+#: A delivery of more than this many assignments is taken in slices, the event loop serving
+#: other requests between them: a body of 100,000 assignments must not hold every other request
+#: (and the probes) for seconds.
 SLICE_ASSIGNMENTS = 500
+#: A slice ends after the event that took it past this long (a slice of a fixed number of
+#: assignments took 15 ms on one machine and 30 on a slower or busier one; two large bodies
+#: taken at once make a request wait for a slice of each).
+SLICE_S = 0.004
 
 
 async def take_events(
@@ -407,7 +411,7 @@ async def take_events(
 
     The histories of the contacts that need one are read in one go before anything is taken,
     so a failed read refuses the delivery with nothing of it queued. A delivery larger than
-    `SLICE_ASSIGNMENTS` is then taken in slices with the event loop served between them,
+    `SLICE_ASSIGNMENTS` is then taken in slices of `SLICE_S`, the event loop served between them,
     holding its contacts meanwhile (`ContactHolds`: a take of one of them waits), so that
     nothing another request takes can come between a contact's history and its changes; a
     small delivery is taken without waiting for anything after its read. What each change puts
@@ -487,36 +491,41 @@ async def _take(
         if outcome.recorded:
             recorded.append(letter)
 
-    start = 0
-    while start < len(events):
-        end, size = start, 0
-        if sliced:
-            if start:
-                await asyncio.sleep(0)  # the slice before it done: serve other requests
-            while end < len(events) and (end == start or size < SLICE_ASSIGNMENTS):
-                size += len(events[end].change.segment_ids)
-                end += 1
-        else:
-            end = len(events)
-        try:
-            for event in events[start:end]:
-                change = event.change
-                history = histories.get(change.contact_id)
-                if history is None:
-                    results.append(engine.submit(change, admitted=admitted))
-                    continue
-                result = engine.submit(
-                    change, history.assignments, history.mirrored_at, admitted=admitted
-                )
-                results.append(result)
-                if change.contact_id in repeated:
-                    _note_taken(history, change, result)
-                if event.invalid is not None:
-                    # In its event's place: a later event of the delivery may clear the contact.
-                    dead_letter(event.invalid)
-        except (EngineClosed, EngineOverloaded):
-            raise Busy("segmapd is not taking work now", DRAIN_RETRY_AFTER_S) from None
-        start = end
+    turn = service.holds.slice_turn
+    holding = False  # whether this take holds the slice turn
+    if sliced:
+        await turn.acquire()
+        holding = True
+    slice_started = time.perf_counter()
+    try:
+        for index, event in enumerate(events):
+            if sliced and index and time.perf_counter() - slice_started >= SLICE_S:
+                # The slice before it done: serve other requests, and other large takes' slices.
+                turn.release()
+                holding = False
+                await asyncio.sleep(0)
+                await turn.acquire()
+                holding = True
+                slice_started = time.perf_counter()
+            change = event.change
+            history = histories.get(change.contact_id)
+            if history is None:
+                results.append(engine.submit(change, admitted=admitted))
+                continue
+            result = engine.submit(
+                change, history.assignments, history.mirrored_at, admitted=admitted
+            )
+            results.append(result)
+            if change.contact_id in repeated:
+                _note_taken(history, change, result)
+            if event.invalid is not None:
+                # In its event's place: a later event of the delivery may clear the contact.
+                dead_letter(event.invalid)
+    except (EngineClosed, EngineOverloaded):
+        raise Busy("segmapd is not taking work now", DRAIN_RETRY_AFTER_S) from None
+    finally:
+        if holding:
+            turn.release()
     for letter in dead:
         dead_letter(letter)
     cached = sum(result.cached for result in results)

@@ -526,11 +526,7 @@ class SqliteStore(WriteBehindJournal):
         if self._turn_ending:
             return
         loop = self._loop
-        if (
-            loop is not None
-            and threading.get_ident() == self._loop_thread
-            and not loop.is_closed()
-        ):
+        if loop is not None and threading.get_ident() == self._loop_thread and not loop.is_closed():
             self._turn_ending = True
             loop.call_soon(self._turn_ended)
         else:

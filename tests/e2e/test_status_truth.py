@@ -460,8 +460,9 @@ async def test_dead_letters_from_cxones_answers_are_warnings_at_a_bounded_rate(
 async def test_a_large_deliverys_events_apply_in_order_across_the_slices_it_is_taken_in(
     start_daemon: StartDaemon, emulator: EmulatorControl, http: aiohttp.ClientSession
 ):
-    # A large delivery is taken in slices (the event loop serves others between them): a
-    # contact's add in one slice and its mirror in the next still apply in their order.
+    # A large delivery is taken in slices of a few milliseconds (the event loop serves others
+    # between them): a contact's add in one slice and its mirror in a later one (1,100
+    # assignments on) still apply in their order.
     await emulator.configure({"limits": {"read": {"rate": 2000, "burst": 2000}}})
     daemon = await start_daemon(limits={"read_rps": 1000.0})
     filler = [
@@ -469,9 +470,9 @@ async def test_a_large_deliverys_events_apply_in_order_across_the_slices_it_is_t
     ]
     events = [
         *filler[:19],
-        {"contactId": "OX9", "add": ["B"]},  # the last event of the first slice
+        {"contactId": "OX9", "add": ["B"]},
         *filler[19:30],
-        {"contactId": "OX9", "set": ["A"]},  # in the next one
+        {"contactId": "OX9", "set": ["A"]},  # a slice or more later
         *filler[30:],
     ]
     status, answer = await mapping(http, daemon, events)
@@ -485,8 +486,8 @@ async def test_a_large_deliverys_events_apply_in_order_across_the_slices_it_is_t
 
 
 def large_delivery(prefix: str, first: Any, last: Any, segments: int = 100) -> list[Any]:
-    """A delivery of 1,000 events, 998 of them adding `segments` segments (about 200 slices of
-    500 assignments for 100)."""
+    """A delivery of 1,000 events, 998 of them adding `segments` segments (taken in slices of a
+    few milliseconds: hundreds of them for 100)."""
     filler = [
         {"contactId": f"{prefix}{i:03d}", "add": [f"{prefix}{k:02d}" for k in range(segments)]}
         for i in range(998)
