@@ -231,8 +231,9 @@ def _serve_journaled() -> None:
                 work = queued[:]
                 queued.clear()
             connection.execute("BEGIN IMMEDIATE")
-            journal._UPSERT_ASSIGNMENTS.run(connection, [row for rows, _, _ in work for row in rows])
-            journal._INSERT_DELIVERIES.run(connection, [delivery for _, delivery, _ in work])
+            rows = [row for assignments, _, _ in work for row in assignments]
+            journal.UPSERT_ASSIGNMENTS.run(connection, rows)
+            journal.INSERT_DELIVERIES.run(connection, [delivery for _, delivery, _ in work])
             connection.execute("COMMIT")
             assert loop is not None
             loop.call_soon_threadsafe(settle, [future for _, _, future in work])
