@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import sys
 import time
@@ -407,7 +408,7 @@ async def test_a_late_index_is_seen_while_the_pair_waits_for_a_spent_refresh_bud
 async def test_dead_letters_from_cxones_answers_are_warnings_at_a_bounded_rate(
     emulator: EmulatorControl, http: aiohttp.ClientSession, tmp_path: Path
 ):
-    # 600 assignments CXone answers ContactNotFound for, in four batches, and a segment that
+    # 600 assignments CXone answers ContactNotFound for, in several batches, and a segment that
     # does not exist: each is worth a warning where operators look, not 600 lines.
     contacts = [f"WL{i:04d}" for i in range(300)]
     await emulator.set_missing_contacts(contacts)
@@ -453,7 +454,9 @@ async def test_dead_letters_from_cxones_answers_are_warnings_at_a_bounded_rate(
     # The first, then a summary of those held back (said at the stop at the latest).
     assert len(not_found) == 2, warned
     assert "WA" in not_found[0] or "WB" in not_found[0]
-    assert not_found[1].startswith("3 more like it"), not_found
+    # As many more as batches went (the delivery is taken in slices of time, so how many
+    # batches its 600 pairs make depends on the machine): all in one line.
+    assert re.match(r"[1-9][0-9]* more like it", not_found[1]), not_found
     assert len(gone) == 1 and "GONE" in gone[0], warned
 
 
