@@ -3,7 +3,7 @@
 Taking changes reads the contacts' journaled histories, then submits each change to the engine,
 which compares it with that history (is it stale? what does a mirror remove?). A small delivery
 does both without letting another request run between them. A large one is taken in slices with
-the event loop served between them (`daemon.intake.SLICE_ASSIGNMENTS`), and a change another
+the event loop served between them (`daemon.intake.SLICE_S`), and a change another
 request takes between two slices would be missing from the history the later slices compare
 with: a confirmed removal of a newer time, say, that an older add of the delivery must yield to.
 So a take holds its contacts from before its history read until its last change is submitted,
@@ -24,9 +24,10 @@ class ContactHolds:
     def __init__(self) -> None:
         self._held: dict[str, asyncio.Future[None]] = {}
         self._takes: set[asyncio.Future[None]] = set()
-        #: Held by a large take while it runs a slice: one slice per turn of the event loop,
-        #: however many large deliveries are being taken (two at once ran a slice each per turn,
-        #: and every other request waited for both). First come, first served, so they alternate.
+        #: Held by a large take from the start of a slice until the event loop has served the
+        #: turn after it: one large delivery's slice per turn of the loop, however many are
+        #: being taken (two at once ran a slice each per turn, and every other request waited
+        #: for both). First come, first served, so they alternate.
         self.slice_turn = asyncio.Lock()
 
     @property

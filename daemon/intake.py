@@ -500,10 +500,12 @@ async def _take(
     try:
         for index, event in enumerate(events):
             if sliced and index and time.perf_counter() - slice_started >= SLICE_S:
-                # The slice before it done: serve other requests, and other large takes' slices.
+                # The slice before it done: serve other requests. The turn is held over the
+                # yield, so another large take waiting for it runs its slice in a later turn of
+                # the loop, not in this one after this take's.
+                await asyncio.sleep(0)
                 turn.release()
                 holding = False
-                await asyncio.sleep(0)
                 await turn.acquire()
                 holding = True
                 slice_started = time.perf_counter()
