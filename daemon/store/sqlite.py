@@ -281,11 +281,12 @@ class SqliteStore(WriteBehindJournal):
         # Whether the writer sleeps on `_wake`. Only then does a change need a notify() (Python
         # code, on the hot path): a change queued while the writer commits is seen when it loops.
         self._writer_idle = False
-        # The writer takes what is queued only once the event loop's turn that queued it has
-        # ended (`_turn_ended`), never part-way through: a turn takes every request that arrived
+        # The writer takes what is queued once the event loop's turn that queued it has ended
+        # (`_turn_ended`), not at the first change: a turn takes every request that arrived
         # together up to its flush, and a commit taken in the middle of one held the rows of a
-        # request but not its flush, which then waited for a second commit. Ingest at 64
-        # concurrent webhooks: about 2 commits per answer before, exactly 1 after.
+        # request but not its flush, which then waited for a second commit. (The thread may
+        # still take a later turn's first changes before that turn ends: the gate is let go by
+        # the turn before. Then a request waits for two commits, as all did before.)
         self._turn_ending = False  # a `_turn_ended` callback is scheduled on the loop
         self._turn_queued = False  # a turn that queued changes has ended since the last take
         self._loop_thread: int | None = None
@@ -317,6 +318,7 @@ class SqliteStore(WriteBehindJournal):
         """Open and migrate the file, start the writer, and return what is unfinished."""
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
+        self._turn_ending = False
         # Before the file is touched: a second process must change nothing, not even migrate.
         self._file_lock.acquire()
         try:
@@ -524,15 +526,13 @@ class SqliteStore(WriteBehindJournal):
 
     def _nudge(self) -> None:
         """Let the writer take the change once this turn of the loop ends (the lock is held)."""
-        if self._turn_ending:
-            return
         loop = self._loop
-        if loop is not None and threading.get_ident() == self._loop_thread and not loop.is_closed():
+        if loop is None or threading.get_ident() != self._loop_thread or not loop.is_running():
+            # Not queued from the running loop's thread (a test's, or the loop is gone): at once.
+            self._release_queued()
+        elif not self._turn_ending:
             self._turn_ending = True
             loop.call_soon(self._turn_ended)
-        else:
-            # Not queued from the loop's thread (a test's, or the loop is gone): at once.
-            self._release_queued()
 
     def _turn_ended(self) -> None:
         """On the loop, after the turn that queued changes: the writer may take them."""
@@ -554,6 +554,8 @@ class SqliteStore(WriteBehindJournal):
         try; and, once closing, whatever is left.
         """
         if not self._has_work():
+            # Taken already (by a take after a later change): the next change waits for its turn.
+            self._turn_queued = False
             return False
         return self._turn_queued or self._closing or not self._carry.empty()
 
