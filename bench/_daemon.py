@@ -218,10 +218,14 @@ def _serve_journaled() -> None:
     queued: list[tuple[list[tuple[Any, ...]], tuple[Any, ...], asyncio.Future[None]]] = []
     loop: asyncio.AbstractEventLoop | None = None
 
-    def settle(futures: list[asyncio.Future[None]]) -> None:
+    def settle(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
         for future in futures:
-            if not future.done():
+            if future.done():
+                continue
+            if error is None:
                 future.set_result(None)
+            else:
+                future.set_exception(error)
 
     def write_loop() -> None:
         while True:
@@ -230,13 +234,19 @@ def _serve_journaled() -> None:
                     wake.wait()
                 work = queued[:]
                 queued.clear()
-            connection.execute("BEGIN IMMEDIATE")
-            rows = [row for assignments, _, _ in work for row in assignments]
-            journal.UPSERT_ASSIGNMENTS.run(connection, rows)
-            journal.INSERT_DELIVERIES.run(connection, [delivery for _, delivery, _ in work])
-            connection.execute("COMMIT")
+            error: BaseException | None = None
+            try:
+                connection.execute("BEGIN IMMEDIATE")
+                rows = [row for assignments, _, _ in work for row in assignments]
+                journal.UPSERT_ASSIGNMENTS.run(connection, rows)
+                journal.INSERT_DELIVERIES.run(connection, [delivery for _, delivery, _ in work])
+                connection.execute("COMMIT")
+            except Exception as exc:  # answered 500: wrk counts it, and the run is invalid
+                error = exc
+                with contextlib.suppress(Exception):
+                    connection.execute("ROLLBACK")
             assert loop is not None
-            loop.call_soon_threadsafe(settle, [future for _, _, future in work])
+            loop.call_soon_threadsafe(settle, [future for _, _, future in work], error)
 
     async def handle(request: web.Request) -> web.Response:
         nonlocal loop
