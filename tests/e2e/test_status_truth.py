@@ -454,9 +454,11 @@ async def test_dead_letters_from_cxones_answers_are_warnings_at_a_bounded_rate(
     # The first, then a summary of those held back (said at the stop at the latest).
     assert len(not_found) == 2, warned
     assert "WA" in not_found[0] or "WB" in not_found[0]
-    # As many more as batches went (the delivery is taken in slices of time, so how many
-    # batches its 600 pairs make depends on the machine): all in one line.
-    assert re.match(r"[1-9][0-9]* more like it", not_found[1]), not_found
+    # As many more as batches went, all in one line: 300 ids per segment at most 200 a request
+    # make at least four (the delivery is taken in slices of time, so how many more depends on
+    # the machine), and each holds one dead letter at least.
+    held_back = re.match(r"([0-9]+) more like it", not_found[1])
+    assert held_back is not None and 3 <= int(held_back.group(1)) < 600, not_found
     assert len(gone) == 1 and "GONE" in gone[0], warned
 
 
