@@ -145,14 +145,14 @@ async def serve(config: Config, *, announce: bool = True) -> int:
     # not be, and none of it forms garbage cycles.
     gc.collect()
     gc.freeze()
-    # Full collections a thousandth as often (after 10,000 collections of the middle
-    # generation, not 10): each walks every entry of the dicts that hold pending work (with six
-    # 100,000-assignment bodies taken, bench.large_bodies saw three a run at 100, one at 1,000,
-    # each of 30-90 ms with every request waiting), and segmapd's pending work is freed by
-    # reference counting, not by them. Cycles that outlive the young generations (few: pending
-    # work forms none) wait longer to be freed, no more.
+    # Full collections a hundredth as often (after 1,000 collections of the middle generation,
+    # not 10): each walks every entry of the dicts that hold pending work (with six 100,000-
+    # assignment bodies taken, bench.large_bodies saw three a run at 100, of 30-90 ms each with
+    # every request waiting; one at 1,000), and segmapd's pending work is freed by reference
+    # counting, not by them. Under a heavy load one still runs about once a minute, so cycles
+    # that outlive the young generations (a few aiohttp and asyncio objects) are not kept long.
     threshold0, threshold1, _ = gc.get_threshold()
-    gc.set_threshold(threshold0, threshold1, 10_000)
+    gc.set_threshold(threshold0, threshold1, 1000)
     # The event loop waits at most about this long for the GIL while a worker thread holds it
     # (the journal's writer binding a large transaction's rows, a large body parsed off the
     # loop): 1 ms, not CPython's 5. bench.large_bodies' /healthz p99 56 -> 50 ms; bench.ingest
