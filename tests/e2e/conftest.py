@@ -16,6 +16,7 @@ import aiohttp
 import orjson
 import pytest
 
+from daemon.config import Config, load_config
 from listeners import sign
 from tests.support.emulator import EmulatorControl
 from tests.support.processes import ManagedProcess
@@ -128,6 +129,31 @@ def daemon_config(
     for name, values in overrides.items():
         sections.setdefault(name, {}).update(values)
     return render_toml(sections)
+
+
+def in_process_config(
+    emulator: EmulatorControl,
+    tmp_path: Path,
+    listen: str = "127.0.0.1:0",
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> Config:
+    """The config of a service run in the test's own process (SQLite journal in `tmp_path`)."""
+    config_path = tmp_path / "segmapd.toml"
+    sections: dict[str, dict[str, Any]] = {
+        "store": {"url": f"sqlite://{tmp_path}/journal.db"},
+        "server": {"listen": listen},
+    }
+    for name, values in (overrides or {}).items():
+        sections.setdefault(name, {}).update(values)
+    config_path.write_text(
+        daemon_config(
+            emulator.url,
+            "admin-token-in-process",
+            "whsec_" + base64.b64encode(b"x" * 24).decode(),
+            sections,
+        )
+    )
+    return load_config(config_path, environ={})
 
 
 StartDaemon = Callable[..., Awaitable[Daemon]]

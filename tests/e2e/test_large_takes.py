@@ -3,39 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from daemon.config import load_config
 from daemon.intake import take_mappings
 from daemon.service import Service
-from tests.e2e.conftest import daemon_config
+from tests.e2e.conftest import in_process_config
 from tests.support.emulator import EmulatorControl
 
 
 async def test_two_large_deliveries_taken_at_once_run_one_slice_per_turn_of_the_loop(
     emulator: EmulatorControl, tmp_path: Path
 ) -> None:
-    # Two bodies of 1,000 events x 40 segments (40,000 assignments) each, taken at once by a real service (SQLite journal,
-    # the emulator as CXone): each is taken in many slices, and no turn of the event loop runs
-    # a slice of both, so that a request arriving meanwhile waits for one slice at most.
-    config_path = tmp_path / "segmapd.toml"
-    config_path.write_text(
-        daemon_config(
-            emulator.url,
-            "admin-token-large-takes",
-            "whsec_" + base64.b64encode(b"y" * 24).decode(),
-            {
-                "store": {"url": f"sqlite://{tmp_path}/journal.db"},
-                "server": {"listen": "127.0.0.1:0", "high_water": 1_000_000},
-            },
-        )
-    )
-    service = Service(load_config(config_path, environ={}))
+    # Two bodies of 1,000 events x 40 segments (40,000 assignments each), taken at once by a
+    # real service (SQLite journal, the emulator as CXone): each is taken in many slices, and
+    # no turn of the event loop runs a slice of both, so that a request arriving meanwhile
+    # waits for one slice at most.
+    config = in_process_config(emulator, tmp_path, overrides={"server": {"high_water": 1_000_000}})
+    service = Service(config)
     await service.start()
     loop = asyncio.get_running_loop()
     turn = 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import signal
 import socket
 import time
@@ -13,11 +12,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from daemon.config import Config, load_config
 from daemon.runner import HttpListener
 from daemon.service import CannotListen, Service
 from scheduler.store import StoreUnavailable
-from tests.e2e.conftest import Daemon, StartDaemon, daemon_config
+from tests.e2e.conftest import Daemon, StartDaemon, in_process_config
 from tests.support.emulator import EmulatorControl
 
 
@@ -150,19 +148,6 @@ async def test_sigterm_answers_open_waits_at_once_then_exits_0_and_keeps_the_wor
     for contact_id, segments in contacts.items():
         states = await daemon.wait_states(http, contact_id, {"active"}, timeout_s=30)
         assert set(states) == set(segments)
-
-
-def in_process_config(emulator: EmulatorControl, tmp_path: Path, listen: str) -> Config:
-    config_path = tmp_path / "segmapd.toml"
-    config_path.write_text(
-        daemon_config(
-            emulator.url,
-            "admin-token-in-process",
-            "whsec_" + base64.b64encode(b"x" * 24).decode(),
-            {"store": {"url": f"sqlite://{tmp_path}/journal.db"}, "server": {"listen": listen}},
-        )
-    )
-    return load_config(config_path, environ={})
 
 
 async def test_drain_and_stop_are_idempotent(emulator: EmulatorControl, tmp_path: Path):
