@@ -292,12 +292,14 @@ def test_the_overview_updates_as_work_is_done(console: Console):
     before = _number(active.inner_text())
     contact = _contact("ov")
     console.daemon.mappings({"contactId": contact, "segmentIds": ["OvA", "OvB", "OvC"]})
-    # The journal census counts in the background; the page shows each new count.
+    # The journal census counts in the background; the page shows each new count. It waits
+    # 200 times a count's cost between counts (2 s at least): on a loaded machine a count of
+    # 150 ms puts the next 30 s away, so the page is given a minute and a half.
     page.wait_for_function(
         "want => Number(document.querySelector('[data-state=\"active\"] td')"
         ".textContent.replace(/[^0-9]/g, '')) >= want",
         arg=before + 3,
-        timeout=30_000,
+        timeout=90_000,
     )
     assert updated.get_attribute("data-updated") != first
     # The charts are the daemon's own samples, drawn as inline SVG.
