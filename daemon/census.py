@@ -36,6 +36,38 @@ DUTY = 0.005
 _STATES = {state.value: state for state in State}
 
 
+def duty_interval_s(
+    cost_s: float, min_interval_s: float, max_interval_s: float, duty: float
+) -> float:
+    """Seconds until the next count: the last one's cost over `duty`, within the bounds."""
+    return min(max_interval_s, max(min_interval_s, cost_s / duty))
+
+
+async def count_in_background(
+    count: Callable[[], Awaitable[object]], interval_s: Callable[[], float], what: str
+) -> None:
+    """Run `count` until cancelled, `interval_s()` apart.
+
+    A count that fails (the journal away) keeps its owner's last answer; it is logged once,
+    and once more when counting works again.
+    """
+    failing = False
+    while True:
+        try:
+            await count()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not failing:
+                log.warning("cannot count %s: %s", what, exc)
+            failing = True
+        else:
+            if failing:
+                log.info("counting %s again", what)
+            failing = False
+        await asyncio.sleep(interval_s())
+
+
 @dataclass(frozen=True)
 class StateCounts:
     """Every state's number of assignments in the journal, as of `counted_at` (Unix time)."""
@@ -74,7 +106,6 @@ class JournalCensus:
         self._duty = duty
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
-        self._failing = False
         self.latest: StateCounts | None = None
 
     def __repr__(self) -> str:
@@ -96,12 +127,17 @@ class JournalCensus:
     def next_interval_s(self) -> float:
         """Seconds until the next count: the last one's cost over `duty`, within the bounds."""
         cost_s = self.latest.duration_s if self.latest is not None else 0.0
-        return min(self._max_interval_s, max(self._min_interval_s, cost_s / self._duty))
+        return duty_interval_s(cost_s, self._min_interval_s, self._max_interval_s, self._duty)
 
     async def start(self) -> None:
         """Count in the background from now on (the first count at once). Idempotent."""
         if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="journal-census")
+            self._task = asyncio.create_task(
+                count_in_background(
+                    self.refresh, self.next_interval_s, "the journal's assignments by state"
+                ),
+                name="journal-census",
+            )
 
     async def stop(self) -> None:
         """Stop counting (a count under way is abandoned); `latest` stays. Idempotent."""
@@ -110,19 +146,3 @@ class JournalCensus:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.refresh()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the journal away: keep the last count, try again later
-                if not self._failing:
-                    log.warning("cannot count the journal's assignments by state: %s", exc)
-                self._failing = True
-            else:
-                if self._failing:
-                    log.info("counting the journal's assignments by state again")
-                self._failing = False
-            await asyncio.sleep(self.next_interval_s())

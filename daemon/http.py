@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hmac
 import logging
 import math
@@ -492,6 +493,35 @@ def _cursor_named(value: object, field: str) -> DeadLetterKey | web.Response:
     return key
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _DeadLetterFilter:
+    """The dead letters' filters of a listing (query) or a replay (body), each None if absent."""
+
+    reason: FailureReason | None
+    segment: str | None
+    source: str | None
+    cursor: DeadLetterKey | None  # `after` for a listing, `through` for a replay
+
+
+def _dead_letter_filter(
+    given: Mapping[str, object], cursor_name: str
+) -> _DeadLetterFilter | web.Response:
+    """The filters in `given` (`reason`, `segment`, `source` and `cursor_name`), or the 400."""
+    reason = _optional(given, "reason", _reason_named)
+    if isinstance(reason, web.Response):
+        return reason
+    segment = _optional(given, "segment", _exact_filter)
+    if isinstance(segment, web.Response):
+        return segment
+    source = _optional(given, "source", _exact_filter)
+    if isinstance(source, web.Response):
+        return source
+    cursor = _optional(given, cursor_name, _cursor_named)
+    if isinstance(cursor, web.Response):
+        return cursor
+    return _DeadLetterFilter(reason, segment, source, cursor)
+
+
 async def dead_letters(request: web.Request) -> web.Response:
     """GET /v1/dead-letters: failed assignments, oldest first, a page at a time.
 
@@ -517,18 +547,10 @@ async def dead_letters(request: web.Request) -> web.Response:
         return problem(400, "limit: must be an integer", field="limit")
     if not 1 <= limit <= 100_000:
         return problem(400, "limit: must be between 1 and 100000", field="limit")
-    reason = _optional(query, "reason", _reason_named)
-    if isinstance(reason, web.Response):
-        return reason
-    segment = _optional(query, "segment", _exact_filter)
-    if isinstance(segment, web.Response):
-        return segment
-    source = _optional(query, "source", _exact_filter)
-    if isinstance(source, web.Response):
-        return source
-    after = _optional(query, "after", _cursor_named)
-    if isinstance(after, web.Response):
-        return after
+    chosen = _dead_letter_filter(query, "after")
+    if isinstance(chosen, web.Response):
+        return chosen
+    reason, segment, source = chosen.reason, chosen.segment, chosen.source
     count = query.get("count", "false")
     if count not in ("true", "false"):
         return problem(400, "count: must be true or false", field="count")
@@ -538,7 +560,7 @@ async def dead_letters(request: web.Request) -> web.Response:
         return refused
     store = service.store
     failed = await store.failed(
-        limit, reason=reason, segment_id=segment, source=source, after=after
+        limit, reason=reason, segment_id=segment, source=source, after=chosen.cursor
     )
     body: dict[str, Any] = {
         "deadLetters": [dead_letter_view(a) for a in failed],
@@ -649,19 +671,11 @@ def parse_replay(body: bytes) -> ReplayRequest | web.Response:
         if isinstance(pairs, web.Response):
             return pairs
         asked.pairs = pairs
-    reason = _optional(parsed, "reason", _reason_named)
-    if isinstance(reason, web.Response):
-        return reason
-    segment = _optional(parsed, "segment", _exact_filter)
-    if isinstance(segment, web.Response):
-        return segment
-    source = _optional(parsed, "source", _exact_filter)
-    if isinstance(source, web.Response):
-        return source
-    through = _optional(parsed, "through", _cursor_named)
-    if isinstance(through, web.Response):
-        return through
-    asked.reason, asked.segment, asked.source, asked.through = reason, segment, source, through
+    chosen = _dead_letter_filter(parsed, "through")
+    if isinstance(chosen, web.Response):
+        return chosen
+    asked.reason, asked.segment, asked.source = chosen.reason, chosen.segment, chosen.source
+    asked.through = chosen.cursor
     if "lane" in parsed:
         named = named_lane(parsed["lane"])
         if isinstance(named, web.Response):

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from daemon.census import JournalCensus
+from daemon.census import JournalCensus, count_in_background, duty_interval_s
 from daemon.metrics import Metrics
 from daemon.store.base import AssignmentJournal, RefreshBudgetStore
 from scheduler.engine import Engine
@@ -236,7 +236,6 @@ class Figures:
         self.tally: SegmentTally | None = None
         self._last: _Totals | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._tally_failing = False
 
     def __repr__(self) -> str:
         return f"Figures({len(self.samples)} samples)"
@@ -248,7 +247,14 @@ class Figures:
         self._last = self._totals()
         self._tasks = [
             asyncio.create_task(self._sample_loop(), name="console-samples"),
-            asyncio.create_task(self._tally_loop(), name="console-dead-letter-tally"),
+            asyncio.create_task(
+                count_in_background(
+                    self.count_dead_letters,
+                    self._tally_interval_s,
+                    "the dead letters per segment (console)",
+                ),
+                name="console-dead-letter-tally",
+            ),
         ]
 
     async def stop(self) -> None:
@@ -322,18 +328,4 @@ class Figures:
 
     def _tally_interval_s(self) -> float:
         cost = self.tally.duration_s if self.tally is not None else 0.0
-        return min(TALLY_MAX_INTERVAL_S, max(TALLY_MIN_INTERVAL_S, cost / DUTY))
-
-    async def _tally_loop(self) -> None:
-        while True:
-            try:
-                await self.count_dead_letters()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the journal away: keep the last count, try again later
-                if not self._tally_failing:
-                    log.warning("console: cannot count the dead letters per segment: %s", exc)
-                self._tally_failing = True
-            else:
-                self._tally_failing = False
-            await asyncio.sleep(self._tally_interval_s())
+        return duty_interval_s(cost, TALLY_MIN_INTERVAL_S, TALLY_MAX_INTERVAL_S, DUTY)
