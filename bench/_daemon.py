@@ -25,7 +25,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -81,6 +81,25 @@ def daemon_config(emulator_url: str, sections: dict[str, dict[str, Any]]) -> str
     for name, values in sections.items():
         merged.setdefault(name, {}).update(values)
     return render_toml(merged)
+
+
+#: The columns of `queued_rows`, in order.
+QUEUED_COLUMNS = (
+    "contact_id, segment_id, state, reason, message, attempts, received_at, updated_at, history"
+)
+
+
+def queued_rows(
+    now: float, contacts: int, segments_per_contact: int, segment_pool: int
+) -> Iterator[tuple[Any, ...]]:
+    """Journal rows (`QUEUED_COLUMNS`) of `contacts` x `segments_per_contact` queued assignments
+    received in the minute before `now`, for benchmarks that start a daemon on a full journal."""
+    for i in range(contacts):
+        contact = str(100_000_000_000 + i)
+        at = now - 60 + i * 1e-5
+        for k in range(segments_per_contact):
+            segment = f"seg-{(i + 17 * k) % segment_pool}"
+            yield (contact, segment, "queued", None, "", 0, at, at, f"queued:{at!r};")
 
 
 def daemon_process(config: Path) -> ManagedProcess:

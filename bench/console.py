@@ -24,11 +24,13 @@ from pathlib import Path
 
 from bench._daemon import (
     ADMIN_TOKEN,
+    QUEUED_COLUMNS,
     UNLIMITED,
     daemon_config,
     daemon_process,
     http,
     new_secret,
+    queued_rows,
     start_emulator,
     wait_ready,
     workdir,
@@ -53,18 +55,11 @@ def build_journal(path: Path) -> tuple[int, int]:
     connection = connect(str(path), "OFF")
     now = time.time()
     reasons = [str(reason) for reason in FailureReason]
-    columns = (
-        "contact_id, segment_id, state, reason, message, attempts, received_at, updated_at, "
-        "history, source"
-    )
+    columns = f"{QUEUED_COLUMNS}, source"
 
     def queued():
-        for i in range(CONTACTS):
-            contact = str(100_000_000_000 + i)
-            at = now - 60 + i * 1e-5
-            for k in range(SEGMENTS_PER_CONTACT):
-                segment = f"seg-{(i + 17 * k) % SEGMENT_POOL}"
-                yield (contact, segment, "queued", None, "", 0, at, at, f"queued:{at!r};", "crm")
+        for row in queued_rows(now, CONTACTS, SEGMENTS_PER_CONTACT, SEGMENT_POOL):
+            yield (*row, "crm")
 
     def dead():
         for i in range(DEAD_LETTERS):

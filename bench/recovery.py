@@ -19,11 +19,13 @@ import time
 from pathlib import Path
 
 from bench._daemon import (
+    QUEUED_COLUMNS,
     UNLIMITED,
     daemon_config,
     daemon_process,
     metric_total,
     new_secret,
+    queued_rows,
     start_emulator,
     wait_ready,
     workdir,
@@ -42,20 +44,11 @@ def build_journal(path: Path) -> int:
     connection = connect(str(path), "OFF")
     now = time.time()
 
-    def rows():
-        for i in range(CONTACTS):
-            contact = str(100_000_000_000 + i)
-            at = now - 60 + i * 1e-5
-            for k in range(SEGMENTS_PER_CONTACT):
-                segment = f"seg-{(i + 17 * k) % SEGMENT_POOL}"
-                yield (contact, segment, "queued", None, "", 0, at, at, f"queued:{at!r};")
-
     try:
         connection.execute("BEGIN IMMEDIATE")
         connection.executemany(
-            "INSERT INTO assignments (contact_id, segment_id, state, reason, message, attempts, "
-            "received_at, updated_at, history) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            rows(),
+            f"INSERT INTO assignments ({QUEUED_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            queued_rows(now, CONTACTS, SEGMENTS_PER_CONTACT, SEGMENT_POOL),
         )
         # The deliveries that brought them: the daemon builds its delivery filter from these.
         connection.executemany(
