@@ -328,15 +328,15 @@ class Reconciler:
 
         The journal's copy is at most one commit behind; this one is up to the pair.
         """
-        run = self._run
-        if (
-            run is not None
-            and run.task is not None
-            and not run.task.done()
-            and run.reconcile_pass.id == reconcile_pass.id
-        ):
+        run = self._running_here()
+        if run is not None and run.reconcile_pass.id == reconcile_pass.id:
             return run.reconcile_pass
         return reconcile_pass
+
+    def _running_here(self) -> _Run | None:
+        """The run of a pass whose task is under way in this process, if any."""
+        run = self._run
+        return run if run is not None and run.task is not None and not run.task.done() else None
 
     async def get(self, pass_id: str) -> ReconcilePass | None:
         """One pass, as fresh as this process knows it."""
@@ -382,15 +382,15 @@ class Reconciler:
                 await asyncio.wait_for(self._wake.wait(), LEAD_CHECK_S)
 
     async def _lead_once(self) -> None:
-        run = self._run
+        run = self._running_here()
         if not self._leads():
-            if run is not None and run.task is not None and not run.task.done():
+            if run is not None and run.task is not None:
                 log.info(
                     "reconcile pass %s: left to the process that leads now", run.reconcile_pass.id
                 )
                 run.task.cancel()
             return
-        if run is not None and run.task is not None and not run.task.done():
+        if run is not None:
             return
         # What this process queued (a pass's last progress, its end) is committed before the
         # journal is asked what runs: never resume from behind, never reopen an ended pass.

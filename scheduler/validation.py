@@ -155,7 +155,6 @@ class SegmentValidation:
     """One segment's validation as the console shows it (`MembershipPoller.by_segment`)."""
 
     pairs: int  # written pairs being confirmed
-    refreshes: int  # successful refreshes while pairs of it were being confirmed
     refreshing: bool  # a refresh is scheduled or being sent
     waiting_for_budget: bool  # its refresh waits for the segment's hourly budget
 
@@ -211,7 +210,6 @@ class _SegmentWatch:
     pairs: dict[str, _Pair] = field(default_factory=dict)
     refresh_task: asyncio.Task[None] | None = None  # scheduled or being sent
     refreshed_at: float | None = None  # monotonic time of the latest successful refresh answer
-    refreshes: int = 0  # successful refreshes while this watch lived
     refresh_failures: int = 0  # consecutive failed refresh attempts
     waiting_for_budget: bool = False  # its refresh waits for the hour's budget
 
@@ -407,7 +405,6 @@ class MembershipPoller:
         return {
             segment_id: SegmentValidation(
                 pairs=len(watch.pairs),
-                refreshes=watch.refreshes,
                 refreshing=watch.refresh_task is not None and not watch.refresh_task.done(),
                 waiting_for_budget=watch.waiting_for_budget,
             )
@@ -868,7 +865,6 @@ class MembershipPoller:
         self._observer.segment_refreshed(segment_id)
         now = self._clock()
         watch.refreshed_at = now
-        watch.refreshes += 1
         watch.refresh_failures = 0
         for pair in watch.pairs.values():
             pair.window_start = max(pair.window_start, now)
