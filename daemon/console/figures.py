@@ -24,7 +24,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from daemon.census import JournalCensus, count_in_background, duty_interval_s
+from daemon.census import (
+    DUTY,
+    MAX_INTERVAL_S,
+    JournalCensus,
+    count_in_background,
+    duty_interval_s,
+)
 from daemon.metrics import Metrics
 from daemon.store.base import AssignmentJournal, RefreshBudgetStore
 from scheduler.engine import Engine
@@ -38,11 +44,10 @@ log = logging.getLogger(__name__)
 #: How often a sample is taken, and how many are kept (ten minutes of them).
 SAMPLE_INTERVAL_S = 2.0
 SAMPLES_KEPT = 300
-#: The dead letters per segment are counted again once this share of the time has gone by
-#: since the last count's cost, within the bounds (a count of 100,000 takes about 10 ms).
-DUTY = 0.005
+#: The dead letters per segment are counted again once the census's share of the time
+#: (`daemon.census.DUTY`) has gone by since the last count's cost, at least this long apart and at
+#: most the census's longest interval (a count of 100,000 takes about 10 ms).
 TALLY_MIN_INTERVAL_S = 5.0
-TALLY_MAX_INTERVAL_S = 300.0
 #: Refreshes are remembered this long (CXone allows one per segment per hour).
 REFRESH_WINDOW_S = 3600.0
 
@@ -328,4 +333,4 @@ class Figures:
 
     def _tally_interval_s(self) -> float:
         cost = self.tally.duration_s if self.tally is not None else 0.0
-        return duty_interval_s(cost, TALLY_MIN_INTERVAL_S, TALLY_MAX_INTERVAL_S, DUTY)
+        return duty_interval_s(cost, TALLY_MIN_INTERVAL_S, MAX_INTERVAL_S, DUTY)

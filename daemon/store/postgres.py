@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import logging
 import math
 import time
@@ -163,12 +162,6 @@ MIGRATIONS: list[str] = [
     sql.render(sql.SCHEMA[6], sql.Dialect.POSTGRESQL)
     + "ALTER TABLE segmapd_inbox ADD COLUMN source TEXT NOT NULL DEFAULT '';",
 ]
-
-
-@functools.lru_cache(maxsize=64)
-def _rendered(statement: str) -> str:
-    """A shared read (`sql`) as PostgreSQL takes it, rendered once per text."""
-    return sql.render(statement, sql.Dialect.POSTGRESQL)
 
 
 # The version table: one row per migration applied, so that a migration applied twice (two
@@ -721,7 +714,7 @@ class PostgresStore(WriteBehindJournal, SharedJournal):
         return await self._with_connection(fetch, "read")
 
     async def _select(self, statement: str, *arguments: Any) -> list[asyncpg.Record]:
-        return await self._fetch(_rendered(statement), *arguments)
+        return await self._fetch(sql.rendered(statement, sql.Dialect.POSTGRESQL), *arguments)
 
     async def _forwarded(self, contact_id: str) -> list[asyncpg.Record]:
         return await self._fetch(_FORWARDED, contact_id)

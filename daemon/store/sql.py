@@ -15,6 +15,7 @@ PostgreSQL's claims, inbox, leases and fence.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -67,6 +68,12 @@ class Dialect(enum.Enum):
 
 
 _PLACEHOLDER = re.compile(r"\$(\d+)")
+
+
+@functools.lru_cache(maxsize=128)
+def rendered(statement: str, dialect: Dialect) -> str:
+    """A shared read as `dialect`'s driver takes it, rendered once per text."""
+    return render(statement, dialect)
 
 
 def render(sql: str, dialect: Dialect) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import functools
 import itertools
 import logging
 import math
@@ -256,12 +255,6 @@ _CONTACTS = f"SELECT {sql.ASSIGNMENT_COLUMNS} FROM assignments WHERE contact_id"
 _PRUNE = [sql.render(text, sql.Dialect.SQLITE) for text in (sql.PRUNE_FINISHED, *sql.PRUNE_EXPIRED)]
 
 
-@functools.lru_cache(maxsize=64)
-def _rendered(statement: str) -> str:
-    """A shared read as sqlite3 takes it, rendered once per text."""
-    return sql.render(statement, sql.Dialect.SQLITE)
-
-
 class SqliteStore(WriteBehindJournal):
     """The journal behind `store.url = "sqlite:///path"`."""
 
@@ -403,7 +396,7 @@ class SqliteStore(WriteBehindJournal):
         return self._reader.execute(statement, tuple(parameters)).fetchall()
 
     async def _select(self, statement: str, *arguments: Any) -> list[tuple[Any, ...]]:
-        text = _rendered(statement)
+        text = sql.rendered(statement, sql.Dialect.SQLITE)
         rows: list[tuple[Any, ...]] = await self._read(lambda: self._query(text, arguments))
         return rows
 
