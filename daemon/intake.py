@@ -220,7 +220,8 @@ def _parse_from(adapter: SourceAdapter, request: InboundRequest, source: str) ->
     """The adapter's parse of the delivery, every change marked as `source`'s, keys storable.
 
     The source is journaled with the pairs each change starts (dead letters included), so
-    that dead letters can be listed and replayed by source.
+    that dead letters can be listed and replayed by source. Each event is rebuilt once, with
+    its key as the journal can keep it (see `storable`).
     """
     parsed = adapter.parse(request)
     events = parsed.events
@@ -228,27 +229,18 @@ def _parse_from(adapter: SourceAdapter, request: InboundRequest, source: str) ->
         invalid = event.invalid
         if invalid is not None:
             invalid = _dead_from(invalid, source)
-        events[index] = InboundEvent(event.change.from_source(source), event.key, invalid)
+        key = storable(event.key) if event.key is not None else None
+        events[index] = InboundEvent(event.change.from_source(source), key, invalid)
     dead = parsed.dead
     for index, letter in enumerate(dead):
         dead[index] = _dead_from(letter, source)
-    return _storable_keys(parsed)
+    return parsed
 
 
 def _dead_from(letter: DeadEvent, source: str) -> DeadEvent:
-    """The dead event, marked as `source`'s."""
-    return DeadEvent(letter.change.from_source(source), letter.reason, letter.message, letter.key)
-
-
-def _storable_keys(parsed: ParsedDelivery) -> ParsedDelivery:
-    """The delivery with every event key as the journal can keep it (see `storable`)."""
-    for index, event in enumerate(parsed.events):
-        if event.key is not None and storable(event.key) != event.key:
-            parsed.events[index] = dataclasses.replace(event, key=storable(event.key))
-    for index, dead in enumerate(parsed.dead):
-        if dead.key is not None and storable(dead.key) != dead.key:
-            parsed.dead[index] = dataclasses.replace(dead, key=storable(dead.key))
-    return parsed
+    """The dead event, marked as `source`'s, its key storable."""
+    key = storable(letter.key) if letter.key is not None else None
+    return DeadEvent(letter.change.from_source(source), letter.reason, letter.message, key)
 
 
 def _count(
