@@ -21,6 +21,7 @@ from daemon.notifier import rfc3339
 from tests.e2e.conftest import Daemon, StartDaemon
 from tests.support.emulator import EmulatorControl
 from tests.support.postgres import PostgresServer
+from tests.support.waits import until
 
 LEASE_S = 5.0
 
@@ -647,12 +648,16 @@ async def test_changes_forwarded_to_a_segments_owner_keep_their_source(
     ) as response:
         assert response.status == 202, await response.text()
         assert (await response.json())["replayed"] == len(segments)
-    deadline = time.monotonic() + 30
-    while True:
+
+    async def failed_again() -> list[Any]:
         hook = await by_source(daemons[0], "crm")
-        failed_again = [d for d in hook if d["receivedAt"] >= rfc3339(replayed_at - 0.001)]
-        if len(failed_again) == len(segments):
-            break
-        assert time.monotonic() < deadline, hook
-        await asyncio.sleep(0.1)
+        return [d for d in hook if d["receivedAt"] >= rfc3339(replayed_at - 0.001)]
+
+    await until(
+        failed_again,
+        lambda again: len(again) == len(segments),
+        timeout_s=30,
+        what="each replayed dead letter failed again",
+        interval_s=0.1,
+    )
     assert {d["contactId"] for d in await by_source(daemons[0], "mappings")} == {"fs-api"}

@@ -6,15 +6,14 @@ that start a pair carry it, and the journal keeps it through the pair's later tr
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import time
 
 from scheduler.model import Assignment, FailureReason, Intent, MembershipChange, State
 from tests.scheduler.conftest import MakeEngine
 from tests.scheduler.test_ownership import Owned
 from tests.scheduler.test_removals import FAST_BATCHES, FAST_VALIDATION, quick_indexing, settle
 from tests.support.emulator import EmulatorControl
+from tests.support.waits import until
 
 
 async def test_a_pair_keeps_the_source_of_the_change_that_started_it(
@@ -45,10 +44,11 @@ async def test_a_superseding_change_starts_the_pair_again_from_its_own_source(
     harness.engine.submit(MembershipChange("c-queued", remove=("Q",), source="mappings"))
     # A request in flight: the removal waits for it, journaled as the waiting change.
     harness.engine.submit(MembershipChange("c-flight", add=("F",), source="crm"))
-    deadline = time.monotonic() + 10
-    while not harness.client.bulk_calls:
-        assert time.monotonic() < deadline, "the add was never sent"
-        await asyncio.sleep(0.02)
+
+    async def bulk_calls() -> int:
+        return len(harness.client.bulk_calls)
+
+    await until(bulk_calls, bool, timeout_s=10, what="the add sent", interval_s=0.02)
     harness.engine.submit(MembershipChange("c-flight", remove=("F",), source="hubspot"))
     [waiting] = await harness.store.contact("c-flight")
     assert (waiting.state, waiting.intent, waiting.source) == (
