@@ -451,11 +451,26 @@ def decode_cursor(text: str) -> DeadLetterKey | None:
     return float(at), contact_id, segment_id
 
 
-def _once(request: web.Request, names: Iterable[str]) -> web.Response | None:
+def once(request: web.Request, names: Iterable[str]) -> web.Response | None:
+    """The 400 for the first of the query parameters `names` given more than once, else None."""
     for name in names:
         if len(request.query.getall(name, ())) > 1:
             return problem(400, f"{name}: give it once", field=name)
     return None
+
+
+def limit_param(request: web.Request, default: int, most: int) -> int | web.Response:
+    """The query's `limit` (`default` when absent), from 1 to `most`; or the 400 naming it."""
+    refused = once(request, ("limit",))
+    if refused is not None:
+        return refused
+    try:
+        limit = int(request.query.get("limit", str(default)))
+    except ValueError:
+        return problem(400, "limit: must be an integer", field="limit")
+    if not 1 <= limit <= most:
+        return problem(400, f"limit: must be between 1 and {most}", field="limit")
+    return limit
 
 
 T = TypeVar("T")
@@ -537,16 +552,13 @@ async def dead_letters(request: web.Request) -> web.Response:
     denied = require_admin(request)
     if denied is not None:
         return denied
-    refused = _once(request, ("limit", "reason", "segment", "source", "after", "count"))
+    refused = once(request, ("limit", "reason", "segment", "source", "after", "count"))
     if refused is not None:
         return refused
     query = request.query
-    try:
-        limit = int(query.get("limit", "1000"))
-    except ValueError:
-        return problem(400, "limit: must be an integer", field="limit")
-    if not 1 <= limit <= 100_000:
-        return problem(400, "limit: must be between 1 and 100000", field="limit")
+    limit = limit_param(request, 1000, 100_000)
+    if isinstance(limit, web.Response):
+        return limit
     chosen = _dead_letter_filter(query, "after")
     if isinstance(chosen, web.Response):
         return chosen
@@ -844,14 +856,9 @@ async def reconcile_passes(request: web.Request) -> web.Response:
     denied = require_admin(request)
     if denied is not None:
         return denied
-    if len(request.query.getall("limit", ())) > 1:
-        return problem(400, "limit: give it once", field="limit")
-    try:
-        limit = int(request.query.get("limit", "20"))
-    except ValueError:
-        return problem(400, "limit: must be an integer", field="limit")
-    if not 1 <= limit <= MAX_RECONCILE_LIST:
-        return problem(400, f"limit: must be between 1 and {MAX_RECONCILE_LIST}", field="limit")
+    limit = limit_param(request, 20, MAX_RECONCILE_LIST)
+    if isinstance(limit, web.Response):
+        return limit
     try:
         passes = await service.reconciler.recent(limit)
     except StoreUnavailable as exc:

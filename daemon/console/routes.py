@@ -28,7 +28,7 @@ from typing import Any
 from aiohttp import web
 
 from daemon.config import MAPPINGS_SOURCE
-from daemon.http import SERVICE, json_response, problem, require_admin
+from daemon.http import SERVICE, json_response, limit_param, once, problem, require_admin
 from daemon.service import Service
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -233,14 +233,15 @@ async def overview(request: web.Request) -> web.Response:
     denied = require_admin(request)
     if denied is not None:
         return denied
-    names = request.query.getall("since", ())
+    refused = once(request, ("since",))
+    if refused is not None:
+        return refused
+    given = request.query.get("since")
     since: float | None = None
-    if names:
-        if len(names) > 1:
-            return problem(400, "since: give it once", field="since")
-        if SINCE_FORMAT.fullmatch(names[0]) is None:
+    if given is not None:
+        if SINCE_FORMAT.fullmatch(given) is None:
             return problem(400, "since: must be a Unix time in seconds", field="since")
-        since = float(names[0])
+        since = float(given)
     return json_response(overview_view(request.app[SERVICE], since))
 
 
@@ -307,23 +308,15 @@ async def segments(request: web.Request) -> web.Response:
     denied = require_admin(request)
     if denied is not None:
         return denied
-    finds = request.query.getall("find", ())
-    if len(finds) > 1:
-        return problem(400, "find: give it once", field="find")
-    find = finds[0].casefold() if finds else ""
+    refused = once(request, ("find",))
+    if refused is not None:
+        return refused
+    find = request.query.get("find", "").casefold()
     if len(find) > MAX_FIND_CHARS:
         return problem(400, f"find: at most {MAX_FIND_CHARS} characters", field="find")
-    names = request.query.getall("limit", ())
-    limit = DEFAULT_SEGMENTS
-    if names:
-        if len(names) > 1:
-            return problem(400, "limit: give it once", field="limit")
-        try:
-            limit = int(names[0])
-        except ValueError:
-            return problem(400, "limit: must be an integer", field="limit")
-        if not 1 <= limit <= MAX_SEGMENTS:
-            return problem(400, f"limit: must be between 1 and {MAX_SEGMENTS}", field="limit")
+    limit = limit_param(request, DEFAULT_SEGMENTS, MAX_SEGMENTS)
+    if isinstance(limit, web.Response):
+        return limit
     service = request.app[SERVICE]
     rows = segment_rows(service)
     total = len(rows)
