@@ -29,6 +29,7 @@ from bench._daemon import (
     daemon_config,
     daemon_process,
     http,
+    metric_total,
     new_secret,
     queued_rows,
     start_emulator,
@@ -136,8 +137,12 @@ def main() -> int:
         try:
             url = daemon.start(timeout_s=120)
             wait_ready(url, timeout_s=120)
-            # The backlog is being written and read back from here on: the load.
-            time.sleep(5)
+            # The load: the backlog being written and read back, from the first request upstream.
+            deadline = time.monotonic() + 60
+            while metric_total(url, "segmapd_upstream_requests_total") < 1:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the daemon sent nothing upstream within 60 s")
+                time.sleep(0.1)
             _, first = http("GET", url + "/v1/dead-letters?limit=1", headers=HEADERS)
             first_key = json.loads(first)["next"]
             contact = urllib.parse.quote("100000000123")
