@@ -161,10 +161,7 @@ async def test_the_lane_of_unfinished_work_survives_a_restart(
 
 async def test_failed_are_listed_oldest_first_and_counted(store):
     for i, at in enumerate([30.0, 10.0, 20.0]):
-        a = new(f"c{i}", "s", at)
-        store.record(a)
-        a.transition(State.FAILED, NOW + at + 1, reason=FailureReason.CONTACT_NOT_FOUND)
-        store.record(a)
+        record_failed(store, f"c{i}", "s", at, FailureReason.CONTACT_NOT_FOUND)
     store.record(new("ok", "s"))
     await store.flush()
     assert [a.contact_id for a in await store.failed()] == ["c1", "c2", "c0"]
@@ -181,10 +178,7 @@ async def test_failed_are_filtered_by_reason_and_segment_oldest_first(store):
         ("c4", "s2", 30.0, FailureReason.NOT_INDEXED),
     ]
     for contact, segment, at, reason in cases:
-        a = new(contact, segment, at)
-        store.record(a)
-        a.transition(State.FAILED, NOW + at + 1, reason=reason)
-        store.record(a)
+        record_failed(store, contact, segment, at, reason)
     store.record(new("c5", "s1"))  # not failed: never listed
     await store.flush()
 
@@ -212,10 +206,7 @@ async def test_dead_letters_are_paged_by_key_counted_and_tallied_per_segment(sto
         ("c4", "s2", 40.0, FailureReason.NOT_INDEXED),
     ]
     for contact, segment, at, reason in cases:
-        a = new(contact, segment, at)
-        store.record(a)
-        a.transition(State.FAILED, NOW + at + 1, reason=reason)
-        store.record(a)
+        record_failed(store, contact, segment, at, reason)
     store.record(new("c9", "s1"))
     await store.flush()
 
@@ -245,14 +236,21 @@ async def test_dead_letters_are_paged_by_key_counted_and_tallied_per_segment(sto
     assert (await store.count_failed())[0] == 6
     # `through` stops at the newest row a caller counted: later failures are left out.
     through = (await store.count_failed(segment_id="s1"))[1]
-    late = new("c8", "s1", 90.0)
-    store.record(late)
-    late.transition(State.FAILED, NOW + 91.0, reason=FailureReason.CONTACT_NOT_FOUND)
-    store.record(late)
+    record_failed(store, "c8", "s1", 90.0, FailureReason.CONTACT_NOT_FOUND)
     await store.flush()
     kept = await store.failed(100, segment_id="s1", through=through)
     assert [a.contact_id for a in kept] == ["c0", "c1", "c3"]
     assert await store.failed_by_segment() == {"s1": 4, "s2": 3}
+
+
+def record_failed(
+    store: JournalStore, contact: str, segment: str, at: float, reason: FailureReason
+) -> None:
+    """Record a pair started at `at` and failed a second later (a dead letter of `reason`)."""
+    a = new(contact, segment, at)
+    store.record(a)
+    a.transition(State.FAILED, NOW + at + 1, reason=reason)
+    store.record(a)
 
 
 def started(contact: str, segment: str, source: str, at: float = 1000.0) -> Assignment:
