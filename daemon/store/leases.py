@@ -254,11 +254,19 @@ class ShardLeases(Leases):
                 connection = session.connection
                 if connection is None or connection.is_closed():
                     session.connection = connection = await self._store.connect()
-                return await asyncio.wait_for(work(connection), timeout)
+                try:
+                    return await asyncio.wait_for(work(connection), timeout)
+                except BaseException:
+                    # Work cut off (cancelled at a clean stop, timed out, failed) may leave the
+                    # session inside a transaction that nothing will end: asyncpg keeps even a
+                    # cancelled BEGIN as the open transaction, and nests every later one in a
+                    # savepoint that never commits (a leave or heartbeat that never lands).
+                    # The session is not reused.
+                    session.connection = None
+                    if not connection.is_closed():
+                        connection.terminate()
+                    raise
         except (*UNAVAILABLE, StoreUnavailable) as exc:
-            broken, session.connection = session.connection, None
-            if broken is not None and not broken.is_closed():
-                broken.terminate()
             raise StoreUnavailable(
                 f"{what} failed ({type(exc).__name__}: {str(exc).strip()[:200]})"
             ) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -583,3 +584,36 @@ async def test_a_forwarded_change_taken_is_deleted_only_with_what_it_became(
     opened.record(new("c2", "vip"))
     await opened.flush()
     assert [a.segment_id for a in await opened.contact("c2")] == []
+
+
+async def test_a_heartbeat_cancelled_at_any_point_does_not_keep_the_membership_alive(
+    journal: Callable[..., PostgresStore], postgres: PostgresServer, postgres_url: str
+):
+    # A clean stop cancels the heartbeat loop, which may be anywhere in its transaction at
+    # that moment (its BEGIN included); the leave that follows on the same session must still
+    # end the membership at once, or a restarted instance waits a whole lease for the shards
+    # of its own previous run. Cancelled after 0, 1, 2... turns of the loop, one of the
+    # attempts lands in each step of the heartbeat's round trips.
+    first, second = journal(), journal()
+    await asyncio.gather(first.open(), second.open())
+    observer = await asyncpg.connect(postgres_url, password=postgres.password)
+    try:
+        one, two = first.leases(5.0, "one"), second.leases(5.0, "two")
+        await two.join()
+        for turns in range(60):
+            me = await one.join()
+            beating = asyncio.ensure_future(one.heartbeat())
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beating
+            await one.leave()
+            left = await observer.fetchval(
+                "SELECT count(*) FROM segmapd_instances WHERE id = $1", me
+            )
+            assert left == 0, f"cancelled after {turns} turns: the leave did not commit"
+        assert [name for _, name, _ in await two.members()] == ["two"]
+    finally:
+        await observer.close()
+        await asyncio.gather(first.close(), second.close())
