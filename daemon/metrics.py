@@ -622,6 +622,18 @@ class Metrics(EngineObserver):
 
     # --- recorders called by the daemon -----------------------------------------------------
 
+    def webhooks_answered(self) -> int:
+        """Webhook requests answered so far, every source and status together."""
+        return sum(self._hot.webhooks.values())
+
+    def upstream_requests_by_endpoint(self) -> dict[str, float]:
+        """CXone HTTP exchanges so far per endpoint class (every status together)."""
+        return _summed(self.upstream_requests, "segmapd_upstream_requests_total", "endpoint")
+
+    def rate_limited_answers(self) -> float:
+        """CXone's 429 answers so far, every endpoint class together."""
+        return sum(_summed(self.rate_limited, "segmapd_upstream_rate_limited_total").values())
+
     def record_webhook(self, source: str, kind: str, status: int) -> None:
         """A webhook request for configured `source` of `kind` was answered with `status`."""
         # Configured sources times the few statuses segmapd answers: a bounded set of series.
@@ -735,3 +747,18 @@ class Metrics(EngineObserver):
     def superseded(self, assignment: Assignment, by: Intent) -> None:
         """Count work in progress replaced by a newer change."""
         self.superseded_total.labels(intent=by.value).inc()
+
+
+def _summed(metric: Counter, sample_name: str, label: str | None = None) -> dict[str, float]:
+    """One counter's samples summed per value of `label` (all under "" without one).
+
+    Reads that counter alone: the console samples it every few seconds, and collecting the
+    whole registry would also run every collector (the census and the engine's counts).
+    """
+    found: dict[str, float] = {}
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.name == sample_name:
+                key = sample.labels.get(label, "") if label is not None else ""
+                found[key] = found.get(key, 0.0) + float(sample.value)
+    return found

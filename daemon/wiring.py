@@ -358,9 +358,6 @@ def build_daemon(config: Config, metrics: Metrics) -> Daemon:
         poller=poller,
         gates={"bulk": write_gate, "single": single_gate, "read": read_gate},
         journal=store,
-        budget=store,
-        census=census,
-        activity=activity,
     )
     return Daemon(
         store=store,

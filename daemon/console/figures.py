@@ -20,19 +20,18 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from daemon.census import (
     DUTY,
     MAX_INTERVAL_S,
-    JournalCensus,
     count_in_background,
     duty_interval_s,
 )
 from daemon.metrics import Metrics
-from daemon.store.base import AssignmentJournal, RefreshBudgetStore
+from daemon.store.base import AssignmentJournal
 from scheduler.engine import Engine
 from scheduler.model import Assignment, State
 from scheduler.observer import EngineObserver
@@ -195,17 +194,6 @@ class SegmentTally:
     duration_s: float
 
 
-def _sum_samples(families: Iterable[Any], name: str, label: str | None = None) -> dict[str, float]:
-    """The samples called `name`, summed per value of `label` (all under "" without one)."""
-    found: dict[str, float] = {}
-    for family in families:
-        for sample in family.samples:
-            if sample.name == name:
-                key = sample.labels.get(label, "") if label is not None else ""
-                found[key] = found.get(key, 0.0) + float(sample.value)
-    return found
-
-
 class Figures:
     """The overview's ring of samples and the dead letters per segment, kept in the background.
 
@@ -221,9 +209,6 @@ class Figures:
         poller: MembershipPoller,
         gates: Mapping[str, AdmissionGate],
         journal: AssignmentJournal,
-        budget: RefreshBudgetStore,
-        census: JournalCensus,
-        activity: SegmentActivity,
         sample_interval_s: float = SAMPLE_INTERVAL_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -232,9 +217,6 @@ class Figures:
         self.poller = poller
         self.gates = dict(gates)
         self.journal = journal
-        self.budget = budget
-        self.census = census
-        self.activity = activity
         self.sample_interval_s = sample_interval_s
         self._clock = clock
         self.samples: deque[Sample] = deque(maxlen=SAMPLES_KEPT)
@@ -274,14 +256,11 @@ class Figures:
     # ---- samples ----------------------------------------------------------------------------
 
     def _totals(self) -> _Totals:
-        families = list(self.metrics.registry.collect())
         return _Totals(
             monotonic=time.monotonic(),
-            webhooks=sum(_sum_samples(families, "segmapd_webhooks_received_total").values()),
-            requests=_sum_samples(families, "segmapd_upstream_requests_total", "endpoint"),
-            rate_limited=sum(
-                _sum_samples(families, "segmapd_upstream_rate_limited_total").values()
-            ),
+            webhooks=self.metrics.webhooks_answered(),
+            requests=self.metrics.upstream_requests_by_endpoint(),
+            rate_limited=self.metrics.rate_limited_answers(),
             waited_s=sum(gate.waited_s for gate in self.gates.values()),
         )
 

@@ -30,6 +30,7 @@ from aiohttp import web
 from daemon.config import MAPPINGS_SOURCE
 from daemon.http import SERVICE, json_response, limit_param, once, problem, require_admin
 from daemon.service import Service
+from daemon.store.base import RefreshBudgetStore
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
@@ -162,7 +163,7 @@ def overview_view(service: Service, since: float | None) -> dict[str, Any]:
     def mean(values: list[float]) -> float:
         return _rounded(sum(values) / len(values)) if values else 0.0
 
-    latest = figures.census.latest
+    latest = service.census.latest
     census: dict[str, Any] = {"countedAt": None, "states": None}
     if latest is not None:
         census = {
@@ -212,7 +213,7 @@ def overview_view(service: Service, since: float | None) -> dict[str, Any]:
         },
         "refresh": {
             "minIntervalS": config.validation.refresh_min_interval_s,
-            "refreshesLastHour": figures.activity.refreshes_last_hour(),
+            "refreshesLastHour": service.activity.refreshes_last_hour(),
             # A refresh waiting for its budget is counted as waiting, not as refreshing.
             "segmentsRefreshing": sum(
                 v.refreshing and not v.waiting_for_budget for v in validating
@@ -261,7 +262,7 @@ def segment_rows(service: Service) -> list[dict[str, Any]]:
     failed = figures.tally.counts if figures.tally is not None else {}
     in_flight = activity.in_flight
     last_write = activity.last_write
-    budget = figures.budget
+    budget: RefreshBudgetStore = service.store
     ranked: list[tuple[int, int, str, dict[str, Any]]] = []
     for segment_id in {*queued, *validating, *failed, *in_flight, *last_write}:
         watch = validating.get(segment_id)

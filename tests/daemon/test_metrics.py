@@ -191,6 +191,17 @@ def test_bulk_and_upstream_metrics():
     assert value(m, "segmapd_upstream_outcomes_total", endpoint="bulk", outcome="ok") == 1
     assert value(m, "segmapd_upstream_outcomes_total", endpoint="bulk", outcome="rate_limited") == 1
     assert value(m, "segmapd_upstream_outcomes_total", endpoint="read", outcome="transient") == 1
+    # The console's samples read these totals without a scrape: the same figures.
+    assert m.upstream_requests_by_endpoint() == {"bulk": 3, "read": 1}
+    assert m.rate_limited_answers() == 2
+    m.record_webhook("crm", "standard", 202)
+    m.record_webhook("crm", "standard", 400)
+    m.record_webhook("hs", "hubspot", 200)
+    assert (
+        m.webhooks_answered()
+        == 3
+        == sum(s.value for s in samples(m) if s.name == "segmapd_webhooks_received_total")
+    )
 
 
 def test_validation_retry_and_notification_counters():
