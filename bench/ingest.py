@@ -63,7 +63,7 @@ CONNECTIONS = 64
 DURATION_S = 5
 # Requests signed per run; wrk must not get through them all against the daemon (the bare server
 # may: it does not care about ids). The run reports a wrap-around, which makes it invalid.
-POOL = 60_000
+POOL = 150_000
 SEGMENTS_PER_EVENT = 3
 SEGMENT_POOL = 30
 TARGET = 0.6  # of the signature + parse server
