@@ -785,6 +785,11 @@ CONSOLE_PATHS: Schema = {
             "responses": {
                 "200": _json("The segments", SEGMENTS),
                 "400": _problem("Bad `limit` or `find`"),
+                # 1,024 characters of `find` may take 12 bytes each in the request line.
+                "414": _problem(
+                    "The request line is longer than the server reads (8190 bytes): a very "
+                    "long `find` (percent-encoded)"
+                ),
                 "401": UNAUTHORIZED,
             },
         }
