@@ -19,8 +19,10 @@ token in sessionStorage and sends it as a bearer token: no cookie, so nothing to
 from __future__ import annotations
 
 import hashlib
+import heapq
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from daemon.config import MAPPINGS_SOURCE
 from daemon.http import SERVICE, json_response, limit_param, once, problem, require_admin
 from daemon.service import Service
 from daemon.store.base import RefreshBudgetStore
+from scheduler.validation import SegmentValidation
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
@@ -249,55 +252,77 @@ async def overview(request: web.Request) -> web.Response:
 # ---- GET /v1/segments ------------------------------------------------------------------------
 
 
-def segment_rows(service: Service) -> list[dict[str, Any]]:
-    """Every segment this instance has work, dead letters or a recent write of: one row each.
+@dataclass(frozen=True, slots=True)
+class SegmentPage:
+    """The rows `/v1/segments` shows, and how many segments there are and `find` keeps."""
 
-    Reads of memory only: the buffer per batch key, the poller's watches, the write-path
-    counts and the dead letters per segment as last counted.
+    rows: list[dict[str, Any]]
+    total: int
+    matching: int
+
+
+def segment_page(service: Service, find: str, limit: int) -> SegmentPage:
+    """The busiest `limit` segments whose id holds `find` (in any case; every one without it).
+
+    Every segment this instance has work, dead letters or a recent write of is ranked, from
+    reads of memory only (the buffer per batch key, the poller's watches, the write-path counts,
+    the dead letters per segment as last counted); only the rows shown are built.
     """
-    figures = service.figures
     activity = service.activity
     queued = service.engine.buffered_by_segment()
     validating = service.poller.by_segment()
-    failed = figures.tally.counts if figures.tally is not None else {}
+    tally = service.figures.tally
+    failed = tally.counts if tally is not None else {}
     in_flight = activity.in_flight
-    last_write = activity.last_write
-    budget: RefreshBudgetStore = service.store
-    ranked: list[tuple[int, int, str, dict[str, Any]]] = []
-    for segment_id in {*queued, *validating, *failed, *in_flight, *last_write}:
+    segment_ids = {*queued, *validating, *failed, *in_flight, *activity.last_write}
+    # Among every segment, not only the busiest shown: a quiet one is found too.
+    matching = [s for s in segment_ids if find in s.casefold()] if find else list(segment_ids)
+
+    def busy(segment_id: str) -> int:
         watch = validating.get(segment_id)
-        last = last_write.get(segment_id)
-        next_allowed = budget.next_allowed(segment_id)
-        last_refresh = activity.last_refresh.get(segment_id)
-        counts = {
-            "queued": queued.get(segment_id, 0),
-            "inFlight": in_flight.get(segment_id, 0),
-            "verifying": watch.pairs if watch is not None else 0,
-            "failed": failed.get(segment_id, 0),
-        }
-        row = {
-            "segmentId": segment_id,
-            **counts,
-            "lastWrite": None
-            if last is None
-            else {
-                "at": _rounded(last.at, 3),
-                "ids": last.ids,
-                "attempt": last.attempt,
-                "outcomes": dict(last.outcomes),
-            },
-            "refresh": {
-                "lastAt": _rounded(last_refresh, 3) if last_refresh is not None else None,
-                "nextAllowedAt": _rounded(next_allowed, 3) if next_allowed > time.time() else None,
-                "refreshing": watch.refreshing if watch is not None else False,
-                "waitingForBudget": watch.waiting_for_budget if watch is not None else False,
-            },
-        }
-        busy = counts["queued"] + counts["inFlight"] + counts["verifying"]
-        ranked.append((-busy, -counts["failed"], segment_id, row))
-    # The busiest first: what an operator looks for.
-    ranked.sort(key=lambda entry: entry[:3])
-    return [row for *_, row in ranked]
+        pairs = watch.pairs if watch is not None else 0
+        return queued.get(segment_id, 0) + in_flight.get(segment_id, 0) + pairs
+
+    # The busiest first, then the most dead letters: what an operator looks for.
+    shown = heapq.nsmallest(limit, matching, key=lambda s: (-busy(s), -failed.get(s, 0), s))
+    rows = [_segment_row(service, segment_id, queued, validating, failed) for segment_id in shown]
+    return SegmentPage(rows, len(segment_ids), len(matching))
+
+
+def _segment_row(
+    service: Service,
+    segment_id: str,
+    queued: Mapping[str, int],
+    validating: Mapping[str, SegmentValidation],
+    failed: Mapping[str, int],
+) -> dict[str, Any]:
+    activity = service.activity
+    budget: RefreshBudgetStore = service.store
+    watch = validating.get(segment_id)
+    last = activity.last_write.get(segment_id)
+    next_allowed = budget.next_allowed(segment_id)
+    last_refresh = activity.last_refresh.get(segment_id)
+    return {
+        "segmentId": segment_id,
+        "queued": queued.get(segment_id, 0),
+        "inFlight": activity.in_flight.get(segment_id, 0),
+        "verifying": watch.pairs if watch is not None else 0,
+        "failed": failed.get(segment_id, 0),
+        "lastWrite": None
+        if last is None
+        else {
+            "at": _rounded(last.at, 3),
+            "ids": last.ids,
+            "attempt": last.attempt,
+            "outcomes": dict(last.outcomes),
+        },
+        "refresh": {
+            "lastAt": _rounded(last_refresh, 3) if last_refresh is not None else None,
+            "nextAllowedAt": _rounded(next_allowed, 3) if next_allowed > time.time() else None,
+            "refreshing": watch.refreshing if watch is not None else False,
+            "waitingForBudget": watch.waiting_for_budget if watch is not None else False,
+        },
+    }
 
 
 async def segments(request: web.Request) -> web.Response:
@@ -319,17 +344,13 @@ async def segments(request: web.Request) -> web.Response:
     if isinstance(limit, web.Response):
         return limit
     service = request.app[SERVICE]
-    rows = segment_rows(service)
-    total = len(rows)
-    if find:
-        # Among every segment, not only the busiest shown: a quiet one is found too.
-        rows = [row for row in rows if find in str(row["segmentId"]).casefold()]
+    page = segment_page(service, find, limit)
     tally = service.figures.tally
     return json_response(
         {
-            "segments": rows[:limit],
-            "total": total,
-            "matching": len(rows),
+            "segments": page.rows,
+            "total": page.total,
+            "matching": page.matching,
             "parked": service.engine.parked,
             "failedCountedAt": _rounded(tally.counted_at, 3) if tally is not None else None,
             "refreshMinIntervalS": service.config.validation.refresh_min_interval_s,
