@@ -87,6 +87,27 @@ class Daemon:
         async with http.get(f"{self.url}/v1/contacts/{contact_id}", headers=self.admin) as r:
             return r.status, await r.json(content_type=None)
 
+    async def dead_letters(self, http: aiohttp.ClientSession, query: str = "") -> tuple[int, Any]:
+        """GET /v1/dead-letters{query} with the admin token: its status and JSON body."""
+        async with http.get(f"{self.url}/v1/dead-letters{query}", headers=self.admin) as r:
+            return r.status, await r.json(content_type=None)
+
+    async def replay_dead_letters(self, http: aiohttp.ClientSession, body: Any) -> tuple[int, Any]:
+        """POST /v1/dead-letters/replay with `body` and the admin token: status and JSON body."""
+        async with http.post(
+            f"{self.url}/v1/dead-letters/replay", json=body, headers=self.admin
+        ) as r:
+            return r.status, await r.json(content_type=None)
+
+    async def mappings(
+        self, http: aiohttp.ClientSession, events: Any, query: str = ""
+    ) -> tuple[int, Any]:
+        """POST /v1/mappings{query} with `events` and the admin token: status and JSON body."""
+        async with http.post(
+            f"{self.url}/v1/mappings{query}", json=events, headers=self.admin
+        ) as r:
+            return r.status, await r.json(content_type=None)
+
     async def wait_states(
         self, http: aiohttp.ClientSession, contact_id: str, want: set[str], timeout_s: float
     ) -> dict[str, Any]:

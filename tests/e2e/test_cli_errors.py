@@ -282,11 +282,6 @@ async def wait_states(
     raise AssertionError(f"{contact!r} did not reach {want}: {last}")
 
 
-async def dead_letters(http: aiohttp.ClientSession, daemon: Daemon, query: str = "") -> Any:
-    async with http.get(f"{daemon.url}/v1/dead-letters{query}", headers=daemon.admin) as r:
-        return r.status, await r.json()
-
-
 async def test_dead_letters_are_listed_whole_escaped_and_filtered_by_reason_and_segment(
     start_daemon: StartDaemon,
     emulator: EmulatorControl,
@@ -316,7 +311,7 @@ async def test_dead_letters_are_listed_whole_escaped_and_filtered_by_reason_and_
     assert "\x1b" not in out
     assert not any(line.startswith("810000000009") for line in lines)
     assert f"x\\n{FORGED_ROW}\\x1b[2J" in out
-    _, listed = await dead_letters(http, daemon)
+    _, listed = await daemon.dead_letters(http)
     [message] = [d["message"] for d in listed["deadLetters"] if d["contactId"] == forged]
     assert len(message) > 80 and message.endswith("(from contact_id = 'id')")
     assert "(from contact_id = 'id')" in out  # the message's end: printed whole, not cut
@@ -352,9 +347,9 @@ async def test_dead_letters_are_listed_whole_escaped_and_filtered_by_reason_and_
         ("?segment=", "segment"),
         ("?segment=" + "S" * 1025, "segment"),
     ]:
-        status, problem = await dead_letters(http, daemon, query)
+        status, problem = await daemon.dead_letters(http, query)
         assert (status, problem["field"]) == (400, field), (query, problem)
-    status, _ = await dead_letters(http, daemon, "?segment=%ED%B3%BF%FF")
+    status, _ = await daemon.dead_letters(http, "?segment=%ED%B3%BF%FF")
     assert status in (200, 400)
-    status, found = await dead_letters(http, daemon, "?reason=contact_not_found&segment=DLA")
+    status, found = await daemon.dead_letters(http, "?reason=contact_not_found&segment=DLA")
     assert status == 200 and len(found["deadLetters"]) == 2

@@ -626,12 +626,10 @@ async def test_changes_forwarded_to_a_segments_owner_keep_their_source(
         await daemons[0].wait_states(http, contact, {"failed"}, 30)
 
     async def by_source(daemon: Daemon, source: str) -> list[dict[str, Any]]:
-        async with http.get(
-            f"{daemon.url}/v1/dead-letters?source={source}", headers=daemon.admin
-        ) as response:
-            assert response.status == 200
-            letters: list[dict[str, Any]] = (await response.json())["deadLetters"]
-            return letters
+        status, listed = await daemon.dead_letters(http, f"?source={source}")
+        assert status == 200
+        letters: list[dict[str, Any]] = listed["deadLetters"]
+        return letters
 
     for daemon in daemons:
         hook = await by_source(daemon, "crm")
@@ -641,13 +639,9 @@ async def test_changes_forwarded_to_a_segments_owner_keep_their_source(
     # Replayed from the other instance: each goes (forwarded, for some) to its owner as the
     # webhook's, and fails again as the webhook's.
     replayed_at = time.time()
-    async with http.post(
-        f"{daemons[1].url}/v1/dead-letters/replay",
-        json={"source": "crm"},
-        headers=daemons[1].admin,
-    ) as response:
-        assert response.status == 202, await response.text()
-        assert (await response.json())["replayed"] == len(segments)
+    status, answer = await daemons[1].replay_dead_letters(http, {"source": "crm"})
+    assert status == 202, answer
+    assert answer["replayed"] == len(segments)
 
     async def failed_again() -> list[Any]:
         hook = await by_source(daemons[0], "crm")

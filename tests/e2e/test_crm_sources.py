@@ -116,13 +116,6 @@ async def wait_segments(
     raise AssertionError(f"{contact} did not reach {want}: {found}")
 
 
-async def dead_letters(http: aiohttp.ClientSession, daemon: Daemon) -> list[dict[str, Any]]:
-    async with http.get(f"{daemon.url}/v1/dead-letters", headers=daemon.admin) as response:
-        assert response.status == 200
-        letters: list[dict[str, Any]] = (await response.json())["deadLetters"]
-        return letters
-
-
 async def metric(http: aiohttp.ClientSession, daemon: Daemon, name: str, **labels: str) -> float:
     async with http.get(f"{daemon.url}/metrics") as response:
         text = await response.text()
@@ -495,8 +488,8 @@ async def test_salesforce_notifications_are_acked_after_journaling_and_redeliver
         "750000000001": {"Spanish": "active", "VIP": "active"},
         "750000000002": {"VIP": "active"},
     }
-    async with http.get(f"{daemon.url}/v1/dead-letters", headers=daemon.admin) as response:
-        dead = (await response.json())["deadLetters"]
+    _, listed = await daemon.dead_letters(http)
+    dead = listed["deadLetters"]
     assert [(d["contactId"], d["reason"]) for d in dead] == [
         ("not a contact id", "invalid_contact_id")
     ]
@@ -644,7 +637,9 @@ async def test_a_salesforce_notification_with_a_nil_id_and_no_picklist_is_kept_a
     status, envelope = await post_salesforce(http, daemon, message)
     assert status == 200 and acked(envelope)
     # It named no segment; it is kept as the removal from every segment ("*") it asked for.
-    letters = await dead_letters(http, daemon)
+    status, listed = await daemon.dead_letters(http)
+    assert status == 200
+    letters = listed["deadLetters"]
     assert [(d["contactId"], d["segmentId"], d["intent"], d["reason"]) for d in letters] == [
         ("", "*", "remove", "invalid_contact_id")
     ]
@@ -659,7 +654,9 @@ async def test_a_huge_salesforce_contact_id_is_dead_lettered_shortened_with_its_
     message = salesforce_message([("04l5e00000A7bCdAAA", contact_fields(huge, "VIP"))])
     status, envelope = await post_salesforce(http, daemon, message)
     assert status == 200 and acked(envelope)
-    [letter] = await dead_letters(http, daemon)
+    status, listed = await daemon.dead_letters(http)
+    assert status == 200
+    [letter] = listed["deadLetters"]
     assert letter["reason"] == "invalid_contact_id" and letter["segmentId"] == "VIP"
     assert len(letter["contactId"]) == 1024
     assert letter["contactId"].endswith("…[shortened from 900000 characters]")

@@ -12,32 +12,12 @@ from typing import Any
 
 import aiohttp
 
-from tests.e2e.conftest import Daemon, StartDaemon
+from tests.e2e.conftest import StartDaemon
 from tests.support.emulator import EmulatorControl
 from tests.support.postgres import PostgresServer
 from tests.support.waits import until
 
 WEBHOOK, LIVE, BULK = "810000000101", "810000000102", "810000000103"
-
-
-async def dead_letters(http: aiohttp.ClientSession, daemon: Daemon, query: str) -> tuple[int, Any]:
-    async with http.get(f"{daemon.url}/v1/dead-letters{query}", headers=daemon.admin) as r:
-        return r.status, await r.json(content_type=None)
-
-
-async def mappings(http: aiohttp.ClientSession, daemon: Daemon, events: Any, query: str) -> None:
-    async with http.post(
-        f"{daemon.url}/v1/mappings{query}", json=events, headers=daemon.admin
-    ) as response:
-        assert response.status in (200, 202), await response.text()
-
-
-async def replay(http: aiohttp.ClientSession, daemon: Daemon, body: Any) -> Any:
-    async with http.post(
-        f"{daemon.url}/v1/dead-letters/replay", json=body, headers=daemon.admin
-    ) as response:
-        assert response.status == 202, await response.text()
-        return await response.json()
 
 
 def listed(answer: Any) -> list[tuple[str, str | None]]:
@@ -51,55 +31,63 @@ async def test_dead_letters_are_listed_counted_and_replayed_by_their_source(
     await emulator.set_missing_contacts([WEBHOOK, LIVE, BULK])
     status, _ = await daemon.webhook(http, {"contactId": WEBHOOK, "segmentIds": ["SRC"]})
     assert status == 202
-    await mappings(http, daemon, {"contactId": LIVE, "segmentIds": ["SRC"]}, "")
+    status, answer = await daemon.mappings(http, {"contactId": LIVE, "segmentIds": ["SRC"]})
+    assert status in (200, 202), answer
     # `segmapd import` sends this: the admin API too, whatever its lane.
-    await mappings(http, daemon, {"contactId": BULK, "segmentIds": ["SRC"]}, "?lane=bulk")
+    status, answer = await daemon.mappings(
+        http, {"contactId": BULK, "segmentIds": ["SRC"]}, "?lane=bulk"
+    )
+    assert status in (200, 202), answer
     for contact in (WEBHOOK, LIVE, BULK):
         await daemon.wait_states(http, contact, {"failed"}, timeout_s=30)
 
     # Each dead letter names its source, though every state after the first named none.
-    status, everything = await dead_letters(http, daemon, "?count=true")
+    status, everything = await daemon.dead_letters(http, "?count=true")
     assert status == 200 and everything["matching"] == 3
     assert listed(everything) == [(WEBHOOK, "crm"), (LIVE, "mappings"), (BULK, "mappings")]
-    status, answer = await dead_letters(http, daemon, "?source=crm&count=true")
+    status, answer = await daemon.dead_letters(http, "?source=crm&count=true")
     assert status == 200 and listed(answer) == [(WEBHOOK, "crm")] and answer["matching"] == 1
-    status, answer = await dead_letters(
-        http, daemon, "?source=mappings&segment=SRC&reason=contact_not_found&count=true"
+    status, answer = await daemon.dead_letters(
+        http, "?source=mappings&segment=SRC&reason=contact_not_found&count=true"
     )
     assert status == 200 and answer["matching"] == 2
     assert listed(answer) == [(LIVE, "mappings"), (BULK, "mappings")]
-    status, answer = await dead_letters(http, daemon, "?source=crm&reason=not_indexed&count=true")
+    status, answer = await daemon.dead_letters(http, "?source=crm&reason=not_indexed&count=true")
     assert status == 200 and (answer["deadLetters"], answer["matching"]) == ([], 0)
     # Paged by cursor within a source.
-    status, first = await dead_letters(http, daemon, "?source=mappings&limit=1")
+    status, first = await daemon.dead_letters(http, "?source=mappings&limit=1")
     assert status == 200 and first["next"] is not None
-    status, rest = await dead_letters(http, daemon, f"?source=mappings&after={first['next']}")
+    status, rest = await daemon.dead_letters(http, f"?source=mappings&after={first['next']}")
     assert status == 200
     assert listed(first) + listed(rest) == [(LIVE, "mappings"), (BULK, "mappings")]
 
     # Checked like `segment`, naming the parameter.
     for query in ("?source=", "?source=crm&source=crm", "?source=" + "s" * 1025):
-        status, problem = await dead_letters(http, daemon, query)
+        status, problem = await daemon.dead_letters(http, query)
         assert (status, problem["field"]) == (400, "source"), (query, problem)
 
     # The admin API's dead letters replayed by filter, exactly those counted: the webhook's
     # stays dead.
     await emulator.set_missing_contacts([WEBHOOK])
-    _, counted = await dead_letters(http, daemon, "?source=mappings&count=true")
-    answer = await replay(http, daemon, {"source": "mappings", "through": counted["newest"]})
+    _, counted = await daemon.dead_letters(http, "?source=mappings&count=true")
+    status, answer = await daemon.replay_dead_letters(
+        http, {"source": "mappings", "through": counted["newest"]}
+    )
+    assert status == 202, answer
     assert answer == {"replayed": 2, "skipped": 0}
     for contact in (LIVE, BULK):
         await daemon.wait_states(http, contact, {"active"}, timeout_s=30)
-    _, now = await dead_letters(http, daemon, "?count=true")
+    _, now = await daemon.dead_letters(http, "?count=true")
     assert listed(now) == [(WEBHOOK, "crm")]
 
     # A replay keeps the dead letter's source: failing again, it is still the webhook's.
     failed_at = now["deadLetters"][0]["updatedAt"]
-    answer = await replay(http, daemon, {"source": "crm"})
+    status, answer = await daemon.replay_dead_letters(http, {"source": "crm"})
+    assert status == 202, answer
     assert answer == {"replayed": 1, "skipped": 0}
 
     async def crm_letters() -> Any:
-        return (await dead_letters(http, daemon, "?source=crm"))[1]["deadLetters"]
+        return (await daemon.dead_letters(http, "?source=crm"))[1]["deadLetters"]
 
     again = await until(
         crm_letters,
@@ -108,15 +96,8 @@ async def test_dead_letters_are_listed_counted_and_replayed_by_their_source(
         what="the replayed dead letter failing again",
     )
     assert [(d["contactId"], d["source"], d["attempts"]) for d in again] == [(WEBHOOK, "crm", 1)]
-    status, body = await replay_refused(http, daemon, {"source": ""})
+    status, body = await daemon.replay_dead_letters(http, {"source": ""})
     assert (status, body["field"]) == (400, "source")
-
-
-async def replay_refused(http: aiohttp.ClientSession, daemon: Daemon, body: Any) -> tuple[int, Any]:
-    async with http.post(
-        f"{daemon.url}/v1/dead-letters/replay", json=body, headers=daemon.admin
-    ) as response:
-        return response.status, await response.json()
 
 
 async def test_ids_no_journal_can_hold_are_answered_as_unknown_not_as_an_outage(
@@ -134,17 +115,17 @@ async def test_ids_no_journal_can_hold_are_answered_as_unknown_not_as_an_outage(
         ("?source=a%00b", "source"),
         (f"?after={nul_cursor}", "after"),
     ):
-        status, answer = await dead_letters(http, daemon, query)
+        status, answer = await daemon.dead_letters(http, query)
         assert (status, answer.get("field")) == (400, field), answer
     status, _ = await daemon.contact(http, "a%00b")
     assert status == 404
-    async with http.post(
-        f"{daemon.url}/v1/dead-letters/replay",
-        json={"deadLetters": [{"contactId": "a\x00b", "segmentId": "s"}]},
-        headers=daemon.admin,
-    ) as response:
-        assert response.status == 400, await response.text()
-    assert await replay(http, daemon, {"contactIds": ["a\x00b"]}) == {"replayed": 0, "skipped": 0}
+    status, answer = await daemon.replay_dead_letters(
+        http, {"deadLetters": [{"contactId": "a\x00b", "segmentId": "s"}]}
+    )
+    assert status == 400, answer
+    status, answer = await daemon.replay_dead_letters(http, {"contactIds": ["a\x00b"]})
+    assert status == 202, answer
+    assert answer == {"replayed": 0, "skipped": 0}
 
 
 async def test_a_replay_of_a_counted_set_leaves_what_failed_after_the_count(
@@ -153,18 +134,23 @@ async def test_a_replay_of_a_counted_set_leaves_what_failed_after_the_count(
     daemon = await start_daemon()
     first, second, later = "810000000201", "810000000202", "810000000203"
     await emulator.set_missing_contacts([first, second, later])
-    await mappings(
-        http, daemon, [{"contactId": c, "segmentIds": ["NEVERMORE"]} for c in (first, second)], ""
+    status, answer = await daemon.mappings(
+        http, [{"contactId": c, "segmentIds": ["NEVERMORE"]} for c in (first, second)]
     )
+    assert status in (200, 202), answer
     for contact in (first, second):
         await daemon.wait_states(http, contact, {"failed"}, timeout_s=30)
-    status, counted = await dead_letters(http, daemon, "?segment=NEVERMORE&count=true")
+    status, counted = await daemon.dead_letters(http, "?segment=NEVERMORE&count=true")
     assert status == 200 and counted["matching"] == 2, counted
     # Fails after the count: not in the set the operator confirmed.
-    await mappings(http, daemon, {"contactId": later, "segmentIds": ["NEVERMORE"]}, "")
+    status, answer = await daemon.mappings(http, {"contactId": later, "segmentIds": ["NEVERMORE"]})
+    assert status in (200, 202), answer
     await daemon.wait_states(http, later, {"failed"}, timeout_s=30)
     await emulator.set_missing_contacts([])
-    answer = await replay(http, daemon, {"segment": "NEVERMORE", "through": counted["newest"]})
+    status, answer = await daemon.replay_dead_letters(
+        http, {"segment": "NEVERMORE", "through": counted["newest"]}
+    )
+    assert status == 202, answer
     assert answer == {"replayed": 2, "skipped": 0}
     for contact in (first, second):
         await daemon.wait_states(http, contact, {"active"}, timeout_s=30)

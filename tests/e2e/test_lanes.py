@@ -34,15 +34,6 @@ async def lane_metric(http: aiohttp.ClientSession, daemon: Daemon, name: str, la
     )
 
 
-async def post_mappings(
-    http: aiohttp.ClientSession, daemon: Daemon, events: Any, query: str = ""
-) -> tuple[int, Any]:
-    async with http.post(
-        f"{daemon.url}/v1/mappings{query}", json=events, headers=daemon.admin
-    ) as response:
-        return response.status, await response.json(content_type=None)
-
-
 def bulk_events(prefix: str, count: int, segments: list[str]) -> list[dict[str, Any]]:
     return [{"contactId": f"{prefix}{i}", "segmentIds": segments} for i in range(count)]
 
@@ -70,14 +61,14 @@ async def test_a_live_change_is_active_while_a_bulk_backlog_still_waits_for_its_
     await limit_reads(emulator, READ_RPS)
     daemon = await start_daemon(limits={"read_rps": READ_RPS})
     for start in (0, 600):
-        status, body = await post_mappings(
-            http, daemon, bulk_events("bf", 1200, ["BACKFILL"])[start : start + 600], "?lane=bulk"
+        status, body = await daemon.mappings(
+            http, bulk_events("bf", 1200, ["BACKFILL"])[start : start + 600], "?lane=bulk"
         )
         assert status == 202, body
     await until_bulk_waits(http, daemon, 600)
 
-    status, body = await post_mappings(
-        http, daemon, {"contactId": "live-1", "segmentIds": ["VIP"]}, "?wait=60"
+    status, body = await daemon.mappings(
+        http, {"contactId": "live-1", "segmentIds": ["VIP"]}, "?wait=60"
     )
     assert status == 200, body
     assert body["results"][0]["segments"][0]["state"] == "active"
@@ -99,8 +90,8 @@ async def test_bulk_is_confirmed_at_its_share_of_reads_under_a_live_flood(
     await limit_reads(emulator, READ_RPS)
     share = 0.25
     daemon = await start_daemon(limits={"read_rps": READ_RPS, "bulk_read_share_min": share})
-    status, body = await post_mappings(
-        http, daemon, bulk_events("fl-bulk-", 400, ["FLOODBULK"]), "?lane=bulk"
+    status, body = await daemon.mappings(
+        http, bulk_events("fl-bulk-", 400, ["FLOODBULK"]), "?lane=bulk"
     )
     assert status == 202, body
     await until_bulk_waits(http, daemon, 300)
@@ -113,7 +104,7 @@ async def test_bulk_is_confirmed_at_its_share_of_reads_under_a_live_flood(
         while not stop.is_set():
             events = [{"contactId": f"fl-live-{n + i}", "segmentIds": ["FLOOD"]} for i in range(20)]
             n += 20
-            status, body = await post_mappings(http, daemon, events)
+            status, body = await daemon.mappings(http, events)
             assert status == 202, body
             await asyncio.sleep(0.25)
 
@@ -159,9 +150,7 @@ async def test_the_lane_survives_a_sigkill_and_bulk_work_is_read_as_bulk_after_i
     # Reads refused: the pairs are written and wait for reads when the daemon is killed.
     await emulator.configure({"limits": {"read": {"rate": 0, "burst": 1}}})
     daemon = await start_daemon(limits={"read_rps": READ_RPS})
-    status, body = await post_mappings(
-        http, daemon, bulk_events("kl", 100, ["KILLED"]), "?lane=bulk"
-    )
+    status, body = await daemon.mappings(http, bulk_events("kl", 100, ["KILLED"]), "?lane=bulk")
     assert status == 202, body
     await until_bulk_waits(http, daemon, 1)
     daemon.process.signal(signal.SIGKILL)
@@ -191,9 +180,9 @@ async def test_several_instances_on_postgresql_keep_each_changes_lane(
     segments = ["PGL1", "PGL2", "PGL3", "PGL4", "PGL5", "PGL6"]
     # Each instance takes changes for every segment: some are forwarded to the other's inbox.
     first, second = daemons
-    status, body = await post_mappings(http, first, bulk_events("pgb", 40, segments), "?lane=bulk")
+    status, body = await first.mappings(http, bulk_events("pgb", 40, segments), "?lane=bulk")
     assert status == 202, body
-    status, body = await post_mappings(http, second, bulk_events("pgl", 40, segments))
+    status, body = await second.mappings(http, bulk_events("pgl", 40, segments))
     assert status == 202, body
     # Every contact: the totals below count all 240 pairs, so none may still be verifying.
     for prefix, lane in (("pgb", "bulk"), ("pgl", "live")):
@@ -215,15 +204,13 @@ async def test_a_lane_other_than_live_or_bulk_is_refused_naming_it(
     daemon = await start_daemon()
     event = {"contactId": "100000000001", "segmentIds": ["VIP"]}
     for query in ("?lane=fast", "?lane=", "?lane=bulk&lane=live", "?lane=BULK"):
-        status, problem = await post_mappings(http, daemon, event, query)
+        status, problem = await daemon.mappings(http, event, query)
         assert (status, problem["field"]) == (400, "lane"), (query, problem)
-    status, _ = await post_mappings(http, daemon, event, "?lane=live")
+    status, _ = await daemon.mappings(http, event, "?lane=live")
     assert status == 202
-    async with http.post(
-        f"{daemon.url}/v1/dead-letters/replay", json={"lane": "fast"}, headers=daemon.admin
-    ) as response:
-        assert response.status == 400
-        assert (await response.json())["field"] == "lane"
+    status, problem = await daemon.replay_dead_letters(http, {"lane": "fast"})
+    assert status == 400
+    assert problem["field"] == "lane"
 
 
 async def test_replaying_every_dead_letter_is_bulk_and_named_contacts_are_live(
@@ -244,10 +231,8 @@ async def test_replaying_every_dead_letter_is_bulk_and_named_contacts_are_live(
         ({"lane": "live"}, dict.fromkeys(contacts, "live")),
     ]
     for body, lanes in replays:
-        async with http.post(
-            f"{daemon.url}/v1/dead-letters/replay", json=body, headers=daemon.admin
-        ) as response:
-            assert response.status == 202, await response.text()
+        status, answer = await daemon.replay_dead_letters(http, body)
+        assert status == 202, answer
         for contact, lane in lanes.items():
             _, seen = await daemon.contact(http, contact)
             assert seen["segments"][0]["lane"] == lane, (body, seen)
@@ -279,9 +264,9 @@ async def test_a_live_change_of_a_backfilled_contact_is_written_before_its_own_b
     segments = ["BFA", "BFB", "BFC"]
     for start in (0, 1000):
         events = bulk_events("gf", 2000, segments)[start : start + 1000]
-        status, body = await post_mappings(http, daemon, events, "?lane=bulk")
+        status, body = await daemon.mappings(http, events, "?lane=bulk")
         assert status == 202, body
-    status, body = await post_mappings(http, daemon, {"contactId": "gf1999", "segmentIds": ["VIP"]})
+    status, body = await daemon.mappings(http, {"contactId": "gf1999", "segmentIds": ["VIP"]})
     assert status == 202, body
     # Its three slots are held by queued bulk pairs: one gives its slot up, and the live pair is
     # written while all three still wait behind the backlog of their segments.
@@ -299,15 +284,15 @@ async def test_a_live_change_joining_a_change_that_waits_for_a_request_survives_
     await emulator.configure({"faults": {"bulk": {"latency_ms": 30_000}}})
     daemon = await start_daemon(cxone={"timeout_s": 60})
     contact = "wl1"
-    status, body = await post_mappings(
-        http, daemon, {"contactId": contact, "add": ["WAITS"]}, "?lane=bulk"
+    status, body = await daemon.mappings(
+        http, {"contactId": contact, "add": ["WAITS"]}, "?lane=bulk"
     )
     assert status == 202, body
     await until_segment_leaves(http, daemon, contact, "WAITS", "queued")
     # A bulk removal waits for the ADD's outcome; a live one joins it (someone waits for it).
     for query in ("?lane=bulk", ""):
-        status, body = await post_mappings(
-            http, daemon, {"contactId": contact, "remove": ["WAITS"]}, query
+        status, body = await daemon.mappings(
+            http, {"contactId": contact, "remove": ["WAITS"]}, query
         )
         assert status == 202, body
     daemon.process.signal(signal.SIGKILL)
@@ -332,7 +317,7 @@ async def test_a_backfill_is_written_while_live_changes_keep_segments_due(
         while not stop.is_set():
             events = [{"contactId": f"wl-{n}", "segmentIds": [f"WSLIVE{i}"]} for i in range(10)]
             n += 1
-            status, body = await post_mappings(http, daemon, events)
+            status, body = await daemon.mappings(http, events)
             assert status == 202, body
             await asyncio.sleep(0.1)
 
@@ -340,8 +325,8 @@ async def test_a_backfill_is_written_while_live_changes_keep_segments_due(
     try:
         # The live segments have lingered and are being written: now the backfill comes.
         await until_segment_leaves(http, daemon, "wl-0", "WSLIVE0", "queued")
-        status, body = await post_mappings(
-            http, daemon, bulk_events("ws", 1000, ["WSBULK"]), "?lane=bulk"
+        status, body = await daemon.mappings(
+            http, bulk_events("ws", 1000, ["WSBULK"]), "?lane=bulk"
         )
         assert status == 202, body
         rows = await until_segment_leaves(http, daemon, "ws0", "WSBULK", "queued")

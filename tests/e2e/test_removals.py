@@ -13,18 +13,10 @@ from daemon.store.sqlite import SqliteStore
 from scheduler.model import Assignment, Intent, State
 from scheduler.store import BatchRecord
 from scheduler.upstream import RateLimited
-from tests.e2e.conftest import Daemon, StartDaemon
+from tests.e2e.conftest import StartDaemon
 from tests.e2e.test_cli import admin_args, segmapd
 from tests.support.cxone import emulator_settings
 from tests.support.emulator import EmulatorControl
-
-
-async def mapping(
-    http: aiohttp.ClientSession, daemon: Daemon, events: Any, wait_s: float = 0
-) -> tuple[int, Any]:
-    url = f"{daemon.url}/v1/mappings" + (f"?wait={wait_s:g}" if wait_s else "")
-    async with http.post(url, json=events, headers=daemon.admin) as response:
-        return response.status, await response.json()
 
 
 def states(body: Any) -> dict[str, tuple[str, str]]:
@@ -84,12 +76,12 @@ async def test_set_mirrors_only_what_segmapd_tracks_and_wait_covers_its_removals
 ):
     daemon = await start_daemon()
     contact = "500000000004"
-    status, answer = await mapping(
-        http, daemon, {"contactId": contact, "add": ["VIP", "Spanish"]}, wait_s=30
+    status, answer = await daemon.mappings(
+        http, {"contactId": contact, "add": ["VIP", "Spanish"]}, "?wait=30"
     )
     assert status == 200 and answer["complete"], answer
-    status, answer = await mapping(
-        http, daemon, {"contactId": contact, "set": ["VIP", "Gold"]}, wait_s=30
+    status, answer = await daemon.mappings(
+        http, {"contactId": contact, "set": ["VIP", "Gold"]}, "?wait=30"
     )
     assert status == 200 and answer["complete"], answer
     [result] = answer["results"]
@@ -98,7 +90,7 @@ async def test_set_mirrors_only_what_segmapd_tracks_and_wait_covers_its_removals
         "VIP": "active",
         "Gold": "active",
     }
-    status, answer = await mapping(http, daemon, {"contactId": contact, "set": []}, wait_s=30)
+    status, answer = await daemon.mappings(http, {"contactId": contact, "set": []}, "?wait=30")
     assert status == 200 and answer["complete"], answer
     _, body = await daemon.contact(http, contact)
     assert {s for s, (_, state) in states(body).items() if state == "removed"} == {
@@ -117,14 +109,12 @@ async def test_a_dead_lettered_removal_is_replayed_as_a_removal(
     await daemon.webhook(http, {"contactId": contact, "remove": ["VIP"]})
     failed = await daemon.wait_states(http, contact, {"failed"}, 30)
     assert failed["VIP"]["intent"] == "remove"
-    async with http.get(f"{daemon.url}/v1/dead-letters", headers=daemon.admin) as response:
-        [letter] = (await response.json())["deadLetters"]
+    _, listed = await daemon.dead_letters(http)
+    [letter] = listed["deadLetters"]
     assert (letter["intent"], letter["reason"]) == ("remove", "contact_not_found")
     await emulator.set_missing_contacts([])
-    async with http.post(
-        f"{daemon.url}/v1/dead-letters/replay", json={"contactIds": [contact]}, headers=daemon.admin
-    ) as response:
-        assert response.status == 202
+    status, _ = await daemon.replay_dead_letters(http, {"contactIds": [contact]})
+    assert status == 202
     done = await daemon.wait_states(http, contact, {"removed"}, 30)
     assert done["VIP"]["intent"] == "remove"
 

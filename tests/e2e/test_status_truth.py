@@ -33,15 +33,6 @@ from tests.support.processes import ManagedProcess
 from tests.support.waits import until
 
 
-async def mapping(
-    http: aiohttp.ClientSession, daemon: Daemon, events: Any, query: str = ""
-) -> tuple[int, Any]:
-    async with http.post(
-        f"{daemon.url}/v1/mappings{query}", json=events, headers=daemon.admin
-    ) as response:
-        return response.status, await response.json()
-
-
 async def pair_states(http: aiohttp.ClientSession, daemon: Daemon, contact: str) -> dict[str, Any]:
     status, body = await daemon.contact(http, contact)
     assert status == 200, body
@@ -50,21 +41,6 @@ async def pair_states(http: aiohttp.ClientSession, daemon: Daemon, contact: str)
 
 async def member(emulator: EmulatorControl, segment_id: str, contact: str) -> bool:
     return any(m["contactId"] == contact for m in await emulator.members(segment_id))
-
-
-async def dead_letters(http: aiohttp.ClientSession, daemon: Daemon) -> list[dict[str, Any]]:
-    async with http.get(
-        f"{daemon.url}/v1/dead-letters?limit=100000", headers=daemon.admin
-    ) as response:
-        assert response.status == 200
-        return list((await response.json())["deadLetters"])
-
-
-async def replay(http: aiohttp.ClientSession, daemon: Daemon) -> tuple[int, Any]:
-    async with http.post(
-        f"{daemon.url}/v1/dead-letters/replay", json={}, headers=daemon.admin
-    ) as response:
-        return response.status, await response.json()
 
 
 # ---- an invalid value never takes a membership's place ------------------------------------
@@ -108,7 +84,7 @@ async def test_a_hubspot_bad_value_never_replaces_nor_orphans_a_membership_segma
 
     # A replay never sends what was invalid when it arrived.
     bulk_before = (await emulator.counters())["bulk_ids"]["ids"]
-    status, answer = await replay(http, daemon)
+    status, answer = await daemon.replay_dead_letters(http, {})
     assert (status, answer) == (202, {"replayed": 0, "skipped": 1})
     await asyncio.sleep(1.0)  # a replayed add would be written within a linger
     assert (await emulator.counters())["bulk_ids"]["ids"] == bulk_before
@@ -162,7 +138,7 @@ async def test_the_events_of_one_delivery_apply_in_their_order(
         ],
     }
     for contact, events in cases.items():
-        status, answer = await mapping(http, daemon, events, "?wait=30")
+        status, answer = await daemon.mappings(http, events, "?wait=30")
         assert status == 200 and answer["complete"], answer
         states = await pair_states(http, daemon, contact)
         assert {s: (v["intent"], v["state"]) for s, v in states.items()} == {
@@ -187,13 +163,12 @@ async def test_a_wait_on_a_stale_change_reports_it_and_completes(
 ):
     daemon = await start_daemon()
     now_ms = int(time.time() * 1000)
-    status, answer = await mapping(
-        http, daemon, {"contactId": "ST1", "add": ["VIP"], "occurredAt": now_ms}, "?wait=30"
+    status, answer = await daemon.mappings(
+        http, {"contactId": "ST1", "add": ["VIP"], "occurredAt": now_ms}, "?wait=30"
     )
     assert status == 200 and answer["complete"]
-    status, answer = await mapping(
+    status, answer = await daemon.mappings(
         http,
-        daemon,
         {"contactId": "ST1", "remove": ["VIP"], "occurredAt": now_ms - 10_000},
         "?wait=30",
     )
@@ -217,7 +192,7 @@ async def test_wait_takes_ascii_decimal_seconds_only(
             body = await response.json()
             assert response.status == 400, (text, body)
             assert body["field"] == "wait"
-    status, answer = await mapping(http, daemon, {"contactId": "W1", "add": ["VIP"]}, "?wait=0.5")
+    status, answer = await daemon.mappings(http, {"contactId": "W1", "add": ["VIP"]}, "?wait=0.5")
     assert status in (200, 202), answer
 
 
@@ -238,7 +213,7 @@ async def test_a_last_write_applied_then_answered_5xx_ends_active_not_failed(
         }
     )
     daemon = await start_daemon(retry={"attempts": 2, "initial_s": 0.1, "max_s": 0.2})
-    status, answer = await mapping(http, daemon, {"contactId": "UN1", "add": ["VIP"]}, "?wait=60")
+    status, answer = await daemon.mappings(http, {"contactId": "UN1", "add": ["VIP"]}, "?wait=60")
     assert status == 200 and answer["complete"], answer
     [result] = answer["results"]
     assert [(s["segmentId"], s["state"]) for s in result["segments"]] == [("VIP", "active")]
@@ -257,7 +232,7 @@ async def test_a_last_write_that_did_not_land_fails_after_reads_did_not_show_it(
         }
     )
     daemon = await start_daemon(retry={"attempts": 2, "initial_s": 0.1, "max_s": 0.2})
-    status, answer = await mapping(http, daemon, {"contactId": "UN2", "add": ["VIP"]}, "?wait=60")
+    status, answer = await daemon.mappings(http, {"contactId": "UN2", "add": ["VIP"]}, "?wait=60")
     assert status == 200 and answer["complete"], answer
     [result] = answer["results"]
     [segment] = result["segments"]
@@ -292,7 +267,7 @@ async def test_a_last_write_applied_then_answered_5xx_and_indexed_late_ends_acti
             "indexing": indexing,
         }
     )
-    status, answer = await mapping(http, daemon, {"contactId": "UN3", "add": ["LATE"]}, "?wait=60")
+    status, answer = await daemon.mappings(http, {"contactId": "UN3", "add": ["LATE"]}, "?wait=60")
     assert status == 200 and answer["complete"], answer
     [segment] = answer["results"][0]["segments"]
     assert segment["state"] == "active", segment
@@ -313,7 +288,7 @@ async def test_a_bulk_write_applied_then_5xx_and_a_busy_single_write_end_active(
             }
         }
     )
-    status, answer = await mapping(http, daemon, {"contactId": "IB1", "add": ["VIP"]}, "?wait=30")
+    status, answer = await daemon.mappings(http, {"contactId": "IB1", "add": ["VIP"]}, "?wait=30")
     assert status == 200 and answer["complete"], answer
     [segment] = answer["results"][0]["segments"]
     assert segment["state"] == "active", segment
@@ -331,23 +306,27 @@ async def test_a_dead_letter_replay_survives_a_sigkill_right_after_its_answer(
     daemon = await start_daemon(batching={"linger_ms": 50})
     for start_at in range(0, len(contacts), 500):
         chunk = contacts[start_at : start_at + 500]
-        status, _ = await mapping(http, daemon, [{"contactId": c, "add": ["VIP"]} for c in chunk])
+        status, _ = await daemon.mappings(http, [{"contactId": c, "add": ["VIP"]} for c in chunk])
         assert status == 202
 
     async def all_dead() -> bool:
-        return len(await dead_letters(http, daemon)) == len(contacts)
+        status, listed = await daemon.dead_letters(http, "?limit=100000")
+        assert status == 200
+        return len(listed["deadLetters"]) == len(contacts)
 
     await until(all_dead, bool, timeout_s=60, what="3000 dead letters")
     # CXone knows the contacts now, but the writes must wait: a replay is only queued work.
     await emulator.set_missing_contacts([])
     await emulator.configure({"faults": {"bulk": {"error_rate": 1.0, "after_apply_fraction": 0}}})
-    status, answer = await replay(http, daemon)
+    status, answer = await daemon.replay_dead_letters(http, {})
     daemon.process.signal(signal.SIGKILL)
     assert (status, answer) == (202, {"replayed": len(contacts), "skipped": 0})
     daemon.process.wait(10)
     await emulator.configure({"faults": {"bulk": {"error_rate": 0.0}}})
     daemon.restart()
-    assert await dead_letters(http, daemon) == []
+    status, listed = await daemon.dead_letters(http, "?limit=100000")
+    assert status == 200
+    assert listed["deadLetters"] == []
     await daemon.wait_states(http, contacts[-1], {"verifying", "active"}, 60)
 
 
@@ -369,7 +348,7 @@ async def test_a_pair_waiting_for_a_spent_refresh_budget_fails_at_its_deadline(
             "deadline_s": 6.0,
         }
     )
-    status, _ = await mapping(http, daemon, {"contactId": "PK1", "add": ["DYN"]})
+    status, _ = await daemon.mappings(http, {"contactId": "PK1", "add": ["DYN"]})
     assert status == 202
     views = await daemon.wait_states(http, "PK1", {"failed"}, 60)
     assert views["DYN"]["reason"] == "not_indexed"
@@ -391,12 +370,12 @@ async def test_a_late_index_is_seen_while_the_pair_waits_for_a_spent_refresh_bud
     )
     # A first pair spends the segment's refresh for the hour (it shows only after a refresh).
     await emulator.configure({"indexing": {"median_s": 30, "p99_s": 40, "stall_fraction": 0}})
-    status, answer = await mapping(http, daemon, {"contactId": "LT0", "add": ["LATE"]}, "?wait=30")
+    status, answer = await daemon.mappings(http, {"contactId": "LT0", "add": ["LATE"]}, "?wait=30")
     assert answer["complete"], answer
     assert (await emulator.counters())["requests"]["refresh"] == {"202": 1}
     # The next one is indexed late, after its window: it is still read, and seen.
     await emulator.configure({"indexing": {"median_s": 4, "p99_s": 4.5, "stall_fraction": 0}})
-    status, answer = await mapping(http, daemon, {"contactId": "LT1", "add": ["LATE"]}, "?wait=40")
+    status, answer = await daemon.mappings(http, {"contactId": "LT1", "add": ["LATE"]}, "?wait=40")
     assert status == 200 and answer["complete"], answer
     assert answer["results"][0]["segments"][0]["state"] == "active"
 
@@ -477,7 +456,7 @@ async def test_a_large_deliverys_events_apply_in_order_across_the_slices_it_is_t
         {"contactId": "OX9", "set": ["A"]},  # a slice or more later
         *filler[30:],
     ]
-    status, answer = await mapping(http, daemon, events)
+    status, answer = await daemon.mappings(http, events)
     assert status == 202, answer
     views = await daemon.wait_states(http, "OX9", {"active", "removed"}, 60)
     assert {s: (v["intent"], v["state"]) for s, v in views.items()} == {
@@ -513,10 +492,10 @@ async def test_a_change_taken_while_a_large_delivery_is_taken_is_ordered_with_it
     daemon = await start_daemon(limits={"read_rps": 1000.0, "write_rps": 150.0})
     now_ms = int(time.time() * 1000)
     # HX was in HS, then removed, the removal confirmed: "not a member" is cached.
-    await mapping(http, daemon, [{"contactId": "HX", "add": ["HS"], "occurredAt": now_ms - 60_000}])
+    await daemon.mappings(http, [{"contactId": "HX", "add": ["HS"], "occurredAt": now_ms - 60_000}])
     await daemon.wait_states(http, "HX", {"active"}, 30)
-    await mapping(
-        http, daemon, [{"contactId": "HX", "remove": ["HS"], "occurredAt": now_ms - 50_000}]
+    await daemon.mappings(
+        http, [{"contactId": "HX", "remove": ["HS"], "occurredAt": now_ms - 50_000}]
     )
     await daemon.wait_states(http, "HX", {"removed"}, 30)
     big = large_delivery(
@@ -526,10 +505,10 @@ async def test_a_change_taken_while_a_large_delivery_is_taken_is_ordered_with_it
         {"contactId": "HX", "add": ["HS"], "occurredAt": now_ms - 30_000},
     )
     # In the bulk lane: the filler's 100,000 reads must not delay the reads of HX's pairs.
-    taking = asyncio.create_task(mapping(http, daemon, big, "?lane=bulk"))
+    taking = asyncio.create_task(daemon.mappings(http, big, "?lane=bulk"))
     await asyncio.sleep(0.5)  # the large body is being parsed or taken
-    status, answer = await mapping(
-        http, daemon, [{"contactId": "HX", "remove": ["HS"], "occurredAt": now_ms - 20_000}]
+    status, answer = await daemon.mappings(
+        http, [{"contactId": "HX", "remove": ["HS"], "occurredAt": now_ms - 20_000}]
     )
     assert status == 202, answer
     status, answer = await taking
@@ -549,7 +528,7 @@ async def test_a_drain_begun_while_a_large_delivery_is_taken_takes_it_whole_or_n
     big = large_delivery(
         "DT", {"contactId": "DTFIRST", "add": ["DTS"]}, {"contactId": "DTLAST", "add": ["DTS"]}
     )
-    taking = asyncio.create_task(mapping(http, daemon, big))
+    taking = asyncio.create_task(daemon.mappings(http, big))
     await asyncio.sleep(0.5)  # the large body is being parsed or taken
     daemon.process.signal(signal.SIGTERM)
     status, answer = await taking

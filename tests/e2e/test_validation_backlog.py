@@ -62,8 +62,8 @@ async def test_a_read_backlog_past_the_deadline_fails_nothing_and_is_shown_while
     # Every pair waited past the deadline for its first read, and none failed.
     for i in range(PAIRS):
         await daemon.wait_states(http, f"{400000000000 + i}", {"active", "failed"}, 30)
-    async with http.get(f"{daemon.url}/v1/dead-letters", headers=daemon.admin) as r:
-        assert (await r.json())["deadLetters"] == []
+    _, listed = await daemon.dead_letters(http)
+    assert listed["deadLetters"] == []
     status, body = await daemon.contact(http, last)
     assert "validation" not in body and "validation" not in body["segments"][0]
     counters = await emulator.counters()
