@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Page, Route, expect
+from playwright.sync_api import Browser, Locator, Page, Route, expect
 
 from tests.e2e.conftest import daemon_config
 from tests.support.browser import WIDE, ConsoleLog, chromium, screenshots
@@ -204,6 +204,21 @@ class Console:
     def shoot(self, name: str) -> None:
         """Screenshots at 1280 and 390 px, under test-artifacts/console/."""
         screenshots(self.page, name)
+
+    def ask_to_replay_all_matching(self, *says: str) -> Locator:
+        """Click "Replay all matching": the confirmation dialog, checked to say each of `says`."""
+        self.page.get_by_role("button", name="Replay all matching").click()
+        dialog = self.page.get_by_role("dialog")
+        for text in says:
+            expect(dialog).to_contain_text(text)
+        return dialog
+
+    def confirm_replay(self, dialog: Locator, replayed: int) -> None:
+        """Confirm in the dialog, and see the page say how many dead letters were replayed."""
+        dialog.get_by_role("button", name="Confirm").click()
+        expect(self.page.get_by_role("status")).to_contain_text(
+            f"Replayed {replayed} matching dead letters"
+        )
 
 
 @pytest.fixture
@@ -391,18 +406,15 @@ def test_replay_all_matching_replays_exactly_the_filtered_set(console: Console):
             else None
         ),
     )
-    page.get_by_role("button", name="Replay all matching").click()
-    dialog = page.get_by_role("dialog")
-    expect(dialog).to_contain_text("all 3 dead letters matching segment")
+    dialog = console.ask_to_replay_all_matching("all 3 dead letters matching segment")
     console.shoot("replay-all-confirm")
     # Cancelling replays nothing.
     dialog.get_by_role("button", name="Cancel").click()
     expect(dialog).to_be_hidden()
     assert daemon.states(contacts[0])[chosen] == "failed"
-    page.get_by_role("button", name="Replay all matching").click()
+    dialog = console.ask_to_replay_all_matching()
     assert not replays, replays
-    dialog.get_by_role("button", name="Confirm").click()
-    expect(page.get_by_role("status")).to_contain_text("Replayed 3 matching dead letters")
+    console.confirm_replay(dialog, 3)
     for contact in contacts:
         daemon.wait_states(contact, {chosen: "active"})
     # The other segment's dead letters were not in the filter: still dead.
@@ -443,12 +455,10 @@ def test_dead_letters_are_filtered_by_source_and_only_that_sources_replayed(cons
     expect(rows.locator('[data-source="app"]')).to_have_count(2)
     console.shoot("dead-letters-by-source")
     daemon.missing([])
-    page.get_by_role("button", name="Replay all matching").click()
-    dialog = page.get_by_role("dialog")
-    expect(dialog).to_contain_text("all 2 dead letters matching segment")
-    expect(dialog).to_contain_text("and source app")
-    dialog.get_by_role("button", name="Confirm").click()
-    expect(page.get_by_role("status")).to_contain_text("Replayed 2 matching dead letters")
+    dialog = console.ask_to_replay_all_matching(
+        "all 2 dead letters matching segment", "and source app"
+    )
+    console.confirm_replay(dialog, 2)
     for contact in from_app:
         daemon.wait_states(contact, {segment: "active"})
     # The admin API's dead letters of the same segment were not in the filter: still dead.
@@ -498,11 +508,8 @@ def test_replay_all_matching_replays_the_filter_on_screen_when_an_older_answer_c
     expect(summary).to_have_attribute("data-matching", "2")
     expect(summary).to_contain_text(second)
     daemon.missing([])
-    page.get_by_role("button", name="Replay all matching").click()
-    dialog = page.get_by_role("dialog")
-    expect(dialog).to_contain_text(f"all 2 dead letters matching segment {second}")
-    dialog.get_by_role("button", name="Confirm").click()
-    expect(page.get_by_role("status")).to_contain_text("Replayed 2 matching dead letters")
+    dialog = console.ask_to_replay_all_matching(f"all 2 dead letters matching segment {second}")
+    console.confirm_replay(dialog, 2)
     for contact in in_second:
         daemon.wait_states(contact, {second: "active"})
     for contact in in_first:
