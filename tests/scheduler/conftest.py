@@ -82,6 +82,9 @@ class KeyLog:
         self.remove_calls: list[tuple[str, tuple[str, ...], str]] = []
         self.reads: list[tuple[str, str, float]] = []
         self.refreshes: list[str] = []
+        # Each refresh: its segment, when it was sent and answered (wall clock), and whether
+        # CXone accepted it (None: it raised).
+        self.refresh_log: list[tuple[str, float, float, bool | None]] = []
 
     async def bulk_add(
         self, segment_id: str, contact_ids: list[str], idempotency_key: str
@@ -111,7 +114,14 @@ class KeyLog:
 
     async def refresh(self, segment_id: str) -> RefreshResult:
         self.refreshes.append(segment_id)
-        return await self.client.refresh(segment_id)
+        sent = time.time()
+        accepted: bool | None = None
+        try:
+            result = await self.client.refresh(segment_id)
+            accepted = result.accepted
+            return result
+        finally:
+            self.refresh_log.append((segment_id, sent, time.time(), accepted))
 
     def assert_keys_consistent(self) -> None:
         """One key, one body: a key is reused only for a byte-identical resend."""

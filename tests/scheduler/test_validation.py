@@ -169,16 +169,24 @@ async def test_a_spent_budget_schedules_the_refresh_and_pauses_polling(
     harness = await make_engine(validation=policy, batching=FAST_BATCHES)
     # This instance refreshed the segment a moment ago (as a restart would remember it).
     await harness.client.refresh("seg")
+    ours = harness.client.refresh_log
+    assert [accepted for *_, accepted in ours] == [True]
     harness.client.refreshes.clear()
-    harness.budget.spend("seg", time.time(), time.time() + 4.0)
+    allowed_from = time.time() + 4.0
+    harness.budget.spend("seg", time.time(), allowed_from)
 
     started = time.monotonic()
     harness.engine.submit(MembershipChange("c1", ("seg",)))
     [result] = await harness.engine.wait("c1", ["seg"], 20)
     assert result.state is State.ACTIVE
     assert time.monotonic() - started >= 3.0  # it had to wait for the budget
+    # The engine's one refresh was sent once the budget allowed it, and accepted.
+    assert len(ours) == 2 and ours[1][1] >= allowed_from and ours[1][3] is True, (
+        ours,
+        allowed_from,
+    )
     counters = await emulator.counters()
-    assert counters["requests"]["refresh"] == {"202": 2}
+    assert counters["requests"]["refresh"] == {"202": 2}, (counters, ours, allowed_from)
     # While the refresh was pending, the pair was not polled: reads only in the first window and
     # after the refresh.
     reads = harness.client.reads
