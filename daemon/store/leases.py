@@ -210,10 +210,16 @@ class ShardLeases(Leases):
             with contextlib.suppress(ValueError, TypeError):
                 on_shard(int(str(payload)))
 
+        connection: asyncpg.Connection | None = None
         try:
             connection = await self._store.connect()
             await connection.add_listener(INBOX_CHANNEL, notified)
-        except UNAVAILABLE as exc:
+        except BaseException as exc:
+            if connection is not None:
+                # Not kept, so not left open (cancelled at a stop, or the server went away).
+                connection.terminate()
+            if not isinstance(exc, UNAVAILABLE):
+                raise
             log.info("cluster: cannot listen for forwarded work (%s); polling", type(exc).__name__)
             return False
         self._listener = connection
@@ -261,7 +267,9 @@ class ShardLeases(Leases):
                     # session inside a transaction that nothing will end: asyncpg keeps even a
                     # cancelled BEGIN as the open transaction, and nests every later one in a
                     # savepoint that never commits (a leave or heartbeat that never lands).
-                    # The session is not reused.
+                    # The session is not reused. (Terminating also drops a cancel request
+                    # still on its way: a statement that was not cut off may then complete,
+                    # which is as safe as any answer lost on the way.)
                     session.connection = None
                     if not connection.is_closed():
                         connection.terminate()
