@@ -620,7 +620,7 @@ class Metrics(EngineObserver):
         for reason in skip_reasons:
             hot.skipped.setdefault((source, kind, reason), 0)
 
-    # --- recorders called by the daemon -----------------------------------------------------
+    # --- readers (the console's samples) ----------------------------------------------------
 
     def webhooks_answered(self) -> int:
         """Webhook requests answered so far, every source and status together."""
@@ -633,6 +633,8 @@ class Metrics(EngineObserver):
     def rate_limited_answers(self) -> float:
         """CXone's 429 answers so far, every endpoint class together."""
         return sum(_summed(self.rate_limited, "segmapd_upstream_rate_limited_total").values())
+
+    # --- recorders called by the daemon -----------------------------------------------------
 
     def record_webhook(self, source: str, kind: str, status: int) -> None:
         """A webhook request for configured `source` of `kind` was answered with `status`."""

@@ -276,7 +276,8 @@ def segment_page(service: Service, find: str, limit: int) -> SegmentPage:
     in_flight = activity.in_flight
     segment_ids = {*queued, *validating, *failed, *in_flight, *activity.last_write}
     # Among every segment, not only the busiest shown: a quiet one is found too.
-    matching = [s for s in segment_ids if find in s.casefold()] if find else list(segment_ids)
+    wanted = find.casefold()
+    matching = [s for s in segment_ids if wanted in s.casefold()] if wanted else list(segment_ids)
 
     def busy(segment_id: str) -> int:
         watch = validating.get(segment_id)
