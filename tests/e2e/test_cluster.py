@@ -615,12 +615,8 @@ async def test_changes_forwarded_to_a_segments_owner_keep_their_source(
     await emulator.set_missing_contacts(["fs-hook", "fs-api"])
     status, answer = await daemons[0].webhook(http, {"contactId": "fs-hook", "add": segments})
     assert status == 202, answer
-    async with http.post(
-        f"{daemons[0].url}/v1/mappings",
-        json={"contactId": "fs-api", "add": segments},
-        headers=daemons[0].admin,
-    ) as response:
-        assert response.status == 202, await response.text()
+    status, answer = await daemons[0].mappings(http, {"contactId": "fs-api", "add": segments})
+    assert status == 202, answer
     assert await metric(http, daemons[0], "segmapd_cluster_forwarded_total") > 0
     for contact in ("fs-hook", "fs-api"):
         await daemons[0].wait_states(http, contact, {"failed"}, 30)

@@ -74,12 +74,10 @@ async def test_the_cluster_view_shows_instances_shards_heartbeats_and_the_fence(
     first = daemons[0]
     dead = "console-pg-dead"
     await emulator.set_missing_contacts([dead])
-    async with http.post(
-        f"{first.url}/v1/mappings?wait=30",
-        json={"contactId": dead, "segmentIds": ["CONSOLE_PG"]},
-        headers=first.admin,
-    ) as response:
-        assert response.status == 200, await response.text()
+    status, answer = await first.mappings(
+        http, {"contactId": dead, "segmentIds": ["CONSOLE_PG"]}, "?wait=30"
+    )
+    assert status == 200, answer
     async with http.get(f"{first.url}/v1/cluster", headers=first.admin) as response:
         assert response.status == 200
         cluster = await response.json()

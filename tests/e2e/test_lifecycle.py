@@ -15,7 +15,7 @@ import pytest
 from daemon.runner import HttpListener
 from daemon.service import CannotListen, Service
 from scheduler.store import StoreUnavailable
-from tests.e2e.conftest import Daemon, StartDaemon, in_process_config
+from tests.e2e.conftest import StartDaemon, in_process_config
 from tests.support.emulator import EmulatorControl
 
 
@@ -99,15 +99,6 @@ SLOW_INDEXING = {"indexing": {"median_s": 120.0, "p99_s": 240.0, "stall_fraction
 NO_REFRESH = {"window_s": 600.0, "deadline_s": 1200.0}
 
 
-async def open_wait(
-    daemon: Daemon, http: aiohttp.ClientSession, events: Any, wait_s: float
-) -> tuple[int, Any]:
-    async with http.post(
-        f"{daemon.url}/v1/mappings?wait={wait_s:g}", json=events, headers=daemon.admin
-    ) as response:
-        return response.status, await response.json(content_type=None)
-
-
 @pytest.mark.parametrize("wait_s", [300, 25])
 async def test_sigterm_answers_open_waits_at_once_then_exits_0_and_keeps_the_work(
     start_daemon: StartDaemon, emulator: EmulatorControl, http: aiohttp.ClientSession, wait_s
@@ -118,7 +109,7 @@ async def test_sigterm_answers_open_waits_at_once_then_exits_0_and_keeps_the_wor
         [{"contactId": f"w{n}", "segmentIds": ["A", "B"]}] for n in range(3)
     ] + [[{"contactId": "w3", "segmentIds": ["A"]}, {"contactId": "w4", "segmentIds": ["B"]}]]
     contacts: dict[str, list[str]] = {e["contactId"]: e["segmentIds"] for r in requests for e in r}
-    waits = [asyncio.create_task(open_wait(daemon, http, r, wait_s)) for r in requests]
+    waits = [asyncio.create_task(daemon.mappings(http, r, f"?wait={wait_s:g}")) for r in requests]
     try:
         # Written and waiting for indexing: what a caller of ?wait= usually waits for.
         for contact_id in contacts:

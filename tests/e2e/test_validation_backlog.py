@@ -34,8 +34,8 @@ async def test_a_read_backlog_past_the_deadline_fails_nothing_and_is_shown_while
         validation={"interval_s": 0.3, "window_s": 3.0, "deadline_s": 2.0},
     )
     events = [{"contactId": f"{400000000000 + i}", "segmentIds": ["BACKLOG"]} for i in range(PAIRS)]
-    async with http.post(f"{daemon.url}/v1/mappings", json=events, headers=daemon.admin) as r:
-        assert r.status == 202, await r.text()
+    status, answer = await daemon.mappings(http, events)
+    assert status == 202, answer
 
     # While the backlog drains, the last contact is honestly "verifying", with the backlog shown.
     last = f"{400000000000 + PAIRS - 1}"
