@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import statistics
 import time
 from collections import defaultdict
 
@@ -104,8 +105,11 @@ async def test_a_pair_read_late_by_the_gate_is_still_read_at_every_sweep(
     assert set(per_pair) == set(contacts)
     for contact, times in per_pair.items():
         gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
-        # Read at every sweep: a late read does not make the pair sit out the next sweep.
-        assert max(gaps) < policy.interval_s * 1.5, f"{contact} missed a sweep: {gaps}"
+        # Read again one interval after each read, however late that read was: a pair that sat
+        # out a sweep would show a gap of two intervals at least. (A loaded machine delays a
+        # read now and then by a fraction of one; on average the gaps stay at the interval.)
+        assert max(gaps) < policy.interval_s * 2, f"{contact} missed a sweep: {gaps}"
+        assert statistics.mean(gaps) < policy.interval_s * 1.25, f"{contact} read late: {gaps}"
 
 
 async def test_a_confirmed_pair_asked_again_costs_no_call(
