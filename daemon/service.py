@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 #: The drain's last commit may take this long (a hung disk must not outlive TimeoutStopSec).
 STORE_FLUSH_TIMEOUT_S = 10.0
+#: While the drain waits for deliveries being taken, it says so this often.
+TAKES_REPORTED_EVERY_S = 5.0
 
 
 class CannotListen(Exception):
@@ -197,9 +199,16 @@ class Service:
     async def _settle_takes(self) -> None:
         # A large delivery taken in part must be taken whole before the engine closes: else it
         # would be answered busy with its first slices queued, and taken again when retried.
-        unfinished = await self.holds.settled(max(1.0, self._remaining_s() * 0.5))
-        if unfinished:
-            log.warning("drain: %d deliveries still being taken when the engine stops", unfinished)
+        # No budget cuts it short: its cost is bounded by server.max_body_bytes (seconds on a
+        # loaded machine), and the drain says when it waits past its budget.
+        while unfinished := await self.holds.settled(TAKES_REPORTED_EVERY_S):
+            log.warning(
+                "drain: %d deliveries still being taken after %.1f s (budget %g s); "
+                "waiting for them to be taken whole",
+                unfinished,
+                time.monotonic() - self._drain_clock(),
+                self.config.server.drain_budget_s,
+            )
 
     async def _stop_engine(self) -> None:
         await self.engine.stop(budget_s=self.config.server.drain_budget_s * 0.7)
