@@ -491,10 +491,17 @@ async def _take(
     slice_started = time.perf_counter()
     try:
         for index, event in enumerate(events):
-            if sliced and index and time.perf_counter() - slice_started >= SLICE_S:
+            if (
+                sliced
+                and index
+                and not service.draining
+                and time.perf_counter() - slice_started >= SLICE_S
+            ):
                 # The slice before it done: serve other requests. The turn is held over the
                 # yield, so another large take waiting for it runs its slice in a later turn of
-                # the loop, not in this one after this take's.
+                # the loop, not in this one after this take's. (Not while draining: the drain
+                # waits for the take before it stops the engine, and what is left of it then
+                # costs CPU time only, not turns of a loop busy with the final flush.)
                 await asyncio.sleep(0)
                 turn.release()
                 holding = False
